@@ -1,0 +1,61 @@
+// vcpud's native addon: thin KVM ioctls, guest memory and the vCPU run thread.
+#include <linux/kvm.h>
+#include <napi.h>
+
+#include "guest_memory.h"
+#include "kvm_ioctls.h"
+#include "vcpu_runner.h"
+
+namespace vcpud {
+namespace {
+
+// Capability numbers straight from <linux/kvm.h>, so src/ffi never hard-codes them.
+Napi::Object Caps(Napi::Env env) {
+  Napi::Object c = Napi::Object::New(env);
+#define VCPUD_CAP(N) c.Set(#N, Napi::Number::New(env, KVM_CAP_##N))
+  VCPUD_CAP(IRQCHIP);
+  VCPUD_CAP(HLT);
+  VCPUD_CAP(USER_MEMORY);
+  VCPUD_CAP(SET_TSS_ADDR);
+  VCPUD_CAP(EXT_CPUID);
+  VCPUD_CAP(NR_VCPUS);
+  VCPUD_CAP(MAX_VCPUS);
+  VCPUD_CAP(NR_MEMSLOTS);
+  VCPUD_CAP(MP_STATE);
+  VCPUD_CAP(VCPU_EVENTS);
+  VCPUD_CAP(DEBUGREGS);
+  VCPUD_CAP(XSAVE);
+  VCPUD_CAP(XCRS);
+  VCPUD_CAP(XSAVE2);
+  VCPUD_CAP(SREGS2);
+  VCPUD_CAP(TSC_CONTROL);
+  VCPUD_CAP(GET_TSC_KHZ);
+  VCPUD_CAP(NESTED_STATE);
+  VCPUD_CAP(IMMEDIATE_EXIT);
+  VCPUD_CAP(GET_MSR_FEATURES);
+  VCPUD_CAP(ADJUST_CLOCK);
+  VCPUD_CAP(EXCEPTION_PAYLOAD);
+  VCPUD_CAP(X86_SMM);
+  VCPUD_CAP(HYPERV_ENLIGHTENED_VMCS);
+  VCPUD_CAP(SET_IDENTITY_MAP_ADDR);
+  VCPUD_CAP(TSC_DEADLINE_TIMER);
+  VCPUD_CAP(KVMCLOCK_CTRL);
+  VCPUD_CAP(X86_DISABLE_EXITS);
+#undef VCPUD_CAP
+  return c;
+}
+
+}  // namespace
+}  // namespace vcpud
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
+  using namespace vcpud;
+  RegisterIoctls(env, exports);
+  GuestMemory::Register(env, exports);
+  VcpuRunner::Register(env, exports);
+  exports.Set("caps", Caps(env));
+  exports.Set("apiVersion", Napi::Number::New(env, KVM_API_VERSION));
+  return exports;
+}
+
+NODE_API_MODULE(vcpud_native, InitAddon)

@@ -1,0 +1,401 @@
+// One Prepare function per KVM ioctl: argument and length checks, nothing else. Policy (size
+// negotiation, retries, decoding) lives in src/ffi. The 2018 nested-state proposal's ioctl numbers
+// (0xbb/0xbc) are deliberately absent: upstream reuses them for SEV memory regions, and the real
+// KVM_GET/SET_NESTED_STATE (0xbe/0xbf) come from <linux/kvm.h>.
+#include "kvm_ioctls.h"
+
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+
+#include "guest_memory.h"
+#include "ioctl_call.h"
+#include "kvm_abi.h"
+
+namespace vcpud {
+
+namespace {
+
+int g_kvm_fd = -1;  // the last /dev/kvm opened: host-wide sizes (XSAVE2, nested) are asked there
+
+long HostCap(long cap) {
+  if (g_kvm_fd < 0) return 0;
+  long r = ioctl(g_kvm_fd, KREQ(CHECK_EXTENSION), cap);
+  return r < 0 ? 0 : r;
+}
+
+Call Make(const char* name, int fd, unsigned long req, void* arg, Returns returns) {
+  Call c;
+  c.name = name;
+  c.fd = fd;
+  c.request = req;
+  c.arg = arg;
+  c.returns = returns;
+  return c;
+}
+
+// An ioctl on a fixed-size struct the caller owns as a Buffer of exactly that size.
+Call FixedStruct(const Napi::CallbackInfo& info, const char* name, unsigned long req, size_t size) {
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  if (buf.Length() != size)
+    ThrowLength(info.Env(), name,
+                "buffer is " + std::to_string(buf.Length()) + " bytes, the struct is " +
+                    std::to_string(size));
+  Call c = Make(name, fd, req, buf.Data(), Returns::kZero);
+  c.holder = buf;
+  return c;
+}
+
+// An ioctl with no argument or a by-value argument.
+Call ByValue(const Napi::CallbackInfo& info, const char* name, unsigned long req, Returns r,
+             bool hasValue) {
+  int fd = FdArg(info, 0, name);
+  uint64_t v = hasValue ? U64Arg(info, 1, name, "value") : 0;
+  return Make(name, fd, req, reinterpret_cast<void*>(v), r);
+}
+
+// Variable-length structs start with a u32 count; the buffer must hold count entries.
+uint32_t CountFitting(const Napi::CallbackInfo& info, const char* name,
+                      const Napi::Buffer<uint8_t>& buf, size_t header, size_t entry) {
+  if (buf.Length() < header)
+    ThrowLength(info.Env(), name, "buffer shorter than the " + std::to_string(header) + "-byte header");
+  return static_cast<uint32_t>((buf.Length() - header) / entry);
+}
+
+void CheckCount(const Napi::CallbackInfo& info, const char* name, const Napi::Buffer<uint8_t>& buf,
+                size_t header, size_t entry) {
+  uint32_t declared;
+  memcpy(&declared, buf.Data(), sizeof declared);
+  if (declared > CountFitting(info, name, buf, header, entry))
+    ThrowLength(info.Env(), name,
+                "header declares " + std::to_string(declared) + " entries, the buffer holds " +
+                    std::to_string(CountFitting(info, name, buf, header, entry)));
+}
+
+long ReadU32Count(const void* arg) {
+  uint32_t n;
+  memcpy(&n, arg, sizeof n);
+  return n;
+}
+
+// A list the kernel fills: the count is set from the buffer's capacity; on E2BIG the kernel
+// writes the needed count back when `writesBack` (MSR lists do, CPUID does not).
+Call FilledList(const Napi::CallbackInfo& info, const char* name, unsigned long req, size_t header,
+                size_t entry, bool writesBack) {
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  uint32_t cap = CountFitting(info, name, buf, header, entry);
+  memcpy(buf.Data(), &cap, sizeof cap);
+  Call c = Make(name, fd, req, buf.Data(), Returns::kZero);
+  c.holder = buf;
+  if (writesBack) c.required = ReadU32Count;
+  return c;
+}
+
+// A list the caller filled: the header's count must fit in the buffer.
+Call GivenList(const Napi::CallbackInfo& info, const char* name, unsigned long req, size_t header,
+               size_t entry, Returns r) {
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  CheckCount(info, name, buf, header, entry);
+  Call c = Make(name, fd, req, buf.Data(), r);
+  c.holder = buf;
+  return c;
+}
+
+constexpr size_t kListHeader = 8;  // kvm_msrs and kvm_cpuid2: u32 count + u32 pad
+
+// ---- system (/dev/kvm) ----
+Call GetApiVersion(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_GET_API_VERSION", KREQ(GET_API_VERSION), Returns::kNumber, false);
+}
+Call CheckExtension(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_CHECK_EXTENSION", KREQ(CHECK_EXTENSION), Returns::kNumber, true);
+}
+Call GetVcpuMmapSize(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_GET_VCPU_MMAP_SIZE", KREQ(GET_VCPU_MMAP_SIZE), Returns::kNumber, false);
+}
+Call GetMsrIndexList(const Napi::CallbackInfo& i) {
+  return FilledList(i, "KVM_GET_MSR_INDEX_LIST", KREQ(GET_MSR_INDEX_LIST), 4, 4, true);
+}
+Call GetMsrFeatureIndexList(const Napi::CallbackInfo& i) {
+  return FilledList(i, "KVM_GET_MSR_FEATURE_INDEX_LIST", KREQ(GET_MSR_FEATURE_INDEX_LIST), 4, 4, true);
+}
+Call GetSupportedCpuid(const Napi::CallbackInfo& i) {
+  return FilledList(i, "KVM_GET_SUPPORTED_CPUID", KREQ(GET_SUPPORTED_CPUID), kListHeader,
+                    KSIZE(kvm_cpuid_entry2), false);
+}
+Call CreateVm(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_CREATE_VM", KREQ(CREATE_VM), Returns::kNumber, true);
+}
+
+// ---- VM ----
+Call CreateIrqchip(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_CREATE_IRQCHIP", KREQ(CREATE_IRQCHIP), Returns::kZero, false);
+}
+Call CreateVcpu(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_CREATE_VCPU", KREQ(CREATE_VCPU), Returns::kNumber, true);
+}
+Call SetTssAddr(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_SET_TSS_ADDR", KREQ(SET_TSS_ADDR), Returns::kZero, true);
+}
+Call EnableCap(const Napi::CallbackInfo& i) {
+  return FixedStruct(i, "KVM_ENABLE_CAP", KREQ(ENABLE_CAP), KSIZE(kvm_enable_cap));
+}
+Call GetClock(const Napi::CallbackInfo& i) {
+  return FixedStruct(i, "KVM_GET_CLOCK", KREQ(GET_CLOCK), KSIZE(kvm_clock_data));
+}
+Call SetClock(const Napi::CallbackInfo& i) {
+  return FixedStruct(i, "KVM_SET_CLOCK", KREQ(SET_CLOCK), KSIZE(kvm_clock_data));
+}
+// (vmFd, slot, flags, guestPhysAddr, GuestMemory): the host address never crosses into JS.
+Call SetUserMemoryRegion(const Napi::CallbackInfo& info) {
+  const char* name = "KVM_SET_USER_MEMORY_REGION";
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = Napi::Buffer<uint8_t>::New(info.Env(), KSIZE(kvm_userspace_memory_region));
+  auto* region = reinterpret_cast<kvm_userspace_memory_region*>(buf.Data());
+  region->slot = static_cast<uint32_t>(U64Arg(info, 1, name, "slot"));
+  region->flags = static_cast<uint32_t>(U64Arg(info, 2, name, "flags"));
+  region->guest_phys_addr = U64Arg(info, 3, name, "guestPhysAddr");
+  GuestMemory* mem = GuestMemory::FromArg(info, 4, name);
+  region->memory_size = mem->Size();
+  region->userspace_addr = reinterpret_cast<uint64_t>(mem->Base());
+  Call c = Make(name, fd, KREQ(SET_USER_MEMORY_REGION), buf.Data(), Returns::kZero);
+  c.holder = buf;
+  return c;
+}
+
+// ---- vCPU: fixed-size sections ----
+#define VCPUD_FIXED(Fn, REQ, TYPE) \
+  Call Fn(const Napi::CallbackInfo& i) { return FixedStruct(i, "KVM_" #REQ, KREQ(REQ), KSIZE(TYPE)); }
+VCPUD_FIXED(GetRegs, GET_REGS, kvm_regs)
+VCPUD_FIXED(SetRegs, SET_REGS, kvm_regs)
+VCPUD_FIXED(GetSregs, GET_SREGS, kvm_sregs)
+VCPUD_FIXED(SetSregs, SET_SREGS, kvm_sregs)
+VCPUD_FIXED(GetSregs2, GET_SREGS2, kvm_sregs2)
+VCPUD_FIXED(SetSregs2, SET_SREGS2, kvm_sregs2)
+VCPUD_FIXED(GetFpu, GET_FPU, kvm_fpu)
+VCPUD_FIXED(SetFpu, SET_FPU, kvm_fpu)
+VCPUD_FIXED(GetXsave, GET_XSAVE, kvm_xsave)
+VCPUD_FIXED(GetXcrs, GET_XCRS, kvm_xcrs)
+VCPUD_FIXED(SetXcrs, SET_XCRS, kvm_xcrs)
+VCPUD_FIXED(GetLapic, GET_LAPIC, kvm_lapic_state)
+VCPUD_FIXED(SetLapic, SET_LAPIC, kvm_lapic_state)
+VCPUD_FIXED(GetVcpuEvents, GET_VCPU_EVENTS, kvm_vcpu_events)
+VCPUD_FIXED(SetVcpuEvents, SET_VCPU_EVENTS, kvm_vcpu_events)
+VCPUD_FIXED(GetDebugregs, GET_DEBUGREGS, kvm_debugregs)
+VCPUD_FIXED(SetDebugregs, SET_DEBUGREGS, kvm_debugregs)
+VCPUD_FIXED(GetMpState, GET_MP_STATE, kvm_mp_state)
+VCPUD_FIXED(SetMpState, SET_MP_STATE, kvm_mp_state)
+#undef VCPUD_FIXED
+
+// KVM_GET_XSAVE2 writes and KVM_SET_XSAVE reads the vCPU's whole uABI xsave size (KVM_CAP_XSAVE2,
+// at least 4096 bytes) regardless of what userspace allocated.
+Call XsaveSized(const Napi::CallbackInfo& info, const char* name, unsigned long req) {
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  size_t need = std::max<size_t>(KSIZE(kvm_xsave), HostCap(KVM_CAP_XSAVE2));
+  if (buf.Length() < need)
+    ThrowLength(info.Env(), name,
+                "buffer is " + std::to_string(buf.Length()) + " bytes, needs " + std::to_string(need));
+  Call c = Make(name, fd, req, buf.Data(), Returns::kZero);
+  c.holder = buf;
+  return c;
+}
+Call GetXsave2(const Napi::CallbackInfo& i) { return XsaveSized(i, "KVM_GET_XSAVE2", KREQ(GET_XSAVE2)); }
+Call SetXsave(const Napi::CallbackInfo& i) { return XsaveSized(i, "KVM_SET_XSAVE", KREQ(SET_XSAVE)); }
+
+// ---- vCPU: lists ----
+// KVM_GET/SET_MSRS return how many entries were processed: partial success is a number, not an error.
+Call GetMsrs(const Napi::CallbackInfo& i) {
+  return GivenList(i, "KVM_GET_MSRS", KREQ(GET_MSRS), kListHeader, KSIZE(kvm_msr_entry), Returns::kNumber);
+}
+Call SetMsrs(const Napi::CallbackInfo& i) {
+  return GivenList(i, "KVM_SET_MSRS", KREQ(SET_MSRS), kListHeader, KSIZE(kvm_msr_entry), Returns::kNumber);
+}
+Call SetCpuid2(const Napi::CallbackInfo& i) {
+  return GivenList(i, "KVM_SET_CPUID2", KREQ(SET_CPUID2), kListHeader, KSIZE(kvm_cpuid_entry2), Returns::kZero);
+}
+Call GetCpuid2(const Napi::CallbackInfo& i) {
+  return FilledList(i, "KVM_GET_CPUID2", KREQ(GET_CPUID2), kListHeader, KSIZE(kvm_cpuid_entry2), false);
+}
+Call GetTscKhz(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_GET_TSC_KHZ", KREQ(GET_TSC_KHZ), Returns::kNumber, false);
+}
+Call SetTscKhz(const Napi::CallbackInfo& i) {
+  return ByValue(i, "KVM_SET_TSC_KHZ", KREQ(SET_TSC_KHZ), Returns::kZero, true);
+}
+
+// ---- vCPU: nested state ----
+constexpr size_t kNestedHeader = 128;  // flags, format, size + the 120-byte header union
+
+long ReadNestedSize(const void* arg) { return static_cast<const kvm_nested_state*>(arg)->size; }
+
+// GET declares the whole buffer as `size`. The buffer must be at least the host's
+// KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE): 6.1 SVM writes 4224 bytes in guest mode even when
+// a smaller size is declared. On E2BIG the kernel has written the required size back.
+Call GetNestedState(const Napi::CallbackInfo& info) {
+  const char* name = "KVM_GET_NESTED_STATE";
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  size_t need = std::max<size_t>(kNestedHeader, HostCap(KVM_CAP_NESTED_STATE));
+  if (buf.Length() < need)
+    ThrowLength(info.Env(), name,
+                "buffer is " + std::to_string(buf.Length()) + " bytes, needs " + std::to_string(need));
+  memset(buf.Data(), 0, kNestedHeader);
+  reinterpret_cast<kvm_nested_state*>(buf.Data())->size = static_cast<uint32_t>(buf.Length());
+  Call c = Make(name, fd, KREQ(GET_NESTED_STATE), buf.Data(), Returns::kZero);
+  c.holder = buf;
+  c.required = ReadNestedSize;
+  return c;
+}
+
+// SET passes the caller's bytes unchanged; the kernel reads `size` bytes, so they must exist.
+Call SetNestedState(const Napi::CallbackInfo& info) {
+  const char* name = "KVM_SET_NESTED_STATE";
+  int fd = FdArg(info, 0, name);
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
+  if (buf.Length() < kNestedHeader)
+    ThrowLength(info.Env(), name, "buffer shorter than the 128-byte header");
+  uint32_t size = reinterpret_cast<const kvm_nested_state*>(buf.Data())->size;
+  if (size > buf.Length())
+    ThrowLength(info.Env(), name,
+                "header size " + std::to_string(size) + " exceeds the " + std::to_string(buf.Length()) +
+                    "-byte buffer");
+  Call c = Make(name, fd, KREQ(SET_NESTED_STATE), buf.Data(), Returns::kZero);
+  c.holder = buf;
+  return c;
+}
+
+// ---- plain fds ----
+Napi::Value OpenKvm(const Napi::CallbackInfo& info) {
+  std::string path = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "/dev/kvm";
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    Napi::Error e = MakeSysError(info.Env(), "open", errno);
+    e.Set("path", Napi::String::New(info.Env(), path));
+    throw e;
+  }
+  g_kvm_fd = fd;
+  return Napi::Number::New(info.Env(), fd);
+}
+
+Napi::Value CloseFd(const Napi::CallbackInfo& info) {
+  int fd = FdArg(info, 0, "close");
+  if (fd == g_kvm_fd) g_kvm_fd = -1;
+  if (close(fd) < 0) throw MakeSysError(info.Env(), "close", errno);
+  return info.Env().Undefined();
+}
+
+Napi::Object Sizes(Napi::Env env) {
+  Napi::Object s = Napi::Object::New(env);
+#define VCPUD_SIZE(T) s.Set(#T, Napi::Number::New(env, static_cast<double>(KSIZE(T))))
+  VCPUD_SIZE(kvm_regs);
+  VCPUD_SIZE(kvm_sregs);
+  VCPUD_SIZE(kvm_sregs2);
+  VCPUD_SIZE(kvm_fpu);
+  VCPUD_SIZE(kvm_xsave);
+  VCPUD_SIZE(kvm_xcrs);
+  VCPUD_SIZE(kvm_lapic_state);
+  VCPUD_SIZE(kvm_vcpu_events);
+  VCPUD_SIZE(kvm_debugregs);
+  VCPUD_SIZE(kvm_mp_state);
+  VCPUD_SIZE(kvm_msr_entry);
+  VCPUD_SIZE(kvm_cpuid_entry2);
+  VCPUD_SIZE(kvm_enable_cap);
+  VCPUD_SIZE(kvm_clock_data);
+  VCPUD_SIZE(kvm_nested_state);
+  VCPUD_SIZE(kvm_run);
+#undef VCPUD_SIZE
+  return s;
+}
+
+}  // namespace
+
+void RegisterIoctls(Napi::Env env, Napi::Object exports) {
+  auto both = [&](const char* name, Napi::Value (*sync)(const Napi::CallbackInfo&),
+                  Napi::Value (*async)(const Napi::CallbackInfo&)) {
+    exports.Set(name, Napi::Function::New(env, sync, name));
+    exports.Set(std::string(name) + "Async", Napi::Function::New(env, async, name));
+  };
+#define VCPUD_EXPORT(jsName, Fn) both(jsName, Sync<Fn>, Async<Fn>)
+  VCPUD_EXPORT("getApiVersion", GetApiVersion);
+  VCPUD_EXPORT("checkExtension", CheckExtension);
+  VCPUD_EXPORT("getVcpuMmapSize", GetVcpuMmapSize);
+  VCPUD_EXPORT("getMsrIndexList", GetMsrIndexList);
+  VCPUD_EXPORT("getMsrFeatureIndexList", GetMsrFeatureIndexList);
+  VCPUD_EXPORT("getSupportedCpuid", GetSupportedCpuid);
+  VCPUD_EXPORT("createVm", CreateVm);
+  VCPUD_EXPORT("createIrqchip", CreateIrqchip);
+  VCPUD_EXPORT("createVcpu", CreateVcpu);
+  VCPUD_EXPORT("setTssAddr", SetTssAddr);
+  VCPUD_EXPORT("enableCap", EnableCap);
+  VCPUD_EXPORT("getClock", GetClock);
+  VCPUD_EXPORT("setClock", SetClock);
+  VCPUD_EXPORT("setUserMemoryRegion", SetUserMemoryRegion);
+  VCPUD_EXPORT("getRegs", GetRegs);
+  VCPUD_EXPORT("setRegs", SetRegs);
+  VCPUD_EXPORT("getSregs", GetSregs);
+  VCPUD_EXPORT("setSregs", SetSregs);
+  VCPUD_EXPORT("getSregs2", GetSregs2);
+  VCPUD_EXPORT("setSregs2", SetSregs2);
+  VCPUD_EXPORT("getFpu", GetFpu);
+  VCPUD_EXPORT("setFpu", SetFpu);
+  VCPUD_EXPORT("getXsave", GetXsave);
+  VCPUD_EXPORT("getXsave2", GetXsave2);
+  VCPUD_EXPORT("setXsave", SetXsave);
+  VCPUD_EXPORT("getXcrs", GetXcrs);
+  VCPUD_EXPORT("setXcrs", SetXcrs);
+  VCPUD_EXPORT("getMsrs", GetMsrs);
+  VCPUD_EXPORT("setMsrs", SetMsrs);
+  VCPUD_EXPORT("getLapic", GetLapic);
+  VCPUD_EXPORT("setLapic", SetLapic);
+  VCPUD_EXPORT("getVcpuEvents", GetVcpuEvents);
+  VCPUD_EXPORT("setVcpuEvents", SetVcpuEvents);
+  VCPUD_EXPORT("getDebugregs", GetDebugregs);
+  VCPUD_EXPORT("setDebugregs", SetDebugregs);
+  VCPUD_EXPORT("getMpState", GetMpState);
+  VCPUD_EXPORT("setMpState", SetMpState);
+  VCPUD_EXPORT("getCpuid2", GetCpuid2);
+  VCPUD_EXPORT("setCpuid2", SetCpuid2);
+  VCPUD_EXPORT("getTscKhz", GetTscKhz);
+  VCPUD_EXPORT("setTscKhz", SetTscKhz);
+  VCPUD_EXPORT("getNestedState", GetNestedState);
+  VCPUD_EXPORT("setNestedState", SetNestedState);
+#undef VCPUD_EXPORT
+  exports.Set("openKvm", Napi::Function::New(env, OpenKvm, "openKvm"));
+  exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
+  exports.Set("sizes", Sizes(env));
+}
+
+// ---- argument helpers ----
+int FdArg(const Napi::CallbackInfo& info, size_t i, const char* op) {
+  if (!info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), std::string(op) + ": fd must be a number");
+  int fd = info[i].As<Napi::Number>().Int32Value();
+  if (fd < 0) throw Napi::RangeError::New(info.Env(), std::string(op) + ": fd " + std::to_string(fd) + " is closed");
+  return fd;
+}
+
+Napi::Buffer<uint8_t> BufferArg(const Napi::CallbackInfo& info, size_t i, const char* op) {
+  if (!info[i].IsBuffer()) throw Napi::TypeError::New(info.Env(), std::string(op) + ": expected a Buffer");
+  return info[i].As<Napi::Buffer<uint8_t>>();
+}
+
+uint64_t U64Arg(const Napi::CallbackInfo& info, size_t i, const char* op, const char* what) {
+  if (info[i].IsBigInt()) {
+    bool lossless;
+    return info[i].As<Napi::BigInt>().Uint64Value(&lossless);
+  }
+  if (info[i].IsNumber()) {
+    double d = info[i].As<Napi::Number>().DoubleValue();
+    if (d >= 0 && d <= 9007199254740991.0 && d == static_cast<double>(static_cast<uint64_t>(d)))
+      return static_cast<uint64_t>(d);
+  }
+  throw Napi::TypeError::New(info.Env(), std::string(op) + ": " + what + " must be a non-negative integer");
+}
+
+}  // namespace vcpud

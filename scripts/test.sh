@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command (npm test): provisions what the tests need, type-checks, runs jest, and ends
+# with the one line CI reads: "N passed, N failed[, N skipped]".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "provision: guest programs"
+bash scripts/build-guests.sh || { echo "guest build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+step "build: native addon (if missing)"
+[ -f build/Release/vcpud_native.node ] || npx node-gyp rebuild --nodedir=/usr >/dev/null || {
+  echo "addon build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+step "typecheck"
+typecheck_failed=0
+npx tsc -p tsconfig.json --noEmit || typecheck_failed=1
+
+step "jest"
+results=$(mktemp)
+npx jest --ci --json --outputFile="$results" "$@"
+jest_rc=$?
+
+node -e '
+const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+const tc = Number(process.argv[2]);
+const skipped = r.numPendingTests + r.numTodoTests;
+const failed = r.numFailedTests + r.numRuntimeErrorTestSuites + tc;
+if (tc) console.log("typecheck failed (counted as one failure)");
+console.log(`${r.numPassedTests} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
+' "$results" "$typecheck_failed" || { echo "0 passed, 1 failed"; exit 1; }
+rm -f "$results"
+[ "$jest_rc" -eq 0 ] && [ "$typecheck_failed" -eq 0 ]

@@ -1,0 +1,145 @@
+/**
+ * The one capability model: what this host's KVM can do, probed once, and the answer to "can
+ * section X be read / written here, and if not, why".
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import { UnsupportedError } from '../errors';
+import { hasBit, maxPhysAddrBits, SVM_BIT, vendorOf, VMX_BIT, type Vendor } from './cpuid-facts';
+import type { CapName, Kvm } from './kvm';
+import { native } from './native';
+import { SECTION_NAMES, type SectionName } from './sections';
+
+export interface SectionSupport {
+  readable: boolean;
+  writable: boolean;
+  /** Why a direction is unavailable (names the capability). */
+  reason?: string;
+}
+
+export interface NestedSupport {
+  /** KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE): the largest nested-state blob, 0 = none. */
+  maxSize: number;
+  /** /sys/module/kvm_{intel,amd}/parameters/nested, when that module is loaded. */
+  moduleParameter?: string;
+  /** Whether KVM_GET_SUPPORTED_CPUID offers VMX / SVM to guests. */
+  cpuidVmx: boolean;
+  cpuidSvm: boolean;
+  supported: boolean;
+  reason?: string;
+}
+
+export interface HostCapabilities {
+  kvmPath: string;
+  apiVersion: number;
+  kernelRelease: string;
+  /** The vendor KVM module loaded (kvm_intel, kvm_amd, kvm_pvm...), or "unknown". */
+  kvmModule: string;
+  vendor: Vendor;
+  caps: Record<string, number>;
+  vcpuMmapSize: number;
+  xsaveSize: number;
+  maxPhysAddrBits: number;
+  msrIndexList: number[];
+  nested: NestedSupport;
+  sections: Record<SectionName, SectionSupport>;
+}
+
+const VENDOR_MODULES = ['kvm_intel', 'kvm_amd', 'kvm_pvm'];
+
+/** Which capability each section needs, per direction (undefined: always available). */
+const SECTION_CAPS: Record<SectionName, { read?: CapName; write?: CapName; irqchip?: boolean }> = {
+  regs: {},
+  sregs: {},
+  sregs2: { read: 'SREGS2', write: 'SREGS2' },
+  fpu: {},
+  xsave: { read: 'XSAVE', write: 'XSAVE' },
+  xcrs: { read: 'XCRS', write: 'XCRS' },
+  msrs: {},
+  lapic: { read: 'IRQCHIP', write: 'IRQCHIP', irqchip: true },
+  vcpu_events: { read: 'VCPU_EVENTS', write: 'VCPU_EVENTS' },
+  debugregs: { read: 'DEBUGREGS', write: 'DEBUGREGS' },
+  mp_state: { read: 'MP_STATE', write: 'MP_STATE' },
+  cpuid2: { read: 'EXT_CPUID', write: 'EXT_CPUID' },
+  tsc_khz: { read: 'GET_TSC_KHZ', write: 'TSC_CONTROL' },
+};
+
+function readParam(module: string, param: string): string | undefined {
+  try {
+    return fs.readFileSync(`/sys/module/${module}/parameters/${param}`, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+function loadedKvmModule(): string {
+  return VENDOR_MODULES.find((m) => fs.existsSync(`/sys/module/${m}`)) ?? 'unknown';
+}
+
+export function probeCapabilities(kvm: Kvm): HostCapabilities {
+  const caps: Record<string, number> = {};
+  for (const name of Object.keys(native.caps)) caps[`KVM_CAP_${name}`] = kvm.checkExtension(name as CapName);
+  const cpuid = kvm.supportedCpuid();
+  const vendor = vendorOf(cpuid);
+  const kvmModule = loadedKvmModule();
+  const sections = {} as Record<SectionName, SectionSupport>;
+  for (const s of SECTION_NAMES) sections[s] = sectionSupport(s, caps);
+  return {
+    kvmPath: kvm.path,
+    apiVersion: kvm.apiVersion(),
+    kernelRelease: os.release(),
+    kvmModule,
+    vendor,
+    caps,
+    vcpuMmapSize: kvm.vcpuMmapSize(),
+    xsaveSize: Math.max(4096, caps.KVM_CAP_XSAVE2),
+    maxPhysAddrBits: maxPhysAddrBits(cpuid),
+    msrIndexList: kvm.msrIndexList(),
+    nested: nestedSupport(caps.KVM_CAP_NESTED_STATE, vendor, kvmModule, hasBit(cpuid, VMX_BIT), hasBit(cpuid, SVM_BIT)),
+    sections,
+  };
+}
+
+function sectionSupport(section: SectionName, caps: Record<string, number>): SectionSupport {
+  const need = SECTION_CAPS[section];
+  const missing = (cap?: CapName) => (cap && !(caps[`KVM_CAP_${cap}`] > 0) ? `KVM_CAP_${cap}` : undefined);
+  const r = missing(need.read);
+  const w = missing(need.write);
+  const out: SectionSupport = { readable: !r, writable: !w };
+  const reasons = [
+    r && `reading needs ${r}, which KVM_CHECK_EXTENSION reports as 0`,
+    w && w !== r && `writing needs ${w}, which KVM_CHECK_EXTENSION reports as 0`,
+    !r && need.irqchip && 'needs a VM with the in-kernel irqchip',
+  ].filter(Boolean);
+  if (reasons.length) out.reason = reasons.join('; ');
+  return out;
+}
+
+function nestedSupport(maxSize: number, vendor: Vendor, kvmModule: string, vmx: boolean, svm: boolean): NestedSupport {
+  const vendorModule = vendor === 'intel' ? 'kvm_intel' : vendor === 'amd' ? 'kvm_amd' : undefined;
+  const moduleParameter = vendorModule ? readParam(vendorModule, 'nested') : undefined;
+  const n: NestedSupport = { maxSize, moduleParameter, cpuidVmx: vmx, cpuidSvm: svm, supported: false };
+  if (maxSize <= 0) {
+    n.reason = `KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) returned ${maxSize}: the loaded KVM module (${kvmModule}) has no nested virtualization support`;
+  } else if (moduleParameter !== undefined && !['Y', '1'].includes(moduleParameter)) {
+    n.reason = `${vendorModule} is loaded with nested=${moduleParameter}`;
+  } else if (!(vendor === 'intel' ? vmx : svm)) {
+    n.reason = `KVM_GET_SUPPORTED_CPUID does not offer ${vendor === 'intel' ? 'VMX' : 'SVM'} to guests`;
+  } else {
+    n.supported = true;
+  }
+  return n;
+}
+
+/** Throws UnsupportedError naming the capability when `section` cannot be used in `direction`. */
+export function requireSection(caps: HostCapabilities, section: SectionName, direction: 'read' | 'write'): void {
+  const s = caps.sections[section];
+  if (direction === 'read' ? s.readable : s.writable) return;
+  const cap = SECTION_CAPS[section][direction] ?? 'unknown';
+  throw new UnsupportedError(`KVM_CAP_${cap}`, s.reason ?? `section ${section} cannot be ${direction === 'read' ? 'read' : 'written'} here`);
+}
+
+/** Throws UnsupportedError (KVM_CAP_NESTED_STATE) when nested state cannot be used on this host. */
+export function requireNested(caps: HostCapabilities): void {
+  if (!caps.nested.supported) throw new UnsupportedError('KVM_CAP_NESTED_STATE', caps.nested.reason ?? 'unsupported');
+}

@@ -1,0 +1,103 @@
+/**
+ * System scope: /dev/kvm. One method per system ioctl; list calls negotiate their size on E2BIG.
+ */
+import { VcpudError } from '../errors';
+import { kvmCall, kvmCallAsync, native, negotiate } from './native';
+import { decodeCpuid2, type CpuidEntry2 } from './sections';
+import { Vm } from './vm';
+
+/** KVM_API_VERSION has been 12 since 2.6.22; anything else is not a KVM we know. */
+export const EXPECTED_API_VERSION = 12;
+/** KVM_MAX_CPUID_ENTRIES in the kernel: the ceiling for CPUID negotiation. */
+const MAX_CPUID_ENTRIES = 256;
+const MAX_MSR_LIST = 16384;
+export type CapName = keyof typeof native.caps & string;
+
+export class Kvm {
+  private closed = false;
+
+  private constructor(
+    readonly path: string,
+    readonly fd: number,
+  ) {}
+
+  /** Opens the device and insists on API version 12. */
+  static open(path = process.env.VCPUD_KVM_PATH ?? '/dev/kvm'): Kvm {
+    const fd = kvmCall('open', () => native.openKvm(path));
+    const kvm = new Kvm(path, fd);
+    const version = kvm.apiVersion();
+    if (version !== EXPECTED_API_VERSION) {
+      kvm.close();
+      throw new VcpudError(
+        'failed_precondition',
+        `${path}: KVM_GET_API_VERSION returned ${version}, vcpud requires ${EXPECTED_API_VERSION}`,
+      );
+    }
+    return kvm;
+  }
+
+  apiVersion(): number {
+    return kvmCall('KVM_GET_API_VERSION', () => native.getApiVersion(this.fd));
+  }
+
+  /** KVM_CHECK_EXTENSION on /dev/kvm: 0 for absent, otherwise a cap-specific value (often a size). */
+  checkExtension(cap: CapName | number): number {
+    const n = typeof cap === 'number' ? cap : capNumber(cap);
+    return kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(this.fd, n));
+  }
+
+  vcpuMmapSize(): number {
+    return kvmCall('KVM_GET_VCPU_MMAP_SIZE', () => native.getVcpuMmapSize(this.fd));
+  }
+
+  /** MSRs KVM_GET/SET_MSRS can save and restore. The kernel writes the needed count back on E2BIG. */
+  msrIndexList(initialCapacity = 64): number[] {
+    return this.indexList('KVM_GET_MSR_INDEX_LIST', native.getMsrIndexList, initialCapacity);
+  }
+
+  /** Feature MSRs (read on /dev/kvm): what the host can offer guests, e.g. VMX capability MSRs. */
+  msrFeatureIndexList(initialCapacity = 16): number[] {
+    return this.indexList('KVM_GET_MSR_FEATURE_INDEX_LIST', native.getMsrFeatureIndexList, initialCapacity);
+  }
+
+  /** KVM_GET_SUPPORTED_CPUID. The kernel does not report the needed count, so capacity doubles. */
+  supportedCpuid(initialCapacity = 32): CpuidEntry2[] {
+    return negotiate('KVM_GET_SUPPORTED_CPUID', initialCapacity, MAX_CPUID_ENTRIES, (cap) => {
+      const buf = Buffer.alloc(8 + cap * native.sizes.kvm_cpuid_entry2);
+      kvmCall('KVM_GET_SUPPORTED_CPUID', () => native.getSupportedCpuid(this.fd, buf));
+      return decodeCpuid2(buf);
+    });
+  }
+
+  createVm(type = 0): Vm {
+    const fd = kvmCall('KVM_CREATE_VM', () => native.createVm(this.fd, type));
+    return new Vm(this, fd);
+  }
+
+  /** KVM_CREATE_VM off the JS thread: it can take milliseconds on a loaded host. */
+  async createVmAsync(type = 0): Promise<Vm> {
+    const fd = await kvmCallAsync('KVM_CREATE_VM', () => native.createVmAsync(this.fd, type));
+    return new Vm(this, fd);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    native.closeFd(this.fd);
+  }
+
+  private indexList(ioctl: string, fn: (fd: number, buf: Buffer) => void, initial: number): number[] {
+    return negotiate(ioctl, initial, MAX_MSR_LIST, (cap) => {
+      const buf = Buffer.alloc(4 + cap * 4);
+      kvmCall(ioctl, () => fn(this.fd, buf));
+      const n = buf.readUInt32LE(0);
+      return Array.from({ length: n }, (_, i) => buf.readUInt32LE(4 + i * 4));
+    });
+  }
+}
+
+export function capNumber(name: CapName): number {
+  const n = native.caps[name];
+  if (n === undefined) throw new VcpudError('internal', `unknown KVM capability ${name}`);
+  return n;
+}

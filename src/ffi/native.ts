@@ -1,0 +1,181 @@
+/**
+ * The native addon's surface, typed. Every ioctl function comes in two forms: `fn` runs on the
+ * calling thread, `fnAsync` on the libuv pool and returns a Promise. Errors thrown by native code
+ * are converted to KvmError by `kvmCall`.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { KvmError } from '../errors';
+import { currentObserver } from './observe';
+
+type Fd = number;
+type BufferIoctl = (fd: Fd, buf: Buffer) => void;
+type CountIoctl = (fd: Fd, buf: Buffer) => number;
+
+export interface NativeGuestMemory {
+  readonly size: number;
+  read(offset: number, buf: Buffer): void;
+  write(offset: number, buf: Buffer): void;
+  release(): void;
+}
+
+export type RunStateName = 'created' | 'running' | 'paused' | 'halted' | 'stopped';
+
+export interface RunnerEvent {
+  kind: 'value' | 'done' | 'state';
+  value?: number;
+  state?: RunStateName;
+}
+
+export interface NativeVcpuRunner {
+  /** Starts or continues KVM_RUN on the vCPU's own thread; false if already running or pausing. */
+  resume(): boolean;
+  /** Resolves once the vCPU is out of KVM_RUN with pending I/O completed. */
+  pause(): Promise<void>;
+  drain(): { console: Buffer; events: RunnerEvent[] };
+  status(): { state: RunStateName; reason?: string; details: Record<string, number> };
+  /** Exit counts by KVM_EXIT_* number. */
+  exitCounts(): Record<string, number>;
+  destroy(): void;
+}
+
+interface SyncAndAsync {
+  getApiVersion(fd: Fd): number;
+  checkExtension(fd: Fd, cap: number): number;
+  getVcpuMmapSize(fd: Fd): number;
+  getMsrIndexList: BufferIoctl;
+  getMsrFeatureIndexList: BufferIoctl;
+  getSupportedCpuid: BufferIoctl;
+  createVm(fd: Fd, type: number): number;
+  createIrqchip(fd: Fd): void;
+  createVcpu(fd: Fd, id: number): number;
+  setTssAddr(fd: Fd, addr: number): void;
+  enableCap: BufferIoctl;
+  getClock: BufferIoctl;
+  setClock: BufferIoctl;
+  setUserMemoryRegion(fd: Fd, slot: number, flags: number, gpa: number | bigint, mem: NativeGuestMemory): void;
+  getRegs: BufferIoctl;
+  setRegs: BufferIoctl;
+  getSregs: BufferIoctl;
+  setSregs: BufferIoctl;
+  getSregs2: BufferIoctl;
+  setSregs2: BufferIoctl;
+  getFpu: BufferIoctl;
+  setFpu: BufferIoctl;
+  getXsave: BufferIoctl;
+  getXsave2: BufferIoctl;
+  setXsave: BufferIoctl;
+  getXcrs: BufferIoctl;
+  setXcrs: BufferIoctl;
+  getMsrs: CountIoctl;
+  setMsrs: CountIoctl;
+  getLapic: BufferIoctl;
+  setLapic: BufferIoctl;
+  getVcpuEvents: BufferIoctl;
+  setVcpuEvents: BufferIoctl;
+  getDebugregs: BufferIoctl;
+  setDebugregs: BufferIoctl;
+  getMpState: BufferIoctl;
+  setMpState: BufferIoctl;
+  getCpuid2: BufferIoctl;
+  setCpuid2: BufferIoctl;
+  getTscKhz(fd: Fd): number;
+  setTscKhz(fd: Fd, khz: number): void;
+  getNestedState: BufferIoctl;
+  setNestedState: BufferIoctl;
+}
+
+export type IoctlName = keyof SyncAndAsync;
+type AsyncTwins = {
+  [K in IoctlName as `${K}Async`]: (...a: Parameters<SyncAndAsync[K]>) => Promise<ReturnType<SyncAndAsync[K]>>;
+};
+
+export interface Native extends SyncAndAsync, AsyncTwins {
+  openKvm(path: string): Fd;
+  closeFd(fd: Fd): void;
+  GuestMemory: new (size: number) => NativeGuestMemory;
+  VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
+  caps: Record<string, number>;
+  apiVersion: number;
+  sizes: Record<string, number>;
+}
+
+/** The package root: the nearest directory above this file with a package.json (src/ or dist/src/). */
+export function packageRoot(): string {
+  let dir = __dirname;
+  while (!fs.existsSync(path.join(dir, 'package.json'))) {
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error(`no package.json above ${__dirname}`);
+    dir = up;
+  }
+  return dir;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+export const native: Native = require(path.join(packageRoot(), 'build', 'Release', 'vcpud_native.node'));
+
+interface NativeErrorShape {
+  errno?: number;
+  code?: string;
+  syscall?: string;
+  required?: number;
+  message: string;
+}
+
+/** Converts a native ioctl error into KvmError; passes other errors through. */
+export function toKvmError(e: unknown): unknown {
+  const n = e as NativeErrorShape;
+  if (n && typeof n.errno === 'number' && typeof n.code === 'string' && typeof n.syscall === 'string') {
+    return new KvmError(n.syscall, n.errno, n.code, n.message, n.required);
+  }
+  return e;
+}
+
+/** Runs a native ioctl, reporting it to the observer and converting its errors to KvmError. */
+export function kvmCall<T>(ioctl: string, fn: () => T): T {
+  const obs = currentObserver();
+  const start = obs ? process.hrtime.bigint() : 0n;
+  try {
+    const r = fn();
+    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9);
+    return r;
+  } catch (e) {
+    const k = toKvmError(e);
+    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k instanceof KvmError ? k.code : 'EUNKNOWN');
+    throw k;
+  }
+}
+
+export async function kvmCallAsync<T>(ioctl: string, fn: () => Promise<T>): Promise<T> {
+  const obs = currentObserver();
+  const start = obs ? process.hrtime.bigint() : 0n;
+  try {
+    const r = await fn();
+    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9);
+    return r;
+  } catch (e) {
+    const k = toKvmError(e);
+    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k instanceof KvmError ? k.code : 'EUNKNOWN');
+    throw k;
+  }
+}
+
+/**
+ * E2BIG size negotiation. `attempt(capacity)` runs the ioctl with that capacity. When the kernel
+ * wrote the required size back we grow to it and retry once; when it did not (CPUID) we double,
+ * up to `max`.
+ */
+export function negotiate<T>(ioctl: string, initial: number, max: number, attempt: (capacity: number) => T): T {
+  let capacity = initial;
+  for (;;) {
+    try {
+      return attempt(capacity);
+    } catch (e) {
+      if (!(e instanceof KvmError) || e.code !== 'E2BIG' || capacity >= max) throw e;
+      const next = e.required !== undefined && e.required > capacity ? e.required : Math.min(capacity * 2, max);
+      currentObserver()?.onNegotiationRetry(ioctl);
+      if (e.required !== undefined) return attempt(next);
+      capacity = next;
+    }
+  }
+}

@@ -1,0 +1,329 @@
+/**
+ * The one declarative codec for the C structs that KVM's vCPU ioctls exchange. A struct is an
+ * ordered table of fields (name, C name, offset, type) plus its total size; every section module
+ * is a table, so no byte offset is computed by hand anywhere else. The tables are checked against
+ * the C compiler's sizeof/offsetof by test/unit/sections.test.ts.
+ *
+ * Value mapping: u8/u16/u32 -> number, u64 -> bigint, bytes(n) -> Buffer (a copy), nested struct ->
+ * object, array -> JS array. Reserved/padding fields are neither decoded nor written, so encoding
+ * over a `base` (the bytes KVM returned) leaves them exactly as the kernel wrote them.
+ */
+
+export interface NumberType {
+  readonly kind: 'u8' | 'u16' | 'u32';
+  readonly size: 1 | 2 | 4;
+}
+export interface BigIntType {
+  readonly kind: 'u64';
+  readonly size: 8;
+}
+export interface BytesType {
+  readonly kind: 'bytes';
+  readonly size: number;
+}
+export interface ReservedType {
+  readonly kind: 'reserved';
+  readonly size: number;
+}
+export interface StructType<V> {
+  readonly kind: 'struct';
+  readonly size: number;
+  readonly layout: Layout<V>;
+}
+export interface ArrayType<E extends FieldType> {
+  readonly kind: 'array';
+  readonly size: number;
+  readonly of: E;
+  readonly count: number;
+}
+export type FieldType =
+  | NumberType
+  | BigIntType
+  | BytesType
+  | ReservedType
+  | StructType<unknown>
+  | ArrayType<FieldType>;
+
+/** The JS value a field type decodes to. */
+export type ValueOf<T extends FieldType> = T extends NumberType
+  ? number
+  : T extends BigIntType
+    ? bigint
+    : T extends BytesType
+      ? Buffer
+      : T extends StructType<infer V>
+        ? V
+        : T extends ArrayType<infer E>
+          ? ValueOf<E>[]
+          : never;
+
+export interface Field<N extends string = string, T extends FieldType = FieldType> {
+  /** camelCase name in the decoded object. */
+  readonly name: N;
+  /** The member's name in the C header (for the ABI test and error messages). */
+  readonly cName: string;
+  readonly offset: number;
+  readonly type: T;
+}
+
+/** The decoded object of a field table: one property per non-reserved field. */
+export type Decoded<F extends readonly Field[]> = {
+  [E in F[number] as E['type'] extends ReservedType ? never : E['name']]: ValueOf<E['type']>;
+};
+
+/** Anything that turns bytes into a value and back: structs, raw sections, counted lists. */
+export interface Codec<V> {
+  /** The C struct (or description) the bytes are. */
+  readonly name: string;
+  /** Byte size: exact when fixedSize, else the minimum (an empty list, the 4096-byte xsave). */
+  readonly size: number;
+  readonly fixedSize: boolean;
+  decode(buf: Buffer): V;
+  /** Bytes for `value`; with `base`, bytes the value does not describe are copied from it. */
+  encode(value: V, base?: Buffer): Buffer;
+}
+
+export interface Layout<V> extends Codec<V> {
+  readonly fields: readonly Field[];
+  /** Decode the struct at `offset` of a larger buffer (decode() insists on an exact size). */
+  read(buf: Buffer, offset?: number): V;
+}
+
+export type LayoutValue<L> = L extends Codec<infer V> ? V : never;
+
+export const u8: NumberType = { kind: 'u8', size: 1 };
+export const u16: NumberType = { kind: 'u16', size: 2 };
+export const u32: NumberType = { kind: 'u32', size: 4 };
+export const u64: BigIntType = { kind: 'u64', size: 8 };
+export const bytes = (size: number): BytesType => ({ kind: 'bytes', size });
+export const reserved = (size: number): ReservedType => ({ kind: 'reserved', size });
+export const nested = <V>(layout: Layout<V>): StructType<V> => ({ kind: 'struct', size: layout.size, layout });
+export const array = <E extends FieldType>(of: E, count: number): ArrayType<E> => ({
+  kind: 'array',
+  size: of.size * count,
+  of,
+  count,
+});
+
+const snakeCase = (name: string): string => name.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
+
+/** A field; the C name defaults to the snake_case of `name` (apicBase -> apic_base). */
+export function field<N extends string, T extends FieldType>(
+  name: N,
+  offset: number,
+  type: T,
+  cName: string = snakeCase(name),
+): Field<N, T> {
+  return { name, cName, offset, type };
+}
+
+function readValue(buf: Buffer, off: number, t: FieldType): unknown {
+  switch (t.kind) {
+    case 'u8':
+    case 'u16':
+    case 'u32':
+      return buf.readUIntLE(off, t.size);
+    case 'u64':
+      return buf.readBigUInt64LE(off);
+    case 'bytes':
+      return copyOf(buf.subarray(off, off + t.size));
+    case 'reserved':
+      return undefined;
+    case 'struct':
+      return readFields(buf, off, t.layout.fields);
+    case 'array':
+      return Array.from({ length: t.count }, (_, i) => readValue(buf, off + i * t.of.size, t.of));
+  }
+}
+
+function readFields(buf: Buffer, off: number, fields: readonly Field[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const f of fields) if (f.type.kind !== 'reserved') out[f.name] = readValue(buf, off + f.offset, f.type);
+  return out;
+}
+
+// Checked up front so a bad value names its field instead of surfacing as Node's generic error.
+function fail(path: string, what: string): never {
+  throw new TypeError(`${path}: ${what}`);
+}
+
+function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, path: string): void {
+  switch (t.kind) {
+    case 'u8':
+    case 'u16':
+    case 'u32':
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** (8 * t.size))
+        fail(path, `expected an integer in [0, 2^${8 * t.size}), got ${String(v)}`);
+      buf.writeUIntLE(v, off, t.size);
+      return;
+    case 'u64':
+      if (typeof v !== 'bigint' || v < 0n || v >= 1n << 64n) fail(path, `expected a bigint in [0, 2^64), got ${String(v)}`);
+      buf.writeBigUInt64LE(v, off);
+      return;
+    case 'bytes':
+      if (!Buffer.isBuffer(v) || v.length !== t.size) fail(path, `expected a ${t.size}-byte Buffer`);
+      buf.set(v, off);
+      return;
+    case 'reserved':
+      return;
+    case 'struct':
+      writeFields(buf, off, t.layout.fields, v, path);
+      return;
+    case 'array':
+      if (!Array.isArray(v) || v.length !== t.count) fail(path, `expected an array of ${t.count}`);
+      v.forEach((e, i) => writeValue(buf, off + i * t.of.size, t.of, e, `${path}[${i}]`));
+      return;
+  }
+}
+
+function writeFields(buf: Buffer, off: number, fields: readonly Field[], v: unknown, path: string): void {
+  if (typeof v !== 'object' || v === null) fail(path, 'expected an object');
+  const obj = v as Record<string, unknown>;
+  for (const f of fields) {
+    if (f.type.kind === 'reserved') continue;
+    if (obj[f.name] === undefined) fail(`${path}.${f.name}`, 'missing');
+    writeValue(buf, off + f.offset, f.type, obj[f.name], `${path}.${f.name}`);
+  }
+}
+
+function checkLength(name: string, buf: Buffer, size: number, exact: boolean): void {
+  if (!Buffer.isBuffer(buf)) throw new TypeError(`${name}: expected a Buffer`);
+  if (exact ? buf.length !== size : buf.length < size)
+    throw new RangeError(`${name}: buffer is ${buf.length} bytes, expected ${exact ? '' : 'at least '}${size}`);
+}
+
+// Uint8Array#set rather than Buffer.from/copy: @types/node 20.9 types those against the pre-5.7
+// Uint8Array and TypeScript 5.9 rejects a Buffer argument.
+function copyOf(src: Buffer): Buffer {
+  const out = Buffer.alloc(src.length);
+  out.set(src);
+  return out;
+}
+
+/** `size` zeroed bytes, or a copy of the first `size` bytes of `base` (zero-extended). */
+function startFrom(size: number, base?: Buffer): Buffer {
+  const out = Buffer.alloc(size);
+  if (base) out.set(base.subarray(0, size));
+  return out;
+}
+
+// Layout mistakes (overlap, overrun, duplicate names) fail at module load, not on first use.
+function checkFields(name: string, size: number, fields: readonly Field[]): void {
+  const names = new Set<string>();
+  let end = 0;
+  for (const f of [...fields].sort((a, b) => a.offset - b.offset)) {
+    if (names.has(f.name)) throw new Error(`${name}: duplicate field ${f.name}`);
+    names.add(f.name);
+    if (f.offset < end) throw new Error(`${name}: ${f.name} at ${f.offset} overlaps the previous field`);
+    end = f.offset + f.type.size;
+    if (end > size) throw new Error(`${name}: ${f.name} ends at ${end}, past the ${size}-byte struct`);
+  }
+}
+
+/** A fixed-size struct. `name` is the C struct's name. */
+export function struct<const F extends readonly Field[]>(name: string, size: number, fields: F): Layout<Decoded<F>> {
+  checkFields(name, size, fields);
+  type V = Decoded<F>;
+  // Closures, not `this`, so decode/encode can be passed around detached.
+  const read = (buf: Buffer, offset = 0): V => {
+    checkLength(name, buf, offset + size, false);
+    return readFields(buf, offset, fields) as V;
+  };
+  return {
+    name,
+    size,
+    fixedSize: true,
+    fields,
+    read,
+    decode(buf: Buffer): V {
+      checkLength(name, buf, size, true);
+      return read(buf);
+    },
+    encode(value: V, base?: Buffer): Buffer {
+      if (base) checkLength(`${name} base`, base, size, true);
+      const out = startFrom(size, base);
+      writeFields(out, 0, fields, value, name);
+      return out;
+    },
+  };
+}
+
+/**
+ * A section kept as raw bytes because its layout is versioned by the CPU/host (LAPIC page, XSAVE
+ * area): the value is the bytes themselves, so there is nothing for a base to contribute.
+ */
+export function raw(name: string, size: number, fixedSize: boolean): Codec<Buffer> {
+  return {
+    name,
+    size,
+    fixedSize,
+    decode(buf: Buffer): Buffer {
+      checkLength(name, buf, size, fixedSize);
+      return copyOf(buf);
+    },
+    encode(value: Buffer): Buffer {
+      checkLength(name, value, size, fixedSize);
+      return copyOf(value);
+    },
+  };
+}
+
+/** A codec whose value is the one field of a single-member struct (kvm_mp_state, tsc_khz). */
+export function unwrap<K extends string, T>(layout: Layout<Record<K, T>>, key: K): Codec<T> {
+  return {
+    name: layout.name,
+    size: layout.size,
+    fixedSize: true,
+    decode: (buf: Buffer): T => layout.decode(buf)[key],
+    encode: (value: T, base?: Buffer): Buffer => layout.encode({ [key]: value } as Record<K, T>, base),
+  };
+}
+
+export interface ListCodec<E> extends Codec<E[]> {
+  readonly header: Layout<unknown>;
+  readonly countField: string;
+  /** C name of the flexible array member, which starts right after the header. */
+  readonly entriesName: string;
+  readonly entry: FieldType;
+  /** Bytes for a list of `count` entries (also the buffer to allocate for a kernel-filled list). */
+  sizeFor(count: number): number;
+}
+
+/**
+ * A header with a u32 count followed by a flexible array (kvm_msrs, kvm_cpuid2, kvm_msr_list).
+ * decode() reads `count` entries and ignores spare capacity after them (the kernel fills lists
+ * into a buffer sized for the maximum); encode() writes the count from the array's length.
+ */
+export function list<C extends string, T extends FieldType>(
+  header: Layout<Record<C, number>>,
+  countField: C,
+  entriesName: string,
+  entry: T,
+): ListCodec<ValueOf<T>> {
+  const named = header.fields.filter((f) => f.type.kind !== 'reserved');
+  if (named.length !== 1 || named[0].name !== countField || named[0].type.kind !== 'u32')
+    throw new Error(`${header.name}: the header must hold only the u32 ${countField}`);
+  const sizeFor = (count: number): number => header.size + count * entry.size;
+  return {
+    name: header.name,
+    size: header.size,
+    fixedSize: false,
+    header,
+    countField,
+    entriesName,
+    entry,
+    sizeFor,
+    decode(buf: Buffer): ValueOf<T>[] {
+      const count = header.read(buf)[countField];
+      if (buf.length < sizeFor(count))
+        throw new RangeError(`${header.name}: ${countField}=${count} needs ${sizeFor(count)} bytes, buffer is ${buf.length}`);
+      return readValue(buf, header.size, array(entry, count)) as ValueOf<T>[];
+    },
+    encode(entries: readonly ValueOf<T>[], base?: Buffer): Buffer {
+      const out = startFrom(sizeFor(entries.length), base);
+      writeFields(out, 0, header.fields, { [countField]: entries.length }, header.name);
+      writeValue(out, header.size, array(entry, entries.length), entries, `${header.name}.${entriesName}`);
+      return out;
+    },
+  };
+}

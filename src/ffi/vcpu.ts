@@ -1,0 +1,264 @@
+/**
+ * vCPU scope: one method per state ioctl, decoded into named fields, raw bytes for the sections
+ * whose layout is versioned (xsave, lapic, nested state) so they round-trip exactly.
+ *
+ * These calls are synchronous and thin, like rust-vmm's kvm-ioctls: on a vCPU that is not inside
+ * KVM_RUN each is a few microseconds, less than a hop to the thread pool would cost. The only way
+ * they could block is a vCPU inside KVM_RUN (KVM holds the vCPU mutex), which src/vm rules out by
+ * pausing first. Every ioctl also has a Promise twin in the addon (`fnAsync`) for callers that
+ * cannot give that guarantee.
+ */
+import { UnsupportedError, VcpudError } from '../errors';
+import { kvmCall, native, type NativeVcpuRunner } from './native';
+import {
+  SECTIONS,
+  type CpuidEntry2,
+  type Debugregs,
+  type Fpu,
+  type MsrEntry,
+  type Regs,
+  type Sregs,
+  type Sregs2,
+  type VcpuEvents,
+  type Xcrs,
+} from './sections';
+import type { Vm } from './vm';
+
+/** Outcome of KVM_GET/SET_MSRS: the kernel stops at the first MSR it refuses. */
+export interface MsrResult {
+  entries: MsrEntry[];
+  processed: number;
+  /** Index of the first MSR the kernel refused, when processed < requested. */
+  firstRefused?: number;
+}
+
+export const NESTED_HEADER_SIZE = 128;
+const LAPIC_SIZE = 1024;
+const LEGACY_XSAVE_SIZE = 4096;
+
+interface Codec<T> {
+  decode(buf: Buffer): T;
+  encode(value: T, base?: Buffer): Buffer;
+}
+
+export class Vcpu {
+  private closed = false;
+
+  constructor(
+    readonly vm: Vm,
+    readonly id: number,
+    readonly fd: number,
+  ) {}
+
+  // ---- fixed-size sections ----
+  getRegs(): Regs {
+    return this.getDecoded('KVM_GET_REGS', native.getRegs, native.sizes.kvm_regs, SECTIONS.regs);
+  }
+  setRegs(value: Regs): void {
+    this.setEncoded('KVM_SET_REGS', native.setRegs, SECTIONS.regs, value);
+  }
+  getSregs(): Sregs {
+    return this.getDecoded('KVM_GET_SREGS', native.getSregs, native.sizes.kvm_sregs, SECTIONS.sregs);
+  }
+  setSregs(value: Sregs): void {
+    this.setEncoded('KVM_SET_SREGS', native.setSregs, SECTIONS.sregs, value);
+  }
+  /** KVM_GET_SREGS2 (KVM_CAP_SREGS2): adds the PDPTRs PAE guests need restored exactly. */
+  getSregs2(): Sregs2 {
+    this.requireCap('SREGS2', 'KVM_GET_SREGS2');
+    return this.getDecoded('KVM_GET_SREGS2', native.getSregs2, native.sizes.kvm_sregs2, SECTIONS.sregs2);
+  }
+  setSregs2(value: Sregs2): void {
+    this.requireCap('SREGS2', 'KVM_SET_SREGS2');
+    this.setEncoded('KVM_SET_SREGS2', native.setSregs2, SECTIONS.sregs2, value);
+  }
+  getFpu(): Fpu {
+    return this.getDecoded('KVM_GET_FPU', native.getFpu, native.sizes.kvm_fpu, SECTIONS.fpu);
+  }
+  setFpu(value: Fpu): void {
+    this.setEncoded('KVM_SET_FPU', native.setFpu, SECTIONS.fpu, value);
+  }
+  getXcrs(): Xcrs {
+    this.requireCap('XCRS', 'KVM_GET_XCRS');
+    return this.getDecoded('KVM_GET_XCRS', native.getXcrs, native.sizes.kvm_xcrs, SECTIONS.xcrs);
+  }
+  setXcrs(value: Xcrs): void {
+    this.requireCap('XCRS', 'KVM_SET_XCRS');
+    this.setEncoded('KVM_SET_XCRS', native.setXcrs, SECTIONS.xcrs, value);
+  }
+  getVcpuEvents(): VcpuEvents {
+    this.requireCap('VCPU_EVENTS', 'KVM_GET_VCPU_EVENTS');
+    return this.getDecoded('KVM_GET_VCPU_EVENTS', native.getVcpuEvents, native.sizes.kvm_vcpu_events, SECTIONS.vcpu_events);
+  }
+  setVcpuEvents(value: VcpuEvents): void {
+    this.requireCap('VCPU_EVENTS', 'KVM_SET_VCPU_EVENTS');
+    this.setEncoded('KVM_SET_VCPU_EVENTS', native.setVcpuEvents, SECTIONS.vcpu_events, value);
+  }
+  getDebugregs(): Debugregs {
+    this.requireCap('DEBUGREGS', 'KVM_GET_DEBUGREGS');
+    return this.getDecoded('KVM_GET_DEBUGREGS', native.getDebugregs, native.sizes.kvm_debugregs, SECTIONS.debugregs);
+  }
+  setDebugregs(value: Debugregs): void {
+    this.requireCap('DEBUGREGS', 'KVM_SET_DEBUGREGS');
+    this.setEncoded('KVM_SET_DEBUGREGS', native.setDebugregs, SECTIONS.debugregs, value);
+  }
+  getMpState(): number {
+    this.requireCap('MP_STATE', 'KVM_GET_MP_STATE');
+    return this.getDecoded('KVM_GET_MP_STATE', native.getMpState, native.sizes.kvm_mp_state, SECTIONS.mp_state).mpState;
+  }
+  setMpState(value: number): void {
+    this.requireCap('MP_STATE', 'KVM_SET_MP_STATE');
+    this.setEncoded('KVM_SET_MP_STATE', native.setMpState, SECTIONS.mp_state, { mpState: value });
+  }
+
+  // ---- raw sections (versioned layouts) ----
+  /** The in-kernel LAPIC's 1024-byte register page; needs KVM_CREATE_IRQCHIP. */
+  getLapic(): Buffer {
+    this.requireIrqchip('KVM_GET_LAPIC');
+    return this.getRaw('KVM_GET_LAPIC', native.getLapic, LAPIC_SIZE);
+  }
+  setLapic(value: Buffer): void {
+    this.requireIrqchip('KVM_SET_LAPIC');
+    this.setRaw('KVM_SET_LAPIC', native.setLapic, value, LAPIC_SIZE);
+  }
+  /** XSAVE area: KVM_GET_XSAVE2 at the KVM_CAP_XSAVE2 size when available, else the 4 KiB legacy call. */
+  getXsave(): Buffer {
+    this.requireCap('XSAVE', 'KVM_GET_XSAVE');
+    const size = this.xsaveSize();
+    if (this.vm.checkExtension('XSAVE2') > 0) return this.getRaw('KVM_GET_XSAVE2', native.getXsave2, size);
+    return this.getRaw('KVM_GET_XSAVE', native.getXsave, LEGACY_XSAVE_SIZE);
+  }
+  setXsave(value: Buffer): void {
+    this.requireCap('XSAVE', 'KVM_SET_XSAVE');
+    this.setRaw('KVM_SET_XSAVE', native.setXsave, value, this.xsaveSize());
+  }
+  xsaveSize(): number {
+    return Math.max(LEGACY_XSAVE_SIZE, this.vm.checkExtension('XSAVE2'));
+  }
+
+  // ---- variable-length sections ----
+  /** KVM_GET_MSRS for any index list. A refused index ends the read there (partial result). */
+  getMsrs(indices: number[]): MsrResult {
+    const buf = SECTIONS.msrs.encode(indices.map((index) => ({ index, data: 0n })));
+    const processed = kvmCall('KVM_GET_MSRS', () => native.getMsrs(this.fd, buf));
+    return msrResult(SECTIONS.msrs.decode(buf), processed, indices);
+  }
+  /** KVM_SET_MSRS: `processed` < entries.length means the kernel refused entries[processed]. */
+  setMsrs(entries: MsrEntry[]): MsrResult {
+    const buf = SECTIONS.msrs.encode(entries);
+    const processed = kvmCall('KVM_SET_MSRS', () => native.setMsrs(this.fd, buf));
+    return msrResult(entries, processed, entries.map((e) => e.index));
+  }
+  getCpuid2(capacity = 256): CpuidEntry2[] {
+    const buf = Buffer.alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
+    kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
+    return SECTIONS.cpuid2.decode(buf);
+  }
+  setCpuid2(entries: CpuidEntry2[]): void {
+    const buf = SECTIONS.cpuid2.encode(entries);
+    kvmCall('KVM_SET_CPUID2', () => native.setCpuid2(this.fd, buf));
+  }
+  getTscKhz(): number {
+    this.requireCap('GET_TSC_KHZ', 'KVM_GET_TSC_KHZ');
+    return kvmCall('KVM_GET_TSC_KHZ', () => native.getTscKhz(this.fd));
+  }
+  /** Setting the guest TSC frequency needs KVM_CAP_TSC_CONTROL (TSC scaling in hardware). */
+  setTscKhz(khz: number): void {
+    this.requireCap('TSC_CONTROL', 'KVM_SET_TSC_KHZ');
+    kvmCall('KVM_SET_TSC_KHZ', () => native.setTscKhz(this.fd, khz));
+  }
+
+  // ---- nested state ----
+  /** KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) on the VM: the largest blob this host produces. */
+  nestedStateMaxSize(): number {
+    return this.vm.checkExtension('NESTED_STATE');
+  }
+
+  /**
+   * KVM_GET_NESTED_STATE. Always declares the full capability size (6.1 SVM writes 4224 bytes into
+   * smaller buffers in guest mode); on E2BIG grows to the size the kernel wrote back and retries
+   * once; returns exactly `size` bytes. A 128-byte result is real state, not "none".
+   */
+  getNestedState(): Buffer {
+    const max = this.requireNested('KVM_GET_NESTED_STATE');
+    const attempt = (cap: number): Buffer => {
+      const buf = Buffer.alloc(cap);
+      kvmCall('KVM_GET_NESTED_STATE', () => native.getNestedState(this.fd, buf));
+      return buf.subarray(0, buf.readUInt32LE(4));
+    };
+    try {
+      return attempt(max);
+    } catch (e) {
+      const required = (e as { code?: string; required?: number }).required;
+      if ((e as { code?: string }).code !== 'E2BIG' || !required || required <= max) throw e;
+      return attempt(required);
+    }
+  }
+
+  /** KVM_SET_NESTED_STATE with the caller's bytes, unchanged. Validation is the caller's job. */
+  setNestedState(blob: Buffer): void {
+    this.requireNested('KVM_SET_NESTED_STATE');
+    kvmCall('KVM_SET_NESTED_STATE', () => native.setNestedState(this.fd, blob));
+  }
+
+  // ---- running ----
+  /** The run thread for this vCPU; `onEvent` fires (coalesced) when runner.drain() has news. */
+  createRunner(onEvent: () => void): NativeVcpuRunner {
+    const size = this.vm.kvm.vcpuMmapSize();
+    return kvmCall('mmap(kvm_run)', () => new native.VcpuRunner(this.fd, size, onEvent));
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    native.closeFd(this.fd);
+  }
+
+  // ---- helpers ----
+  private requireCap(cap: string, ioctl: string): void {
+    if (this.vm.kvm.checkExtension(cap as never) <= 0)
+      throw new UnsupportedError(`KVM_CAP_${cap}`, `KVM_CHECK_EXTENSION returned 0, so ${ioctl} is unavailable`);
+  }
+
+  private requireIrqchip(ioctl: string): void {
+    if (!this.vm.hasIrqchip)
+      throw new UnsupportedError('KVM_CAP_IRQCHIP', `${ioctl} needs the in-kernel irqchip, which this VM was created without`);
+  }
+
+  private requireNested(ioctl: string): number {
+    const max = this.nestedStateMaxSize();
+    if (max <= 0)
+      throw new UnsupportedError(
+        'KVM_CAP_NESTED_STATE',
+        `KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) returned ${max} (the ${this.vm.kvm.path} module has no nested virtualization), so ${ioctl} cannot be used`,
+      );
+    return max;
+  }
+
+  private getRaw(ioctl: string, fn: (fd: number, b: Buffer) => void, size: number): Buffer {
+    const buf = Buffer.alloc(size);
+    kvmCall(ioctl, () => fn(this.fd, buf));
+    return buf;
+  }
+
+  private setRaw(ioctl: string, fn: (fd: number, b: Buffer) => void, value: Buffer, size: number): void {
+    if (value.length !== size)
+      throw new VcpudError('invalid_argument', `${ioctl}: expected ${size} bytes, got ${value.length}`);
+    kvmCall(ioctl, () => fn(this.fd, value));
+  }
+
+  private getDecoded<T>(ioctl: string, fn: (fd: number, b: Buffer) => void, size: number, codec: Codec<T>): T {
+    return codec.decode(this.getRaw(ioctl, fn, size));
+  }
+
+  private setEncoded<T>(ioctl: string, fn: (fd: number, b: Buffer) => void, codec: Codec<T>, value: T): void {
+    const buf = codec.encode(value);
+    kvmCall(ioctl, () => fn(this.fd, buf));
+  }
+}
+
+function msrResult(entries: MsrEntry[], processed: number, indices: number[]): MsrResult {
+  const r: MsrResult = { entries: entries.slice(0, processed), processed };
+  if (processed < indices.length) r.firstRefused = indices[processed];
+  return r;
+}

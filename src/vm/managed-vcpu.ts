@@ -1,0 +1,123 @@
+/**
+ * A vCPU owned by vcpud: its ffi handle, its run thread, its run state and a mutex that serializes
+ * every operation on it. State is only ever read or written while the vCPU is out of KVM_RUN with
+ * its pending I/O completed.
+ */
+import { EventEmitter } from 'node:events';
+import { failedPrecondition } from '../errors';
+import type { NativeVcpuRunner, RunStateName } from '../ffi/native';
+import type { Vcpu } from '../ffi/vcpu';
+import { Mutex } from './mutex';
+
+export interface VcpuStatus {
+  id: number;
+  state: RunStateName;
+  reason?: string;
+  details: Record<string, number>;
+  exits: number;
+}
+
+export interface StateAccessOptions {
+  /** Refuse (failed_precondition) rather than pause a running vCPU. */
+  noImplicitPause?: boolean;
+}
+
+export interface ManagedVcpuEvents {
+  console: [Buffer];
+  debug: [{ vcpu: number; value: number; done: boolean }];
+  state: [VcpuStatus];
+}
+
+export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
+  private readonly runner: NativeVcpuRunner;
+  private readonly mutex = new Mutex();
+  private destroyed = false;
+
+  constructor(readonly vcpu: Vcpu) {
+    super();
+    this.runner = vcpu.createRunner(() => this.drain());
+  }
+
+  get id(): number {
+    return this.vcpu.id;
+  }
+
+  /** The current state, after delivering every console byte and event that preceded it. */
+  status(): VcpuStatus {
+    this.drain();
+    if (this.destroyed) return { id: this.id, state: 'stopped', reason: 'destroyed', details: {}, exits: 0 };
+    return this.snapshotStatus();
+  }
+
+  private snapshotStatus(): VcpuStatus {
+    if (this.destroyed) return { id: this.id, state: 'stopped', reason: 'destroyed', details: {}, exits: 0 };
+    const s = this.runner.status();
+    const exits = Object.values(this.runner.exitCounts()).reduce((a, b) => a + b, 0);
+    return { id: this.id, state: s.state, reason: s.reason, details: s.details, exits };
+  }
+
+  /** Exit counts keyed by KVM_EXIT_* number, for metrics. */
+  exitCounts(): Record<string, number> {
+    return this.destroyed ? {} : this.runner.exitCounts();
+  }
+
+  /** Starts or continues the vCPU (from created, paused, halted or stopped). */
+  resume(): Promise<VcpuStatus> {
+    return this.mutex.run(() => {
+      this.assertAlive();
+      this.runner.resume();
+      return this.status();
+    });
+  }
+
+  /** Kicks the vCPU out of KVM_RUN, completes pending I/O, and holds it. */
+  pause(): Promise<VcpuStatus> {
+    return this.mutex.run(async () => {
+      this.assertAlive();
+      await this.runner.pause();
+      this.drain();
+      return this.status();
+    });
+  }
+
+  /**
+   * Runs `fn` with the vCPU out of KVM_RUN. A running vCPU is paused for it and resumed after,
+   * unless the caller asked for no implicit pause.
+   */
+  withState<T>(fn: () => T | Promise<T>, opts: StateAccessOptions = {}): Promise<T> {
+    return this.mutex.run(async () => {
+      this.assertAlive();
+      const wasRunning = this.runner.status().state === 'running';
+      if (wasRunning && opts.noImplicitPause)
+        throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`);
+      if (wasRunning) await this.runner.pause();
+      try {
+        return await fn();
+      } finally {
+        if (wasRunning && !this.destroyed) this.runner.resume();
+      }
+    });
+  }
+
+  /** Stops the run thread and unmaps kvm_run; the vCPU fd is closed by the VM. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.drain();
+    this.destroyed = true;
+    this.runner.destroy();
+  }
+
+  private drain(): void {
+    if (this.destroyed) return;
+    const { console, events } = this.runner.drain();
+    if (console.length) this.emit('console', console);
+    for (const e of events) {
+      if (e.kind === 'state') this.emit('state', this.snapshotStatus());
+      else this.emit('debug', { vcpu: this.id, value: e.value ?? 0, done: e.kind === 'done' });
+    }
+  }
+
+  private assertAlive(): void {
+    if (this.destroyed) throw failedPrecondition(`vCPU ${this.id} was destroyed`);
+  }
+}

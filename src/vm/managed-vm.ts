@@ -1,0 +1,156 @@
+/**
+ * A VM owned by vcpud: the KVM VM, one memory slot at GPA 0, the in-kernel irqchip, its vCPUs
+ * (CPUID set from the policy before anything runs), its console and its guest-program loader.
+ */
+import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { notFound, VcpudError } from '../errors';
+import type { Kvm } from '../ffi/kvm';
+import type { CpuidEntry2 } from '../ffi/sections';
+import type { Vm } from '../ffi/vm';
+import { ConsoleBuffer } from './console';
+import { applyCpuidPolicy, type CpuidPolicy } from './cpuid-policy';
+import { ManagedVcpu, type VcpuStatus } from './managed-vcpu';
+
+export interface VmSpec {
+  name?: string;
+  memoryBytes: number;
+  vcpuCount: number;
+  cpuidPolicy?: CpuidPolicy;
+  /** Without the in-kernel irqchip HLT exits to vcpud (the vCPU shows "halted"); LAPIC state is unavailable. */
+  noIrqchip?: boolean;
+}
+
+export interface VmEvents {
+  console: [Buffer];
+  debug: [{ vcpu: number; value: number; done: boolean }];
+  state: [VcpuStatus];
+}
+
+/** Where Intel's real-mode TSS goes: three pages just below the 4 GiB BIOS area, outside RAM. */
+const TSS_ADDR = 0xfffbd000;
+const KVM_MP_STATE_RUNNABLE = 0;
+
+export class ManagedVm extends EventEmitter<VmEvents> {
+  readonly id = randomUUID();
+  readonly createdAt = new Date();
+  readonly console = new ConsoleBuffer();
+  readonly vcpus: ManagedVcpu[] = [];
+  readonly cpuid: CpuidEntry2[];
+  private destroyed = false;
+
+  private constructor(
+    readonly spec: VmSpec,
+    readonly vm: Vm,
+    supportedCpuid: CpuidEntry2[],
+  ) {
+    super();
+    this.cpuid = applyCpuidPolicy(supportedCpuid, spec.cpuidPolicy ?? { exposeNested: false });
+  }
+
+  /** Creates the VM with everything its vCPUs need before their first KVM_RUN. */
+  static create(kvm: Kvm, spec: VmSpec, supportedCpuid: CpuidEntry2[]): ManagedVm {
+    const vm = kvm.createVm();
+    const m = new ManagedVm(spec, vm, supportedCpuid);
+    try {
+      if (kvm.checkExtension('SET_TSS_ADDR') > 0) vm.setTssAddr(TSS_ADDR);
+      if (!spec.noIrqchip && kvm.checkExtension('IRQCHIP') > 0) vm.createIrqchip();
+      vm.addMemory(0, spec.memoryBytes);
+      for (let i = 0; i < spec.vcpuCount; i++) {
+        const vcpu = vm.createVcpu(i);
+        vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
+        m.adopt(new ManagedVcpu(vcpu));
+      }
+    } catch (e) {
+      m.destroy();
+      throw e;
+    }
+    return m;
+  }
+
+  get name(): string {
+    return this.spec.name ?? '';
+  }
+
+  get memoryBytes(): number {
+    return this.spec.memoryBytes;
+  }
+
+  vcpu(id: number): ManagedVcpu {
+    const v = this.vcpus[id];
+    if (!v) throw notFound(`VM ${this.id} has no vCPU ${id} (it has ${this.vcpus.length})`);
+    return v;
+  }
+
+  readMemory(gpa: number, length: number): Buffer {
+    return this.vm.readMemory(gpa, length);
+  }
+
+  writeMemory(gpa: number, data: Buffer): void {
+    this.vm.writeMemory(gpa, data);
+  }
+
+  /**
+   * Loads a flat binary and points every vCPU at it in real mode (CS base 0, RIP = entry,
+   * RSI = vCPU index), as the guest ABI in test/guests/README.md describes.
+   */
+  async loadProgram(image: Buffer, loadAddress: number, entry = loadAddress): Promise<void> {
+    if (entry > 0xffff) throw new VcpudError('invalid_argument', `entry 0x${entry.toString(16)} is not reachable in real mode with CS base 0`);
+    this.writeMemory(loadAddress, image);
+    await Promise.all(
+      this.vcpus.map((v) =>
+        v.withState(() => {
+          const s = v.vcpu.getSregs();
+          for (const seg of [s.cs, s.ds, s.es, s.fs, s.gs, s.ss]) {
+            seg.base = 0n;
+            seg.selector = 0;
+          }
+          v.vcpu.setSregs(s);
+          const r = v.vcpu.getRegs();
+          for (const k of Object.keys(r) as (keyof typeof r)[]) r[k] = 0n;
+          r.rip = BigInt(entry);
+          r.rflags = 2n;
+          r.rsi = BigInt(v.id);
+          v.vcpu.setRegs(r);
+          // APs wait for INIT/SIPI under an in-kernel irqchip; our guests start every vCPU directly.
+          v.vcpu.setMpState(KVM_MP_STATE_RUNNABLE);
+        }),
+      ),
+    );
+  }
+
+  resumeAll(): Promise<VcpuStatus[]> {
+    return Promise.all(this.vcpus.map((v) => v.resume()));
+  }
+
+  pauseAll(): Promise<VcpuStatus[]> {
+    return Promise.all(this.vcpus.map((v) => v.pause()));
+  }
+
+  statuses(): VcpuStatus[] {
+    return this.vcpus.map((v) => v.status());
+  }
+
+  /** Stops every vCPU thread (also while running), then frees fds and memory. Idempotent. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    for (const v of this.vcpus) v.destroy();
+    this.vm.close();
+    this.removeAllListeners();
+  }
+
+  get isDestroyed(): boolean {
+    return this.destroyed;
+  }
+
+  private adopt(v: ManagedVcpu): void {
+    this.vcpus.push(v);
+    v.on('console', (c) => {
+      this.console.append(c);
+      this.emit('console', c);
+    });
+    v.on('debug', (d) => this.emit('debug', d));
+    v.on('state', (s) => this.emit('state', s));
+  }
+}

@@ -1,0 +1,32 @@
+/**
+ * Gates for tests that need real hardware: they skip with a loud reason where the host lacks it,
+ * and fail instead when CI demands it (VCPUD_REQUIRE_KVM=1).
+ */
+import fs from 'node:fs';
+
+export const KVM_PATH = process.env.VCPUD_KVM_PATH ?? '/dev/kvm';
+
+function kvmUnavailableReason(): string | undefined {
+  try {
+    fs.accessSync(KVM_PATH, fs.constants.R_OK | fs.constants.W_OK);
+    return undefined;
+  } catch (e) {
+    return `${KVM_PATH} is not usable: ${(e as Error).message}`;
+  }
+}
+
+export const kvmUnavailable = kvmUnavailableReason();
+
+/** describe() for suites that need /dev/kvm. */
+export function describeKvm(name: string, fn: () => void): void {
+  if (!kvmUnavailable) return describe(name, fn);
+  if (process.env.VCPUD_REQUIRE_KVM === '1') {
+    return describe(name, () => {
+      it('requires /dev/kvm (VCPUD_REQUIRE_KVM=1)', () => {
+        throw new Error(`VCPUD_REQUIRE_KVM=1 but ${kvmUnavailable}`);
+      });
+    });
+  }
+  console.warn(`\n*** SKIPPING "${name}": ${kvmUnavailable} ***\n`);
+  return describe.skip(name, fn);
+}
