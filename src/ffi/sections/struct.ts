@@ -117,12 +117,17 @@ export function field<N extends string, T extends FieldType>(
   return { name, cName, offset, type };
 }
 
+const LIMIT = { u8: 2 ** 8, u16: 2 ** 16, u32: 2 ** 32 } as const;
+const U64_MAX = (1n << 64n) - 1n;
+
 function readValue(buf: Buffer, off: number, t: FieldType): unknown {
   switch (t.kind) {
     case 'u8':
+      return buf[off];
     case 'u16':
+      return buf.readUInt16LE(off);
     case 'u32':
-      return buf.readUIntLE(off, t.size);
+      return buf.readUInt32LE(off);
     case 'u64':
       return buf.readBigUInt64LE(off);
     case 'bytes':
@@ -131,14 +136,20 @@ function readValue(buf: Buffer, off: number, t: FieldType): unknown {
       return undefined;
     case 'struct':
       return readFields(buf, off, t.layout.fields);
-    case 'array':
-      return Array.from({ length: t.count }, (_, i) => readValue(buf, off + i * t.of.size, t.of));
+    case 'array': {
+      const out = new Array<unknown>(t.count);
+      for (let i = 0; i < t.count; i++) out[i] = readValue(buf, off + i * t.of.size, t.of);
+      return out;
+    }
   }
 }
 
 function readFields(buf: Buffer, off: number, fields: readonly Field[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
-  for (const f of fields) if (f.type.kind !== 'reserved') out[f.name] = readValue(buf, off + f.offset, f.type);
+  for (let i = 0; i < fields.length; i++) {
+    const f = fields[i];
+    if (f.type.kind !== 'reserved') out[f.name] = readValue(buf, off + f.offset, f.type);
+  }
   return out;
 }
 
@@ -147,31 +158,35 @@ function fail(path: string, what: string): never {
   throw new TypeError(`${path}: ${what}`);
 }
 
-function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, path: string): void {
+function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, parent: string, name?: string): void {
+  // The path string is built only when needed: in the hot loop it would be the main cost.
+  const where = () => (name === undefined ? parent : parent + '.' + name);
   switch (t.kind) {
     case 'u8':
     case 'u16':
     case 'u32':
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** (8 * t.size))
-        fail(path, `expected an integer in [0, 2^${8 * t.size}), got ${String(v)}`);
-      buf.writeUIntLE(v, off, t.size);
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= LIMIT[t.kind])
+        fail(where(), `expected an integer in [0, 2^${8 * t.size}), got ${String(v)}`);
+      if (t.kind === 'u8') buf[off] = v;
+      else if (t.kind === 'u16') buf.writeUInt16LE(v, off);
+      else buf.writeUInt32LE(v, off);
       return;
     case 'u64':
-      if (typeof v !== 'bigint' || v < 0n || v >= 1n << 64n) fail(path, `expected a bigint in [0, 2^64), got ${String(v)}`);
+      if (typeof v !== 'bigint' || v < 0n || v > U64_MAX) fail(where(), `expected a bigint in [0, 2^64), got ${String(v)}`);
       buf.writeBigUInt64LE(v, off);
       return;
     case 'bytes':
-      if (!Buffer.isBuffer(v) || v.length !== t.size) fail(path, `expected a ${t.size}-byte Buffer`);
+      if (!Buffer.isBuffer(v) || v.length !== t.size) fail(where(), `expected a ${t.size}-byte Buffer`);
       buf.set(v, off);
       return;
     case 'reserved':
       return;
     case 'struct':
-      writeFields(buf, off, t.layout.fields, v, path);
+      writeFields(buf, off, t.layout.fields, v, where());
       return;
     case 'array':
-      if (!Array.isArray(v) || v.length !== t.count) fail(path, `expected an array of ${t.count}`);
-      v.forEach((e, i) => writeValue(buf, off + i * t.of.size, t.of, e, `${path}[${i}]`));
+      if (!Array.isArray(v) || v.length !== t.count) fail(where(), `expected an array of ${t.count}`);
+      for (let i = 0; i < t.count; i++) writeValue(buf, off + i * t.of.size, t.of, v[i], where() + '[' + i + ']');
       return;
   }
 }
@@ -179,10 +194,12 @@ function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, path: st
 function writeFields(buf: Buffer, off: number, fields: readonly Field[], v: unknown, path: string): void {
   if (typeof v !== 'object' || v === null) fail(path, 'expected an object');
   const obj = v as Record<string, unknown>;
-  for (const f of fields) {
+  for (let i = 0; i < fields.length; i++) {
+    const f = fields[i];
     if (f.type.kind === 'reserved') continue;
-    if (obj[f.name] === undefined) fail(`${path}.${f.name}`, 'missing');
-    writeValue(buf, off + f.offset, f.type, obj[f.name], `${path}.${f.name}`);
+    const value = obj[f.name];
+    if (value === undefined) fail(path + '.' + f.name, 'missing');
+    writeValue(buf, off + f.offset, f.type, value, path, f.name);
   }
 }
 
