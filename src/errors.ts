@@ -19,16 +19,24 @@ export interface Violation {
   message: string;
 }
 
+/** What an error says beyond its kind, carried to clients as google.rpc ErrorInfo / BadRequest. */
+export interface ErrorDetails {
+  /** ErrorInfo.reason override (protos/vcpud/v1/errors.proto), e.g. VM_NOT_FOUND. */
+  reason?: string;
+  violations?: Violation[];
+  capability?: string;
+  limit?: string;
+  section?: string;
+  field?: string;
+  ioctl?: string;
+  errno?: string;
+}
+
 export class VcpudError extends Error {
   constructor(
     readonly kind: ErrorKind,
     message: string,
-    readonly details: {
-      violations?: Violation[];
-      capability?: string;
-      limit?: string;
-      section?: string;
-    } = {},
+    readonly details: ErrorDetails = {},
   ) {
     super(message);
     this.name = 'VcpudError';
@@ -44,7 +52,7 @@ export class KvmError extends VcpudError {
   readonly required?: number;
 
   constructor(ioctl: string, errno: number, code: string, message: string, required?: number) {
-    super('kernel', message);
+    super('kernel', message, { ioctl, errno: code });
     this.name = 'KvmError';
     this.ioctl = ioctl;
     this.errno = errno;
@@ -64,9 +72,11 @@ export class UnsupportedError extends VcpudError {
   }
 }
 
-export const notFound = (what: string) => new VcpudError('not_found', what);
+export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND', field?: string) =>
+  new VcpudError('not_found', what, { reason, field });
 export const invalidArgument = (message: string, violations?: Violation[]) =>
   new VcpudError('invalid_argument', message, { violations });
-export const failedPrecondition = (message: string) => new VcpudError('failed_precondition', message);
+export const failedPrecondition = (message: string, reason?: 'VCPU_RUNNING' | 'WRONG_RUN_STATE') =>
+  new VcpudError('failed_precondition', message, { reason });
 export const limitExceeded = (limit: string, message: string) =>
   new VcpudError('resource_exhausted', message, { limit });

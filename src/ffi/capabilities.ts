@@ -13,6 +13,8 @@ import { SECTION_NAMES, type SectionName } from './sections';
 export interface SectionSupport {
   readable: boolean;
   writable: boolean;
+  /** The KVM_CAP_* the section depends on: the missing one when a direction is unavailable. */
+  capability?: string;
   /** Why a direction is unavailable (names the capability). */
   reason?: string;
 }
@@ -106,6 +108,8 @@ function sectionSupport(section: SectionName, caps: Record<string, number>): Sec
   const r = missing(need.read);
   const w = missing(need.write);
   const out: SectionSupport = { readable: !r, writable: !w };
+  const dependsOn = w && !r ? w : (r ?? (need.read ? `KVM_CAP_${need.read}` : need.write && `KVM_CAP_${need.write}`));
+  if (dependsOn) out.capability = dependsOn;
   const reasons = [
     r && `reading needs ${r}, which KVM_CHECK_EXTENSION reports as 0`,
     w && w !== r && `writing needs ${w}, which KVM_CHECK_EXTENSION reports as 0`,

@@ -1,7 +1,7 @@
 /**
  * System scope: /dev/kvm. One method per system ioctl; list calls negotiate their size on E2BIG.
  */
-import { VcpudError } from '../errors';
+import { KvmError, VcpudError } from '../errors';
 import { kvmCall, kvmCallAsync, native, negotiate } from './native';
 import { decodeCpuid2, type CpuidEntry2 } from './sections';
 import { Vm } from './vm';
@@ -23,7 +23,13 @@ export class Kvm {
 
   /** Opens the device and insists on API version 12. */
   static open(path = process.env.VCPUD_KVM_PATH ?? '/dev/kvm'): Kvm {
-    const fd = kvmCall('open', () => native.openKvm(path));
+    let fd: number;
+    try {
+      fd = kvmCall('open', () => native.openKvm(path));
+    } catch (e) {
+      const k = e as KvmError;
+      throw new KvmError('open', k.errno, k.code, `cannot open ${path}: ${k.message.replace(/^open failed: /, '')}`);
+    }
     const kvm = new Kvm(path, fd);
     const version = kvm.apiVersion();
     if (version !== EXPECTED_API_VERSION) {

@@ -89,7 +89,7 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
       this.assertAlive();
       const wasRunning = this.runner.status().state === 'running';
       if (wasRunning && opts.noImplicitPause)
-        throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`);
+        throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`, 'VCPU_RUNNING');
       if (wasRunning) await this.runner.pause();
       try {
         return await fn();

@@ -25,6 +25,7 @@ export interface VmEvents {
   console: [Buffer];
   debug: [{ vcpu: number; value: number; done: boolean }];
   state: [VcpuStatus];
+  destroyed: [];
 }
 
 /** Where Intel's real-mode TSS goes: three pages just below the 4 GiB BIOS area, outside RAM. */
@@ -78,7 +79,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
 
   vcpu(id: number): ManagedVcpu {
     const v = this.vcpus[id];
-    if (!v) throw notFound(`VM ${this.id} has no vCPU ${id} (it has ${this.vcpus.length})`);
+    if (!v) throw notFound(`VM ${this.id} has no vCPU ${id} (it has ${this.vcpus.length})`, 'VCPU_NOT_FOUND', 'vcpu_id');
     return v;
   }
 
@@ -137,6 +138,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
     this.destroyed = true;
     for (const v of this.vcpus) v.destroy();
     this.vm.close();
+    this.emit('destroyed');
     this.removeAllListeners();
   }
 

@@ -10,6 +10,8 @@ const PAGE = 4096;
 export class VmRegistry {
   private readonly vms = new Map<string, ManagedVm>();
   private supported?: CpuidEntry2[];
+  /** Exit counts of destroyed VMs, so exit counters never go down. */
+  private readonly retiredExits: Record<string, number> = {};
 
   constructor(
     readonly kvm: Kvm,
@@ -30,7 +32,7 @@ export class VmRegistry {
 
   get(id: string): ManagedVm {
     const vm = this.vms.get(id);
-    if (!vm) throw notFound(`no VM with id "${id}"`);
+    if (!vm) throw notFound(`no VM with id "${id}"`, 'VM_NOT_FOUND', 'vm_id');
     return vm;
   }
 
@@ -39,8 +41,17 @@ export class VmRegistry {
   }
 
   destroy(id: string): void {
-    this.get(id).destroy();
+    const vm = this.get(id);
+    addCounts(this.retiredExits, vm.vcpus.map((v) => v.exitCounts()));
+    vm.destroy();
     this.vms.delete(id);
+  }
+
+  /** vCPU exits by KVM_EXIT_* number since start, destroyed VMs included (a monotonic counter). */
+  exitCounts(): Record<string, number> {
+    const out = { ...this.retiredExits };
+    addCounts(out, this.list().flatMap((vm) => vm.vcpus.map((v) => v.exitCounts())));
+    return out;
   }
 
   destroyAll(): void {
@@ -56,4 +67,8 @@ export class VmRegistry {
     }
     return { vms: this.vms.size, vcpus, memoryBytes };
   }
+}
+
+function addCounts(into: Record<string, number>, counts: Record<string, number>[]): void {
+  for (const c of counts) for (const [k, n] of Object.entries(c)) into[k] = (into[k] ?? 0) + n;
 }

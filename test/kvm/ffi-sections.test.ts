@@ -272,3 +272,17 @@ describeKvm('ffi: capability model and nested state on this host', () => {
     }
   });
 });
+
+describeKvm('ffi: capability model names the capability each section depends on', () => {
+  it('every section that needs a capability names it', () => {
+    const kvm = Kvm.open(KVM_PATH);
+    try {
+      const caps = probeCapabilities(kvm);
+      expect(caps.sections.regs.capability).toBeUndefined();
+      expect(caps.sections.lapic.capability).toBe('KVM_CAP_IRQCHIP');
+      expect(caps.sections.tsc_khz.capability).toBe(caps.sections.tsc_khz.writable ? 'KVM_CAP_GET_TSC_KHZ' : 'KVM_CAP_TSC_CONTROL');
+    } finally {
+      kvm.close();
+    }
+  });
+});

@@ -1,0 +1,127 @@
+/**
+ * The one error table: every VcpudError kind maps to one gRPC code, and every error carries a
+ * google.rpc.Status in the grpc-status-details-bin trailer with exactly one ErrorInfo (domain
+ * vcpud.dev, reason from protos/vcpud/v1/errors.proto) and, for bad input, a BadRequest listing
+ * every violation.
+ */
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import protobuf from 'protobufjs';
+import { KvmError, VcpudError, type ErrorKind } from '../errors';
+import { packageRoot } from '../ffi/native';
+
+const DOMAIN = 'vcpud.dev';
+const DETAILS_KEY = 'grpc-status-details-bin';
+
+const CODES: Record<ErrorKind, grpc.status> = {
+  not_found: grpc.status.NOT_FOUND,
+  invalid_argument: grpc.status.INVALID_ARGUMENT,
+  failed_precondition: grpc.status.FAILED_PRECONDITION,
+  unsupported: grpc.status.FAILED_PRECONDITION,
+  resource_exhausted: grpc.status.RESOURCE_EXHAUSTED,
+  unavailable: grpc.status.UNAVAILABLE,
+  kernel: grpc.status.INTERNAL,
+  internal: grpc.status.INTERNAL,
+};
+
+const DEFAULT_REASONS: Record<ErrorKind, string> = {
+  not_found: 'VM_NOT_FOUND',
+  invalid_argument: 'INVALID_REQUEST',
+  failed_precondition: 'WRONG_RUN_STATE',
+  unsupported: 'CAPABILITY_MISSING',
+  resource_exhausted: 'LIMIT_EXCEEDED',
+  unavailable: 'SHUTTING_DOWN',
+  kernel: 'INTERNAL_ERROR',
+  internal: 'INTERNAL_ERROR',
+};
+
+/** Errnos with which the kernel refuses caller-supplied values: the caller's input, not our fault. */
+const INPUT_ERRNOS = new Set(['EINVAL', 'E2BIG', 'ERANGE', 'EFAULT', 'EPOSITIVE']);
+
+let types: { Status: protobuf.Type; ErrorInfo: protobuf.Type; BadRequest: protobuf.Type } | undefined;
+
+function rpcTypes() {
+  if (!types) {
+    const root = new protobuf.Root();
+    root.resolvePath = (_origin, target) => path.join(packageRoot(), 'protos', target);
+    root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
+    types = {
+      Status: root.lookupType('google.rpc.Status'),
+      ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
+      BadRequest: root.lookupType('google.rpc.BadRequest'),
+    };
+  }
+  return types;
+}
+
+function any(type: protobuf.Type, value: object) {
+  return { type_url: `type.googleapis.com/${type.fullName.replace(/^\./, '')}`, value: type.encode(type.create(value)).finish() };
+}
+
+/** Normalizes anything thrown into a VcpudError (unknown errors become internal). */
+export function asVcpudError(e: unknown): VcpudError {
+  if (e instanceof KvmError) {
+    const input = INPUT_ERRNOS.has(e.code);
+    const err = new VcpudError(input ? 'invalid_argument' : e.code === 'ENOMEM' ? 'resource_exhausted' : 'internal', e.message, {
+      ...e.details,
+      reason: input ? 'KERNEL_REJECTED' : 'INTERNAL_ERROR',
+    });
+    return err;
+  }
+  if (e instanceof VcpudError) return e;
+  return new VcpudError('internal', `internal error: ${(e as Error)?.message ?? String(e)}`);
+}
+
+/** The status object a grpc-js handler passes to its callback (or emits on a stream). */
+export function toServiceError(e: unknown): Partial<grpc.StatusObject> & { code: grpc.status } {
+  const err = asVcpudError(e);
+  const code = CODES[err.kind];
+  const d = err.details;
+  const reason = d.reason ?? DEFAULT_REASONS[err.kind];
+  const first = d.violations?.[0];
+  const metadata: Record<string, string> = {};
+  const put = (k: string, v: string | undefined) => v !== undefined && (metadata[k] = v);
+  put('rule', first?.rule);
+  put('field', d.field ?? first?.field);
+  put('ioctl', d.ioctl);
+  put('errno', d.errno);
+  put('section', d.section && `STATE_SECTION_${d.section.toUpperCase()}`);
+  put('capability', d.capability);
+  put('limit', d.limit);
+  const t = rpcTypes();
+  const details = [any(t.ErrorInfo, { reason, domain: DOMAIN, metadata })];
+  if (d.violations?.length) {
+    details.push(
+      any(t.BadRequest, {
+        field_violations: d.violations.map((v) => ({ field: v.field, description: v.message, reason: v.rule })),
+      }),
+    );
+  }
+  const status = t.Status.encode(t.Status.create({ code, message: err.message, details })).finish();
+  const md = new grpc.Metadata();
+  md.set(DETAILS_KEY, Buffer.from(status));
+  return { code, details: err.message, metadata: md };
+}
+
+export interface DecodedStatus {
+  code: number;
+  message: string;
+  errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
+  badRequest?: { field: string; description: string; reason: string }[];
+}
+
+/** Decodes the rich status of an error a client received (used by vcpuctl and the tests). */
+export function decodeStatusDetails(metadata: grpc.Metadata | undefined): DecodedStatus | undefined {
+  const raw = metadata?.get(DETAILS_KEY)[0];
+  if (!raw || typeof raw === 'string') return undefined;
+  const t = rpcTypes();
+  const s = t.Status.toObject(t.Status.decode(raw)) as { code: number; message: string; details?: { type_url: string; value: Uint8Array }[] };
+  const out: DecodedStatus = { code: s.code, message: s.message };
+  for (const a of s.details ?? []) {
+    if (a.type_url.endsWith('google.rpc.ErrorInfo'))
+      out.errorInfo = t.ErrorInfo.toObject(t.ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
+    if (a.type_url.endsWith('google.rpc.BadRequest'))
+      out.badRequest = (t.BadRequest.toObject(t.BadRequest.decode(a.value), { defaults: true }) as { field_violations: DecodedStatus['badRequest'] }).field_violations;
+  }
+  return out;
+}

@@ -1,0 +1,209 @@
+/**
+ * grpc-js server interceptors (>= 1.10 API): metrics, request logging and client-certificate authz.
+ *
+ * Order matters. grpc-js wraps interceptors so that the last one in the list is the outermost: it sees
+ * incoming metadata last, just before the handler. A status sent by an interceptor travels inward only,
+ * so authz must be outside metrics and logging for its PERMISSION_DENIED to be counted and logged.
+ * buildInterceptors() returns them in that order: [metrics, logging, authz].
+ */
+import { randomUUID } from 'node:crypto';
+import type { PeerCertificate } from 'node:tls';
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from './logging';
+import { grpcCodeName, type Metrics, type RpcLabels } from './metrics';
+
+/** What call.getAuthContext() returns (grpc-js does not export the type from its root). */
+export type AuthContext = ReturnType<grpc.ServerInterceptingCallInterface['getAuthContext']>;
+
+export const HEALTH_SERVICE = 'grpc.health.v1.Health';
+export const REQUEST_ID_HEADER = 'x-request-id';
+
+/** A client's id is echoed into logs and headers: keep it short and free of control characters. */
+const CLIENT_REQUEST_ID = /^[A-Za-z0-9._:/+=-]{1,128}$/;
+
+/** '/pkg.Service/Method' and the streaming flags as go-grpc-prometheus labels them. */
+export function rpcLabels(method: Pick<grpc.ServerMethodDefinition<unknown, unknown>, 'path' | 'requestStream' | 'responseStream'>): RpcLabels {
+  const [, service = 'unknown', name = 'unknown'] = method.path.split('/');
+  const grpc_type = method.requestStream
+    ? method.responseStream
+      ? 'bidi_stream'
+      : 'client_stream'
+    : method.responseStream
+      ? 'server_stream'
+      : 'unary';
+  return { grpc_type, grpc_service: service, grpc_method: name };
+}
+
+export function isHealthMethod(path: string): boolean {
+  return path.startsWith(`/${HEALTH_SERVICE}/`);
+}
+
+/**
+ * A call that ends without a status passing through the interceptors (the client cancelled, or grpc-js
+ * itself answered at the transport level, e.g. an expired deadline) is only seen as onCancel.
+ */
+function codeOfCancelledCall(call: grpc.ServerInterceptingCallInterface): grpc.status {
+  const deadline = call.getDeadline();
+  const ms = deadline instanceof Date ? deadline.getTime() : deadline;
+  return ms <= Date.now() ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED;
+}
+
+/** Counts started, handled (by code), messages both ways, and handling time of every RPC. */
+export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
+  return (method, call) => {
+    const labels = rpcLabels(method);
+    let startedAt = process.hrtime.bigint();
+    let finished = false;
+    const finish = (code: grpc.status) => {
+      if (finished) return; // grpc-js reports onCancel after every status too
+      finished = true;
+      metrics.rpcHandled(labels, code, Number(process.hrtime.bigint() - startedAt) / 1e9);
+    };
+    return new grpc.ServerInterceptingCall(call, {
+      start: (next) => {
+        startedAt = process.hrtime.bigint();
+        metrics.rpcStarted(labels);
+        next({
+          onReceiveMessage: (message, nextMessage) => {
+            metrics.rpcMessageReceived(labels);
+            nextMessage(message);
+          },
+          onCancel: () => finish(codeOfCancelledCall(call)),
+        });
+      },
+      sendMessage: (message, next) => {
+        metrics.rpcMessageSent(labels);
+        next(message);
+      },
+      sendStatus: (status, next) => {
+        finish(status.code);
+        next(status);
+      },
+    });
+  };
+}
+
+/**
+ * Gives every call a request id (the client's x-request-id when it sent a sane one, else a fresh UUID),
+ * returns it in the response headers (or the trailers of a trailers-only error response), and logs
+ * method, code and duration when the call ends: at info, at debug for health checks (probes every few
+ * seconds would drown everything else).
+ */
+export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
+  return (method, call) => {
+    const level = isHealthMethod(method.path) ? 'debug' : 'info';
+    let requestId: string | undefined;
+    const id = () => (requestId ??= randomUUID());
+    let headersSent = false;
+    let finished = false;
+    let startedAt = process.hrtime.bigint();
+    const finish = (code: grpc.status, details?: string) => {
+      if (finished) return;
+      finished = true;
+      if (!logger.enabled(level)) return;
+      const fields: Record<string, unknown> = {
+        request_id: id(),
+        method: method.path,
+        peer: call.getPeer(),
+        code: grpcCodeName(code),
+        duration_ms: Number(process.hrtime.bigint() - startedAt) / 1e6,
+      };
+      if (code !== grpc.status.OK && details) fields.details = details;
+      logger[level]('rpc finished', fields);
+    };
+    return new grpc.ServerInterceptingCall(call, {
+      start: (next) => {
+        startedAt = process.hrtime.bigint();
+        next({
+          onReceiveMetadata: (metadata, nextMetadata) => {
+            const given = metadata.get(REQUEST_ID_HEADER)[0];
+            if (requestId === undefined) requestId = typeof given === 'string' && CLIENT_REQUEST_ID.test(given) ? given : randomUUID();
+            nextMetadata(metadata);
+          },
+          onCancel: () => finish(codeOfCancelledCall(call), 'cancelled before a status was sent'),
+        });
+      },
+      sendMetadata: (metadata, next) => {
+        headersSent = true;
+        metadata.set(REQUEST_ID_HEADER, id());
+        next(metadata);
+      },
+      sendStatus: (status, next) => {
+        finish(status.code, status.details);
+        if (headersSent) {
+          next(status);
+          return;
+        }
+        const metadata = status.metadata?.clone() ?? new grpc.Metadata();
+        metadata.set(REQUEST_ID_HEADER, id());
+        next({ ...status, metadata });
+      },
+    });
+  };
+}
+
+/** The names a client certificate can be allowed by: its subject CNs and its SAN URIs (e.g. SPIFFE ids). */
+export function certificateIdentities(cert: PeerCertificate): { cns: string[]; uris: string[] } {
+  const cn = cert.subject?.CN;
+  const cns = cn === undefined ? [] : Array.isArray(cn) ? cn : [cn];
+  const uris: string[] = [];
+  // Node lists SANs as 'DNS:a, URI:spiffe://x, ...', JSON-quoting an entry that holds a comma or quote.
+  const entry = /(?:^|, )([A-Za-z ]+):("(?:[^"\\]|\\.)*"|[^,]*)/g;
+  for (const m of (cert.subjectaltname ?? '').matchAll(entry)) {
+    if (m[1] !== 'URI') continue;
+    uris.push(m[2].startsWith('"') ? (JSON.parse(m[2]) as string) : m[2]);
+  }
+  return { cns, uris };
+}
+
+/** null when allowed, else the reason (sent to the client as the PERMISSION_DENIED message). */
+export function authorizeClient(auth: AuthContext, allowed: ReadonlySet<string>): string | null {
+  const cert = auth.sslPeerCertificate;
+  if (!cert) return 'a client certificate is required';
+  const { cns, uris } = certificateIdentities(cert);
+  if ([...cns, ...uris].some((name) => allowed.has(name))) return null;
+  const who = [cns.length ? `CN=${cns.join(',')}` : 'without CN', ...(uris.length ? [`(URI ${uris.join(', ')})`] : [])].join(' ');
+  return `client certificate ${who} is not allowed`;
+}
+
+/**
+ * With mTLS and an allowlist: rejects, with PERMISSION_DENIED and before the handler runs, a call whose
+ * client certificate names no allowed CN or SAN URI. The TLS handshake already proved the certificate
+ * is signed by the CA; this decides which of those clients may call. Health checks are exempt (probes
+ * and load balancers have no business holding an allowed identity).
+ */
+export function authzInterceptor(allowedClients: readonly string[], logger?: Logger): grpc.ServerInterceptor {
+  const allowed = new Set(allowedClients);
+  return (method, call) => {
+    if (isHealthMethod(method.path)) return new grpc.ServerInterceptingCall(call);
+    return new grpc.ServerInterceptingCall(call, {
+      start: (next) =>
+        next({
+          onReceiveMetadata: (metadata, nextMetadata) => {
+            const denied = authorizeClient(call.getAuthContext(), allowed);
+            if (denied === null) {
+              nextMetadata(metadata);
+              return;
+            }
+            logger?.warn('client not allowed', { method: method.path, peer: call.getPeer(), reason: denied });
+            // Not forwarding the metadata keeps the handler from ever starting; the status goes inward.
+            call.sendStatus({ code: grpc.status.PERMISSION_DENIED, details: denied, metadata: new grpc.Metadata() });
+          },
+        }),
+    });
+  };
+}
+
+export interface InterceptorOptions {
+  metrics: Metrics;
+  logger: Logger;
+  /** Allowed client identities when mTLS with an allowlist is configured; empty or absent: no authz. */
+  allowedClients?: readonly string[];
+}
+
+/** The interceptors of the API server, in the order explained at the top of this file. */
+export function buildInterceptors(options: InterceptorOptions): grpc.ServerInterceptor[] {
+  const list = [metricsInterceptor(options.metrics), loggingInterceptor(options.logger)];
+  if (options.allowedClients?.length) list.push(authzInterceptor(options.allowedClients, options.logger));
+  return list;
+}

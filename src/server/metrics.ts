@@ -1,0 +1,261 @@
+/**
+ * Prometheus metrics, on a registry of our own (never prom-client's global one, so several servers in
+ * one process, e.g. tests, do not collide).
+ *
+ * gRPC metrics use go-grpc-prometheus names, labels and code spellings, which orchestrators' dashboards
+ * and alerts already query. Domain metrics share the vcpud_ prefix and base units; every label value
+ * comes from a bounded set (method, ioctl, errno, section, capability, exit reason names).
+ *
+ * vcpud_state_bytes{section} is a histogram of the size of each state section served (one observation
+ * per section per GetState/GetNestedState): its _sum is the bytes served per section, its buckets show
+ * the size spread (xsave and nested state dwarf the others), its _count the sections served.
+ */
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { IoctlObserver } from '../ffi/observe';
+import { parseHostPort } from './config';
+import { packageRoot } from './proto';
+
+export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_stream';
+
+/** The labels of every per-RPC metric. */
+export interface RpcLabels {
+  grpc_type: GrpcType;
+  grpc_service: string;
+  grpc_method: string;
+}
+
+/** Live values read at scrape time. */
+export interface MetricSources {
+  vms: () => number;
+  vcpus: () => number;
+  /** Cumulative vCPU exits by reason name (io, mmio, hlt, ...), as the runtime counts them. */
+  exitsByReason: () => Record<string, number>;
+}
+
+export interface MetricsOptions {
+  /** vcpud_build_info's version label; default: package.json's version. */
+  version?: string;
+  /** Node's process_* and nodejs_* metrics (default true). */
+  defaultMetrics?: boolean;
+}
+
+/** go-grpc-prometheus's (i.e. Go's codes.Code.String()) spelling of each status code. */
+const CODE_NAMES: Record<number, string> = {
+  [grpc.status.OK]: 'OK',
+  [grpc.status.CANCELLED]: 'Canceled',
+  [grpc.status.UNKNOWN]: 'Unknown',
+  [grpc.status.INVALID_ARGUMENT]: 'InvalidArgument',
+  [grpc.status.DEADLINE_EXCEEDED]: 'DeadlineExceeded',
+  [grpc.status.NOT_FOUND]: 'NotFound',
+  [grpc.status.ALREADY_EXISTS]: 'AlreadyExists',
+  [grpc.status.PERMISSION_DENIED]: 'PermissionDenied',
+  [grpc.status.RESOURCE_EXHAUSTED]: 'ResourceExhausted',
+  [grpc.status.FAILED_PRECONDITION]: 'FailedPrecondition',
+  [grpc.status.ABORTED]: 'Aborted',
+  [grpc.status.OUT_OF_RANGE]: 'OutOfRange',
+  [grpc.status.UNIMPLEMENTED]: 'Unimplemented',
+  [grpc.status.INTERNAL]: 'Internal',
+  [grpc.status.UNAVAILABLE]: 'Unavailable',
+  [grpc.status.DATA_LOSS]: 'DataLoss',
+  [grpc.status.UNAUTHENTICATED]: 'Unauthenticated',
+};
+
+export function grpcCodeName(code: number): string {
+  // Go prints an out-of-range code as Code(N); keep that rather than inventing a label.
+  return CODE_NAMES[code] ?? `Code(${code})`;
+}
+
+/**
+ * RPC latency buckets: prometheus.DefBuckets (5ms..10s, what go-grpc-prometheus uses) extended down to
+ * 100us, because a state read of a paused vCPU takes tens to hundreds of microseconds.
+ */
+const RPC_SECONDS_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+/** One ioctl on a vCPU outside KVM_RUN costs 1us..10ms. */
+const IOCTL_SECONDS_BUCKETS = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2];
+/** Section sizes: 16-byte TSC up to multi-KiB xsave, cpuid and nested state. */
+const STATE_BYTES_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576];
+
+function packageVersion(): string {
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version?: string }).version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
+export class Metrics {
+  readonly registry = new Registry();
+  private sources?: MetricSources;
+
+  private readonly started: Counter<keyof RpcLabels>;
+  private readonly handled: Counter<keyof RpcLabels | 'grpc_code'>;
+  private readonly handlingSeconds: Histogram<keyof RpcLabels>;
+  private readonly msgReceived: Counter<keyof RpcLabels>;
+  private readonly msgSent: Counter<keyof RpcLabels>;
+  private readonly ioctlSeconds: Histogram<'ioctl'>;
+  private readonly ioctlErrors: Counter<'ioctl' | 'errno'>;
+  private readonly negotiationRetries: Counter<'ioctl'>;
+  private readonly stateBytes: Histogram<'section'>;
+  private readonly capability: Gauge<'capability'>;
+
+  constructor(options: MetricsOptions = {}) {
+    const registers = [this.registry];
+    const rpc = ['grpc_type', 'grpc_service', 'grpc_method'] as const;
+    this.started = new Counter({ name: 'grpc_server_started_total', help: 'Total number of RPCs started on the server.', labelNames: rpc, registers });
+    this.handled = new Counter({
+      name: 'grpc_server_handled_total',
+      help: 'Total number of RPCs completed on the server, regardless of success or failure.',
+      labelNames: [...rpc, 'grpc_code'],
+      registers,
+    });
+    this.handlingSeconds = new Histogram({
+      name: 'grpc_server_handling_seconds',
+      help: 'Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.',
+      labelNames: rpc,
+      buckets: RPC_SECONDS_BUCKETS,
+      registers,
+    });
+    this.msgReceived = new Counter({ name: 'grpc_server_msg_received_total', help: 'Total number of RPC stream messages received on the server.', labelNames: rpc, registers });
+    this.msgSent = new Counter({ name: 'grpc_server_msg_sent_total', help: 'Total number of gRPC stream messages sent by the server.', labelNames: rpc, registers });
+
+    this.ioctlSeconds = new Histogram({
+      name: 'vcpud_ioctl_duration_seconds',
+      help: 'Duration of KVM ioctls issued by vcpud.',
+      labelNames: ['ioctl'],
+      buckets: IOCTL_SECONDS_BUCKETS,
+      registers,
+    });
+    this.ioctlErrors = new Counter({ name: 'vcpud_ioctl_errors_total', help: 'KVM ioctls that failed, by errno.', labelNames: ['ioctl', 'errno'], registers });
+    this.negotiationRetries = new Counter({
+      name: 'vcpud_size_negotiation_retries_total',
+      help: 'Retries of list/size ioctls after E2BIG (buffer grown to the size the kernel asked for).',
+      labelNames: ['ioctl'],
+      registers,
+    });
+    this.stateBytes = new Histogram({
+      name: 'vcpud_state_bytes',
+      help: 'Size in bytes of each vCPU state section served (sum: bytes served per section).',
+      labelNames: ['section'],
+      buckets: STATE_BYTES_BUCKETS,
+      registers,
+    });
+    this.capability = new Gauge({ name: 'vcpud_capability', help: 'Host KVM capabilities (KVM_CHECK_EXTENSION values) as probed at start.', labelNames: ['capability'], registers });
+
+    // Gauges and counters read from the runtime when scraped, so they are never stale or double-kept.
+    const read = <T>(f: (s: MetricSources) => T, fallback: T): T => {
+      try {
+        return this.sources ? f(this.sources) : fallback;
+      } catch {
+        return fallback; // a failing source must not fail the whole scrape
+      }
+    };
+    const vms: Gauge = new Gauge({ name: 'vcpud_vms', help: 'VMs currently owned by vcpud.', registers, collect: () => vms.set(read((s) => s.vms(), 0)) });
+    const vcpus: Gauge = new Gauge({ name: 'vcpud_vcpus', help: 'vCPUs currently owned by vcpud.', registers, collect: () => vcpus.set(read((s) => s.vcpus(), 0)) });
+    const exits: Counter<'reason'> = new Counter({
+      name: 'vcpud_vcpu_exits_total',
+      help: 'vCPU exits from KVM_RUN handled by vcpud, by exit reason.',
+      labelNames: ['reason'],
+      registers,
+      collect: () => {
+        // The runtime keeps the cumulative counts; mirror them (a counter has no set(), so reset + inc).
+        exits.reset();
+        for (const [reason, n] of Object.entries(read((s) => s.exitsByReason(), {}))) if (n >= 0) exits.inc({ reason }, n);
+      },
+    });
+
+    const buildInfo = new Gauge({ name: 'vcpud_build_info', help: 'vcpud version and Node.js version; always 1.', labelNames: ['version', 'node_version'], registers });
+    buildInfo.set({ version: options.version ?? packageVersion(), node_version: process.version }, 1);
+
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  // --- gRPC (called by the metrics interceptor)
+
+  /** Creates the series of a method with zeros, as go-grpc-prometheus does, so rate() works from the first scrape. */
+  initializeMethod(labels: RpcLabels): void {
+    this.started.inc(labels, 0);
+    this.msgReceived.inc(labels, 0);
+    this.msgSent.inc(labels, 0);
+    for (const code of Object.values(CODE_NAMES)) this.handled.inc({ ...labels, grpc_code: code }, 0);
+  }
+
+  rpcStarted(labels: RpcLabels): void {
+    this.started.inc(labels);
+  }
+
+  rpcHandled(labels: RpcLabels, code: number, seconds: number): void {
+    this.handled.inc({ ...labels, grpc_code: grpcCodeName(code) });
+    this.handlingSeconds.observe(labels, seconds);
+  }
+
+  rpcMessageReceived(labels: RpcLabels): void {
+    this.msgReceived.inc(labels);
+  }
+
+  rpcMessageSent(labels: RpcLabels): void {
+    this.msgSent.inc(labels);
+  }
+
+  // --- domain
+
+  /** For setIoctlObserver (src/ffi/observe.ts). */
+  ioctlObserver(): IoctlObserver {
+    return {
+      onIoctl: (ioctl, seconds, errorCode) => {
+        this.ioctlSeconds.observe({ ioctl }, seconds);
+        if (errorCode) this.ioctlErrors.inc({ ioctl, errno: errorCode });
+      },
+      onNegotiationRetry: (ioctl) => this.negotiationRetries.inc({ ioctl }),
+    };
+  }
+
+  recordStateBytes(section: string, bytes: number): void {
+    this.stateBytes.observe({ section }, bytes);
+  }
+
+  /** Replaces the capability gauge with `caps` (capability name → KVM_CHECK_EXTENSION value). */
+  setCapabilities(caps: Record<string, number>): void {
+    this.capability.reset();
+    for (const [capability, value] of Object.entries(caps)) this.capability.set({ capability }, value);
+  }
+
+  setSources(sources: MetricSources): void {
+    this.sources = sources;
+  }
+
+  /** The exposition text (what GET /metrics returns). */
+  scrape(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  /** Serves GET /metrics on exactly `hostPort` (no wildcard fallback); everything else is 404. */
+  async serve(hostPort: string): Promise<http.Server> {
+    const { host, port } = parseHostPort(hostPort);
+    const server = http.createServer((req, res) => {
+      const url = new URL(req.url ?? '/', 'http://metrics');
+      if (url.pathname !== '/metrics') {
+        res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
+        return;
+      }
+      if (req.method !== 'GET' && req.method !== 'HEAD') {
+        res.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' }).end('method not allowed\n');
+        return;
+      }
+      this.scrape().then(
+        (body) => res.writeHead(200, { 'content-type': this.registry.contentType }).end(req.method === 'HEAD' ? undefined : body),
+        (e: Error) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`collecting metrics failed: ${e.message}\n`),
+      );
+    });
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port, exclusive: true }, () => {
+        server.off('error', reject);
+        resolve(server);
+      });
+    });
+  }
+}

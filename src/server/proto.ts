@@ -1,0 +1,94 @@
+/**
+ * The public API protos, loaded once. Every .proto under protos/ (vcpud.v1 and the vendored google.rpc)
+ * goes through proto-loader with the options scripts/gen-proto-types.sh generated src/server/generated/
+ * for, so the handler and client types there describe exactly the objects grpc-js hands us.
+ *
+ * Loading is lazy (first call) and memoized: importing this module costs nothing, and every caller
+ * shares one package definition (reflection needs the same descriptors the services were built from).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
+import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
+import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
+import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
+
+/** The typed grpc object of vcpud.v1: both services, their messages and enums. */
+export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType;
+
+/** Fully qualified names of the services vcpud serves (health status keys, metrics labels). */
+export const SERVICE_NAMES = {
+  VcpuStateService: 'vcpud.v1.VcpuStateService',
+  VmService: 'vcpud.v1.VmService',
+} as const;
+
+export interface VcpudServiceDefinitions {
+  VcpuStateService: VcpuStateServiceDefinition;
+  VmService: VmServiceDefinition;
+}
+
+/**
+ * The nearest directory at or above `from` holding a package.json: the repository root whether this
+ * file runs from src/server (ts via swc/jest) or from dist/src/server (compiled).
+ */
+export function packageRoot(from: string = __dirname): string {
+  let dir = from;
+  while (!fs.existsSync(path.join(dir, 'package.json'))) {
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error(`no package.json above ${from}`);
+    dir = up;
+  }
+  return dir;
+}
+
+/** The protos/ directory shipped with the package (it is the include root of every import). */
+export function protosDir(): string {
+  return path.join(packageRoot(), 'protos');
+}
+
+/** Options the server and the generated types agree on; see test/unit/protos.test.ts. */
+export function protoLoaderOptions(): protoLoader.Options {
+  return { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true, includeDirs: [protosDir()] };
+}
+
+/** Every .proto under protos/, as paths relative to it (the form imports use), sorted for stable output. */
+export function protoFiles(): string[] {
+  const root = protosDir();
+  const walk = (dir: string): string[] =>
+    fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
+      const full = path.join(dir, e.name);
+      if (e.isDirectory()) return walk(full);
+      return e.name.endsWith('.proto') ? [path.relative(root, full)] : [];
+    });
+  return walk(root).sort();
+}
+
+let loaded: { definition: protoLoader.PackageDefinition; grpcObject: VcpudProtoGrpcType } | undefined;
+
+function load() {
+  if (!loaded) {
+    const definition = protoLoader.loadSync(protoFiles(), protoLoaderOptions());
+    // loadPackageDefinition returns an untyped GrpcObject; the generated ProtoGrpcType describes it.
+    const grpcObject = grpc.loadPackageDefinition(definition) as unknown as VcpudProtoGrpcType;
+    loaded = { definition, grpcObject };
+  }
+  return loaded;
+}
+
+/** The proto-loader package definition of every vcpud proto (what reflection describes). */
+export function vcpudPackageDefinition(): protoLoader.PackageDefinition {
+  return load().definition;
+}
+
+/** The typed grpc object: vcpudProto().vcpud.v1.VmService is a client constructor with `.service`. */
+export function vcpudProto(): VcpudProtoGrpcType {
+  return load().grpcObject;
+}
+
+/** The service definitions to pass to server.addService. */
+export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
+  const v1 = vcpudProto().vcpud.v1;
+  return { VcpuStateService: v1.VcpuStateService.service, VmService: v1.VmService.service };
+}

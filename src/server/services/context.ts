@@ -1,0 +1,49 @@
+/** What the services share: the VMs, the host's capabilities, and hooks into metrics and shutdown. */
+import type * as grpc from '@grpc/grpc-js';
+import { VcpudError } from '../../errors';
+import type { HostCapabilities } from '../../ffi/capabilities';
+import type { VmRegistry } from '../../vm/registry';
+import { toServiceError } from '../errors';
+
+export interface ServiceContext {
+  registry: VmRegistry;
+  caps: HostCapabilities;
+  /** Bytes served per state section, for vcpud_state_bytes. */
+  recordStateBytes?(section: string, bytes: number): void;
+  /** True once shutdown began: new calls get UNAVAILABLE. */
+  shuttingDown(): boolean;
+  /** Test-only: SetNestedState may skip validation when a call carries x-vcpud-skip-validation: 1. */
+  allowUnvalidatedNested?: boolean;
+}
+
+function checkOpen(ctx: ServiceContext): void {
+  if (ctx.shuttingDown()) throw new VcpudError('unavailable', 'vcpud is shutting down');
+}
+
+/** A unary handler from an async function: every thrown error goes through the one error table. */
+export function unary<Req, Res>(ctx: ServiceContext, fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    Promise.resolve()
+      .then(() => {
+        checkOpen(ctx);
+        return fn(call.request, call);
+      })
+      .then((res) => callback(null, res), (e) => callback(toServiceError(e)));
+  };
+}
+
+/** A server-streaming handler: `fn` writes and resolves when done; errors end the stream with a status. */
+export function serverStream<Req, Res>(ctx: ServiceContext, fn: (call: grpc.ServerWritableStream<Req, Res>) => Promise<void>): grpc.handleServerStreamingCall<Req, Res> {
+  return (call) => {
+    Promise.resolve()
+      .then(() => {
+        checkOpen(ctx);
+        return fn(call);
+      })
+      .then(
+        () => call.end(),
+        // grpc-js turns an 'error' event on a server stream into the call's final status.
+        (e) => call.emit('error', Object.assign(new Error((e as Error).message), toServiceError(e))),
+      );
+  };
+}

@@ -1,0 +1,112 @@
+/**
+ * vcpud.v1.VcpuStateService: capabilities, state sections (atomic SetState) and nested state.
+ * A small class that registers itself on a server, like grpc-node's health service.
+ */
+import type * as grpc from '@grpc/grpc-js';
+import { CPUID_ENTRY2_SIZE, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
+import { readNested, readState, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
+import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto, stateToProto } from '../convert';
+import type { GetCapabilitiesRequest__Output } from '../generated/vcpud/v1/GetCapabilitiesRequest';
+import type { GetCapabilitiesResponse } from '../generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetNestedStateRequest__Output } from '../generated/vcpud/v1/GetNestedStateRequest';
+import type { GetNestedStateResponse } from '../generated/vcpud/v1/GetNestedStateResponse';
+import type { GetStateRequest__Output } from '../generated/vcpud/v1/GetStateRequest';
+import type { GetStateResponse } from '../generated/vcpud/v1/GetStateResponse';
+import type { SetNestedStateRequest__Output } from '../generated/vcpud/v1/SetNestedStateRequest';
+import type { SetNestedStateResponse } from '../generated/vcpud/v1/SetNestedStateResponse';
+import type { SetStateRequest__Output } from '../generated/vcpud/v1/SetStateRequest';
+import type { SetStateResponse } from '../generated/vcpud/v1/SetStateResponse';
+import type { VcpuStateServiceHandlers } from '../generated/vcpud/v1/VcpuStateService';
+import { invalidArgument } from '../../errors';
+import { vcpudProto } from '../proto';
+import { unary, type ServiceContext } from './context';
+
+const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
+
+export class VcpuStateService {
+  constructor(private readonly ctx: ServiceContext) {}
+
+  register(server: grpc.Server): void {
+    server.addService(vcpudProto().vcpud.v1.VcpuStateService.service, this.handlers());
+  }
+
+  private target(vmId: string, vcpuId: number) {
+    const vm = this.ctx.registry.get(vmId);
+    const vcpu = vm.vcpu(vcpuId);
+    const sctx: StateContext = { caps: this.ctx.caps, irqchip: vm.vm.hasIrqchip };
+    return { vm, vcpu, sctx };
+  }
+
+  private recordBytes(values: Record<string, unknown>): void {
+    if (!this.ctx.recordStateBytes) return;
+    for (const [section, v] of Object.entries(values)) this.ctx.recordStateBytes(section, kernelBytes(section as SectionName, v));
+  }
+
+  handlers(): VcpuStateServiceHandlers {
+    const ctx = this.ctx;
+    return {
+      GetCapabilities: unary<GetCapabilitiesRequest__Output, GetCapabilitiesResponse>(ctx, () => capabilitiesToProto(ctx.caps)),
+
+      GetState: unary<GetStateRequest__Output, GetStateResponse>(ctx, async (req) => {
+        const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
+        const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
+        const implicitlyPaused = vcpu.status().state === 'running';
+        const r = await vcpu.withState(
+          () => readState(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined),
+          { noImplicitPause: req.noImplicitPause },
+        );
+        this.recordBytes(r.values);
+        return { state: stateToProto(r.values, { msrsUnreadable: r.msrsUnreadable }), implicitlyPaused };
+      }),
+
+      SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
+        const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
+        if (!req.state) throw invalidArgument('state is required', [{ rule: 'required', field: 'state', message: 'state is required' }]);
+        const applied = await vcpu.withState(
+          () => {
+            // Fields the proto does not carry (reserved bytes) come from the vCPU's current values.
+            const present = presentSections(req.state as unknown as Record<string, unknown>);
+            const base = readState(vcpu.vcpu, sctx, present.filter((s) => s !== 'msrs')).values;
+            const values = stateFromProto(req.state!, base);
+            if (Object.keys(values).length === 0)
+              throw invalidArgument('state has no sections to apply', [{ rule: 'non_empty', field: 'state', message: 'set at least one section' }]);
+            return writeState(vcpu.vcpu, sctx, values);
+          },
+          { noImplicitPause: req.noImplicitPause },
+        );
+        return { applied: applied.map(sectionToProto) };
+      }),
+
+      GetNestedState: unary<GetNestedStateRequest__Output, GetNestedStateResponse>(ctx, async (req) => {
+        const { vcpu } = this.target(req.vmId, req.vcpuId);
+        const raw = await vcpu.withState(() => readNested(vcpu.vcpu, ctx.caps), { noImplicitPause: req.noImplicitPause });
+        ctx.recordStateBytes?.('nested', raw.length);
+        return { nestedState: nestedToProto(raw) };
+      }),
+
+      SetNestedState: unary<SetNestedStateRequest__Output, SetNestedStateResponse>(ctx, async (req, call) => {
+        const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
+        const skipValidation = !!ctx.allowUnvalidatedNested && call.metadata.get(SKIP_VALIDATION_HEADER)[0] === '1';
+        await vcpu.withState(() => writeNested(vcpu.vcpu, sctx, req.raw, { skipValidation }), { noImplicitPause: req.noImplicitPause });
+        return {};
+      }),
+    };
+  }
+}
+
+/** Section names present in a proto VcpuState (its fields are the sections' camelCase names). */
+function presentSections(state: Record<string, unknown>): SectionName[] {
+  const out: SectionName[] = [];
+  for (const [k, v] of Object.entries(state)) {
+    if (v === null || v === undefined) continue;
+    out.push(k.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase()) as SectionName);
+  }
+  return out;
+}
+
+/** The bytes the kernel exchanged for a section: struct size, raw length, or header + entries. */
+function kernelBytes(section: SectionName, v: unknown): number {
+  if (Buffer.isBuffer(v)) return v.length;
+  if (Array.isArray(v)) return SECTIONS[section].size + v.length * (section === 'msrs' ? MSR_ENTRY_SIZE : CPUID_ENTRY2_SIZE);
+  return SECTIONS[section].size;
+}

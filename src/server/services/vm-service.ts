@@ -1,0 +1,163 @@
+/**
+ * vcpud.v1.VmService: VM lifecycle, guest memory, program loading, run control and the console
+ * stream.
+ */
+import type * as grpc from '@grpc/grpc-js';
+import { failedPrecondition, invalidArgument, VcpudError } from '../../errors';
+import type { ManagedVcpu, VcpuStatus } from '../../vm/managed-vcpu';
+import type { ManagedVm } from '../../vm/managed-vm';
+import { safeNumber, vcpuToProto, vmToProto } from '../convert';
+import type { VmServiceHandlers } from '../generated/vcpud/v1/VmService';
+import type { ReadMemoryRequest__Output } from '../generated/vcpud/v1/ReadMemoryRequest';
+import type { ReadMemoryResponse } from '../generated/vcpud/v1/ReadMemoryResponse';
+import type { StreamConsoleRequest__Output } from '../generated/vcpud/v1/StreamConsoleRequest';
+import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
+import { vcpudProto } from '../proto';
+import { serverStream, unary, type ServiceContext } from './context';
+
+/** ReadMemory streams in chunks of this size: large ranges never sit whole in one message. */
+const READ_CHUNK = 1024 * 1024;
+/** A console subscriber further behind than this is cut off rather than buffered without bound. */
+const MAX_STREAM_BACKLOG = 4 * 1024 * 1024;
+const DEFAULT_PAGE_SIZE = 100;
+
+
+export class VmService {
+  constructor(private readonly ctx: ServiceContext) {}
+
+  register(server: grpc.Server): void {
+    server.addService(vcpudProto().vcpud.v1.VmService.service, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+  }
+
+  private vm(id: string): ManagedVm {
+    return this.ctx.registry.get(id);
+  }
+
+  private vcpu(req: { vmId: string; vcpuId: number }): ManagedVcpu {
+    return this.vm(req.vmId).vcpu(req.vcpuId);
+  }
+
+  handlers(): VmServiceHandlers {
+    const ctx = this.ctx;
+    const u = <Q, R>(fn: (req: Q, call: grpc.ServerUnaryCall<Q, R>) => Promise<R> | R) => unary<Q, R>(ctx, fn);
+    const vmResponse = async (vm: ManagedVm, op: (vm: ManagedVm) => Promise<unknown>) => {
+      await op(vm);
+      return { vm: vmToProto(vm) };
+    };
+    const vcpuResponse = async (v: ManagedVcpu, op: (v: ManagedVcpu) => Promise<VcpuStatus>) => ({
+      vcpu: vcpuToProto(await op(v), v.exitCounts()),
+    });
+    return {
+      CreateVm: u((req: { name: string; memoryBytes: string; vcpuCount: number; cpuidPolicy: { exposeNested: boolean } | null; noIrqchip: boolean }) => {
+        const vm = ctx.registry.create({
+          name: req.name || undefined,
+          memoryBytes: safeNumber(req.memoryBytes, 'memory_bytes'),
+          vcpuCount: req.vcpuCount,
+          cpuidPolicy: { exposeNested: !!req.cpuidPolicy?.exposeNested },
+          noIrqchip: req.noIrqchip,
+        });
+        return { vm: vmToProto(vm) };
+      }),
+      GetVm: u((req: { vmId: string }) => ({ vm: vmToProto(this.vm(req.vmId)) })),
+      ListVms: u((req: { pageSize: number; pageToken: string }) => {
+        const all = ctx.registry.list().sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime() || a.id.localeCompare(b.id));
+        const start = req.pageToken ? Number(req.pageToken) : 0;
+        if (!Number.isInteger(start) || start < 0 || start > all.length)
+          throw invalidArgument(`page_token "${req.pageToken}" is not a token ListVms returned`, [
+            { rule: 'page_token', field: 'page_token', message: 'use next_page_token from a previous response' },
+          ]);
+        const size = req.pageSize > 0 ? req.pageSize : DEFAULT_PAGE_SIZE;
+        const page = all.slice(start, start + size);
+        const next = start + page.length < all.length ? String(start + page.length) : '';
+        return { vms: page.map(vmToProto), nextPageToken: next };
+      }),
+      DeleteVm: u((req: { vmId: string }) => {
+        ctx.registry.destroy(req.vmId);
+        return {};
+      }),
+      WriteMemory: u((req: { vmId: string; guestPhysicalAddress: string; data: Buffer }) => {
+        this.vm(req.vmId).writeMemory(safeNumber(req.guestPhysicalAddress, 'guest_physical_address'), req.data);
+        return {};
+      }),
+      ReadMemory: serverStream<ReadMemoryRequest__Output, ReadMemoryResponse>(ctx, async (call) => {
+        const vm = this.vm(call.request.vmId);
+        const gpa = safeNumber(call.request.guestPhysicalAddress, 'guest_physical_address');
+        const length = safeNumber(call.request.length, 'length');
+        vm.vm.regionFor(gpa, length); // bounds first: nothing is sent for a bad range
+        for (let off = 0; off < length && !call.cancelled; off += READ_CHUNK) {
+          const n = Math.min(READ_CHUNK, length - off);
+          if (!call.write({ guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) }))
+            await new Promise((r) => call.once('drain', r));
+        }
+      }),
+      LoadProgram: u(async (req: { vmId: string; image: Buffer; loadAddress: string; entry: string }) => {
+        const vm = this.vm(req.vmId);
+        const running = vm.statuses().filter((s) => s.state === 'running');
+        if (running.length)
+          throw failedPrecondition(`vCPU(s) ${running.map((s) => s.id).join(', ')} are running: pause the VM before loading a program`, 'WRONG_RUN_STATE');
+        const load = safeNumber(req.loadAddress, 'load_address');
+        const entry = req.entry === '0' || req.entry === '' ? load : safeNumber(req.entry, 'entry');
+        await vm.loadProgram(req.image, load, entry);
+        return {};
+      }),
+      RunVm: u((req: { vmId: string }) => vmResponse(this.vm(req.vmId), (vm) => Promise.all(vm.vcpus.filter((v) => v.status().state !== 'running').map((v) => v.resume())))),
+      PauseVm: u((req: { vmId: string }) => vmResponse(this.vm(req.vmId), (vm) => vm.pauseAll())),
+      ResumeVm: u((req: { vmId: string }) =>
+        vmResponse(this.vm(req.vmId), (vm) => Promise.all(vm.vcpus.filter((v) => v.status().state === 'paused').map((v) => v.resume()))),
+      ),
+      RunVcpu: u((req: { vmId: string; vcpuId: number }) =>
+        vcpuResponse(this.vcpu(req), (v) => {
+          if (v.status().state === 'running') throw failedPrecondition(`vCPU ${v.id} is already running`, 'WRONG_RUN_STATE');
+          return v.resume();
+        }),
+      ),
+      PauseVcpu: u((req: { vmId: string; vcpuId: number }) => vcpuResponse(this.vcpu(req), (v) => v.pause())),
+      ResumeVcpu: u((req: { vmId: string; vcpuId: number }) =>
+        vcpuResponse(this.vcpu(req), (v) => {
+          const state = v.status().state;
+          if (state !== 'paused') throw failedPrecondition(`vCPU ${v.id} is ${state}, not paused: use RunVcpu to start it`, 'WRONG_RUN_STATE');
+          return v.resume();
+        }),
+      ),
+      StreamConsole: serverStream<StreamConsoleRequest__Output, StreamConsoleResponse>(ctx, (call) => streamConsole(this.vm(call.request.vmId), call)),
+    } as unknown as VmServiceHandlers;
+  }
+}
+
+/** Console output, vCPU state changes and debug values, until the client leaves or the VM goes away. */
+function streamConsole(vm: ManagedVm, call: grpc.ServerWritableStream<StreamConsoleRequest__Output, StreamConsoleResponse>): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const send = (msg: StreamConsoleResponse) => {
+      call.write(msg);
+      if (call.writableLength > MAX_STREAM_BACKLOG) {
+        cleanup();
+        reject(new VcpudError('resource_exhausted', `console stream client is more than ${MAX_STREAM_BACKLOG} bytes behind`));
+      }
+    };
+    const onConsole = (c: Buffer) => send({ output: c });
+    const onState = (s: VcpuStatus) =>
+      send({ stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '' } as never });
+    const onDebug = (d: { vcpu: number; value: number; done: boolean }) => send({ debug: { vcpuId: d.vcpu, value: String(d.value), done: d.done } });
+    const cleanup = () => {
+      vm.off('destroyed', finish);
+      vm.off('console', onConsole);
+      vm.off('state', onState);
+      vm.off('debug', onDebug);
+    };
+    const finish = () => {
+      cleanup();
+      resolve();
+    };
+    if (call.request.fromStart) {
+      const h = vm.console.history();
+      if (h.length) send({ output: h });
+    }
+    vm.on('console', onConsole);
+    vm.on('state', onState);
+    vm.on('debug', onDebug);
+    vm.on('destroyed', finish);
+    if (vm.isDestroyed) finish();
+    call.on('cancelled', finish);
+    call.on('close', finish);
+  });
+}

@@ -1,0 +1,270 @@
+/**
+ * Whole-vCPU state: read chosen sections in the save order, write several sections atomically in
+ * the restore order, and nested state with validation. One place knows the orders (the ABI doc's
+ * "Whole-vCPU state" section); GetState/SetState, snapshots and migration all go through here.
+ *
+ * Save order:    mp_state first (reading it may change CS/RIP), vcpu_events, regs, fpu, xsave,
+ *                xcrs, sregs, sregs2, lapic, msrs, debugregs, cpuid2, tsc_khz.
+ * Restore order: cpuid2 first, tsc_khz, sregs/sregs2 (EFER, APIC base), regs (before events:
+ *                SET_REGS clears pending exceptions), fpu, xsave, xcrs, lapic (after sregs, before
+ *                msrs: TSC deadline), msrs, vcpu_events, mp_state, debugregs. Nested state last, as
+ *                the kernel selftests do, after sregs (EFER.SVME) and events (SMM).
+ */
+import { invalidArgument, VcpudError, type Violation } from '../errors';
+import { requireNested, requireSection, type HostCapabilities } from '../ffi/capabilities';
+import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
+import { validateNestedState } from '../ffi/nested';
+import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
+import type { Vcpu } from '../ffi/vcpu';
+import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
+
+export type StateValues = Partial<SectionValues>;
+
+export const SAVE_ORDER: readonly SectionName[] = [
+  'mp_state',
+  'vcpu_events',
+  'regs',
+  'fpu',
+  'xsave',
+  'xcrs',
+  'sregs',
+  'sregs2',
+  'lapic',
+  'msrs',
+  'debugregs',
+  'cpuid2',
+  'tsc_khz',
+];
+
+export const RESTORE_ORDER: readonly SectionName[] = [
+  'cpuid2',
+  'tsc_khz',
+  'sregs',
+  'sregs2',
+  'regs',
+  'fpu',
+  'xsave',
+  'xcrs',
+  'lapic',
+  'msrs',
+  'vcpu_events',
+  'mp_state',
+  'debugregs',
+];
+
+export interface ReadResult {
+  values: StateValues;
+  /** MSRs of the requested list the kernel refused to read (skipped, the rest were read). */
+  msrsUnreadable: number[];
+}
+
+export interface StateContext {
+  caps: HostCapabilities;
+  /** The vCPU's VM has the in-kernel irqchip (needed for lapic). */
+  irqchip: boolean;
+}
+
+/** The sections that can be read here, in save order (the default for "all"). */
+export function readableSections(ctx: StateContext): SectionName[] {
+  return SAVE_ORDER.filter((s) => ctx.caps.sections[s].readable && (s !== 'lapic' || ctx.irqchip));
+}
+
+function checkSupported(ctx: StateContext, s: SectionName, direction: 'read' | 'write'): void {
+  requireSection(ctx.caps, s, direction);
+  if (s === 'lapic' && !ctx.irqchip) {
+    throw new VcpudError('unsupported', 'section lapic needs a VM with the in-kernel irqchip (created without no_irqchip)', {
+      capability: 'KVM_CAP_IRQCHIP',
+    });
+  }
+}
+
+/** Reads one section. MSRs: the kernel stops at the first refused index; we skip it and go on. */
+function readSection(vcpu: Vcpu, s: SectionName, msrIndices: number[], unreadable: number[]): unknown {
+  switch (s) {
+    case 'regs': return vcpu.getRegs();
+    case 'sregs': return vcpu.getSregs();
+    case 'sregs2': return vcpu.getSregs2();
+    case 'fpu': return vcpu.getFpu();
+    case 'xsave': return vcpu.getXsave();
+    case 'xcrs': return vcpu.getXcrs();
+    case 'lapic': return vcpu.getLapic();
+    case 'vcpu_events': return vcpu.getVcpuEvents();
+    case 'debugregs': return vcpu.getDebugregs();
+    case 'mp_state': return vcpu.getMpState();
+    case 'cpuid2': return vcpu.getCpuid2();
+    case 'tsc_khz': return vcpu.getTscKhz();
+    case 'msrs': {
+      const entries: MsrEntry[] = [];
+      let rest = msrIndices;
+      while (rest.length > 0) {
+        const r = vcpu.getMsrs(rest);
+        entries.push(...r.entries);
+        if (r.firstRefused === undefined) break;
+        unreadable.push(r.firstRefused);
+        rest = rest.slice(r.processed + 1);
+      }
+      return entries;
+    }
+  }
+}
+
+function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
+  switch (s) {
+    case 'regs': return vcpu.setRegs(value as SectionValues['regs']);
+    case 'sregs': return vcpu.setSregs(value as SectionValues['sregs']);
+    case 'sregs2': return vcpu.setSregs2(value as SectionValues['sregs2']);
+    case 'fpu': return vcpu.setFpu(value as SectionValues['fpu']);
+    case 'xsave': return vcpu.setXsave(value as Buffer);
+    case 'xcrs': return vcpu.setXcrs(value as SectionValues['xcrs']);
+    case 'lapic': return vcpu.setLapic(value as Buffer);
+    case 'vcpu_events': return vcpu.setVcpuEvents(value as SectionValues['vcpu_events']);
+    case 'debugregs': return vcpu.setDebugregs(value as SectionValues['debugregs']);
+    case 'mp_state': return vcpu.setMpState(value as number);
+    case 'cpuid2': return vcpu.setCpuid2(value as SectionValues['cpuid2']);
+    case 'tsc_khz': return vcpu.setTscKhz(value as number);
+    case 'msrs': {
+      const entries = value as MsrEntry[];
+      const r = vcpu.setMsrs(entries);
+      // KVM_SET_MSRS stops at the first MSR it refuses and reports how many it set: a failure.
+      if (r.firstRefused !== undefined) {
+        const e = entries[r.processed];
+        throw invalidArgument(
+          `KVM_SET_MSRS refused MSR 0x${e.index.toString(16)} (${msrName(e.index)}) = 0x${e.data.toString(16)}: ${r.processed} of ${entries.length} were set`,
+          [{ rule: 'msrs.kernel_refused', field: `state.msrs.entries[${r.processed}]`, message: `MSR 0x${e.index.toString(16)} refused by KVM_SET_MSRS` }],
+        );
+      }
+      return;
+    }
+  }
+}
+
+/** Reads `sections` (all readable ones when empty) from a vCPU that is out of KVM_RUN. */
+export function readState(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): ReadResult {
+  const wanted = sections.length ? sections : readableSections(ctx);
+  for (const s of wanted) checkSupported(ctx, s, 'read');
+  const values: StateValues = {};
+  const msrsUnreadable: number[] = [];
+  for (const s of SAVE_ORDER) {
+    if (!wanted.includes(s)) continue;
+    (values as Record<string, unknown>)[s] = readSection(vcpu, s, msrIndices ?? ctx.caps.msrIndexList, msrsUnreadable);
+  }
+  return { values, msrsUnreadable };
+}
+
+/**
+ * Writes every section in `values`, in restore order, atomically: the current value of each
+ * section is read before it is written, and on any failure every section already written (and the
+ * failing one, which the kernel may have half-applied) is put back. The error names the section.
+ */
+export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): SectionName[] {
+  const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined);
+  for (const s of sections) checkSupported(ctx, s, 'write');
+  const previous: [SectionName, unknown][] = [];
+  for (const s of sections) {
+    const msrIndices = s === 'msrs' ? (values.msrs ?? []).map((e) => e.index) : [];
+    previous.push([s, readSection(vcpu, s, msrIndices, [])]);
+    try {
+      writeSection(vcpu, s, values[s]);
+    } catch (e) {
+      const rollback = restore(vcpu, previous);
+      throw sectionFailure(s, e, rollback);
+    }
+  }
+  return sections;
+}
+
+function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
+  const failures: string[] = [];
+  for (const [s, v] of previous) {
+    try {
+      writeSection(vcpu, s, v);
+    } catch (e) {
+      failures.push(`${s}: ${(e as Error).message}`);
+    }
+  }
+  return failures;
+}
+
+function sectionFailure(section: SectionName, e: unknown, rollbackFailures: string[]): VcpudError {
+  const cause = e as Error;
+  const restored = rollbackFailures.length
+    ? `; rollback FAILED for ${rollbackFailures.join(', ')}`
+    : '; every section already applied was restored';
+  const kind = rollbackFailures.length ? 'internal' : e instanceof VcpudError && e.kind !== 'kernel' ? e.kind : 'invalid_argument';
+  const err = new VcpudError(kind, `SetState failed at section ${section}: ${cause.message}${restored}`, {
+    ...(e instanceof VcpudError ? e.details : {}),
+    section,
+  });
+  Object.assign(err, { cause: e });
+  return err;
+}
+
+// ---- nested state ----
+
+/** Facts about the target vCPU that the nested-state rules need (read from the vCPU itself). */
+function nestedTarget(vcpu: Vcpu, caps: HostCapabilities) {
+  const cpuid = vcpu.getCpuid2();
+  const sregs = vcpu.getSregs();
+  const events = vcpu.getVcpuEvents();
+  return {
+    vendor: caps.vendor === 'intel' ? ('intel' as const) : ('amd' as const),
+    maxSize: caps.nested.maxSize,
+    maxPhysAddrBits: maxPhysAddrBits(cpuid),
+    guestHasVmx: hasBit(cpuid, VMX_BIT),
+    guestHasSvm: hasBit(cpuid, SVM_BIT),
+    efer: sregs.efer,
+    cr0: sregs.cr0,
+    inSmm: events.smi.smm !== 0,
+    hostHasNpt: true,
+  };
+}
+
+export function nestedViolations(vcpu: Vcpu, caps: HostCapabilities, blob: Buffer): Violation[] {
+  return validateNestedState(blob, nestedTarget(vcpu, caps));
+}
+
+export function readNested(vcpu: Vcpu, caps: HostCapabilities): Buffer {
+  if (caps.nested.maxSize <= 0) requireNested(caps);
+  return vcpu.getNestedState();
+}
+
+/**
+ * KVM_SET_NESTED_STATE after validation (every violation listed). A failed VMX SET can leave the
+ * vCPU changed (the kernel leaves nested mode before its last checks), so the whole vCPU state,
+ * nested included, is captured first and put back when the kernel refuses.
+ */
+export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: { skipValidation?: boolean } = {}): void {
+  if (ctx.caps.nested.maxSize <= 0) requireNested(ctx.caps);
+  if (!opts.skipValidation) {
+    const violations = nestedViolations(vcpu, ctx.caps, blob);
+    if (violations.length)
+      throw invalidArgument(
+        `nested state rejected by ${violations.length} rule(s): ${violations.map((v) => `${v.rule} (${v.field}): ${v.message}`).join('; ')}`,
+        violations,
+      );
+  }
+  const before = readState(vcpu, ctx, []);
+  const nestedBefore = vcpu.getNestedState();
+  try {
+    vcpu.setNestedState(blob);
+  } catch (e) {
+    let restoreError = '';
+    try {
+      vcpu.setNestedState(nestedBefore);
+      writeState(vcpu, ctx, before.values);
+    } catch (r) {
+      restoreError = `; restoring the previous state FAILED: ${(r as Error).message}`;
+    }
+    const k = e as VcpudError & { code?: string; ioctl?: string; errno?: number };
+    const err = new VcpudError(restoreError ? 'internal' : 'invalid_argument', `KVM_SET_NESTED_STATE refused the blob: ${k.message}${restoreError || '; the previous state was restored'}`, {
+      violations: [{ rule: 'kernel.set_nested_state', field: 'raw', message: `${k.code ?? 'error'} from KVM_SET_NESTED_STATE` }],
+    });
+    Object.assign(err, { cause: e, ioctl: k.ioctl, errno: k.errno, code: k.code });
+    throw err;
+  }
+}
+
+/** Runs state work on a managed vCPU: paused around it when running, refused if asked. */
+export function onVcpu<T>(m: ManagedVcpu, fn: (v: Vcpu) => T, opts: StateAccessOptions = {}): Promise<T> {
+  return m.withState(() => fn(m.vcpu), opts);
+}

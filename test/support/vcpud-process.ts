@@ -1,0 +1,124 @@
+/**
+ * Runs the real vcpud executable (dist/src/server/main.js, built by the test command) as a child
+ * process and gives tests real grpc-js clients to it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { protoPath as healthProtoPath } from 'grpc-health-check';
+import { vcpudProto } from '../../src/server/proto';
+
+const ROOT = path.join(__dirname, '..', '..');
+export const VCPUD_MAIN = path.join(ROOT, 'dist', 'src', 'server', 'main.js');
+
+export interface ServingLine {
+  api: string;
+  metrics: string;
+  health: string;
+  kvm: string;
+}
+
+export interface VcpudProcess {
+  proc: ChildProcess;
+  dir: string;
+  serving: ServingLine;
+  logs: () => string;
+  /** A client of `service` over the API listener (unix socket unless `target` says otherwise). */
+  client<S extends 'VcpuStateService' | 'VmService'>(service: S, creds?: grpc.ChannelCredentials, target?: string): ClientOf<S>;
+  health(target?: string, creds?: grpc.ChannelCredentials): grpc.Client & Record<string, Function>;
+  scrape(): Promise<string>;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+type ClientOf<_S> = grpc.Client & Record<string, Function>;
+
+/** Starts vcpud with `args` and waits for its "vcpud serving" log line. */
+export async function startVcpud(args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<VcpudProcess> {
+  if (!fs.existsSync(VCPUD_MAIN)) throw new Error(`${VCPUD_MAIN} is missing: run the build (npm test runs tsc first)`);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-e2e-'));
+  const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...args];
+  const proc = spawn(process.execPath, [VCPUD_MAIN, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout!.on('data', (d) => (out += d));
+  proc.stderr!.on('data', (d) => (out += d));
+  const serving = await new Promise<ServingLine>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`vcpud did not start within 15 s:\n${out}`)), 15_000);
+    const check = () => {
+      for (const line of out.split('\n')) {
+        if (!line.includes('"vcpud serving"')) continue;
+        clearTimeout(timer);
+        resolve(JSON.parse(line) as ServingLine);
+        return;
+      }
+    };
+    proc.stderr!.on('data', check);
+    proc.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`vcpud exited with ${code} before serving:\n${out}`));
+    });
+  });
+  const clients: grpc.Client[] = [];
+  const proto = vcpudProto();
+  const api = serving.api;
+  const track = <C extends grpc.Client>(c: C) => (clients.push(c), c);
+  return {
+    proc,
+    dir,
+    serving,
+    logs: () => out,
+    client(service, creds = grpc.credentials.createInsecure(), target = api) {
+      const Ctor = proto.vcpud.v1[service] as unknown as grpc.ServiceClientConstructor;
+      return track(new Ctor(target, creds)) as ClientOf<typeof service>;
+    },
+    health(target = api, creds = grpc.credentials.createInsecure()) {
+      const def = grpc.loadPackageDefinition(protoLoader.loadSync(healthProtoPath, { enums: String })) as unknown as {
+        grpc: { health: { v1: { Health: grpc.ServiceClientConstructor } } };
+      };
+      return track(new def.grpc.health.v1.Health(target, creds)) as grpc.Client & Record<string, Function>;
+    },
+    async scrape() {
+      const res = await fetch(`http://${serving.metrics}/metrics`);
+      return res.text();
+    },
+    async stop(signal = 'SIGTERM') {
+      for (const c of clients) c.close();
+      if (proc.exitCode !== null) return proc.exitCode;
+      const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+      proc.kill(signal);
+      const code = await exited;
+      fs.rmSync(dir, { recursive: true, force: true });
+      return code;
+    },
+  };
+}
+
+/** Promisified unary call. */
+export function call<Res = Record<string, unknown>>(client: grpc.Client & Record<string, Function>, method: string, req: object, metadata = new grpc.Metadata()): Promise<Res> {
+  return new Promise((resolve, reject) =>
+    client[method](req, metadata, { deadline: Date.now() + 20_000 }, (err: grpc.ServiceError | null, res: Res) => (err ? reject(err) : resolve(res))),
+  );
+}
+
+/** Collects every message of a server stream. */
+export function collect<Res = Record<string, unknown>>(client: grpc.Client & Record<string, Function>, method: string, req: object): Promise<Res[]> {
+  return new Promise((resolve, reject) => {
+    const out: Res[] = [];
+    const s = client[method](req) as grpc.ClientReadableStream<Res>;
+    s.on('data', (m: Res) => out.push(m));
+    s.on('error', reject);
+    s.on('end', () => resolve(out));
+  });
+}
+
+/** The error a call rejects with (fails the test when it succeeds). */
+export async function callError(client: grpc.Client & Record<string, Function>, method: string, req: object): Promise<grpc.ServiceError> {
+  try {
+    await call(client, method, req);
+  } catch (e) {
+    return e as grpc.ServiceError;
+  }
+  throw new Error(`${method} succeeded but an error was expected`);
+}
