@@ -2,12 +2,13 @@
  * Transport: the unix socket (mode, directory, stale socket removal, refusals), plaintext TCP only with
  * --insecure on loopback, and mTLS with a client allowlist, using certificates made by openssl.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { makePki, type Pki } from '../support/pki';
 import * as protoLoader from '@grpc/proto-loader';
 import { protoPath as healthProtoPath } from 'grpc-health-check';
 import { ConfigError, loadConfig, type Config } from '../../src/server/config';
@@ -166,35 +167,19 @@ describe('plaintext TCP', () => {
 });
 
 describe('mTLS', () => {
-  const pki = path.join(dir, 'pki');
-  const f = (name: string) => path.join(pki, name);
-  const pem = (name: string) => fs.readFileSync(f(name));
+  const pkiDir = path.join(dir, 'pki');
 
-  function openssl(...args: string[]) {
-    execFileSync('/usr/bin/openssl', args, { cwd: pki, stdio: ['ignore', 'ignore', 'pipe'] });
-  }
-
-  /** A key and a certificate signed by the test CA, with the given subject and extensions. */
-  function issue(name: string, subject: string, ext: string) {
-    fs.writeFileSync(f(`${name}.ext`), ext);
-    openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', subject);
-    openssl('x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2', '-out', `${name}.crt`, '-extfile', `${name}.ext`);
-  }
+  let pki: Pki;
+  const f = (name: string) => pki.file(name);
 
   beforeAll(() => {
-    fs.mkdirSync(pki, { recursive: true });
-    openssl(
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt',
-      '-days', '2', '-subj', '/CN=vcpud test CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign',
-    );
-    issue('server', '/CN=vcpud', 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
-    issue('allowed', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
-    issue('spiffe', '/CN=some-workload', 'subjectAltName=URI:spiffe://cluster.local/ns/kube-system/sa/orchestrator\nextendedKeyUsage=clientAuth\n');
-    issue('other', '/CN=intruder', 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/intruder\nextendedKeyUsage=clientAuth\n');
+    pki = makePki(pkiDir);
+    pki.issue('allowed', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
+    pki.issue('spiffe', '/CN=some-workload', 'subjectAltName=URI:spiffe://cluster.local/ns/kube-system/sa/orchestrator\nextendedKeyUsage=clientAuth\n');
+    pki.issue('other', '/CN=intruder', 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/intruder\nextendedKeyUsage=clientAuth\n');
   });
 
-  const clientCreds = (name?: string) =>
-    name ? grpc.credentials.createSsl(pem('ca.crt'), pem(`${name}.key`), pem(`${name}.crt`)) : grpc.credentials.createSsl(pem('ca.crt'));
+  const clientCreds = (name?: string) => pki.clientCreds(name);
 
   async function startMtls(extra: string[] = []) {
     const config = loadConfig(
