@@ -98,6 +98,10 @@ int main(int argc, char **argv) {
   static struct kvm_mp_state mp;
   if (ioctl(v.fd, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
   if (ioctl(v.fd, KVM_GET_SREGS, &sregs) < 0) die("KVM_GET_SREGS");
+  static struct kvm_sregs2 sregs2;
+  /* CPUID2: room for the KVM maximum (256 entries), as vcpud reads it. */
+  struct kvm_cpuid2 *cpuid = xcalloc(sizeof(*cpuid) + 256 * sizeof(struct kvm_cpuid_entry2));
+  cpuid->nent = 256;
 
   /* XSAVE: KVM_GET_XSAVE2 with the size KVM_CAP_XSAVE2 reports when > 0
    * (needed once AMX-sized state exists), else the fixed 4 KiB KVM_GET_XSAVE. */
@@ -131,6 +135,8 @@ int main(int argc, char **argv) {
       OP(KVM_SET_REGS, v.fd, &regs),
       OP(KVM_GET_SREGS, v.fd, &sregs),
       OP(KVM_SET_SREGS, v.fd, &sregs),
+      OP(KVM_GET_SREGS2, v.fd, &sregs2),
+      OP(KVM_GET_CPUID2, v.fd, cpuid),
       OP(KVM_GET_FPU, v.fd, &fpu),
       xsave2 > 0 ? (struct op)OP(KVM_GET_XSAVE2, v.fd, xsave) : (struct op)OP(KVM_GET_XSAVE, v.fd, xsave),
       OP(KVM_GET_XCRS, v.fd, &xcrs),

@@ -9,9 +9,10 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { protoPath as healthProtoPath } from 'grpc-health-check';
+import { packageRoot } from '../../src/ffi/native';
 import { vcpudProto } from '../../src/server/proto';
 
-const ROOT = path.join(__dirname, '..', '..');
+const ROOT = packageRoot();
 export const VCPUD_MAIN = path.join(ROOT, 'dist', 'src', 'server', 'main.js');
 
 export interface ServingLine {
@@ -36,11 +37,11 @@ export interface VcpudProcess {
 type ClientOf<_S> = grpc.Client & Record<string, Function>;
 
 /** Starts vcpud with `args` and waits for its "vcpud serving" log line. */
-export async function startVcpud(args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<VcpudProcess> {
+export async function startVcpud(args: string[] = [], env: NodeJS.ProcessEnv = {}, nodeArgs: string[] = []): Promise<VcpudProcess> {
   if (!fs.existsSync(VCPUD_MAIN)) throw new Error(`${VCPUD_MAIN} is missing: run the build (npm test runs tsc first)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-e2e-'));
   const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...args];
-  const proc = spawn(process.execPath, [VCPUD_MAIN, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...nodeArgs, VCPUD_MAIN, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
   proc.stderr!.on('data', (d) => (out += d));
