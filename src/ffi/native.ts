@@ -3,9 +3,9 @@
  * calling thread, `fnAsync` on the libuv pool and returns a Promise. Errors thrown by native code
  * are converted to KvmError by `kvmCall`.
  */
-import fs from 'node:fs';
 import path from 'node:path';
 import { KvmError } from '../errors';
+import { packageRoot } from '../package';
 import { currentObserver } from './observe';
 
 type Fd = number;
@@ -98,17 +98,6 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   caps: Record<string, number>;
   apiVersion: number;
   sizes: Record<string, number>;
-}
-
-/** The package root: the nearest directory above this file with a package.json (src/ or dist/src/). */
-export function packageRoot(): string {
-  let dir = __dirname;
-  while (!fs.existsSync(path.join(dir, 'package.json'))) {
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error(`no package.json above ${__dirname}`);
-    dir = up;
-  }
-  return dir;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports

@@ -8,7 +8,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import { KvmError, VcpudError, type ErrorKind } from '../errors';
-import { packageRoot } from '../ffi/native';
+import { packageRoot } from '../package';
 
 const DOMAIN = 'vcpud.dev';
 const DETAILS_KEY = 'grpc-status-details-bin';

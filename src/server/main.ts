@@ -6,12 +6,9 @@
  * Without a usable /dev/kvm vcpud stays up (unless --exit-on-kvm-error) so that health reports
  * NOT_SERVING with the reason and the VcpuState/Vm RPCs answer UNAVAILABLE naming it.
  */
-import fs from 'node:fs';
-import path from 'node:path';
 import { VcpudError } from '../errors';
 import { probeCapabilities, type HostCapabilities } from '../ffi/capabilities';
 import { Kvm } from '../ffi/kvm';
-import { packageRoot } from '../ffi/native';
 import { setIoctlObserver } from '../ffi/observe';
 import { VmRegistry } from '../vm/registry';
 import { ConfigError, HelpRequested, loadConfig, usage, type Config } from './config';
@@ -24,7 +21,6 @@ import type { ServiceContext } from './services/context';
 import { VcpuStateService } from './services/state-service';
 import { VmService } from './services/vm-service';
 
-const VERSION = (JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string }).version;
 
 interface Host {
   kvm: Kvm;
@@ -68,7 +64,7 @@ function exitsByReason(registry: VmRegistry): Record<string, number> {
 }
 
 async function start(config: Config, logger: Logger): Promise<void> {
-  const metrics = new Metrics({ version: VERSION });
+  const metrics = new Metrics();
   setIoctlObserver(metrics.ioctlObserver());
   const health = new Health({ logger });
 

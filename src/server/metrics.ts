@@ -10,14 +10,12 @@
  * per section per GetState/GetNestedState): its _sum is the bytes served per section, its buckets show
  * the size spread (xsave and nested state dwarf the others), its _count the sections served.
  */
-import fs from 'node:fs';
 import http from 'node:http';
-import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { IoctlObserver } from '../ffi/observe';
 import { parseHostPort } from './config';
-import { packageRoot } from './proto';
+import { packageVersion } from '../package';
 
 export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_stream';
 
@@ -78,14 +76,6 @@ const RPC_SECONDS_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 const IOCTL_SECONDS_BUCKETS = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2];
 /** Section sizes: 16-byte TSC up to multi-KiB xsave, cpuid and nested state. */
 const STATE_BYTES_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576];
-
-function packageVersion(): string {
-  try {
-    return (JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version?: string }).version ?? 'unknown';
-  } catch {
-    return 'unknown';
-  }
-}
 
 export class Metrics {
   readonly registry = new Registry();

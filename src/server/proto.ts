@@ -8,6 +8,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { packageRoot } from '../package';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
@@ -27,20 +28,6 @@ export const SERVICE_NAMES = {
 export interface VcpudServiceDefinitions {
   VcpuStateService: VcpuStateServiceDefinition;
   VmService: VmServiceDefinition;
-}
-
-/**
- * The nearest directory at or above `from` holding a package.json: the repository root whether this
- * file runs from src/server (ts via swc/jest) or from dist/src/server (compiled).
- */
-export function packageRoot(from: string = __dirname): string {
-  let dir = from;
-  while (!fs.existsSync(path.join(dir, 'package.json'))) {
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error(`no package.json above ${from}`);
-    dir = up;
-  }
-  return dir;
 }
 
 /** The protos/ directory shipped with the package (it is the include root of every import). */

@@ -135,8 +135,12 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     const refused = await callError(state, 'GetState', { vmId: id, vcpuId: 0, noImplicitPause: true });
     expectStatus(refused, grpc.status.FAILED_PRECONDITION, 'VCPU_RUNNING');
 
-    const applied = await call<{ applied: string[] }>(state, 'SetState', { vmId: id, vcpuId: 0, state: { regs: { ...res.state.regs, rbx: '5000000' } } });
+    // Registers read while the guest kept running are stale: pause, read, change, resume.
+    await call(vms, 'PauseVcpu', { vmId: id, vcpuId: 0 });
+    const paused = await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS'] });
+    const applied = await call<{ applied: string[] }>(state, 'SetState', { vmId: id, vcpuId: 0, state: { regs: { ...paused.state.regs, rbx: '5000000' } } });
     expect(applied.applied).toEqual(['STATE_SECTION_REGS']);
+    await call(vms, 'ResumeVcpu', { vmId: id, vcpuId: 0 });
     await waitFor(() => text.includes('\n5000001\n'), `the guest to print 5000001 (console ends ${JSON.stringify(text.slice(-80))}, ${text.length} bytes, stream error ${streamError})`);
     s.cancel();
     await call(vms, 'DeleteVm', { vmId: id });

@@ -9,7 +9,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { protoPath as healthProtoPath } from 'grpc-health-check';
-import { packageRoot } from '../../src/ffi/native';
+import { packageRoot } from '../../src/package';
 import { vcpudProto } from '../../src/server/proto';
 
 const ROOT = packageRoot();

@@ -15,7 +15,8 @@ import { Health } from '../../src/server/health';
 import { REQUEST_ID_HEADER } from '../../src/server/interceptors';
 import { createLogger, type LogFields } from '../../src/server/logging';
 import { Metrics } from '../../src/server/metrics';
-import { packageRoot, protoFiles, SERVICE_NAMES, vcpudPackageDefinition, vcpudProto, vcpudServiceDefinitions } from '../../src/server/proto';
+import { packageRoot } from '../../src/package';
+import { protoFiles, SERVICE_NAMES, vcpudPackageDefinition, vcpudProto, vcpudServiceDefinitions } from '../../src/server/proto';
 import { createVcpudServer, type RunningServer, type ServiceRegistrar } from '../../src/server/server';
 
 const ECHO_PROTO = `
