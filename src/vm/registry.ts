@@ -20,9 +20,13 @@ export class VmRegistry {
 
   create(spec: VmSpec): ManagedVm {
     if (!Number.isSafeInteger(spec.memoryBytes) || spec.memoryBytes <= 0 || spec.memoryBytes % PAGE !== 0)
-      throw invalidArgument(`memory_bytes must be a positive multiple of ${PAGE}, got ${spec.memoryBytes}`);
+      throw invalidArgument(`memory_bytes must be a positive multiple of ${PAGE}, got ${spec.memoryBytes}`, [
+        { rule: 'page_multiple', field: 'memory_bytes', message: `must be a positive multiple of ${PAGE}` },
+      ]);
     if (!Number.isInteger(spec.vcpuCount) || spec.vcpuCount < 1)
-      throw invalidArgument(`vcpu_count must be at least 1, got ${spec.vcpuCount}`);
+      throw invalidArgument(`vcpu_count must be at least 1, got ${spec.vcpuCount}`, [
+        { rule: 'min', field: 'vcpu_count', message: 'must be at least 1' },
+      ]);
     checkCreate(this.limits, this.usage(), spec.vcpuCount, spec.memoryBytes);
     this.supported ??= this.kvm.supportedCpuid();
     const vm = ManagedVm.create(this.kvm, spec, this.supported);

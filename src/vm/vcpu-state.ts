@@ -10,6 +10,7 @@
  *                msrs: TSC deadline), msrs, vcpu_events, mp_state, debugregs. Nested state last, as
  *                the kernel selftests do, after sregs (EFER.SVME) and events (SMM).
  */
+import { isDeepStrictEqual } from 'node:util';
 import { invalidArgument, VcpudError, type Violation } from '../errors';
 import { requireNested, requireSection, type HostCapabilities } from '../ffi/capabilities';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
@@ -90,7 +91,7 @@ function readSection(vcpu: Vcpu, s: SectionName, msrIndices: number[], unreadabl
     case 'lapic': return vcpu.getLapic();
     case 'vcpu_events': return vcpu.getVcpuEvents();
     case 'debugregs': return vcpu.getDebugregs();
-    case 'mp_state': return vcpu.getMpState();
+    case 'mp_state': return { mpState: vcpu.getMpState() };
     case 'cpuid2': return vcpu.getCpuid2();
     case 'tsc_khz': return vcpu.getTscKhz();
     case 'msrs': {
@@ -119,7 +120,7 @@ function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
     case 'lapic': return vcpu.setLapic(value as Buffer);
     case 'vcpu_events': return vcpu.setVcpuEvents(value as SectionValues['vcpu_events']);
     case 'debugregs': return vcpu.setDebugregs(value as SectionValues['debugregs']);
-    case 'mp_state': return vcpu.setMpState(value as number);
+    case 'mp_state': return vcpu.setMpState((value as SectionValues['mp_state']).mpState);
     case 'cpuid2': return vcpu.setCpuid2(value as SectionValues['cpuid2']);
     case 'tsc_khz': return vcpu.setTscKhz(value as number);
     case 'msrs': {
@@ -157,7 +158,9 @@ export function readState(vcpu: Vcpu, ctx: StateContext, sections: SectionName[]
  * failing one, which the kernel may have half-applied) is put back. The error names the section.
  */
 export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): SectionName[] {
-  const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined);
+  // A section this host cannot write (e.g. tsc_khz without KVM_CAP_TSC_CONTROL) is accepted when it
+  // asks for the value the vCPU already has, so GetState's output can always be sent back.
+  const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
   for (const s of sections) checkSupported(ctx, s, 'write');
   const previous: [SectionName, unknown][] = [];
   for (const s of sections) {
@@ -171,6 +174,11 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
     }
   }
   return sections;
+}
+
+function unchangedButUnwritable(vcpu: Vcpu, ctx: StateContext, s: SectionName, value: unknown): boolean {
+  if (ctx.caps.sections[s].writable || !ctx.caps.sections[s].readable) return false;
+  return isDeepStrictEqual(readSection(vcpu, s, [], []), value);
 }
 
 function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {

@@ -1,0 +1,296 @@
+/**
+ * vcpuctl's connection to vcpud: the protos (loaded with the options the server and the generated
+ * types use), the server address and credentials, promisified calls that each carry the deadline,
+ * and decoding of the google.rpc.Status trailer of errors.
+ *
+ * The protos come from src/server/proto (no native addon is loaded by it), so the CLI and the
+ * server read exactly the same definitions.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import protobuf from 'protobufjs';
+import type { VcpuStateServiceClient } from '../../server/generated/vcpud/v1/VcpuStateService';
+import type { VmServiceClient } from '../../server/generated/vcpud/v1/VmService';
+import type { GetCapabilitiesResponse__Output } from '../../server/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetStateRequest } from '../../server/generated/vcpud/v1/GetStateRequest';
+import type { GetStateResponse__Output } from '../../server/generated/vcpud/v1/GetStateResponse';
+import type { SetStateRequest } from '../../server/generated/vcpud/v1/SetStateRequest';
+import type { SetStateResponse__Output } from '../../server/generated/vcpud/v1/SetStateResponse';
+import type { GetNestedStateRequest } from '../../server/generated/vcpud/v1/GetNestedStateRequest';
+import type { GetNestedStateResponse__Output } from '../../server/generated/vcpud/v1/GetNestedStateResponse';
+import type { SetNestedStateRequest } from '../../server/generated/vcpud/v1/SetNestedStateRequest';
+import type { SetNestedStateResponse__Output } from '../../server/generated/vcpud/v1/SetNestedStateResponse';
+import type { CreateVmRequest } from '../../server/generated/vcpud/v1/CreateVmRequest';
+import type { CreateVmResponse__Output } from '../../server/generated/vcpud/v1/CreateVmResponse';
+import type { GetVmResponse__Output } from '../../server/generated/vcpud/v1/GetVmResponse';
+import type { ListVmsRequest } from '../../server/generated/vcpud/v1/ListVmsRequest';
+import type { ListVmsResponse__Output } from '../../server/generated/vcpud/v1/ListVmsResponse';
+import type { DeleteVmResponse__Output } from '../../server/generated/vcpud/v1/DeleteVmResponse';
+import type { WriteMemoryRequest } from '../../server/generated/vcpud/v1/WriteMemoryRequest';
+import type { WriteMemoryResponse__Output } from '../../server/generated/vcpud/v1/WriteMemoryResponse';
+import type { ReadMemoryRequest } from '../../server/generated/vcpud/v1/ReadMemoryRequest';
+import type { LoadProgramRequest } from '../../server/generated/vcpud/v1/LoadProgramRequest';
+import type { LoadProgramResponse__Output } from '../../server/generated/vcpud/v1/LoadProgramResponse';
+import type { RunVmResponse__Output } from '../../server/generated/vcpud/v1/RunVmResponse';
+import type { PauseVmResponse__Output } from '../../server/generated/vcpud/v1/PauseVmResponse';
+import type { ResumeVmResponse__Output } from '../../server/generated/vcpud/v1/ResumeVmResponse';
+import type { RunVcpuResponse__Output } from '../../server/generated/vcpud/v1/RunVcpuResponse';
+import type { PauseVcpuResponse__Output } from '../../server/generated/vcpud/v1/PauseVcpuResponse';
+import type { ResumeVcpuResponse__Output } from '../../server/generated/vcpud/v1/ResumeVcpuResponse';
+import type { StreamConsoleRequest } from '../../server/generated/vcpud/v1/StreamConsoleRequest';
+import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
+import { protoFiles, protosDir, vcpudProto } from '../../server/proto';
+import { UsageError } from './args';
+
+/** Loads every vcpud proto once (the server's loader: same files, same options as the generated types). */
+export const loadVcpudProto = vcpudProto;
+
+let pbRoot: protobuf.Root | undefined;
+
+/**
+ * The same protos as a protobufjs Root (camelCase field names like proto-loader with keepCase false):
+ * binary VcpuState files, schema-driven --set edits and the google.rpc error details.
+ */
+export function protobufRoot(): protobuf.Root {
+  if (!pbRoot) {
+    const dir = protosDir();
+    const root = new protobuf.Root();
+    root.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(dir, target));
+    root.loadSync(protoFiles(), { keepCase: false });
+    root.resolveAll();
+    pbRoot = root;
+  }
+  return pbRoot;
+}
+
+export function messageType(name: string): protobuf.Type {
+  return protobufRoot().lookupType(name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address and credentials
+
+/** The address vcpud listens on by default: $VCPUD_ADDR, else the runtime-dir socket, else ./run. */
+export function defaultServer(env: NodeJS.ProcessEnv = process.env, cwd: string = process.cwd()): string {
+  if (env.VCPUD_ADDR) return env.VCPUD_ADDR;
+  if (env.XDG_RUNTIME_DIR) return `unix:${path.resolve(env.XDG_RUNTIME_DIR, 'vcpud', 'vcpud.sock')}`;
+  return `unix:${path.resolve(cwd, 'run', 'vcpud.sock')}`;
+}
+
+export interface ConnectOptions {
+  /** unix:/abs/path (unix:relative is resolved against cwd) or host:port. */
+  server: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  /** Override the name checked against the server certificate. */
+  tlsServerName?: string;
+  insecure?: boolean;
+  /** Deadline of every call in ms; 0 = none. */
+  timeoutMs: number;
+  cwd?: string;
+}
+
+export interface Target {
+  kind: 'unix' | 'tcp';
+  /** What grpc-js dials. */
+  address: string;
+}
+
+export function resolveTarget(server: string, cwd: string = process.cwd()): Target {
+  if (server.startsWith('unix:')) {
+    let p = server.slice('unix:'.length);
+    if (p.startsWith('//')) p = p.slice(2); // unix:///abs/path
+    if (!p) throw new UsageError(`--server ${server}: empty unix socket path`);
+    return { kind: 'unix', address: `unix:${path.resolve(cwd, p)}` };
+  }
+  if (!server.trim()) throw new UsageError('--server: empty address');
+  return { kind: 'tcp', address: server };
+}
+
+function readFileOption(flag: string, file: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (e) {
+    throw new UsageError(`${flag} ${file}: ${(e as Error).message}`);
+  }
+}
+
+export function channelCredentials(target: Target, o: ConnectOptions): grpc.ChannelCredentials {
+  const anyTls = o.tlsCa !== undefined || o.tlsCert !== undefined || o.tlsKey !== undefined;
+  if (target.kind === 'unix') {
+    if (anyTls) throw new UsageError('--tls-ca/--tls-cert/--tls-key apply to TCP addresses; a unix socket is plaintext');
+    return grpc.credentials.createInsecure();
+  }
+  if (o.insecure) {
+    if (anyTls) throw new UsageError('--insecure conflicts with --tls-ca/--tls-cert/--tls-key: choose plaintext or TLS');
+    return grpc.credentials.createInsecure();
+  }
+  if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new UsageError('--tls-cert and --tls-key must be given together');
+  const ca = o.tlsCa !== undefined ? readFileOption('--tls-ca', o.tlsCa) : null;
+  const cert = o.tlsCert !== undefined ? readFileOption('--tls-cert', o.tlsCert) : null;
+  const key = o.tlsKey !== undefined ? readFileOption('--tls-key', o.tlsKey) : null;
+  return grpc.credentials.createSsl(ca, key, cert);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls
+
+type UnaryFn<Req, Res> = (req: Req, md: grpc.Metadata, opts: grpc.CallOptions, cb: grpc.requestCallback<Res>) => grpc.ClientUnaryCall;
+
+function unary<Req, Res>(fn: UnaryFn<Req, Res>, req: Req, opts: grpc.CallOptions): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    fn(req, new grpc.Metadata(), opts, (err, res) => (err ? reject(err) : resolve(res as Res)));
+  });
+}
+
+/** Connected clients of both vcpud services; every unary call gets the configured deadline. */
+export class VcpudClient {
+  readonly target: Target;
+  readonly state: VcpuStateServiceClient;
+  readonly vm: VmServiceClient;
+  private readonly timeoutMs: number;
+
+  constructor(o: ConnectOptions) {
+    this.target = resolveTarget(o.server, o.cwd);
+    const creds = channelCredentials(this.target, o);
+    const proto = loadVcpudProto().vcpud.v1;
+    const channelOptions: grpc.ChannelOptions = { 'grpc.max_receive_message_length': 64 << 20, 'grpc.max_send_message_length': 64 << 20 };
+    if (o.tlsServerName) channelOptions['grpc.ssl_target_name_override'] = o.tlsServerName;
+    this.state = new proto.VcpuStateService(this.target.address, creds, channelOptions);
+    this.vm = new proto.VmService(this.target.address, creds, { ...channelOptions, channelOverride: this.state.getChannel() });
+    this.timeoutMs = o.timeoutMs;
+  }
+
+  /** Call options with the deadline (none when the timeout is 0). */
+  callOptions(): grpc.CallOptions {
+    return this.timeoutMs > 0 ? { deadline: new Date(Date.now() + this.timeoutMs) } : {};
+  }
+
+  close(): void {
+    this.vm.close();
+    this.state.close();
+  }
+
+  getCapabilities() {
+    return unary<object, GetCapabilitiesResponse__Output>((r, m, o, cb) => this.state.getCapabilities(r, m, o, cb), {}, this.callOptions());
+  }
+  getState(req: GetStateRequest) {
+    return unary<GetStateRequest, GetStateResponse__Output>((r, m, o, cb) => this.state.getState(r, m, o, cb), req, this.callOptions());
+  }
+  setState(req: SetStateRequest) {
+    return unary<SetStateRequest, SetStateResponse__Output>((r, m, o, cb) => this.state.setState(r, m, o, cb), req, this.callOptions());
+  }
+  getNestedState(req: GetNestedStateRequest) {
+    return unary<GetNestedStateRequest, GetNestedStateResponse__Output>((r, m, o, cb) => this.state.getNestedState(r, m, o, cb), req, this.callOptions());
+  }
+  setNestedState(req: SetNestedStateRequest) {
+    return unary<SetNestedStateRequest, SetNestedStateResponse__Output>((r, m, o, cb) => this.state.setNestedState(r, m, o, cb), req, this.callOptions());
+  }
+  createVm(req: CreateVmRequest) {
+    return unary<CreateVmRequest, CreateVmResponse__Output>((r, m, o, cb) => this.vm.createVm(r, m, o, cb), req, this.callOptions());
+  }
+  getVm(vmId: string) {
+    return unary<{ vmId: string }, GetVmResponse__Output>((r, m, o, cb) => this.vm.getVm(r, m, o, cb), { vmId }, this.callOptions());
+  }
+  listVms(req: ListVmsRequest) {
+    return unary<ListVmsRequest, ListVmsResponse__Output>((r, m, o, cb) => this.vm.listVms(r, m, o, cb), req, this.callOptions());
+  }
+  deleteVm(vmId: string) {
+    return unary<{ vmId: string }, DeleteVmResponse__Output>((r, m, o, cb) => this.vm.deleteVm(r, m, o, cb), { vmId }, this.callOptions());
+  }
+  writeMemory(req: WriteMemoryRequest) {
+    return unary<WriteMemoryRequest, WriteMemoryResponse__Output>((r, m, o, cb) => this.vm.writeMemory(r, m, o, cb), req, this.callOptions());
+  }
+  loadProgram(req: LoadProgramRequest) {
+    return unary<LoadProgramRequest, LoadProgramResponse__Output>((r, m, o, cb) => this.vm.loadProgram(r, m, o, cb), req, this.callOptions());
+  }
+  runVm(vmId: string) {
+    return unary<{ vmId: string }, RunVmResponse__Output>((r, m, o, cb) => this.vm.runVm(r, m, o, cb), { vmId }, this.callOptions());
+  }
+  pauseVm(vmId: string) {
+    return unary<{ vmId: string }, PauseVmResponse__Output>((r, m, o, cb) => this.vm.pauseVm(r, m, o, cb), { vmId }, this.callOptions());
+  }
+  resumeVm(vmId: string) {
+    return unary<{ vmId: string }, ResumeVmResponse__Output>((r, m, o, cb) => this.vm.resumeVm(r, m, o, cb), { vmId }, this.callOptions());
+  }
+  runVcpu(vmId: string, vcpuId: number) {
+    return unary<{ vmId: string; vcpuId: number }, RunVcpuResponse__Output>((r, m, o, cb) => this.vm.runVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+  }
+  pauseVcpu(vmId: string, vcpuId: number) {
+    return unary<{ vmId: string; vcpuId: number }, PauseVcpuResponse__Output>((r, m, o, cb) => this.vm.pauseVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+  }
+  resumeVcpu(vmId: string, vcpuId: number) {
+    return unary<{ vmId: string; vcpuId: number }, ResumeVcpuResponse__Output>((r, m, o, cb) => this.vm.resumeVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+  }
+
+  /** ReadMemory, collected into one buffer (the whole stream is under one deadline). */
+  readMemory(req: ReadMemoryRequest): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      const call = this.vm.readMemory(req, new grpc.Metadata(), this.callOptions());
+      call.on('data', (c: { data: Buffer }) => chunks.push(c.data));
+      call.on('error', reject);
+      call.on('end', () => resolve(Buffer.concat(chunks)));
+    });
+  }
+
+  /** StreamConsole without a deadline: it lasts until the VM is deleted or the caller cancels. */
+  streamConsole(req: StreamConsoleRequest): grpc.ClientReadableStream<StreamConsoleResponse__Output> {
+    return this.vm.streamConsole(req, new grpc.Metadata(), {});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/** What a client error carries: the shape of grpc-js's ServiceError (code, details, metadata). */
+export interface ServiceErrorLike {
+  code: number;
+  details?: string;
+  message?: string;
+  metadata?: grpc.Metadata;
+}
+
+export function isServiceError(e: unknown): e is ServiceErrorLike {
+  if (!e || typeof e !== 'object') return false;
+  const o = e as Record<string, unknown>;
+  return typeof o.code === 'number' && (typeof o.details === 'string' || (typeof o.metadata === 'object' && o.metadata !== null));
+}
+
+/** The decoded google.rpc.Status of an error (the same shape as src/server/errors.ts's DecodedStatus). */
+export interface DecodedStatus {
+  code: number;
+  message: string;
+  errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
+  badRequest?: { field: string; description: string; reason: string }[];
+}
+
+const DETAILS_KEY = 'grpc-status-details-bin';
+
+/** Decodes the grpc-status-details-bin trailer: the google.rpc.Status with ErrorInfo and BadRequest. */
+export function decodeStatusDetails(metadata: grpc.Metadata | undefined): DecodedStatus | undefined {
+  const raw = typeof metadata?.get === 'function' ? metadata.get(DETAILS_KEY)[0] : undefined;
+  if (!raw || typeof raw === 'string') return undefined;
+  try {
+    const Status = messageType('google.rpc.Status');
+    const ErrorInfo = messageType('google.rpc.ErrorInfo');
+    const BadRequest = messageType('google.rpc.BadRequest');
+    // google.protobuf.Any comes from protobufjs's bundled descriptors, which keep snake_case (type_url)
+    type AnyObject = { typeUrl?: string; type_url?: string; value: Uint8Array };
+    const s = Status.toObject(Status.decode(raw), { defaults: true }) as { code: number; message: string; details: AnyObject[] };
+    const out: DecodedStatus = { code: s.code, message: s.message };
+    for (const a of s.details ?? []) {
+      const typeUrl = a.typeUrl ?? a.type_url ?? '';
+      if (typeUrl.endsWith('/google.rpc.ErrorInfo')) out.errorInfo = ErrorInfo.toObject(ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
+      if (typeUrl.endsWith('/google.rpc.BadRequest')) {
+        const br = BadRequest.toObject(BadRequest.decode(a.value), { defaults: true }) as { fieldViolations?: { field: string; description: string; reason: string }[] };
+        out.badRequest = (br.fieldViolations ?? []).map((v) => ({ field: v.field, description: v.description, reason: v.reason }));
+      }
+    }
+    return out;
+  } catch {
+    return undefined; // a trailer we cannot parse: fall back to code and details
+  }
+}

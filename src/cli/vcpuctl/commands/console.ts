@@ -1,0 +1,84 @@
+/**
+ * `vcpuctl console VM`: the guest's serial output on stdout as it comes, vCPU state changes and debug
+ * values on stderr as `[vcpu 0: stopped (done)]` lines (with --json: one JSON object per event per
+ * line on stdout). Without --follow it replays the buffered output and stops after the first output
+ * batch or 500 ms.
+ */
+import * as grpc from '@grpc/grpc-js';
+import type { StreamConsoleResponse__Output } from '../../../server/generated/vcpud/v1/StreamConsoleResponse';
+import type { Command, Context } from '../command';
+import { formatConsoleEvent, toJson } from '../format';
+
+/** How long a console read without --follow waits for output. */
+export const CONSOLE_SNAPSHOT_MS = 500;
+/** With --until-done: how long to wait after the done value for the vCPU's STOPPED change. */
+export const DONE_GRACE_MS = 200;
+
+function consoleJson(ev: StreamConsoleResponse__Output): string {
+  const { event } = ev;
+  if (event === 'output') return JSON.stringify({ output: ev.output?.toString('base64') ?? '', text: ev.output?.toString('utf8') ?? '' });
+  if (event === 'stateChange') return JSON.stringify({ stateChange: ev.stateChange });
+  if (event === 'debug') return JSON.stringify({ debug: ev.debug });
+  return toJson(ev).replace(/\s*\n\s*/g, ' ');
+}
+
+async function streamConsole(ctx: Context): Promise<number> {
+  const follow = ctx.options.bool('follow');
+  const untilDone = ctx.options.bool('until-done');
+  const fromStart = !follow || ctx.options.bool('from-start');
+  const call = ctx.client().streamConsole({ vmId: ctx.positionals[0], fromStart });
+  return new Promise<number>((resolve, reject) => {
+    let finished = false;
+    let timer: NodeJS.Timeout | undefined;
+    const doneVcpus = new Set<number>();
+    const finish = (code: number, error?: Error) => {
+      if (finished) return;
+      finished = true;
+      if (timer) clearTimeout(timer);
+      call.cancel();
+      if (error) reject(error);
+      else resolve(code);
+    };
+    call.on('data', (ev: StreamConsoleResponse__Output) => {
+      if (finished) return;
+      if (ctx.json) ctx.io.stdout.write(`${consoleJson(ev)}\n`);
+      else if (ev.output) ctx.io.stdout.write(ev.output);
+      else {
+        const line = formatConsoleEvent(ev);
+        if (line) ctx.io.stderr.write(`${line}\n`);
+      }
+      if (!follow && ev.output) finish(0);
+      if (untilDone) {
+        // the done value comes first, then the vCPU's STOPPED (done) change: print both, then stop
+        const c = ev.stateChange;
+        if (c && c.runState === 'VCPU_RUN_STATE_STOPPED' && doneVcpus.has(c.vcpuId)) finish(0);
+        else if (ev.debug?.done) {
+          doneVcpus.add(ev.debug.vcpuId);
+          if (timer) clearTimeout(timer);
+          timer = setTimeout(() => finish(0), DONE_GRACE_MS);
+        }
+      }
+    });
+    call.on('error', (e: grpc.ServiceError) => {
+      if (finished) return;
+      if (e.code === grpc.status.CANCELLED) return finish(0);
+      finish(1, e);
+    });
+    call.on('end', () => finish(0));
+    if (!follow) timer = setTimeout(() => finish(0), CONSOLE_SNAPSHOT_MS);
+  });
+}
+
+export const consoleCommands: Command[] = [
+  {
+    path: ['console'],
+    summary: "Print the VM's serial console (StreamConsole); state changes and debug values go to stderr.",
+    positionals: ['VM'],
+    options: [
+      { name: 'follow', type: 'bool', help: 'keep streaming until the VM is deleted or Ctrl-C' },
+      { name: 'from-start', type: 'bool', help: 'with --follow: first replay the buffered output' },
+      { name: 'until-done', type: 'bool', help: 'with --follow: stop once a vCPU has written the done port (0x501) and stopped' },
+    ],
+    run: streamConsole,
+  },
+];
