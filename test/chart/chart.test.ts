@@ -1,0 +1,476 @@
+/**
+ * The Helm chart (helm/vcpud): scripts/chart-check.sh provisions helm, lints and renders every
+ * ci/*-values.yaml into .cache/chart-render/, checks the generated schema for drift and runs
+ * yamllint; then every rendered object is validated with kubernetes-models and the chart's
+ * invariants are asserted: security context, gRPC probes on the health port, the KVM device
+ * resource (or the explicit privileged fallback), standard labels, monitor port names, the native
+ * sidecar sharing the socket, the test hook, the read-only TLS Secret. Invalid values must be
+ * rejected by values.schema.json, and the rendered vcpud flags must be accepted by vcpud's own
+ * configuration parser.
+ *
+ * kubernetes-models 4.5 (and its cert-manager / prometheus-operator companions 4.4) ship CommonJS
+ * beside ESM and support Node 20; 5.x is ESM-only and requires Node >= 22. So plain imports work
+ * under jest's @swc/jest CommonJS transform without an ESM loader.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseAllDocuments } from 'yaml';
+import { ServiceAccount } from 'kubernetes-models/v1/ServiceAccount';
+import { Service } from 'kubernetes-models/v1/Service';
+import { Pod } from 'kubernetes-models/v1/Pod';
+import { DaemonSet } from 'kubernetes-models/apps/v1/DaemonSet';
+import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
+import { Certificate } from '@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate';
+import { PodMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor';
+import { ServiceMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor';
+import { ConfigError, loadConfig } from '../../src/server/config';
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Obj = Record<string, any>;
+
+const ROOT = path.resolve(__dirname, '..', '..');
+const CHART = path.join(ROOT, 'helm', 'vcpud');
+const RENDER = path.join(ROOT, '.cache', 'chart-render');
+const HELM = path.join(ROOT, '.cache', 'helm', 'helm');
+const RELEASE = 'vcpud';
+const NAMESPACE = 'vcpud-system';
+const KVM_RESOURCE = 'devices.kubevirt.io/kvm';
+const HEALTH_PORT = 50052;
+
+/** apiVersion/kind -> the kubernetes-models class that validates it. */
+const MODELS: Record<string, new (data: any) => { validate(): void }> = {
+  'v1/ServiceAccount': ServiceAccount,
+  'v1/Service': Service,
+  'v1/Pod': Pod,
+  'apps/v1/DaemonSet': DaemonSet,
+  'apps/v1/Deployment': Deployment,
+  'cert-manager.io/v1/Certificate': Certificate,
+  'monitoring.coreos.com/v1/PodMonitor': PodMonitor,
+  'monitoring.coreos.com/v1/ServiceMonitor': ServiceMonitor,
+};
+
+const CI_FILES = fs
+  .readdirSync(path.join(CHART, 'ci'))
+  .filter((f) => f.endsWith('-values.yaml'))
+  .sort();
+const CASES = CI_FILES.map((f) => f.replace(/-values\.yaml$/, ''));
+
+function parseManifests(text: string): Obj[] {
+  // YAML 1.1, as Kubernetes reads manifests (0440 is octal there).
+  return parseAllDocuments(text, { version: '1.1' })
+    .map((d) => {
+      if (d.errors.length) throw new Error(d.errors.map((e) => e.message).join('\n'));
+      return d.toJS() as Obj | null;
+    })
+    .filter((o): o is Obj => o !== null && typeof o === 'object');
+}
+
+function helm(args: string[]): { status: number; stdout: string; stderr: string } {
+  const r = spawnSync(HELM, args, { cwd: ROOT, encoding: 'utf8' });
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+function template(extra: string[]): Obj[] {
+  const r = helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, ...extra]);
+  if (r.status !== 0) throw new Error(`helm template ${extra.join(' ')} failed:\n${r.stderr}`);
+  return parseManifests(r.stdout);
+}
+
+/** Pod specs of an object with their labels: Pods, and the templates of workloads. */
+function podsOf(o: Obj): { labels: Obj; spec: Obj; owner: Obj }[] {
+  if (o.kind === 'Pod') return [{ labels: o.metadata?.labels ?? {}, spec: o.spec, owner: o }];
+  if (o.kind === 'DaemonSet' || o.kind === 'Deployment')
+    return [{ labels: o.spec.template.metadata?.labels ?? {}, spec: o.spec.template.spec, owner: o }];
+  return [];
+}
+
+const allContainers = (spec: Obj): Obj[] => [...(spec.initContainers ?? []), ...(spec.containers ?? [])];
+const vcpudContainers = (spec: Obj): Obj[] => allContainers(spec).filter((c) => c.name === 'vcpud');
+const isTestHook = (o: Obj): boolean => o.metadata?.annotations?.['helm.sh/hook'] === 'test';
+const portNamed = (c: Obj, name: string): Obj | undefined => (c.ports ?? []).find((p: Obj) => p.name === name);
+const argValue = (c: Obj, flag: string): string | undefined =>
+  (c.args ?? []).find((a: string) => a.startsWith(`${flag}=`))?.slice(flag.length + 1);
+const matches = (selector: Obj, labels: Obj): boolean =>
+  Object.entries(selector).every(([k, v]) => labels[k] === v);
+
+/** The securityContext a container effectively runs with: its own over the pod's. */
+function effectiveSecurity(spec: Obj, c: Obj): Obj {
+  return { ...(spec.securityContext ?? {}), ...(c.securityContext ?? {}) };
+}
+
+function expectRestricted(spec: Obj, c: Obj, where: string): void {
+  const sc = effectiveSecurity(spec, c);
+  expect({ where, runAsNonRoot: sc.runAsNonRoot }).toEqual({ where, runAsNonRoot: true });
+  expect({ where, uid: typeof sc.runAsUser === 'number' && sc.runAsUser > 0 }).toEqual({ where, uid: true });
+  expect({ where, readOnlyRootFilesystem: sc.readOnlyRootFilesystem }).toEqual({ where, readOnlyRootFilesystem: true });
+  expect({ where, drop: sc.capabilities?.drop }).toEqual({ where, drop: ['ALL'] });
+  expect({ where, add: sc.capabilities?.add }).toEqual({ where, add: undefined });
+  expect({ where, seccomp: sc.seccompProfile?.type }).toEqual({ where, seccomp: 'RuntimeDefault' });
+}
+
+describe('helm chart helm/vcpud', () => {
+  const rendered = new Map<string, Obj[]>();
+
+  beforeAll(() => {
+    // Provisions helm (first run: an npm pack of ~34 MB) and yamllint, then lints and renders.
+    execFileSync('bash', [path.join(ROOT, 'scripts', 'chart-check.sh')], { cwd: ROOT, stdio: ['ignore', 'inherit', 'inherit'] });
+    for (const name of CASES) rendered.set(name, parseManifests(fs.readFileSync(path.join(RENDER, `${name}.yaml`), 'utf8')));
+  }, 600_000);
+
+  test('the ci values cover daemonset, cert-manager + monitors, sidecar and the privileged fallback', () => {
+    expect(CASES).toEqual(
+      expect.arrayContaining(['daemonset', 'daemonset-certmanager-monitoring', 'sidecar', 'privileged-fallback']),
+    );
+  });
+
+  describe.each(CASES)('ci/%s-values.yaml', (name) => {
+    const objects = (): Obj[] => rendered.get(name) as Obj[];
+    const values = fs.readFileSync(path.join(CHART, 'ci', `${name}-values.yaml`), 'utf8');
+    const fallback = /privilegedHostPath:\s*true/.test(values);
+    const mode = /^mode:\s*sidecar/m.test(values) ? 'sidecar' : 'daemonset';
+    const pods = (): { labels: Obj; spec: Obj; owner: Obj }[] => objects().flatMap(podsOf);
+
+    test('every object validates against kubernetes-models', () => {
+      expect(objects().length).toBeGreaterThan(0);
+      for (const o of objects()) {
+        const model = MODELS[`${o.apiVersion}/${o.kind}`];
+        if (!model) throw new Error(`no kubernetes-models class for ${o.apiVersion} ${o.kind} (add it to MODELS)`);
+        try {
+          new model(o).validate();
+        } catch (e) {
+          throw new Error(`${o.kind} ${o.metadata?.name}: ${(e as Error).message}`);
+        }
+      }
+    });
+
+    test('every object carries the standard app.kubernetes.io labels', () => {
+      for (const o of objects()) {
+        const labels = o.metadata?.labels ?? {};
+        expect({ kind: o.kind, labels }).toMatchObject({
+          kind: o.kind,
+          labels: {
+            'app.kubernetes.io/name': 'vcpud',
+            'app.kubernetes.io/instance': RELEASE,
+            'app.kubernetes.io/version': '0.1.0',
+            'app.kubernetes.io/managed-by': 'Helm',
+            'app.kubernetes.io/component': expect.any(String),
+            'helm.sh/chart': 'vcpud-0.1.0',
+          },
+        });
+        expect(o.metadata.namespace).toBe(NAMESPACE);
+      }
+      for (const { labels, owner } of pods()) {
+        if (owner.kind === 'Pod') continue;
+        expect(labels).toMatchObject(owner.spec.selector.matchLabels);
+        expect(labels['app.kubernetes.io/version']).toBe('0.1.0');
+      }
+    });
+
+    test('vcpud containers: non-root, no capabilities, read-only root, seccomp; privileged only under the fallback', () => {
+      const all = pods();
+      expect(all.some(({ spec }) => vcpudContainers(spec).length > 0)).toBe(true);
+      for (const { spec, owner } of all) {
+        for (const c of allContainers(spec)) {
+          const where = `${owner.kind}/${owner.metadata.name}/${c.name}`;
+          const sc = effectiveSecurity(spec, c);
+          expectRestricted(spec, c, where);
+          if (c.name === 'vcpud') expect({ where, uid: sc.runAsUser }).toEqual({ where, uid: 10001 });
+          if (fallback && c.name === 'vcpud') {
+            expect({ where, privileged: sc.privileged, escalation: sc.allowPrivilegeEscalation }).toEqual({
+              where,
+              privileged: true,
+              escalation: true, // Kubernetes rejects privileged with allowPrivilegeEscalation false
+            });
+          } else {
+            expect({ where, privileged: sc.privileged ?? false }).toEqual({ where, privileged: false });
+            expect({ where, escalation: sc.allowPrivilegeEscalation }).toEqual({ where, escalation: false });
+          }
+        }
+        expect(spec.hostNetwork ?? false).toBe(false);
+        expect(spec.hostPID ?? false).toBe(false);
+        expect(spec.automountServiceAccountToken).toBe(false);
+      }
+    });
+
+    test('probes are gRPC on the integer health port vcpud serves plaintext health on', () => {
+      for (const { spec } of pods()) {
+        for (const c of vcpudContainers(spec)) {
+          const health = portNamed(c, 'health');
+          expect(health?.containerPort).toBe(HEALTH_PORT);
+          expect(argValue(c, '--health-listen')).toBe(`0.0.0.0:${health?.containerPort}`);
+          for (const probe of ['livenessProbe', 'readinessProbe', 'startupProbe']) {
+            const p = c[probe];
+            expect(p).toBeDefined();
+            expect(Object.keys(p).filter((k) => ['grpc', 'httpGet', 'tcpSocket', 'exec'].includes(k))).toEqual(['grpc']);
+            expect(Number.isInteger(p.grpc.port)).toBe(true);
+            expect(p.grpc.port).toBe(health?.containerPort);
+          }
+          const metrics = portNamed(c, 'metrics');
+          expect(metrics).toBeDefined();
+          expect(argValue(c, '--metrics-listen')).toBe(`0.0.0.0:${metrics?.containerPort}`);
+        }
+      }
+    });
+
+    test(fallback ? '/dev/kvm: hostPath + privileged fallback, no device resource' : '/dev/kvm: the device-plugin resource', () => {
+      for (const { spec, owner } of pods()) {
+        for (const c of vcpudContainers(spec)) {
+          const where = `${owner.kind}/${owner.metadata.name}`;
+          const limits = c.resources?.limits ?? {};
+          const kvmVolumes = (spec.volumes ?? []).filter((v: Obj) => v.hostPath);
+          if (fallback) {
+            expect({ where, limit: limits[KVM_RESOURCE] }).toEqual({ where, limit: undefined });
+            expect(kvmVolumes).toEqual([{ name: 'kvm', hostPath: { path: '/dev/kvm', type: 'CharDevice' } }]);
+            expect(c.volumeMounts).toContainEqual({ name: 'kvm', mountPath: '/dev/kvm' });
+          } else {
+            expect({ where, limit: limits[KVM_RESOURCE] }).toEqual({ where, limit: '1' });
+            if (c.resources?.requests) expect(c.resources.requests[KVM_RESOURCE]).toBe('1');
+            expect({ where, hostPath: kvmVolumes }).toEqual({ where, hostPath: [] });
+          }
+        }
+      }
+    });
+
+    test('the rendered vcpud flags are accepted by vcpud itself (only the TLS files are missing here)', () => {
+      for (const { spec } of pods()) {
+        for (const c of vcpudContainers(spec)) {
+          let problems: string[] = [];
+          try {
+            loadConfig(c.args, {}, '/');
+          } catch (e) {
+            if (!(e instanceof ConfigError)) throw e;
+            problems = e.problems;
+          }
+          expect(problems.filter((p) => !/cannot read \/etc\/vcpud\/tls\/(tls\.crt|tls\.key|ca\.crt)/.test(p))).toEqual([]);
+        }
+      }
+    });
+
+    test('monitor port names match a container or Service port name', () => {
+      const monitors = objects().filter((o) => o.kind === 'PodMonitor' || o.kind === 'ServiceMonitor');
+      if (/podMonitor:\s*\n\s*enabled:\s*true/.test(values)) expect(monitors.some((m) => m.kind === 'PodMonitor')).toBe(true);
+      if (/serviceMonitor:\s*\n\s*enabled:\s*true/.test(values))
+        expect(monitors.some((m) => m.kind === 'ServiceMonitor')).toBe(true);
+      for (const m of monitors) {
+        const selector = m.spec.selector.matchLabels;
+        if (m.kind === 'PodMonitor') {
+          const selected = pods().filter(({ labels, owner }) => !isTestHook(owner) && matches(selector, labels));
+          expect(selected.length).toBeGreaterThan(0);
+          for (const ep of m.spec.podMetricsEndpoints) {
+            for (const { spec } of selected) {
+              expect(allContainers(spec).some((c) => portNamed(c, ep.port))).toBe(true);
+            }
+          }
+        } else {
+          const services = objects().filter((o) => o.kind === 'Service' && matches(selector, o.metadata.labels));
+          expect(services.length).toBeGreaterThan(0);
+          for (const ep of m.spec.endpoints) {
+            for (const s of services) {
+              const sp = s.spec.ports.find((p: Obj) => p.name === ep.port);
+              expect(sp).toBeDefined();
+              // ...and the Service port reaches the container port of that name.
+              const backends = pods().filter(({ labels }) => matches(s.spec.selector, labels));
+              for (const { spec } of backends) expect(vcpudContainers(spec).some((c) => portNamed(c, sp.targetPort))).toBe(true);
+            }
+          }
+        }
+      }
+    });
+
+    test('a helm test hook runs vcpuctl caps against the release', () => {
+      const hooks = objects().filter(isTestHook);
+      expect(hooks).toHaveLength(1);
+      const [hook] = hooks;
+      expect(hook.kind).toBe('Pod');
+      expect(hook.spec.restartPolicy).toBe('Never');
+      const ctl = hook.spec.containers.find((c: Obj) => c.name === 'vcpuctl');
+      expect(ctl.command).toEqual(['node', '/app/dist/src/cli/vcpuctl.js']);
+      expect(ctl.args[ctl.args.length - 1]).toBe('caps');
+      const server = argValue(ctl, '--server') as string;
+      if (mode === 'daemonset') {
+        // mTLS through the Service, whose certificate names it, with a client certificate.
+        const service = objects().find((o) => o.kind === 'Service') as Obj;
+        expect(server).toBe(`${service.metadata.name}.${NAMESPACE}.svc:${service.spec.ports[0].port}`);
+        expect(service.spec.ports[0].name).toBe('grpc');
+        for (const f of ['ca.crt', 'tls.crt', 'tls.key']) expect(ctl.args).toContain(`--tls-${f === 'ca.crt' ? 'ca' : f === 'tls.crt' ? 'cert' : 'key'}=/etc/vcpud/client-tls/${f}`);
+        expect(ctl.volumeMounts).toContainEqual({ name: 'client-tls', mountPath: '/etc/vcpud/client-tls', readOnly: true });
+        const cert = objects().find((o) => o.kind === 'Certificate' && o.spec.usages.includes('server auth'));
+        if (cert) expect(cert.spec.dnsNames).toContain(server.split(':')[0]);
+      } else {
+        // Its own vcpud sidecar, called over the shared socket from another uid.
+        expect(server).toBe('unix:/run/vcpud/vcpud.sock');
+        expect(vcpudContainers(hook.spec)[0].restartPolicy).toBe('Always');
+        expect(effectiveSecurity(hook.spec, ctl).runAsUser).not.toBe(10001);
+      }
+    });
+
+    if (mode === 'daemonset') {
+      test('daemonset: mTLS on TCP with the TLS Secret mounted read-only, a Service in front', () => {
+        const ds = objects().find((o) => o.kind === 'DaemonSet') as Obj;
+        expect(ds).toBeDefined();
+        const spec = ds.spec.template.spec;
+        const [c] = vcpudContainers(spec);
+        expect(argValue(c, '--listen')).toBe(`0.0.0.0:${portNamed(c, 'grpc')?.containerPort}`);
+        expect(argValue(c, '--tls-cert')).toBe('/etc/vcpud/tls/tls.crt');
+        expect(argValue(c, '--tls-key')).toBe('/etc/vcpud/tls/tls.key');
+        expect(argValue(c, '--tls-ca')).toBe('/etc/vcpud/tls/ca.crt');
+        expect(c.args).not.toContain('--insecure');
+        expect(c.volumeMounts).toContainEqual({ name: 'tls', mountPath: '/etc/vcpud/tls', readOnly: true });
+        const tls = spec.volumes.find((v: Obj) => v.name === 'tls');
+        expect(tls.secret.secretName).toMatch(/.+/);
+        expect(tls.secret.defaultMode).toBe(0o440);
+        const cert = objects().find((o) => o.kind === 'Certificate' && o.spec.usages.includes('server auth'));
+        if (/certManager:\s*\n\s*enabled:\s*true/.test(values)) expect(cert?.spec.secretName).toBe(tls.secret.secretName);
+        const svc = objects().find((o) => o.kind === 'Service') as Obj;
+        expect(svc.spec.selector).toEqual(ds.spec.selector.matchLabels);
+        for (const p of svc.spec.ports) expect(portNamed(c, p.targetPort)).toBeDefined();
+      });
+    } else {
+      test('sidecar: vcpud is a native sidecar sharing an emptyDir socket with the app container', () => {
+        const deploy = objects().find((o) => o.kind === 'Deployment') as Obj;
+        expect(deploy).toBeDefined();
+        const spec = deploy.spec.template.spec;
+        expect(spec.containers.map((c: Obj) => c.name)).toEqual(['app']);
+        const [sidecar] = spec.initContainers;
+        expect(sidecar.name).toBe('vcpud');
+        expect(sidecar.restartPolicy).toBe('Always');
+        expect(argValue(sidecar, '--listen')).toBe('unix:/run/vcpud/vcpud.sock');
+        expect(argValue(sidecar, '--socket-mode')).toBe('0660');
+        const mount = sidecar.volumeMounts.find((m: Obj) => m.mountPath === '/run/vcpud');
+        const volume = spec.volumes.find((v: Obj) => v.name === mount.name);
+        expect(volume.emptyDir).toBeDefined();
+        const [app] = spec.containers;
+        expect(app.volumeMounts).toContainEqual({ name: mount.name, mountPath: '/run/vcpud' });
+        expect(app.env).toContainEqual({ name: 'VCPUD_ADDR', value: 'unix:/run/vcpud/vcpud.sock' });
+        // Another uid reaches the 0660 socket through the pod's fsGroup, vcpud's group.
+        expect(effectiveSecurity(spec, app).runAsUser).not.toBe(10001);
+        expect(spec.securityContext.fsGroup).toBe(effectiveSecurity(spec, sidecar).runAsGroup);
+        expect(objects().some((o) => o.kind === 'Service' || o.kind === 'DaemonSet')).toBe(false);
+      });
+    }
+  });
+
+  test('monitors and certificates are gated on their APIs being served', () => {
+    const objects = template(['-f', path.join(CHART, 'ci', 'daemonset-certmanager-monitoring-values.yaml')]);
+    const kinds = objects.map((o) => o.kind);
+    expect(kinds).toEqual(expect.arrayContaining(['DaemonSet', 'Service', 'Pod']));
+    expect(kinds).not.toContain('Certificate');
+    expect(kinds).not.toContain('PodMonitor');
+    expect(kinds).not.toContain('ServiceMonitor');
+  });
+
+  test.each([
+    ['mode: bogus', ['--set', 'mode=bogus'], /mode.*(daemonset|one of)/],
+    ['a string for a port', ['--set-string', 'ports.health=abc'], /ports\.health.*integer/],
+    ['a port out of range', ['--set', 'ports.grpc=70000'], /ports\.grpc/],
+    ['an unknown log level', ['--set', 'vcpud.logLevel=verbose'], /vcpud\.logLevel/],
+    ['a size that is no size', ['--set', 'vcpud.limits.maxMemoryTotal=lots'], /maxMemoryTotal/],
+    ['a non-octal socket mode', ['--set', 'sidecar.socketMode=0999'], /socketMode/],
+  ])('values.schema.json rejects %s', (_what, args, message) => {
+    const r = helm(['template', RELEASE, CHART, '-f', path.join(CHART, 'ci', 'daemonset-values.yaml'), ...args]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/values don't meet the specifications of the schema/);
+    expect(r.stderr).toMatch(message);
+  });
+
+  test('daemonset mode without TLS material fails with the reason', () => {
+    const r = helm(['template', RELEASE, CHART]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/tls\.existingSecret.*certManager\.enabled/);
+  });
+
+  test('NOTES.txt renders for every ci values file and warns when an enabled API is missing', () => {
+    // helm template does not print NOTES.txt: a copy of the chart wraps it in a YAML document.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-notes-'));
+    try {
+      const chart = path.join(dir, 'vcpud');
+      fs.cpSync(CHART, chart, { recursive: true });
+      fs.writeFileSync(path.join(chart, 'templates', 'zz-notes.yaml'), 'notes: {{ include "vcpud/templates/NOTES.txt" . | toJson }}\n');
+      const notes = (values: string, extra: string[] = []): string => {
+        const r = helm(['template', RELEASE, chart, '-n', NAMESPACE, '-f', path.join(CHART, 'ci', values), ...extra,
+          '--show-only', 'templates/zz-notes.yaml']);
+        if (r.status !== 0) throw new Error(r.stderr);
+        return parseManifests(r.stdout)[0].notes as string;
+      };
+      for (const file of CI_FILES) expect(notes(file)).toMatch(new RegExp(`helm test ${RELEASE} -n ${NAMESPACE}`));
+      expect(notes('sidecar-values.yaml')).toMatch(/native sidecar/);
+      expect(notes('privileged-fallback-values.yaml')).toMatch(/FALLBACK: hostPath/);
+      const bare = notes('daemonset-certmanager-monitoring-values.yaml');
+      expect(bare).toMatch(/WARNING: certManager\.enabled .* not served/);
+      expect(bare).toMatch(/WARNING: metrics\.podMonitor\.enabled/);
+      expect(bare).toMatch(/WARNING: metrics\.serviceMonitor\.enabled/);
+      const full = notes('daemonset-certmanager-monitoring-values.yaml', [
+        '--api-versions', 'cert-manager.io/v1', '--api-versions', 'monitoring.coreos.com/v1']);
+      expect(full).not.toMatch(/WARNING/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a parent chart adds the sidecar to its own workload with the documented named templates', () => {
+    // The README's example, verbatim in substance: a chart depending on vcpud (mode sidecar, no
+    // example) whose Deployment includes vcpud.sidecar & co. through .Subcharts.vcpud.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-parent-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'charts'));
+      fs.mkdirSync(path.join(dir, 'templates'));
+      fs.cpSync(CHART, path.join(dir, 'charts', 'vcpud'), { recursive: true });
+      fs.writeFileSync(
+        path.join(dir, 'Chart.yaml'),
+        'apiVersion: v2\nname: my-app\nversion: 1.0.0\nappVersion: "1.0"\ndependencies:\n  - name: vcpud\n    version: 0.1.0\n',
+      );
+      fs.writeFileSync(path.join(dir, 'values.yaml'), 'vcpud:\n  mode: sidecar\n  sidecar:\n    example:\n      enabled: false\n  tests:\n    enabled: false\n');
+      fs.writeFileSync(
+        path.join(dir, 'templates', 'deployment.yaml'),
+        [
+          'apiVersion: apps/v1',
+          'kind: Deployment',
+          'metadata:',
+          '  name: my-app',
+          'spec:',
+          '  selector:',
+          '    matchLabels: {app: my-app}',
+          '  template:',
+          '    metadata:',
+          '      labels: {app: my-app}',
+          '    spec:',
+          '      securityContext:',
+          '        {{- include "vcpud.podSecurityContext" .Subcharts.vcpud | nindent 8 }}',
+          '      initContainers:',
+          '        {{- include "vcpud.sidecar" .Subcharts.vcpud | nindent 8 }}',
+          '      containers:',
+          '        - name: app',
+          '          image: my-app:1.0',
+          '          env:',
+          '            - name: VCPUD_ADDR',
+          '              value: unix:/run/vcpud/vcpud.sock',
+          '          volumeMounts:',
+          '            {{- include "vcpud.socketVolumeMount" .Subcharts.vcpud | nindent 12 }}',
+          '      volumes:',
+          '        {{- include "vcpud.socketVolume" .Subcharts.vcpud | nindent 8 }}',
+          '',
+        ].join('\n'),
+      );
+      const r = helm(['template', 'app', dir, '--namespace', NAMESPACE]);
+      expect(r.stderr).toBe('');
+      expect(r.status).toBe(0);
+      const objects = parseManifests(r.stdout);
+      // Only the workload (and vcpud's ServiceAccount): no DaemonSet, Service or example.
+      expect(objects.map((o) => o.kind).sort()).toEqual(['Deployment', 'ServiceAccount']);
+      const deploy = objects.find((o) => o.kind === 'Deployment') as Obj;
+      new Deployment(deploy as any).validate();
+      const spec = deploy.spec.template.spec;
+      const [sidecar] = spec.initContainers;
+      expect(sidecar).toMatchObject({ name: 'vcpud', image: 'vcpud:0.1.0', restartPolicy: 'Always' });
+      expect(argValue(sidecar, '--listen')).toBe('unix:/run/vcpud/vcpud.sock');
+      expect(sidecar.resources.limits[KVM_RESOURCE]).toBe('1');
+      expect(spec.securityContext.fsGroup).toBe(10001);
+      expect(spec.containers[0].volumeMounts).toEqual([{ name: 'vcpud-socket', mountPath: '/run/vcpud' }]);
+      expect(spec.volumes.map((v: Obj) => v.name)).toEqual(['vcpud-socket']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
