@@ -162,6 +162,7 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
   // asks for the value the vCPU already has, so GetState's output can always be sent back.
   const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
   for (const s of sections) checkSupported(ctx, s, 'write');
+  checkSregsMsrs(vcpu, values);
   const previous: [SectionName, unknown][] = [];
   for (const s of sections) {
     const msrIndices = s === 'msrs' ? (values.msrs ?? []).map((e) => e.index) : [];
@@ -176,6 +177,28 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
   return sections;
 }
 
+/**
+ * EFER, APIC_BASE, FS_BASE and GS_BASE are sregs fields that KVM_SET_MSRS can also write, with
+ * other checks: host-initiated MSR writes skip the consistency checks SET_SREGS applies (EFER.LME/
+ * LMA against CR0.PG, CS.L), while SET_SREGS takes non-canonical bases KVM_SET_MSRS refuses. Set
+ * through msrs they can leave a vCPU whose own state one of the two ioctls refuses to restore. They must come through sregs; in msrs they may only repeat the sregs value.
+ */
+function checkSregsMsrs(vcpu: Vcpu, values: StateValues): void {
+  const violations: Violation[] = [];
+  (values.msrs ?? []).forEach((e, i) => {
+    const field = SREGS_MSRS.get(e.index);
+    if (!field) return;
+    const current = field.get(values.sregs ?? values.sregs2 ?? vcpu.getSregs());
+    if (current !== e.data)
+      violations.push({
+        rule: 'msrs.sregs_field',
+        field: `state.msrs.entries[${i}]`,
+        message: `MSR 0x${e.index.toString(16)} (${msrName(e.index)}) is sregs.${field.name}: set it there (0x${e.data.toString(16)} differs from 0x${current.toString(16)})`,
+      });
+  });
+  if (violations.length) throw invalidArgument(violations.map((v) => v.message).join('; '), violations);
+}
+
 function unchangedButUnwritable(vcpu: Vcpu, ctx: StateContext, s: SectionName, value: unknown): boolean {
   if (ctx.caps.sections[s].writable || !ctx.caps.sections[s].readable) return false;
   return isDeepStrictEqual(readSection(vcpu, s, [], []), value);
@@ -185,12 +208,43 @@ function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
   const failures: string[] = [];
   for (const [s, v] of previous) {
     try {
-      writeSection(vcpu, s, v);
+      if (s === 'msrs') restoreMsrs(vcpu, v as MsrEntry[]);
+      else writeSection(vcpu, s, v);
     } catch (e) {
       failures.push(`${s}: ${(e as Error).message}`);
     }
   }
   return failures;
+}
+
+/**
+ * The saved MSRs that now differ. Only those are written back: an MSR the failed set never reached
+ * may hold a value KVM_SET_MSRS refuses though another ioctl accepted it (EFER with reserved bits
+ * via SET_SREGS), and writing it back unchanged would fail the rollback for nothing.
+ */
+function changedMsrs(vcpu: Vcpu, saved: MsrEntry[]): MsrEntry[] {
+  const now = new Map(vcpu.getMsrs(saved.map((e) => e.index)).entries.map((e) => [e.index, e.data]));
+  return saved.filter((e) => now.get(e.index) !== e.data);
+}
+
+/** MSRs that are also sregs fields: SET_SREGS takes back any value it (or a guest) put there. */
+type SregsLike = SectionValues['sregs'] | SectionValues['sregs2'];
+const SREGS_MSRS: ReadonlyMap<number, { name: string; get(s: SregsLike): bigint; set(s: SregsLike, v: bigint): void }> = new Map([
+  [0xc0000080, { name: 'efer', get: (s: SregsLike) => s.efer, set: (s: SregsLike, v: bigint) => void (s.efer = v) }],
+  [0x1b, { name: 'apic_base', get: (s: SregsLike) => s.apicBase, set: (s: SregsLike, v: bigint) => void (s.apicBase = v) }],
+  [0xc0000100, { name: 'fs.base', get: (s: SregsLike) => s.fs.base, set: (s: SregsLike, v: bigint) => void (s.fs.base = v) }],
+  [0xc0000101, { name: 'gs.base', get: (s: SregsLike) => s.gs.base, set: (s: SregsLike, v: bigint) => void (s.gs.base = v) }],
+]);
+
+function restoreMsrs(vcpu: Vcpu, saved: MsrEntry[]): void {
+  const changed = changedMsrs(vcpu, saved);
+  const viaSregs = changed.filter((e) => SREGS_MSRS.has(e.index));
+  if (viaSregs.length) {
+    const sregs = vcpu.getSregs();
+    for (const e of viaSregs) SREGS_MSRS.get(e.index)!.set(sregs, e.data);
+    vcpu.setSregs(sregs);
+  }
+  writeSection(vcpu, 'msrs', changed.filter((e) => !SREGS_MSRS.has(e.index)));
 }
 
 function sectionFailure(section: SectionName, e: unknown, rollbackFailures: string[]): VcpudError {
