@@ -181,7 +181,8 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
  * EFER, APIC_BASE, FS_BASE and GS_BASE are sregs fields that KVM_SET_MSRS can also write, with
  * other checks: host-initiated MSR writes skip the consistency checks SET_SREGS applies (EFER.LME/
  * LMA against CR0.PG, CS.L), while SET_SREGS takes non-canonical bases KVM_SET_MSRS refuses. Set
- * through msrs they can leave a vCPU whose own state one of the two ioctls refuses to restore. They must come through sregs; in msrs they may only repeat the sregs value.
+ * through msrs they can leave a vCPU whose own state one of the two ioctls refuses to restore.
+ * They must come through sregs; in msrs they may only repeat the sregs value.
  */
 function checkSregsMsrs(vcpu: Vcpu, values: StateValues): void {
   const violations: Violation[] = [];
