@@ -2,7 +2,10 @@
 #include <linux/kvm.h>
 #include <napi.h>
 
+#include "crc32c.h"
+#include "errors.h"
 #include "guest_memory.h"
+#include "ioctl_call.h"
 #include "kvm_ioctls.h"
 #include "vcpu_runner.h"
 
@@ -45,6 +48,15 @@ Napi::Object Caps(Napi::Env env) {
   return c;
 }
 
+// crc32c(buffer, seed = 0, software = false): CRC-32C of the bytes, continuing `seed`.
+Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> buf = BufferArg(info, 0, "crc32c");
+  uint32_t seed = info.Length() > 1 && !info[1].IsUndefined() ? static_cast<uint32_t>(U64Arg(info, 1, "crc32c", "seed")) : 0;
+  bool software = info.Length() > 2 && info[2].ToBoolean();
+  return Napi::Number::New(info.Env(), software ? Crc32cSoftware(seed, buf.Data(), buf.Length())
+                                                 : Crc32c(seed, buf.Data(), buf.Length()));
+}
+
 }  // namespace
 }  // namespace vcpud
 
@@ -53,6 +65,7 @@ static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   RegisterIoctls(env, exports);
   GuestMemory::Register(env, exports);
   VcpuRunner::Register(env, exports);
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
   exports.Set("caps", Caps(env));
   exports.Set("apiVersion", Napi::Number::New(env, KVM_API_VERSION));
   return exports;

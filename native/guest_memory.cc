@@ -1,14 +1,154 @@
 #include "guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <string>
+#include <vector>
 
+#include "crc32c.h"
 #include "errors.h"
 #include "ioctl_call.h"
 
 namespace vcpud {
+
+namespace {
+
+constexpr size_t kPage = 4096;
+
+struct Run {
+  size_t offset;  // into the guest memory
+  size_t length;
+};
+
+// Runs of consecutive selected pages, from `offset` on.
+std::vector<Run> RunsOf(uint64_t offset, uint64_t pages, const uint8_t* bitmap) {
+  std::vector<Run> runs;
+  for (uint64_t i = 0; i < pages; i++) {
+    if (!(bitmap[i / 8] & (1u << (i % 8)))) continue;
+    size_t at = offset + i * kPage;
+    if (!runs.empty() && runs.back().offset + runs.back().length == at)
+      runs.back().length += kPage;
+    else
+      runs.push_back({at, kPage});
+  }
+  return runs;
+}
+
+bool PageIsZero(const uint8_t* p) {
+  uint64_t first;
+  memcpy(&first, p, sizeof first);
+  if (first) return false;  // the common case for guest data: decided by the first word
+  const uint64_t* q = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < kPage / 8; i += 8) {
+    if (q[i] | q[i + 1] | q[i + 2] | q[i + 3] | q[i + 4] | q[i + 5] | q[i + 6] | q[i + 7]) return false;
+  }
+  return true;
+}
+
+int WriteAll(int fd, const uint8_t* p, size_t len, uint64_t pos) {
+  while (len) {
+    ssize_t n = pwrite(fd, p, len, static_cast<off_t>(pos));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    p += n;
+    pos += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int ReadAll(int fd, uint8_t* p, size_t len, uint64_t pos) {
+  while (len) {
+    ssize_t n = pread(fd, p, len, static_cast<off_t>(pos));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return ENODATA;  // the file ends before the range does
+    p += n;
+    pos += n;
+    len -= n;
+  }
+  return 0;
+}
+
+// One page-list operation on the libuv pool; resolves to the CRC-32C of the pages it saw.
+class PageTask : public Napi::AsyncWorker {
+ public:
+  enum class Kind { kCrc, kWrite, kCopy };
+
+  PageTask(Napi::Env env, GuestMemory* mem, Napi::Object self, Kind kind, const char* op, std::vector<Run> runs)
+      : Napi::AsyncWorker(env), mem_(mem), self_(Napi::Persistent(self)), kind_(kind), op_(op),
+        runs_(std::move(runs)), deferred_(Napi::Promise::Deferred::New(env)) {
+    mem_->BeginBusy();
+  }
+
+  void SetFile(int fd, uint64_t pos) {
+    fd_ = fd;
+    pos_ = pos;
+  }
+  void SetOut(Napi::Buffer<uint8_t> out) {
+    out_ = out.Data();
+    outRef_ = Napi::Persistent(out.As<Napi::Object>());
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    uint8_t* base = mem_->Base();
+    uint64_t pos = pos_;
+    uint8_t* out = out_;
+    for (const Run& r : runs_) {
+      const uint8_t* p = base + r.offset;
+      switch (kind_) {
+        case Kind::kCrc:
+          crc_ = Crc32c(crc_, p, r.length);
+          break;
+        case Kind::kCopy:
+          memcpy(out, p, r.length);
+          crc_ = Crc32c(crc_, out, r.length);  // the checksum of the bytes that leave
+          out += r.length;
+          break;
+        case Kind::kWrite:
+          crc_ = Crc32c(crc_, p, r.length);
+          if ((err_ = WriteAll(fd_, p, r.length, pos)) != 0) return;
+          // Start writeback now so the final fsync has little left (a hint: errors are ignored).
+          sync_file_range(fd_, static_cast<off_t>(pos), static_cast<off_t>(r.length), SYNC_FILE_RANGE_WRITE);
+          pos += r.length;
+          break;
+      }
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    mem_->EndBusy();
+    if (err_) deferred_.Reject(MakeSysError(env, op_, err_).Value());
+    else deferred_.Resolve(Napi::Number::New(env, crc_));
+  }
+
+ private:
+  GuestMemory* mem_;
+  Napi::ObjectReference self_;  // keeps the GuestMemory alive while the task runs
+  Kind kind_;
+  const char* op_;
+  std::vector<Run> runs_;
+  int fd_ = -1;
+  uint64_t pos_ = 0;
+  uint8_t* out_ = nullptr;
+  Napi::ObjectReference outRef_;
+  uint32_t crc_ = 0;
+  int err_ = 0;
+  Napi::Promise::Deferred deferred_;
+};
+
+}  // namespace
 
 Napi::FunctionReference* GuestMemory::ctor_ = nullptr;
 
@@ -17,6 +157,12 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                  {InstanceMethod("read", &GuestMemory::Read),
                                   InstanceMethod("write", &GuestMemory::Write),
                                   InstanceMethod("release", &GuestMemory::Release),
+                                  InstanceMethod("scanPages", &GuestMemory::ScanPages),
+                                  InstanceMethod("crc32cPages", &GuestMemory::Crc32cPages),
+                                  InstanceMethod("writePagesToFd", &GuestMemory::WritePagesToFd),
+                                  InstanceMethod("copyPages", &GuestMemory::CopyPages),
+                                  InstanceMethod("mapFile", &GuestMemory::MapFile),
+                                  InstanceMethod("readFromFd", &GuestMemory::ReadFromFd),
                                   InstanceAccessor("size", &GuestMemory::GetSize, nullptr)});
   ctor_ = new Napi::FunctionReference(Napi::Persistent(f));
   exports.Set("GuestMemory", f);
@@ -26,13 +172,13 @@ GuestMemory* GuestMemory::FromArg(const Napi::CallbackInfo& info, size_t i, cons
   if (!info[i].IsObject() || !info[i].As<Napi::Object>().InstanceOf(ctor_->Value()))
     throw Napi::TypeError::New(info.Env(), std::string(op) + ": expected a GuestMemory");
   GuestMemory* m = ObjectWrap<GuestMemory>::Unwrap(info[i].As<Napi::Object>());
-  if (!m->base_) throw Napi::Error::New(info.Env(), std::string(op) + ": guest memory was released");
+  if (!m->base_ || m->released_) throw Napi::Error::New(info.Env(), std::string(op) + ": guest memory was released");
   return m;
 }
 
 GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GuestMemory>(info) {
   uint64_t size = U64Arg(info, 0, "GuestMemory", "size");
-  if (size == 0 || size % 4096 != 0)
+  if (size == 0 || size % kPage != 0)
     throw Napi::RangeError::New(info.Env(), "GuestMemory: size must be a non-zero multiple of 4096");
   // NORESERVE: untouched guest pages cost nothing, so memory limits count what the guest may use.
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -41,19 +187,36 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
   size_ = size;
 }
 
-GuestMemory::~GuestMemory() { Unmap(); }
+GuestMemory::~GuestMemory() {
+  busy_ = 0;
+  Unmap();
+}
 
 void GuestMemory::Unmap() {
+  released_ = true;
+  if (busy_ > 0) return;  // the last pool operation unmaps
   if (base_) munmap(base_, size_);
   base_ = nullptr;
 }
 
+void GuestMemory::EndBusy() {
+  if (--busy_ == 0 && released_) Unmap();
+}
+
 void GuestMemory::CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const {
-  if (!base_) throw Napi::Error::New(env, std::string(op) + ": guest memory was released");
+  if (!base_ || released_) throw Napi::Error::New(env, std::string(op) + ": guest memory was released");
   if (offset > size_ || len > size_ - offset)
     throw Napi::RangeError::New(env, std::string(op) + ": range [" + std::to_string(offset) + ", +" +
                                          std::to_string(len) + ") is outside the " +
                                          std::to_string(size_) + "-byte guest memory");
+}
+
+void GuestMemory::CheckPages(Napi::Env env, const char* op, uint64_t offset, uint64_t pages, size_t bitmapLen) const {
+  if (offset % kPage) throw Napi::RangeError::New(env, std::string(op) + ": offset is not page-aligned");
+  if (pages > size_ / kPage) throw Napi::RangeError::New(env, std::string(op) + ": too many pages");
+  CheckRange(env, op, offset, pages * kPage);
+  if (bitmapLen < (pages + 7) / 8)
+    throw Napi::RangeError::New(env, std::string(op) + ": bitmap shorter than " + std::to_string(pages) + " bits");
 }
 
 Napi::Value GuestMemory::Read(const Napi::CallbackInfo& info) {
@@ -73,11 +236,114 @@ Napi::Value GuestMemory::Write(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value GuestMemory::GetSize(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), static_cast<double>(base_ ? size_ : 0));
+  return Napi::Number::New(info.Env(), static_cast<double>(base_ && !released_ ? size_ : 0));
 }
 
 Napi::Value GuestMemory::Release(const Napi::CallbackInfo& info) {
   Unmap();
+  return info.Env().Undefined();
+}
+
+// Anonymous pages that were never touched (neither present nor swapped in /proc/self/pagemap) are
+// zero without reading them, which would map the zero page into every hole of a large guest.
+Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.scanPages";
+  uint64_t off = U64Arg(info, 0, op, "offset");
+  uint64_t pages = U64Arg(info, 1, op, "pages");
+  CheckPages(info.Env(), op, off, pages, (pages + 7) / 8);
+  Napi::Buffer<uint8_t> bitmap = Napi::Buffer<uint8_t>::New(info.Env(), (pages + 7) / 8);
+  memset(bitmap.Data(), 0, bitmap.Length());
+  std::vector<uint64_t> entries;
+  if (!fileBacked_) {
+    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pm >= 0) {
+      entries.resize(pages);
+      uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
+      if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) != 0) entries.clear();
+      close(pm);
+    }
+  }
+  constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
+  for (uint64_t i = 0; i < pages; i++) {
+    if (!entries.empty() && !(entries[i] & (kPresent | kSwapped))) continue;
+    if (!PageIsZero(base_ + off + i * kPage)) bitmap.Data()[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+  }
+  return bitmap;
+}
+
+Napi::Value GuestMemory::Crc32cPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.crc32cPages";
+  uint64_t off = U64Arg(info, 0, op, "offset");
+  uint64_t pages = U64Arg(info, 1, op, "pages");
+  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, op);
+  CheckPages(info.Env(), op, off, pages, bitmap.Length());
+  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCrc, op,
+                         RunsOf(off, pages, bitmap.Data()));
+  Napi::Promise p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value GuestMemory::WritePagesToFd(const Napi::CallbackInfo& info) {
+  const char* op = "pwrite";
+  uint64_t off = U64Arg(info, 0, "GuestMemory.writePagesToFd", "offset");
+  uint64_t pages = U64Arg(info, 1, "GuestMemory.writePagesToFd", "pages");
+  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, "GuestMemory.writePagesToFd");
+  int fd = FdArg(info, 3, "GuestMemory.writePagesToFd");
+  uint64_t pos = U64Arg(info, 4, "GuestMemory.writePagesToFd", "fileOffset");
+  CheckPages(info.Env(), "GuestMemory.writePagesToFd", off, pages, bitmap.Length());
+  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kWrite, op,
+                         RunsOf(off, pages, bitmap.Data()));
+  t->SetFile(fd, pos);
+  Napi::Promise p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value GuestMemory::CopyPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.copyPages";
+  uint64_t off = U64Arg(info, 0, op, "offset");
+  uint64_t pages = U64Arg(info, 1, op, "pages");
+  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, op);
+  Napi::Buffer<uint8_t> out = BufferArg(info, 3, op);
+  CheckPages(info.Env(), op, off, pages, bitmap.Length());
+  std::vector<Run> runs = RunsOf(off, pages, bitmap.Data());
+  size_t total = 0;
+  for (const Run& r : runs) total += r.length;
+  if (out.Length() != total)
+    ThrowLength(info.Env(), op, "output buffer is " + std::to_string(out.Length()) + " bytes, the pages are " + std::to_string(total));
+  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCopy, op, std::move(runs));
+  t->SetOut(out);
+  Napi::Promise p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.mapFile";
+  uint64_t off = U64Arg(info, 0, op, "offset");
+  uint64_t len = U64Arg(info, 1, op, "length");
+  int fd = FdArg(info, 2, op);
+  uint64_t pos = U64Arg(info, 3, op, "fileOffset");
+  CheckRange(info.Env(), op, off, len);
+  if (off % kPage || len % kPage || pos % kPage || len == 0)
+    throw Napi::RangeError::New(info.Env(), std::string(op) + ": offset, length and file offset must be page-aligned");
+  void* want = base_ + off;
+  void* p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, static_cast<off_t>(pos));
+  if (p == MAP_FAILED) throw MakeSysError(info.Env(), "mmap", errno);
+  fileBacked_ = true;
+  return info.Env().Undefined();
+}
+
+Napi::Value GuestMemory::ReadFromFd(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.readFromFd";
+  uint64_t off = U64Arg(info, 0, op, "offset");
+  uint64_t len = U64Arg(info, 1, op, "length");
+  int fd = FdArg(info, 2, op);
+  uint64_t pos = U64Arg(info, 3, op, "fileOffset");
+  CheckRange(info.Env(), op, off, len);
+  int err = ReadAll(fd, base_ + off, len, pos);
+  if (err) throw MakeSysError(info.Env(), "pread", err);
   return info.Env().Undefined();
 }
 

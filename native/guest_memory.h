@@ -1,5 +1,11 @@
 // Guest RAM: an anonymous mapping owned by a JS object. Its host address never reaches JS;
 // reads and writes are bounds-checked copies.
+//
+// Snapshots work on it in whole pages: ScanPages finds the non-zero ones, and the page-list
+// operations (CRC-32C, write to a file, copy out) run on the libuv pool over the pages a bitmap
+// selects. MapFile replaces a range with a private (copy-on-write) mapping of a snapshot file, so a
+// restore maps memory lazily instead of reading it. While a pool operation runs the mapping stays
+// alive: release() then only marks it released and the unmap happens when the last one finishes.
 #pragma once
 #include <napi.h>
 
@@ -19,17 +25,40 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   uint8_t* Base() const { return base_; }
   size_t Size() const { return size_; }
 
+  void BeginBusy() { busy_++; }
+  void EndBusy();
+
  private:
   Napi::Value Read(const Napi::CallbackInfo& info);   // (offset, buffer): fills buffer
   Napi::Value Write(const Napi::CallbackInfo& info);  // (offset, buffer)
   Napi::Value GetSize(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
+  // (offset, pages) -> Buffer: bit i (LSB first) set when page i holds a non-zero byte.
+  Napi::Value ScanPages(const Napi::CallbackInfo& info);
+  // (offset, pages, bitmap) -> Promise<number>: CRC-32C of the selected pages, in order.
+  Napi::Value Crc32cPages(const Napi::CallbackInfo& info);
+  // (offset, pages, bitmap, fd, fileOffset) -> Promise<number>: writes the selected pages packed,
+  // from fileOffset on, in large sequential pwrites, starting writeback as it goes; resolves to
+  // their CRC-32C.
+  Napi::Value WritePagesToFd(const Napi::CallbackInfo& info);
+  // (offset, pages, bitmap, out) -> Promise<number>: copies the selected pages packed into `out`
+  // (exactly their size); resolves to their CRC-32C.
+  Napi::Value CopyPages(const Napi::CallbackInfo& info);
+  // (offset, length, fd, fileOffset): MAP_PRIVATE | MAP_FIXED of the file over [offset, +length).
+  Napi::Value MapFile(const Napi::CallbackInfo& info);
+  // (offset, length, fd, fileOffset): pread into [offset, +length).
+  Napi::Value ReadFromFd(const Napi::CallbackInfo& info);
+
   void CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const;
+  void CheckPages(Napi::Env env, const char* op, uint64_t offset, uint64_t pages, size_t bitmapLen) const;
   void Unmap();
 
   static Napi::FunctionReference* ctor_;
   uint8_t* base_ = nullptr;
   size_t size_ = 0;
+  int busy_ = 0;             // pool operations in flight (JS thread only)
+  bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
+  bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
 };
 
 }  // namespace vcpud

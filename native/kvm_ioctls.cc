@@ -152,6 +152,13 @@ Call GetClock(const Napi::CallbackInfo& i) {
 Call SetClock(const Napi::CallbackInfo& i) {
   return FixedStruct(i, "KVM_SET_CLOCK", KREQ(SET_CLOCK), KSIZE(kvm_clock_data));
 }
+// struct kvm_irqchip: chip_id (0 PIC master, 1 PIC slave, 2 IOAPIC) selects what the union holds.
+Call GetIrqchip(const Napi::CallbackInfo& i) {
+  return FixedStruct(i, "KVM_GET_IRQCHIP", KREQ(GET_IRQCHIP), KSIZE(kvm_irqchip));
+}
+Call SetIrqchip(const Napi::CallbackInfo& i) {
+  return FixedStruct(i, "KVM_SET_IRQCHIP", KREQ(SET_IRQCHIP), KSIZE(kvm_irqchip));
+}
 // (vmFd, slot, flags, guestPhysAddr, GuestMemory): the host address never crosses into JS.
 Call SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   const char* name = "KVM_SET_USER_MEMORY_REGION";
@@ -308,6 +315,7 @@ Napi::Object Sizes(Napi::Env env) {
   VCPUD_SIZE(kvm_cpuid_entry2);
   VCPUD_SIZE(kvm_enable_cap);
   VCPUD_SIZE(kvm_clock_data);
+  VCPUD_SIZE(kvm_irqchip);
   VCPUD_SIZE(kvm_nested_state);
   VCPUD_SIZE(kvm_run);
 #undef VCPUD_SIZE
@@ -336,6 +344,8 @@ void RegisterIoctls(Napi::Env env, Napi::Object exports) {
   VCPUD_EXPORT("enableCap", EnableCap);
   VCPUD_EXPORT("getClock", GetClock);
   VCPUD_EXPORT("setClock", SetClock);
+  VCPUD_EXPORT("getIrqchip", GetIrqchip);
+  VCPUD_EXPORT("setIrqchip", SetIrqchip);
   VCPUD_EXPORT("setUserMemoryRegion", SetUserMemoryRegion);
   VCPUD_EXPORT("getRegs", GetRegs);
   VCPUD_EXPORT("setRegs", SetRegs);

@@ -91,7 +91,8 @@ void VcpuRunner::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("drain", &VcpuRunner::Drain),
                                   InstanceMethod("status", &VcpuRunner::Status),
                                   InstanceMethod("exitCounts", &VcpuRunner::ExitCounts),
-                                  InstanceMethod("destroy", &VcpuRunner::Destroy)});
+                                  InstanceMethod("destroy", &VcpuRunner::Destroy),
+                                  InstanceMethod("markPaused", &VcpuRunner::MarkPaused)});
   exports.Set("VcpuRunner", f);
 }
 
@@ -144,6 +145,14 @@ Napi::Value VcpuRunner::Resume(const Napi::CallbackInfo& info) {
     thread_ = std::thread([this] { Loop(); });
     tid_ = thread_.native_handle();
   }
+  return Napi::Boolean::New(info.Env(), true);
+}
+
+Napi::Value VcpuRunner::MarkPaused(const Napi::CallbackInfo& info) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!run_) throw Napi::Error::New(info.Env(), "VcpuRunner.markPaused: runner destroyed");
+  if (state_ != RunState::kCreated) return Napi::Boolean::New(info.Env(), false);
+  state_ = RunState::kPaused;  // no state event: nothing ran, nobody watches a VM this new
   return Napi::Boolean::New(info.Env(), true);
 }
 
@@ -295,7 +304,14 @@ void VcpuRunner::Stop(const std::string& reason, std::map<std::string, double> d
 void VcpuRunner::Notify() {
   if (notifyPending_ || !run_) return;
   notifyPending_ = true;
-  tsfn_.NonBlockingCall();
+  // A call still queued when the environment shuts down (a VM destroyed just before exit) cannot
+  // reach JS; its exception must not escape into the libuv callback (std::terminate).
+  tsfn_.NonBlockingCall([](Napi::Env, Napi::Function fn) {
+    try {
+      fn.Call({});
+    } catch (const Napi::Error&) {
+    }
+  });
 }
 
 Napi::Value VcpuRunner::Drain(const Napi::CallbackInfo& info) {

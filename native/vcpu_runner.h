@@ -45,6 +45,8 @@ class VcpuRunner : public Napi::ObjectWrap<VcpuRunner> {
   Napi::Value Status(const Napi::CallbackInfo& info);
   Napi::Value ExitCounts(const Napi::CallbackInfo& info);
   Napi::Value Destroy(const Napi::CallbackInfo& info);
+  // CREATED -> PAUSED without running: a restored vCPU is a paused one, not a new one.
+  Napi::Value MarkPaused(const Napi::CallbackInfo& info);
 
   void Loop();
   // Each returns true when the vCPU keeps running after the exit. Called with mu_ held.

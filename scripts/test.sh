@@ -9,13 +9,18 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "provision: guest programs"
 bash scripts/build-guests.sh || { echo "guest build failed"; echo "0 passed, 1 failed"; exit 1; }
 
-step "build: native addon (if missing)"
-[ -f build/Release/vcpud_native.node ] || npx node-gyp rebuild --nodedir=/usr >/dev/null || {
+step "build: native addon (if missing or older than its sources)"
+addon=build/Release/vcpud_native.node
+{ [ -f "$addon" ] && [ -z "$(find native binding.gyp -newer "$addon" -print -quit)" ]; } || npx node-gyp rebuild --nodedir=/usr >/dev/null || {
   echo "addon build failed"; echo "0 passed, 1 failed"; exit 1; }
 
 step "typecheck and build dist/ (the e2e tests run the built vcpud)"
 typecheck_failed=0
 npx tsc -p tsconfig.json || typecheck_failed=1
+
+step "provision: nested lab (QEMU, Debian kernel, initramfs with the built vcpud)"
+# Not fatal here: without the lab its tests skip loudly, or fail under VCPUD_REQUIRE_LAB=1 (CI).
+bash scripts/provision-lab.sh || echo "nested lab not provisioned: its tests will skip (or fail with VCPUD_REQUIRE_LAB=1)" >&2
 
 step "jest"
 results=$(mktemp)

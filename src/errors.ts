@@ -8,7 +8,8 @@ export type ErrorKind =
   | 'failed_precondition' // wrong state for the operation (paused/running, incompatible snapshot)
   | 'unsupported' // the host lacks a capability the operation needs
   | 'resource_exhausted' // a configured limit or a size bound
-  | 'unavailable' // shutting down
+  | 'unavailable' // shutting down, or a peer (migration destination) cannot be reached
+  | 'data_loss' // a snapshot whose bytes are corrupt or truncated (a chunk checksum fails)
   | 'kernel' // an ioctl failed with an errno
   | 'internal'; // should never happen
 
@@ -30,6 +31,9 @@ export interface ErrorDetails {
   field?: string;
   ioctl?: string;
   errno?: string;
+  /** Snapshots: the number of the record (chunk) at fault and its byte offset in the snapshot. */
+  chunk?: string;
+  offset?: string;
 }
 
 export class VcpudError extends Error {
@@ -72,7 +76,7 @@ export class UnsupportedError extends VcpudError {
   }
 }
 
-export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND', field?: string) =>
+export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND' | 'SNAPSHOT_NOT_FOUND', field?: string) =>
   new VcpudError('not_found', what, { reason, field });
 export const invalidArgument = (message: string, violations?: Violation[]) =>
   new VcpudError('invalid_argument', message, { violations });

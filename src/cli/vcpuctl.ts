@@ -14,6 +14,7 @@ import { consoleCommands } from './vcpuctl/commands/console';
 import { memCommands } from './vcpuctl/commands/mem';
 import { nestedCommands } from './vcpuctl/commands/nested';
 import { programCommands } from './vcpuctl/commands/program';
+import { snapshotCommands } from './vcpuctl/commands/snapshot';
 import { stateCommands } from './vcpuctl/commands/state';
 import { vmCommands } from './vcpuctl/commands/vm';
 import { errorJson, formatError } from './vcpuctl/format';
@@ -49,6 +50,7 @@ export const COMMANDS: Command[] = [
   ...nestedCommands,
   ...consoleCommands,
   ...memCommands,
+  ...snapshotCommands,
 ];
 
 export const DEFAULT_TIMEOUT_SECONDS = 30;

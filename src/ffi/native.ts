@@ -16,7 +16,20 @@ export interface NativeGuestMemory {
   readonly size: number;
   read(offset: number, buf: Buffer): void;
   write(offset: number, buf: Buffer): void;
+  /** Unmaps (deferred while a page operation runs). */
   release(): void;
+  /** Bitmap of the non-zero pages of [offset, +pages*4096): bit i (LSB first) for page i. */
+  scanPages(offset: number, pages: number): Buffer;
+  /** CRC-32C of the pages the bitmap selects, in order (libuv pool). */
+  crc32cPages(offset: number, pages: number, bitmap: Buffer): Promise<number>;
+  /** pwrite of the selected pages packed from fileOffset on; resolves to their CRC-32C (libuv pool). */
+  writePagesToFd(offset: number, pages: number, bitmap: Buffer, fd: number, fileOffset: number): Promise<number>;
+  /** Copies the selected pages packed into `out` (exactly their size); resolves to their CRC-32C. */
+  copyPages(offset: number, pages: number, bitmap: Buffer, out: Buffer): Promise<number>;
+  /** MAP_PRIVATE | MAP_FIXED of the file over [offset, +length): all page-aligned. */
+  mapFile(offset: number, length: number, fd: number, fileOffset: number): void;
+  /** pread of the file into [offset, +length). */
+  readFromFd(offset: number, length: number, fd: number, fileOffset: number): void;
 }
 
 export type RunStateName = 'created' | 'running' | 'paused' | 'halted' | 'stopped';
@@ -36,6 +49,8 @@ export interface NativeVcpuRunner {
   status(): { state: RunStateName; reason?: string; details: Record<string, number> };
   /** Exit counts by KVM_EXIT_* number. */
   exitCounts(): Record<string, number>;
+  /** CREATED -> PAUSED without running (restored vCPUs); false in any other state. */
+  markPaused(): boolean;
   destroy(): void;
 }
 
@@ -53,6 +68,8 @@ interface SyncAndAsync {
   enableCap: BufferIoctl;
   getClock: BufferIoctl;
   setClock: BufferIoctl;
+  getIrqchip: BufferIoctl;
+  setIrqchip: BufferIoctl;
   setUserMemoryRegion(fd: Fd, slot: number, flags: number, gpa: number | bigint, mem: NativeGuestMemory): void;
   getRegs: BufferIoctl;
   setRegs: BufferIoctl;
@@ -95,6 +112,8 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   closeFd(fd: Fd): void;
   GuestMemory: new (size: number) => NativeGuestMemory;
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
+  /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
+  crc32c(buf: Buffer, seed?: number, software?: boolean): number;
   caps: Record<string, number>;
   apiVersion: number;
   sizes: Record<string, number>;

@@ -149,10 +149,20 @@ export class Vcpu {
     const processed = kvmCall('KVM_SET_MSRS', () => native.setMsrs(this.fd, buf));
     return msrResult(entries, processed, entries.map((e) => e.index));
   }
+  /**
+   * KVM_GET_CPUID2. Older kernels (Debian's 6.1, seen in the nested lab) write `nent` back only
+   * when failing with E2BIG: on success the caller's count stays and the entries past the real
+   * ones are the buffer's zeros. Those are trimmed (an all-zero entry would be a second leaf 0,
+   * which no vCPU has), or a read-back CPUID would hold 256 entries and KVM_SET_CPUID2 of it on
+   * a vCPU that has run fails with EINVAL (6.1 only accepts the identical CPUID then).
+   */
   getCpuid2(capacity = 256): CpuidEntry2[] {
     const buf = Buffer.alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
     kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
-    return SECTIONS.cpuid2.decode(buf);
+    const entries = SECTIONS.cpuid2.decode(buf);
+    const blank = (e: CpuidEntry2) => !e.function && !e.index && !e.flags && !e.eax && !e.ebx && !e.ecx && !e.edx;
+    while (entries.length > 0 && blank(entries[entries.length - 1])) entries.pop();
+    return entries;
   }
   setCpuid2(entries: CpuidEntry2[]): void {
     const buf = SECTIONS.cpuid2.encode(entries);

@@ -5,7 +5,7 @@
 import { VcpudError } from '../errors';
 import type { CapName, Kvm } from './kvm';
 import { capNumber } from './kvm';
-import { kvmCall, native, type NativeGuestMemory } from './native';
+import { kvmCall, kvmCallAsync, native, type NativeGuestMemory } from './native';
 import { Vcpu } from './vcpu';
 
 export interface MemoryRegion {
@@ -32,9 +32,14 @@ export class Vm {
     return kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(this.fd, n));
   }
 
-  /** Maps anonymous memory and registers it as a slot at `guestPhysAddr`. */
-  addMemory(guestPhysAddr: number, size: number, flags = 0): MemoryRegion {
-    const memory = kvmCall('mmap', () => new native.GuestMemory(size));
+  /**
+   * Registers memory as a slot at `guestPhysAddr`: a new anonymous mapping, or `prepared` (e.g. a
+   * snapshot's memory, already loaded or mapped), which the VM then owns and releases.
+   */
+  addMemory(guestPhysAddr: number, size: number, flags = 0, prepared?: NativeGuestMemory): MemoryRegion {
+    if (prepared && prepared.size !== size)
+      throw new VcpudError('internal', `prepared guest memory is ${prepared.size} bytes, the slot ${size}`);
+    const memory = prepared ?? kvmCall('mmap', () => new native.GuestMemory(size));
     const slot = this.regions.length;
     try {
       kvmCall('KVM_SET_USER_MEMORY_REGION', () =>
@@ -46,6 +51,19 @@ export class Vm {
     }
     const region = { slot, guestPhysAddr, size, memory };
     this.regions.push(region);
+    return region;
+  }
+
+  /**
+   * addMemory with an existing mapping, KVM_SET_USER_MEMORY_REGION on the libuv pool: for a large
+   * slot it takes milliseconds (the kernel sizes its per-page metadata), which a restore overlaps
+   * with checksumming the memory.
+   */
+  async addMemoryAsync(guestPhysAddr: number, memory: NativeGuestMemory, flags = 0): Promise<MemoryRegion> {
+    const slot = this.regions.length;
+    const region = { slot, guestPhysAddr, size: memory.size, memory };
+    this.regions.push(region); // reserved now: close() releases it whatever happens below
+    await kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(this.fd, slot, flags, guestPhysAddr, memory));
     return region;
   }
 
@@ -81,6 +99,41 @@ export class Vm {
 
   get hasIrqchip(): boolean {
     return this.irqchip;
+  }
+
+  /** KVM_GET_CLOCK: the kvmclock base (struct kvm_clock_data, raw: clock, flags, realtime, host_tsc). */
+  getClock(): Buffer {
+    const buf = Buffer.alloc(native.sizes.kvm_clock_data);
+    kvmCall('KVM_GET_CLOCK', () => native.getClock(this.fd, buf));
+    return buf;
+  }
+
+  /**
+   * KVM_SET_CLOCK with the clock value of a KVM_GET_CLOCK result. Flags are cleared (only
+   * KVM_CLOCK_REALTIME is accepted, and it would advance the guest by the wall time in between):
+   * the guest's clock continues from where it was saved.
+   */
+  setClock(data: Buffer): void {
+    if (data.length !== native.sizes.kvm_clock_data)
+      throw new VcpudError('invalid_argument', `kvm_clock_data is ${native.sizes.kvm_clock_data} bytes, got ${data.length}`);
+    const buf = Buffer.alloc(native.sizes.kvm_clock_data);
+    data.copy(buf, 0, 0, 8); // clock
+    kvmCall('KVM_SET_CLOCK', () => native.setClock(this.fd, buf));
+  }
+
+  /** KVM_GET_IRQCHIP for chip 0 (PIC master), 1 (PIC slave) or 2 (IOAPIC): the raw struct kvm_irqchip. */
+  getIrqchip(chipId: number): Buffer {
+    const buf = Buffer.alloc(native.sizes.kvm_irqchip);
+    buf.writeUInt32LE(chipId, 0);
+    kvmCall('KVM_GET_IRQCHIP', () => native.getIrqchip(this.fd, buf));
+    return buf;
+  }
+
+  /** KVM_SET_IRQCHIP with a struct kvm_irqchip from getIrqchip (its chip_id says which chip). */
+  setIrqchip(data: Buffer): void {
+    if (data.length !== native.sizes.kvm_irqchip)
+      throw new VcpudError('invalid_argument', `kvm_irqchip is ${native.sizes.kvm_irqchip} bytes, got ${data.length}`);
+    kvmCall('KVM_SET_IRQCHIP', () => native.setIrqchip(this.fd, data));
   }
 
   /** Real mode on VMX needs a TSS page inside the guest-physical space but outside RAM. */

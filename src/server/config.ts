@@ -22,6 +22,10 @@ export interface TlsConfig {
 }
 
 export interface Config {
+  /** Where CreateSnapshot writes and RestoreSnapshot reads snapshots (names never leave it). */
+  snapshotDir: string;
+  /** Client credentials MigrateVm presents to a destination vcpud when the request carries none. */
+  migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
   /** 'unix:/abs/path' or 'HOST:PORT' ([v6]:PORT). */
   listen: string;
   socketMode: number;
@@ -40,6 +44,12 @@ export interface Config {
   logLevel: LogLevel;
   /** false: without /dev/kvm stay up with health NOT_SERVING (so probes say why) instead of exiting. */
   exitOnKvmError: boolean;
+  /**
+   * TEST ONLY (the nested lab): SetNestedState skips vcpud's own validation when a call carries the
+   * header `x-vcpud-skip-validation: 1`, so tests can show what the kernel itself refuses. Never set
+   * in production: a caller could then hand KVM unchecked blobs.
+   */
+  testAllowUnvalidatedNested: boolean;
 }
 
 export type ListenAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
@@ -140,8 +150,14 @@ export function defaultListen(env: NodeJS.ProcessEnv, cwd: string = process.cwd(
     : `unix:${path.resolve(cwd, 'run', 'vcpud.sock')}`;
 }
 
+/** The default snapshot directory: next to the default socket. */
+export function defaultSnapshotDir(env: NodeJS.ProcessEnv, cwd: string = process.cwd()): string {
+  return env.XDG_RUNTIME_DIR ? path.resolve(env.XDG_RUNTIME_DIR, 'vcpud', 'snapshots') : path.resolve(cwd, 'run', 'snapshots');
+}
+
 export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process.cwd()): Config {
   return {
+    snapshotDir: defaultSnapshotDir(env, cwd),
     listen: defaultListen(env, cwd),
     socketMode: 0o600,
     insecure: false,
@@ -154,6 +170,7 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process
     shutdownGraceMs: 5000,
     logLevel: 'info',
     exitOnKvmError: false,
+    testAllowUnvalidatedNested: false,
   };
 }
 
@@ -162,6 +179,10 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process
 
 /** Settings as gathered from one source, before defaults are applied and cross-checks run. */
 interface Settings {
+  snapshotDir?: string;
+  migrationTlsCa?: string;
+  migrationTlsCert?: string;
+  migrationTlsKey?: string;
   listen?: string;
   socketMode?: number;
   tlsCert?: string;
@@ -181,6 +202,7 @@ interface Settings {
   shutdownGraceMs?: number;
   logLevel?: LogLevel;
   exitOnKvmError?: boolean;
+  testAllowUnvalidatedNested?: boolean;
 }
 type Key = keyof Settings;
 
@@ -254,6 +276,10 @@ interface OptionSpec {
 }
 
 const OPTIONS: OptionSpec[] = [
+  { key: 'snapshotDir', flag: '--snapshot-dir', env: 'VCPUD_SNAPSHOT_DIR', file: 'snapshotDir', parse: filePath, arg: 'DIR', help: 'snapshot directory (default $XDG_RUNTIME_DIR/vcpud/snapshots, else ./run/snapshots)' },
+  { key: 'migrationTlsCa', flag: '--migration-tls-ca', env: 'VCPUD_MIGRATION_TLS_CA', file: 'migrationTls.caFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: CA to verify destination vcpuds with (PEM)' },
+  { key: 'migrationTlsCert', flag: '--migration-tls-cert', env: 'VCPUD_MIGRATION_TLS_CERT', file: 'migrationTls.certFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: client certificate presented to destinations (PEM)' },
+  { key: 'migrationTlsKey', flag: '--migration-tls-key', env: 'VCPUD_MIGRATION_TLS_KEY', file: 'migrationTls.keyFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: its private key (PEM)' },
   { key: 'listen', flag: '--listen', env: 'VCPUD_LISTEN', file: 'listen', parse: str, arg: 'ADDR', help: 'unix:PATH or HOST:PORT to serve the API on' },
   { key: 'socketMode', flag: '--socket-mode', env: 'VCPUD_SOCKET_MODE', file: 'socketMode', parse: mode, arg: 'MODE', help: 'file mode of the unix socket (default 0600)' },
   { key: 'tlsCert', flag: '--tls-cert', env: 'VCPUD_TLS_CERT', file: 'tls.certFile', parse: filePath, arg: 'FILE', help: 'server certificate chain (PEM)' },
@@ -273,6 +299,7 @@ const OPTIONS: OptionSpec[] = [
   { key: 'shutdownGraceMs', flag: '--shutdown-grace-ms', env: 'VCPUD_SHUTDOWN_GRACE_MS', file: 'shutdownGraceMs', parse: count, arg: 'MS', help: 'time in-flight calls get on shutdown (default 5000)' },
   { key: 'logLevel', flag: '--log-level', env: 'VCPUD_LOG_LEVEL', file: 'logLevel', parse: level, arg: 'LEVEL', help: 'debug, info, warn or error (default info)' },
   { key: 'exitOnKvmError', flag: '--exit-on-kvm-error', env: 'VCPUD_EXIT_ON_KVM_ERROR', file: 'exitOnKvmError', parse: bool, boolean: true, help: 'exit when KVM is unusable instead of serving health NOT_SERVING' },
+  { key: 'testAllowUnvalidatedNested', flag: '--test-allow-unvalidated-nested', env: 'VCPUD_TEST_ALLOW_UNVALIDATED_NESTED', file: 'testAllowUnvalidatedNested', parse: bool, boolean: true, help: 'TEST ONLY, never in production: SetNestedState calls with header x-vcpud-skip-validation: 1 skip validation (the kernel alone judges the blob)' },
 ];
 
 const CONFIG_FLAG = '--config';
@@ -483,6 +510,12 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   const fixed = [config.listen, config.metricsListen, config.healthListen].filter((a) => a && !a.startsWith('unix:') && !a.endsWith(':0'));
   for (const [i, a] of fixed.entries()) if (fixed.indexOf(a) !== i) problems.push(`address ${a} is configured for two listeners`);
 
+  if (s.snapshotDir !== undefined) config.snapshotDir = s.snapshotDir;
+  if ((s.migrationTlsCert === undefined) !== (s.migrationTlsKey === undefined)) problems.push('--migration-tls-cert and --migration-tls-key must be given together');
+  if (s.migrationTlsCa !== undefined || s.migrationTlsCert !== undefined || s.migrationTlsKey !== undefined) {
+    for (const k of ['migrationTlsCa', 'migrationTlsCert', 'migrationTlsKey'] as const) if (s[k] !== undefined) checkReadableFile(s[k] as string, from(k, k), problems);
+    config.migrationTls = { caFile: s.migrationTlsCa, certFile: s.migrationTlsCert, keyFile: s.migrationTlsKey };
+  }
   if (s.socketMode !== undefined) config.socketMode = s.socketMode;
   if (s.kvmPath !== undefined) config.kvmPath = s.kvmPath;
   if (s.maxVms !== undefined) config.limits.maxVms = s.maxVms;
@@ -494,6 +527,7 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   if (s.shutdownGraceMs !== undefined) config.shutdownGraceMs = s.shutdownGraceMs;
   if (s.logLevel !== undefined) config.logLevel = s.logLevel;
   if (s.exitOnKvmError !== undefined) config.exitOnKvmError = s.exitOnKvmError;
+  if (s.testAllowUnvalidatedNested !== undefined) config.testAllowUnvalidatedNested = s.testAllowUnvalidatedNested;
   return config;
 }
 
@@ -534,7 +568,7 @@ export function usage(): string {
   return [
     'usage: vcpud [flags]',
     '',
-    'Owns KVM VMs and serves their vCPU state over gRPC (vcpud.v1.VcpuStateService, vcpud.v1.VmService).',
+    'Owns KVM VMs and serves their vCPU state over gRPC (vcpud.v1.VcpuStateService, vcpud.v1.VmService, vcpud.v1.SnapshotService).',
     'Precedence: defaults < config file < environment < flags. Sizes accept bytes or 512Mi, 4Gi, 1G.',
     '',
     'flags:',

@@ -2,7 +2,8 @@
  * The one error table: every VcpudError kind maps to one gRPC code, and every error carries a
  * google.rpc.Status in the grpc-status-details-bin trailer with exactly one ErrorInfo (domain
  * vcpud.dev, reason from protos/vcpud/v1/errors.proto) and, for bad input, a BadRequest listing
- * every violation.
+ * every violation; a FAILED_PRECONDITION with violations (an incompatible snapshot) carries them
+ * as a google.rpc.PreconditionFailure instead.
  */
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -20,6 +21,7 @@ const CODES: Record<ErrorKind, grpc.status> = {
   unsupported: grpc.status.FAILED_PRECONDITION,
   resource_exhausted: grpc.status.RESOURCE_EXHAUSTED,
   unavailable: grpc.status.UNAVAILABLE,
+  data_loss: grpc.status.DATA_LOSS,
   kernel: grpc.status.INTERNAL,
   internal: grpc.status.INTERNAL,
 };
@@ -31,6 +33,7 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
   unsupported: 'CAPABILITY_MISSING',
   resource_exhausted: 'LIMIT_EXCEEDED',
   unavailable: 'SHUTTING_DOWN',
+  data_loss: 'SNAPSHOT_CORRUPT',
   kernel: 'INTERNAL_ERROR',
   internal: 'INTERNAL_ERROR',
 };
@@ -38,7 +41,7 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
 /** Errnos with which the kernel refuses caller-supplied values: the caller's input, not our fault. */
 const INPUT_ERRNOS = new Set(['EINVAL', 'E2BIG', 'ERANGE', 'EFAULT', 'EPOSITIVE']);
 
-let types: { Status: protobuf.Type; ErrorInfo: protobuf.Type; BadRequest: protobuf.Type } | undefined;
+let types: { Status: protobuf.Type; ErrorInfo: protobuf.Type; BadRequest: protobuf.Type; PreconditionFailure: protobuf.Type } | undefined;
 
 function rpcTypes() {
   if (!types) {
@@ -49,6 +52,7 @@ function rpcTypes() {
       Status: root.lookupType('google.rpc.Status'),
       ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
       BadRequest: root.lookupType('google.rpc.BadRequest'),
+      PreconditionFailure: root.lookupType('google.rpc.PreconditionFailure'),
     };
   }
   return types;
@@ -88,9 +92,17 @@ export function toServiceError(e: unknown): Partial<grpc.StatusObject> & { code:
   put('section', d.section && `STATE_SECTION_${d.section.toUpperCase()}`);
   put('capability', d.capability);
   put('limit', d.limit);
+  put('chunk', d.chunk);
+  put('offset', d.offset);
   const t = rpcTypes();
   const details = [any(t.ErrorInfo, { reason, domain: DOMAIN, metadata })];
-  if (d.violations?.length) {
+  if (d.violations?.length && code === grpc.status.FAILED_PRECONDITION) {
+    details.push(
+      any(t.PreconditionFailure, {
+        violations: d.violations.map((v) => ({ type: v.rule, subject: v.field, description: v.message })),
+      }),
+    );
+  } else if (d.violations?.length) {
     details.push(
       any(t.BadRequest, {
         field_violations: d.violations.map((v) => ({ field: v.field, description: v.message, reason: v.rule })),
@@ -108,6 +120,7 @@ export interface DecodedStatus {
   message: string;
   errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
   badRequest?: { field: string; description: string; reason: string }[];
+  preconditionFailure?: { type: string; subject: string; description: string }[];
 }
 
 /** Decodes the rich status of an error a client received (used by vcpuctl and the tests). */
@@ -122,6 +135,8 @@ export function decodeStatusDetails(metadata: grpc.Metadata | undefined): Decode
       out.errorInfo = t.ErrorInfo.toObject(t.ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
     if (a.type_url.endsWith('google.rpc.BadRequest'))
       out.badRequest = (t.BadRequest.toObject(t.BadRequest.decode(a.value), { defaults: true }) as { field_violations: DecodedStatus['badRequest'] }).field_violations;
+    if (a.type_url.endsWith('google.rpc.PreconditionFailure'))
+      out.preconditionFailure = (t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as { violations: DecodedStatus['preconditionFailure'] }).violations;
   }
   return out;
 }

@@ -16,10 +16,10 @@ export type { ServingStatus };
 /** The overall status key of grpc.health.v1 (an empty service name). */
 export const OVERALL = '';
 
-export const VCPUD_SERVICES: readonly string[] = [SERVICE_NAMES.VcpuStateService, SERVICE_NAMES.VmService];
+export const VCPUD_SERVICES: readonly string[] = [SERVICE_NAMES.VcpuStateService, SERVICE_NAMES.VmService, SERVICE_NAMES.SnapshotService];
 
 export interface HealthOptions {
-  /** Services with a status of their own besides the overall one (default: vcpud's two). */
+  /** Services with a status of their own besides the overall one (default: vcpud's three). */
   services?: readonly string[];
   /** Logs transitions (warn when going NOT_SERVING, with the reason). */
   logger?: Logger;

@@ -19,6 +19,7 @@ import { Metrics } from './metrics';
 import { createVcpudServer, type RunningServer } from './server';
 import type { ServiceContext } from './services/context';
 import { VcpuStateService } from './services/state-service';
+import { SnapshotService } from './services/snapshot-service';
 import { VmService } from './services/vm-service';
 
 
@@ -40,7 +41,7 @@ function openHost(config: Config): Host {
 }
 
 /** Service context whose host facts fail with UNAVAILABLE (naming why) when KVM could not be opened. */
-function serviceContext(host: Host | undefined, kvmError: string, metrics: Metrics, shuttingDown: () => boolean): ServiceContext {
+function serviceContext(host: Host | undefined, kvmError: string, metrics: Metrics, shuttingDown: () => boolean, config: Config): ServiceContext {
   const need = (): Host => {
     if (!host) throw new VcpudError('unavailable', `vcpud has no usable KVM: ${kvmError}`);
     return host;
@@ -54,6 +55,7 @@ function serviceContext(host: Host | undefined, kvmError: string, metrics: Metri
     },
     recordStateBytes: (section, bytes) => metrics.recordStateBytes(section, bytes),
     shuttingDown,
+    allowUnvalidatedNested: config.testAllowUnvalidatedNested,
   };
 }
 
@@ -79,7 +81,9 @@ async function start(config: Config, logger: Logger): Promise<void> {
   }
 
   let shuttingDown = false;
-  const ctx = serviceContext(host, kvmError, metrics, () => shuttingDown);
+  const ctx = serviceContext(host, kvmError, metrics, () => shuttingDown, config);
+  if (config.testAllowUnvalidatedNested)
+    logger.warn('TEST ONLY: SetNestedState honours x-vcpud-skip-validation: 1 (--test-allow-unvalidated-nested); never use this in production');
   if (host) {
     const h = host;
     metrics.setCapabilities(h.caps.caps);
@@ -94,7 +98,7 @@ async function start(config: Config, logger: Logger): Promise<void> {
     logger,
     metrics,
     health,
-    services: [new VcpuStateService(ctx), new VmService(ctx)],
+    services: [new VcpuStateService(ctx), new VmService(ctx), new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls })],
   });
   if (host) health.setServing();
   else health.setNotServing(`no usable KVM: ${kvmError}`);

@@ -11,23 +11,27 @@ import path from 'node:path';
 import { packageRoot } from '../package';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import type { ProtoGrpcType as SnapshotProtoGrpcType } from './generated/snapshot';
 import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
 import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
+import type { SnapshotServiceDefinition } from './generated/vcpud/v1/SnapshotService';
 import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
 import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
 
-/** The typed grpc object of vcpud.v1: both services, their messages and enums. */
-export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType;
+/** The typed grpc object of vcpud.v1: the services, their messages and enums. */
+export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType & SnapshotProtoGrpcType;
 
 /** Fully qualified names of the services vcpud serves (health status keys, metrics labels). */
 export const SERVICE_NAMES = {
   VcpuStateService: 'vcpud.v1.VcpuStateService',
   VmService: 'vcpud.v1.VmService',
+  SnapshotService: 'vcpud.v1.SnapshotService',
 } as const;
 
 export interface VcpudServiceDefinitions {
   VcpuStateService: VcpuStateServiceDefinition;
   VmService: VmServiceDefinition;
+  SnapshotService: SnapshotServiceDefinition;
 }
 
 /** The protos/ directory shipped with the package (it is the include root of every import). */
@@ -77,5 +81,5 @@ export function vcpudProto(): VcpudProtoGrpcType {
 /** The service definitions to pass to server.addService. */
 export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
   const v1 = vcpudProto().vcpud.v1;
-  return { VcpuStateService: v1.VcpuStateService.service, VmService: v1.VmService.service };
+  return { VcpuStateService: v1.VcpuStateService.service, VmService: v1.VmService.service, SnapshotService: v1.SnapshotService.service };
 }

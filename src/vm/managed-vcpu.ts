@@ -33,7 +33,11 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
   private readonly mutex = new Mutex();
   private destroyed = false;
 
-  constructor(readonly vcpu: Vcpu) {
+  /** `heldBy` says why resuming is refused right now (the VM is held by a snapshot), if it is. */
+  constructor(
+    readonly vcpu: Vcpu,
+    private readonly heldBy: () => string | undefined = () => undefined,
+  ) {
     super();
     this.runner = vcpu.createRunner(() => this.drain());
   }
@@ -65,6 +69,8 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
   resume(): Promise<VcpuStatus> {
     return this.mutex.run(() => {
       this.assertAlive();
+      const held = this.heldBy();
+      if (held) throw failedPrecondition(`cannot run vCPU ${this.id}: its VM is held (${held})`, 'WRONG_RUN_STATE');
       this.runner.resume();
       return this.status();
     });
@@ -96,6 +102,27 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
       } finally {
         if (wasRunning && !this.destroyed) this.runner.resume();
       }
+    });
+  }
+
+  /**
+   * Resumes on behalf of the holder of the VM (a snapshot or migration putting it back as it was),
+   * which the hold would otherwise refuse.
+   */
+  resumeHeld(): Promise<VcpuStatus> {
+    return this.mutex.run(() => {
+      this.assertAlive();
+      this.runner.resume();
+      return this.status();
+    });
+  }
+
+  /** A restored vCPU that had run: CREATED -> PAUSED without running it (ResumeVm then continues it). */
+  markPaused(): Promise<VcpuStatus> {
+    return this.mutex.run(() => {
+      this.assertAlive();
+      this.runner.markPaused();
+      return this.status();
     });
   }
 

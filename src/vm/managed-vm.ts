@@ -4,9 +4,10 @@
  */
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { notFound, VcpudError } from '../errors';
+import { failedPrecondition, notFound, VcpudError } from '../errors';
 import type { Kvm } from '../ffi/kvm';
 import type { CpuidEntry2 } from '../ffi/sections';
+import type { NativeGuestMemory } from '../ffi/native';
 import type { Vm } from '../ffi/vm';
 import { ConsoleBuffer } from './console';
 import { applyCpuidPolicy, type CpuidPolicy } from './cpuid-policy';
@@ -19,6 +20,16 @@ export interface VmSpec {
   cpuidPolicy?: CpuidPolicy;
   /** Without the in-kernel irqchip HLT exits to vcpud (the vCPU shows "halted"); LAPIC state is unavailable. */
   noIrqchip?: boolean;
+}
+
+/** What a restore brings along instead of fresh defaults. */
+export interface VmPrepared {
+  /** Guest memory already loaded (or mapped) from a snapshot; the VM owns it from then on. */
+  memory?: NativeGuestMemory;
+  /** The exact CPUID the vCPUs get (a snapshot's), instead of the policy applied to the host's. */
+  cpuid?: CpuidEntry2[];
+  /** The KVM VM already made by prepareKvmVm (TSS, irqchip and memory in place); `memory` unused. */
+  vm?: Vm;
 }
 
 export interface VmEvents {
@@ -39,34 +50,91 @@ export class ManagedVm extends EventEmitter<VmEvents> {
   readonly vcpus: ManagedVcpu[] = [];
   readonly cpuid: CpuidEntry2[];
   private destroyed = false;
+  /** Why run control and memory writes are refused right now (a snapshot or migration holds the VM). */
+  private holder?: string;
 
   private constructor(
     readonly spec: VmSpec,
     readonly vm: Vm,
     supportedCpuid: CpuidEntry2[],
+    cpuid?: CpuidEntry2[],
   ) {
     super();
-    this.cpuid = applyCpuidPolicy(supportedCpuid, spec.cpuidPolicy ?? { exposeNested: false });
+    this.cpuid = cpuid ?? applyCpuidPolicy(supportedCpuid, spec.cpuidPolicy ?? { exposeNested: false });
   }
 
-  /** Creates the VM with everything its vCPUs need before their first KVM_RUN. */
-  static create(kvm: Kvm, spec: VmSpec, supportedCpuid: CpuidEntry2[]): ManagedVm {
-    const vm = kvm.createVm();
-    const m = new ManagedVm(spec, vm, supportedCpuid);
+  /**
+   * The KVM side of a VM (KVM_CREATE_VM, TSS, irqchip, `memory` as slot 0) made off the JS thread,
+   * for ManagedVm.create's `prepared.vm`: a restore does this while it verifies the snapshot. The
+   * caller closes it if it ends up unused.
+   */
+  static async prepareKvmVm(kvm: Kvm, spec: VmSpec, memory: NativeGuestMemory): Promise<Vm> {
+    const vm = await kvm.createVmAsync();
     try {
       if (kvm.checkExtension('SET_TSS_ADDR') > 0) vm.setTssAddr(TSS_ADDR);
       if (!spec.noIrqchip && kvm.checkExtension('IRQCHIP') > 0) vm.createIrqchip();
-      vm.addMemory(0, spec.memoryBytes);
+      await vm.addMemoryAsync(0, memory);
+      return vm;
+    } catch (e) {
+      vm.close();
+      throw e;
+    }
+  }
+
+  /** Creates the VM with everything its vCPUs need before their first KVM_RUN. */
+  static create(kvm: Kvm, spec: VmSpec, supportedCpuid: CpuidEntry2[], prepared: VmPrepared = {}): ManagedVm {
+    let vm: Vm;
+    try {
+      vm = prepared.vm ?? kvm.createVm();
+    } catch (e) {
+      prepared.memory?.release();
+      throw e;
+    }
+    const m = new ManagedVm(spec, vm, supportedCpuid, prepared.cpuid);
+    try {
+      if (!prepared.vm) {
+        if (kvm.checkExtension('SET_TSS_ADDR') > 0) vm.setTssAddr(TSS_ADDR);
+        if (!spec.noIrqchip && kvm.checkExtension('IRQCHIP') > 0) vm.createIrqchip();
+        try {
+          vm.addMemory(0, spec.memoryBytes, 0, prepared.memory);
+        } finally {
+          prepared.memory = undefined; // owned by the VM (or released) from here on
+        }
+      } else if (vm.regions.length !== 1 || vm.regions[0].size !== spec.memoryBytes) {
+        throw new VcpudError('internal', 'a prepared VM must have exactly its memory as slot 0');
+      }
       for (let i = 0; i < spec.vcpuCount; i++) {
         const vcpu = vm.createVcpu(i);
         vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
-        m.adopt(new ManagedVcpu(vcpu));
+        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy()));
       }
     } catch (e) {
+      prepared.memory?.release();
       m.destroy();
       throw e;
     }
     return m;
+  }
+
+  /**
+   * Holds the VM for a snapshot or migration: until release() its vCPUs cannot be resumed and its
+   * memory cannot be written (FAILED_PRECONDITION naming `what`), so the captured state stays
+   * consistent. One holder at a time.
+   */
+  hold(what: string): () => void {
+    if (this.holder) throw failedPrecondition(`VM ${this.id} is busy: ${this.holder}`, 'WRONG_RUN_STATE');
+    this.holder = what;
+    return () => {
+      if (this.holder === what) this.holder = undefined;
+    };
+  }
+
+  heldBy(): string | undefined {
+    return this.holder;
+  }
+
+  private assertNotHeld(op: string): void {
+    if (this.holder) throw failedPrecondition(`cannot ${op}: VM ${this.id} is held (${this.holder})`, 'WRONG_RUN_STATE');
   }
 
   get name(): string {
@@ -88,6 +156,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
   }
 
   writeMemory(gpa: number, data: Buffer): void {
+    this.assertNotHeld('write guest memory');
     this.vm.writeMemory(gpa, data);
   }
 

@@ -3,7 +3,7 @@ import { invalidArgument, notFound } from '../errors';
 import type { Kvm } from '../ffi/kvm';
 import type { CpuidEntry2 } from '../ffi/sections';
 import { checkCreate, DEFAULT_LIMITS, type Limits } from './limits';
-import { ManagedVm, type VmSpec } from './managed-vm';
+import { ManagedVm, type VmPrepared, type VmSpec } from './managed-vm';
 
 const PAGE = 4096;
 
@@ -18,7 +18,8 @@ export class VmRegistry {
     readonly limits: Limits = DEFAULT_LIMITS,
   ) {}
 
-  create(spec: VmSpec): ManagedVm {
+  /** Refuses (invalid_argument or resource_exhausted) a VM this registry would not create. */
+  checkSpec(spec: VmSpec): void {
     if (!Number.isSafeInteger(spec.memoryBytes) || spec.memoryBytes <= 0 || spec.memoryBytes % PAGE !== 0)
       throw invalidArgument(`memory_bytes must be a positive multiple of ${PAGE}, got ${spec.memoryBytes}`, [
         { rule: 'page_multiple', field: 'memory_bytes', message: `must be a positive multiple of ${PAGE}` },
@@ -28,8 +29,23 @@ export class VmRegistry {
         { rule: 'min', field: 'vcpu_count', message: 'must be at least 1' },
       ]);
     checkCreate(this.limits, this.usage(), spec.vcpuCount, spec.memoryBytes);
-    this.supported ??= this.kvm.supportedCpuid();
-    const vm = ManagedVm.create(this.kvm, spec, this.supported);
+  }
+
+  /** KVM_GET_SUPPORTED_CPUID, asked once. */
+  supportedCpuid(): CpuidEntry2[] {
+    return (this.supported ??= this.kvm.supportedCpuid());
+  }
+
+  /** Creates a VM within the limits; `prepared` (a restore) brings its memory and CPUID. */
+  create(spec: VmSpec, prepared?: VmPrepared): ManagedVm {
+    try {
+      this.checkSpec(spec);
+    } catch (e) {
+      prepared?.memory?.release();
+      prepared?.vm?.close();
+      throw e;
+    }
+    const vm = ManagedVm.create(this.kvm, spec, this.supportedCpuid(), prepared);
     this.vms.set(vm.id, vm);
     return vm;
   }

@@ -301,9 +301,10 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
   if (!opts.skipValidation) {
     const violations = nestedViolations(vcpu, ctx.caps, blob);
     if (violations.length)
-      throw invalidArgument(
+      throw new VcpudError(
+        'invalid_argument',
         `nested state rejected by ${violations.length} rule(s): ${violations.map((v) => `${v.rule} (${v.field}): ${v.message}`).join('; ')}`,
-        violations,
+        { reason: 'INVALID_NESTED_STATE', violations },
       );
   }
   const before = readState(vcpu, ctx, []);
@@ -320,6 +321,9 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
     }
     const k = e as VcpudError & { code?: string; ioctl?: string; errno?: number };
     const err = new VcpudError(restoreError ? 'internal' : 'invalid_argument', `KVM_SET_NESTED_STATE refused the blob: ${k.message}${restoreError || '; the previous state was restored'}`, {
+      reason: restoreError ? 'ROLLBACK_FAILED' : 'KERNEL_REJECTED',
+      ioctl: 'KVM_SET_NESTED_STATE',
+      errno: k.code,
       violations: [{ rule: 'kernel.set_nested_state', field: 'raw', message: `${k.code ?? 'error'} from KVM_SET_NESTED_STATE` }],
     });
     Object.assign(err, { cause: e, ioctl: k.ioctl, errno: k.errno, code: k.code });

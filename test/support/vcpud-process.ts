@@ -28,7 +28,7 @@ export interface VcpudProcess {
   serving: ServingLine;
   logs: () => string;
   /** A client of `service` over the API listener (unix socket unless `target` says otherwise). */
-  client<S extends 'VcpuStateService' | 'VmService'>(service: S, creds?: grpc.ChannelCredentials, target?: string): ClientOf<S>;
+  client<S extends 'VcpuStateService' | 'VmService' | 'SnapshotService'>(service: S, creds?: grpc.ChannelCredentials, target?: string): ClientOf<S>;
   health(target?: string, creds?: grpc.ChannelCredentials): grpc.Client & Record<string, Function>;
   scrape(): Promise<string>;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
@@ -87,11 +87,14 @@ export async function startVcpud(args: string[] = [], env: NodeJS.ProcessEnv = {
     async stop(signal = 'SIGTERM') {
       for (const c of clients) c.close();
       if (proc.exitCode !== null) return proc.exitCode;
-      const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-      proc.kill(signal);
-      const code = await exited;
+      // A process killed by a signal (a test's kill -9) has exited with signalCode set, exitCode null.
+      if (proc.signalCode === null) {
+        const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+        proc.kill(signal);
+        await exited;
+      }
       fs.rmSync(dir, { recursive: true, force: true });
-      return code;
+      return proc.exitCode;
     },
   };
 }

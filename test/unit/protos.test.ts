@@ -97,6 +97,7 @@ describe('protos', () => {
       'vcpud/v1/common.proto',
       'vcpud/v1/errors.proto',
       'vcpud/v1/nested.proto',
+      'vcpud/v1/snapshot.proto',
       'vcpud/v1/state.proto',
       'vcpud/v1/vm.proto',
     ]);
@@ -129,6 +130,17 @@ describe('protos', () => {
       PauseVcpu: 'unary',
       ResumeVcpu: 'unary',
       StreamConsole: 'server_stream',
+    });
+  });
+
+  test('SnapshotService has the expected methods and streaming kinds', () => {
+    expect(methods('vcpud.v1.SnapshotService')).toEqual({
+      CreateSnapshot: 'server_stream',
+      RestoreSnapshot: 'unary',
+      RestoreSnapshotStream: 'client_stream',
+      ListSnapshots: 'unary',
+      DeleteSnapshot: 'unary',
+      MigrateVm: 'server_stream',
     });
   });
 

@@ -50,6 +50,7 @@ describe('defaults', () => {
   test('without XDG_RUNTIME_DIR: unix socket ./run/vcpud.sock resolved to an absolute path', () => {
     const c = load([]);
     expect(c).toEqual({
+      snapshotDir: path.join(dir, 'run', 'snapshots'),
       listen: `unix:${path.join(dir, 'run', 'vcpud.sock')}`,
       socketMode: 0o600,
       insecure: false,
@@ -62,6 +63,7 @@ describe('defaults', () => {
       shutdownGraceMs: 5000,
       logLevel: 'info',
       exitOnKvmError: false,
+      testAllowUnvalidatedNested: false,
     });
     expect(c.tls).toBeUndefined();
   });
@@ -152,6 +154,13 @@ describe('precedence: defaults < config file < environment < flags', () => {
     expect(flags).toMatchObject(expected);
     expect(env).toMatchObject(expected);
     expect(load(['--insecure=false', '--exit-on-kvm-error=false'], { VCPUD_INSECURE: '1' })).toMatchObject({ insecure: false, exitOnKvmError: false });
+  });
+
+  test('--test-allow-unvalidated-nested: off by default, a test-only flag documented as such', () => {
+    expect(load([]).testAllowUnvalidatedNested).toBe(false);
+    expect(load(['--test-allow-unvalidated-nested']).testAllowUnvalidatedNested).toBe(true);
+    expect(load([], { VCPUD_TEST_ALLOW_UNVALIDATED_NESTED: '1' }).testAllowUnvalidatedNested).toBe(true);
+    expect(usage()).toMatch(/--test-allow-unvalidated-nested\s+TEST ONLY, never in production/);
   });
 
   test('a config file mirrors Config (sizes as numbers or strings, socketMode as octal string)', () => {

@@ -46,7 +46,7 @@ export interface CommandSpec {
   /** The command words, e.g. ["vm", "create"]. */
   path: string[];
   summary: string;
-  /** Positional arguments in order, e.g. ["VM", "FILE"]; all required. */
+  /** Positional arguments in order, e.g. ["VM", "FILE"]; required unless written "[NAME]" (optional ones last). */
   positionals: string[];
   options: OptionSpec[];
   /** Extra help text printed after the options. */
@@ -255,8 +255,9 @@ export function validateCommandLine(parsed: ParsedCommandLine): void {
   if (!c) return;
   const name = c.path.join(' ');
   const want = c.positionals;
-  if (parsed.positionals.length < want.length)
-    throw new UsageError(`'${name}' needs ${want.slice(parsed.positionals.length).join(' ')}`, name);
+  const required = want.filter((p) => !p.startsWith('[')).length; // "[NAME]": optional, last
+  if (parsed.positionals.length < required)
+    throw new UsageError(`'${name}' needs ${want.slice(parsed.positionals.length, required).join(' ')}`, name);
   if (parsed.positionals.length > want.length)
     throw new UsageError(`'${name}' takes ${want.length ? want.join(' ') : 'no arguments'}; unexpected '${parsed.positionals[want.length]}'`, name);
   for (const o of c.options)

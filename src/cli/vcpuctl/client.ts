@@ -40,6 +40,17 @@ import type { PauseVcpuResponse__Output } from '../../server/generated/vcpud/v1/
 import type { ResumeVcpuResponse__Output } from '../../server/generated/vcpud/v1/ResumeVcpuResponse';
 import type { StreamConsoleRequest } from '../../server/generated/vcpud/v1/StreamConsoleRequest';
 import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
+import type { SnapshotServiceClient } from '../../server/generated/vcpud/v1/SnapshotService';
+import type { CreateSnapshotRequest } from '../../server/generated/vcpud/v1/CreateSnapshotRequest';
+import type { CreateSnapshotResponse__Output } from '../../server/generated/vcpud/v1/CreateSnapshotResponse';
+import type { RestoreSnapshotRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotRequest';
+import type { RestoreSnapshotResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotResponse';
+import type { RestoreSnapshotStreamRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamRequest';
+import type { RestoreSnapshotStreamResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamResponse';
+import type { ListSnapshotsResponse__Output } from '../../server/generated/vcpud/v1/ListSnapshotsResponse';
+import type { DeleteSnapshotResponse__Output } from '../../server/generated/vcpud/v1/DeleteSnapshotResponse';
+import type { MigrateVmRequest } from '../../server/generated/vcpud/v1/MigrateVmRequest';
+import type { MigrateVmResponse__Output } from '../../server/generated/vcpud/v1/MigrateVmResponse';
 import { protoFiles, protosDir, vcpudProto } from '../../server/proto';
 import { UsageError } from './args';
 
@@ -150,6 +161,7 @@ export class VcpudClient {
   readonly target: Target;
   readonly state: VcpuStateServiceClient;
   readonly vm: VmServiceClient;
+  readonly snapshot: SnapshotServiceClient;
   private readonly timeoutMs: number;
 
   constructor(o: ConnectOptions) {
@@ -160,6 +172,7 @@ export class VcpudClient {
     if (o.tlsServerName) channelOptions['grpc.ssl_target_name_override'] = o.tlsServerName;
     this.state = new proto.VcpuStateService(this.target.address, creds, channelOptions);
     this.vm = new proto.VmService(this.target.address, creds, { ...channelOptions, channelOverride: this.state.getChannel() });
+    this.snapshot = new proto.SnapshotService(this.target.address, creds, { ...channelOptions, channelOverride: this.state.getChannel() });
     this.timeoutMs = o.timeoutMs;
   }
 
@@ -169,6 +182,7 @@ export class VcpudClient {
   }
 
   close(): void {
+    this.snapshot.close();
     this.vm.close();
     this.state.close();
   }
@@ -236,6 +250,32 @@ export class VcpudClient {
     });
   }
 
+  /** CreateSnapshot: progress, data (when streamed) and done messages; no deadline (large VMs take long). */
+  createSnapshot(req: CreateSnapshotRequest): grpc.ClientReadableStream<CreateSnapshotResponse__Output> {
+    return this.snapshot.createSnapshot(req, new grpc.Metadata(), {});
+  }
+  restoreSnapshot(req: RestoreSnapshotRequest) {
+    return unary<RestoreSnapshotRequest, RestoreSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.restoreSnapshot(r, m, o, cb), req, this.callOptions());
+  }
+  /** RestoreSnapshotStream: the returned stream takes the messages; the promise is the response. */
+  restoreSnapshotStream(): { stream: grpc.ClientWritableStream<RestoreSnapshotStreamRequest>; response: Promise<RestoreSnapshotStreamResponse__Output> } {
+    let stream!: grpc.ClientWritableStream<RestoreSnapshotStreamRequest>;
+    const response = new Promise<RestoreSnapshotStreamResponse__Output>((resolve, reject) => {
+      stream = this.snapshot.restoreSnapshotStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as RestoreSnapshotStreamResponse__Output)));
+    });
+    return { stream, response };
+  }
+  listSnapshots() {
+    return unary<object, ListSnapshotsResponse__Output>((r, m, o, cb) => this.snapshot.listSnapshots(r, m, o, cb), {}, this.callOptions());
+  }
+  deleteSnapshot(name: string) {
+    return unary<{ name: string }, DeleteSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb), { name }, this.callOptions());
+  }
+  /** MigrateVm: progress and done messages; no deadline. */
+  migrateVm(req: MigrateVmRequest): grpc.ClientReadableStream<MigrateVmResponse__Output> {
+    return this.snapshot.migrateVm(req, new grpc.Metadata(), {});
+  }
+
   /** StreamConsole without a deadline: it lasts until the VM is deleted or the caller cancels. */
   streamConsole(req: StreamConsoleRequest): grpc.ClientReadableStream<StreamConsoleResponse__Output> {
     return this.vm.streamConsole(req, new grpc.Metadata(), {});
@@ -265,6 +305,7 @@ export interface DecodedStatus {
   message: string;
   errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
   badRequest?: { field: string; description: string; reason: string }[];
+  preconditionFailure?: { type: string; subject: string; description: string }[];
 }
 
 const DETAILS_KEY = 'grpc-status-details-bin';
@@ -287,6 +328,11 @@ export function decodeStatusDetails(metadata: grpc.Metadata | undefined): Decode
       if (typeUrl.endsWith('/google.rpc.BadRequest')) {
         const br = BadRequest.toObject(BadRequest.decode(a.value), { defaults: true }) as { fieldViolations?: { field: string; description: string; reason: string }[] };
         out.badRequest = (br.fieldViolations ?? []).map((v) => ({ field: v.field, description: v.description, reason: v.reason }));
+      }
+      if (typeUrl.endsWith('/google.rpc.PreconditionFailure')) {
+        const PreconditionFailure = messageType('google.rpc.PreconditionFailure');
+        const pf = PreconditionFailure.toObject(PreconditionFailure.decode(a.value), { defaults: true }) as { violations?: { type: string; subject: string; description: string }[] };
+        out.preconditionFailure = (pf.violations ?? []).map((v) => ({ type: v.type, subject: v.subject, description: v.description }));
       }
     }
     return out;

@@ -484,7 +484,7 @@ export function statusName(code: number): string {
 
 /**
  * The error lines vcpuctl prints: `vcpuctl: <CODE> (<reason>): <message>` and one
- * `  - <field>: <description> [<rule>]` per BadRequest violation.
+ * `  - <field>: <description> [<rule>]` per BadRequest violation (and per PreconditionFailure one).
  */
 export function formatError(e: unknown): string {
   if (e instanceof UsageError) return `vcpuctl: ${e.message}`;
@@ -494,6 +494,7 @@ export function formatError(e: unknown): string {
     const reason = st?.errorInfo?.reason;
     const lines = [`vcpuctl: ${statusName(e.code)}${reason ? ` (${reason})` : ''}: ${message}`];
     for (const v of st?.badRequest ?? []) lines.push(`  - ${v.field}: ${v.description}${v.reason ? ` [${v.reason}]` : ''}`);
+    for (const v of st?.preconditionFailure ?? []) lines.push(`  - ${v.subject}: ${v.description}${v.type ? ` [${v.type}]` : ''}`);
     return lines.join('\n');
   }
   return `vcpuctl: ${(e as Error)?.message ?? String(e)}`;
@@ -510,6 +511,7 @@ export function errorJson(e: unknown): { error: Record<string, unknown> } {
         message: st?.message || e.details || e.message || '',
         ...(st?.errorInfo ? { reason: st.errorInfo.reason, domain: st.errorInfo.domain, metadata: st.errorInfo.metadata } : {}),
         ...(st?.badRequest ? { violations: st.badRequest } : {}),
+        ...(st?.preconditionFailure ? { preconditionFailures: st.preconditionFailure } : {}),
       },
     };
   }

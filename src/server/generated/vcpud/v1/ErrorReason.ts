@@ -13,6 +13,8 @@
  * section     the state section at fault, as a StateSection name, e.g. "STATE_SECTION_MSRS"
  * capability  the missing host capability: a KVM_CAP_* name or a module parameter, e.g. "kvm_intel.nested"
  * limit       the server limit that was hit, e.g. "max_vms"
+ * chunk       the number of the snapshot chunk (record) at fault, e.g. "37"
+ * offset      its byte offset in the snapshot, hex, e.g. "0x4012000"
  * Clients branch on the gRPC code and ErrorInfo.reason, never on the message text.
  */
 export const ErrorReason = {
@@ -77,6 +79,26 @@ export const ErrorReason = {
    * INTERNAL: anything unexpected, e.g. a GET ioctl failing (metadata: ioctl, errno when known). Never expected.
    */
   ERROR_REASON_INTERNAL_ERROR: 'ERROR_REASON_INTERNAL_ERROR',
+  /**
+   * NOT_FOUND: no snapshot with the request's name under the snapshot directory (metadata: field).
+   */
+  ERROR_REASON_SNAPSHOT_NOT_FOUND: 'ERROR_REASON_SNAPSHOT_NOT_FOUND',
+  /**
+   * FAILED_PRECONDITION: the snapshot cannot be restored on this host (other vendor, larger xsave or nested
+   * state, CPUID features or MSRs this host lacks...); google.rpc.PreconditionFailure lists every one, each with
+   * its rule as `type`. Nothing was created.
+   */
+  ERROR_REASON_SNAPSHOT_INCOMPATIBLE: 'ERROR_REASON_SNAPSHOT_INCOMPATIBLE',
+  /**
+   * DATA_LOSS: the snapshot is corrupt (a checksum mismatch) or truncated; the message names the chunk, its kind
+   * and offset (metadata: chunk, offset). Nothing was created.
+   */
+  ERROR_REASON_SNAPSHOT_CORRUPT: 'ERROR_REASON_SNAPSHOT_CORRUPT',
+  /**
+   * MigrateVm failed at the destination or on the way there (the code is the destination's, or UNAVAILABLE when
+   * it could not be reached); the VM was resumed here as it was.
+   */
+  ERROR_REASON_MIGRATION_FAILED: 'ERROR_REASON_MIGRATION_FAILED',
 } as const;
 
 /**
@@ -91,6 +113,8 @@ export const ErrorReason = {
  * section     the state section at fault, as a StateSection name, e.g. "STATE_SECTION_MSRS"
  * capability  the missing host capability: a KVM_CAP_* name or a module parameter, e.g. "kvm_intel.nested"
  * limit       the server limit that was hit, e.g. "max_vms"
+ * chunk       the number of the snapshot chunk (record) at fault, e.g. "37"
+ * offset      its byte offset in the snapshot, hex, e.g. "0x4012000"
  * Clients branch on the gRPC code and ErrorInfo.reason, never on the message text.
  */
 export type ErrorReason =
@@ -168,6 +192,30 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_INTERNAL_ERROR'
   | 12
+  /**
+   * NOT_FOUND: no snapshot with the request's name under the snapshot directory (metadata: field).
+   */
+  | 'ERROR_REASON_SNAPSHOT_NOT_FOUND'
+  | 13
+  /**
+   * FAILED_PRECONDITION: the snapshot cannot be restored on this host (other vendor, larger xsave or nested
+   * state, CPUID features or MSRs this host lacks...); google.rpc.PreconditionFailure lists every one, each with
+   * its rule as `type`. Nothing was created.
+   */
+  | 'ERROR_REASON_SNAPSHOT_INCOMPATIBLE'
+  | 14
+  /**
+   * DATA_LOSS: the snapshot is corrupt (a checksum mismatch) or truncated; the message names the chunk, its kind
+   * and offset (metadata: chunk, offset). Nothing was created.
+   */
+  | 'ERROR_REASON_SNAPSHOT_CORRUPT'
+  | 15
+  /**
+   * MigrateVm failed at the destination or on the way there (the code is the destination's, or UNAVAILABLE when
+   * it could not be reached); the VM was resumed here as it was.
+   */
+  | 'ERROR_REASON_MIGRATION_FAILED'
+  | 16
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix
@@ -181,6 +229,8 @@ export type ErrorReason =
  * section     the state section at fault, as a StateSection name, e.g. "STATE_SECTION_MSRS"
  * capability  the missing host capability: a KVM_CAP_* name or a module parameter, e.g. "kvm_intel.nested"
  * limit       the server limit that was hit, e.g. "max_vms"
+ * chunk       the number of the snapshot chunk (record) at fault, e.g. "37"
+ * offset      its byte offset in the snapshot, hex, e.g. "0x4012000"
  * Clients branch on the gRPC code and ErrorInfo.reason, never on the message text.
  */
 export type ErrorReason__Output = typeof ErrorReason[keyof typeof ErrorReason]

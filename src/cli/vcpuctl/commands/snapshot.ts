@@ -1,0 +1,304 @@
+/**
+ * `vcpuctl snapshot create|restore|list|delete` and `vcpuctl migrate` (SnapshotService).
+ *
+ * Long operations report progress on stderr: a progress bar redrawn in place when stderr is a
+ * terminal (human mode), one JSON object per progress message and line with --json (stdout keeps
+ * the one JSON document of the result).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type * as grpc from '@grpc/grpc-js';
+import type { CreateSnapshotResponse__Output } from '../../../server/generated/vcpud/v1/CreateSnapshotResponse';
+import type { MigrateVmResponse__Output } from '../../../server/generated/vcpud/v1/MigrateVmResponse';
+import type { SnapshotInfo__Output } from '../../../server/generated/vcpud/v1/SnapshotInfo';
+import type { SnapshotProgress__Output } from '../../../server/generated/vcpud/v1/SnapshotProgress';
+import type { Duration__Output } from '../../../server/generated/google/protobuf/Duration';
+import { UsageError } from '../args';
+import type { Command, Context } from '../command';
+import { enumShort, formatSize, formatVm, table } from '../format';
+
+/** Bytes per RestoreSnapshotStream message. */
+export const UPLOAD_CHUNK = 1 << 20;
+const BAR_WIDTH = 30;
+
+const mib = (n: number) => `${(n / 1048576).toFixed(1)}`;
+
+/** Bytes for humans, rounded: "62.1 MiB", "812 KiB", "96 bytes". */
+export function humanSize(v: string | number): string {
+  const n = Number(v);
+  for (const [unit, size] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const)
+    if (n >= size) return `${(n / size).toFixed(n / size >= 100 ? 0 : 1)} ${unit}`;
+  return `${n} bytes`;
+}
+const seconds = (d: Duration__Output | null | undefined) => (d ? Number(d.seconds) + d.nanos / 1e9 : 0);
+
+/** The progress display of one operation: a bar on a terminal, JSON lines with --json, else quiet. */
+export function progressReporter(ctx: Context, label: string): { update(p: SnapshotProgress__Output): void; finish(): void } {
+  const stderr = ctx.io.stderr as { write(s: string): unknown; isTTY?: boolean };
+  const started = Date.now();
+  let drawn = false;
+  return {
+    update(p) {
+      const done = Number(p.memoryBytesDone);
+      const total = Number(p.memoryBytesTotal);
+      const phase = enumShort(p.phase, 'SNAPSHOT_PHASE_');
+      if (ctx.json) {
+        stderr.write(`${JSON.stringify({ progress: { operation: label, phase, memoryBytesDone: done, memoryBytesTotal: total, bytesWritten: Number(p.bytesWritten) } })}\n`);
+        return;
+      }
+      if (!stderr.isTTY) return;
+      const frac = total > 0 ? Math.min(1, done / total) : 0;
+      const filled = Math.round(frac * BAR_WIDTH);
+      const rate = done / Math.max(0.001, (Date.now() - started) / 1000);
+      stderr.write(
+        `\r${label} [${'#'.repeat(filled)}${'-'.repeat(BAR_WIDTH - filled)}] ${String(Math.round(frac * 100)).padStart(3)}%  ${mib(done)}/${mib(total)} MiB  ${phase.padEnd(6)} ${mib(rate)} MiB/s\x1b[K`,
+      );
+      drawn = true;
+    },
+    finish() {
+      if (drawn) stderr.write('\n');
+    },
+  };
+}
+
+/** Runs a server stream to its end, feeding each message to `onMessage`. */
+function drain<T>(call: grpc.ClientReadableStream<T>, onMessage: (m: T) => void | Promise<void>): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let chain = Promise.resolve();
+    call.on('data', (m: T) => {
+      chain = chain.then(() => onMessage(m)).catch((e) => {
+        call.cancel();
+        reject(e);
+      });
+    });
+    call.on('error', reject);
+    call.on('end', () => chain.then(resolve, reject));
+  });
+}
+
+function infoLines(i: SnapshotInfo__Output): string {
+  const rows: [string, string][] = [
+    ['name', i.name || '(streamed)'],
+    ['size', `${humanSize(i.sizeBytes)} (${i.sizeBytes} bytes)`],
+    ['vm', `${i.vmId}${i.vmName ? ` (${i.vmName})` : ''}`],
+    ['memory', `${formatSize(i.memoryBytes)}, ${i.memoryPagesStored} non-zero pages stored`],
+    ['vcpus', String(i.vcpuCount)],
+    ['source', `${i.sourceHost} (${i.vendor})`],
+    ['format', `version ${i.formatVersion}`],
+  ];
+  if (i.duration) rows.push(['took', `${seconds(i.duration).toFixed(3)} s`]);
+  const w = Math.max(...rows.map(([k]) => k.length));
+  return rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n');
+}
+
+async function create(ctx: Context): Promise<void> {
+  const [vmId, name] = ctx.positionals;
+  const out = ctx.options.string('out');
+  if (!name === !out) throw new UsageError('give NAME (stored under the server\'s snapshot directory) or --out FILE (streamed here), not both', 'snapshot create');
+  const client = ctx.client();
+  const call = client.createSnapshot(out ? { vmId, stream: true, leavePaused: ctx.options.bool('leave-paused') } : { vmId, name, leavePaused: ctx.options.bool('leave-paused') });
+  const progress = progressReporter(ctx, 'snapshot');
+  // --out: written under a temporary name, renamed on success, so FILE is whole or untouched.
+  const file = out ? path.resolve(ctx.cwd, out) : undefined;
+  const temp = file ? path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.vcpuctl-tmp`) : undefined;
+  const fd = temp ? fs.openSync(temp, 'w', 0o600) : undefined;
+  let done: SnapshotInfo__Output | undefined;
+  let pos = 0;
+  try {
+    await drain(call, (m: CreateSnapshotResponse__Output) => {
+      if (m.progress) progress.update(m.progress);
+      if (m.data && fd !== undefined) {
+        let off = 0;
+        while (off < m.data.length) off += fs.writeSync(fd, m.data, off, m.data.length - off, pos + off);
+        pos += m.data.length;
+      }
+      if (m.done) done = m.done;
+    });
+    progress.finish();
+    if (!done) throw new Error('the server ended CreateSnapshot without a done message');
+    if (fd !== undefined) {
+      fs.fsyncSync(fd);
+      fs.closeSync(fd);
+      fs.renameSync(temp as string, file as string);
+    }
+  } catch (e) {
+    progress.finish();
+    if (fd !== undefined) {
+      fs.closeSync(fd);
+      fs.rmSync(temp as string, { force: true });
+    }
+    throw e;
+  }
+  if (ctx.json) ctx.printJson({ snapshot: done, ...(file ? { file } : {}) });
+  else ctx.print(`${infoLines(done)}${file ? `\nfile  ${file}` : ''}`);
+}
+
+async function restore(ctx: Context): Promise<void> {
+  const [name] = ctx.positionals;
+  const inFile = ctx.options.string('in');
+  if (!name === !inFile) throw new UsageError('give NAME (under the server\'s snapshot directory) or --in FILE (streamed from here), not both', 'snapshot restore');
+  const client = ctx.client();
+  const run = ctx.options.bool('run');
+  const vmName = ctx.options.string('name') ?? '';
+  let resp;
+  if (name) {
+    resp = await client.restoreSnapshot({ name, run, vmName, noLazyMemory: ctx.options.bool('no-lazy') });
+  } else {
+    const file = path.resolve(ctx.cwd, inFile as string);
+    let fd: number;
+    try {
+      fd = fs.openSync(file, 'r');
+    } catch (e) {
+      throw new UsageError(`--in ${inFile}: ${(e as Error).message}`, 'snapshot restore');
+    }
+    const size = fs.fstatSync(fd).size;
+    const { stream, response } = client.restoreSnapshotStream();
+    response.catch(() => {}); // awaited below
+    const progress = progressReporter(ctx, 'upload');
+    try {
+      const write = (msg: object) =>
+        new Promise<void>((resolve) => {
+          if (stream.write(msg)) resolve();
+          else stream.once('drain', () => resolve());
+        });
+      await write({ options: { run, vmName } });
+      const buf = Buffer.allocUnsafe(UPLOAD_CHUNK);
+      for (let pos = 0; pos < size; ) {
+        const n = fs.readSync(fd, buf, 0, Math.min(UPLOAD_CHUNK, size - pos), pos);
+        if (n === 0) break;
+        await Promise.race([write({ data: Buffer.from(buf.subarray(0, n)) }), response.then(() => undefined, () => undefined)]);
+        pos += n;
+        progress.update({ phase: 'SNAPSHOT_PHASE_MEMORY', memoryBytesDone: String(pos), memoryBytesTotal: String(size), bytesWritten: String(pos) } as SnapshotProgress__Output);
+      }
+      stream.end();
+      resp = await response;
+    } finally {
+      progress.finish();
+      fs.closeSync(fd);
+    }
+  }
+  if (ctx.json) ctx.printJson(resp);
+  else {
+    const lines = [resp.vm ? formatVm(resp.vm) : ''];
+    const s = resp.stats;
+    if (s)
+      lines.push(
+        `restored in ${(seconds(s.duration) * 1000).toFixed(1)} ms: ${humanSize(s.snapshotBytes)} snapshot, memory ${humanSize(s.memoryBytesMapped)} mapped lazily, ${humanSize(s.memoryBytesCopied)} copied`,
+      );
+    for (const n of resp.notes) lines.push(`note: ${n}`);
+    ctx.print(lines.join('\n'));
+  }
+}
+
+async function migrate(ctx: Context): Promise<void> {
+  const [vmId] = ctx.positionals;
+  const o = ctx.options;
+  const file = (flag: string) => (o.string(flag) !== undefined ? ctx.readFile(`--${flag}`, o.string(flag) as string) : Buffer.alloc(0));
+  const tls = { caPem: file('to-tls-ca'), certPem: file('to-tls-cert'), keyPem: file('to-tls-key'), serverName: o.string('to-tls-server-name') ?? '' };
+  const anyTls = tls.caPem.length || tls.certPem.length || tls.keyPem.length || tls.serverName;
+  const call = ctx.client().migrateVm({
+    vmId,
+    destination: o.string('to') as string,
+    ...(anyTls ? { tls } : {}),
+    leavePaused: o.bool('leave-paused'),
+    destinationVmName: o.string('dest-name') ?? '',
+  });
+  const progress = progressReporter(ctx, 'migrate');
+  let done: MigrateVmResponse__Output['done'];
+  try {
+    await drain(call, (m: MigrateVmResponse__Output) => {
+      if (m.progress) progress.update(m.progress);
+      if (m.done) done = m.done;
+    });
+  } finally {
+    progress.finish();
+  }
+  if (!done) throw new Error('the server ended MigrateVm without a done message');
+  if (ctx.json) ctx.printJson({ migration: done });
+  else {
+    const lines = [
+      `migrated ${vmId} to ${o.string('to')}: now ${done.destinationVm?.id ?? '?'} there`,
+      `sent ${humanSize(done.bytesSent)} in ${seconds(done.duration).toFixed(3)} s; paused for ${(seconds(done.downtime) * 1000).toFixed(1)} ms`,
+    ];
+    if (done.destinationVm) lines.push(formatVm(done.destinationVm));
+    for (const n of done.notes) lines.push(`note: ${n}`);
+    ctx.print(lines.join('\n'));
+  }
+}
+
+export const snapshotCommands: Command[] = [
+  {
+    path: ['snapshot', 'create'],
+    summary: "Snapshot a VM (paused meanwhile) to NAME under the server's snapshot directory, or to --out FILE here.",
+    positionals: ['VM', '[NAME]'],
+    options: [
+      { name: 'out', type: 'string', arg: 'FILE', help: 'stream the snapshot into FILE on this machine instead of storing it on the server' },
+      { name: 'leave-paused', type: 'bool', help: 'leave the VM paused afterwards (default: resumed as it was)' },
+    ],
+    run: create,
+  },
+  {
+    path: ['snapshot', 'restore'],
+    summary: "Restore a snapshot (NAME on the server, or --in FILE from here) into a new VM, PAUSED unless --run.",
+    positionals: ['[NAME]'],
+    options: [
+      { name: 'in', type: 'string', arg: 'FILE', help: 'stream the snapshot from FILE on this machine' },
+      { name: 'run', type: 'bool', help: 'resume the vCPUs that were running when the snapshot was taken' },
+      { name: 'name', type: 'string', arg: 'NAME', help: "name of the new VM (default: the snapshot's)" },
+      { name: 'no-lazy', type: 'bool', help: 'read guest memory instead of mapping the file copy-on-write (NAME only)' },
+    ],
+    run: restore,
+  },
+  {
+    path: ['snapshot', 'list'],
+    summary: "List the snapshots in the server's snapshot directory.",
+    positionals: [],
+    options: [],
+    async run(ctx) {
+      const resp = await ctx.client().listSnapshots();
+      if (ctx.json) ctx.printJson(resp);
+      else
+        ctx.print(
+          table(
+            ['NAME', 'SIZE', 'VM', 'MEMORY', 'VCPUS', 'TAKEN', 'PROBLEM'],
+            resp.snapshots.map((s) => [
+              s.name,
+              humanSize(s.sizeBytes),
+              s.vmName || s.vmId || '-',
+              s.memoryBytes !== '0' ? formatSize(s.memoryBytes) : '-',
+              s.vcpuCount || '-',
+              s.createTime ? new Date(Number(s.createTime.seconds) * 1000).toISOString() : '-',
+              s.problem || '',
+            ]),
+          ).join('\n'),
+        );
+    },
+  },
+  {
+    path: ['snapshot', 'delete'],
+    summary: "Remove a snapshot from the server's snapshot directory.",
+    positionals: ['NAME'],
+    options: [],
+    async run(ctx) {
+      const resp = await ctx.client().deleteSnapshot(ctx.positionals[0]);
+      if (ctx.json) ctx.printJson(resp);
+      else ctx.print(`deleted ${ctx.positionals[0]}`);
+    },
+  },
+  {
+    path: ['migrate'],
+    summary: 'Move a VM to another vcpud (--to): paused, streamed, restored and resumed there, then deleted here.',
+    positionals: ['VM'],
+    options: [
+      { name: 'to', type: 'string', arg: 'ADDR', required: true, help: "the destination vcpud: host:port (TLS) or unix:/path" },
+      { name: 'to-tls-ca', type: 'string', arg: 'FILE', help: "CA the source verifies the destination with (default: the server's --migration-tls-ca)" },
+      { name: 'to-tls-cert', type: 'string', arg: 'FILE', help: 'client certificate the source presents to the destination (mTLS)' },
+      { name: 'to-tls-key', type: 'string', arg: 'FILE', help: 'its private key' },
+      { name: 'to-tls-server-name', type: 'string', arg: 'NAME', help: "name to verify the destination's certificate against" },
+      { name: 'leave-paused', type: 'bool', help: 'leave the VM paused on the destination' },
+      { name: 'dest-name', type: 'string', arg: 'NAME', help: 'name of the VM on the destination' },
+    ],
+    notes: 'The --to-tls-* files are read here and sent to the source server, which dials the destination with them.',
+    run: migrate,
+  },
+];

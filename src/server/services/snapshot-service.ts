@@ -1,0 +1,395 @@
+/**
+ * vcpud.v1.SnapshotService: CreateSnapshot (to a file under the snapshot directory, or streamed),
+ * RestoreSnapshot (from a file) and RestoreSnapshotStream (from the client's stream) into a new VM,
+ * ListSnapshots, DeleteSnapshot, and MigrateVm (this vcpud streams the snapshot to a destination
+ * vcpud's RestoreSnapshotStream over gRPC with mTLS, then resumes it there).
+ *
+ * The format, the compatibility check and the restore live in src/vm/snapshot-*.ts; this file maps
+ * requests onto them and keeps the run-state promises: the VM is held and paused while it is being
+ * captured and put back as it was on any failure.
+ */
+import fs from 'node:fs';
+import * as grpc from '@grpc/grpc-js';
+import { invalidArgument, VcpudError, type ErrorKind } from '../../errors';
+import { loadAndRestore } from '../../vm/snapshot-restore';
+import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
+import { SnapshotStore, type SnapshotEntry } from '../../vm/snapshot-store';
+import { AtomicFileSink, captureSnapshot, holdAndPause, StreamSink, type CaptureResult, type SnapshotProgress as Progress } from '../../vm/snapshot-writer';
+import type { SnapshotHeader } from '../../vm/snapshot-format';
+import type { ManagedVm } from '../../vm/managed-vm';
+import { timestampToProto, vmToProto } from '../convert';
+import { decodeStatusDetails, toServiceError } from '../errors';
+import type { Duration } from '../generated/google/protobuf/Duration';
+import type { CreateSnapshotRequest__Output } from '../generated/vcpud/v1/CreateSnapshotRequest';
+import type { CreateSnapshotResponse } from '../generated/vcpud/v1/CreateSnapshotResponse';
+import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
+import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
+import type { RestoreSnapshotStreamRequest__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamRequest';
+import type { RestoreSnapshotStreamResponse__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamResponse';
+import type { SnapshotInfo } from '../generated/vcpud/v1/SnapshotInfo';
+import type { SnapshotPhase } from '../generated/vcpud/v1/SnapshotPhase';
+import type { SnapshotProgress } from '../generated/vcpud/v1/SnapshotProgress';
+import type { SnapshotServiceHandlers } from '../generated/vcpud/v1/SnapshotService';
+import type { Vm__Output } from '../generated/vcpud/v1/Vm';
+import { vcpudProto } from '../proto';
+import { serverStream, unary, type ServiceContext } from './context';
+
+/** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
+const STREAM_CHUNK = 1024 * 1024;
+/** Progress messages at most this often (plus one per phase change). */
+const PROGRESS_INTERVAL_MS = 100;
+/** Calls to the destination other than the snapshot stream. */
+const DESTINATION_CALL_MS = 15_000;
+
+export interface SnapshotServiceOptions {
+  snapshotDir: string;
+  /** Default client credentials for MigrateVm (files). */
+  migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
+}
+
+const PHASES: Record<Progress['phase'], SnapshotPhase> = {
+  state: 'SNAPSHOT_PHASE_STATE',
+  memory: 'SNAPSHOT_PHASE_MEMORY',
+  sync: 'SNAPSHOT_PHASE_SYNC',
+  done: 'SNAPSHOT_PHASE_DONE',
+};
+
+export function durationToProto(ms: number): Duration {
+  const seconds = Math.floor(ms / 1000);
+  return { seconds: String(seconds), nanos: Math.round((ms - seconds * 1000) * 1e6) };
+}
+
+export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; sizeBytes: number; pagesStored?: number; durationMs?: number; problem?: string }): SnapshotInfo {
+  return {
+    name: extra.name ?? '',
+    sizeBytes: String(extra.sizeBytes),
+    vmId: header.vm.id,
+    vmName: header.vm.name,
+    memoryBytes: String(header.vm.memoryBytes),
+    vcpuCount: header.vm.vcpuCount,
+    memoryPagesStored: String(extra.pagesStored ?? 0),
+    formatVersion: header.formatVersion,
+    createTime: timestampToProto(new Date(header.createdAt)),
+    sourceHost: header.source.hostname,
+    vendor: header.source.vendor,
+    ...(extra.durationMs !== undefined ? { duration: durationToProto(extra.durationMs) } : {}),
+    problem: extra.problem ?? '',
+  };
+}
+
+function entryInfo(e: SnapshotEntry): SnapshotInfo {
+  if (!e.header) return { name: e.name, sizeBytes: String(e.sizeBytes), problem: e.problem ?? 'unreadable header' };
+  return snapshotInfo(e.header, { name: e.name, sizeBytes: e.sizeBytes });
+}
+
+/** Writes a message on a server stream, waiting for 'drain' when grpc-js's buffer is full. */
+export function writeWithBackpressure<T>(stream: { write(m: T): boolean; once(ev: string, fn: (...a: unknown[]) => void): unknown; removeListener(ev: string, fn: (...a: unknown[]) => void): unknown }, msg: T): Promise<void> {
+  if (stream.write(msg)) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const done = (err?: Error) => {
+      stream.removeListener('drain', onDrain);
+      stream.removeListener('close', onClose);
+      stream.removeListener('error', onError);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onDrain = () => done();
+    const onClose = () => done(new VcpudError('unavailable', 'the stream closed while a message was pending'));
+    const onError = (e: unknown) => done(e as Error);
+    stream.once('drain', onDrain);
+    stream.once('close', onClose);
+    stream.once('error', onError);
+  });
+}
+
+/** Progress messages, throttled: every phase change, then at most every PROGRESS_INTERVAL_MS. */
+function progressSender(send: (p: SnapshotProgress) => void): (p: Progress) => void {
+  let lastPhase = '';
+  let last = 0;
+  return (p) => {
+    const now = Date.now();
+    if (p.phase === lastPhase && now - last < PROGRESS_INTERVAL_MS) return;
+    lastPhase = p.phase;
+    last = now;
+    send({ phase: PHASES[p.phase], memoryBytesDone: String(p.memoryBytesDone), memoryBytesTotal: String(p.memoryBytesTotal), bytesWritten: String(p.bytesWritten) });
+  };
+}
+
+const elapsedMs = (since: bigint) => Number(process.hrtime.bigint() - since) / 1e6;
+
+export class SnapshotService {
+  readonly store: SnapshotStore;
+
+  constructor(
+    private readonly ctx: ServiceContext,
+    private readonly opts: SnapshotServiceOptions,
+  ) {
+    this.store = new SnapshotStore(opts.snapshotDir);
+  }
+
+  register(server: grpc.Server): void {
+    server.addService(vcpudProto().vcpud.v1.SnapshotService.service, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+  }
+
+  private restoreResponse(loaded: LoadedSnapshot, vm: ManagedVm, notes: string[], started: bigint) {
+    return {
+      vm: vmToProto(vm),
+      notes,
+      stats: {
+        memoryBytesMapped: String(loaded.mappedBytes),
+        memoryBytesCopied: String(loaded.copiedBytes),
+        snapshotBytes: String(loaded.bytes),
+        duration: durationToProto(elapsedMs(started)),
+      },
+    };
+  }
+
+  handlers(): SnapshotServiceHandlers {
+    const ctx = this.ctx;
+    return {
+      CreateSnapshot: serverStream<CreateSnapshotRequest__Output, CreateSnapshotResponse>(ctx, async (call) => {
+        const req = call.request;
+        const vm = ctx.registry.get(req.vmId);
+        const toStream = req.destination === 'stream' && req.stream;
+        if (!toStream && req.destination !== 'name')
+          throw invalidArgument('CreateSnapshot needs a destination: name or stream', [{ rule: 'required', field: 'destination', message: 'set name or stream' }]);
+        // The name is checked (and its directories created) before the VM is touched.
+        const name = req.name ?? '';
+        const file = toStream ? undefined : this.store.pathForWrite(name);
+        const held = await holdAndPause(vm, `snapshot ${toStream ? 'to a stream' : JSON.stringify(name)} in progress`);
+        let ok = false;
+        try {
+          const sink = toStream
+            ? new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK)
+            : new AtomicFileSink(file as string);
+          const r: CaptureResult = await captureSnapshot(vm, sink, {
+            caps: ctx.caps,
+            runStates: held.before,
+            onProgress: progressSender((progress) => call.write({ progress })),
+            cancelled: () => call.cancelled,
+          });
+          ok = true;
+          await writeWithBackpressure(call, {
+            done: snapshotInfo(r.header, { name: toStream ? '' : name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: r.durationMs }),
+          });
+        } finally {
+          if (!ok || !req.leavePaused) await held.resume();
+          held.release();
+        }
+      }),
+
+      RestoreSnapshot: unary(ctx, async (req: { name: string; run: boolean; vmName: string; noLazyMemory: boolean }) => {
+        const started = process.hrtime.bigint();
+        const { fd } = this.store.openForRead(req.name);
+        try {
+          const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy: !req.noLazyMemory, name: req.vmName || undefined, run: req.run });
+          return this.restoreResponse(r.loaded, r.vm, r.notes, started);
+        } finally {
+          fs.closeSync(fd); // mappings of the file outlive the descriptor
+        }
+      }),
+
+      RestoreSnapshotStream: (call: grpc.ServerReadableStream<RestoreSnapshotStreamRequest__Output, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+        const started = process.hrtime.bigint();
+        let options: { run: boolean; vmName: string } = { run: false, vmName: '' };
+        let sawData = false;
+        async function* chunks(): AsyncGenerator<Buffer> {
+          for await (const msg of call as AsyncIterable<RestoreSnapshotStreamRequest__Output>) {
+            if (msg.message === 'options' && msg.options) {
+              if (sawData) throw invalidArgument('options must be the first message', [{ rule: 'options.first', field: 'options', message: 'send options before any data' }]);
+              options = { run: msg.options.run, vmName: msg.options.vmName };
+              continue;
+            }
+            sawData = true;
+            if (msg.data?.length) yield msg.data;
+          }
+        }
+        Promise.resolve()
+          .then(async () => {
+            if (ctx.shuttingDown()) throw new VcpudError('unavailable', 'vcpud is shutting down');
+            // options arrive with the first message, before any byte of the snapshot is read
+            const source = new StreamSource(chunks());
+            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; } };
+            const r = await loadAndRestore(ctx.registry, ctx.caps, source, opts);
+            return this.restoreResponse(r.loaded, r.vm, r.notes, started);
+          })
+          .then(
+            (res) => callback(null, res),
+            (e) => callback(toServiceError(e)),
+          );
+      },
+
+      ListSnapshots: unary(ctx, () => ({ snapshots: this.store.list().map(entryInfo) })),
+
+      DeleteSnapshot: unary(ctx, (req: { name: string }) => {
+        this.store.remove(req.name);
+        return {};
+      }),
+
+      MigrateVm: serverStream<MigrateVmRequest__Output, MigrateVmResponse>(ctx, (call) => this.migrate(call)),
+    } as unknown as SnapshotServiceHandlers;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Migration
+
+  private credentials(req: MigrateVmRequest__Output): { target: string; creds: grpc.ChannelCredentials; options: grpc.ChannelOptions } {
+    const dest = req.destination.trim();
+    if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port or unix:/path' }]);
+    const options: grpc.ChannelOptions = { 'grpc.max_send_message_length': 64 << 20, 'grpc.max_receive_message_length': 64 << 20 };
+    const fromRequest = req.tls && (req.tls.caPem.length || req.tls.certPem.length || req.tls.keyPem.length);
+    if (dest.startsWith('unix:')) {
+      if (fromRequest) throw invalidArgument('tls applies to TCP destinations; a unix socket is plaintext', [{ rule: 'tls.unix', field: 'tls', message: 'drop tls for a unix: destination' }]);
+      return { target: dest, creds: grpc.credentials.createInsecure(), options };
+    }
+    const file = (f?: string) => (f ? fs.readFileSync(f) : null);
+    let ca: Buffer | null, cert: Buffer | null, key: Buffer | null;
+    if (fromRequest) {
+      const t = req.tls as NonNullable<MigrateVmRequest__Output['tls']>;
+      [ca, cert, key] = [t.caPem.length ? t.caPem : null, t.certPem.length ? t.certPem : null, t.keyPem.length ? t.keyPem : null];
+    } else if (this.opts.migrationTls) {
+      [ca, cert, key] = [file(this.opts.migrationTls.caFile), file(this.opts.migrationTls.certFile), file(this.opts.migrationTls.keyFile)];
+    } else {
+      throw invalidArgument(`a TCP destination (${dest}) needs TLS client credentials: MigrateVmRequest.tls, or --migration-tls-ca/--migration-tls-cert/--migration-tls-key`, [
+        { rule: 'tls.required', field: 'tls', message: 'give ca_pem (and cert_pem/key_pem for mTLS), or configure --migration-tls-*' },
+      ]);
+    }
+    if (!cert !== !key) throw invalidArgument('cert_pem and key_pem go together', [{ rule: 'tls.pair', field: 'tls', message: 'give both or neither' }]);
+    if (req.tls?.serverName) options['grpc.ssl_target_name_override'] = req.tls.serverName;
+    return { target: dest, creds: grpc.credentials.createSsl(ca, key, cert), options };
+  }
+
+  private async migrate(call: grpc.ServerWritableStream<MigrateVmRequest__Output, MigrateVmResponse>): Promise<void> {
+    const req = call.request;
+    const started = process.hrtime.bigint();
+    const vm = this.ctx.registry.get(req.vmId);
+    const { target, creds, options } = this.credentials(req);
+    const v1 = vcpudProto().vcpud.v1;
+    const snapshots = new v1.SnapshotService(target, creds, options);
+    const vms = new v1.VmService(target, creds, { ...options, channelOverride: snapshots.getChannel() });
+    const sendProgress = progressSender((progress) => call.write({ progress }));
+    const held = await holdAndPause(vm, `migration to ${target} in progress`);
+    const paused = process.hrtime.bigint();
+    let destVm: Vm__Output | undefined;
+    let upstream: grpc.ClientWritableStream<unknown> | undefined;
+    try {
+      let upstreamError: Error | undefined;
+      const response = new Promise<RestoreSnapshotStreamResponse__Output>((resolve, reject) => {
+        upstream = snapshots.restoreSnapshotStream((err: grpc.ServiceError | null, res?: RestoreSnapshotStreamResponse__Output) => {
+          if (err) {
+            upstreamError = err;
+            reject(err);
+          } else resolve(res as RestoreSnapshotStreamResponse__Output);
+        }) as unknown as grpc.ClientWritableStream<unknown>;
+      });
+      response.catch(() => {}); // observed below; a failure mid-stream must not be an unhandled rejection
+      const up = upstream as grpc.ClientWritableStream<unknown>;
+      up.on('error', () => {});
+      up.write({ options: { run: false, vmName: req.destinationVmName || vm.name } });
+      // A write waiting for 'drain' on a call the destination already failed would wait forever:
+      // the call's outcome ends the wait.
+      const failed = response.then(
+        () => {
+          throw new VcpudError('internal', 'the destination answered before the snapshot was complete');
+        },
+        (e) => {
+          throw e;
+        },
+      );
+      failed.catch(() => {});
+      const sink = new StreamSink(async (chunk) => {
+        if (upstreamError) throw upstreamError;
+        await Promise.race([writeWithBackpressure(up as never, { data: chunk }), failed]);
+      }, STREAM_CHUNK);
+      const r = await captureSnapshot(vm, sink, {
+        caps: this.ctx.caps,
+        runStates: held.before,
+        onProgress: (p) => sendProgress(p.phase === 'done' ? { ...p, phase: 'sync' } : p),
+        cancelled: () => {
+          if (upstreamError) throw upstreamError; // the destination failed: its error, not a cancel
+          return call.cancelled;
+        },
+      });
+      up.end();
+      const restored = await response;
+      destVm = restored.vm ?? undefined;
+      if (!destVm) throw new VcpudError('internal', 'the destination answered without a VM');
+      call.write({ progress: { phase: 'SNAPSHOT_PHASE_RESUME', memoryBytesDone: String(vm.memoryBytes), memoryBytesTotal: String(vm.memoryBytes), bytesWritten: String(r.bytes) } });
+      if (!req.leavePaused)
+        for (const id of held.wasRunning) await callDestination(vms, 'resumeVcpu', { vmId: destVm.id, vcpuId: id });
+      const downtimeMs = Number(process.hrtime.bigint() - paused) / 1e6;
+      // The destination has it: this copy goes.
+      this.ctx.registry.destroy(vm.id);
+      const after = await callDestination<{ vm: Vm__Output }>(vms, 'getVm', { vmId: destVm.id }).catch(() => ({ vm: destVm as Vm__Output }));
+      await writeWithBackpressure(call, {
+        done: { destinationVm: after.vm as never, bytesSent: String(r.bytes), duration: durationToProto(elapsedMs(started)), downtime: durationToProto(downtimeMs), notes: restored.notes },
+      });
+    } catch (e) {
+      upstream?.cancel();
+      let cleanup = '';
+      if (destVm) {
+        try {
+          await callDestination(vms, 'deleteVm', { vmId: destVm.id });
+          cleanup = `; its copy ${destVm.id} on the destination was deleted`;
+        } catch (d) {
+          cleanup = `; deleting its copy ${destVm.id} on the destination FAILED (${(d as Error).message}): check the destination`;
+        }
+      }
+      let resumed = '; the VM was resumed here as it was';
+      try {
+        await held.resume();
+      } catch (r) {
+        resumed = `; resuming the VM here FAILED: ${(r as Error).message}`;
+      }
+      throw migrationError(e, target, vm.id, cleanup + resumed);
+    } finally {
+      held.release();
+      snapshots.close();
+    }
+  }
+}
+
+function callDestination<T = unknown>(client: grpc.Client, method: string, req: object): Promise<T> {
+  return new Promise((resolve, reject) =>
+    (client as unknown as Record<string, Function>)[method](req, new grpc.Metadata(), { deadline: Date.now() + DESTINATION_CALL_MS }, (err: grpc.ServiceError | null, res: T) =>
+      err ? reject(err) : resolve(res),
+    ),
+  );
+}
+
+const KIND_OF_CODE: Partial<Record<grpc.status, ErrorKind>> = {
+  [grpc.status.INVALID_ARGUMENT]: 'invalid_argument',
+  [grpc.status.FAILED_PRECONDITION]: 'failed_precondition',
+  [grpc.status.RESOURCE_EXHAUSTED]: 'resource_exhausted',
+  [grpc.status.DATA_LOSS]: 'data_loss',
+  [grpc.status.NOT_FOUND]: 'not_found',
+  [grpc.status.UNAVAILABLE]: 'unavailable',
+  [grpc.status.CANCELLED]: 'unavailable',
+  [grpc.status.DEADLINE_EXCEEDED]: 'unavailable',
+  [grpc.status.PERMISSION_DENIED]: 'failed_precondition',
+  [grpc.status.UNAUTHENTICATED]: 'failed_precondition',
+};
+
+/** The error MigrateVm ends with: the destination's code and violations when it answered, MIGRATION_FAILED. */
+function migrationError(e: unknown, target: string, vmId: string, outcome: string): VcpudError {
+  const grpcErr = e as grpc.ServiceError;
+  if (typeof grpcErr?.code === 'number' && grpcErr.metadata instanceof grpc.Metadata) {
+    const st = decodeStatusDetails(grpcErr.metadata);
+    const reason = st?.errorInfo?.reason;
+    const violations = [
+      ...(st?.preconditionFailure ?? []).map((v) => ({ rule: v.type, field: v.subject, message: v.description })),
+      ...(st?.badRequest ?? []).map((v) => ({ rule: v.reason, field: v.field, message: v.description })),
+    ];
+    const kind = KIND_OF_CODE[grpcErr.code as grpc.status] ?? 'internal';
+    return new VcpudError(
+      kind,
+      `migration of VM ${vmId} to ${target} failed: the destination answered ${grpc.status[grpcErr.code]}${reason ? ` (${reason})` : ''}: ${grpcErr.details}${outcome}`,
+      { reason: 'MIGRATION_FAILED', ...(violations.length ? { violations } : {}) },
+    );
+  }
+  const err = e as VcpudError;
+  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}${outcome}`, {
+    ...(err?.details ?? {}),
+    reason: 'MIGRATION_FAILED',
+  });
+}

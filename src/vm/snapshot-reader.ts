@@ -1,0 +1,382 @@
+/**
+ * Reading a snapshot (snapshot-format.ts) from a file or a byte stream into guest memory and saved
+ * state, verifying every checksum on the way. Nothing is created here: the caller's check (the
+ * compatibility check, limits) runs on the header before any memory is allocated, and a failure
+ * anywhere releases what was allocated.
+ *
+ * From a file, memory data is mapped lazily where the layout allows (MAP_PRIVATE of the file's
+ * page-aligned data runs over the guest memory, as Firecracker does): the guest faults pages in
+ * from the page cache, and its writes stay private to the VM. Checksums are computed through that
+ * mapping, i.e. over exactly the bytes the guest will see.
+ */
+import fs from 'node:fs';
+import { native, type NativeGuestMemory } from '../ffi/native';
+import {
+  bitmapBytes,
+  bitmapRuns,
+  CHUNK_PAGES,
+  countBits,
+  crc32c,
+  decodeNamed,
+  decodePreamble,
+  decodeRecordHeader,
+  describeChunk,
+  hex,
+  kindName,
+  MAX_METADATA_PAYLOAD,
+  nextRecordOffset,
+  PAGE_SIZE,
+  payloadOffset,
+  PREAMBLE_SIZE,
+  RECORD_HEADER_SIZE,
+  RecordKind,
+  snapshotCorrupt,
+  type RecordHeader,
+  type SnapshotEnd,
+  type SnapshotHeader,
+} from './snapshot-format';
+
+/** Runs of at least this many pages are mapped from the file; shorter ones are read (fewer VMAs). */
+export const LAZY_MIN_PAGES = 16;
+/** Memory chunks whose checksums may be computing at once (the libuv pool has 4 threads). */
+const MAX_CRCS_IN_FLIGHT = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Byte sources
+
+export interface ByteSource {
+  /** Offset of the next byte. */
+  readonly position: number;
+  /** The next `n` bytes; throws a truncation error built by `what` when the snapshot ends first. */
+  read(n: number, what: (available: number) => Error): Promise<Buffer>;
+  /** Advances past `n` bytes (same error on truncation). */
+  skip(n: number, what: (available: number) => Error): Promise<void>;
+}
+
+/** A snapshot file, read with positioned reads; memory data can be mapped from its fd. */
+export class FileSource implements ByteSource {
+  pos = 0;
+  readonly size: number;
+
+  constructor(readonly fd: number) {
+    this.size = fs.fstatSync(fd).size;
+  }
+
+  get position(): number {
+    return this.pos;
+  }
+
+  async read(n: number, what: (available: number) => Error): Promise<Buffer> {
+    if (this.pos + n > this.size) throw what(this.size - this.pos);
+    const buf = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const got = fs.readSync(this.fd, buf, off, n - off, this.pos + off);
+      if (got === 0) throw what(off);
+      off += got;
+    }
+    this.pos += n;
+    return buf;
+  }
+
+  async skip(n: number, what: (available: number) => Error): Promise<void> {
+    if (this.pos + n > this.size) throw what(this.size - this.pos);
+    this.pos += n;
+  }
+}
+
+/** A snapshot arriving as chunks (a gRPC client stream): pulls the next chunk only when needed. */
+export class StreamSource implements ByteSource {
+  private pos = 0;
+  private buffered: Buffer[] = [];
+  private bufferedBytes = 0;
+  private ended = false;
+  /** Bytes received in total (progress). */
+  received = 0;
+
+  constructor(private readonly chunks: AsyncIterator<Buffer>) {}
+
+  get position(): number {
+    return this.pos;
+  }
+
+  private async fill(n: number): Promise<boolean> {
+    while (this.bufferedBytes < n && !this.ended) {
+      const next = await this.chunks.next();
+      if (next.done) {
+        this.ended = true;
+        break;
+      }
+      if (next.value.length) {
+        this.buffered.push(next.value);
+        this.bufferedBytes += next.value.length;
+        this.received += next.value.length;
+      }
+    }
+    return this.bufferedBytes >= n;
+  }
+
+  async read(n: number, what: (available: number) => Error): Promise<Buffer> {
+    if (!(await this.fill(n))) throw what(this.bufferedBytes);
+    let out: Buffer;
+    if (this.buffered[0].length >= n) {
+      out = this.buffered[0].subarray(0, n);
+      this.buffered[0] = this.buffered[0].subarray(n);
+      if (!this.buffered[0].length) this.buffered.shift();
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let off = 0;
+      while (off < n) {
+        const b = this.buffered[0];
+        const take = Math.min(b.length, n - off);
+        b.copy(out, off, 0, take);
+        off += take;
+        if (take === b.length) this.buffered.shift();
+        else this.buffered[0] = b.subarray(take);
+      }
+    }
+    this.bufferedBytes -= n;
+    this.pos += n;
+    return out;
+  }
+
+  async skip(n: number, what: (available: number) => Error): Promise<void> {
+    await this.read(n, what);
+  }
+
+  /** True when nothing follows (checked after END). */
+  async atEnd(): Promise<boolean> {
+    return !(await this.fill(1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+export interface LoadedSnapshot {
+  header: SnapshotHeader;
+  end: SnapshotEnd;
+  /** Per vCPU id: section name (or "nested") -> the bytes saved. */
+  vcpuState: Map<number, Map<string, Buffer>>;
+  /** VM_STATE records by name. */
+  vmState: Map<string, Buffer>;
+  /** Guest memory with the snapshot's contents; the caller owns it (hand it to a VM or release it). */
+  memory: NativeGuestMemory;
+  /** Memory bytes mapped from the file, and bytes copied (read or received). */
+  mappedBytes: number;
+  copiedBytes: number;
+  /** Bytes of the snapshot. */
+  bytes: number;
+}
+
+export interface LoadOptions {
+  /** Runs on the header before memory is allocated (compatibility check, limits): throw to refuse. */
+  check(header: SnapshotHeader): void;
+  /** From a file: map memory data lazily (default true); false reads it. */
+  lazy?: boolean;
+  onProgress?: (memoryBytesDone: number, memoryBytesTotal: number, bytes: number) => void;
+  /** Called once guest memory is allocated, before it is filled (a restore prepares the VM meanwhile). */
+  onMemory?: (memory: NativeGuestMemory, header: SnapshotHeader) => void;
+}
+
+function truncated(h: RecordHeader | undefined, what: string, source: ByteSource, need: number) {
+  return (available: number) => {
+    const endsAt = source.position + available;
+    const inside = h ? ` inside ${describeChunk(h)}` : '';
+    return snapshotCorrupt(
+      `truncated: the snapshot ends at byte ${hex(endsAt)}${inside}, whose ${what} needs ${need} bytes from ${hex(source.position)}`,
+      h?.seq,
+      endsAt,
+    );
+  };
+}
+
+function mismatch(h: RecordHeader): Error {
+  return snapshotCorrupt(`checksum mismatch in ${describeChunk(h)}`, h.seq, h.offset);
+}
+
+function checkHeaderShape(h: SnapshotHeader, rec: RecordHeader): void {
+  const bad = (what: string) => snapshotCorrupt(`${describeChunk(rec)}: malformed snapshot header: ${what}`, rec.seq, rec.offset);
+  if (h.format !== 'vcpud-snapshot') throw bad(`format is ${JSON.stringify(h.format)}`);
+  if (!h.vm || !Number.isSafeInteger(h.vm.memoryBytes) || h.vm.memoryBytes <= 0 || h.vm.memoryBytes % PAGE_SIZE) throw bad('vm.memoryBytes');
+  if (!Number.isInteger(h.vm.vcpuCount) || h.vm.vcpuCount < 1) throw bad('vm.vcpuCount');
+  if (!Array.isArray(h.vcpus) || h.vcpus.length !== h.vm.vcpuCount) throw bad('vcpus does not list vm.vcpuCount vCPUs');
+  if (!Array.isArray(h.vm.cpuid) || !Array.isArray(h.vm.memory) || !h.source || !Array.isArray(h.source.msrIndexList)) throw bad('missing fields');
+  if (h.memoryLayout?.pageSize !== PAGE_SIZE || h.memoryLayout?.chunkPages !== CHUNK_PAGES) throw bad('memory layout');
+}
+
+/**
+ * Reads a whole snapshot, verifying the preamble, every record header and every payload checksum,
+ * the chunk sequence, the memory coverage and the END record. `fileFd`: memory data may be mapped
+ * from this file (a FileSource over the same fd).
+ */
+export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd?: number): Promise<LoadedSnapshot> {
+  decodePreamble(await source.read(PREAMBLE_SIZE, truncated(undefined, 'preamble', source, PREAMBLE_SIZE)));
+  let seq = 0;
+  const nextHeader = async (): Promise<RecordHeader> => {
+    const at = source.position;
+    const raw = await source.read(RECORD_HEADER_SIZE, (available) =>
+      snapshotCorrupt(
+        `truncated: the snapshot ends at byte ${hex(at + available)}, where the header of chunk ${seq} (offset ${hex(at)}) should be${seq > 0 ? '; no END record' : ''}`,
+        seq,
+        at + available,
+      ),
+    );
+    return decodeRecordHeader(raw, at, seq++);
+  };
+  const readPayload = async (h: RecordHeader, max = MAX_METADATA_PAYLOAD): Promise<Buffer> => {
+    if (h.payloadLength > max) throw snapshotCorrupt(`${describeChunk(h)} declares a ${h.payloadLength}-byte payload, over the ${max}-byte limit of its kind`, h.seq, h.offset);
+    if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
+    const payload = await source.read(h.payloadLength, truncated(h, 'payload', source, h.payloadLength));
+    if (crc32c(payload) !== h.payloadCrc) throw mismatch(h);
+    await skipTail(h);
+    return payload;
+  };
+  const skipTail = async (h: RecordHeader) => {
+    const tail = nextRecordOffset(h) - (payloadOffset(h) + h.payloadLength);
+    if (tail) await source.skip(tail, truncated(h, 'end padding', source, tail));
+  };
+
+  const first = await nextHeader();
+  if (first.kind !== RecordKind.Header) throw snapshotCorrupt(`${describeChunk(first)}: the first chunk must be the header`, first.seq, first.offset);
+  let header: SnapshotHeader;
+  try {
+    header = JSON.parse((await readPayload(first)).toString('utf8')) as SnapshotHeader;
+  } catch (e) {
+    if ((e as { kind?: string }).kind) throw e;
+    throw snapshotCorrupt(`${describeChunk(first)}: the header is not valid JSON: ${(e as Error).message}`, first.seq, first.offset);
+  }
+  checkHeaderShape(header, first);
+  opts.check(header);
+
+  const memoryBytes = header.vm.memoryBytes;
+  const memory = new native.GuestMemory(memoryBytes);
+  opts.onMemory?.(memory, header);
+  const vcpuState = new Map<number, Map<string, Buffer>>(header.vcpus.map((v) => [v.id, new Map()]));
+  const vmState = new Map<string, Buffer>();
+  let mappedBytes = 0;
+  let copiedBytes = 0;
+  let nextGpa = 0;
+  let pagesStored = 0;
+  const lazy = fileFd !== undefined && opts.lazy !== false;
+  let canMap = true;
+  const pendingCrcs: Promise<RecordHeader | undefined>[] = [];
+  let settledCrcs = 0;
+  try {
+    let map: { gpa: number; pages: number; bitmap: Buffer } | undefined;
+    for (;;) {
+      const h = await nextHeader();
+      const corrupt = (what: string) => snapshotCorrupt(`${describeChunk(h)}: ${what}`, h.seq, h.offset);
+      if (map && h.kind !== RecordKind.MemoryData) throw corrupt(`a memory map must be followed by its memory data, not ${kindName(h.kind)}`);
+      switch (h.kind) {
+        case RecordKind.Header:
+          throw corrupt('a second header');
+        case RecordKind.VcpuState:
+        case RecordKind.VmState: {
+          const { name, data } = decodeNamed(await readPayload(h));
+          const into = h.kind === RecordKind.VmState ? vmState : vcpuState.get(h.aux);
+          if (!into) throw corrupt(`state of vCPU ${h.aux}, which the header does not list`);
+          if (into.has(name)) throw corrupt(`${name} appears twice`);
+          into.set(name, data);
+          break;
+        }
+        case RecordKind.MemoryMap: {
+          const pages = h.aux2;
+          if (h.aux !== nextGpa) throw corrupt(`memory map for ${hex(h.aux)} where ${hex(nextGpa)} comes next`);
+          if (pages < 1 || pages > CHUNK_PAGES || nextGpa + pages * PAGE_SIZE > memoryBytes) throw corrupt(`${pages} pages do not fit guest memory`);
+          const bitmap = await readPayload(h, bitmapBytes(pages));
+          if (bitmap.length !== bitmapBytes(pages)) throw corrupt('bitmap size does not match its page count');
+          map = { gpa: h.aux, pages, bitmap };
+          break;
+        }
+        case RecordKind.MemoryData: {
+          if (!map || map.gpa !== h.aux) throw corrupt('memory data without its memory map');
+          const stored = countBits(map.bitmap, map.pages);
+          if (h.aux2 !== stored || h.payloadLength !== stored * PAGE_SIZE)
+            throw corrupt(`holds ${h.aux2} pages (${h.payloadLength} bytes) where its map selects ${stored}`);
+          if (stored) {
+            if (lazy) {
+              const start = payloadOffset(h);
+              // Everything that gets mapped must exist: a mapping past the end of the file would
+              // fault (SIGBUS) on first touch instead of failing here.
+              await source.skip(h.pad + h.payloadLength, truncated(h, 'memory data', source, h.pad + h.payloadLength));
+              if (start % PAGE_SIZE) throw corrupt('memory data is not page-aligned');
+              let index = 0;
+              for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
+                const memOff = map.gpa + firstPage * PAGE_SIZE;
+                const fileOff = start + index * PAGE_SIZE;
+                if (count >= LAZY_MIN_PAGES && canMap) {
+                  try {
+                    memory.mapFile(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
+                    mappedBytes += count * PAGE_SIZE;
+                  } catch {
+                    // a file system without mmap support: read this run and every later one
+                    canMap = false;
+                    memory.readFromFd(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
+                    copiedBytes += count * PAGE_SIZE;
+                  }
+                } else {
+                  memory.readFromFd(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
+                  copiedBytes += count * PAGE_SIZE;
+                }
+                index += count;
+              }
+              // Checksums run on the libuv pool, several chunks at once, while the next records are
+              // read and mapped; a mismatch is reported for the first chunk (in order) that has one.
+              const { gpa, pages, bitmap } = map;
+              const hdr = h;
+              pendingCrcs.push(memory.crc32cPages(gpa, pages, bitmap).then((crc) => (crc === hdr.payloadCrc ? undefined : hdr)));
+              if (pendingCrcs.length - settledCrcs >= MAX_CRCS_IN_FLIGHT) await pendingCrcs[settledCrcs++];
+            } else {
+              if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
+              const data = await source.read(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));
+              if (crc32c(data) !== h.payloadCrc) throw mismatch(h);
+              let index = 0;
+              for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
+                memory.write(map.gpa + firstPage * PAGE_SIZE, data.subarray(index * PAGE_SIZE, (index + count) * PAGE_SIZE));
+                index += count;
+              }
+              copiedBytes += data.length;
+            }
+          } else if (h.payloadCrc !== 0) {
+            throw mismatch(h);
+          }
+          await skipTail(h);
+          pagesStored += stored;
+          nextGpa += map.pages * PAGE_SIZE;
+          map = undefined;
+          opts.onProgress?.(nextGpa, memoryBytes, source.position);
+          break;
+        }
+        case RecordKind.End: {
+          let end: SnapshotEnd;
+          const payload = await readPayload(h);
+          try {
+            end = JSON.parse(payload.toString('utf8')) as SnapshotEnd;
+          } catch {
+            throw corrupt('END is not valid JSON');
+          }
+          if (end.records !== h.seq) throw corrupt(`END counts ${end.records} chunks before it, the snapshot has ${h.seq}`);
+          if (nextGpa !== memoryBytes) throw corrupt(`memory ends at ${hex(nextGpa)}, the VM has ${hex(memoryBytes)} bytes`);
+          if (end.pagesStored !== pagesStored || end.memoryPages !== memoryBytes / PAGE_SIZE) throw corrupt('END page counts do not match the memory chunks');
+          for (const v of header.vcpus) {
+            const have = vcpuState.get(v.id) as Map<string, Buffer>;
+            for (const s of v.sections) if (!have.has(s.name)) throw corrupt(`vCPU ${v.id} section ${s.name} is missing`);
+            if (v.nestedSize && !have.has('nested')) throw corrupt(`vCPU ${v.id} nested state is missing`);
+          }
+          for (const s of header.vmState ?? []) if (!vmState.has(s.name)) throw corrupt(`VM state ${s.name} is missing`);
+          for (const bad of await Promise.all(pendingCrcs)) if (bad) throw mismatch(bad);
+          if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
+          if (source instanceof FileSource && source.position !== source.size)
+            throw corrupt(`${source.size - source.position} bytes follow the END record`);
+          return { header, end, vcpuState, vmState, memory, mappedBytes, copiedBytes, bytes: source.position };
+        }
+      }
+    }
+  } catch (e) {
+    // Checksums still running keep the memory mapped until they finish (release is deferred).
+    await Promise.allSettled(pendingCrcs);
+    memory.release();
+    throw e;
+  }
+}
