@@ -139,33 +139,39 @@ export function toKvmError(e: unknown): unknown {
   return e;
 }
 
+/** Reports one finished ioctl to the observer; returns the error to throw (converted to KvmError). */
+function finish(ioctl: string, start: bigint, error?: unknown): unknown {
+  const obs = currentObserver();
+  const k = error === undefined ? undefined : toKvmError(error);
+  obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k === undefined ? undefined : k instanceof KvmError ? k.code : 'EUNKNOWN');
+  return k;
+}
+
+const now = () => (currentObserver() ? process.hrtime.bigint() : 0n);
+
 /** Runs a native ioctl, reporting it to the observer and converting its errors to KvmError. */
 export function kvmCall<T>(ioctl: string, fn: () => T): T {
-  const obs = currentObserver();
-  const start = obs ? process.hrtime.bigint() : 0n;
+  const start = now();
+  let r: T;
   try {
-    const r = fn();
-    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9);
-    return r;
+    r = fn();
   } catch (e) {
-    const k = toKvmError(e);
-    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k instanceof KvmError ? k.code : 'EUNKNOWN');
-    throw k;
+    throw finish(ioctl, start, e);
   }
+  finish(ioctl, start);
+  return r;
 }
 
 export async function kvmCallAsync<T>(ioctl: string, fn: () => Promise<T>): Promise<T> {
-  const obs = currentObserver();
-  const start = obs ? process.hrtime.bigint() : 0n;
+  const start = now();
+  let r: T;
   try {
-    const r = await fn();
-    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9);
-    return r;
+    r = await fn();
   } catch (e) {
-    const k = toKvmError(e);
-    obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k instanceof KvmError ? k.code : 'EUNKNOWN');
-    throw k;
+    throw finish(ioctl, start, e);
   }
+  finish(ioctl, start);
+  return r;
 }
 
 /**
