@@ -22,7 +22,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { packageRoot } from '../../src/package';
 import { vcpudProto } from '../../src/server/proto';
-import { makePki } from '../support/pki';
+import { makePki, type Pki } from '../support/pki';
 
 const ROOT = packageRoot();
 export const LAB_CACHE = path.join(ROOT, '.cache', 'lab');
@@ -74,7 +74,11 @@ export interface LabVm {
   /** Host ports forwarding to each vcpud instance (index = instance). */
   hostPorts: number[];
   /** One vcpud.v1 client of instance `i` (mTLS, cached). */
-  client(service: 'VcpuStateService' | 'VmService', instance?: number): Client;
+  client(service: 'VcpuStateService' | 'VmService' | 'SnapshotService', instance?: number): Client;
+  /** This run's PKI: a client certificate (`client`) that every instance accepts. */
+  pki: Pki;
+  /** The port instance `i` listens on inside the guest (for vcpud-to-vcpud calls such as MigrateVm). */
+  guestPorts: number[];
   /** The serial console so far (kernel, /init and every vcpud's log lines). */
   console(): string;
   /** The "vcpud serving" log record of each instance. */
@@ -276,6 +280,8 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
   const creds = grpc.credentials.createSsl(pki.pem('ca.crt'), pki.pem('client.key'), pki.pem('client.crt'));
   const clients = new Map<string, Client>();
   return {
+    pki,
+    guestPorts,
     hostPorts,
     serving,
     timings,

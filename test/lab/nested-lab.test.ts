@@ -389,4 +389,65 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       src.cancel();
     }, 180_000);
   });
+
+  /** Runs a restored (paused) VM to L2's limit 100 counts on: values last+1.. with none repeated or skipped, then L1's done. */
+  async function expectL2Continues(dst: string, guest: NestedGuestInfo, last: number, instance: number) {
+    const restored = await nested(dst, instance);
+    expect({ flags: restored.flags, size: restored.size }).toEqual({ flags: GUEST_MODE | GIF_SET, size: 4224 });
+    await writeU64(dst, guest.l2DataGpa + NESTED_ABI.l2LimitOffset, BigInt(last + 100), instance);
+    const d = watch(dst, instance);
+    await call(vms(instance), 'RunVm', { vmId: dst });
+    await waitFor(() => d.w.done !== undefined || d.w.error || d.w.states.find((x) => /STOPPED|ERROR/.test(x)), 'L1 to report done');
+    expect({ done: d.w.done, error: d.w.error }).toEqual({ done: 0, error: '' });
+    expect(d.w.values).toEqual(Array.from({ length: 100 }, (_, i) => last + 1 + i));
+    d.cancel();
+  }
+
+  describe('SnapshotService while L2 runs', () => {
+    const snaps = (i = 0) => lab.client('SnapshotService', i);
+
+    it('CreateSnapshot (streamed) in one vcpud, RestoreSnapshotStream in the second: L2 continues, nothing repeated or skipped', async () => {
+      const guest = NESTED_GUESTS.svm_counter;
+      const src = await timed('snapshot: run and pause', () => pausedInL2(guest));
+      const last = src.w.values.at(-1)!;
+      const data = await timed('snapshot: create', async () => {
+        const msgs = await collect<Obj>(snaps(0), 'CreateSnapshot', { vmId: src.id, stream: true, leavePaused: true });
+        return msgs.filter((m) => m.event === 'data').map((m) => m.data as Buffer);
+      });
+      expect(data.length).toBeGreaterThan(0);
+      const dst = await timed('snapshot: restore in the second vcpud', async () => {
+        const res = await new Promise<Obj>((resolve, reject) => {
+          const up = snaps(1).RestoreSnapshotStream((e: grpc.ServiceError | null, r: Obj) => (e ? reject(e) : resolve(r)));
+          up.write({ options: { run: false, vmName: 'from-snapshot' } });
+          for (const chunk of data) up.write({ data: chunk });
+          up.end();
+        });
+        scratch.push([res.vm.id, 1]);
+        return res.vm.id as string;
+      });
+      await expectL2Continues(dst, guest, last, 1);
+      src.cancel();
+    }, 180_000);
+
+    it('MigrateVm over mTLS between the two vcpuds: L2 continues on the destination, the source VM is gone', async () => {
+      const guest = NESTED_GUESTS.svm_counter_npt;
+      const src = await timed('migrate: run and pause', () => pausedInL2(guest, 0, true));
+      const last = src.w.values.at(-1)!;
+      const events = await timed('migrate', () =>
+        collect<Obj>(snaps(0), 'MigrateVm', {
+          vmId: src.id,
+          destination: `127.0.0.1:${lab.guestPorts[1]}`,
+          tls: { caPem: lab.pki.pem('ca.crt'), certPem: lab.pki.pem('client.crt'), keyPem: lab.pki.pem('client.key'), serverName: 'localhost' },
+          leavePaused: true,
+        }),
+      );
+      const done = events.find((e) => e.event === 'done');
+      expect(done).toBeDefined();
+      const dst = done!.done.destinationVm.id as string;
+      scratch.push([dst, 1]);
+      expect((await callError(vms(0), 'GetVm', { vmId: src.id })).code).toBe(grpc.status.NOT_FOUND);
+      await expectL2Continues(dst, guest, last, 1);
+      src.cancel();
+    }, 180_000);
+  });
 });
