@@ -123,20 +123,32 @@ export interface DecodedStatus {
   preconditionFailure?: { type: string; subject: string; description: string }[];
 }
 
-/** Decodes the rich status of an error a client received (used by vcpuctl and the tests). */
+/**
+ * Decodes the rich status of an error a client received (vcpuctl, MigrateVm's source, the tests).
+ * A trailer that does not parse (not from vcpud) gives undefined: callers fall back to code and details.
+ */
 export function decodeStatusDetails(metadata: grpc.Metadata | undefined): DecodedStatus | undefined {
-  const raw = metadata?.get(DETAILS_KEY)[0];
+  const raw = typeof metadata?.get === 'function' ? metadata.get(DETAILS_KEY)[0] : undefined;
   if (!raw || typeof raw === 'string') return undefined;
-  const t = rpcTypes();
-  const s = t.Status.toObject(t.Status.decode(raw)) as { code: number; message: string; details?: { type_url: string; value: Uint8Array }[] };
-  const out: DecodedStatus = { code: s.code, message: s.message };
-  for (const a of s.details ?? []) {
-    if (a.type_url.endsWith('google.rpc.ErrorInfo'))
-      out.errorInfo = t.ErrorInfo.toObject(t.ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
-    if (a.type_url.endsWith('google.rpc.BadRequest'))
-      out.badRequest = (t.BadRequest.toObject(t.BadRequest.decode(a.value), { defaults: true }) as { field_violations: DecodedStatus['badRequest'] }).field_violations;
-    if (a.type_url.endsWith('google.rpc.PreconditionFailure'))
-      out.preconditionFailure = (t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as { violations: DecodedStatus['preconditionFailure'] }).violations;
+  try {
+    const t = rpcTypes();
+    const s = t.Status.toObject(t.Status.decode(raw)) as { code: number; message: string; details?: { type_url: string; value: Uint8Array }[] };
+    const out: DecodedStatus = { code: s.code, message: s.message };
+    for (const a of s.details ?? []) {
+      if (a.type_url.endsWith('google.rpc.ErrorInfo'))
+        out.errorInfo = t.ErrorInfo.toObject(t.ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
+      // Only the fields DecodedStatus names (toObject would add e.g. localized_message: null).
+      if (a.type_url.endsWith('google.rpc.BadRequest')) {
+        const br = t.BadRequest.toObject(t.BadRequest.decode(a.value), { defaults: true }) as { field_violations?: NonNullable<DecodedStatus['badRequest']> };
+        out.badRequest = (br.field_violations ?? []).map(({ field, description, reason }) => ({ field, description, reason }));
+      }
+      if (a.type_url.endsWith('google.rpc.PreconditionFailure')) {
+        const pf = t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as { violations?: NonNullable<DecodedStatus['preconditionFailure']> };
+        out.preconditionFailure = (pf.violations ?? []).map(({ type, subject, description }) => ({ type, subject, description }));
+      }
+    }
+    return out;
+  } catch {
+    return undefined;
   }
-  return out;
 }

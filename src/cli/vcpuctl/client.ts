@@ -299,44 +299,5 @@ export function isServiceError(e: unknown): e is ServiceErrorLike {
   return typeof o.code === 'number' && (typeof o.details === 'string' || (typeof o.metadata === 'object' && o.metadata !== null));
 }
 
-/** The decoded google.rpc.Status of an error (the same shape as src/server/errors.ts's DecodedStatus). */
-export interface DecodedStatus {
-  code: number;
-  message: string;
-  errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
-  badRequest?: { field: string; description: string; reason: string }[];
-  preconditionFailure?: { type: string; subject: string; description: string }[];
-}
-
-const DETAILS_KEY = 'grpc-status-details-bin';
-
-/** Decodes the grpc-status-details-bin trailer: the google.rpc.Status with ErrorInfo and BadRequest. */
-export function decodeStatusDetails(metadata: grpc.Metadata | undefined): DecodedStatus | undefined {
-  const raw = typeof metadata?.get === 'function' ? metadata.get(DETAILS_KEY)[0] : undefined;
-  if (!raw || typeof raw === 'string') return undefined;
-  try {
-    const Status = messageType('google.rpc.Status');
-    const ErrorInfo = messageType('google.rpc.ErrorInfo');
-    const BadRequest = messageType('google.rpc.BadRequest');
-    // google.protobuf.Any comes from protobufjs's bundled descriptors, which keep snake_case (type_url)
-    type AnyObject = { typeUrl?: string; type_url?: string; value: Uint8Array };
-    const s = Status.toObject(Status.decode(raw), { defaults: true }) as { code: number; message: string; details: AnyObject[] };
-    const out: DecodedStatus = { code: s.code, message: s.message };
-    for (const a of s.details ?? []) {
-      const typeUrl = a.typeUrl ?? a.type_url ?? '';
-      if (typeUrl.endsWith('/google.rpc.ErrorInfo')) out.errorInfo = ErrorInfo.toObject(ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
-      if (typeUrl.endsWith('/google.rpc.BadRequest')) {
-        const br = BadRequest.toObject(BadRequest.decode(a.value), { defaults: true }) as { fieldViolations?: { field: string; description: string; reason: string }[] };
-        out.badRequest = (br.fieldViolations ?? []).map((v) => ({ field: v.field, description: v.description, reason: v.reason }));
-      }
-      if (typeUrl.endsWith('/google.rpc.PreconditionFailure')) {
-        const PreconditionFailure = messageType('google.rpc.PreconditionFailure');
-        const pf = PreconditionFailure.toObject(PreconditionFailure.decode(a.value), { defaults: true }) as { violations?: { type: string; subject: string; description: string }[] };
-        out.preconditionFailure = (pf.violations ?? []).map((v) => ({ type: v.type, subject: v.subject, description: v.description }));
-      }
-    }
-    return out;
-  } catch {
-    return undefined; // a trailer we cannot parse: fall back to code and details
-  }
-}
+// The trailer decoder is the server's own (src/server/errors.ts loads no native addon).
+export { decodeStatusDetails, type DecodedStatus } from '../../server/errors';
