@@ -15,6 +15,7 @@ export type CapName = keyof typeof native.caps & string;
 
 export class Kvm {
   private closed = false;
+  private readonly extensions = new Map<number, number>();
 
   private constructor(
     readonly path: string,
@@ -48,8 +49,7 @@ export class Kvm {
 
   /** KVM_CHECK_EXTENSION on /dev/kvm: 0 for absent, otherwise a cap-specific value (often a size). */
   checkExtension(cap: CapName | number): number {
-    const n = typeof cap === 'number' ? cap : capNumber(cap);
-    return kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(this.fd, n));
+    return checkExtensionCached(this.extensions, this.fd, cap);
   }
 
   vcpuMmapSize(): number {
@@ -100,6 +100,20 @@ export class Kvm {
       return Array.from({ length: n }, (_, i) => buf.readUInt32LE(4 + i * 4));
     });
   }
+}
+
+/**
+ * KVM_CHECK_EXTENSION, asked once per fd and capability: the answer cannot change while the fd
+ * lives, and the state paths ask on every call (capability checks, the XSAVE2 size).
+ */
+export function checkExtensionCached(cache: Map<number, number>, fd: number, cap: CapName | number): number {
+  const n = typeof cap === 'number' ? cap : capNumber(cap);
+  let v = cache.get(n);
+  if (v === undefined) {
+    v = kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(fd, n));
+    cache.set(n, v);
+  }
+  return v;
 }
 
 export function capNumber(name: CapName): number {

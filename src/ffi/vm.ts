@@ -4,7 +4,7 @@
  */
 import { VcpudError } from '../errors';
 import type { CapName, Kvm } from './kvm';
-import { capNumber } from './kvm';
+import { capNumber, checkExtensionCached } from './kvm';
 import { kvmCall, kvmCallAsync, native, type NativeGuestMemory } from './native';
 import { Vcpu } from './vcpu';
 
@@ -19,6 +19,7 @@ export class Vm {
   readonly vcpus = new Map<number, Vcpu>();
   readonly regions: MemoryRegion[] = [];
   private irqchip = false;
+  private readonly extensions = new Map<number, number>();
   private closed = false;
 
   constructor(
@@ -28,8 +29,7 @@ export class Vm {
 
   /** KVM_CHECK_EXTENSION on the VM fd: some answers (XSAVE2, NESTED_STATE) are per VM type. */
   checkExtension(cap: CapName | number): number {
-    const n = typeof cap === 'number' ? cap : capNumber(cap);
-    return kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(this.fd, n));
+    return checkExtensionCached(this.extensions, this.fd, cap);
   }
 
   /**
