@@ -155,7 +155,8 @@ export function readState(vcpu: Vcpu, ctx: StateContext, sections: SectionName[]
 /**
  * Writes every section in `values`, in restore order, atomically: the current value of each
  * section is read before it is written, and on any failure every section already written (and the
- * failing one, which the kernel may have half-applied) is put back. The error names the section.
+ * failing one, which the kernel may have half-applied) is put back, newest first. The error names the
+ * section.
  */
 export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): SectionName[] {
   // A section this host cannot write (e.g. tsc_khz without KVM_CAP_TSC_CONTROL) is accepted when it
@@ -205,9 +206,15 @@ function unchangedButUnwritable(vcpu: Vcpu, ctx: StateContext, s: SectionName, v
   return isDeepStrictEqual(readSection(vcpu, s, [], []), value);
 }
 
+/**
+ * Undoes the writes newest first. Each saved value was read just before its own write, so after the
+ * writes before it: sections overlap (sregs.apic_base is MSR 0x1b), and undoing oldest first would put
+ * the overlap back to the intermediate value a later section saw (the 100,000-request fuzz soak found
+ * apic_base left at the refused request's value).
+ */
 function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
   const failures: string[] = [];
-  for (const [s, v] of previous) {
+  for (const [s, v] of [...previous].reverse()) {
     try {
       if (s === 'msrs') restoreMsrs(vcpu, v as MsrEntry[]);
       else writeSection(vcpu, s, v);

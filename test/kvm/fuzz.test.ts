@@ -85,12 +85,14 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
       }
       const tag = `#${i} ${kind} (seed ${SEED})`;
       let code = grpc.status.OK;
+      let details = '';
       try {
         if (kind === 'garbage') await rawCall(state, '/vcpud.v1.VcpuStateService/SetState', r.bytes(r.int(64)));
         else await call(client, method, req);
       } catch (e) {
         const err = e as grpc.ServiceError;
         code = err.code;
+        details = err.details;
         const undecodable = kind === 'garbage' && code === grpc.status.INTERNAL && /deserializ/i.test(err.details);
         if (!DOCUMENTED.has(code) && !undecodable) throw new Error(`${tag}: undocumented status ${grpc.status[code]}: ${err.details}`);
       }
@@ -102,7 +104,8 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
         try {
           expect(after).toEqual(before);
         } catch (e) {
-          throw new Error(`${tag}: a refused write changed the vCPU: ${(e as Error).message.slice(0, 2000)}`);
+          const sent = JSON.stringify(req, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)).slice(0, 4000);
+          throw new Error(`${tag}: a refused write changed the vCPU: ${(e as Error).message.slice(0, 2000)}\nstatus: ${grpc.status[code]}: ${details}\nrequest: ${sent}`);
         }
       }
       before = after;

@@ -170,6 +170,27 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     await call(vms, 'DeleteVm', { vmId: id });
   });
 
+  it('SetState rollback undoes newest first: state two sections share (apic_base, MSR 0x1b) ends as it was', async () => {
+    // Fuzz soak seed 20261124, request #21,418: sregs and msrs both set apic_base, msrs then failed.
+    const id = await counterVm();
+    const read = async () => (await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_SREGS'], msrIndices: [] })).state.sregs;
+    const start = await read();
+    await call(state, 'SetState', { vmId: id, vcpuId: 0, state: { sregs: { ...start, apicBase: '0' } } });
+    const before = await read();
+    expect(before.apicBase).toBe('0');
+    const err = await callError(state, 'SetState', {
+      vmId: id,
+      vcpuId: 0,
+      state: {
+        sregs: { ...before, apicBase: '4096' },
+        msrs: { entries: [{ index: 27, data: '4096' }, { index: 0xc0000102, data: '3548848077501007310' }] },
+      },
+    });
+    expectStatus(err, grpc.status.INVALID_ARGUMENT, 'INVALID_REQUEST', { section: 'STATE_SECTION_MSRS' });
+    expect(await read()).toEqual(before);
+    await call(vms, 'DeleteVm', { vmId: id });
+  });
+
   it('malformed requests get INVALID_ARGUMENT with every violation listed', async () => {
     const id = await counterVm();
     const err = await callError(state, 'SetState', {
