@@ -1,6 +1,13 @@
-/** Runs the raw C floors (bench/c) in the same run as the measured code, and small stats helpers. */
-import { execFileSync } from 'node:child_process';
+/**
+ * Runs the floors in the same run as the measured code (the raw C programs of bench/c, an empty
+ * grpc-js handler in its own process), and the helpers every benchmark shares: stats, the table,
+ * the paused counter64 VM, RSS, and BenchRow, the shape of one figure beside its floor.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { call } from '../test/support/vcpud-process';
 
 const ROOT = path.basename(path.join(__dirname, '..')) === 'dist' ? path.join(__dirname, '..', '..') : path.join(__dirname, '..');
 
@@ -12,9 +19,35 @@ export function cFloor(program: string, args: string[]): Record<string, unknown>
 
 export const guestBin = (name: string) => path.join(ROOT, 'test', 'guests', 'build', `${name}.bin`);
 
+/**
+ * One benchmark figure beside its floor measured in the same run: what `npm run bench` collects
+ * into its table. `ratio` is value / floor when the target is a ratio; null when the target is
+ * absolute (e.g. RSS <= 80 MiB + guest memory, where `floor` is the guest memory).
+ */
+export interface BenchRow {
+  name: string;
+  value: number;
+  unit: string;
+  floor: number | null;
+  floorName: string;
+  ratio: number | null;
+  /** The target as text, e.g. ">= 0.7" or "<= 82 MiB". */
+  target: string;
+  met: boolean;
+}
+
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor(s.length / 2)];
+}
+
+/** The p-th percentile (0..100, nearest rank) of values already sorted ascending. */
+export function percentileSorted(sorted: ArrayLike<number>, p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+export function percentile(xs: number[], p: number): number {
+  return percentileSorted([...xs].sort((a, b) => a - b), p);
 }
 
 /** ns per call of `fn`: median of `batches` batches of `n` calls. */
@@ -44,3 +77,91 @@ export function table(header: string[], rows: (string | number)[][]): string {
   return cells.map((r) => r.map((c, i) => String(c).padEnd(widths[i])).join('  ')).join('\n');
 }
 
+export const MiB = 1024 * 1024;
+
+/** Resident set size of a process (VmRSS of /proc/PID/status), in bytes. */
+export function rssBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
+  return Number(m[1]) * 1024;
+}
+
+/** CPU time (user + system) a process has used so far, in seconds (/proc/PID/stat, 100 ticks/s). */
+export function cpuSeconds(pid: number): number {
+  // Fields after the ")" closing the command name: utime and stime are the 12th and 13th.
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
+
+/**
+ * A 1-vCPU VM (2 MiB) that ran counter64 briefly and is now paused: GetState reads it without
+ * the implicit pause/resume of a running vCPU. Returns its id. `vms` is a VmService client.
+ */
+export async function pausedCounterVm(vms: Parameters<typeof call>[0]): Promise<{ id: string; memoryBytes: number }> {
+  const memoryBytes = 2 << 20;
+  const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(memoryBytes), vcpuCount: 1 });
+  await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(guestBin('counter64')), loadAddress: '4096' });
+  await call(vms, 'RunVm', { vmId: vm.id });
+  await new Promise((r) => setTimeout(r, 50));
+  await call(vms, 'PauseVm', { vmId: vm.id });
+  return { id: vm.id, memoryBytes };
+}
+
+/** The empty-call floor: grpc-js serving one no-op unary method on a Unix socket, in its own process. */
+const EMPTY_SERVER = `
+const grpc = require('@grpc/grpc-js');
+const s = new grpc.Server();
+const id = (x) => x;
+s.addService({ Empty: { path: '/bench.Empty/Call', requestStream: false, responseStream: false,
+  requestSerialize: id, requestDeserialize: id, responseSerialize: id, responseDeserialize: id } },
+  { Empty: (call, cb) => cb(null, Buffer.alloc(0)) });
+s.bindAsync('unix:' + process.argv[1], grpc.ServerCredentials.createInsecure(), () => console.log('ready'));
+`;
+
+export const EMPTY_METHOD = '/bench.Empty/Call';
+
+export interface EmptyServer {
+  /** grpc-js target: unix:/path. */
+  target: string;
+  pid: number;
+  stop(): Promise<void>;
+}
+
+export async function startEmptyServer(): Promise<EmptyServer> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-empty-'));
+  const sock = path.join(dir, 'e.sock');
+  const proc = spawn(process.execPath, ['-e', EMPTY_SERVER, sock], { stdio: ['ignore', 'pipe', 'inherit'], cwd: ROOT });
+  await new Promise((resolve, reject) => {
+    proc.stdout!.once('data', resolve);
+    proc.once('exit', (code) => reject(new Error(`the empty grpc-js server exited with ${code}`)));
+  });
+  return {
+    target: `unix:${sock}`,
+    pid: proc.pid!,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = new Promise((r) => proc.once('exit', r));
+        proc.kill();
+        await exited;
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** BenchRows as the table `npm run bench` prints: figure, floor, ratio, target, verdict. */
+export function rowsTable(rows: BenchRow[]): string {
+  const num = (v: number) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(2));
+  return table(
+    ['measure', 'value', 'floor', 'ratio', 'target', 'met'],
+    rows.map((r) => [
+      r.name,
+      `${num(r.value)} ${r.unit}`,
+      r.floor === null ? '-' : `${num(r.floor)} ${r.unit} (${r.floorName})`,
+      r.ratio === null ? '-' : r.ratio.toFixed(2),
+      r.target,
+      r.met ? 'met' : 'NOT met',
+    ]),
+  );
+}

@@ -67,6 +67,7 @@ class VcpuRunner : public Napi::ObjectWrap<VcpuRunner> {
 
   std::mutex mu_;
   std::condition_variable cv_;
+  int roomWaiters_ = 0;  // vCPU threads waiting in HandleIo for console/event space (under mu_)
   RunState state_ = RunState::kCreated;
   bool pauseRequested_ = false;
   bool quit_ = false;

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-guests.sh >/dev/null
 npx tsc -p tsconfig.json
-for b in ffi-ioctl exit-rate getstate snapshot; do
+for b in ffi-ioctl exit-rate getstate throughput snapshot; do
   echo
   node "dist/bench/$b.js"
 done

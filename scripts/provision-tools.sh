@@ -1,27 +1,51 @@
 #!/usr/bin/env bash
-# Installs the host tools the test guests need (nasm). Idempotent: does nothing
-# when the tool is already on PATH, so it is cheap to call from every build.
+# Installs host tools from Debian, idempotently: does nothing when every tool asked for is already
+# on PATH, so it is cheap to call from every build.
+#
+#   provision-tools.sh            nasm (the test guests)
+#   provision-tools.sh h2load     h2load (scripts/h2load.sh), from nghttp2-client
+#   provision-tools.sh TOOL...    several at once
 set -euo pipefail
 
-if command -v nasm >/dev/null 2>&1; then
-  exit 0
-fi
+# Tool on PATH -> the Debian package that ships it.
+package_of() {
+  case "$1" in
+    nasm) echo nasm ;;
+    h2load) echo nghttp2-client ;;
+    *) echo "provision-tools: unknown tool '$1' (known: nasm, h2load)" >&2; return 1 ;;
+  esac
+}
+
+tools=("$@")
+[ ${#tools[@]} -gt 0 ] || tools=(nasm)
+
+missing=()
+packages=()
+for t in "${tools[@]}"; do
+  pkg=$(package_of "$t")
+  command -v "$t" >/dev/null 2>&1 && continue
+  missing+=("$t")
+  packages+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "provision-tools: nasm is missing and installing it needs root (apt-get install nasm)" >&2
+  echo "provision-tools: ${missing[*]} missing and installing needs root (apt-get install ${packages[*]})" >&2
   exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "provision-tools: nasm is missing and apt-get is not available; install nasm by hand" >&2
+  echo "provision-tools: ${missing[*]} missing and apt-get is not available; install ${packages[*]} by hand" >&2
   exit 1
 fi
 
-echo "provision-tools: installing nasm" >&2
+echo "provision-tools: installing ${packages[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Try without refreshing the package lists first (fast on a warm machine),
 # then update once and retry (a fresh machine has empty lists).
-if ! apt-get install -y -qq nasm >/dev/null 2>&1; then
+if ! apt-get install -y -qq "${packages[@]}" >/dev/null 2>&1; then
   apt-get update -qq
-  apt-get install -y -qq nasm
+  apt-get install -y -qq "${packages[@]}"
 fi
-command -v nasm >/dev/null 2>&1 || { echo "provision-tools: nasm still missing after apt-get" >&2; exit 1; }
+for t in "${missing[@]}"; do
+  command -v "$t" >/dev/null 2>&1 || { echo "provision-tools: $t still missing after apt-get" >&2; exit 1; }
+done

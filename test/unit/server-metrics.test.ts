@@ -16,6 +16,7 @@ import { rpcLabels } from '../../src/server/interceptors';
 import { silentLogger } from '../../src/server/logging';
 import { Metrics, grpcCodeName } from '../../src/server/metrics';
 import { createVcpudServer, type RunningServer } from '../../src/server/server';
+import { sample } from '../support/prom';
 
 const ECHO_PROTO = `
 syntax = "proto3";
@@ -70,18 +71,6 @@ function httpGet(url: string): Promise<{ status: number; body: string; type?: st
       })
       .on('error', reject);
   });
-}
-
-/** The value of one series in exposition text, or undefined. */
-function sample(text: string, name: string, labels: Record<string, string>): number | undefined {
-  for (const line of text.split('\n')) {
-    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
-    const m = /^[^{ ]+(?:\{(.*)\})? (\S+)$/.exec(line);
-    if (!m) continue;
-    const have = Object.fromEntries([...(m[1] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((x) => [x[1], x[2]]));
-    if (Object.entries(labels).every(([k, v]) => have[k] === v)) return Number(m[2]);
-  }
-  return undefined;
 }
 
 describe('Metrics registry', () => {

@@ -1,13 +1,13 @@
 /**
  * Declarative mapping between an ffi section value (bigint u64s, u8 flags, Buffers) and its proto message
- * (decimal-string u64s, bools, bytes). A message is a table of fields; one walker converts each way, so no
+ * (u64s as Longs to encode, decimal strings once decoded; bools; bytes). A message is a table of fields; one walker converts each way, so no
  * section repeats the per-field logic.
  *
  * proto -> ffi is strict: every value is range-checked into the Checker, and a null sub-message (absent) takes
  * the `base` value of the same place, or zeros without a base. A bool maps to 0/1, except that `true` over a base
  * byte that is already non-zero keeps that byte: KVM writes 0/1, but a round trip must not change any byte.
  */
-import { snakeCase, type Checker } from './scalars';
+import { snakeCase, u64ToLong, type Checker } from './scalars';
 
 export type Kind =
   | { readonly t: 'u64' }
@@ -52,7 +52,7 @@ type Obj = Record<string, unknown>;
 function valueToProto(k: Kind, v: unknown): unknown {
   switch (k.t) {
     case 'u64':
-      return (v as bigint).toString();
+      return u64ToLong(v as bigint);
     case 'uint':
       return v;
     case 'bool':

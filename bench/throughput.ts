@@ -1,0 +1,144 @@
+/**
+ * GetState throughput with 64 concurrent clients (separate connections, one call in flight each)
+ * against the same load on an empty grpc-js handler, both over a Unix socket, in one run.
+ * Target: GetState calls/s >= 0.7 x the empty handler's. Also vcpud's RSS idle and under that load,
+ * against the target RSS <= 80 MiB + guest memory.
+ *
+ * BENCH_SECONDS (default 5) per measurement, after 1 s of warm-up; BENCH_CLIENTS (default 64).
+ * vcpud runs with its default configuration (info level: one log line per call).
+ */
+import { runLoad, type LoadOptions, type LoadResult } from './loadgen';
+import { EMPTY_METHOD, MiB, cpuSeconds, pausedCounterVm, rowsTable, rssBytes, startEmptyServer, table, type BenchRow } from './floors';
+import { startVcpud } from '../test/support/vcpud-process';
+
+const TARGET_RATIO = 0.7;
+const RSS_ALLOWANCE = 80 * MiB;
+
+/** A load run and the CPU seconds its server process spent meanwhile (warm-up included). */
+export interface Measured {
+  load: LoadResult;
+  serverCpuSeconds: number;
+}
+
+export interface ThroughputFigures {
+  rows: BenchRow[];
+  empty: Measured;
+  getState: Measured;
+  rss: { idle: number; peak: number; end: number; guestMemory: number };
+}
+
+export interface ThroughputOptions {
+  seconds?: number;
+  clients?: number;
+}
+
+/**
+ * Runs `opts` against server process `pid`: the CPU seconds it spent during the measured calls,
+ * and its RSS sampled every 100 ms.
+ */
+async function measure(pid: number, opts: LoadOptions): Promise<Measured & { peakRss: number }> {
+  let peakRss = rssBytes(pid);
+  const timer = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(pid))), 100);
+  let cpu0 = 0;
+  try {
+    const load = await runLoad({ ...opts, onMeasuring: () => void (cpu0 = cpuSeconds(pid)) });
+    return { load, serverCpuSeconds: cpuSeconds(pid) - cpu0, peakRss };
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+export async function measureThroughput(opts: ThroughputOptions = {}): Promise<ThroughputFigures> {
+  const seconds = opts.seconds ?? Number(process.env.BENCH_SECONDS ?? 5);
+  const clients = opts.clients ?? Number(process.env.BENCH_CLIENTS ?? 64);
+  const load = { clients, inFlight: 1, durationSeconds: seconds, warmupSeconds: 1 };
+
+  const server = await startEmptyServer();
+  let empty: Measured;
+  try {
+    empty = await measure(server.pid, { ...load, target: server.target, method: EMPTY_METHOD });
+  } finally {
+    await server.stop();
+  }
+
+  const d = await startVcpud();
+  try {
+    const pid = d.proc.pid!;
+    const vm = await pausedCounterVm(d.client('VmService'));
+    await new Promise((r) => setTimeout(r, 500)); // let start-up garbage settle before "idle"
+    const idle = rssBytes(pid);
+    const { peakRss, ...getState } = await measure(pid, { ...load, target: d.serving.api, vmId: vm.id, vcpuId: 0, metricsUrl: d.serving.metrics });
+    const end = rssBytes(pid);
+    const peak = Math.max(peakRss, end);
+    const g = getState.load;
+    const ratio = g.callsPerSecond / empty.load.callsPerSecond;
+    const guestMiB = vm.memoryBytes / MiB;
+    const rssRow = (name: string, bytes: number): BenchRow => ({
+      name,
+      value: bytes / MiB,
+      unit: 'MiB',
+      floor: guestMiB,
+      floorName: 'guest memory',
+      ratio: null,
+      target: `<= ${(RSS_ALLOWANCE + vm.memoryBytes) / MiB} MiB`,
+      met: bytes <= RSS_ALLOWANCE + vm.memoryBytes,
+    });
+    const rows: BenchRow[] = [
+      {
+        name: `GetState throughput, ${clients} clients (UDS)`,
+        value: g.callsPerSecond,
+        unit: 'calls/s',
+        floor: empty.load.callsPerSecond,
+        floorName: 'empty grpc-js handler',
+        ratio,
+        target: `>= ${TARGET_RATIO}`,
+        met: ratio >= TARGET_RATIO && g.calls === (g.codes.OK ?? 0),
+      },
+      rssRow('vcpud RSS idle (1 VM)', idle),
+      rssRow(`vcpud RSS under load (peak)`, peak),
+    ];
+    return { rows, empty, getState, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
+  } finally {
+    await d.stop();
+  }
+}
+
+function loadRow(name: string, m: Measured): string[] {
+  const { load: r, serverCpuSeconds } = m;
+  const l = r.latencyMs;
+  const perCall = (s: number) => ((s / r.calls) * 1e6).toFixed(0);
+  return [
+    name,
+    r.callsPerSecond.toFixed(0),
+    l.p50.toFixed(2),
+    l.p99.toFixed(2),
+    String(r.calls),
+    Object.entries(r.codes).map(([c, n]) => `${c} ${n}`).join(', '),
+    perCall(serverCpuSeconds),
+    perCall(r.clientCpuSeconds),
+  ];
+}
+
+export async function main(): Promise<void> {
+  const f = await measureThroughput();
+  const { empty } = f;
+  const g = f.getState.load;
+  console.log(`Throughput: ${g.clients} clients x ${g.inFlight} in flight, separate connections, Unix socket, ${g.seconds.toFixed(1)} s each after 1 s warm-up\n`);
+  console.log(
+    table(
+      ['measure', 'calls/s', 'p50 ms', 'p99 ms', 'calls', 'codes', 'server CPU us/call', 'client CPU us/call'],
+      [loadRow('empty grpc-js handler', empty), loadRow('GetState, all sections, 1 paused vCPU', f.getState)],
+    ),
+  );
+  if (g.server) console.log(`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`);
+  const mib = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
+  console.log("(CPU per call from /proc/PID/stat at 10 ms resolution; the client and the server share the machine's cores)");
+  console.log(`vcpud RSS: idle ${mib(f.rss.idle)}, peak under load ${mib(f.rss.peak)}, at the end of load ${mib(f.rss.end)} (guest memory ${mib(f.rss.guestMemory)})\n`);
+  console.log(rowsTable(f.rows));
+}
+
+if (require.main === module)
+  main().catch((e) => {
+    console.error(e);
+    process.exit(1);
+  });
