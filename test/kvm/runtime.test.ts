@@ -70,6 +70,24 @@ describeKvm('vm runtime on real KVM', () => {
     expectConsecutive(values.slice(at));
   });
 
+  it('console backpressure: a JS thread too busy to drain holds the vCPU at 64 KiB, and draining lets it go on', async () => {
+    const vm = registry.create({ memoryBytes: 2 * MiB, vcpuCount: 1 });
+    await loadGuest(vm, 'counter64');
+    await vm.resumeAll();
+    await waitUntil(() => counterValues(consoleText(vm)).length > 10, 'counter output');
+    const exitsBefore = vm.vcpu(0).status().exits;
+    // Block this thread: nothing drains, the buffer fills and the vCPU thread must wait for room.
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 3000);
+    const blocked = vm.vcpu(0).status(); // drains the full buffer: the waiting vCPU must be woken
+    expect(blocked.state).toBe('running');
+    const text = consoleText(vm);
+    await waitUntil(() => consoleText(vm).length > text.length + 4096, 'output after the buffer was drained');
+    await vm.vcpu(0).pause();
+    const exitsHeld = blocked.exits - exitsBefore;
+    expect(exitsHeld).toBeLessThanOrEqual(70 * 1024); // ~64 KiB of one-byte OUTs, not 3 s of them (~200k)
+    expectConsecutive(counterValues(consoleText(vm)));
+  });
+
   it('1000 pause/resume cycles: the printed sequence has no gap and no repeat', async () => {
     const vm = registry.create({ memoryBytes: 2 * MiB, vcpuCount: 1 });
     await loadGuest(vm, 'counter64');
