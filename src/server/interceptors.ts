@@ -86,12 +86,16 @@ export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
 /**
  * Gives every call a request id (the client's x-request-id when it sent a sane one, else a fresh UUID),
  * returns it in the response headers (or the trailers of a trailers-only error response), and logs
- * method, code and duration when the call ends: at info, at debug for health checks (probes every few
- * seconds would drown everything else).
+ * method, code and duration when the call ends: at info when it failed or took longer than
+ * SLOW_CALL_MS, otherwise at debug. A checkpoint loop makes thousands of GetState calls a second: an
+ * info line for each cost ~5% of the server's CPU and drowned the lines that matter; the metrics count
+ * every call. Health checks log at debug whatever their outcome (probes every few seconds).
  */
+export const SLOW_CALL_MS = 1000;
+
 export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
   return (method, call) => {
-    const level = isHealthMethod(method.path) ? 'debug' : 'info';
+    const health = isHealthMethod(method.path);
     let requestId: string | undefined;
     const id = () => (requestId ??= randomUUID());
     let headersSent = false;
@@ -100,13 +104,15 @@ export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
     const finish = (code: grpc.status, details?: string) => {
       if (finished) return;
       finished = true;
+      const durationMs = Number(process.hrtime.bigint() - startedAt) / 1e6;
+      const level = !health && (code !== grpc.status.OK || durationMs > SLOW_CALL_MS) ? 'info' : 'debug';
       if (!logger.enabled(level)) return;
       const fields: Record<string, unknown> = {
         request_id: id(),
         method: method.path,
         peer: call.getPeer(),
         code: grpcCodeName(code),
-        duration_ms: Number(process.hrtime.bigint() - startedAt) / 1e6,
+        duration_ms: durationMs,
       };
       if (code !== grpc.status.OK && details) fields.details = details;
       logger[level]('rpc finished', fields);

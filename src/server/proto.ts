@@ -17,6 +17,7 @@ import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
 import type { SnapshotServiceDefinition } from './generated/vcpud/v1/SnapshotService';
 import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
 import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
+import { wireSerializer } from './wire-encoder';
 
 /** The typed grpc object of vcpud.v1: the services, their messages and enums. */
 export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType & SnapshotProtoGrpcType;
@@ -78,8 +79,23 @@ export function vcpudProto(): VcpudProtoGrpcType {
   return load().grpcObject;
 }
 
-/** The service definitions to pass to server.addService. */
+let serviceDefinitions: VcpudServiceDefinitions | undefined;
+
+/**
+ * The service definitions to pass to server.addService. GetState's response, the hot path of checkpoint
+ * loops, is written by the wire encoder (src/server/wire-encoder.ts) instead of protobufjs; every other
+ * method keeps proto-loader's serializers.
+ */
 export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
-  const v1 = vcpudProto().vcpud.v1;
-  return { VcpuStateService: v1.VcpuStateService.service, VmService: v1.VmService.service, SnapshotService: v1.SnapshotService.service };
+  if (!serviceDefinitions) {
+    const v1 = vcpudProto().vcpud.v1;
+    const state = v1.VcpuStateService.service;
+    const getState = { ...state.GetState, responseSerialize: wireSerializer(vcpudPackageDefinition(), 'vcpud.v1.GetStateResponse') };
+    serviceDefinitions = {
+      VcpuStateService: { ...state, GetState: getState },
+      VmService: v1.VmService.service,
+      SnapshotService: v1.SnapshotService.service,
+    };
+  }
+  return serviceDefinitions;
 }

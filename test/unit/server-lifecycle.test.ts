@@ -242,11 +242,21 @@ describe('request ids and logs', () => {
 
     await new Promise((r) => setImmediate(r));
     const rpcLogs = logs.filter((l) => l.msg === 'rpc finished' && l.method === '/vcpudtest.Echo/Say');
-    expect(rpcLogs[0]).toMatchObject({ level: 'info', request_id: 'req-42', code: 'OK', method: '/vcpudtest.Echo/Say' });
+    expect(rpcLogs[0]).toMatchObject({ level: 'debug', request_id: 'req-42', code: 'OK', method: '/vcpudtest.Echo/Say' });
     expect(typeof rpcLogs[0].duration_ms).toBe('number');
     expect(typeof rpcLogs[0].time).toBe('string');
     expect(rpcLogs[1]).toMatchObject({ level: 'info', request_id: generated, code: 'InvalidArgument', details: 'asked to fail' });
     expect(logs.find((l) => l.msg === 'listening')).toMatchObject({ api: running.addresses.api.address, tls: 'none' });
+  });
+
+  test('at the default level only failed calls are logged: a successful one is debug', async () => {
+    const { running, logs } = await setup([], 'info');
+    const c = client(EchoCtor, running.addresses.api.address);
+    expect((await unary(c, 'Say', { text: 'hi' })).res?.text).toBe('hi');
+    expect((await unary(c, 'Say', { failCode: grpc.status.NOT_FOUND })).err?.code).toBe(grpc.status.NOT_FOUND);
+    await new Promise((r) => setImmediate(r));
+    const rpcLogs = logs.filter((l) => l.msg === 'rpc finished');
+    expect(rpcLogs).toEqual([expect.objectContaining({ level: 'info', code: 'NotFound', method: '/vcpudtest.Echo/Say' })]);
   });
 
   test('health checks log at debug only', async () => {

@@ -18,7 +18,7 @@ import type { SetStateRequest__Output } from '../generated/vcpud/v1/SetStateRequ
 import type { SetStateResponse } from '../generated/vcpud/v1/SetStateResponse';
 import type { VcpuStateServiceHandlers } from '../generated/vcpud/v1/VcpuStateService';
 import { invalidArgument } from '../../errors';
-import { vcpudProto } from '../proto';
+import { vcpudServiceDefinitions } from '../proto';
 import { unary, type ServiceContext } from './context';
 
 const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
@@ -27,7 +27,7 @@ export class VcpuStateService {
   constructor(private readonly ctx: ServiceContext) {}
 
   register(server: grpc.Server): void {
-    server.addService(vcpudProto().vcpud.v1.VcpuStateService.service, this.handlers());
+    server.addService(vcpudServiceDefinitions().VcpuStateService, this.handlers());
   }
 
   private target(vmId: string, vcpuId: number) {
