@@ -131,7 +131,7 @@ function readValue(buf: Buffer, off: number, t: FieldType): unknown {
     case 'u64':
       return buf.readBigUInt64LE(off);
     case 'bytes':
-      return copyOf(buf.subarray(off, off + t.size));
+      return copyRange(buf, off, t.size);
     case 'reserved':
       return undefined;
     case 'struct':
@@ -163,7 +163,7 @@ function readExpr(t: FieldType, off: string): string {
     case 'u64':
       return `b.readBigUInt64LE(${off})`;
     case 'bytes':
-      return `copy(b.subarray(${off}, ${off} + ${t.size}))`;
+      return `copy(b, ${off}, ${t.size})`;
     case 'reserved':
       return 'undefined';
     case 'struct':
@@ -182,8 +182,8 @@ function compiledReader(fields: readonly Field[]): Reader {
   let r = readers.get(fields);
   if (!r) {
     // eslint-disable-next-line @typescript-eslint/no-implied-eval
-    const make = new Function('copy', `return (b, o) => (${objectExpr(fields, 'o')});`) as (c: typeof copyOf) => Reader;
-    r = make(copyOf);
+    const make = new Function('copy', `return (b, o) => (${objectExpr(fields, 'o')});`) as (c: typeof copyRange) => Reader;
+    r = make(copyRange);
     readers.set(fields, r);
   }
   return r;
@@ -231,7 +231,85 @@ function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, parent: 
   }
 }
 
+/** A JS condition true when expression `v` is a valid value of type `t` (whose write follows). */
+function validExpr(t: FieldType, v: string): string {
+  switch (t.kind) {
+    case 'u8':
+    case 'u16':
+    case 'u32':
+      return `(typeof ${v} === 'number' && Number.isInteger(${v}) && ${v} >= 0 && ${v} < ${LIMIT[t.kind]})`;
+    case 'u64':
+      return `(typeof ${v} === 'bigint' && ${v} >= 0n && ${v} <= ${U64_MAX}n)`;
+    case 'bytes':
+      return `(Buffer.isBuffer(${v}) && ${v}.length === ${t.size})`;
+    default:
+      throw new Error('unreachable');
+  }
+}
+
+let tempCounter = 0;
+
+/** Statements writing expression `v` of type `t` at offset expression `off`; the slow walk on an invalid value. */
+function writeStatements(t: FieldType, v: string, off: string): string {
+  switch (t.kind) {
+    case 'u8':
+      return `if (!${validExpr(t, v)}) return slow(b, off, v, path); b[${off}] = ${v};`;
+    case 'u16':
+      return `if (!${validExpr(t, v)}) return slow(b, off, v, path); b.writeUInt16LE(${v}, ${off});`;
+    case 'u32':
+      return `if (!${validExpr(t, v)}) return slow(b, off, v, path); b.writeUInt32LE(${v}, ${off});`;
+    case 'u64':
+      return `if (!${validExpr(t, v)}) return slow(b, off, v, path); b.writeBigUInt64LE(${v}, ${off});`;
+    case 'bytes':
+      return `if (!${validExpr(t, v)}) return slow(b, off, v, path); b.set(${v}, ${off});`;
+    case 'reserved':
+      return '';
+    case 'struct':
+      return fieldsStatements(t.layout.fields, v, off);
+    case 'array': {
+      const a = `a${tempCounter++}`;
+      const items = Array.from({ length: t.count }, (_, i) => writeStatements(t.of, `${a}[${i}]`, `${off} + ${i * t.of.size}`));
+      return `{ const ${a} = ${v}; if (!Array.isArray(${a}) || ${a}.length !== ${t.count}) return slow(b, off, v, path); ${items.join(' ')} }`;
+    }
+  }
+}
+
+function fieldsStatements(fields: readonly Field[], v: string, off: string): string {
+  const o = `o${tempCounter++}`;
+  const body = fields
+    .filter((f) => f.type.kind !== 'reserved')
+    .map((f) => writeStatements(f.type, `${o}[${JSON.stringify(f.name)}]`, `${off} + ${f.offset}`));
+  return `{ const ${o} = ${v}; if (typeof ${o} !== 'object' || ${o} === null) return slow(b, off, v, path); ${body.join(' ')} }`;
+}
+
+type Writer = (buf: Buffer, off: number, v: unknown, path: string) => void;
+const writers = new WeakMap<readonly Field[], Writer>();
+
+/**
+ * Encoding is compiled like decoding: straight-line checks and writes per table. On the first value
+ * that fails a check, the table walk below runs instead; it fails at the same field and builds the
+ * message naming it, so the generated code needs no error paths of its own.
+ */
+function compiledWriter(fields: readonly Field[]): Writer {
+  let w = writers.get(fields);
+  if (!w) {
+    tempCounter = 0;
+    const body = fieldsStatements(fields, 'v', 'off');
+    // eslint-disable-next-line @typescript-eslint/no-implied-eval
+    const make = new Function('slow', `return (b, off, v, path) => { ${body} };`) as (
+      slow: Writer,
+    ) => Writer;
+    w = make((b, off, v, path) => walkFields(b, off, fields, v, path));
+    writers.set(fields, w);
+  }
+  return w;
+}
+
 function writeFields(buf: Buffer, off: number, fields: readonly Field[], v: unknown, path: string): void {
+  compiledWriter(fields)(buf, off, v, path);
+}
+
+function walkFields(buf: Buffer, off: number, fields: readonly Field[], v: unknown, path: string): void {
   if (typeof v !== 'object' || v === null) fail(path, 'expected an object');
   const obj = v as Record<string, unknown>;
   for (let i = 0; i < fields.length; i++) {
@@ -251,8 +329,20 @@ function checkLength(name: string, buf: Buffer, size: number, exact: boolean): v
 
 // Uint8Array#set rather than Buffer.from/copy: @types/node 20.9 types those against the pre-5.7
 // Uint8Array and TypeScript 5.9 rejects a Buffer argument.
+/**
+ * `len` bytes of `src` from `start`, as a new Buffer. kvm_fpu alone decodes to 24 16-byte registers: a
+ * subarray view plus a copy per register cost more than the ioctl, so small fields are copied byte by
+ * byte into a buffer from Node's pool (allocUnsafe: every byte is overwritten at once).
+ */
+function copyRange(src: Buffer, start: number, len: number): Buffer {
+  const out = Buffer.allocUnsafe(len);
+  if (len > 64) out.set(src.subarray(start, start + len));
+  else for (let i = 0; i < len; i++) out[i] = src[start + i];
+  return out;
+}
+
 function copyOf(src: Buffer): Buffer {
-  const out = Buffer.alloc(src.length);
+  const out = Buffer.allocUnsafe(src.length);
   out.set(src);
   return out;
 }

@@ -49,31 +49,50 @@ export const uniform = <V, P>(names: readonly (keyof V & keyof P & string)[], ki
 
 type Obj = Record<string, unknown>;
 
-function valueToProto(k: Kind, v: unknown): unknown {
+/** A copy of a bytes field: the proto object must not alias the ffi value's buffer. */
+const copyBytes = (b: Buffer): Buffer => {
+  const out = Buffer.allocUnsafe(b.length);
+  b.copy(out);
+  return out;
+};
+
+/** The JS expression converting ffi value expression `v` of kind `k` to its proto form. */
+function toProtoExpr(k: Kind, v: string): string {
   switch (k.t) {
     case 'u64':
-      return u64ToLong(v as bigint);
+      return `L(${v})`;
     case 'uint':
       return v;
     case 'bool':
-      return v !== 0;
-    case 'bytes': {
-      const out = Buffer.alloc((v as Buffer).length);
-      out.set(v as Buffer);
-      return out;
-    }
+      return `${v} !== 0`;
+    case 'bytes':
+      return `B(${v})`;
     case 'struct':
-      return toProto(k.fields, v as Obj);
+      return objectToProtoExpr(k.fields, v);
     case 'array':
-      return (v as unknown[]).map((e) => valueToProto(k.of, e));
+      return `${v}.map((e) => ${toProtoExpr(k.of, 'e')})`;
   }
 }
 
-/** The proto object for `fields` of ffi value `v`. */
+function objectToProtoExpr(fields: Fields, v: string): string {
+  return `{ ${fields.map((f) => `${JSON.stringify(f.proto)}: ${toProtoExpr(f.kind, `${v}[${JSON.stringify(f.ffi)}]`)}`).join(', ')} }`;
+}
+
+const compiledToProto = new WeakMap<Fields, (v: Obj) => Obj>();
+
+/**
+ * The proto object for `fields` of ffi value `v`. The conversion is generated once per table, as the ffi
+ * decoders are (src/ffi/sections/struct.ts): walking the table for every field of every GetState cost more
+ * than the ioctls.
+ */
 export function toProto(fields: Fields, v: Obj): Obj {
-  const out: Obj = {};
-  for (const f of fields) out[f.proto] = valueToProto(f.kind, v[f.ffi]);
-  return out;
+  let fn = compiledToProto.get(fields);
+  if (!fn) {
+    // eslint-disable-next-line @typescript-eslint/no-implied-eval
+    fn = new Function('L', 'B', `return (v) => (${objectToProtoExpr(fields, 'v')});`)(u64ToLong, copyBytes) as (v: Obj) => Obj;
+    compiledToProto.set(fields, fn);
+  }
+  return fn(v);
 }
 
 /** A copy of `base` (the same place in the base value), or the all-zero value without one. */

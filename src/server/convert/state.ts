@@ -251,7 +251,7 @@ const CONVERTERS: { readonly [N in SectionName]: Converter<SectionValues[N]> } =
   },
   msrs: {
     toProto: (v, extras) => ({
-      entries: v.map((e) => ({ ...toProto(MSR_ENTRY, e), name: MSR_NAMES.get(e.index) ?? '' })),
+      entries: v.map((e) => Object.assign(toProto(MSR_ENTRY, e), { name: MSR_NAMES.get(e.index) ?? '' })),
       unreadableIndices: [...(extras.msrsUnreadable ?? [])],
     }),
     fromProto: (p, _base, c, path) => listFromProto<MsrEntry>(MSR_ENTRY, p.entries, undefined, c, `${path}.entries`, Infinity),
@@ -296,7 +296,8 @@ const CONVERTERS: { readonly [N in SectionName]: Converter<SectionValues[N]> } =
 // ---- whole state ----
 
 /** The VcpuState field (proto-loader key) of a section. */
-const protoKey = (name: SectionName): keyof VcpuState__Output => camelCase(name) as keyof VcpuState__Output;
+const PROTO_KEYS = new Map(SECTION_NAMES.map((n) => [n, camelCase(n) as keyof VcpuState__Output]));
+const protoKey = (name: SectionName): keyof VcpuState__Output => PROTO_KEYS.get(name)!;
 
 function convert<N extends SectionName>(name: N, v: SectionValues[N], extras: StateExtras): Obj {
   return CONVERTERS[name].toProto(v, extras);
