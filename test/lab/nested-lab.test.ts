@@ -16,6 +16,7 @@ import { NESTED_ABI, NESTED_GUESTS, type NestedGuestInfo } from '../guests/neste
 import { describeLab } from '../support/lab';
 import { call, callError, collect } from '../support/vcpud-process';
 import { processAlive, startLabVm, type LabVm } from './lab-vm';
+import { fuzzSetNestedState, LAB_FUZZ_REQUESTS, LAB_FUZZ_SEED } from './nested-fuzz';
 
 const MiB = 1024 * 1024;
 const MEMORY = 2 * MiB;
@@ -247,9 +248,14 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
    * IA32_TSC, and Hyper-V's VP_RUNTIME and TIME_REF_COUNT.
    */
   const CLOCK_MSRS = [0x10, 0x4000_0010, 0x4000_0020];
+  const msrLists = new Map<number, number[]>();
   async function wholeState(vmId: string, instance = 0) {
-    const caps = await call<Obj>(state(instance), 'GetCapabilities', {});
-    const msrIndices = (caps.msrIndices as number[]).filter((i) => !CLOCK_MSRS.includes(i));
+    let msrIndices = msrLists.get(instance);
+    if (!msrIndices) {
+      const caps = await call<Obj>(state(instance), 'GetCapabilities', {});
+      msrIndices = (caps.msrIndices as number[]).filter((i) => !CLOCK_MSRS.includes(i));
+      msrLists.set(instance, msrIndices);
+    }
     const s = (await call<{ state: Obj }>(state(instance), 'GetState', { vmId, vcpuId: 0, msrIndices })).state;
     return { state: s, nested: await nested(vmId, instance) };
   }
@@ -331,6 +337,36 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       expect(src.w.values).toEqual(Array.from({ length: last + 50 }, (_, i) => i + 1));
       expect(src.w.text).toContain('L1: L2 reached its limit (VMMCALL)');
     }, 120_000);
+  });
+
+  describe(`SetNestedState fuzz: ${LAB_FUZZ_REQUESTS} mutations of a real L2 blob (LAB_FUZZ_SEED=${LAB_FUZZ_SEED})`, () => {
+    it('every answer is OK or documented, every refused call leaves the vCPU as it was, and L2 then runs on', async () => {
+      const guest = NESTED_GUESTS.svm_counter;
+      const src = await pausedInL2(guest);
+      const saved = (await call<{ state: Obj }>(state(), 'GetState', { vmId: src.id, vcpuId: 0 })).state;
+      const base = (await nested(src.id)).raw as Buffer;
+      expect(base.readUInt16LE(0)).toBe(GUEST_MODE | GIF_SET);
+      const reset = async () => {
+        await call(state(), 'SetState', { vmId: src.id, vcpuId: 0, state: saved });
+        await call(state(), 'SetNestedState', { vmId: src.id, vcpuId: 0, raw: base });
+      };
+      const r = await timed('fuzz', () =>
+        fuzzSetNestedState({ state: state(), vmId: src.id, base, whole: () => wholeState(src.id), reset }, LAB_FUZZ_SEED, LAB_FUZZ_REQUESTS, (l) => process.stderr.write(`${l}\n`)),
+      );
+      console.log(`lab fuzz: seed ${r.seed}, ${r.requests} requests in ${(r.durationMs / 1000).toFixed(1)} s: ${r.tally}`);
+      if (r.kernelOnly.length) console.log(`lab fuzz: passed vcpud's validation, refused by the kernel: ${r.kernelOnly.join('; ')}`);
+      // The calls reached the kernel's checks, not only vcpud's validator.
+      expect(Object.keys(r.tally.counts).some((k) => k.endsWith(':KERNEL_REJECTED'))).toBe(true);
+
+      // Put back as it was read, the vCPU runs L2 on from the next value.
+      await reset();
+      const last = src.w.values.at(-1)!;
+      await writeU64(src.id, guest.l2DataGpa + NESTED_ABI.l2LimitOffset, BigInt(last + 50));
+      await call(vms(), 'ResumeVm', { vmId: src.id });
+      await waitFor(() => src.w.done !== undefined, 'L1 to report done after L2 reached its limit');
+      expect(src.w.values).toEqual(Array.from({ length: last + 50 }, (_, i) => i + 1));
+      src.cancel();
+    }, Math.max(240_000, LAB_FUZZ_REQUESTS * 1000));
   });
 
   describe.each([

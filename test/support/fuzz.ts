@@ -3,6 +3,7 @@
  * blobs (both formats, boundary sizes, every flag combination, PA values at and around the limits)
  * and regs / sregs / MSRs / events, and sends oversized messages and wrong types.
  */
+import { status } from '@grpc/grpc-js';
 import { GOLDEN, F } from './nested-blobs';
 
 /** mulberry32: small, fast, and good enough to spread inputs; the seed is the whole state. */
@@ -39,7 +40,7 @@ export class Rng {
 const ALL_FLAGS = [0, F.GUEST_MODE, F.RUN_PENDING, F.EVMCS, F.MTF_PENDING, F.GIF_SET, 0x10, 0x200, 0x8000];
 
 /** Interesting 64-bit values: zero, all ones, page boundaries, around 2^36/2^48/2^52 (MAXPHYADDR). */
-function interestingU64(r: Rng): bigint {
+export function interestingU64(r: Rng): bigint {
   const bases = [0n, 1n, 0xfffn, 0x1000n, 0x1001n, 1n << 36n, 1n << 48n, 1n << 52n, 1n << 63n, (1n << 64n) - 1n];
   const b = r.pick(bases);
   const delta = BigInt(r.int(3)) - 1n;
@@ -47,10 +48,17 @@ function interestingU64(r: Rng): bigint {
   return v < 0n ? 0n : v >= 1n << 64n ? (1n << 64n) - 1n : v;
 }
 
-/** A mutated nested-state blob. */
+/** A mutated nested-state blob, from one of the golden blobs of both formats. */
 export function mutateNested(r: Rng): Buffer {
   const golden = Object.values(GOLDEN);
-  let blob = r.pick(golden)();
+  return mutateBlob(r, r.pick(golden)());
+}
+
+/**
+ * 1-4 random edits of a blob's header (flags, format, size, PA fields, VMX smm/header flags), byte
+ * flips, truncation or extension, or random bytes instead. `blob` may be changed in place.
+ */
+export function mutateBlob(r: Rng, blob: Buffer): Buffer {
   const ops = 1 + r.int(4);
   for (let i = 0; i < ops; i++) {
     const op = r.int(8);
@@ -144,4 +152,22 @@ export function mutateState(r: Rng, current: Record<string, any>): Record<string
     }
   }
   return state;
+}
+
+/**
+ * Codes vcpud documents for bad input (README "Errors"): a fuzzed request answered with anything
+ * else is a finding. (The host fuzzer also allows grpc-js's INTERNAL for undecodable bytes.)
+ */
+export const DOCUMENTED_CODES: ReadonlySet<number> = new Set([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION, status.NOT_FOUND, status.RESOURCE_EXHAUSTED]);
+
+/** Answers counted by key (e.g. "set_nested:INVALID_ARGUMENT"), printed at the end of a run. */
+export class Tally {
+  readonly counts: Record<string, number> = {};
+  count(key: string): void {
+    this.counts[key] = (this.counts[key] ?? 0) + 1;
+  }
+  /** Keys sorted, for a stable line in logs and RELIABILITY.md. */
+  toString(): string {
+    return JSON.stringify(Object.fromEntries(Object.entries(this.counts).sort(([a], [b]) => a.localeCompare(b))));
+  }
 }

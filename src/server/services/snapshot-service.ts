@@ -9,11 +9,13 @@
  * captured and put back as it was on any failure.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { invalidArgument, VcpudError, type ErrorKind } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
 import { SnapshotStore, type SnapshotEntry } from '../../vm/snapshot-store';
+import { snapshotWriteError } from '../../vm/snapshot-write-error';
 import { AtomicFileSink, captureSnapshot, holdAndPause, StreamSink, type CaptureResult, type SnapshotProgress as Progress } from '../../vm/snapshot-writer';
 import type { SnapshotHeader } from '../../vm/snapshot-format';
 import type { ManagedVm } from '../../vm/managed-vm';
@@ -33,11 +35,14 @@ import type { SnapshotServiceHandlers } from '../generated/vcpud/v1/SnapshotServ
 import type { Vm__Output } from '../generated/vcpud/v1/Vm';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
+import { cancelledWithin, writeWithBackpressure } from './streams';
 
 /** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
 const STREAM_CHUNK = 1024 * 1024;
 /** Progress messages at most this often (plus one per phase change). */
 const PROGRESS_INTERVAL_MS = 100;
+/** How long a RestoreSnapshotStream whose input ended too early waits for the client's cancel. */
+const CANCEL_AFTER_END_GRACE_MS = 250;
 /** Calls to the destination other than the snapshot stream. */
 const DESTINATION_CALL_MS = 15_000;
 
@@ -80,26 +85,6 @@ export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; siz
 function entryInfo(e: SnapshotEntry): SnapshotInfo {
   if (!e.header) return { name: e.name, sizeBytes: String(e.sizeBytes), problem: e.problem ?? 'unreadable header' };
   return snapshotInfo(e.header, { name: e.name, sizeBytes: e.sizeBytes });
-}
-
-/** Writes a message on a server stream, waiting for 'drain' when grpc-js's buffer is full. */
-export function writeWithBackpressure<T>(stream: { write(m: T): boolean; once(ev: string, fn: (...a: unknown[]) => void): unknown; removeListener(ev: string, fn: (...a: unknown[]) => void): unknown }, msg: T): Promise<void> {
-  if (stream.write(msg)) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const done = (err?: Error) => {
-      stream.removeListener('drain', onDrain);
-      stream.removeListener('close', onClose);
-      stream.removeListener('error', onError);
-      if (err) reject(err);
-      else resolve();
-    };
-    const onDrain = () => done();
-    const onClose = () => done(new VcpudError('unavailable', 'the stream closed while a message was pending'));
-    const onError = (e: unknown) => done(e as Error);
-    stream.once('drain', onDrain);
-    stream.once('close', onClose);
-    stream.once('error', onError);
-  });
 }
 
 /** Progress messages, throttled: every phase change, then at most every PROGRESS_INTERVAL_MS. */
@@ -155,19 +140,29 @@ export class SnapshotService {
           throw invalidArgument('CreateSnapshot needs a destination: name or stream', [{ rule: 'required', field: 'destination', message: 'set name or stream' }]);
         // The name is checked (and its directories created) before the VM is touched.
         const name = req.name ?? '';
-        const file = toStream ? undefined : this.store.pathForWrite(name);
+        let file: string | undefined;
+        try {
+          file = toStream ? undefined : this.store.pathForWrite(name);
+        } catch (e) {
+          throw snapshotWriteError(e, name, path.join(this.store.dir, name)); // mkdir of a subdirectory
+        }
         const held = await holdAndPause(vm, `snapshot ${toStream ? 'to a stream' : JSON.stringify(name)} in progress`);
         let ok = false;
         try {
-          const sink = toStream
-            ? new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK)
-            : new AtomicFileSink(file as string);
-          const r: CaptureResult = await captureSnapshot(vm, sink, {
-            caps: ctx.caps,
-            runStates: held.before,
-            onProgress: progressSender((progress) => call.write({ progress })),
-            cancelled: () => call.cancelled,
-          });
+          let r: CaptureResult;
+          try {
+            const sink = toStream
+              ? new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK)
+              : new AtomicFileSink(file as string);
+            r = await captureSnapshot(vm, sink, {
+              caps: ctx.caps,
+              runStates: held.before,
+              onProgress: progressSender((progress) => call.write({ progress })),
+              cancelled: () => call.cancelled,
+            });
+          } catch (e) {
+            throw file ? snapshotWriteError(e, name, file) : e;
+          }
           ok = true;
           await writeWithBackpressure(call, {
             done: snapshotInfo(r.header, { name: toStream ? '' : name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: r.durationMs }),
@@ -193,6 +188,7 @@ export class SnapshotService {
         const started = process.hrtime.bigint();
         let options: { run: boolean; vmName: string } = { run: false, vmName: '' };
         let sawData = false;
+        let inputEnded = false;
         async function* chunks(): AsyncGenerator<Buffer> {
           for await (const msg of call as AsyncIterable<RestoreSnapshotStreamRequest__Output>) {
             if (msg.message === 'options' && msg.options) {
@@ -203,6 +199,7 @@ export class SnapshotService {
             sawData = true;
             if (msg.data?.length) yield msg.data;
           }
+          inputEnded = true;
         }
         Promise.resolve()
           .then(async () => {
@@ -215,7 +212,14 @@ export class SnapshotService {
           })
           .then(
             (res) => callback(null, res),
-            (e) => callback(toServiceError(e)),
+            async (e) => {
+              // A grpc-js client's cancel reaches us as the end of its input first (Node's http2
+              // sends END_STREAM before RST_STREAM) and as the cancel a moment later: a snapshot
+              // cut short by a cancel is not DATA_LOSS. Waiting for the cancel before answering
+              // lets it be counted and logged as what it is (grpc-js drops the late status).
+              if (inputEnded) await cancelledWithin(call, CANCEL_AFTER_END_GRACE_MS);
+              callback(toServiceError(e));
+            },
           );
       },
 
@@ -271,6 +275,7 @@ export class SnapshotService {
     const held = await holdAndPause(vm, `migration to ${target} in progress`);
     const paused = process.hrtime.bigint();
     let destVm: Vm__Output | undefined;
+    let done: MigrateVmResponse['done'];
     let upstream: grpc.ClientWritableStream<unknown> | undefined;
     try {
       let upstreamError: Error | undefined;
@@ -318,12 +323,11 @@ export class SnapshotService {
       if (!req.leavePaused)
         for (const id of held.wasRunning) await callDestination(vms, 'resumeVcpu', { vmId: destVm.id, vcpuId: id });
       const downtimeMs = Number(process.hrtime.bigint() - paused) / 1e6;
-      // The destination has it: this copy goes.
+      // The destination has it: this copy goes. Nothing below may throw into the rollback, which
+      // would delete the only copy left.
       this.ctx.registry.destroy(vm.id);
       const after = await callDestination<{ vm: Vm__Output }>(vms, 'getVm', { vmId: destVm.id }).catch(() => ({ vm: destVm as Vm__Output }));
-      await writeWithBackpressure(call, {
-        done: { destinationVm: after.vm as never, bytesSent: String(r.bytes), duration: durationToProto(elapsedMs(started)), downtime: durationToProto(downtimeMs), notes: restored.notes },
-      });
+      done = { destinationVm: after.vm as never, bytesSent: String(r.bytes), duration: durationToProto(elapsedMs(started)), downtime: durationToProto(downtimeMs), notes: restored.notes };
     } catch (e) {
       upstream?.cancel();
       let cleanup = '';
@@ -346,6 +350,8 @@ export class SnapshotService {
       held.release();
       snapshots.close();
     }
+    // Reported after the commit: a client that cancelled by now only misses the report.
+    await writeWithBackpressure(call, { done });
   }
 }
 

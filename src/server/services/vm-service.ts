@@ -14,6 +14,7 @@ import type { StreamConsoleRequest__Output } from '../generated/vcpud/v1/StreamC
 import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
+import { writeWithBackpressure } from './streams';
 
 /** ReadMemory streams in chunks of this size: large ranges never sit whole in one message. */
 const READ_CHUNK = 1024 * 1024;
@@ -86,8 +87,7 @@ export class VmService {
         vm.vm.regionFor(gpa, length); // bounds first: nothing is sent for a bad range
         for (let off = 0; off < length && !call.cancelled; off += READ_CHUNK) {
           const n = Math.min(READ_CHUNK, length - off);
-          if (!call.write({ guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) }))
-            await new Promise((r) => call.once('drain', r));
+          await writeWithBackpressure(call, { guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) });
         }
       }),
       LoadProgram: u(async (req: { vmId: string; image: Buffer; loadAddress: string; entry: string }) => {

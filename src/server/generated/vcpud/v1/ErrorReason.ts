@@ -99,6 +99,13 @@ export const ErrorReason = {
    * it could not be reached); the VM was resumed here as it was.
    */
   ERROR_REASON_MIGRATION_FAILED: 'ERROR_REASON_MIGRATION_FAILED',
+  /**
+   * RESOURCE_EXHAUSTED: CreateSnapshot could not write the snapshot because the snapshot directory's filesystem
+   * is full or over quota (metadata: errno, e.g. "ENOSPC"); the message names the snapshot and the directory.
+   * The previous snapshot under that name, if any, is unchanged, no partial file is left, and the VM was put
+   * back as it was. Retrying helps once space is freed.
+   */
+  ERROR_REASON_STORAGE_FULL: 'ERROR_REASON_STORAGE_FULL',
 } as const;
 
 /**
@@ -216,6 +223,14 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_MIGRATION_FAILED'
   | 16
+  /**
+   * RESOURCE_EXHAUSTED: CreateSnapshot could not write the snapshot because the snapshot directory's filesystem
+   * is full or over quota (metadata: errno, e.g. "ENOSPC"); the message names the snapshot and the directory.
+   * The previous snapshot under that name, if any, is unchanged, no partial file is left, and the VM was put
+   * back as it was. Retrying helps once space is freed.
+   */
+  | 'ERROR_REASON_STORAGE_FULL'
+  | 17
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix
