@@ -98,6 +98,7 @@ const CASES: RuleCase[] = [
   { rule: 'svm.vmcb12.save.long_mode_pae', field: 'data.vmcb12.save.cr4', pass: [svm({}, {}, { efer: 0x1001n, cr4: 0x80n }), AMD], fail: [svm({}, {}, { cr4: 0x80n }), AMD] },
   { rule: 'svm.vmcb12.save.cr3_maxphyaddr', field: 'data.vmcb12.save.cr3', pass: [svm({}, {}, { efer: 0x1001n, cr4: 0x80n, cr3: 1n << 48n }), AMD], fail: [svm({}, {}, { cr3: 1n << 48n }), AMD] },
   { rule: 'svm.vmcb12.save.cr4_reserved', field: 'data.vmcb12.save.cr4', pass: [svm({}, {}, { cr4: 0x10f7_3fffn }), AMD], fail: [svm({}, {}, { cr4: 0xa0n | (1n << 14n) }), AMD] },
+  { rule: 'svm.vmcb12.save.cr4_vmxe', field: 'data.vmcb12.save.cr4', pass: [svm({}, {}, { cr4: 0x20n | (1n << 13n) }), amd({ guestHasVmx: true })], fail: [svm({}, {}, { cr4: 0x20n | (1n << 13n) }), amd({ guestHasVmx: false })] },
   { rule: 'svm.vmcb12.save.efer_reserved', field: 'data.vmcb12.save.efer', pass: [svm({}, {}, { efer: 0x20_fd01n }), AMD], fail: [svm({}, {}, { efer: 0x1d03n }), AMD] },
 ];
 

@@ -104,6 +104,7 @@ export const NESTED_RULES = [
   { id: 'svm.vmcb12.save.long_mode_pae', field: 'data.vmcb12.save.cr4', description: 'L1 with EFER.LME and CR0.PG has CR4.PAE' },
   { id: 'svm.vmcb12.save.cr3_maxphyaddr', field: 'data.vmcb12.save.cr3', description: "L1 with EFER.LME and CR0.PG has CR3 below the guest's MAXPHYADDR" },
   { id: 'svm.vmcb12.save.cr4_reserved', field: 'data.vmcb12.save.cr4', description: 'L1 CR4 has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)' },
+  { id: 'svm.vmcb12.save.cr4_vmxe', field: 'data.vmcb12.save.cr4', description: 'L1 CR4.VMXE only when the guest CPUID has VMX (found by the lab fuzzer: the kernel refused it)' },
   { id: 'svm.vmcb12.save.efer_reserved', field: 'data.vmcb12.save.efer', description: 'L1 EFER has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)' },
 ] as const satisfies readonly RuleSpec[];
 
@@ -127,6 +128,7 @@ const X86 = {
   CR0_CD: 1n << 30n,
   CR0_PG: 1n << 31n,
   CR4_PAE: 1n << 5n,
+  CR4_VMXE: 1n << 13n,
   RFLAGS_VM: 1n << 17n,
   EFER_SVME: 1n << 12n,
   EFER_LME: 1n << 8n,
@@ -305,6 +307,7 @@ function checkVmcb12Save({ save: v }: Vmcb12, t: NestedTarget, report: Report): 
   }
   const cr4Bad = bitsOutside(v.cr4, X86.CR4_KVM_KNOWN);
   if (cr4Bad) report('svm.vmcb12.save.cr4_reserved', `L1 CR4 ${hex(v.cr4)} has reserved bits ${hex(cr4Bad)}`);
+  if (v.cr4 & X86.CR4_VMXE && t.guestHasVmx === false) report('svm.vmcb12.save.cr4_vmxe', `L1 CR4 ${hex(v.cr4)} has VMXE but the guest CPUID has no VMX`);
   const eferBad = bitsOutside(v.efer, X86.EFER_KVM_KNOWN);
   if (eferBad) report('svm.vmcb12.save.efer_reserved', `L1 EFER ${hex(v.efer)} has reserved bits ${hex(eferBad)}`);
 }
