@@ -97,6 +97,7 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
         if (!DOCUMENTED.has(code) && !undecodable) throw new Error(`${tag}: undocumented status ${grpc.status[code]}: ${err.details}`);
       }
       count(`${kind}:${grpc.status[code]}`);
+      if ((i + 1) % 10_000 === 0) process.stderr.write(`fuzz seed ${SEED}: ${i + 1} of ${REQUESTS} requests\n`);
       const wrote = kind === 'set_state' || kind === 'set_nested' || kind === 'garbage';
       if (!wrote) continue;
       const after = await snapshot();
@@ -112,7 +113,7 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
     }
     console.log(`fuzz seed ${SEED}, ${REQUESTS} requests:`, JSON.stringify(tally));
     await call(state, 'GetCapabilities', {}); // still serving
-  }, 30 * 60_000);
+  }, Math.max(30 * 60_000, REQUESTS * 60)); // a loaded 2-core host answers ~50 requests a second
 });
 
 /** A unary call with raw bytes as the request (wrong types on the wire). */
