@@ -5,12 +5,13 @@
 import fs from 'node:fs';
 import { Kvm } from '../src/ffi/kvm';
 import { VmRegistry } from '../src/vm/registry';
-import { cFloor, guestBin, table } from './floors';
+import { cFloor, fatal, guestBin, knob, ratioRow, table, type BenchResult } from './floors';
 
-const SECONDS = Number(process.env.BENCH_SECONDS ?? 2);
+const SECONDS = Number(knob('BENCH_SECONDS', '2', 'exit-rate: seconds the guest runs (C loop and vcpud each)'));
 const KVM_EXIT_IO = '2';
 
-async function main(): Promise<void> {
+/** One row, no target (the issue sets none): vcpud's exit rate beside the C loop's. */
+export async function measureExitRate(): Promise<BenchResult> {
   const floor = cFloor('exit_loop', [guestBin('counter64'), String(SECONDS)]) as { exits_per_second: number };
   const kvm = Kvm.open();
   const registry = new VmRegistry(kvm);
@@ -25,8 +26,10 @@ async function main(): Promise<void> {
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const exits = vm.vcpu(0).exitCounts()[KVM_EXIT_IO] ?? 0;
   const rate = exits / seconds;
-  console.log(`exit round trips per second over ${SECONDS} s (counter64: one OUT per console byte and value)\n`);
-  console.log(
+  registry.destroyAll();
+  kvm.close();
+  const detail = [
+    `exit round trips per second over ${SECONDS} s (counter64: one OUT per console byte and value)\n`,
     table(
       ['path', 'exits/s', 'ratio to C'],
       [
@@ -34,13 +37,13 @@ async function main(): Promise<void> {
         ['vcpud runtime (native run thread)', rate, rate / floor.exits_per_second],
       ],
     ),
-  );
-  console.log(`\n(${exits} exits, ${consoleBytes} console bytes delivered to JS)`);
-  registry.destroyAll();
-  kvm.close();
+    `\n(${exits} exits, ${consoleBytes} console bytes delivered to JS)`,
+  ].join('\n');
+  return { rows: [ratioRow('exit round trips (guest OUT to userspace and back)', rate, floor.exits_per_second, 'exits/s', 'C KVM_RUN loop')], detail };
 }
 
-main().catch((e) => {
-  console.error(e);
-  process.exit(1);
-});
+async function main(): Promise<void> {
+  console.log((await measureExitRate()).detail);
+}
+
+if (require.main === module) main().catch(fatal);

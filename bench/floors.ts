@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { call } from '../test/support/vcpud-process';
 
-const ROOT = path.basename(path.join(__dirname, '..')) === 'dist' ? path.join(__dirname, '..', '..') : path.join(__dirname, '..');
+export const ROOT = path.basename(path.join(__dirname, '..')) === 'dist' ? path.join(__dirname, '..', '..') : path.join(__dirname, '..');
 
 export function cFloor(program: string, args: string[]): Record<string, unknown> {
   execFileSync('make', ['-s', '-C', path.join(ROOT, 'bench', 'c')], { stdio: 'inherit' });
@@ -31,9 +31,65 @@ export interface BenchRow {
   floor: number | null;
   floorName: string;
   ratio: number | null;
-  /** The target as text, e.g. ">= 0.7" or "<= 82 MiB". */
+  /** The target as text, e.g. ">= 0.7" or "<= 82 MiB"; "-" when the issue sets none. */
   target: string;
-  met: boolean;
+  /** null: no target, the figure is reported only. */
+  met: boolean | null;
+}
+
+/** What each benchmark's measure...() returns: its rows for the one table, and its own text table. */
+export interface BenchResult {
+  rows: BenchRow[];
+  detail: string;
+}
+
+/** A bound on value / floor: "<=" for costs (time per call), ">=" for rates. */
+export interface RatioTarget {
+  op: '<=' | '>=';
+  ratio: number;
+}
+
+export function meets(ratio: number, target: RatioTarget): boolean {
+  return target.op === '<=' ? ratio <= target.ratio : ratio >= target.ratio;
+}
+
+/** A row whose figure is compared to its floor as value / floor; no `target`: reported only. */
+export function ratioRow(name: string, value: number, floor: number, unit: string, floorName: string, target?: RatioTarget): BenchRow {
+  const ratio = value / floor;
+  return {
+    name,
+    value,
+    unit,
+    floor,
+    floorName,
+    ratio,
+    target: target ? `${target.op} ${target.ratio}` : '-',
+    met: target ? meets(ratio, target) : null,
+  };
+}
+
+/** An environment variable a benchmark reads, recorded so BENCHMARKS.md can list them all. */
+export interface Knob {
+  name: string;
+  fallback: string;
+  /** What this run used. */
+  value: string;
+  what: string;
+}
+
+export const knobs: Knob[] = [];
+
+/** process.env[name], or `fallback` when unset or empty; recorded in `knobs` for the report. */
+export function knob(name: string, fallback: string, what: string): string {
+  const value = process.env[name] || fallback;
+  knobs.push({ name, fallback, value, what });
+  return value;
+}
+
+/** The end of a benchmark's main() run directly: the error, exit status 1. */
+export function fatal(e: unknown): never {
+  console.error(e);
+  process.exit(1);
 }
 
 export function median(xs: number[]): number {
@@ -74,7 +130,8 @@ export async function nsPerCallAsync(fn: () => Promise<unknown>, n: number, batc
 export function table(header: string[], rows: (string | number)[][]): string {
   const cells = [header, ...rows.map((r) => r.map((c) => (typeof c === 'number' ? c.toFixed(c < 10 ? 2 : 0) : c)))];
   const widths = header.map((_, i) => Math.max(...cells.map((r) => String(r[i]).length)));
-  return cells.map((r) => r.map((c, i) => String(c).padEnd(widths[i])).join('  ')).join('\n');
+  // trimEnd: no padding after the last column (trailing blanks in BENCHMARKS.md).
+  return cells.map((r) => r.map((c, i) => String(c).padEnd(widths[i])).join('  ').trimEnd()).join('\n');
 }
 
 export const MiB = 1024 * 1024;
@@ -150,18 +207,22 @@ export async function startEmptyServer(): Promise<EmptyServer> {
   };
 }
 
+export const ROW_HEADER = ['measure', 'value', 'floor', 'ratio', 'target', 'met'];
+
+/** One BenchRow as the cells of ROW_HEADER (shared by the text table and BENCHMARKS.md's). */
+export function rowCells(r: BenchRow): string[] {
+  const num = (v: number) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(2));
+  return [
+    r.name,
+    `${num(r.value)} ${r.unit}`,
+    r.floor === null ? '-' : `${num(r.floor)} ${r.unit} (${r.floorName})`,
+    r.ratio === null ? '-' : r.ratio.toFixed(2),
+    r.target,
+    r.met === null ? '-' : r.met ? 'met' : 'NOT met',
+  ];
+}
+
 /** BenchRows as the table `npm run bench` prints: figure, floor, ratio, target, verdict. */
 export function rowsTable(rows: BenchRow[]): string {
-  const num = (v: number) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(2));
-  return table(
-    ['measure', 'value', 'floor', 'ratio', 'target', 'met'],
-    rows.map((r) => [
-      r.name,
-      `${num(r.value)} ${r.unit}`,
-      r.floor === null ? '-' : `${num(r.floor)} ${r.unit} (${r.floorName})`,
-      r.ratio === null ? '-' : r.ratio.toFixed(2),
-      r.target,
-      r.met ? 'met' : 'NOT met',
-    ]),
-  );
+  return table(ROW_HEADER, rows.map(rowCells));
 }

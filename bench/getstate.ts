@@ -6,9 +6,10 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { call, startVcpud } from '../test/support/vcpud-process';
-import { EMPTY_METHOD, cFloor, guestBin, pausedCounterVm, percentile, startEmptyServer, table } from './floors';
+import { EMPTY_METHOD, cFloor, fatal, guestBin, knob, pausedCounterVm, percentile, ratioRow, startEmptyServer, table, type BenchResult } from './floors';
 
-const N = Number(process.env.BENCH_CALLS ?? 2000);
+const N = Number(knob('BENCH_CALLS', '2000', 'getstate: sequential calls timed (GetState and the empty call each)'));
+const TARGET = { op: '<=', ratio: 1.3 } as const;
 const SECTION_IOCTLS = [
   'KVM_GET_MP_STATE', 'KVM_GET_VCPU_EVENTS', 'KVM_GET_REGS', 'KVM_GET_FPU', 'KVM_GET_XSAVE2', 'KVM_GET_XCRS', 'KVM_GET_SREGS',
   'KVM_GET_SREGS2', 'KVM_GET_LAPIC', 'KVM_GET_MSRS', 'KVM_GET_DEBUGREGS', 'KVM_GET_CPUID2', 'KVM_GET_TSC_KHZ',
@@ -39,7 +40,8 @@ async function emptyFloor(): Promise<{ p50: number; p99: number; perSecond: numb
   return r;
 }
 
-async function main(): Promise<void> {
+/** One row: GetState p50 beside (empty-call p50 + raw ioctl sum). */
+export async function measureGetState(): Promise<BenchResult> {
   const floor = cFloor('ioctl_floor', ['5000', guestBin('counter64')]) as Record<string, number>;
   const rawSumUs = SECTION_IOCTLS.reduce((a, k) => a + (floor[k] ?? 0), 0) / 1000;
   const empty = await emptyFloor();
@@ -51,9 +53,10 @@ async function main(): Promise<void> {
     const vm = await pausedCounterVm(vms);
     const req = { vmId: vm.id, vcpuId: 0 };
     const get = await timeCalls(() => call(state, 'GetState', req), N);
-    const target = 1.3 * (empty.p50 + rawSumUs);
-    console.log(`GetState, all 13 sections of one paused vCPU, over the Unix socket (${N} sequential calls; microseconds)\n`);
-    console.log(
+    const row = ratioRow('GetState p50, all sections, 1 paused vCPU (UDS)', get.p50, empty.p50 + rawSumUs, 'us', 'empty grpc-js call p50 + raw ioctl sum', TARGET);
+    const limit = TARGET.ratio * row.floor!;
+    const detail = [
+      `GetState, all 13 sections of one paused vCPU, over the Unix socket (${N} sequential calls; microseconds)\n`,
       table(
         ['measure', 'p50 us', 'p99 us', 'calls/s'],
         [
@@ -62,16 +65,16 @@ async function main(): Promise<void> {
           ['GetState through vcpud', get.p50, get.p99, get.perSecond],
         ],
       ),
-    );
-    console.log(
-      `\nratio p50 / (empty p50 + raw sum) = ${(get.p50 / (empty.p50 + rawSumUs)).toFixed(2)} (target <= 1.3, i.e. p50 <= ${target.toFixed(0)} us): ${get.p50 <= target ? 'met' : 'NOT met'}`,
-    );
+      `\nratio p50 / (empty p50 + raw sum) = ${row.ratio!.toFixed(2)} (target <= ${TARGET.ratio}, i.e. p50 <= ${limit.toFixed(0)} us): ${row.met ? 'met' : 'NOT met'}`,
+    ].join('\n');
+    return { rows: [row], detail };
   } finally {
     await d.stop();
   }
 }
 
-main().catch((e) => {
-  console.error(e);
-  process.exit(1);
-});
+async function main(): Promise<void> {
+  console.log((await measureGetState()).detail);
+}
+
+if (require.main === module) main().catch(fatal);
