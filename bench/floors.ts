@@ -168,11 +168,12 @@ export async function pausedCounterVm(vms: Parameters<typeof call>[0]): Promise<
 /** The empty-call floor: grpc-js serving one no-op unary method on a Unix socket, in its own process. */
 const EMPTY_SERVER = `
 const grpc = require('@grpc/grpc-js');
+const reply = process.argv[2] ? require('fs').readFileSync(process.argv[2]) : Buffer.alloc(0);
 const s = new grpc.Server();
 const id = (x) => x;
 s.addService({ Empty: { path: '/bench.Empty/Call', requestStream: false, responseStream: false,
   requestSerialize: id, requestDeserialize: id, responseSerialize: id, responseDeserialize: id } },
-  { Empty: (call, cb) => cb(null, Buffer.alloc(0)) });
+  { Empty: (call, cb) => cb(null, reply) });
 s.bindAsync('unix:' + process.argv[1], grpc.ServerCredentials.createInsecure(), () => console.log('ready'));
 `;
 
@@ -185,10 +186,19 @@ export interface EmptyServer {
   stop(): Promise<void>;
 }
 
-export async function startEmptyServer(): Promise<EmptyServer> {
+/**
+ * A trivial grpc-js handler in its own process. It answers with an empty message, or with `reply`'s bytes
+ * as they are (already serialized: the floor of sending a response of that size, without producing it).
+ */
+export async function startEmptyServer(reply?: Buffer): Promise<EmptyServer> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-empty-'));
   const sock = path.join(dir, 'e.sock');
-  const proc = spawn(process.execPath, ['-e', EMPTY_SERVER, sock], { stdio: ['ignore', 'pipe', 'inherit'], cwd: ROOT });
+  const args = ['-e', EMPTY_SERVER, sock];
+  if (reply) {
+    fs.writeFileSync(path.join(dir, 'reply.bin'), reply);
+    args.push(path.join(dir, 'reply.bin'));
+  }
+  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'], cwd: ROOT });
   await new Promise((resolve, reject) => {
     proc.stdout!.once('data', resolve);
     proc.once('exit', (code) => reject(new Error(`the empty grpc-js server exited with ${code}`)));
