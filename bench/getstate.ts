@@ -8,7 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import { vcpudPackageDefinition } from '../src/server/proto';
 import { call, startVcpud } from '../test/support/vcpud-process';
-import { GET_STATE_PATH } from './loadgen';
+import { rawGetState } from './loadgen';
 import { EMPTY_METHOD, cFloor, fatal, guestBin, knob, pausedCounterVm, percentile, ratioRow, startEmptyServer, table, type BenchResult } from './floors';
 
 const N = Number(knob('BENCH_CALLS', '2000', 'getstate: sequential calls timed (GetState and the empty call each)'));
@@ -49,16 +49,6 @@ async function trivialFloor(reply?: Buffer): Promise<{ p50: number; p99: number;
 }
 
 const getStateMethod = () => (vcpudPackageDefinition()['vcpud.v1.VcpuStateService'] as ServiceDefinition).GetState;
-
-/** GetState's response bytes as vcpud sends them (a raw call, nothing decoded). */
-function rawGetState(target: string, vmId: string): Promise<Buffer> {
-  const id = (x: Buffer) => x;
-  const client = new grpc.Client(target, grpc.credentials.createInsecure());
-  const req = getStateMethod().requestSerialize({ vmId, vcpuId: 0 });
-  return new Promise<Buffer>((resolve, reject) =>
-    client.makeUnaryRequest(GET_STATE_PATH, id, id, req, (e, r) => (e ? reject(e) : resolve(r!))),
-  ).finally(() => client.close());
-}
 
 /** One row: GetState p50 beside (empty-call p50 + raw ioctl sum). */
 export async function measureGetState(): Promise<BenchResult> {

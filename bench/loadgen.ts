@@ -98,6 +98,14 @@ export function getStateRequest(vmId: string, vcpuId = 0, sections: string[] = [
   return Buffer.from(T.encode(T.fromObject({ vmId, vcpuId, sections: parseSections(sections) })).finish());
 }
 
+/** One GetState answered by `target` (plaintext), as the response bytes on the wire: nothing decoded. */
+export function rawGetState(target: string, vmId: string, vcpuId = 0): Promise<Buffer> {
+  const client = new grpc.Client(target, grpc.credentials.createInsecure());
+  return new Promise<Buffer>((resolve, reject) =>
+    client.makeUnaryRequest(GET_STATE_PATH, raw, raw, getStateRequest(vmId, vcpuId), (e, r) => (e ? reject(e) : resolve(r!))),
+  ).finally(() => client.close());
+}
+
 /** A message in gRPC's length-prefixed framing: flag 0 (uncompressed), u32 BE length, bytes. */
 export function grpcFrame(message: Buffer): Buffer {
   const head = Buffer.alloc(5);

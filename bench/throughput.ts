@@ -7,7 +7,7 @@
  * BENCH_SECONDS (default 5) per measurement, after 1 s of warm-up; BENCH_CLIENTS (default 64).
  * vcpud runs with its default configuration (info level: one log line per call).
  */
-import { runLoad, type LoadOptions, type LoadResult } from './loadgen';
+import { rawGetState, runLoad, type LoadOptions, type LoadResult } from './loadgen';
 import { EMPTY_METHOD, MiB, cpuSeconds, fatal, knob, pausedCounterVm, ratioRow, rowsTable, rssBytes, startEmptyServer, table, type BenchResult, type BenchRow } from './floors';
 import { startVcpud } from '../test/support/vcpud-process';
 
@@ -24,6 +24,8 @@ export interface Measured {
 
 export interface ThroughputFigures extends BenchResult {
   empty: Measured;
+  /** A trivial handler sending GetState's own response bytes: the floor for a response that size. */
+  sameBytes: Measured & { bytes: number; peakRss: number };
   getState: Measured;
   rss: { idle: number; peak: number; end: number; guestMemory: number };
 }
@@ -66,6 +68,14 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
   try {
     const pid = d.proc.pid!;
     const vm = await pausedCounterVm(d.client('VmService'));
+    const reply = await rawGetState(d.serving.api, vm.id);
+    const trivial = await startEmptyServer(reply);
+    let sameBytes: ThroughputFigures['sameBytes'];
+    try {
+      sameBytes = { ...(await measure(trivial.pid, { ...load, target: trivial.target, method: EMPTY_METHOD })), bytes: reply.length };
+    } finally {
+      await trivial.stop();
+    }
     await new Promise((r) => setTimeout(r, 500)); // let start-up garbage settle before "idle"
     const idle = rssBytes(pid);
     const { peakRss, ...getState } = await measure(pid, { ...load, target: d.serving.api, vmId: vm.id, vcpuId: 0, metricsUrl: d.serving.metrics });
@@ -87,10 +97,21 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
     const rows: BenchRow[] = [
       // Failed calls would make it a throughput of errors: not met, whatever the rate.
       { ...rate, met: rate.met === true && g.calls === (g.codes.OK ?? 0) },
+      ratioRow(`GetState throughput against its own response from a trivial handler`, g.callsPerSecond, sameBytes.load.callsPerSecond, 'calls/s', `the same ${sameBytes.bytes}-byte reply, ${clients} clients`),
       rssRow('vcpud RSS idle (1 VM)', idle),
       rssRow(`vcpud RSS under load (peak)`, peak),
+      {
+        name: `trivial grpc-js handler RSS under the same load (peak)`,
+        value: sameBytes.peakRss / MiB,
+        unit: 'MiB',
+        floor: null,
+        floorName: '',
+        ratio: null,
+        target: '-',
+        met: null,
+      },
     ];
-    const figures = { empty, getState, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
+    const figures = { empty, sameBytes, getState, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
     return { rows, detail: throughputDetail(figures), ...figures };
   } finally {
     await d.stop();
@@ -121,11 +142,15 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
     `Throughput: ${g.clients} clients x ${g.inFlight} in flight, separate connections, Unix socket, ${g.seconds.toFixed(1)} s each after 1 s warm-up\n`,
     table(
       ['measure', 'calls/s', 'p50 ms', 'p99 ms', 'calls', 'codes', 'server CPU us/call', 'client CPU us/call'],
-      [loadRow('empty grpc-js handler', f.empty), loadRow('GetState, all sections, 1 paused vCPU', f.getState)],
+      [
+        loadRow('empty grpc-js handler', f.empty),
+        loadRow(`trivial handler sending GetState's ${f.sameBytes.bytes} bytes`, f.sameBytes),
+        loadRow('GetState, all sections, 1 paused vCPU', f.getState),
+      ],
     ),
     ...(g.server ? [`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`] : []),
     "(CPU per call from /proc/PID/stat at 10 ms resolution; the client and the server share the machine's cores)",
-    `vcpud RSS: idle ${mib(f.rss.idle)}, peak under load ${mib(f.rss.peak)}, at the end of load ${mib(f.rss.end)} (guest memory ${mib(f.rss.guestMemory)})`,
+    `vcpud RSS: idle ${mib(f.rss.idle)}, peak under load ${mib(f.rss.peak)}, at the end of load ${mib(f.rss.end)} (guest memory ${mib(f.rss.guestMemory)}); the trivial handler's peak under the same load ${mib(f.sameBytes.peakRss)}`,
   ].join('\n');
 }
 
