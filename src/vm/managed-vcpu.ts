@@ -88,9 +88,10 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
 
   /**
    * Runs `fn` with the vCPU out of KVM_RUN. A running vCPU is paused for it and resumed after,
-   * unless the caller asked for no implicit pause.
+   * unless the caller asked for no implicit pause; `fn` is told whether it was (decided under the
+   * vCPU's lock, so it is what happened, not what a status read just before suggested).
    */
-  withState<T>(fn: () => T | Promise<T>, opts: StateAccessOptions = {}): Promise<T> {
+  withState<T>(fn: (access: { implicitlyPaused: boolean }) => T | Promise<T>, opts: StateAccessOptions = {}): Promise<T> {
     return this.mutex.run(async () => {
       this.assertAlive();
       const wasRunning = this.runner.status().state === 'running';
@@ -98,7 +99,7 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
         throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`, 'VCPU_RUNNING');
       if (wasRunning) await this.runner.pause();
       try {
-        return await fn();
+        return await fn({ implicitlyPaused: wasRunning });
       } finally {
         if (wasRunning && !this.destroyed) this.runner.resume();
       }

@@ -137,7 +137,8 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
 
     // Registers read while the guest kept running are stale: pause, read, change, resume.
     await call(vms, 'PauseVcpu', { vmId: id, vcpuId: 0 });
-    const paused = await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS'] });
+    const paused = await call<{ state: Record<string, any>; implicitlyPaused: boolean }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS'] });
+    expect(paused.implicitlyPaused).toBe(false);
     const applied = await call<{ applied: string[] }>(state, 'SetState', { vmId: id, vcpuId: 0, state: { regs: { ...paused.state.regs, rbx: '5000000' } } });
     expect(applied.applied).toEqual(['STATE_SECTION_REGS']);
     await call(vms, 'ResumeVcpu', { vmId: id, vcpuId: 0 });

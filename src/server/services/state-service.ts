@@ -50,9 +50,8 @@ export class VcpuStateService {
       GetState: unary<GetStateRequest__Output, GetStateResponse>(ctx, async (req) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
-        const implicitlyPaused = vcpu.status().state === 'running';
-        const r = await vcpu.withState(
-          () => readState(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined),
+        const { read: r, implicitlyPaused } = await vcpu.withState(
+          (access) => ({ read: readState(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined), implicitlyPaused: access.implicitlyPaused }),
           { noImplicitPause: req.noImplicitPause },
         );
         this.recordBytes(r.values);
