@@ -2,7 +2,7 @@
  * MigrateVm between two real vcpud processes, the destination serving mTLS on TCP with a client
  * allowlist: counter64 moves mid-run and its console continues with no value repeated or skipped;
  * the source copy is gone. The destination killed mid-migration: the source VM resumes and keeps
- * counting. A destination that refuses the migrating server's certificate: the VM stays here.
+ * counting. The source killed mid-migration: the destination keeps nothing of it. A destination that refuses the migrating server's certificate: the VM stays here.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -12,6 +12,7 @@ import { decodeStatusDetails } from '../../src/server/errors';
 import { describeKvm } from '../support/kvm';
 import { makePki, type Pki } from '../support/pki';
 import { consoleCollector, counterLines, counterVm, firstBreak, MiB, runStream, waitFor, type Client } from '../support/snapshot';
+import { expectFdsBack, fdBaseline } from '../support/proc-resources';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => {
@@ -92,6 +93,33 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
     expect(vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
     expect((await call<{ vms: unknown[] }>(dstVms, 'ListVms', {})).vms).toEqual([]);
     await call(srcVms, 'DeleteVm', { vmId: id });
+  });
+
+  it('the source killed mid-migration: the destination is left with no VM and no fd it did not have', async () => {
+    // A source of its own: this one is killed.
+    const doomed = await startVcpud([
+      '--snapshot-dir', path.join(dir, 'doomed-snapshots'),
+      '--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key'),
+    ]);
+    const doomedVms = doomed.client('VmService');
+    const id = await counterVm(doomedVms, { memory: 256 * MiB, fill: true });
+    await call(doomedVms, 'RunVm', { vmId: id });
+    const before = fdBaseline(dst.proc.pid!);
+    const vmsBefore = (await call<{ vms: unknown[] }>(dstVms, 'ListVms', {})).vms.length;
+    let killed = false;
+    const r = await runStream(doomed.client('SnapshotService').MigrateVm({ vmId: id, destination: dstTarget }), (m) => {
+      if (!killed && m.progress?.phase === 'SNAPSHOT_PHASE_MEMORY' && Number(m.progress.memoryBytesDone) > 16 * MiB) {
+        killed = true;
+        doomed.proc.kill('SIGKILL');
+      }
+    });
+    expect(killed).toBe(true);
+    expect(r.error).toBeDefined();
+    await doomed.stop();
+    // The destination drops the half-received VM: nothing restored, nothing held open.
+    await expectFdsBack(dst.proc.pid!, before, 'the destination after its source died');
+    expect((await call<{ vms: unknown[] }>(dstVms, 'ListVms', {})).vms.length).toBe(vmsBefore);
+    expect(dst.proc.exitCode).toBeNull();
   });
 
   it('the destination killed mid-migration: the source VM resumes and keeps counting', async () => {
