@@ -4,7 +4,8 @@
  * yamllint; then every rendered object is validated with kubernetes-models and the chart's
  * invariants are asserted: security context, gRPC probes on the health port, the KVM device
  * resource (or the explicit privileged fallback), standard labels, monitor port names, the native
- * sidecar sharing the socket, the test hook, the read-only TLS Secret. Invalid values must be
+ * sidecar sharing the socket, the test hook, the read-only TLS Secret, the snapshot directory
+ * (--snapshot-dir on a mounted volume, in both modes and through the named templates). Invalid values must be
  * rejected by values.schema.json, and the rendered vcpud flags must be accepted by vcpud's own
  * configuration parser.
  *
@@ -38,6 +39,8 @@ const RELEASE = 'vcpud';
 const NAMESPACE = 'vcpud-system';
 const KVM_RESOURCE = 'devices.kubevirt.io/kvm';
 const HEALTH_PORT = 50052;
+const SNAPSHOT_DIR = '/var/lib/vcpud/snapshots';
+const SNAPSHOT_VOLUME = 'vcpud-snapshots';
 
 /** apiVersion/kind -> the kubernetes-models class that validates it. */
 const MODELS: Record<string, new (data: any) => { validate(): void }> = {
@@ -191,6 +194,18 @@ describe('helm chart helm/vcpud', () => {
         expect(spec.hostNetwork ?? false).toBe(false);
         expect(spec.hostPID ?? false).toBe(false);
         expect(spec.automountServiceAccountToken).toBe(false);
+      }
+    });
+
+    test('every volumeMount names a volume of its pod (kubernetes-models checks shapes, not references)', () => {
+      for (const { spec, owner } of pods()) {
+        const volumes = (spec.volumes ?? []).map((v: Obj) => v.name);
+        for (const c of allContainers(spec)) {
+          for (const m of c.volumeMounts ?? []) {
+            const where = `${owner.kind}/${owner.metadata.name}/${c.name}`;
+            expect({ where, mount: m.name, found: volumes.includes(m.name) }).toEqual({ where, mount: m.name, found: true });
+          }
+        }
       }
     });
 
@@ -368,6 +383,13 @@ describe('helm chart helm/vcpud', () => {
     ['an unknown log level', ['--set', 'vcpud.logLevel=verbose'], /vcpud\.logLevel/],
     ['a size that is no size', ['--set', 'vcpud.limits.maxMemoryTotal=lots'], /maxMemoryTotal/],
     ['a non-octal socket mode', ['--set', 'sidecar.socketMode=0999'], /socketMode/],
+    ['a relative snapshot dir', ['--set', 'snapshots.dir=var/lib/vcpud/snapshots'], /snapshots\.dir/],
+    ['a snapshot dir with a ".." component', ['--set', 'snapshots.dir=/var/lib/../snapshots'], /snapshots\.dir/],
+    ['the root as snapshot dir', ['--set', 'snapshots.dir=/'], /snapshots\.dir/],
+    ['two snapshot volume sources', ['--set', 'snapshots.volume.hostPath.path=/x,snapshots.volume.persistentVolumeClaim.claimName=y'], /snapshots\.volume/],
+    ['a snapshot volume source that is no object', ['--set', 'snapshots.volume.persistentVolumeClaim=x'], /snapshots\.volume\.persistentVolumeClaim/],
+    ['no snapshot volume at all', ['--set', 'snapshots.volume=null'], /snapshots: volume is required/],
+    ['an emptyDir sizeLimit that is no quantity', ['--set', 'snapshots.volume.emptyDir.sizeLimit=lots'], /sizeLimit/],
   ])('values.schema.json rejects %s', (_what, args, message) => {
     const r = helm(['template', RELEASE, CHART, '-f', path.join(CHART, 'ci', 'daemonset-values.yaml'), ...args]);
     expect(r.status).not.toBe(0);
@@ -407,6 +429,85 @@ describe('helm chart helm/vcpud', () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  describe('snapshots: --snapshot-dir on a volume of the pod', () => {
+    const ciValues = (mode: string): string[] => ['-f', path.join(CHART, 'ci', `${mode}-values.yaml`)];
+    /** The workload (DaemonSet or example Deployment) and the helm test pod. */
+    const workload = (objects: Obj[]): Obj => objects.find((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment') as Obj;
+    const testPod = (objects: Obj[]): Obj | undefined => objects.find(isTestHook);
+    const vcpudOf = (spec: Obj): Obj => vcpudContainers(spec)[0];
+    const snapshotVolume = (spec: Obj): Obj | undefined => (spec.volumes ?? []).find((v: Obj) => v.name === SNAPSHOT_VOLUME);
+    const snapshotArgs = (c: Obj): string[] => (c.args ?? []).filter((a: string) => a.startsWith('--snapshot-dir'));
+
+    /** vcpud gets exactly one --snapshot-dir=DIR, a writable mount of DIR, and the pod the volume. */
+    function expectSnapshots(spec: Obj, dir: string, volume: Obj): void {
+      const c = vcpudOf(spec);
+      expect(snapshotArgs(c)).toEqual([`--snapshot-dir=${dir}`]);
+      expect(c.volumeMounts).toContainEqual({ name: SNAPSHOT_VOLUME, mountPath: dir });
+      expect(snapshotVolume(spec)).toEqual({ name: SNAPSHOT_VOLUME, ...volume });
+    }
+
+    test.each(['daemonset', 'sidecar'])('%s, default values: an emptyDir with a sizeLimit at /var/lib/vcpud/snapshots', (mode) => {
+      const objects = template(ciValues(mode));
+      const spec = workload(objects).spec.template.spec;
+      expectSnapshots(spec, SNAPSHOT_DIR, { emptyDir: { sizeLimit: '16Gi' } });
+      // Only vcpud mounts it; the app containers share the socket alone.
+      for (const c of spec.containers.filter((c: Obj) => c.name !== 'vcpud')) {
+        expect((c.volumeMounts ?? []).map((m: Obj) => m.name)).not.toContain(SNAPSHOT_VOLUME);
+      }
+      if (mode === 'sidecar') {
+        // vcpud's own parser takes the rendered flag (no TLS files in sidecar mode).
+        expect(loadConfig(vcpudOf(spec).args, { XDG_RUNTIME_DIR: '/run' }, '/').snapshotDir).toBe(SNAPSHOT_DIR);
+        expectSnapshots((testPod(objects) as Obj).spec, SNAPSHOT_DIR, { emptyDir: { sizeLimit: '64Mi' } });
+      }
+    });
+
+    test.each(['daemonset', 'sidecar'])('%s, a PVC from a values file replaces the default emptyDir (no second source left)', (mode) => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-snapshots-'));
+      try {
+        const file = path.join(dir, 'pvc-values.yaml');
+        fs.writeFileSync(file, 'snapshots:\n  dir: /data/snapshots\n  volume:\n    persistentVolumeClaim:\n      claimName: vcpud-snapshots\n');
+        const objects = template([...ciValues(mode), '-f', file]);
+        const owner = workload(objects);
+        new MODELS[`${owner.apiVersion}/${owner.kind}`](owner).validate();
+        expectSnapshots(owner.spec.template.spec, '/data/snapshots', { persistentVolumeClaim: { claimName: 'vcpud-snapshots' } });
+        // The sidecar-mode test pod's own vcpud leaves the workload's PVC alone.
+        if (mode === 'sidecar') expectSnapshots((testPod(objects) as Obj).spec, '/data/snapshots', { emptyDir: { sizeLimit: '64Mi' } });
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('daemonset, a hostPath per node', () => {
+      const objects = template([...ciValues('daemonset'),
+        '--set', 'snapshots.volume.hostPath.path=/var/lib/vcpud/snapshots', '--set', 'snapshots.volume.hostPath.type=Directory']);
+      expectSnapshots(workload(objects).spec.template.spec, SNAPSHOT_DIR, { hostPath: { path: '/var/lib/vcpud/snapshots', type: 'Directory' } });
+    });
+
+    test.each(['daemonset', 'sidecar'])('%s, snapshots.enabled=false: neither the flag nor the volume, in any pod', (mode) => {
+      const objects = template([...ciValues(mode), '--set', 'snapshots.enabled=false']);
+      const all = objects.flatMap(podsOf);
+      expect(all.length).toBeGreaterThan(0);
+      for (const { spec } of all) {
+        expect(snapshotVolume(spec)).toBeUndefined();
+        for (const c of allContainers(spec)) {
+          expect(snapshotArgs(c)).toEqual([]);
+          expect((c.volumeMounts ?? []).map((m: Obj) => m.name)).not.toContain(SNAPSHOT_VOLUME);
+        }
+      }
+      if (mode === 'sidecar') {
+        // What the values document: vcpud's default then lies inside the 1Mi socket emptyDir.
+        const spec = workload(objects).spec.template.spec;
+        expect(loadConfig(vcpudOf(spec).args, { XDG_RUNTIME_DIR: '/run' }, '/').snapshotDir).toBe('/run/vcpud/snapshots');
+      }
+    });
+
+    test('a snapshot dir on a path the chart already mounts fails with the reason', () => {
+      const r = helm(['template', RELEASE, CHART, ...ciValues('daemonset'), '--set', 'snapshots.dir=/run/vcpud']);
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/snapshots\.dir \/run\/vcpud is a path the chart already mounts/);
+    });
   });
 
   test('a parent chart adds the sidecar to its own workload with the documented named templates', () => {
@@ -468,7 +569,10 @@ describe('helm chart helm/vcpud', () => {
       expect(sidecar.resources.limits[KVM_RESOURCE]).toBe('1');
       expect(spec.securityContext.fsGroup).toBe(10001);
       expect(spec.containers[0].volumeMounts).toEqual([{ name: 'vcpud-socket', mountPath: '/run/vcpud' }]);
-      expect(spec.volumes.map((v: Obj) => v.name)).toEqual(['vcpud-socket']);
+      // vcpud.socketVolume brings the snapshot volume too: a parent including only it stays valid.
+      expect(spec.volumes.map((v: Obj) => v.name)).toEqual(['vcpud-socket', SNAPSHOT_VOLUME]);
+      expect(argValue(sidecar, '--snapshot-dir')).toBe(SNAPSHOT_DIR);
+      expect(sidecar.volumeMounts).toContainEqual({ name: SNAPSHOT_VOLUME, mountPath: SNAPSHOT_DIR });
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }

@@ -90,6 +90,9 @@ helm.sh/chart: {{ include "vcpud.chart" .ctx }}
 {{- if and .Values.certManager.enabled (not .Values.certManager.issuerRef.name) }}
 {{- fail "certManager.enabled needs certManager.issuerRef.name" }}
 {{- end }}
+{{- if and .Values.snapshots.enabled (has .Values.snapshots.dir (list "/run/vcpud" "/etc/vcpud/tls" "/dev/kvm")) }}
+{{- fail (printf "snapshots.dir %s is a path the chart already mounts (socket, TLS or /dev/kvm): choose another, e.g. /var/lib/vcpud/snapshots" .Values.snapshots.dir) }}
+{{- end }}
 {{- end }}
 
 {{/* Whether the cert-manager Certificates are rendered: enabled and the API present. */}}
@@ -151,6 +154,11 @@ helm.sh/chart: {{ include "vcpud.chart" .ctx }}
 vcpud-socket
 {{- end }}
 
+{{/* Name of the volume mounted at snapshots.dir (--snapshot-dir). */}}
+{{- define "vcpud.snapshotVolumeName" -}}
+vcpud-snapshots
+{{- end }}
+
 {{/*
 vcpud's flags. Call with (dict "ctx" CHART_CONTEXT "mode" "daemonset"|"sidecar").
 Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach the pod IP.
@@ -170,6 +178,9 @@ Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach th
 - --socket-mode={{ $v.sidecar.socketMode }}
 {{- end }}
 - --health-listen=0.0.0.0:{{ $v.ports.health }}
+{{- if $v.snapshots.enabled }}
+- --snapshot-dir={{ $v.snapshots.dir }}
+{{- end }}
 {{- if $v.metrics.enabled }}
 - --metrics-listen=0.0.0.0:{{ $v.ports.metrics }}
 {{- else }}
@@ -289,6 +300,10 @@ volumeMounts:
     mountPath: /etc/vcpud/tls
     readOnly: true
   {{- end }}
+  {{- if $v.snapshots.enabled }}
+  - name: {{ include "vcpud.snapshotVolumeName" .ctx }}
+    mountPath: {{ $v.snapshots.dir }}
+  {{- end }}
   {{- if $v.kvm.privilegedHostPath }}
   - name: kvm
     mountPath: /dev/kvm
@@ -326,17 +341,42 @@ pod, and stops after them.
   restartPolicy: Always
 {{- end }}
 
-{{/* Pod volumes the vcpud container needs in sidecar mode: the socket emptyDir (plus /dev/kvm under the fallback). */}}
+{{/*
+Pod volumes the vcpud container needs in sidecar mode: the socket emptyDir, the snapshot volume
+("vcpud.snapshotVolume", with snapshots.enabled) and /dev/kvm under the fallback. The snapshot
+volume is part of it so that parent charts including only this template get every volume the
+sidecar mounts.
+*/}}
 {{- define "vcpud.socketVolume" -}}
 - name: {{ include "vcpud.socketVolumeName" . }}
   emptyDir:
     medium: Memory
     sizeLimit: 1Mi
+{{- with (include "vcpud.snapshotVolume" . | trim) }}
+{{ . }}
+{{- end }}
 {{- if .Values.kvm.privilegedHostPath }}
 - name: kvm
   hostPath:
     path: {{ .Values.kvm.hostPath }}
     type: CharDevice
+{{- end }}
+{{- end }}
+
+{{/*
+The snapshot volume (a one-item list; nothing with snapshots.enabled false): snapshots.volume under
+the name the vcpud container mounts at snapshots.dir. Helm merges a user's snapshots.volume into
+the default one, so a source given beside the default emptyDir would leave both keys: the other
+source wins. Already included by "vcpud.socketVolume"; use it alone only for pods built without that.
+*/}}
+{{- define "vcpud.snapshotVolume" -}}
+{{- if .Values.snapshots.enabled }}
+{{- $source := .Values.snapshots.volume }}
+{{- if gt (len $source) 1 }}
+{{- $source = omit $source "emptyDir" }}
+{{- end }}
+- name: {{ include "vcpud.snapshotVolumeName" . }}
+  {{- toYaml $source | nindent 2 }}
 {{- end }}
 {{- end }}
 
