@@ -59,14 +59,26 @@ export interface SnapshotSink {
 }
 
 const TEMP_SUFFIX = '.vcpud-tmp';
-const TEMP_PATTERN = /^\..+\.(\d+)\.[0-9a-f]{8}\.vcpud-tmp$/;
+/** `.NAME.PID.INSTANCE.RANDOM.vcpud-tmp`; files of versions before the instance token lack RANDOM. */
+const TEMP_PATTERN = /^\..+\.(\d+)\.([0-9a-f]{8})(?:\.[0-9a-f]{8})?\.vcpud-tmp$/;
 
-/** The temporary name a snapshot is written under before the rename: hidden, with our pid. */
+/**
+ * This process's incarnation. A pid alone does not tell a crashed vcpud's files from ours: in a
+ * container vcpud is PID 1 every time, so the pid of the one that crashed is ours again.
+ */
+const INSTANCE = randomBytes(4).toString('hex');
+const STARTED_MS = performance.timeOrigin;
+
+/** The temporary name a snapshot is written under before the rename: hidden, with our pid and instance. */
 export function tempNameFor(finalPath: string): string {
-  return path.join(path.dirname(finalPath), `.${path.basename(finalPath)}.${process.pid}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`);
+  return path.join(path.dirname(finalPath), `.${path.basename(finalPath)}.${process.pid}.${INSTANCE}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`);
 }
 
-/** Removes temporary files left by vcpud processes that no longer exist (a crash mid-snapshot). */
+/**
+ * Removes temporary files left by vcpud processes that no longer exist (a crash mid-snapshot): those of
+ * a dead pid, and those of an earlier incarnation with our pid (another instance token) not written
+ * since we started. A live writer elsewhere keeps its file's mtime moving, so it is left alone.
+ */
 export function removeStaleTemps(dir: string): string[] {
   const removed: string[] = [];
   let names: string[];
@@ -79,15 +91,25 @@ export function removeStaleTemps(dir: string): string[] {
     const m = TEMP_PATTERN.exec(name);
     if (!m) continue;
     const pid = Number(m[1]);
-    if (pid === process.pid || processAlive(pid)) continue;
+    const file = path.join(dir, name);
+    const stale = pid === process.pid ? m[2] !== INSTANCE && writtenBefore(file, STARTED_MS) : !processAlive(pid);
+    if (!stale) continue;
     try {
-      fs.unlinkSync(path.join(dir, name));
+      fs.unlinkSync(file);
       removed.push(name);
     } catch {
       // raced with another cleaner: fine
     }
   }
   return removed;
+}
+
+function writtenBefore(file: string, ms: number): boolean {
+  try {
+    return fs.statSync(file).mtimeMs < ms;
+  } catch {
+    return false;
+  }
 }
 
 function processAlive(pid: number): boolean {

@@ -28,7 +28,7 @@ import {
 } from '../../src/vm/snapshot-format';
 import { SELF_REFUSING_MSRS, writeStateWithMsrPolicy } from '../../src/vm/snapshot-restore';
 import { SnapshotStore } from '../../src/vm/snapshot-store';
-import { AtomicFileSink, removeStaleTemps } from '../../src/vm/snapshot-writer';
+import { AtomicFileSink, removeStaleTemps, tempNameFor } from '../../src/vm/snapshot-writer';
 
 const kindOf = (fn: () => unknown) => {
   try {
@@ -278,7 +278,7 @@ describe('the snapshot directory', () => {
     fs.writeFileSync(final, 'previous');
     const sink = new AtomicFileSink(final);
     await sink.write(Buffer.from('new snapshot bytes'));
-    expect(path.basename(sink.tempPath)).toMatch(/^\.atomic\.snap\.\d+\.[0-9a-f]{8}\.vcpud-tmp$/);
+    expect(path.basename(sink.tempPath)).toMatch(/^\.atomic\.snap\.\d+\.[0-9a-f]{8}\.[0-9a-f]{8}\.vcpud-tmp$/);
     expect(fs.readFileSync(final, 'utf8')).toBe('previous');
     await sink.finish();
     expect(fs.readFileSync(final, 'utf8')).toBe('new snapshot bytes');
@@ -292,12 +292,25 @@ describe('the snapshot directory', () => {
   });
 
   test('temporary files of dead processes are removed, those of live ones kept', () => {
-    const dead = path.join(dir, '.x.snap.999999999.0123abcd.vcpud-tmp');
-    const live = path.join(dir, `.y.snap.${process.pid}.0123abcd.vcpud-tmp`);
-    fs.writeFileSync(dead, '');
-    fs.writeFileSync(live, '');
-    expect(removeStaleTemps(dir)).toEqual([path.basename(dead)]);
-    expect(fs.existsSync(live)).toBe(true);
-    fs.rmSync(live);
+    const dead = path.join(dir, '.x.snap.999999999.0123abcd.vcpud-tmp'); // the name before instance tokens
+    const deadNew = path.join(dir, '.x2.snap.999999999.0123abcd.89abcdef.vcpud-tmp');
+    const parent = path.join(dir, `.y.snap.${process.ppid}.0123abcd.89abcdef.vcpud-tmp`); // a live pid
+    const ours = tempNameFor(path.join(dir, 'z.snap'));
+    for (const f of [dead, deadNew, parent, ours]) fs.writeFileSync(f, '');
+    expect(removeStaleTemps(dir).sort()).toEqual([path.basename(dead), path.basename(deadNew)].sort());
+    for (const f of [parent, ours]) expect(fs.existsSync(f)).toBe(true);
+    for (const f of [parent, ours]) fs.rmSync(f);
+  });
+
+  test('our pid with another instance (a container restarted as PID 1): removed unless written since we started', () => {
+    const crashed = path.join(dir, `.a.snap.${process.pid}.0123abcd.89abcdef.vcpud-tmp`);
+    const writing = path.join(dir, `.b.snap.${process.pid}.fedcba98.89abcdef.vcpud-tmp`); // another pod's, in progress
+    fs.writeFileSync(crashed, '');
+    fs.writeFileSync(writing, '');
+    const before = new Date(performance.timeOrigin - 60_000);
+    fs.utimesSync(crashed, before, before);
+    expect(removeStaleTemps(dir)).toEqual([path.basename(crashed)]);
+    expect(fs.existsSync(writing)).toBe(true);
+    fs.rmSync(writing);
   });
 });
