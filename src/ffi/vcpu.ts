@@ -139,7 +139,7 @@ export class Vcpu {
   // ---- variable-length sections ----
   /** KVM_GET_MSRS for any index list. A refused index ends the read there (partial result). */
   getMsrs(indices: number[]): MsrResult {
-    const buf = SECTIONS.msrs.encode(indices.map((index) => ({ index, data: 0n })));
+    const buf = msrRequest(indices);
     const processed = kvmCall('KVM_GET_MSRS', () => native.getMsrs(this.fd, buf));
     return msrResult(SECTIONS.msrs.decode(buf), processed, indices);
   }
@@ -265,6 +265,28 @@ export class Vcpu {
     const buf = codec.encode(value);
     kvmCall(ioctl, () => fn(this.fd, buf));
   }
+}
+
+/**
+ * A KVM_GET_MSRS request for `indices`: encoded once per index list (GetState asks for the host's list
+ * every time), then copied, since the kernel writes the values into it.
+ */
+const msrRequests = new WeakMap<readonly number[], Buffer>();
+function msrRequest(indices: number[]): Buffer {
+  let template = msrRequests.get(indices);
+  if (!template || !describes(template, indices)) {
+    template = SECTIONS.msrs.encode(indices.map((index) => ({ index, data: 0n })));
+    msrRequests.set(indices, template);
+  }
+  return Buffer.from(template);
+}
+
+/** The request holds exactly `indices` (an array the caller changed in place is encoded again). */
+function describes(request: Buffer, indices: readonly number[]): boolean {
+  const entry = native.sizes.kvm_msr_entry;
+  if (request.readUInt32LE(0) !== indices.length) return false;
+  for (let i = 0; i < indices.length; i++) if (request.readUInt32LE(8 + i * entry) !== indices[i]) return false;
+  return true;
 }
 
 function msrResult(entries: MsrEntry[], processed: number, indices: number[]): MsrResult {

@@ -119,6 +119,17 @@ describeKvm('ffi: vCPU state sections on real KVM', () => {
     const list = kvm.msrIndexList();
     const r = vcpu.getMsrs(list);
     expect(r.processed).toBe(list.length);
+    expect(vcpu.getMsrs(list).entries.map((e) => e.index)).toEqual(list); // the cached request, again
+  });
+
+  it('a reused index list changed in place is asked for as it is now (the request is cached per list)', () => {
+    const list = [MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP];
+    vcpu.setMsrs([{ index: MSR_IA32_SYSENTER_CS, data: 0x33n }, { index: MSR_IA32_SYSENTER_ESP, data: 0x44n }]);
+    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([[MSR_IA32_SYSENTER_CS, 0x33n], [MSR_IA32_SYSENTER_ESP, 0x44n]]);
+    list.reverse();
+    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([[MSR_IA32_SYSENTER_ESP, 0x44n], [MSR_IA32_SYSENTER_CS, 0x33n]]);
+    list.pop();
+    expect(vcpu.getMsrs(list).entries.map((e) => e.index)).toEqual([MSR_IA32_SYSENTER_ESP]);
   });
 
   it('lapic (raw)', () => {
