@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { GUESTS } from '../guests/guests';
-import { Rng, mutateNested, mutateState } from '../support/fuzz';
+import { DOCUMENTED_CODES, Rng, Tally, mutateNested, mutateState } from '../support/fuzz';
 import { describeKvm } from '../support/kvm';
 import { call, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
@@ -17,7 +17,6 @@ const REQUESTS = Number(process.env.FUZZ_REQUESTS ?? 1500);
 const MSR_IA32_TSC = 0x10; // advances on its own: left out of the before/after comparison
 
 /** Codes vcpud documents for bad input (README "Errors"). INTERNAL is only grpc-js refusing undecodable bytes. */
-const DOCUMENTED = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION, grpc.status.NOT_FOUND, grpc.status.RESOURCE_EXHAUSTED]);
 
 type Client = grpc.Client & Record<string, Function>;
 
@@ -49,8 +48,7 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
 
   it('answers every request OK or with a documented status, and refused writes change nothing', async () => {
     const r = new Rng(SEED);
-    const tally: Record<string, number> = {};
-    const count = (k: string) => (tally[k] = (tally[k] ?? 0) + 1);
+    const tally = new Tally();
     let before = await snapshot();
     for (let i = 0; i < REQUESTS; i++) {
       const kind = r.pick(['set_state', 'set_state', 'set_state', 'set_nested', 'get_state', 'oversized', 'garbage', 'unknown_id'] as const);
@@ -94,9 +92,9 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
         code = err.code;
         details = err.details;
         const undecodable = kind === 'garbage' && code === grpc.status.INTERNAL && /deserializ/i.test(err.details);
-        if (!DOCUMENTED.has(code) && !undecodable) throw new Error(`${tag}: undocumented status ${grpc.status[code]}: ${err.details}`);
+        if (!DOCUMENTED_CODES.has(code) && !undecodable) throw new Error(`${tag}: undocumented status ${grpc.status[code]}: ${err.details}`);
       }
-      count(`${kind}:${grpc.status[code]}`);
+      tally.count(`${kind}:${grpc.status[code]}`);
       if ((i + 1) % 10_000 === 0) process.stderr.write(`fuzz seed ${SEED}: ${i + 1} of ${REQUESTS} requests\n`);
       const wrote = kind === 'set_state' || kind === 'set_nested' || kind === 'garbage';
       if (!wrote) continue;
@@ -111,7 +109,7 @@ describeKvm(`fuzz: ${REQUESTS} requests, seed ${SEED}`, () => {
       }
       before = after;
     }
-    console.log(`fuzz seed ${SEED}, ${REQUESTS} requests:`, JSON.stringify(tally));
+    console.log(`fuzz seed ${SEED}, ${REQUESTS} requests: ${tally}`);
     await call(state, 'GetCapabilities', {}); // still serving
   }, Math.max(30 * 60_000, REQUESTS * 60)); // a loaded 2-core host answers ~50 requests a second
 });
