@@ -10,11 +10,11 @@ import { VmRegistry } from '../src/vm/registry';
 import { cFloor, fatal, guestBin, knob, meets, nsPerCall, nsPerCallAsync, ratioRow, table, type BenchResult } from './floors';
 
 const N = Number(knob('BENCH_N', '20000', 'ffi-ioctl: calls of each ioctl per batch (5 batches)'));
+const ROUNDS = Number(knob('BENCH_ROUNDS', '3', 'ffi-ioctl: rounds of the C floor and the ffi, alternating'));
 const TARGET = { op: '<=', ratio: 2 } as const;
 
 /** Rows: the worst ioctl and the sum over all of them; the detail has every ioctl. */
 export async function measureFfiIoctl(): Promise<BenchResult> {
-  const floor = cFloor('ioctl_floor', [String(N), guestBin('counter64')]) as Record<string, number>;
   const kvm = Kvm.open();
   const registry = new VmRegistry(kvm);
   const vm = registry.create({ memoryBytes: 2 << 20, vcpuCount: 1 });
@@ -42,7 +42,17 @@ export async function measureFfiIoctl(): Promise<BenchResult> {
     ['KVM_GET_MP_STATE', () => v.getMpState()],
     ['KVM_GET_TSC_KHZ', () => v.getTscKhz()],
   ];
-  const measured = cases.map(([name, fn]) => ({ name, raw: floor[name], ffi: nsPerCall(fn, N) }));
+  // C and ffi alternate, ROUNDS times: each ratio is taken within a round (the two measured minutes
+  // apart on a shared host drift by more than the overhead), and the median round's is reported.
+  const rounds = Array.from({ length: ROUNDS }, () => {
+    const floor = cFloor('ioctl_floor', [String(N), guestBin('counter64')]) as Record<string, number>;
+    return cases.map(([name, fn]) => ({ name, raw: floor[name], ffi: nsPerCall(fn, N) }));
+  });
+  const measured = cases.map(([name], i) => {
+    const byRatio = rounds.map((r) => r[i]).sort((a, b) => a.ffi / a.raw - b.ffi / b.raw);
+    return { ...byRatio[Math.floor(byRatio.length / 2)], name };
+  });
+  const floor = { KVM_GET_REGS: measured[0].raw };
   const rawSum = measured.reduce((a, m) => a + m.raw, 0);
   const ffiSum = measured.reduce((a, m) => a + m.ffi, 0);
   const buf = Buffer.alloc(native.sizes.kvm_regs);
@@ -62,7 +72,7 @@ export async function measureFfiIoctl(): Promise<BenchResult> {
       ratioRow(`ffi per ioctl, worst (${worst.name})`, worst.ffi, worst.raw, 'ns', 'raw C ioctl', TARGET),
       ratioRow(`ffi per ioctl, all ${measured.length} summed`, ffiSum, rawSum, 'ns', 'raw C, summed', TARGET),
     ],
-    detail: `ffi overhead per ioctl (ns per call, median of 5 x ${N}; target ratio <= ${TARGET.ratio})\n\n${table(['ioctl', 'raw C', 'ffi', 'ratio', 'met'], rows)}`,
+    detail: `ffi overhead per ioctl (ns per call, median of 5 x ${N}; C and ffi alternate ${ROUNDS} times, the median round's ratio; target ratio <= ${TARGET.ratio})\n\n${table(['ioctl', 'raw C', 'ffi', 'ratio', 'met'], rows)}`,
   };
 }
 
