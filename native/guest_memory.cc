@@ -271,52 +271,52 @@ Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
   return bitmap;
 }
 
-Napi::Value GuestMemory::Crc32cPages(const Napi::CallbackInfo& info) {
-  const char* op = "GuestMemory.crc32cPages";
+namespace {
+
+// Arguments 0-2 of every page-list operation (offset, pages, bitmap), checked: the runs they select.
+std::vector<Run> PageRunsArg(const Napi::CallbackInfo& info, const GuestMemory& mem, const char* op) {
   uint64_t off = U64Arg(info, 0, op, "offset");
   uint64_t pages = U64Arg(info, 1, op, "pages");
   Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, op);
-  CheckPages(info.Env(), op, off, pages, bitmap.Length());
-  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCrc, op,
-                         RunsOf(off, pages, bitmap.Data()));
+  mem.CheckPages(info.Env(), op, off, pages, bitmap.Length());
+  return RunsOf(off, pages, bitmap.Data());
+}
+
+Napi::Value Start(PageTask* t) {
   Napi::Promise p = t->Promise();
   t->Queue();
   return p;
 }
 
+}  // namespace
+
+Napi::Value GuestMemory::Crc32cPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.crc32cPages";
+  return Start(new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCrc, op, PageRunsArg(info, *this, op)));
+}
+
 Napi::Value GuestMemory::WritePagesToFd(const Napi::CallbackInfo& info) {
-  const char* op = "pwrite";
-  uint64_t off = U64Arg(info, 0, "GuestMemory.writePagesToFd", "offset");
-  uint64_t pages = U64Arg(info, 1, "GuestMemory.writePagesToFd", "pages");
-  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, "GuestMemory.writePagesToFd");
-  int fd = FdArg(info, 3, "GuestMemory.writePagesToFd");
-  uint64_t pos = U64Arg(info, 4, "GuestMemory.writePagesToFd", "fileOffset");
-  CheckPages(info.Env(), "GuestMemory.writePagesToFd", off, pages, bitmap.Length());
-  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kWrite, op,
-                         RunsOf(off, pages, bitmap.Data()));
+  const char* args = "GuestMemory.writePagesToFd";
+  std::vector<Run> runs = PageRunsArg(info, *this, args);
+  int fd = FdArg(info, 3, args);
+  uint64_t pos = U64Arg(info, 4, args, "fileOffset");
+  // Errors of the writes themselves are named after the syscall.
+  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kWrite, "pwrite", std::move(runs));
   t->SetFile(fd, pos);
-  Napi::Promise p = t->Promise();
-  t->Queue();
-  return p;
+  return Start(t);
 }
 
 Napi::Value GuestMemory::CopyPages(const Napi::CallbackInfo& info) {
   const char* op = "GuestMemory.copyPages";
-  uint64_t off = U64Arg(info, 0, op, "offset");
-  uint64_t pages = U64Arg(info, 1, op, "pages");
-  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 2, op);
+  std::vector<Run> runs = PageRunsArg(info, *this, op);
   Napi::Buffer<uint8_t> out = BufferArg(info, 3, op);
-  CheckPages(info.Env(), op, off, pages, bitmap.Length());
-  std::vector<Run> runs = RunsOf(off, pages, bitmap.Data());
   size_t total = 0;
   for (const Run& r : runs) total += r.length;
   if (out.Length() != total)
     ThrowLength(info.Env(), op, "output buffer is " + std::to_string(out.Length()) + " bytes, the pages are " + std::to_string(total));
   auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCopy, op, std::move(runs));
   t->SetOut(out);
-  Napi::Promise p = t->Promise();
-  t->Queue();
-  return p;
+  return Start(t);
 }
 
 Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {

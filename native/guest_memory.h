@@ -25,6 +25,9 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   uint8_t* Base() const { return base_; }
   size_t Size() const { return size_; }
 
+  // Throws unless [offset, +pages) is whole pages inside the mapping and the bitmap covers them.
+  void CheckPages(Napi::Env env, const char* op, uint64_t offset, uint64_t pages, size_t bitmapLen) const;
+
   void BeginBusy() { busy_++; }
   void EndBusy();
 
@@ -50,7 +53,6 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value ReadFromFd(const Napi::CallbackInfo& info);
 
   void CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const;
-  void CheckPages(Napi::Env env, const char* op, uint64_t offset, uint64_t pages, size_t bitmapLen) const;
   void Unmap();
 
   static Napi::FunctionReference* ctor_;
