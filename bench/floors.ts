@@ -136,12 +136,7 @@ export function table(header: string[], rows: (string | number)[][]): string {
 
 export const MiB = 1024 * 1024;
 
-/** Resident set size of a process (VmRSS of /proc/PID/status), in bytes. */
-export function rssBytes(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
-  return Number(m[1]) * 1024;
-}
+export { rssBytes } from '../test/support/proc-resources';
 
 /** CPU time (user + system) a process has used so far, in seconds (/proc/PID/stat, 100 ticks/s). */
 export function cpuSeconds(pid: number): number {

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { GUESTS } from '../guests/guests';
 import { describeKvm } from '../support/kvm';
+import { fdCount, rssBytes } from '../support/proc-resources';
 import { call, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 const CLIENTS = Number(process.env.LOAD_CLIENTS ?? 64);
@@ -16,8 +17,6 @@ const CYCLES = Number(process.env.LOAD_CYCLES ?? 300);
 
 type Client = grpc.Client & Record<string, Function>;
 
-const rssBytes = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024;
-const fdCount = (pid: number) => fs.readdirSync(`/proc/${pid}/fd`).length;
 
 describeKvm(`load: ${CLIENTS} clients x ${SECONDS} s, ${CYCLES} create/delete cycles`, () => {
   let d: VcpudProcess;

@@ -13,19 +13,13 @@ import { pausedCounterVm } from '../../bench/floors';
 import { GET_STATE_PATH, getStateRequest, loadOk, runLoad, type LoadResult } from '../../bench/loadgen';
 import { describeKvm } from '../support/kvm';
 import { makePki, type Pki } from '../support/pki';
+import { fdTargets } from '../support/proc-resources';
 import { startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NO_SUCH_VM = '00000000-0000-0000-0000-000000000000';
 
-const sockets = (pid: number) =>
-  fs.readdirSync(`/proc/${pid}/fd`).filter((fd) => {
-    try {
-      return fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('socket:');
-    } catch {
-      return false; // closed meanwhile
-    }
-  }).length;
+const sockets = (pid: number) => [...fdTargets(pid).values()].filter((t) => t.startsWith('socket:')).length;
 
 /** The invariants of a clean run: all OK, the server agrees, the histogram holds every call. */
 function expectClean(r: LoadResult): void {

@@ -1,6 +1,6 @@
 /**
- * What a process holds, read from /proc, for leak checks against a real vcpud: its open fds, and
- * its metrics scraped without keeping a connection (a keep-alive scrape would itself hold an fd in
+ * What a process holds, read from /proc, for leak checks against a real vcpud (and the benchmarks):
+ * its open fds, its resident memory, and its metrics scraped without keeping a connection (a keep-alive scrape would itself hold an fd in
  * the server for seconds and blur the count).
  */
 import fs from 'node:fs';
@@ -8,6 +8,13 @@ import http from 'node:http';
 import { samples } from './prom';
 
 export const fdCount = (pid: number): number => fs.readdirSync(`/proc/${pid}/fd`).length;
+
+/** Resident set size of a process (VmRSS of /proc/PID/status), in bytes. */
+export function rssBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
+  return Number(m[1]) * 1024;
+}
 
 /** fd -> what it points at (socket:[n], /dev/kvm, anon_inode:kvm-vcpu:0, a file...). */
 export function fdTargets(pid: number): Map<string, string> {
