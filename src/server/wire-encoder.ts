@@ -85,10 +85,6 @@ function resolve(defs: PackageDefinition, scope: string, name: string): string {
   throw new Error(`wire encoder: type ${name} (used in ${scope}) is not in the package definition`);
 }
 
-function descriptorOf(defs: PackageDefinition, name: string): Descriptor {
-  return findDescriptor(defs, name)!;
-}
-
 function planMessage(defs: PackageDefinition, name: string, plans: Map<string, MessagePlan>): MessagePlan {
   const existing = plans.get(name);
   if (existing) return existing;
@@ -108,18 +104,14 @@ function planMessage(defs: PackageDefinition, name: string, plans: Map<string, M
     }
     const kind = SCALARS[f.type];
     if (!kind) throw new Error(`wire encoder: ${name}.${f.name} is ${f.type}, which it does not encode`);
-    const enumValues = kind === 'enum' ? new Map(descriptorOf(defs, typeName).value!.map((v) => [v.name, v.number])) : undefined;
+    const enumValues = kind === 'enum' ? new Map(findDescriptor(defs, typeName)!.value!.map((v) => [v.name, v.number])) : undefined;
     plan.push({ key: f.name, number: f.number, repeated, kind, typeName, enumValues });
   }
   return plan;
 }
 
-/** u64/i64 halves of whatever proto-loader accepts for a 64-bit field. */
+/** u64/i64 halves of a 64-bit field given as a number, a decimal string or a bigint (Longs: Writer.u64). */
 function split64(v: unknown, field: string): [number, number] {
-  if (typeof v === 'object' && v !== null && 'low' in v) {
-    const l = v as { low: number; high: number };
-    return [l.low >>> 0, l.high >>> 0];
-  }
   if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return [v >>> 0, Math.floor(v / 0x1_0000_0000) >>> 0];
   if (typeof v === 'number' || typeof v === 'string' || typeof v === 'bigint') {
     const b = BigInt.asUintN(64, BigInt(v));
