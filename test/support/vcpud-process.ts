@@ -46,7 +46,10 @@ export async function startVcpud(args: string[] = [], env: NodeJS.ProcessEnv = {
   proc.stdout!.on('data', (d) => (out += d));
   proc.stderr!.on('data', (d) => (out += d));
   const serving = await new Promise<ServingLine>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`vcpud did not start within 15 s:\n${out}`)), 15_000);
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL'); // not left running behind a failed test (e.g. a log level that hides the line)
+      reject(new Error(`vcpud did not start within 15 s (or its "vcpud serving" line was not logged):\n${out}`));
+    }, 15_000);
     const check = () => {
       for (const line of out.split('\n')) {
         if (!line.includes('"vcpud serving"')) continue;
