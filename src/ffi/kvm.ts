@@ -2,6 +2,7 @@
  * System scope: /dev/kvm. One method per system ioctl; list calls negotiate their size on E2BIG.
  */
 import { KvmError, VcpudError } from '../errors';
+import { FdHandle } from './fd-handle';
 import { kvmCall, kvmCallAsync, native, negotiate } from './native';
 import { decodeCpuid2, type CpuidEntry2 } from './sections';
 import { Vm } from './vm';
@@ -14,13 +15,20 @@ const MAX_MSR_LIST = 16384;
 export type CapName = keyof typeof native.caps & string;
 
 export class Kvm {
-  private closed = false;
   private readonly extensions = new Map<number, number>();
+  private readonly handle: FdHandle;
 
   private constructor(
     readonly path: string,
-    readonly fd: number,
-  ) {}
+    fd: number,
+  ) {
+    this.handle = new FdHandle(fd, () => new VcpudError('unavailable', `${path} is closed: vcpud is shutting down`));
+  }
+
+  /** The /dev/kvm fd; throws once closed. */
+  get fd(): number {
+    return this.handle.get();
+  }
 
   /** Opens the device and insists on API version 12. */
   static open(path = process.env.VCPUD_KVM_PATH ?? '/dev/kvm'): Kvm {
@@ -49,7 +57,7 @@ export class Kvm {
 
   /** KVM_CHECK_EXTENSION on /dev/kvm: 0 for absent, otherwise a cap-specific value (often a size). */
   checkExtension(cap: CapName | number): number {
-    return checkExtensionCached(this.extensions, this.fd, cap);
+    return checkExtensionCached(this.extensions, this.handle, cap);
   }
 
   vcpuMmapSize(): number {
@@ -82,14 +90,12 @@ export class Kvm {
 
   /** KVM_CREATE_VM off the JS thread: it can take milliseconds on a loaded host. */
   async createVmAsync(type = 0): Promise<Vm> {
-    const fd = await kvmCallAsync('KVM_CREATE_VM', () => native.createVmAsync(this.fd, type));
+    const fd = await this.handle.useAsync((kvmFd) => kvmCallAsync('KVM_CREATE_VM', () => native.createVmAsync(kvmFd, type)));
     return new Vm(this, fd);
   }
 
   close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    native.closeFd(this.fd);
+    this.handle.close();
   }
 
   private indexList(ioctl: string, fn: (fd: number, buf: Buffer) => void, initial: number): number[] {
@@ -106,10 +112,11 @@ export class Kvm {
  * KVM_CHECK_EXTENSION, asked once per fd and capability: the answer cannot change while the fd
  * lives, and the state paths ask on every call (capability checks, the XSAVE2 size).
  */
-export function checkExtensionCached(cache: Map<number, number>, fd: number, cap: CapName | number): number {
+export function checkExtensionCached(cache: Map<number, number>, handle: FdHandle, cap: CapName | number): number {
   const n = typeof cap === 'number' ? cap : capNumber(cap);
   let v = cache.get(n);
   if (v === undefined) {
+    const fd = handle.get();
     v = kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(fd, n));
     cache.set(n, v);
   }

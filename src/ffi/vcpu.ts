@@ -8,7 +8,8 @@
  * pausing first. Every ioctl also has a Promise twin in the addon (`fnAsync`) for callers that
  * cannot give that guarantee.
  */
-import { UnsupportedError, VcpudError } from '../errors';
+import { notFound, UnsupportedError, VcpudError } from '../errors';
+import { FdHandle } from './fd-handle';
 import { kvmCall, native, type NativeVcpuRunner } from './native';
 import {
   SECTIONS,
@@ -42,13 +43,21 @@ interface Codec<T> {
 }
 
 export class Vcpu {
-  private closed = false;
+  private readonly handle: FdHandle;
+  private runner?: NativeVcpuRunner;
 
   constructor(
     readonly vm: Vm,
     readonly id: number,
-    readonly fd: number,
-  ) {}
+    fd: number,
+  ) {
+    this.handle = new FdHandle(fd, () => notFound(`vCPU ${id} is closed: its VM was deleted`, 'VM_NOT_FOUND'));
+  }
+
+  /** The vCPU fd; throws once the vCPU is closed (the number may belong to another VM by then). */
+  get fd(): number {
+    return this.handle.get();
+  }
 
   // ---- fixed-size sections ----
   getRegs(): Regs {
@@ -212,16 +221,21 @@ export class Vcpu {
   }
 
   // ---- running ----
-  /** The run thread for this vCPU; `onEvent` fires (coalesced) when runner.drain() has news. */
+  /**
+   * The run thread for this vCPU; `onEvent` fires (coalesced) when runner.drain() has news. The
+   * vCPU owns it: close() stops the thread before the fd goes.
+   */
   createRunner(onEvent: () => void): NativeVcpuRunner {
+    if (this.runner) throw new VcpudError('internal', `vCPU ${this.id} already has a run thread`);
     const size = this.vm.kvm.vcpuMmapSize();
-    return kvmCall('mmap(kvm_run)', () => new native.VcpuRunner(this.fd, size, onEvent));
+    this.runner = kvmCall('mmap(kvm_run)', () => new native.VcpuRunner(this.fd, size, onEvent));
+    return this.runner;
   }
 
+  /** Stops the run thread (joined: it no longer uses the fd), then closes the fd. Idempotent. */
   close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    native.closeFd(this.fd);
+    this.runner?.destroy();
+    this.handle.close();
   }
 
   // ---- helpers ----

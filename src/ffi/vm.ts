@@ -2,7 +2,8 @@
  * VM scope: memory slots, the in-kernel irqchip, vCPUs, capabilities. Owns every fd and mapping
  * it creates; close() releases them all (vCPUs first, then memory, then the VM fd).
  */
-import { VcpudError } from '../errors';
+import { notFound, VcpudError } from '../errors';
+import { FdHandle } from './fd-handle';
 import type { CapName, Kvm } from './kvm';
 import { capNumber, checkExtensionCached } from './kvm';
 import { kvmCall, kvmCallAsync, native, type NativeGuestMemory } from './native';
@@ -20,16 +21,23 @@ export class Vm {
   readonly regions: MemoryRegion[] = [];
   private irqchip = false;
   private readonly extensions = new Map<number, number>();
-  private closed = false;
+  private readonly handle: FdHandle;
 
   constructor(
     readonly kvm: Kvm,
-    readonly fd: number,
-  ) {}
+    fd: number,
+  ) {
+    this.handle = new FdHandle(fd, () => notFound('the VM is closed: it was deleted', 'VM_NOT_FOUND'));
+  }
+
+  /** The VM fd; throws once the VM is closed (the number may belong to another VM by then). */
+  get fd(): number {
+    return this.handle.get();
+  }
 
   /** KVM_CHECK_EXTENSION on the VM fd: some answers (XSAVE2, NESTED_STATE) are per VM type. */
   checkExtension(cap: CapName | number): number {
-    return checkExtensionCached(this.extensions, this.fd, cap);
+    return checkExtensionCached(this.extensions, this.handle, cap);
   }
 
   /**
@@ -63,12 +71,13 @@ export class Vm {
     const slot = this.regions.length;
     const region = { slot, guestPhysAddr, size: memory.size, memory };
     this.regions.push(region); // reserved now: close() releases it whatever happens below
-    await kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(this.fd, slot, flags, guestPhysAddr, memory));
+    await this.handle.useAsync((fd) => kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(fd, slot, flags, guestPhysAddr, memory)));
     return region;
   }
 
   /** The region holding [gpa, gpa+len), or a clear error naming the range. */
   regionFor(gpa: number, len: number): { region: MemoryRegion; offset: number } {
+    this.handle.get(); // a closed VM has no memory: NOT_FOUND, not "outside guest memory"
     for (const region of this.regions) {
       const offset = gpa - region.guestPhysAddr;
       if (offset >= 0 && offset + len <= region.size) return { region, offset };
@@ -154,13 +163,12 @@ export class Vm {
     return vcpu;
   }
 
-  /** Releases vCPUs, memory and the VM fd; safe to call twice. */
+  /** Releases vCPUs, memory and the VM fd (once no pool ioctl holds it); safe to call twice. */
   close(): void {
-    if (this.closed) return;
-    this.closed = true;
+    if (this.handle.isClosed) return;
     for (const vcpu of this.vcpus.values()) vcpu.close();
     this.vcpus.clear();
-    native.closeFd(this.fd);
+    this.handle.close();
     for (const r of this.regions) r.memory.release();
     this.regions.length = 0;
   }

@@ -4,7 +4,7 @@
  * its pending I/O completed.
  */
 import { EventEmitter } from 'node:events';
-import { failedPrecondition } from '../errors';
+import { failedPrecondition, notFound } from '../errors';
 import type { NativeVcpuRunner, RunStateName } from '../ffi/native';
 import type { Vcpu } from '../ffi/vcpu';
 import { Mutex } from './mutex';
@@ -81,6 +81,7 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
     return this.mutex.run(async () => {
       this.assertAlive();
       await this.runner.pause();
+      this.assertAlive(); // deleted while pausing
       this.drain();
       return this.status();
     });
@@ -97,7 +98,12 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
       const wasRunning = this.runner.status().state === 'running';
       if (wasRunning && opts.noImplicitPause)
         throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`, 'VCPU_RUNNING');
-      if (wasRunning) await this.runner.pause();
+      if (wasRunning) {
+        await this.runner.pause();
+        // Its VM may have been deleted while the vCPU paused: `fn` must not reach its fds, whose
+        // numbers the kernel may already have given to another VM.
+        this.assertAlive();
+      }
       try {
         return await fn({ implicitlyPaused: wasRunning });
       } finally {
@@ -145,7 +151,8 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
     }
   }
 
+  /** A vCPU is destroyed with its VM: from then on the VM is not found. */
   private assertAlive(): void {
-    if (this.destroyed) throw failedPrecondition(`vCPU ${this.id} was destroyed`);
+    if (this.destroyed) throw notFound(`vCPU ${this.id} was destroyed: its VM was deleted`, 'VM_NOT_FOUND');
   }
 }

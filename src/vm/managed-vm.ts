@@ -122,6 +122,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
    * consistent. One holder at a time.
    */
   hold(what: string): () => void {
+    this.assertAlive();
     if (this.holder) throw failedPrecondition(`VM ${this.id} is busy: ${this.holder}`, 'WRONG_RUN_STATE');
     this.holder = what;
     return () => {
@@ -131,6 +132,11 @@ export class ManagedVm extends EventEmitter<VmEvents> {
 
   heldBy(): string | undefined {
     return this.holder;
+  }
+
+  /** Throws NOT_FOUND once the VM is deleted: for callers that awaited since they looked it up. */
+  assertAlive(): void {
+    if (this.destroyed) throw notFound(`VM ${this.id} was deleted`, 'VM_NOT_FOUND', 'vm_id');
   }
 
   private assertNotHeld(op: string): void {
@@ -152,10 +158,12 @@ export class ManagedVm extends EventEmitter<VmEvents> {
   }
 
   readMemory(gpa: number, length: number): Buffer {
+    this.assertAlive();
     return this.vm.readMemory(gpa, length);
   }
 
   writeMemory(gpa: number, data: Buffer): void {
+    this.assertAlive();
     this.assertNotHeld('write guest memory');
     this.vm.writeMemory(gpa, data);
   }

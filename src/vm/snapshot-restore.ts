@@ -147,7 +147,7 @@ export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilit
     if (opts.run) await Promise.all(header.vcpus.filter((c) => c.runState === 'running').map((c) => vm.vcpu(c.id).resume()));
     return { vm, notes };
   } catch (e) {
-    registry.destroy(vm.id);
+    if (!vm.isDestroyed) registry.destroy(vm.id); // a client may have deleted it already
     throw e;
   }
 }

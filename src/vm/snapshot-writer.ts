@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { VcpudError } from '../errors';
+import { notFound, VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
 import type { NativeGuestMemory } from '../ffi/native';
 import { SECTIONS, type SectionName } from '../ffi/sections';
@@ -278,6 +278,7 @@ export async function holdAndPause(vm: ManagedVm, what: string): Promise<HeldVm>
     const before = vm.statuses().map((s) => ({ id: s.id, state: s.state as SnapshotRunState, reason: s.reason }));
     const wasRunning = before.filter((s) => s.state === 'running').map((s) => s.id);
     await vm.pauseAll();
+    vm.assertAlive(); // deleted while its vCPUs paused
     return {
       wasRunning,
       before,
@@ -356,7 +357,7 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
     opts.onProgress?.({ phase, memoryBytesDone, memoryBytesTotal: memoryTotal, bytesWritten: sink.position });
   const checkCancel = () => {
     if (opts.cancelled?.()) throw new VcpudError('unavailable', 'the snapshot was cancelled by the caller');
-    if (vm.isDestroyed) throw new VcpudError('failed_precondition', `VM ${vm.id} was deleted during the snapshot`, { reason: 'WRONG_RUN_STATE' });
+    if (vm.isDestroyed) throw notFound(`VM ${vm.id} was deleted during the snapshot`, 'VM_NOT_FOUND', 'vm_id');
   };
   try {
     progress('state', 0);
@@ -449,6 +450,7 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
         progress('memory', done);
       }
     }
+    checkCancel(); // a VM deleted during the last await has no regions left to iterate: not a complete snapshot
     const end: SnapshotEnd = { records: seq, memoryPages, pagesStored };
     await record(RecordKind.End, Buffer.from(JSON.stringify(end)));
     progress('sync', done);

@@ -85,7 +85,8 @@ export class VmService {
         const gpa = safeNumber(call.request.guestPhysicalAddress, 'guest_physical_address');
         const length = safeNumber(call.request.length, 'length');
         vm.vm.regionFor(gpa, length); // bounds first: nothing is sent for a bad range
-        for (let off = 0; off < length && !call.cancelled; off += READ_CHUNK) {
+        // A VM deleted while the stream waits for the client ends it with OK, as DeleteVm promises.
+        for (let off = 0; off < length && !call.cancelled && !vm.isDestroyed; off += READ_CHUNK) {
           const n = Math.min(READ_CHUNK, length - off);
           await writeWithBackpressure(call, { guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) });
         }
