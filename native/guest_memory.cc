@@ -2,8 +2,10 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -12,6 +14,7 @@
 #include "crc32c.h"
 #include "errors.h"
 #include "ioctl_call.h"
+#include "memory_guard.h"
 
 namespace vcpud {
 
@@ -49,11 +52,14 @@ bool PageIsZero(const uint8_t* p) {
   return true;
 }
 
-int WriteAll(int fd, const uint8_t* p, size_t len, uint64_t pos) {
+// On failure *failedAt is where the write stopped: with EFAULT the source page that cannot be read
+// (the kernel reports a lost page of a mapped file that way instead of a SIGBUS).
+int WriteAll(int fd, const uint8_t* p, size_t len, uint64_t pos, const uint8_t** failedAt) {
   while (len) {
     ssize_t n = pwrite(fd, p, len, static_cast<off_t>(pos));
     if (n < 0) {
       if (errno == EINTR) continue;
+      *failedAt = p;
       return errno;
     }
     if (n == 0) return EIO;
@@ -104,24 +110,29 @@ class PageTask : public Napi::AsyncWorker {
     uint8_t* base = mem_->Base();
     uint64_t pos = pos_;
     uint8_t* out = out_;
+    uintptr_t fault = 0;
     for (const Run& r : runs_) {
       const uint8_t* p = base + r.offset;
       switch (kind_) {
         case Kind::kCrc:
-          crc_ = Crc32c(crc_, p, r.length);
+          if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
           break;
         case Kind::kCopy:
-          memcpy(out, p, r.length);
+          if (!GuardedCopy(out, p, r.length, &fault)) return Faulted(base, fault);
           crc_ = Crc32c(crc_, out, r.length);  // the checksum of the bytes that leave
           out += r.length;
           break;
-        case Kind::kWrite:
-          crc_ = Crc32c(crc_, p, r.length);
-          if ((err_ = WriteAll(fd_, p, r.length, pos)) != 0) return;
+        case Kind::kWrite: {
+          if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
+          const uint8_t* failedAt = p;
+          if ((err_ = WriteAll(fd_, p, r.length, pos, &failedAt)) == EFAULT)
+            return Faulted(base, reinterpret_cast<uintptr_t>(failedAt));  // lost after the checksum read it
+          if (err_) return;
           // Start writeback now so the final fsync has little left (a hint: errors are ignored).
           sync_file_range(fd_, static_cast<off_t>(pos), static_cast<off_t>(r.length), SYNC_FILE_RANGE_WRITE);
           pos += r.length;
           break;
+        }
       }
     }
   }
@@ -129,7 +140,8 @@ class PageTask : public Napi::AsyncWorker {
   void OnOK() override {
     Napi::Env env = Env();
     mem_->EndBusy();
-    if (err_) deferred_.Reject(MakeSysError(env, op_, err_).Value());
+    if (faulted_) deferred_.Reject(MakeMemoryFaultError(env, op_, faultOffset_).Value());
+    else if (err_) deferred_.Reject(MakeSysError(env, op_, err_).Value());
     else deferred_.Resolve(Napi::Number::New(env, crc_));
   }
 
@@ -145,7 +157,14 @@ class PageTask : public Napi::AsyncWorker {
   Napi::ObjectReference outRef_;
   uint32_t crc_ = 0;
   int err_ = 0;
+  bool faulted_ = false;
+  uint64_t faultOffset_ = 0;
   Napi::Promise::Deferred deferred_;
+
+  void Faulted(const uint8_t* base, uintptr_t addr) {
+    faulted_ = true;
+    faultOffset_ = addr - reinterpret_cast<uintptr_t>(base);
+  }
 };
 
 }  // namespace
@@ -163,6 +182,7 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("copyPages", &GuestMemory::CopyPages),
                                   InstanceMethod("mapFile", &GuestMemory::MapFile),
                                   InstanceMethod("readFromFd", &GuestMemory::ReadFromFd),
+                                  InstanceMethod("backingFiles", &GuestMemory::BackingFiles),
                                   InstanceAccessor("size", &GuestMemory::GetSize, nullptr)});
   ctor_ = new Napi::FunctionReference(Napi::Persistent(f));
   exports.Set("GuestMemory", f);
@@ -197,6 +217,8 @@ void GuestMemory::Unmap() {
   if (busy_ > 0) return;  // the last pool operation unmaps
   if (base_) munmap(base_, size_);
   base_ = nullptr;
+  for (const BackingFile& b : backing_) close(b.fd);
+  backing_.clear();
 }
 
 void GuestMemory::EndBusy() {
@@ -223,7 +245,9 @@ Napi::Value GuestMemory::Read(const Napi::CallbackInfo& info) {
   uint64_t off = U64Arg(info, 0, "GuestMemory.read", "offset");
   Napi::Buffer<uint8_t> buf = BufferArg(info, 1, "GuestMemory.read");
   CheckRange(info.Env(), "GuestMemory.read", off, buf.Length());
-  memcpy(buf.Data(), base_ + off, buf.Length());
+  uintptr_t fault;
+  if (!GuardedCopy(buf.Data(), base_ + off, buf.Length(), &fault))
+    throw MakeMemoryFaultError(info.Env(), "GuestMemory.read", fault - reinterpret_cast<uintptr_t>(base_));
   return info.Env().Undefined();
 }
 
@@ -231,7 +255,9 @@ Napi::Value GuestMemory::Write(const Napi::CallbackInfo& info) {
   uint64_t off = U64Arg(info, 0, "GuestMemory.write", "offset");
   Napi::Buffer<uint8_t> buf = BufferArg(info, 1, "GuestMemory.write");
   CheckRange(info.Env(), "GuestMemory.write", off, buf.Length());
-  memcpy(base_ + off, buf.Data(), buf.Length());
+  uintptr_t fault;  // a write faults too: the copy-on-write needs the file's page
+  if (!GuardedCopy(base_ + off, buf.Data(), buf.Length(), &fault))
+    throw MakeMemoryFaultError(info.Env(), "GuestMemory.write", fault - reinterpret_cast<uintptr_t>(base_));
   return info.Env().Undefined();
 }
 
@@ -263,11 +289,22 @@ Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
       close(pm);
     }
   }
-  constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
-  for (uint64_t i = 0; i < pages; i++) {
-    if (!entries.empty() && !(entries[i] & (kPresent | kSwapped))) continue;
-    if (!PageIsZero(base_ + off + i * kPage)) bitmap.Data()[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
-  }
+  struct Scan {
+    const uint8_t* first;
+    uint64_t pages;
+    const uint64_t* entries;  // nullptr: read every page
+    uint8_t* bitmap;
+  } scan{base_ + off, pages, entries.empty() ? nullptr : entries.data(), bitmap.Data()};
+  uintptr_t fault;
+  bool ok = GuardedRun([](void* arg) {
+    auto* s = static_cast<Scan*>(arg);
+    constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
+    for (uint64_t i = 0; i < s->pages; i++) {
+      if (s->entries && !(s->entries[i] & (kPresent | kSwapped))) continue;
+      if (!PageIsZero(s->first + i * kPage)) s->bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+    }
+  }, &scan, &fault);
+  if (!ok) throw MakeMemoryFaultError(info.Env(), op, fault - reinterpret_cast<uintptr_t>(base_));
   return bitmap;
 }
 
@@ -332,7 +369,52 @@ Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {
   void* p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, static_cast<off_t>(pos));
   if (p == MAP_FAILED) throw MakeSysError(info.Env(), "mmap", errno);
   fileBacked_ = true;
+  TrackBacking(info.Env(), fd, pos + len);
   return info.Env().Undefined();
+}
+
+void GuestMemory::TrackBacking(Napi::Env env, int fd, uint64_t mappedEnd) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) throw MakeSysError(env, "fstat", errno);
+  for (BackingFile& b : backing_) {
+    if (b.dev != st.st_dev || b.ino != st.st_ino) continue;
+    b.mappedEnd = std::max(b.mappedEnd, mappedEnd);
+    return;
+  }
+  int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
+  backing_.push_back({dup, st.st_dev, st.st_ino, st.st_size, st.st_mtim, mappedEnd});
+}
+
+namespace {
+
+Napi::BigInt Nanoseconds(Napi::Env env, const timespec& t) {
+  return Napi::BigInt::New(env, static_cast<int64_t>(static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec));
+}
+
+}  // namespace
+
+Napi::Value GuestMemory::BackingFiles(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env, backing_.size());
+  for (size_t i = 0; i < backing_.size(); i++) {
+    const BackingFile& b = backing_[i];
+    struct stat st;
+    if (fstat(b.fd, &st) != 0) throw MakeSysError(env, "fstat", errno);
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", b.fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("path", Napi::String::New(env, n > 0 ? std::string(path, n) : std::string(link)));
+    o.Set("mappedEnd", Napi::Number::New(env, static_cast<double>(b.mappedEnd)));
+    o.Set("sizeAtMap", Napi::Number::New(env, static_cast<double>(b.sizeAtMap)));
+    o.Set("mtimeNsAtMap", Nanoseconds(env, b.mtimeAtMap));
+    o.Set("size", Napi::Number::New(env, static_cast<double>(st.st_size)));
+    o.Set("mtimeNs", Nanoseconds(env, st.st_mtim));
+    o.Set("links", Napi::Number::New(env, static_cast<double>(st.st_nlink)));
+    out.Set(i, o);
+  }
+  return out;
 }
 
 Napi::Value GuestMemory::ReadFromFd(const Napi::CallbackInfo& info) {

@@ -6,11 +6,19 @@
 // selects. MapFile replaces a range with a private (copy-on-write) mapping of a snapshot file, so a
 // restore maps memory lazily instead of reading it. While a pool operation runs the mapping stays
 // alive: release() then only marks it released and the unmap happens when the last one finishes.
+//
+// Every access vcpud makes to the memory is guarded (memory_guard.h): a mapped file truncated or
+// rewritten under the VM fails that access with a MEMORY_FAULT error instead of a SIGBUS that ends
+// the process. The files mapped are kept open (a duplicate descriptor) so backingFiles() can say
+// whether one changed since it was mapped, which rewrites that do not fault need.
 #pragma once
 #include <napi.h>
+#include <sys/types.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <ctime>
+#include <vector>
 
 namespace vcpud {
 
@@ -51,6 +59,19 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value MapFile(const Napi::CallbackInfo& info);
   // (offset, length, fd, fileOffset): pread into [offset, +length).
   Napi::Value ReadFromFd(const Napi::CallbackInfo& info);
+  // () -> [{path, mappedEnd, sizeAtMap, mtimeNsAtMap, size, mtimeNs, links}]: each file mapped, as
+  // fstat sees it now and as it was when first mapped (mtimes as bigint ns). path is /proc's.
+  Napi::Value BackingFiles(const Napi::CallbackInfo& info);
+
+  struct BackingFile {
+    int fd;  // a duplicate, kept open so fstat sees the inode the mapping uses
+    dev_t dev;
+    ino_t ino;
+    off_t sizeAtMap;
+    timespec mtimeAtMap;
+    uint64_t mappedEnd;  // the file must be at least this long for every mapped page to exist
+  };
+  void TrackBacking(Napi::Env env, int fd, uint64_t mappedEnd);
 
   void CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const;
   void Unmap();
@@ -61,6 +82,7 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   int busy_ = 0;             // pool operations in flight (JS thread only)
   bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
   bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
+  std::vector<BackingFile> backing_;
 };
 
 }  // namespace vcpud

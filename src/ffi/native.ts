@@ -30,6 +30,24 @@ export interface NativeGuestMemory {
   mapFile(offset: number, length: number, fd: number, fileOffset: number): void;
   /** pread of the file into [offset, +length). */
   readFromFd(offset: number, length: number, fd: number, fileOffset: number): void;
+  /** Each file mapFile mapped, as fstat sees it now and as it was when first mapped. */
+  backingFiles(): BackingFileInfo[];
+}
+
+/**
+ * A file mapped under guest memory. Every access to the memory is guarded: one that hits a page the
+ * file no longer has throws (or rejects with) an Error with code "MEMORY_FAULT" and `offset`.
+ */
+export interface BackingFileInfo {
+  /** Where /proc says the open file is now (" (deleted)" appended once unlinked). */
+  path: string;
+  /** The file must be at least this long for every mapped page to exist. */
+  mappedEnd: number;
+  sizeAtMap: number;
+  mtimeNsAtMap: bigint;
+  size: number;
+  mtimeNs: bigint;
+  links: number;
 }
 
 export type RunStateName = 'created' | 'running' | 'paused' | 'halted' | 'stopped';

@@ -33,10 +33,14 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
   private readonly mutex = new Mutex();
   private destroyed = false;
 
-  /** `heldBy` says why resuming is refused right now (the VM is held by a snapshot), if it is. */
+  /**
+   * `heldBy` says why resuming is refused right now (the VM is held by a snapshot), if it is;
+   * `explainStop` may restate a stop with what the VM knows and the runner does not (a lost page).
+   */
   constructor(
     readonly vcpu: Vcpu,
     private readonly heldBy: () => string | undefined = () => undefined,
+    private readonly explainStop: (s: VcpuStatus) => VcpuStatus = (s) => s,
   ) {
     super();
     this.runner = vcpu.createRunner(() => this.drain());
@@ -57,7 +61,7 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
     if (this.destroyed) return { id: this.id, state: 'stopped', reason: 'destroyed', details: {}, exits: 0 };
     const s = this.runner.status();
     const exits = Object.values(this.runner.exitCounts()).reduce((a, b) => a + b, 0);
-    return { id: this.id, state: s.state, reason: s.reason, details: s.details, exits };
+    return this.explainStop({ id: this.id, state: s.state, reason: s.reason, details: s.details, exits });
   }
 
   /** Exit counts keyed by KVM_EXIT_* number, for metrics. */

@@ -12,6 +12,8 @@ import type { Vm } from '../ffi/vm';
 import { ConsoleBuffer } from './console';
 import { applyCpuidPolicy, type CpuidPolicy } from './cpuid-policy';
 import { ManagedVcpu, type VcpuStatus } from './managed-vcpu';
+import { classifyStop, withBackingChecked } from './memory-backing';
+import { hex } from './snapshot-format';
 
 export interface VmSpec {
   name?: string;
@@ -106,7 +108,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
       for (let i = 0; i < spec.vcpuCount; i++) {
         const vcpu = vm.createVcpu(i);
         vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
-        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy()));
+        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy(), (s) => classifyStop(vm.regions, s)));
       }
     } catch (e) {
       prepared.memory?.release();
@@ -159,13 +161,15 @@ export class ManagedVm extends EventEmitter<VmEvents> {
 
   readMemory(gpa: number, length: number): Buffer {
     this.assertAlive();
-    return this.vm.readMemory(gpa, length);
+    const { region } = this.vm.regionFor(gpa, length);
+    return withBackingChecked(this.vm.regions, region, this.id, `reading ${hex(length)} bytes of guest memory from ${hex(gpa)}`, () => this.vm.readMemory(gpa, length));
   }
 
   writeMemory(gpa: number, data: Buffer): void {
     this.assertAlive();
     this.assertNotHeld('write guest memory');
-    this.vm.writeMemory(gpa, data);
+    const { region } = this.vm.regionFor(gpa, data.length);
+    withBackingChecked(this.vm.regions, region, this.id, `writing ${hex(data.length)} bytes of guest memory at ${hex(gpa)}`, () => this.vm.writeMemory(gpa, data));
   }
 
   /**

@@ -325,7 +325,16 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
               // read and mapped; a mismatch is reported for the first chunk (in order) that has one.
               const { gpa, pages, bitmap } = map;
               const hdr = h;
-              pendingCrcs.push(memory.crc32cPages(gpa, pages, bitmap).then((crc) => (crc === hdr.payloadCrc ? undefined : hdr)));
+              const checked = memory.crc32cPages(gpa, pages, bitmap).then(
+                (crc) => (crc === hdr.payloadCrc ? undefined : hdr),
+                (e) => {
+                  // A mapped page faulted: the file was truncated or rewritten while we restored it.
+                  if ((e as { code?: unknown })?.code !== 'MEMORY_FAULT') throw e;
+                  throw snapshotCorrupt(`${describeChunk(hdr)}: its memory can no longer be read from the file, which was truncated or changed during the restore`, hdr.seq, hdr.offset);
+                },
+              );
+              checked.catch(() => {}); // handled where it is awaited; a rejection before that must not count as unhandled
+              pendingCrcs.push(checked);
               if (pendingCrcs.length - settledCrcs >= MAX_CRCS_IN_FLIGHT) await pendingCrcs[settledCrcs++];
             } else {
               if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));

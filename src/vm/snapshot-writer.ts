@@ -19,6 +19,7 @@ import type { NativeGuestMemory } from '../ffi/native';
 import { SECTIONS, type SectionName } from '../ffi/sections';
 import { packageVersion } from '../package';
 import type { ManagedVm } from './managed-vm';
+import { assertBackingIntact, backingFaultError } from './memory-backing';
 import {
   align,
   bitmapBytes,
@@ -433,24 +434,33 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
     let pagesStored = 0;
     let memoryPages = 0;
     let done = 0;
-    for (const region of vm.vm.regions) {
+    // A snapshot file the memory maps (lazy restore) may have been changed under the VM: checked
+    // before and after (a rewrite that does not fault), a page that faults fails the chunk.
+    const { regions } = vm.vm;
+    assertBackingIntact(regions, vm.id, 'snapshot');
+    for (const region of regions) {
       const regionPages = region.size / PAGE_SIZE;
       for (let first = 0; first < regionPages; first += CHUNK_PAGES) {
         checkCancel();
         const pages = Math.min(CHUNK_PAGES, regionPages - first);
         const offset = first * PAGE_SIZE;
         const gpa = region.guestPhysAddr + offset;
-        const bitmap = region.memory.scanPages(offset, pages);
-        const stored = countBits(bitmap, pages);
-        await record(RecordKind.MemoryMap, bitmap.subarray(0, bitmapBytes(pages)), gpa, pages);
-        await sink.writeMemoryData(seq++, gpa, region.memory, offset, pages, bitmap, stored);
-        pagesStored += stored;
+        try {
+          const bitmap = region.memory.scanPages(offset, pages);
+          const stored = countBits(bitmap, pages);
+          await record(RecordKind.MemoryMap, bitmap.subarray(0, bitmapBytes(pages)), gpa, pages);
+          await sink.writeMemoryData(seq++, gpa, region.memory, offset, pages, bitmap, stored);
+          pagesStored += stored;
+        } catch (e) {
+          throw backingFaultError(e, region, regions, vm.id, 'snapshot');
+        }
         memoryPages += pages;
         done += pages * PAGE_SIZE;
         progress('memory', done);
       }
     }
     checkCancel(); // a VM deleted during the last await has no regions left to iterate: not a complete snapshot
+    assertBackingIntact(regions, vm.id, 'snapshot');
     const end: SnapshotEnd = { records: seq, memoryPages, pagesStored };
     await record(RecordKind.End, Buffer.from(JSON.stringify(end)));
     progress('sync', done);

@@ -106,6 +106,13 @@ export const ErrorReason = {
    * back as it was. Retrying helps once space is freed.
    */
   ERROR_REASON_STORAGE_FULL: 'ERROR_REASON_STORAGE_FULL',
+  /**
+   * DATA_LOSS: the snapshot file a VM's memory was lazily restored from (mapped copy-on-write) was truncated
+   * or rewritten in place since (e.g. `cp other.snap NAME`), so memory mapped from it is lost; the message
+   * names the file and, when a page faulted, its guest-physical address. Only that VM is affected; nothing
+   * was read or written. Delete the VM and restore again from an intact snapshot.
+   */
+  ERROR_REASON_MEMORY_BACKING_LOST: 'ERROR_REASON_MEMORY_BACKING_LOST',
 } as const;
 
 /**
@@ -231,6 +238,14 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_STORAGE_FULL'
   | 17
+  /**
+   * DATA_LOSS: the snapshot file a VM's memory was lazily restored from (mapped copy-on-write) was truncated
+   * or rewritten in place since (e.g. `cp other.snap NAME`), so memory mapped from it is lost; the message
+   * names the file and, when a page faulted, its guest-physical address. Only that VM is affected; nothing
+   * was read or written. Delete the VM and restore again from an intact snapshot.
+   */
+  | 'ERROR_REASON_MEMORY_BACKING_LOST'
+  | 28
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix

@@ -19,6 +19,8 @@ export interface Vcpu {
   /**
    * Why it is STOPPED: "done" (guest wrote port 0x501), "shutdown" (triple fault), "mmio", "unhandled_io",
    * "fail_entry", "internal_error", "system_event", "unhandled_exit", "kvm_run_error"; empty otherwise.
+   * "memory_backing_lost": the guest touched memory whose snapshot file (lazy restore) was truncated or
+   * changed under the VM (details "gpa", "isWrite", "len" when KVM names the page); the VM's memory is lost.
    */
   'stopReason'?: (string);
   /**
@@ -51,6 +53,8 @@ export interface Vcpu__Output {
   /**
    * Why it is STOPPED: "done" (guest wrote port 0x501), "shutdown" (triple fault), "mmio", "unhandled_io",
    * "fail_entry", "internal_error", "system_event", "unhandled_exit", "kvm_run_error"; empty otherwise.
+   * "memory_backing_lost": the guest touched memory whose snapshot file (lazy restore) was truncated or
+   * changed under the VM (details "gpa", "isWrite", "len" when KVM names the page); the VM's memory is lost.
    */
   'stopReason': (string);
   /**
