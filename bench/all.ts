@@ -7,6 +7,7 @@
  * would read as a complete one) and the exit status is 1. Targets not met do not fail the run.
  */
 import path from 'node:path';
+import { measureDirtyLog } from './dirty-log';
 import { measureExitRate } from './exit-rate';
 import { measureFfiIoctl } from './ffi-ioctl';
 import { ROOT, fatal, knob, knobs, rowsTable, table, type BenchResult } from './floors';
@@ -21,6 +22,7 @@ const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
   { name: 'getstate', measure: measureGetState },
   { name: 'throughput', measure: () => measureThroughput() },
   { name: 'snapshot', measure: measureSnapshot },
+  { name: 'dirty-log', measure: measureDirtyLog },
 ];
 
 const USAGE = 'usage: node dist/bench/all.js [--no-write]   (BENCH_WRITE=0 = --no-write)';

@@ -2,11 +2,15 @@
 #include <linux/kvm.h>
 #include <napi.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "crc32c.h"
 #include "errors.h"
 #include "guest_memory.h"
 #include "ioctl_call.h"
 #include "kvm_ioctls.h"
+#include "page_frames.h"
 #include "vcpu_runner.h"
 
 namespace vcpud {
@@ -44,8 +48,17 @@ Napi::Object Caps(Napi::Env env) {
   VCPUD_CAP(TSC_DEADLINE_TIMER);
   VCPUD_CAP(KVMCLOCK_CTRL);
   VCPUD_CAP(X86_DISABLE_EXITS);
+  VCPUD_CAP(MANUAL_DIRTY_LOG_PROTECT2);
+  VCPUD_CAP(DIRTY_LOG_RING);
 #undef VCPUD_CAP
   return c;
+}
+
+// An object of named numbers: constants from the C headers, so src/ffi states none of them again.
+Napi::Object Numbers(Napi::Env env, std::initializer_list<std::pair<const char*, double>> entries) {
+  Napi::Object o = Napi::Object::New(env);
+  for (const auto& [name, value] : entries) o.Set(name, Napi::Number::New(env, value));
+  return o;
 }
 
 // crc32c(buffer, seed = 0, software = false): CRC-32C of the bytes, continuing `seed`.
@@ -67,6 +80,16 @@ static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   VcpuRunner::Register(env, exports);
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
   exports.Set("caps", Caps(env));
+  // The memory-slot flag and KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's bits.
+  exports.Set("dirtyLogFlags", Numbers(env, {{"memLogDirtyPages", KVM_MEM_LOG_DIRTY_PAGES},
+                                             {"manualProtectEnable", KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE},
+                                             {"initiallySet", KVM_DIRTY_LOG_INITIALLY_SET}}));
+  exports.Set("pageFrameFormat", Numbers(env, {{"magic", kFrameMagic},
+                                               {"version", kFrameVersion},
+                                               {"headerBytes", kFrameHeaderBytes},
+                                               {"maxFramePages", kMaxFramePages},
+                                               {"defaultFramePages", kDefaultFramePages},
+                                               {"maxFrameBytes", static_cast<double>(kMaxFrameBytes)}}));
   exports.Set("apiVersion", Napi::Number::New(env, KVM_API_VERSION));
   return exports;
 }

@@ -20,7 +20,7 @@ namespace vcpud {
 
 namespace {
 
-constexpr size_t kPage = 4096;
+constexpr size_t kPage = kPageSize;
 
 struct Run {
   size_t offset;  // into the guest memory
@@ -41,16 +41,6 @@ std::vector<Run> RunsOf(uint64_t offset, uint64_t pages, const uint8_t* bitmap) 
   return runs;
 }
 
-bool PageIsZero(const uint8_t* p) {
-  uint64_t first;
-  memcpy(&first, p, sizeof first);
-  if (first) return false;  // the common case for guest data: decided by the first word
-  const uint64_t* q = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < kPage / 8; i += 8) {
-    if (q[i] | q[i + 1] | q[i + 2] | q[i + 3] | q[i + 4] | q[i + 5] | q[i + 6] | q[i + 7]) return false;
-  }
-  return true;
-}
 
 // On failure *failedAt is where the write stopped: with EFAULT the source page that cannot be read
 // (the kernel reports a lost page of a mapped file that way instead of a SIGBUS).
@@ -169,6 +159,17 @@ class PageTask : public Napi::AsyncWorker {
 
 }  // namespace
 
+bool PageIsZero(const uint8_t* p) {
+  uint64_t first;
+  memcpy(&first, p, sizeof first);
+  if (first) return false;  // the common case for guest data: decided by the first word
+  const uint64_t* q = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < kPage / 8; i += 8) {
+    if (q[i] | q[i + 1] | q[i + 2] | q[i + 3] | q[i + 4] | q[i + 5] | q[i + 6] | q[i + 7]) return false;
+  }
+  return true;
+}
+
 Napi::FunctionReference* GuestMemory::ctor_ = nullptr;
 
 void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
@@ -183,6 +184,10 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("mapFile", &GuestMemory::MapFile),
                                   InstanceMethod("readFromFd", &GuestMemory::ReadFromFd),
                                   InstanceMethod("backingFiles", &GuestMemory::BackingFiles),
+                                  InstanceMethod("trackWrites", &GuestMemory::TrackWrites),
+                                  InstanceMethod("takeWrittenPages", &GuestMemory::TakeWrittenPages),
+                                  InstanceMethod("packPages", &GuestMemory::PackPages),
+                                  InstanceMethod("applyFrames", &GuestMemory::ApplyFrames),
                                   InstanceAccessor("size", &GuestMemory::GetSize, nullptr)});
   ctor_ = new Napi::FunctionReference(Napi::Persistent(f));
   exports.Set("GuestMemory", f);
@@ -258,6 +263,7 @@ Napi::Value GuestMemory::Write(const Napi::CallbackInfo& info) {
   uintptr_t fault;  // a write faults too: the copy-on-write needs the file's page
   if (!GuardedCopy(base_ + off, buf.Data(), buf.Length(), &fault))
     throw MakeMemoryFaultError(info.Env(), "GuestMemory.write", fault - reinterpret_cast<uintptr_t>(base_));
+  MarkWritten(off, buf.Length());
   return info.Env().Undefined();
 }
 
@@ -370,6 +376,7 @@ Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {
   if (p == MAP_FAILED) throw MakeSysError(info.Env(), "mmap", errno);
   fileBacked_ = true;
   TrackBacking(info.Env(), fd, pos + len);
+  MarkWritten(off, len);
   return info.Env().Undefined();
 }
 
@@ -425,7 +432,25 @@ Napi::Value GuestMemory::ReadFromFd(const Napi::CallbackInfo& info) {
   uint64_t pos = U64Arg(info, 3, op, "fileOffset");
   CheckRange(info.Env(), op, off, len);
   int err = ReadAll(fd, base_ + off, len, pos);
+  MarkWritten(off, len);  // also on error: some bytes may have landed
   if (err) throw MakeSysError(info.Env(), "pread", err);
+  return info.Env().Undefined();
+}
+
+Napi::Value GuestMemory::TrackWrites(const Napi::CallbackInfo& info) {
+  if (!info[0].IsBoolean()) throw Napi::TypeError::New(info.Env(), "GuestMemory.trackWrites: on must be a boolean");
+  CheckRange(info.Env(), "GuestMemory.trackWrites", 0, 0);
+  written_.Track(info[0].As<Napi::Boolean>().Value(), size_ / kPage);
+  return info.Env().Undefined();
+}
+
+Napi::Value GuestMemory::TakeWrittenPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.takeWrittenPages";
+  Napi::Buffer<uint8_t> out = BufferArg(info, 0, op);
+  CheckRange(info.Env(), op, 0, 0);
+  if (out.Length() < (size_ / kPage + 7) / 8)
+    ThrowLength(info.Env(), op, "bitmap is " + std::to_string(out.Length()) + " bytes, " + std::to_string(size_ / kPage) + " pages need " + std::to_string((size_ / kPage + 7) / 8));
+  written_.Take(out.Data(), out.Length());
   return info.Env().Undefined();
 }
 

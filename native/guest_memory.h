@@ -20,7 +20,14 @@
 #include <ctime>
 #include <vector>
 
+#include "written_pages.h"
+
 namespace vcpud {
+
+constexpr size_t kPageSize = 4096;
+
+// True when the 4 KiB page holds only zero bytes.
+bool PageIsZero(const uint8_t* page);
 
 class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
  public:
@@ -38,6 +45,9 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
 
   void BeginBusy() { busy_++; }
   void EndBusy();
+
+  // Every write vcpud makes into guest memory reports its range here (see written_pages.h).
+  void MarkWritten(uint64_t offset, uint64_t len) { written_.Mark(offset, len); }
 
  private:
   Napi::Value Read(const Napi::CallbackInfo& info);   // (offset, buffer): fills buffer
@@ -72,6 +82,15 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
     uint64_t mappedEnd;  // the file must be at least this long for every mapped page to exist
   };
   void TrackBacking(Napi::Env env, int fd, uint64_t mappedEnd);
+  // (on): starts (clearing) or stops recording the pages vcpud writes.
+  Napi::Value TrackWrites(const Napi::CallbackInfo& info);
+  // (out): ORs the pages written since the last take into `out` (bit i = page i) and clears them.
+  Napi::Value TakeWrittenPages(const Napi::CallbackInfo& info);
+  // Page frames (page_frames.h; defined in page_frames.cc).
+  // (bitmap, fromPage, out, {seq, framePages?}) -> Promise<{nextPage, bytes, pages, zeroPages, frames}>
+  Napi::Value PackPages(const Napi::CallbackInfo& info);
+  // (buf) -> Promise<{consumed, pages, zeroPages, frames, lastSeq}>
+  Napi::Value ApplyFrames(const Napi::CallbackInfo& info);
 
   void CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const;
   void Unmap();
@@ -83,6 +102,7 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
   bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
   std::vector<BackingFile> backing_;
+  WrittenPages written_;
 };
 
 }  // namespace vcpud

@@ -28,6 +28,7 @@ struct Call {
   // For E2BIG negotiation: reads the size the kernel wrote back into the struct (-1 if none).
   long (*required)(const void* arg) = nullptr;
   Napi::Value holder;  // the JS buffer, kept alive while an async call runs
+  Napi::Value keep;    // a second buffer the struct points into (a dirty bitmap), kept alive too
 
   SysResult Run() const {
     SysResult r;
@@ -63,6 +64,7 @@ class CallWorker : public Napi::AsyncWorker {
   CallWorker(Napi::Env env, Call call)
       : Napi::AsyncWorker(env), call_(call), deferred_(Napi::Promise::Deferred::New(env)) {
     if (call_.holder.IsObject()) holder_ = Napi::Persistent(call_.holder.As<Napi::Object>());
+    if (call_.keep.IsObject()) keep_ = Napi::Persistent(call_.keep.As<Napi::Object>());
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override { result_ = call_.Run(); }
@@ -79,6 +81,7 @@ class CallWorker : public Napi::AsyncWorker {
   Call call_;
   SysResult result_;
   Napi::ObjectReference holder_;
+  Napi::ObjectReference keep_;
   Napi::Promise::Deferred deferred_;
 };
 
@@ -95,5 +98,7 @@ Napi::Value Async(const Napi::CallbackInfo& info) {
 int FdArg(const Napi::CallbackInfo& info, size_t i, const char* op);
 Napi::Buffer<uint8_t> BufferArg(const Napi::CallbackInfo& info, size_t i, const char* op);
 uint64_t U64Arg(const Napi::CallbackInfo& info, size_t i, const char* op, const char* what);
+// A JS number (a non-negative safe integer) or BigInt as a u64; false for anything else.
+bool ValueToU64(const Napi::Value& v, uint64_t* out);
 
 }  // namespace vcpud

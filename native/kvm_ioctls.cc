@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "dirty_log.h"
 #include "guest_memory.h"
 #include "ioctl_call.h"
 #include "kvm_abi.h"
@@ -347,6 +348,8 @@ void RegisterIoctls(Napi::Env env, Napi::Object exports) {
   VCPUD_EXPORT("getIrqchip", GetIrqchip);
   VCPUD_EXPORT("setIrqchip", SetIrqchip);
   VCPUD_EXPORT("setUserMemoryRegion", SetUserMemoryRegion);
+  VCPUD_EXPORT("getDirtyLog", GetDirtyLog);
+  VCPUD_EXPORT("clearDirtyLog", ClearDirtyLog);
   VCPUD_EXPORT("getRegs", GetRegs);
   VCPUD_EXPORT("setRegs", SetRegs);
   VCPUD_EXPORT("getSregs", GetSregs);
@@ -395,16 +398,25 @@ Napi::Buffer<uint8_t> BufferArg(const Napi::CallbackInfo& info, size_t i, const 
   return info[i].As<Napi::Buffer<uint8_t>>();
 }
 
-uint64_t U64Arg(const Napi::CallbackInfo& info, size_t i, const char* op, const char* what) {
-  if (info[i].IsBigInt()) {
+bool ValueToU64(const Napi::Value& v, uint64_t* out) {
+  if (v.IsBigInt()) {
     bool lossless;
-    return info[i].As<Napi::BigInt>().Uint64Value(&lossless);
+    *out = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    return true;
   }
-  if (info[i].IsNumber()) {
-    double d = info[i].As<Napi::Number>().DoubleValue();
-    if (d >= 0 && d <= 9007199254740991.0 && d == static_cast<double>(static_cast<uint64_t>(d)))
-      return static_cast<uint64_t>(d);
+  if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (d >= 0 && d <= 9007199254740991.0 && d == static_cast<double>(static_cast<uint64_t>(d))) {
+      *out = static_cast<uint64_t>(d);
+      return true;
+    }
   }
+  return false;
+}
+
+uint64_t U64Arg(const Napi::CallbackInfo& info, size_t i, const char* op, const char* what) {
+  uint64_t v;
+  if (ValueToU64(info[i], &v)) return v;
   throw Napi::TypeError::New(info.Env(), std::string(op) + ": " + what + " must be a non-negative integer");
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include "errors.h"
@@ -92,7 +93,8 @@ void VcpuRunner::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("status", &VcpuRunner::Status),
                                   InstanceMethod("exitCounts", &VcpuRunner::ExitCounts),
                                   InstanceMethod("destroy", &VcpuRunner::Destroy),
-                                  InstanceMethod("markPaused", &VcpuRunner::MarkPaused)});
+                                  InstanceMethod("markPaused", &VcpuRunner::MarkPaused),
+                                  InstanceMethod("setThrottle", &VcpuRunner::SetThrottle)});
   exports.Set("VcpuRunner", f);
 }
 
@@ -122,6 +124,7 @@ void VcpuRunner::Shutdown() {
     cv_.notify_all();
   }
   if (thread_.joinable()) thread_.join();
+  if (ticker_.joinable()) ticker_.join();
   munmap(run_, mmapSize_);
   run_ = nullptr;
   tsfn_.Release();
@@ -184,6 +187,10 @@ void VcpuRunner::Loop() {
       SetState(RunState::kPaused);
       continue;
     }
+    if (throttleDue_) {
+      ThrottleSleep(lk);
+      continue;  // a pause or quit may have come during the sleep
+    }
     inKvmRun_ = true;
     lk.unlock();
     int r = ioctl(fd_, KREQ(RUN), 0);
@@ -201,6 +208,48 @@ void VcpuRunner::Loop() {
     exits_[std::min<uint32_t>(run_->exit_reason, exits_.size() - 1)]++;
     HandleExit(lk);
   }
+}
+
+Napi::Value VcpuRunner::SetThrottle(const Napi::CallbackInfo& info) {
+  const char* op = "VcpuRunner.setThrottle";
+  uint64_t percent = U64Arg(info, 0, op, "percent");
+  uint64_t slice = info.Length() > 1 && !info[1].IsUndefined() ? U64Arg(info, 1, op, "sliceMs") : 10;
+  if (percent > 99) throw Napi::RangeError::New(info.Env(), std::string(op) + ": percent must be 0..99");
+  if (slice < 1 || slice > 1000) throw Napi::RangeError::New(info.Env(), std::string(op) + ": sliceMs must be 1..1000");
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!run_) throw Napi::Error::New(info.Env(), std::string(op) + ": runner destroyed");
+  throttle_ = static_cast<int>(percent);
+  sliceMs_ = static_cast<int>(slice);
+  if (throttle_ && !ticker_.joinable()) ticker_ = std::thread([this] { Ticker(); });
+  cv_.notify_all();
+  return info.Env().Undefined();
+}
+
+void VcpuRunner::Ticker() {
+  using std::chrono::microseconds;
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return quit_ || (throttle_ && state_ == RunState::kRunning && !throttleDue_); });
+    if (quit_) return;
+    microseconds run(sliceMs_ * 10 * (100 - throttle_));
+    int was = throttle_;
+    // The run share: cut short when the throttle changes or the vCPU stops running.
+    if (cv_.wait_for(lk, run, [&] { return quit_ || throttle_ != was || state_ != RunState::kRunning; })) continue;
+    throttleDue_ = true;
+    run_->immediate_exit = 1;  // covers the window before the thread re-enters KVM_RUN
+    if (inKvmRun_) pthread_kill(tid_, KickSignal());
+    cv_.wait(lk, [&] { return quit_ || !throttleDue_; });
+  }
+}
+
+void VcpuRunner::ThrottleSleep(std::unique_lock<std::mutex>& lk) {
+  auto start = std::chrono::steady_clock::now();
+  run_->immediate_exit = 0;  // pauseRequested_ is false here (checked first); a pause sets it again
+  std::chrono::microseconds sleep(sliceMs_ * 10 * throttle_);
+  cv_.wait_for(lk, sleep, [&] { return quit_ || pauseRequested_ || throttle_ == 0; });
+  throttledMs_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  throttleDue_ = false;
+  cv_.notify_all();  // the ticker starts the next slice
 }
 
 void VcpuRunner::CompletePendingIo(std::unique_lock<std::mutex>& lk) {
@@ -354,6 +403,8 @@ Napi::Value VcpuRunner::Status(const Napi::CallbackInfo& info) {
   o.Set("state", StateName(state_));
   if (!reason_.empty()) o.Set("reason", reason_);
   o.Set("details", DetailsObject(env, details_));
+  o.Set("throttle", Napi::Number::New(env, throttle_));
+  o.Set("throttledMs", Napi::Number::New(env, throttledMs_));
   return o;
 }
 

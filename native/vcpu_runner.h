@@ -5,6 +5,11 @@
 // Pause protocol: set kvm_run.immediate_exit, signal the thread out of KVM_RUN, then run KVM_RUN
 // once more with immediate_exit set so the kernel completes a pending PIO/MMIO exit before we
 // stop. Only then is the vCPU paused: state read while paused is consistent.
+//
+// Throttle (live migration's auto-converge): with setThrottle(p) a ticker thread lets the vCPU run
+// (100-p)% of each slice, then kicks it out of KVM_RUN (immediate_exit + signal, as a pause does)
+// and the run thread sleeps the other p% before entering again. A pending I/O exit simply
+// completes on the next KVM_RUN. A pause or destroy cuts the sleep short.
 #pragma once
 #include <linux/kvm.h>
 #include <napi.h>
@@ -47,6 +52,11 @@ class VcpuRunner : public Napi::ObjectWrap<VcpuRunner> {
   Napi::Value Destroy(const Napi::CallbackInfo& info);
   // CREATED -> PAUSED without running: a restored vCPU is a paused one, not a new one.
   Napi::Value MarkPaused(const Napi::CallbackInfo& info);
+  // (percent 0..99, sliceMs = 10): 0 turns throttling off.
+  Napi::Value SetThrottle(const Napi::CallbackInfo& info);
+  void Ticker();
+  // The run thread's share of a throttled slice: sleeps p% of it. Called with mu_ held.
+  void ThrottleSleep(std::unique_lock<std::mutex>& lk);
 
   void Loop();
   // Each returns true when the vCPU keeps running after the exit. Called with mu_ held.
@@ -79,6 +89,12 @@ class VcpuRunner : public Napi::ObjectWrap<VcpuRunner> {
   std::vector<GuestEvent> events_;
   std::array<uint64_t, 64> exits_{};
   bool notifyPending_ = false;
+
+  int throttle_ = 0;           // percent of each slice the vCPU sleeps (under mu_)
+  int sliceMs_ = 10;
+  bool throttleDue_ = false;   // the ticker ended a run share: sleep before the next KVM_RUN
+  double throttledMs_ = 0;     // total time slept for the throttle
+  std::thread ticker_;
   Napi::ThreadSafeFunction tsfn_;
 };
 

@@ -30,8 +30,56 @@ export interface NativeGuestMemory {
   mapFile(offset: number, length: number, fd: number, fileOffset: number): void;
   /** pread of the file into [offset, +length). */
   readFromFd(offset: number, length: number, fd: number, fileOffset: number): void;
+  /**
+   * Starts (clearing what was recorded) or stops recording the pages vcpud itself writes: write,
+   * readFromFd, mapFile and applyFrames mark them (KVM's dirty log sees only the guest's writes).
+   */
+  trackWrites(on: boolean): void;
+  /** ORs the pages written since the last take into `out` (bit i = page i, >= pages/8 bytes) and clears them; atomic against concurrent writers. */
+  takeWrittenPages(out: Buffer): void;
+  /**
+   * Packs the pages set in `bitmap` (bit i = page i), from `fromPage` on, into page frames
+   * (native/page_frames.h) filling `out` as far as whole frames fit; zero pages go as flags
+   * without payload. libuv pool.
+   */
+  packPages(bitmap: Buffer, fromPage: number, out: Buffer, opts: PackOptions): Promise<PackResult>;
+  /**
+   * Verifies and applies the whole frames at the start of `buf`, stopping at an incomplete trailing
+   * frame. A corrupt frame rejects with code 'EFRAME', `check`, `seq`, `offset` (ffi/page-frames.ts
+   * applyFrames turns it into a data_loss VcpudError). libuv pool.
+   */
+  applyFrames(buf: Buffer): Promise<ApplyResult>;
   /** Each file mapFile mapped, as fstat sees it now and as it was when first mapped. */
   backingFiles(): BackingFileInfo[];
+}
+
+export interface PackOptions {
+  /** seq of the first frame; the call's frames count up from it (result.frames of them). */
+  seq: bigint | number;
+  /** Pages per frame (default pageFrameFormat.defaultFramePages, at most maxFramePages). */
+  framePages?: number;
+}
+
+/** What one packPages call produced (ffi/page-frames.ts). */
+export interface PackResult {
+  /** Where the next call continues; the memory's page count when every selected page is packed. */
+  nextPage: number;
+  /** Bytes of `out` filled with whole frames. */
+  bytes: number;
+  pages: number;
+  zeroPages: number;
+  frames: number;
+}
+
+/** What one applyFrames call applied (ffi/page-frames.ts). */
+export interface ApplyResult {
+  /** Bytes of whole, verified, applied frames from the buffer's start; the rest is an incomplete frame. */
+  consumed: number;
+  pages: number;
+  zeroPages: number;
+  frames: number;
+  /** seq of the last frame applied (absent when none was). */
+  lastSeq?: bigint;
 }
 
 /**
@@ -64,7 +112,14 @@ export interface NativeVcpuRunner {
   /** Resolves once the vCPU is out of KVM_RUN with pending I/O completed. */
   pause(): Promise<void>;
   drain(): { console: Buffer; events: RunnerEvent[] };
-  status(): { state: RunStateName; reason?: string; details: Record<string, number> };
+  /** throttle: the percent set by setThrottle (0 = off); throttledMs: time slept for it so far. */
+  status(): { state: RunStateName; reason?: string; details: Record<string, number>; throttle: number; throttledMs: number };
+  /**
+   * Throttles the vCPU: of each `sliceMs` (default 10) it runs (100 - percent)% and sleeps the
+   * rest, kicked out of KVM_RUN like a pause. percent 0..99; 0 turns it off. Takes effect from the
+   * next slice; state (running, paused) is unchanged.
+   */
+  setThrottle(percent: number, sliceMs?: number): void;
   /** Exit counts by KVM_EXIT_* number. */
   exitCounts(): Record<string, number>;
   /** CREATED -> PAUSED without running (restored vCPUs); false in any other state. */
@@ -89,6 +144,10 @@ interface SyncAndAsync {
   getIrqchip: BufferIoctl;
   setIrqchip: BufferIoctl;
   setUserMemoryRegion(fd: Fd, slot: number, flags: number, gpa: number | bigint, mem: NativeGuestMemory): void;
+  /** KVM_GET_DIRTY_LOG of `slot` (backed by `mem`) into `bitmap` (one bit per page, whole u64 words). */
+  getDirtyLog(fd: Fd, slot: number, mem: NativeGuestMemory, bitmap: Buffer): void;
+  /** KVM_CLEAR_DIRTY_LOG of [firstPage, +numPages); `bitmap` is slot-wide (bit i = page i). */
+  clearDirtyLog(fd: Fd, slot: number, mem: NativeGuestMemory, firstPage: number, numPages: number, bitmap: Buffer): void;
   getRegs: BufferIoctl;
   setRegs: BufferIoctl;
   getSregs: BufferIoctl;
@@ -133,6 +192,10 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
   crc32c(buf: Buffer, seed?: number, software?: boolean): number;
   caps: Record<string, number>;
+  /** native/page_frames.h's constants. */
+  pageFrameFormat: { magic: number; version: number; headerBytes: number; maxFramePages: number; defaultFramePages: number; maxFrameBytes: number };
+  /** KVM_MEM_LOG_DIRTY_PAGES and the KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits. */
+  dirtyLogFlags: { memLogDirtyPages: number; manualProtectEnable: number; initiallySet: number };
   apiVersion: number;
   sizes: Record<string, number>;
 }

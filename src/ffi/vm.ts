@@ -3,6 +3,7 @@
  * it creates; close() releases them all (vCPUs first, then memory, then the VM fd).
  */
 import { notFound, VcpudError } from '../errors';
+import { DirtyLog, type DirtyLogCaps, type DirtyLogMode } from './dirty-log';
 import { FdHandle } from './fd-handle';
 import type { CapName, Kvm } from './kvm';
 import { capNumber, checkExtensionCached } from './kvm';
@@ -13,6 +14,8 @@ export interface MemoryRegion {
   slot: number;
   guestPhysAddr: number;
   size: number;
+  /** KVM_MEM_* flags the slot is registered with (dirty logging adds KVM_MEM_LOG_DIRTY_PAGES). */
+  flags: number;
   memory: NativeGuestMemory;
 }
 
@@ -22,6 +25,7 @@ export class Vm {
   private irqchip = false;
   private readonly extensions = new Map<number, number>();
   private readonly handle: FdHandle;
+  private readonly dirtyLog = new DirtyLog(this);
 
   constructor(
     readonly kvm: Kvm,
@@ -57,7 +61,7 @@ export class Vm {
       memory.release();
       throw e;
     }
-    const region = { slot, guestPhysAddr, size, memory };
+    const region = { slot, guestPhysAddr, size, flags, memory };
     this.regions.push(region);
     return region;
   }
@@ -69,10 +73,46 @@ export class Vm {
    */
   async addMemoryAsync(guestPhysAddr: number, memory: NativeGuestMemory, flags = 0): Promise<MemoryRegion> {
     const slot = this.regions.length;
-    const region = { slot, guestPhysAddr, size: memory.size, memory };
+    const region = { slot, guestPhysAddr, size: memory.size, flags, memory };
     this.regions.push(region); // reserved now: close() releases it whatever happens below
     await this.handle.useAsync((fd) => kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(fd, slot, flags, guestPhysAddr, memory)));
     return region;
+  }
+
+  /** The region registered as `slot`, or a clear error. */
+  slot(slot: number): MemoryRegion {
+    const r = this.regions[slot];
+    if (!r) throw new VcpudError('invalid_argument', `memory slot ${slot} does not exist (the VM has ${this.regions.length})`);
+    return r;
+  }
+
+  /** Which dirty-log modes this VM's KVM offers beyond plain KVM_GET_DIRTY_LOG (see ffi/dirty-log.ts). */
+  dirtyLogCaps(): DirtyLogCaps {
+    return this.dirtyLog.caps();
+  }
+
+  /** Starts logging the slot's dirty pages (KVM_MEM_LOG_DIRTY_PAGES); the mode is VM-wide while any slot logs. */
+  startDirtyLog(slot: number, mode: DirtyLogMode): void {
+    this.dirtyLog.start(slot, mode);
+  }
+
+  stopDirtyLog(slot: number): void {
+    this.dirtyLog.stop(slot);
+  }
+
+  /** The mode while any slot logs dirty pages, else undefined. */
+  get dirtyLogMode(): DirtyLogMode | undefined {
+    return this.dirtyLog.currentMode;
+  }
+
+  /** KVM_GET_DIRTY_LOG into `out` (ffi/dirty-log.ts dirtyBitmapBytes(slot size) bytes), off the JS thread. */
+  harvestDirtyLog(slot: number, out: Buffer): Promise<void> {
+    return this.dirtyLog.harvest(slot, out);
+  }
+
+  /** KVM_CLEAR_DIRTY_LOG (manual modes) of the pages of [firstPage, +pages) set in the slot-wide `bitmap`. */
+  clearDirtyLog(slot: number, firstPage: number, pages: number, bitmap: Buffer): Promise<void> {
+    return this.dirtyLog.clear(slot, firstPage, pages, bitmap);
   }
 
   /** The region holding [gpa, gpa+len), or a clear error naming the range. */

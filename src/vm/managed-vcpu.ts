@@ -15,6 +15,8 @@ export interface VcpuStatus {
   reason?: string;
   details: Record<string, number>;
   exits: number;
+  /** Percent of each slice the run thread sleeps (setThrottle); absent when 0. */
+  throttle?: number;
 }
 
 export interface StateAccessOptions {
@@ -61,7 +63,15 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
     if (this.destroyed) return { id: this.id, state: 'stopped', reason: 'destroyed', details: {}, exits: 0 };
     const s = this.runner.status();
     const exits = Object.values(this.runner.exitCounts()).reduce((a, b) => a + b, 0);
-    return this.explainStop({ id: this.id, state: s.state, reason: s.reason, details: s.details, exits });
+    const status: VcpuStatus = { id: this.id, state: s.state, reason: s.reason, details: s.details, exits };
+    if (s.throttle) status.throttle = s.throttle;
+    return this.explainStop(status);
+  }
+
+  /** Live migration's auto-converge: the vCPU sleeps `percent`% of each 10 ms slice (0 = off). */
+  setThrottle(percent: number): void {
+    if (this.destroyed) return;
+    this.runner.setThrottle(percent);
   }
 
   /** Exit counts keyed by KVM_EXIT_* number, for metrics. */

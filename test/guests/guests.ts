@@ -36,7 +36,7 @@ export const GUEST_ABI = {
   mmioAddress: 0xd000_0000,
 } as const;
 
-export type GuestName = 'real16' | 'prot32' | 'long64' | 'counter64' | 'unhandled64';
+export type GuestName = 'real16' | 'prot32' | 'long64' | 'counter64' | 'unhandled64' | 'dirty64';
 
 export interface GuestInfo {
   name: GuestName;
@@ -83,7 +83,66 @@ export const GUESTS: Readonly<Record<GuestName, GuestInfo>> = {
     'unhandled64',
     'Long mode: prints "mmio next\\n", then writes 0xdeadbeef (4 bytes) to GPA 0xd0000000 (KVM_EXIT_MMIO); if resumed, done(1) and HLT loop.',
   ),
+  dirty64: guest(
+    'dirty64',
+    'Long mode, one vCPU: writes a counter (RBX) into the pages of a range round robin, paced by rdtsc; parameters in the control block at 0x8000 (DIRTY64). No exits while it runs; done(0) at its limit.',
+  ),
 };
+
+/** dirty64's control block (README.md): u64 words the host writes, and the one the guest writes. */
+export const DIRTY64 = {
+  control: 0x8000,
+  rangeStart: 0x00,
+  rangePages: 0x08,
+  burstPages: 0x10,
+  cyclesPerBurst: 0x18,
+  limit: 0x20,
+  /** Written by the guest: the last value written (RBX), after each page. */
+  lastValue: 0x28,
+  defaultRangeStart: 0x100000,
+  defaultRangePages: 256,
+} as const;
+
+export interface Dirty64Params {
+  rangeStart: number;
+  rangePages: number;
+  /** Target rate; omitted or 0: unpaced. Needs tscKhz. */
+  bytesPerSecond?: number;
+  tscKhz?: number;
+  /** Pages per burst (default: enough for about 1024 bursts a second, at least 1). */
+  burstPages?: number;
+  /** done(0) once this many pages were written (0: never). */
+  limit?: number;
+}
+
+/** The control block's bytes for these parameters (write them at DIRTY64.control). */
+export function dirty64Control(p: Dirty64Params): Buffer {
+  const b = Buffer.alloc(0x28);
+  const pagesPerSecond = (p.bytesPerSecond ?? 0) / 4096;
+  const burst = p.burstPages ?? Math.max(1, Math.round(pagesPerSecond / 1024));
+  let cycles = 0n;
+  if (pagesPerSecond > 0) {
+    if (!p.tscKhz) throw new Error('dirty64Control: a paced rate needs tscKhz');
+    cycles = BigInt(Math.max(1, Math.round((p.tscKhz * 1000 * burst) / pagesPerSecond)));
+  }
+  b.writeBigUInt64LE(BigInt(p.rangeStart), DIRTY64.rangeStart);
+  b.writeBigUInt64LE(BigInt(p.rangePages), DIRTY64.rangePages);
+  b.writeBigUInt64LE(BigInt(burst), DIRTY64.burstPages);
+  b.writeBigUInt64LE(cycles, DIRTY64.cyclesPerBurst);
+  b.writeBigUInt64LE(BigInt(p.limit ?? 0), DIRTY64.limit);
+  return b;
+}
+
+/**
+ * The value dirty64 leaves in page j of its range after writing 1..counter: the largest
+ * k <= counter with (k-1) mod pages == j, or 0 when it has not reached page j yet.
+ */
+export function dirty64Expected(counter: bigint, pages: number, j: number): bigint {
+  const n = BigInt(pages);
+  const jj = BigInt(j);
+  if (counter <= jj) return 0n;
+  return ((counter - 1n - jj) / n) * n + jj + 1n;
+}
 
 export const GUEST_LIST: readonly GuestInfo[] = Object.values(GUESTS);
 

@@ -1,7 +1,10 @@
 /** Helpers for tests that run guests: load a guest, wait on its console, parse counter output. */
 import fs from 'node:fs';
 import { GUESTS, GUEST_ABI, type GuestName } from '../guests/guests';
+import { Kvm } from '../../src/ffi/kvm';
+import type { Limits } from '../../src/vm/limits';
 import type { ManagedVm } from '../../src/vm/managed-vm';
+import { VmRegistry } from '../../src/vm/registry';
 import type { VcpuStatus } from '../../src/vm/managed-vcpu';
 
 export async function loadGuest(vm: ManagedVm, name: GuestName): Promise<void> {
@@ -47,4 +50,20 @@ export function expectConsecutive(values: number[]): number {
 
 export function counterInMemory(vm: ManagedVm, vcpu = 0): bigint {
   return vm.readMemory(GUEST_ABI.counterBase + 8 * vcpu, 8).readBigUInt64LE(0);
+}
+
+/**
+ * A VmRegistry over /dev/kvm for a describe block: opened before its tests, every VM destroyed
+ * after each test, closed after all. Returns a getter (the registry exists only once beforeAll ran).
+ */
+export function useRegistry(limits: Limits): () => VmRegistry {
+  let kvm: Kvm;
+  let registry: VmRegistry;
+  beforeAll(() => {
+    kvm = Kvm.open();
+    registry = new VmRegistry(kvm, limits);
+  });
+  afterEach(() => registry.destroyAll());
+  afterAll(() => kvm.close());
+  return () => registry;
 }

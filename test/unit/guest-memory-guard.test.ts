@@ -94,6 +94,23 @@ describe('guest memory over a truncated mapped file', () => {
     }
   });
 
+  it('packPages and applyFrames (live migration page frames, libuv pool) reject with MEMORY_FAULT', async () => {
+    expectFault(await rejection(mem.packPages(allPages, 0, Buffer.alloc(132 * PAGE), { seq: 0 })), 'GuestMemory.packPages');
+    // A frame of the lost pages, packed from anonymous memory, applied onto the truncated mapping.
+    const src = new native.GuestMemory(128 * PAGE);
+    try {
+      src.write(LOST.from, Buffer.alloc(PAGE, 7));
+      const only = Buffer.alloc(128 / 8);
+      only[LOST.from / PAGE >> 3] |= 1 << ((LOST.from / PAGE) & 7);
+      const out = Buffer.alloc(4 * PAGE);
+      const packed = await src.packPages(only, 0, out, { seq: 0 });
+      expect(packed.pages).toBe(1);
+      expectFault(await rejection(mem.applyFrames(out.subarray(0, packed.bytes))), 'GuestMemory.applyFrames');
+    } finally {
+      src.release();
+    }
+  });
+
   it('backingFiles reports the file, its size now and the end the mapping needs', () => {
     const [b, ...more] = mem.backingFiles();
     expect(more).toEqual([]);

@@ -1,0 +1,40 @@
+// Page frames: how guest pages travel from one GuestMemory to another (live migration's data
+// plane). The sender packs the pages a bitmap selects into frames (GuestMemory.packPages), the
+// Node side moves the bytes over its socket, the receiver verifies and applies them
+// (GuestMemory.applyFrames). Nothing here knows about sockets.
+//
+// Frame format, version 1 (all integers little-endian; this comment is its only description,
+// src/ffi/page-frames.ts exports the constants below under the same names):
+//
+//   offset  size  field
+//   0       4     magic      0x46475056 ("VPGF" in memory)
+//   4       2     version    1
+//   6       2     flags      0 (reserved: a reader rejects any bit it does not know)
+//   8       8     seq        sequence number; consecutive frames of one packPages call count up
+//   16      4     pageCount  entries in the page table, 1..kMaxFramePages
+//   20      4     dataPages  entries without the zero flag: the payload is dataPages * 4096 bytes
+//   24      4     frameCrc   CRC-32C of bytes [0, 24), then the page table, then the payload
+//   28      4     headerCrc  CRC-32C of bytes [0, 28): the lengths are trusted before the rest arrives
+//   32      8*pageCount   page table: u64 per page; bits 0..62 the page number (its index in the
+//                         guest memory, offset / 4096), bit 63 set = a zero page, no payload
+//   ...     4096*dataPages payload: the non-zero pages, in table order
+//
+// A receiver checks, in order: magic, version, headerCrc, flags, pageCount and dataPages; waits
+// for the whole frame; then frameCrc, every page number against the memory's size, and that the
+// zero flags count dataPages. Only then does it copy anything. Within one frame a page may repeat
+// (the last copy wins); ordering between frames is the caller's (by seq).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace vcpud {
+
+constexpr uint32_t kFrameMagic = 0x46475056;
+constexpr uint16_t kFrameVersion = 1;
+constexpr size_t kFrameHeaderBytes = 32;
+constexpr uint32_t kMaxFramePages = 1024;
+constexpr uint32_t kDefaultFramePages = 256;
+constexpr uint64_t kFrameZeroPage = 1ull << 63;
+constexpr size_t kMaxFrameBytes = kFrameHeaderBytes + 8 * kMaxFramePages + 4096 * size_t{kMaxFramePages};
+
+}  // namespace vcpud

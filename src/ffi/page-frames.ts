@@ -1,0 +1,35 @@
+/**
+ * Page frames: guest pages packed for a live migration's data plane (format and checks in
+ * native/page_frames.h, its one description). NativeGuestMemory.packPages and applyFrames run on
+ * the libuv pool; the caller moves the bytes (Node sockets) and orders frames by seq.
+ */
+import { VcpudError } from '../errors';
+import { native, type ApplyResult, type NativeGuestMemory } from './native';
+
+export const PAGE_FRAME_FORMAT = native.pageFrameFormat;
+/** The frame format version this build writes and reads. */
+export const PAGE_FRAME_VERSION: number = PAGE_FRAME_FORMAT.version;
+
+interface FrameErrorShape {
+  code?: string;
+  check?: string;
+  seq?: bigint;
+  offset?: number;
+  message: string;
+}
+
+/**
+ * Verifies and applies the whole frames at the start of `buf`; stops at an incomplete trailing
+ * frame (result.consumed). A corrupt frame rejects with a data_loss VcpudError naming the check
+ * (magic, version, header_crc, flags, page_count, crc, page_number), the frame's seq and its
+ * offset in `buf`; the frames before it were applied.
+ */
+export async function applyFrames(memory: NativeGuestMemory, buf: Buffer): Promise<ApplyResult> {
+  try {
+    return await memory.applyFrames(buf);
+  } catch (e) {
+    const f = e as FrameErrorShape;
+    if (f?.code !== 'EFRAME') throw e;
+    throw new VcpudError('data_loss', f.message, { chunk: String(f.seq), offset: String(f.offset), field: f.check });
+  }
+}
