@@ -7,6 +7,7 @@
 import path from 'node:path';
 import { getSystemErrorMap } from 'node:util';
 import { VcpudError } from '../errors';
+import { accessDenied } from './snapshot-store';
 
 /** Errnos that mean the filesystem has no room for the snapshot: retrying helps once space is freed. */
 const NO_ROOM = new Set(['ENOSPC', 'EDQUOT', 'EFBIG']);
@@ -26,6 +27,7 @@ export function snapshotWriteError(e: unknown, name: string, file: string): unkn
   const err = e as { code?: unknown; syscall?: unknown };
   if (typeof err?.code !== 'string' || !/^E[A-Z0-9]+$/.test(err.code)) return e;
   const code = err.code;
+  if (code === 'EACCES' || code === 'EPERM') return Object.assign(accessDenied(path.dirname(file), code, 'write a snapshot in'), { cause: e });
   const full = NO_ROOM.has(code);
   const during = typeof err.syscall === 'string' ? ` from ${err.syscall}` : '';
   return Object.assign(

@@ -11,10 +11,9 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
-import { promisify } from 'node:util';
 import { notFound, VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
+import { closeFd, FS, fsAt, fsyncFd } from '../ffi/fs-at';
 import type { NativeGuestMemory } from '../ffi/native';
 import { SECTIONS, type SectionName } from '../ffi/sections';
 import { packageVersion } from '../package';
@@ -40,8 +39,6 @@ import {
   type SnapshotVcpu,
 } from './snapshot-format';
 import { readNested, readState, type StateContext } from './vcpu-state';
-
-const fsync = promisify(fs.fsync);
 
 // ---------------------------------------------------------------------------------------------
 // Sinks
@@ -70,47 +67,24 @@ const TEMP_PATTERN = /^\..+\.(\d+)\.([0-9a-f]{8})(?:\.[0-9a-f]{8})?\.vcpud-tmp$/
 const INSTANCE = randomBytes(4).toString('hex');
 const STARTED_MS = performance.timeOrigin;
 
-/** The temporary name a snapshot is written under before the rename: hidden, with our pid and instance. */
-export function tempNameFor(finalPath: string): string {
-  return path.join(path.dirname(finalPath), `.${path.basename(finalPath)}.${process.pid}.${INSTANCE}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`);
+/** The temporary name (in the same directory) `finalName` is written under before the rename: hidden, with our pid and instance. */
+export function tempNameFor(finalName: string): string {
+  return `.${finalName}.${process.pid}.${INSTANCE}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`;
 }
+
+/** Whether a directory entry's name is one of our temporary files (of any vcpud process). */
+export const isTempName = (name: string): boolean => TEMP_PATTERN.test(name);
 
 /**
- * Removes temporary files left by vcpud processes that no longer exist (a crash mid-snapshot): those of
- * a dead pid, and those of an earlier incarnation with our pid (another instance token) not written
- * since we started. A live writer elsewhere keeps its file's mtime moving, so it is left alone.
+ * Whether temporary file `name` (last written at `mtimeMs`) was left by a vcpud process that no longer
+ * exists (a crash mid-snapshot): that of a dead pid, or of an earlier incarnation with our pid (another
+ * instance token) not written since we started. A live writer elsewhere keeps its file's mtime moving.
  */
-export function removeStaleTemps(dir: string): string[] {
-  const removed: string[] = [];
-  let names: string[];
-  try {
-    names = fs.readdirSync(dir);
-  } catch {
-    return removed;
-  }
-  for (const name of names) {
-    const m = TEMP_PATTERN.exec(name);
-    if (!m) continue;
-    const pid = Number(m[1]);
-    const file = path.join(dir, name);
-    const stale = pid === process.pid ? m[2] !== INSTANCE && writtenBefore(file, STARTED_MS) : !processAlive(pid);
-    if (!stale) continue;
-    try {
-      fs.unlinkSync(file);
-      removed.push(name);
-    } catch {
-      // raced with another cleaner: fine
-    }
-  }
-  return removed;
-}
-
-function writtenBefore(file: string, ms: number): boolean {
-  try {
-    return fs.statSync(file).mtimeMs < ms;
-  } catch {
-    return false;
-  }
+export function isStaleTemp(name: string, mtimeMs: number): boolean {
+  const m = TEMP_PATTERN.exec(name);
+  if (!m) return false;
+  const pid = Number(m[1]);
+  return pid === process.pid ? m[2] !== INSTANCE && mtimeMs < STARTED_MS : !processAlive(pid);
 }
 
 function processAlive(pid: number): boolean {
@@ -122,21 +96,43 @@ function processAlive(pid: number): boolean {
   }
 }
 
+/** Where an AtomicFileSink writes: an open directory (the sink uses its own duplicate) and the final name in it. */
+export interface SinkTarget {
+  dirFd: number;
+  name: string;
+  /** For messages only: the final file's path. */
+  displayPath: string;
+}
+
 /**
  * A snapshot file written atomically: everything goes to a temporary file next to the final name;
  * finish() fsyncs it, renames it over the final name and fsyncs the directory. Until then the final
- * name shows the previous snapshot (or nothing); a crash leaves only the temporary file.
+ * name shows the previous snapshot (or nothing); a crash leaves only the temporary file. Every
+ * operation is relative to the directory's fd (never a path string), so swapping a directory on the
+ * way for a symbolic link cannot move the file elsewhere.
  */
 export class AtomicFileSink implements SnapshotSink {
   private pos = 0;
-  private fd: number;
   private done = false;
-  readonly tempPath: string;
 
-  constructor(readonly finalPath: string) {
-    this.tempPath = tempNameFor(finalPath);
-    const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_CLOEXEC } = fs.constants as Record<string, number>;
-    this.fd = fs.openSync(this.tempPath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | (O_CLOEXEC ?? 0), 0o600);
+  private constructor(
+    private readonly dirFd: number,
+    private readonly fd: number,
+    readonly finalName: string,
+    readonly tempName: string,
+  ) {}
+
+  /** Creates the temporary file (O_EXCL | O_NOFOLLOW, mode 0600) in the target's directory. */
+  static async create(target: SinkTarget): Promise<AtomicFileSink> {
+    const dirFd = await fsAt.openat(target.dirFd, '.', FS.O_RDONLY | FS.O_DIRECTORY, 0);
+    const tempName = tempNameFor(target.name);
+    try {
+      const fd = await fsAt.openat(dirFd, tempName, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o600);
+      return new AtomicFileSink(dirFd, fd, target.name, tempName);
+    } catch (e) {
+      await closeFd(dirFd);
+      throw e;
+    }
   }
 
   get position(): number {
@@ -161,48 +157,46 @@ export class AtomicFileSink implements SnapshotSink {
   }
 
   async finish(): Promise<void> {
-    await fsync(this.fd);
-    fs.closeSync(this.fd);
+    await fsyncFd(this.fd);
     this.done = true;
+    await closeFd(this.fd);
     // A snapshot being replaced keeps a second (hidden, temporary-named) link until after the
     // rename, so the rename does not free its blocks inline (hundreds of ms for a large file);
     // the unlink afterwards runs on the pool. A crash in between leaves only that hidden link,
-    // which removeStaleTemps cleans up.
-    let previous: string | undefined = tempNameFor(this.finalPath);
+    // which the stale-temp sweep cleans up.
+    let previous: string | undefined = tempNameFor(this.finalName);
     try {
-      fs.linkSync(this.finalPath, previous);
+      await fsAt.linkat(this.dirFd, this.finalName, this.dirFd, previous, 0);
     } catch {
       previous = undefined; // nothing to replace
     }
-    fs.renameSync(this.tempPath, this.finalPath);
-    fsyncDir(path.dirname(this.finalPath));
-    if (previous) void fs.promises.unlink(previous).catch(() => {});
+    try {
+      await fsAt.renameat(this.dirFd, this.tempName, this.dirFd, this.finalName);
+      await fsyncFd(this.dirFd);
+    } catch (e) {
+      await this.releaseDir(previous, this.tempName); // the rename may have happened: then the temp name is gone already
+      throw e;
+    }
+    void this.releaseDir(previous); // not awaited: the reply does not wait for the blocks to be freed
   }
 
   async abort(): Promise<void> {
     if (this.done) return;
     this.done = true;
-    try {
-      fs.closeSync(this.fd);
-    } catch {
-      // already closed
-    }
-    fs.rmSync(this.tempPath, { force: true });
+    await closeFd(this.fd).catch(() => {}); // already closed
+    await this.releaseDir(this.tempName);
+  }
+
+  /** Unlinks `names` (those given) in the directory, then closes the directory. Never throws. */
+  private async releaseDir(...names: (string | undefined)[]): Promise<void> {
+    for (const name of names) if (name) await fsAt.unlinkat(this.dirFd, name, 0).catch(() => {});
+    await closeFd(this.dirFd).catch(() => {});
   }
 }
 
 function writeAllSync(fd: number, buf: Buffer, position: number): void {
   let off = 0;
   while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off, position + off);
-}
-
-export function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /**

@@ -15,7 +15,8 @@ import { VmRegistry } from '../../src/vm/registry';
 import { assertCompatible } from '../../src/vm/snapshot-compat';
 import { FileSource, loadSnapshot, StreamSource, type LoadedSnapshot } from '../../src/vm/snapshot-reader';
 import { restoreIntoNewVm, restoreSpec } from '../../src/vm/snapshot-restore';
-import { AtomicFileSink, captureSnapshot, holdAndPause, StreamSink } from '../../src/vm/snapshot-writer';
+import { captureSnapshot, holdAndPause, StreamSink } from '../../src/vm/snapshot-writer';
+import { fileSink } from '../support/file-sink';
 import { readState } from '../../src/vm/vcpu-state';
 import { describeKvm } from '../support/kvm';
 import { loadGuest, waitUntil } from '../support/runtime';
@@ -59,7 +60,7 @@ describeKvm('snapshot and restore in-process (real KVM)', () => {
     const held = await holdAndPause(vm, 'test');
     try {
       const file = path.join(dir, name);
-      const r = await captureSnapshot(vm, new AtomicFileSink(file), { caps, runStates: held.before });
+      const r = await captureSnapshot(vm, await fileSink(file), { caps, runStates: held.before });
       return { file, r, held };
     } catch (e) {
       held.release();
@@ -155,7 +156,7 @@ describeKvm('snapshot and restore in-process (real KVM)', () => {
     big.writeMemory(0, crypto.randomBytes(64 * MiB));
     const h2 = await holdAndPause(big, 'test');
     const target = path.join(dir, 'deleted.snap');
-    const capture = captureSnapshot(big, new AtomicFileSink(target), { caps, runStates: h2.before, onProgress: (p) => p.memoryBytesDone > 8 * MiB && !big.isDestroyed && registry.destroy(big.id) });
+    const capture = captureSnapshot(big, await fileSink(target), { caps, runStates: h2.before, onProgress: (p) => p.memoryBytesDone > 8 * MiB && !big.isDestroyed && registry.destroy(big.id) });
     await expect(capture).rejects.toThrow(/deleted during the snapshot/);
     expect(fs.existsSync(target)).toBe(false);
     expect(fs.readdirSync(dir).filter((n) => n.includes('deleted'))).toEqual([]);

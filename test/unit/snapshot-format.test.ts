@@ -1,12 +1,9 @@
 /**
  * The snapshot format's building blocks (CRC-32C, preamble, record headers, payloads), the
- * compatibility check, the MSR refusal policy, the snapshot directory's name confinement and the
- * atomic file sink. No KVM needed (the native addon provides the CRC).
+ * compatibility check and the MSR refusal policy (the snapshot directory and the atomic file sink:
+ * snapshot-store.test.ts). No KVM needed (the native addon provides the CRC).
  */
 import crypto from 'node:crypto';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { VcpudError } from '../../src/errors';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
 import { native } from '../../src/ffi/native';
@@ -27,8 +24,6 @@ import {
   type SnapshotHeader,
 } from '../../src/vm/snapshot-format';
 import { SELF_REFUSING_MSRS, writeStateWithMsrPolicy } from '../../src/vm/snapshot-restore';
-import { SnapshotStore } from '../../src/vm/snapshot-store';
-import { AtomicFileSink, removeStaleTemps, tempNameFor } from '../../src/vm/snapshot-writer';
 
 const kindOf = (fn: () => unknown) => {
   try {
@@ -221,96 +216,5 @@ describe('MSRs that refuse their own value', () => {
     const e = kindOf(() => writeStateWithMsrPolicy(fakeVcpu(0x174) as never, ctx, { msrs }, notes, 'vCPU 0'));
     expect(e.message).toMatch(/refused MSR 0x174/);
     expect(notes).toEqual([]);
-  });
-});
-
-describe('the snapshot directory', () => {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-store-'));
-  const dir = path.join(root, 'snaps');
-  const store = new SnapshotStore(dir);
-  afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
-
-  const rule = (fn: () => unknown) => {
-    try {
-      fn();
-    } catch (e) {
-      return (e as VcpudError).details.violations?.[0]?.rule ?? (e as VcpudError).details.reason;
-    }
-    return 'accepted';
-  };
-
-  test('names are relative paths inside it; subdirectories are created', () => {
-    const p = store.pathForWrite('nightly/web/1.snap');
-    expect(p).toBe(path.join(fs.realpathSync(dir), 'nightly', 'web', '1.snap'));
-    expect(fs.statSync(path.dirname(p)).mode & 0o777).toBe(0o700);
-  });
-
-  test('absolute paths, "..", hidden, empty components and symbolic links are refused', () => {
-    fs.mkdirSync(path.join(root, 'outside'));
-    fs.symlinkSync(path.join(root, 'outside'), path.join(dir, 'out'));
-    fs.symlinkSync('/etc/passwd', path.join(dir, 'passwd'));
-    expect(rule(() => store.pathForWrite('/etc/x'))).toBe('snapshot.name.absolute');
-    expect(rule(() => store.pathForWrite('../x'))).toBe('snapshot.name.traversal');
-    expect(rule(() => store.pathForWrite('a/../../x'))).toBe('snapshot.name.traversal');
-    expect(rule(() => store.pathForWrite('a//x'))).toBe('snapshot.name.component');
-    expect(rule(() => store.pathForWrite('./x'))).toBe('snapshot.name.component');
-    expect(rule(() => store.pathForWrite('.x.123.abcdef01.vcpud-tmp'))).toBe('snapshot.name.hidden');
-    expect(rule(() => store.pathForWrite('out/x'))).toBe('snapshot.name.symlink');
-    expect(rule(() => store.openForRead('passwd'))).toBe('snapshot.name.symlink');
-    expect(rule(() => store.pathForWrite('a\0b'))).toBe('snapshot.name.nul');
-    expect(rule(() => store.pathForWrite('nightly'))).toBe('snapshot.name.not_file');
-    expect(rule(() => store.openForRead('missing/x'))).toBe('SNAPSHOT_NOT_FOUND');
-    expect(rule(() => store.openForRead('missing'))).toBe('SNAPSHOT_NOT_FOUND');
-    expect(fs.readdirSync(path.join(root, 'outside'))).toEqual([]);
-  });
-
-  test('list shows snapshot files with a problem for unreadable ones; remove deletes', () => {
-    fs.writeFileSync(store.pathForWrite('junk.snap'), 'not a snapshot at all, clearly; long enough to read a header from: ' + 'x'.repeat(100));
-    const list = store.list();
-    expect(list.map((e) => e.name)).toEqual(['junk.snap']); // symbolic links and directories are not snapshots
-    expect(list[0].problem).toMatch(/not a vcpud snapshot/);
-    store.remove('junk.snap');
-    expect(fs.existsSync(path.join(dir, 'junk.snap'))).toBe(false);
-  });
-
-  test('the atomic sink writes under a hidden temporary name and renames on finish; abort leaves nothing', async () => {
-    const final = store.pathForWrite('atomic.snap');
-    fs.writeFileSync(final, 'previous');
-    const sink = new AtomicFileSink(final);
-    await sink.write(Buffer.from('new snapshot bytes'));
-    expect(path.basename(sink.tempPath)).toMatch(/^\.atomic\.snap\.\d+\.[0-9a-f]{8}\.[0-9a-f]{8}\.vcpud-tmp$/);
-    expect(fs.readFileSync(final, 'utf8')).toBe('previous');
-    await sink.finish();
-    expect(fs.readFileSync(final, 'utf8')).toBe('new snapshot bytes');
-    expect(fs.existsSync(sink.tempPath)).toBe(false);
-
-    const aborted = new AtomicFileSink(final);
-    await aborted.write(Buffer.from('half'));
-    await aborted.abort();
-    expect(fs.existsSync(aborted.tempPath)).toBe(false);
-    expect(fs.readFileSync(final, 'utf8')).toBe('new snapshot bytes');
-  });
-
-  test('temporary files of dead processes are removed, those of live ones kept', () => {
-    const dead = path.join(dir, '.x.snap.999999999.0123abcd.vcpud-tmp'); // the name before instance tokens
-    const deadNew = path.join(dir, '.x2.snap.999999999.0123abcd.89abcdef.vcpud-tmp');
-    const parent = path.join(dir, `.y.snap.${process.ppid}.0123abcd.89abcdef.vcpud-tmp`); // a live pid
-    const ours = tempNameFor(path.join(dir, 'z.snap'));
-    for (const f of [dead, deadNew, parent, ours]) fs.writeFileSync(f, '');
-    expect(removeStaleTemps(dir).sort()).toEqual([path.basename(dead), path.basename(deadNew)].sort());
-    for (const f of [parent, ours]) expect(fs.existsSync(f)).toBe(true);
-    for (const f of [parent, ours]) fs.rmSync(f);
-  });
-
-  test('our pid with another instance (a container restarted as PID 1): removed unless written since we started', () => {
-    const crashed = path.join(dir, `.a.snap.${process.pid}.0123abcd.89abcdef.vcpud-tmp`);
-    const writing = path.join(dir, `.b.snap.${process.pid}.fedcba98.89abcdef.vcpud-tmp`); // another pod's, in progress
-    fs.writeFileSync(crashed, '');
-    fs.writeFileSync(writing, '');
-    const before = new Date(performance.timeOrigin - 60_000);
-    fs.utimesSync(crashed, before, before);
-    expect(removeStaleTemps(dir)).toEqual([path.basename(crashed)]);
-    expect(fs.existsSync(writing)).toBe(true);
-    fs.rmSync(writing);
   });
 });

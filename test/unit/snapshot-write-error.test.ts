@@ -21,6 +21,13 @@ describe('snapshotWriteError', () => {
     expect(decodeStatusDetails(s.metadata as grpc.Metadata)?.errorInfo?.metadata.errno).toBe('EIO');
   });
 
+  it.each(['EACCES', 'EPERM'])('%s: FAILED_PRECONDITION, SNAPSHOT_DIR_ACCESS_DENIED, naming the directory', (code) => {
+    const s = toServiceError(snapshotWriteError(errno(code, 'openat'), 'a/b.snap', '/srv/snaps/a/b.snap'));
+    expect(s.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(s.details).toContain(`/srv/snaps/a: ${code}`);
+    expect(decodeStatusDetails(s.metadata as grpc.Metadata)?.errorInfo).toMatchObject({ reason: 'SNAPSHOT_DIR_ACCESS_DENIED', metadata: { errno: code } });
+  });
+
   it("vcpud's own errors and errors without an errno pass through unchanged", () => {
     for (const e of [new VcpudError('unavailable', 'cancelled'), new KvmError('KVM_GET_REGS', 5, 'EIO', 'x'), new Error('plain')])
       expect(snapshotWriteError(e, 'x.snap', '/d/x.snap')).toBe(e);

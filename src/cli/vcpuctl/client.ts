@@ -47,6 +47,7 @@ import type { RestoreSnapshotRequest } from '../../server/generated/vcpud/v1/Res
 import type { RestoreSnapshotResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotResponse';
 import type { RestoreSnapshotStreamRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamRequest';
 import type { RestoreSnapshotStreamResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamResponse';
+import type { ListSnapshotsRequest } from '../../server/generated/vcpud/v1/ListSnapshotsRequest';
 import type { ListSnapshotsResponse__Output } from '../../server/generated/vcpud/v1/ListSnapshotsResponse';
 import type { DeleteSnapshotResponse__Output } from '../../server/generated/vcpud/v1/DeleteSnapshotResponse';
 import type { MigrateVmRequest } from '../../server/generated/vcpud/v1/MigrateVmRequest';
@@ -149,6 +150,9 @@ export function channelCredentials(target: Target, o: ConnectOptions): grpc.Chan
 // Calls
 
 type UnaryFn<Req, Res> = (req: Req, md: grpc.Metadata, opts: grpc.CallOptions, cb: grpc.requestCallback<Res>) => grpc.ClientUnaryCall;
+
+/** Pages of ListSnapshots vcpuctl follows at most (of the server's default 1000 entries each). */
+const MAX_SNAPSHOT_PAGES = 10_000;
 
 function unary<Req, Res>(fn: UnaryFn<Req, Res>, req: Req, opts: grpc.CallOptions): Promise<Res> {
   return new Promise((resolve, reject) => {
@@ -265,8 +269,17 @@ export class VcpudClient {
     });
     return { stream, response };
   }
-  listSnapshots() {
-    return unary<object, ListSnapshotsResponse__Output>((r, m, o, cb) => this.snapshot.listSnapshots(r, m, o, cb), {}, this.callOptions());
+  /** Every page of ListSnapshots, concatenated (at most MAX_SNAPSHOT_PAGES pages). */
+  async listSnapshots(): Promise<ListSnapshotsResponse__Output> {
+    const snapshots: ListSnapshotsResponse__Output['snapshots'] = [];
+    let pageToken = '';
+    for (let page = 0; page < MAX_SNAPSHOT_PAGES; page++) {
+      const r = await unary<ListSnapshotsRequest, ListSnapshotsResponse__Output>((q, m, o, cb) => this.snapshot.listSnapshots(q, m, o, cb), { pageToken }, this.callOptions());
+      snapshots.push(...r.snapshots);
+      pageToken = r.nextPageToken;
+      if (!pageToken) break;
+    }
+    return { snapshots, nextPageToken: pageToken };
   }
   deleteSnapshot(name: string) {
     return unary<{ name: string }, DeleteSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb), { name }, this.callOptions());

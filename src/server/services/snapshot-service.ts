@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import { invalidArgument, VcpudError, type ErrorKind } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
-import { SnapshotStore, type SnapshotEntry } from '../../vm/snapshot-store';
+import { SnapshotStore, type OpenTarget, type SnapshotEntry } from '../../vm/snapshot-store';
 import { snapshotWriteError } from '../../vm/snapshot-write-error';
 import { AtomicFileSink, captureSnapshot, holdAndPause, StreamSink, type CaptureResult, type SnapshotProgress as Progress } from '../../vm/snapshot-writer';
 import type { SnapshotHeader } from '../../vm/snapshot-format';
@@ -24,6 +24,7 @@ import { decodeStatusDetails, toServiceError } from '../errors';
 import type { Duration } from '../generated/google/protobuf/Duration';
 import type { CreateSnapshotRequest__Output } from '../generated/vcpud/v1/CreateSnapshotRequest';
 import type { CreateSnapshotResponse } from '../generated/vcpud/v1/CreateSnapshotResponse';
+import type { ListSnapshotsRequest__Output } from '../generated/vcpud/v1/ListSnapshotsRequest';
 import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
 import type { RestoreSnapshotStreamRequest__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamRequest';
@@ -104,12 +105,19 @@ const elapsedMs = (since: bigint) => Number(process.hrtime.bigint() - since) / 1
 
 export class SnapshotService {
   readonly store: SnapshotStore;
+  /**
+   * Crashed runs' temporary files anywhere under the directory (a kill -9 mid-snapshot), removed once
+   * at start, on the pool; resolves to their names. A directory vcpud cannot read is reported by the
+   * calls that need it, not here.
+   */
+  readonly startupSweep: Promise<string[]>;
 
   constructor(
     private readonly ctx: ServiceContext,
     private readonly opts: SnapshotServiceOptions,
   ) {
     this.store = new SnapshotStore(opts.snapshotDir);
+    this.startupSweep = this.store.removeStaleTemps().catch(() => []);
   }
 
   register(server: grpc.Server): void {
@@ -138,44 +146,46 @@ export class SnapshotService {
         const toStream = req.destination === 'stream' && req.stream;
         if (!toStream && req.destination !== 'name')
           throw invalidArgument('CreateSnapshot needs a destination: name or stream', [{ rule: 'required', field: 'destination', message: 'set name or stream' }]);
-        // The name is checked (and its directories created) before the VM is touched.
+        // The name is checked (and its directories created and opened) before the VM is touched.
         const name = req.name ?? '';
-        let file: string | undefined;
+        let target: OpenTarget | undefined;
         try {
-          file = toStream ? undefined : this.store.pathForWrite(name);
+          target = toStream ? undefined : await this.store.openForWrite(name);
         } catch (e) {
           throw snapshotWriteError(e, name, path.join(this.store.dir, name)); // mkdir of a subdirectory
         }
-        const held = await holdAndPause(vm, `snapshot ${toStream ? 'to a stream' : JSON.stringify(name)} in progress`);
-        let ok = false;
         try {
-          let r: CaptureResult;
+          const held = await holdAndPause(vm, `snapshot ${toStream ? 'to a stream' : JSON.stringify(name)} in progress`);
+          let ok = false;
           try {
-            const sink = toStream
-              ? new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK)
-              : new AtomicFileSink(file as string);
-            r = await captureSnapshot(vm, sink, {
-              caps: ctx.caps,
-              runStates: held.before,
-              onProgress: progressSender((progress) => call.write({ progress })),
-              cancelled: () => call.cancelled,
+            let r: CaptureResult;
+            try {
+              const sink = target ? await AtomicFileSink.create(target) : new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK);
+              r = await captureSnapshot(vm, sink, {
+                caps: ctx.caps,
+                runStates: held.before,
+                onProgress: progressSender((progress) => call.write({ progress })),
+                cancelled: () => call.cancelled,
+              });
+            } catch (e) {
+              throw target ? snapshotWriteError(e, name, target.displayPath) : e;
+            }
+            ok = true;
+            await writeWithBackpressure(call, {
+              done: snapshotInfo(r.header, { name: toStream ? '' : name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: r.durationMs }),
             });
-          } catch (e) {
-            throw file ? snapshotWriteError(e, name, file) : e;
+          } finally {
+            if (!ok || !req.leavePaused) await held.resume();
+            held.release();
           }
-          ok = true;
-          await writeWithBackpressure(call, {
-            done: snapshotInfo(r.header, { name: toStream ? '' : name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: r.durationMs }),
-          });
         } finally {
-          if (!ok || !req.leavePaused) await held.resume();
-          held.release();
+          await target?.close();
         }
       }),
 
       RestoreSnapshot: unary(ctx, async (req: { name: string; run: boolean; vmName: string; noLazyMemory: boolean }) => {
         const started = process.hrtime.bigint();
-        const { fd } = this.store.openForRead(req.name);
+        const { fd } = await this.store.openForRead(req.name);
         try {
           const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy: !req.noLazyMemory, name: req.vmName || undefined, run: req.run });
           return this.restoreResponse(r.loaded, r.vm, r.notes, started);
@@ -223,10 +233,13 @@ export class SnapshotService {
           );
       },
 
-      ListSnapshots: unary(ctx, () => ({ snapshots: this.store.list().map(entryInfo) })),
+      ListSnapshots: unary(ctx, async (req: ListSnapshotsRequest__Output) => {
+        const page = await this.store.list(req.pageSize, req.pageToken);
+        return { snapshots: page.entries.map(entryInfo), nextPageToken: page.nextPageToken };
+      }),
 
-      DeleteSnapshot: unary(ctx, (req: { name: string }) => {
-        this.store.remove(req.name);
+      DeleteSnapshot: unary(ctx, async (req: { name: string }) => {
+        await this.store.remove(req.name);
         return {};
       }),
 

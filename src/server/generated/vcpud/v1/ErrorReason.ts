@@ -113,6 +113,13 @@ export const ErrorReason = {
    * was read or written. Delete the VM and restore again from an intact snapshot.
    */
   ERROR_REASON_MEMORY_BACKING_LOST: 'ERROR_REASON_MEMORY_BACKING_LOST',
+  /**
+   * FAILED_PRECONDITION: vcpud may not access a path under (or of) the snapshot directory: the kernel
+   * answered EACCES or EPERM (metadata: errno). The message names the path. FAILED_PRECONDITION,
+   * not PERMISSION_DENIED: the caller's credentials are fine; the directory's owner or mode must be fixed
+   * on the host, and the same call then succeeds. Nothing was changed.
+   */
+  ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED: 'ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED',
 } as const;
 
 /**
@@ -246,6 +253,14 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_MEMORY_BACKING_LOST'
   | 28
+  /**
+   * FAILED_PRECONDITION: vcpud may not access a path under (or of) the snapshot directory: the kernel
+   * answered EACCES or EPERM (metadata: errno). The message names the path. FAILED_PRECONDITION,
+   * not PERMISSION_DENIED: the caller's credentials are fine; the directory's owner or mode must be fixed
+   * on the host, and the same call then succeeds. Nothing was changed.
+   */
+  | 'ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED'
+  | 30
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix

@@ -3,13 +3,37 @@
 
 
 /**
- * Request for ListSnapshots.
+ * Request for ListSnapshots. The listing is paged: names are in ascending order, and a page continues
+ * after the name its token was taken at, so files added or removed between pages never repeat or shift
+ * an entry.
  */
 export interface ListSnapshotsRequest {
+  /**
+   * Entries per page: 0 means the server's default (1000); larger values are lowered to 10000; negative
+   * values are refused (INVALID_ARGUMENT, rule "page_size.min").
+   */
+  'pageSize'?: (number);
+  /**
+   * next_page_token of the previous page; empty for the first page. A token that is not one is refused
+   * (INVALID_ARGUMENT, rule "page_token.invalid").
+   */
+  'pageToken'?: (string);
 }
 
 /**
- * Request for ListSnapshots.
+ * Request for ListSnapshots. The listing is paged: names are in ascending order, and a page continues
+ * after the name its token was taken at, so files added or removed between pages never repeat or shift
+ * an entry.
  */
 export interface ListSnapshotsRequest__Output {
+  /**
+   * Entries per page: 0 means the server's default (1000); larger values are lowered to 10000; negative
+   * values are refused (INVALID_ARGUMENT, rule "page_size.min").
+   */
+  'pageSize': (number);
+  /**
+   * next_page_token of the previous page; empty for the first page. A token that is not one is refused
+   * (INVALID_ARGUMENT, rule "page_token.invalid").
+   */
+  'pageToken': (string);
 }

@@ -8,9 +8,14 @@ import type { SnapshotInfo as _vcpud_v1_SnapshotInfo, SnapshotInfo__Output as _v
  */
 export interface ListSnapshotsResponse {
   /**
-   * Every snapshot file, by name.
+   * The snapshot files of this page, by name. A subdirectory vcpud cannot read appears as an entry with its
+   * name and `problem` set (the listing of everything else goes on).
    */
   'snapshots'?: (_vcpud_v1_SnapshotInfo)[];
+  /**
+   * Token for the next page; empty when this page is the last.
+   */
+  'nextPageToken'?: (string);
 }
 
 /**
@@ -18,7 +23,12 @@ export interface ListSnapshotsResponse {
  */
 export interface ListSnapshotsResponse__Output {
   /**
-   * Every snapshot file, by name.
+   * The snapshot files of this page, by name. A subdirectory vcpud cannot read appears as an entry with its
+   * name and `problem` set (the listing of everything else goes on).
    */
   'snapshots': (_vcpud_v1_SnapshotInfo__Output)[];
+  /**
+   * Token for the next page; empty when this page is the last.
+   */
+  'nextPageToken': (string);
 }

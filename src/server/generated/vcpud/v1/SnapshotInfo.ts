@@ -58,7 +58,8 @@ export interface SnapshotInfo {
    */
   'duration'?: (_google_protobuf_Duration | null);
   /**
-   * ListSnapshots: why the file's header could not be read (not a snapshot, corrupt); empty otherwise.
+   * ListSnapshots: why the file's header could not be read (not a snapshot, corrupt), or why a subdirectory
+   * could not be listed (e.g. "EACCES"); empty otherwise.
    */
   'problem'?: (string);
 }
@@ -116,7 +117,8 @@ export interface SnapshotInfo__Output {
    */
   'duration': (_google_protobuf_Duration__Output | null);
   /**
-   * ListSnapshots: why the file's header could not be read (not a snapshot, corrupt); empty otherwise.
+   * ListSnapshots: why the file's header could not be read (not a snapshot, corrupt), or why a subdirectory
+   * could not be listed (e.g. "EACCES"); empty otherwise.
    */
   'problem': (string);
 }

@@ -29,13 +29,19 @@ import type { RestoreSnapshotStreamResponse as _vcpud_v1_RestoreSnapshotStreamRe
  * 
  * Errors (google.rpc.Status details: one ErrorInfo, domain "vcpud.dev", reasons from ErrorReason):
  * NOT_FOUND            unknown VM (VM_NOT_FOUND) or snapshot name (SNAPSHOT_NOT_FOUND).
- * INVALID_ARGUMENT     a refused snapshot name (absolute, "..", hidden, through a symbolic link: BadRequest
- * lists the rule), or bytes that are not a snapshot (INVALID_REQUEST).
+ * INVALID_ARGUMENT     a refused snapshot name (absolute, "..", hidden, through a symbolic link, not a
+ * regular file, e.g. a FIFO: BadRequest lists the rule), or bytes that are not a
+ * snapshot (INVALID_REQUEST). Names are resolved beneath the directory's fd without
+ * following any symbolic link, so a link swapped in mid-call is refused, never followed.
  * FAILED_PRECONDITION  the snapshot cannot be restored on this host (SNAPSHOT_INCOMPATIBLE): a
  * google.rpc.PreconditionFailure lists every incompatibility and nothing is created; or
  * the VM is busy with another snapshot or migration (WRONG_RUN_STATE).
  * DATA_LOSS            a corrupt or truncated snapshot (SNAPSHOT_CORRUPT): the message names the chunk, its
  * kind and offset; metadata chunk and offset. Nothing is created.
+ * FAILED_PRECONDITION  also: vcpud may not access a path under the snapshot directory (EACCES, EPERM:
+ * SNAPSHOT_DIR_ACCESS_DENIED; the message names the path, metadata errno). The request
+ * is fine; the directory's owner or mode needs fixing, so not PERMISSION_DENIED (which
+ * would blame the caller's credentials).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), as CreateVm.
  * UNAVAILABLE          shutting down, or (MigrateVm) the destination cannot be reached (MIGRATION_FAILED).
  */
@@ -159,13 +165,19 @@ export interface SnapshotServiceClient extends grpc.Client {
  * 
  * Errors (google.rpc.Status details: one ErrorInfo, domain "vcpud.dev", reasons from ErrorReason):
  * NOT_FOUND            unknown VM (VM_NOT_FOUND) or snapshot name (SNAPSHOT_NOT_FOUND).
- * INVALID_ARGUMENT     a refused snapshot name (absolute, "..", hidden, through a symbolic link: BadRequest
- * lists the rule), or bytes that are not a snapshot (INVALID_REQUEST).
+ * INVALID_ARGUMENT     a refused snapshot name (absolute, "..", hidden, through a symbolic link, not a
+ * regular file, e.g. a FIFO: BadRequest lists the rule), or bytes that are not a
+ * snapshot (INVALID_REQUEST). Names are resolved beneath the directory's fd without
+ * following any symbolic link, so a link swapped in mid-call is refused, never followed.
  * FAILED_PRECONDITION  the snapshot cannot be restored on this host (SNAPSHOT_INCOMPATIBLE): a
  * google.rpc.PreconditionFailure lists every incompatibility and nothing is created; or
  * the VM is busy with another snapshot or migration (WRONG_RUN_STATE).
  * DATA_LOSS            a corrupt or truncated snapshot (SNAPSHOT_CORRUPT): the message names the chunk, its
  * kind and offset; metadata chunk and offset. Nothing is created.
+ * FAILED_PRECONDITION  also: vcpud may not access a path under the snapshot directory (EACCES, EPERM:
+ * SNAPSHOT_DIR_ACCESS_DENIED; the message names the path, metadata errno). The request
+ * is fine; the directory's owner or mode needs fixing, so not PERMISSION_DENIED (which
+ * would blame the caller's credentials).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), as CreateVm.
  * UNAVAILABLE          shutting down, or (MigrateVm) the destination cannot be reached (MIGRATION_FAILED).
  */
