@@ -76,6 +76,13 @@ export class UnsupportedError extends VcpudError {
   }
 }
 
+/**
+ * Errnos meaning the host ran out of file descriptors (EMFILE: vcpud's limit, ENFILE: the system's)
+ * or memory: neither bad input nor a bug, and the same call can succeed once something is released.
+ * They are answered RESOURCE_EXHAUSTED with reason HOST_RESOURCES_EXHAUSTED, whichever layer saw them.
+ */
+export const HOST_EXHAUSTION_ERRNOS: ReadonlySet<string> = new Set(['EMFILE', 'ENFILE', 'ENOMEM']);
+
 export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND' | 'SNAPSHOT_NOT_FOUND', field?: string) =>
   new VcpudError('not_found', what, { reason, field });
 export const invalidArgument = (message: string, violations?: Violation[]) =>

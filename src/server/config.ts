@@ -40,6 +40,10 @@ export interface Config {
   limits: Limits;
   maxMessageBytes: number;
   maxConcurrentStreams: number;
+  /** Open connections on the API listener; more are closed at accept (connections.ts). */
+  maxConnections: number;
+  /** A TLS connection must finish its handshake within this, or it is closed. */
+  handshakeTimeoutMs: number;
   shutdownGraceMs: number;
   logLevel: LogLevel;
   /** false: without /dev/kvm stay up with health NOT_SERVING (so probes say why) instead of exiting. */
@@ -167,6 +171,8 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process
     limits: { ...DEFAULT_LIMITS },
     maxMessageBytes: 64 * 1024 ** 2,
     maxConcurrentStreams: 256,
+    maxConnections: 256,
+    handshakeTimeoutMs: 10_000,
     shutdownGraceMs: 5000,
     logLevel: 'info',
     exitOnKvmError: false,
@@ -199,6 +205,8 @@ interface Settings {
   maxMemoryTotalBytes?: number;
   maxMessageBytes?: number;
   maxConcurrentStreams?: number;
+  maxConnections?: number;
+  handshakeTimeoutMs?: number;
   shutdownGraceMs?: number;
   logLevel?: LogLevel;
   exitOnKvmError?: boolean;
@@ -241,6 +249,15 @@ const size: Parser = (raw) => {
   const n = parseSize(raw);
   if (n < 0) throw new Error(`must not be negative, got ${raw}`);
   return n;
+};
+const DURATION_UNITS_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000 };
+/** '10s', '500ms', '2m'; a JSON number is milliseconds. A bare number string is refused (which unit?). */
+const duration: Parser = (raw) => {
+  if (typeof raw === 'number' && Number.isSafeInteger(raw) && raw > 0) return raw;
+  const m = /^\s*(\d+)\s*(ms|s|m)\s*$/.exec(String(raw));
+  const ms = m ? Number(m[1]) * DURATION_UNITS_MS[m[2]] : NaN;
+  if (!Number.isSafeInteger(ms) || ms <= 0) throw new Error(`expected a positive duration such as 10s or 500ms, got '${raw}'`);
+  return ms;
 };
 const mode: Parser = (raw) => {
   // Strings are octal as in chmod ('0660', '660'); JSON numbers are taken as they are (0o660 === 432).
@@ -296,6 +313,8 @@ const OPTIONS: OptionSpec[] = [
   { key: 'maxMemoryTotalBytes', flag: '--max-memory-total', env: 'VCPUD_MAX_MEMORY_TOTAL', file: 'limits.maxMemoryTotalBytes', parse: size, arg: 'SIZE', help: 'guest memory of all VMs (default 16Gi)' },
   { key: 'maxMessageBytes', flag: '--max-message-bytes', env: 'VCPUD_MAX_MESSAGE_BYTES', file: 'maxMessageBytes', parse: (r, b) => positive(size(r, b), b), arg: 'SIZE', help: 'largest gRPC message sent or received (default 64Mi)' },
   { key: 'maxConcurrentStreams', flag: '--max-concurrent-streams', env: 'VCPUD_MAX_CONCURRENT_STREAMS', file: 'maxConcurrentStreams', parse: positive, arg: 'N', help: 'HTTP/2 streams per connection (default 256)' },
+  { key: 'maxConnections', flag: '--max-connections', env: 'VCPUD_MAX_CONNECTIONS', file: 'maxConnections', parse: positive, arg: 'N', help: 'open connections on the API listener; more are closed at accept (default 256)' },
+  { key: 'handshakeTimeoutMs', flag: '--handshake-timeout', env: 'VCPUD_HANDSHAKE_TIMEOUT', file: 'handshakeTimeoutMs', parse: duration, arg: 'TIME', help: 'TLS handshake deadline; also how long a probe or scrape connection may idle (default 10s)' },
   { key: 'shutdownGraceMs', flag: '--shutdown-grace-ms', env: 'VCPUD_SHUTDOWN_GRACE_MS', file: 'shutdownGraceMs', parse: count, arg: 'MS', help: 'time in-flight calls get on shutdown (default 5000)' },
   { key: 'logLevel', flag: '--log-level', env: 'VCPUD_LOG_LEVEL', file: 'logLevel', parse: level, arg: 'LEVEL', help: 'debug, info, warn or error (default info)' },
   { key: 'exitOnKvmError', flag: '--exit-on-kvm-error', env: 'VCPUD_EXIT_ON_KVM_ERROR', file: 'exitOnKvmError', parse: bool, boolean: true, help: 'exit when KVM is unusable instead of serving health NOT_SERVING' },
@@ -524,6 +543,8 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   if (s.maxMemoryTotalBytes !== undefined) config.limits.maxMemoryTotalBytes = s.maxMemoryTotalBytes;
   if (s.maxMessageBytes !== undefined) config.maxMessageBytes = s.maxMessageBytes;
   if (s.maxConcurrentStreams !== undefined) config.maxConcurrentStreams = s.maxConcurrentStreams;
+  if (s.maxConnections !== undefined) config.maxConnections = s.maxConnections;
+  if (s.handshakeTimeoutMs !== undefined) config.handshakeTimeoutMs = s.handshakeTimeoutMs;
   if (s.shutdownGraceMs !== undefined) config.shutdownGraceMs = s.shutdownGraceMs;
   if (s.logLevel !== undefined) config.logLevel = s.logLevel;
   if (s.exitOnKvmError !== undefined) config.exitOnKvmError = s.exitOnKvmError;

@@ -8,7 +8,7 @@
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
-import { KvmError, VcpudError, type ErrorKind } from '../errors';
+import { HOST_EXHAUSTION_ERRNOS, KvmError, VcpudError, type ErrorKind } from '../errors';
 import { packageRoot } from '../package';
 
 const DOMAIN = 'vcpud.dev';
@@ -41,36 +41,61 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
 /** Errnos with which the kernel refuses caller-supplied values: the caller's input, not our fault. */
 const INPUT_ERRNOS = new Set(['EINVAL', 'E2BIG', 'ERANGE', 'EFAULT', 'EPOSITIVE']);
 
-let types: { Status: protobuf.Type; ErrorInfo: protobuf.Type; BadRequest: protobuf.Type; PreconditionFailure: protobuf.Type } | undefined;
-
-function rpcTypes() {
-  if (!types) {
-    const root = new protobuf.Root();
-    root.resolvePath = (_origin, target) => path.join(packageRoot(), 'protos', target);
-    root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
-    types = {
-      Status: root.lookupType('google.rpc.Status'),
-      ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
-      BadRequest: root.lookupType('google.rpc.BadRequest'),
-      PreconditionFailure: root.lookupType('google.rpc.PreconditionFailure'),
-    };
-  }
-  return types;
-}
+/**
+ * The google.rpc types every error reply needs, loaded once when vcpud starts: loading them at the
+ * first error needed descriptors, and an error caused by running out of them (EMFILE) then threw
+ * inside the error path and ended the process.
+ */
+const types = (() => {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => path.join(packageRoot(), 'protos', target);
+  root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
+  return {
+    Status: root.lookupType('google.rpc.Status'),
+    ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
+    BadRequest: root.lookupType('google.rpc.BadRequest'),
+    PreconditionFailure: root.lookupType('google.rpc.PreconditionFailure'),
+  };
+})();
 
 function any(type: protobuf.Type, value: object) {
   return { type_url: `type.googleapis.com/${type.fullName.replace(/^\./, '')}`, value: type.encode(type.create(value)).finish() };
 }
 
+/** The errno an error carries: a KvmError's, one a VcpudError wrapped, or a Node ErrnoException's. */
+function errnoOf(e: unknown): string | undefined {
+  if (e instanceof VcpudError) return e.details.errno;
+  const code = (e as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && /^E[A-Z0-9]+$/.test(code) ? code : undefined;
+}
+
+/**
+ * The host ran out of descriptors or memory (anywhere in a call: an ioctl, a file, a socket):
+ * RESOURCE_EXHAUSTED naming the errno, whatever layer it came from, unless that layer already
+ * classified it as something else on purpose (kinds other than kernel and internal).
+ */
+function hostExhaustion(e: unknown): VcpudError | undefined {
+  const errno = errnoOf(e);
+  if (!errno || !HOST_EXHAUSTION_ERRNOS.has(errno)) return undefined;
+  if (e instanceof VcpudError && e.kind !== 'kernel' && e.kind !== 'internal') return undefined;
+  const message = (e as Error)?.message ?? String(e);
+  return new VcpudError('resource_exhausted', message.includes(errno) ? message : `${message} (${errno})`, {
+    ...(e instanceof VcpudError ? e.details : {}),
+    reason: 'HOST_RESOURCES_EXHAUSTED',
+    errno,
+  });
+}
+
 /** Normalizes anything thrown into a VcpudError (unknown errors become internal). */
 export function asVcpudError(e: unknown): VcpudError {
+  const exhausted = hostExhaustion(e);
+  if (exhausted) return exhausted;
   if (e instanceof KvmError) {
     const input = INPUT_ERRNOS.has(e.code);
-    const err = new VcpudError(input ? 'invalid_argument' : e.code === 'ENOMEM' ? 'resource_exhausted' : 'internal', e.message, {
+    return new VcpudError(input ? 'invalid_argument' : 'internal', e.message, {
       ...e.details,
       reason: input ? 'KERNEL_REJECTED' : 'INTERNAL_ERROR',
     });
-    return err;
   }
   if (e instanceof VcpudError) return e;
   return new VcpudError('internal', `internal error: ${(e as Error)?.message ?? String(e)}`);
@@ -94,7 +119,7 @@ export function toServiceError(e: unknown): Partial<grpc.StatusObject> & { code:
   put('limit', d.limit);
   put('chunk', d.chunk);
   put('offset', d.offset);
-  const t = rpcTypes();
+  const t = types;
   const details = [any(t.ErrorInfo, { reason, domain: DOMAIN, metadata })];
   if (d.violations?.length && code === grpc.status.FAILED_PRECONDITION) {
     details.push(
@@ -131,7 +156,7 @@ export function decodeStatusDetails(metadata: grpc.Metadata | undefined): Decode
   const raw = typeof metadata?.get === 'function' ? metadata.get(DETAILS_KEY)[0] : undefined;
   if (!raw || typeof raw === 'string') return undefined;
   try {
-    const t = rpcTypes();
+    const t = types;
     const s = t.Status.toObject(t.Status.decode(raw)) as { code: number; message: string; details?: { type_url: string; value: Uint8Array }[] };
     const out: DecodedStatus = { code: s.code, message: s.message };
     for (const a of s.details ?? []) {

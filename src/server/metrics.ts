@@ -15,6 +15,7 @@ import * as grpc from '@grpc/grpc-js';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { IoctlObserver } from '../ffi/observe';
 import { parseHostPort } from './config';
+import type { ConnectionEvents, ConnectionGate, ListenerName } from './connections';
 import { packageVersion } from '../package';
 
 export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_stream';
@@ -91,6 +92,10 @@ export class Metrics {
   private readonly negotiationRetries: Counter<'ioctl'>;
   private readonly stateBytes: Histogram<'section'>;
   private readonly capability: Gauge<'capability'>;
+  private readonly connectionsOpen: Gauge<'listener'>;
+  private readonly connectionsAccepted: Counter<'listener'>;
+  private readonly connectionsRefused: Counter<'listener'>;
+  private readonly connectionLimit: Gauge<'listener'>;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -134,6 +139,17 @@ export class Metrics {
       registers,
     });
     this.capability = new Gauge({ name: 'vcpud_capability', help: 'Host KVM capabilities (KVM_CHECK_EXTENSION values) as probed at start.', labelNames: ['capability'], registers });
+
+    const listener = ['listener'] as const;
+    this.connectionsOpen = new Gauge({ name: 'vcpud_connections_open', help: 'Connections open, by listener (api, health, metrics).', labelNames: listener, registers });
+    this.connectionsAccepted = new Counter({ name: 'vcpud_connections_accepted_total', help: 'Connections accepted, by listener.', labelNames: listener, registers });
+    this.connectionsRefused = new Counter({
+      name: 'vcpud_connections_refused_total',
+      help: 'Connections closed at accept because the listener was at its connection limit.',
+      labelNames: listener,
+      registers,
+    });
+    this.connectionLimit = new Gauge({ name: 'vcpud_connection_limit', help: 'Connection limit of each listener (alert on open/limit).', labelNames: listener, registers });
 
     // Gauges and counters read from the runtime when scraped, so they are never stale or double-kept.
     const read = <T>(f: (s: MetricSources) => T, fallback: T): T => {
@@ -213,6 +229,22 @@ export class Metrics {
     for (const [capability, value] of Object.entries(caps)) this.capability.set({ capability }, value);
   }
 
+  /** For ConnectionGate (src/server/connections.ts): its cap, then every connection it admits or refuses. */
+  connectionEvents(listener: ListenerName, limit: number): ConnectionEvents {
+    this.connectionLimit.set({ listener }, limit);
+    this.connectionsOpen.set({ listener }, 0);
+    this.connectionsRefused.inc({ listener }, 0);
+    this.connectionsAccepted.inc({ listener }, 0);
+    return {
+      opened: () => {
+        this.connectionsAccepted.inc({ listener });
+        this.connectionsOpen.inc({ listener });
+      },
+      closed: () => this.connectionsOpen.dec({ listener }),
+      refused: () => this.connectionsRefused.inc({ listener }),
+    };
+  }
+
   setSources(sources: MetricSources): void {
     this.sources = sources;
   }
@@ -222,10 +254,19 @@ export class Metrics {
     return this.registry.metrics();
   }
 
-  /** Serves GET /metrics on exactly `hostPort` (no wildcard fallback); everything else is 404. */
-  async serve(hostPort: string): Promise<http.Server> {
+  /**
+   * Serves GET /metrics on exactly `hostPort` (no wildcard fallback); everything else is 404.
+   * `gate` caps its connections; a connection that sends no complete request within `idleMs` is closed.
+   */
+  async serve(hostPort: string, guard?: { gate: ConnectionGate; idleMs: number }): Promise<http.Server> {
     const { host, port } = parseHostPort(hostPort);
-    const server = http.createServer((req, res) => {
+    const timeouts = guard && {
+      headersTimeout: guard.idleMs,
+      requestTimeout: guard.idleMs,
+      keepAliveTimeout: Math.min(5000, guard.idleMs),
+      connectionsCheckingInterval: Math.min(1000, guard.idleMs),
+    };
+    const server = http.createServer({ ...timeouts }, (req, res) => {
       const url = new URL(req.url ?? '/', 'http://metrics');
       if (url.pathname !== '/metrics') {
         res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
@@ -244,6 +285,7 @@ export class Metrics {
       server.once('error', reject);
       server.listen({ host, port, exclusive: true }, () => {
         server.off('error', reject);
+        guard?.gate.guard(server);
         resolve(server);
       });
     });

@@ -18,6 +18,7 @@ import type { Logger } from './logging';
 import type { Metrics } from './metrics';
 import { vcpudPackageDefinition } from './proto';
 import { bindPlaintextTcp, bindServer, healthServerOptions, removeUnixSocket, serverOptions, type BoundAddress } from './transport';
+import { ConnectionGate, descriptorLimit, type GrpcListener, type ListenerName } from './connections';
 
 /** Something that adds its gRPC service(s) to a server (the vcpud services, or a test's). */
 export interface ServiceRegistrar {
@@ -91,6 +92,28 @@ function trackRegistrations(server: grpc.Server, metrics: Metrics): Set<string> 
   return registered;
 }
 
+/**
+ * Connections the health and metrics listeners each keep open at most: probes and scrapes come a few
+ * at a time, and these ports may be reachable from the whole pod network.
+ */
+export const PROBE_MAX_CONNECTIONS = 16;
+
+/** Descriptors vcpud holds with no connection and no VM (23 measured on Node 20), with room. */
+const OWN_DESCRIPTORS = 64;
+
+/** Warns when descriptors would run out before the connection caps refuse anything. */
+function checkDescriptorBudget(config: Config, logger: Logger): number | undefined {
+  const limit = descriptorLimit();
+  const connections = config.maxConnections + 2 * PROBE_MAX_CONNECTIONS;
+  if (limit !== undefined && limit < connections + OWN_DESCRIPTORS)
+    logger.warn('RLIMIT_NOFILE is below what the connection caps allow: descriptors can run out first (calls then fail with EMFILE)', {
+      fd_limit: limit,
+      max_connections: config.maxConnections,
+      needed_without_vms: connections + OWN_DESCRIPTORS,
+    });
+  return limit;
+}
+
 function tryShutdown(server: grpc.Server, graceMs: number): Promise<void> {
   return new Promise((resolve) => {
     const timer = setTimeout(() => {
@@ -130,22 +153,27 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
   const listed = [...registered, ...REFLECTION_SERVICES].sort();
   new ReflectionService(definition, { services: listed }).addToServer(server);
 
+  const gate = (listener: ListenerName, max: number) => new ConnectionGate(listener, max, metrics.connectionEvents(listener, max), logger);
+  const gates = { api: gate('api', config.maxConnections), health: gate('health', PROBE_MAX_CONNECTIONS), metrics: gate('metrics', PROBE_MAX_CONNECTIONS) };
+  const listeners: Partial<Record<'api' | 'health', GrpcListener>> = {};
   let healthServer: grpc.Server | undefined;
   let metricsServer: http.Server | undefined;
   const addresses: Partial<ServerAddresses> = {};
   try {
-    addresses.api = await bindServer(server, config);
+    ({ address: addresses.api, listener: listeners.api } = await bindServer(server, config, gates.api));
     if (config.healthListen) {
-      healthServer = new grpc.Server({ ...healthServerOptions(), interceptors: [metricsInterceptor(metrics), loggingInterceptor(logger)] });
+      healthServer = new grpc.Server({ ...healthServerOptions(config), interceptors: [metricsInterceptor(metrics), loggingInterceptor(logger)] });
       health.register(healthServer);
-      addresses.health = await bindPlaintextTcp(healthServer, config.healthListen);
+      ({ address: addresses.health, listener: listeners.health } = await bindPlaintextTcp(healthServer, config.healthListen, gates.health));
     }
     if (config.metricsListen) {
-      metricsServer = await metrics.serve(config.metricsListen);
+      metricsServer = await metrics.serve(config.metricsListen, { gate: gates.metrics, idleMs: config.handshakeTimeoutMs });
       const a = metricsServer.address() as AddressInfo;
       addresses.metrics = { host: a.address, port: a.port, address: a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}` };
     }
   } catch (e) {
+    listeners.api?.stopAccepting();
+    listeners.health?.stopAccepting();
     server.forceShutdown();
     healthServer?.forceShutdown();
     if (metricsServer) await closeHttp(metricsServer);
@@ -158,6 +186,9 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
     tls: config.tls ? (config.tls.caFile ? 'mtls' : 'tls') : 'none',
     health: bound.health?.address,
     metrics: bound.metrics?.address,
+    max_connections: config.maxConnections,
+    handshake_timeout_ms: config.handshakeTimeoutMs,
+    fd_limit: checkDescriptorBudget(config, logger),
     services: listed,
   });
 
@@ -166,9 +197,13 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
     (stopping ??= (async () => {
       logger.info('shutting down', { grace_ms: graceMs });
       health.setNotServing('shutting down');
+      listeners.api?.stopAccepting();
       await tryShutdown(server, graceMs);
+      gates.api.destroyAll(); // connections grpc-js never took over (mid-handshake)
       // The probe server goes last, so probes keep seeing NOT_SERVING while calls drain.
+      listeners.health?.stopAccepting();
       if (healthServer) await tryShutdown(healthServer, 0);
+      gates.health.destroyAll();
       if (metricsServer) await closeHttp(metricsServer);
       if (bound.api.kind === 'unix') await removeUnixSocket(bound.api.path);
       logger.info('stopped');

@@ -7,21 +7,29 @@ import net from 'node:net';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { formatListenAddress, isLoopbackHost, parseHostPort, parseListenAddress, type Config } from './config';
+import { listenGrpc, withHandshakeTimeout, type ConnectionGate, type GrpcListener, type ListenTarget } from './connections';
 
 export type BoundAddress =
   | { kind: 'unix'; path: string; address: string }
   | { kind: 'tcp'; host: string; port: number; address: string };
 
 /**
+ * An API connection that carries no call for this long is closed (GOAWAY; grpc-js clients reconnect
+ * on their next call): a client that went away without closing must not keep its descriptor forever.
+ */
+export const API_IDLE_CONNECTION_MS = 300_000;
+
+/**
  * Server options of the API server.
  * - Message limits: one bound (default 64 MiB) both ways, sized for the largest state (xsave, nested
  *   state, memory chunks) with room; larger requests fail with RESOURCE_EXHAUSTED before decoding.
- * - max_concurrent_streams: caps the calls one connection can hold open (HTTP/2 SETTINGS).
+ * - max_concurrent_streams: caps the calls one connection can hold open (HTTP/2 SETTINGS); the number
+ *   of connections is capped at accept (connections.ts).
  * - Keepalive: ping each connection after 60 s without traffic and drop it when no ack comes in 20 s,
  *   so streams held by a client that vanished without a FIN (a killed pod behind TCP) are released.
  *   grpc-js servers do not police client pings, so clients may choose their own keepalive.
- * - No max_connection_age/idle: a sidecar has few, long-lived clients and no load balancer to
- *   rebalance; forced reconnects would only add latency.
+ * - max_connection_idle: API_IDLE_CONNECTION_MS. No max_connection_age: a sidecar has few,
+ *   long-lived clients and no load balancer to rebalance; forced reconnects would only add latency.
  * - channelz stays on although nothing serves it: grpc-js 1.14 tracks sessions for forceShutdown only in
  *   its channelz session handler, so with 'grpc.enable_channelz': 0 a forced shutdown leaves open
  *   streams (a health Watch, a console stream) running forever.
@@ -33,37 +41,37 @@ export function serverOptions(config: Pick<Config, 'maxMessageBytes' | 'maxConcu
     'grpc.max_concurrent_streams': config.maxConcurrentStreams,
     'grpc.keepalive_time_ms': 60_000,
     'grpc.keepalive_timeout_ms': 20_000,
+    'grpc.max_connection_idle_ms': API_IDLE_CONNECTION_MS,
   };
 }
 
-/** The plaintext probe server carries only grpc.health.v1: tiny messages, few streams. */
-export function healthServerOptions(): grpc.ServerOptions {
+/**
+ * The plaintext probe server carries only grpc.health.v1: tiny messages, few streams, and a probe
+ * is done within the handshake timeout, so a connection idle that long is closed.
+ */
+export function healthServerOptions(config: Pick<Config, 'handshakeTimeoutMs'>): grpc.ServerOptions {
   return {
     'grpc.max_receive_message_length': 4096,
     'grpc.max_concurrent_streams': 16,
     'grpc.keepalive_time_ms': 60_000,
     'grpc.keepalive_timeout_ms': 20_000,
+    'grpc.max_connection_idle_ms': config.handshakeTimeoutMs,
   };
 }
 
 /** TLS (mTLS when a CA is configured) or, only for --insecure on loopback, plaintext. */
-export function tcpCredentials(config: Pick<Config, 'tls' | 'insecure'>, host: string): grpc.ServerCredentials {
+export function tcpCredentials(config: Pick<Config, 'tls' | 'insecure' | 'handshakeTimeoutMs'>, host: string): grpc.ServerCredentials {
   if (config.tls) {
     const { certFile, keyFile, caFile } = config.tls;
     const ca = caFile ? fs.readFileSync(caFile) : null;
     // checkClientCertificate: with a CA, the handshake fails for a client without a certificate it signed.
-    return grpc.ServerCredentials.createSsl(ca, [{ private_key: fs.readFileSync(keyFile), cert_chain: fs.readFileSync(certFile) }], ca !== null);
+    const creds = grpc.ServerCredentials.createSsl(ca, [{ private_key: fs.readFileSync(keyFile), cert_chain: fs.readFileSync(certFile) }], ca !== null);
+    return withHandshakeTimeout(creds, config.handshakeTimeoutMs);
   }
   // loadConfig already refuses this; checked again because plaintext on a routable address is never OK.
   if (!config.insecure || !isLoopbackHost(host))
     throw new Error('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
   return grpc.ServerCredentials.createInsecure();
-}
-
-function bindAsync(server: grpc.Server, address: string, creds: grpc.ServerCredentials): Promise<number> {
-  return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))),
-  );
 }
 
 /** Resolves true when something accepts connections on the socket (a live server we must not unlink). */
@@ -118,31 +126,48 @@ export async function removeUnixSocket(socketPath: string): Promise<void> {
   }
 }
 
+/** A listener bound: where, and the handle that stops it accepting. */
+export interface Bound {
+  address: BoundAddress;
+  listener: GrpcListener;
+}
+
+async function listenOrExplain(server: grpc.Server, address: string, target: ListenTarget, creds: grpc.ServerCredentials, gate: ConnectionGate): Promise<GrpcListener> {
+  try {
+    return await listenGrpc(server, target, creds, gate);
+  } catch (e) {
+    throw new Error(`cannot listen on ${address}: ${(e as Error).message}`);
+  }
+}
+
 /**
- * Binds the API server to config.listen and returns the bound address (the real port when 0 was asked).
+ * Binds the API server to config.listen, its connections admitted by `gate`, and returns the bound
+ * address (the real port when 0 was asked).
  * Unix: the socket is chmod-ed to socketMode right after bind; until then it is reachable only through
  * its directory, which is ours (0700) when we created it.
  */
-export async function bindServer(server: grpc.Server, config: Config): Promise<BoundAddress> {
+export async function bindServer(server: grpc.Server, config: Config, gate: ConnectionGate): Promise<Bound> {
   const listen = parseListenAddress(config.listen);
   if (listen.kind === 'unix') {
     await prepareUnixSocketPath(listen.path, config.socketMode);
     const address = formatListenAddress(listen);
-    await bindAsync(server, address, grpc.ServerCredentials.createInsecure());
+    const listener = await listenOrExplain(server, address, { path: listen.path }, grpc.ServerCredentials.createInsecure(), gate);
     await fs.promises.chmod(listen.path, config.socketMode);
-    return { kind: 'unix', path: listen.path, address };
+    return { address: { kind: 'unix', path: listen.path, address }, listener };
   }
-  const port = await bindAsync(server, formatListenAddress(listen), tcpCredentials(config, listen.host));
-  return { kind: 'tcp', host: listen.host, port, address: formatListenAddress({ ...listen, port }) };
+  const listener = await listenOrExplain(server, formatListenAddress(listen), listen, tcpCredentials(config, listen.host), gate);
+  const port = listener.port;
+  return { address: { kind: 'tcp', host: listen.host, port, address: formatListenAddress({ ...listen, port }) }, listener };
 }
 
 /**
  * Binds a plaintext server on `hostPort`. Only for the health-only probe server: Kubernetes gRPC
  * probes speak plaintext to the pod IP, and grpc.health.v1 reveals nothing but serving status.
  */
-export async function bindPlaintextTcp(server: grpc.Server, hostPort: string): Promise<BoundAddress> {
+export async function bindPlaintextTcp(server: grpc.Server, hostPort: string, gate: ConnectionGate): Promise<Bound> {
   const { host, port: wanted } = parseHostPort(hostPort);
   const address = formatListenAddress({ kind: 'tcp', host, port: wanted });
-  const port = await bindAsync(server, address, grpc.ServerCredentials.createInsecure());
-  return { kind: 'tcp', host, port, address: formatListenAddress({ kind: 'tcp', host, port }) };
+  const listener = await listenOrExplain(server, address, { host, port: wanted }, grpc.ServerCredentials.createInsecure(), gate);
+  const port = listener.port;
+  return { address: { kind: 'tcp', host, port, address: formatListenAddress({ kind: 'tcp', host, port }) }, listener };
 }

@@ -4,6 +4,7 @@ import type { Kvm } from '../ffi/kvm';
 import type { CpuidEntry2 } from '../ffi/sections';
 import { checkCreate, DEFAULT_LIMITS, type Limits } from './limits';
 import { ManagedVm, type VmPrepared, type VmSpec } from './managed-vm';
+import { checkVmName } from './vm-name';
 
 const PAGE = 4096;
 
@@ -20,6 +21,7 @@ export class VmRegistry {
 
   /** Refuses (invalid_argument or resource_exhausted) a VM this registry would not create. */
   checkSpec(spec: VmSpec): void {
+    checkVmName(spec.name, 'name');
     if (!Number.isSafeInteger(spec.memoryBytes) || spec.memoryBytes <= 0 || spec.memoryBytes % PAGE !== 0)
       throw invalidArgument(`memory_bytes must be a positive multiple of ${PAGE}, got ${spec.memoryBytes}`, [
         { rule: 'page_multiple', field: 'memory_bytes', message: `must be a positive multiple of ${PAGE}` },

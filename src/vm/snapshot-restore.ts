@@ -16,6 +16,7 @@ import { assertCompatible } from './snapshot-compat';
 import { hex, type SnapshotHeader } from './snapshot-format';
 import { loadSnapshot, type ByteSource, type LoadedSnapshot } from './snapshot-reader';
 import { writeNested, writeState, type StateContext, type StateValues } from './vcpu-state';
+import { checkVmName } from './vm-name';
 
 /**
  * MSRs KVM_SET_MSRS may refuse even with the value KVM_GET_MSRS returned, and why skipping them is
@@ -41,8 +42,12 @@ export interface RestoreResult {
   notes: string[];
 }
 
-/** The spec of the VM a snapshot restores into. */
+/**
+ * The spec of the VM a snapshot restores into. A stored name that breaks today's rule (a snapshot
+ * written before names were bounded) is refused saying so: the caller can give another name.
+ */
 export function restoreSpec(header: SnapshotHeader, name?: string) {
+  if (name === undefined) checkVmName(header.vm.name, 'vm_name', "the snapshot's VM name (set vm_name to restore it under another name)");
   return {
     name: name ?? (header.vm.name || undefined),
     memoryBytes: header.vm.memoryBytes,

@@ -29,6 +29,8 @@ import {
   encodePreamble,
   encodeRecordHeader,
   FORMAT_VERSION,
+  KIND_NAMES,
+  MAX_METADATA_PAYLOAD,
   PAGE_SIZE,
   pagePad,
   RECORD_HEADER_SIZE,
@@ -415,6 +417,9 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
 
     let seq = 0;
     const record = async (kind: RecordKind, payload: Buffer, aux = 0, aux2 = 0) => {
+      // Never write what no reader accepts (memory data has its own bound: one chunk).
+      if (kind !== RecordKind.MemoryData && payload.length > MAX_METADATA_PAYLOAD)
+        throw new VcpudError('internal', `a ${KIND_NAMES[kind]} record of ${payload.length} bytes is over the ${MAX_METADATA_PAYLOAD} bytes a snapshot reader accepts`);
       const header = encodeRecordHeader({ kind, seq: seq++, pad: 0, payloadCrc: crc32c(payload), payloadLength: payload.length, aux, aux2 });
       const tail = align(payload.length, 8) - payload.length;
       await sink.write(tail ? Buffer.concat([header, payload, Buffer.alloc(tail)]) : Buffer.concat([header, payload]));

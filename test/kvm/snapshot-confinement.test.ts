@@ -206,7 +206,7 @@ describeKvm('permission problems in the snapshot directory (vcpud as an unprivil
     if (as) execFileSync('chown', ['-R', `${as.uid}:${as.gid}`, dir]);
     fs.chmodSync(path.join(dir, 'locked'), 0);
     fs.chmodSync(path.join(dir, 'readonly'), 0o500);
-    d = await startVcpud(['--snapshot-dir', dir], {}, [], as);
+    d = await startVcpud(['--snapshot-dir', dir], {}, [], { as });
     snaps = d.client('SnapshotService');
     vms = d.client('VmService');
   });

@@ -60,6 +60,8 @@ describe('defaults', () => {
       limits: DEFAULT_LIMITS,
       maxMessageBytes: 64 * 1024 * 1024,
       maxConcurrentStreams: 256,
+      maxConnections: 256,
+      handshakeTimeoutMs: 10_000,
       shutdownGraceMs: 5000,
       logLevel: 'info',
       exitOnKvmError: false,
@@ -130,12 +132,14 @@ describe('precedence: defaults < config file < environment < flags', () => {
       '--listen', '127.0.0.1:0', '--insecure', '--metrics-listen', '', '--health-listen', '0.0.0.0:8081',
       '--socket-mode', '0660', '--max-vms', '5', '--max-vcpus-per-vm', '4', '--max-memory-per-vm', '512Mi',
       '--max-memory-total', '4Gi', '--max-message-bytes', '1Mi', '--max-concurrent-streams', '8',
+      '--max-connections', '32', '--handshake-timeout', '1500ms',
       '--shutdown-grace-ms', '100', '--log-level', 'warn', '--exit-on-kvm-error',
     ]);
     const env = load([], {
       VCPUD_LISTEN: '127.0.0.1:0', VCPUD_INSECURE: 'true', VCPUD_METRICS_LISTEN: '', VCPUD_HEALTH_LISTEN: '0.0.0.0:8081',
       VCPUD_SOCKET_MODE: '0660', VCPUD_MAX_VMS: '5', VCPUD_MAX_VCPUS_PER_VM: '4', VCPUD_MAX_MEMORY_PER_VM: '512Mi',
       VCPUD_MAX_MEMORY_TOTAL: '4Gi', VCPUD_MAX_MESSAGE_BYTES: '1Mi', VCPUD_MAX_CONCURRENT_STREAMS: '8',
+      VCPUD_MAX_CONNECTIONS: '32', VCPUD_HANDSHAKE_TIMEOUT: '1500ms',
       VCPUD_SHUTDOWN_GRACE_MS: '100', VCPUD_LOG_LEVEL: 'warn', VCPUD_EXIT_ON_KVM_ERROR: '1',
     });
     const expected = {
@@ -147,6 +151,8 @@ describe('precedence: defaults < config file < environment < flags', () => {
       limits: { maxVms: 5, maxVcpusPerVm: 4, maxMemoryPerVmBytes: 512 * 1024 ** 2, maxMemoryTotalBytes: 4 * 1024 ** 3 },
       maxMessageBytes: 1024 ** 2,
       maxConcurrentStreams: 8,
+      maxConnections: 32,
+      handshakeTimeoutMs: 1500,
       shutdownGraceMs: 100,
       logLevel: 'warn',
       exitOnKvmError: true,
@@ -269,6 +275,9 @@ describe('validation messages', () => {
     expect(problems(['--max-memory-per-vm', '-4Gi'])).toEqual(['--max-memory-per-vm: must not be negative, got -4Gi']);
     expect(problems([], { VCPUD_MAX_MEMORY_TOTAL: 'lots' })[0]).toMatch(/^VCPUD_MAX_MEMORY_TOTAL: not a size: 'lots'/);
     expect(problems(['--max-concurrent-streams', '0'])).toEqual(['--max-concurrent-streams: must be at least 1, got 0']);
+    expect(problems(['--max-connections', '0'])).toEqual(['--max-connections: must be at least 1, got 0']);
+    expect(problems(['--handshake-timeout', '10'])).toEqual(["--handshake-timeout: expected a positive duration such as 10s or 500ms, got '10'"]);
+    expect(load(['--handshake-timeout', '2m']).handshakeTimeoutMs).toBe(120_000);
     expect(problems(['--max-message-bytes', '0'])).toEqual(['--max-message-bytes: must be at least 1, got 0']);
     expect(problems(['--socket-mode', '0999'])).toEqual(["--socket-mode: expected an octal file mode such as 0600, got '0999'"]);
     expect(problems(['--log-level', 'verbose'])).toEqual(["--log-level: must be one of debug, info, warn, error, got 'verbose'"]);

@@ -17,6 +17,7 @@ import { authorizeClient, certificateIdentities } from '../../src/server/interce
 import { silentLogger } from '../../src/server/logging';
 import { Metrics } from '../../src/server/metrics';
 import { createVcpudServer, type RunningServer } from '../../src/server/server';
+import { ConnectionGate } from '../../src/server/connections';
 import { bindServer, prepareUnixSocketPath, serverOptions, tcpCredentials } from '../../src/server/transport';
 
 const ECHO_PROTO = `
@@ -126,7 +127,7 @@ describe('unix socket', () => {
     try {
       const server = new grpc.Server();
       const config = loadConfig(['--listen', `unix:${sock}`], {}, dir);
-      await expect(bindServer(server, config)).rejects.toThrow(`${sock} is in use: another server is listening on it`);
+      await expect(bindServer(server, config, new ConnectionGate('api', 1))).rejects.toThrow(`${sock} is in use: another server is listening on it`);
       server.forceShutdown();
     } finally {
       await new Promise((r) => live.close(r));
@@ -139,8 +140,8 @@ describe('plaintext TCP', () => {
     expect(() => loadConfig(['--listen', '127.0.0.1:0'], {}, dir)).toThrow(ConfigError);
     expect(() => loadConfig(['--listen', '0.0.0.0:0', '--insecure'], {}, dir)).toThrow(/--insecure is only allowed on a loopback address/);
     // Defense in depth: the transport refuses too, whatever config object it is handed.
-    expect(() => tcpCredentials({ insecure: false }, '127.0.0.1')).toThrow('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
-    expect(() => tcpCredentials({ insecure: true }, '0.0.0.0')).toThrow(/TCP requires/);
+    expect(() => tcpCredentials({ insecure: false, handshakeTimeoutMs: 1000 }, '127.0.0.1')).toThrow('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
+    expect(() => tcpCredentials({ insecure: true, handshakeTimeoutMs: 1000 }, '0.0.0.0')).toThrow(/TCP requires/);
 
     const r = await start(loadConfig(['--listen', '127.0.0.1:0', '--insecure', '--metrics-listen', ''], {}, dir));
     const api = r.addresses.api;

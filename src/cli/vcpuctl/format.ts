@@ -16,6 +16,7 @@ import type { NestedState__Output } from '../../server/generated/vcpud/v1/Nested
 import type { Vm__Output } from '../../server/generated/vcpud/v1/Vm';
 import type { Vcpu__Output } from '../../server/generated/vcpud/v1/Vcpu';
 import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
+import { isPlainCharacter } from '../../vm/vm-name';
 import { UsageError } from './args';
 import { decodeStatusDetails, isServiceError, type DecodedStatus } from './client';
 
@@ -57,17 +58,35 @@ export function formatSize(v: Numeric): string {
   return `${n} bytes`;
 }
 
-/** Left-aligned columns separated by two spaces; trailing blanks trimmed. */
+/**
+ * `text` with every character that does not print as itself (control, bidi and other format
+ * characters, line breaks...) escaped as \xNN, \uNNNN or \u{NNNNN}: strings from the server (VM
+ * names of old snapshots, messages) must not move the cursor, reorder a line or hide text.
+ */
+export function printable(text: string): string {
+  let out = '';
+  for (const c of text) {
+    if (isPlainCharacter(c)) {
+      out += c;
+      continue;
+    }
+    const n = c.codePointAt(0) as number;
+    out += n < 0x100 ? `\\x${n.toString(16).padStart(2, '0')}` : n < 0x10000 ? `\\u${n.toString(16).padStart(4, '0')}` : `\\u{${n.toString(16)}}`;
+  }
+  return out;
+}
+
+/** Left-aligned columns separated by two spaces; trailing blanks trimmed; cells made printable. */
 export function table(header: readonly string[], rows: readonly (readonly Numeric[])[], indent = ''): string[] {
-  const cells = [header, ...rows].map((r) => r.map(String));
+  const cells = [header, ...rows].map((r) => r.map((c) => printable(String(c))));
   const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
   return cells.map((r) => (indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).trimEnd());
 }
 
-/** "key value" lines with the keys padded to one width. */
+/** "key value" lines with the keys padded to one width; values made printable. */
 export function keyValues(pairs: readonly (readonly [string, Numeric])[], indent = ''): string[] {
   const width = Math.max(0, ...pairs.map(([k]) => k.length));
-  return pairs.map(([k, v]) => `${indent}${k.padEnd(width)}  ${v}`.trimEnd());
+  return pairs.map(([k, v]) => `${indent}${k.padEnd(width)}  ${printable(String(v))}`.trimEnd());
 }
 
 /** `hexdump -C` style lines, offsets from `base` (a guest-physical address). */
@@ -465,7 +484,7 @@ export function formatNestedState(n: NestedState__Output): string {
 export function formatConsoleEvent(ev: StreamConsoleResponse__Output): string | undefined {
   if (ev.stateChange) {
     const c = ev.stateChange;
-    return `[vcpu ${c.vcpuId}: ${runStateName(c.runState)}${c.reason ? ` (${c.reason})` : ''}]`;
+    return `[vcpu ${c.vcpuId}: ${runStateName(c.runState)}${c.reason ? ` (${printable(c.reason)})` : ''}]`;
   }
   if (ev.debug) {
     const d = ev.debug;
@@ -490,11 +509,11 @@ export function formatError(e: unknown): string {
   if (e instanceof UsageError) return `vcpuctl: ${e.message}`;
   if (isServiceError(e)) {
     const st = decodeStatusDetails(e.metadata);
-    const message = (st?.message || e.details || e.message || '').trim();
+    const message = printable((st?.message || e.details || e.message || '').trim());
     const reason = st?.errorInfo?.reason;
     const lines = [`vcpuctl: ${statusName(e.code)}${reason ? ` (${reason})` : ''}: ${message}`];
-    for (const v of st?.badRequest ?? []) lines.push(`  - ${v.field}: ${v.description}${v.reason ? ` [${v.reason}]` : ''}`);
-    for (const v of st?.preconditionFailure ?? []) lines.push(`  - ${v.subject}: ${v.description}${v.type ? ` [${v.type}]` : ''}`);
+    for (const v of st?.badRequest ?? []) lines.push(printable(`  - ${v.field}: ${v.description}${v.reason ? ` [${v.reason}]` : ''}`));
+    for (const v of st?.preconditionFailure ?? []) lines.push(printable(`  - ${v.subject}: ${v.description}${v.type ? ` [${v.type}]` : ''}`));
     return lines.join('\n');
   }
   return `vcpuctl: ${(e as Error)?.message ?? String(e)}`;

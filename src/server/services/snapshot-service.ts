@@ -19,6 +19,7 @@ import { snapshotWriteError } from '../../vm/snapshot-write-error';
 import { AtomicFileSink, captureSnapshot, holdAndPause, StreamSink, type CaptureResult, type SnapshotProgress as Progress } from '../../vm/snapshot-writer';
 import type { SnapshotHeader } from '../../vm/snapshot-format';
 import type { ManagedVm } from '../../vm/managed-vm';
+import { checkVmName } from '../../vm/vm-name';
 import { timestampToProto, vmToProto } from '../convert';
 import { decodeStatusDetails, toServiceError } from '../errors';
 import type { Duration } from '../generated/google/protobuf/Duration';
@@ -185,6 +186,7 @@ export class SnapshotService {
 
       RestoreSnapshot: unary(ctx, async (req: { name: string; run: boolean; vmName: string; noLazyMemory: boolean }) => {
         const started = process.hrtime.bigint();
+        checkVmName(req.vmName, 'vm_name');
         const { fd } = await this.store.openForRead(req.name);
         try {
           const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy: !req.noLazyMemory, name: req.vmName || undefined, run: req.run });
@@ -203,6 +205,7 @@ export class SnapshotService {
           for await (const msg of call as AsyncIterable<RestoreSnapshotStreamRequest__Output>) {
             if (msg.message === 'options' && msg.options) {
               if (sawData) throw invalidArgument('options must be the first message', [{ rule: 'options.first', field: 'options', message: 'send options before any data' }]);
+              checkVmName(msg.options.vmName, 'options.vm_name'); // before any byte of the snapshot is read
               options = { run: msg.options.run, vmName: msg.options.vmName };
               continue;
             }
@@ -279,6 +282,7 @@ export class SnapshotService {
   private async migrate(call: grpc.ServerWritableStream<MigrateVmRequest__Output, MigrateVmResponse>): Promise<void> {
     const req = call.request;
     const started = process.hrtime.bigint();
+    checkVmName(req.destinationVmName, 'destination_vm_name');
     const vm = this.ctx.registry.get(req.vmId);
     const { target, creds, options } = this.credentials(req);
     const v1 = vcpudProto().vcpud.v1;

@@ -15,7 +15,7 @@ import type { SnapshotProgress__Output } from '../../../server/generated/vcpud/v
 import type { Duration__Output } from '../../../server/generated/google/protobuf/Duration';
 import { UsageError } from '../args';
 import type { Command, Context } from '../command';
-import { enumShort, formatSize, formatVm, table } from '../format';
+import { enumShort, formatSize, formatVm, keyValues, printable, table } from '../format';
 
 /** Bytes per RestoreSnapshotStream message. */
 export const UPLOAD_CHUNK = 1 << 20;
@@ -87,8 +87,7 @@ function infoLines(i: SnapshotInfo__Output): string {
     ['format', `version ${i.formatVersion}`],
   ];
   if (i.duration) rows.push(['took', `${seconds(i.duration).toFixed(3)} s`]);
-  const w = Math.max(...rows.map(([k]) => k.length));
-  return rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n');
+  return keyValues(rows).join('\n');
 }
 
 async function create(ctx: Context): Promise<void> {
@@ -185,7 +184,7 @@ async function restore(ctx: Context): Promise<void> {
       lines.push(
         `restored in ${(seconds(s.duration) * 1000).toFixed(1)} ms: ${humanSize(s.snapshotBytes)} snapshot, memory ${humanSize(s.memoryBytesMapped)} mapped lazily, ${humanSize(s.memoryBytesCopied)} copied`,
       );
-    for (const n of resp.notes) lines.push(`note: ${n}`);
+    for (const n of resp.notes) lines.push(`note: ${printable(n)}`);
     ctx.print(lines.join('\n'));
   }
 }
@@ -221,7 +220,7 @@ async function migrate(ctx: Context): Promise<void> {
       `sent ${humanSize(done.bytesSent)} in ${seconds(done.duration).toFixed(3)} s; paused for ${(seconds(done.downtime) * 1000).toFixed(1)} ms`,
     ];
     if (done.destinationVm) lines.push(formatVm(done.destinationVm));
-    for (const n of done.notes) lines.push(`note: ${n}`);
+    for (const n of done.notes) lines.push(`note: ${printable(n)}`);
     ctx.print(lines.join('\n'));
   }
 }

@@ -120,6 +120,12 @@ export const ErrorReason = {
    * on the host, and the same call then succeeds. Nothing was changed.
    */
   ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED: 'ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED',
+  /**
+   * RESOURCE_EXHAUSTED: the host ran out of file descriptors (EMFILE: vcpud's RLIMIT_NOFILE, ENFILE: the
+   * system's) or memory (ENOMEM) during the call (metadata: errno, and ioctl when a KVM ioctl failed). Not a
+   * configured limit: retrying helps once connections, VMs or other processes release some.
+   */
+  ERROR_REASON_HOST_RESOURCES_EXHAUSTED: 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED',
 } as const;
 
 /**
@@ -261,6 +267,13 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_SNAPSHOT_DIR_ACCESS_DENIED'
   | 30
+  /**
+   * RESOURCE_EXHAUSTED: the host ran out of file descriptors (EMFILE: vcpud's RLIMIT_NOFILE, ENFILE: the
+   * system's) or memory (ENOMEM) during the call (metadata: errno, and ioctl when a KVM ioctl failed). Not a
+   * configured limit: retrying helps once connections, VMs or other processes release some.
+   */
+  | 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED'
+  | 24
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix
