@@ -14,6 +14,7 @@ import { ROOT, fatal, knob, knobs, rowsTable, table, type BenchResult } from './
 import { measureGetState } from './getstate';
 import { machineEntries, readMachine, renderReport, writeReport } from './report';
 import { measureSnapshot } from './snapshot';
+import { measureSnapshotStream } from './snapshot-stream';
 import { measureThroughput } from './throughput';
 
 const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
@@ -23,6 +24,7 @@ const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
   { name: 'throughput', measure: () => measureThroughput() },
   { name: 'snapshot', measure: measureSnapshot },
   { name: 'dirty-log', measure: measureDirtyLog },
+  { name: 'snapshot-stream', measure: measureSnapshotStream },
 ];
 
 const USAGE = 'usage: node dist/bench/all.js [--no-write]   (BENCH_WRITE=0 = --no-write)';

@@ -21,6 +21,8 @@ namespace vcpud {
 namespace {
 
 constexpr size_t kPage = kPageSize;
+// MADV_POPULATE_WRITE (Linux 5.14); older libc headers lack the name.
+constexpr int kMadvPopulateWrite = 23;
 
 struct Run {
   size_t offset;  // into the guest memory
@@ -75,10 +77,48 @@ int ReadAll(int fd, uint8_t* p, size_t len, uint64_t pos) {
   return 0;
 }
 
+constexpr size_t kCopyBlock = 64 * 1024;
+
+// A byte range of a JS Buffer (a piece of a page-list copy's outside end).
+struct Piece {
+  uint8_t* data;
+  size_t length;
+};
+
+// Copies between the runs (guest memory) and the pieces (Buffers), in order, both sides holding the
+// same number of bytes; returns the CRC-32C of the bytes copied, read where they landed.
+uint32_t CopyRuns(uint8_t* base, const std::vector<Run>& runs, const std::vector<Piece>& pieces, bool intoGuest) {
+  uint32_t crc = 0;
+  size_t pi = 0, po = 0;
+  for (const Run& r : runs) {
+    // Pages about to be written are faulted in by one call rather than one fault each (about half
+    // the cost of writing fresh memory). A hint: on a kernel without it the copy faults them in.
+    if (intoGuest) madvise(base + r.offset, r.length, kMadvPopulateWrite);
+    for (size_t ro = 0; ro < r.length;) {
+      const Piece& piece = pieces[pi];
+      // In blocks that stay in cache between the copy and the checksum that reads them back.
+      size_t n = std::min({r.length - ro, piece.length - po, kCopyBlock});
+      uint8_t* guest = base + r.offset + ro;
+      uint8_t* buf = piece.data + po;
+      uint8_t* landed = intoGuest ? guest : buf;
+      memcpy(landed, intoGuest ? buf : guest, n);
+      crc = Crc32c(crc, landed, n);
+      ro += n;
+      po += n;
+      if (po == piece.length) {
+        pi++;
+        po = 0;
+      }
+    }
+  }
+  return crc;
+}
+
 // One page-list operation on the libuv pool; resolves to the CRC-32C of the pages it saw.
 class PageTask : public Napi::AsyncWorker {
  public:
-  enum class Kind { kCrc, kWrite, kCopy };
+  // kCopyOut: pages -> pieces; kCopyIn: pieces -> pages.
+  enum class Kind { kCrc, kWrite, kCopyOut, kCopyIn };
 
   PageTask(Napi::Env env, GuestMemory* mem, Napi::Object self, Kind kind, const char* op, std::vector<Run> runs)
       : Napi::AsyncWorker(env), mem_(mem), self_(Napi::Persistent(self)), kind_(kind), op_(op),
@@ -90,42 +130,41 @@ class PageTask : public Napi::AsyncWorker {
     fd_ = fd;
     pos_ = pos;
   }
-  void SetOut(Napi::Buffer<uint8_t> out) {
-    out_ = out.Data();
-    outRef_ = Napi::Persistent(out.As<Napi::Object>());
+  // The Buffers stay referenced (alive) until the task is done.
+  void SetPieces(const std::vector<Napi::Buffer<uint8_t>>& buffers) {
+    for (const auto& b : buffers) {
+      if (b.Length()) pieces_.push_back({b.Data(), b.Length()});
+      refs_.push_back(Napi::Persistent(b.As<Napi::Object>()));
+    }
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
     uint8_t* base = mem_->Base();
-    uint64_t pos = pos_;
-    uint8_t* out = out_;
     uintptr_t fault = 0;
+    if (kind_ == Kind::kCopyOut || kind_ == Kind::kCopyIn) {
+      // CopyRuns holds nothing that needs unwinding, so it runs under the guard whole.
+      if (!GuardedRun([](void* t) { static_cast<PageTask*>(t)->CopyGuarded(); }, this, &fault)) return Faulted(base, fault);
+      if (kind_ == Kind::kCopyIn)
+        for (const Run& r : runs_) mem_->MarkWritten(r.offset, r.length);
+      return;
+    }
+    uint64_t pos = pos_;
     for (const Run& r : runs_) {
       const uint8_t* p = base + r.offset;
-      switch (kind_) {
-        case Kind::kCrc:
-          if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
-          break;
-        case Kind::kCopy:
-          if (!GuardedCopy(out, p, r.length, &fault)) return Faulted(base, fault);
-          crc_ = Crc32c(crc_, out, r.length);  // the checksum of the bytes that leave
-          out += r.length;
-          break;
-        case Kind::kWrite: {
-          if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
-          const uint8_t* failedAt = p;
-          if ((err_ = WriteAll(fd_, p, r.length, pos, &failedAt)) == EFAULT)
-            return Faulted(base, reinterpret_cast<uintptr_t>(failedAt));  // lost after the checksum read it
-          if (err_) return;
-          // Start writeback now so the final fsync has little left (a hint: errors are ignored).
-          sync_file_range(fd_, static_cast<off_t>(pos), static_cast<off_t>(r.length), SYNC_FILE_RANGE_WRITE);
-          pos += r.length;
-          break;
-        }
-      }
+      if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
+      if (kind_ == Kind::kCrc) continue;
+      const uint8_t* failedAt = p;
+      if ((err_ = WriteAll(fd_, p, r.length, pos, &failedAt)) == EFAULT)
+        return Faulted(base, reinterpret_cast<uintptr_t>(failedAt));  // lost after the checksum read it
+      if (err_) return;
+      // Start writeback now so the final fsync has little left (a hint: errors are ignored).
+      sync_file_range(fd_, static_cast<off_t>(pos), static_cast<off_t>(r.length), SYNC_FILE_RANGE_WRITE);
+      pos += r.length;
     }
   }
+
+  void CopyGuarded() { crc_ = CopyRuns(mem_->Base(), runs_, pieces_, kind_ == Kind::kCopyIn); }
 
   void OnOK() override {
     Napi::Env env = Env();
@@ -143,8 +182,8 @@ class PageTask : public Napi::AsyncWorker {
   std::vector<Run> runs_;
   int fd_ = -1;
   uint64_t pos_ = 0;
-  uint8_t* out_ = nullptr;
-  Napi::ObjectReference outRef_;
+  std::vector<Piece> pieces_;
+  std::vector<Napi::ObjectReference> refs_;
   uint32_t crc_ = 0;
   int err_ = 0;
   bool faulted_ = false;
@@ -181,6 +220,7 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("crc32cPages", &GuestMemory::Crc32cPages),
                                   InstanceMethod("writePagesToFd", &GuestMemory::WritePagesToFd),
                                   InstanceMethod("copyPages", &GuestMemory::CopyPages),
+                                  InstanceMethod("writePages", &GuestMemory::WritePages),
                                   InstanceMethod("mapFile", &GuestMemory::MapFile),
                                   InstanceMethod("readFromFd", &GuestMemory::ReadFromFd),
                                   InstanceMethod("backingFiles", &GuestMemory::BackingFiles),
@@ -349,17 +389,46 @@ Napi::Value GuestMemory::WritePagesToFd(const Napi::CallbackInfo& info) {
   return Start(t);
 }
 
-Napi::Value GuestMemory::CopyPages(const Napi::CallbackInfo& info) {
-  const char* op = "GuestMemory.copyPages";
-  std::vector<Run> runs = PageRunsArg(info, *this, op);
-  Napi::Buffer<uint8_t> out = BufferArg(info, 3, op);
-  size_t total = 0;
-  for (const Run& r : runs) total += r.length;
-  if (out.Length() != total)
-    ThrowLength(info.Env(), op, "output buffer is " + std::to_string(out.Length()) + " bytes, the pages are " + std::to_string(total));
-  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kCopy, op, std::move(runs));
-  t->SetOut(out);
+namespace {
+
+// Argument `i` of copyPages/writePages: a Buffer or an array of Buffers holding exactly the bytes of
+// the selected pages, checked.
+std::vector<Napi::Buffer<uint8_t>> PiecesArg(const Napi::CallbackInfo& info, size_t i, const char* op, const std::vector<Run>& runs) {
+  std::vector<Napi::Buffer<uint8_t>> buffers;
+  if (info[i].IsArray()) {
+    Napi::Array a = info[i].As<Napi::Array>();
+    for (uint32_t k = 0; k < a.Length(); k++) {
+      Napi::Value v = a.Get(k);
+      if (!v.IsBuffer()) throw Napi::TypeError::New(info.Env(), std::string(op) + ": element " + std::to_string(k) + " of the buffer list is not a Buffer");
+      buffers.push_back(v.As<Napi::Buffer<uint8_t>>());
+    }
+  } else {
+    buffers.push_back(BufferArg(info, i, op));
+  }
+  size_t have = 0, want = 0;
+  for (const auto& b : buffers) have += b.Length();
+  for (const Run& r : runs) want += r.length;
+  if (have != want)
+    ThrowLength(info.Env(), op, "buffers hold " + std::to_string(have) + " bytes, the pages are " + std::to_string(want));
+  return buffers;
+}
+
+Napi::Value StartCopy(const Napi::CallbackInfo& info, GuestMemory* mem, PageTask::Kind kind, const char* op) {
+  std::vector<Run> runs = PageRunsArg(info, *mem, op);
+  std::vector<Napi::Buffer<uint8_t>> pieces = PiecesArg(info, 3, op, runs);
+  auto* t = new PageTask(info.Env(), mem, info.This().As<Napi::Object>(), kind, op, std::move(runs));
+  t->SetPieces(pieces);
   return Start(t);
+}
+
+}  // namespace
+
+Napi::Value GuestMemory::CopyPages(const Napi::CallbackInfo& info) {
+  return StartCopy(info, this, PageTask::Kind::kCopyOut, "GuestMemory.copyPages");
+}
+
+Napi::Value GuestMemory::WritePages(const Napi::CallbackInfo& info) {
+  return StartCopy(info, this, PageTask::Kind::kCopyIn, "GuestMemory.writePages");
 }
 
 Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {

@@ -2,10 +2,11 @@
 // reads and writes are bounds-checked copies.
 //
 // Snapshots work on it in whole pages: ScanPages finds the non-zero ones, and the page-list
-// operations (CRC-32C, write to a file, copy out) run on the libuv pool over the pages a bitmap
-// selects. MapFile replaces a range with a private (copy-on-write) mapping of a snapshot file, so a
-// restore maps memory lazily instead of reading it. While a pool operation runs the mapping stays
-// alive: release() then only marks it released and the unmap happens when the last one finishes.
+// operations (CRC-32C, write to a file, copy out to Buffers and in from them) run on the libuv pool
+// over the pages a bitmap selects. MapFile replaces a range with a private (copy-on-write) mapping of
+// a snapshot file, so a restore maps memory lazily instead of reading it. While a pool operation
+// runs the mapping stays alive: release() then only marks it released and the unmap happens when
+// the last one finishes.
 //
 // Every access vcpud makes to the memory is guarded (memory_guard.h): a mapped file truncated or
 // rewritten under the VM fails that access with a MEMORY_FAULT error instead of a SIGBUS that ends
@@ -62,9 +63,14 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // from fileOffset on, in large sequential pwrites, starting writeback as it goes; resolves to
   // their CRC-32C.
   Napi::Value WritePagesToFd(const Napi::CallbackInfo& info);
-  // (offset, pages, bitmap, out) -> Promise<number>: copies the selected pages packed into `out`
-  // (exactly their size); resolves to their CRC-32C.
+  // (offset, pages, bitmap, out) -> Promise<number>: copies the selected pages packed into `out`, a
+  // Buffer or an array of Buffers filled in order (exactly their size in all); resolves to their
+  // CRC-32C.
   Napi::Value CopyPages(const Napi::CallbackInfo& info);
+  // (offset, pages, bitmap, data) -> Promise<number>: the reverse: `data` (a Buffer or an array of
+  // Buffers, exactly the pages' size in all) into the selected pages; resolves to the CRC-32C of the
+  // bytes written, read back from guest memory.
+  Napi::Value WritePages(const Napi::CallbackInfo& info);
   // (offset, length, fd, fileOffset): MAP_PRIVATE | MAP_FIXED of the file over [offset, +length).
   Napi::Value MapFile(const Napi::CallbackInfo& info);
   // (offset, length, fd, fileOffset): pread into [offset, +length).

@@ -24,8 +24,10 @@ export interface NativeGuestMemory {
   crc32cPages(offset: number, pages: number, bitmap: Buffer): Promise<number>;
   /** pwrite of the selected pages packed from fileOffset on; resolves to their CRC-32C (libuv pool). */
   writePagesToFd(offset: number, pages: number, bitmap: Buffer, fd: number, fileOffset: number): Promise<number>;
-  /** Copies the selected pages packed into `out` (exactly their size); resolves to their CRC-32C. */
-  copyPages(offset: number, pages: number, bitmap: Buffer, out: Buffer): Promise<number>;
+  /** Copies the selected pages packed into `out`, filled in order (exactly their size in all); resolves to their CRC-32C. */
+  copyPages(offset: number, pages: number, bitmap: Buffer, out: Buffer | Buffer[]): Promise<number>;
+  /** The reverse of copyPages: `data` into the selected pages; resolves to the CRC-32C of the bytes written. */
+  writePages(offset: number, pages: number, bitmap: Buffer, data: Buffer | Buffer[]): Promise<number>;
   /** MAP_PRIVATE | MAP_FIXED of the file over [offset, +length): all page-aligned. */
   mapFile(offset: number, length: number, fd: number, fileOffset: number): void;
   /** pread of the file into [offset, +length). */

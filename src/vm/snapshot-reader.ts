@@ -38,8 +38,8 @@ import {
 
 /** Runs of at least this many pages are mapped from the file; shorter ones are read (fewer VMAs). */
 export const LAZY_MIN_PAGES = 16;
-/** Memory chunks whose checksums may be computing at once (the libuv pool has 4 threads). */
-const MAX_CRCS_IN_FLIGHT = 4;
+/** Memory chunks whose checksums (and copies) may be running at once (the libuv pool has 4 threads). */
+const MAX_CRCS_IN_FLIGHT = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Byte sources
@@ -51,6 +51,8 @@ export interface ByteSource {
   read(n: number, what: (available: number) => Error): Promise<Buffer>;
   /** Advances past `n` bytes (same error on truncation). */
   skip(n: number, what: (available: number) => Error): Promise<void>;
+  /** The next `n` bytes as one or more buffers in order, without joining them (same error). */
+  readPieces(n: number, what: (available: number) => Error): Promise<Buffer[]>;
 }
 
 /** A snapshot file, read with positioned reads; memory data can be mapped from its fd. */
@@ -82,6 +84,10 @@ export class FileSource implements ByteSource {
   async skip(n: number, what: (available: number) => Error): Promise<void> {
     if (this.pos + n > this.size) throw what(this.size - this.pos);
     this.pos += n;
+  }
+
+  async readPieces(n: number, what: (available: number) => Error): Promise<Buffer[]> {
+    return [await this.read(n, what)];
   }
 }
 
@@ -117,23 +123,20 @@ export class StreamSource implements ByteSource {
   }
 
   async read(n: number, what: (available: number) => Error): Promise<Buffer> {
+    const pieces = await this.readPieces(n, what);
+    return pieces.length === 1 ? pieces[0] : Buffer.concat(pieces, n);
+  }
+
+  async readPieces(n: number, what: (available: number) => Error): Promise<Buffer[]> {
     if (!(await this.fill(n))) throw what(this.bufferedBytes);
-    let out: Buffer;
-    if (this.buffered[0].length >= n) {
-      out = this.buffered[0].subarray(0, n);
-      this.buffered[0] = this.buffered[0].subarray(n);
-      if (!this.buffered[0].length) this.buffered.shift();
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let off = 0;
-      while (off < n) {
-        const b = this.buffered[0];
-        const take = Math.min(b.length, n - off);
-        b.copy(out, off, 0, take);
-        off += take;
-        if (take === b.length) this.buffered.shift();
-        else this.buffered[0] = b.subarray(take);
-      }
+    const out: Buffer[] = [];
+    for (let left = n; left > 0; ) {
+      const b = this.buffered[0];
+      const take = Math.min(b.length, left);
+      out.push(take === b.length ? b : b.subarray(0, take));
+      if (take === b.length) this.buffered.shift();
+      else this.buffered[0] = b.subarray(take);
+      left -= take;
     }
     this.bufferedBytes -= n;
     this.pos += n;
@@ -260,8 +263,29 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
   let pagesStored = 0;
   const lazy = fileFd !== undefined && opts.lazy !== false;
   let canMap = true;
+  // Memory chunks are checksummed (and copied) on the libuv pool, several at once, while the next
+  // records are read; a mismatch is reported for the first chunk (in order) that has one.
   const pendingCrcs: Promise<RecordHeader | undefined>[] = [];
   let settledCrcs = 0;
+  const firstMismatch = async (upTo: number) => {
+    for (; settledCrcs < upTo; settledCrcs++) {
+      const bad = await pendingCrcs[settledCrcs];
+      if (bad) throw mismatch(bad); // still pending for the catch below: the same error again
+    }
+  };
+  const checked = async (h: RecordHeader, crc: Promise<number>) => {
+    const result = crc.then(
+      (c) => (c === h.payloadCrc ? undefined : h),
+      (e) => {
+        // A mapped page faulted: the file was truncated or rewritten while we restored it.
+        if ((e as { code?: unknown })?.code !== 'MEMORY_FAULT') throw e;
+        throw snapshotCorrupt(`${describeChunk(h)}: its memory can no longer be read from the file, which was truncated or changed during the restore`, h.seq, h.offset);
+      },
+    );
+    result.catch(() => {}); // handled where it is awaited; a rejection before that must not count as unhandled
+    pendingCrcs.push(result);
+    await firstMismatch(pendingCrcs.length - MAX_CRCS_IN_FLIGHT + 1);
+  };
   try {
     let map: { gpa: number; pages: number; bitmap: Buffer } | undefined;
     for (;;) {
@@ -321,31 +345,13 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
                 }
                 index += count;
               }
-              // Checksums run on the libuv pool, several chunks at once, while the next records are
-              // read and mapped; a mismatch is reported for the first chunk (in order) that has one.
-              const { gpa, pages, bitmap } = map;
-              const hdr = h;
-              const checked = memory.crc32cPages(gpa, pages, bitmap).then(
-                (crc) => (crc === hdr.payloadCrc ? undefined : hdr),
-                (e) => {
-                  // A mapped page faulted: the file was truncated or rewritten while we restored it.
-                  if ((e as { code?: unknown })?.code !== 'MEMORY_FAULT') throw e;
-                  throw snapshotCorrupt(`${describeChunk(hdr)}: its memory can no longer be read from the file, which was truncated or changed during the restore`, hdr.seq, hdr.offset);
-                },
-              );
-              checked.catch(() => {}); // handled where it is awaited; a rejection before that must not count as unhandled
-              pendingCrcs.push(checked);
-              if (pendingCrcs.length - settledCrcs >= MAX_CRCS_IN_FLIGHT) await pendingCrcs[settledCrcs++];
+              await checked(h, memory.crc32cPages(map.gpa, map.pages, map.bitmap));
             } else {
               if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
-              const data = await source.read(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));
-              if (crc32c(data) !== h.payloadCrc) throw mismatch(h);
-              let index = 0;
-              for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
-                memory.write(map.gpa + firstPage * PAGE_SIZE, data.subarray(index * PAGE_SIZE, (index + count) * PAGE_SIZE));
-                index += count;
-              }
-              copiedBytes += data.length;
+              // The bytes as they arrived (no joining), copied into the pages on the libuv pool.
+              const data = await source.readPieces(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));
+              await checked(h, memory.writePages(map.gpa, map.pages, map.bitmap, data));
+              copiedBytes += h.payloadLength;
             }
           } else if (h.payloadCrc !== 0) {
             throw mismatch(h);
@@ -374,7 +380,7 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
             if (v.nestedSize && !have.has('nested')) throw corrupt(`vCPU ${v.id} nested state is missing`);
           }
           for (const s of header.vmState ?? []) if (!vmState.has(s.name)) throw corrupt(`VM state ${s.name} is missing`);
-          for (const bad of await Promise.all(pendingCrcs)) if (bad) throw mismatch(bad);
+          await firstMismatch(pendingCrcs.length);
           if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
           if (source instanceof FileSource && source.position !== source.size)
             throw corrupt(`${source.size - source.position} bytes follow the END record`);
@@ -383,9 +389,11 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
       }
     }
   } catch (e) {
-    // Checksums still running keep the memory mapped until they finish (release is deferred).
-    await Promise.allSettled(pendingCrcs);
+    // Checksums still running keep the memory mapped until they finish (release is deferred). A
+    // chunk before the failure that did not match is the first fault in the snapshot: it is reported.
+    const settled = await Promise.allSettled(pendingCrcs.slice(settledCrcs));
     memory.release();
-    throw e;
+    const bad = settled.find((r) => r.status === 'fulfilled' && r.value);
+    throw bad ? mismatch((bad as PromiseFulfilledResult<RecordHeader>).value) : e;
   }
 }

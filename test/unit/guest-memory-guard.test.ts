@@ -94,6 +94,10 @@ describe('guest memory over a truncated mapped file', () => {
     }
   });
 
+  it('writePages (a streamed restore writing into guest memory, libuv pool) rejects with MEMORY_FAULT', async () => {
+    expectFault(await rejection(mem.writePages(0, 128, allPages, [Buffer.alloc(128 * PAGE, 1)])), 'GuestMemory.writePages');
+  });
+
   it('packPages and applyFrames (live migration page frames, libuv pool) reject with MEMORY_FAULT', async () => {
     expectFault(await rejection(mem.packPages(allPages, 0, Buffer.alloc(132 * PAGE), { seq: 0 })), 'GuestMemory.packPages');
     // A frame of the lost pages, packed from anonymous memory, applied onto the truncated mapping.

@@ -46,6 +46,7 @@ import type { CreateSnapshotResponse__Output } from '../../server/generated/vcpu
 import type { RestoreSnapshotRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotRequest';
 import type { RestoreSnapshotResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotResponse';
 import type { RestoreSnapshotStreamRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamRequest';
+import { passPreserialized, type Preserialized } from '../../server/preserialized';
 import type { RestoreSnapshotStreamResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamResponse';
 import type { ListSnapshotsRequest } from '../../server/generated/vcpud/v1/ListSnapshotsRequest';
 import type { ListSnapshotsResponse__Output } from '../../server/generated/vcpud/v1/ListSnapshotsResponse';
@@ -261,11 +262,17 @@ export class VcpudClient {
   restoreSnapshot(req: RestoreSnapshotRequest) {
     return unary<RestoreSnapshotRequest, RestoreSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.restoreSnapshot(r, m, o, cb), req, this.callOptions());
   }
-  /** RestoreSnapshotStream: the returned stream takes the messages; the promise is the response. */
-  restoreSnapshotStream(): { stream: grpc.ClientWritableStream<RestoreSnapshotStreamRequest>; response: Promise<RestoreSnapshotStreamResponse__Output> } {
-    let stream!: grpc.ClientWritableStream<RestoreSnapshotStreamRequest>;
+  /**
+   * RestoreSnapshotStream: the returned stream takes the messages (data messages may come
+   * pre-serialized: upload.ts); the promise is the response.
+   */
+  restoreSnapshotStream(): { stream: grpc.ClientWritableStream<RestoreSnapshotStreamRequest | Preserialized>; response: Promise<RestoreSnapshotStreamResponse__Output> } {
+    const method = loadVcpudProto().vcpud.v1.SnapshotService.service.RestoreSnapshotStream;
+    let stream!: grpc.ClientWritableStream<RestoreSnapshotStreamRequest | Preserialized>;
     const response = new Promise<RestoreSnapshotStreamResponse__Output>((resolve, reject) => {
-      stream = this.snapshot.restoreSnapshotStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as RestoreSnapshotStreamResponse__Output)));
+      stream = this.snapshot.makeClientStreamRequest(method.path, passPreserialized(method.requestSerialize), method.responseDeserialize, new grpc.Metadata(), {}, (err, res) =>
+        err ? reject(err) : resolve(res as RestoreSnapshotStreamResponse__Output),
+      );
     });
     return { stream, response };
   }

@@ -11,6 +11,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { withBulkHeap } from '../../bulk-heap';
 import { invalidArgument, VcpudError, type ErrorKind } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
@@ -37,10 +38,17 @@ import type { SnapshotServiceHandlers } from '../generated/vcpud/v1/SnapshotServ
 import type { Vm__Output } from '../generated/vcpud/v1/Vm';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
-import { cancelledWithin, writeWithBackpressure } from './streams';
+import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized } from '../preserialized';
+import { cancelledWithin, writeAndWait, writeWithBackpressure, type WritableLike } from './streams';
 
 /** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
 const STREAM_CHUNK = 1024 * 1024;
+/** CreateSnapshot data messages being sent at once (their buffers are reused once sent). */
+const STREAM_IN_FLIGHT = 8;
+/** CreateSnapshotResponse.data's field number. */
+const CREATE_SNAPSHOT_DATA_FIELD = 2;
+/** A CreateSnapshotResponse carrying `framed`'s snapshot bytes, encoded in place (StreamSink's headroom). */
+export const streamData = (framed: Buffer) => bytesFieldMessage(CREATE_SNAPSHOT_DATA_FIELD, framed, BYTES_FIELD_HEADROOM);
 /** Progress messages at most this often (plus one per phase change). */
 const PROGRESS_INTERVAL_MS = 100;
 /** How long a RestoreSnapshotStream whose input ended too early waits for the client's cancel. */
@@ -122,7 +130,10 @@ export class SnapshotService {
   }
 
   register(server: grpc.Server): void {
-    server.addService(vcpudProto().vcpud.v1.SnapshotService.service, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+    const service = vcpudProto().vcpud.v1.SnapshotService.service;
+    // CreateSnapshot's data messages are sent pre-serialized (streamData).
+    const create = { ...service.CreateSnapshot, responseSerialize: passPreserialized(service.CreateSnapshot.responseSerialize) };
+    server.addService({ ...service, CreateSnapshot: create }, this.handlers() as unknown as grpc.UntypedServiceImplementation);
   }
 
   private restoreResponse(loaded: LoadedSnapshot, vm: ManagedVm, notes: string[], started: bigint) {
@@ -161,13 +172,21 @@ export class SnapshotService {
           try {
             let r: CaptureResult;
             try {
-              const sink = target ? await AtomicFileSink.create(target) : new StreamSink((chunk) => writeWithBackpressure(call, { data: chunk }), STREAM_CHUNK);
-              r = await captureSnapshot(vm, sink, {
-                caps: ctx.caps,
-                runStates: held.before,
-                onProgress: progressSender((progress) => call.write({ progress })),
-                cancelled: () => call.cancelled,
-              });
+              const sink = target
+                ? await AtomicFileSink.create(target)
+                : new StreamSink((_chunk, framed) => writeAndWait(call as WritableLike<unknown>, streamData(framed)), {
+                    maxChunk: STREAM_CHUNK,
+                    headroom: BYTES_FIELD_HEADROOM,
+                    inFlight: STREAM_IN_FLIGHT,
+                  });
+              const capture = () =>
+                captureSnapshot(vm, sink, {
+                  caps: ctx.caps,
+                  runStates: held.before,
+                  onProgress: progressSender((progress) => call.write({ progress })),
+                  cancelled: () => call.cancelled,
+                });
+              r = await (target ? capture() : withBulkHeap(capture));
             } catch (e) {
               throw target ? snapshotWriteError(e, name, target.displayPath) : e;
             }
@@ -220,7 +239,7 @@ export class SnapshotService {
             // options arrive with the first message, before any byte of the snapshot is read
             const source = new StreamSource(chunks());
             const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; } };
-            const r = await loadAndRestore(ctx.registry, ctx.caps, source, opts);
+            const r = await withBulkHeap(() => loadAndRestore(ctx.registry, ctx.caps, source, opts));
             return this.restoreResponse(r.loaded, r.vm, r.notes, started);
           })
           .then(

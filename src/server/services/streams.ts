@@ -2,7 +2,7 @@
 import { VcpudError } from '../../errors';
 
 export interface WritableLike<T> {
-  write(m: T): boolean;
+  write(m: T, callback?: (err?: Error | null) => void): boolean;
   once(ev: string, fn: (...a: unknown[]) => void): unknown;
   removeListener(ev: string, fn: (...a: unknown[]) => void): unknown;
   /** Node's Writable: true once destroyed (grpc-js destroys a server stream the client cancelled). */
@@ -33,6 +33,29 @@ export function writeWithBackpressure<T>(stream: WritableLike<T>, msg: T): Promi
     stream.once('close', onClose);
     stream.once('error', onError);
     if (stream.destroyed) done(gone()); // destroyed by the write itself
+  });
+}
+
+/**
+ * Writes a message and resolves once it has left (grpc-js serialized it and handed it to HTTP/2):
+ * the caller may then reuse what the message referenced. Rejects when the stream is or becomes
+ * destroyed first (Node calls the write's callback with an error then, but 'close' is waited for too).
+ */
+export function writeAndWait<T>(stream: WritableLike<T>, msg: T): Promise<void> {
+  const gone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
+  if (stream.destroyed) return Promise.reject(gone());
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const done = (err?: Error | null) => {
+      if (settled) return;
+      settled = true;
+      stream.removeListener('close', onClose);
+      if (err) reject(err instanceof VcpudError ? err : gone());
+      else resolve();
+    };
+    const onClose = () => done(gone());
+    stream.once('close', onClose);
+    stream.write(msg, (err) => done(err));
   });
 }
 

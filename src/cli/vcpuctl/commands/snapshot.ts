@@ -13,12 +13,12 @@ import type { MigrateVmResponse__Output } from '../../../server/generated/vcpud/
 import type { SnapshotInfo__Output } from '../../../server/generated/vcpud/v1/SnapshotInfo';
 import type { SnapshotProgress__Output } from '../../../server/generated/vcpud/v1/SnapshotProgress';
 import type { Duration__Output } from '../../../server/generated/google/protobuf/Duration';
+import { withBulkHeap } from '../../../bulk-heap';
 import { UsageError } from '../args';
 import type { Command, Context } from '../command';
 import { enumShort, formatSize, formatVm, keyValues, printable, table } from '../format';
+import { uploadFile } from '../upload';
 
-/** Bytes per RestoreSnapshotStream message. */
-export const UPLOAD_CHUNK = 1 << 20;
 const BAR_WIDTH = 30;
 
 const mib = (n: number) => `${(n / 1048576).toFixed(1)}`;
@@ -104,7 +104,7 @@ async function create(ctx: Context): Promise<void> {
   let done: SnapshotInfo__Output | undefined;
   let pos = 0;
   try {
-    await drain(call, (m: CreateSnapshotResponse__Output) => {
+    await withBulkHeap(() => drain(call, (m: CreateSnapshotResponse__Output) => {
       if (m.progress) progress.update(m.progress);
       if (m.data && fd !== undefined) {
         let off = 0;
@@ -112,7 +112,7 @@ async function create(ctx: Context): Promise<void> {
         pos += m.data.length;
       }
       if (m.done) done = m.done;
-    });
+    }));
     progress.finish();
     if (!done) throw new Error('the server ended CreateSnapshot without a done message');
     if (fd !== undefined) {
@@ -155,20 +155,12 @@ async function restore(ctx: Context): Promise<void> {
     response.catch(() => {}); // awaited below
     const progress = progressReporter(ctx, 'upload');
     try {
-      const write = (msg: object) =>
-        new Promise<void>((resolve) => {
-          if (stream.write(msg)) resolve();
-          else stream.once('drain', () => resolve());
-        });
-      await write({ options: { run, vmName } });
-      const buf = Buffer.allocUnsafe(UPLOAD_CHUNK);
-      for (let pos = 0; pos < size; ) {
-        const n = fs.readSync(fd, buf, 0, Math.min(UPLOAD_CHUNK, size - pos), pos);
-        if (n === 0) break;
-        await Promise.race([write({ data: Buffer.from(buf.subarray(0, n)) }), response.then(() => undefined, () => undefined)]);
-        pos += n;
-        progress.update({ phase: 'SNAPSHOT_PHASE_MEMORY', memoryBytesDone: String(pos), memoryBytesTotal: String(size), bytesWritten: String(pos) } as SnapshotProgress__Output);
-      }
+      stream.write({ options: { run, vmName } });
+      await withBulkHeap(() =>
+        uploadFile(stream, fd, size, response, (pos) =>
+          progress.update({ phase: 'SNAPSHOT_PHASE_MEMORY', memoryBytesDone: String(pos), memoryBytesTotal: String(size), bytesWritten: String(pos) } as SnapshotProgress__Output),
+        ),
+      );
       stream.end();
       resp = await response;
     } finally {
