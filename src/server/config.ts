@@ -40,6 +40,10 @@ export interface Config {
   limits: Limits;
   maxMessageBytes: number;
   maxConcurrentStreams: number;
+  /** Bytes of request messages larger than 64 KiB being received at once, over all calls (request-limits.ts). */
+  maxRequestBytesInFlight: number;
+  /** A request message or restore upload that receives nothing for this long is ended (UPLOAD_STALLED). */
+  uploadStallTimeoutMs: number;
   /** Open connections on the API listener; more are closed at accept (connections.ts). */
   maxConnections: number;
   /** A TLS connection must finish its handshake within this, or it is closed. */
@@ -171,6 +175,8 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process
     limits: { ...DEFAULT_LIMITS },
     maxMessageBytes: 64 * 1024 ** 2,
     maxConcurrentStreams: 256,
+    maxRequestBytesInFlight: 256 * 1024 ** 2,
+    uploadStallTimeoutMs: 30_000,
     maxConnections: 256,
     handshakeTimeoutMs: 10_000,
     shutdownGraceMs: 5000,
@@ -205,6 +211,8 @@ interface Settings {
   maxMemoryTotalBytes?: number;
   maxMessageBytes?: number;
   maxConcurrentStreams?: number;
+  maxRequestBytesInFlight?: number;
+  uploadStallTimeoutMs?: number;
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   shutdownGraceMs?: number;
@@ -313,8 +321,10 @@ const OPTIONS: OptionSpec[] = [
   { key: 'maxMemoryTotalBytes', flag: '--max-memory-total', env: 'VCPUD_MAX_MEMORY_TOTAL', file: 'limits.maxMemoryTotalBytes', parse: size, arg: 'SIZE', help: 'guest memory of all VMs (default 16Gi)' },
   { key: 'maxMessageBytes', flag: '--max-message-bytes', env: 'VCPUD_MAX_MESSAGE_BYTES', file: 'maxMessageBytes', parse: (r, b) => positive(size(r, b), b), arg: 'SIZE', help: 'largest gRPC message sent or received (default 64Mi)' },
   { key: 'maxConcurrentStreams', flag: '--max-concurrent-streams', env: 'VCPUD_MAX_CONCURRENT_STREAMS', file: 'maxConcurrentStreams', parse: positive, arg: 'N', help: 'HTTP/2 streams per connection (default 256)' },
+  { key: 'maxRequestBytesInFlight', flag: '--max-request-bytes-in-flight', env: 'VCPUD_MAX_REQUEST_BYTES_IN_FLIGHT', file: 'maxRequestBytesInFlight', parse: (r, b) => positive(size(r, b), b), arg: 'SIZE', help: 'request messages over 64 KiB being received at once, all calls together (default 256Mi)' },
+  { key: 'uploadStallTimeoutMs', flag: '--upload-stall-timeout', env: 'VCPUD_UPLOAD_STALL_TIMEOUT', file: 'uploadStallTimeoutMs', parse: duration, arg: 'DURATION', help: 'end a request message or restore upload that receives nothing for this long (default 30s)' },
   { key: 'maxConnections', flag: '--max-connections', env: 'VCPUD_MAX_CONNECTIONS', file: 'maxConnections', parse: positive, arg: 'N', help: 'open connections on the API listener; more are closed at accept (default 256)' },
-  { key: 'handshakeTimeoutMs', flag: '--handshake-timeout', env: 'VCPUD_HANDSHAKE_TIMEOUT', file: 'handshakeTimeoutMs', parse: duration, arg: 'TIME', help: 'TLS handshake deadline; also how long a probe or scrape connection may idle (default 10s)' },
+  { key: 'handshakeTimeoutMs', flag: '--handshake-timeout', env: 'VCPUD_HANDSHAKE_TIMEOUT', file: 'handshakeTimeoutMs', parse: duration, arg: 'DURATION', help: 'TLS handshake deadline; also how long a probe or scrape connection may idle (default 10s)' },
   { key: 'shutdownGraceMs', flag: '--shutdown-grace-ms', env: 'VCPUD_SHUTDOWN_GRACE_MS', file: 'shutdownGraceMs', parse: count, arg: 'MS', help: 'time in-flight calls get on shutdown (default 5000)' },
   { key: 'logLevel', flag: '--log-level', env: 'VCPUD_LOG_LEVEL', file: 'logLevel', parse: level, arg: 'LEVEL', help: 'debug, info, warn or error (default info)' },
   { key: 'exitOnKvmError', flag: '--exit-on-kvm-error', env: 'VCPUD_EXIT_ON_KVM_ERROR', file: 'exitOnKvmError', parse: bool, boolean: true, help: 'exit when KVM is unusable instead of serving health NOT_SERVING' },
@@ -543,6 +553,12 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   if (s.maxMemoryTotalBytes !== undefined) config.limits.maxMemoryTotalBytes = s.maxMemoryTotalBytes;
   if (s.maxMessageBytes !== undefined) config.maxMessageBytes = s.maxMessageBytes;
   if (s.maxConcurrentStreams !== undefined) config.maxConcurrentStreams = s.maxConcurrentStreams;
+  if (s.maxRequestBytesInFlight !== undefined) config.maxRequestBytesInFlight = s.maxRequestBytesInFlight;
+  if (s.uploadStallTimeoutMs !== undefined) config.uploadStallTimeoutMs = s.uploadStallTimeoutMs;
+  if (config.maxRequestBytesInFlight < config.maxMessageBytes)
+    problems.push(
+      `${from('maxRequestBytesInFlight', 'default --max-request-bytes-in-flight')} (${config.maxRequestBytesInFlight}) is below --max-message-bytes (${config.maxMessageBytes}): a message of the largest size could never be received`,
+    );
   if (s.maxConnections !== undefined) config.maxConnections = s.maxConnections;
   if (s.handshakeTimeoutMs !== undefined) config.handshakeTimeoutMs = s.handshakeTimeoutMs;
   if (s.shutdownGraceMs !== undefined) config.shutdownGraceMs = s.shutdownGraceMs;

@@ -98,7 +98,7 @@ async function start(config: Config, logger: Logger): Promise<void> {
     logger,
     metrics,
     health,
-    services: [new VcpuStateService(ctx), new VmService(ctx), new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls })],
+    services: [new VcpuStateService(ctx), new VmService(ctx), new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls, uploadStallTimeoutMs: config.uploadStallTimeoutMs })],
   });
   if (host) health.setServing();
   else health.setNotServing(`no usable KVM: ${kvmError}`);

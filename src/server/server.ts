@@ -17,6 +17,7 @@ import { buildInterceptors, loggingInterceptor, metricsInterceptor, rpcLabels } 
 import type { Logger } from './logging';
 import type { Metrics } from './metrics';
 import { vcpudPackageDefinition } from './proto';
+import { requestLimitsInterceptor } from './request-limits';
 import { bindPlaintextTcp, bindServer, healthServerOptions, removeUnixSocket, serverOptions, type BoundAddress } from './transport';
 import { ConnectionGate, descriptorLimit, type GrpcListener, type ListenerName } from './connections';
 
@@ -138,7 +139,9 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
   const { logger, metrics, health } = deps;
   // Authz only where it means something: mTLS (a CA verified the client) with a non-empty allowlist.
   const allowedClients = config.tls?.caFile ? config.tls.allowedClients : [];
-  const server = new grpc.Server({ ...serverOptions(config), interceptors: buildInterceptors({ metrics, logger, allowedClients }) });
+  // The request limits go first: grpc-js hands its base call (whose reassembly they replace) to the first interceptor.
+  const interceptors = [requestLimitsInterceptor(config, logger), ...buildInterceptors({ metrics, logger, allowedClients })];
+  const server = new grpc.Server({ ...serverOptions(config), interceptors });
   const registered = trackRegistrations(server, metrics);
 
   health.register(server);

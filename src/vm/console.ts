@@ -4,13 +4,16 @@
  */
 export type ConsoleListener = (chunk: Buffer) => void;
 
+/** Console output a VM keeps for StreamConsole's from_start. */
+export const CONSOLE_HISTORY_BYTES = 256 * 1024;
+
 export class ConsoleBuffer {
   private chunks: Buffer[] = [];
   private size = 0;
   private total = 0;
   private readonly listeners = new Set<ConsoleListener>();
 
-  constructor(readonly capacity = 256 * 1024) {}
+  constructor(readonly capacity = CONSOLE_HISTORY_BYTES) {}
 
   append(chunk: Buffer): void {
     if (chunk.length === 0) return;

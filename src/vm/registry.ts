@@ -8,19 +8,40 @@ import { checkVmName } from './vm-name';
 
 const PAGE = 4096;
 
+/**
+ * A VM's share of the limits (one VM, its memory) held before the VM exists: an upload takes the VM
+ * when it starts and its memory from the snapshot's header, so concurrent uploads are refused up
+ * front, not after their memory arrived. create() converts it into the VM; release() gives it back
+ * (idempotent).
+ */
+export interface Reservation {
+  readonly memoryBytes: number;
+  release(): void;
+}
+
+interface HeldReservation extends Reservation {
+  memoryBytes: number;
+}
+
 export class VmRegistry {
   private readonly vms = new Map<string, ManagedVm>();
   private supported?: CpuidEntry2[];
   /** Exit counts of destroyed VMs, so exit counters never go down. */
   private readonly retiredExits: Record<string, number> = {};
+  /** Limits held by reservations whose VM does not exist yet. */
+  private readonly outstanding = new Set<HeldReservation>();
+  private readonly reserved = { vms: 0, memoryBytes: 0 };
 
   constructor(
     readonly kvm: Kvm,
     readonly limits: Limits = DEFAULT_LIMITS,
   ) {}
 
-  /** Refuses (invalid_argument or resource_exhausted) a VM this registry would not create. */
-  checkSpec(spec: VmSpec): void {
+  /**
+   * Refuses (invalid_argument or resource_exhausted) a VM this registry would not create, counting the
+   * existing VMs and every outstanding reservation but `own` (the one this VM is created under).
+   */
+  checkSpec(spec: VmSpec, own?: Reservation): void {
     checkVmName(spec.name, 'name');
     if (!Number.isSafeInteger(spec.memoryBytes) || spec.memoryBytes <= 0 || spec.memoryBytes % PAGE !== 0)
       throw invalidArgument(`memory_bytes must be a positive multiple of ${PAGE}, got ${spec.memoryBytes}`, [
@@ -30,7 +51,43 @@ export class VmRegistry {
       throw invalidArgument(`vcpu_count must be at least 1, got ${spec.vcpuCount}`, [
         { rule: 'min', field: 'vcpu_count', message: 'must be at least 1' },
       ]);
-    checkCreate(this.limits, this.usage(), spec.vcpuCount, spec.memoryBytes);
+    checkCreate(this.limits, this.usageBesides(own), spec.vcpuCount, spec.memoryBytes);
+  }
+
+  /** VMs and memory held (VMs and reservations), leaving out the reservation `own`. */
+  private usageBesides(own?: Reservation): { vms: number; memoryBytes: number } {
+    const held = this.usage();
+    const mine = own && this.outstanding.has(own as HeldReservation) ? { vms: 1, memoryBytes: own.memoryBytes } : { vms: 0, memoryBytes: 0 };
+    return { vms: held.vms + this.reserved.vms - mine.vms, memoryBytes: held.memoryBytes + this.reserved.memoryBytes - mine.memoryBytes };
+  }
+
+  /**
+   * Holds a VM's share of the limits until create() or release(): a VM with no memory yet (no `spec`:
+   * only max_vms is checked), or `spec`'s VM count and memory. With `own` (a reservation still held)
+   * that reservation is resized to `spec` instead.
+   */
+  reserve(spec?: VmSpec, own?: Reservation): Reservation {
+    if (spec) this.checkSpec(spec, own);
+    else checkCreate(this.limits, this.usageBesides(), 0, 0);
+    const memoryBytes = spec?.memoryBytes ?? 0;
+    const held = own && this.outstanding.has(own as HeldReservation) ? (own as HeldReservation) : undefined;
+    if (held) {
+      this.reserved.memoryBytes += memoryBytes - held.memoryBytes;
+      held.memoryBytes = memoryBytes;
+      return held;
+    }
+    const r: HeldReservation = {
+      memoryBytes,
+      release: () => {
+        if (!this.outstanding.delete(r)) return;
+        this.reserved.vms -= 1;
+        this.reserved.memoryBytes -= r.memoryBytes;
+      },
+    };
+    this.outstanding.add(r);
+    this.reserved.vms += 1;
+    this.reserved.memoryBytes += memoryBytes;
+    return r;
   }
 
   /** KVM_GET_SUPPORTED_CPUID, asked once. */
@@ -38,18 +95,25 @@ export class VmRegistry {
     return (this.supported ??= this.kvm.supportedCpuid());
   }
 
-  /** Creates a VM within the limits; `prepared` (a restore) brings its memory and CPUID. */
-  create(spec: VmSpec, prepared?: VmPrepared): ManagedVm {
+  /**
+   * Creates a VM within the limits; `prepared` (a restore) brings its memory and CPUID, `reservation`
+   * the share of the limits it was given beforehand (released here either way).
+   */
+  create(spec: VmSpec, prepared?: VmPrepared, reservation?: Reservation): ManagedVm {
     try {
-      this.checkSpec(spec);
-    } catch (e) {
-      prepared?.memory?.release();
-      prepared?.vm?.close();
-      throw e;
+      try {
+        this.checkSpec(spec, reservation);
+      } catch (e) {
+        prepared?.memory?.release();
+        prepared?.vm?.close();
+        throw e;
+      }
+      const vm = ManagedVm.create(this.kvm, spec, this.supportedCpuid(), prepared);
+      this.vms.set(vm.id, vm);
+      return vm;
+    } finally {
+      reservation?.release(); // the VM now counts itself, or it was not made
     }
-    const vm = ManagedVm.create(this.kvm, spec, this.supportedCpuid(), prepared);
-    this.vms.set(vm.id, vm);
-    return vm;
   }
 
   get(id: string): ManagedVm {

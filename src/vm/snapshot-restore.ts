@@ -11,7 +11,7 @@ import type { HostCapabilities } from '../ffi/capabilities';
 import { msrName, SECTIONS, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import type { Vm } from '../ffi/vm';
 import { ManagedVm } from './managed-vm';
-import type { VmRegistry } from './registry';
+import type { Reservation, VmRegistry } from './registry';
 import { assertCompatible } from './snapshot-compat';
 import { hex, type SnapshotHeader } from './snapshot-format';
 import { loadSnapshot, type ByteSource, type LoadedSnapshot } from './snapshot-reader';
@@ -34,6 +34,8 @@ export interface RestoreOptions {
   run?: boolean;
   /** The KVM VM prepared with the loaded memory as slot 0 (ManagedVm.prepareKvmVm). */
   vm?: Vm;
+  /** The VM's share of the limits, taken from the header before its memory was accepted. */
+  reservation?: Reservation;
 }
 
 export interface RestoreResult {
@@ -120,7 +122,8 @@ function decodeVcpu(loaded: LoadedSnapshot, id: number, caps: HostCapabilities, 
 export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilities, loaded: LoadedSnapshot, opts: RestoreOptions = {}): Promise<RestoreResult> {
   const { header } = loaded;
   const notes: string[] = [];
-  const vm = registry.create(restoreSpec(header, opts.name), opts.vm ? { vm: opts.vm, cpuid: header.vm.cpuid } : { memory: loaded.memory, cpuid: header.vm.cpuid });
+  const prepared = opts.vm ? { vm: opts.vm, cpuid: header.vm.cpuid } : { memory: loaded.memory, cpuid: header.vm.cpuid };
+  const vm = registry.create(restoreSpec(header, opts.name), prepared, opts.reservation);
   try {
     // VM-wide state first: the PIC/IOAPIC the LAPICs deliver through, then the kvmclock base.
     for (const [name, data] of loaded.vmState) {
@@ -165,8 +168,9 @@ export interface LoadAndRestoreOptions extends Omit<RestoreOptions, 'vm'> {
 }
 
 /**
- * The whole restore: the header is checked (compatibility, then the registry's limits) before
- * anything is allocated; while memory is loaded and every checksum verified, the KVM VM is made
+ * The whole restore: the header is checked (compatibility) and the VM's share of the registry's
+ * limits reserved (or `opts.reservation`, taken by the caller, resized) before anything is allocated
+ * or any memory byte is read; while memory is loaded and every checksum verified, the KVM VM is made
  * with that memory off the JS thread; then the VM is created and its state applied. Any failure
  * leaves nothing behind.
  */
@@ -179,13 +183,14 @@ export async function loadAndRestore(
   let prepared: Promise<Vm> | undefined;
   let prepareError: unknown;
   let loaded: LoadedSnapshot;
+  let reservation: Reservation | undefined;
   try {
     loaded = await loadSnapshot(
       source,
       {
         check: (h) => {
           assertCompatible(h, caps, registry.supportedCpuid());
-          registry.checkSpec(restoreSpec(h, opts.name));
+          reservation = registry.reserve(restoreSpec(h, opts.name), opts.reservation);
         },
         lazy: opts.lazy,
         onMemory: (memory, h) => {
@@ -200,6 +205,7 @@ export async function loadAndRestore(
     // otherwise the load's error stands and the prepared VM (if it got made) goes.
     const cause = prepareError ?? e;
     if (prepared) await prepared.then((vm) => vm.close(), () => {});
+    (reservation ?? opts.reservation)?.release();
     throw cause;
   }
   let vm: Vm;
@@ -207,7 +213,8 @@ export async function loadAndRestore(
     vm = await (prepared as Promise<Vm>);
   } catch (e) {
     loaded.memory.release();
+    reservation?.release();
     throw e;
   }
-  return { ...(await restoreIntoNewVm(registry, caps, loaded, { ...opts, vm })), loaded };
+  return { ...(await restoreIntoNewVm(registry, caps, loaded, { ...opts, vm, reservation })), loaded };
 }

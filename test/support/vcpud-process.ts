@@ -13,7 +13,8 @@ import { packageRoot } from '../../src/package';
 import { vcpudProto } from '../../src/server/proto';
 
 const ROOT = packageRoot();
-export const VCPUD_MAIN = path.join(ROOT, 'dist', 'src', 'server', 'main.js');
+/** VCPUD_MAIN in the environment runs another build (e.g. an unfixed one, to see a test fail before a fix). */
+export const VCPUD_MAIN = process.env.VCPUD_MAIN ?? path.join(ROOT, 'dist', 'src', 'server', 'main.js');
 
 export interface ServingLine {
   api: string;

@@ -60,6 +60,8 @@ describe('defaults', () => {
       limits: DEFAULT_LIMITS,
       maxMessageBytes: 64 * 1024 * 1024,
       maxConcurrentStreams: 256,
+      maxRequestBytesInFlight: 256 * 1024 * 1024,
+      uploadStallTimeoutMs: 30_000,
       maxConnections: 256,
       handshakeTimeoutMs: 10_000,
       shutdownGraceMs: 5000,
@@ -160,6 +162,17 @@ describe('precedence: defaults < config file < environment < flags', () => {
     expect(flags).toMatchObject(expected);
     expect(env).toMatchObject(expected);
     expect(load(['--insecure=false', '--exit-on-kvm-error=false'], { VCPUD_INSECURE: '1' })).toMatchObject({ insecure: false, exitOnKvmError: false });
+  });
+
+  test('--max-request-bytes-in-flight and --upload-stall-timeout (a duration: ms, s or m; a file number is ms)', () => {
+    expect(load(['--max-request-bytes-in-flight', '128Mi', '--upload-stall-timeout', '1500ms'])).toMatchObject({ maxRequestBytesInFlight: 128 * 1024 ** 2, uploadStallTimeoutMs: 1500 });
+    expect(load([], { VCPUD_UPLOAD_STALL_TIMEOUT: '2m' }).uploadStallTimeoutMs).toBe(120_000);
+    expect(load(['--config', writeJson('stall.json', { uploadStallTimeoutMs: 250 })]).uploadStallTimeoutMs).toBe(250);
+    expect(problems(['--upload-stall-timeout', '30'])).toEqual(["--upload-stall-timeout: expected a positive duration such as 10s or 500ms, got '30'"]);
+    expect(problems(['--max-request-bytes-in-flight', '0'])).toEqual(['--max-request-bytes-in-flight: must be at least 1, got 0']);
+    expect(problems(['--max-request-bytes-in-flight', '8Mi', '--max-message-bytes', '16Mi'])).toEqual([
+      '--max-request-bytes-in-flight (8388608) is below --max-message-bytes (16777216): a message of the largest size could never be received',
+    ]);
   });
 
   test('--test-allow-unvalidated-nested: off by default, a test-only flag documented as such', () => {

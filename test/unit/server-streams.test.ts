@@ -4,7 +4,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { Writable } from 'node:stream';
-import { cancelledWithin, writeWithBackpressure } from '../../src/server/services/streams';
+import { cancelledWithin, SendWindow, stallGuarded, writeWithBackpressure } from '../../src/server/services/streams';
 
 /** An object-mode stream that takes one message at a time, each after `ms`. */
 const slow = (ms = 5) => new Writable({ objectMode: true, highWaterMark: 1, write: (_m, _e, cb) => setTimeout(cb, ms) });
@@ -51,5 +51,57 @@ describe('cancelledWithin', () => {
     await cancelledWithin(call, 50);
     expect(Date.now() - t1).toBeGreaterThanOrEqual(45);
     expect(call.listenerCount('cancelled')).toBe(0);
+  });
+});
+
+describe('SendWindow', () => {
+  /** A stream whose writes HTTP/2 "takes" only when the test says so. */
+  function heldStream() {
+    const callbacks: (() => void)[] = [];
+    const s = Object.assign(new EventEmitter(), {
+      cancelled: false,
+      destroyed: false,
+      write: (_m: unknown, cb: () => void) => (callbacks.push(cb), true),
+    });
+    return { s, take: () => callbacks.shift()?.() };
+  }
+
+  it('counts bytes until HTTP/2 takes them; room() waits for them, fits() says whether to drop', async () => {
+    const { s, take } = heldStream();
+    const w = new SendWindow(s, 100);
+    expect(w.fits(500)).toBe(true); // an empty window lets one oversized message through
+    w.write('a', 60);
+    expect(w.fits(40)).toBe(true);
+    expect(w.fits(41)).toBe(false);
+    w.write('b', 40);
+    const room = within(w.room(50));
+    take();
+    expect(await room).toMatchObject({ settled: 'resolved' });
+    expect(w.pendingBytes).toBe(40);
+  });
+
+  it('room() rejects when the stream closes while it waits', async () => {
+    const { s } = heldStream();
+    const w = new SendWindow(s, 10);
+    w.write('a', 10);
+    const room = within(w.room(10));
+    s.emit('close');
+    expect(await room).toEqual({ settled: 'rejected', v: expect.stringMatching(/client went away/) });
+  });
+});
+
+describe('stallGuarded', () => {
+  it('passes items through and fails with the stall error when one takes too long', async () => {
+    async function* source() {
+      yield 1;
+      await new Promise((r) => setTimeout(r, 200));
+      yield 2;
+    }
+    const got: number[] = [];
+    const run = (async () => {
+      for await (const x of stallGuarded(source(), 50, () => new Error('stalled'))) got.push(x);
+    })();
+    expect(await within(run)).toEqual({ settled: 'rejected', v: 'stalled' });
+    expect(got).toEqual([1]);
   });
 });

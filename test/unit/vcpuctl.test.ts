@@ -380,8 +380,8 @@ describe('formatting', () => {
     expect(text).toContain('memory   2 MiB (0x200000)');
     expect(text).toMatch(/^0\s+stopped\s+done\s+7\s+value=0x2a$/m);
     expect(text).toContain('vcpu 0: io=7');
-    expect(formatConsoleEvent({ stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done' }, event: 'stateChange' })).toBe('[vcpu 0: stopped (done)]');
-    expect(formatConsoleEvent({ debug: { vcpuId: 1, value: '42', done: false }, event: 'debug' })).toBe('[vcpu 1: debug 0x2a (42)]');
+    expect(formatConsoleEvent({ stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done' }, event: 'stateChange', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 0: stopped (done)]');
+    expect(formatConsoleEvent({ debug: { vcpuId: 1, value: '42', done: false }, event: 'debug', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 1: debug 0x2a (42)]');
   });
 
   it('nested state: flags by name, format, header view, vmcs12 revision', () => {

@@ -39,12 +39,13 @@ import type { Vm__Output } from '../generated/vcpud/v1/Vm';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
 import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized } from '../preserialized';
-import { cancelledWithin, writeAndWait, writeWithBackpressure, type WritableLike } from './streams';
+import { uploadStalled } from '../request-limits';
+import { cancelledWithin, limitReadAhead, stallGuarded, writeAndWait, writeWithBackpressure, type WritableLike } from './streams';
 
 /** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
-const STREAM_CHUNK = 1024 * 1024;
+export const STREAM_CHUNK = 1024 * 1024;
 /** CreateSnapshot data messages being sent at once (their buffers are reused once sent). */
-const STREAM_IN_FLIGHT = 8;
+export const STREAM_IN_FLIGHT = 8;
 /** CreateSnapshotResponse.data's field number. */
 const CREATE_SNAPSHOT_DATA_FIELD = 2;
 /** A CreateSnapshotResponse carrying `framed`'s snapshot bytes, encoded in place (StreamSink's headroom). */
@@ -60,6 +61,8 @@ export interface SnapshotServiceOptions {
   snapshotDir: string;
   /** Default client credentials for MigrateVm (files). */
   migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
+  /** A RestoreSnapshotStream upload that sends nothing for this long fails (UPLOAD_STALLED). */
+  uploadStallTimeoutMs: number;
 }
 
 const PHASES: Record<Progress['phase'], SnapshotPhase> = {
@@ -220,8 +223,13 @@ export class SnapshotService {
         let options: { run: boolean; vmName: string } = { run: false, vmName: '' };
         let sawData = false;
         let inputEnded = false;
+        const stallMs = this.opts.uploadStallTimeoutMs;
+        let received = 0;
+        const messages = stallGuarded(call as AsyncIterable<RestoreSnapshotStreamRequest__Output>, stallMs, () =>
+          uploadStalled(`the RestoreSnapshotStream upload (after ${received} bytes)`, stallMs),
+        );
         async function* chunks(): AsyncGenerator<Buffer> {
-          for await (const msg of call as AsyncIterable<RestoreSnapshotStreamRequest__Output>) {
+          for await (const msg of messages) {
             if (msg.message === 'options' && msg.options) {
               if (sawData) throw invalidArgument('options must be the first message', [{ rule: 'options.first', field: 'options', message: 'send options before any data' }]);
               checkVmName(msg.options.vmName, 'options.vm_name'); // before any byte of the snapshot is read
@@ -229,6 +237,7 @@ export class SnapshotService {
               continue;
             }
             sawData = true;
+            received += msg.data?.length ?? 0;
             if (msg.data?.length) yield msg.data;
           }
           inputEnded = true;
@@ -236,9 +245,14 @@ export class SnapshotService {
         Promise.resolve()
           .then(async () => {
             if (ctx.shuttingDown()) throw new VcpudError('unavailable', 'vcpud is shutting down');
+            // The VM this upload will make counts against max_vms from its first message (its memory
+            // from the header on): uploads beyond the limit are refused before they send anything.
+            const reservation = ctx.registry.reserve();
+            // grpc-js's readable side reads 16 messages ahead by default; one is enough to keep the upload moving.
+            limitReadAhead(call, 1);
             // options arrive with the first message, before any byte of the snapshot is read
             const source = new StreamSource(chunks());
-            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; } };
+            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; }, reservation };
             const r = await withBulkHeap(() => loadAndRestore(ctx.registry, ctx.caps, source, opts));
             return this.restoreResponse(r.loaded, r.vm, r.notes, started);
           })

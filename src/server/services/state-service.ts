@@ -49,6 +49,7 @@ export class VcpuStateService {
 
       GetState: unary<GetStateRequest__Output, GetStateResponse>(ctx, async (req) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
+        checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
         const { read: r, implicitlyPaused } = await vcpu.withState(
           (access) => ({ read: readState(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined), implicitlyPaused: access.implicitlyPaused }),
@@ -91,6 +92,17 @@ export class VcpuStateService {
       }),
     };
   }
+}
+
+/**
+ * GetState.msr_indices asks for at most as many MSRs as the host can save (KVM_GET_MSR_INDEX_LIST):
+ * the KVM_GET_MSRS buffer is sized from it, so it is bounded before that buffer is built.
+ */
+function checkMsrIndices(indices: number[], hostMsrs: number): void {
+  if (indices.length > hostMsrs)
+    throw invalidArgument(`msr_indices lists ${indices.length} MSRs, over the limit of ${hostMsrs} (the length of this host's KVM_GET_MSR_INDEX_LIST)`, [
+      { rule: 'msr_indices.max_count', field: 'msr_indices', message: `at most ${hostMsrs} indices (this host's MSR index list)` },
+    ]);
 }
 
 /** Section names present in a proto VcpuState (its fields are the sections' camelCase names). */

@@ -14,8 +14,10 @@ export interface WritableLike<T> {
  * destroyed (the client cancelled) rejects at once: it will never emit 'drain', and its 'close' has
  * already been emitted, so waiting for either would hang the caller (and whatever it holds) forever.
  */
+const streamGone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
+
 export function writeWithBackpressure<T>(stream: WritableLike<T>, msg: T): Promise<void> {
-  const gone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
+  const gone = streamGone;
   if (stream.destroyed) return Promise.reject(gone());
   if (stream.write(msg)) return Promise.resolve();
   return new Promise((resolve, reject) => {
@@ -71,4 +73,103 @@ export function cancelledWithin(call: { cancelled: boolean } & Pick<WritableLike
     const timer = setTimeout(done, ms);
     call.once('cancelled', done);
   });
+}
+
+/** What SendWindow needs of a grpc-js server stream. */
+export interface WindowedStream<T> extends Pick<WritableLike<T>, 'once' | 'removeListener' | 'destroyed'> {
+  write(m: T, cb: () => void): boolean;
+  readonly cancelled: boolean;
+}
+
+/**
+ * The bytes a server stream has handed to grpc-js that HTTP/2 has not taken yet, bounded.
+ * grpc-js's own measure (writableLength, write()'s return value) counts messages, not bytes: 16
+ * queued 1 MiB chunks pass as "16". A write's callback runs once HTTP/2 took its bytes, which only
+ * happens as fast as the client's flow-control window lets them out, so a client that does not read
+ * keeps them pending here, where they are counted.
+ */
+export class SendWindow<T> {
+  private pending = 0;
+  private wake?: () => void;
+
+  constructor(
+    private readonly stream: WindowedStream<T>,
+    /** Bytes that may be pending; one message larger than this is still let through alone. */
+    readonly capacity: number,
+  ) {}
+
+  get pendingBytes(): number {
+    return this.pending;
+  }
+
+  /** True when a message of `bytes` can be written now without exceeding the capacity. */
+  fits(bytes: number): boolean {
+    return this.pending === 0 || this.pending + bytes <= this.capacity;
+  }
+
+  /**
+   * Writes `msg`, counted as `bytes` until HTTP/2 has taken it (then `taken` runs). Check fits() or
+   * await room() first.
+   */
+  write(msg: T, bytes: number, taken?: () => void): void {
+    this.pending += bytes;
+    this.stream.write(msg, () => {
+      this.pending -= bytes;
+      this.wake?.();
+      taken?.();
+    });
+  }
+
+  /** Resolves once a message of `bytes` fits; rejects when the stream closes first. */
+  async room(bytes: number): Promise<void> {
+    while (!this.fits(bytes)) {
+      if (this.stream.destroyed || this.stream.cancelled) throw streamGone();
+      const closed = await new Promise<boolean>((resolve) => {
+        const done = (gone: boolean) => () => {
+          this.wake = undefined;
+          this.stream.removeListener('close', onGone);
+          this.stream.removeListener('cancelled', onGone);
+          resolve(gone);
+        };
+        const onGone = done(true);
+        this.wake = done(false);
+        this.stream.once('close', onGone);
+        this.stream.once('cancelled', onGone);
+      });
+      if (closed) throw streamGone();
+    }
+  }
+}
+
+/**
+ * The items of `source`, failing with `stalled()` when one takes longer than `ms` to arrive. Only the
+ * wait for the client counts: time the consumer spends between items does not.
+ */
+export async function* stallGuarded<T>(source: AsyncIterable<T>, ms: number, stalled: () => Error): AsyncGenerator<T> {
+  const it = source[Symbol.asyncIterator]();
+  for (;;) {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(stalled()), ms);
+    });
+    let next: IteratorResult<T>;
+    try {
+      next = await Promise.race([it.next(), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (next.done) return;
+    yield next.value;
+  }
+}
+
+/**
+ * Lets a grpc-js client stream buffer at most `messages` received messages its handler has not read
+ * (Node's object-mode default is 16: 16 messages of up to the method's size limit per call). Node has
+ * no public setter for a readable's high-water mark after construction; its state object has one.
+ */
+export function limitReadAhead(stream: object, messages: number): void {
+  const state = (stream as { _readableState?: { highWaterMark?: number } })._readableState;
+  if (typeof state?.highWaterMark !== 'number') throw new Error('limitReadAhead: not a Node readable stream');
+  state.highWaterMark = messages;
 }

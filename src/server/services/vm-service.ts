@@ -3,7 +3,7 @@
  * stream.
  */
 import type * as grpc from '@grpc/grpc-js';
-import { failedPrecondition, invalidArgument, VcpudError } from '../../errors';
+import { failedPrecondition, invalidArgument } from '../../errors';
 import type { ManagedVcpu, VcpuStatus } from '../../vm/managed-vcpu';
 import type { ManagedVm } from '../../vm/managed-vm';
 import { safeNumber, vcpuToProto, vmToProto } from '../convert';
@@ -14,12 +14,15 @@ import type { StreamConsoleRequest__Output } from '../generated/vcpud/v1/StreamC
 import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
-import { writeWithBackpressure } from './streams';
+import { ConsoleQueue } from './console-queue';
+import { SendWindow } from './streams';
 
 /** ReadMemory streams in chunks of this size: large ranges never sit whole in one message. */
 const READ_CHUNK = 1024 * 1024;
-/** A console subscriber further behind than this is cut off rather than buffered without bound. */
-const MAX_STREAM_BACKLOG = 4 * 1024 * 1024;
+/** Bytes a ReadMemory stream keeps queued for its client: the next chunk is read once HTTP/2 took the last. */
+export const READ_MEMORY_SEND_WINDOW = READ_CHUNK;
+/** What a ReadMemory message counts as besides its data (framing, the address). */
+const MESSAGE_OVERHEAD = 64;
 const DEFAULT_PAGE_SIZE = 100;
 
 
@@ -85,10 +88,13 @@ export class VmService {
         const gpa = safeNumber(call.request.guestPhysicalAddress, 'guest_physical_address');
         const length = safeNumber(call.request.length, 'length');
         vm.vm.regionFor(gpa, length); // bounds first: nothing is sent for a bad range
+        const window = new SendWindow(call, READ_MEMORY_SEND_WINDOW);
         // A VM deleted while the stream waits for the client ends it with OK, as DeleteVm promises.
         for (let off = 0; off < length && !call.cancelled && !vm.isDestroyed; off += READ_CHUNK) {
           const n = Math.min(READ_CHUNK, length - off);
-          await writeWithBackpressure(call, { guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) });
+          await window.room(n + MESSAGE_OVERHEAD); // memory is copied out only once the client has room for it
+          if (vm.isDestroyed) break;
+          window.write({ guestPhysicalAddress: String(gpa + off), data: vm.readMemory(gpa + off, n) }, n + MESSAGE_OVERHEAD);
         }
       }),
       LoadProgram: u(async (req: { vmId: string; image: Buffer; loadAddress: string; entry: string }) => {
@@ -125,22 +131,24 @@ export class VmService {
   }
 }
 
-/** Console output, vCPU state changes and debug values, until the client leaves or the VM goes away. */
+type DebugEvent = { vcpu: number; value: number; done: boolean };
+const stateChangeMessage = (s: VcpuStatus): StreamConsoleResponse => ({
+  stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '' } as never,
+});
+const debugMessage = (d: DebugEvent): StreamConsoleResponse => ({ debug: { vcpuId: d.vcpu, value: String(d.value), done: d.done } });
+
+/**
+ * Console output, vCPU state changes and debug values, until the client leaves or the VM goes away
+ * (what is still queued then goes out before the end). ConsoleQueue bounds what a slow client costs.
+ */
 function streamConsole(vm: ManagedVm, call: grpc.ServerWritableStream<StreamConsoleRequest__Output, StreamConsoleResponse>): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const send = (msg: StreamConsoleResponse) => {
-      call.write(msg);
-      if (call.writableLength > MAX_STREAM_BACKLOG) {
-        cleanup();
-        reject(new VcpudError('resource_exhausted', `console stream client is more than ${MAX_STREAM_BACKLOG} bytes behind`));
-      }
-    };
-    const onConsole = (c: Buffer) => send({ output: c });
-    const onState = (s: VcpuStatus) =>
-      send({ stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '' } as never });
-    const onDebug = (d: { vcpu: number; value: number; done: boolean }) => send({ debug: { vcpuId: d.vcpu, value: String(d.value), done: d.done } });
+  return new Promise((resolve) => {
+    const queue = new ConsoleQueue(call);
+    const onConsole = (c: Buffer) => queue.output(c);
+    const onState = (s: VcpuStatus) => queue.event(stateChangeMessage, s);
+    const onDebug = (d: DebugEvent) => queue.event(debugMessage, d);
     const cleanup = () => {
-      vm.off('destroyed', finish);
+      vm.off('destroyed', vmGone);
       vm.off('console', onConsole);
       vm.off('state', onState);
       vm.off('debug', onDebug);
@@ -149,15 +157,16 @@ function streamConsole(vm: ManagedVm, call: grpc.ServerWritableStream<StreamCons
       cleanup();
       resolve();
     };
-    if (call.request.fromStart) {
-      const h = vm.console.history();
-      if (h.length) send({ output: h });
-    }
+    const vmGone = () => {
+      queue.flushAll();
+      finish();
+    };
+    if (call.request.fromStart) queue.output(vm.console.history());
     vm.on('console', onConsole);
     vm.on('state', onState);
     vm.on('debug', onDebug);
-    vm.on('destroyed', finish);
-    if (vm.isDestroyed) finish();
+    vm.on('destroyed', vmGone);
+    if (vm.isDestroyed) vmGone();
     call.on('cancelled', finish);
     call.on('close', finish);
   });

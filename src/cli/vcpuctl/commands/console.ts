@@ -16,9 +16,10 @@ export const DONE_GRACE_MS = 200;
 
 function consoleJson(ev: StreamConsoleResponse__Output): string {
   const { event } = ev;
-  if (event === 'output') return JSON.stringify({ output: ev.output?.toString('base64') ?? '', text: ev.output?.toString('utf8') ?? '' });
-  if (event === 'stateChange') return JSON.stringify({ stateChange: ev.stateChange });
-  if (event === 'debug') return JSON.stringify({ debug: ev.debug });
+  const dropped = ev.droppedOutputBytes !== '0' || ev.droppedEvents !== '0' ? { droppedOutputBytes: ev.droppedOutputBytes, droppedEvents: ev.droppedEvents } : {};
+  if (event === 'output') return JSON.stringify({ output: ev.output?.toString('base64') ?? '', text: ev.output?.toString('utf8') ?? '', ...dropped });
+  if (event === 'stateChange') return JSON.stringify({ stateChange: ev.stateChange, ...dropped });
+  if (event === 'debug') return JSON.stringify({ debug: ev.debug, ...dropped });
   return toJson(ev).replace(/\s*\n\s*/g, ' ');
 }
 
@@ -41,6 +42,8 @@ async function streamConsole(ctx: Context): Promise<number> {
     };
     call.on('data', (ev: StreamConsoleResponse__Output) => {
       if (finished) return;
+      if (!ctx.json && (ev.droppedOutputBytes !== '0' || ev.droppedEvents !== '0'))
+        ctx.io.stderr.write(`[vcpud dropped ${ev.droppedOutputBytes} bytes of output and ${ev.droppedEvents} events here: this client fell behind]\n`);
       if (ctx.json) ctx.io.stdout.write(`${consoleJson(ev)}\n`);
       else if (ev.output) ctx.io.stdout.write(ev.output);
       else {

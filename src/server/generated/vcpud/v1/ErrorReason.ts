@@ -107,6 +107,12 @@ export const ErrorReason = {
    */
   ERROR_REASON_STORAGE_FULL: 'ERROR_REASON_STORAGE_FULL',
   /**
+   * RESOURCE_EXHAUSTED: the client stopped sending in the middle of a request message or of a
+   * RestoreSnapshotStream upload for longer than the server's --upload-stall-timeout (metadata: limit
+   * "upload_stall_timeout"); the call is ended and what it held (a restore's reserved VM and memory) released.
+   */
+  ERROR_REASON_UPLOAD_STALLED: 'ERROR_REASON_UPLOAD_STALLED',
+  /**
    * DATA_LOSS: the snapshot file a VM's memory was lazily restored from (mapped copy-on-write) was truncated
    * or rewritten in place since (e.g. `cp other.snap NAME`), so memory mapped from it is lost; the message
    * names the file and, when a page faulted, its guest-physical address. Only that VM is affected; nothing
@@ -251,6 +257,13 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_STORAGE_FULL'
   | 17
+  /**
+   * RESOURCE_EXHAUSTED: the client stopped sending in the middle of a request message or of a
+   * RestoreSnapshotStream upload for longer than the server's --upload-stall-timeout (metadata: limit
+   * "upload_stall_timeout"); the call is ended and what it held (a restore's reserved VM and memory) released.
+   */
+  | 'ERROR_REASON_UPLOAD_STALLED'
+  | 20
   /**
    * DATA_LOSS: the snapshot file a VM's memory was lazily restored from (mapped copy-on-write) was truncated
    * or rewritten in place since (e.g. `cp other.snap NAME`), so memory mapped from it is lost; the message

@@ -3,6 +3,7 @@
 
 import type { VcpuStateChange as _vcpud_v1_VcpuStateChange, VcpuStateChange__Output as _vcpud_v1_VcpuStateChange__Output } from '../../vcpud/v1/VcpuStateChange';
 import type { DebugValue as _vcpud_v1_DebugValue, DebugValue__Output as _vcpud_v1_DebugValue__Output } from '../../vcpud/v1/DebugValue';
+import type { Long } from '@grpc/proto-loader';
 
 /**
  * One event of StreamConsole.
@@ -20,6 +21,15 @@ export interface StreamConsoleResponse {
    * A vCPU wrote a debug port.
    */
   'debug'?: (_vcpud_v1_DebugValue | null);
+  /**
+   * Console output bytes this stream dropped, since its previous message, because its client fell more than
+   * the stream's send buffer behind (the output continues after a gap of this many bytes).
+   */
+  'droppedOutputBytes'?: (number | string | Long);
+  /**
+   * State changes and debug values this stream dropped, since its previous message, for the same reason.
+   */
+  'droppedEvents'?: (number | string | Long);
   /**
    * What happened.
    */
@@ -42,6 +52,15 @@ export interface StreamConsoleResponse__Output {
    * A vCPU wrote a debug port.
    */
   'debug'?: (_vcpud_v1_DebugValue__Output | null);
+  /**
+   * Console output bytes this stream dropped, since its previous message, because its client fell more than
+   * the stream's send buffer behind (the output continues after a gap of this many bytes).
+   */
+  'droppedOutputBytes': (string);
+  /**
+   * State changes and debug values this stream dropped, since its previous message, for the same reason.
+   */
+  'droppedEvents': (string);
   /**
    * What happened.
    */

@@ -254,15 +254,17 @@ export interface VmServiceClient extends grpc.Client {
   
   /**
    * Streams the VM's console output, vCPU run-state changes and debug-port values as they happen, until the VM
-   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: output beyond the
-   * server's bounded buffer is dropped for that stream.
+   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: events beyond the
+   * stream's bounded send buffer (1 MiB of unsent events) are dropped for that stream, and the next event it
+   * gets says how much was dropped (StreamConsoleResponse.dropped_output_bytes, dropped_events).
    */
   StreamConsole(argument: _vcpud_v1_StreamConsoleRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_StreamConsoleResponse__Output>;
   StreamConsole(argument: _vcpud_v1_StreamConsoleRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_StreamConsoleResponse__Output>;
   /**
    * Streams the VM's console output, vCPU run-state changes and debug-port values as they happen, until the VM
-   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: output beyond the
-   * server's bounded buffer is dropped for that stream.
+   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: events beyond the
+   * stream's bounded send buffer (1 MiB of unsent events) are dropped for that stream, and the next event it
+   * gets says how much was dropped (StreamConsoleResponse.dropped_output_bytes, dropped_events).
    */
   streamConsole(argument: _vcpud_v1_StreamConsoleRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_StreamConsoleResponse__Output>;
   streamConsole(argument: _vcpud_v1_StreamConsoleRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_StreamConsoleResponse__Output>;
@@ -379,8 +381,9 @@ export interface VmServiceHandlers extends grpc.UntypedServiceImplementation {
   
   /**
    * Streams the VM's console output, vCPU run-state changes and debug-port values as they happen, until the VM
-   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: output beyond the
-   * server's bounded buffer is dropped for that stream.
+   * is deleted (then OK) or the client cancels. A slow client does not stall the guest: events beyond the
+   * stream's bounded send buffer (1 MiB of unsent events) are dropped for that stream, and the next event it
+   * gets says how much was dropped (StreamConsoleResponse.dropped_output_bytes, dropped_events).
    */
   StreamConsole: grpc.handleServerStreamingCall<_vcpud_v1_StreamConsoleRequest__Output, _vcpud_v1_StreamConsoleResponse>;
   

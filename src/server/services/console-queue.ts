@@ -1,0 +1,96 @@
+/**
+ * What one StreamConsole stream holds for its client, bounded in bytes. The guest never waits for a
+ * client: events queue here in order (consecutive output coalesced into one message) while HTTP/2
+ * has CONSOLE_IN_FLIGHT bytes of this stream not yet taken; what does not fit CONSOLE_QUEUE_BYTES is
+ * dropped and counted, and the first message after the gap says how much (dropped_output_bytes,
+ * dropped_events).
+ */
+import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
+import { SendWindow, type WindowedStream } from './streams';
+
+/** Bytes of events a stream holds for its client: queued here plus handed to HTTP/2. */
+export const CONSOLE_QUEUE_BYTES = 256 * 1024;
+/** Bytes handed to HTTP/2 and not taken yet; the rest waits here, where output coalesces. */
+const CONSOLE_IN_FLIGHT = 64 * 1024;
+/**
+ * What a state change or debug value counts as: its queued object, and its message on the way out
+ * (grpc-js and Node's HTTP/2 keep a framed copy, a write request and callbacks: ~0.4 KiB measured).
+ */
+const EVENT_COST = 512;
+
+interface Queued {
+  msg: StreamConsoleResponse;
+  /** Output not yet joined into msg.output. */
+  parts?: Buffer[];
+  cost: number;
+}
+
+export class ConsoleQueue {
+  private readonly queue: Queued[] = [];
+  private queuedBytes = 0;
+  private droppedOutput = 0;
+  private droppedEvents = 0;
+  private readonly window: SendWindow<StreamConsoleResponse>;
+
+  constructor(stream: WindowedStream<StreamConsoleResponse>) {
+    this.window = new SendWindow(stream, CONSOLE_IN_FLIGHT);
+  }
+
+  output(chunk: Buffer): void {
+    if (!chunk.length) return;
+    if (!this.admit(chunk.length + EVENT_COST)) {
+      this.droppedOutput += chunk.length;
+      return;
+    }
+    const last = this.queue[this.queue.length - 1];
+    // Coalesce, unless a gap lies between the two (its report goes with the output after it).
+    if (last?.parts && !this.droppedOutput && !this.droppedEvents) {
+      last.parts.push(chunk);
+      last.cost += chunk.length;
+      this.queuedBytes += chunk.length;
+    } else {
+      this.enqueue({ msg: {}, parts: [chunk], cost: chunk.length + EVENT_COST });
+    }
+    this.flush();
+  }
+
+  /**
+   * `build(e)` makes the message only when it is kept: a full queue drops events without allocating
+   * (a busy guest emits thousands a second, each to every stream).
+   */
+  event<E>(build: (e: E) => StreamConsoleResponse, e: E): void {
+    if (!this.admit(EVENT_COST)) {
+      this.droppedEvents++;
+      return;
+    }
+    this.enqueue({ msg: build(e), cost: EVENT_COST });
+    this.flush();
+  }
+
+  /** Hands everything still queued to grpc-js (the stream ends next: the client gets it all). */
+  flushAll(): void {
+    while (this.queue.length) this.send(this.queue.shift() as Queued);
+  }
+
+  private admit(cost: number): boolean {
+    return this.queuedBytes + this.window.pendingBytes + cost <= CONSOLE_QUEUE_BYTES;
+  }
+
+  private enqueue(q: Queued): void {
+    if (this.droppedOutput) q.msg.droppedOutputBytes = String(this.droppedOutput);
+    if (this.droppedEvents) q.msg.droppedEvents = String(this.droppedEvents);
+    this.droppedOutput = this.droppedEvents = 0;
+    this.queue.push(q);
+    this.queuedBytes += q.cost;
+  }
+
+  private flush(): void {
+    while (this.queue.length && this.window.fits(this.queue[0].cost)) this.send(this.queue.shift() as Queued);
+  }
+
+  private send(q: Queued): void {
+    this.queuedBytes -= q.cost;
+    if (q.parts) q.msg.output = q.parts.length === 1 ? q.parts[0] : Buffer.concat(q.parts);
+    this.window.write(q.msg, q.cost, () => this.flush());
+  }
+}
