@@ -12,6 +12,7 @@ import { measureExitRate } from './exit-rate';
 import { measureFfiIoctl } from './ffi-ioctl';
 import { ROOT, fatal, knob, knobs, rowsTable, table, type BenchResult } from './floors';
 import { measureGetState } from './getstate';
+import { measureMigration } from './migration';
 import { machineEntries, readMachine, renderReport, writeReport } from './report';
 import { measureSnapshot } from './snapshot';
 import { measureSnapshotStream } from './snapshot-stream';
@@ -25,6 +26,7 @@ const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
   { name: 'snapshot', measure: measureSnapshot },
   { name: 'dirty-log', measure: measureDirtyLog },
   { name: 'snapshot-stream', measure: measureSnapshotStream },
+  { name: 'migration', measure: measureMigration },
 ];
 
 const USAGE = 'usage: node dist/bench/all.js [--no-write]   (BENCH_WRITE=0 = --no-write)';

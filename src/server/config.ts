@@ -26,6 +26,8 @@ export interface Config {
   snapshotDir: string;
   /** Client credentials MigrateVm presents to a destination vcpud when the request carries none. */
   migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
+  /** A migration whose peer makes no progress for this long fails (the VM stays on the source). */
+  migrationStallTimeoutMs: number;
   /** 'unix:/abs/path' or 'HOST:PORT' ([v6]:PORT). */
   listen: string;
   socketMode: number;
@@ -180,6 +182,7 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process
     maxConnections: 256,
     handshakeTimeoutMs: 10_000,
     shutdownGraceMs: 5000,
+    migrationStallTimeoutMs: 10_000,
     logLevel: 'info',
     exitOnKvmError: false,
     testAllowUnvalidatedNested: false,
@@ -195,6 +198,7 @@ interface Settings {
   migrationTlsCa?: string;
   migrationTlsCert?: string;
   migrationTlsKey?: string;
+  migrationStallTimeoutMs?: number;
   listen?: string;
   socketMode?: number;
   tlsCert?: string;
@@ -305,6 +309,7 @@ const OPTIONS: OptionSpec[] = [
   { key: 'migrationTlsCa', flag: '--migration-tls-ca', env: 'VCPUD_MIGRATION_TLS_CA', file: 'migrationTls.caFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: CA to verify destination vcpuds with (PEM)' },
   { key: 'migrationTlsCert', flag: '--migration-tls-cert', env: 'VCPUD_MIGRATION_TLS_CERT', file: 'migrationTls.certFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: client certificate presented to destinations (PEM)' },
   { key: 'migrationTlsKey', flag: '--migration-tls-key', env: 'VCPUD_MIGRATION_TLS_KEY', file: 'migrationTls.keyFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: its private key (PEM)' },
+  { key: 'migrationStallTimeoutMs', flag: '--migration-stall-timeout', env: 'VCPUD_MIGRATION_STALL_TIMEOUT', file: 'migrationStallTimeoutMs', parse: duration, arg: 'DURATION', help: 'a migration whose peer makes no progress this long fails; the VM stays on the source (default 10s)' },
   { key: 'listen', flag: '--listen', env: 'VCPUD_LISTEN', file: 'listen', parse: str, arg: 'ADDR', help: 'unix:PATH or HOST:PORT to serve the API on' },
   { key: 'socketMode', flag: '--socket-mode', env: 'VCPUD_SOCKET_MODE', file: 'socketMode', parse: mode, arg: 'MODE', help: 'file mode of the unix socket (default 0600)' },
   { key: 'tlsCert', flag: '--tls-cert', env: 'VCPUD_TLS_CERT', file: 'tls.certFile', parse: filePath, arg: 'FILE', help: 'server certificate chain (PEM)' },
@@ -562,6 +567,7 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   if (s.maxConnections !== undefined) config.maxConnections = s.maxConnections;
   if (s.handshakeTimeoutMs !== undefined) config.handshakeTimeoutMs = s.handshakeTimeoutMs;
   if (s.shutdownGraceMs !== undefined) config.shutdownGraceMs = s.shutdownGraceMs;
+  if (s.migrationStallTimeoutMs !== undefined) config.migrationStallTimeoutMs = s.migrationStallTimeoutMs;
   if (s.logLevel !== undefined) config.logLevel = s.logLevel;
   if (s.exitOnKvmError !== undefined) config.exitOnKvmError = s.exitOnKvmError;
   if (s.testAllowUnvalidatedNested !== undefined) config.testAllowUnvalidatedNested = s.testAllowUnvalidatedNested;

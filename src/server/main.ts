@@ -19,6 +19,7 @@ import { Metrics } from './metrics';
 import { createVcpudServer, type RunningServer } from './server';
 import type { ServiceContext } from './services/context';
 import { VcpuStateService } from './services/state-service';
+import { MigrationService } from './services/migration-service';
 import { SnapshotService } from './services/snapshot-service';
 import { VmService } from './services/vm-service';
 
@@ -94,12 +95,19 @@ async function start(config: Config, logger: Logger): Promise<void> {
     });
   }
 
+  const migration = new MigrationService(ctx, { stallMs: config.migrationStallTimeoutMs, tls: config.tls, metrics });
   const running: RunningServer = await createVcpudServer(config, {
     logger,
     metrics,
     health,
-    services: [new VcpuStateService(ctx), new VmService(ctx), new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls, uploadStallTimeoutMs: config.uploadStallTimeoutMs })],
+    services: [
+      new VcpuStateService(ctx),
+      new VmService(ctx),
+      new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls, uploadStallTimeoutMs: config.uploadStallTimeoutMs, migration }),
+      migration,
+    ],
   });
+  migration.setApiAddress(running.addresses.api);
   if (host) health.setServing();
   else health.setNotServing(`no usable KVM: ${kvmError}`);
   logger.info('vcpud serving', {

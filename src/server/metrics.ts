@@ -96,6 +96,13 @@ export class Metrics {
   private readonly connectionsAccepted: Counter<'listener'>;
   private readonly connectionsRefused: Counter<'listener'>;
   private readonly connectionLimit: Gauge<'listener'>;
+  private readonly migrations: Counter<'result'>;
+  private readonly migrationBytes: Counter;
+  private readonly migrationPasses: Histogram;
+  private readonly migrationDowntime: Histogram;
+  private readonly migrationDirtyRate: Gauge;
+  private readonly migrationTransferRate: Gauge;
+  private readonly migrationRemaining: Gauge;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -150,6 +157,20 @@ export class Metrics {
       registers,
     });
     this.connectionLimit = new Gauge({ name: 'vcpud_connection_limit', help: 'Connection limit of each listener (alert on open/limit).', labelNames: listener, registers });
+    // Live migration, modelled on KubeVirt's kubevirt_vmi_migration_* (source side).
+    this.migrations = new Counter({ name: 'vcpud_migrations_total', help: 'Outgoing migrations by result (succeeded, failed, cancelled).', labelNames: ['result'], registers });
+    for (const result of ['succeeded', 'failed', 'cancelled']) this.migrations.inc({ result }, 0);
+    this.migrationBytes = new Counter({ name: 'vcpud_migration_data_bytes_total', help: 'Data-plane bytes sent by outgoing migrations (pages, state, control).', registers });
+    this.migrationPasses = new Histogram({ name: 'vcpud_migration_passes', help: 'Memory passes of each successful migration (the paused last pass included).', buckets: [1, 2, 3, 4, 5, 8, 12, 20, 30], registers });
+    this.migrationDowntime = new Histogram({
+      name: 'vcpud_migration_downtime_seconds',
+      help: 'How long each successful migration had the VM paused.',
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers,
+    });
+    this.migrationDirtyRate = new Gauge({ name: 'vcpud_migration_dirty_rate_bytes', help: 'Bytes per second the guest of the latest migration dirtied, measured over its last pass.', registers });
+    this.migrationTransferRate = new Gauge({ name: 'vcpud_migration_transfer_rate_bytes', help: 'Bytes per second the latest migration sent, measured over its last pass.', registers });
+    this.migrationRemaining = new Gauge({ name: 'vcpud_migration_data_remaining_bytes', help: 'Bytes the latest migration still had to send at its last progress report.', registers });
 
     // Gauges and counters read from the runtime when scraped, so they are never stale or double-kept.
     const read = <T>(f: (s: MetricSources) => T, fallback: T): T => {
@@ -221,6 +242,21 @@ export class Metrics {
 
   recordStateBytes(section: string, bytes: number): void {
     this.stateBytes.observe({ section }, bytes);
+  }
+
+  recordMigrationProgress(p: { dirtyRate: number; transferRate: number; bytesRemaining: number }): void {
+    if (p.dirtyRate) this.migrationDirtyRate.set(p.dirtyRate);
+    if (p.transferRate) this.migrationTransferRate.set(p.transferRate);
+    this.migrationRemaining.set(p.bytesRemaining);
+  }
+
+  /** One outgoing migration ended; a successful one brings its report. */
+  recordMigration(m: { result: 'succeeded' | 'failed' | 'cancelled'; report?: { bytesSent: number; passes: number; downtimeMs: number } }): void {
+    this.migrations.inc({ result: m.result });
+    if (!m.report) return;
+    this.migrationBytes.inc(m.report.bytesSent);
+    this.migrationPasses.observe(m.report.passes);
+    this.migrationDowntime.observe(m.report.downtimeMs / 1000);
   }
 
   /** Replaces the capability gauge with `caps` (capability name → KVM_CHECK_EXTENSION value). */

@@ -11,28 +11,32 @@ import path from 'node:path';
 import { packageRoot } from '../package';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import type { ProtoGrpcType as MigrationProtoGrpcType } from './generated/migration';
 import type { ProtoGrpcType as SnapshotProtoGrpcType } from './generated/snapshot';
 import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
 import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
+import type { MigrationServiceDefinition } from './generated/vcpud/v1/MigrationService';
 import type { SnapshotServiceDefinition } from './generated/vcpud/v1/SnapshotService';
 import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
 import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
 import { wireSerializer } from './wire-encoder';
 
 /** The typed grpc object of vcpud.v1: the services, their messages and enums. */
-export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType & SnapshotProtoGrpcType;
+export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType & SnapshotProtoGrpcType & MigrationProtoGrpcType;
 
 /** Fully qualified names of the services vcpud serves (health status keys, metrics labels). */
 export const SERVICE_NAMES = {
   VcpuStateService: 'vcpud.v1.VcpuStateService',
   VmService: 'vcpud.v1.VmService',
   SnapshotService: 'vcpud.v1.SnapshotService',
+  MigrationService: 'vcpud.v1.MigrationService',
 } as const;
 
 export interface VcpudServiceDefinitions {
   VcpuStateService: VcpuStateServiceDefinition;
   VmService: VmServiceDefinition;
   SnapshotService: SnapshotServiceDefinition;
+  MigrationService: MigrationServiceDefinition;
 }
 
 /** The protos/ directory shipped with the package (it is the include root of every import). */
@@ -95,6 +99,7 @@ export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
       VcpuStateService: { ...state, GetState: getState },
       VmService: v1.VmService.service,
       SnapshotService: v1.SnapshotService.service,
+      MigrationService: v1.MigrationService.service,
     };
   }
   return serviceDefinitions;

@@ -406,6 +406,95 @@ interface CapturedVcpu {
   records: [string, Buffer][];
 }
 
+/** The header describing `vm` with the given vCPU records and VM-state records. */
+export function snapshotHeader(vm: ManagedVm, caps: HostCapabilities, vcpus: SnapshotVcpu[], vmState: SnapshotHeader['vmState']): SnapshotHeader {
+  return {
+    format: 'vcpud-snapshot',
+    formatVersion: FORMAT_VERSION,
+    createdAt: new Date().toISOString(),
+    producer: { name: 'vcpud', version: packageVersion() },
+    source: sourceHost(caps),
+    vm: {
+      id: vm.id,
+      name: vm.name,
+      memoryBytes: vm.memoryBytes,
+      vcpuCount: vm.vcpus.length,
+      irqchip: vm.vm.hasIrqchip,
+      exposeNested: !!vm.spec.cpuidPolicy?.exposeNested,
+      cpuid: vm.cpuid.map(({ function: fn, index, flags, eax, ebx, ecx, edx }) => ({ function: fn, index, flags, eax, ebx, ecx, edx })),
+      memory: vm.vm.regions.map((r) => ({ slot: r.slot, guestPhysAddr: r.guestPhysAddr, size: r.size })),
+    },
+    vcpus,
+    vmState,
+    memoryLayout: { pageSize: PAGE_SIZE, chunkPages: CHUNK_PAGES },
+  };
+}
+
+export interface CapturedState {
+  header: SnapshotHeader;
+  /** Per vCPU, in id order: its records (section name or "nested", bytes). */
+  vcpus: CapturedVcpu[];
+  /** VM-wide records: the kvmclock base and the in-kernel PIC/IOAPIC. */
+  vmState: [string, Buffer][];
+}
+
+/**
+ * Reads every vCPU's state (every section in the save order, nested state after them) and the VM
+ * state, and builds the snapshot header describing them. The VM must be held and its vCPUs paused;
+ * `runStates` are the run states to record (those before the pause).
+ */
+export async function captureState(vm: ManagedVm, caps: HostCapabilities, runStates: HeldVm['before']): Promise<CapturedState> {
+  const ctx: StateContext = { caps, irqchip: vm.vm.hasIrqchip };
+  // vCPU state, in the save order (readState), nested state after the sections.
+  const vcpus: CapturedVcpu[] = [];
+  for (const v of vm.vcpus) {
+    const captured = await v.withState(() => {
+      const r = readState(v.vcpu, ctx, []);
+      const records: [string, Buffer][] = [];
+      const sections: { name: SectionName; size: number }[] = [];
+      for (const [name, value] of Object.entries(r.values) as [SectionName, unknown][]) {
+        const bytes = (SECTIONS[name] as { encode(v: unknown): Buffer }).encode(value);
+        records.push([name, bytes]);
+        sections.push({ name, size: bytes.length });
+      }
+      let nestedSize = 0;
+      if (caps.nested.maxSize > 0) {
+        const blob = readNested(v.vcpu, caps);
+        records.push(['nested', blob]);
+        nestedSize = blob.length;
+      }
+      const before = runStates.find((s) => s.id === v.id);
+      const meta: SnapshotVcpu = {
+        id: v.id,
+        runState: before?.state ?? 'paused',
+        ...(before?.reason ? { stopReason: before.reason } : {}),
+        sections,
+        nestedSize,
+        msrsUnreadable: r.msrsUnreadable,
+      };
+      return { meta, records };
+    });
+    vcpus.push(captured);
+  }
+  // VM-wide state: the kvmclock base and the in-kernel PIC/IOAPIC.
+  const vmState: [string, Buffer][] = [];
+  if ((caps.caps.KVM_CAP_ADJUST_CLOCK ?? 0) > 0) vmState.push(['clock', vm.vm.getClock()]);
+  if (vm.vm.hasIrqchip) for (const chip of [0, 1, 2]) vmState.push([`irqchip.${chip}`, vm.vm.getIrqchip(chip)]);
+
+  const header = snapshotHeader(vm, caps, vcpus.map((v) => v.meta), vmState.map(([name, data]) => ({ name, size: data.length })));
+  return { header, vcpus, vmState };
+}
+
+/** One record as the format lays it out: header, payload, zeros to the next 8-byte boundary. */
+export function encodeRecord(kind: RecordKind, seq: number, payload: Buffer, aux = 0, aux2 = 0): Buffer {
+  // Never write what no reader accepts (memory data has its own bound: one chunk).
+  if (kind !== RecordKind.MemoryData && payload.length > MAX_METADATA_PAYLOAD)
+    throw new VcpudError('internal', `a ${KIND_NAMES[kind]} record of ${payload.length} bytes is over the ${MAX_METADATA_PAYLOAD} bytes a snapshot reader accepts`);
+  const header = encodeRecordHeader({ kind, seq, pad: 0, payloadCrc: crc32c(payload), payloadLength: payload.length, aux, aux2 });
+  const tail = align(payload.length, 8) - payload.length;
+  return Buffer.concat(tail ? [header, payload, Buffer.alloc(tail)] : [header, payload]);
+}
+
 /**
  * Writes a snapshot of `vm`, which the caller holds paused (holdAndPause), to `sink`, and finishes
  * the sink. On failure the sink is aborted and the error rethrown.
@@ -415,7 +504,6 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
   const held = vm.heldBy();
   if (!held) throw new VcpudError('internal', 'captureSnapshot needs the VM held and paused');
   const { caps } = opts;
-  const ctx: StateContext = { caps, irqchip: vm.vm.hasIrqchip };
   const memoryTotal = vm.memoryBytes;
   const progress = (phase: SnapshotProgress['phase'], memoryBytesDone: number) =>
     opts.onProgress?.({ phase, memoryBytesDone, memoryBytesTotal: memoryTotal, bytesWritten: sink.position });
@@ -425,72 +513,10 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
   };
   try {
     progress('state', 0);
-    // vCPU state, in the save order (readState), nested state after the sections.
-    const vcpus: CapturedVcpu[] = [];
-    for (const v of vm.vcpus) {
-      const captured = await v.withState(() => {
-        const r = readState(v.vcpu, ctx, []);
-        const records: [string, Buffer][] = [];
-        const sections: { name: SectionName; size: number }[] = [];
-        for (const [name, value] of Object.entries(r.values) as [SectionName, unknown][]) {
-          const bytes = (SECTIONS[name] as { encode(v: unknown): Buffer }).encode(value);
-          records.push([name, bytes]);
-          sections.push({ name, size: bytes.length });
-        }
-        let nestedSize = 0;
-        if (caps.nested.maxSize > 0) {
-          const blob = readNested(v.vcpu, caps);
-          records.push(['nested', blob]);
-          nestedSize = blob.length;
-        }
-        const before = opts.runStates.find((s) => s.id === v.id);
-        const meta: SnapshotVcpu = {
-          id: v.id,
-          runState: before?.state ?? 'paused',
-          ...(before?.reason ? { stopReason: before.reason } : {}),
-          sections,
-          nestedSize,
-          msrsUnreadable: r.msrsUnreadable,
-        };
-        return { meta, records };
-      });
-      vcpus.push(captured);
-    }
-    // VM-wide state: the kvmclock base and the in-kernel PIC/IOAPIC.
-    const vmState: [string, Buffer][] = [];
-    if ((caps.caps.KVM_CAP_ADJUST_CLOCK ?? 0) > 0) vmState.push(['clock', vm.vm.getClock()]);
-    if (vm.vm.hasIrqchip) for (const chip of [0, 1, 2]) vmState.push([`irqchip.${chip}`, vm.vm.getIrqchip(chip)]);
-
-    const header: SnapshotHeader = {
-      format: 'vcpud-snapshot',
-      formatVersion: FORMAT_VERSION,
-      createdAt: new Date().toISOString(),
-      producer: { name: 'vcpud', version: packageVersion() },
-      source: sourceHost(caps),
-      vm: {
-        id: vm.id,
-        name: vm.name,
-        memoryBytes: vm.memoryBytes,
-        vcpuCount: vm.vcpus.length,
-        irqchip: vm.vm.hasIrqchip,
-        exposeNested: !!vm.spec.cpuidPolicy?.exposeNested,
-        cpuid: vm.cpuid.map(({ function: fn, index, flags, eax, ebx, ecx, edx }) => ({ function: fn, index, flags, eax, ebx, ecx, edx })),
-        memory: vm.vm.regions.map((r) => ({ slot: r.slot, guestPhysAddr: r.guestPhysAddr, size: r.size })),
-      },
-      vcpus: vcpus.map((v) => v.meta),
-      vmState: vmState.map(([name, data]) => ({ name, size: data.length })),
-      memoryLayout: { pageSize: PAGE_SIZE, chunkPages: CHUNK_PAGES },
-    };
+    const { header, vcpus, vmState } = await captureState(vm, caps, opts.runStates);
 
     let seq = 0;
-    const record = async (kind: RecordKind, payload: Buffer, aux = 0, aux2 = 0) => {
-      // Never write what no reader accepts (memory data has its own bound: one chunk).
-      if (kind !== RecordKind.MemoryData && payload.length > MAX_METADATA_PAYLOAD)
-        throw new VcpudError('internal', `a ${KIND_NAMES[kind]} record of ${payload.length} bytes is over the ${MAX_METADATA_PAYLOAD} bytes a snapshot reader accepts`);
-      const header = encodeRecordHeader({ kind, seq: seq++, pad: 0, payloadCrc: crc32c(payload), payloadLength: payload.length, aux, aux2 });
-      const tail = align(payload.length, 8) - payload.length;
-      await sink.write(tail ? Buffer.concat([header, payload, Buffer.alloc(tail)]) : Buffer.concat([header, payload]));
-    };
+    const record = (kind: RecordKind, payload: Buffer, aux = 0, aux2 = 0) => sink.write(encodeRecord(kind, seq++, payload, aux, aux2));
 
     await sink.write(encodePreamble());
     await record(RecordKind.Header, Buffer.from(JSON.stringify(header)));

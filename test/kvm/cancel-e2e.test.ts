@@ -122,13 +122,10 @@ describeKvm('a client cancelling mid-stream (real vcpud processes)', () => {
   });
 
   it('MigrateVm: the VM is resumed here, the destination is left with no VM and nothing open', async () => {
-    const b0 = await before([
-      [a, 'vcpud.v1.SnapshotService', 'MigrateVm'],
-      [b, 'vcpud.v1.SnapshotService', 'RestoreSnapshotStream'],
-    ]);
-    // Cancelled with the first message after the destination's RestoreSnapshotStream started (a
-    // cancel before the source's call reached it would leave the destination nothing to count).
-    const started = async () => sample(await scrapeClosing(b.serving.metrics), 'grpc_server_started_total', { grpc_method: 'RestoreSnapshotStream' }) ?? 0;
+    const b0 = await before([[a, 'vcpud.v1.SnapshotService', 'MigrateVm']]);
+    // Cancelled with the first message after the destination prepared the incoming VM (a cancel
+    // before that would leave the destination nothing to clean up).
+    const started = async () => sample(await scrapeClosing(b.serving.metrics), 'grpc_server_started_total', { grpc_method: 'PrepareIncomingMigration' }) ?? 0;
     const started0 = await started();
     const r = await cancelAfterFirst(aSnap.MigrateVm({ vmId: big, destination: b.serving.api }), async () => (await started()) > started0);
     expect({ ended: r.ended, code: r.error?.code }).toEqual({ ended: false, code: grpc.status.CANCELLED });

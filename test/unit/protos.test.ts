@@ -96,6 +96,7 @@ describe('protos', () => {
       'vcpud/v1/capabilities.proto',
       'vcpud/v1/common.proto',
       'vcpud/v1/errors.proto',
+      'vcpud/v1/migration.proto',
       'vcpud/v1/nested.proto',
       'vcpud/v1/snapshot.proto',
       'vcpud/v1/state.proto',
@@ -141,6 +142,14 @@ describe('protos', () => {
       ListSnapshots: 'unary',
       DeleteSnapshot: 'unary',
       MigrateVm: 'server_stream',
+    });
+  });
+
+  test('MigrationService has the expected methods, all unary', () => {
+    expect(methods('vcpud.v1.MigrationService')).toEqual({
+      PrepareIncomingMigration: 'unary',
+      GetIncomingMigration: 'unary',
+      AbortIncomingMigration: 'unary',
     });
   });
 

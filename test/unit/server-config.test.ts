@@ -65,11 +65,21 @@ describe('defaults', () => {
       maxConnections: 256,
       handshakeTimeoutMs: 10_000,
       shutdownGraceMs: 5000,
+      migrationStallTimeoutMs: 10_000,
       logLevel: 'info',
       exitOnKvmError: false,
       testAllowUnvalidatedNested: false,
     });
     expect(c.tls).toBeUndefined();
+  });
+
+  test('--migration-stall-timeout takes a duration (10s, 500ms, 2m) and refuses others', () => {
+    expect(load(['--migration-stall-timeout', '3s']).migrationStallTimeoutMs).toBe(3000);
+    expect(load(['--migration-stall-timeout', '750ms']).migrationStallTimeoutMs).toBe(750);
+    expect(load(['--migration-stall-timeout', '2m']).migrationStallTimeoutMs).toBe(120_000);
+    expect(() => load(['--migration-stall-timeout', '1500'])).toThrow(/migration-stall-timeout.*duration/);
+    expect(() => load(['--migration-stall-timeout', 'soon'])).toThrow(/migration-stall-timeout.*duration/);
+    expect(() => load(['--migration-stall-timeout', '0s'])).toThrow(/positive duration/);
   });
 
   test('with XDG_RUNTIME_DIR: $XDG_RUNTIME_DIR/vcpud/vcpud.sock', () => {

@@ -25,6 +25,7 @@ import type { LoadProgramResponse as _vcpud_v1_LoadProgramResponse, LoadProgramR
 import type { MigrateVmRequest as _vcpud_v1_MigrateVmRequest, MigrateVmRequest__Output as _vcpud_v1_MigrateVmRequest__Output } from './vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse as _vcpud_v1_MigrateVmResponse, MigrateVmResponse__Output as _vcpud_v1_MigrateVmResponse__Output } from './vcpud/v1/MigrateVmResponse';
 import type { MigrationDone as _vcpud_v1_MigrationDone, MigrationDone__Output as _vcpud_v1_MigrationDone__Output } from './vcpud/v1/MigrationDone';
+import type { MigrationPassProgress as _vcpud_v1_MigrationPassProgress, MigrationPassProgress__Output as _vcpud_v1_MigrationPassProgress__Output } from './vcpud/v1/MigrationPassProgress';
 import type { MigrationTls as _vcpud_v1_MigrationTls, MigrationTls__Output as _vcpud_v1_MigrationTls__Output } from './vcpud/v1/MigrationTls';
 import type { PauseVcpuRequest as _vcpud_v1_PauseVcpuRequest, PauseVcpuRequest__Output as _vcpud_v1_PauseVcpuRequest__Output } from './vcpud/v1/PauseVcpuRequest';
 import type { PauseVcpuResponse as _vcpud_v1_PauseVcpuResponse, PauseVcpuResponse__Output as _vcpud_v1_PauseVcpuResponse__Output } from './vcpud/v1/PauseVcpuResponse';
@@ -92,6 +93,8 @@ export interface ProtoGrpcType {
       MigrateVmRequest: MessageTypeDefinition<_vcpud_v1_MigrateVmRequest, _vcpud_v1_MigrateVmRequest__Output>
       MigrateVmResponse: MessageTypeDefinition<_vcpud_v1_MigrateVmResponse, _vcpud_v1_MigrateVmResponse__Output>
       MigrationDone: MessageTypeDefinition<_vcpud_v1_MigrationDone, _vcpud_v1_MigrationDone__Output>
+      MigrationMode: EnumTypeDefinition
+      MigrationPassProgress: MessageTypeDefinition<_vcpud_v1_MigrationPassProgress, _vcpud_v1_MigrationPassProgress__Output>
       MigrationTls: MessageTypeDefinition<_vcpud_v1_MigrationTls, _vcpud_v1_MigrationTls__Output>
       PauseVcpuRequest: MessageTypeDefinition<_vcpud_v1_PauseVcpuRequest, _vcpud_v1_PauseVcpuRequest__Output>
       PauseVcpuResponse: MessageTypeDefinition<_vcpud_v1_PauseVcpuResponse, _vcpud_v1_PauseVcpuResponse__Output>

@@ -1,8 +1,8 @@
 /**
  * vcpud.v1.SnapshotService: CreateSnapshot (to a file under the snapshot directory, or streamed),
  * RestoreSnapshot (from a file) and RestoreSnapshotStream (from the client's stream) into a new VM,
- * ListSnapshots, DeleteSnapshot, and MigrateVm (this vcpud streams the snapshot to a destination
- * vcpud's RestoreSnapshotStream over gRPC with mTLS, then resumes it there).
+ * ListSnapshots, DeleteSnapshot, and MigrateVm (its credentials are resolved here; the move itself
+ * is migration-service.ts's).
  *
  * The format, the compatibility check and the restore live in src/vm/snapshot-*.ts; this file maps
  * requests onto them and keeps the run-state promises: the VM is held and paused while it is being
@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { withBulkHeap } from '../../bulk-heap';
-import { invalidArgument, VcpudError, type ErrorKind } from '../../errors';
+import { invalidArgument, VcpudError } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
 import { SnapshotStore, type OpenTarget, type SnapshotEntry } from '../../vm/snapshot-store';
@@ -22,7 +22,7 @@ import type { SnapshotHeader } from '../../vm/snapshot-format';
 import type { ManagedVm } from '../../vm/managed-vm';
 import { checkVmName } from '../../vm/vm-name';
 import { timestampToProto, vmToProto } from '../convert';
-import { decodeStatusDetails, toServiceError } from '../errors';
+import { toServiceError } from '../errors';
 import type { Duration } from '../generated/google/protobuf/Duration';
 import type { CreateSnapshotRequest__Output } from '../generated/vcpud/v1/CreateSnapshotRequest';
 import type { CreateSnapshotResponse } from '../generated/vcpud/v1/CreateSnapshotResponse';
@@ -30,16 +30,15 @@ import type { ListSnapshotsRequest__Output } from '../generated/vcpud/v1/ListSna
 import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
 import type { RestoreSnapshotStreamRequest__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamRequest';
-import type { RestoreSnapshotStreamResponse__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamResponse';
 import type { SnapshotInfo } from '../generated/vcpud/v1/SnapshotInfo';
 import type { SnapshotPhase } from '../generated/vcpud/v1/SnapshotPhase';
 import type { SnapshotProgress } from '../generated/vcpud/v1/SnapshotProgress';
 import type { SnapshotServiceHandlers } from '../generated/vcpud/v1/SnapshotService';
-import type { Vm__Output } from '../generated/vcpud/v1/Vm';
 import { vcpudProto } from '../proto';
 import { serverStream, unary, type ServiceContext } from './context';
 import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized } from '../preserialized';
 import { uploadStalled } from '../request-limits';
+import type { DestinationTarget, MigrationService } from './migration-service';
 import { cancelledWithin, limitReadAhead, stallGuarded, writeAndWait, writeWithBackpressure, type WritableLike } from './streams';
 
 /** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
@@ -54,8 +53,6 @@ export const streamData = (framed: Buffer) => bytesFieldMessage(CREATE_SNAPSHOT_
 const PROGRESS_INTERVAL_MS = 100;
 /** How long a RestoreSnapshotStream whose input ended too early waits for the client's cancel. */
 const CANCEL_AFTER_END_GRACE_MS = 250;
-/** Calls to the destination other than the snapshot stream. */
-const DESTINATION_CALL_MS = 15_000;
 
 export interface SnapshotServiceOptions {
   snapshotDir: string;
@@ -63,6 +60,8 @@ export interface SnapshotServiceOptions {
   migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
   /** A RestoreSnapshotStream upload that sends nothing for this long fails (UPLOAD_STALLED). */
   uploadStallTimeoutMs: number;
+  /** Runs MigrateVm. */
+  migration?: MigrationService;
 }
 
 const PHASES: Record<Progress['phase'], SnapshotPhase> = {
@@ -286,7 +285,7 @@ export class SnapshotService {
   // -------------------------------------------------------------------------------------------
   // Migration
 
-  private credentials(req: MigrateVmRequest__Output): { target: string; creds: grpc.ChannelCredentials; options: grpc.ChannelOptions } {
+  private credentials(req: MigrateVmRequest__Output): DestinationTarget {
     const dest = req.destination.trim();
     if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port or unix:/path' }]);
     const options: grpc.ChannelOptions = { 'grpc.max_send_message_length': 64 << 20, 'grpc.max_receive_message_length': 64 << 20 };
@@ -309,143 +308,13 @@ export class SnapshotService {
     }
     if (!cert !== !key) throw invalidArgument('cert_pem and key_pem go together', [{ rule: 'tls.pair', field: 'tls', message: 'give both or neither' }]);
     if (req.tls?.serverName) options['grpc.ssl_target_name_override'] = req.tls.serverName;
-    return { target: dest, creds: grpc.credentials.createSsl(ca, key, cert), options };
+    return { target: dest, creds: grpc.credentials.createSsl(ca, key, cert), options, tls: { ca, cert, key, serverName: req.tls?.serverName || undefined } };
   }
 
+  /** MigrateVm: the live-migration engine (migration-service.ts) moves the VM. */
   private async migrate(call: grpc.ServerWritableStream<MigrateVmRequest__Output, MigrateVmResponse>): Promise<void> {
-    const req = call.request;
-    const started = process.hrtime.bigint();
-    checkVmName(req.destinationVmName, 'destination_vm_name');
-    const vm = this.ctx.registry.get(req.vmId);
-    const { target, creds, options } = this.credentials(req);
-    const v1 = vcpudProto().vcpud.v1;
-    const snapshots = new v1.SnapshotService(target, creds, options);
-    const vms = new v1.VmService(target, creds, { ...options, channelOverride: snapshots.getChannel() });
-    const sendProgress = progressSender((progress) => call.write({ progress }));
-    const held = await holdAndPause(vm, `migration to ${target} in progress`);
-    const paused = process.hrtime.bigint();
-    let destVm: Vm__Output | undefined;
-    let done: MigrateVmResponse['done'];
-    let upstream: grpc.ClientWritableStream<unknown> | undefined;
-    try {
-      let upstreamError: Error | undefined;
-      const response = new Promise<RestoreSnapshotStreamResponse__Output>((resolve, reject) => {
-        upstream = snapshots.restoreSnapshotStream((err: grpc.ServiceError | null, res?: RestoreSnapshotStreamResponse__Output) => {
-          if (err) {
-            upstreamError = err;
-            reject(err);
-          } else resolve(res as RestoreSnapshotStreamResponse__Output);
-        }) as unknown as grpc.ClientWritableStream<unknown>;
-      });
-      response.catch(() => {}); // observed below; a failure mid-stream must not be an unhandled rejection
-      const up = upstream as grpc.ClientWritableStream<unknown>;
-      up.on('error', () => {});
-      up.write({ options: { run: false, vmName: req.destinationVmName || vm.name } });
-      // A write waiting for 'drain' on a call the destination already failed would wait forever:
-      // the call's outcome ends the wait.
-      const failed = response.then(
-        () => {
-          throw new VcpudError('internal', 'the destination answered before the snapshot was complete');
-        },
-        (e) => {
-          throw e;
-        },
-      );
-      failed.catch(() => {});
-      const sink = new StreamSink(async (chunk) => {
-        if (upstreamError) throw upstreamError;
-        await Promise.race([writeWithBackpressure(up as never, { data: chunk }), failed]);
-      }, STREAM_CHUNK);
-      const r = await captureSnapshot(vm, sink, {
-        caps: this.ctx.caps,
-        runStates: held.before,
-        onProgress: (p) => sendProgress(p.phase === 'done' ? { ...p, phase: 'sync' } : p),
-        cancelled: () => {
-          if (upstreamError) throw upstreamError; // the destination failed: its error, not a cancel
-          return call.cancelled;
-        },
-      });
-      up.end();
-      const restored = await response;
-      destVm = restored.vm ?? undefined;
-      if (!destVm) throw new VcpudError('internal', 'the destination answered without a VM');
-      call.write({ progress: { phase: 'SNAPSHOT_PHASE_RESUME', memoryBytesDone: String(vm.memoryBytes), memoryBytesTotal: String(vm.memoryBytes), bytesWritten: String(r.bytes) } });
-      if (!req.leavePaused)
-        for (const id of held.wasRunning) await callDestination(vms, 'resumeVcpu', { vmId: destVm.id, vcpuId: id });
-      const downtimeMs = Number(process.hrtime.bigint() - paused) / 1e6;
-      // The destination has it: this copy goes. Nothing below may throw into the rollback, which
-      // would delete the only copy left.
-      this.ctx.registry.destroy(vm.id);
-      const after = await callDestination<{ vm: Vm__Output }>(vms, 'getVm', { vmId: destVm.id }).catch(() => ({ vm: destVm as Vm__Output }));
-      done = { destinationVm: after.vm as never, bytesSent: String(r.bytes), duration: durationToProto(elapsedMs(started)), downtime: durationToProto(downtimeMs), notes: restored.notes };
-    } catch (e) {
-      upstream?.cancel();
-      let cleanup = '';
-      if (destVm) {
-        try {
-          await callDestination(vms, 'deleteVm', { vmId: destVm.id });
-          cleanup = `; its copy ${destVm.id} on the destination was deleted`;
-        } catch (d) {
-          cleanup = `; deleting its copy ${destVm.id} on the destination FAILED (${(d as Error).message}): check the destination`;
-        }
-      }
-      let resumed = '; the VM was resumed here as it was';
-      try {
-        await held.resume();
-      } catch (r) {
-        resumed = `; resuming the VM here FAILED: ${(r as Error).message}`;
-      }
-      throw migrationError(e, target, vm.id, cleanup + resumed);
-    } finally {
-      held.release();
-      snapshots.close();
-    }
-    // Reported after the commit: a client that cancelled by now only misses the report.
-    await writeWithBackpressure(call, { done });
+    checkVmName(call.request.destinationVmName, 'destination_vm_name');
+    if (!this.opts.migration) throw new VcpudError('unavailable', 'this server has no migration service');
+    await this.opts.migration.migrate(call, this.credentials(call.request));
   }
-}
-
-function callDestination<T = unknown>(client: grpc.Client, method: string, req: object): Promise<T> {
-  return new Promise((resolve, reject) =>
-    (client as unknown as Record<string, Function>)[method](req, new grpc.Metadata(), { deadline: Date.now() + DESTINATION_CALL_MS }, (err: grpc.ServiceError | null, res: T) =>
-      err ? reject(err) : resolve(res),
-    ),
-  );
-}
-
-const KIND_OF_CODE: Partial<Record<grpc.status, ErrorKind>> = {
-  [grpc.status.INVALID_ARGUMENT]: 'invalid_argument',
-  [grpc.status.FAILED_PRECONDITION]: 'failed_precondition',
-  [grpc.status.RESOURCE_EXHAUSTED]: 'resource_exhausted',
-  [grpc.status.DATA_LOSS]: 'data_loss',
-  [grpc.status.NOT_FOUND]: 'not_found',
-  [grpc.status.UNAVAILABLE]: 'unavailable',
-  [grpc.status.CANCELLED]: 'unavailable',
-  [grpc.status.DEADLINE_EXCEEDED]: 'unavailable',
-  [grpc.status.PERMISSION_DENIED]: 'failed_precondition',
-  [grpc.status.UNAUTHENTICATED]: 'failed_precondition',
-};
-
-/** The error MigrateVm ends with: the destination's code and violations when it answered, MIGRATION_FAILED. */
-function migrationError(e: unknown, target: string, vmId: string, outcome: string): VcpudError {
-  const grpcErr = e as grpc.ServiceError;
-  if (typeof grpcErr?.code === 'number' && grpcErr.metadata instanceof grpc.Metadata) {
-    const st = decodeStatusDetails(grpcErr.metadata);
-    const reason = st?.errorInfo?.reason;
-    const violations = [
-      ...(st?.preconditionFailure ?? []).map((v) => ({ rule: v.type, field: v.subject, message: v.description })),
-      ...(st?.badRequest ?? []).map((v) => ({ rule: v.reason, field: v.field, message: v.description })),
-    ];
-    const kind = KIND_OF_CODE[grpcErr.code as grpc.status] ?? 'internal';
-    return new VcpudError(
-      kind,
-      `migration of VM ${vmId} to ${target} failed: the destination answered ${grpc.status[grpcErr.code]}${reason ? ` (${reason})` : ''}: ${grpcErr.details}${outcome}`,
-      { reason: 'MIGRATION_FAILED', ...(violations.length ? { violations } : {}) },
-    );
-  }
-  const err = e as VcpudError;
-  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}${outcome}`, {
-    ...(err?.details ?? {}),
-    reason: 'MIGRATION_FAILED',
-  });
 }

@@ -42,16 +42,34 @@ export function progressReporter(ctx: Context, label: string): { update(p: Snaps
       const done = Number(p.memoryBytesDone);
       const total = Number(p.memoryBytesTotal);
       const phase = enumShort(p.phase, 'SNAPSHOT_PHASE_');
+      const m = p.migration;
       if (ctx.json) {
-        stderr.write(`${JSON.stringify({ progress: { operation: label, phase, memoryBytesDone: done, memoryBytesTotal: total, bytesWritten: Number(p.bytesWritten) } })}\n`);
+        const migration = m
+          ? {
+              pass: m.pass,
+              bytesTotal: Number(m.bytesTotal),
+              bytesSent: Number(m.bytesSent),
+              bytesRemaining: Number(m.bytesRemaining),
+              dirtyRateBytesPerSecond: Number(m.dirtyRateBytesPerSecond),
+              transferRateBytesPerSecond: Number(m.transferRateBytesPerSecond),
+              expectedDowntimeMs: seconds(m.expectedDowntime) * 1000,
+              throttlePercent: m.throttlePercent,
+              switchingOver: m.switchingOver,
+            }
+          : undefined;
+        stderr.write(`${JSON.stringify({ progress: { operation: label, phase, memoryBytesDone: done, memoryBytesTotal: total, bytesWritten: Number(p.bytesWritten), ...(migration ? { migration } : {}) } })}\n`);
         return;
       }
       if (!stderr.isTTY) return;
       const frac = total > 0 ? Math.min(1, done / total) : 0;
       const filled = Math.round(frac * BAR_WIDTH);
       const rate = done / Math.max(0.001, (Date.now() - started) / 1000);
+      // A migration's later passes: the rates and the expected downtime say more than the bar.
+      const pass = m
+        ? `  pass ${m.pass}${m.switchingOver ? ' (paused)' : ''}  left ${mib(Number(m.bytesRemaining))} MiB  dirty ${mib(Number(m.dirtyRateBytesPerSecond))} MiB/s  est. downtime ${(seconds(m.expectedDowntime) * 1000).toFixed(0)} ms${m.throttlePercent ? `  throttle ${m.throttlePercent}%` : ''}`
+        : '';
       stderr.write(
-        `\r${label} [${'#'.repeat(filled)}${'-'.repeat(BAR_WIDTH - filled)}] ${String(Math.round(frac * 100)).padStart(3)}%  ${mib(done)}/${mib(total)} MiB  ${phase.padEnd(6)} ${mib(rate)} MiB/s\x1b[K`,
+        `\r${label} [${'#'.repeat(filled)}${'-'.repeat(BAR_WIDTH - filled)}] ${String(Math.round(frac * 100)).padStart(3)}%  ${mib(done)}/${mib(total)} MiB  ${phase.padEnd(6)} ${mib(m ? Number(m.transferRateBytesPerSecond) || rate : rate)} MiB/s${pass}\x1b[K`,
       );
       drawn = true;
     },
@@ -181,6 +199,36 @@ async function restore(ctx: Context): Promise<void> {
   }
 }
 
+const ms = (d: Duration__Output | null | undefined) => `${(seconds(d) * 1000).toFixed(1)} ms`;
+
+/** A duration option: "50ms", "0.3s", "2m", or a bare number of milliseconds. */
+export function parseDurationMs(flag: string, text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
+  if (!m) throw new UsageError(`bad value for --${flag}: '${text}' is not a duration (e.g. 50ms, 0.3s)`, 'migrate');
+  return Number(m[1]) * { ms: 1, s: 1000, m: 60_000 }[(m[2] ?? 'ms') as 'ms' | 's' | 'm'];
+}
+
+const toDuration = (ms: number) => ({ seconds: String(Math.floor(ms / 1000)), nanos: Math.round((ms % 1000) * 1e6) });
+
+/** The pre-copy knobs of `vcpuctl migrate` as MigrateVmRequest fields. */
+function migrationTuning(o: Context['options']): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  const mode = o.string('mode');
+  if (mode !== undefined) {
+    const modes: Record<string, string> = { 'pre-copy': 'MIGRATION_MODE_PRE_COPY', 'stop-and-copy': 'MIGRATION_MODE_STOP_AND_COPY' };
+    if (!modes[mode]) throw new UsageError(`bad value for --mode: '${mode}' (pre-copy or stop-and-copy)`, 'migrate');
+    out.mode = modes[mode];
+  }
+  const maxDowntime = o.string('max-downtime');
+  if (maxDowntime !== undefined) out.maxDowntime = toDuration(parseDurationMs('max-downtime', maxDowntime));
+  const bandwidth = o.big('bandwidth');
+  if (bandwidth !== undefined) out.bandwidthBytesPerSecond = String(bandwidth);
+  const perGiB = o.string('completion-timeout-per-gib');
+  if (perGiB !== undefined) out.completionTimeoutPerGib = toDuration(parseDurationMs('completion-timeout-per-gib', perGiB));
+  if (o.bool('abort-on-no-progress')) out.abortOnNoProgress = true;
+  return out;
+}
+
 async function migrate(ctx: Context): Promise<void> {
   const [vmId] = ctx.positionals;
   const o = ctx.options;
@@ -193,6 +241,7 @@ async function migrate(ctx: Context): Promise<void> {
     ...(anyTls ? { tls } : {}),
     leavePaused: o.bool('leave-paused'),
     destinationVmName: o.string('dest-name') ?? '',
+    ...migrationTuning(o),
   });
   const progress = progressReporter(ctx, 'migrate');
   let done: MigrateVmResponse__Output['done'];
@@ -209,7 +258,8 @@ async function migrate(ctx: Context): Promise<void> {
   else {
     const lines = [
       `migrated ${vmId} to ${o.string('to')}: now ${done.destinationVm?.id ?? '?'} there`,
-      `sent ${humanSize(done.bytesSent)} in ${seconds(done.duration).toFixed(3)} s; paused for ${(seconds(done.downtime) * 1000).toFixed(1)} ms`,
+      `sent ${humanSize(done.bytesSent)} in ${seconds(done.duration).toFixed(3)} s, ${done.passes} pass${done.passes === 1 ? '' : 'es'} (${enumShort(done.mode, 'MIGRATION_MODE_').toLowerCase().replace(/_/g, '-')}); paused for ${(seconds(done.downtime) * 1000).toFixed(1)} ms`,
+      `downtime: last pass ${ms(done.downtimeLastPass)}, state ${ms(done.downtimeState)}, restore ${ms(done.downtimeRestore)}, resume ${ms(done.downtimeResume)}${done.maxThrottlePercent ? `; vCPUs throttled up to ${done.maxThrottlePercent}%` : ''}`,
     ];
     if (done.destinationVm) lines.push(formatVm(done.destinationVm));
     for (const n of done.notes) lines.push(`note: ${printable(n)}`);
@@ -278,7 +328,7 @@ export const snapshotCommands: Command[] = [
   },
   {
     path: ['migrate'],
-    summary: 'Move a VM to another vcpud (--to): paused, streamed, restored and resumed there, then deleted here.',
+    summary: 'Move a VM to another vcpud (--to): live (pre-copy) or paused for the copy, resumed there, then deleted here.',
     positionals: ['VM'],
     options: [
       { name: 'to', type: 'string', arg: 'ADDR', required: true, help: "the destination vcpud: host:port (TLS) or unix:/path" },
@@ -288,8 +338,14 @@ export const snapshotCommands: Command[] = [
       { name: 'to-tls-server-name', type: 'string', arg: 'NAME', help: "name to verify the destination's certificate against" },
       { name: 'leave-paused', type: 'bool', help: 'leave the VM paused on the destination' },
       { name: 'dest-name', type: 'string', arg: 'NAME', help: 'name of the VM on the destination' },
+      { name: 'mode', type: 'string', arg: 'MODE', help: 'pre-copy (default: copy while the VM runs) or stop-and-copy (paused for the whole copy)' },
+      { name: 'max-downtime', type: 'string', arg: 'DURATION', help: 'pre-copy switches over once the expected pause is this short (default 50ms)' },
+      { name: 'bandwidth', type: 'size', arg: 'BYTES', help: 'cap the memory copy at BYTES per second (e.g. 200MiB; default unlimited)' },
+      { name: 'completion-timeout-per-gib', type: 'string', arg: 'DURATION', help: 'give up (the VM stays here) after this long per GiB of guest memory (default 150s)' },
+      { name: 'abort-on-no-progress', type: 'bool', help: 'fail instead of throttling the vCPUs when the dirty memory stops shrinking' },
     ],
-    notes: 'The --to-tls-* files are read here and sent to the source server, which dials the destination with them.',
+    notes:
+      'The --to-tls-* files are read here and sent to the source server, which dials the destination with them. Progress shows each pass: bytes left, dirty and transfer rates, the expected downtime and any throttle; the report splits the downtime into its parts.',
     run: migrate,
   },
 ];

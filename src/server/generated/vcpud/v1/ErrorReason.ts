@@ -132,6 +132,11 @@ export const ErrorReason = {
    * configured limit: retrying helps once connections, VMs or other processes release some.
    */
   ERROR_REASON_HOST_RESOURCES_EXHAUSTED: 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED',
+  /**
+   * NOT_FOUND: no incoming migration with that id on this destination (MigrationService); it may have been
+   * discarded already.
+   */
+  ERROR_REASON_MIGRATION_NOT_FOUND: 'ERROR_REASON_MIGRATION_NOT_FOUND',
 } as const;
 
 /**
@@ -287,6 +292,12 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED'
   | 24
+  /**
+   * NOT_FOUND: no incoming migration with that id on this destination (MigrationService); it may have been
+   * discarded already.
+   */
+  | 'ERROR_REASON_MIGRATION_NOT_FOUND'
+  | 34
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix

@@ -2,6 +2,9 @@
 // Original file: protos/vcpud/v1/snapshot.proto
 
 import type { MigrationTls as _vcpud_v1_MigrationTls, MigrationTls__Output as _vcpud_v1_MigrationTls__Output } from '../../vcpud/v1/MigrationTls';
+import type { MigrationMode as _vcpud_v1_MigrationMode, MigrationMode__Output as _vcpud_v1_MigrationMode__Output } from '../../vcpud/v1/MigrationMode';
+import type { Duration as _google_protobuf_Duration, Duration__Output as _google_protobuf_Duration__Output } from '../../google/protobuf/Duration';
+import type { Long } from '@grpc/proto-loader';
 
 /**
  * Request for MigrateVm.
@@ -28,6 +31,27 @@ export interface MigrateVmRequest {
    * Name of the VM on the destination (default: its name here).
    */
   'destinationVmName'?: (string);
+  /**
+   * How memory moves (default: MIGRATION_MODE_PRE_COPY where the host has KVM dirty logging).
+   */
+  'mode'?: (_vcpud_v1_MigrationMode);
+  /**
+   * Pre-copy switches over once the expected downtime is at most this (default 50 ms).
+   */
+  'maxDowntime'?: (_google_protobuf_Duration | null);
+  /**
+   * Memory bandwidth cap in bytes per second (0: unlimited).
+   */
+  'bandwidthBytesPerSecond'?: (number | string | Long);
+  /**
+   * Pre-copy gives up (the VM keeps running here) after this much time per GiB of guest memory (default 150 s,
+   * at least 10 s in total).
+   */
+  'completionTimeoutPerGib'?: (_google_protobuf_Duration | null);
+  /**
+   * When the remaining bytes stop falling, fail instead of throttling the vCPUs.
+   */
+  'abortOnNoProgress'?: (boolean);
 }
 
 /**
@@ -55,4 +79,25 @@ export interface MigrateVmRequest__Output {
    * Name of the VM on the destination (default: its name here).
    */
   'destinationVmName': (string);
+  /**
+   * How memory moves (default: MIGRATION_MODE_PRE_COPY where the host has KVM dirty logging).
+   */
+  'mode': (_vcpud_v1_MigrationMode__Output);
+  /**
+   * Pre-copy switches over once the expected downtime is at most this (default 50 ms).
+   */
+  'maxDowntime': (_google_protobuf_Duration__Output | null);
+  /**
+   * Memory bandwidth cap in bytes per second (0: unlimited).
+   */
+  'bandwidthBytesPerSecond': (string);
+  /**
+   * Pre-copy gives up (the VM keeps running here) after this much time per GiB of guest memory (default 150 s,
+   * at least 10 s in total).
+   */
+  'completionTimeoutPerGib': (_google_protobuf_Duration__Output | null);
+  /**
+   * When the remaining bytes stop falling, fail instead of throttling the vCPUs.
+   */
+  'abortOnNoProgress': (boolean);
 }

@@ -3,6 +3,7 @@
 
 import type { Vm as _vcpud_v1_Vm, Vm__Output as _vcpud_v1_Vm__Output } from '../../vcpud/v1/Vm';
 import type { Duration as _google_protobuf_Duration, Duration__Output as _google_protobuf_Duration__Output } from '../../google/protobuf/Duration';
+import type { MigrationMode as _vcpud_v1_MigrationMode, MigrationMode__Output as _vcpud_v1_MigrationMode__Output } from '../../vcpud/v1/MigrationMode';
 import type { Long } from '@grpc/proto-loader';
 
 /**
@@ -29,6 +30,34 @@ export interface MigrationDone {
    * The destination's restore notes.
    */
   'notes'?: (string)[];
+  /**
+   * Pre-copy passes, the last (paused) one included.
+   */
+  'passes'?: (number);
+  /**
+   * The parts of the downtime: the last pass of dirty pages.
+   */
+  'downtimeLastPass'?: (_google_protobuf_Duration | null);
+  /**
+   * Reading and sending every vCPU's state and the VM state.
+   */
+  'downtimeState'?: (_google_protobuf_Duration | null);
+  /**
+   * Applying that state on the destination.
+   */
+  'downtimeRestore'?: (_google_protobuf_Duration | null);
+  /**
+   * Resuming the vCPUs on the destination and its acknowledgement reaching this server.
+   */
+  'downtimeResume'?: (_google_protobuf_Duration | null);
+  /**
+   * The mode used.
+   */
+  'mode'?: (_vcpud_v1_MigrationMode);
+  /**
+   * The highest vCPU throttle applied (0-99).
+   */
+  'maxThrottlePercent'?: (number);
 }
 
 /**
@@ -55,4 +84,32 @@ export interface MigrationDone__Output {
    * The destination's restore notes.
    */
   'notes': (string)[];
+  /**
+   * Pre-copy passes, the last (paused) one included.
+   */
+  'passes': (number);
+  /**
+   * The parts of the downtime: the last pass of dirty pages.
+   */
+  'downtimeLastPass': (_google_protobuf_Duration__Output | null);
+  /**
+   * Reading and sending every vCPU's state and the VM state.
+   */
+  'downtimeState': (_google_protobuf_Duration__Output | null);
+  /**
+   * Applying that state on the destination.
+   */
+  'downtimeRestore': (_google_protobuf_Duration__Output | null);
+  /**
+   * Resuming the vCPUs on the destination and its acknowledgement reaching this server.
+   */
+  'downtimeResume': (_google_protobuf_Duration__Output | null);
+  /**
+   * The mode used.
+   */
+  'mode': (_vcpud_v1_MigrationMode__Output);
+  /**
+   * The highest vCPU throttle applied (0-99).
+   */
+  'maxThrottlePercent': (number);
 }

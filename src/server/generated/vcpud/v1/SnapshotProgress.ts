@@ -2,6 +2,7 @@
 // Original file: protos/vcpud/v1/snapshot.proto
 
 import type { SnapshotPhase as _vcpud_v1_SnapshotPhase, SnapshotPhase__Output as _vcpud_v1_SnapshotPhase__Output } from '../../vcpud/v1/SnapshotPhase';
+import type { MigrationPassProgress as _vcpud_v1_MigrationPassProgress, MigrationPassProgress__Output as _vcpud_v1_MigrationPassProgress__Output } from '../../vcpud/v1/MigrationPassProgress';
 import type { Long } from '@grpc/proto-loader';
 
 /**
@@ -24,6 +25,10 @@ export interface SnapshotProgress {
    * Snapshot bytes produced (written or sent) so far; zero pages take none.
    */
   'bytesWritten'?: (number | string | Long);
+  /**
+   * MigrateVm: where the memory copy is (absent for snapshots).
+   */
+  'migration'?: (_vcpud_v1_MigrationPassProgress | null);
 }
 
 /**
@@ -46,4 +51,8 @@ export interface SnapshotProgress__Output {
    * Snapshot bytes produced (written or sent) so far; zero pages take none.
    */
   'bytesWritten': (string);
+  /**
+   * MigrateVm: where the memory copy is (absent for snapshots).
+   */
+  'migration': (_vcpud_v1_MigrationPassProgress__Output | null);
 }

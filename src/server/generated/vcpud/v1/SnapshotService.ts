@@ -96,18 +96,32 @@ export interface SnapshotServiceClient extends grpc.Client {
   listSnapshots(argument: _vcpud_v1_ListSnapshotsRequest, callback: grpc.requestCallback<_vcpud_v1_ListSnapshotsResponse__Output>): grpc.ClientUnaryCall;
   
   /**
-   * Moves a VM to another vcpud: pauses and holds it, streams its snapshot to the destination's
-   * RestoreSnapshotStream over gRPC (mTLS with the request's or the server's migration credentials), resumes
-   * it there (unless leave_paused), then deletes it here. Any failure before the destination has it running
-   * deletes the destination's copy (best effort) and resumes the VM here as it was: the error says so.
+   * Moves a VM to another vcpud. The destination's MigrationService prepares an empty VM and hands back a
+   * one-time data connection (a unix socket next to its API socket, or TCP with the API's TLS credentials and
+   * client allowlist); memory moves over it in checksummed page frames. Pre-copy (the default) copies memory
+   * while the VM runs and then the pages dirtied meanwhile, pass after pass, until the expected downtime is
+   * within max_downtime; then the VM is paused, the last dirty pages and every vCPU's and the VM's state are
+   * sent, the destination restores and resumes it (unless leave_paused) and it is deleted here.
+   * While it is being migrated the VM is held: ResumeVm/RunVm, WriteMemory and LoadProgram fail with
+   * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
+   * read at the switch-over). Any failure before the destination acknowledges the commit (including a
+   * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
    */
   MigrateVm(argument: _vcpud_v1_MigrateVmRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
   MigrateVm(argument: _vcpud_v1_MigrateVmRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
   /**
-   * Moves a VM to another vcpud: pauses and holds it, streams its snapshot to the destination's
-   * RestoreSnapshotStream over gRPC (mTLS with the request's or the server's migration credentials), resumes
-   * it there (unless leave_paused), then deletes it here. Any failure before the destination has it running
-   * deletes the destination's copy (best effort) and resumes the VM here as it was: the error says so.
+   * Moves a VM to another vcpud. The destination's MigrationService prepares an empty VM and hands back a
+   * one-time data connection (a unix socket next to its API socket, or TCP with the API's TLS credentials and
+   * client allowlist); memory moves over it in checksummed page frames. Pre-copy (the default) copies memory
+   * while the VM runs and then the pages dirtied meanwhile, pass after pass, until the expected downtime is
+   * within max_downtime; then the VM is paused, the last dirty pages and every vCPU's and the VM's state are
+   * sent, the destination restores and resumes it (unless leave_paused) and it is deleted here.
+   * While it is being migrated the VM is held: ResumeVm/RunVm, WriteMemory and LoadProgram fail with
+   * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
+   * read at the switch-over). Any failure before the destination acknowledges the commit (including a
+   * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
    */
   migrateVm(argument: _vcpud_v1_MigrateVmRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
   migrateVm(argument: _vcpud_v1_MigrateVmRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
@@ -202,10 +216,17 @@ export interface SnapshotServiceHandlers extends grpc.UntypedServiceImplementati
   ListSnapshots: grpc.handleUnaryCall<_vcpud_v1_ListSnapshotsRequest__Output, _vcpud_v1_ListSnapshotsResponse>;
   
   /**
-   * Moves a VM to another vcpud: pauses and holds it, streams its snapshot to the destination's
-   * RestoreSnapshotStream over gRPC (mTLS with the request's or the server's migration credentials), resumes
-   * it there (unless leave_paused), then deletes it here. Any failure before the destination has it running
-   * deletes the destination's copy (best effort) and resumes the VM here as it was: the error says so.
+   * Moves a VM to another vcpud. The destination's MigrationService prepares an empty VM and hands back a
+   * one-time data connection (a unix socket next to its API socket, or TCP with the API's TLS credentials and
+   * client allowlist); memory moves over it in checksummed page frames. Pre-copy (the default) copies memory
+   * while the VM runs and then the pages dirtied meanwhile, pass after pass, until the expected downtime is
+   * within max_downtime; then the VM is paused, the last dirty pages and every vCPU's and the VM's state are
+   * sent, the destination restores and resumes it (unless leave_paused) and it is deleted here.
+   * While it is being migrated the VM is held: ResumeVm/RunVm, WriteMemory and LoadProgram fail with
+   * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
+   * read at the switch-over). Any failure before the destination acknowledges the commit (including a
+   * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
    */
   MigrateVm: grpc.handleServerStreamingCall<_vcpud_v1_MigrateVmRequest__Output, _vcpud_v1_MigrateVmResponse>;
   

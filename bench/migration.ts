@@ -1,0 +1,203 @@
+/**
+ * Live migration between two real vcpud processes, against floors measured in the same run:
+ * - throughput of pass 1 (a guest with random memory, every page sent) beside a plain unix socket
+ *   between two Node processes moving the same bytes (UDS), and beside Node's TLS over TCP loopback
+ *   (mTLS between vcpuds on 127.0.0.1); target >= 0.8;
+ * - an idle guest's whole migration time beside bytes sent / the UDS floor; target <= 1.3;
+ * - downtime of a guest with random memory while dirty64 dirties 64 MiB/s (target <= 50 ms), with
+ *   its parts (last pass, state, restore, resume) and the passes it took.
+ *
+ * BENCH_MIGRATION_MIB (default 1024) sets the guest size; BENCH_MIGRATION_DIRTY_MIBS the dirty rate.
+ */
+import { fork } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
+import type * as grpc from '@grpc/grpc-js';
+import { makePki, type Pki } from '../test/support/pki';
+import { call, startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
+import { DIRTY64, dirty64Control, GUEST_ABI } from '../test/guests/guests';
+import { MiB, fatal, guestBin, knob, ratioRow, table, type BenchResult, type BenchRow } from './floors';
+
+type Client = grpc.Client & Record<string, Function>;
+const SIZE = Number(knob('BENCH_MIGRATION_MIB', '1024', 'migration: guest size in MiB')) * MiB;
+const DIRTY_RATE = Number(knob('BENCH_MIGRATION_DIRTY_MIBS', '64', 'migration: dirty64 rate in MiB/s for the downtime figure')) * MiB;
+const THROUGHPUT_TARGET = { op: '>=', ratio: 0.8 } as const;
+const IDLE_TARGET = { op: '<=', ratio: 1.3 } as const;
+const DOWNTIME_TARGET_MS = 50;
+const FILL_FROM = 2 * MiB;
+const DIRTY_RANGE = { start: 16 * MiB, pages: 65536 };
+const CHUNK = 8 * MiB;
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+const ms = (d: { seconds: string; nanos: number } | undefined) => (d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : 0);
+
+// ---------------------------------------------------------------------------------------------
+// Floors: the same bytes between two Node processes
+
+/** The receiving process: counts bytes until the sender closes, then reports. */
+const RECEIVER = `
+const net = require('node:net'), tls = require('node:tls'), fs = require('node:fs');
+process.on('message', (m) => {
+  const onConn = (s) => { let n = 0; s.on('data', (d) => (n += d.length)); s.on('end', () => { process.send({ received: n }); s.end(); }); };
+  const server = m.tls
+    ? tls.createServer({ key: fs.readFileSync(m.tls.key), cert: fs.readFileSync(m.tls.cert), ca: fs.readFileSync(m.tls.ca), requestCert: true, rejectUnauthorized: true }, onConn)
+    : net.createServer(onConn);
+  server.listen(m.tls ? { host: '127.0.0.1', port: 0 } : { path: m.path }, () => process.send({ listening: m.tls ? server.address().port : m.path }));
+});
+`;
+
+/** MiB/s of `bytes` written in CHUNK buffers to a receiver in another process (unix socket, or mTLS over TCP). */
+async function floorRate(bytes: number, dir: string, pki?: Pki): Promise<number> {
+  const script = path.join(dir, 'receiver.js');
+  fs.writeFileSync(script, RECEIVER);
+  const child = fork(script, [], { stdio: 'inherit' });
+  try {
+    const next = () => new Promise<Record<string, any>>((r) => child.once('message', (m) => r(m as Record<string, any>)));
+    const sock = path.join(dir, 'floor.sock');
+    fs.rmSync(sock, { force: true });
+    child.send(pki ? { tls: { key: pki.file('server.key'), cert: pki.file('server.crt'), ca: pki.file('ca.crt') } } : { path: sock });
+    const { listening } = await next();
+    const s: net.Socket = pki
+      ? tls.connect({ host: '127.0.0.1', port: listening, ca: pki.pem('ca.crt'), cert: pki.pem('migrator.crt'), key: pki.pem('migrator.key'), servername: 'localhost' })
+      : net.connect({ path: listening });
+    await new Promise((r) => s.once(pki ? 'secureConnect' : 'connect', r));
+    const buf = crypto.randomBytes(CHUNK);
+    const done = next();
+    const t = now();
+    for (let sent = 0; sent < bytes; sent += CHUNK) if (!s.write(buf)) await new Promise((r) => s.once('drain', r));
+    s.end();
+    const { received } = await done;
+    const elapsed = now() - t;
+    if (received !== Math.ceil(bytes / CHUNK) * CHUNK) throw new Error(`the floor's receiver got ${received} bytes`);
+    return received / MiB / (elapsed / 1000);
+  } finally {
+    child.kill();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations
+
+async function randomVm(vms: Client, size: number): Promise<string> {
+  const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(size), vcpuCount: 1, name: 'bench' });
+  const chunk = crypto.randomBytes(16 * MiB);
+  for (let gpa = FILL_FROM; gpa < size; gpa += chunk.length)
+    await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: chunk.subarray(0, Math.min(chunk.length, size - gpa)) });
+  return vm.id;
+}
+
+interface Moved {
+  id: string;
+  done: Record<string, any>;
+  /** Pass 1's transfer rate as the engine measured it, MiB/s. */
+  pass1MiBs: number;
+}
+
+function migrate(snap: Client, req: object): Promise<Moved> {
+  return new Promise((resolve, reject) => {
+    let pass1 = 0;
+    let done: Record<string, any> | undefined;
+    const s = snap.MigrateVm(req) as grpc.ClientReadableStream<Record<string, any>>;
+    s.on('data', (m) => {
+      const p = m.progress?.migration;
+      // The report at the end of pass 1 carries the pass's measured rate.
+      if (p && p.pass === 1 && Number(p.transferRateBytesPerSecond) > 0) pass1 = Number(p.transferRateBytesPerSecond) / MiB;
+      if (m.done) done = m.done;
+    });
+    s.on('error', reject);
+    s.on('end', () => (done ? resolve({ id: done.destinationVm.id, done, pass1MiBs: pass1 }) : reject(new Error('no done message'))));
+  });
+}
+
+async function tscKhz(state: Client, vmId: string): Promise<number> {
+  const r = await call<{ state: { tscKhz: { khz: number } } }>(state, 'GetState', { vmId, vcpuId: 0, sections: ['STATE_SECTION_TSC_KHZ'] });
+  return r.state.tscKhz.khz;
+}
+
+export async function measureMigration(): Promise<BenchResult> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-bench-migration-'));
+  const pki = makePki(path.join(dir, 'pki'));
+  pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
+  const daemons: VcpudProcess[] = [];
+  const rows: string[][] = [];
+  const benchRows: BenchRow[] = [];
+  const verdicts: string[] = [];
+  const label = `${SIZE / MiB} MiB`;
+  try {
+    const [a, b] = await Promise.all([startVcpud(['--snapshot-dir', path.join(dir, 'a')]), startVcpud(['--snapshot-dir', path.join(dir, 'b')])]);
+    daemons.push(a, b);
+    const [aVms, bVms] = [a.client('VmService'), b.client('VmService')];
+    const [aSnap, bSnap] = [a.client('SnapshotService'), b.client('SnapshotService')];
+
+    // 1. An idle guest with random memory, UDS: throughput of pass 1 and the whole time.
+    const id = await randomVm(aVms, SIZE);
+    const udsFloor = await floorRate(SIZE, dir);
+    const t = now();
+    const idle = await migrate(aSnap, { vmId: id, destination: b.serving.api });
+    const idleMs = now() - t;
+    const sent = Number(idle.done.bytesSent);
+    const idleFloorMs = (sent / MiB / udsFloor) * 1000;
+    rows.push(['UDS floor: unix socket between two Node processes', (SIZE / MiB / udsFloor * 1000).toFixed(0), udsFloor.toFixed(0), '']);
+    rows.push([`idle guest, pre-copy over UDS`, idleMs.toFixed(0), idle.pass1MiBs.toFixed(0), `${idle.done.passes} passes, ${(sent / MiB).toFixed(0)} MiB sent, downtime ${ms(idle.done.downtime).toFixed(1)} ms`]);
+    const thr = ratioRow(`${label}: migration pass-1 throughput, UDS`, idle.pass1MiBs, udsFloor, 'MiB/s', 'unix socket between two Node processes', THROUGHPUT_TARGET);
+    const idleRow = ratioRow(`${label}: idle guest, whole migration time`, idleMs, idleFloorMs, 'ms', 'bytes sent / UDS floor', IDLE_TARGET);
+    benchRows.push(thr, idleRow);
+
+    // 2. The same guest running dirty64 at DIRTY_RATE: downtime and its parts.
+    const moved = idle.id;
+    await call(bVms, 'LoadProgram', { vmId: moved, image: fs.readFileSync(guestBin('dirty64')), loadAddress: String(GUEST_ABI.loadAddress) });
+    const khz = await tscKhz(b.client('VcpuStateService'), moved);
+    await call(bVms, 'WriteMemory', { vmId: moved, guestPhysicalAddress: String(DIRTY64.control), data: dirty64Control({ rangeStart: DIRTY_RANGE.start, rangePages: DIRTY_RANGE.pages, bytesPerSecond: DIRTY_RATE, tscKhz: khz }) });
+    await call(bVms, 'RunVm', { vmId: moved });
+    await new Promise((r) => setTimeout(r, 500));
+    const busy = await migrate(bSnap, { vmId: moved, destination: a.serving.api });
+    const d = busy.done;
+    const downtime = ms(d.downtime);
+    rows.push([
+      `dirty64 at ${DIRTY_RATE / MiB} MiB/s, pre-copy over UDS`,
+      ms(d.duration).toFixed(0),
+      busy.pass1MiBs.toFixed(0),
+      `${d.passes} passes, downtime ${downtime.toFixed(1)} ms = last pass ${ms(d.downtimeLastPass).toFixed(1)} + state ${ms(d.downtimeState).toFixed(1)} + restore ${ms(d.downtimeRestore).toFixed(1)} + resume ${ms(d.downtimeResume).toFixed(1)}; throttle max ${d.maxThrottlePercent}%`,
+    ]);
+    benchRows.push({
+      name: `${label}: downtime, dirty64 at ${DIRTY_RATE / MiB} MiB/s`,
+      value: downtime,
+      unit: 'ms',
+      floor: null,
+      floorName: '-',
+      ratio: null,
+      target: `<= ${DOWNTIME_TARGET_MS} ms`,
+      met: downtime <= DOWNTIME_TARGET_MS,
+    });
+    await call(aVms, 'DeleteVm', { vmId: busy.id });
+
+    // 3. mTLS over TCP on 127.0.0.1: an idle guest again, against Node's TLS.
+    const dst = await startVcpud(['--listen', '127.0.0.1:0', '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'), '--allow-client', 'migrator']);
+    daemons.push(dst);
+    const src = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')]);
+    daemons.push(src);
+    const tlsId = await randomVm(src.client('VmService'), SIZE);
+    const tlsFloor = await floorRate(SIZE, dir, pki);
+    const overTls = await migrate(src.client('SnapshotService'), { vmId: tlsId, destination: `localhost:${dst.serving.api.split(':').pop()}` });
+    rows.push(['TLS floor: Node TLS over TCP loopback, two processes', (SIZE / MiB / tlsFloor * 1000).toFixed(0), tlsFloor.toFixed(0), '']);
+    rows.push(['idle guest, pre-copy over mTLS', ms(overTls.done.duration).toFixed(0), overTls.pass1MiBs.toFixed(0), `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms`]);
+    benchRows.push(ratioRow(`${label}: migration pass-1 throughput, mTLS`, overTls.pass1MiBs, tlsFloor, 'MiB/s', 'Node TLS over TCP between two processes', THROUGHPUT_TARGET));
+  } finally {
+    await Promise.all(daemons.map((d) => d.stop()));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  for (const r of benchRows)
+    verdicts.push(`${r.name}: ${r.value.toFixed(1)} ${r.unit}${r.ratio !== null ? ` = ${r.ratio.toFixed(2)} x ${r.floorName}` : ''} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`);
+  const detail = [`Live migration between two vcpud processes, ${label} guest with random memory\n`, table(['measure', 'ms', 'MiB/s', 'notes'], rows), '', ...verdicts].join('\n');
+  return { rows: benchRows, detail };
+}
+
+async function main(): Promise<void> {
+  console.log((await measureMigration()).detail);
+}
+
+if (require.main === module) main().catch(fatal);

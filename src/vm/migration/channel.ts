@@ -1,0 +1,216 @@
+/**
+ * One migration data connection (net.Socket or tls.TLSSocket) as a channel of envelopes
+ * (protocol.ts), where every wait is bounded: a write waiting for the peer to drain, and a read
+ * waiting for the peer's next envelope, each race the stall timeout, the caller's abort signal and
+ * the connection's end. A stalled peer (SIGSTOP, a partition) therefore fails the migration within
+ * the stall timeout instead of holding it forever.
+ */
+import type net from 'node:net';
+import { VcpudError } from '../../errors';
+import { decodeEnvelopeHeader, decodeJson, ENVELOPE_HEADER_SIZE, EnvelopeType, envelopeHeader, jsonEnvelope, type EnvelopeHead, type WireError } from './protocol';
+
+/** Received bytes buffered before the socket is paused (bounds the receiver's memory). */
+const MAX_BUFFERED = 64 * 1024 * 1024;
+
+export interface Envelope {
+  head: EnvelopeHead;
+  payload: Buffer;
+}
+
+export class Channel {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  /** A read waiting for `need` buffered bytes; `progress` re-arms its stall timer when data comes. */
+  private waiter?: { need: number; resolve: () => void; progress: () => void };
+  private closedWith?: Error;
+  private readonly closeListeners = new Set<(e: Error) => void>();
+  /** Bytes sent and received so far. */
+  bytesOut = 0;
+  bytesIn = 0;
+
+  constructor(
+    readonly socket: net.Socket,
+    private readonly stallMs: number,
+    /** Names the peer in errors ("the destination", "the source"). */
+    private readonly peer: string,
+    private readonly signal?: AbortSignal,
+  ) {
+    socket.setNoDelay?.(true);
+    socket.on('data', (c: Buffer) => {
+      this.chunks.push(c);
+      this.buffered += c.length;
+      this.bytesIn += c.length;
+      if (this.buffered > MAX_BUFFERED) socket.pause();
+      if (this.waiter && this.buffered < this.waiter.need) this.waiter.progress();
+      else this.wake();
+    });
+    const closed = (e?: Error) => {
+      // The peer's own account of why it closed (an ERROR envelope not read yet) beats the bare close.
+      this.closedWith ??= this.unreadPeerError() ?? new VcpudError('unavailable', `the connection to ${peer} ${e ? `failed: ${e.message}` : 'was closed'}`);
+      for (const l of this.closeListeners) l(this.closedWith);
+      this.wake();
+    };
+    socket.on('error', closed);
+    socket.on('close', () => closed());
+    socket.on('end', () => closed());
+  }
+
+  /** An ERROR envelope among the bytes received but not read yet, as the error it carries. */
+  private unreadPeerError(): VcpudError | undefined {
+    const buf = Buffer.concat(this.chunks);
+    for (let off = 0; off + ENVELOPE_HEADER_SIZE <= buf.length; ) {
+      let head: EnvelopeHead;
+      try {
+        head = decodeEnvelopeHeader(buf.subarray(off, off + ENVELOPE_HEADER_SIZE));
+      } catch {
+        return undefined;
+      }
+      const payload = buf.subarray(off + ENVELOPE_HEADER_SIZE, off + ENVELOPE_HEADER_SIZE + head.length);
+      if (payload.length < head.length) return undefined;
+      if (head.type === EnvelopeType.Error) return peerError(this.peer, head, payload);
+      off += ENVELOPE_HEADER_SIZE + head.length;
+    }
+    return undefined;
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.resolve();
+  }
+
+  /**
+   * Waits for what `arm` sets up (a write's drain, or enough data), bounded by the stall timeout
+   * (which `arm`'s `progress` re-arms), abort and close.
+   */
+  private bounded<T>(what: string, arm: (resolve: (v: T) => void, progress: () => void) => () => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let disarm = () => {};
+      const done = (fn: () => void) => {
+        clearTimeout(timer);
+        this.closeListeners.delete(onClose);
+        this.signal?.removeEventListener('abort', onAbort);
+        disarm();
+        fn();
+      };
+      const timer = setTimeout(
+        () => done(() => reject(new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`))),
+        this.stallMs,
+      );
+      const onClose = (e: Error) => done(() => reject(e));
+      const onAbort = () => done(() => reject(abortError(this.signal as AbortSignal)));
+      if (this.signal?.aborted) return onAbort();
+      this.signal?.addEventListener('abort', onAbort, { once: true });
+      this.closeListeners.add(onClose);
+      disarm = arm(
+        (v) => done(() => resolve(v)),
+        () => timer.refresh(),
+      );
+    });
+  }
+
+  /** Sends bytes; resolves once the socket takes more (the peer drains), within the stall timeout. */
+  async send(...bufs: Buffer[]): Promise<void> {
+    if (this.closedWith) throw this.closedWith;
+    if (this.signal?.aborted) throw abortError(this.signal);
+    let ok = true;
+    for (const b of bufs) {
+      ok = this.socket.write(b);
+      this.bytesOut += b.length;
+    }
+    if (ok) return;
+    await this.bounded<void>(`sending to ${this.peer}`, (resolve) => {
+      const onDrain = () => resolve();
+      this.socket.once('drain', onDrain);
+      return () => this.socket.off('drain', onDrain);
+    });
+  }
+
+  sendEnvelope(type: EnvelopeType, payload: Buffer, checksum = true): Promise<void> {
+    return this.send(envelopeHeader(type, payload, checksum), payload);
+  }
+
+  sendJson(type: EnvelopeType, body: object): Promise<void> {
+    return this.send(jsonEnvelope(type, body));
+  }
+
+  private async readExact(n: number, what: string): Promise<Buffer> {
+    if (this.buffered < n) {
+      if (this.closedWith) throw this.closedWith;
+      if (this.socket.isPaused()) this.socket.resume();
+      // One wait for the whole read, its stall timer re-armed by every chunk that arrives.
+      await this.bounded<void>(what, (resolve, progress) => {
+        const waiter = { need: n, resolve: () => resolve(), progress };
+        this.waiter = waiter;
+        return () => {
+          if (this.waiter === waiter) this.waiter = undefined;
+        };
+      });
+      if (this.buffered < n) throw this.closedWith ?? new VcpudError('internal', 'a read ended without its bytes');
+    }
+    let out: Buffer;
+    if (this.chunks[0].length >= n) {
+      out = this.chunks[0].subarray(0, n);
+      this.chunks[0] = this.chunks[0].subarray(n);
+      if (!this.chunks[0].length) this.chunks.shift();
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let off = 0;
+      while (off < n) {
+        const c = this.chunks[0];
+        const take = Math.min(c.length, n - off);
+        c.copy(out, off, 0, take);
+        off += take;
+        if (take === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(take);
+      }
+    }
+    this.buffered -= n;
+    if (this.buffered <= MAX_BUFFERED / 2 && this.socket.isPaused()) this.socket.resume();
+    return out;
+  }
+
+  /** The next envelope from the peer, within the stall timeout. An ERROR envelope is thrown as the peer's error. */
+  async next(what: string): Promise<Envelope> {
+    const head = decodeEnvelopeHeader(await this.readExact(ENVELOPE_HEADER_SIZE, what));
+    const payload = head.length ? await this.readExact(head.length, what) : Buffer.alloc(0);
+    if (head.type === EnvelopeType.Error) throw peerError(this.peer, head, payload);
+    return { head, payload };
+  }
+
+  /** The next envelope, which must be of `type`, decoded as JSON. */
+  async expectJson<T>(type: EnvelopeType, what: string): Promise<T> {
+    const { head, payload } = await this.next(what);
+    if (head.type !== type) throw new VcpudError('internal', `${this.peer} sent ${EnvelopeType[head.type]} where ${EnvelopeType[type]} was due`);
+    return decodeJson<T>(head, payload);
+  }
+
+  /** Sends an ERROR envelope (best effort) and closes. */
+  fail(e: VcpudError | Error): void {
+    if (!this.closedWith) {
+      const err = e as VcpudError;
+      this.socket.write(jsonEnvelope(EnvelopeType.Error, { message: err.message, kind: err.kind ?? 'internal', reason: err.details?.reason }));
+    }
+    this.close();
+  }
+
+  close(): void {
+    this.socket.end();
+    // A peer that stopped reading keeps a graceful end pending forever: drop the connection soon after.
+    setTimeout(() => this.socket.destroy(), 1000).unref();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+function peerError(peer: string, head: EnvelopeHead, payload: Buffer): VcpudError {
+  const e = decodeJson<WireError>(head, payload);
+  return new VcpudError((e.kind as never) || 'internal', `${peer} reported: ${e.message}`, e.reason ? { reason: e.reason } : {});
+}
+
+function abortError(signal: AbortSignal): Error {
+  const r = signal.reason;
+  return r instanceof Error ? r : new VcpudError('unavailable', String(r ?? 'the migration was cancelled'));
+}

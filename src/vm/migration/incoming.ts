@@ -1,0 +1,197 @@
+/**
+ * The destination side of a migration: an empty VM prepared for the incoming guest (its memory and
+ * KVM VM allocated after the compatibility check and the limits), filled from one data connection
+ * (page frames pass after pass, then the state records), and committed: the VM is created in the
+ * registry with that state and its vCPUs resumed. Until the commit nothing of it is visible; any
+ * failure, an abort, the source's connection closing or silence beyond the stall timeout frees
+ * everything it allocated.
+ */
+import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import { VcpudError } from '../../errors';
+import type { HostCapabilities } from '../../ffi/capabilities';
+import { native } from '../../ffi/native';
+import { applyFrames } from '../../ffi/page-frames';
+import type { Vm } from '../../ffi/vm';
+import { ManagedVm } from '../managed-vm';
+import type { VmRegistry } from '../registry';
+import { assertCompatible } from '../snapshot-compat';
+import type { SnapshotHeader } from '../snapshot-format';
+import { restoreIntoNewVm, restoreSpec } from '../snapshot-restore';
+import type { Channel } from './channel';
+import { EnvelopeType, type Commit, type PassEnd } from './protocol';
+import { decodeState, type DecodedState } from './state-records';
+
+export type IncomingState = 'waiting' | 'receiving' | 'committed' | 'aborted';
+
+/** Page envelopes applied at once (the libuv pool has 4 threads). */
+const MAX_APPLYING = 3;
+
+export class IncomingMigration {
+  readonly id = randomUUID();
+  readonly token = randomBytes(32);
+  state: IncomingState = 'waiting';
+  error = '';
+  pagesReceived = 0;
+  bytesReceived = 0;
+  passes = 0;
+  vm?: ManagedVm;
+  private kvmVm?: Vm;
+  private channel?: Channel;
+  private timer?: NodeJS.Timeout;
+  private readonly settled: Promise<void>;
+  private settle!: () => void;
+
+  private constructor(
+    private readonly registry: VmRegistry,
+    private readonly caps: HostCapabilities,
+    readonly header: SnapshotHeader,
+    readonly name: string | undefined,
+    readonly stallMs: number,
+  ) {
+    this.settled = new Promise((r) => (this.settle = r));
+  }
+
+  /**
+   * Checks that the VM the header describes can run here and fits `checkLimits`, then allocates its
+   * memory and KVM VM (slot 0). Waits `stallMs` for the data connection before discarding itself.
+   */
+  static async prepare(
+    registry: VmRegistry,
+    caps: HostCapabilities,
+    header: SnapshotHeader,
+    opts: { name?: string; stallMs: number; checkLimits(spec: ReturnType<typeof restoreSpec>): void },
+  ): Promise<IncomingMigration> {
+    assertCompatible(header, caps, registry.supportedCpuid());
+    const spec = restoreSpec(header, opts.name);
+    registry.checkSpec(spec);
+    opts.checkLimits(spec);
+    if (header.vm.memory.length !== 1 || header.vm.memory[0].guestPhysAddr !== 0 || header.vm.memory[0].size !== header.vm.memoryBytes)
+      throw new VcpudError('invalid_argument', 'a migrating VM must have its memory as one slot at guest physical address 0');
+    const m = new IncomingMigration(registry, caps, header, opts.name, opts.stallMs);
+    const memory = new native.GuestMemory(header.vm.memoryBytes);
+    m.kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, memory);
+    m.armTimer();
+    return m;
+  }
+
+  get memoryBytes(): number {
+    return this.header.vm.memoryBytes;
+  }
+
+  /** Resolves when the migration is committed or discarded. */
+  done(): Promise<void> {
+    return this.settled;
+  }
+
+  tokenMatches(token: Buffer): boolean {
+    return token.length === this.token.length && timingSafeEqual(token, this.token);
+  }
+
+  private armTimer(): void {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.discard(`no data from the source for ${this.stallMs} ms`), this.stallMs);
+    this.timer.unref();
+  }
+
+  /** Takes the source's data connection (after its HELLO) and receives until commit or failure. */
+  async receive(channel: Channel): Promise<void> {
+    if (this.state !== 'waiting') {
+      channel.fail(new VcpudError('failed_precondition', `incoming migration ${this.id} is ${this.state}`));
+      return;
+    }
+    this.state = 'receiving';
+    this.channel = channel;
+    clearTimeout(this.timer); // the channel's own reads are bounded by the stall timeout from here on
+    let state: DecodedState | undefined;
+    // Page envelopes of one pass hold disjoint pages (each selected once), so they are applied
+    // several at a time on the libuv pool while the next ones are read; the pass's end is the
+    // barrier: every apply settles before it is acknowledged, so no older copy of a page can land
+    // after a newer one from a later pass.
+    const applying: Promise<void>[] = [];
+    let applyError: unknown;
+    const barrier = async () => {
+      await Promise.all(applying.splice(0));
+      if (applyError) throw applyError;
+    };
+    try {
+      for (;;) {
+        const { head, payload } = await channel.next('waiting for the source');
+        if ((this.state as IncomingState) !== 'receiving') throw new VcpudError('unavailable', `incoming migration ${this.id} was ${this.state}: ${this.error}`);
+        this.bytesReceived = channel.bytesIn;
+        if (head.type === EnvelopeType.Pages) {
+          // [u32 region index][u32 0] then frames; a migrating VM has one region.
+          if (payload.length < 8 || payload.readUInt32LE(0) !== 0) throw new VcpudError('data_loss', 'page frames for a memory region the VM does not have', { reason: 'MIGRATION_FAILED' });
+          const frames = payload.subarray(8);
+          const applied = applyFrames((this.kvmVm as Vm).regions[0].memory, frames).then((r) => {
+            if (r.consumed !== frames.length) throw new VcpudError('data_loss', `a page envelope ends inside a frame (${frames.length - r.consumed} bytes left over)`, { reason: 'MIGRATION_FAILED' });
+            this.pagesReceived += r.pages;
+          });
+          applying.push(applied.catch((e) => void (applyError ??= e)));
+          if (applying.length >= MAX_APPLYING) await applying.shift();
+          if (applyError) throw applyError;
+        } else if (head.type === EnvelopeType.PassEnd) {
+          await barrier();
+          const { pass } = JSON.parse(payload.toString()) as PassEnd;
+          this.passes = pass;
+          await channel.sendJson(EnvelopeType.PassAck, { pass, pagesApplied: this.pagesReceived });
+        } else if (head.type === EnvelopeType.State) {
+          await barrier();
+          state = decodeState(payload, { memoryBytes: this.memoryBytes, vcpuCount: this.header.vm.vcpuCount });
+        } else if (head.type === EnvelopeType.Commit) {
+          if (!state) throw new VcpudError('internal', 'COMMIT before the state');
+          const { run } = JSON.parse(payload.toString()) as Commit;
+          await this.commit(state, run);
+          return;
+        } else {
+          throw new VcpudError('internal', `unexpected ${EnvelopeType[head.type]} from the source`);
+        }
+      }
+    } catch (e) {
+      await Promise.all(applying); // no apply may still write into memory being freed
+      if ((this.state as IncomingState) !== 'committed') {
+        channel.fail(e as Error); // tells the source why, then closes
+        this.discard((e as Error).message, { keepChannel: true });
+      }
+    }
+  }
+
+  private async commit(state: DecodedState, run: boolean): Promise<void> {
+    const channel = this.channel as Channel;
+    const t0 = process.hrtime.bigint();
+    const kvmVm = this.kvmVm as Vm;
+    this.kvmVm = undefined; // owned by the restore from here on (it destroys it on failure)
+    const memory = kvmVm.regions[0].memory;
+    const loaded = { header: state.header, vcpuState: state.vcpuState, vmState: state.vmState, memory, end: { records: 0, memoryPages: 0, pagesStored: 0 }, mappedBytes: 0, copiedBytes: 0, bytes: 0 };
+    const { vm, notes } = await restoreIntoNewVm(this.registry, this.caps, loaded, { vm: kvmVm, name: this.name });
+    const t1 = process.hrtime.bigint();
+    if (this.state !== 'receiving') {
+      // aborted while the state was applied: the abort won
+      this.registry.destroy(vm.id);
+      throw new VcpudError('unavailable', `incoming migration ${this.id} was aborted during the commit: ${this.error}`);
+    }
+    // Committed from here: the VM is this server's. A source that does not hear the answer asks
+    // AbortIncomingMigration, which says so.
+    this.vm = vm;
+    this.state = 'committed';
+    this.settle();
+    if (run) await Promise.all(state.header.vcpus.filter((c) => c.runState === 'running').map((c) => vm.vcpu(c.id).resume()));
+    const t2 = process.hrtime.bigint();
+    await channel
+      .sendJson(EnvelopeType.Committed, { vmId: vm.id, restoreMs: Number(t1 - t0) / 1e6, resumeMs: Number(t2 - t1) / 1e6, notes })
+      .catch(() => {});
+    channel.close();
+  }
+
+  /** Discards the migration unless committed; answers the resulting state. Idempotent. */
+  discard(reason: string, opts: { keepChannel?: boolean } = {}): IncomingState {
+    if (this.state === 'committed' || this.state === 'aborted') return this.state;
+    this.state = 'aborted';
+    this.error = reason;
+    clearTimeout(this.timer);
+    if (!opts.keepChannel) this.channel?.destroy();
+    this.kvmVm?.close(); // frees the memory too
+    this.kvmVm = undefined;
+    this.settle();
+    return this.state;
+  }
+}

@@ -1,0 +1,93 @@
+/**
+ * The migration data plane's wire format: a sequence of envelopes on one connection (a unix socket
+ * or TLS over TCP). Each envelope is a 16-byte header (magic, type, payload length, CRC-32C of the
+ * payload) and its payload. Page payloads are frames of page-codec.ts, which carry their own
+ * checksums; control payloads are small JSON objects; STATE is a run of snapshot-format records.
+ *
+ * Source -> destination: HELLO, then PAGES... PASS_END per pass, then STATE, COMMIT.
+ * Destination -> source: HELLO_OK, PASS_ACK per PASS_END (all its pages are in guest memory),
+ * COMMITTED, or ERROR at any point.
+ */
+import { crc32c } from '../snapshot-format';
+
+export const PROTOCOL_VERSION = 1;
+export const ENVELOPE_HEADER_SIZE = 16;
+const MAGIC = 0x47494d56; // "VMIG" little endian
+/** Largest payload either side accepts (page envelopes are at most a few MiB). */
+export const MAX_ENVELOPE_PAYLOAD = 32 * 1024 * 1024;
+
+export enum EnvelopeType {
+  Hello = 1,
+  HelloOk = 2,
+  Pages = 3,
+  PassEnd = 4,
+  PassAck = 5,
+  State = 6,
+  Commit = 7,
+  Committed = 8,
+  Error = 9,
+}
+
+export interface Hello {
+  version: number;
+  migrationId: string;
+  token: string;
+}
+export interface PassEnd {
+  pass: number;
+}
+export interface PassAck {
+  pass: number;
+  pagesApplied: number;
+}
+export interface Commit {
+  /** Resume the vCPUs that were running at the switch-over. */
+  run: boolean;
+}
+export interface Committed {
+  vmId: string;
+  restoreMs: number;
+  resumeMs: number;
+  notes: string[];
+}
+export interface WireError {
+  message: string;
+  kind: string;
+  reason?: string;
+}
+
+export function envelopeHeader(type: EnvelopeType, payload: Buffer, checksum = true): Buffer {
+  const h = Buffer.alloc(ENVELOPE_HEADER_SIZE);
+  h.writeUInt32LE(MAGIC, 0);
+  h.writeUInt32LE(type, 4);
+  h.writeUInt32LE(payload.length, 8);
+  h.writeUInt32LE(checksum ? crc32c(payload) : 0, 12);
+  return h;
+}
+
+export function jsonEnvelope(type: EnvelopeType, body: object): Buffer {
+  const payload = Buffer.from(JSON.stringify(body));
+  return Buffer.concat([envelopeHeader(type, payload), payload]);
+}
+
+export interface EnvelopeHead {
+  type: EnvelopeType;
+  length: number;
+  crc: number;
+}
+
+/** Decodes and checks an envelope header; a bad one means the peer is not a vcpud of this version. */
+export function decodeEnvelopeHeader(b: Buffer): EnvelopeHead {
+  if (b.readUInt32LE(0) !== MAGIC) throw new Error('bad envelope magic: the peer does not speak the vcpud migration protocol');
+  const type = b.readUInt32LE(4) as EnvelopeType;
+  const length = b.readUInt32LE(8);
+  if (!(type in EnvelopeType)) throw new Error(`unknown envelope type ${type}`);
+  if (length > MAX_ENVELOPE_PAYLOAD) throw new Error(`envelope of ${length} bytes is over the ${MAX_ENVELOPE_PAYLOAD}-byte limit`);
+  return { type, length, crc: b.readUInt32LE(12) };
+}
+
+/** The checked payload of a control envelope as JSON. */
+export function decodeJson<T>(head: EnvelopeHead, payload: Buffer): T {
+  if (crc32c(payload) !== head.crc) throw new Error(`checksum mismatch in a ${EnvelopeType[head.type]} envelope`);
+  return JSON.parse(payload.toString('utf8')) as T;
+}

@@ -1,0 +1,379 @@
+/**
+ * Live migration (pre-copy) between two real vcpud processes over unix sockets, and one over TCP with
+ * mTLS on 127.0.0.1. A running dirty64 guest moves while it writes its counter into a page range: on
+ * the destination every page of the range holds exactly the value its counter (RBX) says (no write
+ * lost or repeated) and the random memory around it is byte for byte the source's. Each fault leaves
+ * exactly one live copy: the source's, running, with nothing left on the destination (both ListVms
+ * checked): the destination stopped (SIGSTOP) or killed mid-pass, the caller cancelling. Run control
+ * and memory writes during the pre-copy are refused naming the migration; pausing is allowed.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { run } from '../../src/cli/vcpuctl';
+import { decodeStatusDetails } from '../../src/server/errors';
+import { DIRTY64, dirty64Control, dirty64Expected, GUESTS, GUEST_ABI } from '../guests/guests';
+import { describeKvm } from '../support/kvm';
+import { makePki, type Pki } from '../support/pki';
+import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
+import { call, callError, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+
+const RANGE_START = 16 * MiB;
+const RANGE_PAGES = 256;
+/** Stall timeout given to both daemons: a stalled destination must give the VM back within it. */
+const STALL = '2s';
+
+interface DirtyGuest {
+  id: string;
+  /** sha256 of the random bytes written from FILL_FROM to the end of memory. */
+  fillHash: string;
+  /** Pages of dirty64's range (default RANGE_PAGES). */
+  rangePages?: number;
+}
+const FILL_FROM = 32 * MiB;
+
+/** A VM running dirty64 (unpaced) over `rangePages` pages, its memory above FILL_FROM random. */
+async function dirtyGuest(vms: Client, memory: number, rangePages = RANGE_PAGES): Promise<DirtyGuest> {
+  const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(memory), vcpuCount: 1, name: 'dirty' });
+  const hash = crypto.createHash('sha256');
+  for (let gpa = FILL_FROM; gpa < memory; gpa += 16 * MiB) {
+    const chunk = crypto.randomBytes(Math.min(16 * MiB, memory - gpa));
+    hash.update(chunk);
+    await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: chunk });
+  }
+  const control = dirty64Control({ rangeStart: RANGE_START, rangePages });
+  await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(DIRTY64.control), data: control });
+  await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(GUESTS.dirty64.file), loadAddress: String(GUEST_ABI.loadAddress) });
+  await call(vms, 'RunVm', { vmId: vm.id });
+  return { id: vm.id, fillHash: hash.digest('hex'), rangePages };
+}
+
+async function readMemory(vms: Client, vmId: string, gpa: number, length: number): Promise<Buffer> {
+  const parts = await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId, guestPhysicalAddress: String(gpa), length: String(length) });
+  return Buffer.concat(parts.map((p) => p.data));
+}
+
+/** Pauses the VM and checks dirty64's range against its counter, and the random fill against its hash. */
+async function expectIntact(vms: Client, state: Client, guest: DirtyGuest, vmId: string, memory: number): Promise<bigint> {
+  await call(vms, 'PauseVm', { vmId });
+  const regs = (await call<{ state: { regs: { rbx: string } } }>(state, 'GetState', { vmId, vcpuId: 0, sections: ['STATE_SECTION_REGS'] })).state.regs;
+  const rbx = BigInt(regs.rbx);
+  const pages = guest.rangePages ?? RANGE_PAGES;
+  const range = await readMemory(vms, vmId, RANGE_START, pages * 4096);
+  const wrong: string[] = [];
+  // dirty64 does `inc rbx` then the store: paused between the two, the page RBX is for still holds its
+  // value from the lap before (exactly `pages` less). Every other page must match exactly.
+  const current = Number((rbx - 1n) % BigInt(pages));
+  for (let j = 0; j < pages; j++) {
+    const got = range.readBigUInt64LE(j * 4096);
+    const want = dirty64Expected(rbx, pages, j);
+    if (got !== want && !(j === current && got === want - BigInt(pages))) wrong.push(`page ${j}: ${got}, expected ${want}`);
+  }
+  expect({ rbx: rbx > BigInt(pages), wrong: wrong.slice(0, 5) }).toEqual({ rbx: true, wrong: [] });
+  const fill = await readMemory(vms, vmId, FILL_FROM, memory - FILL_FROM);
+  expect(crypto.createHash('sha256').update(fill).digest('hex')).toBe(guest.fillHash);
+  return rbx;
+}
+
+const listVms = async (vms: Client) => (await call<{ vms: { id: string; vcpus: { runState: string }[] }[] }>(vms, 'ListVms', {})).vms;
+
+async function expectRunningHere(vms: Client, id: string): Promise<void> {
+  const vm = (await call<{ vm: { vcpus: { runState: string }[] } }>(vms, 'GetVm', { vmId: id })).vm;
+  expect(vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
+}
+
+describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-live-'));
+  let src: VcpudProcess;
+  let dst: VcpudProcess;
+  let srcVms: Client;
+  let srcState: Client;
+  let srcSnap: Client;
+  let dstVms: Client;
+  let dstState: Client;
+
+  async function startDestination(): Promise<void> {
+    dst = await startVcpud(['--migration-stall-timeout', STALL, '--snapshot-dir', path.join(dir, 'dst-snapshots')]);
+    dstVms = dst.client('VmService');
+    dstState = dst.client('VcpuStateService');
+  }
+
+  beforeAll(async () => {
+    src = await startVcpud(['--migration-stall-timeout', STALL, '--snapshot-dir', path.join(dir, 'src-snapshots')]);
+    srcVms = src.client('VmService');
+    srcState = src.client('VcpuStateService');
+    srcSnap = src.client('SnapshotService');
+    await startDestination();
+  });
+  afterAll(async () => {
+    await Promise.all([src?.stop(), dst?.stop()]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  afterEach(async () => {
+    // No test leaves a VM behind on either side.
+    for (const vm of await listVms(srcVms)) await call(srcVms, 'DeleteVm', { vmId: vm.id });
+    if (dst.proc.exitCode === null && dst.proc.signalCode === null) for (const vm of await listVms(dstVms)) await call(dstVms, 'DeleteVm', { vmId: vm.id });
+  });
+
+  it('a running dirty64 guest moves live: every page holds what its counter says, the random memory is intact, one copy is left', async () => {
+    const memory = 64 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    await waitFor(async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES), 'dirty64 to lap its range');
+    const progress: Record<string, any>[] = [];
+    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }), (m) => m.progress?.migration && progress.push(m.progress.migration));
+    expect(r.error).toBeUndefined();
+    const done = r.messages.find((m) => m.done)?.done;
+    expect(done.mode).toBe('MIGRATION_MODE_PRE_COPY');
+    expect(done.passes).toBeGreaterThanOrEqual(2);
+    expect(done.destinationVm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
+    expect(progress.some((p) => p.switchingOver)).toBe(true);
+    expect(progress.some((p) => !p.switchingOver && Number(p.bytesSent) > 0)).toBe(true);
+    const ms = (d: { seconds: string; nanos: number }) => Number(d.seconds) * 1000 + d.nanos / 1e6;
+    console.log(
+      `live migration of a 64 MiB dirty64 guest over UDS: ${done.passes} passes, ${done.bytesSent} bytes, total ${ms(done.duration).toFixed(1)} ms, ` +
+        `downtime ${ms(done.downtime).toFixed(1)} ms (last pass ${ms(done.downtimeLastPass).toFixed(1)}, state ${ms(done.downtimeState).toFixed(1)}, ` +
+        `restore ${ms(done.downtimeRestore).toFixed(1)}, resume ${ms(done.downtimeResume).toFixed(1)})`,
+    );
+    // Exactly one copy: gone here, running there, and it keeps writing after the move.
+    expect((await callError(srcVms, 'GetVm', { vmId: guest.id })).code).toBe(grpc.status.NOT_FOUND);
+    expect(await listVms(srcVms)).toEqual([]);
+    const moved = done.destinationVm.id;
+    const at = (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0);
+    await waitFor(async () => (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > at + 1000n, 'dirty64 to go on writing there');
+    await expectIntact(dstVms, dstState, guest, moved, memory);
+    const metrics = await src.scrape();
+    expect(metrics).toMatch(/^vcpud_migrations_total\{result="succeeded"\} [1-9]/m);
+    expect(metrics).toMatch(/^vcpud_migration_downtime_seconds_count [1-9]/m);
+    expect(metrics).toMatch(/^vcpud_migration_passes_sum [2-9]|^vcpud_migration_passes_sum \d\d/m);
+    expect(metrics).toMatch(/^vcpud_migration_data_bytes_total [1-9]/m);
+    expect(metrics).toMatch(/^vcpud_migration_dirty_rate_bytes [1-9]/m);
+  });
+
+  it('a slowly dirtying guest (pages written once, not again before the switch): nothing dirtied during the passes is lost', async () => {
+    // dirty64 paced at 1 MiB/s over 256 pages writes each page once a second: a page written after
+    // it was sent and before the last harvest of the pre-copy is not written again before the pause.
+    const memory = 64 * MiB;
+    const { vm } = await call<{ vm: { id: string } }>(srcVms, 'CreateVm', { memoryBytes: String(memory), vcpuCount: 1, name: 'slow' });
+    await call(srcVms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(GUESTS.dirty64.file), loadAddress: String(GUEST_ABI.loadAddress) });
+    const khz = (await call<{ state: { tscKhz: { khz: number } } }>(srcState, 'GetState', { vmId: vm.id, vcpuId: 0, sections: ['STATE_SECTION_TSC_KHZ'] })).state.tscKhz.khz;
+    const control = dirty64Control({ rangeStart: RANGE_START, rangePages: RANGE_PAGES, bytesPerSecond: MiB, tscKhz: khz });
+    await call(srcVms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(DIRTY64.control), data: control });
+    const hash = crypto.createHash('sha256');
+    for (let gpa = FILL_FROM; gpa < memory; gpa += 16 * MiB) {
+      const chunk = crypto.randomBytes(16 * MiB);
+      hash.update(chunk);
+      await call(srcVms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: chunk });
+    }
+    await call(srcVms, 'RunVm', { vmId: vm.id });
+    await waitFor(async () => (await readMemory(srcVms, vm.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(2 * RANGE_PAGES), 'dirty64 to lap its range twice');
+    // Pass 1 takes about a second at this bandwidth: many pages are written after they were sent.
+    const r = await runStream(srcSnap.MigrateVm({ vmId: vm.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(48 * MiB) }));
+    expect(r.error).toBeUndefined();
+    const done = r.messages.find((m) => m.done)?.done;
+    await expectIntact(dstVms, dstState, { id: vm.id, fillHash: hash.digest('hex') }, done.destinationVm.id, memory);
+  });
+
+  it('a guest dirtying faster than the copy: throttled until it converges; with abort_on_no_progress it fails and runs on here', async () => {
+    // Unpaced dirty64 over 16 MiB rewrites its whole range faster than 24 MiB/s can send it.
+    const memory = 48 * MiB;
+    const fast = await dirtyGuest(srcVms, memory, 4096);
+    const refused = await runStream(srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB), abortOnNoProgress: true }));
+    expect(refused.error?.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(refused.error!.details).toMatch(/pre-copy, pass \d+: no progress: .*abort_on_no_progress.*kept running here as it was/);
+    await expectRunningHere(srcVms, fast.id);
+    await waitFor(async () => (await listVms(dstVms)).length === 0, 'the destination to hold no VM');
+
+    const throttles: number[] = [];
+    const r = await runStream(srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB) }), (m) => {
+      const p = m.progress?.migration;
+      if (p) throttles.push(p.throttlePercent);
+    });
+    expect(r.error).toBeUndefined();
+    const done = r.messages.find((m) => m.done)?.done;
+    console.log(`a guest dirtying faster than 24 MiB/s: ${done.passes} passes, throttle up to ${done.maxThrottlePercent}%, downtime ${Number(done.downtime.nanos) / 1e6} ms`);
+    expect(done.maxThrottlePercent).toBeGreaterThanOrEqual(20);
+    expect(Math.max(...throttles)).toBe(done.maxThrottlePercent);
+    // The throttle ends with the migration: the moved guest runs at full speed again.
+    const moved = (await call<{ vm: { vcpus: Record<string, unknown>[] } }>(dstVms, 'GetVm', { vmId: done.destinationVm.id })).vm;
+    expect(moved.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
+    await expectIntact(dstVms, dstState, fast, done.destinationVm.id, memory);
+  });
+
+  it('the destination stopped (SIGSTOP) mid-pass: the VM is back running here within the stall timeout, nothing is left there', async () => {
+    const memory = 96 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    let stoppedAt = 0;
+    const r = await runStream(
+      srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }),
+      (m) => {
+        if (!stoppedAt && Number(m.progress?.memoryBytesDone) > 8 * MiB) {
+          stoppedAt = Date.now();
+          dst.proc.kill('SIGSTOP');
+        }
+      },
+    );
+    const failedAfterMs = Date.now() - stoppedAt;
+    dst.proc.kill('SIGCONT');
+    expect(stoppedAt).toBeGreaterThan(0);
+    expect(r.error?.code).toBe(grpc.status.UNAVAILABLE);
+    expect(decodeStatusDetails(r.error!.metadata)?.errorInfo?.reason).toBe('MIGRATION_FAILED');
+    expect(r.error!.details).toMatch(/pre-copy, pass 1: .*made no progress for 2000 ms.*stalled.*kept running here as it was/);
+    console.log(`SIGSTOP'd destination: MigrateVm failed ${failedAfterMs} ms after the stop (stall timeout ${STALL}); ${r.error!.details}`);
+    await expectRunningHere(srcVms, guest.id);
+    // The destination, woken up, finds its source gone and discards the incoming VM.
+    await waitFor(async () => (await listVms(dstVms)).length === 0, 'the destination to hold no VM');
+    await expectIntact(srcVms, srcState, guest, guest.id, memory);
+  });
+
+  it('the caller cancels mid-pass: nothing is left there; meanwhile writes and resume are refused naming the migration, pause is allowed', async () => {
+    const memory = 96 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    const stream = srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }) as grpc.ClientReadableStream<Record<string, any>>;
+    let cancelled = false;
+    const refusals: grpc.ServiceError[] = [];
+    let during: Promise<void> | undefined;
+    const r = await runStream(stream, (m) => {
+      if (during || !(Number(m.progress?.memoryBytesDone) > 8 * MiB)) return;
+      during = (async () => {
+        refusals.push(await callError(srcVms, 'WriteMemory', { vmId: guest.id, guestPhysicalAddress: String(FILL_FROM), data: Buffer.alloc(8) }));
+        await call(srcVms, 'PauseVm', { vmId: guest.id });
+        refusals.push(await callError(srcVms, 'ResumeVm', { vmId: guest.id }));
+      })().finally(() => {
+        cancelled = true;
+        stream.cancel();
+      });
+    });
+    await during;
+    expect(cancelled).toBe(true);
+    expect(r.error?.code).toBe(grpc.status.CANCELLED);
+    expect(refusals.map((e) => e.code)).toEqual([grpc.status.FAILED_PRECONDITION, grpc.status.FAILED_PRECONDITION]);
+    for (const e of refusals) expect(e.details).toMatch(/pre-copy migration to unix:.* in progress/);
+    await waitFor(async () => (await listVms(dstVms)).length === 0, 'the destination to hold no VM');
+    // The hold is gone: the VM stays as the caller left it (paused), and run control and writes work again.
+    expect((await call<{ vm: { vcpus: { runState: string }[] } }>(srcVms, 'GetVm', { vmId: guest.id })).vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
+    // (The client sees CANCELLED at once; the server lets go of the VM a moment later.)
+    await waitFor(() => call(srcVms, 'ResumeVm', { vmId: guest.id }).then(() => true, () => false), 'ResumeVm to work again');
+    await expectRunningHere(srcVms, guest.id);
+    await expectIntact(srcVms, srcState, guest, guest.id, memory);
+  });
+
+  it('the destination killed mid-pass: the VM keeps running here, intact', async () => {
+    const memory = 96 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    let killed = false;
+    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }), (m) => {
+      if (!killed && Number(m.progress?.memoryBytesDone) > 8 * MiB) {
+        killed = true;
+        dst.proc.kill('SIGKILL');
+      }
+    });
+    expect(killed).toBe(true);
+    expect(r.error?.code).toBe(grpc.status.UNAVAILABLE);
+    expect(decodeStatusDetails(r.error!.metadata)?.errorInfo?.reason).toBe('MIGRATION_FAILED');
+    expect(r.error!.details).toMatch(/pre-copy, pass 1: .*kept running here as it was/);
+    await expectRunningHere(srcVms, guest.id);
+    expect((await listVms(srcVms)).length).toBe(1);
+    await expectIntact(srcVms, srcState, guest, guest.id, memory);
+    await dst.stop();
+    await startDestination();
+  });
+
+  it('vcpuctl migrate --json: a JSON line per progress message with the pass figures, the downtime parts in the report; a bar on a terminal', async () => {
+    const ctl = async (args: string[], tty: boolean) => {
+      let out = '';
+      let err = '';
+      const io = {
+        stdout: { write: (t: string | Uint8Array) => ((out += t.toString()), true) },
+        stderr: { write: (t: string | Uint8Array) => ((err += t.toString()), true), isTTY: tty },
+        cwd: dir,
+      };
+      const code = await run(['--server', src.serving.api, ...args], io as never);
+      return { code, out, err };
+    };
+    const memory = 48 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    const j = await ctl(['--json', 'migrate', guest.id, '--to', dst.serving.api, '--mode', 'pre-copy', '--max-downtime', '200ms', '--bandwidth', '1GiB'], false);
+    expect(j.code).toBe(0);
+    const lines = j.err.trim().split('\n').map((l) => JSON.parse(l) as { progress: { operation: string; migration?: Record<string, number | boolean> } });
+    expect(lines.length).toBeGreaterThan(1);
+    expect(lines.every((l) => l.progress.operation === 'migrate' && l.progress.migration)).toBe(true);
+    expect(Object.keys(lines[0].progress.migration!)).toEqual(
+      expect.arrayContaining(['pass', 'bytesTotal', 'bytesSent', 'bytesRemaining', 'dirtyRateBytesPerSecond', 'transferRateBytesPerSecond', 'expectedDowntimeMs', 'throttlePercent', 'switchingOver']),
+    );
+    const report = JSON.parse(j.out).migration;
+    expect(report).toMatchObject({ mode: 'MIGRATION_MODE_PRE_COPY', passes: expect.any(Number) });
+    for (const part of ['downtimeLastPass', 'downtimeState', 'downtimeRestore', 'downtimeResume']) expect(report[part]).toBeDefined();
+    const moved = report.destinationVm.id as string;
+
+    const back = await run(['--server', dst.serving.api, 'migrate', moved, '--to', src.serving.api, '--mode', 'stop-and-copy'], {
+      stdout: { write: () => true },
+      stderr: { write: () => true, isTTY: false },
+      cwd: dir,
+    } as never);
+    expect(back).toBe(0);
+    const [home] = await listVms(srcVms);
+    const t = await ctl(['migrate', home.id, '--to', dst.serving.api], true);
+    expect(t.code).toBe(0);
+    expect(t.err).toMatch(/\rmigrate \[#+-*\] .* pass \d/);
+    expect(t.out).toMatch(/downtime: last pass [\d.]+ ms, state [\d.]+ ms, restore [\d.]+ ms, resume [\d.]+ ms/);
+    const bad = await ctl(['migrate', home.id, '--to', dst.serving.api, '--mode', 'sideways'], false);
+    expect(bad.code).toBe(2);
+    const [there] = await listVms(dstVms);
+    await expectIntact(dstVms, dstState, guest, there.id, memory);
+  });
+
+  describe('over TCP with mTLS on 127.0.0.1', () => {
+    let pki: Pki;
+    let tlsDst: VcpudProcess;
+    let tlsSrc: VcpudProcess;
+    beforeAll(async () => {
+      pki = makePki(path.join(dir, 'pki'));
+      pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
+      pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
+      tlsDst = await startVcpud([
+        '--listen', '127.0.0.1:0',
+        '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
+        '--allow-client', 'orchestrator', '--allow-client', 'migrator',
+        '--migration-stall-timeout', STALL,
+      ]);
+      tlsSrc = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')]);
+    });
+    afterAll(async () => {
+      await Promise.all([tlsSrc?.stop(), tlsDst?.stop()]);
+    });
+
+    it('a running dirty64 guest moves live over the mTLS data plane, intact', async () => {
+      const memory = 64 * MiB;
+      const vms = tlsSrc.client('VmService');
+      const guest = await dirtyGuest(vms, memory);
+      const target = `localhost:${tlsDst.serving.api.split(':').pop()}`;
+      const r = await runStream(tlsSrc.client('SnapshotService').MigrateVm({ vmId: guest.id, destination: target }));
+      expect(r.error).toBeUndefined();
+      const done = r.messages.find((m) => m.done)?.done;
+      expect(done.mode).toBe('MIGRATION_MODE_PRE_COPY');
+      const remoteVms = tlsDst.client('VmService', pki.clientCreds('orchestrator'), target);
+      const remoteState = tlsDst.client('VcpuStateService', pki.clientCreds('orchestrator'), target);
+      expect(await listVms(vms)).toEqual([]);
+      await expectIntact(remoteVms, remoteState, guest, done.destinationVm.id, memory);
+      await call(remoteVms, 'DeleteVm', { vmId: done.destinationVm.id });
+    });
+
+    it('a data connection with a client certificate the allowlist refuses gets nothing', async () => {
+      // The data endpoint applies the API's --allow-client rules: a migrating server whose certificate is
+      // signed by the CA but not allowed is turned away at PrepareIncomingMigration already (the API), and
+      // an endpoint reached directly without a certificate never completes the TLS handshake.
+      pki.issue('stranger', '/CN=stranger', 'extendedKeyUsage=clientAuth\n');
+      const vms = tlsSrc.client('VmService');
+      const guest = await dirtyGuest(vms, 40 * MiB);
+      const target = `localhost:${tlsDst.serving.api.split(':').pop()}`;
+      const tls = { caPem: pki.pem('ca.crt'), certPem: pki.pem('stranger.crt'), keyPem: pki.pem('stranger.key') };
+      const r = await runStream(tlsSrc.client('SnapshotService').MigrateVm({ vmId: guest.id, destination: target, tls }));
+      expect(r.error?.code).toBe(grpc.status.FAILED_PRECONDITION);
+      expect(r.error!.details).toMatch(/PERMISSION_DENIED.*kept running here as it was/);
+      await expectRunningHere(vms, guest.id);
+      await call(vms, 'DeleteVm', { vmId: guest.id });
+    });
+  });
+});
