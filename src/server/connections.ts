@@ -95,7 +95,8 @@ export interface GrpcListener {
 
 export type ListenTarget = { path: string } | { host: string; port: number };
 
-function listen(server: net.Server, options: net.ListenOptions): Promise<void> {
+/** server.listen as a promise: rejects with the listen error (EADDRINUSE, EACCES...). */
+export function listen(server: net.Server, options: net.ListenOptions): Promise<void> {
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(options, () => {

@@ -33,6 +33,7 @@ import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse'
 import type { MigrationMode as ProtoMode } from '../generated/vcpud/v1/MigrationMode';
 import type { SnapshotPhase } from '../generated/vcpud/v1/SnapshotPhase';
 import type { Vm__Output } from '../generated/vcpud/v1/Vm';
+import { listen } from '../connections';
 import { authorizeClient } from '../interceptors';
 import type { Metrics } from '../metrics';
 import { vcpudProto } from '../proto';
@@ -286,16 +287,6 @@ export function serveDataConnection(socket: net.Socket, m: IncomingMigration, st
       await m.receive(ch);
     })
     .catch((e) => ch.fail(e as Error));
-}
-
-function listen(server: net.Server, at: net.ListenOptions): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(at, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
 }
 
 function callUnary<T>(client: grpc.Client, method: string, req: object, timeoutMs: number): Promise<T> {
