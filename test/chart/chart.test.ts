@@ -5,7 +5,9 @@
  * invariants are asserted: security context, gRPC probes on the health port, the KVM device
  * resource (or the explicit privileged fallback), standard labels, monitor port names, the native
  * sidecar sharing the socket, the test hook, the read-only TLS Secret, the snapshot directory
- * (--snapshot-dir on a mounted volume, in both modes and through the named templates). Invalid values must be
+ * (--snapshot-dir on a mounted volume, in both modes and through the named templates), the connection,
+ * request and migration flags (vcpud's defaults, every value rendered in both modes), the migration client
+ * TLS Secret and the README's NetworkPolicy for the migration data port. Invalid values must be
  * rejected by values.schema.json, and the rendered vcpud flags must be accepted by vcpud's own
  * configuration parser.
  *
@@ -26,7 +28,8 @@ import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
 import { Certificate } from '@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate';
 import { PodMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor';
 import { ServiceMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor';
-import { ConfigError, loadConfig } from '../../src/server/config';
+import { NetworkPolicy } from 'kubernetes-models/networking.k8s.io/v1/NetworkPolicy';
+import { ConfigError, defaultConfig, loadConfig, type Config } from '../../src/server/config';
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Obj = Record<string, any>;
@@ -258,7 +261,7 @@ describe('helm chart helm/vcpud', () => {
             if (!(e instanceof ConfigError)) throw e;
             problems = e.problems;
           }
-          expect(problems.filter((p) => !/cannot read \/etc\/vcpud\/tls\/(tls\.crt|tls\.key|ca\.crt)/.test(p))).toEqual([]);
+          expect(problems.filter((p) => !/cannot read \/etc\/vcpud\/(migration-)?tls\/(tls\.crt|tls\.key|ca\.crt)/.test(p))).toEqual([]);
         }
       }
     });
@@ -389,6 +392,12 @@ describe('helm chart helm/vcpud', () => {
     ['two snapshot volume sources', ['--set', 'snapshots.volume.hostPath.path=/x,snapshots.volume.persistentVolumeClaim.claimName=y'], /snapshots\.volume/],
     ['a snapshot volume source that is no object', ['--set', 'snapshots.volume.persistentVolumeClaim=x'], /snapshots\.volume\.persistentVolumeClaim/],
     ['no snapshot volume at all', ['--set', 'snapshots.volume=null'], /snapshots: volume is required/],
+    ['zero connections', ['--set', 'vcpud.maxConnections=0'], /vcpud\.maxConnections/],
+    ['a duration without a unit', ['--set-string', 'vcpud.handshakeTimeout=10'], /vcpud\.handshakeTimeout/],
+    ['a zero duration', ['--set', 'vcpud.uploadStallTimeout=0s'], /vcpud\.uploadStallTimeout/],
+    ['a duration in hours (vcpud takes ms, s, m)', ['--set', 'vcpud.migrationStallTimeout=1h'], /vcpud\.migrationStallTimeout/],
+    ['an in-flight budget that is no size', ['--set', 'vcpud.maxRequestBytesInFlight=lots'], /maxRequestBytesInFlight/],
+    ['a migration client Secret that is no Secret name', ['--set', 'migration.clientSecret=Bad_Name'], /migration\.clientSecret/],
     ['an emptyDir sizeLimit that is no quantity', ['--set', 'snapshots.volume.emptyDir.sizeLimit=lots'], /sizeLimit/],
   ])('values.schema.json rejects %s', (_what, args, message) => {
     const r = helm(['template', RELEASE, CHART, '-f', path.join(CHART, 'ci', 'daemonset-values.yaml'), ...args]);
@@ -507,6 +516,125 @@ describe('helm chart helm/vcpud', () => {
       const r = helm(['template', RELEASE, CHART, ...ciValues('daemonset'), '--set', 'snapshots.dir=/run/vcpud']);
       expect(r.status).not.toBe(0);
       expect(r.stderr).toMatch(/snapshots\.dir \/run\/vcpud is a path the chart already mounts/);
+    });
+  });
+
+  describe('connections, requests and migration: flags, client TLS, data port', () => {
+    const ciValues = (mode: string): string[] => ['-f', path.join(CHART, 'ci', `${mode}-values.yaml`)];
+    /** value path -> [flag, Config key, the chart's default, another valid value, that value as vcpud parses it]. */
+    const FLAGS: [string, string, keyof Config, string, string, number][] = [
+      ['vcpud.maxConnections', '--max-connections', 'maxConnections', '256', '32', 32],
+      ['vcpud.handshakeTimeout', '--handshake-timeout', 'handshakeTimeoutMs', '10s', '1500ms', 1500],
+      ['vcpud.maxRequestBytesInFlight', '--max-request-bytes-in-flight', 'maxRequestBytesInFlight', '256Mi', '1Gi', 1024 ** 3],
+      ['vcpud.uploadStallTimeout', '--upload-stall-timeout', 'uploadStallTimeoutMs', '30s', '2m', 120_000],
+      ['vcpud.migrationStallTimeout', '--migration-stall-timeout', 'migrationStallTimeoutMs', '10s', '45s', 45_000],
+    ];
+    /** Every vcpud container of the rendered objects: the workload's and, in sidecar mode, the test pod's. */
+    const vcpuds = (objects: Obj[]): Obj[] => objects.flatMap(podsOf).flatMap(({ spec }) => vcpudContainers(spec));
+    /** What vcpud makes of just these flags of `c` (the others need TLS files or sockets). */
+    const parsed = (c: Obj): Config =>
+      loadConfig(FLAGS.map(([, flag]) => `${flag}=${argValue(c, flag)}`), { XDG_RUNTIME_DIR: '/run' }, '/');
+
+    test.each(['daemonset', 'sidecar'])('%s: the defaults are vcpud\'s own, each flag once', (mode) => {
+      const containers = vcpuds(template(ciValues(mode)));
+      expect(containers.length).toBeGreaterThanOrEqual(mode === 'sidecar' ? 2 : 1);
+      const defaults = defaultConfig({ XDG_RUNTIME_DIR: '/run' }, '/');
+      for (const c of containers) {
+        for (const [, flag, key, chartDefault] of FLAGS) {
+          expect({ flag, args: c.args.filter((a: string) => a.startsWith(`${flag}=`)) }).toEqual({ flag, args: [`${flag}=${chartDefault}`] });
+          expect({ flag, value: parsed(c)[key] }).toEqual({ flag, value: defaults[key] });
+        }
+      }
+    });
+
+    test.each(['daemonset', 'sidecar'])('%s: every value reaches its flag', (mode) => {
+      // --set-string keeps '1500ms' & co. strings; maxConnections stays an integer, as the schema types it.
+      const sets = FLAGS.flatMap(([value, , , , other]) => [/^\d+$/.test(other) ? '--set' : '--set-string', `${value}=${other}`]);
+      const containers = vcpuds(template([...ciValues(mode), ...sets]));
+      expect(containers.length).toBeGreaterThan(0);
+      for (const c of containers) {
+        const config = parsed(c);
+        for (const [, flag, key, , other, value] of FLAGS) {
+          expect({ flag, arg: argValue(c, flag), value: config[key] }).toEqual({ flag, arg: other, value });
+        }
+      }
+    });
+
+    const migrationArgs = (c: Obj): string[] => c.args.filter((a: string) => a.startsWith('--migration-tls-'));
+    const MIGRATION_TLS = ['ca.crt', 'tls.crt', 'tls.key'].map(
+      (f, i) => `--migration-tls-${['ca', 'cert', 'key'][i]}=/etc/vcpud/migration-tls/${f}`,
+    );
+
+    test.each([
+      ['cert-manager issues the client certificate', 'daemonset-certmanager-monitoring', [], 'vcpud-client-tls'],
+      ['a Secret of your own', 'daemonset', ['--set', 'migration.clientSecret=vcpud-migration-tls'], 'vcpud-migration-tls'],
+      ['neither: calls bring their TLS', 'daemonset', [], undefined],
+      ['cert-manager without its client certificate', 'daemonset-certmanager-monitoring', ['--set', 'certManager.clientCertificate.enabled=false'], undefined],
+    ])('daemonset, migration client TLS: %s', (_what, ci, extra, secret) => {
+      const objects = template([...ciValues(ci), ...(extra as string[]), '--api-versions', 'cert-manager.io/v1']);
+      const ds = objects.find((o) => o.kind === 'DaemonSet') as Obj;
+      new DaemonSet(ds as any).validate();
+      const spec = ds.spec.template.spec;
+      const [c] = vcpudContainers(spec);
+      const volume = spec.volumes.find((v: Obj) => v.name === 'migration-tls');
+      const mount = c.volumeMounts.find((m: Obj) => m.name === 'migration-tls');
+      if (secret === undefined) {
+        expect({ args: migrationArgs(c), volume, mount }).toEqual({ args: [], volume: undefined, mount: undefined });
+        return;
+      }
+      expect(migrationArgs(c)).toEqual(MIGRATION_TLS);
+      expect(volume).toEqual({ name: 'migration-tls', secret: { secretName: secret, defaultMode: 0o440 } });
+      expect(mount).toEqual({ name: 'migration-tls', mountPath: '/etc/vcpud/migration-tls', readOnly: true });
+      // The cert-manager Secret is the client Certificate's, whose name the allowlist carries.
+      const client = objects.find((o) => o.kind === 'Certificate' && o.spec.usages.includes('client auth'));
+      if (ci === 'daemonset-certmanager-monitoring') {
+        expect(client?.spec.secretName).toBe(secret);
+        expect(c.args).toContain(`--allow-client=${client?.spec.commonName}`);
+      }
+    });
+
+    test('sidecar: no migration client TLS (a Unix socket cannot be reached from another pod)', () => {
+      const objects = template([...ciValues('sidecar'), '--set', 'migration.clientSecret=vcpud-migration-tls']);
+      for (const c of vcpuds(objects)) expect(migrationArgs(c)).toEqual([]);
+      for (const { spec } of objects.flatMap(podsOf)) {
+        expect((spec.volumes ?? []).map((v: Obj) => v.name)).not.toContain('migration-tls');
+      }
+    });
+
+    test("the chart README's NetworkPolicy admits the vcpud pods to ports.grpc and the data port range", () => {
+      const readme = fs.readFileSync(path.join(CHART, 'README.md'), 'utf8');
+      const blocks = [...readme.matchAll(/```yaml\n([\s\S]*?)```/g)].map((m) => m[1]).filter((b) => /kind: NetworkPolicy/.test(b));
+      expect(blocks).toHaveLength(1);
+      const [policy] = parseManifests(blocks[0]);
+      new NetworkPolicy(policy as any).validate();
+      const objects = template(ciValues('daemonset'));
+      const ds = objects.find((o) => o.kind === 'DaemonSet') as Obj;
+      const labels = ds.spec.template.metadata.labels;
+      expect(policy.metadata.namespace).toBe(NAMESPACE);
+      expect(matches(policy.spec.podSelector.matchLabels, labels)).toBe(true);
+      const [rule] = policy.spec.ingress;
+      expect(rule.from.every((f: Obj) => matches(f.podSelector.matchLabels, labels))).toBe(true);
+      const [c] = vcpudContainers(ds.spec.template.spec);
+      // The API port, and Linux's default ephemeral range (net.ipv4.ip_local_port_range of a new
+      // network namespace), from which the destination's data port comes (port 0 on the API host).
+      expect(rule.ports).toEqual([
+        { protocol: 'TCP', port: portNamed(c, 'grpc')?.containerPort },
+        { protocol: 'TCP', port: 32768, endPort: 60999 },
+      ]);
+      expect(argValue(c, '--listen')).toBe(`0.0.0.0:${portNamed(c, 'grpc')?.containerPort}`);
+    });
+
+    test("the README's narrower data port range: podSecurityContext.sysctls reaches the vcpud pods", () => {
+      const readme = fs.readFileSync(path.join(CHART, 'README.md'), 'utf8');
+      const m = /`podSecurityContext\.sysctls: \[\{name: (net\.ipv4\.ip_local_port_range), value: "(\d+) (\d+)"\}\]`/.exec(readme);
+      expect(m).not.toBeNull();
+      const [, name, low, high] = m as RegExpExecArray;
+      expect(readme).toContain(`\`port: ${low}\`, \`endPort: ${high}\``);
+      const objects = template([...ciValues('daemonset'), '--set', `podSecurityContext.sysctls[0].name=${name}`,
+        '--set-string', `podSecurityContext.sysctls[0].value=${low} ${high}`]);
+      const ds = objects.find((o) => o.kind === 'DaemonSet') as Obj;
+      new DaemonSet(ds as any).validate();
+      expect(ds.spec.template.spec.securityContext.sysctls).toEqual([{ name, value: `${low} ${high}` }]);
     });
   });
 

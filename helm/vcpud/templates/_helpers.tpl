@@ -90,7 +90,7 @@ helm.sh/chart: {{ include "vcpud.chart" .ctx }}
 {{- if and .Values.certManager.enabled (not .Values.certManager.issuerRef.name) }}
 {{- fail "certManager.enabled needs certManager.issuerRef.name" }}
 {{- end }}
-{{- if and .Values.snapshots.enabled (has .Values.snapshots.dir (list "/run/vcpud" "/etc/vcpud/tls" "/dev/kvm")) }}
+{{- if and .Values.snapshots.enabled (has .Values.snapshots.dir (list "/run/vcpud" "/etc/vcpud/tls" "/etc/vcpud/migration-tls" "/dev/kvm")) }}
 {{- fail (printf "snapshots.dir %s is a path the chart already mounts (socket, TLS or /dev/kvm): choose another, e.g. /var/lib/vcpud/snapshots" .Values.snapshots.dir) }}
 {{- end }}
 {{- end }}
@@ -120,6 +120,17 @@ helm.sh/chart: {{ include "vcpud.chart" .ctx }}
 {{- .Values.tests.clientSecret }}
 {{- else if and .Values.certManager.enabled .Values.certManager.clientCertificate.enabled }}
 {{- printf "%s-client-tls" (include "vcpud.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The client TLS Secret MigrateVm dials destinations with, daemonset mode ("" when none). */}}
+{{- define "vcpud.migrationClientSecretName" -}}
+{{- if eq .Values.mode "daemonset" }}
+{{- if .Values.migration.clientSecret }}
+{{- .Values.migration.clientSecret }}
+{{- else if and .Values.certManager.enabled .Values.certManager.clientCertificate.enabled }}
+{{- printf "%s-client-tls" (include "vcpud.fullname" .) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -173,6 +184,11 @@ Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach th
 {{- range (include "vcpud.allowedClients" .ctx | fromJsonArray) }}
 - --allow-client={{ . }}
 {{- end }}
+{{- if include "vcpud.migrationClientSecretName" .ctx }}
+- --migration-tls-ca=/etc/vcpud/migration-tls/ca.crt
+- --migration-tls-cert=/etc/vcpud/migration-tls/tls.crt
+- --migration-tls-key=/etc/vcpud/migration-tls/tls.key
+{{- end }}
 {{- else }}
 - --listen=unix:{{ include "vcpud.socketPath" .ctx }}
 - --socket-mode={{ $v.sidecar.socketMode }}
@@ -192,6 +208,11 @@ Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach th
 - --max-memory-per-vm={{ $v.vcpud.limits.maxMemoryPerVm }}
 - --max-memory-total={{ $v.vcpud.limits.maxMemoryTotal }}
 - --max-message-bytes={{ $v.vcpud.maxMessageBytes }}
+- --max-request-bytes-in-flight={{ $v.vcpud.maxRequestBytesInFlight }}
+- --upload-stall-timeout={{ $v.vcpud.uploadStallTimeout }}
+- --max-connections={{ $v.vcpud.maxConnections }}
+- --handshake-timeout={{ $v.vcpud.handshakeTimeout }}
+- --migration-stall-timeout={{ $v.vcpud.migrationStallTimeout }}
 - --shutdown-grace-ms={{ $v.vcpud.shutdownGraceMs }}
 {{- if $v.vcpud.exitOnKvmError }}
 - --exit-on-kvm-error
@@ -299,6 +320,11 @@ volumeMounts:
   - name: tls
     mountPath: /etc/vcpud/tls
     readOnly: true
+  {{- if include "vcpud.migrationClientSecretName" .ctx }}
+  - name: migration-tls
+    mountPath: /etc/vcpud/migration-tls
+    readOnly: true
+  {{- end }}
   {{- end }}
   {{- if $v.snapshots.enabled }}
   - name: {{ include "vcpud.snapshotVolumeName" .ctx }}
