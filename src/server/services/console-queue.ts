@@ -8,8 +8,14 @@
 import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
 import { SendWindow, type WindowedStream } from './streams';
 
-/** Bytes of events a stream holds for its client: queued here plus handed to HTTP/2. */
-export const CONSOLE_QUEUE_BYTES = 256 * 1024;
+/**
+ * Bytes of events a stream holds for its client: queued here plus handed to HTTP/2. As large as
+ * ReadMemory's send window, which the memory bound (src/server/memory-bound.ts) already counts per
+ * stream. Events arrive in bursts (one drain of the run thread delivers everything since the last:
+ * over a thousand debug values at once under the nested lab's emulated CPU), and a reading client
+ * must get them all.
+ */
+export const CONSOLE_QUEUE_BYTES = 1024 * 1024;
 /** Bytes handed to HTTP/2 and not taken yet; the rest waits here, where output coalesces. */
 const CONSOLE_IN_FLIGHT = 64 * 1024;
 /**
@@ -17,6 +23,8 @@ const CONSOLE_IN_FLIGHT = 64 * 1024;
  * (grpc-js and Node's HTTP/2 keep a framed copy, a write request and callbacks: ~0.4 KiB measured).
  */
 const EVENT_COST = 512;
+/** A state change or debug value while it waits here: its message object only (~0.2 KiB). */
+const QUEUED_EVENT_COST = 256;
 
 interface Queued {
   msg: StreamConsoleResponse;
@@ -59,11 +67,11 @@ export class ConsoleQueue {
    * (a busy guest emits thousands a second, each to every stream).
    */
   event<E>(build: (e: E) => StreamConsoleResponse, e: E): void {
-    if (!this.admit(EVENT_COST)) {
+    if (!this.admit(QUEUED_EVENT_COST)) {
       this.droppedEvents++;
       return;
     }
-    this.enqueue({ msg: build(e), cost: EVENT_COST });
+    this.enqueue({ msg: build(e), cost: QUEUED_EVENT_COST });
     this.flush();
   }
 
@@ -85,12 +93,17 @@ export class ConsoleQueue {
   }
 
   private flush(): void {
-    while (this.queue.length && this.window.fits(this.queue[0].cost)) this.send(this.queue.shift() as Queued);
+    while (this.queue.length && this.window.fits(sentCost(this.queue[0]))) this.send(this.queue.shift() as Queued);
   }
 
   private send(q: Queued): void {
     this.queuedBytes -= q.cost;
     if (q.parts) q.msg.output = q.parts.length === 1 ? q.parts[0] : Buffer.concat(q.parts);
-    this.window.write(q.msg, q.cost, () => this.flush());
+    this.window.write(q.msg, sentCost(q), () => this.flush());
   }
+}
+
+/** What a message counts once handed to HTTP/2: output as queued, an event its framed cost. */
+function sentCost(q: Queued): number {
+  return q.parts ? q.cost : EVENT_COST;
 }
