@@ -1,42 +1,43 @@
 /**
- * A VM's console: a bounded history (the newest bytes win) plus live subscribers, who see every
- * byte in order. Memory stays bounded whether or not anyone listens.
+ * A VM's console history: the newest CONSOLE_HISTORY_BYTES bytes, for StreamConsole's from_start.
+ * It is one ring of bytes, so its cost is its capacity and each append copies only what it keeps,
+ * whatever the chunk sizes: a history kept as a list of chunks cost ~100 bytes of heap per tiny chunk
+ * and, trimmed from the front one chunk at a time, stalled the JS thread for seconds when a large
+ * chunk evicted tens of thousands of small ones (RELIABILITY.md, "Console fan-out and the
+ * bystander's latency").
  */
-export type ConsoleListener = (chunk: Buffer) => void;
 
 /** Console output a VM keeps for StreamConsole's from_start. */
 export const CONSOLE_HISTORY_BYTES = 256 * 1024;
 
 export class ConsoleBuffer {
-  private chunks: Buffer[] = [];
-  private size = 0;
+  /** Allocated on the first byte: a VM that never prints costs nothing. */
+  private ring?: Buffer;
+  /** Where the next byte goes. */
+  private head = 0;
   private total = 0;
-  private readonly listeners = new Set<ConsoleListener>();
 
   constructor(readonly capacity = CONSOLE_HISTORY_BYTES) {}
 
   append(chunk: Buffer): void {
     if (chunk.length === 0) return;
-    this.chunks.push(chunk);
-    this.size += chunk.length;
+    const ring = (this.ring ??= Buffer.allocUnsafe(this.capacity));
     this.total += chunk.length;
-    while (this.size - this.chunks[0].length >= this.capacity) this.size -= this.chunks.shift()!.length;
-    for (const l of this.listeners) l(chunk);
+    const kept = chunk.subarray(Math.max(0, chunk.length - this.capacity));
+    const copied = kept.copy(ring, this.head);
+    kept.copy(ring, 0, copied);
+    this.head = (this.head + kept.length) % this.capacity;
   }
 
-  /** The retained history (at most `capacity` bytes, possibly starting mid-line). */
+  /** The retained history, a copy (at most `capacity` bytes, possibly starting mid-line). */
   history(): Buffer {
-    const all = Buffer.concat(this.chunks);
-    return all.subarray(Math.max(0, all.length - this.capacity));
+    if (!this.ring) return Buffer.alloc(0);
+    if (this.total < this.capacity) return Buffer.from(this.ring.subarray(0, this.total));
+    return Buffer.concat([this.ring.subarray(this.head), this.ring.subarray(0, this.head)]);
   }
 
   /** Bytes ever written, including those no longer retained. */
   get bytesWritten(): number {
     return this.total;
-  }
-
-  subscribe(l: ConsoleListener): () => void {
-    this.listeners.add(l);
-    return () => this.listeners.delete(l);
   }
 }

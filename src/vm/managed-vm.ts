@@ -62,6 +62,8 @@ export class ManagedVm extends EventEmitter<VmEvents> {
     cpuid?: CpuidEntry2[],
   ) {
     super();
+    // One listener per StreamConsole stream: many are legitimate (bounded by the stream limits), not a leak.
+    this.setMaxListeners(0);
     this.cpuid = cpuid ?? applyCpuidPolicy(supportedCpuid, spec.cpuidPolicy ?? { exposeNested: false });
   }
 

@@ -26,6 +26,45 @@ const EVENT_COST = 512;
 /** A state change or debug value while it waits here: its message object only (~0.2 KiB). */
 const QUEUED_EVENT_COST = 256;
 
+/**
+ * Console messages written per event-loop turn, over all streams; the rest waits for the next turn,
+ * after I/O. Without it one drain filled the room of every stream at once (64 unread streams x 128
+ * events: thousands of grpc-js writes in one turn) and a bystander's call waited behind them.
+ */
+export const CONSOLE_WRITES_PER_TURN = 256;
+
+/** Shares CONSOLE_WRITES_PER_TURN among the console streams. */
+class WriteTurns {
+  private left = CONSOLE_WRITES_PER_TURN;
+  private nextTurnScheduled = false;
+  private readonly waiting = new Set<() => void>();
+
+  /** True when one more message may be written in this turn. */
+  take(): boolean {
+    if (!this.nextTurnScheduled) {
+      this.nextTurnScheduled = true;
+      setImmediate(() => this.nextTurn());
+    }
+    if (!this.left) return false;
+    this.left--;
+    return true;
+  }
+
+  /** Runs `resume` (once, however often asked) when the next turn's writes are allotted. */
+  later(resume: () => void): void {
+    this.waiting.add(resume);
+  }
+
+  private nextTurn(): void {
+    this.nextTurnScheduled = false;
+    this.left = CONSOLE_WRITES_PER_TURN;
+    const resumes = [...this.waiting];
+    this.waiting.clear();
+    for (const resume of resumes) resume();
+  }
+}
+const turns = new WriteTurns();
+
 interface Queued {
   msg: StreamConsoleResponse;
   /** Output not yet joined into msg.output. */
@@ -39,6 +78,8 @@ export class ConsoleQueue {
   private droppedOutput = 0;
   private droppedEvents = 0;
   private readonly window: SendWindow<StreamConsoleResponse>;
+  private closed = false;
+  private readonly resume = () => this.flush();
 
   constructor(stream: WindowedStream<StreamConsoleResponse>) {
     this.window = new SendWindow(stream, CONSOLE_IN_FLIGHT);
@@ -78,6 +119,13 @@ export class ConsoleQueue {
   /** Hands everything still queued to grpc-js (the stream ends next: the client gets it all). */
   flushAll(): void {
     while (this.queue.length) this.send(this.queue.shift() as Queued);
+    this.closed = true;
+  }
+
+  /** The client left: nothing more is written (a turn already asked for finds nothing to do). */
+  close(): void {
+    this.queue.length = 0;
+    this.closed = true;
   }
 
   private admit(cost: number): boolean {
@@ -93,7 +141,10 @@ export class ConsoleQueue {
   }
 
   private flush(): void {
-    while (this.queue.length && this.window.fits(sentCost(this.queue[0]))) this.send(this.queue.shift() as Queued);
+    while (!this.closed && this.queue.length && this.window.fits(sentCost(this.queue[0]))) {
+      if (!turns.take()) return turns.later(this.resume);
+      this.send(this.queue.shift() as Queued);
+    }
   }
 
   private send(q: Queued): void {

@@ -155,6 +155,7 @@ function streamConsole(vm: ManagedVm, call: grpc.ServerWritableStream<StreamCons
     };
     const finish = () => {
       cleanup();
+      queue.close();
       resolve();
     };
     const vmGone = () => {
