@@ -9,7 +9,7 @@
  * The victim's outcome must be OK (it ran before the delete, on A) or NOT_FOUND with VM_NOT_FOUND;
  * ReadMemory and StreamConsole cut short by DeleteVm end OK, as vm.proto says.
  *
- * Bounded: VCPUD_CROSS_VM_ROUNDS rounds (2,000) or VCPUD_CROSS_VM_SECONDS (60 s), whichever first,
+ * Bounded: VCPUD_CROSS_VM_ROUNDS rounds (3,000) or VCPUD_CROSS_VM_SECONDS (150 s), whichever first,
  * over VCPUD_CROSS_VM_LANES lanes racing at once (2). Raise them for a soak.
  */
 import { randomBytes } from 'node:crypto';
@@ -25,8 +25,8 @@ type Client = grpc.Client & Record<string, Function>;
 type Msg = Record<string, any>;
 
 const MiB = 1024 * 1024;
-const ROUNDS = Number(process.env.VCPUD_CROSS_VM_ROUNDS ?? 2000);
-const SECONDS = Number(process.env.VCPUD_CROSS_VM_SECONDS ?? 60);
+const ROUNDS = Number(process.env.VCPUD_CROSS_VM_ROUNDS ?? 3000);
+const SECONDS = Number(process.env.VCPUD_CROSS_VM_SECONDS ?? 150);
 const LANES = Number(process.env.VCPUD_CROSS_VM_LANES ?? 2);
 
 /** Guest memory per VM: more than ReadMemory's 16 messages of 1 MiB that grpc-js buffers, so a read waits for the client. */
