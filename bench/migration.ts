@@ -31,6 +31,8 @@ const DOWNTIME_TARGET_MS = 50;
 const FILL_FROM = 2 * MiB;
 const DIRTY_RANGE = { start: 16 * MiB, pages: 65536 };
 const CHUNK = 8 * MiB;
+/** Node flags for the vcpud processes, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" to profile both sides. */
+const VCPUD_NODE_ARGS = (process.env.BENCH_MIGRATION_NODE_ARGS ?? '').split(' ').filter(Boolean);
 
 const now = () => Number(process.hrtime.bigint()) / 1e6;
 const ms = (d: { seconds: string; nanos: number } | undefined) => (d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : 0);
@@ -128,7 +130,7 @@ export async function measureMigration(): Promise<BenchResult> {
   const verdicts: string[] = [];
   const label = `${SIZE / MiB} MiB`;
   try {
-    const [a, b] = await Promise.all([startVcpud(['--snapshot-dir', path.join(dir, 'a')]), startVcpud(['--snapshot-dir', path.join(dir, 'b')])]);
+    const [a, b] = await Promise.all([startVcpud(['--snapshot-dir', path.join(dir, 'a')], {}, VCPUD_NODE_ARGS), startVcpud(['--snapshot-dir', path.join(dir, 'b')], {}, VCPUD_NODE_ARGS)]);
     daemons.push(a, b);
     const [aVms, bVms] = [a.client('VmService'), b.client('VmService')];
     const [aSnap, bSnap] = [a.client('SnapshotService'), b.client('SnapshotService')];
@@ -176,9 +178,9 @@ export async function measureMigration(): Promise<BenchResult> {
     await call(aVms, 'DeleteVm', { vmId: busy.id });
 
     // 3. mTLS over TCP on 127.0.0.1: an idle guest again, against Node's TLS.
-    const dst = await startVcpud(['--listen', '127.0.0.1:0', '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'), '--allow-client', 'migrator']);
+    const dst = await startVcpud(['--listen', '127.0.0.1:0', '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'), '--allow-client', 'migrator'], {}, VCPUD_NODE_ARGS);
     daemons.push(dst);
-    const src = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')]);
+    const src = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')], {}, VCPUD_NODE_ARGS);
     daemons.push(src);
     const tlsId = await randomVm(src.client('VmService'), SIZE);
     const tlsFloor = await floorRate(SIZE, dir, pki);

@@ -130,11 +130,31 @@ export class Channel {
     return this.send(envelopeHeader(type, payload, checksum), payload);
   }
 
+  /**
+   * Sends an envelope whose payload buffer the caller reuses: resolves once the socket has handed
+   * the payload to the kernel (the buffer is free again), within the stall timeout. Writes queue in
+   * order, so several may be outstanding; the caller bounds how many by its buffers.
+   */
+  sendReusable(type: EnvelopeType, payload: Buffer, checksum = true): Promise<void> {
+    if (this.closedWith) return Promise.reject(this.closedWith);
+    if (this.signal?.aborted) return Promise.reject(abortError(this.signal));
+    let onWritten = () => {};
+    const written = this.bounded<void>(`sending to ${this.peer}`, (resolve) => {
+      onWritten = () => resolve();
+      return () => {};
+    });
+    this.socket.write(envelopeHeader(type, payload, checksum));
+    this.socket.write(payload, () => onWritten()); // an error here also closes: the close rejects first
+    this.bytesOut += ENVELOPE_HEADER_SIZE + payload.length;
+    return written;
+  }
+
   sendJson(type: EnvelopeType, body: object): Promise<void> {
     return this.send(jsonEnvelope(type, body));
   }
 
-  private async readExact(n: number, what: string): Promise<Buffer> {
+  /** `into`: where to gather bytes that span socket chunks (a reused buffer of at least n bytes). */
+  private async readExact(n: number, what: string, into?: Buffer): Promise<Buffer> {
     if (this.buffered < n) {
       if (this.closedWith) throw this.closedWith;
       if (this.socket.isPaused()) this.socket.resume();
@@ -154,7 +174,7 @@ export class Channel {
       this.chunks[0] = this.chunks[0].subarray(n);
       if (!this.chunks[0].length) this.chunks.shift();
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = into && into.length >= n ? into.subarray(0, n) : Buffer.allocUnsafe(n);
       let off = 0;
       while (off < n) {
         const c = this.chunks[0];
@@ -170,10 +190,14 @@ export class Channel {
     return out;
   }
 
-  /** The next envelope from the peer, within the stall timeout. An ERROR envelope is thrown as the peer's error. */
-  async next(what: string): Promise<Envelope> {
+  /**
+   * The next envelope from the peer, within the stall timeout. An ERROR envelope is thrown as the
+   * peer's error. `into` lends a buffer for a payload that spans socket chunks (the payload is then
+   * a view of it); without it such a payload is copied into a new buffer.
+   */
+  async next(what: string, into?: (head: EnvelopeHead) => Buffer | undefined): Promise<Envelope> {
     const head = decodeEnvelopeHeader(await this.readExact(ENVELOPE_HEADER_SIZE, what));
-    const payload = head.length ? await this.readExact(head.length, what) : Buffer.alloc(0);
+    const payload = head.length ? await this.readExact(head.length, what, into?.(head)) : Buffer.alloc(0);
     if (head.type === EnvelopeType.Error) throw peerError(this.peer, head, payload);
     return { head, payload };
   }

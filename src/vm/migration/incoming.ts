@@ -18,7 +18,7 @@ import { assertCompatible } from '../snapshot-compat';
 import type { SnapshotHeader } from '../snapshot-format';
 import { restoreIntoNewVm, restoreSpec } from '../snapshot-restore';
 import type { Channel } from './channel';
-import { EnvelopeType, type Commit, type PassEnd } from './protocol';
+import { EnvelopeType, type Commit, type EnvelopeHead, type PassEnd } from './protocol';
 import { decodeState, type DecodedState } from './state-records';
 
 export type IncomingState = 'waiting' | 'receiving' | 'committed' | 'aborted';
@@ -109,13 +109,25 @@ export class IncomingMigration {
     // after a newer one from a later pass.
     const applying: Promise<void>[] = [];
     let applyError: unknown;
+    // Payloads are gathered into buffers reused once their apply settles (a fresh 1 MiB buffer per
+    // envelope costs a page fault per 4 KiB). At most MAX_APPLYING + 1 are out at once.
+    const spare: Buffer[] = [];
+    let lent: Buffer | undefined;
+    const lend = (head: EnvelopeHead) => {
+      if (head.type !== EnvelopeType.Pages) return undefined;
+      const i = spare.findIndex((b) => b.length >= head.length);
+      lent = i >= 0 ? spare.splice(i, 1)[0] : Buffer.allocUnsafe(head.length);
+      return lent;
+    };
     const barrier = async () => {
       await Promise.all(applying.splice(0));
       if (applyError) throw applyError;
     };
     try {
       for (;;) {
-        const { head, payload } = await channel.next('waiting for the source');
+        lent = undefined;
+        const { head, payload } = await channel.next('waiting for the source', lend);
+        const gathered = lent;
         if ((this.state as IncomingState) !== 'receiving') throw new VcpudError('unavailable', `incoming migration ${this.id} was ${this.state}: ${this.error}`);
         this.bytesReceived = channel.bytesIn;
         if (head.type === EnvelopeType.Pages) {
@@ -126,6 +138,7 @@ export class IncomingMigration {
             if (r.consumed !== frames.length) throw new VcpudError('data_loss', `a page envelope ends inside a frame (${frames.length - r.consumed} bytes left over)`, { reason: 'MIGRATION_FAILED' });
             this.pagesReceived += r.pages;
           });
+          if (gathered) void applied.finally(() => spare.push(gathered)).catch(() => {});
           applying.push(applied.catch((e) => void (applyError ??= e)));
           if (applying.length >= MAX_APPLYING) await applying.shift();
           if (applyError) throw applyError;
