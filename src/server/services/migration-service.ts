@@ -16,6 +16,7 @@ import net from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
+import { durationToMs, msToDuration } from '../../duration';
 import { VcpudError, type ErrorKind } from '../../errors';
 import { checkCreate } from '../../vm/limits';
 import { Channel } from '../../vm/migration/channel';
@@ -26,7 +27,6 @@ import type { SnapshotHeader } from '../../vm/snapshot-format';
 import type { TlsConfig } from '../config';
 import { vmToProto } from '../convert';
 import { decodeStatusDetails } from '../errors';
-import type { Duration } from '../generated/google/protobuf/Duration';
 import type { IncomingMigrationState } from '../generated/vcpud/v1/IncomingMigrationState';
 import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
@@ -70,16 +70,6 @@ const STATE_NAMES: Record<IncomingState, IncomingMigrationState> = {
 };
 /** Discarded migrations stay answerable (Get/Abort) for a while, so a source can learn the outcome. */
 const FORGET_AFTER_MS = 10 * 60_000;
-
-export function durationMs(d: Duration | null | undefined, fallback: number): number {
-  if (!d) return fallback;
-  return Number(d.seconds ?? 0) * 1000 + (d.nanos ?? 0) / 1e6;
-}
-
-export function toDuration(ms: number): Duration {
-  const seconds = Math.floor(ms / 1000);
-  return { seconds: String(seconds), nanos: Math.round((ms - seconds * 1000) * 1e6) };
-}
 
 export class MigrationService {
   private readonly incoming = new Map<string, IncomingMigration>();
@@ -140,7 +130,7 @@ export class MigrationService {
           m.discard(`the data endpoint could not be opened: ${(e as Error).message}`);
           throw e;
         }
-        return { migrationId: m.id, dataEndpoint: endpoint, token: m.token, stallTimeout: toDuration(this.opts.stallMs) };
+        return { migrationId: m.id, dataEndpoint: endpoint, token: m.token, stallTimeout: msToDuration(this.opts.stallMs) };
       }),
 
       GetIncomingMigration: unary(ctx, (req: { migrationId: string }) => {
@@ -227,9 +217,9 @@ export class MigrationService {
       report = await migrateVm(vm, control, {
         caps: this.ctx.caps,
         mode,
-        maxDowntimeMs: durationMs(req.maxDowntime, DEFAULT_MAX_DOWNTIME_MS),
+        maxDowntimeMs: durationToMs(req.maxDowntime, DEFAULT_MAX_DOWNTIME_MS),
         bandwidth: Number(req.bandwidthBytesPerSecond ?? 0),
-        completionTimeoutPerGiBMs: durationMs(req.completionTimeoutPerGib, DEFAULT_COMPLETION_PER_GIB_MS),
+        completionTimeoutPerGiBMs: durationToMs(req.completionTimeoutPerGib, DEFAULT_COMPLETION_PER_GIB_MS),
         abortOnNoProgress: req.abortOnNoProgress,
         leavePaused: req.leavePaused,
         destinationVmName: req.destinationVmName || vm.name || undefined,
@@ -256,14 +246,14 @@ export class MigrationService {
       done: {
         ...(after?.vm ? { destinationVm: after.vm as never } : {}),
         bytesSent: String(report.bytesSent),
-        duration: toDuration(report.durationMs),
-        downtime: toDuration(report.downtimeMs),
+        duration: msToDuration(report.durationMs),
+        downtime: msToDuration(report.downtimeMs),
         notes: report.notes,
         passes: report.passes,
-        downtimeLastPass: toDuration(report.lastPassMs),
-        downtimeState: toDuration(report.stateMs),
-        downtimeRestore: toDuration(report.restoreMs),
-        downtimeResume: toDuration(report.resumeMs),
+        downtimeLastPass: msToDuration(report.lastPassMs),
+        downtimeState: msToDuration(report.stateMs),
+        downtimeRestore: msToDuration(report.restoreMs),
+        downtimeResume: msToDuration(report.resumeMs),
         mode: (report.mode === 'pre-copy' ? 'MIGRATION_MODE_PRE_COPY' : 'MIGRATION_MODE_STOP_AND_COPY') as ProtoMode,
         maxThrottlePercent: report.maxThrottlePercent,
       },
@@ -409,7 +399,7 @@ function progressSender(write: (m: MigrateVmResponse) => void): (p: MigrationPro
           bytesRemaining: String(p.bytesRemaining),
           dirtyRateBytesPerSecond: String(Math.round(p.dirtyRate)),
           transferRateBytesPerSecond: String(Math.round(p.transferRate)),
-          expectedDowntime: toDuration(p.expectedDowntimeMs),
+          expectedDowntime: msToDuration(p.expectedDowntimeMs),
           throttlePercent: p.throttlePercent,
           switchingOver: p.switchingOver,
         },

@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { withBulkHeap } from '../../bulk-heap';
+import { msToDuration } from '../../duration';
 import { invalidArgument, VcpudError } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
@@ -23,7 +24,6 @@ import type { ManagedVm } from '../../vm/managed-vm';
 import { checkVmName } from '../../vm/vm-name';
 import { timestampToProto, vmToProto } from '../convert';
 import { toServiceError } from '../errors';
-import type { Duration } from '../generated/google/protobuf/Duration';
 import type { CreateSnapshotRequest__Output } from '../generated/vcpud/v1/CreateSnapshotRequest';
 import type { CreateSnapshotResponse } from '../generated/vcpud/v1/CreateSnapshotResponse';
 import type { ListSnapshotsRequest__Output } from '../generated/vcpud/v1/ListSnapshotsRequest';
@@ -71,10 +71,6 @@ const PHASES: Record<Progress['phase'], SnapshotPhase> = {
   done: 'SNAPSHOT_PHASE_DONE',
 };
 
-export function durationToProto(ms: number): Duration {
-  const seconds = Math.floor(ms / 1000);
-  return { seconds: String(seconds), nanos: Math.round((ms - seconds * 1000) * 1e6) };
-}
 
 export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; sizeBytes: number; pagesStored?: number; durationMs?: number; problem?: string }): SnapshotInfo {
   return {
@@ -89,7 +85,7 @@ export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; siz
     createTime: timestampToProto(new Date(header.createdAt)),
     sourceHost: header.source.hostname,
     vendor: header.source.vendor,
-    ...(extra.durationMs !== undefined ? { duration: durationToProto(extra.durationMs) } : {}),
+    ...(extra.durationMs !== undefined ? { duration: msToDuration(extra.durationMs) } : {}),
     problem: extra.problem ?? '',
   };
 }
@@ -146,7 +142,7 @@ export class SnapshotService {
         memoryBytesMapped: String(loaded.mappedBytes),
         memoryBytesCopied: String(loaded.copiedBytes),
         snapshotBytes: String(loaded.bytes),
-        duration: durationToProto(elapsedMs(started)),
+        duration: msToDuration(elapsedMs(started)),
       },
     };
   }

@@ -14,6 +14,7 @@ import type { SnapshotInfo__Output } from '../../../server/generated/vcpud/v1/Sn
 import type { SnapshotProgress__Output } from '../../../server/generated/vcpud/v1/SnapshotProgress';
 import type { Duration__Output } from '../../../server/generated/google/protobuf/Duration';
 import { withBulkHeap } from '../../../bulk-heap';
+import { msToDuration } from '../../../duration';
 import { UsageError } from '../args';
 import type { Command, Context } from '../command';
 import { enumShort, formatSize, formatVm, keyValues, printable, table } from '../format';
@@ -208,8 +209,6 @@ export function parseDurationMs(flag: string, text: string): number {
   return Number(m[1]) * { ms: 1, s: 1000, m: 60_000 }[(m[2] ?? 'ms') as 'ms' | 's' | 'm'];
 }
 
-const toDuration = (ms: number) => ({ seconds: String(Math.floor(ms / 1000)), nanos: Math.round((ms % 1000) * 1e6) });
-
 /** The pre-copy knobs of `vcpuctl migrate` as MigrateVmRequest fields. */
 function migrationTuning(o: Context['options']): Record<string, unknown> {
   const out: Record<string, unknown> = {};
@@ -220,11 +219,11 @@ function migrationTuning(o: Context['options']): Record<string, unknown> {
     out.mode = modes[mode];
   }
   const maxDowntime = o.string('max-downtime');
-  if (maxDowntime !== undefined) out.maxDowntime = toDuration(parseDurationMs('max-downtime', maxDowntime));
+  if (maxDowntime !== undefined) out.maxDowntime = msToDuration(parseDurationMs('max-downtime', maxDowntime));
   const bandwidth = o.big('bandwidth');
   if (bandwidth !== undefined) out.bandwidthBytesPerSecond = String(bandwidth);
   const perGiB = o.string('completion-timeout-per-gib');
-  if (perGiB !== undefined) out.completionTimeoutPerGib = toDuration(parseDurationMs('completion-timeout-per-gib', perGiB));
+  if (perGiB !== undefined) out.completionTimeoutPerGib = msToDuration(parseDurationMs('completion-timeout-per-gib', perGiB));
   if (o.bool('abort-on-no-progress')) out.abortOnNoProgress = true;
   return out;
 }
