@@ -14,6 +14,7 @@ import { Kvm } from '../src/ffi/kvm';
 import { native, type NativeGuestMemory } from '../src/ffi/native';
 import type { ManagedVm } from '../src/vm/managed-vm';
 import { VmRegistry } from '../src/vm/registry';
+import { countBits } from '../src/vm/snapshot-format';
 import { DIRTY64, dirty64Control } from '../test/guests/guests';
 import { MiB, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
 
@@ -32,12 +33,6 @@ async function timeMs(fn: () => Promise<unknown> | unknown): Promise<number> {
   const t = nowMs();
   await fn();
   return nowMs() - t;
-}
-
-function popcount(bm: Buffer): number {
-  let n = 0;
-  for (const b of bm) for (let v = b; v; v &= v - 1) n++;
-  return n;
 }
 
 /** A VM of GUEST_MIB whose memory is all touched (non-zero), dirty64 loaded, paused. */
@@ -84,7 +79,7 @@ async function harvestFigures(registry: VmRegistry, mode: DirtyLogMode): Promise
     await sleep(50);
     busy.push(await timeMs(harvest));
     busyClear.push(clearMs);
-    dirtied.push(popcount(bm));
+    dirtied.push(countBits(bm, bm.length * 8));
   }
   await vm.pauseAll();
   registry.destroyAll();

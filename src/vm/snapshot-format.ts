@@ -277,9 +277,12 @@ export function decodeNamed(payload: Buffer): { name: string; data: Buffer } {
 
 export const bitmapBytes = (pages: number): number => Math.ceil(pages / 8);
 
+/** Set bits among the first `pages` of a bitmap (bit i = page i); a byte at a time, a set bit at a time. */
 export function countBits(bitmap: Buffer, pages: number): number {
   let n = 0;
-  for (let i = 0; i < pages; i++) if (bitmap[i >> 3] & (1 << (i & 7))) n++;
+  const whole = pages >> 3;
+  for (let i = 0; i < whole; i++) for (let x = bitmap[i]; x; x &= x - 1) n++;
+  if (pages & 7) for (let x = bitmap[whole] & ((1 << (pages & 7)) - 1); x; x &= x - 1) n++;
   return n;
 }
 

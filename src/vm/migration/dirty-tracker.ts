@@ -68,16 +68,3 @@ export function orInto(into: Buffer, from: Buffer): void {
   const n = Math.min(into.length, from.length);
   for (let i = 0; i < n; i++) into[i] |= from[i];
 }
-
-/** Set bits of a bitmap. */
-export function popcount(b: Buffer): number {
-  let n = 0;
-  for (let i = 0; i < b.length; i++) {
-    let x = b[i];
-    while (x) {
-      x &= x - 1;
-      n++;
-    }
-  }
-  return n;
-}

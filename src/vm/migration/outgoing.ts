@@ -25,10 +25,10 @@ import type { HostCapabilities } from '../../ffi/capabilities';
 import { dirtyBitmapBytes } from '../../ffi/dirty-log';
 import { PAGE_FRAME_FORMAT } from '../../ffi/page-frames';
 import type { ManagedVm } from '../managed-vm';
-import { PAGE_SIZE, type SnapshotHeader, type SnapshotRunState } from '../snapshot-format';
+import { countBits, PAGE_SIZE, type SnapshotHeader, type SnapshotRunState } from '../snapshot-format';
 import { captureState, snapshotHeader } from '../snapshot-writer';
 import { Channel } from './channel';
-import { DirtyTracker, popcount } from './dirty-tracker';
+import { DirtyTracker } from './dirty-tracker';
 import { EnvelopeType, PROTOCOL_VERSION, type Committed, type PassAck } from './protocol';
 import { encodeState } from './state-records';
 
@@ -266,7 +266,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       if (!tracker) break;
 
       bitmaps = await tracker.harvest();
-      const dirtyPages = bitmaps.reduce((n, b) => n + popcount(b), 0);
+      const dirtyPages = bitmaps.reduce((n, b) => n + countBits(b, b.length * 8), 0);
       dirtyBytes = dirtyPages * PAGE_SIZE;
       const dirtyRate = (dirtyBytes * 1000) / passMs;
       const expectedDowntimeMs = (dirtyBytes * 1000) / bandwidth + fixedCostMs;
@@ -299,7 +299,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       tracker.mergeBack(bitmaps);
       bitmaps = await tracker.harvest();
       unacked = bitmaps;
-      report({ phase: 'memory', bytesRemaining: bitmaps.reduce((n, b) => n + popcount(b), 0) * PAGE_SIZE });
+      report({ phase: 'memory', bytesRemaining: bitmaps.reduce((n, b) => n + countBits(b, b.length * 8), 0) * PAGE_SIZE });
       await sendPass(bitmaps, () => {});
       await endPass(stage.pass);
     }
