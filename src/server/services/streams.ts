@@ -9,13 +9,13 @@ export interface WritableLike<T> {
   readonly destroyed?: boolean;
 }
 
+const streamGone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
+
 /**
  * Writes a message on a stream, waiting for 'drain' when grpc-js's buffer is full. A stream already
  * destroyed (the client cancelled) rejects at once: it will never emit 'drain', and its 'close' has
  * already been emitted, so waiting for either would hang the caller (and whatever it holds) forever.
  */
-const streamGone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
-
 export function writeWithBackpressure<T>(stream: WritableLike<T>, msg: T): Promise<void> {
   const gone = streamGone;
   if (stream.destroyed) return Promise.reject(gone());
@@ -44,7 +44,7 @@ export function writeWithBackpressure<T>(stream: WritableLike<T>, msg: T): Promi
  * destroyed first (Node calls the write's callback with an error then, but 'close' is waited for too).
  */
 export function writeAndWait<T>(stream: WritableLike<T>, msg: T): Promise<void> {
-  const gone = () => new VcpudError('unavailable', 'the stream closed while a message was pending (the client went away)');
+  const gone = streamGone;
   if (stream.destroyed) return Promise.reject(gone());
   return new Promise((resolve, reject) => {
     let settled = false;
