@@ -34,6 +34,8 @@ export interface ErrorDetails {
   /** Snapshots: the number of the record (chunk) at fault and its byte offset in the snapshot. */
   chunk?: string;
   offset?: string;
+  /** KVM_SET_MSRS refused an MSR: its index and its position in the entries written. */
+  msr?: { index: number; position: number };
 }
 
 export class VcpudError extends Error {
@@ -41,13 +43,56 @@ export class VcpudError extends Error {
     readonly kind: ErrorKind,
     message: string,
     readonly details: ErrorDetails = {},
+    options?: { cause?: unknown },
   ) {
-    super(message);
+    super(message, options);
     this.name = 'VcpudError';
   }
 }
 
-/** A failed ioctl or syscall, shaped like Node's ErrnoException: errno, code, and the ioctl's name. */
+/** How one failed syscall is answered: the kind (hence the gRPC code) and ErrorInfo.reason. */
+export interface ErrnoClass {
+  kind: ErrorKind;
+  reason: string;
+}
+
+/**
+ * Errnos meaning the host ran out of file descriptors (EMFILE: vcpud's limit, ENFILE: the system's)
+ * or memory: neither bad input nor a bug, and the same call can succeed once something is released.
+ */
+const HOST_EXHAUSTION_ERRNOS: ReadonlySet<string> = new Set(['EMFILE', 'ENFILE', 'ENOMEM']);
+
+/** Errnos with which the kernel refuses caller-supplied values (EPOSITIVE: an ioctl returned > 0). */
+const REFUSAL_ERRNOS: ReadonlySet<string> = new Set(['EINVAL', 'E2BIG', 'ERANGE', 'EFAULT', 'EPOSITIVE']);
+
+/** Errnos of opening /dev/kvm that mean "this host gives vcpud no KVM" (absent, no module, no access). */
+const NO_KVM_ERRNOS: ReadonlySet<string> = new Set(['ENOENT', 'ENXIO', 'ENODEV', 'EACCES', 'EPERM']);
+
+/** Ioctls that write values the caller chose: a refusal there is the caller's value, not our bug. */
+const WRITES_CALLER_VALUES = /^KVM_(SET|CREATE|ENABLE|CLEAR)_/;
+
+/**
+ * THE classification of a failed syscall, by (ioctl or syscall name, errno name), first match wins.
+ * Every path that sees an errno (KvmError, SetState's sections, nested state, snapshots, Node's
+ * own ErrnoExceptions in the server) answers through this table, so one refusal gets one code.
+ */
+const ERRNO_TABLE: readonly { ioctl?: RegExp; errnos: ReadonlySet<string>; class: ErrnoClass }[] = [
+  { errnos: HOST_EXHAUSTION_ERRNOS, class: { kind: 'resource_exhausted', reason: 'HOST_RESOURCES_EXHAUSTED' } },
+  { ioctl: /^open$/, errnos: NO_KVM_ERRNOS, class: { kind: 'unavailable', reason: 'KVM_UNAVAILABLE' } },
+  { ioctl: WRITES_CALLER_VALUES, errnos: REFUSAL_ERRNOS, class: { kind: 'invalid_argument', reason: 'KERNEL_REJECTED' } },
+];
+/** Anything else: a GET failing, EBADF, EIO... never expected (INTERNAL). */
+const UNEXPECTED: ErrnoClass = { kind: 'kernel', reason: 'INTERNAL_ERROR' };
+
+export function classifyErrno(ioctl: string | undefined, errno: string): ErrnoClass {
+  const row = ERRNO_TABLE.find((r) => r.errnos.has(errno) && (!r.ioctl || (ioctl !== undefined && r.ioctl.test(ioctl))));
+  return row?.class ?? UNEXPECTED;
+}
+
+/**
+ * A failed ioctl or syscall, shaped like Node's ErrnoException: errno, code, and the ioctl's name.
+ * Its kind and reason come from classifyErrno when it is made, so every layer sees the same answer.
+ */
 export class KvmError extends VcpudError {
   readonly errno: number;
   readonly code: string;
@@ -56,7 +101,8 @@ export class KvmError extends VcpudError {
   readonly required?: number;
 
   constructor(ioctl: string, errno: number, code: string, message: string, required?: number) {
-    super('kernel', message, { ioctl, errno: code });
+    const { kind, reason } = classifyErrno(ioctl, code);
+    super(kind, message.includes(code) ? message : `${message} (${code})`, { ioctl, errno: code, reason });
     this.name = 'KvmError';
     this.ioctl = ioctl;
     this.errno = errno;
@@ -75,13 +121,6 @@ export class UnsupportedError extends VcpudError {
     this.name = 'UnsupportedError';
   }
 }
-
-/**
- * Errnos meaning the host ran out of file descriptors (EMFILE: vcpud's limit, ENFILE: the system's)
- * or memory: neither bad input nor a bug, and the same call can succeed once something is released.
- * They are answered RESOURCE_EXHAUSTED with reason HOST_RESOURCES_EXHAUSTED, whichever layer saw them.
- */
-export const HOST_EXHAUSTION_ERRNOS: ReadonlySet<string> = new Set(['EMFILE', 'ENFILE', 'ENOMEM']);
 
 export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND' | 'SNAPSHOT_NOT_FOUND', field?: string) =>
   new VcpudError('not_found', what, { reason, field });

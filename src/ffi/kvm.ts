@@ -14,6 +14,17 @@ const MAX_CPUID_ENTRIES = 256;
 const MAX_MSR_LIST = 16384;
 export type CapName = keyof typeof native.caps & string;
 
+/** What to do about a /dev/kvm that cannot be opened, by errno. */
+function openHint(path: string, code: string): string {
+  if (code === 'EACCES' || code === 'EPERM') {
+    const uid = process.getuid?.() ?? '?';
+    return `. vcpud (uid ${uid}) may not open ${path}: add its user to the group that owns the device (usually kvm: \`usermod -aG kvm USER\`, then log in again or restart the service), or give the device mode 0660 and group kvm (udev rule KERNEL=="kvm", GROUP="kvm", MODE="0660"); in a container, pass the device (--device ${path}) and that group`;
+  }
+  if (code === 'ENOENT' || code === 'ENXIO' || code === 'ENODEV')
+    return `. This host has no KVM device at ${path}: load kvm_intel or kvm_amd (modprobe), check that virtualization is enabled in the firmware, or point --kvm-path at the device`;
+  return '';
+}
+
 export class Kvm {
   private readonly extensions = new Map<number, number>();
   private readonly handle: FdHandle;
@@ -36,8 +47,8 @@ export class Kvm {
     try {
       fd = kvmCall('open', () => native.openKvm(path));
     } catch (e) {
-      const k = e as KvmError;
-      throw new KvmError('open', k.errno, k.code, `cannot open ${path}: ${k.message.replace(/^open failed: /, '')}`);
+      if (!(e instanceof KvmError)) throw e;
+      throw new KvmError('open', e.errno, e.code, `cannot open ${path}: ${e.message.replace(/^open failed: /, '')}${openHint(path, e.code)}`);
     }
     const kvm = new Kvm(path, fd);
     const version = kvm.apiVersion();

@@ -222,11 +222,22 @@ export function toKvmError(e: unknown): unknown {
   return e;
 }
 
-/** Reports one finished ioctl to the observer; returns the error to throw (converted to KvmError). */
+/**
+ * While > 0, an E2BIG is the answer a size negotiation probes for (negotiate below), not a failure:
+ * it is not counted as an ioctl error. Calls are synchronous, so a counter is enough.
+ */
+let probingSize = 0;
+
+/**
+ * Reports one finished ioctl to the observer, with its errno only when it really failed: not an
+ * expected E2BIG, and not an error thrown before the ioctl was made (a buffer of the wrong length).
+ * Returns the error to throw (converted to KvmError).
+ */
 function finish(ioctl: string, start: bigint, error?: unknown): unknown {
   const obs = currentObserver();
   const k = error === undefined ? undefined : toKvmError(error);
-  obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, k === undefined ? undefined : k instanceof KvmError ? k.code : 'EUNKNOWN');
+  const failed = k instanceof KvmError && !(probingSize > 0 && k.code === 'E2BIG') ? k.code : undefined;
+  obs?.onIoctl(ioctl, Number(process.hrtime.bigint() - start) / 1e9, failed);
   return k;
 }
 
@@ -265,14 +276,20 @@ export async function kvmCallAsync<T>(ioctl: string, fn: () => Promise<T>): Prom
 export function negotiate<T>(ioctl: string, initial: number, max: number, attempt: (capacity: number) => T): T {
   let capacity = initial;
   for (;;) {
+    const probing = capacity < max;
+    let e: unknown;
+    if (probing) probingSize++;
     try {
       return attempt(capacity);
-    } catch (e) {
-      if (!(e instanceof KvmError) || e.code !== 'E2BIG' || capacity >= max) throw e;
-      const next = e.required !== undefined && e.required > capacity ? e.required : Math.min(capacity * 2, max);
-      currentObserver()?.onNegotiationRetry(ioctl);
-      if (e.required !== undefined) return attempt(next);
-      capacity = next;
+    } catch (x) {
+      e = x;
+    } finally {
+      if (probing) probingSize--;
     }
+    if (!(e instanceof KvmError) || e.code !== 'E2BIG' || !probing) throw e;
+    const next = e.required !== undefined && e.required > capacity ? e.required : Math.min(capacity * 2, max);
+    currentObserver()?.onNegotiationRetry(ioctl);
+    if (e.required !== undefined) return attempt(next);
+    capacity = next;
   }
 }

@@ -8,7 +8,7 @@
  * pausing first. Every ioctl also has a Promise twin in the addon (`fnAsync`) for callers that
  * cannot give that guarantee.
  */
-import { notFound, UnsupportedError, VcpudError } from '../errors';
+import { KvmError, notFound, UnsupportedError, VcpudError } from '../errors';
 import { FdHandle } from './fd-handle';
 import { kvmCall, native, type NativeVcpuRunner } from './native';
 import {
@@ -208,9 +208,8 @@ export class Vcpu {
     try {
       return attempt(max);
     } catch (e) {
-      const required = (e as { code?: string; required?: number }).required;
-      if ((e as { code?: string }).code !== 'E2BIG' || !required || required <= max) throw e;
-      return attempt(required);
+      if (!(e instanceof KvmError) || e.code !== 'E2BIG' || !e.required || e.required <= max) throw e;
+      return attempt(e.required);
     }
   }
 

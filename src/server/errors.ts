@@ -8,7 +8,7 @@
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
-import { HOST_EXHAUSTION_ERRNOS, KvmError, VcpudError, type ErrorKind } from '../errors';
+import { classifyErrno, VcpudError, type ErrorKind } from '../errors';
 import { packageRoot } from '../package';
 
 const DOMAIN = 'vcpud.dev';
@@ -38,9 +38,6 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
   internal: 'INTERNAL_ERROR',
 };
 
-/** Errnos with which the kernel refuses caller-supplied values: the caller's input, not our fault. */
-const INPUT_ERRNOS = new Set(['EINVAL', 'E2BIG', 'ERANGE', 'EFAULT', 'EPOSITIVE']);
-
 /**
  * The google.rpc types every error reply needs, loaded once when vcpud starts: loading them at the
  * first error needed descriptors, and an error caused by running out of them (EMFILE) then threw
@@ -62,7 +59,7 @@ function any(type: protobuf.Type, value: object) {
   return { type_url: `type.googleapis.com/${type.fullName.replace(/^\./, '')}`, value: type.encode(type.create(value)).finish() };
 }
 
-/** The errno an error carries: a KvmError's, one a VcpudError wrapped, or a Node ErrnoException's. */
+/** The errno an error carries: one a VcpudError recorded, or a Node ErrnoException's (fs, net). */
 function errnoOf(e: unknown): string | undefined {
   if (e instanceof VcpudError) return e.details.errno;
   const code = (e as { code?: unknown } | null)?.code;
@@ -70,35 +67,24 @@ function errnoOf(e: unknown): string | undefined {
 }
 
 /**
- * The host ran out of descriptors or memory (anywhere in a call: an ioctl, a file, a socket):
- * RESOURCE_EXHAUSTED naming the errno, whatever layer it came from, unless that layer already
- * classified it as something else on purpose (kinds other than kernel and internal).
+ * Normalizes anything thrown into a VcpudError. A KvmError was classified when it was made
+ * (classifyErrno); an errno met anywhere else (a file, a socket, or wrapped as internal) goes
+ * through the same table, with no ioctl: only its host-wide rows (out of descriptors or memory)
+ * apply. Anything else unknown is internal.
  */
-function hostExhaustion(e: unknown): VcpudError | undefined {
-  const errno = errnoOf(e);
-  if (!errno || !HOST_EXHAUSTION_ERRNOS.has(errno)) return undefined;
-  if (e instanceof VcpudError && e.kind !== 'kernel' && e.kind !== 'internal') return undefined;
-  const message = (e as Error)?.message ?? String(e);
-  return new VcpudError('resource_exhausted', message.includes(errno) ? message : `${message} (${errno})`, {
-    ...(e instanceof VcpudError ? e.details : {}),
-    reason: 'HOST_RESOURCES_EXHAUSTED',
-    errno,
-  });
-}
-
-/** Normalizes anything thrown into a VcpudError (unknown errors become internal). */
 export function asVcpudError(e: unknown): VcpudError {
-  const exhausted = hostExhaustion(e);
-  if (exhausted) return exhausted;
-  if (e instanceof KvmError) {
-    const input = INPUT_ERRNOS.has(e.code);
-    return new VcpudError(input ? 'invalid_argument' : 'internal', e.message, {
-      ...e.details,
-      reason: input ? 'KERNEL_REJECTED' : 'INTERNAL_ERROR',
-    });
-  }
+  if (e instanceof VcpudError && e.kind !== 'internal') return e;
+  const errno = errnoOf(e);
+  const c = errno === undefined ? undefined : classifyErrno(undefined, errno);
+  const message = (e as Error)?.message ?? String(e);
+  if (errno && c && c.kind !== 'kernel')
+    return new VcpudError(c.kind, message.includes(errno) ? message : `${message} (${errno})`, {
+      ...(e instanceof VcpudError ? e.details : {}),
+      reason: c.reason,
+      errno,
+    }, { cause: e });
   if (e instanceof VcpudError) return e;
-  return new VcpudError('internal', `internal error: ${(e as Error)?.message ?? String(e)}`);
+  return new VcpudError('internal', `internal error: ${message}`, {}, { cause: e });
 }
 
 /** The status object a grpc-js handler passes to its callback (or emits on a stream). */

@@ -41,11 +41,15 @@ function openHost(config: Config): Host {
   }
 }
 
-/** Service context whose host facts fail with UNAVAILABLE (naming why) when KVM could not be opened. */
-function serviceContext(host: Host | undefined, kvmError: string, metrics: Metrics, shuttingDown: () => boolean, config: Config): ServiceContext {
+/**
+ * Service context whose host facts fail with UNAVAILABLE, reason KVM_UNAVAILABLE (naming why, with the
+ * errno when there was one) when KVM could not be opened.
+ */
+function serviceContext(host: Host | undefined, kvmError: unknown, metrics: Metrics, shuttingDown: () => boolean, config: Config): ServiceContext {
   const need = (): Host => {
-    if (!host) throw new VcpudError('unavailable', `vcpud has no usable KVM: ${kvmError}`);
-    return host;
+    if (host) return host;
+    const errno = kvmError instanceof VcpudError ? kvmError.details.errno : undefined;
+    throw new VcpudError('unavailable', `vcpud has no usable KVM: ${(kvmError as Error).message}`, { reason: 'KVM_UNAVAILABLE', errno }, { cause: kvmError });
   };
   return {
     get registry() {
@@ -72,17 +76,19 @@ async function start(config: Config, logger: Logger): Promise<void> {
   const health = new Health({ logger });
 
   let host: Host | undefined;
+  let kvmFailure: unknown;
   let kvmError = '';
   try {
     host = openHost(config);
   } catch (e) {
+    kvmFailure = e;
     kvmError = (e as Error).message;
     logger.error('cannot use KVM', { kvm_path: config.kvmPath, error: kvmError });
     if (config.exitOnKvmError) process.exit(1);
   }
 
   let shuttingDown = false;
-  const ctx = serviceContext(host, kvmError, metrics, () => shuttingDown, config);
+  const ctx = serviceContext(host, kvmFailure, metrics, () => shuttingDown, config);
   if (config.testAllowUnvalidatedNested)
     logger.warn('TEST ONLY: SetNestedState honours x-vcpud-skip-validation: 1 (--test-allow-unvalidated-nested); never use this in production');
   if (host) {

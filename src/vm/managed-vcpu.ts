@@ -14,6 +14,8 @@ export interface VcpuStatus {
   state: RunStateName;
   reason?: string;
   details: Record<string, number>;
+  /** A stopped vCPU: what happened, in words, when the numbers alone say little (stop-explanation.ts). */
+  description?: string;
   exits: number;
   /** Percent of each slice the run thread sleeps (setThrottle); absent when 0. */
   throttle?: number;

@@ -14,6 +14,7 @@ import { applyCpuidPolicy, type CpuidPolicy } from './cpuid-policy';
 import { ManagedVcpu, type VcpuStatus } from './managed-vcpu';
 import { classifyStop, withBackingChecked } from './memory-backing';
 import { hex } from './snapshot-format';
+import { internalErrorExplainer } from './stop-explanation';
 
 export interface VmSpec {
   name?: string;
@@ -110,7 +111,8 @@ export class ManagedVm extends EventEmitter<VmEvents> {
       for (let i = 0; i < spec.vcpuCount; i++) {
         const vcpu = vm.createVcpu(i);
         vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
-        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy(), (s) => classifyStop(vm.regions, s)));
+        const explain = internalErrorExplainer(vcpu, { size: spec.memoryBytes, read: (gpa, length) => m.readMemory(gpa, length) });
+        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy(), (s) => explain(classifyStop(vm.regions, s))));
       }
     } catch (e) {
       prepared.memory?.release();

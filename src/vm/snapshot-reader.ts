@@ -10,6 +10,7 @@
  * mapping, i.e. over exactly the bytes the guest will see.
  */
 import fs from 'node:fs';
+import { VcpudError } from '../errors';
 import { native, type NativeGuestMemory } from '../ffi/native';
 import {
   bitmapBytes,
@@ -246,7 +247,7 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
   try {
     header = JSON.parse((await readPayload(first)).toString('utf8')) as SnapshotHeader;
   } catch (e) {
-    if ((e as { kind?: string }).kind) throw e;
+    if (e instanceof VcpudError) throw e;
     throw snapshotCorrupt(`${describeChunk(first)}: the header is not valid JSON: ${(e as Error).message}`, first.seq, first.offset);
   }
   checkHeaderShape(header, first);

@@ -61,9 +61,8 @@ export function restoreSpec(header: SnapshotHeader, name?: string) {
 
 /** The refused MSR of a writeState failure at the msrs section, if that is what failed. */
 function refusedMsr(e: unknown, entries: MsrEntry[] | undefined): MsrEntry | undefined {
-  const violation = (e as VcpudError)?.details?.violations?.find((x) => x.rule === 'msrs.kernel_refused');
-  const m = violation && /entries\[(\d+)\]/.exec(violation.field);
-  return m && entries ? entries[Number(m[1])] : undefined;
+  const msr = e instanceof VcpudError ? e.details.msr : undefined;
+  return msr && entries?.[msr.position];
 }
 
 /** writeState, retrying without a known self-refusing MSR (noted) when KVM_SET_MSRS refuses it. */
@@ -145,8 +144,8 @@ export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilit
           writeStateWithMsrPolicy(m.vcpu, ctx, values, notes, `vCPU ${meta.id}`);
           if (nested) writeNested(m.vcpu, ctx, nested);
         } catch (e) {
-          const err = e as VcpudError;
-          throw Object.assign(new VcpudError(err.kind ?? 'internal', `restoring vCPU ${meta.id}: ${err.message}`, err.details ?? {}), { cause: e });
+          if (!(e instanceof VcpudError)) throw e;
+          throw new VcpudError(e.kind, `restoring vCPU ${meta.id}: ${e.message}`, e.details, { cause: e });
         }
       });
     }

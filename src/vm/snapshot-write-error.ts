@@ -30,13 +30,11 @@ export function snapshotWriteError(e: unknown, name: string, file: string): unkn
   if (code === 'EACCES' || code === 'EPERM') return Object.assign(accessDenied(path.dirname(file), code, 'write a snapshot in'), { cause: e });
   const full = NO_ROOM.has(code);
   const during = typeof err.syscall === 'string' ? ` from ${err.syscall}` : '';
-  return Object.assign(
-    new VcpudError(
-      full ? 'resource_exhausted' : 'internal',
-      `snapshot "${name}" could not be written to ${path.dirname(file)}: ${code} (${describeErrno(code)})${during}; ` +
-        'the previous snapshot under that name, if any, is unchanged',
-      { reason: full ? 'STORAGE_FULL' : 'INTERNAL_ERROR', errno: code },
-    ),
+  return new VcpudError(
+    full ? 'resource_exhausted' : 'internal',
+    `snapshot "${name}" could not be written to ${path.dirname(file)}: ${code} (${describeErrno(code)})${during}; ` +
+      'the previous snapshot under that name, if any, is unchanged',
+    { reason: full ? 'STORAGE_FULL' : 'INTERNAL_ERROR', errno: code },
     { cause: e },
   );
 }

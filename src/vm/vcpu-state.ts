@@ -11,11 +11,11 @@
  *                the kernel selftests do, after sregs (EFER.SVME) and events (SMM).
  */
 import { isDeepStrictEqual } from 'node:util';
-import { invalidArgument, VcpudError, type Violation } from '../errors';
+import { invalidArgument, KvmError, VcpudError, type ErrorDetails, type Violation } from '../errors';
 import { requireNested, requireSection, type HostCapabilities } from '../ffi/capabilities';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState } from '../ffi/nested';
-import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
+import { msrName, snakeCase, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import type { Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
@@ -127,13 +127,7 @@ function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
       const entries = value as MsrEntry[];
       const r = vcpu.setMsrs(entries);
       // KVM_SET_MSRS stops at the first MSR it refuses and reports how many it set: a failure.
-      if (r.firstRefused !== undefined) {
-        const e = entries[r.processed];
-        throw invalidArgument(
-          `KVM_SET_MSRS refused MSR 0x${e.index.toString(16)} (${msrName(e.index)}) = 0x${e.data.toString(16)}: ${r.processed} of ${entries.length} were set`,
-          [{ rule: 'msrs.kernel_refused', field: `state.msrs.entries[${r.processed}]`, message: `MSR 0x${e.index.toString(16)} refused by KVM_SET_MSRS` }],
-        );
-      }
+      if (r.firstRefused !== undefined) throw msrRefused(entries, r.processed);
       return;
     }
   }
@@ -172,7 +166,7 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
       writeSection(vcpu, s, values[s]);
     } catch (e) {
       const rollback = restore(vcpu, previous);
-      throw sectionFailure(s, e, rollback);
+      throw sectionFailure(s, e, previous[previous.length - 1][1], values[s], rollback);
     }
   }
   return sections;
@@ -255,18 +249,67 @@ function restoreMsrs(vcpu: Vcpu, saved: MsrEntry[]): void {
   writeSection(vcpu, 'msrs', changed.filter((e) => !SREGS_MSRS.has(e.index)));
 }
 
-function sectionFailure(section: SectionName, e: unknown, rollbackFailures: string[]): VcpudError {
-  const cause = e as Error;
+/** KVM_SET_MSRS refused entries[position]: no errno (the ioctl returns a short count), but the MSR is known. */
+function msrRefused(entries: MsrEntry[], position: number): VcpudError {
+  const { index, data } = entries[position];
+  const field = `state.msrs.entries[${position}]`;
+  const msr = `MSR 0x${index.toString(16)} (${msrName(index)})`;
+  return new VcpudError('invalid_argument', `KVM_SET_MSRS refused ${msr} = 0x${data.toString(16)}: ${position} of ${entries.length} were set`, {
+    reason: 'KERNEL_REJECTED',
+    ioctl: 'KVM_SET_MSRS',
+    field,
+    msr: { index, position },
+    violations: [{ rule: 'msrs.kernel_refused', field, message: `${msr} = 0x${data.toString(16)} refused by KVM_SET_MSRS` }],
+  });
+}
+
+/** The rule id of a kernel refusal by `ioctl`, e.g. kernel.set_sregs. */
+const kernelRule = (ioctl: string) => `kernel.${ioctl.replace(/^KVM_/, '').toLowerCase()}`;
+
+/** ffi paths whose proto field has another name (mp_state is set through `value` or `kvm_value`). */
+const PROTO_PATHS: ReadonlyMap<string, string> = new Map([['state.mp_state.mp_state', 'state.mp_state']]);
+
+/**
+ * The request fields (proto paths under state.<section>) whose value differs from what the vCPU
+ * held before the write: the kernel refused one of them. Raw sections (xsave, lapic) are one field.
+ */
+function changedFields(before: unknown, after: unknown, path: string): string[] {
+  if (Array.isArray(after) && Array.isArray(before))
+    return after.flatMap((v, i) => changedFields(before[i], v, `${path}[${i}]`));
+  if (after && before && typeof after === 'object' && typeof before === 'object' && !Buffer.isBuffer(after))
+    return Object.entries(after).flatMap(([k, v]) => changedFields((before as Record<string, unknown>)[k], v, `${path}.${snakeCase(k)}`));
+  return isDeepStrictEqual(before, after) ? [] : [PROTO_PATHS.get(path) ?? path];
+}
+
+/**
+ * A section's ioctl refused the request's value: one BadRequest violation naming the field when
+ * the request changed exactly one, else the section (listing what changed).
+ */
+function refusalViolation(section: SectionName, e: KvmError, before: unknown, requested: unknown): Violation {
+  const changed = changedFields(before, requested, `state.${section}`);
+  const field = changed.length === 1 ? changed[0] : `state.${section}`;
+  const which = changed.length > 1 ? ` (one of the changed fields: ${changed.slice(0, 8).join(', ')}${changed.length > 8 ? ', ...' : ''})` : '';
+  return { rule: kernelRule(e.ioctl), field, message: `${e.ioctl} refused the value with ${e.code}${which}` };
+}
+
+/**
+ * The error of a failed section write, after the rollback: the failure's own kind and reason (a
+ * KvmError is classified by classifyErrno; KERNEL_REJECTED refusals name the field), or
+ * ROLLBACK_FAILED when putting the vCPU back failed too.
+ */
+function sectionFailure(section: SectionName, e: unknown, before: unknown, requested: unknown, rollbackFailures: string[]): VcpudError {
   const restored = rollbackFailures.length
     ? `; rollback FAILED for ${rollbackFailures.join(', ')}`
     : '; every section already applied was restored';
-  const kind = rollbackFailures.length ? 'internal' : e instanceof VcpudError && e.kind !== 'kernel' ? e.kind : 'invalid_argument';
-  const err = new VcpudError(kind, `SetState failed at section ${section}: ${cause.message}${restored}`, {
-    ...(e instanceof VcpudError ? e.details : {}),
-    section,
-  });
-  Object.assign(err, { cause: e });
-  return err;
+  const message = `SetState failed at section ${section}: ${(e as Error).message}${restored}`;
+  const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), section };
+  if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED') {
+    const violation = refusalViolation(section, e, before, requested);
+    details.field = violation.field;
+    details.violations = [violation];
+  }
+  if (rollbackFailures.length) return new VcpudError('internal', message, { ...details, reason: 'ROLLBACK_FAILED' }, { cause: e });
+  return new VcpudError(e instanceof VcpudError ? e.kind : 'internal', message, details, { cause: e });
 }
 
 // ---- nested state ----
@@ -326,15 +369,12 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
     } catch (r) {
       restoreError = `; restoring the previous state FAILED: ${(r as Error).message}`;
     }
-    const k = e as VcpudError & { code?: string; ioctl?: string; errno?: number };
-    const err = new VcpudError(restoreError ? 'internal' : 'invalid_argument', `KVM_SET_NESTED_STATE refused the blob: ${k.message}${restoreError || '; the previous state was restored'}`, {
-      reason: restoreError ? 'ROLLBACK_FAILED' : 'KERNEL_REJECTED',
-      ioctl: 'KVM_SET_NESTED_STATE',
-      errno: k.code,
-      violations: [{ rule: 'kernel.set_nested_state', field: 'raw', message: `${k.code ?? 'error'} from KVM_SET_NESTED_STATE` }],
-    });
-    Object.assign(err, { cause: e, ioctl: k.ioctl, errno: k.errno, code: k.code });
-    throw err;
+    const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), ioctl: 'KVM_SET_NESTED_STATE' };
+    if (restoreError) details.reason = 'ROLLBACK_FAILED';
+    else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
+      details.violations = [{ rule: kernelRule(e.ioctl), field: 'raw', message: `${e.code} from ${e.ioctl}` }];
+    const kind = restoreError ? 'internal' : e instanceof VcpudError ? e.kind : 'internal';
+    throw new VcpudError(kind, `KVM_SET_NESTED_STATE refused the blob: ${(e as Error).message}${restoreError || '; the previous state was restored'}`, details, { cause: e });
   }
 }
 

@@ -197,7 +197,7 @@ describeKvm('ffi: vCPU state sections on real KVM', () => {
       err = e;
     }
     expect(err).toBeInstanceOf(KvmError);
-    expect(err).toMatchObject({ ioctl: 'KVM_CREATE_VCPU', code: 'EINVAL', errno: 22, kind: 'kernel' });
+    expect(err).toMatchObject({ ioctl: 'KVM_CREATE_VCPU', code: 'EINVAL', errno: 22, kind: 'invalid_argument', details: expect.objectContaining({ reason: 'KERNEL_REJECTED' }) });
   });
 
   it('the native layer rejects buffers of the wrong length before any ioctl', () => {

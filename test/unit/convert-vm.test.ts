@@ -79,13 +79,14 @@ describe('capabilitiesToProto', () => {
 
 describe('vcpuToProto', () => {
   test('a stopped vCPU: reason, details, exits by name', () => {
-    const s: VcpuStatus = { id: 1, state: 'stopped', reason: 'mmio', details: { physAddr: 0xfee00000, len: 4 }, exits: 12 };
+    const s: VcpuStatus = { id: 1, state: 'stopped', reason: 'mmio', details: { physAddr: 0xfee00000, len: 4 }, description: 'words', exits: 12 };
     const v = vcpuToProto(s, { '2': 9, '6': 1, '10': 2 });
     expect(v).toEqual({
       id: 1,
       runState: 'VCPU_RUN_STATE_STOPPED',
       stopReason: 'mmio',
       stopDetails: { physAddr: 0xfee00000, len: 4 },
+      stopDescription: 'words',
       exits: '12',
       exitCounts: { KVM_EXIT_IO: '9', KVM_EXIT_MMIO: '1', KVM_EXIT_INTR: '2' },
     });
@@ -97,8 +98,8 @@ describe('vcpuToProto', () => {
     ['paused', 'VCPU_RUN_STATE_PAUSED'],
     ['halted', 'VCPU_RUN_STATE_HALTED'],
   ] as const)('%s: no stop reason or details', (state, runState) => {
-    const v = vcpuToProto({ id: 0, state, reason: 'stale', details: { x: 1 }, exits: 0 });
-    expect(v).toEqual({ id: 0, runState, stopReason: '', stopDetails: {}, exits: '0', exitCounts: {} });
+    const v = vcpuToProto({ id: 0, state, reason: 'stale', details: { x: 1 }, description: 'stale', exits: 0 });
+    expect(v).toEqual({ id: 0, runState, stopReason: '', stopDetails: {}, stopDescription: '', exits: '0', exitCounts: {} });
   });
 
   test('exit reason names', () => {
@@ -129,8 +130,8 @@ describe('vmToProto', () => {
     expect(r).toMatchObject({ id: 'a5c1e0d2-0000-4000-8000-000000000001', name: 'test', memoryBytes: '8589934592', nestedExposed: true, irqchip: true });
     expect(r.createTime).toEqual({ seconds: String(Date.UTC(2024, 0, 2, 3, 4, 5) / 1000), nanos: 678_000_000 });
     expect(r.vcpus).toEqual([
-      { id: 0, runState: 'VCPU_RUN_STATE_RUNNING', stopReason: '', stopDetails: {}, exits: '5', exitCounts: { KVM_EXIT_IO: '5' } },
-      { id: 1, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, exits: '1', exitCounts: { KVM_EXIT_IO: '1' } },
+      { id: 0, runState: 'VCPU_RUN_STATE_RUNNING', stopReason: '', stopDetails: {}, stopDescription: '', exits: '5', exitCounts: { KVM_EXIT_IO: '5' } },
+      { id: 1, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, stopDescription: '', exits: '1', exitCounts: { KVM_EXIT_IO: '1' } },
     ]);
     expect(vmToProto(fakeVm(0)).nestedExposed).toBe(false);
   });

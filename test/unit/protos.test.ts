@@ -198,7 +198,7 @@ describe('protos', () => {
     const bytes = stream.responseSerialize({ stateChange: { vcpuId: 3, runState: 'VCPU_RUN_STATE_STOPPED' } });
     const decoded = stream.responseDeserialize(bytes) as Record<string, unknown>;
     expect(decoded.event).toBe('stateChange');
-    expect(decoded.stateChange).toEqual({ vcpuId: 3, runState: 'VCPU_RUN_STATE_STOPPED', reason: '' });
+    expect(decoded.stateChange).toEqual({ vcpuId: 3, runState: 'VCPU_RUN_STATE_STOPPED', reason: '', description: '' });
     expect(decoded.debug).toBeUndefined(); // unset oneof members are absent, not null, even with defaults
     expect(decoded.output).toBeUndefined();
 

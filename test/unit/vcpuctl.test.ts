@@ -371,7 +371,7 @@ describe('formatting', () => {
       id: 'vm-1',
       name: 'test',
       memoryBytes: String(2 << 20),
-      vcpus: [{ id: 0, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, exits: '7', exitCounts: { KVM_EXIT_IO: '7' } }],
+      vcpus: [{ id: 0, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, exits: '7', exitCounts: { KVM_EXIT_IO: '7' }, stopDescription: '' }],
       createTime: { seconds: '1700000000', nanos: 0 },
       nestedExposed: false,
       irqchip: true,
@@ -380,7 +380,7 @@ describe('formatting', () => {
     expect(text).toContain('memory   2 MiB (0x200000)');
     expect(text).toMatch(/^0\s+stopped\s+done\s+7\s+value=0x2a$/m);
     expect(text).toContain('vcpu 0: io=7');
-    expect(formatConsoleEvent({ stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done' }, event: 'stateChange', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 0: stopped (done)]');
+    expect(formatConsoleEvent({ stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done', description: '' }, event: 'stateChange', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 0: stopped (done)]');
     expect(formatConsoleEvent({ debug: { vcpuId: 1, value: '42', done: false }, event: 'debug', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 1: debug 0x2a (42)]');
   });
 
@@ -569,7 +569,7 @@ describe('run() over a unix socket against a fake vcpud', () => {
     id: 'vm-1',
     name: 'fake',
     memoryBytes: String(memory.length),
-    vcpus: [{ id: 0, runState: 'VCPU_RUN_STATE_RUNNING', stopReason: '', stopDetails: {}, exits: '3', exitCounts: {} }],
+    vcpus: [{ id: 0, runState: 'VCPU_RUN_STATE_RUNNING', stopReason: '', stopDetails: {}, exits: '3', exitCounts: {}, stopDescription: '' }],
     createTime: { seconds: '1700000000', nanos: 0 },
     nestedExposed: false,
     irqchip: true,
@@ -758,10 +758,10 @@ describe('run() over a unix socket against a fake vcpud', () => {
     expect(f.code).toBe(0);
     const lines = f.stdout.trim().split('\n').map((l) => JSON.parse(l));
     expect(lines).toEqual([
-      { stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_RUNNING', reason: '' } },
+      { stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_RUNNING', reason: '', description: '' } },
       { output: Buffer.from('hello\n').toString('base64'), text: 'hello\n' },
       { debug: { vcpuId: 0, value: '42', done: true } },
-      { stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done' } },
+      { stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done', description: '' } },
     ]);
     const h = await ctl('console', 'vm-1', '--follow', '--until-done');
     expect(h).toMatchObject({ code: 0, stdout: 'hello\n', stderr: '[vcpu 0: running]\n[vcpu 0: done 0x2a (42)]\n[vcpu 0: stopped (done)]\n' });

@@ -181,16 +181,18 @@ function stopDetails(d: Record<string, number> | undefined): string {
   const entries = Object.entries(d ?? {});
   if (!entries.length) return '';
   return entries
-    .map(([k, v]) => (/addr|port|value|code/i.test(k) && Number.isInteger(v) && v >= 0 ? `${k}=${hex(v)}` : `${k}=${v}`))
+    .map(([k, v]) => (/addr|port|value|code|rip/i.test(k) && Number.isInteger(v) && v >= 0 ? `${k}=${hex(v)}` : `${k}=${v}`))
     .join(' ');
 }
 
-/** One row per vCPU: id, run state, stop reason and details, exits. */
+/** One row per vCPU: id, run state, stop reason and details, exits; then each stop's description. */
 export function formatVcpus(vcpus: readonly Vcpu__Output[]): string {
-  return table(
+  const rows = table(
     ['VCPU', 'STATE', 'STOP REASON', 'EXITS', 'DETAILS'],
     vcpus.map((v) => [v.id, runStateName(v.runState), v.stopReason || '-', v.exits, stopDetails(v.stopDetails)]),
-  ).join('\n');
+  );
+  const described = vcpus.filter((v) => v.stopDescription).map((v) => printable(`vcpu ${v.id} stopped: ${v.stopDescription}`));
+  return [...rows, ...(described.length ? ['', ...described] : [])].join('\n');
 }
 
 export function formatVm(vm: Vm__Output): string {
@@ -484,7 +486,7 @@ export function formatNestedState(n: NestedState__Output): string {
 export function formatConsoleEvent(ev: StreamConsoleResponse__Output): string | undefined {
   if (ev.stateChange) {
     const c = ev.stateChange;
-    return `[vcpu ${c.vcpuId}: ${runStateName(c.runState)}${c.reason ? ` (${printable(c.reason)})` : ''}]`;
+    return `[vcpu ${c.vcpuId}: ${runStateName(c.runState)}${c.reason ? ` (${printable(c.reason)})` : ''}${c.description ? `: ${printable(c.description)}` : ''}]`;
   }
   if (ev.debug) {
     const d = ev.debug;

@@ -105,7 +105,8 @@ export const array = <E extends FieldType>(of: E, count: number): ArrayType<E> =
   count,
 });
 
-const snakeCase = (name: string): string => name.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
+/** apicBase -> apic_base: the C (and proto) name of a field. */
+export const snakeCase = (name: string): string => name.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
 
 /** A field; the C name defaults to the snake_case of `name` (apicBase -> apic_base). */
 export function field<N extends string, T extends FieldType>(

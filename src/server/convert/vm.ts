@@ -50,6 +50,7 @@ export function vcpuToProto(s: VcpuStatus, exitCounts: Record<string, number> = 
     runState: RUN_STATES[s.state] ?? 'VCPU_RUN_STATE_UNSPECIFIED',
     stopReason: stopped ? (s.reason ?? '') : '',
     stopDetails: stopped ? { ...s.details } : {},
+    stopDescription: stopped ? (s.description ?? '') : '',
     exits: String(s.exits),
     exitCounts: Object.fromEntries(Object.entries(exitCounts).map(([k, n]) => [exitReasonName(k), String(n)])),
   };

@@ -173,7 +173,8 @@ export interface ProtoGrpcType {
        * another method.
        * RESOURCE_EXHAUSTED   a server limit: max_vms, max_vcpus_per_vm, max_memory_bytes (LIMIT_EXCEEDED, metadata
        * limit), or a message larger than the server's receive limit.
-       * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too.
+       * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too. No usable KVM
+       * (KVM_UNAVAILABLE).
        * INTERNAL             never expected (INTERNAL_ERROR).
        */
       VmService: SubtypeConstructor<typeof grpc.Client, _vcpud_v1_VmServiceClient> & { service: _vcpud_v1_VmServiceDefinition }

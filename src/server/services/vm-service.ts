@@ -133,7 +133,7 @@ export class VmService {
 
 type DebugEvent = { vcpu: number; value: number; done: boolean };
 const stateChangeMessage = (s: VcpuStatus): StreamConsoleResponse => ({
-  stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '' } as never,
+  stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '', description: s.state === 'stopped' ? (s.description ?? '') : '' } as never,
 });
 const debugMessage = (d: DebugEvent): StreamConsoleResponse => ({ debug: { vcpuId: d.vcpu, value: String(d.value), done: d.done } });
 

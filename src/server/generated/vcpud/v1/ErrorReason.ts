@@ -41,8 +41,14 @@ export const ErrorReason = {
    */
   ERROR_REASON_INVALID_NESTED_STATE: 'ERROR_REASON_INVALID_NESTED_STATE',
   /**
-   * INVALID_ARGUMENT: the kernel refused a value the server's own validation let through (metadata: ioctl, errno,
-   * section). The vCPU was restored to its state before the call.
+   * INVALID_ARGUMENT: the kernel refused a value the server's own validation let through: a KVM_SET_* ioctl failed
+   * with EINVAL, E2BIG, ERANGE or EFAULT, or KVM_SET_MSRS stopped at an MSR (metadata: ioctl, errno when the ioctl
+   * failed with one, section, field). google.rpc.BadRequest has one violation (rule "kernel.<ioctl>", e.g.
+   * "kernel.set_sregs", or "msrs.kernel_refused") whose field is the request field the kernel refused: the one
+   * field of that section the request changed (e.g. "state.sregs.cr0", "state.xcrs.xcrs[0].value"), the refused
+   * MSR entry ("state.msrs.entries[3]"), "raw" for a nested-state blob, or the section ("state.sregs") when the
+   * request changed several fields of it (the description lists them). The vCPU was restored to its state before
+   * the call. Other errnos are not a refusal: ENOMEM is HOST_RESOURCES_EXHAUSTED, the rest INTERNAL_ERROR.
    */
   ERROR_REASON_KERNEL_REJECTED: 'ERROR_REASON_KERNEL_REJECTED',
   /**
@@ -133,6 +139,13 @@ export const ErrorReason = {
    */
   ERROR_REASON_HOST_RESOURCES_EXHAUSTED: 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED',
   /**
+   * UNAVAILABLE: vcpud has no usable KVM: /dev/kvm (--kvm-path) could not be opened or probed when vcpud started
+   * (metadata: errno, e.g. "EACCES" for a user outside the device's group, "ENOENT" for no KVM module). The
+   * message says what to do (add vcpud's user to the kvm group, the device mode, load the module). Health is
+   * NOT_SERVING; vcpud must be restarted once the host is fixed.
+   */
+  ERROR_REASON_KVM_UNAVAILABLE: 'ERROR_REASON_KVM_UNAVAILABLE',
+  /**
    * NOT_FOUND: no incoming migration with that id on this destination (MigrationService); it may have been
    * discarded already.
    */
@@ -184,8 +197,14 @@ export type ErrorReason =
   | 'ERROR_REASON_INVALID_NESTED_STATE'
   | 4
   /**
-   * INVALID_ARGUMENT: the kernel refused a value the server's own validation let through (metadata: ioctl, errno,
-   * section). The vCPU was restored to its state before the call.
+   * INVALID_ARGUMENT: the kernel refused a value the server's own validation let through: a KVM_SET_* ioctl failed
+   * with EINVAL, E2BIG, ERANGE or EFAULT, or KVM_SET_MSRS stopped at an MSR (metadata: ioctl, errno when the ioctl
+   * failed with one, section, field). google.rpc.BadRequest has one violation (rule "kernel.<ioctl>", e.g.
+   * "kernel.set_sregs", or "msrs.kernel_refused") whose field is the request field the kernel refused: the one
+   * field of that section the request changed (e.g. "state.sregs.cr0", "state.xcrs.xcrs[0].value"), the refused
+   * MSR entry ("state.msrs.entries[3]"), "raw" for a nested-state blob, or the section ("state.sregs") when the
+   * request changed several fields of it (the description lists them). The vCPU was restored to its state before
+   * the call. Other errnos are not a refusal: ENOMEM is HOST_RESOURCES_EXHAUSTED, the rest INTERNAL_ERROR.
    */
   | 'ERROR_REASON_KERNEL_REJECTED'
   | 5
@@ -292,6 +311,14 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_HOST_RESOURCES_EXHAUSTED'
   | 24
+  /**
+   * UNAVAILABLE: vcpud has no usable KVM: /dev/kvm (--kvm-path) could not be opened or probed when vcpud started
+   * (metadata: errno, e.g. "EACCES" for a user outside the device's group, "ENOENT" for no KVM module). The
+   * message says what to do (add vcpud's user to the kvm group, the device mode, load the module). Health is
+   * NOT_SERVING; vcpud must be restarted once the host is fixed.
+   */
+  | 'ERROR_REASON_KVM_UNAVAILABLE'
+  | 40
   /**
    * NOT_FOUND: no incoming migration with that id on this destination (MigrationService); it may have been
    * discarded already.

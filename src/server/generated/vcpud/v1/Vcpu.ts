@@ -36,6 +36,13 @@ export interface Vcpu {
    * KVM_RUN exits by exit reason name, e.g. "KVM_EXIT_IO"; only reasons seen.
    */
   'exitCounts'?: ({[key: string]: number | string | Long});
+  /**
+   * STOPPED: what happened, in words, when stop_details alone say little; empty otherwise. For "internal_error"
+   * it names the suberror (e.g. KVM_INTERNAL_ERROR_EMULATION), CS:RIP and the address, and says "no program
+   * loaded?" when the code there is absent (all zero, or outside guest memory, e.g. the reset vector);
+   * stop_details then also hold "rip" and "ripAddress" (CS base + RIP).
+   */
+  'stopDescription'?: (string);
 }
 
 /**
@@ -70,4 +77,11 @@ export interface Vcpu__Output {
    * KVM_RUN exits by exit reason name, e.g. "KVM_EXIT_IO"; only reasons seen.
    */
   'exitCounts': ({[key: string]: string});
+  /**
+   * STOPPED: what happened, in words, when stop_details alone say little; empty otherwise. For "internal_error"
+   * it names the suberror (e.g. KVM_INTERNAL_ERROR_EMULATION), CS:RIP and the address, and says "no program
+   * loaded?" when the code there is absent (all zero, or outside guest memory, e.g. the reset vector);
+   * stop_details then also hold "rip" and "ripAddress" (CS base + RIP).
+   */
+  'stopDescription': (string);
 }

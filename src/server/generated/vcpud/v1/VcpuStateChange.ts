@@ -19,6 +19,10 @@ export interface VcpuStateChange {
    * Vcpu.stop_reason when the new state is STOPPED; empty otherwise.
    */
   'reason'?: (string);
+  /**
+   * Vcpu.stop_description when the new state is STOPPED; empty otherwise.
+   */
+  'description'?: (string);
 }
 
 /**
@@ -37,4 +41,8 @@ export interface VcpuStateChange__Output {
    * Vcpu.stop_reason when the new state is STOPPED; empty otherwise.
    */
   'reason': (string);
+  /**
+   * Vcpu.stop_description when the new state is STOPPED; empty otherwise.
+   */
+  'description': (string);
 }

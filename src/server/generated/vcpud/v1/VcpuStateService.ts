@@ -26,13 +26,14 @@ import type { SetStateResponse as _vcpud_v1_SetStateResponse, SetStateResponse__
  * NOT_FOUND            unknown VM or vCPU (VM_NOT_FOUND, VCPU_NOT_FOUND).
  * INVALID_ARGUMENT     malformed request or blob, with google.rpc.BadRequest listing every violation
  * (INVALID_REQUEST, INVALID_NESTED_STATE); a value the kernel refused (KERNEL_REJECTED,
- * metadata ioctl, errno, section; the vCPU is restored first).
+ * metadata ioctl, errno, section, field, and a BadRequest naming the refused field, e.g.
+ * "state.sregs.cr0"; the vCPU is restored first).
  * FAILED_PRECONDITION  the vCPU is in the wrong state (VCPU_RUNNING with no_implicit_pause), or the host or VM
  * lacks a capability (CAPABILITY_MISSING, metadata capability). A missing capability is
  * FAILED_PRECONDITION, not UNIMPLEMENTED: the RPC is implemented; the host is not in the
  * state it needs, and clients must not retry on another method.
  * RESOURCE_EXHAUSTED   a server limit or a message size bound (LIMIT_EXCEEDED, metadata limit).
- * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN).
+ * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN), or has no usable KVM (KVM_UNAVAILABLE).
  * INTERNAL             never expected (INTERNAL_ERROR, ROLLBACK_FAILED).
  */
 export interface VcpuStateServiceClient extends grpc.Client {
@@ -157,13 +158,14 @@ export interface VcpuStateServiceClient extends grpc.Client {
  * NOT_FOUND            unknown VM or vCPU (VM_NOT_FOUND, VCPU_NOT_FOUND).
  * INVALID_ARGUMENT     malformed request or blob, with google.rpc.BadRequest listing every violation
  * (INVALID_REQUEST, INVALID_NESTED_STATE); a value the kernel refused (KERNEL_REJECTED,
- * metadata ioctl, errno, section; the vCPU is restored first).
+ * metadata ioctl, errno, section, field, and a BadRequest naming the refused field, e.g.
+ * "state.sregs.cr0"; the vCPU is restored first).
  * FAILED_PRECONDITION  the vCPU is in the wrong state (VCPU_RUNNING with no_implicit_pause), or the host or VM
  * lacks a capability (CAPABILITY_MISSING, metadata capability). A missing capability is
  * FAILED_PRECONDITION, not UNIMPLEMENTED: the RPC is implemented; the host is not in the
  * state it needs, and clients must not retry on another method.
  * RESOURCE_EXHAUSTED   a server limit or a message size bound (LIMIT_EXCEEDED, metadata limit).
- * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN).
+ * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN), or has no usable KVM (KVM_UNAVAILABLE).
  * INTERNAL             never expected (INTERNAL_ERROR, ROLLBACK_FAILED).
  */
 export interface VcpuStateServiceHandlers extends grpc.UntypedServiceImplementation {

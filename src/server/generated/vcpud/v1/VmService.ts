@@ -50,7 +50,8 @@ import type { WriteMemoryResponse as _vcpud_v1_WriteMemoryResponse, WriteMemoryR
  * another method.
  * RESOURCE_EXHAUSTED   a server limit: max_vms, max_vcpus_per_vm, max_memory_bytes (LIMIT_EXCEEDED, metadata
  * limit), or a message larger than the server's receive limit.
- * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too.
+ * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too. No usable KVM
+ * (KVM_UNAVAILABLE).
  * INTERNAL             never expected (INTERNAL_ERROR).
  */
 export interface VmServiceClient extends grpc.Client {
@@ -304,7 +305,8 @@ export interface VmServiceClient extends grpc.Client {
  * another method.
  * RESOURCE_EXHAUSTED   a server limit: max_vms, max_vcpus_per_vm, max_memory_bytes (LIMIT_EXCEEDED, metadata
  * limit), or a message larger than the server's receive limit.
- * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too.
+ * UNAVAILABLE          the server is shutting down (SHUTTING_DOWN); open streams end with it too. No usable KVM
+ * (KVM_UNAVAILABLE).
  * INTERNAL             never expected (INTERNAL_ERROR).
  */
 export interface VmServiceHandlers extends grpc.UntypedServiceImplementation {
