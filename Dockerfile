@@ -33,11 +33,14 @@ COPY binding.gyp tsconfig.json ./
 COPY native ./native
 COPY protos ./protos
 COPY src ./src
+COPY scripts/build-descriptors.sh ./scripts/build-descriptors.sh
 
-# The addon (build/Release/vcpud_native.node) and dist/ (tsconfig compiles src/; test/, bench/ and
-# scripts/ are not in the build context). Then drop devDependencies (typescript, jest, node-gyp...).
+# The addon (build/Release/vcpud_native.node), dist/ (tsconfig compiles src/; test/, bench/ and the
+# other scripts are not in the build context) and dist/src/descriptor-set.binpb (what server reflection
+# serves, compiled by buf). Then drop devDependencies (typescript, jest, node-gyp, buf...).
 RUN npx node-gyp rebuild --nodedir=/usr/local \
  && npx tsc -p tsconfig.json \
+ && bash scripts/build-descriptors.sh \
  && npm prune --omit=dev --ignore-scripts --no-audit --no-fund
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "provision: guest programs"
 bash scripts/build-guests.sh || { echo "guest build failed"; echo "0 passed, 1 failed"; exit 1; }
 
+step "provision: promtool (the metrics format test), its server never started"
+# Not fatal here: without promtool its test skips loudly, or fails with VCPUD_REQUIRE_KVM=1 (CI).
+bash scripts/provision-tools.sh promtool || echo "promtool not provisioned: the promtool test will skip (or fail with VCPUD_REQUIRE_KVM=1)" >&2
+
 step "build: native addon (if missing or older than its sources)"
 addon=build/Release/vcpud_native.node
 { [ -f "$addon" ] && [ -z "$(find native binding.gyp -newer "$addon" -print -quit)" ]; } || npx node-gyp rebuild --nodedir=/usr >/dev/null || {
@@ -17,6 +21,9 @@ addon=build/Release/vcpud_native.node
 step "typecheck and build dist/ (the e2e tests run the built vcpud)"
 typecheck_failed=0
 npx tsc -p tsconfig.json || typecheck_failed=1
+
+step "build: the descriptor set server reflection serves (dist/src/descriptor-set.binpb)"
+bash scripts/build-descriptors.sh || typecheck_failed=1
 
 step "provision: nested lab (QEMU, Debian kernel, initramfs with the built vcpud)"
 # Not fatal here: without the lab its tests skip loudly, or fail under VCPUD_REQUIRE_LAB=1 (CI).
@@ -32,7 +39,7 @@ const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
 const tc = Number(process.argv[2]);
 const skipped = r.numPendingTests + r.numTodoTests;
 const failed = r.numFailedTests + r.numRuntimeErrorTestSuites + tc;
-if (tc) console.log("typecheck failed (counted as one failure)");
+if (tc) console.log("typecheck or descriptor build failed (counted as one failure)");
 console.log(`${r.numPassedTests} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
 ' "$results" "$typecheck_failed" || { echo "0 passed, 1 failed"; exit 1; }
 rm -f "$results"

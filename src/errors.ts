@@ -6,6 +6,7 @@ export type ErrorKind =
   | 'not_found' // unknown VM or vCPU
   | 'invalid_argument' // malformed request, bad blob, rule violations
   | 'failed_precondition' // wrong state for the operation (paused/running, incompatible snapshot)
+  | 'already_exists' // what the call would create exists and the request did not ask to replace it
   | 'unsupported' // the host lacks a capability the operation needs
   | 'resource_exhausted' // a configured limit or a size bound
   | 'unavailable' // shutting down, or a peer (migration destination) cannot be reached
@@ -128,5 +129,11 @@ export const invalidArgument = (message: string, violations?: Violation[]) =>
   new VcpudError('invalid_argument', message, { violations });
 export const failedPrecondition = (message: string, reason?: 'VCPU_RUNNING' | 'WRONG_RUN_STATE') =>
   new VcpudError('failed_precondition', message, { reason });
+/** A snapshot file that exists, for a CreateSnapshot that did not ask to replace it. */
+export const snapshotExists = (file: string) =>
+  new VcpudError('already_exists', `a snapshot already exists at ${file}: set replace (vcpuctl snapshot create --replace) to replace it`, {
+    reason: 'SNAPSHOT_EXISTS',
+    field: 'name',
+  });
 export const limitExceeded = (limit: string, message: string) =>
   new VcpudError('resource_exhausted', message, { limit });

@@ -25,7 +25,7 @@ kernel="/boot/vmlinuz-$kver"
 busybox=/bin/busybox   # from busybox-static: no shared libraries needed in the initramfs
 [ -x "$busybox" ] || { log "$busybox (busybox-static) is missing"; exit 1; }
 node_bin="$(readlink -f "$(command -v node)")"
-for f in "$root/package.json" "$root/dist/src/server/main.js" "$root/build/Release/vcpud_native.node"; do
+for f in "$root/package.json" "$root/dist/src/server/main.js" "$root/dist/src/descriptor-set.binpb" "$root/build/Release/vcpud_native.node"; do
   [ -e "$f" ] || { log "$f is missing: build the project first (npm test builds it)"; exit 1; }
 done
 

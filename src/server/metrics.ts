@@ -18,6 +18,9 @@ import { parseHostPort } from './config';
 import type { ConnectionEvents, ConnectionGate, ListenerName } from './connections';
 import { packageVersion } from '../package';
 
+/** prom-client default metrics removed from /metrics (see the constructor). */
+const GAUGES_NAMED_LIKE_COUNTERS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
+
 export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_stream';
 
 /** The labels of every per-RPC metric. */
@@ -197,7 +200,12 @@ export class Metrics {
     const buildInfo = new Gauge({ name: 'vcpud_build_info', help: 'vcpud version and Node.js version; always 1.', labelNames: ['version', 'node_version'], registers });
     buildInfo.set({ version: options.version ?? packageVersion(), node_version: process.version }, 1);
 
-    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+    if (options.defaultMetrics ?? true) {
+      collectDefaultMetrics({ register: this.registry });
+      // prom-client also exports these totals as gauges named like counters, which `promtool check metrics`
+      // rejects; each is sum() of its per-type gauge (nodejs_active_handles{type} and so on), which stays.
+      for (const name of GAUGES_NAMED_LIKE_COUNTERS) this.registry.removeSingleMetric(name);
+    }
   }
 
   // --- gRPC (called by the metrics interceptor)

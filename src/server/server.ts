@@ -3,20 +3,16 @@
  * the listeners (API, optional plaintext health-only server, metrics HTTP), and an orderly shutdown.
  * It knows nothing about KVM: main.ts builds the services and decides when health turns SERVING.
  */
-import fs from 'node:fs';
 import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
-import { ReflectionService } from '@grpc/reflection';
-import { protoPath as healthProtoPath } from 'grpc-health-check';
+import type * as protoLoader from '@grpc/proto-loader';
 import type { Config } from './config';
 import type { Health } from './health';
 import { buildInterceptors, loggingInterceptor, metricsInterceptor, rpcLabels } from './interceptors';
 import type { Logger } from './logging';
 import type { Metrics } from './metrics';
-import { vcpudPackageDefinition } from './proto';
+import { addReflection, DescriptorIndex, readDescriptorSet, REFLECTION_SERVICES, splitFileDescriptorSet } from './reflection';
 import { requestLimitsInterceptor } from './request-limits';
 import { bindPlaintextTcp, bindServer, healthServerOptions, removeUnixSocket, serverOptions, type BoundAddress } from './transport';
 import { ConnectionGate, descriptorLimit, type GrpcListener, type ListenerName } from './connections';
@@ -57,20 +53,10 @@ export interface RunningServer {
   shutdown(graceMs?: number): Promise<void>;
 }
 
-const REFLECTION_SERVICES = ['grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'];
-
-/**
- * Descriptors of grpc.health.v1 and of the reflection service itself, so a grpcurl-style listing
- * shows everything the server answers, as grpc-go's servers do.
- */
-function infrastructureDefinitions(): protoLoader.PackageDefinition {
-  const defs: protoLoader.PackageDefinition[] = [protoLoader.loadSync(healthProtoPath)];
-  const reflectionProtos = path.join(path.dirname(require.resolve('@grpc/reflection/package.json')), 'build', 'proto');
-  for (const version of ['v1', 'v1alpha']) {
-    const file = path.join('grpc', 'reflection', version, 'reflection.proto');
-    if (fs.existsSync(path.join(reflectionProtos, file))) defs.push(protoLoader.loadSync(file, { includeDirs: [reflectionProtos] }));
-  }
-  return Object.assign({}, ...defs);
+/** The descriptors proto-loader synthesized for a test's own services (message and enum entries carry them). */
+function synthesizedFiles(definition: protoLoader.PackageDefinition | undefined): Uint8Array[] {
+  const isType = (d: protoLoader.AnyDefinition): d is protoLoader.MessageTypeDefinition<object, object> | protoLoader.EnumTypeDefinition => 'format' in d;
+  return Object.values(definition ?? {}).flatMap((d) => (isType(d) ? d.fileDescriptorProtos : []));
 }
 
 /** The package name of '/pkg.Service/Method'. */
@@ -147,14 +133,11 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
   health.register(server);
   for (const s of deps.services) s.register(server);
 
-  const definition: protoLoader.PackageDefinition = Object.assign(
-    {},
-    vcpudPackageDefinition(),
-    infrastructureDefinitions(),
-    ...deps.services.map((s) => s.packageDefinition ?? {}),
-  );
+  // The built descriptors (vcpud.v1, health, reflection) go first: they win over synthesized ones.
+  const index = new DescriptorIndex().add(splitFileDescriptorSet(readDescriptorSet()));
+  for (const s of deps.services) index.add(synthesizedFiles(s.packageDefinition));
   const listed = [...registered, ...REFLECTION_SERVICES].sort();
-  new ReflectionService(definition, { services: listed }).addToServer(server);
+  addReflection(server, index, listed);
 
   const gate = (listener: ListenerName, max: number) => new ConnectionGate(listener, max, metrics.connectionEvents(listener, max), logger);
   const gates = { api: gate('api', config.maxConnections), health: gate('health', PROBE_MAX_CONNECTIONS), metrics: gate('metrics', PROBE_MAX_CONNECTIONS) };

@@ -15,10 +15,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { invalidArgument, notFound, VcpudError, type Violation } from '../errors';
+import { invalidArgument, notFound, snapshotExists, VcpudError, type Violation } from '../errors';
 import { closeFd, FS, fsAt, fstat, hasOpenat2, isDirectory, isRegular, type FileStat } from '../ffi/fs-at';
 import { decodePreamble, decodeRecordHeader, PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordKind, crc32c, type SnapshotHeader } from './snapshot-format';
 import { isStaleTemp, isTempName, type SinkTarget } from './snapshot-writer';
+import { firstNonPlainCharacter, PLAIN_CHARACTERS } from './vm-name';
 
 const MAX_NAME_BYTES = 1024;
 const MAX_COMPONENT_BYTES = 255;
@@ -264,10 +265,17 @@ export class SnapshotStore {
 
   /**
    * Where CreateSnapshot writes `name`: its directory (created as needed) opened beneath the
-   * snapshot directory, with stale temporary files there removed.
+   * snapshot directory, with stale temporary files there removed. An existing snapshot there is
+   * ALREADY_EXISTS unless `replace`. A name vcpud writes prints as itself, like a VM name (files
+   * already there under other names can still be read and deleted).
    */
-  async openForWrite(name: string): Promise<OpenTarget> {
+  async openForWrite(name: string, { replace = false }: { replace?: boolean } = {}): Promise<OpenTarget> {
     const parts = this.components(name);
+    const unprintable = firstNonPlainCharacter(name);
+    if (unprintable)
+      throw invalidArgument(`the snapshot name has the character ${unprintable.codePoint} at position ${unprintable.index}, which a snapshot name cannot hold`, [
+        { rule: 'snapshot.name.characters', field: 'name', message: PLAIN_CHARACTERS },
+      ]);
     const base = parts.pop() as string;
     const dirFd = await this.withRoot((root) => this.openDirectory(root, name, parts, true));
     try {
@@ -277,12 +285,13 @@ export class SnapshotStore {
       });
       if (st && (st.mode & FS.S_IFMT) === FS.S_IFLNK) throw bad(name, 'snapshot.name.symlink', `"${name}" is a symbolic link`);
       if (st && !isRegular(st)) throw bad(name, 'snapshot.name.not_file', `"${name}" exists and is not a regular file (${fileKind(st)})`);
+      if (st && !replace) throw snapshotExists(path.join(this.dir, name)); // before the VM is paused; finish() closes the race
       await this.removeStaleTempsIn(dirFd);
     } catch (e) {
       await closeFd(dirFd);
       throw e;
     }
-    return { dirFd, name: base, displayPath: path.join(this.dir, name), close: () => closeFd(dirFd) };
+    return { dirFd, name: base, displayPath: path.join(this.dir, name), replace, close: () => closeFd(dirFd) };
   }
 
   /** Opens `name` for reading (a regular file, never through a symbolic link): its fd and path. */

@@ -11,7 +11,7 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
-import { notFound, VcpudError } from '../errors';
+import { notFound, snapshotExists, VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
 import { closeFd, FS, fsAt, fsyncFd } from '../ffi/fs-at';
 import type { NativeGuestMemory } from '../ffi/native';
@@ -104,11 +104,14 @@ export interface SinkTarget {
   name: string;
   /** For messages only: the final file's path. */
   displayPath: string;
+  /** Replace a snapshot already under `name`; without it finish() refuses to (ALREADY_EXISTS). */
+  replace: boolean;
 }
 
 /**
  * A snapshot file written atomically: everything goes to a temporary file next to the final name;
- * finish() fsyncs it, renames it over the final name and fsyncs the directory. Until then the final
+ * finish() fsyncs it, renames it over the final name (or, without `replace`, links it there, which
+ * fails if the name exists) and fsyncs the directory. Until then the final
  * name shows the previous snapshot (or nothing); a crash leaves only the temporary file. Every
  * operation is relative to the directory's fd (never a path string), so swapping a directory on the
  * way for a symbolic link cannot move the file elsewhere.
@@ -122,6 +125,7 @@ export class AtomicFileSink implements SnapshotSink {
     private readonly fd: number,
     readonly finalName: string,
     readonly tempName: string,
+    private readonly target: SinkTarget,
   ) {}
 
   /** Creates the temporary file (O_EXCL | O_NOFOLLOW, mode 0600) in the target's directory. */
@@ -130,7 +134,7 @@ export class AtomicFileSink implements SnapshotSink {
     const tempName = tempNameFor(target.name);
     try {
       const fd = await fsAt.openat(dirFd, tempName, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o600);
-      return new AtomicFileSink(dirFd, fd, target.name, tempName);
+      return new AtomicFileSink(dirFd, fd, target.name, tempName, target);
     } catch (e) {
       await closeFd(dirFd);
       throw e;
@@ -162,6 +166,7 @@ export class AtomicFileSink implements SnapshotSink {
     await fsyncFd(this.fd);
     this.done = true;
     await closeFd(this.fd);
+    if (!this.target.replace) return this.publishNew();
     // A snapshot being replaced keeps a second (hidden, temporary-named) link until after the
     // rename, so the rename does not free its blocks inline (hundreds of ms for a large file);
     // the unlink afterwards runs on the pool. A crash in between leaves only that hidden link,
@@ -180,6 +185,25 @@ export class AtomicFileSink implements SnapshotSink {
       throw e;
     }
     void this.releaseDir(previous); // not awaited: the reply does not wait for the blocks to be freed
+  }
+
+  /**
+   * Publishes the file under a name that must be free: link(2) never replaces, so of two creates
+   * racing for one name (both past openForWrite's check) exactly one wins; the other is ALREADY_EXISTS.
+   */
+  private async publishNew(): Promise<void> {
+    try {
+      await fsAt.linkat(this.dirFd, this.tempName, this.dirFd, this.finalName, 0);
+    } catch (e) {
+      await this.releaseDir(this.tempName);
+      throw (e as NodeJS.ErrnoException)?.code === 'EEXIST' ? snapshotExists(this.target.displayPath) : e;
+    }
+    try {
+      await fsAt.unlinkat(this.dirFd, this.tempName, 0).catch(() => {}); // published already; a leftover hidden link is swept at start
+      await fsyncFd(this.dirFd);
+    } finally {
+      await closeFd(this.dirFd).catch(() => {});
+    }
   }
 
   async abort(): Promise<void> {

@@ -20,7 +20,21 @@ const ALLOWED_CHARACTER = /[\p{L}\p{M}\p{N}\p{P}\p{S} ]/u;
 /** A character a VM name may hold: one that prints as itself (vcpuctl escapes the others). */
 export const isPlainCharacter = (c: string): boolean => ALLOWED_CHARACTER.test(c);
 
+/** The rule, for violation messages (VM names and the snapshot names vcpud writes). */
+export const PLAIN_CHARACTERS =
+  'letters, marks, numbers, punctuation, symbols and spaces only: no control, format (bidi, zero-width), other separator, private-use or unassigned characters';
+
 const codePoint = (c: string) => `U+${(c.codePointAt(0) as number).toString(16).toUpperCase().padStart(4, '0')}`;
+
+/** The first character of `name` that does not print as itself (U+XXXX) and its position, if any. */
+export function firstNonPlainCharacter(name: string): { codePoint: string; index: number } | undefined {
+  let index = 0;
+  for (const c of name) {
+    if (!isPlainCharacter(c)) return { codePoint: codePoint(c), index };
+    index++;
+  }
+  return undefined;
+}
 
 /**
  * Refuses (INVALID_ARGUMENT naming `field` and the rule) a name that breaks the rule. `source` says
@@ -34,16 +48,9 @@ export function checkVmName(name: string | undefined, field: string, source = fi
     throw invalidArgument(`${source} is ${bytes} bytes of UTF-8; a VM name has at most ${MAX_VM_NAME_BYTES}`, [
       { rule: 'vm_name.length', field, message: `at most ${MAX_VM_NAME_BYTES} bytes of UTF-8` },
     ]);
-  let index = 0;
-  for (const c of name) {
-    if (!isPlainCharacter(c))
-      throw invalidArgument(`${source} has the character ${codePoint(c)} at position ${index}, which a VM name cannot hold`, [
-        {
-          rule: 'vm_name.characters',
-          field,
-          message: 'letters, marks, numbers, punctuation, symbols and spaces only: no control, format (bidi, zero-width), other separator, private-use or unassigned characters',
-        },
-      ]);
-    index++;
-  }
+  const bad = firstNonPlainCharacter(name);
+  if (bad)
+    throw invalidArgument(`${source} has the character ${bad.codePoint} at position ${bad.index}, which a VM name cannot hold`, [
+      { rule: 'vm_name.characters', field, message: PLAIN_CHARACTERS },
+    ]);
 }

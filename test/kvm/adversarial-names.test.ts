@@ -78,7 +78,7 @@ describeKvm('VM names are bounded everywhere they enter (real vcpud)', () => {
     const { vm } = await call<{ vm: { id: string; name: string } }>(vms, 'CreateVm', { name: LONGEST, memoryBytes: String(2 << 20), vcpuCount: 1 });
     expect(Buffer.byteLength(vm.name)).toBe(MAX_VM_NAME_BYTES);
     await new Promise<void>((resolve, reject) => {
-      const s = snap.CreateSnapshot({ vmId: vm.id, name: 'longest.snap' }) as grpc.ClientReadableStream<unknown>;
+      const s = snap.CreateSnapshot({ vmId: vm.id, name: 'longest.snap', replace: true }) as grpc.ClientReadableStream<unknown>; // the default directory outlives a run
       s.on('data', () => {});
       s.on('error', reject);
       s.on('end', resolve);

@@ -92,7 +92,7 @@ describeKvm('the snapshot directory against a writer of it (real vcpud)', () => 
       const del = await settle(call(snaps, 'DeleteSnapshot', { name: `race/sub/${VICTIM}` }));
       count(`delete ${del}`);
       if (del === 'OK') arena.putBack();
-      const created = await runStream(snaps.CreateSnapshot({ vmId: id, name: 'race/sub/new.snap' }));
+      const created = await runStream(snaps.CreateSnapshot({ vmId: id, name: 'race/sub/new.snap', replace: true }));
       count(`create ${outcome(created.error as grpc.ServiceError | undefined)}`);
     }
     const swaps = await racer.done;

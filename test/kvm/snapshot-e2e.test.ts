@@ -266,7 +266,7 @@ describeKvm('kill -9 of vcpud during CreateSnapshot', () => {
     expect(size).toBeGreaterThan(250 * MiB);
 
     // Second snapshot of the same name: kill -9 as soon as its temporary file has data.
-    const second = runStream(snaps.CreateSnapshot({ vmId: id, name: 'big.snap' }));
+    const second = runStream(snaps.CreateSnapshot({ vmId: id, name: 'big.snap', replace: true }));
     const temps = () => fs.readdirSync(snapDir).filter((n) => n.endsWith('.vcpud-tmp'));
     await waitFor(() => temps().some((t) => fs.statSync(path.join(snapDir, t)).size > 8 * MiB), 'the temporary file to fill', 20_000);
     d.proc.kill('SIGKILL');

@@ -45,7 +45,7 @@ describeKvmWithTmpfs('CreateSnapshot on a full disk (16 MiB tmpfs as --snapshot-
     const out = consoleCollector(vms, vmId);
     await waitFor(() => counterLines(out.text()).length > 20, 'the VM to count');
 
-    const r = await runStream(snaps.CreateSnapshot({ vmId, name: NAME }));
+    const r = await runStream(snaps.CreateSnapshot({ vmId, name: NAME, replace: true })); // over the good one, which must survive
     expect(r.messages.some((m) => m.done)).toBe(false);
     expect({ code: r.error?.code, details: r.error?.details }).toEqual({ code: grpc.status.RESOURCE_EXHAUSTED, details: expect.any(String) });
     // A clear message: the snapshot, the errno and the directory.
@@ -104,7 +104,7 @@ describeKvmWithTmpfs('CreateSnapshot on a full disk (16 MiB tmpfs as --snapshot-
     await expectRefusedAndIntact(vmId, ['filler']);
 
     fs.rmSync(filler);
-    const again = await runStream(snaps.CreateSnapshot({ vmId, name: NAME }));
+    const again = await runStream(snaps.CreateSnapshot({ vmId, name: NAME, replace: true }));
     expect(again.error).toBeUndefined();
     expect(again.messages.some((m) => m.done)).toBe(true);
     expect(fs.readdirSync(dir).filter((n) => n.startsWith('.'))).toEqual([]);

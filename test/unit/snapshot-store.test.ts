@@ -28,7 +28,7 @@ async function rule(p: Promise<unknown>): Promise<string> {
 }
 
 async function writeSnapshotFile(store: SnapshotStore, name: string, bytes: string): Promise<void> {
-  const target = await store.openForWrite(name);
+  const target = await store.openForWrite(name, { replace: true });
   try {
     const sink = await AtomicFileSink.create(target);
     await sink.write(Buffer.from(bytes));
@@ -135,7 +135,7 @@ describe.each([
 
   test('the atomic sink writes under a hidden temporary name and renames on finish; abort leaves nothing', async () => {
     await writeSnapshotFile(store, 'atomic.snap', 'previous');
-    const target = await store.openForWrite('atomic.snap');
+    const target = await store.openForWrite('atomic.snap', { replace: true });
     const sink = await AtomicFileSink.create(target);
     await sink.write(Buffer.from('new snapshot bytes'));
     expect(sink.tempName).toMatch(/^\.atomic\.snap\.\d+\.[0-9a-f]{8}\.[0-9a-f]{8}\.vcpud-tmp$/);
@@ -148,6 +148,27 @@ describe.each([
     await target.close();
     await new Promise((r) => setTimeout(r, 50)); // the replaced snapshot's hidden link goes in the background
     expect(fs.readdirSync(dir)).toEqual(['atomic.snap']);
+  });
+
+  test('without replace: an existing name is refused up front, and of two writers past that check only the first to finish publishes', async () => {
+    await writeSnapshotFile(store, 'taken.snap', 'previous');
+    const exists = await store.openForWrite('taken.snap').then(() => undefined, (e: VcpudError) => e);
+    expect({ kind: exists?.kind, reason: exists?.details.reason, field: exists?.details.field }).toEqual({ kind: 'already_exists', reason: 'SNAPSHOT_EXISTS', field: 'name' });
+    const [first, second] = [await store.openForWrite('new.snap'), await store.openForWrite('new.snap')];
+    const sinks = [await AtomicFileSink.create(first), await AtomicFileSink.create(second)];
+    await sinks[0].write(Buffer.from('first'));
+    await sinks[1].write(Buffer.from('second'));
+    await sinks[0].finish();
+    const lost = await sinks[1].finish().then(() => undefined, (e: VcpudError) => e);
+    expect(lost?.details.reason).toBe('SNAPSHOT_EXISTS');
+    await Promise.all([first.close(), second.close()]);
+    expect(fs.readFileSync(path.join(dir, 'new.snap'), 'utf8')).toBe('first');
+    expect(fs.readdirSync(dir).sort()).toEqual(['new.snap', 'taken.snap']); // no temporary file left
+  });
+
+  test('a name vcpud writes prints as itself: control, format and other invisible characters are refused', async () => {
+    for (const name of ['a\x1bb.snap', 'a\tb', 'a\u202eb', 'a\u200bb', 'dir\x7f/x.snap']) expect(await rule(store.openForWrite(name))).toBe('snapshot.name.characters');
+    expect(await rule(store.openForWrite('ünïcode snap-1.snap'))).toBe('accepted');
   });
 
   test('temporary files of dead processes are removed anywhere under the directory, those of live ones kept', async () => {

@@ -160,7 +160,7 @@ export class SnapshotService {
         const name = req.name ?? '';
         let target: OpenTarget | undefined;
         try {
-          target = toStream ? undefined : await this.store.openForWrite(name);
+          target = toStream ? undefined : await this.store.openForWrite(name, { replace: req.replace });
         } catch (e) {
           throw snapshotWriteError(e, name, path.join(this.store.dir, name)); // mkdir of a subdirectory
         }

@@ -114,7 +114,10 @@ async function create(ctx: Context): Promise<void> {
   const out = ctx.options.string('out');
   if (!name === !out) throw new UsageError('give NAME (stored under the server\'s snapshot directory) or --out FILE (streamed here), not both', 'snapshot create');
   const client = ctx.client();
-  const call = client.createSnapshot(out ? { vmId, stream: true, leavePaused: ctx.options.bool('leave-paused') } : { vmId, name, leavePaused: ctx.options.bool('leave-paused') });
+  const replace = ctx.options.bool('replace');
+  if (out && replace) throw new UsageError('--replace is for NAME on the server (--out FILE is always replaced whole)', 'snapshot create');
+  const leavePaused = ctx.options.bool('leave-paused');
+  const call = client.createSnapshot(out ? { vmId, stream: true, leavePaused } : { vmId, name, leavePaused, replace });
   const progress = progressReporter(ctx, 'snapshot');
   // --out: written under a temporary name, renamed on success, so FILE is whole or untouched.
   const file = out ? path.resolve(ctx.cwd, out) : undefined;
@@ -274,6 +277,7 @@ export const snapshotCommands: Command[] = [
     options: [
       { name: 'out', type: 'string', arg: 'FILE', help: 'stream the snapshot into FILE on this machine instead of storing it on the server' },
       { name: 'leave-paused', type: 'bool', help: 'leave the VM paused afterwards (default: resumed as it was)' },
+      { name: 'replace', type: 'bool', help: 'replace an existing snapshot NAME (default: an existing NAME is refused, ALREADY_EXISTS)' },
     ],
     run: create,
   },

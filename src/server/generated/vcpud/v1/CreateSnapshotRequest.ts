@@ -11,8 +11,10 @@ export interface CreateSnapshotRequest {
    */
   'vmId'?: (string);
   /**
-   * A path relative to the snapshot directory, e.g. "nightly/web-1.snap"; missing directories are created. An
-   * existing snapshot of that name is replaced atomically.
+   * A path relative to the snapshot directory, e.g. "nightly/web-1.snap"; missing directories are created.
+   * Printable characters only (no control, format or other non-printing characters: INVALID_ARGUMENT, rule
+   * snapshot.name.characters). An existing snapshot of that name is ALREADY_EXISTS (reason SNAPSHOT_EXISTS)
+   * unless `replace` is set.
    */
   'name'?: (string);
   /**
@@ -23,6 +25,12 @@ export interface CreateSnapshotRequest {
    * Leave the VM paused afterwards (default: the vCPUs that were running are resumed).
    */
   'leavePaused'?: (boolean);
+  /**
+   * Replace an existing snapshot of that name (atomically: readers see the old file or the new one, never a
+   * mix). Without it an existing name is refused with ALREADY_EXISTS before the VM is paused, and of two
+   * creates racing for one new name exactly one succeeds.
+   */
+  'replace'?: (boolean);
   /**
    * Where the snapshot goes.
    */
@@ -38,8 +46,10 @@ export interface CreateSnapshotRequest__Output {
    */
   'vmId': (string);
   /**
-   * A path relative to the snapshot directory, e.g. "nightly/web-1.snap"; missing directories are created. An
-   * existing snapshot of that name is replaced atomically.
+   * A path relative to the snapshot directory, e.g. "nightly/web-1.snap"; missing directories are created.
+   * Printable characters only (no control, format or other non-printing characters: INVALID_ARGUMENT, rule
+   * snapshot.name.characters). An existing snapshot of that name is ALREADY_EXISTS (reason SNAPSHOT_EXISTS)
+   * unless `replace` is set.
    */
   'name'?: (string);
   /**
@@ -50,6 +60,12 @@ export interface CreateSnapshotRequest__Output {
    * Leave the VM paused afterwards (default: the vCPUs that were running are resumed).
    */
   'leavePaused': (boolean);
+  /**
+   * Replace an existing snapshot of that name (atomically: readers see the old file or the new one, never a
+   * mix). Without it an existing name is refused with ALREADY_EXISTS before the VM is paused, and of two
+   * creates racing for one new name exactly one succeeds.
+   */
+  'replace': (boolean);
   /**
    * Where the snapshot goes.
    */

@@ -150,6 +150,11 @@ export const ErrorReason = {
    * discarded already.
    */
   ERROR_REASON_MIGRATION_NOT_FOUND: 'ERROR_REASON_MIGRATION_NOT_FOUND',
+  /**
+   * ALREADY_EXISTS: CreateSnapshot to a name that already holds a snapshot, without `replace` (metadata:
+   * field "name"). Nothing was written and the VM was not paused; set replace to replace it.
+   */
+  ERROR_REASON_SNAPSHOT_EXISTS: 'ERROR_REASON_SNAPSHOT_EXISTS',
 } as const;
 
 /**
@@ -325,6 +330,12 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_MIGRATION_NOT_FOUND'
   | 34
+  /**
+   * ALREADY_EXISTS: CreateSnapshot to a name that already holds a snapshot, without `replace` (metadata:
+   * field "name"). Nothing was written and the VM was not paused; set replace to replace it.
+   */
+  | 'ERROR_REASON_SNAPSHOT_EXISTS'
+  | 46
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix
