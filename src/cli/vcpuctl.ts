@@ -7,7 +7,9 @@
  *   vcpuctl [--server ADDR] [--json] [--timeout SECONDS] COMMAND ...   (vcpuctl --help lists them)
  */
 import { Options, UsageError, commandHelp, optionLines, parseCommandLine, subcommandsOf, validateCommandLine, type OptionSpec } from './vcpuctl/args';
-import { VcpudClient, defaultServer } from './vcpuctl/client';
+import { DEFAULT_SOCKET_RULE } from '../address';
+import { SIZE_SYNTAX } from '../size';
+import { VcpudClient, defaultServer, explainConnectionFailure } from './vcpuctl/client';
 import { makeContext, type Command, type Io } from './vcpuctl/command';
 import { capsCommands } from './vcpuctl/commands/caps';
 import { consoleCommands } from './vcpuctl/commands/console';
@@ -30,7 +32,7 @@ export const GLOBAL_OPTIONS: OptionSpec[] = [
     name: 'server',
     type: 'string',
     arg: 'ADDR',
-    help: 'unix:/path/to/socket or host:port (default: $VCPUD_ADDR, else unix:$XDG_RUNTIME_DIR/vcpud/vcpud.sock, else unix:./run/vcpud.sock)',
+    help: `unix:PATH, a socket path (/abs, ./rel) or host:port (default: $VCPUD_ADDR, else ${DEFAULT_SOCKET_RULE}; a root vcpud's socket if that one is missing)`,
   },
   { name: 'tls-ca', type: 'string', arg: 'FILE', help: 'CA certificate(s) to verify the server with (TCP)' },
   { name: 'tls-cert', type: 'string', arg: 'FILE', help: 'client certificate chain for mTLS (TCP)' },
@@ -69,7 +71,7 @@ export function topHelp(words: string[] = []): string {
     'global options:',
     ...optionLines(GLOBAL_OPTIONS),
     '',
-    "Numbers: decimal or 0x hex; sizes also take Ki, Mi, Gi suffixes (64Mi). 'vcpuctl COMMAND --help' for a command's options.",
+    `Numbers: decimal or 0x hex. Sizes: ${SIZE_SYNTAX}. 'vcpuctl COMMAND --help' for a command's options.`,
     'Exit codes: 0 ok, 1 server error, 2 usage error.',
   ].join('\n');
 }
@@ -114,8 +116,10 @@ export async function run(argv: string[], io: Io): Promise<number> {
     validateCommandLine(parsed);
     const timeout = opts.has('timeout') ? (opts.values.timeout as number) : DEFAULT_TIMEOUT_SECONDS;
     const connect = () => {
+      const server = opts.has('server') ? { address: opts.string('server') as string, source: 'from --server' } : defaultServer(io.env ?? process.env);
       client ??= new VcpudClient({
-        server: opts.string('server') ?? defaultServer(io.env ?? process.env, io.cwd ?? process.cwd()),
+        server: server.address,
+        serverSource: server.source,
         tlsCa: opts.string('tls-ca'),
         tlsCert: opts.string('tls-cert'),
         tlsKey: opts.string('tls-key'),
@@ -131,8 +135,9 @@ export async function run(argv: string[], io: Io): Promise<number> {
     return code ?? EXIT_OK;
   } catch (e) {
     if (e instanceof UsageError) return usageFailure(io, e.command ? e : new UsageError(e.message, command.path.join(' ')), json);
-    io.stderr.write(`${formatError(e)}\n`);
-    if (json) io.stdout.write(`${JSON.stringify(errorJson(e), null, 2)}\n`);
+    const error = client ? explainConnectionFailure(e, client) : e;
+    io.stderr.write(`${formatError(error)}\n`);
+    if (json) io.stdout.write(`${JSON.stringify(errorJson(error), null, 2)}\n`);
     return EXIT_SERVER_ERROR;
   } finally {
     client?.close();
@@ -145,6 +150,10 @@ if (require.main === module) {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(EXIT_OK); // `vcpuctl ... | head`
     throw e;
+  });
+  // `vcpuctl ... 2>&1 >/dev/null | head`: diagnostics nobody reads any more; the command itself goes on.
+  process.stderr.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code !== 'EPIPE') throw e;
   });
   run(process.argv.slice(2), { stdout: process.stdout, stderr: process.stderr }).then(
     (code) => {

@@ -5,8 +5,9 @@
  * value came from (a flag, a variable or a file key), so an operator fixes a deployment in one pass.
  */
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
+import { DEFAULT_RUNTIME_DIR_RULE, DEFAULT_SOCKET_RULE, defaultRuntimeDir, defaultSocketAddress, formatAddress, isLoopbackHost, parseAddress, parseHostPort, type Address } from '../address';
+import { parseByteSize, SIZE_SYNTAX } from '../size';
 import { DEFAULT_LIMITS, type Limits } from '../vm/limits';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
@@ -62,7 +63,9 @@ export interface Config {
   testAllowUnvalidatedNested: boolean;
 }
 
-export type ListenAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+export type ListenAddress = Address;
+// The address rules are shared with vcpuctl (src/address.ts); the server's names for them:
+export { isLoopbackHost, parseHostPort, parseAddress as parseListenAddress, formatAddress as formatListenAddress } from '../address';
 
 /** All problems of one configuration; `problems` holds one sentence each. */
 export class ConfigError extends Error {
@@ -83,92 +86,29 @@ export class HelpRequested extends Error {
 // ---------------------------------------------------------------------------------------------
 // Values
 
-const SIZE_UNITS: Record<string, number> = {
-  '': 1,
-  Ki: 1024,
-  Mi: 1024 ** 2,
-  Gi: 1024 ** 3,
-  Ti: 1024 ** 4,
-  k: 1000,
-  K: 1000,
-  M: 1000 ** 2,
-  G: 1000 ** 3,
-  T: 1000 ** 4,
-};
-
-/** '512Mi', '4Gi', '1G' (decimal), '1048576': a byte count; throws on anything else. */
+/** A byte count from a flag, variable or config file (src/size.ts: 512Mi, 4GiB, 1G, 1048576); throws on anything else. */
 export function parseSize(text: string | number): number {
   if (typeof text === 'number') {
     if (!Number.isSafeInteger(text)) throw new Error(`not a whole number of bytes: ${text}`);
     return text;
   }
-  const m = /^\s*(-?\d+)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$/.exec(text);
-  if (!m) throw new Error(`not a size: '${text}' (expected bytes or a number with Ki, Mi, Gi, Ti, K, M, G or T)`);
-  const bytes = Number(m[1]) * SIZE_UNITS[m[2] ?? ''];
-  if (!Number.isSafeInteger(bytes)) throw new Error(`size too large: '${text}'`);
-  return bytes;
+  const bytes = parseByteSize(text);
+  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new Error(`size too large: '${text}'`);
+  return Number(bytes);
 }
 
-export function isLoopbackHost(host: string): boolean {
-  const h = host.toLowerCase();
-  if (h === 'localhost' || h === '::1') return true;
-  if (h.startsWith('::ffff:')) return isLoopbackHost(h.slice(7));
-  return net.isIPv4(h) && h.startsWith('127.');
-}
-
-const HOSTNAME = /^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i;
-/** sun_path holds 108 bytes including the terminating NUL. */
-const MAX_UNIX_PATH_BYTES = 107;
-
-/** Parses 'HOST:PORT' (IPv6 in brackets); throws with the reason. */
-export function parseHostPort(text: string, expected = 'HOST:PORT ([IPv6]:PORT for IPv6)'): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
-  if (!m) throw new Error(`malformed address '${text}': expected ${expected}`);
-  const host = m[1] ?? m[2];
-  if (m[1] !== undefined ? !net.isIPv6(host) : !(net.isIPv4(host) || HOSTNAME.test(host)))
-    throw new Error(`malformed address '${text}': '${host}' is not a host name or IP address`);
-  const port = Number(m[3]);
-  if (port > 65535) throw new Error(`malformed address '${text}': port ${port} is over 65535`);
-  return { host, port };
-}
-
-/** Parses a --listen value; a relative unix path resolves against `baseDir`. */
-export function parseListenAddress(text: string, baseDir: string = process.cwd()): ListenAddress {
-  if (text.startsWith('unix:')) {
-    // Both gRPC spellings: unix:/abs/path and unix:///abs/path.
-    const raw = text.startsWith('unix://') ? text.slice('unix://'.length) : text.slice('unix:'.length);
-    if (!raw) throw new Error(`malformed address '${text}': unix: needs a path`);
-    const p = path.resolve(baseDir, raw);
-    if (Buffer.byteLength(p) > MAX_UNIX_PATH_BYTES)
-      throw new Error(`unix socket path ${p} is ${Buffer.byteLength(p)} bytes; the kernel limit is ${MAX_UNIX_PATH_BYTES}`);
-    return { kind: 'unix', path: p };
-  }
-  return { kind: 'tcp', ...parseHostPort(text, 'unix:/abs/path or HOST:PORT ([IPv6]:PORT for IPv6)') };
-}
-
-/** The canonical spelling grpc-js binds: 'unix:/abs', 'host:port', '[v6]:port'. */
-export function formatListenAddress(a: ListenAddress): string {
-  if (a.kind === 'unix') return `unix:${a.path}`;
-  return net.isIPv6(a.host) ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`;
-}
-
-/** Where vcpud listens by default: a private runtime directory, never a TCP port. */
-export function defaultListen(env: NodeJS.ProcessEnv, cwd: string = process.cwd()): string {
-  const runtimeDir = env.XDG_RUNTIME_DIR;
-  return runtimeDir
-    ? `unix:${path.resolve(runtimeDir, 'vcpud', 'vcpud.sock')}`
-    : `unix:${path.resolve(cwd, 'run', 'vcpud.sock')}`;
-}
+/** Where vcpud listens by default: a private runtime directory (src/address.ts), never a TCP port. */
+export const defaultListen = (env: NodeJS.ProcessEnv): string => defaultSocketAddress(env);
 
 /** The default snapshot directory: next to the default socket. */
-export function defaultSnapshotDir(env: NodeJS.ProcessEnv, cwd: string = process.cwd()): string {
-  return env.XDG_RUNTIME_DIR ? path.resolve(env.XDG_RUNTIME_DIR, 'vcpud', 'snapshots') : path.resolve(cwd, 'run', 'snapshots');
+export function defaultSnapshotDir(env: NodeJS.ProcessEnv): string {
+  return path.join(defaultRuntimeDir(env), 'snapshots');
 }
 
-export function defaultConfig(env: NodeJS.ProcessEnv = {}, cwd: string = process.cwd()): Config {
+export function defaultConfig(env: NodeJS.ProcessEnv = {}): Config {
   return {
-    snapshotDir: defaultSnapshotDir(env, cwd),
-    listen: defaultListen(env, cwd),
+    snapshotDir: defaultSnapshotDir(env),
+    listen: defaultListen(env),
     socketMode: 0o600,
     insecure: false,
     metricsListen: '127.0.0.1:9464',
@@ -305,12 +245,12 @@ interface OptionSpec {
 }
 
 const OPTIONS: OptionSpec[] = [
-  { key: 'snapshotDir', flag: '--snapshot-dir', env: 'VCPUD_SNAPSHOT_DIR', file: 'snapshotDir', parse: filePath, arg: 'DIR', help: 'snapshot directory (default $XDG_RUNTIME_DIR/vcpud/snapshots, else ./run/snapshots)' },
+  { key: 'snapshotDir', flag: '--snapshot-dir', env: 'VCPUD_SNAPSHOT_DIR', file: 'snapshotDir', parse: filePath, arg: 'DIR', help: `snapshot directory (default DIR/snapshots with DIR = ${DEFAULT_RUNTIME_DIR_RULE})` },
   { key: 'migrationTlsCa', flag: '--migration-tls-ca', env: 'VCPUD_MIGRATION_TLS_CA', file: 'migrationTls.caFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: CA to verify destination vcpuds with (PEM)' },
   { key: 'migrationTlsCert', flag: '--migration-tls-cert', env: 'VCPUD_MIGRATION_TLS_CERT', file: 'migrationTls.certFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: client certificate presented to destinations (PEM)' },
   { key: 'migrationTlsKey', flag: '--migration-tls-key', env: 'VCPUD_MIGRATION_TLS_KEY', file: 'migrationTls.keyFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: its private key (PEM)' },
   { key: 'migrationStallTimeoutMs', flag: '--migration-stall-timeout', env: 'VCPUD_MIGRATION_STALL_TIMEOUT', file: 'migrationStallTimeoutMs', parse: duration, arg: 'DURATION', help: 'a migration whose peer makes no progress this long fails; the VM stays on the source (default 10s)' },
-  { key: 'listen', flag: '--listen', env: 'VCPUD_LISTEN', file: 'listen', parse: str, arg: 'ADDR', help: 'unix:PATH or HOST:PORT to serve the API on' },
+  { key: 'listen', flag: '--listen', env: 'VCPUD_LISTEN', file: 'listen', parse: str, arg: 'ADDR', help: 'unix:PATH (or just a path), or HOST:PORT, to serve the API on' },
   { key: 'socketMode', flag: '--socket-mode', env: 'VCPUD_SOCKET_MODE', file: 'socketMode', parse: mode, arg: 'MODE', help: 'file mode of the unix socket (default 0600)' },
   { key: 'tlsCert', flag: '--tls-cert', env: 'VCPUD_TLS_CERT', file: 'tls.certFile', parse: filePath, arg: 'FILE', help: 'server certificate chain (PEM)' },
   { key: 'tlsKey', flag: '--tls-key', env: 'VCPUD_TLS_KEY', file: 'tls.keyFile', parse: filePath, arg: 'FILE', help: 'server private key (PEM)' },
@@ -487,12 +427,12 @@ function checkReadableFile(file: string, origin: string, problems: string[]): vo
 function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: string[]): Config {
   const s = merged.settings;
   const from = (k: Key, fallback: string) => merged.origins[k] ?? fallback;
-  const config = defaultConfig(env, cwd);
+  const config = defaultConfig(env);
 
   let listen: ListenAddress | undefined;
   try {
-    listen = parseListenAddress(s.listen ?? config.listen, cwd);
-    config.listen = formatListenAddress(listen);
+    listen = parseAddress(s.listen ?? config.listen, cwd);
+    config.listen = formatAddress(listen);
   } catch (e) {
     problems.push(`${from('listen', 'default --listen')}: ${(e as Error).message}`);
   }
@@ -612,12 +552,12 @@ export function usage(): string {
     'usage: vcpud [flags]',
     '',
     'Owns KVM VMs and serves their vCPU state over gRPC (vcpud.v1.VcpuStateService, vcpud.v1.VmService, vcpud.v1.SnapshotService).',
-    'Precedence: defaults < config file < environment < flags. Sizes accept bytes or 512Mi, 4Gi, 1G.',
+    `Precedence: defaults < config file < environment < flags. Sizes: ${SIZE_SYNTAX} (the same in vcpuctl).`,
     '',
     'flags:',
     ...lines,
     '',
-    'The default --listen is unix:$XDG_RUNTIME_DIR/vcpud/vcpud.sock, or unix:./run/vcpud.sock without XDG_RUNTIME_DIR.',
+    `The default --listen is ${DEFAULT_SOCKET_RULE}. A path (/abs or ./rel) is a unix socket too.`,
     'TCP needs --tls-cert/--tls-key (add --tls-ca for mTLS, --allow-client to restrict callers), or --insecure on loopback.',
     '',
   ].join('\n');

@@ -153,7 +153,9 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
       ({ address: addresses.health, listener: listeners.health } = await bindPlaintextTcp(healthServer, config.healthListen, gates.health));
     }
     if (config.metricsListen) {
-      metricsServer = await metrics.serve(config.metricsListen, { gate: gates.metrics, idleMs: config.handshakeTimeoutMs });
+      metricsServer = await metrics.serve(config.metricsListen, { gate: gates.metrics, idleMs: config.handshakeTimeoutMs }).catch((e: NodeJS.ErrnoException) => {
+        throw metricsListenError(config.metricsListen, e);
+      });
       const a = metricsServer.address() as AddressInfo;
       addresses.metrics = { host: a.address, port: a.port, address: a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}` };
     }
@@ -196,4 +198,16 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
     })());
 
   return { server, addresses: bound, services: listed, shutdown };
+}
+
+/**
+ * The metrics listener could not bind: say that it is the metrics listener and how to move it, since
+ * the usual cause is a second vcpud on the same host with the default --metrics-listen.
+ */
+export function metricsListenError(address: string, e: NodeJS.ErrnoException): Error {
+  const hint =
+    e.code === 'EADDRINUSE'
+      ? `the port is in use (another vcpud on this host?): give this vcpud its own --metrics-listen HOST:PORT (127.0.0.1:0 picks a free port) or --metrics-listen '' for no metrics endpoint`
+      : `check --metrics-listen (or VCPUD_METRICS_LISTEN; '' turns the endpoint off)`;
+  return new Error(`cannot serve metrics on ${address} (--metrics-listen): ${e.code ?? e.message}: ${hint}`);
 }

@@ -93,6 +93,17 @@ function socketIsLive(socketPath: string): Promise<boolean> {
 }
 
 /**
+ * Whoever owns the socket's directory can replace the socket under the clients (e.g. a
+ * /tmp/vcpud-UID made in advance by another user): only ours or root's is used.
+ */
+async function refuseForeignDirectory(dir: string): Promise<void> {
+  const uid = process.getuid?.();
+  const owner = (await fs.promises.stat(dir)).uid;
+  if (uid !== undefined && owner !== uid && owner !== 0)
+    throw new Error(`the socket directory ${dir} belongs to uid ${owner}, not to this user (uid ${uid}) or root: choose another --listen`);
+}
+
+/**
  * Makes `socketPath` bindable: creates its directory (mode 0700, plus search permission for the group
  * or others when socketMode grants them access, since they could not reach the socket otherwise) and
  * removes a stale socket left by a crashed vcpud. Refuses to remove anything that is not a socket, or a
@@ -104,6 +115,7 @@ export async function prepareUnixSocketPath(socketPath: string, socketMode: numb
   const created = await fs.promises.mkdir(dir, { recursive: true, mode: dirMode });
   // mkdir's mode passes through the umask; only a directory we created is ours to chmod.
   if (created !== undefined) await fs.promises.chmod(dir, dirMode);
+  else await refuseForeignDirectory(dir);
 
   let stat: fs.Stats;
   try {

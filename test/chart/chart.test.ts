@@ -538,7 +538,7 @@ describe('helm chart helm/vcpud', () => {
     test.each(['daemonset', 'sidecar'])('%s: the defaults are vcpud\'s own, each flag once', (mode) => {
       const containers = vcpuds(template(ciValues(mode)));
       expect(containers.length).toBeGreaterThanOrEqual(mode === 'sidecar' ? 2 : 1);
-      const defaults = defaultConfig({ XDG_RUNTIME_DIR: '/run' }, '/');
+      const defaults = defaultConfig({ XDG_RUNTIME_DIR: '/run' });
       for (const c of containers) {
         for (const [, flag, key, chartDefault] of FLAGS) {
           expect({ flag, args: c.args.filter((a: string) => a.startsWith(`${flag}=`)) }).toEqual({ flag, args: [`${flag}=${chartDefault}`] });

@@ -16,6 +16,7 @@ import {
   usage,
   wantsHelp,
 } from '../../src/server/config';
+import { defaultRuntimeDir } from '../../src/address';
 import { DEFAULT_LIMITS } from '../../src/vm/limits';
 
 // Module level: describe blocks build argv lists from these paths when they are defined.
@@ -47,11 +48,15 @@ function writeJson(name: string, data: unknown): string {
 }
 
 describe('defaults', () => {
-  test('without XDG_RUNTIME_DIR: unix socket ./run/vcpud.sock resolved to an absolute path', () => {
+  test('without XDG_RUNTIME_DIR: /run/vcpud as root, else /tmp/vcpud-UID; never the current directory', () => {
     const c = load([]);
+    const runtimeDir = process.getuid!() === 0 ? '/run/vcpud' : `/tmp/vcpud-${process.getuid!()}`;
+    expect(defaultRuntimeDir({}, 0)).toBe('/run/vcpud');
+    expect(defaultRuntimeDir({}, 1000)).toBe('/tmp/vcpud-1000');
+    expect(defaultRuntimeDir({ XDG_RUNTIME_DIR: '/run/user/1000' }, 1000)).toBe('/run/user/1000/vcpud');
     expect(c).toEqual({
-      snapshotDir: path.join(dir, 'run', 'snapshots'),
-      listen: `unix:${path.join(dir, 'run', 'vcpud.sock')}`,
+      snapshotDir: path.join(runtimeDir, 'snapshots'),
+      listen: `unix:${path.join(runtimeDir, 'vcpud.sock')}`,
       socketMode: 0o600,
       insecure: false,
       metricsListen: '127.0.0.1:9464',
@@ -222,7 +227,10 @@ describe('sizes and addresses', () => {
     expect(parseSize('1G')).toBe(1e9);
     expect(parseSize('3k')).toBe(3000);
     expect(parseSize(4096)).toBe(4096);
-    for (const bad of ['', 'Gi', '1.5Gi', '4GB', '4 gigs', '0x10']) expect(() => parseSize(bad)).toThrow(/not a size/);
+    // vcpuctl's syntax too (src/size.ts): B after a unit, hex
+    expect(parseSize('4GB')).toBe(4e9);
+    expect(parseSize('0x10')).toBe(16);
+    for (const bad of ['', 'Gi', '1.5Gi', '4 gigs', '-1']) expect(() => parseSize(bad)).toThrow(/not a size/);
     expect(() => parseSize(1.5)).toThrow(/whole number/);
   });
 
@@ -230,6 +238,11 @@ describe('sizes and addresses', () => {
     expect(parseListenAddress('unix:/a/b.sock')).toEqual({ kind: 'unix', path: '/a/b.sock' });
     expect(parseListenAddress('unix:///a/b.sock')).toEqual({ kind: 'unix', path: '/a/b.sock' });
     expect(parseListenAddress('unix:b.sock', '/x')).toEqual({ kind: 'unix', path: '/x/b.sock' });
+    // a path is a unix socket, with or without unix:
+    expect(parseListenAddress('/a/b.sock')).toEqual({ kind: 'unix', path: '/a/b.sock' });
+    expect(parseListenAddress('./b.sock', '/x')).toEqual({ kind: 'unix', path: '/x/b.sock' });
+    expect(load(['--listen', '/a/b.sock']).listen).toBe('unix:/a/b.sock');
+    expect(() => parseListenAddress('b.sock')).toThrow(/expected unix:PATH, a socket path/);
     expect(parseListenAddress('127.0.0.1:50051')).toEqual({ kind: 'tcp', host: '127.0.0.1', port: 50051 });
     expect(parseListenAddress('[::1]:0')).toEqual({ kind: 'tcp', host: '::1', port: 0 });
     expect(parseListenAddress('vcpud.default.svc:443')).toEqual({ kind: 'tcp', host: 'vcpud.default.svc', port: 443 });
@@ -253,7 +266,7 @@ describe('validation messages', () => {
 
   test('malformed addresses name their source', () => {
     expect(problems(['--listen', 'localhost'])).toEqual([
-      "--listen: malformed address 'localhost': expected unix:/abs/path or HOST:PORT ([IPv6]:PORT for IPv6)",
+      "--listen: malformed address 'localhost': expected unix:PATH, a socket path (/abs/path or ./rel/path) or HOST:PORT ([IPv6]:PORT for IPv6)",
     ]);
     expect(problems(['--listen', '127.0.0.1:70000'])).toEqual(["--listen: malformed address '127.0.0.1:70000': port 70000 is over 65535"]);
     expect(problems([], { VCPUD_LISTEN: '[not-v6]:1' })).toEqual(["VCPUD_LISTEN: malformed address '[not-v6]:1': 'not-v6' is not a host name or IP address"]);
@@ -295,7 +308,7 @@ describe('validation messages', () => {
   test('limits and numbers', () => {
     expect(problems(['--max-vms', '-1'])).toEqual(['--max-vms: must not be negative, got -1']);
     expect(problems(['--max-vcpus-per-vm', 'many'])).toEqual(["--max-vcpus-per-vm: expected a whole number, got 'many'"]);
-    expect(problems(['--max-memory-per-vm', '-4Gi'])).toEqual(['--max-memory-per-vm: must not be negative, got -4Gi']);
+    expect(problems(['--max-memory-per-vm', '-4Gi'])[0]).toMatch(/^--max-memory-per-vm: not a size: '-4Gi'/);
     expect(problems([], { VCPUD_MAX_MEMORY_TOTAL: 'lots' })[0]).toMatch(/^VCPUD_MAX_MEMORY_TOTAL: not a size: 'lots'/);
     expect(problems(['--max-concurrent-streams', '0'])).toEqual(['--max-concurrent-streams: must be at least 1, got 0']);
     expect(problems(['--max-connections', '0'])).toEqual(['--max-connections: must be at least 1, got 0']);

@@ -115,6 +115,17 @@ describe('unix socket', () => {
     expect((await call(echoClient(r.addresses.api.address), 'Say', { text: 'again' })).res?.text).toBe('again');
   });
 
+  test('refuses a socket directory another user owns (it could swap the socket)', async () => {
+    const foreign = path.join(dir, 'foreign');
+    fs.mkdirSync(foreign);
+    const uid = process.getuid!();
+    if (uid === 0) fs.chownSync(foreign, 4242, 4242);
+    const sock = path.join(foreign, 'vcpud.sock');
+    // as root the directory now belongs to uid 4242; as anyone else a root-owned one is fine, so only check as root
+    if (uid === 0) await expect(prepareUnixSocketPath(sock, 0o600)).rejects.toThrow(`the socket directory ${foreign} belongs to uid 4242, not to this user (uid 0) or root`);
+    else await expect(prepareUnixSocketPath(sock, 0o600)).resolves.toBeUndefined();
+  });
+
   test('refuses to delete a regular file, or a socket someone listens on', async () => {
     const file = path.join(dir, 'not-a-socket');
     fs.writeFileSync(file, 'precious');

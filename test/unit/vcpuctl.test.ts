@@ -17,7 +17,10 @@ import type { Segment__Output } from '../../src/server/generated/vcpud/v1/Segmen
 import type { Vm__Output } from '../../src/server/generated/vcpud/v1/Vm';
 import { run } from '../../src/cli/vcpuctl';
 import { Options, UsageError, parseCommandLine, parseNumber, parseSize, type CommandSpec, type OptionSpec } from '../../src/cli/vcpuctl/args';
+import { defaultSocketAddress } from '../../src/address';
+import { parseSize as parseServerSize } from '../../src/server/config';
 import { decodeStatusDetails, defaultServer, loadVcpudProto, resolveTarget } from '../../src/cli/vcpuctl/client';
+import { durationJson, timestampJson } from '../../src/cli/vcpuctl/well-known-json';
 import { applyEdits, parseSection, parseSections, parseSetEdit, planEdits } from '../../src/cli/vcpuctl/edit';
 import { decodeVcpuState, encodeVcpuState, vcpuStateFromJson } from '../../src/cli/vcpuctl/commands/state';
 import {
@@ -170,8 +173,28 @@ describe('numbers and sizes', () => {
     expect(parseSize('2GiB')).toBe(2n << 30n);
     expect(parseSize('0x10Ki')).toBe(16n * 1024n);
     expect(parseSize('0x1000')).toBe(0x1000n);
-    expect(() => parseSize('64M')).toThrow(/not a size/);
+    expect(parseSize('64M')).toBe(64_000_000n);
     expect(() => parseNumber('64Mi')).toThrow(/not a number/);
+  });
+
+  it('sizes take the same syntax as vcpud: binary and decimal units, B optional (one parser for both)', () => {
+    for (const [text, bytes] of [
+      ['1G', 1_000_000_000],
+      ['1Gi', 1 << 30],
+      ['4GB', 4_000_000_000],
+      ['3k', 3000],
+      ['2MiB', 2 << 20],
+      ['512B', 512],
+      ['0x1b', 0x1b],
+      ['1_024', 1024],
+    ] as const) {
+      expect(parseSize(text)).toBe(BigInt(bytes));
+      expect(parseServerSize(text)).toBe(bytes);
+    }
+    for (const bad of ['', 'Gi', '1.5Gi', '4 gigs', '-1', 'G1']) {
+      expect(() => parseSize(bad)).toThrow(/not a size/);
+      expect(() => parseServerSize(bad)).toThrow(/not a size/);
+    }
   });
 
   it('rejects what is not a number', () => {
@@ -252,7 +275,7 @@ describe('run(): usage errors exit 2 without touching the network', () => {
   });
 
   it('bad numbers and sizes, missing arguments and required options', async () => {
-    expect(await vcpuctl(['vm', 'create', '--memory', 'lots'])).toMatchObject({ code: 2, stderr: expect.stringContaining("bad value for --memory: 'lots' is not a size") });
+    expect(await vcpuctl(['vm', 'create', '--memory', 'lots'])).toMatchObject({ code: 2, stderr: expect.stringContaining("bad value for --memory: not a size: 'lots'") });
     expect(await vcpuctl(['vm', 'create'])).toMatchObject({ code: 2, stderr: expect.stringContaining("'vm create' needs --memory SIZE") });
     expect(await vcpuctl(['state', 'get', '--vcpu', 'x1', 'vm-1'])).toMatchObject({ code: 2 });
     expect(await vcpuctl(['vm', 'get'])).toMatchObject({ code: 2, stderr: expect.stringContaining("'vm get' needs VM") });
@@ -263,7 +286,7 @@ describe('run(): usage errors exit 2 without touching the network', () => {
   });
 
   it('--json usage errors also put one JSON document on stdout', async () => {
-    const r = await vcpuctl(['--json', 'vm', 'create', '--memory', '1K']);
+    const r = await vcpuctl(['--json', 'vm', 'create', '--memory', '1KB2']);
     expect(r.code).toBe(2);
     expect(JSON.parse(r.stdout)).toEqual({ error: { status: 'USAGE', message: expect.stringContaining('--memory') } });
   });
@@ -289,17 +312,38 @@ describe('run(): usage errors exit 2 without touching the network', () => {
 });
 
 describe('server address', () => {
-  it('defaults like vcpud: $VCPUD_ADDR, then the runtime dir, then ./run', () => {
-    expect(defaultServer({ VCPUD_ADDR: '127.0.0.1:7000', XDG_RUNTIME_DIR: '/run/user/1' }, '/w')).toBe('127.0.0.1:7000');
-    expect(defaultServer({ XDG_RUNTIME_DIR: '/run/user/1' }, '/w')).toBe('unix:/run/user/1/vcpud/vcpud.sock');
-    expect(defaultServer({}, '/w')).toBe('unix:/w/run/vcpud.sock');
+  it("defaults like vcpud, whatever the current directory: $VCPUD_ADDR, then vcpud's own default socket", () => {
+    const none = () => false;
+    expect(defaultServer({ VCPUD_ADDR: '127.0.0.1:7000', XDG_RUNTIME_DIR: '/run/user/1' }, none).address).toBe('127.0.0.1:7000');
+    expect(defaultServer({ XDG_RUNTIME_DIR: '/run/user/1' }, none).address).toBe('unix:/run/user/1/vcpud/vcpud.sock');
+    expect(defaultServer({}, none).address).toBe(defaultSocketAddress({}));
+    expect(defaultServer({}, none).address).not.toContain(process.cwd());
+    // a root vcpud's socket when this user's default has none
+    expect(defaultServer({ XDG_RUNTIME_DIR: '/run/user/1' }, (p) => p === '/run/vcpud/vcpud.sock').address).toBe('unix:/run/vcpud/vcpud.sock');
   });
 
-  it('resolves unix targets to absolute paths', () => {
+  it('resolves unix targets, and plain paths, to absolute unix: paths', () => {
     expect(resolveTarget('unix:/a/b.sock')).toEqual({ kind: 'unix', address: 'unix:/a/b.sock' });
     expect(resolveTarget('unix:///a/b.sock')).toEqual({ kind: 'unix', address: 'unix:/a/b.sock' });
     expect(resolveTarget('unix:run/x.sock', '/w')).toEqual({ kind: 'unix', address: 'unix:/w/run/x.sock' });
+    expect(resolveTarget('/a/b.sock')).toEqual({ kind: 'unix', address: 'unix:/a/b.sock' });
+    expect(resolveTarget('./x.sock', '/w')).toEqual({ kind: 'unix', address: 'unix:/w/x.sock' });
     expect(resolveTarget('localhost:50051')).toEqual({ kind: 'tcp', address: 'localhost:50051' });
+  });
+
+  it('a connection failure says what was tried and what to check, not grpc-js internals', async () => {
+    const sock = path.join(os.tmpdir(), `vcpuctl-none-${process.pid}.sock`);
+    const r = await vcpuctl(['--server', sock, '--timeout', '5', 'caps']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).not.toMatch(/Resolution note|Name resolution failed|dns:/);
+    expect(r.stderr).toContain(`cannot reach vcpud at unix:${sock} (from --server): no socket at that path`);
+    expect(r.stderr).toMatch(/is vcpud running\?/);
+    expect(r.stderr).toMatch(/owner and mode/);
+    expect(r.stderr).toMatch(/VCPUD_ADDR/);
+    const env = await vcpuctl(['--timeout', '5', 'caps'], { env: { VCPUD_ADDR: `unix:${sock}` } });
+    expect(env.stderr).toContain('(from $VCPUD_ADDR)');
+    const tcp = await vcpuctl(['--server', '127.0.0.1:1', '--insecure', '--timeout', '5', 'caps']);
+    expect(tcp.stderr).toMatch(/^vcpuctl: UNAVAILABLE: cannot reach vcpud at 127\.0\.0\.1:1 \(from --server\): nothing is listening there/);
   });
 });
 
@@ -430,7 +474,11 @@ describe('sections and --set edits', () => {
     expect(parseSetEdit('cpuid2.entries[3].eax=7')).toMatchObject({ path: ['cpuid2', 'entries', 3, 'eax'], value: 7n });
     expect(parseSetEdit('msrs.0xc0000080=0x500')).toMatchObject({ path: ['msrs', 0xc0000080], value: 0x500n });
     expect(parseSetEdit('msrs[0x10]=0')).toMatchObject({ path: ['msrs', 0x10], value: 0n });
-    expect(parseSetEdit('msrs.IA32_EFER=0x500')).toMatchObject({ path: ['msrs', 'IA32_EFER'] });
+    // an MSR name vcpud knows is its index (IA32_/MSR_ prefixes and case do not matter); others stay names
+    expect(parseSetEdit('msrs.IA32_EFER=0x500')).toMatchObject({ path: ['msrs', 0xc0000080] });
+    expect(parseSetEdit('msrs.sysenter_cs=8')).toMatchObject({ path: ['msrs', 0x174] });
+    expect(parseSetEdit('msrs.MSR_LSTAR=0')).toMatchObject({ path: ['msrs', 0xc0000082] });
+    expect(parseSetEdit('msrs.SOME_VENDOR_MSR=0')).toMatchObject({ path: ['msrs', 'SOME_VENDOR_MSR'] });
     expect(parseSetEdit('sregs.apic_base=0xfee00900')).toMatchObject({ path: ['sregs', 'apicBase'] });
     expect(() => parseSetEdit('regs.rbx')).toThrow(/expected PATH=VALUE/);
     expect(() => parseSetEdit('regs.rbx=')).toThrow(/missing value/);
@@ -440,7 +488,8 @@ describe('sections and --set edits', () => {
   it('plans the reads: the sections involved and MSRs by index', () => {
     const plan = planEdits(['regs.rbx=1', 'msrs.0xc0000080=0x500', 'regs.rcx=2', 'msrs[0x10]=0'].map(parseSetEdit));
     expect(plan).toEqual({ sections: ['STATE_SECTION_REGS', 'STATE_SECTION_MSRS'], msrIndices: [0xc0000080, 0x10] });
-    expect(planEdits(['msrs.EFER=0'].map(parseSetEdit)).msrIndices).toEqual([]);
+    expect(planEdits(['msrs.EFER=0'].map(parseSetEdit)).msrIndices).toEqual([0xc0000080]);
+    expect(planEdits(['msrs.SOME_VENDOR_MSR=0'].map(parseSetEdit)).msrIndices).toEqual([]);
   });
 
   it('applies edits through the schema and returns only the edited sections', () => {
@@ -547,11 +596,6 @@ describe('error printer', () => {
     expect(formatError(clientError(new VcpudError('not_found', 'no VM vm-9', { reason: 'VM_NOT_FOUND', field: 'vm_id' })))).toBe('vcpuctl: NOT_FOUND (VM_NOT_FOUND): no VM vm-9');
   });
 
-  it('a server that is not there is a server error (exit 1)', async () => {
-    const r = await vcpuctl(['--server', `unix:${path.join(os.tmpdir(), `vcpuctl-none-${process.pid}.sock`)}`, '--timeout', '5', 'caps']);
-    expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/^vcpuctl: UNAVAILABLE: /);
-  });
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -663,6 +707,11 @@ describe('run() over a unix socket against a fake vcpud', () => {
     expect(r.code).toBe(0);
   });
 
+  it('--server takes a plain socket path (no unix:)', async () => {
+    expect(await vcpuctl(['--server', sock, 'caps', '--json'])).toMatchObject({ code: 0, stderr: '' });
+    expect(await vcpuctl(['--server', `./${path.basename(sock)}`, 'caps', '--json'], { cwd: path.dirname(sock) })).toMatchObject({ code: 0, stderr: '' });
+  });
+
   it('vm create / list (every page) / get / delete', async () => {
     const created = await ctl('vm', 'create', '--memory', '64Mi', '--vcpus', '2', '--name', 'n', '--expose-nested', '--no-irqchip');
     expect(created.code).toBe(0);
@@ -695,7 +744,7 @@ describe('run() over a unix socket against a fake vcpud', () => {
     const got = await ctl('state', 'get', 'vm-1', '--vcpu', '0', '--section', 'regs', '--section', 'msrs', '--msr', '0xc0000080', '--no-implicit-pause', '--out', 'snap.bin');
     expect(got.code).toBe(0);
     expect(calls[0].req).toMatchObject({ vmId: 'vm-1', vcpuId: 0, sections: ['STATE_SECTION_REGS', 'STATE_SECTION_MSRS'], msrIndices: [0xc0000080], noImplicitPause: true });
-    expect(got.stdout).toContain('rbx 0x0000000000000010');
+    expect(got.stdout).toBe(''); // with --out the file is the output (the README walkthrough shows nothing else)
     expect(got.stderr).toMatch(/^wrote \d+ bytes \(VcpuState: regs, sregs, /);
     calls.length = 0;
 
@@ -745,6 +794,43 @@ describe('run() over a unix socket against a fake vcpud', () => {
     expect(fs.readFileSync(path.join(dir, 'back.bin')).toString()).toBe('vcpuctl was here');
     const json = JSON.parse((await ctl('mem', 'read', 'vm-1', '--gpa', '4096', '--length', '0x10', '--json')).stdout);
     expect(Buffer.from(json.data, 'base64').toString()).toBe('vcpuctl was here');
+  });
+
+  it('--json prints Timestamps as RFC 3339 strings and Durations as "N.NNNs" (proto3 JSON)', async () => {
+    const r = await ctl('--json', 'vm', 'get', 'vm-1');
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout).vm.createTime).toBe('2023-11-14T22:13:20Z');
+    expect(timestampJson({ seconds: '1700000000', nanos: 5_000_000 })).toBe('2023-11-14T22:13:20.005Z');
+    expect(durationJson({ seconds: '1', nanos: 500_000_000 })).toBe('1.500s');
+    expect(durationJson({ seconds: '0', nanos: 87_472_851 })).toBe('0.087472851s');
+    expect(durationJson({ seconds: '-2', nanos: -250_000 })).toBe('-2.000250s');
+    expect(toJson({ duration: { seconds: '3', nanos: 0 }, other: { seconds: '3', nanos: 0 } })).toBe(JSON.stringify({ duration: '3s', other: { seconds: '3', nanos: 0 } }, null, 2));
+  });
+
+  it('input files: an empty program and a directory are usage errors (exit 2) in words', async () => {
+    fs.writeFileSync(path.join(dir, 'empty.bin'), '');
+    expect(await ctl('load', 'vm-1', 'empty.bin')).toMatchObject({ code: 2, stderr: expect.stringContaining('FILE empty.bin is empty: there is no program to load') });
+    for (const argv of [
+      ['state', 'set', 'vm-1', '--in', '.'],
+      ['snapshot', 'restore', '--in', '.'],
+      ['load', 'vm-1', '.'],
+    ]) {
+      const r = await ctl(...argv);
+      expect(r).toMatchObject({ code: 2, stderr: expect.stringContaining(' .: is a directory, not a file') });
+      expect(r.stderr).not.toMatch(/EISDIR/);
+    }
+    expect(calls).toEqual([]);
+  });
+
+  it("state set --help's --set examples are consistent: every example parses, an MSR by name is the one by index", async () => {
+    const help = (await ctl('state', 'set', '--help')).stdout;
+    const examples = [...help.matchAll(/\b([a-z_0-9]+(?:\.[A-Za-z_0-9]+|\[\d+\])+=\S+?)(?=[ ,.]*(?:\s|$|\())/g)].map((m) => m[1]);
+    expect(examples).toEqual(expect.arrayContaining(['mp_state.value=halted', 'msrs.0x174=0x8', 'msrs.SYSENTER_CS=0x8']));
+    for (const e of examples) expect(() => parseSetEdit(e)).not.toThrow();
+    expect(parseSetEdit('msrs.SYSENTER_CS=0x8').path).toEqual(parseSetEdit('msrs.0x174=0x8').path);
+    // EFER is an sregs field: the help says so instead of offering msrs.EFER
+    expect(help).not.toMatch(/msrs\.(EFER|0xc0000080)=/);
+    expect(help).toMatch(/EFER.*sregs\.efer/s);
   });
 
   it('console: output on stdout, events on stderr; --json lines', async () => {

@@ -4,6 +4,7 @@
  * order), positionals, `--` to end options, and `-h`/`--help` anywhere. Values are converted while
  * parsing, so a bad number is a usage error (exit 2) before anything is sent to the server.
  */
+import { parseByteSize, parseInteger } from '../../size';
 
 /** A mistake on the command line: printed with a hint and exit code 2. */
 export class UsageError extends Error {
@@ -22,7 +23,7 @@ export class UsageError extends Error {
  * - `string`  as given
  * - `int`     a non-negative integer (decimal or 0x hex) that fits a JS number: counts, ids
  * - `u64`     a non-negative integer up to 2^64-1 as a bigint: addresses
- * - `size`    like u64, plus the binary suffixes Ki, Mi, Gi, Ti (optionally followed by B): byte sizes
+ * - `size`    a byte size up to 2^64-1 in vcpud's syntax (src/size.ts): 64Mi, 4GiB, 1G, 0x1000
  * - `seconds` a non-negative decimal number, fractions allowed
  * - `bool`    a flag without a value (`--flag=true|false` also accepted)
  */
@@ -65,45 +66,30 @@ export interface ParsedCommandLine<C extends CommandSpec = CommandSpec> {
 }
 
 const U64_MAX = (1n << 64n) - 1n;
-const SIZE_SUFFIXES: Record<string, bigint> = { ki: 1n << 10n, mi: 1n << 20n, gi: 1n << 30n, ti: 1n << 40n };
-
 /**
- * Parses an integer: decimal, 0x hex, 0o octal or 0b binary, `_` separators allowed; with `size`,
- * also a binary suffix Ki/Mi/Gi/Ti (optionally followed by B), e.g. "64Mi", "0x10Ki", "2GiB".
+ * Parses an integer: decimal, 0x hex, 0o octal or 0b binary, `_` separators allowed (src/size.ts).
  * Throws a plain Error describing the problem (the caller names the option).
  */
-export function parseNumber(text: string, opts: { size?: boolean; allowNegative?: boolean } = {}): bigint {
-  let s = text.trim().replace(/_/g, '');
-  let negative = false;
-  if (opts.allowNegative && s.startsWith('-')) {
-    negative = true;
-    s = s.slice(1);
-  }
-  let multiplier = 1n;
-  if (opts.size) {
-    const m = /^(.*?)(ki|mi|gi|ti)b?$/i.exec(s);
-    if (m) {
-      s = m[1];
-      multiplier = SIZE_SUFFIXES[m[2].toLowerCase()];
-    } else if (/[a-z]$/i.test(s) && !/^0x[0-9a-f]+$/i.test(s)) {
-      throw new Error(`'${text}' is not a size (use a number with an optional Ki, Mi, Gi or Ti suffix)`);
-    }
-  }
-  if (!/^(0x[0-9a-f]+|0o[0-7]+|0b[01]+|[0-9]+)$/i.test(s)) throw new Error(`'${text}' is not a number`);
-  const value = BigInt(s.toLowerCase()) * multiplier;
+export function parseNumber(text: string, opts: { allowNegative?: boolean } = {}): bigint {
+  const negative = opts.allowNegative === true && text.trim().startsWith('-');
+  const value = parseInteger(negative ? text.trim().slice(1) : text);
+  if (value === undefined) throw new Error(`'${text}' is not a number`);
   return negative ? -value : value;
 }
 
-/** parseNumber checked against [0, max]. */
-export function parseUnsigned(text: string, max: bigint, opts: { size?: boolean } = {}): bigint {
-  const v = parseNumber(text, opts);
+function atMost(text: string, v: bigint, max: bigint): bigint {
   if (v > max) throw new Error(`'${text}' is too large (at most 0x${max.toString(16)})`);
   return v;
 }
 
-/** A size in bytes ("64Mi", "4096", "0x1000"), as a bigint. */
+/** parseNumber checked against [0, max]. */
+export function parseUnsigned(text: string, max: bigint): bigint {
+  return atMost(text, parseNumber(text), max);
+}
+
+/** A size in bytes, as vcpud reads its size flags ("64Mi", "1G", "4096", "0x1000"), as a bigint. */
 export function parseSize(text: string): bigint {
-  return parseUnsigned(text, U64_MAX, { size: true });
+  return atMost(text, parseByteSize(text), U64_MAX);
 }
 
 function convert(spec: OptionSpec, raw: string, command = ''): OptionValue {

@@ -54,7 +54,9 @@ import type { DeleteSnapshotResponse__Output } from '../../server/generated/vcpu
 import type { MigrateVmRequest } from '../../server/generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse__Output } from '../../server/generated/vcpud/v1/MigrateVmResponse';
 import { protoFiles, protosDir, vcpudProto } from '../../server/proto';
+import { DEFAULT_SOCKET_RULE, ROOT_RUNTIME_DIR, SOCKET_NAME, defaultSocketAddress, unixSocketPath } from '../../address';
 import { UsageError } from './args';
+import { readInputFile } from './input-file';
 
 /** Loads every vcpud proto once (the server's loader: same files, same options as the generated types). */
 export const loadVcpudProto = vcpudProto;
@@ -84,16 +86,29 @@ export function messageType(name: string): protobuf.Type {
 // ---------------------------------------------------------------------------------------------
 // Address and credentials
 
-/** The address vcpud listens on by default: $VCPUD_ADDR, else the runtime-dir socket, else ./run. */
-export function defaultServer(env: NodeJS.ProcessEnv = process.env, cwd: string = process.cwd()): string {
-  if (env.VCPUD_ADDR) return env.VCPUD_ADDR;
-  if (env.XDG_RUNTIME_DIR) return `unix:${path.resolve(env.XDG_RUNTIME_DIR, 'vcpud', 'vcpud.sock')}`;
-  return `unix:${path.resolve(cwd, 'run', 'vcpud.sock')}`;
+/** The server vcpuctl talks to, and where that choice came from (named when it cannot be reached). */
+export interface ServerChoice {
+  address: string;
+  source: string;
+}
+
+/**
+ * The default server: $VCPUD_ADDR, else vcpud's own default socket for this user (src/address.ts);
+ * when that socket does not exist but a root vcpud's does (/run/vcpud/vcpud.sock), that one.
+ */
+export function defaultServer(env: NodeJS.ProcessEnv = process.env, exists: (p: string) => boolean = fs.existsSync): ServerChoice {
+  if (env.VCPUD_ADDR) return { address: env.VCPUD_ADDR, source: 'from $VCPUD_ADDR' };
+  const own = defaultSocketAddress(env);
+  const system = `unix:${path.join(ROOT_RUNTIME_DIR, SOCKET_NAME)}`;
+  if (own !== system && !exists(own.slice('unix:'.length)) && exists(system.slice('unix:'.length))) return { address: system, source: "a root vcpud's socket: vcpuctl's default had none" };
+  return { address: own, source: `vcpuctl's default: ${DEFAULT_SOCKET_RULE}` };
 }
 
 export interface ConnectOptions {
-  /** unix:/abs/path (unix:relative is resolved against cwd) or host:port. */
+  /** unix:PATH or a path (relative ones resolve against cwd), or host:port. */
   server: string;
+  /** Where `server` came from (--server, $VCPUD_ADDR, the default): named when it cannot be reached. */
+  serverSource?: string;
   tlsCa?: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -111,23 +126,17 @@ export interface Target {
   address: string;
 }
 
-export function resolveTarget(server: string, cwd: string = process.cwd()): Target {
-  if (server.startsWith('unix:')) {
-    let p = server.slice('unix:'.length);
-    if (p.startsWith('//')) p = p.slice(2); // unix:///abs/path
-    if (!p) throw new UsageError(`--server ${server}: empty unix socket path`);
-    return { kind: 'unix', address: `unix:${path.resolve(cwd, p)}` };
-  }
-  if (!server.trim()) throw new UsageError('--server: empty address');
-  return { kind: 'tcp', address: server };
-}
-
-function readFileOption(flag: string, file: string): Buffer {
+/** Where `server` (given as `flag`) points: a socket path becomes unix:/abs/path, relative to `cwd`. */
+export function resolveTarget(server: string, cwd: string = process.cwd(), flag = '--server'): Target {
+  if (!server.trim()) throw new UsageError(`${flag}: empty address`);
+  let socket: string | undefined;
   try {
-    return fs.readFileSync(file);
+    socket = unixSocketPath(server, cwd);
   } catch (e) {
-    throw new UsageError(`${flag} ${file}: ${(e as Error).message}`);
+    throw new UsageError(`${flag} ${server}: ${(e as Error).message}`);
   }
+  // Anything else goes to grpc-js as given (host:port, or its own dns:/ipv4: forms).
+  return socket !== undefined ? { kind: 'unix', address: `unix:${socket}` } : { kind: 'tcp', address: server };
 }
 
 export function channelCredentials(target: Target, o: ConnectOptions): grpc.ChannelCredentials {
@@ -141,9 +150,9 @@ export function channelCredentials(target: Target, o: ConnectOptions): grpc.Chan
     return grpc.credentials.createInsecure();
   }
   if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new UsageError('--tls-cert and --tls-key must be given together');
-  const ca = o.tlsCa !== undefined ? readFileOption('--tls-ca', o.tlsCa) : null;
-  const cert = o.tlsCert !== undefined ? readFileOption('--tls-cert', o.tlsCert) : null;
-  const key = o.tlsKey !== undefined ? readFileOption('--tls-key', o.tlsKey) : null;
+  const ca = o.tlsCa !== undefined ? readInputFile('--tls-ca', o.tlsCa) : null;
+  const cert = o.tlsCert !== undefined ? readInputFile('--tls-cert', o.tlsCert) : null;
+  const key = o.tlsKey !== undefined ? readInputFile('--tls-key', o.tlsKey) : null;
   return grpc.credentials.createSsl(ca, key, cert);
 }
 
@@ -164,6 +173,7 @@ function unary<Req, Res>(fn: UnaryFn<Req, Res>, req: Req, opts: grpc.CallOptions
 /** Connected clients of both vcpud services; every unary call gets the configured deadline. */
 export class VcpudClient {
   readonly target: Target;
+  readonly serverSource: string;
   readonly state: VcpuStateServiceClient;
   readonly vm: VmServiceClient;
   readonly snapshot: SnapshotServiceClient;
@@ -171,6 +181,7 @@ export class VcpudClient {
 
   constructor(o: ConnectOptions) {
     this.target = resolveTarget(o.server, o.cwd);
+    this.serverSource = o.serverSource ?? 'from --server';
     const creds = channelCredentials(this.target, o);
     const proto = loadVcpudProto().vcpud.v1;
     const channelOptions: grpc.ChannelOptions = { 'grpc.max_receive_message_length': 64 << 20, 'grpc.max_send_message_length': 64 << 20 };
@@ -296,9 +307,9 @@ export class VcpudClient {
     return this.snapshot.migrateVm(req, new grpc.Metadata(), {});
   }
 
-  /** StreamConsole without a deadline: it lasts until the VM is deleted or the caller cancels. */
-  streamConsole(req: StreamConsoleRequest): grpc.ClientReadableStream<StreamConsoleResponse__Output> {
-    return this.vm.streamConsole(req, new grpc.Metadata(), {});
+  /** StreamConsole, by default without a deadline: it lasts until the VM is deleted or the caller cancels. */
+  streamConsole(req: StreamConsoleRequest, opts: grpc.CallOptions = {}): grpc.ClientReadableStream<StreamConsoleResponse__Output> {
+    return this.vm.streamConsole(req, new grpc.Metadata(), opts);
   }
 }
 
@@ -321,3 +332,50 @@ export function isServiceError(e: unknown): e is ServiceErrorLike {
 
 // The trailer decoder is the server's own (src/server/errors.ts loads no native addon).
 export { decodeStatusDetails, type DecodedStatus } from '../../server/errors';
+import { decodeStatusDetails } from '../../server/errors';
+
+// ---------------------------------------------------------------------------------------------
+// Connection failures
+
+/** What grpc-js says when it never reached a server (no status came from vcpud). */
+const NOT_CONNECTED = /^(No connection established|Name resolution failed|Failed to connect)/;
+
+/** vcpud could not be reached: what was tried, why it failed, and what to check. */
+export class ConnectionFailure extends Error {
+  readonly code = grpc.status.UNAVAILABLE;
+  constructor(
+    readonly details: string,
+    readonly hints: string[],
+  ) {
+    super(details);
+    this.name = 'ConnectionFailure';
+  }
+}
+
+function whyNotConnected(details: string): string {
+  const cause = /Last error: (?:Error: )?(.*?)\.? Resolution note:/.exec(details)?.[1] ?? details.replace(/\.? Resolution note:.*$/, '');
+  const errno = /\b(ENOENT|ECONNREFUSED|EACCES|EPERM|ENOTSOCK|ETIMEDOUT|EHOSTUNREACH)\b/.exec(cause)?.[1];
+  const meaning: Record<string, string> = {
+    ENOENT: 'no socket at that path',
+    ECONNREFUSED: 'nothing is listening there',
+    EACCES: 'permission denied',
+    EPERM: 'permission denied',
+    ENOTSOCK: 'that path is not a socket',
+  };
+  if (/^Name resolution failed/.test(details)) return 'the host name does not resolve';
+  return errno && meaning[errno] ? `${meaning[errno]} (${cause})` : cause;
+}
+
+/** A connection failure of `client` as a ConnectionFailure; any other error unchanged. */
+export function explainConnectionFailure(e: unknown, client: VcpudClient): unknown {
+  if (!isServiceError(e) || e.code !== grpc.status.UNAVAILABLE || !NOT_CONNECTED.test(e.details ?? '') || decodeStatusDetails(e.metadata)) return e;
+  const { target } = client;
+  const socket = target.kind === 'unix' ? target.address.slice('unix:'.length) : undefined;
+  return new ConnectionFailure(`cannot reach vcpud at ${target.address} (${client.serverSource}): ${whyNotConnected(e.details ?? '')}`, [
+    `is vcpud running? It logs "vcpud serving" with the address it listens on`,
+    socket
+      ? `the socket must exist and be writable by you: check its owner and mode (ls -l ${socket}; vcpud's --socket-mode) and your groups`
+      : 'is the port right, and does the server want TLS (--tls-ca) or plaintext (--insecure)?',
+    'another server: --server unix:PATH|PATH|HOST:PORT, or $VCPUD_ADDR',
+  ]);
+}

@@ -4,9 +4,10 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Options, UsageError, type CommandSpec, type OptionSpec } from './args';
+import { Options, type CommandSpec, type OptionSpec } from './args';
 import type { VcpudClient } from './client';
 import { toJson } from './format';
+import { readInputFile } from './input-file';
 
 /** Where output goes: process.stdout/stderr, or collectors in tests. */
 export interface Io {
@@ -14,7 +15,7 @@ export interface Io {
   stderr: { write(chunk: string | Uint8Array): unknown };
   /** Environment for defaults ($VCPUD_ADDR, $XDG_RUNTIME_DIR); process.env when absent. */
   env?: NodeJS.ProcessEnv;
-  /** Directory relative file names and the ./run default resolve against; process.cwd() when absent. */
+  /** Directory relative file names (and relative socket paths) resolve against; process.cwd() when absent. */
   cwd?: string;
 }
 
@@ -54,13 +55,7 @@ export function makeContext(io: Io, json: boolean, options: Options, positionals
     print: (text) => void io.stdout.write(text.endsWith('\n') ? text : `${text}\n`),
     note: (text) => void io.stderr.write(text.endsWith('\n') ? text : `${text}\n`),
     printJson: (value) => void io.stdout.write(`${toJson(value)}\n`),
-    readFile(flag, file) {
-      try {
-        return fs.readFileSync(path.resolve(cwd, file));
-      } catch (e) {
-        throw new UsageError(`${flag} ${file}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
-      }
-    },
+    readFile: (flag, file) => readInputFile(flag, file, path.resolve(cwd, file)),
     writeFile(file, data) {
       const full = path.resolve(cwd, file);
       fs.writeFileSync(full, data);

@@ -3,12 +3,14 @@
  *
  * A path names a field of VcpuState: `regs.rbx`, `sregs.cs.base`, `vcpu_events.nmi.pending`,
  * `debugregs.db[2]`, `cpuid2.entries[0].eax`, `mp_state.value`. snake_case and camelCase both work.
- * MSRs are addressed by index or by name: `msrs.0xc0000080=0x500`, `msrs[0x10]=0`, `msrs.EFER=0x500`.
+ * MSRs are addressed by index or by name: `msrs.0x174=0x8`, `msrs[0x10]=0`, `msrs.SYSENTER_CS=0x8` (a name
+ * vcpud knows becomes its index, so it is read and written even when the default MSR list lacks it).
  * Values: integers (decimal, 0x hex, 0o, 0b), booleans (true/false/yes/no/1/0), enum names with or
  * without their prefix (`mp_state.value=halted`), bytes as hex (`fpu.xmm[0]=0x00ff...`). The field's
  * type in the proto schema decides how a value is checked and converted.
  */
 import protobuf from 'protobufjs';
+import { MSR, type MsrName } from '../../ffi/sections/msr-names';
 import { UsageError, parseNumber } from './args';
 import { messageType } from './client';
 import { snake } from './format';
@@ -83,6 +85,12 @@ export interface SetEdit {
 
 const NUMERIC_SEGMENT = /^(0x[0-9a-f]+|0o[0-7]+|0b[01]+|[0-9]+)$/i;
 
+/** `msrs.EFER`, `msrs.IA32_SYSENTER_CS`, `msrs.msr_lstar`: the index of an MSR vcpud names, else undefined. */
+function msrIndexByName(name: string): number | undefined {
+  const bare = name.toUpperCase().replace(/^MSR_/, '').replace(/^IA32_/, '');
+  return bare in MSR ? MSR[bare as MsrName] : undefined;
+}
+
 /** Parses `regs.rbx=0x10` into { path: ['regs', 'rbx'], value: 16n }. */
 export function parseSetEdit(text: string): SetEdit {
   const eq = text.indexOf('=');
@@ -94,7 +102,9 @@ export function parseSetEdit(text: string): SetEdit {
   for (const part of lhs.split('.')) {
     const m = /^([^[\]]*)((?:\[[^[\]]+\])*)$/.exec(part);
     if (!m || (!m[1] && !m[2])) throw new UsageError(`--set ${text}: bad path '${lhs}'`);
-    if (m[1]) path.push(NUMERIC_SEGMENT.test(m[1]) ? Number(parseNumber(m[1])) : /^[a-z0-9_]+$/.test(m[1]) ? camel(m[1]) : m[1]);
+    const msrIndex = path.length === 1 && path[0] === 'msrs' ? msrIndexByName(m[1]) : undefined;
+    if (msrIndex !== undefined) path.push(msrIndex);
+    else if (m[1]) path.push(NUMERIC_SEGMENT.test(m[1]) ? Number(parseNumber(m[1])) : /^[a-z0-9_]+$/.test(m[1]) ? camel(m[1]) : m[1]);
     for (const idx of m[2].match(/\[([^[\]]+)\]/g) ?? []) {
       const inner = idx.slice(1, -1).trim();
       path.push(NUMERIC_SEGMENT.test(inner) ? Number(parseNumber(inner)) : inner);

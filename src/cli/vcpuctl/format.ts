@@ -18,7 +18,8 @@ import type { Vcpu__Output } from '../../server/generated/vcpud/v1/Vcpu';
 import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
 import { isPlainCharacter } from '../../vm/vm-name';
 import { UsageError } from './args';
-import { decodeStatusDetails, isServiceError, type DecodedStatus } from './client';
+import { ConnectionFailure, decodeStatusDetails, isServiceError, type DecodedStatus } from './client';
+import { wellKnownJson } from './well-known-json';
 
 // ---------------------------------------------------------------------------------------------
 // Basics
@@ -112,7 +113,10 @@ function leHex(buf: Uint8Array): string {
   return `0x${Buffer.from(buf).reverse().toString('hex')}`;
 }
 
-/** JSON of a response: bytes as base64 (the proto3 JSON mapping), bigints as strings; pretty-printed. */
+/**
+ * JSON of a response as the proto3 JSON mapping has it: bytes as base64, Timestamps as RFC 3339 and
+ * Durations as "1.500s" strings; bigints as strings. Pretty-printed.
+ */
 export function toJson(value: unknown): string {
   return JSON.stringify(
     value,
@@ -120,7 +124,7 @@ export function toJson(value: unknown): string {
       const raw = (this as Record<string, unknown>)[key];
       if (raw instanceof Uint8Array) return Buffer.from(raw).toString('base64');
       if (typeof v === 'bigint') return v.toString();
-      return v;
+      return wellKnownJson(key, v);
     },
     2,
   );
@@ -509,6 +513,7 @@ export function statusName(code: number): string {
  */
 export function formatError(e: unknown): string {
   if (e instanceof UsageError) return `vcpuctl: ${e.message}`;
+  if (e instanceof ConnectionFailure) return [`vcpuctl: UNAVAILABLE: ${printable(e.details)}`, ...e.hints.map((h) => `  - ${h}`)].join('\n');
   if (isServiceError(e)) {
     const st = decodeStatusDetails(e.metadata);
     const message = printable((st?.message || e.details || e.message || '').trim());

@@ -11,6 +11,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { unixSocketPath } from '../../address';
 import { withBulkHeap } from '../../bulk-heap';
 import { msToDuration } from '../../duration';
 import { invalidArgument, VcpudError } from '../../errors';
@@ -283,12 +284,13 @@ export class SnapshotService {
 
   private credentials(req: MigrateVmRequest__Output): DestinationTarget {
     const dest = req.destination.trim();
-    if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port or unix:/path' }]);
+    if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port, unix:/path or /path' }]);
     const options: grpc.ChannelOptions = { 'grpc.max_send_message_length': 64 << 20, 'grpc.max_receive_message_length': 64 << 20 };
     const fromRequest = req.tls && (req.tls.caPem.length || req.tls.certPem.length || req.tls.keyPem.length);
-    if (dest.startsWith('unix:')) {
+    const socket = destinationSocket(dest);
+    if (socket !== undefined) {
       if (fromRequest) throw invalidArgument('tls applies to TCP destinations; a unix socket is plaintext', [{ rule: 'tls.unix', field: 'tls', message: 'drop tls for a unix: destination' }]);
-      return { target: dest, creds: grpc.credentials.createInsecure(), options };
+      return { target: `unix:${socket}`, creds: grpc.credentials.createInsecure(), options };
     }
     const file = (f?: string) => (f ? fs.readFileSync(f) : null);
     let ca: Buffer | null, cert: Buffer | null, key: Buffer | null;
@@ -312,5 +314,14 @@ export class SnapshotService {
     checkVmName(call.request.destinationVmName, 'destination_vm_name');
     if (!this.opts.migration) throw new VcpudError('unavailable', 'this server has no migration service');
     await this.opts.migration.migrate(call, this.credentials(call.request));
+  }
+}
+
+/** The destination's socket path when it names one (unix:PATH or a bare path: src/address.ts), else undefined. */
+function destinationSocket(dest: string): string | undefined {
+  try {
+    return unixSocketPath(dest);
+  } catch (e) {
+    throw invalidArgument(`destination: ${(e as Error).message}`, [{ rule: 'address', field: 'destination', message: (e as Error).message }]);
   }
 }

@@ -2,7 +2,7 @@
  * vcpud.v1.VmService: VM lifecycle, guest memory, program loading, run control and the console
  * stream.
  */
-import type * as grpc from '@grpc/grpc-js';
+import * as grpc from '@grpc/grpc-js';
 import { failedPrecondition, invalidArgument } from '../../errors';
 import type { ManagedVcpu, VcpuStatus } from '../../vm/managed-vcpu';
 import type { ManagedVm } from '../../vm/managed-vm';
@@ -162,6 +162,8 @@ function streamConsole(vm: ManagedVm, call: grpc.ServerWritableStream<StreamCons
       queue.flushAll();
       finish();
     };
+    // Headers now, before any event: a client reading what is there (vcpuctl console) knows the stream is open.
+    call.sendMetadata(new grpc.Metadata());
     if (call.request.fromStart) queue.output(vm.console.history());
     vm.on('console', onConsole);
     vm.on('state', onState);

@@ -2,7 +2,8 @@
  * `vcpuctl console VM`: the guest's serial output on stdout as it comes, vCPU state changes and debug
  * values on stderr as `[vcpu 0: stopped (done)]` lines (with --json: one JSON object per event per
  * line on stdout). Without --follow it replays the buffered output and stops after the first output
- * batch or 500 ms.
+ * batch or 500 ms after the server opened the stream (its response headers or first message): a
+ * slow connection or server must neither cut the replay short nor hide an error such as NOT_FOUND.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { StreamConsoleResponse__Output } from '../../../server/generated/vcpud/v1/StreamConsoleResponse';
@@ -27,7 +28,9 @@ async function streamConsole(ctx: Context): Promise<number> {
   const follow = ctx.options.bool('follow');
   const untilDone = ctx.options.bool('until-done');
   const fromStart = !follow || ctx.options.bool('from-start');
-  const call = ctx.client().streamConsole({ vmId: ctx.positionals[0], fromStart });
+  const client = ctx.client();
+  // Without --follow the call has the usual deadline: a server that never opens the stream is an error.
+  const call = client.streamConsole({ vmId: ctx.positionals[0], fromStart }, follow ? {} : client.callOptions());
   return new Promise<number>((resolve, reject) => {
     let finished = false;
     let timer: NodeJS.Timeout | undefined;
@@ -40,8 +43,14 @@ async function streamConsole(ctx: Context): Promise<number> {
       if (error) reject(error);
       else resolve(code);
     };
+    // The snapshot window starts once the server answered (vcpud sends headers when it opens the stream).
+    const startSnapshotWindow = () => {
+      if (!follow && !timer && !finished) timer = setTimeout(() => finish(0), CONSOLE_SNAPSHOT_MS);
+    };
+    call.on('metadata', startSnapshotWindow);
     call.on('data', (ev: StreamConsoleResponse__Output) => {
       if (finished) return;
+      startSnapshotWindow();
       if (!ctx.json && (ev.droppedOutputBytes !== '0' || ev.droppedEvents !== '0'))
         ctx.io.stderr.write(`[vcpud dropped ${ev.droppedOutputBytes} bytes of output and ${ev.droppedEvents} events here: this client fell behind]\n`);
       if (ctx.json) ctx.io.stdout.write(`${consoleJson(ev)}\n`);
@@ -68,7 +77,6 @@ async function streamConsole(ctx: Context): Promise<number> {
       finish(1, e);
     });
     call.on('end', () => finish(0));
-    if (!follow) timer = setTimeout(() => finish(0), CONSOLE_SNAPSHOT_MS);
   });
 }
 

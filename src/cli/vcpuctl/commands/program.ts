@@ -1,4 +1,5 @@
 /** `vcpuctl load|run|pause|resume`: put a flat binary into a VM and drive its vCPUs. */
+import { UsageError } from '../args';
 import type { Command } from '../command';
 import { VCPU_OPTION } from '../command';
 import { formatVcpus, hex } from '../format';
@@ -40,6 +41,7 @@ export const programCommands: Command[] = [
     async run(ctx) {
       const [vmId, file] = ctx.positionals;
       const image = ctx.readFile('FILE', file);
+      if (!image.length) throw new UsageError(`FILE ${file} is empty: there is no program to load`);
       const loadAddress = ctx.options.big('load-address') ?? 0x1000n;
       const entry = ctx.options.big('entry') ?? loadAddress;
       const resp = await ctx.client().loadProgram({ vmId, image, loadAddress: loadAddress.toString(), entry: entry.toString() });

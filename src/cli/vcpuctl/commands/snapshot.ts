@@ -16,8 +16,10 @@ import type { Duration__Output } from '../../../server/generated/google/protobuf
 import { withBulkHeap } from '../../../bulk-heap';
 import { msToDuration } from '../../../duration';
 import { UsageError } from '../args';
+import { resolveTarget } from '../client';
 import type { Command, Context } from '../command';
 import { enumShort, formatSize, formatVm, keyValues, printable, table } from '../format';
+import { openInputFile } from '../input-file';
 import { uploadFile } from '../upload';
 
 const BAR_WIDTH = 30;
@@ -165,14 +167,7 @@ async function restore(ctx: Context): Promise<void> {
   if (name) {
     resp = await client.restoreSnapshot({ name, run, vmName, noLazyMemory: ctx.options.bool('no-lazy') });
   } else {
-    const file = path.resolve(ctx.cwd, inFile as string);
-    let fd: number;
-    try {
-      fd = fs.openSync(file, 'r');
-    } catch (e) {
-      throw new UsageError(`--in ${inFile}: ${(e as Error).message}`, 'snapshot restore');
-    }
-    const size = fs.fstatSync(fd).size;
+    const { fd, size } = openInputFile('--in', inFile as string, path.resolve(ctx.cwd, inFile as string), 'snapshot restore');
     const { stream, response } = client.restoreSnapshotStream();
     response.catch(() => {}); // awaited below
     const progress = progressReporter(ctx, 'upload');
@@ -239,7 +234,8 @@ async function migrate(ctx: Context): Promise<void> {
   const anyTls = tls.caPem.length || tls.certPem.length || tls.keyPem.length || tls.serverName;
   const call = ctx.client().migrateVm({
     vmId,
-    destination: o.string('to') as string,
+    // a socket path is this directory's, not the server's: sent as unix:/abs/path
+    destination: resolveTarget(o.string('to') as string, ctx.cwd, '--to').address,
     ...(anyTls ? { tls } : {}),
     leavePaused: o.bool('leave-paused'),
     destinationVmName: o.string('dest-name') ?? '',
@@ -334,7 +330,7 @@ export const snapshotCommands: Command[] = [
     summary: 'Move a VM to another vcpud (--to): live (pre-copy) or paused for the copy, resumed there, then deleted here.',
     positionals: ['VM'],
     options: [
-      { name: 'to', type: 'string', arg: 'ADDR', required: true, help: "the destination vcpud: host:port (TLS) or unix:/path" },
+      { name: 'to', type: 'string', arg: 'ADDR', required: true, help: 'the destination vcpud: host:port (TLS), unix:PATH or a socket path' },
       { name: 'to-tls-ca', type: 'string', arg: 'FILE', help: "CA the source verifies the destination with (default: the server's --migration-tls-ca)" },
       { name: 'to-tls-cert', type: 'string', arg: 'FILE', help: 'client certificate the source presents to the destination (mTLS)' },
       { name: 'to-tls-key', type: 'string', arg: 'FILE', help: 'its private key' },

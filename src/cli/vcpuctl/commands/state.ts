@@ -124,7 +124,7 @@ export const stateCommands: Command[] = [
       { name: 'section', type: 'string', repeat: true, arg: 'NAME', help: 'a section to read (regs, sregs, msrs, ...; comma lists too); default: every readable one' },
       { name: 'msr', type: 'int', repeat: true, arg: 'INDEX', help: 'an MSR to read for the msrs section; default: the host MSR index list' },
       NO_IMPLICIT_PAUSE,
-      { name: 'out', type: 'string', arg: 'FILE', help: 'also write the binary VcpuState to FILE (for `state set --in`)' },
+      { name: 'out', type: 'string', arg: 'FILE', help: 'write the binary VcpuState to FILE (for `state set --in`) instead of the table; --json still prints it' },
     ],
     notes: 'sections: regs sregs sregs2 fpu xsave xcrs msrs lapic vcpu_events debugregs mp_state cpuid2 tsc_khz',
     async run(ctx) {
@@ -141,7 +141,7 @@ export const stateCommands: Command[] = [
         if (!ctx.json) ctx.note(`wrote ${bytes.length} bytes (VcpuState: ${presentSections((resp.state ?? {}) as unknown as Record<string, unknown>).join(', ')}) to ${full}`);
       }
       if (ctx.json) ctx.printJson(resp);
-      else ctx.print(formatGetState(resp, { vmId, vcpuId }));
+      else if (out === undefined) ctx.print(formatGetState(resp, { vmId, vcpuId })); // with --out the file is the output
     },
   },
   {
@@ -158,7 +158,9 @@ export const stateCommands: Command[] = [
     ],
     notes: [
       '--set paths: regs.rip, sregs.cs.base, sregs.cr0, vcpu_events.nmi.pending, debugregs.db[0], cpuid2.entries[3].eax,',
-      'mp_state.value=halted, msrs.0xc0000080=0x500 (an MSR by index) or msrs.EFER=0x500 (by name).',
+      'mp_state.value=halted, msrs.0x174=0x8 (an MSR by index) or msrs.SYSENTER_CS=0x8 (the same MSR by name).',
+      'EFER, APIC_BASE, FS_BASE and GS_BASE are sregs fields (sregs.efer, sregs.apic_base, sregs.fs.base, sregs.gs.base):',
+      'set them there; vcpud refuses msrs.EFER etc. unless the value repeats the sregs one.',
       'Only the sections named are read and written back; for msrs only the MSRs named.',
     ].join('\n'),
     run: stateSet,
