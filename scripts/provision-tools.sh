@@ -6,6 +6,8 @@
 #   provision-tools.sh h2load     h2load (scripts/h2load.sh), from nghttp2-client
 #   provision-tools.sh promtool   promtool (the metrics format test), from prometheus; its server is
 #                                 never started by the install (policy-rc.d), and that is checked
+#   provision-tools.sh python-grpc  Debian's python3-grpcio and python3-protobuf (the foreign
+#                                 Python reflection client), checked by importing them
 #   provision-tools.sh TOOL...    several at once
 set -euo pipefail
 
@@ -15,7 +17,16 @@ package_of() {
     nasm) echo nasm ;;
     h2load) echo nghttp2-client ;;
     promtool) echo prometheus ;;
-    *) echo "provision-tools: unknown tool '$1' (known: nasm, h2load, promtool)" >&2; return 1 ;;
+    python-grpc) echo "python3-grpcio python3-protobuf" ;;
+    *) echo "provision-tools: unknown tool '$1' (known: nasm, h2load, promtool, python-grpc)" >&2; return 1 ;;
+  esac
+}
+
+# A tool is present when it is on PATH; python-grpc when Debian's python imports both modules.
+present() {
+  case "$1" in
+    python-grpc) /usr/bin/python3 -c 'import grpc, google.protobuf' >/dev/null 2>&1 ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }
 
@@ -26,9 +37,9 @@ missing=()
 packages=()
 for t in "${tools[@]}"; do
   pkg=$(package_of "$t")
-  command -v "$t" >/dev/null 2>&1 && continue
+  present "$t" && continue
   missing+=("$t")
-  packages+=("$pkg")
+  packages+=($pkg)
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -69,5 +80,5 @@ if [ -z "$servers_before" ] && pgrep -x prometheus >/dev/null; then
   if pgrep -x prometheus >/dev/null; then echo "provision-tools: a prometheus server is still running after the install" >&2; exit 1; fi
 fi
 for t in "${missing[@]}"; do
-  command -v "$t" >/dev/null 2>&1 || { echo "provision-tools: $t still missing after apt-get" >&2; exit 1; }
+  present "$t" || { echo "provision-tools: $t still missing after apt-get" >&2; exit 1; }
 done

@@ -12,6 +12,7 @@ bash scripts/build-guests.sh || { echo "guest build failed"; echo "0 passed, 1 f
 step "provision: promtool (the metrics format test), its server never started"
 # Not fatal here: without promtool its test skips loudly, or fails with VCPUD_REQUIRE_KVM=1 (CI).
 bash scripts/provision-tools.sh promtool || echo "promtool not provisioned: the promtool test will skip (or fail with VCPUD_REQUIRE_KVM=1)" >&2
+bash scripts/provision-tools.sh python-grpc || echo "python3-grpcio not provisioned: the Python reflection client will skip" >&2
 
 step "build: native addon (if missing or older than its sources)"
 addon=build/Release/vcpud_native.node
