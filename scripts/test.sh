@@ -30,10 +30,29 @@ step "provision: nested lab (QEMU, Debian kernel, initramfs with the built vcpud
 # Not fatal here: without the lab its tests skip loudly, or fail under VCPUD_REQUIRE_LAB=1 (CI).
 bash scripts/provision-lab.sh || echo "nested lab not provisioned: its tests will skip (or fail with VCPUD_REQUIRE_LAB=1)" >&2
 
+step "provision: Docker (docker.io, a bridge-less dockerd of our own, stand-in base images)"
+# Not fatal here either: without Docker test/docker skips loudly, or fails with VCPUD_REQUIRE_KVM=1.
+# The dockerd it starts (none when one already runs) is stopped when this script exits, after the
+# containers and volumes the tests made (label vcpud.test) are gone, even those of a crashed run.
+docker_cleanup() {
+  if [ -x /usr/bin/docker ] && DOCKER_HOST=unix:///var/run/docker.sock timeout 10 /usr/bin/docker version >/dev/null 2>&1; then
+    export DOCKER_HOST=unix:///var/run/docker.sock
+    left=$(/usr/bin/docker ps -a -q --filter label=vcpud.test)
+    [ -z "$left" ] || /usr/bin/docker rm -f -v $left >/dev/null
+    left=$(/usr/bin/docker volume ls -q --filter label=vcpud.test)
+    [ -z "$left" ] || /usr/bin/docker volume rm -f $left >/dev/null
+  fi
+  bash scripts/provision-docker.sh stop || true
+}
+# Silent: nothing may follow the summary line (also on an early exit).
+trap 'docker_cleanup >/dev/null 2>&1' EXIT
+bash scripts/provision-docker.sh || echo "Docker not provisioned: test/docker will skip (or fail with VCPUD_REQUIRE_KVM=1)" >&2
+
 step "jest"
 results=$(mktemp)
 npx jest --ci --json --outputFile="$results" "$@"
 jest_rc=$?
+docker_cleanup
 
 node -e '
 const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));

@@ -638,6 +638,20 @@ describe('helm chart helm/vcpud', () => {
     });
   });
 
+  test("kvm.groupId (the node's kvm group) joins the pod's supplementalGroups in both modes, after the user's own", () => {
+    // The device plugin's /dev/kvm keeps the node's owner and mode (0660 root:kvm on Debian 12):
+    // uid 10001 needs the group, and test/docker proves it on a real container.
+    const workload = (objects: Obj[]): Obj => objects.find((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment') as Obj;
+    for (const mode of ['daemonset', 'sidecar']) {
+      const values = ['-f', path.join(CHART, 'ci', `${mode}-values.yaml`)];
+      const groups = (extra: string[]) => workload(template([...values, ...extra])).spec.template.spec.securityContext.supplementalGroups;
+      expect(groups([])).toEqual([]);
+      expect(groups(['--set', 'kvm.groupId=107', '--set', 'podSecurityContext.supplementalGroups={5000}'])).toEqual([5000, 107]);
+      expect(groups(['--set', 'kvm.groupId=107', '--set', 'podSecurityContext.supplementalGroups={107}'])).toEqual([107]);
+    }
+    expect(helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, '--set', 'mode=sidecar', '--set', 'kvm.groupId=-1']).status).not.toBe(0);
+  });
+
   test('a parent chart adds the sidecar to its own workload with the documented named templates', () => {
     // The README's example, verbatim in substance: a chart depending on vcpud (mode sidecar, no
     // example) whose Deployment includes vcpud.sidecar & co. through .Subcharts.vcpud.

@@ -412,9 +412,18 @@ source wins. Already included by "vcpud.socketVolume"; use it alone only for pod
   mountPath: /run/vcpud
 {{- end }}
 
-{{/* The pod securityContext (podSecurityContext): non-root, fsGroup shared with the app containers. */}}
+{{/*
+The pod securityContext (podSecurityContext): non-root, fsGroup shared with the app containers,
+and kvm.groupId among the supplementalGroups (the device plugin's /dev/kvm keeps the node's owner
+and mode, so a 0660 root:kvm node needs the group).
+*/}}
 {{- define "vcpud.podSecurityContext" -}}
-{{- toYaml .Values.podSecurityContext }}
+{{- $sc := deepCopy .Values.podSecurityContext }}
+{{- if not (kindIs "invalid" .Values.kvm.groupId) }}
+{{- $groups := default (list) $sc.supplementalGroups }}
+{{- $_ := set $sc "supplementalGroups" (append $groups (int64 .Values.kvm.groupId) | uniq) }}
+{{- end }}
+{{- toYaml $sc }}
 {{- end }}
 
 {{/* imagePullSecrets, nodeSelector, tolerations, affinity, priorityClassName of the pods. */}}
