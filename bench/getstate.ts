@@ -1,8 +1,9 @@
 /**
  * GetState (all sections, one paused vCPU) over the Unix socket of a real vcpud process: p50 / p99
- * latency and throughput, against an empty grpc-js unary call (a trivial handler in its own process,
- * same socket kind) and the raw ioctl sum (bench/c/ioctl_floor), all in the same run.
- * Target: p50 <= 1.3 x (empty-call p50 + raw ioctl sum).
+ * latency and throughput, against a trivial grpc-js handler (in its own process, same socket kind)
+ * answering GetState's own response bytes, and the raw ioctl sum (bench/c/ioctl_floor), all in the same
+ * run. Target (issue 17): p50 <= 1.15 x (trivial same-bytes p50 + raw ioctl sum). The empty-call
+ * ratio is kept as information.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
@@ -12,69 +13,98 @@ import { rawGetState } from './loadgen';
 import { EMPTY_METHOD, cFloor, fatal, guestBin, knob, pausedCounterVm, percentile, ratioRow, startEmptyServer, table, type BenchResult } from './floors';
 
 const N = Number(knob('BENCH_CALLS', '2000', 'getstate: sequential calls timed (GetState and the empty call each)'));
-const TARGET = { op: '<=', ratio: 1.3 } as const;
+const ROUNDS = Number(knob('BENCH_ROUNDS_GETSTATE', '4', 'getstate: blocks the calls of each measure are split into, alternating'));
+const TARGET = { op: '<=', ratio: 1.15 } as const;
 const SECTION_IOCTLS = [
   'KVM_GET_MP_STATE', 'KVM_GET_VCPU_EVENTS', 'KVM_GET_REGS', 'KVM_GET_FPU', 'KVM_GET_XSAVE2', 'KVM_GET_XCRS', 'KVM_GET_SREGS',
   'KVM_GET_SREGS2', 'KVM_GET_LAPIC', 'KVM_GET_MSRS', 'KVM_GET_DEBUGREGS', 'KVM_GET_CPUID2', 'KVM_GET_TSC_KHZ',
 ];
 
-async function timeCalls(fn: () => Promise<unknown>, n: number): Promise<{ p50: number; p99: number; perSecond: number }> {
-  for (let i = 0; i < Math.min(200, n); i++) await fn(); // warm-up
-  const lat: number[] = [];
-  const t0 = process.hrtime.bigint();
-  for (let i = 0; i < n; i++) {
-    const t = process.hrtime.bigint();
-    await fn();
-    lat.push(Number(process.hrtime.bigint() - t) / 1000);
-  }
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { p50: percentile(lat, 50), p99: percentile(lat, 99), perSecond: n / seconds };
+/** The 13 GET ioctls of a full GetState in C (bench/c/ioctl_floor, `calls` each), summed: microseconds. */
+export function rawIoctlSumUs(calls = 5000): number {
+  const floor = cFloor('ioctl_floor', [String(calls), guestBin('counter64')]) as Record<string, number>;
+  return SECTION_IOCTLS.reduce((a, k) => a + (floor[k] ?? 0), 0) / 1000;
+}
+
+interface Timed {
+  p50: number;
+  p99: number;
+  perSecond: number;
 }
 
 /**
- * Sequential calls to a trivial handler: an empty reply, or `reply` (GetState's own response bytes) decoded by
+ * Times `n` sequential calls of each function, alternating between them in ROUNDS blocks, so that
+ * the load other processes put on a shared host falls on every measure alike.
+ */
+async function timeAlternating(fns: (() => Promise<unknown>)[], n: number): Promise<Timed[]> {
+  for (const fn of fns) for (let i = 0; i < Math.min(200, n); i++) await fn(); // warm-up
+  const lat = fns.map(() => [] as number[]);
+  const seconds = fns.map(() => 0);
+  for (let r = 0; r < ROUNDS; r++) {
+    for (const [f, fn] of fns.entries()) {
+      const t0 = process.hrtime.bigint();
+      for (let i = 0; i < Math.ceil(n / ROUNDS); i++) {
+        const t = process.hrtime.bigint();
+        await fn();
+        lat[f].push(Number(process.hrtime.bigint() - t) / 1000);
+      }
+      seconds[f] += Number(process.hrtime.bigint() - t0) / 1e9;
+    }
+  }
+  return lat.map((l, f) => ({ p50: percentile(l, 50), p99: percentile(l, 99), perSecond: l.length / seconds[f] }));
+}
+
+/**
+ * A client of a trivial handler: an empty reply, or `reply` (GetState's own response bytes) decoded by
  * the client exactly as vcpud's answer is, so the difference to GetState is what vcpud itself spends.
  */
-async function trivialFloor(reply?: Buffer): Promise<{ p50: number; p99: number; perSecond: number }> {
+async function trivialClient(reply?: Buffer): Promise<{ once: () => Promise<unknown>; close: () => Promise<void> }> {
   const server = await startEmptyServer(reply);
   const id = (x: Buffer) => x;
   const decode = reply ? getStateMethod().responseDeserialize : id;
   const client = new grpc.Client(server.target, grpc.credentials.createInsecure());
   const once = () =>
     new Promise((resolve, reject) => client.makeUnaryRequest(EMPTY_METHOD, id, decode, Buffer.alloc(0), (e, r) => (e ? reject(e) : resolve(r))));
-  const r = await timeCalls(once, N);
-  client.close();
-  await server.stop();
-  return r;
+  return {
+    once,
+    async close() {
+      client.close();
+      await server.stop();
+    },
+  };
 }
 
 const getStateMethod = () => (vcpudPackageDefinition()['vcpud.v1.VcpuStateService'] as ServiceDefinition).GetState;
 
 /** One row: GetState p50 beside (empty-call p50 + raw ioctl sum). */
 export async function measureGetState(): Promise<BenchResult> {
-  const floor = cFloor('ioctl_floor', ['5000', guestBin('counter64')]) as Record<string, number>;
-  const rawSumUs = SECTION_IOCTLS.reduce((a, k) => a + (floor[k] ?? 0), 0) / 1000;
+  const rawSumUs = rawIoctlSumUs();
   const d = await startVcpud();
   try {
     const vms = d.client('VmService');
     const state = d.client('VcpuStateService');
     const vm = await pausedCounterVm(vms);
     const reply = await rawGetState(d.serving.api, vm.id);
-    const empty = await trivialFloor();
-    const same = await trivialFloor(reply);
+    const trivial = [await trivialClient(), await trivialClient(reply)];
     const req = { vmId: vm.id, vcpuId: 0 };
-    const get = await timeCalls(() => call(state, 'GetState', req), N);
-    const row = ratioRow('GetState p50, all sections, 1 paused vCPU (UDS)', get.p50, empty.p50 + rawSumUs, 'us', 'empty grpc-js call p50 + raw ioctl sum', TARGET);
-    const sameRow = ratioRow(
-      'GetState p50 against its own response from a trivial handler',
+    let empty: Timed, same: Timed, get: Timed;
+    try {
+      [empty, same, get] = await timeAlternating([trivial[0].once, trivial[1].once, () => call(state, 'GetState', req)], N);
+    } finally {
+      for (const t of trivial) await t.close();
+    }
+    const emptyRow = ratioRow('GetState p50 against an empty call (information)', get.p50, empty.p50 + rawSumUs, 'us', 'empty grpc-js call p50 + raw ioctl sum');
+    const row = ratioRow(
+      'GetState p50, all sections, 1 paused vCPU (UDS)',
       get.p50,
       same.p50 + rawSumUs,
       'us',
-      `the same ${reply.length}-byte reply, client decode included, + raw ioctl sum`,
+      `trivial handler p50 sending the same ${reply.length}-byte reply, client decode included, + raw ioctl sum`,
+      TARGET,
     );
     const limit = TARGET.ratio * row.floor!;
     const detail = [
-      `GetState, all 13 sections of one paused vCPU, over the Unix socket (${N} sequential calls; microseconds)\n`,
+      `GetState, all 13 sections of one paused vCPU, over the Unix socket (${N} sequential calls each, in ${ROUNDS} alternating blocks; microseconds)\n`,
       table(
         ['measure', 'p50 us', 'p99 us', 'calls/s'],
         [
@@ -84,9 +114,10 @@ export async function measureGetState(): Promise<BenchResult> {
           ['GetState through vcpud', get.p50, get.p99, get.perSecond],
         ],
       ),
-      `\nratio p50 / (empty p50 + raw sum) = ${row.ratio!.toFixed(2)} (target <= ${TARGET.ratio}, i.e. p50 <= ${limit.toFixed(0)} us): ${row.met ? 'met' : 'NOT met'}`,
+      `\nratio p50 / (trivial same-bytes p50 + raw sum) = ${row.ratio!.toFixed(2)} (target <= ${TARGET.ratio}, i.e. p50 <= ${limit.toFixed(0)} us): ${row.met ? 'met' : 'NOT met'}`,
+      `ratio p50 / (empty p50 + raw sum) = ${emptyRow.ratio!.toFixed(2)} (information)`,
     ].join('\n');
-    return { rows: [row, sameRow], detail };
+    return { rows: [row, emptyRow], detail };
   } finally {
     await d.stop();
   }

@@ -1,19 +1,28 @@
 /**
  * GetState throughput with 64 concurrent clients (separate connections, one call in flight each)
- * against the same load on an empty grpc-js handler, both over a Unix socket, in one run.
- * Target: GetState calls/s >= 0.7 x the empty handler's. Also vcpud's RSS idle and under that load,
- * against the target RSS <= 80 MiB + guest memory.
+ * against the same load on a trivial grpc-js handler answering GetState's own response bytes (the
+ * honest floor), both over a Unix socket, in one run; an empty handler's rate is kept as information.
+ * The trivial handler and vcpud are measured alternately, BENCH_ROUNDS times, and each round's ratios
+ * are listed (their spread shows the host's noise). Targets (issue 17), over all rounds:
+ *   - GetState calls/s >= 0.6 x the trivial handler's;
+ *   - server CPU per GetState <= 1.3 x (the trivial handler's CPU per call + the raw ioctl sum);
+ *   - vcpud's peak RSS under the load <= 1.1 x the trivial handler's peak, without NODE_OPTIONS.
+ * The older absolute RSS target (80 MiB + guest memory) stays as its own rows.
  *
  * BENCH_SECONDS (default 5) per measurement, after 1 s of warm-up; BENCH_CLIENTS (default 64).
- * vcpud runs with its default configuration (info level: one log line per call).
+ * vcpud runs with its default configuration.
  */
+import { rawIoctlSumUs } from './getstate';
 import { rawGetState, runLoad, type LoadOptions, type LoadResult } from './loadgen';
 import { EMPTY_METHOD, MiB, cpuSeconds, fatal, knob, pausedCounterVm, ratioRow, rowsTable, rssBytes, startEmptyServer, table, type BenchResult, type BenchRow } from './floors';
 import { startVcpud } from '../test/support/vcpud-process';
 
 const SECONDS = Number(knob('BENCH_SECONDS', '5', 'throughput: seconds per measurement, after 1 s of warm-up'));
 const CLIENTS = Number(knob('BENCH_CLIENTS', '64', 'throughput: concurrent clients (one connection, one call in flight each)'));
-const TARGET = { op: '>=', ratio: 0.7 } as const;
+const ROUNDS = Number(knob('BENCH_ROUNDS', '2', 'throughput: rounds of the trivial handler and vcpud, alternating'));
+const TARGET = { op: '>=', ratio: 0.6 } as const;
+const CPU_TARGET = { op: '<=', ratio: 1.3 } as const;
+const RSS_TARGET = { op: '<=', ratio: 1.1 } as const;
 const RSS_ALLOWANCE = 80 * MiB;
 
 /** A load run and the CPU seconds its server process spent meanwhile (warm-up included). */
@@ -24,9 +33,12 @@ export interface Measured {
 
 export interface ThroughputFigures extends BenchResult {
   empty: Measured;
-  /** A trivial handler sending GetState's own response bytes: the floor for a response that size. */
+  /** A trivial handler sending GetState's own response bytes: the floor for a response that size (rounds summed). */
   sameBytes: Measured & { bytes: number; peakRss: number };
   getState: Measured;
+  /** Each round's trivial and GetState measures, in order. */
+  rounds: { sameBytes: Measured; getState: Measured }[];
+  rawIoctlUs: number;
   rss: { idle: number; peak: number; end: number; guestMemory: number };
 }
 
@@ -64,23 +76,33 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
     await server.stop();
   }
 
+  const rawIoctlUs = rawIoctlSumUs();
   const d = await startVcpud();
   try {
     const pid = d.proc.pid!;
     const vm = await pausedCounterVm(d.client('VmService'));
     const reply = await rawGetState(d.serving.api, vm.id);
+    await new Promise((r) => setTimeout(r, 500)); // let start-up garbage settle before "idle"
+    const idle = rssBytes(pid);
     const trivial = await startEmptyServer(reply);
-    let sameBytes: ThroughputFigures['sameBytes'];
+    const rounds: ThroughputFigures['rounds'] = [];
+    let trivialPeak = 0;
+    let peak = 0;
     try {
-      sameBytes = { ...(await measure(trivial.pid, { ...load, target: trivial.target, method: EMPTY_METHOD })), bytes: reply.length };
+      for (let r = 0; r < ROUNDS; r++) {
+        const { peakRss: tp, ...sameBytes } = await measure(trivial.pid, { ...load, target: trivial.target, method: EMPTY_METHOD });
+        const { peakRss: gp, ...getState } = await measure(pid, { ...load, target: d.serving.api, vmId: vm.id, vcpuId: 0, metricsUrl: d.serving.metrics });
+        trivialPeak = Math.max(trivialPeak, tp);
+        peak = Math.max(peak, gp);
+        rounds.push({ sameBytes, getState });
+      }
     } finally {
       await trivial.stop();
     }
-    await new Promise((r) => setTimeout(r, 500)); // let start-up garbage settle before "idle"
-    const idle = rssBytes(pid);
-    const { peakRss, ...getState } = await measure(pid, { ...load, target: d.serving.api, vmId: vm.id, vcpuId: 0, metricsUrl: d.serving.metrics });
     const end = rssBytes(pid);
-    const peak = Math.max(peakRss, end);
+    peak = Math.max(peak, end);
+    const sameBytes = { ...sumMeasures(rounds.map((r) => r.sameBytes)), bytes: reply.length, peakRss: trivialPeak };
+    const getState = sumMeasures(rounds.map((r) => r.getState));
     const g = getState.load;
     const guestMiB = vm.memoryBytes / MiB;
     const rssRow = (name: string, bytes: number): BenchRow => ({
@@ -93,29 +115,55 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
       target: `<= ${(RSS_ALLOWANCE + vm.memoryBytes) / MiB} MiB`,
       met: bytes <= RSS_ALLOWANCE + vm.memoryBytes,
     });
-    const rate = ratioRow(`GetState throughput, ${clients} clients (UDS)`, g.callsPerSecond, empty.load.callsPerSecond, 'calls/s', 'empty grpc-js handler', TARGET);
+    const cpu = cpuFloor(getState, sameBytes, rawIoctlUs);
+    const rate = ratioRow(`GetState throughput, ${clients} clients (UDS)`, g.callsPerSecond, sameBytes.load.callsPerSecond, 'calls/s', `trivial handler sending the same ${sameBytes.bytes}-byte reply`, TARGET);
     const rows: BenchRow[] = [
       // Failed calls would make it a throughput of errors: not met, whatever the rate.
       { ...rate, met: rate.met === true && g.calls === (g.codes.OK ?? 0) },
-      ratioRow(`GetState throughput against its own response from a trivial handler`, g.callsPerSecond, sameBytes.load.callsPerSecond, 'calls/s', `the same ${sameBytes.bytes}-byte reply, ${clients} clients`),
+      ratioRow(`GetState throughput against an empty handler (information)`, g.callsPerSecond, empty.load.callsPerSecond, 'calls/s', `empty grpc-js handler, ${clients} clients`),
+      ratioRow(`server CPU per GetState, ${clients} clients`, cpu.getStateUs, cpu.floorUs, 'us', 'trivial same-bytes handler CPU per call + raw ioctl sum', CPU_TARGET),
+      ratioRow(`vcpud RSS under that load (peak) against the trivial handler's`, peak / MiB, trivialPeak / MiB, 'MiB', `trivial same-bytes handler's peak, same load`, RSS_TARGET),
       rssRow('vcpud RSS idle (1 VM)', idle),
       rssRow(`vcpud RSS under load (peak)`, peak),
-      {
-        name: `trivial grpc-js handler RSS under the same load (peak)`,
-        value: sameBytes.peakRss / MiB,
-        unit: 'MiB',
-        floor: null,
-        floorName: '',
-        ratio: null,
-        target: '-',
-        met: null,
-      },
     ];
-    const figures = { empty, sameBytes, getState, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
+    const figures = { empty, sameBytes, getState, rounds, rawIoctlUs, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
     return { rows, detail: throughputDetail(figures), ...figures };
   } finally {
     await d.stop();
   }
+}
+
+/** Several load runs as one: calls, codes and CPU summed; rate over the summed time; the latencies of the first. */
+function sumMeasures(ms: Measured[]): Measured {
+  const calls = ms.reduce((a, m) => a + m.load.calls, 0);
+  const seconds = ms.reduce((a, m) => a + m.load.seconds, 0);
+  const codes: Record<string, number> = {};
+  for (const m of ms) for (const [c, n] of Object.entries(m.load.codes)) codes[c] = (codes[c] ?? 0) + n;
+  const checks = ms.map((m) => m.load.server);
+  let server: LoadResult['server'];
+  if (checks.every((c) => c !== undefined)) {
+    const serverCodes: Record<string, number> = {};
+    for (const c of checks) for (const [code, n] of Object.entries(c!.codes)) serverCodes[code] = (serverCodes[code] ?? 0) + n;
+    server = { codes: serverCodes, calls: checks.reduce((a, c) => a + c!.calls, 0), match: checks.every((c) => c!.match) };
+  }
+  return {
+    load: {
+      ...ms[0].load,
+      calls,
+      seconds,
+      codes,
+      callsPerSecond: calls / seconds,
+      clientCpuSeconds: ms.reduce((a, m) => a + m.load.clientCpuSeconds, 0),
+      server,
+    },
+    serverCpuSeconds: ms.reduce((a, m) => a + m.serverCpuSeconds, 0),
+  };
+}
+
+/** Server CPU per GetState and its floor: the trivial handler's CPU per call plus the raw ioctl sum (us). */
+function cpuFloor(getState: Measured, sameBytes: Measured, rawIoctlUs: number): { getStateUs: number; floorUs: number } {
+  const perCall = (m: Measured) => (m.serverCpuSeconds / m.load.calls) * 1e6;
+  return { getStateUs: perCall(getState), floorUs: perCall(sameBytes) + rawIoctlUs };
 }
 
 function loadRow(name: string, m: Measured): string[] {
@@ -134,22 +182,30 @@ function loadRow(name: string, m: Measured): string[] {
   ];
 }
 
-/** The text table of a run: both loads side by side, the server's cross-check, RSS. */
+/** The text table of a run: each round's loads side by side, the server's cross-check, RSS. */
 function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string {
   const g = f.getState.load;
   const mib = (b: number) => `${(b / MiB).toFixed(1)} MiB`;
+  const roundRatios = f.rounds.map((r, i) => {
+    const cpu = cpuFloor(r.getState, r.sameBytes, f.rawIoctlUs);
+    return `round ${i + 1}: throughput ${(r.getState.load.callsPerSecond / r.sameBytes.load.callsPerSecond).toFixed(2)}x the trivial handler, server CPU ${(cpu.getStateUs / cpu.floorUs).toFixed(2)}x its floor`;
+  });
   return [
-    `Throughput: ${g.clients} clients x ${g.inFlight} in flight, separate connections, Unix socket, ${g.seconds.toFixed(1)} s each after 1 s warm-up\n`,
+    `Throughput: ${g.clients} clients x ${g.inFlight} in flight, separate connections, Unix socket, ${(g.seconds / f.rounds.length).toFixed(1)} s per measure after 1 s warm-up; the trivial handler and vcpud alternate, ${f.rounds.length} rounds\n`,
     table(
       ['measure', 'calls/s', 'p50 ms', 'p99 ms', 'calls', 'codes', 'server CPU us/call', 'client CPU us/call'],
       [
         loadRow('empty grpc-js handler', f.empty),
-        loadRow(`trivial handler sending GetState's ${f.sameBytes.bytes} bytes`, f.sameBytes),
-        loadRow('GetState, all sections, 1 paused vCPU', f.getState),
+        ...f.rounds.flatMap((r, i) => [
+          loadRow(`round ${i + 1}: trivial handler sending GetState's ${f.sameBytes.bytes} bytes`, r.sameBytes),
+          loadRow(`round ${i + 1}: GetState, all sections, 1 paused vCPU`, r.getState),
+        ]),
       ],
     ),
     ...(g.server ? [`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`] : []),
     "(CPU per call from /proc/PID/stat at 10 ms resolution; the client and the server share the machine's cores)",
+    `raw ioctl sum (C, 13 GET ioctls): ${f.rawIoctlUs.toFixed(0)} us`,
+    ...roundRatios,
     `vcpud RSS: idle ${mib(f.rss.idle)}, peak under load ${mib(f.rss.peak)}, at the end of load ${mib(f.rss.end)} (guest memory ${mib(f.rss.guestMemory)}); the trivial handler's peak under the same load ${mib(f.sameBytes.peakRss)}`,
   ].join('\n');
 }

@@ -59,53 +59,63 @@ export class Vcpu {
     return this.handle.get();
   }
 
+  /** A section's bytes as the kernel wrote them, undecoded, for the sections that have a byte form. */
+  getSectionBytes(section: ByteSection): Buffer {
+    return section === 'cpuid2' ? this.getCpuid2Bytes() : this.getStructBytes(section);
+  }
+
   // ---- fixed-size sections ----
+  /**
+   * A fixed-size section's struct as the kernel wrote it, undecoded (GetState encodes its response from
+   * these bytes; the typed getters below decode them).
+   */
+  getStructBytes(section: StructSection): Buffer {
+    const r = STRUCT_READS[section];
+    if (r.cap) this.requireCap(r.cap, r.ioctl);
+    return this.getRaw(r.ioctl, r.get, native.sizes[r.size]);
+  }
   getRegs(): Regs {
-    return this.getDecoded('KVM_GET_REGS', native.getRegs, native.sizes.kvm_regs, SECTIONS.regs);
+    return SECTIONS.regs.decode(this.getStructBytes('regs'));
   }
   setRegs(value: Regs): void {
     this.setEncoded('KVM_SET_REGS', native.setRegs, SECTIONS.regs, value);
   }
   getSregs(): Sregs {
-    return this.getDecoded('KVM_GET_SREGS', native.getSregs, native.sizes.kvm_sregs, SECTIONS.sregs);
+    return SECTIONS.sregs.decode(this.getStructBytes('sregs'));
   }
   setSregs(value: Sregs): void {
     this.setEncoded('KVM_SET_SREGS', native.setSregs, SECTIONS.sregs, value);
   }
   /** KVM_GET_SREGS2 (KVM_CAP_SREGS2): adds the PDPTRs PAE guests need restored exactly. */
   getSregs2(): Sregs2 {
-    this.requireCap('SREGS2', 'KVM_GET_SREGS2');
-    return this.getDecoded('KVM_GET_SREGS2', native.getSregs2, native.sizes.kvm_sregs2, SECTIONS.sregs2);
+    return SECTIONS.sregs2.decode(this.getStructBytes('sregs2'));
   }
   setSregs2(value: Sregs2): void {
     this.requireCap('SREGS2', 'KVM_SET_SREGS2');
     this.setEncoded('KVM_SET_SREGS2', native.setSregs2, SECTIONS.sregs2, value);
   }
   getFpu(): Fpu {
-    return this.getDecoded('KVM_GET_FPU', native.getFpu, native.sizes.kvm_fpu, SECTIONS.fpu);
+    return SECTIONS.fpu.decode(this.getStructBytes('fpu'));
   }
   setFpu(value: Fpu): void {
     this.setEncoded('KVM_SET_FPU', native.setFpu, SECTIONS.fpu, value);
   }
   getXcrs(): Xcrs {
-    this.requireCap('XCRS', 'KVM_GET_XCRS');
-    return this.getDecoded('KVM_GET_XCRS', native.getXcrs, native.sizes.kvm_xcrs, SECTIONS.xcrs);
+    return SECTIONS.xcrs.decode(this.getStructBytes('xcrs'));
   }
   setXcrs(value: Xcrs): void {
     this.requireCap('XCRS', 'KVM_SET_XCRS');
     this.setEncoded('KVM_SET_XCRS', native.setXcrs, SECTIONS.xcrs, value);
   }
   getVcpuEvents(): VcpuEvents {
-    this.requireCap('VCPU_EVENTS', 'KVM_GET_VCPU_EVENTS');
-    return this.getDecoded('KVM_GET_VCPU_EVENTS', native.getVcpuEvents, native.sizes.kvm_vcpu_events, SECTIONS.vcpu_events);
+    return SECTIONS.vcpu_events.decode(this.getStructBytes('vcpu_events'));
   }
   setVcpuEvents(value: VcpuEvents): void {
     this.requireCap('VCPU_EVENTS', 'KVM_SET_VCPU_EVENTS');
     this.setEncoded('KVM_SET_VCPU_EVENTS', native.setVcpuEvents, SECTIONS.vcpu_events, value);
   }
   getDebugregs(): Debugregs {
-    this.requireCap('DEBUGREGS', 'KVM_GET_DEBUGREGS');
-    return this.getDecoded('KVM_GET_DEBUGREGS', native.getDebugregs, native.sizes.kvm_debugregs, SECTIONS.debugregs);
+    return SECTIONS.debugregs.decode(this.getStructBytes('debugregs'));
   }
   setDebugregs(value: Debugregs): void {
     this.requireCap('DEBUGREGS', 'KVM_SET_DEBUGREGS');
@@ -166,12 +176,19 @@ export class Vcpu {
    * a vCPU that has run fails with EINVAL (6.1 only accepts the identical CPUID then).
    */
   getCpuid2(capacity = 256): CpuidEntry2[] {
-    const buf = Buffer.alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
+    return SECTIONS.cpuid2.decode(this.getCpuid2Bytes(capacity));
+  }
+  /** KVM_GET_CPUID2's kvm_cpuid2, undecoded, its nent trimmed as getCpuid2 describes (spare capacity after the entries). */
+  getCpuid2Bytes(capacity = 256): Buffer {
+    const entry = native.sizes.kvm_cpuid_entry2;
+    const buf = Buffer.alloc(8 + capacity * entry);
     kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
-    const entries = SECTIONS.cpuid2.decode(buf);
-    const blank = (e: CpuidEntry2) => !e.function && !e.index && !e.flags && !e.eax && !e.ebx && !e.ecx && !e.edx;
-    while (entries.length > 0 && blank(entries[entries.length - 1])) entries.pop();
-    return entries;
+    let nent = buf.readUInt32LE(0);
+    // Blank: function, index, flags and the four registers all zero (the 28 bytes before the padding).
+    const blank = (i: number) => buf.subarray(8 + i * entry, 8 + i * entry + CPUID_ENTRY_VALUE_BYTES).every((b) => b === 0);
+    while (nent > 0 && blank(nent - 1)) nent--;
+    buf.writeUInt32LE(nent, 0);
+    return buf;
   }
   setCpuid2(entries: CpuidEntry2[]): void {
     const buf = SECTIONS.cpuid2.encode(entries);
@@ -279,6 +296,28 @@ export class Vcpu {
     kvmCall(ioctl, () => fn(this.fd, buf));
   }
 }
+
+/** The sections whose GET ioctl fills one fixed-size struct. */
+export const STRUCT_SECTIONS = ['regs', 'sregs', 'sregs2', 'fpu', 'xcrs', 'vcpu_events', 'debugregs'] as const;
+export type StructSection = (typeof STRUCT_SECTIONS)[number];
+
+/** The sections GetState takes as the kernel's bytes (getSectionBytes): the structs, and cpuid2's list. */
+export const BYTE_SECTIONS = [...STRUCT_SECTIONS, 'cpuid2'] as const;
+export type ByteSection = (typeof BYTE_SECTIONS)[number];
+
+/** kvm_cpuid_entry2's function, index, flags, eax, ebx, ecx and edx: what a blank entry has all zero. */
+const CPUID_ENTRY_VALUE_BYTES = 28;
+
+/** How each struct section is read: its ioctl, the capability it needs (if any), its struct's size. */
+const STRUCT_READS: { readonly [S in StructSection]: { ioctl: string; get: (fd: number, b: Buffer) => void; size: keyof typeof native.sizes; cap?: string } } = {
+  regs: { ioctl: 'KVM_GET_REGS', get: (fd, b) => native.getRegs(fd, b), size: 'kvm_regs' },
+  sregs: { ioctl: 'KVM_GET_SREGS', get: (fd, b) => native.getSregs(fd, b), size: 'kvm_sregs' },
+  sregs2: { ioctl: 'KVM_GET_SREGS2', get: (fd, b) => native.getSregs2(fd, b), size: 'kvm_sregs2', cap: 'SREGS2' },
+  fpu: { ioctl: 'KVM_GET_FPU', get: (fd, b) => native.getFpu(fd, b), size: 'kvm_fpu' },
+  xcrs: { ioctl: 'KVM_GET_XCRS', get: (fd, b) => native.getXcrs(fd, b), size: 'kvm_xcrs', cap: 'XCRS' },
+  vcpu_events: { ioctl: 'KVM_GET_VCPU_EVENTS', get: (fd, b) => native.getVcpuEvents(fd, b), size: 'kvm_vcpu_events', cap: 'VCPU_EVENTS' },
+  debugregs: { ioctl: 'KVM_GET_DEBUGREGS', get: (fd, b) => native.getDebugregs(fd, b), size: 'kvm_debugregs', cap: 'DEBUGREGS' },
+};
 
 /**
  * A KVM_GET_MSRS request for `indices`: encoded once per index list (GetState asks for the host's list

@@ -4,7 +4,7 @@
  * Order matters. grpc-js wraps interceptors so that the last one in the list is the outermost: it sees
  * incoming metadata last, just before the handler. A status sent by an interceptor travels inward only,
  * so authz must be outside metrics and logging for its PERMISSION_DENIED to be counted and logged.
- * buildInterceptors() returns them in that order: [metrics, logging, authz].
+ * buildInterceptors() returns them in that order: [metrics and logging (one layer), authz].
  */
 import { randomUUID } from 'node:crypto';
 import type { PeerCertificate } from 'node:tls';
@@ -48,10 +48,87 @@ function codeOfCancelledCall(call: grpc.ServerInterceptingCallInterface): grpc.s
   return ms <= Date.now() ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED;
 }
 
-/** Counts started, handled (by code), messages both ways, and handling time of every RPC. */
-export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
+/**
+ * What an observing interceptor does at each step of a call; every hook is optional. Several observers
+ * share one grpc-js interceptor layer (observingInterceptor): each layer wraps every listener and every
+ * outgoing step of every call, and the metrics and logging layers were ~40 us of server CPU per call.
+ */
+/** The status a server interceptor passes on (grpc-js's PartialStatusObject, not exported from its root). */
+type OutgoingStatus = Pick<grpc.StatusObject, 'code' | 'details'> & { metadata?: grpc.Metadata | null };
+
+interface CallObserver {
+  start?(): void;
+  receiveMetadata?(metadata: grpc.Metadata): void;
+  receiveMessage?(): void;
+  cancel?(): void;
+  sendMetadata?(metadata: grpc.Metadata): void;
+  sendMessage?(): void;
+  /** Returns the status to send on (the same one, or a copy with more trailers). */
+  sendStatus?(status: OutgoingStatus): OutgoingStatus;
+}
+
+type ObserverFactory = (method: grpc.ServerMethodDefinition<unknown, unknown>, call: grpc.ServerInterceptingCallInterface) => CallObserver;
+
+/** One interceptor layer running the observers of `factories`, in order, at every step of a call. */
+function observingInterceptor(...factories: ObserverFactory[]): grpc.ServerInterceptor {
   return (method, call) => {
-    const labels = rpcLabels(method);
+    const observers = factories.map((f) => f(method, call));
+    const each = <K extends keyof CallObserver>(hook: K) => observers.map((o) => o[hook]?.bind(o)).filter((h): h is NonNullable<CallObserver[K]> => !!h);
+    const [start, receiveMetadata, receiveMessage, cancel, sendMetadata, sendMessage, sendStatus] = [
+      each('start'),
+      each('receiveMetadata'),
+      each('receiveMessage'),
+      each('cancel'),
+      each('sendMetadata'),
+      each('sendMessage'),
+      each('sendStatus'),
+    ];
+    return new grpc.ServerInterceptingCall(call, {
+      start: (next) => {
+        for (const h of start) h();
+        next({
+          onReceiveMetadata: (metadata, nextMetadata) => {
+            for (const h of receiveMetadata) h(metadata);
+            nextMetadata(metadata);
+          },
+          onReceiveMessage: (message, nextMessage) => {
+            for (const h of receiveMessage) h();
+            nextMessage(message);
+          },
+          onCancel: () => {
+            for (const h of cancel) h();
+          },
+        });
+      },
+      sendMetadata: (metadata, next) => {
+        for (const h of sendMetadata) h(metadata);
+        next(metadata);
+      },
+      sendMessage: (message, next) => {
+        for (const h of sendMessage) h();
+        next(message);
+      },
+      sendStatus: (status, next) => {
+        let s = status;
+        for (const h of sendStatus) s = h(s);
+        next(s);
+      },
+    });
+  };
+}
+
+/** The labels of each method, computed once per method path. */
+const labelsByPath = new Map<string, RpcLabels>();
+function labelsOf(method: grpc.ServerMethodDefinition<unknown, unknown>): RpcLabels {
+  let labels = labelsByPath.get(method.path);
+  if (!labels) labelsByPath.set(method.path, (labels = rpcLabels(method)));
+  return labels;
+}
+
+/** Counts started, handled (by code), messages both ways, and handling time of every RPC. */
+function metricsObserver(metrics: Metrics): ObserverFactory {
+  return (method, call) => {
+    const labels = labelsOf(method);
     let startedAt = process.hrtime.bigint();
     let finished = false;
     const finish = (code: grpc.status) => {
@@ -59,28 +136,24 @@ export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
       finished = true;
       metrics.rpcHandled(labels, code, Number(process.hrtime.bigint() - startedAt) / 1e9);
     };
-    return new grpc.ServerInterceptingCall(call, {
-      start: (next) => {
+    return {
+      start: () => {
         startedAt = process.hrtime.bigint();
         metrics.rpcStarted(labels);
-        next({
-          onReceiveMessage: (message, nextMessage) => {
-            metrics.rpcMessageReceived(labels);
-            nextMessage(message);
-          },
-          onCancel: () => finish(codeOfCancelledCall(call)),
-        });
       },
-      sendMessage: (message, next) => {
-        metrics.rpcMessageSent(labels);
-        next(message);
-      },
-      sendStatus: (status, next) => {
+      receiveMessage: () => metrics.rpcMessageReceived(labels),
+      cancel: () => finish(codeOfCancelledCall(call)),
+      sendMessage: () => metrics.rpcMessageSent(labels),
+      sendStatus: (status) => {
         finish(status.code);
-        next(status);
+        return status;
       },
-    });
+    };
   };
+}
+
+export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
+  return observingInterceptor(metricsObserver(metrics));
 }
 
 /**
@@ -93,7 +166,7 @@ export function metricsInterceptor(metrics: Metrics): grpc.ServerInterceptor {
  */
 export const SLOW_CALL_MS = 1000;
 
-export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
+function loggingObserver(logger: Logger): ObserverFactory {
   return (method, call) => {
     const health = isHealthMethod(method.path);
     let requestId: string | undefined;
@@ -117,35 +190,37 @@ export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
       if (code !== grpc.status.OK && details) fields.details = details;
       logger[level]('rpc finished', fields);
     };
-    return new grpc.ServerInterceptingCall(call, {
-      start: (next) => {
+    return {
+      start: () => {
         startedAt = process.hrtime.bigint();
-        next({
-          onReceiveMetadata: (metadata, nextMetadata) => {
-            const given = metadata.get(REQUEST_ID_HEADER)[0];
-            if (requestId === undefined) requestId = typeof given === 'string' && CLIENT_REQUEST_ID.test(given) ? given : randomUUID();
-            nextMetadata(metadata);
-          },
-          onCancel: () => finish(codeOfCancelledCall(call), 'cancelled before a status was sent'),
-        });
       },
-      sendMetadata: (metadata, next) => {
+      receiveMetadata: (metadata) => {
+        const given = metadata.get(REQUEST_ID_HEADER)[0];
+        if (requestId === undefined) requestId = typeof given === 'string' && CLIENT_REQUEST_ID.test(given) ? given : randomUUID();
+      },
+      cancel: () => finish(codeOfCancelledCall(call), 'cancelled before a status was sent'),
+      sendMetadata: (metadata) => {
         headersSent = true;
         metadata.set(REQUEST_ID_HEADER, id());
-        next(metadata);
       },
-      sendStatus: (status, next) => {
+      sendStatus: (status) => {
         finish(status.code, status.details);
-        if (headersSent) {
-          next(status);
-          return;
-        }
+        if (headersSent) return status;
         const metadata = status.metadata?.clone() ?? new grpc.Metadata();
         metadata.set(REQUEST_ID_HEADER, id());
-        next({ ...status, metadata });
+        return { ...status, metadata };
       },
-    });
+    };
   };
+}
+
+export function loggingInterceptor(logger: Logger): grpc.ServerInterceptor {
+  return observingInterceptor(loggingObserver(logger));
+}
+
+/** Metrics and logging in one interceptor layer (as metricsInterceptor then loggingInterceptor would do). */
+export function metricsAndLoggingInterceptor(metrics: Metrics, logger: Logger): grpc.ServerInterceptor {
+  return observingInterceptor(metricsObserver(metrics), loggingObserver(logger));
 }
 
 /** The names a client certificate can be allowed by: its subject CNs and its SAN URIs (e.g. SPIFFE ids). */
@@ -209,7 +284,7 @@ export interface InterceptorOptions {
 
 /** The interceptors of the API server, in the order explained at the top of this file. */
 export function buildInterceptors(options: InterceptorOptions): grpc.ServerInterceptor[] {
-  const list = [metricsInterceptor(options.metrics), loggingInterceptor(options.logger)];
+  const list = [metricsAndLoggingInterceptor(options.metrics, options.logger)];
   if (options.allowedClients?.length) list.push(authzInterceptor(options.allowedClients, options.logger));
   return list;
 }

@@ -17,6 +17,7 @@ import type { IoctlObserver } from '../ffi/observe';
 import { parseHostPort } from './config';
 import type { ConnectionEvents, ConnectionGate, ListenerName } from './connections';
 import { packageVersion } from '../package';
+import { boundObserver, boundObservers, type Observe } from './bound-histogram';
 
 /** prom-client default metrics removed from /metrics (see the constructor). */
 const GAUGES_NAMED_LIKE_COUNTERS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
@@ -106,6 +107,11 @@ export class Metrics {
   private readonly migrationDirtyRate: Gauge;
   private readonly migrationTransferRate: Gauge;
   private readonly migrationRemaining: Gauge;
+  // Per-call observations through bound observers (bound-histogram.ts): the labels are fixed per ioctl, section, method.
+  private readonly ioctlDuration: (ioctl: string) => Observe;
+  private readonly sectionBytes: (section: string) => Observe;
+  /** By the labels object (the interceptors keep one per method). */
+  private readonly handlingObservers = new WeakMap<RpcLabels, Observe>();
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -148,6 +154,8 @@ export class Metrics {
       buckets: STATE_BYTES_BUCKETS,
       registers,
     });
+    this.ioctlDuration = boundObservers(this.ioctlSeconds, 'ioctl');
+    this.sectionBytes = boundObservers(this.stateBytes, 'section');
     this.capability = new Gauge({ name: 'vcpud_capability', help: 'Host KVM capabilities (KVM_CHECK_EXTENSION values) as probed at start.', labelNames: ['capability'], registers });
 
     const listener = ['listener'] as const;
@@ -224,7 +232,9 @@ export class Metrics {
 
   rpcHandled(labels: RpcLabels, code: number, seconds: number): void {
     this.handled.inc({ ...labels, grpc_code: grpcCodeName(code) });
-    this.handlingSeconds.observe(labels, seconds);
+    let observe = this.handlingObservers.get(labels);
+    if (!observe) this.handlingObservers.set(labels, (observe = boundObserver(this.handlingSeconds, labels)));
+    observe(seconds);
   }
 
   rpcMessageReceived(labels: RpcLabels): void {
@@ -241,7 +251,7 @@ export class Metrics {
   ioctlObserver(): IoctlObserver {
     return {
       onIoctl: (ioctl, seconds, errorCode) => {
-        this.ioctlSeconds.observe({ ioctl }, seconds);
+        this.ioctlDuration(ioctl)(seconds);
         if (errorCode) this.ioctlErrors.inc({ ioctl, errno: errorCode });
       },
       onNegotiationRetry: (ioctl) => this.negotiationRetries.inc({ ioctl }),
@@ -249,7 +259,7 @@ export class Metrics {
   }
 
   recordStateBytes(section: string, bytes: number): void {
-    this.stateBytes.observe({ section }, bytes);
+    this.sectionBytes(section)(bytes);
   }
 
   recordMigrationProgress(p: { dirtyRate: number; transferRate: number; bytesRemaining: number }): void {

@@ -19,6 +19,7 @@ import type { MigrationServiceDefinition } from './generated/vcpud/v1/MigrationS
 import type { SnapshotServiceDefinition } from './generated/vcpud/v1/SnapshotService';
 import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
 import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
+import { passPreserialized } from './preserialized';
 import { wireSerializer } from './wire-encoder';
 
 /** The typed grpc object of vcpud.v1: the services, their messages and enums. */
@@ -87,14 +88,15 @@ let serviceDefinitions: VcpudServiceDefinitions | undefined;
 
 /**
  * The service definitions to pass to server.addService. GetState's response, the hot path of checkpoint
- * loops, is written by the wire encoder (src/server/wire-encoder.ts) instead of protobufjs; every other
- * method keeps proto-loader's serializers.
+ * loops, arrives already serialized (convert/raw-state.ts) or is written by the wire encoder
+ * (src/server/wire-encoder.ts) instead of protobufjs; every other method keeps proto-loader's serializers.
  */
 export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
   if (!serviceDefinitions) {
     const v1 = vcpudProto().vcpud.v1;
     const state = v1.VcpuStateService.service;
-    const getState = { ...state.GetState, responseSerialize: wireSerializer(vcpudPackageDefinition(), 'vcpud.v1.GetStateResponse') };
+    // The handler answers with Preserialized bytes (convert/raw-state.ts); anything else goes through the wire encoder.
+    const getState = { ...state.GetState, responseSerialize: passPreserialized(wireSerializer(vcpudPackageDefinition(), 'vcpud.v1.GetStateResponse')) };
     serviceDefinitions = {
       VcpuStateService: { ...state, GetState: getState },
       VmService: v1.VmService.service,

@@ -9,7 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import type * as protoLoader from '@grpc/proto-loader';
 import type { Config } from './config';
 import type { Health } from './health';
-import { buildInterceptors, loggingInterceptor, metricsInterceptor, rpcLabels } from './interceptors';
+import { buildInterceptors, metricsAndLoggingInterceptor, rpcLabels } from './interceptors';
 import type { Logger } from './logging';
 import type { Metrics } from './metrics';
 import { addReflection, DescriptorIndex, readDescriptorSet, REFLECTION_SERVICES, splitFileDescriptorSet } from './reflection';
@@ -148,7 +148,7 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
   try {
     ({ address: addresses.api, listener: listeners.api } = await bindServer(server, config, gates.api));
     if (config.healthListen) {
-      healthServer = new grpc.Server({ ...healthServerOptions(config), interceptors: [metricsInterceptor(metrics), loggingInterceptor(logger)] });
+      healthServer = new grpc.Server({ ...healthServerOptions(config), interceptors: [metricsAndLoggingInterceptor(metrics, logger)] });
       health.register(healthServer);
       ({ address: addresses.health, listener: listeners.health } = await bindPlaintextTcp(healthServer, config.healthListen, gates.health));
     }

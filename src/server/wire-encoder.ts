@@ -16,7 +16,7 @@ import type { PackageDefinition } from '@grpc/proto-loader';
 
 type Scalar = 'uint32' | 'int32' | 'uint64' | 'int64' | 'bool' | 'enum' | 'string' | 'bytes';
 
-interface FieldPlan {
+export interface FieldPlan {
   readonly key: string;
   readonly number: number;
   readonly repeated: boolean;
@@ -27,7 +27,7 @@ interface FieldPlan {
   message?: MessagePlan;
   readonly typeName: string;
 }
-type MessagePlan = FieldPlan[];
+export type MessagePlan = FieldPlan[];
 
 const SCALARS: Readonly<Record<string, Scalar>> = {
   TYPE_UINT32: 'uint32',
@@ -120,7 +120,7 @@ function split64(v: unknown, field: string): [number, number] {
   throw new TypeError(`wire encoder: ${field} is not a 64-bit integer: ${typeof v}`);
 }
 
-class Writer {
+export class Writer {
   buf: Buffer;
   pos = 0;
 
@@ -185,6 +185,14 @@ class Writer {
     this.pos += b.length;
   }
 
+  /** A bytes field's length and contents, copied from `len` bytes of `src` at `start` (no view allocated). */
+  bytesFrom(src: Buffer, start: number, len: number): void {
+    this.varint32(len);
+    this.reserve(len);
+    src.copy(this.buf, this.pos, start, start + len);
+    this.pos += len;
+  }
+
   string(s: string): void {
     const n = Buffer.byteLength(s);
     this.varint32(n);
@@ -241,7 +249,16 @@ function scalarStatement(f: FieldPlan, v: string, enumIndex: number): string {
 
 const PACKABLE = new Set<FieldPlan['kind']>(['uint32', 'int32', 'uint64', 'int64', 'bool', 'enum']);
 
-type Encode = (w: Writer, o: Record<string, unknown>) => void;
+/** A repeated scalar field proto3 writes packed: one tag, one length, the values back to back. */
+export const isPacked = (f: FieldPlan): boolean => f.repeated && PACKABLE.has(f.kind);
+
+/** The key (field number and wire type) written before each value of `f` (once, for a packed field). */
+export function fieldTag(f: FieldPlan): number {
+  const wire = f.kind === 'message' || f.kind === 'string' || f.kind === 'bytes' || isPacked(f) ? LENGTH_DELIMITED : VARINT;
+  return (f.number << 3) | wire;
+}
+
+export type Encode = (w: Writer, o: Record<string, unknown>) => void;
 
 /**
  * One generated function per message type, so every property read is a named load V8 can cache (a
@@ -255,15 +272,14 @@ function compile(plans: MessagePlan[]): Encode[] {
   for (const plan of plans) {
     const lines = ['let v;'];
     for (const f of plan) {
-      const wire = f.kind === 'message' || f.kind === 'string' || f.kind === 'bytes' || (f.repeated && PACKABLE.has(f.kind)) ? LENGTH_DELIMITED : VARINT;
-      const tag = (f.number << 3) | wire;
+      const tag = fieldTag(f);
       const enumIndex = f.enumValues ? E.push(f.enumValues) - 1 : -1;
       const one = (x: string) =>
         f.kind === 'message' ? `{ const s = w.begin(); F[${index.get(f.message!)}](w, ${x}); w.end(s); }` : scalarStatement(f, x, enumIndex);
       lines.push(`v = o[${JSON.stringify(f.key)}];`);
       if (!f.repeated) lines.push(`if (v != null) { w.varint32(${tag}); ${one('v')} }`);
       // proto3 packs repeated scalars: one tag, one length, the values back to back.
-      else if (PACKABLE.has(f.kind)) lines.push(`if (v != null && v.length) { w.varint32(${tag}); const s = w.begin(); for (const e of v) ${one('e')} w.end(s); }`);
+      else if (isPacked(f)) lines.push(`if (v != null && v.length) { w.varint32(${tag}); const s = w.begin(); for (const e of v) ${one('e')} w.end(s); }`);
       else lines.push(`if (v != null) for (const e of v) { w.varint32(${tag}); ${one('e')} }`);
     }
     // eslint-disable-next-line @typescript-eslint/no-implied-eval
@@ -272,15 +288,33 @@ function compile(plans: MessagePlan[]): Encode[] {
   return F;
 }
 
+export interface MessageEncoders {
+  /** The plan of a message type reachable from the root (fully qualified name). */
+  plan(name: string): MessagePlan;
+  /** The generated object encoder of a message type reachable from the root. */
+  encoder(name: string): Encode;
+}
+
+/** Plans and object encoders of message type `root` and every type it contains. */
+export function messageEncoders(defs: PackageDefinition, root: string): MessageEncoders {
+  const plans = new Map<string, MessagePlan>();
+  planMessage(defs, root, plans);
+  const all = [...plans.values()];
+  const compiled = compile(all);
+  const plan = (name: string): MessagePlan => {
+    const p = plans.get(name);
+    if (!p) throw new Error(`wire encoder: ${name} is not reachable from ${root}`);
+    return p;
+  };
+  return { plan, encoder: (name) => compiled[all.indexOf(plan(name))] };
+}
+
 /**
  * A serializer for message type `name` (fully qualified, e.g. 'vcpud.v1.GetStateResponse'). It reuses one
  * scratch buffer, grown to the largest message it has written, and returns a copy of the bytes.
  */
 export function wireSerializer(defs: PackageDefinition, name: string): (value: object) => Buffer {
-  const plans = new Map<string, MessagePlan>();
-  const root = planMessage(defs, name, plans);
-  const all = [...plans.values()];
-  const encode = compile(all)[all.indexOf(root)];
+  const encode = messageEncoders(defs, name).encoder(name);
   const w = new Writer(16 * 1024);
   return (value) => {
     w.pos = 0;

@@ -16,7 +16,7 @@ import { requireNested, requireSection, type HostCapabilities } from '../ffi/cap
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState } from '../ffi/nested';
 import { msrName, snakeCase, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
-import type { Vcpu } from '../ffi/vcpu';
+import { BYTE_SECTIONS, type ByteSection, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
 export type StateValues = Partial<SectionValues>;
@@ -135,16 +135,37 @@ function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
 
 /** Reads `sections` (all readable ones when empty) from a vCPU that is out of KVM_RUN. */
 export function readState(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): ReadResult {
+  return readStateAs(vcpu, ctx, sections, msrIndices, false) as ReadResult;
+}
+
+/** A read whose fixed-size struct sections are the kernel's bytes, undecoded (Buffers). */
+export interface BytesReadResult {
+  values: { [N in SectionName]?: SectionValues[N] | (N extends ByteSection ? Buffer : never) };
+  msrsUnreadable: number[];
+}
+
+/**
+ * readState, except that the fixed-size struct sections and cpuid2 (BYTE_SECTIONS) are left as the bytes
+ * the kernel wrote: GetState encodes its response from them without decoding (src/server/convert/raw-state.ts).
+ */
+export function readStateBytes(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+  return readStateAs(vcpu, ctx, sections, msrIndices, true);
+}
+
+function readStateAs(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices: number[] | undefined, asBytes: boolean): BytesReadResult {
   const wanted = sections.length ? sections : readableSections(ctx);
   for (const s of wanted) checkSupported(ctx, s, 'read');
-  const values: StateValues = {};
+  const values: Record<string, unknown> = {};
   const msrsUnreadable: number[] = [];
   for (const s of SAVE_ORDER) {
     if (!wanted.includes(s)) continue;
-    (values as Record<string, unknown>)[s] = readSection(vcpu, s, msrIndices ?? ctx.caps.msrIndexList, msrsUnreadable);
+    values[s] = asBytes && isByteSection(s) ? vcpu.getSectionBytes(s) : readSection(vcpu, s, msrIndices ?? ctx.caps.msrIndexList, msrsUnreadable);
   }
   return { values, msrsUnreadable };
 }
+
+const BYTE_SECTION_SET: ReadonlySet<SectionName> = new Set(BYTE_SECTIONS);
+const isByteSection = (s: SectionName): s is ByteSection => BYTE_SECTION_SET.has(s);
 
 /**
  * Writes every section in `values`, in restore order, atomically: the current value of each

@@ -41,21 +41,21 @@ type ClientOf<_S> = grpc.Client & Record<string, Function>;
  * Starts vcpud with `args` and waits for its "vcpud serving" log line. `how.as`: run it under that
  * uid and gid (the test runs as root), its socket directory owned by them. `how.launcher` runs
  * before node and must exec it (keeping the pid), e.g. ['prlimit', '--nofile=64:64', '--'] for a
- * low descriptor limit.
+ * low descriptor limit. `how.main`: another build's main.js (bench/compare-builds.ts).
  */
 export async function startVcpud(
   args: string[] = [],
   env: NodeJS.ProcessEnv = {},
   nodeArgs: string[] = [],
-  how: { as?: { uid: number; gid: number }; launcher?: string[] } = {},
+  how: { as?: { uid: number; gid: number }; launcher?: string[]; main?: string } = {},
 ): Promise<VcpudProcess> {
-  const { as, launcher = [] } = how;
-  if (!fs.existsSync(VCPUD_MAIN)) throw new Error(`${VCPUD_MAIN} is missing: run the build (npm test runs tsc first)`);
+  const { as, launcher = [], main = VCPUD_MAIN } = how;
+  if (!fs.existsSync(main)) throw new Error(`${main} is missing: run the build (npm test runs tsc first)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-e2e-'));
   if (as) fs.chownSync(dir, as.uid, as.gid);
   const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...args];
   const [exe, ...exeArgs] = [...launcher, process.execPath];
-  const proc = spawn(exe, [...exeArgs, ...nodeArgs, VCPUD_MAIN, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], ...(as ?? {}) });
+  const proc = spawn(exe, [...exeArgs, ...nodeArgs, main, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], ...(as ?? {}) });
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
   proc.stderr!.on('data', (d) => (out += d));

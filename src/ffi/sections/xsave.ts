@@ -22,5 +22,7 @@ export const XSAVE_HEADER_LAYOUT = struct('xsave legacy region and header', 576,
 export type XsaveInfo = LayoutValue<typeof XSAVE_HEADER_LAYOUT>;
 
 export function inspectXsave(buf: Buffer): XsaveInfo {
-  return XSAVE_HEADER_LAYOUT.read(XSAVE.decode(buf));
+  // Read in place: XSAVE.decode would copy the whole area (every GetState) only to check its length.
+  if (buf.length < XSAVE.size) XSAVE.decode(buf); // throws the codec's length error
+  return XSAVE_HEADER_LAYOUT.read(buf);
 }

@@ -183,6 +183,9 @@ const LAPIC_INFO = [
   ),
 ];
 
+/** The field tables GetState's byte-level encoder (raw-state.ts) joins with the ffi layouts. */
+export const FIELD_TABLES = { REGS, SREGS, SREGS2, FPU, DEBUGREGS, EVENTS, EXCEPTION, EXCEPTION_PAYLOAD, TRIPLE_FAULT, XCR, XCRS, CPUID_ENTRY, XSAVE_INFO } as const;
+
 // ---- per-section converters ----
 
 interface Converter<V> {
@@ -299,7 +302,8 @@ const CONVERTERS: { readonly [N in SectionName]: Converter<SectionValues[N]> } =
 const PROTO_KEYS = new Map(SECTION_NAMES.map((n) => [n, camelCase(n) as keyof VcpuState__Output]));
 const protoKey = (name: SectionName): keyof VcpuState__Output => PROTO_KEYS.get(name)!;
 
-function convert<N extends SectionName>(name: N, v: SectionValues[N], extras: StateExtras): Obj {
+/** One section's VcpuState message, as a proto-loader object. */
+export function sectionMessage<N extends SectionName>(name: N, v: SectionValues[N], extras: StateExtras): Obj {
   return CONVERTERS[name].toProto(v, extras);
 }
 
@@ -308,7 +312,7 @@ export function stateToProto(values: Partial<SectionValues>, extras: StateExtras
   const out: Obj = {};
   for (const name of SECTION_NAMES) {
     const v = values[name];
-    if (v !== undefined) out[protoKey(name)] = convert(name, v, extras);
+    if (v !== undefined) out[protoKey(name)] = sectionMessage(name, v, extras);
   }
   return out as VcpuState;
 }

@@ -3,9 +3,11 @@
  * A small class that registers itself on a server, like grpc-node's health service.
  */
 import type * as grpc from '@grpc/grpc-js';
-import { CPUID_ENTRY2_SIZE, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
-import { readNested, readState, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
-import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto, stateToProto } from '../convert';
+import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
+import { readNested, readState, readStateBytes, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
+import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
+import { getStateResponseEncoder } from '../convert/raw-state';
+import { Preserialized } from '../preserialized';
 import type { GetCapabilitiesRequest__Output } from '../generated/vcpud/v1/GetCapabilitiesRequest';
 import type { GetCapabilitiesResponse } from '../generated/vcpud/v1/GetCapabilitiesResponse';
 import type { GetNestedStateRequest__Output } from '../generated/vcpud/v1/GetNestedStateRequest';
@@ -18,12 +20,14 @@ import type { SetStateRequest__Output } from '../generated/vcpud/v1/SetStateRequ
 import type { SetStateResponse } from '../generated/vcpud/v1/SetStateResponse';
 import type { VcpuStateServiceHandlers } from '../generated/vcpud/v1/VcpuStateService';
 import { invalidArgument } from '../../errors';
-import { vcpudServiceDefinitions } from '../proto';
+import { vcpudPackageDefinition, vcpudServiceDefinitions } from '../proto';
 import { unary, type ServiceContext } from './context';
 
 const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
 
 export class VcpuStateService {
+  private readonly encodeGetState = getStateResponseEncoder(vcpudPackageDefinition());
+
   constructor(private readonly ctx: ServiceContext) {}
 
   register(server: grpc.Server): void {
@@ -52,11 +56,12 @@ export class VcpuStateService {
         checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
         const { read: r, implicitlyPaused } = await vcpu.withState(
-          (access) => ({ read: readState(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined), implicitlyPaused: access.implicitlyPaused }),
+          (access) => ({ read: readStateBytes(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined), implicitlyPaused: access.implicitlyPaused }),
           { noImplicitPause: req.noImplicitPause },
         );
         this.recordBytes(r.values);
-        return { state: stateToProto(r.values, { msrsUnreadable: r.msrsUnreadable }), implicitlyPaused };
+        // Written from the kernel's bytes in one pass, handed to grpc-js as they are (proto.ts).
+        return new Preserialized(this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused)) as unknown as GetStateResponse;
       }),
 
       SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
@@ -117,7 +122,8 @@ function presentSections(state: Record<string, unknown>): SectionName[] {
 
 /** The bytes the kernel exchanged for a section: struct size, raw length, or header + entries. */
 function kernelBytes(section: SectionName, v: unknown): number {
-  if (Buffer.isBuffer(v)) return v.length;
+  // cpuid2 as bytes (readStateBytes) is the kernel's buffer, spare capacity included: count its entries.
+  if (Buffer.isBuffer(v)) return section === 'cpuid2' ? cpuid2Size(v.readUInt32LE(0)) : v.length;
   if (Array.isArray(v)) return SECTIONS[section].size + v.length * (section === 'msrs' ? MSR_ENTRY_SIZE : CPUID_ENTRY2_SIZE);
   return SECTIONS[section].size;
 }

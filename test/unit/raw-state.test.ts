@@ -1,0 +1,101 @@
+/**
+ * src/server/convert/raw-state: GetState's response written from the kernel's struct bytes is the same,
+ * byte for byte and decoded field for field, as the general path writes (decode the structs, stateToProto,
+ * the wire encoder), over fuzzed kernel bytes of every section: random bytes, and bytes drawn from boundary
+ * values (0, 1, 0x7f, 0x80, 0xff) so every u64 crosses the varint length steps and every flag byte is
+ * 0, 1 and neither.
+ */
+import { randomBytes, randomInt } from 'node:crypto';
+import type * as protoLoader from '@grpc/proto-loader';
+import * as S from '../../src/ffi/sections';
+import { BYTE_SECTIONS, type ByteSection } from '../../src/ffi/vcpu';
+import { stateToProto } from '../../src/server/convert';
+import { getStateResponseEncoder } from '../../src/server/convert/raw-state';
+import { vcpudPackageDefinition } from '../../src/server/proto';
+import { wireSerializer } from '../../src/server/wire-encoder';
+import { randomValue } from '../support/random-state';
+
+const definition = vcpudPackageDefinition();
+const getState = (definition['vcpud.v1.VcpuStateService'] as protoLoader.ServiceDefinition).GetState;
+const decode = (b: Buffer) => getState.responseDeserialize(b) as object;
+const general = wireSerializer(definition, 'vcpud.v1.GetStateResponse');
+const fromBytes = getStateResponseEncoder(definition);
+
+const BOUNDARY = [0x00, 0x01, 0x7f, 0x80, 0xff];
+
+/**
+ * Kernel bytes of a byte section: random, all one boundary byte, or each byte a random boundary value.
+ * cpuid2: 0-60 entries and up to 4 spare ones after them (capacity the kernel did not fill).
+ */
+function sectionBytes(section: ByteSection, round: number): Buffer {
+  const entries = randomInt(0, 61);
+  const size = section === 'cpuid2' ? S.cpuid2Size(entries + randomInt(0, 5)) : S.SECTIONS[section].size;
+  const b = fill(size, round);
+  if (section === 'cpuid2') b.writeUInt32LE(entries, 0);
+  return b;
+}
+
+function fill(size: number, round: number): Buffer {
+  const kind = round % 4;
+  if (kind === 0) return randomBytes(size);
+  if (kind === 1) return Buffer.alloc(size, BOUNDARY[(round >> 2) % BOUNDARY.length]);
+  const b = Buffer.from(Array.from({ length: size }, () => BOUNDARY[randomInt(BOUNDARY.length)]));
+  if (kind === 3) b.writeUInt32LE(randomInt(0, S.KVM_MAX_XCRS + 2), 0); // xcrs: around the 16-entry cap
+  return b;
+}
+
+const isByteSection = (s: S.SectionName): s is ByteSection => (BYTE_SECTIONS as readonly string[]).includes(s);
+
+/** The same vCPU state both ways: byte sections as bytes for the new path, decoded for the general one. */
+function fuzzedState(round: number, sections: readonly S.SectionName[]) {
+  const bytes: Record<string, unknown> = {};
+  const decoded: Record<string, unknown> = {};
+  for (const s of sections) {
+    if (isByteSection(s)) {
+      const b = sectionBytes(s, round);
+      bytes[s] = b;
+      decoded[s] = S.SECTIONS[s].decode(Buffer.from(b));
+    } else {
+      const v = s === 'mp_state' ? { mpState: BOUNDARY[round % BOUNDARY.length] } : s === 'tsc_khz' ? [0, 1, 0xffffffff, randomInt(2 ** 32 - 1)][round % 4] : randomValue(s);
+      bytes[s] = v;
+      decoded[s] = v;
+    }
+  }
+  return { bytes, decoded };
+}
+
+function expectSame(round: number, sections: readonly S.SectionName[]): void {
+  const { bytes, decoded } = fuzzedState(round, sections);
+  const extras = { msrsUnreadable: round % 2 ? [0x10, 0xc0000103, 0xffffffff] : [] };
+  const implicitlyPaused = round % 3 === 0;
+  const expected = general({ state: stateToProto(decoded as Partial<S.SectionValues>, extras), implicitlyPaused });
+  const actual = fromBytes(bytes, extras, implicitlyPaused);
+  expect(decode(actual)).toEqual(decode(expected));
+  expect(actual.equals(expected)).toBe(true);
+}
+
+describe('GetState response from kernel bytes', () => {
+  test('every section, fuzzed: the same bytes as the general path', () => {
+    for (let round = 0; round < 200; round++) expectSame(round, S.SECTION_NAMES);
+  });
+
+  test('each byte section alone and random subsets of sections', () => {
+    for (const s of BYTE_SECTIONS) for (let round = 0; round < 20; round++) expectSame(round, [s]);
+    for (let round = 0; round < 100; round++) expectSame(round, S.SECTION_NAMES.filter(() => randomInt(2) === 1));
+    expectSame(0, []);
+  });
+
+  test('decoded values of the byte sections (callers without bytes) go through the converters', () => {
+    const { decoded } = fuzzedState(0, S.SECTION_NAMES);
+    const expected = general({ state: stateToProto(decoded as Partial<S.SectionValues>, {}), implicitlyPaused: false });
+    expect(fromBytes(decoded, {}, false).equals(expected)).toBe(true);
+  });
+
+  test('bytes that do not hold what they describe are refused, not misread', () => {
+    expect(() => fromBytes({ regs: Buffer.alloc(S.SECTIONS.regs.size - 8) }, {}, false)).toThrow(/regs is 136 bytes/);
+    const cpuid = Buffer.alloc(S.cpuid2Size(3));
+    cpuid.writeUInt32LE(4, 0);
+    expect(() => fromBytes({ cpuid2: cpuid }, {}, false)).toThrow(/cpuid2 is 128 bytes/);
+    expect(() => fromBytes({ xsave: Buffer.alloc(S.SECTIONS.xsave.size - 1) }, {}, false)).toThrow(/xsave is 4095 bytes/);
+  });
+});
