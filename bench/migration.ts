@@ -197,7 +197,7 @@ export async function measureMigration(): Promise<BenchResult> {
     const sent = Number(idle.done.bytesSent);
     const idleFloorMs = (sent / MiB / udsFloor) * 1000;
     rows.push(['UDS floor: unix socket between two Node processes', (SIZE / MiB / udsFloor * 1000).toFixed(0), udsFloor.toFixed(0), '']);
-    rows.push([`idle guest, pre-copy over UDS`, idleMs.toFixed(0), idle.pass1MiBs.toFixed(0), `${idle.done.passes} passes, ${(sent / MiB).toFixed(0)} MiB sent, downtime ${ms(idle.done.downtime).toFixed(1)} ms`]);
+    rows.push([`idle guest, pre-copy over UDS`, idleMs.toFixed(0), idle.pass1MiBs.toFixed(0), `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent`]);
     const thr = ratioRow(`${label}: migration pass-1 throughput, UDS`, idle.pass1MiBs, udsFloor, 'MiB/s', 'unix socket between two Node processes', THROUGHPUT_TARGET);
     const idleRow = ratioRow(`${label}: idle guest, whole migration time`, idleMs, idleFloorMs, 'ms', 'bytes sent / UDS floor', IDLE_TARGET);
     benchRows.push(thr, idleRow);

@@ -97,6 +97,15 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value PackPages(const Napi::CallbackInfo& info);
   // (buf) -> Promise<{consumed, pages, zeroPages, frames, lastSeq}>
   Napi::Value ApplyFrames(const Napi::CallbackInfo& info);
+  // (fd, bitmap, fromPage, staging, {seq, framePages?, toPage?, maxBytes?, end?, stallMs, cancel})
+  //   -> Promise<{nextPage, bytes, pages, zeroPages, frames}>: packPages into `staging` and writes
+  //   each fill to the socket fd, on the pool thread, until toPage or once maxBytes are written;
+  //   having reached toPage, the end frame when `end`.
+  Napi::Value SendFrames(const Napi::CallbackInfo& info);
+  // (fd, prefix, {stallMs, cancel}) -> Promise<{prefixUsed, bytes, pages, zeroPages, frames, lastSeq}>:
+  //   reads frames (first from `prefix`, then from the socket fd) straight into guest memory up to
+  //   the end frame, each checked before its pages are read and its CRC after, on the pool thread.
+  Napi::Value ReceiveFrames(const Napi::CallbackInfo& info);
 
   void CheckRange(Napi::Env env, const char* op, uint64_t offset, size_t len) const;
   void Unmap();

@@ -1,12 +1,24 @@
-// GuestMemory.packPages and GuestMemory.applyFrames: the page-frame format of page_frames.h, on
-// the libuv pool. Guest memory is touched only in PackTask::Run and ApplyTask::Apply, with nothing
-// live there that needs unwinding (no allocation, lock or destructor: the page table's storage is
-// reserved up front), so both run under the SIGBUS guard of memory_guard.h (RunGuarded).
+// GuestMemory.packPages and GuestMemory.applyFrames (frames in buffers), sendFrames and
+// receiveFrames (frames on a socket): the page-frame format of page_frames.h, on the libuv pool.
+// Guest memory is touched only in the tasks' Run(), with nothing live there that needs unwinding
+// (no allocation, lock or destructor: the page table's and iovecs' storage is reserved up front;
+// the socket calls hold nothing either), so every Run() is under the SIGBUS guard of
+// memory_guard.h (RunGuarded). Failure strings are built only after a check failed, never across
+// an access to guest memory.
 #include "page_frames.h"
 
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
 
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +66,125 @@ uint64_t NextSetBit(const uint8_t* bitmap, uint64_t from, uint64_t end) {
   return end;
 }
 
+// Why a socket operation of a frame stream stopped: the call and its errno, or the peer's end.
+struct IoError {
+  const char* op = nullptr;
+  int err = 0;
+  bool eof = false;
+};
+
+// Waits until the non-blocking fd is ready for `events`, in 50 ms slices so that `cancel` (a byte
+// the JS thread sets) is seen: 0, or ETIMEDOUT after stallMs without readiness, ECANCELED, or
+// poll's errno.
+int WaitReady(int fd, short events, int stallMs, const uint8_t* cancel) {
+  constexpr int kSliceMs = 50;
+  for (int waited = 0;;) {
+    if (__atomic_load_n(cancel, __ATOMIC_RELAXED)) return ECANCELED;
+    pollfd p{fd, events, 0};
+    int r = poll(&p, 1, kSliceMs);
+    if (r > 0) return 0;  // POLLERR / POLLHUP too: the next read or write reports them
+    if (r < 0 && errno != EINTR) return errno;
+    if (r == 0 && (waited += kSliceMs) >= stallMs) return ETIMEDOUT;
+  }
+}
+
+// Writes all of [p, p + n) to the non-blocking socket fd (no SIGPIPE: a closed peer is EPIPE).
+bool WriteAll(int fd, const uint8_t* p, size_t n, int stallMs, const uint8_t* cancel, IoError* e) {
+  while (n) {
+    ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+    if (w > 0) {
+      p += w;
+      n -= static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (int r = WaitReady(fd, POLLOUT, stallMs, cancel)) {
+        *e = {"poll", r, false};
+        return false;
+      }
+      continue;
+    }
+    *e = {"send", errno, false};
+    return false;
+  }
+  return true;
+}
+
+// Reads a frame stream exactly (never past what is asked): first the bytes JS had already
+// received (`prefix`), then the non-blocking socket fd, straight into the caller's iovecs.
+class StreamReader {
+ public:
+  StreamReader(int fd, const uint8_t* prefix, size_t prefixLen, int stallMs, const uint8_t* cancel)
+      : fd_(fd), prefix_(prefix), prefixLen_(prefixLen), stallMs_(stallMs), cancel_(cancel) {}
+
+  // Fills iov[0..cnt) in order; the iovecs are consumed (advanced) as they fill.
+  bool ReadIov(iovec* iov, int cnt, IoError* e) {
+    int i = 0;
+    while (i < cnt) {
+      if (iov[i].iov_len == 0) {
+        i++;
+        continue;
+      }
+      if (prefixUsed_ < prefixLen_) {
+        size_t take = std::min(iov[i].iov_len, prefixLen_ - prefixUsed_);
+        memcpy(iov[i].iov_base, prefix_ + prefixUsed_, take);
+        Advance(&iov[i], take);
+        prefixUsed_ += take;
+        continue;
+      }
+      ssize_t r = readv(fd_, iov + i, std::min(cnt - i, IOV_MAX));
+      if (r > 0) {
+        fromFd_ += static_cast<size_t>(r);
+        for (size_t left = static_cast<size_t>(r); left;) {
+          size_t take = std::min(left, iov[i].iov_len);
+          Advance(&iov[i], take);
+          left -= take;
+          if (!iov[i].iov_len) i++;
+        }
+        continue;
+      }
+      if (r == 0) {
+        *e = {"read", 0, true};
+        return false;
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (int w = WaitReady(fd_, POLLIN, stallMs_, cancel_)) {
+          *e = {"poll", w, false};
+          return false;
+        }
+        continue;
+      }
+      *e = {"readv", errno, false};
+      return false;
+    }
+    return true;
+  }
+
+  bool Read(void* p, size_t n, IoError* e) {
+    iovec v{p, n};
+    return ReadIov(&v, 1, e);
+  }
+
+  size_t PrefixUsed() const { return prefixUsed_; }
+  size_t FromFd() const { return fromFd_; }
+  size_t Consumed() const { return prefixUsed_ + fromFd_; }
+
+ private:
+  static void Advance(iovec* v, size_t n) {
+    v->iov_base = static_cast<uint8_t*>(v->iov_base) + n;
+    v->iov_len -= n;
+  }
+
+  int fd_;
+  const uint8_t* prefix_;
+  size_t prefixLen_;
+  int stallMs_;
+  const uint8_t* cancel_;
+  size_t prefixUsed_ = 0, fromFd_ = 0;
+};
+
 // Base class: keeps the GuestMemory and the buffers alive and the mapping busy while it runs.
 class FrameTask : public Napi::AsyncWorker {
  public:
@@ -81,8 +212,28 @@ class FrameTask : public Napi::AsyncWorker {
     }
   }
 
+  // A guest-memory fault or a socket error, as the promise's rejection: true when it rejected.
+  bool RejectOnFailure(Napi::Env env, const char* op) {
+    if (faulted_) {
+      deferred_.Reject(MakeMemoryFaultError(env, op, faultOffset_).Value());
+      return true;
+    }
+    if (io_.eof) {
+      Napi::Error e = Napi::Error::New(env, std::string(op) + ": the peer closed the connection");
+      e.Set("code", Napi::String::New(env, "EOF"));
+      deferred_.Reject(e.Value());
+      return true;
+    }
+    if (io_.op) {
+      deferred_.Reject(MakeSysError(env, io_.op, io_.err).Value());
+      return true;
+    }
+    return false;
+  }
+
   bool faulted_ = false;
   uint64_t faultOffset_ = 0;
+  IoError io_;
   GuestMemory* mem_;
   Napi::ObjectReference self_;
   std::vector<Napi::ObjectReference> refs_;
@@ -91,21 +242,45 @@ class FrameTask : public Napi::AsyncWorker {
 
 class PackTask : public FrameTask {
  public:
-  PackTask(Napi::Env env, GuestMemory* mem, Napi::Object self, const uint8_t* bitmap, uint64_t from, uint8_t* out,
-           size_t outLen, uint64_t seq, uint32_t framePages)
-      : FrameTask(env, mem, self), bitmap_(bitmap), page_(from), out_(out), outLen_(outLen), seq_(seq),
-        framePages_(framePages) {
+  // Packs the selected pages of [from, to) (to: the memory's end when past it).
+  PackTask(Napi::Env env, GuestMemory* mem, Napi::Object self, const uint8_t* bitmap, uint64_t from, uint64_t to,
+           uint8_t* out, size_t outLen, uint64_t seq, uint32_t framePages)
+      : FrameTask(env, mem, self), bitmap_(bitmap), page_(from), limit_(std::min<uint64_t>(to, mem->Size() / kPageSize)),
+        out_(out), outLen_(outLen), seq_(seq), framePages_(framePages) {
     table_.reserve(framePages_);
   }
 
   void Execute() override { RunGuarded<PackTask>(this); }
 
-  void Run() {
+  void Run() { PackOnce(); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    mem_->EndBusy();
+    if (RejectOnFailure(env, Op())) return;
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("nextPage", Napi::Number::New(env, static_cast<double>(page_)));
+    r.Set("bytes", Napi::Number::New(env, static_cast<double>(BytesOut())));
+    r.Set("pages", Napi::Number::New(env, static_cast<double>(pages_)));
+    r.Set("zeroPages", Napi::Number::New(env, static_cast<double>(zeroPages_)));
+    r.Set("frames", Napi::Number::New(env, static_cast<double>(frames_)));
+    deferred_.Resolve(r);
+  }
+
+ protected:
+  virtual const char* Op() const { return "GuestMemory.packPages"; }
+  virtual size_t BytesOut() const { return pos_; }
+
+  // Fills out_ from pos_ with whole frames until it is full (full_) or page_ reaches limit_.
+  void PackOnce() {
     const uint8_t* base = mem_->Base();
-    const uint64_t end = mem_->Size() / kPageSize;
+    const uint64_t end = limit_;
     std::vector<uint64_t>& table = table_;  // capacity reserved: push_back never allocates here
     for (;;) {
-      if (outLen_ - pos_ < kFrameHeaderBytes + 8) break;  // not even a zero page fits
+      if (outLen_ - pos_ < kFrameHeaderBytes + 8) {  // not even a zero page fits
+        full_ = true;
+        break;
+      }
       size_t room = outLen_ - pos_ - kFrameHeaderBytes, used = 0;
       uint32_t data = 0;
       table.clear();
@@ -133,20 +308,6 @@ class PackTask : public FrameTask {
     }
   }
 
-  void OnOK() override {
-    Napi::Env env = Env();
-    mem_->EndBusy();
-    if (faulted_) return deferred_.Reject(MakeMemoryFaultError(env, "GuestMemory.packPages", faultOffset_).Value());
-    Napi::Object r = Napi::Object::New(env);
-    r.Set("nextPage", Napi::Number::New(env, static_cast<double>(page_)));
-    r.Set("bytes", Napi::Number::New(env, static_cast<double>(pos_)));
-    r.Set("pages", Napi::Number::New(env, static_cast<double>(pages_)));
-    r.Set("zeroPages", Napi::Number::New(env, static_cast<double>(zeroPages_)));
-    r.Set("frames", Napi::Number::New(env, static_cast<double>(frames_)));
-    deferred_.Resolve(r);
-  }
-
- private:
   void WriteFrame(const uint8_t* base, const std::vector<uint64_t>& table, uint32_t data) {
     uint8_t* f = out_ + pos_;
     Store<uint32_t>(f + 0, kFrameMagic);
@@ -177,6 +338,7 @@ class PackTask : public FrameTask {
 
   const uint8_t* bitmap_;
   uint64_t page_;
+  uint64_t limit_;
   uint8_t* out_;
   size_t outLen_;
   uint64_t seq_;
@@ -185,6 +347,54 @@ class PackTask : public FrameTask {
   size_t pos_ = 0;
   bool full_ = false;
   uint64_t pages_ = 0, zeroPages_ = 0, frames_ = 0;
+};
+
+// packPages into a staging buffer, each fill written to the socket straight from it: no JS
+// buffer, no event-loop turn per fill. The staging copy stays (the CRC must describe the bytes
+// that leave while the guest keeps writing its pages).
+class SendTask : public PackTask {
+ public:
+  SendTask(Napi::Env env, GuestMemory* mem, Napi::Object self, int fd, const uint8_t* bitmap, uint64_t from, uint64_t to,
+           uint8_t* staging, size_t stagingLen, uint64_t seq, uint32_t framePages, uint64_t maxBytes, bool end,
+           int stallMs, const uint8_t* cancel)
+      : PackTask(env, mem, self, bitmap, from, to, staging, stagingLen, seq, framePages), fd_(fd), maxBytes_(maxBytes),
+        end_(end), stallMs_(stallMs), cancel_(cancel) {}
+
+  void Execute() override {
+    RunGuarded<SendTask>(this);
+    close(fd_);
+  }
+
+  void Run() {
+    do {
+      pos_ = 0;
+      full_ = false;
+      PackOnce();
+      if (pos_ && !WriteAll(fd_, out_, pos_, stallMs_, cancel_, &io_)) return;
+      sent_ += pos_;
+    } while (full_ && sent_ < maxBytes_);
+    if (!end_ || page_ < limit_) return;
+    uint8_t f[kFrameHeaderBytes] = {};
+    Store<uint32_t>(f + 0, kFrameMagic);
+    Store<uint16_t>(f + 4, kFrameVersion);
+    Store<uint16_t>(f + 6, kFrameFlagEnd);
+    Store<uint64_t>(f + 8, seq_ + frames_);
+    Store<uint32_t>(f + 24, Crc32c(0, f, 24));
+    Store<uint32_t>(f + 28, Crc32c(0, f, 28));
+    if (WriteAll(fd_, f, sizeof f, stallMs_, cancel_, &io_)) sent_ += sizeof f;
+  }
+
+ protected:
+  const char* Op() const override { return "GuestMemory.sendFrames"; }
+  size_t BytesOut() const override { return sent_; }
+
+ private:
+  int fd_;
+  uint64_t maxBytes_;
+  bool end_;
+  int stallMs_;
+  const uint8_t* cancel_;
+  size_t sent_ = 0;
 };
 
 class ApplyTask : public FrameTask {
@@ -199,7 +409,10 @@ class ApplyTask : public FrameTask {
       size_t frameLen = 0;
       if (!Verify(buf_ + pos_, len_ - pos_, &frameLen)) return;
       if (frameLen == 0) return;  // incomplete trailing frame: wait for more bytes
-      Apply(buf_ + pos_);
+      const uint8_t* f = buf_ + pos_;
+      uint32_t count = Load<uint32_t>(f + 16);
+      PopulateDataRuns(mem_->Base(), f + kFrameHeaderBytes, count);
+      ApplyTable(f, f + kFrameHeaderBytes + 8 * size_t{count});
       pos_ += frameLen;
     }
   }
@@ -207,37 +420,48 @@ class ApplyTask : public FrameTask {
   void OnOK() override {
     Napi::Env env = Env();
     mem_->EndBusy();
-    if (faulted_) return deferred_.Reject(MakeMemoryFaultError(env, "GuestMemory.applyFrames", faultOffset_).Value());
-    if (!check_.empty()) {
-      Napi::Error e = Napi::Error::New(env, "applyFrames: frame at byte " + std::to_string(pos_) + " (seq " +
-                                                std::to_string(badSeq_) + (seqTrusted_ ? "" : ", unverified") +
-                                                "): " + check_ + ": " + detail_);
-      e.Set("code", Napi::String::New(env, "EFRAME"));
-      e.Set("check", Napi::String::New(env, check_));
-      e.Set("seq", Napi::BigInt::New(env, badSeq_));
-      e.Set("offset", Napi::Number::New(env, static_cast<double>(pos_)));
-      e.Set("consumed", Napi::Number::New(env, static_cast<double>(pos_)));
-      deferred_.Reject(e.Value());
-      return;
-    }
-    Napi::Object r = Napi::Object::New(env);
+    if (RejectOnFailure(env, Op())) return;
+    Napi::Object r = Counts(env);
     r.Set("consumed", Napi::Number::New(env, static_cast<double>(pos_)));
+    deferred_.Resolve(r);
+  }
+
+ protected:
+  virtual const char* Op() const { return "GuestMemory.applyFrames"; }
+
+  // The frame checks' failure as an EFRAME rejection, then FrameTask's.
+  bool RejectOnFailure(Napi::Env env, const char* op) {
+    if (check_.empty()) return FrameTask::RejectOnFailure(env, op);
+    Napi::Error e = Napi::Error::New(env, std::string(op) + ": frame at byte " + std::to_string(pos_) + " (seq " +
+                                              std::to_string(badSeq_) + (seqTrusted_ ? "" : ", unverified") + "): " +
+                                              check_ + ": " + detail_);
+    e.Set("code", Napi::String::New(env, "EFRAME"));
+    e.Set("check", Napi::String::New(env, check_));
+    e.Set("seq", Napi::BigInt::New(env, badSeq_));
+    e.Set("offset", Napi::Number::New(env, static_cast<double>(pos_)));
+    e.Set("consumed", Napi::Number::New(env, static_cast<double>(pos_)));
+    deferred_.Reject(e.Value());
+    return true;
+  }
+
+  Napi::Object Counts(Napi::Env env) const {
+    Napi::Object r = Napi::Object::New(env);
     r.Set("pages", Napi::Number::New(env, static_cast<double>(pages_)));
     r.Set("zeroPages", Napi::Number::New(env, static_cast<double>(zeroPages_)));
     r.Set("frames", Napi::Number::New(env, static_cast<double>(frames_)));
     if (frames_) r.Set("lastSeq", Napi::BigInt::New(env, lastSeq_));
-    deferred_.Resolve(r);
+    return r;
   }
 
- private:
   bool Fail(const char* check, std::string detail) {
     check_ = check;
     detail_ = std::move(detail);
     return false;
   }
 
-  // True with *frameLen = 0 when the frame is not all there yet; false (check_ set) when corrupt.
-  bool Verify(const uint8_t* f, size_t avail, size_t* frameLen) {
+  // Magic, version, header CRC, flags, page counts. An end frame (kFrameFlagEnd, no pages) sets
+  // *end where the caller reads a stream (end != nullptr); elsewhere its flag is unknown.
+  bool VerifyHeader(const uint8_t* f, bool* end) {
     badSeq_ = Load<uint64_t>(f + 8);
     seqTrusted_ = false;
     uint32_t magic = Load<uint32_t>(f);
@@ -250,21 +474,25 @@ class ApplyTask : public FrameTask {
       return Fail("header_crc", "computed 0x" + Hex(headerCrc) + ", the frame says 0x" + Hex(Load<uint32_t>(f + 28)));
     seqTrusted_ = true;
     uint16_t flags = Load<uint16_t>(f + 6);
-    if (flags) return Fail("flags", "unknown bits 0x" + Hex(flags));
     uint32_t count = Load<uint32_t>(f + 16), data = Load<uint32_t>(f + 20);
+    if (end && flags == kFrameFlagEnd) {
+      if (count || data) return Fail("page_count", "an end frame with " + std::to_string(count) + " pages");
+      *end = true;
+      return true;
+    }
+    if (flags) return Fail("flags", "unknown bits 0x" + Hex(flags));
     if (count == 0 || count > kMaxFramePages || data > count)
       return Fail("page_count", std::to_string(count) + " pages (" + std::to_string(data) + " with data), allowed 1.." +
                                     std::to_string(kMaxFramePages));
-    size_t need = kFrameHeaderBytes + 8 * size_t{count} + kPageSize * size_t{data};
-    *frameLen = 0;
-    if (avail < need) return true;
-    uint32_t crc = Crc32c(Crc32c(0, f, 24), f + kFrameHeaderBytes, need - kFrameHeaderBytes);
-    if (crc != Load<uint32_t>(f + 24))
-      return Fail("crc", "computed 0x" + Hex(crc) + ", the frame says 0x" + Hex(Load<uint32_t>(f + 24)));
+    return true;
+  }
+
+  // Every page number against the memory's size, and the zero flags against dataPages.
+  bool VerifyTable(const uint8_t* table, uint32_t count, uint32_t data) {
     const uint64_t pages = mem_->Size() / kPageSize;
     uint32_t withData = 0;
     for (uint32_t i = 0; i < count; i++) {
-      uint64_t e = Load<uint64_t>(f + kFrameHeaderBytes + 8 * i);
+      uint64_t e = Load<uint64_t>(table + 8 * i);
       uint64_t p = e & ~kFrameZeroPage;
       if (p >= pages)
         return Fail("page_number", "entry " + std::to_string(i) + " names page " + std::to_string(p) +
@@ -273,23 +501,38 @@ class ApplyTask : public FrameTask {
     }
     if (withData != data)
       return Fail("page_count", std::to_string(withData) + " table entries carry data, the header says " + std::to_string(data));
+    return true;
+  }
+
+  // True with *frameLen = 0 when the frame is not all there yet; false (check_ set) when corrupt.
+  bool Verify(const uint8_t* f, size_t avail, size_t* frameLen) {
+    *frameLen = 0;
+    if (!VerifyHeader(f, nullptr)) return false;
+    uint32_t count = Load<uint32_t>(f + 16), data = Load<uint32_t>(f + 20);
+    size_t need = kFrameHeaderBytes + 8 * size_t{count} + kPageSize * size_t{data};
+    if (avail < need) return true;
+    uint32_t crc = Crc32c(Crc32c(0, f, 24), f + kFrameHeaderBytes, need - kFrameHeaderBytes);
+    if (crc != Load<uint32_t>(f + 24))
+      return Fail("crc", "computed 0x" + Hex(crc) + ", the frame says 0x" + Hex(Load<uint32_t>(f + 24)));
+    if (!VerifyTable(f + kFrameHeaderBytes, count, data)) return false;
     *frameLen = need;
     return true;
   }
 
-  void Apply(const uint8_t* f) {
+  // Applies the verified frame whose header is `f` (its table follows it): the data pages from
+  // `payload` (nullptr: already in place), the zero pages zeroed; every page marked written.
+  void ApplyTable(const uint8_t* f, const uint8_t* payload) {
     uint8_t* base = mem_->Base();
     uint32_t count = Load<uint32_t>(f + 16);
-    const uint8_t* payload = f + kFrameHeaderBytes + 8 * size_t{count};
-    PopulateDataRuns(base, f + kFrameHeaderBytes, count);
+    const uint8_t* table = f + kFrameHeaderBytes;
     for (uint32_t i = 0; i < count; i++) {
-      uint64_t e = Load<uint64_t>(f + kFrameHeaderBytes + 8 * i);
+      uint64_t e = Load<uint64_t>(table + 8 * i);
       uint8_t* page = base + (e & ~kFrameZeroPage) * kPageSize;
       if (e & kFrameZeroPage) {
         zeroPages_++;
         if (PageIsZero(page)) continue;  // an untouched page stays unallocated
         memset(page, 0, kPageSize);
-      } else {
+      } else if (payload) {
         memcpy(page, payload, kPageSize);
         payload += kPageSize;
       }
@@ -332,6 +575,79 @@ class ApplyTask : public FrameTask {
   bool seqTrusted_ = false;
 };
 
+// applyFrames on a stream: frames read from the socket (after the bytes JS already holds, buf_)
+// straight into guest memory, up to the end frame. Each frame's header and page table are checked
+// before any of its pages is read (every page number inside the memory); its CRC after, over the
+// pages where they landed. A mismatch fails the call, and the caller the migration: the
+// destination VM has not run and never runs on that memory.
+class ReceiveTask : public ApplyTask {
+ public:
+  ReceiveTask(Napi::Env env, GuestMemory* mem, Napi::Object self, int fd, const uint8_t* prefix, size_t prefixLen,
+              int stallMs, const uint8_t* cancel)
+      : ApplyTask(env, mem, self, prefix, prefixLen), fd_(fd), in_(fd, prefix, prefixLen, stallMs, cancel),
+        frame_(kFrameHeaderBytes + 8 * size_t{kMaxFramePages}), iov_(kMaxFramePages) {}
+
+  void Execute() override {
+    RunGuarded<ReceiveTask>(this);
+    close(fd_);
+  }
+
+  void Run() {
+    uint8_t* base = mem_->Base();
+    uint8_t* f = frame_.data();
+    const uint8_t* table = f + kFrameHeaderBytes;
+    for (;;) {
+      pos_ = in_.Consumed();
+      bool end = false;
+      if (!in_.Read(f, kFrameHeaderBytes, &io_) || !VerifyHeader(f, &end)) return;
+      if (end) return;
+      uint32_t count = Load<uint32_t>(f + 16), data = Load<uint32_t>(f + 20);
+      if (!in_.Read(f + kFrameHeaderBytes, 8 * size_t{count}, &io_) || !VerifyTable(table, count, data)) return;
+      PopulateDataRuns(base, table, count);
+      int n = 0;  // the data pages as iovecs, consecutive pages merged
+      for (uint32_t i = 0; i < count; i++) {
+        uint64_t e = Load<uint64_t>(table + 8 * i);
+        if (e & kFrameZeroPage) continue;
+        uint8_t* page = base + e * kPageSize;
+        if (n && static_cast<uint8_t*>(iov_[n - 1].iov_base) + iov_[n - 1].iov_len == page)
+          iov_[n - 1].iov_len += kPageSize;
+        else
+          iov_[n++] = {page, kPageSize};
+      }
+      if (!in_.ReadIov(iov_.data(), n, &io_)) return;
+      uint32_t crc = Crc32c(Crc32c(0, f, 24), table, 8 * size_t{count});
+      for (uint32_t i = 0; i < count; i++) {
+        uint64_t e = Load<uint64_t>(table + 8 * i);
+        if (!(e & kFrameZeroPage)) crc = Crc32c(crc, base + e * kPageSize, kPageSize);
+      }
+      if (crc != Load<uint32_t>(f + 24)) {
+        Fail("crc", "computed 0x" + Hex(crc) + ", the frame says 0x" + Hex(Load<uint32_t>(f + 24)));
+        return;
+      }
+      ApplyTable(f, nullptr);
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    mem_->EndBusy();
+    if (RejectOnFailure(env, Op())) return;
+    Napi::Object r = Counts(env);
+    r.Set("prefixUsed", Napi::Number::New(env, static_cast<double>(in_.PrefixUsed())));
+    r.Set("bytes", Napi::Number::New(env, static_cast<double>(in_.FromFd())));
+    deferred_.Resolve(r);
+  }
+
+ protected:
+  const char* Op() const override { return "GuestMemory.receiveFrames"; }
+
+ private:
+  int fd_;
+  StreamReader in_;
+  std::vector<uint8_t> frame_;  // a frame's header and page table
+  std::vector<iovec> iov_;
+};
+
 // opts[key] as a u64; `dflt` when absent, a TypeError when required or not an integer.
 uint64_t OptU64(Napi::Env env, Napi::Object opts, const char* key, const char* op, std::optional<uint64_t> dflt) {
   Napi::Value v = opts.Get(key);
@@ -343,26 +659,85 @@ uint64_t OptU64(Napi::Env env, Napi::Object opts, const char* key, const char* o
 
 }  // namespace
 
-Napi::Value GuestMemory::PackPages(const Napi::CallbackInfo& info) {
-  const char* op = "GuestMemory.packPages";
-  Napi::Buffer<uint8_t> bitmap = BufferArg(info, 0, op);
-  uint64_t from = U64Arg(info, 1, op, "fromPage");
-  Napi::Buffer<uint8_t> out = BufferArg(info, 2, op);
-  if (!info[3].IsObject()) throw Napi::TypeError::New(info.Env(), std::string(op) + ": opts must be an object { seq, framePages? }");
-  Napi::Object opts = info[3].As<Napi::Object>();
-  uint64_t seq = OptU64(info.Env(), opts, "seq", op, std::nullopt);
-  uint64_t framePages = OptU64(info.Env(), opts, "framePages", op, kDefaultFramePages);
-  uint64_t pages = size_ / kPageSize;
-  CheckPages(info.Env(), op, 0, pages, bitmap.Length());
-  if (from > pages) throw Napi::RangeError::New(info.Env(), std::string(op) + ": fromPage " + std::to_string(from) + " is beyond the " + std::to_string(pages) + " pages");
+namespace {
+
+// The arguments packPages and sendFrames share: (bitmap, fromPage, out, opts {seq, framePages?,
+// toPage?}) from info[first].
+struct PackArgs {
+  Napi::Buffer<uint8_t> bitmap, out;
+  Napi::Object opts;
+  uint64_t from, to, seq;
+  uint32_t framePages;
+};
+
+PackArgs ParsePackArgs(const Napi::CallbackInfo& info, size_t first, const char* op, uint64_t pages,
+                       const std::function<void(size_t)>& checkBitmap) {
+  PackArgs a;
+  a.bitmap = BufferArg(info, first, op);
+  a.from = U64Arg(info, first + 1, op, "fromPage");
+  a.out = BufferArg(info, first + 2, op);
+  if (!info[first + 3].IsObject())
+    throw Napi::TypeError::New(info.Env(), std::string(op) + ": opts must be an object { seq, framePages?, ... }");
+  a.opts = info[first + 3].As<Napi::Object>();
+  a.seq = OptU64(info.Env(), a.opts, "seq", op, std::nullopt);
+  uint64_t framePages = OptU64(info.Env(), a.opts, "framePages", op, kDefaultFramePages);
+  a.to = OptU64(info.Env(), a.opts, "toPage", op, pages);
+  checkBitmap(a.bitmap.Length());
+  if (a.from > pages) throw Napi::RangeError::New(info.Env(), std::string(op) + ": fromPage " + std::to_string(a.from) + " is beyond the " + std::to_string(pages) + " pages");
   if (framePages == 0 || framePages > kMaxFramePages)
     throw Napi::RangeError::New(info.Env(), std::string(op) + ": framePages must be 1.." + std::to_string(kMaxFramePages));
-  if (out.Length() < kFrameHeaderBytes + 8 + kPageSize)
-    ThrowLength(info.Env(), op, "output buffer is " + std::to_string(out.Length()) + " bytes, a frame of one page needs " + std::to_string(kFrameHeaderBytes + 8 + kPageSize));
-  auto* t = new PackTask(info.Env(), this, info.This().As<Napi::Object>(), bitmap.Data(), from, out.Data(), out.Length(), seq,
-                         static_cast<uint32_t>(framePages));
-  t->Keep(bitmap);
-  t->Keep(out);
+  a.framePages = static_cast<uint32_t>(framePages);
+  if (a.out.Length() < kFrameHeaderBytes + 8 + kPageSize)
+    ThrowLength(info.Env(), op, "output buffer is " + std::to_string(a.out.Length()) + " bytes, a frame of one page needs " + std::to_string(kFrameHeaderBytes + 8 + kPageSize));
+  return a;
+}
+
+// The stream calls' socket: a duplicate of the caller's fd, owned (and closed) by the task, so the
+// caller closing its socket meanwhile cannot hand the number to another file.
+int DupSocketFd(const Napi::CallbackInfo& info, const char* op) {
+  uint64_t fd = U64Arg(info, 0, op, "fd");
+  int d = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+  if (d < 0) throw MakeSysError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
+  return d;
+}
+
+// opts.stallMs (required, 1..2^31) and opts.cancel (a Buffer whose first byte the JS thread sets
+// to cancel the call).
+std::pair<int, Napi::Buffer<uint8_t>> StreamOpts(Napi::Env env, Napi::Object opts, const char* op) {
+  uint64_t stallMs = OptU64(env, opts, "stallMs", op, std::nullopt);
+  if (stallMs == 0 || stallMs > INT32_MAX) throw Napi::RangeError::New(env, std::string(op) + ": opts.stallMs must be 1..2^31-1");
+  Napi::Value c = opts.Get("cancel");
+  if (!c.IsBuffer() || c.As<Napi::Buffer<uint8_t>>().Length() < 1)
+    throw Napi::TypeError::New(env, std::string(op) + ": opts.cancel must be a Buffer of at least one byte");
+  return {static_cast<int>(stallMs), c.As<Napi::Buffer<uint8_t>>()};
+}
+
+}  // namespace
+
+Napi::Value GuestMemory::PackPages(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.packPages";
+  uint64_t pages = size_ / kPageSize;
+  PackArgs a = ParsePackArgs(info, 0, op, pages, [&](size_t len) { CheckPages(info.Env(), op, 0, pages, len); });
+  auto* t = new PackTask(info.Env(), this, info.This().As<Napi::Object>(), a.bitmap.Data(), a.from, a.to, a.out.Data(),
+                         a.out.Length(), a.seq, a.framePages);
+  t->Keep(a.bitmap);
+  t->Keep(a.out);
+  return t->Start();
+}
+
+Napi::Value GuestMemory::SendFrames(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.sendFrames";
+  uint64_t pages = size_ / kPageSize;
+  PackArgs a = ParsePackArgs(info, 1, op, pages, [&](size_t len) { CheckPages(info.Env(), op, 0, pages, len); });
+  auto [stallMs, cancel] = StreamOpts(info.Env(), a.opts, op);
+  bool end = a.opts.Get("end").ToBoolean();
+  uint64_t maxBytes = OptU64(info.Env(), a.opts, "maxBytes", op, UINT64_MAX);
+  int fd = DupSocketFd(info, op);
+  auto* t = new SendTask(info.Env(), this, info.This().As<Napi::Object>(), fd, a.bitmap.Data(), a.from, a.to, a.out.Data(),
+                         a.out.Length(), a.seq, a.framePages, maxBytes, end, stallMs, cancel.Data());
+  t->Keep(a.bitmap);
+  t->Keep(a.out);
+  t->Keep(cancel);
   return t->Start();
 }
 
@@ -372,6 +747,20 @@ Napi::Value GuestMemory::ApplyFrames(const Napi::CallbackInfo& info) {
   CheckPages(info.Env(), op, 0, 0, 0);  // not released
   auto* t = new ApplyTask(info.Env(), this, info.This().As<Napi::Object>(), buf.Data(), buf.Length());
   t->Keep(buf);
+  return t->Start();
+}
+
+Napi::Value GuestMemory::ReceiveFrames(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.receiveFrames";
+  Napi::Buffer<uint8_t> prefix = BufferArg(info, 1, op);
+  if (!info[2].IsObject()) throw Napi::TypeError::New(info.Env(), std::string(op) + ": opts must be an object { stallMs, cancel }");
+  auto [stallMs, cancel] = StreamOpts(info.Env(), info[2].As<Napi::Object>(), op);
+  CheckPages(info.Env(), op, 0, 0, 0);  // not released
+  int fd = DupSocketFd(info, op);
+  auto* t = new ReceiveTask(info.Env(), this, info.This().As<Napi::Object>(), fd, prefix.Data(), prefix.Length(), stallMs,
+                            cancel.Data());
+  t->Keep(prefix);
+  t->Keep(cancel);
   return t->Start();
 }
 

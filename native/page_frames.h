@@ -9,7 +9,7 @@
 //   offset  size  field
 //   0       4     magic      0x46475056 ("VPGF" in memory)
 //   4       2     version    1
-//   6       2     flags      0 (reserved: a reader rejects any bit it does not know)
+//   6       2     flags      0, or kFrameFlagEnd alone (a reader rejects any bit it does not know)
 //   8       8     seq        sequence number; consecutive frames of one packPages call count up
 //   16      4     pageCount  entries in the page table, 1..kMaxFramePages
 //   20      4     dataPages  entries without the zero flag: the payload is dataPages * 4096 bytes
@@ -23,6 +23,10 @@
 // for the whole frame; then frameCrc, every page number against the memory's size, and that the
 // zero flags count dataPages. Only then does it copy anything. Within one frame a page may repeat
 // (the last copy wins); ordering between frames is the caller's (by seq).
+//
+// On a stream of frames (GuestMemory.sendFrames / receiveFrames: the frames written straight to a
+// socket), an end frame closes the stream: flags = kFrameFlagEnd, pageCount 0, dataPages 0, its
+// frameCrc over bytes [0, 24) only. applyFrames rejects it (its frames come in buffers, not streams).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -35,6 +39,7 @@ constexpr size_t kFrameHeaderBytes = 32;
 constexpr uint32_t kMaxFramePages = 1024;
 constexpr uint32_t kDefaultFramePages = 256;
 constexpr uint64_t kFrameZeroPage = 1ull << 63;
+constexpr uint16_t kFrameFlagEnd = 1;
 constexpr size_t kMaxFrameBytes = kFrameHeaderBytes + 8 * kMaxFramePages + 4096 * size_t{kMaxFramePages};
 
 }  // namespace vcpud

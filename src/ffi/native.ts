@@ -51,6 +51,21 @@ export interface NativeGuestMemory {
    * applyFrames turns it into a data_loss VcpudError). libuv pool.
    */
   applyFrames(buf: Buffer): Promise<ApplyResult>;
+  /**
+   * packPages of [fromPage, opts.toPage) into `staging`, each fill written to the socket `fd` (a
+   * duplicate the call owns) on the pool thread, until toPage or opts.maxBytes; having reached
+   * toPage, with opts.end, the end frame. A write that
+   * waits stallMs rejects ETIMEDOUT, opts.cancel[0] = 1 rejects ECANCELED; other errors with errno.
+   * result.bytes = bytes written.
+   */
+  sendFrames(fd: number, bitmap: Buffer, fromPage: number, staging: Buffer, opts: SendFramesOptions): Promise<PackResult>;
+  /**
+   * Reads frames, first from `prefix` then from the socket `fd`, straight into guest memory up to
+   * the end frame (each frame checked as applyFrames checks it; its CRC over the pages where they
+   * landed). Rejects EFRAME as applyFrames, code 'EOF' when the peer closed, ETIMEDOUT / ECANCELED
+   * as sendFrames. libuv pool.
+   */
+  receiveFrames(fd: number, prefix: Buffer, opts: StreamOptions): Promise<ReceiveResult>;
   /** Each file mapFile mapped, as fstat sees it now and as it was when first mapped. */
   backingFiles(): BackingFileInfo[];
 }
@@ -60,6 +75,30 @@ export interface PackOptions {
   seq: bigint | number;
   /** Pages per frame (default pageFrameFormat.defaultFramePages, at most maxFramePages). */
   framePages?: number;
+}
+
+export interface StreamOptions {
+  /** A wait for the socket longer than this rejects ETIMEDOUT. */
+  stallMs: number;
+  /** Setting byte 0 to 1 makes the call reject ECANCELED within 50 ms. */
+  cancel: Buffer;
+}
+
+export interface SendFramesOptions extends PackOptions, StreamOptions {
+  /** Pages from here on are left for the next call (default: the memory's end). */
+  toPage?: number;
+  /** Returns (result.nextPage) once this many bytes are written (whole staging fills; default no limit). */
+  maxBytes?: number;
+  /** Writes the end frame once toPage is reached. */
+  end?: boolean;
+}
+
+/** What one receiveFrames call applied. */
+export interface ReceiveResult extends Omit<ApplyResult, 'consumed'> {
+  /** Bytes of the prefix that belonged to the stream (the rest follows the end frame). */
+  prefixUsed: number;
+  /** Bytes read from the socket. */
+  bytes: number;
 }
 
 /** What one packPages call produced (ffi/page-frames.ts). */

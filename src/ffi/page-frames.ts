@@ -4,7 +4,7 @@
  * the libuv pool; the caller moves the bytes (Node sockets) and orders frames by seq.
  */
 import { VcpudError } from '../errors';
-import { native, type ApplyResult, type NativeGuestMemory } from './native';
+import { native, type ApplyResult, type NativeGuestMemory, type ReceiveResult, type StreamOptions } from './native';
 
 export const PAGE_FRAME_FORMAT = native.pageFrameFormat;
 /** The frame format version this build writes and reads. */
@@ -24,12 +24,20 @@ interface FrameErrorShape {
  * (magic, version, header_crc, flags, page_count, crc, page_number), the frame's seq and its
  * offset in `buf`; the frames before it were applied.
  */
-export async function applyFrames(memory: NativeGuestMemory, buf: Buffer): Promise<ApplyResult> {
-  try {
-    return await memory.applyFrames(buf);
-  } catch (e) {
-    const f = e as FrameErrorShape;
-    if (f?.code !== 'EFRAME') throw e;
-    throw new VcpudError('data_loss', f.message, { chunk: String(f.seq), offset: String(f.offset), field: f.check });
-  }
+export function applyFrames(memory: NativeGuestMemory, buf: Buffer): Promise<ApplyResult> {
+  return memory.applyFrames(buf).catch(frameError);
+}
+
+/**
+ * NativeGuestMemory.receiveFrames, a corrupt frame rejecting as applyFrames does (offset: in the
+ * stream); its socket errors as they come (code ETIMEDOUT, ECANCELED, EOF or an errno name).
+ */
+export function receiveFrames(memory: NativeGuestMemory, fd: number, prefix: Buffer, opts: StreamOptions): Promise<ReceiveResult> {
+  return memory.receiveFrames(fd, prefix, opts).catch(frameError);
+}
+
+function frameError(e: unknown): never {
+  const f = e as FrameErrorShape;
+  if (f?.code !== 'EFRAME') throw e;
+  throw new VcpudError('data_loss', f.message, { chunk: String(f.seq), offset: String(f.offset), field: f.check });
 }

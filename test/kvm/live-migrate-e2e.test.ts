@@ -4,7 +4,8 @@
  * the destination every page of the range holds exactly the value its counter (RBX) says (no write
  * lost or repeated) and the random memory around it is byte for byte the source's. Each fault leaves
  * exactly one live copy: the source's, running, with nothing left on the destination (both ListVms
- * checked): the destination stopped (SIGSTOP) or killed mid-pass, the caller cancelling. Run control
+ * checked): the destination stopped (SIGSTOP) or killed mid-pass, the caller cancelling; a migration to
+ * the source's own server is refused up front. Run control
  * and memory writes during the pre-copy are refused naming the migration; pausing is allowed.
  */
 import crypto from 'node:crypto';
@@ -149,6 +150,18 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(metrics).toMatch(/^vcpud_migration_passes_sum [2-9]|^vcpud_migration_passes_sum \d\d/m);
     expect(metrics).toMatch(/^vcpud_migration_data_bytes_total [1-9]/m);
     expect(metrics).toMatch(/^vcpud_migration_dirty_rate_bytes [1-9]/m);
+  });
+
+  it('a migration to its own server is refused FAILED_PRECONDITION (MIGRATION_TO_SELF): the VM runs on here, no second copy', async () => {
+    const memory = 32 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: src.serving.api }));
+    expect(r.error?.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(decodeStatusDetails(r.error!.metadata)?.errorInfo?.reason).toBe('MIGRATION_TO_SELF');
+    expect(r.error!.details).toMatch(/this same vcpud.*kept running here as it was/);
+    expect((await listVms(srcVms)).map((v) => v.id)).toEqual([guest.id]);
+    await expectRunningHere(srcVms, guest.id);
+    await expectIntact(srcVms, srcState, guest, guest.id, memory);
   });
 
   it('a slowly dirtying guest (pages written once, not again before the switch): nothing dirtied during the passes is lost', async () => {

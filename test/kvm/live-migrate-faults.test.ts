@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { probeCapabilities, type HostCapabilities } from '../../src/ffi/capabilities';
 import { Kvm } from '../../src/ffi/kvm';
+import { PAGE_FRAME_FORMAT } from '../../src/ffi/page-frames';
 import { serveDataConnection } from '../../src/server/services/migration-service';
 import type { ManagedVm } from '../../src/vm/managed-vm';
 import { IncomingMigration } from '../../src/vm/migration/incoming';
@@ -31,7 +32,8 @@ type Fault = { kind: 'flip'; atByte: number } | { kind: 'cut'; atByte: number } 
 
 /**
  * A unix-socket proxy in front of `target` that applies `fault` to what the source sends. For
- * 'cut-after-commit' it parses the envelopes (16-byte headers: type at 4, length at 8) and cuts both
+ * 'cut-after-commit' it parses the envelopes (16-byte headers: type at 4, length at 8; after PAGES_STREAM,
+ * bare page frames up to the end frame) and cuts both
  * directions right after forwarding COMMIT, so the destination commits and its answer is lost.
  */
 const sockets = new Set<net.Socket>();
@@ -45,6 +47,7 @@ async function faultyProxy(dir: string, target: string, fault: Fault): Promise<{
     let seen = 0;
     let header = Buffer.alloc(0);
     let skip = 0;
+    let inFrames = false; // after PAGES_STREAM, up to the end frame
     const cutBoth = () => {
       client.destroy();
       upstream.destroy();
@@ -66,13 +69,22 @@ async function faultyProxy(dir: string, target: string, fault: Fault): Promise<{
             off += n;
             continue;
           }
-          const need = 16 - header.length;
+          const headerBytes = inFrames ? PAGE_FRAME_FORMAT.headerBytes : 16;
+          const need = headerBytes - header.length;
           header = Buffer.concat([header, chunk.subarray(off, off + need)]);
           off += Math.min(need, chunk.length - off);
-          if (header.length < 16) break;
+          if (header.length < headerBytes) break;
+          if (inFrames) {
+            // A bare page frame (native/page_frames.h): its table and payload, or the end frame.
+            skip = 8 * header.readUInt32LE(16) + 4096 * header.readUInt32LE(20);
+            inFrames = !(header.readUInt16LE(6) & 1);
+            header = Buffer.alloc(0);
+            continue;
+          }
           const type = header.readUInt32LE(4);
           skip = header.readUInt32LE(8);
           header = Buffer.alloc(0);
+          inFrames = type === EnvelopeType.PagesStream;
           if (type === EnvelopeType.Commit) {
             // The source never hears back; the destination gets the whole COMMIT, then its end.
             client.destroy();

@@ -11,6 +11,7 @@
  * destination reached over gRPC (control) and the data connection (memory and state), and streams
  * per-pass progress to its caller.
  */
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -45,6 +46,11 @@ const DEFAULT_MAX_DOWNTIME_MS = 50;
 const DEFAULT_COMPLETION_PER_GIB_MS = 150_000;
 /** Progress messages at most this often (plus one per pass and phase change). */
 const PROGRESS_INTERVAL_MS = 100;
+/**
+ * This process, as a migration source names itself in PrepareIncomingMigration: a destination that
+ * receives its own id is the same server (a migration to itself would "succeed" with a second copy).
+ */
+const INSTANCE_ID = randomUUID();
 
 export interface MigrationServiceOptions {
   stallMs: number;
@@ -98,7 +104,12 @@ export class MigrationService {
   handlers() {
     const ctx = this.ctx;
     return {
-      PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string }) => {
+      PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string; sourceInstanceId: string }) => {
+        if (req.sourceInstanceId === INSTANCE_ID)
+          throw new VcpudError('failed_precondition', 'the migration destination is this same vcpud (the source): a VM cannot migrate to the server it runs on; name another destination', {
+            reason: 'MIGRATION_TO_SELF',
+            field: 'destination',
+          });
         let header: SnapshotHeader;
         try {
           header = JSON.parse(req.headerJson.toString('utf8')) as SnapshotHeader;
@@ -296,7 +307,7 @@ function destinationControl(dest: DestinationTarget, client: grpc.Client, stallM
         const r = await callUnary<{ migrationId: string; dataEndpoint: string; token: Buffer }>(
           client,
           'prepareIncomingMigration',
-          { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '' },
+          { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID },
           Math.max(stallMs, 15_000), // allocating a large VM's memory takes a moment
         );
         return { migrationId: r.migrationId, endpoint: r.dataEndpoint, token: r.token };
@@ -433,11 +444,13 @@ function destinationError(e: unknown): unknown {
   ];
   return new VcpudError(KIND_OF_CODE[grpcErr.code as grpc.status] ?? 'internal', `the destination answered ${grpc.status[grpcErr.code]}${reason ? ` (${reason})` : ''}: ${grpcErr.details}`, {
     ...(violations.length ? { violations } : {}),
+    // The caller's own mistake (the destination is this server) keeps its reason through the engine.
+    ...(reason === 'MIGRATION_TO_SELF' ? { reason } : {}),
   });
 }
 
 /** The error MigrateVm ends with: MIGRATION_FAILED, naming the VM, the destination, the phase and pass. */
 function migrationError(e: unknown, target: string, vmId: string): VcpudError {
   const err = e as VcpudError;
-  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}`, { ...(err?.details ?? {}), reason: 'MIGRATION_FAILED' });
+  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}`, { ...(err?.details ?? {}), reason: err?.details?.reason ?? 'MIGRATION_FAILED' });
 }

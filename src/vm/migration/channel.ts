@@ -27,6 +27,8 @@ export class Channel {
   /** Bytes sent and received so far. */
   bytesOut = 0;
   bytesIn = 0;
+  /** Byte 0 set to 1 on abort or close: cancels a native stream call on this connection. */
+  readonly cancelFlag = Buffer.alloc(1);
 
   constructor(
     readonly socket: net.Socket,
@@ -36,6 +38,7 @@ export class Channel {
     private readonly signal?: AbortSignal,
   ) {
     socket.setNoDelay?.(true);
+    signal?.addEventListener('abort', () => (this.cancelFlag[0] = 1), { once: true });
     socket.on('data', (c: Buffer) => {
       this.chunks.push(c);
       this.buffered += c.length;
@@ -209,6 +212,78 @@ export class Channel {
     return decodeJson<T>(head, payload);
   }
 
+  /**
+   * The socket's fd when the connection is a plain unix socket: page frames can then go straight
+   * between guest memory and the socket on a pool thread (GuestMemory.sendFrames/receiveFrames).
+   * None for TLS (Node encrypts).
+   */
+  get rawFd(): number | undefined {
+    if ((this.socket as net.Socket & { encrypted?: boolean }).encrypted) return undefined;
+    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+  }
+
+  /**
+   * Runs a native stream write on the socket (`fd`): the caller has waited for every earlier write
+   * to reach the kernel (sendReusable). Its socket errors become the channel's errors.
+   */
+  async sendStream<T extends { bytes: number }>(what: string, write: (fd: number, cancel: Buffer) => Promise<T>): Promise<T> {
+    if (this.closedWith) throw this.closedWith;
+    const r = await write(this.rawFd as number, this.cancelFlag).catch((e) => this.streamError(e, what));
+    this.bytesOut += r.bytes;
+    return r;
+  }
+
+  /**
+   * Runs a native stream read on the socket: the socket's own reads stop, the bytes received but
+   * not read yet go to `read` as its prefix, and the ones it leaves (past the stream's end) are
+   * read next, as the socket's reads resume.
+   */
+  async receiveStream<T extends { bytes: number; prefixUsed: number }>(what: string, read: (fd: number, prefix: Buffer, cancel: Buffer) => Promise<T>): Promise<T> {
+    if (this.closedWith) throw this.closedWith;
+    const handle = (this.socket as unknown as { _handle: { readStop(): number; readStart(): number } })._handle;
+    // `reading` stays true for Node, so nothing restarts the reads meanwhile (net.Socket._read).
+    handle.readStop();
+    while (this.socket.readableLength > 0) this.socket.read(); // emitted as 'data' into chunks
+    const prefix = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.buffered = 0;
+    let r: T;
+    try {
+      r = await read(this.rawFd as number, prefix, this.cancelFlag);
+    } catch (e) {
+      return this.streamError(e, what);
+    }
+    this.bytesIn += r.bytes;
+    const rest = prefix.subarray(r.prefixUsed);
+    if (rest.length) {
+      this.chunks.push(rest);
+      this.buffered = rest.length;
+    }
+    handle.readStart();
+    return r;
+  }
+
+  /** A native stream call's failure as the channel would report it. */
+  private async streamError(e: unknown, what: string): Promise<never> {
+    const code = (e as { code?: string }).code;
+    if (e instanceof VcpudError) throw e; // a corrupt frame
+    if (code === 'ETIMEDOUT') throw new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`);
+    if (code === 'ECANCELED' && this.signal?.aborted) throw abortError(this.signal);
+    // The peer's own account (its ERROR envelope, then its close) may still be on the way.
+    if (!this.closedWith)
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(t);
+          this.closeListeners.delete(done);
+          resolve();
+        };
+        const t = setTimeout(done, 1000);
+        this.closeListeners.add(done);
+      });
+    throw this.closedWith ?? new VcpudError('unavailable', `the connection to ${this.peer} failed: ${(e as Error).message}`);
+  }
+
   /** Sends an ERROR envelope (best effort) and closes. */
   fail(e: VcpudError | Error): void {
     if (!this.closedWith) {
@@ -219,12 +294,14 @@ export class Channel {
   }
 
   close(): void {
+    this.cancelFlag[0] = 1;
     this.socket.end();
     // A peer that stopped reading keeps a graceful end pending forever: drop the connection soon after.
     setTimeout(() => this.socket.destroy(), 1000).unref();
   }
 
   destroy(): void {
+    this.cancelFlag[0] = 1;
     this.socket.destroy();
   }
 }

@@ -10,7 +10,7 @@ import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import { VcpudError } from '../../errors';
 import type { HostCapabilities } from '../../ffi/capabilities';
 import { native } from '../../ffi/native';
-import { applyFrames } from '../../ffi/page-frames';
+import { applyFrames, receiveFrames } from '../../ffi/page-frames';
 import type { Vm } from '../../ffi/vm';
 import { ManagedVm } from '../managed-vm';
 import type { VmRegistry } from '../registry';
@@ -142,6 +142,15 @@ export class IncomingMigration {
           applying.push(applied.catch((e) => void (applyError ??= e)));
           if (applying.length >= MAX_APPLYING) await applying.shift();
           if (applyError) throw applyError;
+        } else if (head.type === EnvelopeType.PagesStream) {
+          // Frames follow on the socket itself, read natively straight into guest memory.
+          await barrier();
+          const memory = (this.kvmVm as Vm).regions[0].memory;
+          const r = await channel.receiveStream('waiting for page frames from the source', (fd, prefix, cancel) =>
+            receiveFrames(memory, fd, prefix, { stallMs: this.stallMs, cancel }),
+          );
+          this.pagesReceived += r.pages;
+          this.bytesReceived = channel.bytesIn;
         } else if (head.type === EnvelopeType.PassEnd) {
           await barrier();
           const { pass } = JSON.parse(payload.toString()) as PassEnd;

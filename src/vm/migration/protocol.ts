@@ -4,13 +4,16 @@
  * payload) and its payload. Page payloads are frames of page-codec.ts, which carry their own
  * checksums; control payloads are small JSON objects; STATE is a run of snapshot-format records.
  *
- * Source -> destination: HELLO, then PAGES... PASS_END per pass, then STATE, COMMIT.
+ * Source -> destination: HELLO, then per pass either PAGES envelopes (TLS) or PAGES_STREAM followed
+ * by bare page frames up to an end frame (a unix socket: written and read natively, straight from
+ * and into guest memory), then PASS_END; then STATE, COMMIT.
  * Destination -> source: HELLO_OK, PASS_ACK per PASS_END (all its pages are in guest memory),
  * COMMITTED, or ERROR at any point.
  */
 import { crc32c } from '../snapshot-format';
 
-export const PROTOCOL_VERSION = 1;
+/** 2: PAGES_STREAM. */
+export const PROTOCOL_VERSION = 2;
 export const ENVELOPE_HEADER_SIZE = 16;
 const MAGIC = 0x47494d56; // "VMIG" little endian
 /** Largest payload either side accepts (page envelopes are at most a few MiB). */
@@ -26,6 +29,8 @@ export enum EnvelopeType {
   Commit = 7,
   Committed = 8,
   Error = 9,
+  /** No payload: page frames follow on the connection itself, up to an end frame (native/page_frames.h). */
+  PagesStream = 10,
 }
 
 export interface Hello {

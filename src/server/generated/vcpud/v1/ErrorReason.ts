@@ -155,6 +155,12 @@ export const ErrorReason = {
    * field "name"). Nothing was written and the VM was not paused; set replace to replace it.
    */
   ERROR_REASON_SNAPSHOT_EXISTS: 'ERROR_REASON_SNAPSHOT_EXISTS',
+  /**
+   * FAILED_PRECONDITION: MigrateVm named this same vcpud as the destination (the source's per-process instance
+   * id came back in PrepareIncomingMigration): a VM cannot move to the server that already runs it. Nothing was
+   * changed; pick another destination.
+   */
+  ERROR_REASON_MIGRATION_TO_SELF: 'ERROR_REASON_MIGRATION_TO_SELF',
 } as const;
 
 /**
@@ -336,6 +342,13 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_SNAPSHOT_EXISTS'
   | 46
+  /**
+   * FAILED_PRECONDITION: MigrateVm named this same vcpud as the destination (the source's per-process instance
+   * id came back in PrepareIncomingMigration): a VM cannot move to the server that already runs it. Nothing was
+   * changed; pick another destination.
+   */
+  | 'ERROR_REASON_MIGRATION_TO_SELF'
+  | 62
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix

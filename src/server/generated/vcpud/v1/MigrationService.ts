@@ -22,7 +22,8 @@ import type { PrepareIncomingMigrationResponse as _vcpud_v1_PrepareIncomingMigra
  * aborted, is deleted with everything it allocated.
  * 
  * Errors (google.rpc.Status details: one ErrorInfo, domain "vcpud.dev", reasons from ErrorReason):
- * FAILED_PRECONDITION  the VM cannot run here (SNAPSHOT_INCOMPATIBLE, with a PreconditionFailure listing why).
+ * FAILED_PRECONDITION  the VM cannot run here (SNAPSHOT_INCOMPATIBLE, with a PreconditionFailure listing why), or
+ * the source is this same server (MIGRATION_TO_SELF).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), counting incoming VMs not yet committed.
  * NOT_FOUND            an unknown incoming migration (MIGRATION_NOT_FOUND).
  * INVALID_ARGUMENT     a malformed header.
@@ -91,7 +92,8 @@ export interface MigrationServiceClient extends grpc.Client {
  * aborted, is deleted with everything it allocated.
  * 
  * Errors (google.rpc.Status details: one ErrorInfo, domain "vcpud.dev", reasons from ErrorReason):
- * FAILED_PRECONDITION  the VM cannot run here (SNAPSHOT_INCOMPATIBLE, with a PreconditionFailure listing why).
+ * FAILED_PRECONDITION  the VM cannot run here (SNAPSHOT_INCOMPATIBLE, with a PreconditionFailure listing why), or
+ * the source is this same server (MIGRATION_TO_SELF).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), counting incoming VMs not yet committed.
  * NOT_FOUND            an unknown incoming migration (MIGRATION_NOT_FOUND).
  * INVALID_ARGUMENT     a malformed header.

@@ -15,6 +15,11 @@ export interface PrepareIncomingMigrationRequest {
    * Name of the VM here (default: the header's).
    */
   'vmName'?: (string);
+  /**
+   * The source vcpud's instance id (random per process). A destination that finds its own refuses with
+   * FAILED_PRECONDITION (MIGRATION_TO_SELF): the source and the destination are the same server. Empty: not checked.
+   */
+  'sourceInstanceId'?: (string);
 }
 
 /**
@@ -30,4 +35,9 @@ export interface PrepareIncomingMigrationRequest__Output {
    * Name of the VM here (default: the header's).
    */
   'vmName': (string);
+  /**
+   * The source vcpud's instance id (random per process). A destination that finds its own refuses with
+   * FAILED_PRECONDITION (MIGRATION_TO_SELF): the source and the destination are the same server. Empty: not checked.
+   */
+  'sourceInstanceId': (string);
 }
