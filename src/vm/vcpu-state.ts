@@ -391,10 +391,17 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
       restoreError = `; restoring the previous state FAILED: ${(r as Error).message}`;
     }
     const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), ioctl: 'KVM_SET_NESTED_STATE' };
+    // The addon's own length check (a RangeError, no ioctl made) refuses a header size beyond the blob, which
+    // the validator reports as common.size.buffer: with validation skipped it is still the caller's blob at fault.
+    const blobTooShort = e instanceof RangeError;
     if (restoreError) details.reason = 'ROLLBACK_FAILED';
+    else if (blobTooShort) {
+      details.reason = 'INVALID_NESTED_STATE';
+      details.violations = [{ rule: 'common.size.buffer', field: 'size', message: (e as Error).message }];
+    }
     else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
       details.violations = [{ rule: kernelRule(e.ioctl), field: 'raw', message: `${e.code} from ${e.ioctl}` }];
-    const kind = restoreError ? 'internal' : e instanceof VcpudError ? e.kind : 'internal';
+    const kind = restoreError ? 'internal' : blobTooShort ? 'invalid_argument' : e instanceof VcpudError ? e.kind : 'internal';
     throw new VcpudError(kind, `KVM_SET_NESTED_STATE refused the blob: ${(e as Error).message}${restoreError || '; the previous state was restored'}`, details, { cause: e });
   }
 }
