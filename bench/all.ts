@@ -15,6 +15,7 @@ import { measureGetState } from './getstate';
 import { measureMigration } from './migration';
 import { machineEntries, readMachine, renderReport, writeReport } from './report';
 import { measureSnapshot } from './snapshot';
+import { measureIncrementalSnapshot } from './snapshot-incremental';
 import { measureSnapshotStream } from './snapshot-stream';
 import { measureThroughput } from './throughput';
 
@@ -26,6 +27,7 @@ const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
   { name: 'snapshot', measure: measureSnapshot },
   { name: 'dirty-log', measure: measureDirtyLog },
   { name: 'snapshot-stream', measure: measureSnapshotStream },
+  { name: 'snapshot-incremental', measure: measureIncrementalSnapshot },
   { name: 'migration', measure: measureMigration },
 ];
 

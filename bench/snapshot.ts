@@ -25,7 +25,7 @@ const SPEED_TARGET = { op: '>=', ratio: 0.8 } as const;
 /** The restore target is for a 256 MiB VM; other sizes are reported only. */
 const RESTORE_TARGET = { bytes: 256 * MiB, ms: 50 };
 
-const now = () => Number(process.hrtime.bigint()) / 1e6;
+export const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 function timeMs(fn: () => void): number {
   const t = now();
@@ -33,7 +33,7 @@ function timeMs(fn: () => void): number {
   return now() - t;
 }
 
-function stream(client: Client, method: string, req: object): Promise<Record<string, any>[]> {
+export function stream(client: Client, method: string, req: object): Promise<Record<string, any>[]> {
   return new Promise((resolve, reject) => {
     const out: Record<string, any>[] = [];
     const s = client[method](req) as grpc.ClientReadableStream<Record<string, any>>;
@@ -44,7 +44,7 @@ function stream(client: Client, method: string, req: object): Promise<Record<str
 }
 
 /** Resolves at the first console output of a VM (the stream replays from the start). */
-function firstOutput(vms: Client, vmId: string): Promise<number> {
+export function firstOutput(vms: Client, vmId: string): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = vms.StreamConsole({ vmId, fromStart: true }) as grpc.ClientReadableStream<Record<string, any>>;
     s.on('data', (m) => {

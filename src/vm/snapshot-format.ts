@@ -1,5 +1,5 @@
 /**
- * The vcpud snapshot format, version 1: one byte sequence that is both the file under the snapshot
+ * The vcpud snapshot format, version 2 (version 1 is still read): one byte sequence that is both the file under the snapshot
  * directory and what CreateSnapshot streams, RestoreSnapshotStream accepts and MigrateVm sends.
  *
  *   preamble   16 bytes: "VCPUDSNP", u32 format version, u32 CRC-32C of the 12 bytes before it
@@ -28,13 +28,28 @@
  *   END          JSON SnapshotEnd: record and page counts. A snapshot without it is truncated.
  *
  * Every payload is checksummed on its own; a reader names the chunk (record) at fault.
+ *
+ * Version 2 adds incremental snapshots, all in the header (the records are version 1's):
+ *   snapshotId   a UUID given at capture (a merge keeps it)
+ *   parent       absent for a full snapshot; for an incremental one its parent's name under the
+ *                snapshot directory and its identity (snapshotId and the payload CRCs of its HEADER
+ *                and END records), so a parent replaced or rewritten under the same name is detected
+ *   chainDepth   0 for a full snapshot, the parent's + 1 for an incremental one
+ *   mergedFrom   a merged (full) snapshot: the identity of the incremental snapshot it replaced, which
+ *                links of that snapshot's children still name
+ * In an incremental snapshot a MEMORY_MAP bit that is clear means "the parent's page", not "zero":
+ * every page dirtied since the parent is stored, zero or not.
  */
 import { VcpudError } from '../errors';
 import { native } from '../ffi/native';
 import type { CpuidEntry2, SectionName } from '../ffi/sections';
 
 export const SNAPSHOT_MAGIC = Buffer.from('VCPUDSNP', 'latin1');
-export const FORMAT_VERSION = 1;
+export const FORMAT_VERSION = 2;
+/** Versions this vcpud reads. */
+export const READABLE_VERSIONS = [1, 2];
+/** Links from an incremental snapshot down to its full ancestor, at most (merge a longer chain first). */
+export const MAX_CHAIN_DEPTH = 64;
 export const PREAMBLE_SIZE = 16;
 export const RECORD_HEADER_SIZE = 48;
 export const RECORD_MAGIC = 0x43455256; // "VREC" little endian
@@ -125,7 +140,35 @@ export interface SnapshotHeader {
   /** VM_STATE records present, by name. */
   vmState: { name: string; size: number }[];
   memoryLayout: { pageSize: number; chunkPages: number };
+  /** Version 2: this snapshot's id (a merge keeps it). */
+  snapshotId?: string;
+  /** Version 2, incremental snapshots: the parent (its name and identity). */
+  parent?: ParentLink;
+  /** Version 2: 0 for a full snapshot, the parent's + 1 otherwise. */
+  chainDepth?: number;
+  /** Version 2, a merged snapshot: the identity of the incremental snapshot it replaced. */
+  mergedFrom?: SnapshotIdentity;
 }
+
+/** What identifies one snapshot's contents: a different file under the same name has another. */
+export interface SnapshotIdentity {
+  snapshotId: string;
+  /** Payload CRC-32C of the HEADER and END records (END counts the records and pages). */
+  headerCrc: number;
+  endCrc: number;
+}
+
+export interface ParentLink extends SnapshotIdentity {
+  /** The parent's name under the snapshot directory. */
+  name: string;
+}
+
+export const sameIdentity = (a: SnapshotIdentity | undefined, b: SnapshotIdentity | undefined): boolean =>
+  !!a && !!b && a.snapshotId === b.snapshotId && a.headerCrc === b.headerCrc && a.endCrc === b.endCrc;
+
+/** Whether snapshot `h` (identity `id`) is the one `link` names: itself, or the merge that replaced it. */
+export const satisfiesLink = (h: SnapshotHeader, id: SnapshotIdentity, link: SnapshotIdentity): boolean =>
+  sameIdentity(id, link) || sameIdentity(h.mergedFrom, link);
 
 export interface SnapshotEnd {
   /** Records before END (END itself is record number `records`). */
@@ -184,10 +227,10 @@ export function decodePreamble(b: Buffer): number {
     throw notASnapshot(`not a vcpud snapshot: it starts with ${JSON.stringify(b.subarray(0, 8).toString('latin1'))}, not "VCPUDSNP"`);
   if (b.readUInt32LE(12) !== crc32c(b.subarray(0, 12))) throw snapshotCorrupt('checksum mismatch in the preamble (offset 0x0)', undefined, 0);
   const version = b.readUInt32LE(8);
-  if (version !== FORMAT_VERSION)
-    throw new VcpudError('failed_precondition', `snapshot format version ${version} is not supported: this vcpud reads version ${FORMAT_VERSION}`, {
+  if (!READABLE_VERSIONS.includes(version))
+    throw new VcpudError('failed_precondition', `snapshot format version ${version} is not supported: this vcpud reads versions ${READABLE_VERSIONS.join(' and ')}`, {
       reason: 'SNAPSHOT_INCOMPATIBLE',
-      violations: [{ rule: 'snapshot.format_version', field: 'format_version', message: `version ${version}, this vcpud reads ${FORMAT_VERSION}` }],
+      violations: [{ rule: 'snapshot.format_version', field: 'format_version', message: `version ${version}, this vcpud reads ${READABLE_VERSIONS.join(' and ')}` }],
     });
   return version;
 }

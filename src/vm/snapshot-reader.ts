@@ -33,8 +33,10 @@ import {
   RecordKind,
   snapshotCorrupt,
   type RecordHeader,
+  type ParentLink,
   type SnapshotEnd,
   type SnapshotHeader,
+  type SnapshotIdentity,
 } from './snapshot-format';
 
 /** Runs of at least this many pages are mapped from the file; shorter ones are read (fewer VMAs). */
@@ -169,13 +171,25 @@ export interface LoadedSnapshot {
   /** Memory bytes mapped from the file, and bytes copied (read or received). */
   mappedBytes: number;
   copiedBytes: number;
-  /** Bytes of the snapshot. */
+  /** Bytes of the snapshot (of the whole chain for an incremental one). */
   bytes: number;
+  /** What identifies this snapshot (what a child's link names). */
+  identity: SnapshotIdentity;
+  /** Snapshots read: 1, or the chain's length for an incremental one. */
+  chainLength: number;
 }
 
 export interface LoadOptions {
-  /** Runs on the header before memory is allocated (compatibility check, limits): throw to refuse. */
-  check(header: SnapshotHeader): void;
+  /**
+   * Runs on the header (and its record's payload CRC) before memory is allocated (compatibility
+   * check, limits, a link's identity): throw to refuse.
+   */
+  check(header: SnapshotHeader, headerCrc: number): void;
+  /**
+   * An incremental snapshot's parent chain, loaded (every checksum and link verified) into memory
+   * this snapshot's pages are then applied over. Without it an incremental snapshot is refused.
+   */
+  loadParent?: (link: ParentLink, child: SnapshotHeader) => Promise<LoadedSnapshot>;
   /** From a file: map memory data lazily (default true); false reads it. */
   lazy?: boolean;
   onProgress?: (memoryBytesDone: number, memoryBytesTotal: number, bytes: number) => void;
@@ -251,15 +265,21 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
     throw snapshotCorrupt(`${describeChunk(first)}: the header is not valid JSON: ${(e as Error).message}`, first.seq, first.offset);
   }
   checkHeaderShape(header, first);
-  opts.check(header);
+  opts.check(header, first.payloadCrc);
 
   const memoryBytes = header.vm.memoryBytes;
-  const memory = new native.GuestMemory(memoryBytes);
+  // An incremental snapshot's pages go over its parent chain's memory (which then belongs to it).
+  let base: LoadedSnapshot | undefined;
+  if (header.parent) {
+    if (!opts.loadParent) throw snapshotCorrupt(`${describeChunk(first)}: an incremental snapshot, and no parent can be read here`, first.seq, first.offset);
+    base = await opts.loadParent(header.parent, header);
+  }
+  const memory = base?.memory ?? new native.GuestMemory(memoryBytes);
   opts.onMemory?.(memory, header);
   const vcpuState = new Map<number, Map<string, Buffer>>(header.vcpus.map((v) => [v.id, new Map()]));
   const vmState = new Map<string, Buffer>();
-  let mappedBytes = 0;
-  let copiedBytes = 0;
+  let mappedBytes = base?.mappedBytes ?? 0;
+  let copiedBytes = base?.copiedBytes ?? 0;
   let nextGpa = 0;
   let pagesStored = 0;
   const lazy = fileFd !== undefined && opts.lazy !== false;
@@ -385,7 +405,8 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
           if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
           if (source instanceof FileSource && source.position !== source.size)
             throw corrupt(`${source.size - source.position} bytes follow the END record`);
-          return { header, end, vcpuState, vmState, memory, mappedBytes, copiedBytes, bytes: source.position };
+          const identity = { snapshotId: header.snapshotId ?? '', headerCrc: first.payloadCrc, endCrc: h.payloadCrc };
+          return { header, end, vcpuState, vmState, memory, mappedBytes, copiedBytes, bytes: source.position + (base?.bytes ?? 0), identity, chainLength: (base?.chainLength ?? 0) + 1 };
         }
       }
     }

@@ -14,9 +14,12 @@ import { ManagedVm } from './managed-vm';
 import type { Reservation, VmRegistry } from './registry';
 import { assertCompatible } from './snapshot-compat';
 import { hex, type SnapshotHeader } from './snapshot-format';
-import { loadSnapshot, type ByteSource, type LoadedSnapshot } from './snapshot-reader';
+import { loadSnapshot, type ByteSource, type LoadedSnapshot, type LoadOptions } from './snapshot-reader';
 import { writeNested, writeState, type StateContext, type StateValues } from './vcpu-state';
 import { checkVmName } from './vm-name';
+
+/** What a restore applies: a loaded snapshot's state and memory (a migration's too, which has no identity). */
+export type LoadedState = Pick<LoadedSnapshot, 'header' | 'vcpuState' | 'vmState' | 'memory'>;
 
 /**
  * MSRs KVM_SET_MSRS may refuse even with the value KVM_GET_MSRS returned, and why skipping them is
@@ -88,7 +91,7 @@ export function writeStateWithMsrPolicy(
   }
 }
 
-function decodeVcpu(loaded: LoadedSnapshot, id: number, caps: HostCapabilities, notes: string[]): { values: StateValues; nested?: Buffer } {
+function decodeVcpu(loaded: LoadedState, id: number, caps: HostCapabilities, notes: string[]): { values: StateValues; nested?: Buffer } {
   const saved = loaded.vcpuState.get(id) as Map<string, Buffer>;
   const values: StateValues = {};
   for (const [name, bytes] of saved) {
@@ -118,7 +121,7 @@ function decodeVcpu(loaded: LoadedSnapshot, id: number, caps: HostCapabilities, 
  * Creates the VM (the registry enforces its limits) with the snapshot's memory and CPUID and applies
  * all saved state. The loaded memory is owned by the VM afterwards (or released on failure).
  */
-export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilities, loaded: LoadedSnapshot, opts: RestoreOptions = {}): Promise<RestoreResult> {
+export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilities, loaded: LoadedState, opts: RestoreOptions = {}): Promise<RestoreResult> {
   const { header } = loaded;
   const notes: string[] = [];
   const prepared = opts.vm ? { vm: opts.vm, cpuid: header.vm.cpuid } : { memory: loaded.memory, cpuid: header.vm.cpuid };
@@ -164,6 +167,8 @@ export interface LoadAndRestoreOptions extends Omit<RestoreOptions, 'vm'> {
   fileFd?: number;
   /** With fileFd: map memory lazily (default true). */
   lazy?: boolean;
+  /** Reads an incremental snapshot's ancestors (snapshot-chain.ts). */
+  loadParent?: LoadOptions['loadParent'];
 }
 
 /**
@@ -192,6 +197,7 @@ export async function loadAndRestore(
           reservation = registry.reserve(restoreSpec(h, opts.name), opts.reservation);
         },
         lazy: opts.lazy,
+        loadParent: opts.loadParent,
         onMemory: (memory, h) => {
           prepared = ManagedVm.prepareKvmVm(registry.kvm, restoreSpec(h, opts.name), memory);
           prepared.catch((e) => (prepareError ??= e));

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { invalidArgument, notFound, snapshotExists, VcpudError, type Violation } from '../errors';
 import { closeFd, FS, fsAt, fstat, hasOpenat2, isDirectory, isRegular, type FileStat } from '../ffi/fs-at';
-import { decodePreamble, decodeRecordHeader, PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordKind, crc32c, type SnapshotHeader } from './snapshot-format';
+import { decodePreamble, decodeRecordHeader, nextRecordOffset, PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordKind, crc32c, type SnapshotHeader, type SnapshotIdentity } from './snapshot-format';
 import { isStaleTemp, isTempName, type SinkTarget } from './snapshot-writer';
 import { firstNonPlainCharacter, PLAIN_CHARACTERS } from './vm-name';
 
@@ -301,6 +301,36 @@ export class SnapshotStore {
     return { fd, path: path.join(this.dir, name) };
   }
 
+  /**
+   * The header and identity of snapshot `name`, the file closed again. `known(snapshotId)`: an
+   * identity recorded when that snapshot was written; when the file's header record matches it,
+   * its END is taken from there instead of following every record header to it (readIdentity).
+   */
+  async identify(name: string, known?: (snapshotId: string) => SnapshotIdentity | undefined): Promise<{ header: SnapshotHeader; identity: SnapshotIdentity }> {
+    const { fd } = await this.openForRead(name);
+    try {
+      const size = (await fstat(fd)).size;
+      const { header, headerCrc } = await readHeaderRecord(fd, size);
+      const recorded = header.snapshotId ? known?.(header.snapshotId) : undefined;
+      if (recorded?.headerCrc === headerCrc) return { header, identity: recorded };
+      return await readIdentity(fd, size);
+    } finally {
+      await closeFd(fd);
+    }
+  }
+
+  /** Every snapshot under the directory whose header could be read, page after page of list(). */
+  async allEntries(): Promise<SnapshotEntry[]> {
+    const out: SnapshotEntry[] = [];
+    let token = '';
+    do {
+      const page = await this.list(MAX_PAGE_SIZE, token);
+      out.push(...page.entries.filter((e) => e.header));
+      token = page.nextPageToken;
+    } while (token);
+    return out;
+  }
+
   /** Removes `name` (a regular file; the unlink is relative to its directory's fd). */
   async remove(name: string): Promise<void> {
     const parts = this.components(name);
@@ -491,6 +521,11 @@ async function mapLimited<T, R>(items: T[], limit: number, fn: (item: T) => Prom
  * its buffer is allocated.
  */
 export async function readHeader(fd: number, size: number): Promise<SnapshotHeader> {
+  return (await readHeaderRecord(fd, size)).header;
+}
+
+/** readHeader, with the header record's payload CRC (a snapshot's identity starts with it). */
+async function readHeaderRecord(fd: number, size: number): Promise<{ header: SnapshotHeader; headerCrc: number }> {
   const readAt = async (length: number, position: number) => {
     const buf = Buffer.alloc(length);
     const { bytesRead } = await readFd(fd, buf, 0, length, position);
@@ -506,5 +541,25 @@ export async function readHeader(fd: number, size: number): Promise<SnapshotHead
   const payload = await readAt(h.payloadLength, payloadAt);
   if (!payload) throw new Error('truncated header');
   if (crc32c(payload) !== h.payloadCrc) throw new Error('checksum mismatch in chunk 0 (header)');
-  return JSON.parse(payload.toString('utf8')) as SnapshotHeader;
+  return { header: JSON.parse(payload.toString('utf8')) as SnapshotHeader, headerCrc: h.payloadCrc };
+}
+
+/**
+ * The header and identity of an open snapshot file of `size` bytes: the header's checksum is
+ * verified, then the record headers (each checked against its own CRC) are followed to END. The
+ * payloads are not read: a restore verifies them.
+ */
+export async function readIdentity(fd: number, size: number): Promise<{ header: SnapshotHeader; identity: SnapshotIdentity }> {
+  const header = await readHeader(fd, size);
+  const raw = Buffer.alloc(RECORD_HEADER_SIZE);
+  let at = PREAMBLE_SIZE;
+  let headerCrc = 0;
+  for (let seq = 0; ; seq++) {
+    const { bytesRead } = await readFd(fd, raw, 0, RECORD_HEADER_SIZE, at);
+    if (bytesRead < RECORD_HEADER_SIZE) throw new Error(`truncated: no END record (the file ends at byte ${size})`);
+    const h = decodeRecordHeader(raw, at, seq);
+    if (seq === 0) headerCrc = h.payloadCrc;
+    if (h.kind === RecordKind.End) return { header, identity: { snapshotId: header.snapshotId ?? '', headerCrc, endCrc: h.payloadCrc } };
+    at = nextRecordOffset(h);
+  }
 }

@@ -8,7 +8,7 @@
  * the save order vcpu-state.ts owns. Memory goes out in 4 MiB chunks, zero pages skipped, each
  * chunk checksummed on the libuv pool while it is written.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import { notFound, snapshotExists, VcpudError } from '../errors';
@@ -35,7 +35,9 @@ import {
   pagePad,
   RECORD_HEADER_SIZE,
   RecordKind,
+  type ParentLink,
   type SnapshotEnd,
+  type SnapshotIdentity,
   type SnapshotHeader,
   type SnapshotRunState,
   type SnapshotVcpu,
@@ -400,11 +402,14 @@ export interface CaptureOptions {
   onProgress?: (p: SnapshotProgress) => void;
   /** Checked between chunks: a cancelled call stops the capture. */
   cancelled?: () => boolean;
+  /** Store only the pages dirtied since a parent (an incremental snapshot). */
+  incremental?: IncrementalCapture;
 }
 
 export interface CaptureResult {
   header: SnapshotHeader;
   end: SnapshotEnd;
+  identity: SnapshotIdentity;
   bytes: number;
   durationMs: number;
 }
@@ -519,6 +524,86 @@ export function encodeRecord(kind: RecordKind, seq: number, payload: Buffer, aux
   return Buffer.concat(tail ? [header, payload, Buffer.alloc(tail)] : [header, payload]);
 }
 
+/** What goes into a snapshot besides the header's own fields. */
+export interface SnapshotContent {
+  header: SnapshotHeader;
+  /** Per vCPU, in id order: its id and records (section name or "nested", bytes). */
+  vcpus: { id: number; records: [string, Buffer][] }[];
+  vmState: [string, Buffer][];
+  /** Guest memory, by slot. */
+  regions: readonly { guestPhysAddr: number; size: number; memory: NativeGuestMemory }[];
+  /** Incremental: per region, the pages to store (bit i = page i), zero or not; the others are the parent's. */
+  dirty?: Buffer[];
+}
+
+export interface WriteOptions {
+  onProgress?: (p: SnapshotProgress) => void;
+  /** Runs between memory chunks (a cancelled call, a deleted VM): throw to stop. */
+  checkpoint?: () => void;
+  /** Turns an error of a memory chunk of `region` into the one to report. */
+  memoryError?: (e: unknown, regionIndex: number) => unknown;
+}
+
+/**
+ * Writes a snapshot of `content` to `sink` (the records in format order) and finishes the sink.
+ * Memory goes out in CHUNK_PAGES chunks: a full snapshot stores the non-zero pages, an incremental
+ * one the pages `content.dirty` selects. Resolves to the END record and the snapshot's identity.
+ */
+export async function writeSnapshot(sink: SnapshotSink, content: SnapshotContent, opts: WriteOptions = {}): Promise<{ end: SnapshotEnd; identity: SnapshotIdentity }> {
+  const memoryTotal = content.regions.reduce((n, r) => n + r.size, 0);
+  const progress = (phase: SnapshotProgress['phase'], memoryBytesDone: number) =>
+    opts.onProgress?.({ phase, memoryBytesDone, memoryBytesTotal: memoryTotal, bytesWritten: sink.position });
+  let seq = 0;
+  const record = (kind: RecordKind, payload: Buffer, aux = 0, aux2 = 0) => sink.write(encodeRecord(kind, seq++, payload, aux, aux2));
+
+  const headerPayload = Buffer.from(JSON.stringify(content.header));
+  await sink.write(encodePreamble());
+  await record(RecordKind.Header, headerPayload);
+  for (const v of content.vcpus) for (const [name, data] of v.records) await record(RecordKind.VcpuState, encodeNamed(name, data), v.id);
+  for (const [name, data] of content.vmState) await record(RecordKind.VmState, encodeNamed(name, data));
+
+  let pagesStored = 0;
+  let memoryPages = 0;
+  let done = 0;
+  for (const [index, region] of content.regions.entries()) {
+    const regionPages = region.size / PAGE_SIZE;
+    for (let first = 0; first < regionPages; first += CHUNK_PAGES) {
+      opts.checkpoint?.();
+      const pages = Math.min(CHUNK_PAGES, regionPages - first);
+      const offset = first * PAGE_SIZE;
+      const gpa = region.guestPhysAddr + offset;
+      try {
+        // CHUNK_PAGES is a multiple of 8: a chunk's bits start on a byte of the region's bitmap.
+        const bitmap = content.dirty ? Buffer.from(content.dirty[index].subarray(first / 8, first / 8 + bitmapBytes(pages))) : region.memory.scanPages(offset, pages);
+        const stored = countBits(bitmap, pages);
+        await record(RecordKind.MemoryMap, bitmap.subarray(0, bitmapBytes(pages)), gpa, pages);
+        await sink.writeMemoryData(seq++, gpa, region.memory, offset, pages, bitmap, stored);
+        pagesStored += stored;
+      } catch (e) {
+        throw opts.memoryError ? opts.memoryError(e, index) : e;
+      }
+      memoryPages += pages;
+      done += pages * PAGE_SIZE;
+      progress('memory', done);
+    }
+  }
+  opts.checkpoint?.();
+  const end: SnapshotEnd = { records: seq, memoryPages, pagesStored };
+  const endPayload = Buffer.from(JSON.stringify(end));
+  await record(RecordKind.End, endPayload);
+  progress('sync', done);
+  await sink.finish();
+  progress('done', done);
+  return { end, identity: { snapshotId: content.header.snapshotId ?? '', headerCrc: crc32c(headerPayload), endCrc: crc32c(endPayload) } };
+}
+
+/** An incremental capture: the parent and the pages dirtied since it (per region). */
+export interface IncrementalCapture {
+  parent: ParentLink;
+  parentDepth: number;
+  dirty: Buffer[];
+}
+
 /**
  * Writes a snapshot of `vm`, which the caller holds paused (holdAndPause), to `sink`, and finishes
  * the sink. On failure the sink is aborted and the error rethrown.
@@ -528,61 +613,33 @@ export async function captureSnapshot(vm: ManagedVm, sink: SnapshotSink, opts: C
   const held = vm.heldBy();
   if (!held) throw new VcpudError('internal', 'captureSnapshot needs the VM held and paused');
   const { caps } = opts;
-  const memoryTotal = vm.memoryBytes;
-  const progress = (phase: SnapshotProgress['phase'], memoryBytesDone: number) =>
-    opts.onProgress?.({ phase, memoryBytesDone, memoryBytesTotal: memoryTotal, bytesWritten: sink.position });
   const checkCancel = () => {
     if (opts.cancelled?.()) throw new VcpudError('unavailable', 'the snapshot was cancelled by the caller');
     if (vm.isDestroyed) throw notFound(`VM ${vm.id} was deleted during the snapshot`, 'VM_NOT_FOUND', 'vm_id');
   };
   try {
-    progress('state', 0);
+    opts.onProgress?.({ phase: 'state', memoryBytesDone: 0, memoryBytesTotal: vm.memoryBytes, bytesWritten: sink.position });
     const { header, vcpus, vmState } = await captureState(vm, caps, opts.runStates);
-
-    let seq = 0;
-    const record = (kind: RecordKind, payload: Buffer, aux = 0, aux2 = 0) => sink.write(encodeRecord(kind, seq++, payload, aux, aux2));
-
-    await sink.write(encodePreamble());
-    await record(RecordKind.Header, Buffer.from(JSON.stringify(header)));
-    for (const v of vcpus) for (const [name, data] of v.records) await record(RecordKind.VcpuState, encodeNamed(name, data), v.meta.id);
-    for (const [name, data] of vmState) await record(RecordKind.VmState, encodeNamed(name, data));
-
-    let pagesStored = 0;
-    let memoryPages = 0;
-    let done = 0;
+    const inc = opts.incremental;
+    Object.assign(header, { snapshotId: randomUUID(), chainDepth: inc ? inc.parentDepth + 1 : 0 }, inc ? { parent: inc.parent } : {});
     // A snapshot file the memory maps (lazy restore) may have been changed under the VM: checked
     // before and after (a rewrite that does not fault), a page that faults fails the chunk.
     const { regions } = vm.vm;
     assertBackingIntact(regions, vm.id, 'snapshot');
-    for (const region of regions) {
-      const regionPages = region.size / PAGE_SIZE;
-      for (let first = 0; first < regionPages; first += CHUNK_PAGES) {
-        checkCancel();
-        const pages = Math.min(CHUNK_PAGES, regionPages - first);
-        const offset = first * PAGE_SIZE;
-        const gpa = region.guestPhysAddr + offset;
-        try {
-          const bitmap = region.memory.scanPages(offset, pages);
-          const stored = countBits(bitmap, pages);
-          await record(RecordKind.MemoryMap, bitmap.subarray(0, bitmapBytes(pages)), gpa, pages);
-          await sink.writeMemoryData(seq++, gpa, region.memory, offset, pages, bitmap, stored);
-          pagesStored += stored;
-        } catch (e) {
-          throw backingFaultError(e, region, regions, vm.id, 'snapshot');
-        }
-        memoryPages += pages;
-        done += pages * PAGE_SIZE;
-        progress('memory', done);
-      }
-    }
-    checkCancel(); // a VM deleted during the last await has no regions left to iterate: not a complete snapshot
-    assertBackingIntact(regions, vm.id, 'snapshot');
-    const end: SnapshotEnd = { records: seq, memoryPages, pagesStored };
-    await record(RecordKind.End, Buffer.from(JSON.stringify(end)));
-    progress('sync', done);
-    await sink.finish();
-    progress('done', done);
-    return { header, end, bytes: sink.position, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
+    const { end, identity } = await writeSnapshot(
+      sink,
+      { header, vcpus: vcpus.map((v) => ({ id: v.meta.id, records: v.records })), vmState, regions, dirty: inc?.dirty },
+      {
+        onProgress: opts.onProgress,
+        // a VM deleted during the last await has no regions left to iterate: not a complete snapshot
+        checkpoint: () => {
+          checkCancel();
+          assertBackingIntact(regions, vm.id, 'snapshot');
+        },
+        memoryError: (e, i) => backingFaultError(e, regions[i], regions, vm.id, 'snapshot'),
+      },
+    );
+    return { header, end, identity, bytes: sink.position, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
   } catch (e) {
     await sink.abort();
     throw e;

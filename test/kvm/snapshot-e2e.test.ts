@@ -104,7 +104,7 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
 
   it('counter64 snapshotted mid-run to a file continues in a second vcpud with no value repeated or skipped', async () => {
     const s = await snapshotMidRun({ name: 'counter/mid-run.snap' });
-    expect(s.done).toMatchObject({ name: 'counter/mid-run.snap', vcpuCount: 1, memoryBytes: String(4 * MiB), formatVersion: 1 });
+    expect(s.done).toMatchObject({ name: 'counter/mid-run.snap', vcpuCount: 1, memoryBytes: String(4 * MiB), formatVersion: 2 });
     expect(Number(s.done.memoryPagesStored)).toBeLessThan(64); // zero pages skipped
     expect(s.progress.map((p) => p.phase)).toEqual(expect.arrayContaining(['SNAPSHOT_PHASE_STATE', 'SNAPSHOT_PHASE_MEMORY', 'SNAPSHOT_PHASE_DONE']));
     expect(fs.statSync(path.join(snapDir, 'counter', 'mid-run.snap')).size).toBe(Number(s.done.sizeBytes));

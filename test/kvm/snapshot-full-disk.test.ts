@@ -11,7 +11,7 @@ import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/server/errors';
 import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, waitFor, type Client } from '../support/snapshot';
 import { describeKvmWithTmpfs } from '../support/tmpfs';
-import { call, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+import { call, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 const NAME = 'full.snap';
 
@@ -108,5 +108,29 @@ describeKvmWithTmpfs('CreateSnapshot on a full disk (16 MiB tmpfs as --snapshot-
     expect(again.error).toBeUndefined();
     expect(again.messages.some((m) => m.done)).toBe(true);
     expect(fs.readdirSync(dir).filter((n) => n.startsWith('.'))).toEqual([]);
+  });
+  it('an incremental snapshot on a full disk: STORAGE_FULL, and the next child (room again) still stores every page dirtied since the parent', async () => {
+    const vmId = await counterVm(vms, { name: 'inc', memory: 32 * MiB });
+    await call(vms, 'RunVm', { vmId });
+    const base = await runStream(snaps.CreateSnapshot({ vmId, name: 'inc-base', trackDirty: true }));
+    expect(base.error).toBeUndefined();
+    // 4 MiB dirtied by vcpud, then the disk filled to 1 MiB of free space.
+    const data = Buffer.alloc(4 * MiB, 0x6b);
+    await call(vms, 'WriteMemory', { vmId, guestPhysicalAddress: String(16 * MiB), data });
+    const filler = path.join(dir, 'filler-inc');
+    const free = fs.statfsSync(dir);
+    fs.writeFileSync(filler, Buffer.alloc(Math.max(0, free.bavail * free.bsize - MiB)));
+    const full = await runStream(snaps.CreateSnapshot({ vmId, name: 'inc-child', parent: 'inc-base' }));
+    expect(full.error?.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    expect(decodeStatusDetails(full.error!.metadata)?.errorInfo?.reason).toBe('STORAGE_FULL');
+    expect(fs.existsSync(path.join(dir, 'inc-child'))).toBe(false);
+
+    fs.rmSync(filler);
+    const again = await runStream(snaps.CreateSnapshot({ vmId, name: 'inc-child', parent: 'inc-base' }));
+    expect(again.error).toBeUndefined();
+    const r = await call<{ vm: { id: string } }>(snaps, 'RestoreSnapshot', { name: 'inc-child' });
+    const got = Buffer.concat((await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId: r.vm.id, guestPhysicalAddress: String(16 * MiB), length: String(data.length) })).map((m) => m.data));
+    expect(got.equals(data)).toBe(true); // the failed child's dirty pages were not lost
+    for (const id of [vmId, r.vm.id]) await call(vms, 'DeleteVm', { vmId: id });
   });
 });

@@ -51,8 +51,8 @@ describeKvm('vcpuctl snapshot / migrate against real vcpuds', () => {
     expect(c.out).toMatch(/^memory\s+64 MiB, \d+ non-zero pages stored$/m);
 
     const list = await ctl(a, ['snapshot', 'list']);
-    expect(list.out).toMatch(/^NAME\s+SIZE\s+VM/m);
-    expect(list.out).toMatch(/^demo\.snap\s+\S+ MiB\s+counter\s+64 MiB\s+1\s/m);
+    expect(list.out).toMatch(/^NAME\s+SIZE\s+CHAIN\s+VM/m);
+    expect(list.out).toMatch(/^demo\.snap\s+\S+ MiB\s+full\s+counter\s+64 MiB\s+1\s/m);
 
     // --json: progress as JSON lines on stderr, one document on stdout
     const j = await ctl(a, ['--json', 'snapshot', 'create', id, '--out', 'local.snap']);
@@ -88,6 +88,25 @@ describeKvm('vcpuctl snapshot / migrate against real vcpuds', () => {
     expect(bad.err).toMatch(/INVALID_ARGUMENT.*\n  - name: .* \[snapshot\.name\.traversal\]/);
     const usage = await ctl(a, ['snapshot', 'create', id]);
     expect(usage.code).toBe(2);
+  });
+
+  it('snapshot create --track-dirty / --parent, list shows the chain, merge folds it, delete --cascade', async () => {
+    const id = await counterVm(a.client('VmService'), { memory: 64 * MiB, fill: true });
+    await call(a.client('VmService'), 'RunVm', { vmId: id });
+    expect(await ctl(a, ['snapshot', 'create', id, 'inc/base', '--track-dirty'])).toMatchObject({ code: 0 });
+    expect((await ctl(a, ['snapshot', 'create', id, 'inc/c1', '--parent', 'inc/base'])).out).toMatch(/^chain\s+<- inc\/base \(depth 1\)$/m);
+    expect(await ctl(a, ['snapshot', 'create', id, 'inc/c2', '--parent', 'inc/c1'])).toMatchObject({ code: 0 });
+    const list = await ctl(a, ['snapshot', 'list']);
+    expect(list.out).toMatch(/^inc\/base\s+\S+ MiB\s+full\s/m);
+    expect(list.out).toMatch(/^inc\/c2\s+\S+ KiB\s+<- inc\/c1 \(depth 2\)\s/m);
+    const refused = await ctl(a, ['snapshot', 'delete', 'inc/c1']);
+    expect(refused.err).toMatch(/FAILED_PRECONDITION.*parent of "inc\/c2"/);
+    const merged = await ctl(a, ['snapshot', 'merge', 'inc/c2', '--into', 'inc/flat']);
+    expect(merged.out).toMatch(/merged a chain of 3 in \d+ ms/);
+    expect(merged.out).toMatch(/^chain\s+full$/m);
+    expect((await ctl(a, ['snapshot', 'delete', 'inc/base', '--cascade'])).out).toBe('deleted inc/c2\ndeleted inc/c1\ndeleted inc/base\n');
+    const r = await ctl(a, ['snapshot', 'restore', 'inc/flat', '--run']);
+    expect(r).toMatchObject({ code: 0 });
   });
 
   it('migrate --to moves a counting VM to the other vcpud; the count continues', async () => {

@@ -485,6 +485,34 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       src.cancel();
     }, 180_000);
 
+    it('an L2 guest snapshotted as a chain (full, then two incremental children) in one vcpud restores from the last child in the second: L2 continues', async () => {
+      const guest = NESTED_GUESTS.svm_counter;
+      const src = await timed('chain: run and pause', () => pausedInL2(guest));
+      const take = async (name: string, extra: Obj) => {
+        const msgs = await collect<Obj>(snaps(0), 'CreateSnapshot', { vmId: src.id, name, leavePaused: true, ...extra });
+        return msgs.find((m) => m.event === 'done')!.done as Obj;
+      };
+      await timed('chain: full snapshot', () => take('lab-chain/base', { trackDirty: true }));
+      for (const [depth, name, parent] of [[1, 'lab-chain/c1', 'lab-chain/base'], [2, 'lab-chain/c2', 'lab-chain/c1']] as const) {
+        // L2 counts on between the snapshots: the children hold the pages it (and L1) dirtied.
+        const before = src.w.values.length;
+        await call(vms(), 'ResumeVm', { vmId: src.id });
+        await waitFor(() => src.w.values.length >= before + 10, 'L2 to count on');
+        await call(vms(), 'PauseVm', { vmId: src.id });
+        await settled(src.w);
+        const done = await timed(`chain: child ${depth}`, () => take(name, { parent }));
+        expect(done).toMatchObject({ parent, chainDepth: depth });
+      }
+      const last = src.w.values.at(-1)!;
+      const dst = await timed('chain: restore the last child in the second vcpud', async () => {
+        const r = await call<Obj>(snaps(1), 'RestoreSnapshot', { name: 'lab-chain/c2', vmName: 'from-chain' });
+        scratch.push([r.vm.id, 1]);
+        return r.vm.id as string;
+      });
+      await expectL2Continues(dst, guest, last, 1);
+      src.cancel();
+    }, 300_000);
+
     it('MigrateVm over mTLS between the two vcpuds: L2 continues on the destination, the source VM is gone', async () => {
       const guest = NESTED_GUESTS.svm_counter_npt;
       const src = await timed('migrate: run and pause', () => pausedInL2(guest, 0, true));

@@ -141,6 +141,7 @@ describe('protos', () => {
       RestoreSnapshotStream: 'client_stream',
       ListSnapshots: 'unary',
       DeleteSnapshot: 'unary',
+      MergeSnapshot: 'unary',
       MigrateVm: 'server_stream',
     });
   });

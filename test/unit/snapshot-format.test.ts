@@ -54,9 +54,10 @@ describe('CRC-32C', () => {
 
 describe('preamble and record headers', () => {
   test('the preamble round-trips; other bytes are not a snapshot; a newer version is refused', () => {
-    expect(decodePreamble(encodePreamble())).toBe(1);
+    expect(decodePreamble(encodePreamble())).toBe(2);
+    expect(decodePreamble(encodePreamble(1))).toBe(1); // version 1 files are still read
     expect(kindOf(() => decodePreamble(Buffer.from('GIF89a..........')))).toMatchObject({ kind: 'invalid_argument', message: /not a vcpud snapshot/ });
-    expect(kindOf(() => decodePreamble(encodePreamble(2)))).toMatchObject({ kind: 'failed_precondition', message: /version 2 is not supported/ });
+    expect(kindOf(() => decodePreamble(encodePreamble(3)))).toMatchObject({ kind: 'failed_precondition', message: /version 3 is not supported/ });
     const flipped = encodePreamble();
     flipped[9] ^= 1;
     expect(kindOf(() => decodePreamble(flipped))).toMatchObject({ kind: 'data_loss', message: /checksum mismatch in the preamble/ });

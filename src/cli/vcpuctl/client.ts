@@ -26,6 +26,7 @@ import type { CreateVmResponse__Output } from '../../server/generated/vcpud/v1/C
 import type { GetVmResponse__Output } from '../../server/generated/vcpud/v1/GetVmResponse';
 import type { ListVmsRequest } from '../../server/generated/vcpud/v1/ListVmsRequest';
 import type { ListVmsResponse__Output } from '../../server/generated/vcpud/v1/ListVmsResponse';
+import type { MergeSnapshotResponse__Output } from '../../server/generated/vcpud/v1/MergeSnapshotResponse';
 import type { DeleteVmResponse__Output } from '../../server/generated/vcpud/v1/DeleteVmResponse';
 import type { WriteMemoryRequest } from '../../server/generated/vcpud/v1/WriteMemoryRequest';
 import type { WriteMemoryResponse__Output } from '../../server/generated/vcpud/v1/WriteMemoryResponse';
@@ -299,8 +300,12 @@ export class VcpudClient {
     }
     return { snapshots, nextPageToken: pageToken };
   }
-  deleteSnapshot(name: string) {
-    return unary<{ name: string }, DeleteSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb), { name }, this.callOptions());
+  deleteSnapshot(name: string, cascade = false) {
+    return unary<{ name: string; cascade: boolean }, DeleteSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb), { name, cascade }, this.callOptions());
+  }
+  /** MergeSnapshot without a deadline: it reads and writes the whole chain. */
+  mergeSnapshot(name: string, target = '') {
+    return unary<{ name: string; target: string }, MergeSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.mergeSnapshot(r, m, o, cb), { name, target }, {});
   }
   /** MigrateVm: progress and done messages; no deadline. */
   migrateVm(req: MigrateVmRequest): grpc.ClientReadableStream<MigrateVmResponse__Output> {

@@ -22,6 +22,8 @@ import type { ListVmsRequest as _vcpud_v1_ListVmsRequest, ListVmsRequest__Output
 import type { ListVmsResponse as _vcpud_v1_ListVmsResponse, ListVmsResponse__Output as _vcpud_v1_ListVmsResponse__Output } from './vcpud/v1/ListVmsResponse';
 import type { LoadProgramRequest as _vcpud_v1_LoadProgramRequest, LoadProgramRequest__Output as _vcpud_v1_LoadProgramRequest__Output } from './vcpud/v1/LoadProgramRequest';
 import type { LoadProgramResponse as _vcpud_v1_LoadProgramResponse, LoadProgramResponse__Output as _vcpud_v1_LoadProgramResponse__Output } from './vcpud/v1/LoadProgramResponse';
+import type { MergeSnapshotRequest as _vcpud_v1_MergeSnapshotRequest, MergeSnapshotRequest__Output as _vcpud_v1_MergeSnapshotRequest__Output } from './vcpud/v1/MergeSnapshotRequest';
+import type { MergeSnapshotResponse as _vcpud_v1_MergeSnapshotResponse, MergeSnapshotResponse__Output as _vcpud_v1_MergeSnapshotResponse__Output } from './vcpud/v1/MergeSnapshotResponse';
 import type { MigrateVmRequest as _vcpud_v1_MigrateVmRequest, MigrateVmRequest__Output as _vcpud_v1_MigrateVmRequest__Output } from './vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse as _vcpud_v1_MigrateVmResponse, MigrateVmResponse__Output as _vcpud_v1_MigrateVmResponse__Output } from './vcpud/v1/MigrateVmResponse';
 import type { MigrationDone as _vcpud_v1_MigrationDone, MigrationDone__Output as _vcpud_v1_MigrationDone__Output } from './vcpud/v1/MigrationDone';
@@ -90,6 +92,8 @@ export interface ProtoGrpcType {
       ListVmsResponse: MessageTypeDefinition<_vcpud_v1_ListVmsResponse, _vcpud_v1_ListVmsResponse__Output>
       LoadProgramRequest: MessageTypeDefinition<_vcpud_v1_LoadProgramRequest, _vcpud_v1_LoadProgramRequest__Output>
       LoadProgramResponse: MessageTypeDefinition<_vcpud_v1_LoadProgramResponse, _vcpud_v1_LoadProgramResponse__Output>
+      MergeSnapshotRequest: MessageTypeDefinition<_vcpud_v1_MergeSnapshotRequest, _vcpud_v1_MergeSnapshotRequest__Output>
+      MergeSnapshotResponse: MessageTypeDefinition<_vcpud_v1_MergeSnapshotResponse, _vcpud_v1_MergeSnapshotResponse__Output>
       MigrateVmRequest: MessageTypeDefinition<_vcpud_v1_MigrateVmRequest, _vcpud_v1_MigrateVmRequest__Output>
       MigrateVmResponse: MessageTypeDefinition<_vcpud_v1_MigrateVmResponse, _vcpud_v1_MigrateVmResponse__Output>
       MigrationDone: MessageTypeDefinition<_vcpud_v1_MigrationDone, _vcpud_v1_MigrationDone__Output>
@@ -145,6 +149,10 @@ export interface ProtoGrpcType {
        * SNAPSHOT_DIR_ACCESS_DENIED; the message names the path, metadata errno). The request
        * is fine; the directory's owner or mode needs fixing, so not PERMISSION_DENIED (which
        * would blame the caller's credentials).
+       * FAILED_PRECONDITION / DATA_LOSS  incremental snapshots: a parent that cannot be one
+       * (SNAPSHOT_PARENT_UNTRACKED), a chain with a missing or changed ancestor
+       * (SNAPSHOT_CHAIN_BROKEN, naming the link), a snapshot with children deleted without
+       * cascade (SNAPSHOT_HAS_CHILDREN).
        * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), as CreateVm.
        * UNAVAILABLE          shutting down, or (MigrateVm) the destination cannot be reached (MIGRATION_FAILED).
        */

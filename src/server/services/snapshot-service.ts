@@ -16,6 +16,9 @@ import { withBulkHeap } from '../../bulk-heap';
 import { msToDuration } from '../../duration';
 import { invalidArgument, VcpudError } from '../../errors';
 import { loadAndRestore } from '../../vm/snapshot-restore';
+import { SnapshotBases } from '../../vm/snapshot-bases';
+import { chainLoader } from '../../vm/snapshot-chain';
+import { deleteSnapshot, mergeSnapshot } from '../../vm/snapshot-merge';
 import { FileSource, StreamSource, type LoadedSnapshot } from '../../vm/snapshot-reader';
 import { SnapshotStore, type OpenTarget, type SnapshotEntry } from '../../vm/snapshot-store';
 import { snapshotWriteError } from '../../vm/snapshot-write-error';
@@ -27,7 +30,9 @@ import { timestampToProto, vmToProto } from '../convert';
 import { toServiceError } from '../errors';
 import type { CreateSnapshotRequest__Output } from '../generated/vcpud/v1/CreateSnapshotRequest';
 import type { CreateSnapshotResponse } from '../generated/vcpud/v1/CreateSnapshotResponse';
+import type { DeleteSnapshotRequest__Output } from '../generated/vcpud/v1/DeleteSnapshotRequest';
 import type { ListSnapshotsRequest__Output } from '../generated/vcpud/v1/ListSnapshotsRequest';
+import type { MergeSnapshotRequest__Output } from '../generated/vcpud/v1/MergeSnapshotRequest';
 import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
 import type { RestoreSnapshotStreamRequest__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamRequest';
@@ -88,6 +93,9 @@ export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; siz
     vendor: header.source.vendor,
     ...(extra.durationMs !== undefined ? { duration: msToDuration(extra.durationMs) } : {}),
     problem: extra.problem ?? '',
+    parent: header.parent?.name ?? '',
+    chainDepth: header.chainDepth ?? 0,
+    snapshotId: header.snapshotId ?? '',
   };
 }
 
@@ -135,6 +143,18 @@ export class SnapshotService {
     server.addService({ ...service, CreateSnapshot: create }, this.handlers() as unknown as grpc.UntypedServiceImplementation);
   }
 
+  /** CreateSnapshot's `parent`: its link and depth, or why it cannot be the parent (nothing touched yet). */
+  private async parentOf(vm: ManagedVm, name: string) {
+    let read;
+    try {
+      read = await this.store.identify(name, (id) => SnapshotBases.recorded(vm, id));
+    } catch (e) {
+      if (e instanceof VcpudError) throw Object.assign(e, { message: `parent: ${e.message}` });
+      throw new VcpudError('data_loss', `parent ${JSON.stringify(name)} is not a whole snapshot: ${(e as Error).message}`, { reason: 'SNAPSHOT_CORRUPT', field: 'parent' });
+    }
+    return SnapshotBases.parentLink(vm, name, read.header, read.identity);
+  }
+
   private restoreResponse(loaded: LoadedSnapshot, vm: ManagedVm, notes: string[], started: bigint) {
     return {
       vm: vmToProto(vm),
@@ -157,8 +177,11 @@ export class SnapshotService {
         const toStream = req.destination === 'stream' && req.stream;
         if (!toStream && req.destination !== 'name')
           throw invalidArgument('CreateSnapshot needs a destination: name or stream', [{ rule: 'required', field: 'destination', message: 'set name or stream' }]);
-        // The name is checked (and its directories created and opened) before the VM is touched.
+        // The name and the parent are checked (and the name's directories created and opened) before the VM is touched.
         const name = req.name ?? '';
+        if (req.parent && req.parent === name)
+          throw invalidArgument('parent and name are the same snapshot', [{ rule: 'parent.not_self', field: 'parent', message: 'a child cannot replace its own parent: give it another name' }]);
+        const parent = req.parent ? await this.parentOf(vm, req.parent) : undefined;
         let target: OpenTarget | undefined;
         try {
           target = toStream ? undefined : await this.store.openForWrite(name, { replace: req.replace });
@@ -169,6 +192,10 @@ export class SnapshotService {
           const held = await holdAndPause(vm, `snapshot ${toStream ? 'to a stream' : JSON.stringify(name)} in progress`);
           let ok = false;
           try {
+            // Paused: what the VM dirtied up to now goes to its bases (tracking starts here if asked).
+            const bases = parent || req.trackDirty ? SnapshotBases.start(vm) : SnapshotBases.of(vm);
+            await bases?.collect();
+            const incremental = parent && bases ? { parent: parent.link, parentDepth: parent.depth, dirty: bases.dirtySince(parent.link.snapshotId) } : undefined;
             let r: CaptureResult;
             try {
               const sink = target
@@ -184,12 +211,14 @@ export class SnapshotService {
                   runStates: held.before,
                   onProgress: progressSender((progress) => call.write({ progress })),
                   cancelled: () => call.cancelled,
+                  incremental,
                 });
               r = await (target ? capture() : withBulkHeap(capture));
             } catch (e) {
               throw target ? snapshotWriteError(e, name, target.displayPath) : e;
             }
             ok = true;
+            if (target) bases?.add(r.identity);
             await writeWithBackpressure(call, {
               done: snapshotInfo(r.header, { name: toStream ? '' : name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: r.durationMs }),
             });
@@ -207,7 +236,9 @@ export class SnapshotService {
         checkVmName(req.vmName, 'vm_name');
         const { fd } = await this.store.openForRead(req.name);
         try {
-          const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy: !req.noLazyMemory, name: req.vmName || undefined, run: req.run });
+          const lazy = !req.noLazyMemory;
+          const loadParent = chainLoader(this.store, req.name, { lazy });
+          const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy, loadParent, name: req.vmName || undefined, run: req.run });
           return this.restoreResponse(r.loaded, r.vm, r.notes, started);
         } finally {
           fs.closeSync(fd); // mappings of the file outlive the descriptor
@@ -248,7 +279,8 @@ export class SnapshotService {
             limitReadAhead(call, 1);
             // options arrive with the first message, before any byte of the snapshot is read
             const source = new StreamSource(chunks());
-            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; }, reservation };
+            const loadParent = chainLoader(this.store, '(streamed snapshot)');
+            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; }, reservation, loadParent };
             const r = await withBulkHeap(() => loadAndRestore(ctx.registry, ctx.caps, source, opts));
             return this.restoreResponse(r.loaded, r.vm, r.notes, started);
           })
@@ -270,9 +302,16 @@ export class SnapshotService {
         return { snapshots: page.entries.map(entryInfo), nextPageToken: page.nextPageToken };
       }),
 
-      DeleteSnapshot: unary(ctx, async (req: { name: string }) => {
-        await this.store.remove(req.name);
-        return {};
+      DeleteSnapshot: unary(ctx, (req: DeleteSnapshotRequest__Output) => deleteSnapshot(this.store, req.name, req.cascade)),
+
+      MergeSnapshot: unary(ctx, async (req: MergeSnapshotRequest__Output) => {
+        const started = process.hrtime.bigint();
+        const r = await mergeSnapshot(this.store, req.name, req.target || req.name);
+        return {
+          snapshot: snapshotInfo(r.header, { name: r.name, sizeBytes: r.bytes, pagesStored: r.end.pagesStored, durationMs: elapsedMs(started) }),
+          chainLength: r.chainLength,
+          duration: msToDuration(elapsedMs(started)),
+        };
       }),
 
       MigrateVm: serverStream<MigrateVmRequest__Output, MigrateVmResponse>(ctx, (call) => this.migrate(call)),

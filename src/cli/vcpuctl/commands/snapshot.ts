@@ -1,5 +1,5 @@
 /**
- * `vcpuctl snapshot create|restore|list|delete` and `vcpuctl migrate` (SnapshotService).
+ * `vcpuctl snapshot create|restore|list|delete|merge` and `vcpuctl migrate` (SnapshotService).
  *
  * Long operations report progress on stderr: a progress bar redrawn in place when stderr is a
  * terminal (human mode), one JSON object per progress message and line with --json (stdout keeps
@@ -106,10 +106,14 @@ function infoLines(i: SnapshotInfo__Output): string {
     ['vcpus', String(i.vcpuCount)],
     ['source', `${i.sourceHost} (${i.vendor})`],
     ['format', `version ${i.formatVersion}`],
+    ['chain', chainText(i)],
   ];
   if (i.duration) rows.push(['took', `${seconds(i.duration).toFixed(3)} s`]);
   return keyValues(rows).join('\n');
 }
+
+/** "full", or the parent and the chain's depth: "<- nightly/base (depth 2)". */
+export const chainText = (i: Pick<SnapshotInfo__Output, 'parent' | 'chainDepth'>): string => (i.parent ? `<- ${i.parent} (depth ${i.chainDepth})` : 'full');
 
 async function create(ctx: Context): Promise<void> {
   const [vmId, name] = ctx.positionals;
@@ -118,8 +122,8 @@ async function create(ctx: Context): Promise<void> {
   const client = ctx.client();
   const replace = ctx.options.bool('replace');
   if (out && replace) throw new UsageError('--replace is for NAME on the server (--out FILE is always replaced whole)', 'snapshot create');
-  const leavePaused = ctx.options.bool('leave-paused');
-  const call = client.createSnapshot(out ? { vmId, stream: true, leavePaused } : { vmId, name, leavePaused, replace });
+  const common = { vmId, leavePaused: ctx.options.bool('leave-paused'), parent: ctx.options.string('parent') ?? '', trackDirty: ctx.options.bool('track-dirty') };
+  const call = client.createSnapshot(out ? { ...common, stream: true } : { ...common, name, replace });
   const progress = progressReporter(ctx, 'snapshot');
   // --out: written under a temporary name, renamed on success, so FILE is whole or untouched.
   const file = out ? path.resolve(ctx.cwd, out) : undefined;
@@ -274,6 +278,8 @@ export const snapshotCommands: Command[] = [
       { name: 'out', type: 'string', arg: 'FILE', help: 'stream the snapshot into FILE on this machine instead of storing it on the server' },
       { name: 'leave-paused', type: 'bool', help: 'leave the VM paused afterwards (default: resumed as it was)' },
       { name: 'replace', type: 'bool', help: 'replace an existing snapshot NAME (default: an existing NAME is refused, ALREADY_EXISTS)' },
+      { name: 'parent', type: 'string', arg: 'NAME', help: 'incremental: store only the pages dirtied since snapshot NAME of this VM (a restore reads the chain)' },
+      { name: 'track-dirty', type: 'bool', help: 'start dirty tracking here, so later snapshots can name this one as --parent' },
     ],
     run: create,
   },
@@ -300,10 +306,11 @@ export const snapshotCommands: Command[] = [
       else
         ctx.print(
           table(
-            ['NAME', 'SIZE', 'VM', 'MEMORY', 'VCPUS', 'TAKEN', 'PROBLEM'],
+            ['NAME', 'SIZE', 'CHAIN', 'VM', 'MEMORY', 'VCPUS', 'TAKEN', 'PROBLEM'],
             resp.snapshots.map((s) => [
               s.name,
               humanSize(s.sizeBytes),
+              s.problem ? '-' : chainText(s),
               s.vmName || s.vmId || '-',
               s.memoryBytes !== '0' ? formatSize(s.memoryBytes) : '-',
               s.vcpuCount || '-',
@@ -316,13 +323,24 @@ export const snapshotCommands: Command[] = [
   },
   {
     path: ['snapshot', 'delete'],
-    summary: "Remove a snapshot from the server's snapshot directory.",
+    summary: "Remove a snapshot from the server's snapshot directory (one with children only with --cascade).",
     positionals: ['NAME'],
-    options: [],
+    options: [{ name: 'cascade', type: 'bool', help: 'also remove the incremental snapshots whose chains run through NAME' }],
     async run(ctx) {
-      const resp = await ctx.client().deleteSnapshot(ctx.positionals[0]);
+      const resp = await ctx.client().deleteSnapshot(ctx.positionals[0], ctx.options.bool('cascade'));
       if (ctx.json) ctx.printJson(resp);
-      else ctx.print(`deleted ${ctx.positionals[0]}`);
+      else ctx.print(resp.deleted.map((n) => `deleted ${n}`).join('\n'));
+    },
+  },
+  {
+    path: ['snapshot', 'merge'],
+    summary: 'Fold the chain of incremental snapshot NAME into one full snapshot, atomically (over NAME unless --into).',
+    positionals: ['NAME'],
+    options: [{ name: 'into', type: 'string', arg: 'TARGET', help: 'write the full snapshot to TARGET instead of over NAME' }],
+    async run(ctx) {
+      const resp = await ctx.client().mergeSnapshot(ctx.positionals[0], ctx.options.string('into') ?? '');
+      if (ctx.json) ctx.printJson(resp);
+      else if (resp.snapshot) ctx.print(`merged a chain of ${resp.chainLength} in ${(seconds(resp.duration) * 1000).toFixed(0)} ms\n${infoLines(resp.snapshot)}`);
     },
   },
   {

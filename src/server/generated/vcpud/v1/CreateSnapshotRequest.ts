@@ -32,6 +32,20 @@ export interface CreateSnapshotRequest {
    */
   'replace'?: (boolean);
   /**
+   * Incremental snapshot: the name of an earlier snapshot of this VM under the snapshot directory. The new
+   * snapshot stores every vCPU's and the VM's state in full and only the guest pages dirtied since `parent`
+   * was taken (by the guest or by vcpud: WriteMemory, LoadProgram); a restore reads the chain of ancestors
+   * from the snapshot directory. The VM's dirty tracking must have been on since `parent` was taken (it starts
+   * with a snapshot taken with track_dirty or used as a parent, and stays on for the VM's life); otherwise, or
+   * for a parent of another VM, FAILED_PRECONDITION (SNAPSHOT_PARENT_UNTRACKED) saying why.
+   */
+  'parent'?: (string);
+  /**
+   * Start dirty tracking at this snapshot (if not on already), so later snapshots can name it as `parent`.
+   * Tracking costs a write fault per page the guest first writes after each snapshot. Implied by `parent`.
+   */
+  'trackDirty'?: (boolean);
+  /**
    * Where the snapshot goes.
    */
   'destination'?: "name"|"stream";
@@ -66,6 +80,20 @@ export interface CreateSnapshotRequest__Output {
    * creates racing for one new name exactly one succeeds.
    */
   'replace': (boolean);
+  /**
+   * Incremental snapshot: the name of an earlier snapshot of this VM under the snapshot directory. The new
+   * snapshot stores every vCPU's and the VM's state in full and only the guest pages dirtied since `parent`
+   * was taken (by the guest or by vcpud: WriteMemory, LoadProgram); a restore reads the chain of ancestors
+   * from the snapshot directory. The VM's dirty tracking must have been on since `parent` was taken (it starts
+   * with a snapshot taken with track_dirty or used as a parent, and stays on for the VM's life); otherwise, or
+   * for a parent of another VM, FAILED_PRECONDITION (SNAPSHOT_PARENT_UNTRACKED) saying why.
+   */
+  'parent': (string);
+  /**
+   * Start dirty tracking at this snapshot (if not on already), so later snapshots can name it as `parent`.
+   * Tracking costs a write fault per page the guest first writes after each snapshot. Implied by `parent`.
+   */
+  'trackDirty': (boolean);
   /**
    * Where the snapshot goes.
    */

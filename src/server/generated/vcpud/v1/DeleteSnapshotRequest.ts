@@ -10,6 +10,10 @@ export interface DeleteSnapshotRequest {
    * The snapshot's name under the snapshot directory.
    */
   'name'?: (string);
+  /**
+   * Also remove the snapshots whose chains run through this one (its children, their children...).
+   */
+  'cascade'?: (boolean);
 }
 
 /**
@@ -20,4 +24,8 @@ export interface DeleteSnapshotRequest__Output {
    * The snapshot's name under the snapshot directory.
    */
   'name': (string);
+  /**
+   * Also remove the snapshots whose chains run through this one (its children, their children...).
+   */
+  'cascade': (boolean);
 }

@@ -6,10 +6,18 @@
  * Response of DeleteSnapshot.
  */
 export interface DeleteSnapshotResponse {
+  /**
+   * Every snapshot removed, descendants first, `name` last.
+   */
+  'deleted'?: (string)[];
 }
 
 /**
  * Response of DeleteSnapshot.
  */
 export interface DeleteSnapshotResponse__Output {
+  /**
+   * Every snapshot removed, descendants first, `name` last.
+   */
+  'deleted': (string)[];
 }

@@ -161,6 +161,24 @@ export const ErrorReason = {
    * changed; pick another destination.
    */
   ERROR_REASON_MIGRATION_TO_SELF: 'ERROR_REASON_MIGRATION_TO_SELF',
+  /**
+   * FAILED_PRECONDITION: CreateSnapshot's `parent` cannot be the parent of an incremental snapshot of this VM:
+   * it is a snapshot of another VM, or was taken before the VM's dirty tracking started (or by an earlier
+   * vcpud process, or is older than the snapshots tracked per VM); the message says which. Take a full
+   * snapshot with track_dirty first. Nothing was written and the VM is as it was.
+   */
+  ERROR_REASON_SNAPSHOT_PARENT_UNTRACKED: 'ERROR_REASON_SNAPSHOT_PARENT_UNTRACKED',
+  /**
+   * An incremental snapshot's chain is broken: an ancestor is missing (FAILED_PRECONDITION) or is not the
+   * snapshot the child was taken against (DATA_LOSS: replaced or rewritten); the message names the link
+   * ("NAME -> PARENT": the child and the missing or changed ancestor). Nothing was created.
+   */
+  ERROR_REASON_SNAPSHOT_CHAIN_BROKEN: 'ERROR_REASON_SNAPSHOT_CHAIN_BROKEN',
+  /**
+   * FAILED_PRECONDITION: DeleteSnapshot of a snapshot that other snapshots have as parent, without cascade;
+   * the message names them. Nothing was removed.
+   */
+  ERROR_REASON_SNAPSHOT_HAS_CHILDREN: 'ERROR_REASON_SNAPSHOT_HAS_CHILDREN',
 } as const;
 
 /**
@@ -349,6 +367,27 @@ export type ErrorReason =
    */
   | 'ERROR_REASON_MIGRATION_TO_SELF'
   | 62
+  /**
+   * FAILED_PRECONDITION: CreateSnapshot's `parent` cannot be the parent of an incremental snapshot of this VM:
+   * it is a snapshot of another VM, or was taken before the VM's dirty tracking started (or by an earlier
+   * vcpud process, or is older than the snapshots tracked per VM); the message says which. Take a full
+   * snapshot with track_dirty first. Nothing was written and the VM is as it was.
+   */
+  | 'ERROR_REASON_SNAPSHOT_PARENT_UNTRACKED'
+  | 50
+  /**
+   * An incremental snapshot's chain is broken: an ancestor is missing (FAILED_PRECONDITION) or is not the
+   * snapshot the child was taken against (DATA_LOSS: replaced or rewritten); the message names the link
+   * ("NAME -> PARENT": the child and the missing or changed ancestor). Nothing was created.
+   */
+  | 'ERROR_REASON_SNAPSHOT_CHAIN_BROKEN'
+  | 51
+  /**
+   * FAILED_PRECONDITION: DeleteSnapshot of a snapshot that other snapshots have as parent, without cascade;
+   * the message names them. Nothing was removed.
+   */
+  | 'ERROR_REASON_SNAPSHOT_HAS_CHILDREN'
+  | 52
 
 /**
  * The reasons vcpud puts in google.rpc.ErrorInfo.reason: the value name without the ERROR_REASON_ prefix

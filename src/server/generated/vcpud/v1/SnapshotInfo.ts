@@ -62,6 +62,18 @@ export interface SnapshotInfo {
    * could not be listed (e.g. "EACCES"); empty otherwise.
    */
   'problem'?: (string);
+  /**
+   * Incremental snapshots: the name of the parent snapshot; empty for a full snapshot.
+   */
+  'parent'?: (string);
+  /**
+   * Links from this snapshot down to its full ancestor: 0 for a full snapshot, 1 for a child of a full one.
+   */
+  'chainDepth'?: (number);
+  /**
+   * The snapshot's identity (format version 2; a merge keeps it): what children record of their parent.
+   */
+  'snapshotId'?: (string);
 }
 
 /**
@@ -121,4 +133,16 @@ export interface SnapshotInfo__Output {
    * could not be listed (e.g. "EACCES"); empty otherwise.
    */
   'problem': (string);
+  /**
+   * Incremental snapshots: the name of the parent snapshot; empty for a full snapshot.
+   */
+  'parent': (string);
+  /**
+   * Links from this snapshot down to its full ancestor: 0 for a full snapshot, 1 for a child of a full one.
+   */
+  'chainDepth': (number);
+  /**
+   * The snapshot's identity (format version 2; a merge keeps it): what children record of their parent.
+   */
+  'snapshotId': (string);
 }

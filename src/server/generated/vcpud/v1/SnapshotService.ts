@@ -9,6 +9,8 @@ import type { DeleteSnapshotRequest as _vcpud_v1_DeleteSnapshotRequest, DeleteSn
 import type { DeleteSnapshotResponse as _vcpud_v1_DeleteSnapshotResponse, DeleteSnapshotResponse__Output as _vcpud_v1_DeleteSnapshotResponse__Output } from '../../vcpud/v1/DeleteSnapshotResponse';
 import type { ListSnapshotsRequest as _vcpud_v1_ListSnapshotsRequest, ListSnapshotsRequest__Output as _vcpud_v1_ListSnapshotsRequest__Output } from '../../vcpud/v1/ListSnapshotsRequest';
 import type { ListSnapshotsResponse as _vcpud_v1_ListSnapshotsResponse, ListSnapshotsResponse__Output as _vcpud_v1_ListSnapshotsResponse__Output } from '../../vcpud/v1/ListSnapshotsResponse';
+import type { MergeSnapshotRequest as _vcpud_v1_MergeSnapshotRequest, MergeSnapshotRequest__Output as _vcpud_v1_MergeSnapshotRequest__Output } from '../../vcpud/v1/MergeSnapshotRequest';
+import type { MergeSnapshotResponse as _vcpud_v1_MergeSnapshotResponse, MergeSnapshotResponse__Output as _vcpud_v1_MergeSnapshotResponse__Output } from '../../vcpud/v1/MergeSnapshotResponse';
 import type { MigrateVmRequest as _vcpud_v1_MigrateVmRequest, MigrateVmRequest__Output as _vcpud_v1_MigrateVmRequest__Output } from '../../vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse as _vcpud_v1_MigrateVmResponse, MigrateVmResponse__Output as _vcpud_v1_MigrateVmResponse__Output } from '../../vcpud/v1/MigrateVmResponse';
 import type { RestoreSnapshotRequest as _vcpud_v1_RestoreSnapshotRequest, RestoreSnapshotRequest__Output as _vcpud_v1_RestoreSnapshotRequest__Output } from '../../vcpud/v1/RestoreSnapshotRequest';
@@ -42,6 +44,10 @@ import type { RestoreSnapshotStreamResponse as _vcpud_v1_RestoreSnapshotStreamRe
  * SNAPSHOT_DIR_ACCESS_DENIED; the message names the path, metadata errno). The request
  * is fine; the directory's owner or mode needs fixing, so not PERMISSION_DENIED (which
  * would blame the caller's credentials).
+ * FAILED_PRECONDITION / DATA_LOSS  incremental snapshots: a parent that cannot be one
+ * (SNAPSHOT_PARENT_UNTRACKED), a chain with a missing or changed ancestor
+ * (SNAPSHOT_CHAIN_BROKEN, naming the link), a snapshot with children deleted without
+ * cascade (SNAPSHOT_HAS_CHILDREN).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), as CreateVm.
  * UNAVAILABLE          shutting down, or (MigrateVm) the destination cannot be reached (MIGRATION_FAILED).
  */
@@ -66,14 +72,18 @@ export interface SnapshotServiceClient extends grpc.Client {
   createSnapshot(argument: _vcpud_v1_CreateSnapshotRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_CreateSnapshotResponse__Output>;
   
   /**
-   * Removes a snapshot file. VMs restored from it keep their memory.
+   * Removes a snapshot file. VMs restored from it keep their memory. A snapshot that is the parent of others
+   * (incremental snapshots) is refused with FAILED_PRECONDITION (SNAPSHOT_HAS_CHILDREN) naming them, unless
+   * `cascade`: then its descendants go too, children before parents.
    */
   DeleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
   DeleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, metadata: grpc.Metadata, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
   DeleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
   DeleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
   /**
-   * Removes a snapshot file. VMs restored from it keep their memory.
+   * Removes a snapshot file. VMs restored from it keep their memory. A snapshot that is the parent of others
+   * (incremental snapshots) is refused with FAILED_PRECONDITION (SNAPSHOT_HAS_CHILDREN) naming them, unless
+   * `cascade`: then its descendants go too, children before parents.
    */
   deleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
   deleteSnapshot(argument: _vcpud_v1_DeleteSnapshotRequest, metadata: grpc.Metadata, callback: grpc.requestCallback<_vcpud_v1_DeleteSnapshotResponse__Output>): grpc.ClientUnaryCall;
@@ -94,6 +104,31 @@ export interface SnapshotServiceClient extends grpc.Client {
   listSnapshots(argument: _vcpud_v1_ListSnapshotsRequest, metadata: grpc.Metadata, callback: grpc.requestCallback<_vcpud_v1_ListSnapshotsResponse__Output>): grpc.ClientUnaryCall;
   listSnapshots(argument: _vcpud_v1_ListSnapshotsRequest, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_ListSnapshotsResponse__Output>): grpc.ClientUnaryCall;
   listSnapshots(argument: _vcpud_v1_ListSnapshotsRequest, callback: grpc.requestCallback<_vcpud_v1_ListSnapshotsResponse__Output>): grpc.ClientUnaryCall;
+  
+  /**
+   * Folds the chain that ends at an incremental snapshot (its ancestors' memory, then each child's pages, the
+   * state of the snapshot itself) into one full snapshot, written atomically over `name` (or to `target`):
+   * until the rename the name shows the incremental snapshot, after it the full one, never a partial file.
+   * Every checksum and link of the chain is verified first (as RestoreSnapshot does). The merged snapshot
+   * keeps the snapshot's identity, so children taken of the incremental snapshot remain valid children of it,
+   * and a VM that tracks it can still take children of it.
+   */
+  MergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  MergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, metadata: grpc.Metadata, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  MergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  MergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  /**
+   * Folds the chain that ends at an incremental snapshot (its ancestors' memory, then each child's pages, the
+   * state of the snapshot itself) into one full snapshot, written atomically over `name` (or to `target`):
+   * until the rename the name shows the incremental snapshot, after it the full one, never a partial file.
+   * Every checksum and link of the chain is verified first (as RestoreSnapshot does). The merged snapshot
+   * keeps the snapshot's identity, so children taken of the incremental snapshot remain valid children of it,
+   * and a VM that tracks it can still take children of it.
+   */
+  mergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  mergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, metadata: grpc.Metadata, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  mergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, options: grpc.CallOptions, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
+  mergeSnapshot(argument: _vcpud_v1_MergeSnapshotRequest, callback: grpc.requestCallback<_vcpud_v1_MergeSnapshotResponse__Output>): grpc.ClientUnaryCall;
   
   /**
    * Moves a VM to another vcpud. The destination's MigrationService prepares an empty VM and hands back a
@@ -192,6 +227,10 @@ export interface SnapshotServiceClient extends grpc.Client {
  * SNAPSHOT_DIR_ACCESS_DENIED; the message names the path, metadata errno). The request
  * is fine; the directory's owner or mode needs fixing, so not PERMISSION_DENIED (which
  * would blame the caller's credentials).
+ * FAILED_PRECONDITION / DATA_LOSS  incremental snapshots: a parent that cannot be one
+ * (SNAPSHOT_PARENT_UNTRACKED), a chain with a missing or changed ancestor
+ * (SNAPSHOT_CHAIN_BROKEN, naming the link), a snapshot with children deleted without
+ * cascade (SNAPSHOT_HAS_CHILDREN).
  * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), as CreateVm.
  * UNAVAILABLE          shutting down, or (MigrateVm) the destination cannot be reached (MIGRATION_FAILED).
  */
@@ -206,7 +245,9 @@ export interface SnapshotServiceHandlers extends grpc.UntypedServiceImplementati
   CreateSnapshot: grpc.handleServerStreamingCall<_vcpud_v1_CreateSnapshotRequest__Output, _vcpud_v1_CreateSnapshotResponse>;
   
   /**
-   * Removes a snapshot file. VMs restored from it keep their memory.
+   * Removes a snapshot file. VMs restored from it keep their memory. A snapshot that is the parent of others
+   * (incremental snapshots) is refused with FAILED_PRECONDITION (SNAPSHOT_HAS_CHILDREN) naming them, unless
+   * `cascade`: then its descendants go too, children before parents.
    */
   DeleteSnapshot: grpc.handleUnaryCall<_vcpud_v1_DeleteSnapshotRequest__Output, _vcpud_v1_DeleteSnapshotResponse>;
   
@@ -214,6 +255,16 @@ export interface SnapshotServiceHandlers extends grpc.UntypedServiceImplementati
    * Lists the snapshot files under the snapshot directory with what their headers say.
    */
   ListSnapshots: grpc.handleUnaryCall<_vcpud_v1_ListSnapshotsRequest__Output, _vcpud_v1_ListSnapshotsResponse>;
+  
+  /**
+   * Folds the chain that ends at an incremental snapshot (its ancestors' memory, then each child's pages, the
+   * state of the snapshot itself) into one full snapshot, written atomically over `name` (or to `target`):
+   * until the rename the name shows the incremental snapshot, after it the full one, never a partial file.
+   * Every checksum and link of the chain is verified first (as RestoreSnapshot does). The merged snapshot
+   * keeps the snapshot's identity, so children taken of the incremental snapshot remain valid children of it,
+   * and a VM that tracks it can still take children of it.
+   */
+  MergeSnapshot: grpc.handleUnaryCall<_vcpud_v1_MergeSnapshotRequest__Output, _vcpud_v1_MergeSnapshotResponse>;
   
   /**
    * Moves a VM to another vcpud. The destination's MigrationService prepares an empty VM and hands back a
@@ -250,6 +301,7 @@ export interface SnapshotServiceDefinition extends grpc.ServiceDefinition {
   CreateSnapshot: MethodDefinition<_vcpud_v1_CreateSnapshotRequest, _vcpud_v1_CreateSnapshotResponse, _vcpud_v1_CreateSnapshotRequest__Output, _vcpud_v1_CreateSnapshotResponse__Output>
   DeleteSnapshot: MethodDefinition<_vcpud_v1_DeleteSnapshotRequest, _vcpud_v1_DeleteSnapshotResponse, _vcpud_v1_DeleteSnapshotRequest__Output, _vcpud_v1_DeleteSnapshotResponse__Output>
   ListSnapshots: MethodDefinition<_vcpud_v1_ListSnapshotsRequest, _vcpud_v1_ListSnapshotsResponse, _vcpud_v1_ListSnapshotsRequest__Output, _vcpud_v1_ListSnapshotsResponse__Output>
+  MergeSnapshot: MethodDefinition<_vcpud_v1_MergeSnapshotRequest, _vcpud_v1_MergeSnapshotResponse, _vcpud_v1_MergeSnapshotRequest__Output, _vcpud_v1_MergeSnapshotResponse__Output>
   MigrateVm: MethodDefinition<_vcpud_v1_MigrateVmRequest, _vcpud_v1_MigrateVmResponse, _vcpud_v1_MigrateVmRequest__Output, _vcpud_v1_MigrateVmResponse__Output>
   RestoreSnapshot: MethodDefinition<_vcpud_v1_RestoreSnapshotRequest, _vcpud_v1_RestoreSnapshotResponse, _vcpud_v1_RestoreSnapshotRequest__Output, _vcpud_v1_RestoreSnapshotResponse__Output>
   RestoreSnapshotStream: MethodDefinition<_vcpud_v1_RestoreSnapshotStreamRequest, _vcpud_v1_RestoreSnapshotStreamResponse, _vcpud_v1_RestoreSnapshotStreamRequest__Output, _vcpud_v1_RestoreSnapshotStreamResponse__Output>
