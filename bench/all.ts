@@ -12,6 +12,7 @@ import { measureExitRate } from './exit-rate';
 import { measureFfiIoctl } from './ffi-ioctl';
 import { ROOT, fatal, knob, knobs, rowsTable, table, type BenchResult } from './floors';
 import { measureGetState } from './getstate';
+import { measureHandover } from './handover';
 import { measureMigration } from './migration';
 import { machineEntries, readMachine, renderReport, writeReport } from './report';
 import { measureSnapshot } from './snapshot';
@@ -29,6 +30,7 @@ const BENCHMARKS: { name: string; measure: () => Promise<BenchResult> }[] = [
   { name: 'snapshot-stream', measure: measureSnapshotStream },
   { name: 'snapshot-incremental', measure: measureIncrementalSnapshot },
   { name: 'migration', measure: measureMigration },
+  { name: 'handover', measure: measureHandover },
 ];
 
 const USAGE = 'usage: node dist/bench/all.js [--no-write]   (BENCH_WRITE=0 = --no-write)';

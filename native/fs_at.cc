@@ -6,6 +6,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -216,6 +217,14 @@ Napi::Value ClearNonblock(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// lockExclusive(fd): flock(fd, LOCK_EX | LOCK_NB): never blocks (EWOULDBLOCK when another open file
+// description holds it), so synchronous. The lock goes with the last descriptor, also at a crash.
+Napi::Value LockExclusive(const Napi::CallbackInfo& info) {
+  int fd = DirFdArg(info, 0, "lockExclusive");
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) throw MakeSysError(info.Env(), "flock", errno);
+  return info.Env().Undefined();
+}
+
 Napi::Object Constants(Napi::Env env) {
   Napi::Object c = Napi::Object::New(env);
 #define VCPUD_CONST(N) c.Set(#N, Napi::Number::New(env, N))
@@ -260,6 +269,7 @@ void RegisterFsAt(Napi::Env env, Napi::Object exports) {
   fs.Set("fstatat", Napi::Function::New(env, Fstatat, "fstatat"));
   fs.Set("readdir", Napi::Function::New(env, Readdir, "readdir"));
   fs.Set("clearNonblock", Napi::Function::New(env, ClearNonblock, "clearNonblock"));
+  fs.Set("lockExclusive", Napi::Function::New(env, LockExclusive, "lockExclusive"));
   fs.Set("constants", Constants(env));
   exports.Set("fsAt", fs);
 }

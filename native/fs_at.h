@@ -4,7 +4,7 @@
 
 namespace vcpud {
 
-// Adds exports.fsAt: openat2, openat, mkdirat, unlinkat, renameat, linkat, fstatat, readdir, clearNonblock, constants.
+// Adds exports.fsAt: openat2, openat, mkdirat, unlinkat, renameat, linkat, fstatat, readdir, clearNonblock, lockExclusive, constants.
 void RegisterFsAt(Napi::Env env, Napi::Object exports);
 
 }  // namespace vcpud

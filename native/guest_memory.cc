@@ -132,6 +132,11 @@ class PageTask : public Napi::AsyncWorker {
     fd_ = fd;
     pos_ = pos;
   }
+  // Each run is written at its own offset in the file instead of packed from pos.
+  void SetFileInPlace(int fd) {
+    fd_ = fd;
+    inPlace_ = true;
+  }
   // The Buffers stay referenced (alive) until the task is done.
   void SetPieces(const std::vector<Napi::Buffer<uint8_t>>& buffers) {
     for (const auto& b : buffers) {
@@ -154,6 +159,7 @@ class PageTask : public Napi::AsyncWorker {
     uint64_t pos = pos_;
     for (const Run& r : runs_) {
       const uint8_t* p = base + r.offset;
+      if (inPlace_) pos = r.offset;
       if (!GuardedCrc32c(&crc_, p, r.length, &fault)) return Faulted(base, fault);
       if (kind_ == Kind::kCrc) continue;
       const uint8_t* failedAt = p;
@@ -184,6 +190,7 @@ class PageTask : public Napi::AsyncWorker {
   std::vector<Run> runs_;
   int fd_ = -1;
   uint64_t pos_ = 0;
+  bool inPlace_ = false;
   std::vector<Piece> pieces_;
   std::vector<Napi::ObjectReference> refs_;
   uint32_t crc_ = 0;
@@ -225,6 +232,7 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("writePages", &GuestMemory::WritePages),
                                   InstanceMethod("mapFile", &GuestMemory::MapFile),
                                   InstanceMethod("readFromFd", &GuestMemory::ReadFromFd),
+                                  InstanceMethod("persistMapped", &GuestMemory::PersistMapped),
                                   InstanceMethod("backingFiles", &GuestMemory::BackingFiles),
                                   InstanceMethod("trackWrites", &GuestMemory::TrackWrites),
                                   InstanceMethod("takeWrittenPages", &GuestMemory::TakeWrittenPages),
@@ -249,11 +257,31 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
   uint64_t size = U64Arg(info, 0, "GuestMemory", "size");
   if (size == 0 || size % kPage != 0)
     throw Napi::RangeError::New(info.Env(), "GuestMemory: size must be a non-zero multiple of 4096");
+  int fd = -1;
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    fd = FdArg(info, 1, "GuestMemory");
+    // A file shorter than the mapping would SIGBUS on the first touch past its end.
+    struct stat st;
+    if (fstat(fd, &st) != 0) throw MakeSysError(info.Env(), "fstat", errno);
+    if (static_cast<uint64_t>(st.st_size) < size)
+      throw Napi::RangeError::New(info.Env(), "GuestMemory: the file is " + std::to_string(st.st_size) + " bytes, the memory " + std::to_string(size));
+    sharedFd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (sharedFd_ < 0) throw MakeSysError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
+  }
   // NORESERVE: untouched guest pages cost nothing, so memory limits count what the guest may use.
-  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) throw MakeSysError(info.Env(), "mmap", errno);
+  int flags = (fd < 0 ? MAP_PRIVATE | MAP_ANONYMOUS : MAP_SHARED) | MAP_NORESERVE;
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    if (sharedFd_ >= 0) close(sharedFd_);
+    sharedFd_ = -1;
+    throw MakeSysError(info.Env(), "mmap", err);
+  }
   base_ = static_cast<uint8_t*>(p);
   size_ = size;
+  // A hint (tmpfs mounted huge=advise): 2 MiB pages make the mapping's teardown at exit, and with it
+  // a restart's downtime, independent of the guest's size (BENCHMARKS.md, handover).
+  if (sharedFd_ >= 0) madvise(base_, size_, MADV_HUGEPAGE);
 }
 
 GuestMemory::~GuestMemory() {
@@ -279,6 +307,8 @@ void GuestMemory::Unmap() {
   base_ = nullptr;
   for (const BackingFile& b : backing_) close(b.fd);
   backing_.clear();
+  if (sharedFd_ >= 0) close(sharedFd_);
+  sharedFd_ = -1;
 }
 
 void GuestMemory::EndBusy() {
@@ -340,33 +370,60 @@ Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
   CheckPages(info.Env(), op, off, pages, (pages + 7) / 8);
   Napi::Buffer<uint8_t> bitmap = Napi::Buffer<uint8_t>::New(info.Env(), (pages + 7) / 8);
   memset(bitmap.Data(), 0, bitmap.Length());
-  std::vector<uint64_t> entries;
-  if (!fileBacked_) {
+  // Pages that may hold data (1) and holes (0); empty: read every page.
+  std::vector<uint8_t> candidates;
+  if (!fileBacked_ && sharedFd_ >= 0) {
+    // A shared file's pages need not be in this process's page tables (mapped by the process
+    // before a restart): the file's own holes say which are zero.
+    candidates = SharedDataPages(off, pages);
+  } else if (!fileBacked_) {
     int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (pm >= 0) {
-      entries.resize(pages);
+      std::vector<uint64_t> entries(pages);
       uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
-      if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) != 0) entries.clear();
+      if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) == 0) {
+        constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
+        candidates.resize(pages);
+        for (uint64_t i = 0; i < pages; i++) candidates[i] = (entries[i] & (kPresent | kSwapped)) != 0;
+      }
       close(pm);
     }
   }
   struct Scan {
     const uint8_t* first;
     uint64_t pages;
-    const uint64_t* entries;  // nullptr: read every page
+    const uint8_t* candidates;  // nullptr: read every page
     uint8_t* bitmap;
-  } scan{base_ + off, pages, entries.empty() ? nullptr : entries.data(), bitmap.Data()};
+  } scan{base_ + off, pages, candidates.empty() ? nullptr : candidates.data(), bitmap.Data()};
   uintptr_t fault;
   bool ok = GuardedRun([](void* arg) {
     auto* s = static_cast<Scan*>(arg);
-    constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
     for (uint64_t i = 0; i < s->pages; i++) {
-      if (s->entries && !(s->entries[i] & (kPresent | kSwapped))) continue;
+      if (s->candidates && !s->candidates[i]) continue;
       if (!PageIsZero(s->first + i * kPage)) s->bitmap[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
     }
   }, &scan, &fault);
   if (!ok) throw MakeMemoryFaultError(info.Env(), op, fault - reinterpret_cast<uintptr_t>(base_));
   return bitmap;
+}
+
+std::vector<uint8_t> GuestMemory::SharedDataPages(uint64_t offset, uint64_t pages) const {
+  std::vector<uint8_t> data(pages, 0);
+  const off_t end = static_cast<off_t>(offset + pages * kPage);
+  for (off_t pos = static_cast<off_t>(offset); pos < end;) {
+    off_t from = lseek(sharedFd_, pos, SEEK_DATA);
+    if (from < 0) {
+      if (errno == ENXIO) break;  // only a hole from pos to the end of the file
+      return {};
+    }
+    if (from >= end) break;
+    off_t to = lseek(sharedFd_, from, SEEK_HOLE);
+    if (to < 0) return {};
+    to = std::min(to, end);
+    for (off_t p = from - from % static_cast<off_t>(kPage); p < to; p += kPage) data[(p - offset) / kPage] = 1;
+    pos = to;
+  }
+  return data;
 }
 
 namespace {
@@ -459,6 +516,7 @@ Napi::Value GuestMemory::MapFile(const Napi::CallbackInfo& info) {
   void* p = mmap(want, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, static_cast<off_t>(pos));
   if (p == MAP_FAILED) throw MakeSysError(info.Env(), "mmap", errno);
   fileBacked_ = true;
+  privateRanges_.push_back({off, len});
   TrackBacking(info.Env(), fd, pos + len);
   MarkWritten(off, len);
   return info.Env().Undefined();
@@ -519,6 +577,24 @@ Napi::Value GuestMemory::ReadFromFd(const Napi::CallbackInfo& info) {
   MarkWritten(off, len);  // also on error: some bytes may have landed
   if (err) throw MakeSysError(info.Env(), "pread", err);
   return info.Env().Undefined();
+}
+
+Napi::Value GuestMemory::PersistMapped(const Napi::CallbackInfo& info) {
+  const char* op = "GuestMemory.persistMapped";
+  CheckRange(info.Env(), op, 0, 0);
+  if (sharedFd_ < 0) throw Napi::Error::New(info.Env(), std::string(op) + ": the memory is not backed by a shared file");
+  std::vector<Run> runs;
+  for (const auto& [off, len] : privateRanges_) runs.push_back({off, len});
+  auto* t = new PageTask(info.Env(), this, info.This().As<Napi::Object>(), PageTask::Kind::kWrite, "pwrite", runs);
+  t->SetFileInPlace(sharedFd_);
+  Napi::Promise p = t->Promise();
+  t->Queue();
+  uint64_t bytes = 0;
+  for (const Run& r : runs) bytes += r.length;
+  // Resolves to the CRC like every page task; the caller wants the byte count.
+  return p.Get("then").As<Napi::Function>().Call(p, {Napi::Function::New(info.Env(), [bytes](const Napi::CallbackInfo& i) {
+    return Napi::Number::New(i.Env(), static_cast<double>(bytes));
+  })});
 }
 
 Napi::Value GuestMemory::TrackWrites(const Napi::CallbackInfo& info) {

@@ -1,5 +1,7 @@
-// Guest RAM: an anonymous mapping owned by a JS object. Its host address never reaches JS;
-// reads and writes are bounds-checked copies.
+// Guest RAM: an anonymous mapping owned by a JS object, or (constructed with a descriptor) a
+// MAP_SHARED mapping of a file the caller sized (tmpfs/hugetlbfs: memory that outlives the process
+// when the file stays linked). Its host address never reaches JS; reads and writes are
+// bounds-checked copies.
 //
 // Snapshots work on it in whole pages: ScanPages finds the non-zero ones, and the page-list
 // operations (CRC-32C, write to a file, copy out to Buffers and in from them) run on the libuv pool
@@ -75,6 +77,13 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value MapFile(const Napi::CallbackInfo& info);
   // (offset, length, fd, fileOffset): pread into [offset, +length).
   Napi::Value ReadFromFd(const Napi::CallbackInfo& info);
+  // () -> Promise<number>: with a shared file, pwrites the ranges MapFile replaced (private
+  // copy-on-write mappings the file does not see) into the file at their own offsets, so the file
+  // holds all of guest memory; resolves to the bytes written (0 without such ranges).
+  Napi::Value PersistMapped(const Napi::CallbackInfo& info);
+  // The pages of [offset, +pages) the shared file holds data for (SEEK_DATA): the others are holes,
+  // zero without reading them. Empty on failure (then every page is read).
+  std::vector<uint8_t> SharedDataPages(uint64_t offset, uint64_t pages) const;
   // () -> [{path, mappedEnd, sizeAtMap, mtimeNsAtMap, size, mtimeNs, links}]: each file mapped, as
   // fstat sees it now and as it was when first mapped (mtimes as bigint ns). path is /proc's.
   Napi::Value BackingFiles(const Napi::CallbackInfo& info);
@@ -116,6 +125,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   int busy_ = 0;             // pool operations in flight (JS thread only)
   bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
   bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
+  int sharedFd_ = -1;        // a duplicate of the shared file's descriptor (file-backed memory)
+  std::vector<std::pair<uint64_t, uint64_t>> privateRanges_;  // (offset, length) MapFile replaced
   std::vector<BackingFile> backing_;
   WrittenPages written_;
 };

@@ -32,6 +32,8 @@ interface FsAtNative {
   fstatat(dirFd: number, name: string, flags: number): Promise<FileStat>;
   readdir(dirFd: number): Promise<DirEntries>;
   clearNonblock(fd: number): void;
+  /** flock(fd, LOCK_EX | LOCK_NB), synchronous: throws EWOULDBLOCK when another holder has it. */
+  lockExclusive(fd: number): void;
   constants: Record<
     | 'AT_FDCWD' | 'AT_EMPTY_PATH' | 'AT_SYMLINK_NOFOLLOW' | 'AT_REMOVEDIR'
     | 'O_RDONLY' | 'O_WRONLY' | 'O_CREAT' | 'O_EXCL' | 'O_NOFOLLOW' | 'O_DIRECTORY' | 'O_NONBLOCK' | 'O_PATH'

@@ -33,6 +33,11 @@ export interface NativeGuestMemory {
   /** pread of the file into [offset, +length). */
   readFromFd(offset: number, length: number, fd: number, fileOffset: number): void;
   /**
+   * Memory backed by a shared file only: writes the ranges mapFile replaced (copy-on-write, unseen
+   * by the file) into the file at their own offsets; resolves to the bytes written (libuv pool).
+   */
+  persistMapped(): Promise<number>;
+  /**
    * Starts (clearing what was recorded) or stops recording the pages vcpud itself writes: write,
    * readFromFd, mapFile and applyFrames mark them (KVM's dirty log sees only the guest's writes).
    */
@@ -228,7 +233,8 @@ type AsyncTwins = {
 export interface Native extends SyncAndAsync, AsyncTwins {
   openKvm(path: string): Fd;
   closeFd(fd: Fd): void;
-  GuestMemory: new (size: number) => NativeGuestMemory;
+  /** Anonymous memory, or with `fd` a MAP_SHARED mapping of that file (at least `size` bytes long). */
+  GuestMemory: new (size: number, fd?: number) => NativeGuestMemory;
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
   /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
   crc32c(buf: Buffer, seed?: number, software?: boolean): number;

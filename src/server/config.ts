@@ -25,6 +25,11 @@ export interface TlsConfig {
 export interface Config {
   /** Where CreateSnapshot writes and RestoreSnapshot reads snapshots (names never leave it). */
   snapshotDir: string;
+  /**
+   * Guest memory as shared files here (tmpfs or hugetlbfs) instead of anonymous memory, and the
+   * restart handover: SIGTERM saves every VM's state beside them, the next start resumes the VMs.
+   */
+  stateDir?: string;
   /** Client credentials MigrateVm presents to a destination vcpud when the request carries none. */
   migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
   /** A migration whose peer makes no progress for this long fails (the VM stays on the source). */
@@ -135,6 +140,7 @@ export function defaultConfig(env: NodeJS.ProcessEnv = {}): Config {
 /** Settings as gathered from one source, before defaults are applied and cross-checks run. */
 interface Settings {
   snapshotDir?: string;
+  stateDir?: string;
   migrationTlsCa?: string;
   migrationTlsCert?: string;
   migrationTlsKey?: string;
@@ -246,6 +252,7 @@ interface OptionSpec {
 
 const OPTIONS: OptionSpec[] = [
   { key: 'snapshotDir', flag: '--snapshot-dir', env: 'VCPUD_SNAPSHOT_DIR', file: 'snapshotDir', parse: filePath, arg: 'DIR', help: `snapshot directory (default DIR/snapshots with DIR = ${DEFAULT_RUNTIME_DIR_RULE})` },
+  { key: 'stateDir', flag: '--state-dir', env: 'VCPUD_STATE_DIR', file: 'stateDir', parse: filePath, arg: 'DIR', help: 'guest memory as files here (tmpfs/hugetlbfs); VMs survive a SIGTERM restart (default: anonymous memory, no handover)' },
   { key: 'migrationTlsCa', flag: '--migration-tls-ca', env: 'VCPUD_MIGRATION_TLS_CA', file: 'migrationTls.caFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: CA to verify destination vcpuds with (PEM)' },
   { key: 'migrationTlsCert', flag: '--migration-tls-cert', env: 'VCPUD_MIGRATION_TLS_CERT', file: 'migrationTls.certFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: client certificate presented to destinations (PEM)' },
   { key: 'migrationTlsKey', flag: '--migration-tls-key', env: 'VCPUD_MIGRATION_TLS_KEY', file: 'migrationTls.keyFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: its private key (PEM)' },
@@ -485,6 +492,7 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   for (const [i, a] of fixed.entries()) if (fixed.indexOf(a) !== i) problems.push(`address ${a} is configured for two listeners`);
 
   if (s.snapshotDir !== undefined) config.snapshotDir = s.snapshotDir;
+  if (s.stateDir !== undefined) config.stateDir = s.stateDir;
   if ((s.migrationTlsCert === undefined) !== (s.migrationTlsKey === undefined)) problems.push('--migration-tls-cert and --migration-tls-key must be given together');
   if (s.migrationTlsCa !== undefined || s.migrationTlsCert !== undefined || s.migrationTlsKey !== undefined) {
     for (const k of ['migrationTlsCa', 'migrationTlsCert', 'migrationTlsKey'] as const) if (s[k] !== undefined) checkReadableFile(s[k] as string, from(k, k), problems);

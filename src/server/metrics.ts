@@ -112,6 +112,8 @@ export class Metrics {
   private readonly sectionBytes: (section: string) => Observe;
   /** By the labels object (the interceptors keep one per method). */
   private readonly handlingObservers = new WeakMap<RpcLabels, Observe>();
+  private readonly handoverVms: Counter<'result'>;
+  private readonly handoverRestoreSeconds: Gauge;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -183,6 +185,16 @@ export class Metrics {
     this.migrationTransferRate = new Gauge({ name: 'vcpud_migration_transfer_rate_bytes', help: 'Bytes per second the latest migration sent, measured over its last pass.', registers });
     this.migrationRemaining = new Gauge({ name: 'vcpud_migration_data_remaining_bytes', help: 'Bytes the latest migration still had to send at its last progress report.', registers });
 
+    // The restart handover (--state-dir), as this process's start found it.
+    this.handoverVms = new Counter({
+      name: 'vcpud_handover_vms_total',
+      help: 'VMs found at start in the state directory, by result: restored, failed (files kept aside), lost (memory files without a manifest: the previous process was killed).',
+      labelNames: ['result'],
+      registers,
+    });
+    for (const result of ['restored', 'failed', 'lost']) this.handoverVms.inc({ result }, 0);
+    this.handoverRestoreSeconds = new Gauge({ name: 'vcpud_handover_restore_seconds', help: 'How long the start took to restore the handed-over VMs.', registers });
+
     // Gauges and counters read from the runtime when scraped, so they are never stale or double-kept.
     const read = <T>(f: (s: MetricSources) => T, fallback: T): T => {
       try {
@@ -246,6 +258,14 @@ export class Metrics {
   }
 
   // --- domain
+
+  /** What the start found in the state directory. */
+  recordHandover(restored: number, failed: number, lost: number, seconds: number): void {
+    this.handoverVms.inc({ result: 'restored' }, restored);
+    this.handoverVms.inc({ result: 'failed' }, failed);
+    this.handoverVms.inc({ result: 'lost' }, lost);
+    this.handoverRestoreSeconds.set(seconds);
+  }
 
   /** For setIoctlObserver (src/ffi/observe.ts). */
   ioctlObserver(): IoctlObserver {

@@ -29,6 +29,12 @@ export class ConsoleBuffer {
     this.head = (this.head + kept.length) % this.capacity;
   }
 
+  /** Continues the history of another buffer (a restart's handover): its bytes and its count. */
+  restore(history: Buffer, bytesWritten: number): void {
+    this.append(history);
+    this.total = Math.max(this.total, bytesWritten);
+  }
+
   /** The retained history, a copy (at most `capacity` bytes, possibly starting mid-line). */
   history(): Buffer {
     if (!this.ring) return Buffer.alloc(0);

@@ -33,6 +33,9 @@ export interface VmPrepared {
   cpuid?: CpuidEntry2[];
   /** The KVM VM already made by prepareKvmVm (TSS, irqchip and memory in place); `memory` unused. */
   vm?: Vm;
+  /** The id and creation time it had before (a restart hands the VM over); default: new ones. */
+  id?: string;
+  createdAt?: Date;
 }
 
 export interface VmEvents {
@@ -47,8 +50,8 @@ const TSS_ADDR = 0xfffbd000;
 const KVM_MP_STATE_RUNNABLE = 0;
 
 export class ManagedVm extends EventEmitter<VmEvents> {
-  readonly id = randomUUID();
-  readonly createdAt = new Date();
+  readonly id: string;
+  readonly createdAt: Date;
   readonly console = new ConsoleBuffer();
   readonly vcpus: ManagedVcpu[] = [];
   readonly cpuid: CpuidEntry2[];
@@ -61,8 +64,11 @@ export class ManagedVm extends EventEmitter<VmEvents> {
     readonly vm: Vm,
     supportedCpuid: CpuidEntry2[],
     cpuid?: CpuidEntry2[],
+    identity: { id?: string; createdAt?: Date } = {},
   ) {
     super();
+    this.id = identity.id ?? randomUUID();
+    this.createdAt = identity.createdAt ?? new Date();
     // One listener per StreamConsole stream: many are legitimate (bounded by the stream limits), not a leak.
     this.setMaxListeners(0);
     this.cpuid = cpuid ?? applyCpuidPolicy(supportedCpuid, spec.cpuidPolicy ?? { exposeNested: false });
@@ -95,7 +101,7 @@ export class ManagedVm extends EventEmitter<VmEvents> {
       prepared.memory?.release();
       throw e;
     }
-    const m = new ManagedVm(spec, vm, supportedCpuid, prepared.cpuid);
+    const m = new ManagedVm(spec, vm, supportedCpuid, prepared.cpuid, prepared);
     try {
       if (!prepared.vm) {
         if (kvm.checkExtension('SET_TSS_ADDR') > 0) vm.setTssAddr(TSS_ADDR);

@@ -1,7 +1,8 @@
 /** The VMs this vcpud owns, with the configured limits enforced at creation. */
-import { invalidArgument, notFound } from '../errors';
+import { invalidArgument, notFound, VcpudError } from '../errors';
 import type { Kvm } from '../ffi/kvm';
 import type { CpuidEntry2 } from '../ffi/sections';
+import { anonymousMemory, type GuestMemorySource } from './guest-memory';
 import { checkCreate, DEFAULT_LIMITS, type Limits } from './limits';
 import { ManagedVm, type VmPrepared, type VmSpec } from './managed-vm';
 import { checkVmName } from './vm-name';
@@ -35,6 +36,8 @@ export class VmRegistry {
   constructor(
     readonly kvm: Kvm,
     readonly limits: Limits = DEFAULT_LIMITS,
+    /** Where every VM's guest memory comes from (a new VM, a restore, an incoming migration). */
+    readonly memory: GuestMemorySource = anonymousMemory,
   ) {}
 
   /**
@@ -108,7 +111,13 @@ export class VmRegistry {
         prepared?.vm?.close();
         throw e;
       }
-      const vm = ManagedVm.create(this.kvm, spec, this.supportedCpuid(), prepared);
+      if (prepared?.id !== undefined && this.vms.has(prepared.id)) {
+        prepared.memory?.release();
+        prepared.vm?.close();
+        throw new VcpudError('failed_precondition', `a VM with id ${prepared.id} exists`);
+      }
+      const memory = prepared?.memory ?? (prepared?.vm ? undefined : this.memory.allocate(spec.memoryBytes));
+      const vm = ManagedVm.create(this.kvm, spec, this.supportedCpuid(), { ...prepared, memory });
       this.vms.set(vm.id, vm);
       return vm;
     } finally {

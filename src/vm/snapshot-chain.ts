@@ -21,9 +21,11 @@ export function chainBroken(kind: 'failed_precondition' | 'data_loss', child: st
 
 const ANNOTATED = Symbol('chain link named');
 
+type Allocate = NonNullable<LoadOptions['allocate']>;
+
 /** loadSnapshot's loadParent for a snapshot named `childName` ("(streamed)" for a stream). */
 export function chainLoader(store: SnapshotStore, childName: string, opts: { lazy?: boolean } = {}): NonNullable<LoadOptions['loadParent']> {
-  const load = async (link: ParentLink, child: SnapshotHeader, name: string, depth: number): Promise<LoadedSnapshot> => {
+  const load = async (link: ParentLink, child: SnapshotHeader, name: string, depth: number, allocate?: Allocate): Promise<LoadedSnapshot> => {
     const broken = (kind: 'failed_precondition' | 'data_loss', why: string) => chainBroken(kind, name, link.name, why);
     if (depth > MAX_CHAIN_DEPTH) throw broken('data_loss', `the chain is deeper than ${MAX_CHAIN_DEPTH} links`);
     let fd: number;
@@ -45,7 +47,8 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
               throw broken('data_loss', `the parent has ${h.vm.memoryBytes} bytes of memory and ${h.vm.vcpuCount} vCPUs, the child ${child.vm.memoryBytes} and ${child.vm.vcpuCount}`);
           },
           lazy: opts.lazy,
-          loadParent: (l, h) => load(l, h, link.name, depth + 1),
+          allocate,
+          loadParent: (l, h, a) => load(l, h, link.name, depth + 1, a),
         },
         fd,
       );
@@ -65,5 +68,5 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
       fs.closeSync(fd); // mappings of the file outlive the descriptor
     }
   };
-  return (link, child) => load(link, child, childName, 1);
+  return (link, child, allocate) => load(link, child, childName, 1, allocate);
 }

@@ -189,10 +189,13 @@ export interface LoadOptions {
    * An incremental snapshot's parent chain, loaded (every checksum and link verified) into memory
    * this snapshot's pages are then applied over. Without it an incremental snapshot is refused.
    */
-  loadParent?: (link: ParentLink, child: SnapshotHeader) => Promise<LoadedSnapshot>;
+  /** Loads an incremental snapshot's parent chain into memory from `allocate` (the child's allocator). */
+  loadParent?: (link: ParentLink, child: SnapshotHeader, allocate?: (bytes: number) => NativeGuestMemory) => Promise<LoadedSnapshot>;
   /** From a file: map memory data lazily (default true); false reads it. */
   lazy?: boolean;
   onProgress?: (memoryBytesDone: number, memoryBytesTotal: number, bytes: number) => void;
+  /** Allocates the guest memory (the registry's source: anonymous or a state-directory file); default anonymous. */
+  allocate?: (bytes: number) => NativeGuestMemory;
   /** Called once guest memory is allocated, before it is filled (a restore prepares the VM meanwhile). */
   onMemory?: (memory: NativeGuestMemory, header: SnapshotHeader) => void;
 }
@@ -272,9 +275,9 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
   let base: LoadedSnapshot | undefined;
   if (header.parent) {
     if (!opts.loadParent) throw snapshotCorrupt(`${describeChunk(first)}: an incremental snapshot, and no parent can be read here`, first.seq, first.offset);
-    base = await opts.loadParent(header.parent, header);
+    base = await opts.loadParent(header.parent, header, opts.allocate);
   }
-  const memory = base?.memory ?? new native.GuestMemory(memoryBytes);
+  const memory = base?.memory ?? (opts.allocate ? opts.allocate(memoryBytes) : new native.GuestMemory(memoryBytes));
   opts.onMemory?.(memory, header);
   const vcpuState = new Map<number, Map<string, Buffer>>(header.vcpus.map((v) => [v.id, new Map()]));
   const vmState = new Map<string, Buffer>();

@@ -39,6 +39,8 @@ export interface RestoreOptions {
   vm?: Vm;
   /** The VM's share of the limits, taken from the header before its memory was accepted. */
   reservation?: Reservation;
+  /** The id and creation time the VM keeps (a restart's handover); default: new ones. */
+  identity?: { id: string; createdAt: Date };
 }
 
 export interface RestoreResult {
@@ -124,7 +126,7 @@ function decodeVcpu(loaded: LoadedState, id: number, caps: HostCapabilities, not
 export async function restoreIntoNewVm(registry: VmRegistry, caps: HostCapabilities, loaded: LoadedState, opts: RestoreOptions = {}): Promise<RestoreResult> {
   const { header } = loaded;
   const notes: string[] = [];
-  const prepared = opts.vm ? { vm: opts.vm, cpuid: header.vm.cpuid } : { memory: loaded.memory, cpuid: header.vm.cpuid };
+  const prepared = { ...(opts.vm ? { vm: opts.vm } : { memory: loaded.memory }), cpuid: header.vm.cpuid, ...opts.identity };
   const vm = registry.create(restoreSpec(header, opts.name), prepared, opts.reservation);
   try {
     // VM-wide state first: the PIC/IOAPIC the LAPICs deliver through, then the kvmclock base.
@@ -198,6 +200,7 @@ export async function loadAndRestore(
         },
         lazy: opts.lazy,
         loadParent: opts.loadParent,
+        allocate: (bytes) => registry.memory.allocate(bytes),
         onMemory: (memory, h) => {
           prepared = ManagedVm.prepareKvmVm(registry.kvm, restoreSpec(h, opts.name), memory);
           prepared.catch((e) => (prepareError ??= e));

@@ -399,6 +399,7 @@ describe('helm chart helm/vcpud', () => {
     ['an in-flight budget that is no size', ['--set', 'vcpud.maxRequestBytesInFlight=lots'], /maxRequestBytesInFlight/],
     ['a migration client Secret that is no Secret name', ['--set', 'migration.clientSecret=Bad_Name'], /migration\.clientSecret/],
     ['an emptyDir sizeLimit that is no quantity', ['--set', 'snapshots.volume.emptyDir.sizeLimit=lots'], /sizeLimit/],
+    ['a relative state dir', ['--set', 'stateDir.dir=run/vcpud-state'], /stateDir\.dir/],
   ])('values.schema.json rejects %s', (_what, args, message) => {
     const r = helm(['template', RELEASE, CHART, '-f', path.join(CHART, 'ci', 'daemonset-values.yaml'), ...args]);
     expect(r.status).not.toBe(0);
@@ -516,6 +517,47 @@ describe('helm chart helm/vcpud', () => {
       const r = helm(['template', RELEASE, CHART, ...ciValues('daemonset'), '--set', 'snapshots.dir=/run/vcpud']);
       expect(r.status).not.toBe(0);
       expect(r.stderr).toMatch(/snapshots\.dir \/run\/vcpud is a path the chart already mounts/);
+    });
+  });
+
+  describe('restart handover: --state-dir on a memory emptyDir of the pod', () => {
+    const STATE_VOLUME = 'vcpud-state';
+    const ciValues = (mode: string): string[] => ['-f', path.join(CHART, 'ci', `${mode}-values.yaml`)];
+    const workload = (objects: Obj[]): Obj => objects.find((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment') as Obj;
+    const stateVolume = (spec: Obj): Obj | undefined => (spec.volumes ?? []).find((v: Obj) => v.name === STATE_VOLUME);
+    const stateArgs = (c: Obj): string[] => (c.args ?? []).filter((a: string) => a.startsWith('--state-dir'));
+
+    test.each(['daemonset', 'sidecar'])('%s, default values: a tmpfs emptyDir at /run/vcpud-state, mounted by vcpud alone; the test pod gets its own', (mode) => {
+      const objects = template(ciValues(mode));
+      const spec = workload(objects).spec.template.spec;
+      const c = vcpudContainers(spec)[0];
+      expect(stateArgs(c)).toEqual(['--state-dir=/run/vcpud-state']);
+      expect(c.volumeMounts).toContainEqual({ name: STATE_VOLUME, mountPath: '/run/vcpud-state' });
+      expect(stateVolume(spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '16Gi' } });
+      for (const other of spec.containers.filter((x: Obj) => x.name !== 'vcpud'))
+        expect((other.volumeMounts ?? []).map((m: Obj) => m.name)).not.toContain(STATE_VOLUME);
+      if (mode === 'sidecar') {
+        expect(loadConfig(c.args, { XDG_RUNTIME_DIR: '/run' }, '/').stateDir).toBe('/run/vcpud-state');
+        expect(stateVolume(objects.find(isTestHook)!.spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '64Mi' } });
+      }
+    });
+
+    test.each(['daemonset', 'sidecar'])('%s, stateDir.enabled=false: neither the flag nor the volume', (mode) => {
+      for (const { spec } of template([...ciValues(mode), '--set', 'stateDir.enabled=false']).flatMap(podsOf)) {
+        expect(stateVolume(spec)).toBeUndefined();
+        for (const c of allContainers(spec)) expect(stateArgs(c)).toEqual([]);
+      }
+    });
+
+    test('a hugetlbfs emptyDir replaces the default one', () => {
+      const spec = workload(template([...ciValues('daemonset'), '--set', 'stateDir.volume.emptyDir.medium=HugePages-2Mi'])).spec.template.spec;
+      expect(stateVolume(spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'HugePages-2Mi', sizeLimit: '16Gi' } });
+    });
+
+    test('a state dir on the snapshot dir fails with the reason', () => {
+      const r = helm(['template', RELEASE, CHART, ...ciValues('daemonset'), '--set', 'stateDir.dir=/var/lib/vcpud/snapshots']);
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/stateDir\.dir \/var\/lib\/vcpud\/snapshots is a path the chart already mounts/);
     });
   });
 
@@ -711,8 +753,8 @@ describe('helm chart helm/vcpud', () => {
       expect(sidecar.resources.limits[KVM_RESOURCE]).toBe('1');
       expect(spec.securityContext.fsGroup).toBe(10001);
       expect(spec.containers[0].volumeMounts).toEqual([{ name: 'vcpud-socket', mountPath: '/run/vcpud' }]);
-      // vcpud.socketVolume brings the snapshot volume too: a parent including only it stays valid.
-      expect(spec.volumes.map((v: Obj) => v.name)).toEqual(['vcpud-socket', SNAPSHOT_VOLUME]);
+      // vcpud.socketVolume brings the snapshot and state volumes too: a parent including only it stays valid.
+      expect(spec.volumes.map((v: Obj) => v.name)).toEqual(['vcpud-socket', SNAPSHOT_VOLUME, 'vcpud-state']);
       expect(argValue(sidecar, '--snapshot-dir')).toBe(SNAPSHOT_DIR);
       expect(sidecar.volumeMounts).toContainEqual({ name: SNAPSHOT_VOLUME, mountPath: SNAPSHOT_DIR });
     } finally {

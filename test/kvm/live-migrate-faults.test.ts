@@ -20,7 +20,7 @@ import { migrateVm, type DestinationControl } from '../../src/vm/migration/outgo
 import { EnvelopeType } from '../../src/vm/migration/protocol';
 import { VmRegistry } from '../../src/vm/registry';
 import { DIRTY64, dirty64Control } from '../guests/guests';
-import { describeKvm } from '../support/kvm';
+import { describeKvm, testMemorySource } from '../support/kvm';
 import { loadGuest, waitUntil } from '../support/runtime';
 
 const MiB = 1 << 20;
@@ -112,13 +112,14 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
   let caps: HostCapabilities;
   let source: VmRegistry;
   let dest: VmRegistry;
+  const memorySource = testMemorySource();
 
   beforeAll(() => {
     kvm = Kvm.open();
     caps = probeCapabilities(kvm);
     const limits = { maxVms: 2, maxVcpusPerVm: 1, maxMemoryPerVmBytes: MEMORY, maxMemoryTotalBytes: 2 * MEMORY };
-    source = new VmRegistry(kvm, limits);
-    dest = new VmRegistry(kvm, limits);
+    source = new VmRegistry(kvm, limits, memorySource);
+    dest = new VmRegistry(kvm, limits, memorySource);
   });
   afterEach(() => {
     source.destroyAll();

@@ -18,7 +18,7 @@ import { restoreIntoNewVm, restoreSpec } from '../../src/vm/snapshot-restore';
 import { captureSnapshot, holdAndPause, StreamSink } from '../../src/vm/snapshot-writer';
 import { fileSink } from '../support/file-sink';
 import { readState } from '../../src/vm/vcpu-state';
-import { describeKvm } from '../support/kvm';
+import { describeKvm, testMemorySource } from '../support/kvm';
 import { loadGuest, waitUntil } from '../support/runtime';
 
 const MiB = 1 << 20;
@@ -27,12 +27,13 @@ describeKvm('snapshot and restore in-process (real KVM)', () => {
   let kvm: Kvm;
   let caps: HostCapabilities;
   let registry: VmRegistry;
+  const memorySource = testMemorySource();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-snap-'));
 
   beforeAll(() => {
     kvm = Kvm.open();
     caps = probeCapabilities(kvm);
-    registry = new VmRegistry(kvm, { maxVms: 4, maxVcpusPerVm: 4, maxMemoryPerVmBytes: 256 * MiB, maxMemoryTotalBytes: 512 * MiB });
+    registry = new VmRegistry(kvm, { maxVms: 4, maxVcpusPerVm: 4, maxMemoryPerVmBytes: 256 * MiB, maxMemoryTotalBytes: 512 * MiB }, memorySource);
   });
   afterEach(() => registry.destroyAll());
   afterAll(() => {

@@ -85,6 +85,11 @@ export interface LabVm {
   serving: Record<string, unknown>[];
   timings: LabTimings;
   qemuPid: number;
+  /**
+   * SIGTERM to instance `i`'s vcpud and the same vcpud started again (its state directory kept:
+   * the restart handover); resolves to the old process's exit status once the new one serves.
+   */
+  restart(instance: number): Promise<{ exit: number; servingMs: number }>;
   /** Powers off cleanly; resolves to each vcpud's exit status (by instance) and QEMU's. */
   stop(): Promise<{ vcpudExits: (number | null)[]; qemuExit: number | null }>;
 }
@@ -98,6 +103,8 @@ export interface LabOptions {
   bootTimeoutMs?: number;
   /** Guest RAM (default 2048 MiB, the doc's size with Node inside). */
   memoryMiB?: number;
+  /** Every vcpud gets --state-dir /run/state.PORT (tmpfs), so restart() hands its VMs over. */
+  stateDirs?: boolean;
 }
 
 async function freePort(): Promise<number> {
@@ -161,7 +168,7 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
   const hostPorts: number[] = [];
   for (let i = 0; i < instances; i++) hostPorts.push(await freePort());
   const env = path.join(dir, 'lab.env');
-  fs.writeFileSync(env, `VCPUD_PORTS="${guestPorts.join(' ')}"\nVCPUD_ARGS="${(opts.vcpudArgs ?? []).join(' ')}"\n`);
+  fs.writeFileSync(env, `VCPUD_PORTS="${guestPorts.join(' ')}"\nVCPUD_ARGS="${(opts.vcpudArgs ?? []).join(' ')}"\nVCPUD_STATE_DIRS=${opts.stateDirs ? 1 : 0}\n`);
   const pidfile = path.join(dir, 'qemu.pid');
 
   const fwd = guestPorts.map((g, i) => `hostfwd=tcp:127.0.0.1:${hostPorts[i]}-:${g}`).join(',');
@@ -198,6 +205,9 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
   let initMs = 0;
   let guestInitS = 0;
   const serving: Record<string, unknown>[] = new Array(instances);
+  /** "vcpud serving" lines seen per instance (a restart adds one), and each restart's exit status. */
+  const servedCount: number[] = new Array(instances).fill(0);
+  const restartExits: (number | undefined)[] = new Array(instances);
   const exits: (number | null)[] = new Array(instances).fill(null);
   let qemuExit: number | null | undefined;
   const exited = new Promise<number | null>((resolve) =>
@@ -217,8 +227,13 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
     }
     m = /^lab: vcpud\[(\d+)\] exited (\d+)/.exec(line);
     if (m) exits[guestPorts.indexOf(Number(m[1]))] = Number(m[2]);
+    m = /^lab: vcpud\[(\d+)\] restarting after exit (\d+)/.exec(line);
+    if (m) restartExits[guestPorts.indexOf(Number(m[1]))] = Number(m[2]);
     m = /^vcpud\[(\d+)\]: (\{.*"msg":"vcpud serving".*\})\s*$/.exec(line);
-    if (m) serving[guestPorts.indexOf(Number(m[1]))] = JSON.parse(m[2]);
+    if (m) {
+      serving[guestPorts.indexOf(Number(m[1]))] = JSON.parse(m[2]);
+      servedCount[guestPorts.indexOf(Number(m[1]))]++;
+    }
   };
   const onData = (d: Buffer) => {
     const s = d.toString('latin1');
@@ -301,6 +316,25 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
         clients.set(k, c);
       }
       return c;
+    },
+    async restart(instance) {
+      // The old process's connections end with it: clients of it are made anew.
+      for (const [k, c] of clients) {
+        if (!k.endsWith(`/${instance}`)) continue;
+        c.close();
+        clients.delete(k);
+      }
+      const before = servedCount[instance];
+      restartExits[instance] = undefined;
+      const t = Date.now();
+      proc.stdin!.write(`restart ${guestPorts[instance]}\n`);
+      const deadline = t + 120_000;
+      while (servedCount[instance] === before) {
+        if (qemuExit !== undefined) throw new Error(`QEMU exited during the restart:\n${tail()}`);
+        if (Date.now() > deadline) throw new Error(`vcpud[${guestPorts[instance]}] did not serve again within 120 s:\n${tail()}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      return { exit: restartExits[instance] ?? -1, servingMs: Date.now() - t };
     },
     async stop() {
       for (const c of clients.values()) c.close();

@@ -6,7 +6,8 @@
  * the debug port, which L1 does not intercept).
  *
  * One lab VM serves the whole file (booting takes ~30 s of the 5-minute budget); two vcpud
- * instances run in it, so a vCPU can be restored into another vcpud process.
+ * instances run in it, so a vCPU can be restored into another vcpud process. Both run with a state
+ * directory (--state-dir on the lab's tmpfs), so an L2 guest can survive a restart of its vcpud.
  */
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
@@ -59,7 +60,8 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
   const suiteStart = Date.now();
 
   beforeAll(async () => {
-    lab = await startLabVm({ instances: 2, vcpudArgs: ['--test-allow-unvalidated-nested'] });
+    // State directories (tmpfs) for the restart handover: every test here runs on file-backed guest memory.
+    lab = await startLabVm({ instances: 2, vcpudArgs: ['--test-allow-unvalidated-nested'], stateDirs: true });
     timings.bootToInit = lab.timings.initMs;
     timings.bootToServing = lab.timings.servingMs;
   }, 240_000);
@@ -609,5 +611,47 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       d.cancel();
       console.log(`lab live migration counts: source 1..${S} (${countedBeforeRequest} before the request), destination ${S + 1}..${L + 50} (${L - S} OUTs before the check, first seen ${first})`);
     }, 180_000);
+  });
+  describe('restart handover (--state-dir) while L2 runs', () => {
+    it('SIGTERM and a new vcpud: a VM paused in L2 and one running L2 come back with their ids, nested state and counts, nothing lost or repeated', async () => {
+      const guest = NESTED_GUESTS.svm_counter;
+      const paused = await timed('handover: run and pause', () => pausedInL2(guest));
+      const last = paused.w.values.at(-1)!;
+      paused.cancel();
+      const runningId = await nestedVm(guest);
+      const r = watch(runningId);
+      await call(vms(), 'RunVm', { vmId: runningId });
+      await waitFor(() => r.w.values.length >= 20, 'L2 of the second VM to count to 20');
+      const before = (await call<{ vms: Obj[] }>(vms(), 'ListVms', {})).vms.map((v) => ({ id: v.id, name: v.name })).sort((a, b) => a.id.localeCompare(b.id));
+
+      const restart = await timed('handover: restart', () => lab.restart(0));
+      expect(restart.exit).toBe(0);
+      const seenBefore = r.w.values.at(-1)!;
+      r.cancel();
+      expect(lab.console()).toMatch(/vcpud\[7000\]: .*"handover saved".*"vms":2/);
+      expect(lab.console()).toMatch(/vcpud\[7000\]: .*"handover restored".*"vms":2,"failed":0/);
+      const after = (await call<{ vms: Obj[] }>(vms(), 'ListVms', {})).vms.map((v) => ({ id: v.id, name: v.name })).sort((a, b) => a.id.localeCompare(b.id));
+      expect(after).toEqual(before);
+
+      // The running one: still in L2 (nested state GUEST_MODE), counting on from where it was. Every
+      // OUT this process saw advanced L2's counter by one from its value at the handover.
+      const d = watch(runningId);
+      await waitFor(() => d.w.values.length >= 10, 'L2 to count 10 after the restart');
+      await call(vms(), 'PauseVm', { vmId: runningId });
+      await settled(d.w);
+      const L = d.w.values.at(-1)!;
+      const outs = Number((await call<{ vm: Obj }>(vms(), 'GetVm', { vmId: runningId })).vm.vcpus[0].exitCounts.KVM_EXIT_IO);
+      const counter = Number(await readU64(runningId, guest.l2DataGpa));
+      expect([L, L + 1]).toContain(counter);
+      const atHandover = L - outs;
+      expect(atHandover).toBeGreaterThanOrEqual(seenBefore); // not older state, not a fresh start
+      expect(d.w.values).toEqual(Array.from({ length: d.w.values.length }, (_, i) => d.w.values[0] + i));
+      d.cancel();
+      await expectL2Continues(runningId, guest, L, 0, 20);
+
+      // The paused one: exactly where it was paused.
+      await expectL2Continues(paused.id, guest, last, 0);
+      console.log(`lab handover: restart (SIGTERM to serving again) ${restart.servingMs} ms; running VM's L2 at ${seenBefore} seen before, ${atHandover} at the handover, ${L} checked`);
+    }, 240_000);
   });
 });

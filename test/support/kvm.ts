@@ -3,6 +3,7 @@
  * and fail instead when CI demands it (VCPUD_REQUIRE_KVM=1).
  */
 import fs from 'node:fs';
+import { anonymousMemory, StateDirMemory, type GuestMemorySource } from '../../src/vm/guest-memory';
 
 export const KVM_PATH = process.env.VCPUD_KVM_PATH ?? '/dev/kvm';
 
@@ -29,4 +30,16 @@ export function describeKvm(name: string, fn: () => void): void {
   }
   console.warn(`\n*** SKIPPING "${name}": ${kvmUnavailable} ***\n`);
   return describe.skip(name, fn);
+}
+
+/**
+ * The guest memory source in-process registries use: anonymous memory, or with
+ * VCPUD_TEST_STATE_DIR=1 files in a state directory on /dev/shm (the --state-dir backing), so the
+ * same suites run on both. Call it in a describe block: the directory goes after the block.
+ */
+export function testMemorySource(): GuestMemorySource {
+  if (process.env.VCPUD_TEST_STATE_DIR !== '1') return anonymousMemory;
+  const dir = fs.mkdtempSync('/dev/shm/vcpud-test-state-');
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return new StateDirMemory(dir);
 }

@@ -5,6 +5,7 @@ import { Kvm } from '../../src/ffi/kvm';
 import type { Limits } from '../../src/vm/limits';
 import type { ManagedVm } from '../../src/vm/managed-vm';
 import { VmRegistry } from '../../src/vm/registry';
+import { testMemorySource } from './kvm';
 import type { VcpuStatus } from '../../src/vm/managed-vcpu';
 
 export async function loadGuest(vm: ManagedVm, name: GuestName): Promise<void> {
@@ -59,9 +60,10 @@ export function counterInMemory(vm: ManagedVm, vcpu = 0): bigint {
 export function useRegistry(limits: Limits): () => VmRegistry {
   let kvm: Kvm;
   let registry: VmRegistry;
+  const memorySource = testMemorySource();
   beforeAll(() => {
     kvm = Kvm.open();
-    registry = new VmRegistry(kvm, limits);
+    registry = new VmRegistry(kvm, limits, memorySource);
   });
   afterEach(() => registry.destroyAll());
   afterAll(() => kvm.close());

@@ -14,11 +14,14 @@ export interface Tmpfs {
   unmount(): void;
 }
 
-/** Mounts a tmpfs of `size` (mount(8) syntax, e.g. "16m") on a fresh directory; a string says why not. */
-export function mountTmpfs(size: string): Tmpfs | string {
+/**
+ * Mounts a tmpfs of `size` (mount(8) syntax, e.g. "16m") on a fresh directory, with `options` added
+ * (e.g. "huge=within_size"); a string says why not.
+ */
+export function mountTmpfs(size: string, options = ''): Tmpfs | string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-tmpfs-'));
   try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size},mode=0700`, 'tmpfs', dir], { stdio: ['ignore', 'ignore', 'pipe'] });
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size},mode=0700${options ? `,${options}` : ''}`, 'tmpfs', dir], { stdio: ['ignore', 'ignore', 'pipe'] });
   } catch (e) {
     fs.rmSync(dir, { recursive: true, force: true });
     const stderr = (e as { stderr?: Buffer }).stderr?.toString().trim();

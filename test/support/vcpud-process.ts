@@ -53,7 +53,9 @@ export async function startVcpud(
   if (!fs.existsSync(main)) throw new Error(`${main} is missing: run the build (npm test runs tsc first)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-e2e-'));
   if (as) fs.chownSync(dir, as.uid, as.gid);
-  const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...args];
+  // VCPUD_TEST_STATE_DIR=1 runs every suite's vcpud with guest memory in a state directory (tmpfs).
+  const stateDir = process.env.VCPUD_TEST_STATE_DIR === '1' && !args.includes('--state-dir') ? ['--state-dir', fs.mkdtempSync('/dev/shm/vcpud-e2e-state-')] : [];
+  const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...stateDir, ...args];
   const [exe, ...exeArgs] = [...launcher, process.execPath];
   const proc = spawn(exe, [...exeArgs, ...nodeArgs, main, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], ...(as ?? {}) });
   let out = '';
@@ -111,6 +113,7 @@ export async function startVcpud(
         await exited;
       }
       fs.rmSync(dir, { recursive: true, force: true });
+      if (stateDir.length) fs.rmSync(stateDir[1], { recursive: true, force: true });
       return proc.exitCode;
     },
   };

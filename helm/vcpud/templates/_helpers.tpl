@@ -93,6 +93,9 @@ helm.sh/chart: {{ include "vcpud.chart" .ctx }}
 {{- if and .Values.snapshots.enabled (has .Values.snapshots.dir (list "/run/vcpud" "/etc/vcpud/tls" "/etc/vcpud/migration-tls" "/dev/kvm")) }}
 {{- fail (printf "snapshots.dir %s is a path the chart already mounts (socket, TLS or /dev/kvm): choose another, e.g. /var/lib/vcpud/snapshots" .Values.snapshots.dir) }}
 {{- end }}
+{{- if and .Values.stateDir.enabled (has .Values.stateDir.dir (list "/run/vcpud" "/etc/vcpud/tls" "/etc/vcpud/migration-tls" "/dev/kvm" .Values.snapshots.dir)) }}
+{{- fail (printf "stateDir.dir %s is a path the chart already mounts (socket, TLS, /dev/kvm or snapshots.dir): choose another, e.g. /run/vcpud-state" .Values.stateDir.dir) }}
+{{- end }}
 {{- end }}
 
 {{/* Whether the cert-manager Certificates are rendered: enabled and the API present. */}}
@@ -170,6 +173,11 @@ vcpud-socket
 vcpud-snapshots
 {{- end }}
 
+{{/* Name of the volume mounted at stateDir.dir (--state-dir). */}}
+{{- define "vcpud.stateVolumeName" -}}
+vcpud-state
+{{- end }}
+
 {{/*
 vcpud's flags. Call with (dict "ctx" CHART_CONTEXT "mode" "daemonset"|"sidecar").
 Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach the pod IP.
@@ -196,6 +204,9 @@ Health and metrics listen on 0.0.0.0: the kubelet probes and Prometheus reach th
 - --health-listen=0.0.0.0:{{ $v.ports.health }}
 {{- if $v.snapshots.enabled }}
 - --snapshot-dir={{ $v.snapshots.dir }}
+{{- end }}
+{{- if $v.stateDir.enabled }}
+- --state-dir={{ $v.stateDir.dir }}
 {{- end }}
 {{- if $v.metrics.enabled }}
 - --metrics-listen=0.0.0.0:{{ $v.ports.metrics }}
@@ -330,6 +341,10 @@ volumeMounts:
   - name: {{ include "vcpud.snapshotVolumeName" .ctx }}
     mountPath: {{ $v.snapshots.dir }}
   {{- end }}
+  {{- if $v.stateDir.enabled }}
+  - name: {{ include "vcpud.stateVolumeName" .ctx }}
+    mountPath: {{ $v.stateDir.dir }}
+  {{- end }}
   {{- if $v.kvm.privilegedHostPath }}
   - name: kvm
     mountPath: /dev/kvm
@@ -369,7 +384,8 @@ pod, and stops after them.
 
 {{/*
 Pod volumes the vcpud container needs in sidecar mode: the socket emptyDir, the snapshot volume
-("vcpud.snapshotVolume", with snapshots.enabled) and /dev/kvm under the fallback. The snapshot
+("vcpud.snapshotVolume", with snapshots.enabled), the state volume ("vcpud.stateVolume", with
+stateDir.enabled) and /dev/kvm under the fallback. The snapshot
 volume is part of it so that parent charts including only this template get every volume the
 sidecar mounts.
 */}}
@@ -379,6 +395,9 @@ sidecar mounts.
     medium: Memory
     sizeLimit: 1Mi
 {{- with (include "vcpud.snapshotVolume" . | trim) }}
+{{ . }}
+{{- end }}
+{{- with (include "vcpud.stateVolume" . | trim) }}
 {{ . }}
 {{- end }}
 {{- if .Values.kvm.privilegedHostPath }}
@@ -402,6 +421,21 @@ source wins. Already included by "vcpud.socketVolume"; use it alone only for pod
 {{- $source = omit $source "emptyDir" }}
 {{- end }}
 - name: {{ include "vcpud.snapshotVolumeName" . }}
+  {{- toYaml $source | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The state volume (a one-item list; nothing with stateDir.enabled false): stateDir.volume as
+vcpud-state, another source given beside the default emptyDir winning as in "vcpud.snapshotVolume".
+*/}}
+{{- define "vcpud.stateVolume" -}}
+{{- if .Values.stateDir.enabled }}
+{{- $source := .Values.stateDir.volume }}
+{{- if gt (len $source) 1 }}
+{{- $source = omit $source "emptyDir" }}
+{{- end }}
+- name: {{ include "vcpud.stateVolumeName" . }}
   {{- toYaml $source | nindent 2 }}
 {{- end }}
 {{- end }}

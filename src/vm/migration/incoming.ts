@@ -9,7 +9,6 @@
 import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import { VcpudError } from '../../errors';
 import type { HostCapabilities } from '../../ffi/capabilities';
-import { native } from '../../ffi/native';
 import { applyFrames, receiveFrames } from '../../ffi/page-frames';
 import type { Vm } from '../../ffi/vm';
 import { ManagedVm } from '../managed-vm';
@@ -68,7 +67,7 @@ export class IncomingMigration {
     if (header.vm.memory.length !== 1 || header.vm.memory[0].guestPhysAddr !== 0 || header.vm.memory[0].size !== header.vm.memoryBytes)
       throw new VcpudError('invalid_argument', 'a migrating VM must have its memory as one slot at guest physical address 0');
     const m = new IncomingMigration(registry, caps, header, opts.name, opts.stallMs);
-    const memory = new native.GuestMemory(header.vm.memoryBytes);
+    const memory = registry.memory.allocate(header.vm.memoryBytes);
     m.kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, memory);
     m.armTimer();
     return m;
