@@ -20,14 +20,6 @@ namespace vcpud {
 
 namespace {
 
-int g_kvm_fd = -1;  // the last /dev/kvm opened: host-wide sizes (XSAVE2, nested) are asked there
-
-long HostCap(long cap) {
-  if (g_kvm_fd < 0) return 0;
-  long r = ioctl(g_kvm_fd, KREQ(CHECK_EXTENSION), cap);
-  return r < 0 ? 0 : r;
-}
-
 Call Make(const char* name, int fd, unsigned long req, void* arg, Returns returns) {
   Call c;
   c.name = name;
@@ -202,11 +194,12 @@ VCPUD_FIXED(SetMpState, SET_MP_STATE, kvm_mp_state)
 #undef VCPUD_FIXED
 
 // KVM_GET_XSAVE2 writes and KVM_SET_XSAVE reads the vCPU's whole uABI xsave size (KVM_CAP_XSAVE2,
-// at least 4096 bytes) regardless of what userspace allocated.
+// at least 4096 bytes) regardless of what userspace allocated. That size is a fact of the caller's
+// VM (src/ffi asks its fd): the caller passes it, and the buffer must hold it.
 Call XsaveSized(const Napi::CallbackInfo& info, const char* name, unsigned long req) {
   int fd = FdArg(info, 0, name);
   Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
-  size_t need = std::max<size_t>(KSIZE(kvm_xsave), HostCap(KVM_CAP_XSAVE2));
+  size_t need = std::max<size_t>(KSIZE(kvm_xsave), U64Arg(info, 2, name, "xsaveSize"));
   if (buf.Length() < need)
     ThrowLength(info.Env(), name,
                 "buffer is " + std::to_string(buf.Length()) + " bytes, needs " + std::to_string(need));
@@ -243,14 +236,14 @@ constexpr size_t kNestedHeader = 128;  // flags, format, size + the 120-byte hea
 
 long ReadNestedSize(const void* arg) { return static_cast<const kvm_nested_state*>(arg)->size; }
 
-// GET declares the whole buffer as `size`. The buffer must be at least the host's
-// KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE): 6.1 SVM writes 4224 bytes in guest mode even when
-// a smaller size is declared. On E2BIG the kernel has written the required size back.
+// GET declares the whole buffer as `size`. The buffer must be at least the VM's
+// KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE), which the caller passes: 6.1 SVM writes 4224 bytes in
+// guest mode even when a smaller size is declared. On E2BIG the kernel has written the required size back.
 Call GetNestedState(const Napi::CallbackInfo& info) {
   const char* name = "KVM_GET_NESTED_STATE";
   int fd = FdArg(info, 0, name);
   Napi::Buffer<uint8_t> buf = BufferArg(info, 1, name);
-  size_t need = std::max<size_t>(kNestedHeader, HostCap(KVM_CAP_NESTED_STATE));
+  size_t need = std::max<size_t>(kNestedHeader, U64Arg(info, 2, name, "maxSize"));
   if (buf.Length() < need)
     ThrowLength(info.Env(), name,
                 "buffer is " + std::to_string(buf.Length()) + " bytes, needs " + std::to_string(need));
@@ -288,13 +281,11 @@ Napi::Value OpenKvm(const Napi::CallbackInfo& info) {
     e.Set("path", Napi::String::New(info.Env(), path));
     throw e;
   }
-  g_kvm_fd = fd;
   return Napi::Number::New(info.Env(), fd);
 }
 
 Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   int fd = FdArg(info, 0, "close");
-  if (fd == g_kvm_fd) g_kvm_fd = -1;
   if (close(fd) < 0) throw MakeSysError(info.Env(), "close", errno);
   return info.Env().Undefined();
 }

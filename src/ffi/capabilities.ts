@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { UnsupportedError } from '../errors';
 import { hasBit, maxPhysAddrBits, SVM_BIT, vendorOf, VMX_BIT, type Vendor } from './cpuid-facts';
-import type { CapName, Kvm } from './kvm';
+import { nestedStateMaxSize, SECTION_CAPS, sectionGate, xsaveSize, type CapName, type CapSource } from './caps';
+import type { Kvm } from './kvm';
 import { native } from './native';
 import { SECTION_NAMES, type SectionName } from './sections';
 
@@ -49,23 +50,6 @@ export interface HostCapabilities {
 
 const VENDOR_MODULES = ['kvm_intel', 'kvm_amd', 'kvm_pvm'];
 
-/** Which capability each section needs, per direction (undefined: always available). */
-const SECTION_CAPS: Record<SectionName, { read?: CapName; write?: CapName; irqchip?: boolean }> = {
-  regs: {},
-  sregs: {},
-  sregs2: { read: 'SREGS2', write: 'SREGS2' },
-  fpu: {},
-  xsave: { read: 'XSAVE', write: 'XSAVE' },
-  xcrs: { read: 'XCRS', write: 'XCRS' },
-  msrs: {},
-  lapic: { read: 'IRQCHIP', write: 'IRQCHIP', irqchip: true },
-  vcpu_events: { read: 'VCPU_EVENTS', write: 'VCPU_EVENTS' },
-  debugregs: { read: 'DEBUGREGS', write: 'DEBUGREGS' },
-  mp_state: { read: 'MP_STATE', write: 'MP_STATE' },
-  cpuid2: { read: 'EXT_CPUID', write: 'EXT_CPUID' },
-  tsc_khz: { read: 'GET_TSC_KHZ', write: 'TSC_CONTROL' },
-};
-
 function readParam(module: string, param: string): string | undefined {
   try {
     return fs.readFileSync(`/sys/module/${module}/parameters/${param}`, 'utf8').trim();
@@ -85,7 +69,7 @@ export function probeCapabilities(kvm: Kvm): HostCapabilities {
   const vendor = vendorOf(cpuid);
   const kvmModule = loadedKvmModule();
   const sections = {} as Record<SectionName, SectionSupport>;
-  for (const s of SECTION_NAMES) sections[s] = sectionSupport(s, caps);
+  for (const s of SECTION_NAMES) sections[s] = sectionSupport(s, kvm);
   return {
     kvmPath: kvm.path,
     apiVersion: kvm.apiVersion(),
@@ -94,25 +78,25 @@ export function probeCapabilities(kvm: Kvm): HostCapabilities {
     vendor,
     caps,
     vcpuMmapSize: kvm.vcpuMmapSize(),
-    xsaveSize: Math.max(4096, caps.KVM_CAP_XSAVE2),
+    xsaveSize: xsaveSize(kvm),
     maxPhysAddrBits: maxPhysAddrBits(cpuid),
     msrIndexList: kvm.msrIndexList(),
-    nested: nestedSupport(caps.KVM_CAP_NESTED_STATE, vendor, kvmModule, hasBit(cpuid, VMX_BIT), hasBit(cpuid, SVM_BIT)),
+    nested: nestedSupport(nestedStateMaxSize(kvm), vendor, kvmModule, hasBit(cpuid, VMX_BIT), hasBit(cpuid, SVM_BIT)),
     sections,
   };
 }
 
-function sectionSupport(section: SectionName, caps: Record<string, number>): SectionSupport {
+/** The host report of a section, from the same gate every state path asks (ffi/caps.ts sectionGate). */
+function sectionSupport(section: SectionName, src: CapSource): SectionSupport {
   const need = SECTION_CAPS[section];
-  const missing = (cap?: CapName) => (cap && !(caps[`KVM_CAP_${cap}`] > 0) ? `KVM_CAP_${cap}` : undefined);
-  const r = missing(need.read);
-  const w = missing(need.write);
+  const r = sectionGate(section, 'read', src);
+  const w = sectionGate(section, 'write', src);
   const out: SectionSupport = { readable: !r, writable: !w };
-  const dependsOn = w && !r ? w : (r ?? (need.read ? `KVM_CAP_${need.read}` : need.write && `KVM_CAP_${need.write}`));
+  const dependsOn = w && !r ? w.capability : (r?.capability ?? (need.read ? `KVM_CAP_${need.read}` : need.write && `KVM_CAP_${need.write}`));
   if (dependsOn) out.capability = dependsOn;
   const reasons = [
-    r && `reading needs ${r}, which KVM_CHECK_EXTENSION reports as 0`,
-    w && w !== r && `writing needs ${w}, which KVM_CHECK_EXTENSION reports as 0`,
+    r?.reason,
+    w && w.capability !== r?.capability && w.reason,
     !r && need.irqchip && 'needs a VM with the in-kernel irqchip',
   ].filter(Boolean);
   if (reasons.length) out.reason = reasons.join('; ');
@@ -135,12 +119,9 @@ function nestedSupport(maxSize: number, vendor: Vendor, kvmModule: string, vmx: 
   return n;
 }
 
-/** Throws UnsupportedError naming the capability when `section` cannot be used in `direction`. */
-export function requireSection(caps: HostCapabilities, section: SectionName, direction: 'read' | 'write'): void {
-  const s = caps.sections[section];
-  if (direction === 'read' ? s.readable : s.writable) return;
-  const cap = SECTION_CAPS[section][direction] ?? 'unknown';
-  throw new UnsupportedError(`KVM_CAP_${cap}`, s.reason ?? `section ${section} cannot be ${direction === 'read' ? 'read' : 'written'} here`);
+/** The probed KVM_CHECK_EXTENSION answers as a CapSource: the gate asked without another ioctl. */
+export function probedCaps(caps: HostCapabilities): CapSource {
+  return { checkExtension: (cap) => caps.caps[`KVM_CAP_${cap}`] ?? 0 };
 }
 
 /** Throws UnsupportedError (KVM_CAP_NESTED_STATE) when nested state cannot be used on this host. */

@@ -2,6 +2,7 @@
  * System scope: /dev/kvm. One method per system ioctl; list calls negotiate their size on E2BIG.
  */
 import { KvmError, VcpudError } from '../errors';
+import { checkExtensionCached, type CapName, type CapSource } from './caps';
 import { FdHandle } from './fd-handle';
 import { kvmCall, kvmCallAsync, native, negotiate } from './native';
 import { decodeCpuid2, type CpuidEntry2 } from './sections';
@@ -12,7 +13,6 @@ export const EXPECTED_API_VERSION = 12;
 /** KVM_MAX_CPUID_ENTRIES in the kernel: the ceiling for CPUID negotiation. */
 const MAX_CPUID_ENTRIES = 256;
 const MAX_MSR_LIST = 16384;
-export type CapName = keyof typeof native.caps & string;
 
 /** What to do about a /dev/kvm that cannot be opened, by errno. */
 function openHint(path: string, code: string): string {
@@ -25,7 +25,7 @@ function openHint(path: string, code: string): string {
   return '';
 }
 
-export class Kvm {
+export class Kvm implements CapSource {
   private readonly extensions = new Map<number, number>();
   private readonly handle: FdHandle;
 
@@ -117,25 +117,4 @@ export class Kvm {
       return Array.from({ length: n }, (_, i) => buf.readUInt32LE(4 + i * 4));
     });
   }
-}
-
-/**
- * KVM_CHECK_EXTENSION, asked once per fd and capability: the answer cannot change while the fd
- * lives, and the state paths ask on every call (capability checks, the XSAVE2 size).
- */
-export function checkExtensionCached(cache: Map<number, number>, handle: FdHandle, cap: CapName | number): number {
-  const n = typeof cap === 'number' ? cap : capNumber(cap);
-  let v = cache.get(n);
-  if (v === undefined) {
-    const fd = handle.get();
-    v = kvmCall('KVM_CHECK_EXTENSION', () => native.checkExtension(fd, n));
-    cache.set(n, v);
-  }
-  return v;
-}
-
-export function capNumber(name: CapName): number {
-  const n = native.caps[name];
-  if (n === undefined) throw new VcpudError('internal', `unknown KVM capability ${name}`);
-  return n;
 }

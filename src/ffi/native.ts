@@ -203,8 +203,9 @@ interface SyncAndAsync {
   getFpu: BufferIoctl;
   setFpu: BufferIoctl;
   getXsave: BufferIoctl;
-  getXsave2: BufferIoctl;
-  setXsave: BufferIoctl;
+  /** `xsaveSize`: the VM's KVM_CAP_XSAVE2 size, which the kernel reads/writes whatever the buffer holds. */
+  getXsave2(fd: Fd, buf: Buffer, xsaveSize: number): void;
+  setXsave(fd: Fd, buf: Buffer, xsaveSize: number): void;
   getXcrs: BufferIoctl;
   setXcrs: BufferIoctl;
   getMsrs: CountIoctl;
@@ -221,7 +222,8 @@ interface SyncAndAsync {
   setCpuid2: BufferIoctl;
   getTscKhz(fd: Fd): number;
   setTscKhz(fd: Fd, khz: number): void;
-  getNestedState: BufferIoctl;
+  /** `maxSize`: the VM's KVM_CAP_NESTED_STATE size (6.1 SVM writes that much into smaller buffers). */
+  getNestedState(fd: Fd, buf: Buffer, maxSize: number): void;
   setNestedState: BufferIoctl;
 }
 

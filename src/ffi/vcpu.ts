@@ -8,7 +8,8 @@
  * pausing first. Every ioctl also has a Promise twin in the addon (`fnAsync`) for callers that
  * cannot give that guarantee.
  */
-import { KvmError, notFound, UnsupportedError, VcpudError } from '../errors';
+import { KvmError, notFound, VcpudError } from '../errors';
+import { LEGACY_XSAVE_SIZE, nestedStateMaxSize, requireNestedState, sectionGate, xsaveSize, type Direction } from './caps';
 import { FdHandle } from './fd-handle';
 import { kvmCall, native, type NativeVcpuRunner } from './native';
 import {
@@ -18,6 +19,7 @@ import {
   type Fpu,
   type MsrEntry,
   type Regs,
+  type SectionName,
   type Sregs,
   type Sregs2,
   type VcpuEvents,
@@ -35,7 +37,6 @@ export interface MsrResult {
 
 export const NESTED_HEADER_SIZE = 128;
 const LAPIC_SIZE = 1024;
-const LEGACY_XSAVE_SIZE = 4096;
 
 interface Codec<T> {
   decode(buf: Buffer): T;
@@ -71,7 +72,7 @@ export class Vcpu {
    */
   getStructBytes(section: StructSection): Buffer {
     const r = STRUCT_READS[section];
-    if (r.cap) this.requireCap(r.cap, r.ioctl);
+    this.requireSection(section, 'read');
     return this.getRaw(r.ioctl, r.get, native.sizes[r.size]);
   }
   getRegs(): Regs {
@@ -91,7 +92,7 @@ export class Vcpu {
     return SECTIONS.sregs2.decode(this.getStructBytes('sregs2'));
   }
   setSregs2(value: Sregs2): void {
-    this.requireCap('SREGS2', 'KVM_SET_SREGS2');
+    this.requireSection('sregs2', 'write');
     this.setEncoded('KVM_SET_SREGS2', native.setSregs2, SECTIONS.sregs2, value);
   }
   getFpu(): Fpu {
@@ -104,55 +105,56 @@ export class Vcpu {
     return SECTIONS.xcrs.decode(this.getStructBytes('xcrs'));
   }
   setXcrs(value: Xcrs): void {
-    this.requireCap('XCRS', 'KVM_SET_XCRS');
+    this.requireSection('xcrs', 'write');
     this.setEncoded('KVM_SET_XCRS', native.setXcrs, SECTIONS.xcrs, value);
   }
   getVcpuEvents(): VcpuEvents {
     return SECTIONS.vcpu_events.decode(this.getStructBytes('vcpu_events'));
   }
   setVcpuEvents(value: VcpuEvents): void {
-    this.requireCap('VCPU_EVENTS', 'KVM_SET_VCPU_EVENTS');
+    this.requireSection('vcpu_events', 'write');
     this.setEncoded('KVM_SET_VCPU_EVENTS', native.setVcpuEvents, SECTIONS.vcpu_events, value);
   }
   getDebugregs(): Debugregs {
     return SECTIONS.debugregs.decode(this.getStructBytes('debugregs'));
   }
   setDebugregs(value: Debugregs): void {
-    this.requireCap('DEBUGREGS', 'KVM_SET_DEBUGREGS');
+    this.requireSection('debugregs', 'write');
     this.setEncoded('KVM_SET_DEBUGREGS', native.setDebugregs, SECTIONS.debugregs, value);
   }
   getMpState(): number {
-    this.requireCap('MP_STATE', 'KVM_GET_MP_STATE');
+    this.requireSection('mp_state', 'read');
     return this.getDecoded('KVM_GET_MP_STATE', native.getMpState, native.sizes.kvm_mp_state, SECTIONS.mp_state).mpState;
   }
   setMpState(value: number): void {
-    this.requireCap('MP_STATE', 'KVM_SET_MP_STATE');
+    this.requireSection('mp_state', 'write');
     this.setEncoded('KVM_SET_MP_STATE', native.setMpState, SECTIONS.mp_state, { mpState: value });
   }
 
   // ---- raw sections (versioned layouts) ----
   /** The in-kernel LAPIC's 1024-byte register page; needs KVM_CREATE_IRQCHIP. */
   getLapic(): Buffer {
-    this.requireIrqchip('KVM_GET_LAPIC');
+    this.requireSection('lapic', 'read');
     return this.getRaw('KVM_GET_LAPIC', native.getLapic, LAPIC_SIZE);
   }
   setLapic(value: Buffer): void {
-    this.requireIrqchip('KVM_SET_LAPIC');
+    this.requireSection('lapic', 'write');
     this.setRaw('KVM_SET_LAPIC', native.setLapic, value, LAPIC_SIZE);
   }
   /** XSAVE area: KVM_GET_XSAVE2 at the KVM_CAP_XSAVE2 size when available, else the 4 KiB legacy call. */
   getXsave(): Buffer {
-    this.requireCap('XSAVE', 'KVM_GET_XSAVE');
+    this.requireSection('xsave', 'read');
     const size = this.xsaveSize();
-    if (this.vm.checkExtension('XSAVE2') > 0) return this.getRaw('KVM_GET_XSAVE2', native.getXsave2, size);
+    if (this.vm.checkExtension('XSAVE2') > 0) return this.getRaw('KVM_GET_XSAVE2', (fd, b) => native.getXsave2(fd, b, size), size);
     return this.getRaw('KVM_GET_XSAVE', native.getXsave, LEGACY_XSAVE_SIZE);
   }
   setXsave(value: Buffer): void {
-    this.requireCap('XSAVE', 'KVM_SET_XSAVE');
-    this.setRaw('KVM_SET_XSAVE', native.setXsave, value, this.xsaveSize());
+    this.requireSection('xsave', 'write');
+    const size = this.xsaveSize();
+    this.setRaw('KVM_SET_XSAVE', (fd, b) => native.setXsave(fd, b, size), value, size);
   }
   xsaveSize(): number {
-    return Math.max(LEGACY_XSAVE_SIZE, this.vm.checkExtension('XSAVE2'));
+    return xsaveSize(this.vm);
   }
 
   // ---- variable-length sections ----
@@ -180,6 +182,7 @@ export class Vcpu {
   }
   /** KVM_GET_CPUID2's kvm_cpuid2, undecoded, its nent trimmed as getCpuid2 describes (spare capacity after the entries). */
   getCpuid2Bytes(capacity = 256): Buffer {
+    this.requireSection('cpuid2', 'read');
     const entry = native.sizes.kvm_cpuid_entry2;
     const buf = Buffer.alloc(8 + capacity * entry);
     kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
@@ -191,23 +194,24 @@ export class Vcpu {
     return buf;
   }
   setCpuid2(entries: CpuidEntry2[]): void {
+    this.requireSection('cpuid2', 'write');
     const buf = SECTIONS.cpuid2.encode(entries);
     kvmCall('KVM_SET_CPUID2', () => native.setCpuid2(this.fd, buf));
   }
   getTscKhz(): number {
-    this.requireCap('GET_TSC_KHZ', 'KVM_GET_TSC_KHZ');
+    this.requireSection('tsc_khz', 'read');
     return kvmCall('KVM_GET_TSC_KHZ', () => native.getTscKhz(this.fd));
   }
   /** Setting the guest TSC frequency needs KVM_CAP_TSC_CONTROL (TSC scaling in hardware). */
   setTscKhz(khz: number): void {
-    this.requireCap('TSC_CONTROL', 'KVM_SET_TSC_KHZ');
+    this.requireSection('tsc_khz', 'write');
     kvmCall('KVM_SET_TSC_KHZ', () => native.setTscKhz(this.fd, khz));
   }
 
   // ---- nested state ----
   /** KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) on the VM: the largest blob this host produces. */
   nestedStateMaxSize(): number {
-    return this.vm.checkExtension('NESTED_STATE');
+    return nestedStateMaxSize(this.vm);
   }
 
   /**
@@ -219,7 +223,7 @@ export class Vcpu {
     const max = this.requireNested('KVM_GET_NESTED_STATE');
     const attempt = (cap: number): Buffer => {
       const buf = Buffer.alloc(cap);
-      kvmCall('KVM_GET_NESTED_STATE', () => native.getNestedState(this.fd, buf));
+      kvmCall('KVM_GET_NESTED_STATE', () => native.getNestedState(this.fd, buf, max));
       return buf.subarray(0, buf.readUInt32LE(4));
     };
     try {
@@ -255,24 +259,19 @@ export class Vcpu {
   }
 
   // ---- helpers ----
-  private requireCap(cap: string, ioctl: string): void {
-    if (this.vm.kvm.checkExtension(cap as never) <= 0)
-      throw new UnsupportedError(`KVM_CAP_${cap}`, `KVM_CHECK_EXTENSION returned 0, so ${ioctl} is unavailable`);
+  /**
+   * Throws the UnsupportedError naming the capability when this VM cannot use `section` in `direction`:
+   * the one gate (ffi/caps.ts sectionGate), asked of this VM's fd. src/vm asks the same gate of the
+   * probed host capabilities for every section of a request before touching any.
+   */
+  private requireSection(section: SectionName, direction: Direction): void {
+    const refusal = sectionGate(section, direction, this.vm, this.vm.hasIrqchip);
+    if (refusal) throw refusal;
   }
 
-  private requireIrqchip(ioctl: string): void {
-    if (!this.vm.hasIrqchip)
-      throw new UnsupportedError('KVM_CAP_IRQCHIP', `${ioctl} needs the in-kernel irqchip, which this VM was created without`);
-  }
-
+  /** The nested-state gate: this VM's KVM_CAP_NESTED_STATE size, or UnsupportedError when it is 0. */
   private requireNested(ioctl: string): number {
-    const max = this.nestedStateMaxSize();
-    if (max <= 0)
-      throw new UnsupportedError(
-        'KVM_CAP_NESTED_STATE',
-        `KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) returned ${max} (the ${this.vm.kvm.path} module has no nested virtualization), so ${ioctl} cannot be used`,
-      );
-    return max;
+    return requireNestedState(this.vm, ioctl);
   }
 
   private getRaw(ioctl: string, fn: (fd: number, b: Buffer) => void, size: number): Buffer {
@@ -308,15 +307,15 @@ export type ByteSection = (typeof BYTE_SECTIONS)[number];
 /** kvm_cpuid_entry2's function, index, flags, eax, ebx, ecx and edx: what a blank entry has all zero. */
 const CPUID_ENTRY_VALUE_BYTES = 28;
 
-/** How each struct section is read: its ioctl, the capability it needs (if any), its struct's size. */
-const STRUCT_READS: { readonly [S in StructSection]: { ioctl: string; get: (fd: number, b: Buffer) => void; size: keyof typeof native.sizes; cap?: string } } = {
+/** How each struct section is read: its ioctl and its struct's size (the capability gate is sectionGate's). */
+const STRUCT_READS: { readonly [S in StructSection]: { ioctl: string; get: (fd: number, b: Buffer) => void; size: keyof typeof native.sizes } } = {
   regs: { ioctl: 'KVM_GET_REGS', get: (fd, b) => native.getRegs(fd, b), size: 'kvm_regs' },
   sregs: { ioctl: 'KVM_GET_SREGS', get: (fd, b) => native.getSregs(fd, b), size: 'kvm_sregs' },
-  sregs2: { ioctl: 'KVM_GET_SREGS2', get: (fd, b) => native.getSregs2(fd, b), size: 'kvm_sregs2', cap: 'SREGS2' },
+  sregs2: { ioctl: 'KVM_GET_SREGS2', get: (fd, b) => native.getSregs2(fd, b), size: 'kvm_sregs2' },
   fpu: { ioctl: 'KVM_GET_FPU', get: (fd, b) => native.getFpu(fd, b), size: 'kvm_fpu' },
-  xcrs: { ioctl: 'KVM_GET_XCRS', get: (fd, b) => native.getXcrs(fd, b), size: 'kvm_xcrs', cap: 'XCRS' },
-  vcpu_events: { ioctl: 'KVM_GET_VCPU_EVENTS', get: (fd, b) => native.getVcpuEvents(fd, b), size: 'kvm_vcpu_events', cap: 'VCPU_EVENTS' },
-  debugregs: { ioctl: 'KVM_GET_DEBUGREGS', get: (fd, b) => native.getDebugregs(fd, b), size: 'kvm_debugregs', cap: 'DEBUGREGS' },
+  xcrs: { ioctl: 'KVM_GET_XCRS', get: (fd, b) => native.getXcrs(fd, b), size: 'kvm_xcrs' },
+  vcpu_events: { ioctl: 'KVM_GET_VCPU_EVENTS', get: (fd, b) => native.getVcpuEvents(fd, b), size: 'kvm_vcpu_events' },
+  debugregs: { ioctl: 'KVM_GET_DEBUGREGS', get: (fd, b) => native.getDebugregs(fd, b), size: 'kvm_debugregs' },
 };
 
 /**

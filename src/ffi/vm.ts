@@ -4,9 +4,9 @@
  */
 import { notFound, VcpudError } from '../errors';
 import { DirtyLog, type DirtyLogCaps, type DirtyLogMode } from './dirty-log';
+import { capNumber, checkExtensionCached, type CapName, type CapSource } from './caps';
 import { FdHandle } from './fd-handle';
-import type { CapName, Kvm } from './kvm';
-import { capNumber, checkExtensionCached } from './kvm';
+import type { Kvm } from './kvm';
 import { kvmCall, kvmCallAsync, native, type NativeGuestMemory } from './native';
 import { Vcpu } from './vcpu';
 
@@ -19,7 +19,7 @@ export interface MemoryRegion {
   memory: NativeGuestMemory;
 }
 
-export class Vm {
+export class Vm implements CapSource {
   readonly vcpus = new Map<number, Vcpu>();
   readonly regions: MemoryRegion[] = [];
   private irqchip = false;

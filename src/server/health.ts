@@ -6,10 +6,10 @@
  * One Health can be registered on several servers (the API server and the plaintext probe server);
  * they share the status and Watch streams.
  */
-import type * as grpc from '@grpc/grpc-js';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from './logging';
 import { SERVICE_NAMES } from './proto';
+import type { ServiceSink } from './server';
 
 export type { ServingStatus };
 
@@ -70,7 +70,7 @@ export class Health {
   }
 
   /** Adds grpc.health.v1.Health (Check, Watch, List) to `server`. */
-  register(server: grpc.Server): void {
+  register(server: ServiceSink): void {
     this.impl.addToServer(server);
   }
 }

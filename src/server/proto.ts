@@ -100,9 +100,15 @@ export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
     serviceDefinitions = {
       VcpuStateService: { ...state, GetState: getState },
       VmService: v1.VmService.service,
-      SnapshotService: v1.SnapshotService.service,
+      // CreateSnapshot's data messages are sent pre-serialized (snapshot-service.ts streamData).
+      SnapshotService: passingPreserialized(v1.SnapshotService.service, 'CreateSnapshot'),
       MigrationService: v1.MigrationService.service,
     };
   }
   return serviceDefinitions;
+}
+
+/** `service` with `method`'s responses passed through when they are already serialized (preserialized.ts). */
+function passingPreserialized<S extends grpc.ServiceDefinition, M extends keyof S & string>(service: S, method: M): S {
+  return { ...service, [method]: { ...service[method], responseSerialize: passPreserialized(service[method].responseSerialize) } };
 }

@@ -17,9 +17,15 @@ import { requestLimitsInterceptor } from './request-limits';
 import { bindPlaintextTcp, bindServer, healthServerOptions, removeUnixSocket, serverOptions, type BoundAddress } from './transport';
 import { ConnectionGate, descriptorLimit, type GrpcListener, type ListenerName } from './connections';
 
+/**
+ * Where a service adds itself: a grpc.Server, or the API server's recording sink (createVcpudServer).
+ * grpc-health-check's addToServer takes the same shape.
+ */
+export type ServiceSink = Pick<grpc.Server, 'addService'>;
+
 /** Something that adds its gRPC service(s) to a server (the vcpud services, or a test's). */
 export interface ServiceRegistrar {
-  register(server: grpc.Server): void;
+  register(server: ServiceSink): void;
   /** Descriptors of services outside protos/ (tests), so reflection can describe them too. */
   packageDefinition?: protoLoader.PackageDefinition;
 }
@@ -63,20 +69,22 @@ function synthesizedFiles(definition: protoLoader.PackageDefinition | undefined)
 const serviceOfPath = (p: string) => p.split('/')[1];
 
 /**
- * Records which services get registered (reflection lists exactly those) and creates their metric
- * series at zero. grpc-js offers no listing of registered services, hence the wrapper.
+ * The sink every service of the API server registers through: it adds to `server`, records which
+ * services were registered (reflection lists exactly those; grpc-js offers no listing) and creates
+ * their metric series at zero.
  */
-function trackRegistrations(server: grpc.Server, metrics: Metrics): Set<string> {
+function recordingSink(server: grpc.Server, metrics: Metrics): { sink: ServiceSink; registered: Set<string> } {
   const registered = new Set<string>();
-  const addService = server.addService.bind(server);
-  server.addService = (service, implementation) => {
-    addService(service, implementation);
-    for (const method of Object.values(service)) {
-      registered.add(serviceOfPath(method.path));
-      metrics.initializeMethod(rpcLabels(method));
-    }
+  const sink: ServiceSink = {
+    addService(service, implementation) {
+      server.addService(service, implementation);
+      for (const method of Object.values(service)) {
+        registered.add(serviceOfPath(method.path));
+        metrics.initializeMethod(rpcLabels(method));
+      }
+    },
   };
-  return registered;
+  return { sink, registered };
 }
 
 /**
@@ -128,10 +136,10 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
   // The request limits go first: grpc-js hands its base call (whose reassembly they replace) to the first interceptor.
   const interceptors = [requestLimitsInterceptor(config, logger), ...buildInterceptors({ metrics, logger, allowedClients })];
   const server = new grpc.Server({ ...serverOptions(config), interceptors });
-  const registered = trackRegistrations(server, metrics);
+  const { sink, registered } = recordingSink(server, metrics);
 
-  health.register(server);
-  for (const s of deps.services) s.register(server);
+  health.register(sink);
+  for (const s of deps.services) s.register(sink);
 
   // The built descriptors (vcpud.v1, health, reflection) go first: they win over synthesized ones.
   const index = new DescriptorIndex().add(splitFileDescriptorSet(readDescriptorSet()));

@@ -1,7 +1,7 @@
 /**
  * Whole-vCPU state: read chosen sections in the save order, write several sections atomically in
- * the restore order, and nested state with validation. One place knows the orders (the ABI doc's
- * "Whole-vCPU state" section); GetState/SetState, snapshots and migration all go through here.
+ * the restore order, and nested state with validation. One place knows the orders; GetState/SetState,
+ * snapshots and migration all go through here.
  *
  * Save order:    mp_state first (reading it may change CS/RIP), vcpu_events, regs, fpu, xsave,
  *                xcrs, sregs, sregs2, lapic, msrs, debugregs, cpuid2, tsc_khz.
@@ -9,10 +9,23 @@
  *                SET_REGS clears pending exceptions), fpu, xsave, xcrs, lapic (after sregs, before
  *                msrs: TSC deadline), msrs, vcpu_events, mp_state, debugregs. Nested state last, as
  *                the kernel selftests do, after sregs (EFER.SVME) and events (SMM).
+ *
+ * What this code relies on of the KVM ABI (read in the kernel: arch/x86/kvm/x86.c, vmx/nested.c,
+ * svm/nested.c; Documentation/virt/kvm/api.rst 4.114/4.115 is stale):
+ * - KVM_SET_MSRS stops at the first MSR it refuses and returns how many it set (a short count, no
+ *   errno); some MSRs (e.g. 0x4b564d06) refuse a plain write-back of their own value.
+ * - sregs' EFER, APIC base and FS/GS bases are the same state as MSRs 0xc0000080, 0x1b, 0xc0000100/1
+ *   (ALSO_WRITES below), checked differently by the two ioctls.
+ * - In guest mode (nested), regs/sregs/msrs read from KVM are L2's; L1's state lives in the nested blob.
+ * - KVM_SET_NESTED_STATE checks the flags and header first, then leaves nested mode and checks the
+ *   rest (VMX: vmcs12 revision, controls, guest and host state): a refused SET can leave the vCPU changed.
+ * - KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) is the largest blob (8320 VMX, 4224 SVM; 0 without
+ *   nested support), and a 128-byte blob is real state (VMXON without a VMCS, SVM GIF), never "none".
  */
 import { isDeepStrictEqual } from 'node:util';
 import { invalidArgument, KvmError, VcpudError, type ErrorDetails, type Violation } from '../errors';
-import { requireNested, requireSection, type HostCapabilities } from '../ffi/capabilities';
+import { probedCaps, requireNested, type HostCapabilities } from '../ffi/capabilities';
+import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState } from '../ffi/nested';
 import { msrName, snakeCase, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
@@ -70,13 +83,14 @@ export function readableSections(ctx: StateContext): SectionName[] {
   return SAVE_ORDER.filter((s) => ctx.caps.sections[s].readable && (s !== 'lapic' || ctx.irqchip));
 }
 
-function checkSupported(ctx: StateContext, s: SectionName, direction: 'read' | 'write'): void {
-  requireSection(ctx.caps, s, direction);
-  if (s === 'lapic' && !ctx.irqchip) {
-    throw new VcpudError('unsupported', 'section lapic needs a VM with the in-kernel irqchip (created without no_irqchip)', {
-      capability: 'KVM_CAP_IRQCHIP',
-    });
-  }
+/**
+ * The section gate (ffi/caps.ts sectionGate, the one Vcpu applies on its VM's fd), asked of the host's
+ * probed capabilities for every section of a request before any is touched: a write refused halfway
+ * would need a rollback for nothing.
+ */
+function checkSupported(ctx: StateContext, s: SectionName, direction: Direction): void {
+  const refusal = sectionGate(s, direction, probedCaps(ctx.caps), ctx.irqchip);
+  if (refusal) throw refusal;
 }
 
 /** Reads one section. MSRs: the kernel stops at the first refused index; we skip it and go on. */
@@ -178,7 +192,7 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
   // asks for the value the vCPU already has, so GetState's output can always be sent back.
   const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
   for (const s of sections) checkSupported(ctx, s, 'write');
-  checkSregsMsrs(vcpu, values);
+  checkSharedMsrs(vcpu, values);
   const previous: [SectionName, unknown][] = [];
   for (const s of sections) {
     const msrIndices = s === 'msrs' ? (values.msrs ?? []).map((e) => e.index) : [];
@@ -193,24 +207,60 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
   return sections;
 }
 
+// ---- the rollback model: what each section writes besides its own fields, and the undo that follows ----
+
+type SregsLike = SectionValues['sregs'] | SectionValues['sregs2'];
+
+/** One piece of vCPU state that two sections write: a field of `section` that is also MSR `msr`. */
+interface SharedState {
+  msr: number;
+  /** The field's name in `section` (as the request spells it). */
+  field: string;
+  get(s: SregsLike): bigint;
+  set(s: SregsLike, v: bigint): void;
+}
+
 /**
- * EFER, APIC_BASE, FS_BASE and GS_BASE are sregs fields that KVM_SET_MSRS can also write, with
- * other checks: host-initiated MSR writes skip the consistency checks SET_SREGS applies (EFER.LME/
- * LMA against CR0.PG, CS.L), while SET_SREGS takes non-canonical bases KVM_SET_MSRS refuses. Set
- * through msrs they can leave a vCPU whose own state one of the two ioctls refuses to restore.
- * They must come through sregs; in msrs they may only repeat the sregs value.
+ * KVM keeps one copy of EFER, the APIC base and the FS/GS bases: KVM_SET_SREGS(2) writes them as
+ * sregs fields and KVM_SET_MSRS as MSRs 0xc0000080, 0x1b, 0xc0000100/1, with different checks
+ * (host-initiated MSR writes skip SET_SREGS's consistency checks, EFER.LME/LMA against CR0.PG and
+ * CS.L; SET_SREGS takes non-canonical bases that KVM_SET_MSRS refuses). Everything below about
+ * overlapping sections follows from this table:
+ * - a request may set them only through sregs; in msrs they may only repeat the sregs value
+ *   (checkSharedMsrs), or the vCPU could be left in a state one of the two ioctls refuses to restore;
+ * - the undo runs newest first (restore), since a section's saved value was read after the earlier
+ *   sections were written;
+ * - an MSR that sregs also writes is put back through KVM_SET_SREGS (restoreMsrs), which takes back
+ *   any value it or a guest put there.
  */
-function checkSregsMsrs(vcpu: Vcpu, values: StateValues): void {
+const SREGS_SHARED: readonly SharedState[] = [
+  { msr: 0xc0000080, field: 'efer', get: (s) => s.efer, set: (s, v) => void (s.efer = v) },
+  { msr: 0x1b, field: 'apic_base', get: (s) => s.apicBase, set: (s, v) => void (s.apicBase = v) },
+  { msr: 0xc0000100, field: 'fs.base', get: (s) => s.fs.base, set: (s, v) => void (s.fs.base = v) },
+  { msr: 0xc0000101, field: 'gs.base', get: (s) => s.gs.base, set: (s, v) => void (s.gs.base = v) },
+];
+
+/** Which state each section writes besides its own fields (sections not listed write only their own). */
+export const ALSO_WRITES: Readonly<Partial<Record<SectionName, readonly SharedState[]>>> = {
+  sregs: SREGS_SHARED,
+  sregs2: SREGS_SHARED,
+};
+
+/** MSR index -> the sregs field that is the same state. */
+const MSR_IN_SREGS: ReadonlyMap<number, SharedState> = new Map(SREGS_SHARED.map((f) => [f.msr, f]));
+
+/** Shared MSRs in a request's msrs must repeat the sregs value (the request's, else the vCPU's). */
+function checkSharedMsrs(vcpu: Vcpu, values: StateValues): void {
   const violations: Violation[] = [];
   (values.msrs ?? []).forEach((e, i) => {
-    const field = SREGS_MSRS.get(e.index);
-    if (!field) return;
-    const current = field.get(values.sregs ?? values.sregs2 ?? vcpu.getSregs());
+    const shared = MSR_IN_SREGS.get(e.index);
+    if (!shared) return;
+    const current = shared.get(values.sregs ?? values.sregs2 ?? vcpu.getSregs());
     if (current !== e.data)
       violations.push({
         rule: 'msrs.sregs_field',
         field: `state.msrs.entries[${i}]`,
-        message: `MSR 0x${e.index.toString(16)} (${msrName(e.index)}) is sregs.${field.name}: set it there (0x${e.data.toString(16)} differs from 0x${current.toString(16)})`,
+        message: `MSR 0x${e.index.toString(16)} (${msrName(e.index)}) is sregs.${shared.field}: set it there (0x${e.data.toString(16)} differs from 0x${current.toString(16)})`,
       });
   });
   if (violations.length) throw invalidArgument(violations.map((v) => v.message).join('; '), violations);
@@ -223,8 +273,8 @@ function unchangedButUnwritable(vcpu: Vcpu, ctx: StateContext, s: SectionName, v
 
 /**
  * Undoes the writes newest first. Each saved value was read just before its own write, so after the
- * writes before it: sections overlap (sregs.apic_base is MSR 0x1b), and undoing oldest first would put
- * the overlap back to the intermediate value a later section saw (the 100,000-request fuzz soak found
+ * writes before it; where sections share state (ALSO_WRITES), undoing oldest first would put the
+ * shared state back to the intermediate value a later section saw (the 100,000-request fuzz soak found
  * apic_base left at the refused request's value).
  */
 function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
@@ -241,33 +291,21 @@ function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
 }
 
 /**
- * The saved MSRs that now differ. Only those are written back: an MSR the failed set never reached
- * may hold a value KVM_SET_MSRS refuses though another ioctl accepted it (EFER with reserved bits
- * via SET_SREGS), and writing it back unchanged would fail the rollback for nothing.
+ * Puts back the saved MSRs that now differ, each through the section that owns it: only changed ones,
+ * since an MSR the failed set never reached may hold a value KVM_SET_MSRS refuses though another ioctl
+ * accepted it (EFER with reserved bits via SET_SREGS), and writing it back unchanged would fail the
+ * rollback for nothing; the shared ones through KVM_SET_SREGS, for the same reason.
  */
-function changedMsrs(vcpu: Vcpu, saved: MsrEntry[]): MsrEntry[] {
-  const now = new Map(vcpu.getMsrs(saved.map((e) => e.index)).entries.map((e) => [e.index, e.data]));
-  return saved.filter((e) => now.get(e.index) !== e.data);
-}
-
-/** MSRs that are also sregs fields: SET_SREGS takes back any value it (or a guest) put there. */
-type SregsLike = SectionValues['sregs'] | SectionValues['sregs2'];
-const SREGS_MSRS: ReadonlyMap<number, { name: string; get(s: SregsLike): bigint; set(s: SregsLike, v: bigint): void }> = new Map([
-  [0xc0000080, { name: 'efer', get: (s: SregsLike) => s.efer, set: (s: SregsLike, v: bigint) => void (s.efer = v) }],
-  [0x1b, { name: 'apic_base', get: (s: SregsLike) => s.apicBase, set: (s: SregsLike, v: bigint) => void (s.apicBase = v) }],
-  [0xc0000100, { name: 'fs.base', get: (s: SregsLike) => s.fs.base, set: (s: SregsLike, v: bigint) => void (s.fs.base = v) }],
-  [0xc0000101, { name: 'gs.base', get: (s: SregsLike) => s.gs.base, set: (s: SregsLike, v: bigint) => void (s.gs.base = v) }],
-]);
-
 function restoreMsrs(vcpu: Vcpu, saved: MsrEntry[]): void {
-  const changed = changedMsrs(vcpu, saved);
-  const viaSregs = changed.filter((e) => SREGS_MSRS.has(e.index));
+  const now = new Map(vcpu.getMsrs(saved.map((e) => e.index)).entries.map((e) => [e.index, e.data]));
+  const changed = saved.filter((e) => now.get(e.index) !== e.data);
+  const viaSregs = changed.filter((e) => MSR_IN_SREGS.has(e.index));
   if (viaSregs.length) {
     const sregs = vcpu.getSregs();
-    for (const e of viaSregs) SREGS_MSRS.get(e.index)!.set(sregs, e.data);
+    for (const e of viaSregs) MSR_IN_SREGS.get(e.index)!.set(sregs, e.data);
     vcpu.setSregs(sregs);
   }
-  writeSection(vcpu, 'msrs', changed.filter((e) => !SREGS_MSRS.has(e.index)));
+  writeSection(vcpu, 'msrs', changed.filter((e) => !MSR_IN_SREGS.has(e.index)));
 }
 
 /** KVM_SET_MSRS refused entries[position]: no errno (the ioctl returns a short count), but the MSR is known. */
@@ -363,9 +401,19 @@ export function readNested(vcpu: Vcpu, caps: HostCapabilities): Buffer {
 }
 
 /**
- * KVM_SET_NESTED_STATE after validation (every violation listed). A failed VMX SET can leave the
- * vCPU changed (the kernel leaves nested mode before its last checks), so the whole vCPU state,
- * nested included, is captured first and put back when the kernel refuses.
+ * KVM_SET_NESTED_STATE after validation (every violation listed). A refused SET can leave the vCPU
+ * changed (the kernel leaves nested mode before its last checks), so the whole vCPU state, nested
+ * included, is captured first and put back when the kernel refuses.
+ *
+ * The rollback puts nested state back FIRST, the reverse of the restore order, because here the
+ * sections were read in the mode the vCPU was in, and the saved blob is what puts it back in that mode:
+ * in guest mode the captured regs/sregs/msrs are L2's, and re-entering guest mode
+ * (SET_NESTED_STATE with GUEST_MODE) loads L2's state from the blob's vmcs12/vmcb12. Written after
+ * it, the captured sections land in the context they were read from and are the final word. Written
+ * before it, they would go into L1's context (the refused SET left nested mode), and the re-entry
+ * would then overwrite them. The checks that make the restore order put sregs and events first
+ * (EFER.SVME, SMM) hold: the saved blob was read with those values, and the refused SET only left
+ * nested mode.
  */
 export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: { skipValidation?: boolean } = {}): void {
   if (ctx.caps.nested.maxSize <= 0) requireNested(ctx.caps);

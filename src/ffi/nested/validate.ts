@@ -1,7 +1,7 @@
 /**
- * Pre-validation of a blob before KVM_SET_NESTED_STATE, following the order of the ABI doc's "SET rules the kernel
- * enforces" plus host checks. The kernel stays the last word: rules that need a target fact the caller did not give
- * are skipped, and checks that need KVM-private vmcs12 fields (shadow VMCS, VMX controls and host/guest state) or
+ * Pre-validation of a blob before KVM_SET_NESTED_STATE, in the order the kernel checks it (arch/x86/kvm/x86.c,
+ * then vmx/nested.c or svm/nested.c), plus host checks. The kernel stays the last word: rules that need a target
+ * fact the caller did not give are skipped, and checks that need KVM-private vmcs12 fields (shadow VMCS, VMX controls and host/guest state) or
  * guest CPUID bits beyond VMX/SVM are left to the kernel. Unlike the kernel, every violation is reported, but a rule
  * is only evaluated where the kernel would reach it (e.g. SVM without GUEST_MODE ignores vmcb_pa and size).
  */

@@ -37,7 +37,8 @@ import type { Vm__Output } from '../generated/vcpud/v1/Vm';
 import { listen } from '../connections';
 import { authorizeClient } from '../interceptors';
 import type { Metrics } from '../metrics';
-import { vcpudProto } from '../proto';
+import { vcpudProto, vcpudServiceDefinitions } from '../proto';
+import type { ServiceSink } from '../server';
 import type { BoundAddress } from '../transport';
 import { unary, type ServiceContext } from './context';
 import { writeWithBackpressure } from './streams';
@@ -91,8 +92,8 @@ export class MigrationService {
     this.api = api;
   }
 
-  register(server: grpc.Server): void {
-    server.addService(vcpudProto().vcpud.v1.MigrationService.service, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+  register(server: ServiceSink): void {
+    server.addService(vcpudServiceDefinitions().MigrationService, this.handlers());
   }
 
   private find(id: string): IncomingMigration {

@@ -11,7 +11,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { unixSocketPath } from '../../address';
 import { withBulkHeap } from '../../bulk-heap';
 import { msToDuration } from '../../duration';
 import { invalidArgument, VcpudError } from '../../errors';
@@ -36,15 +35,18 @@ import type { MergeSnapshotRequest__Output } from '../generated/vcpud/v1/MergeSn
 import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../generated/vcpud/v1/MigrateVmResponse';
 import type { RestoreSnapshotStreamRequest__Output } from '../generated/vcpud/v1/RestoreSnapshotStreamRequest';
+import type { RestoreSnapshotStreamResponse } from '../generated/vcpud/v1/RestoreSnapshotStreamResponse';
 import type { SnapshotInfo } from '../generated/vcpud/v1/SnapshotInfo';
 import type { SnapshotPhase } from '../generated/vcpud/v1/SnapshotPhase';
 import type { SnapshotProgress } from '../generated/vcpud/v1/SnapshotProgress';
 import type { SnapshotServiceHandlers } from '../generated/vcpud/v1/SnapshotService';
-import { vcpudProto } from '../proto';
+import { vcpudServiceDefinitions } from '../proto';
+import type { ServiceSink } from '../server';
 import { serverStream, unary, type ServiceContext } from './context';
-import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized } from '../preserialized';
+import { BYTES_FIELD_HEADROOM, bytesFieldMessage } from '../preserialized';
 import { uploadStalled } from '../request-limits';
-import type { DestinationTarget, MigrationService } from './migration-service';
+import { migrationDestination, type MigrationTlsFiles } from './migration-destination';
+import type { MigrationService } from './migration-service';
 import { cancelledWithin, limitReadAhead, stallGuarded, writeAndWait, writeWithBackpressure, type WritableLike } from './streams';
 
 /** Snapshot bytes per gRPC message (CreateSnapshot.data, the migration stream). */
@@ -63,7 +65,7 @@ const CANCEL_AFTER_END_GRACE_MS = 250;
 export interface SnapshotServiceOptions {
   snapshotDir: string;
   /** Default client credentials for MigrateVm (files). */
-  migrationTls?: { caFile?: string; certFile?: string; keyFile?: string };
+  migrationTls?: MigrationTlsFiles;
   /** A RestoreSnapshotStream upload that sends nothing for this long fails (UPLOAD_STALLED). */
   uploadStallTimeoutMs: number;
   /** Runs MigrateVm. */
@@ -136,11 +138,8 @@ export class SnapshotService {
     this.startupSweep = this.store.removeStaleTemps().catch(() => []);
   }
 
-  register(server: grpc.Server): void {
-    const service = vcpudProto().vcpud.v1.SnapshotService.service;
-    // CreateSnapshot's data messages are sent pre-serialized (streamData).
-    const create = { ...service.CreateSnapshot, responseSerialize: passPreserialized(service.CreateSnapshot.responseSerialize) };
-    server.addService({ ...service, CreateSnapshot: create }, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+  register(server: ServiceSink): void {
+    server.addService(vcpudServiceDefinitions().SnapshotService, this.handlers());
   }
 
   /** CreateSnapshot's `parent`: its link and depth, or why it cannot be the parent (nothing touched yet). */
@@ -245,7 +244,7 @@ export class SnapshotService {
         }
       }),
 
-      RestoreSnapshotStream: (call: grpc.ServerReadableStream<RestoreSnapshotStreamRequest__Output, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+      RestoreSnapshotStream: (call: grpc.ServerReadableStream<RestoreSnapshotStreamRequest__Output, RestoreSnapshotStreamResponse>, callback: grpc.sendUnaryData<RestoreSnapshotStreamResponse>) => {
         const started = process.hrtime.bigint();
         let options: { run: boolean; vmName: string } = { run: false, vmName: '' };
         let sawData = false;
@@ -315,52 +314,13 @@ export class SnapshotService {
       }),
 
       MigrateVm: serverStream<MigrateVmRequest__Output, MigrateVmResponse>(ctx, (call) => this.migrate(call)),
-    } as unknown as SnapshotServiceHandlers;
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // Migration
-
-  private credentials(req: MigrateVmRequest__Output): DestinationTarget {
-    const dest = req.destination.trim();
-    if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port, unix:/path or /path' }]);
-    const options: grpc.ChannelOptions = { 'grpc.max_send_message_length': 64 << 20, 'grpc.max_receive_message_length': 64 << 20 };
-    const fromRequest = req.tls && (req.tls.caPem.length || req.tls.certPem.length || req.tls.keyPem.length);
-    const socket = destinationSocket(dest);
-    if (socket !== undefined) {
-      if (fromRequest) throw invalidArgument('tls applies to TCP destinations; a unix socket is plaintext', [{ rule: 'tls.unix', field: 'tls', message: 'drop tls for a unix: destination' }]);
-      return { target: `unix:${socket}`, creds: grpc.credentials.createInsecure(), options };
-    }
-    const file = (f?: string) => (f ? fs.readFileSync(f) : null);
-    let ca: Buffer | null, cert: Buffer | null, key: Buffer | null;
-    if (fromRequest) {
-      const t = req.tls as NonNullable<MigrateVmRequest__Output['tls']>;
-      [ca, cert, key] = [t.caPem.length ? t.caPem : null, t.certPem.length ? t.certPem : null, t.keyPem.length ? t.keyPem : null];
-    } else if (this.opts.migrationTls) {
-      [ca, cert, key] = [file(this.opts.migrationTls.caFile), file(this.opts.migrationTls.certFile), file(this.opts.migrationTls.keyFile)];
-    } else {
-      throw invalidArgument(`a TCP destination (${dest}) needs TLS client credentials: MigrateVmRequest.tls, or --migration-tls-ca/--migration-tls-cert/--migration-tls-key`, [
-        { rule: 'tls.required', field: 'tls', message: 'give ca_pem (and cert_pem/key_pem for mTLS), or configure --migration-tls-*' },
-      ]);
-    }
-    if (!cert !== !key) throw invalidArgument('cert_pem and key_pem go together', [{ rule: 'tls.pair', field: 'tls', message: 'give both or neither' }]);
-    if (req.tls?.serverName) options['grpc.ssl_target_name_override'] = req.tls.serverName;
-    return { target: dest, creds: grpc.credentials.createSsl(ca, key, cert), options, tls: { ca, cert, key, serverName: req.tls?.serverName || undefined } };
+    };
   }
 
   /** MigrateVm: the live-migration engine (migration-service.ts) moves the VM. */
   private async migrate(call: grpc.ServerWritableStream<MigrateVmRequest__Output, MigrateVmResponse>): Promise<void> {
     checkVmName(call.request.destinationVmName, 'destination_vm_name');
     if (!this.opts.migration) throw new VcpudError('unavailable', 'this server has no migration service');
-    await this.opts.migration.migrate(call, this.credentials(call.request));
-  }
-}
-
-/** The destination's socket path when it names one (unix:PATH or a bare path: src/address.ts), else undefined. */
-function destinationSocket(dest: string): string | undefined {
-  try {
-    return unixSocketPath(dest);
-  } catch (e) {
-    throw invalidArgument(`destination: ${(e as Error).message}`, [{ rule: 'address', field: 'destination', message: (e as Error).message }]);
+    await this.opts.migration.migrate(call, migrationDestination(call.request, this.opts.migrationTls));
   }
 }

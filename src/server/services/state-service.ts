@@ -2,7 +2,6 @@
  * vcpud.v1.VcpuStateService: capabilities, state sections (atomic SetState) and nested state.
  * A small class that registers itself on a server, like grpc-node's health service.
  */
-import type * as grpc from '@grpc/grpc-js';
 import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
 import { readNested, readState, readStateBytes, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
@@ -21,6 +20,7 @@ import type { SetStateResponse } from '../generated/vcpud/v1/SetStateResponse';
 import type { VcpuStateServiceHandlers } from '../generated/vcpud/v1/VcpuStateService';
 import { invalidArgument } from '../../errors';
 import { vcpudPackageDefinition, vcpudServiceDefinitions } from '../proto';
+import type { ServiceSink } from '../server';
 import { unary, type ServiceContext } from './context';
 
 const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
@@ -30,7 +30,7 @@ export class VcpuStateService {
 
   constructor(private readonly ctx: ServiceContext) {}
 
-  register(server: grpc.Server): void {
+  register(server: ServiceSink): void {
     server.addService(vcpudServiceDefinitions().VcpuStateService, this.handlers());
   }
 

@@ -12,7 +12,8 @@ import type { ReadMemoryRequest__Output } from '../generated/vcpud/v1/ReadMemory
 import type { ReadMemoryResponse } from '../generated/vcpud/v1/ReadMemoryResponse';
 import type { StreamConsoleRequest__Output } from '../generated/vcpud/v1/StreamConsoleRequest';
 import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
-import { vcpudProto } from '../proto';
+import { vcpudServiceDefinitions } from '../proto';
+import type { ServiceSink } from '../server';
 import { serverStream, unary, type ServiceContext } from './context';
 import { ConsoleQueue } from './console-queue';
 import { SendWindow } from './streams';
@@ -29,8 +30,8 @@ const DEFAULT_PAGE_SIZE = 100;
 export class VmService {
   constructor(private readonly ctx: ServiceContext) {}
 
-  register(server: grpc.Server): void {
-    server.addService(vcpudProto().vcpud.v1.VmService.service, this.handlers() as unknown as grpc.UntypedServiceImplementation);
+  register(server: ServiceSink): void {
+    server.addService(vcpudServiceDefinitions().VmService, this.handlers());
   }
 
   private vm(id: string): ManagedVm {
@@ -127,7 +128,7 @@ export class VmService {
         }),
       ),
       StreamConsole: serverStream<StreamConsoleRequest__Output, StreamConsoleResponse>(ctx, (call) => streamConsole(this.vm(call.request.vmId), call)),
-    } as unknown as VmServiceHandlers;
+    };
   }
 }
 
