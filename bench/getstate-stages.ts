@@ -18,7 +18,7 @@ import { Metrics } from '../src/server/metrics';
 import { vcpudPackageDefinition } from '../src/server/proto';
 import { wireSerializer } from '../src/server/wire-encoder';
 import { VmRegistry } from '../src/vm/registry';
-import { readState, readStateBytes, readableSections } from '../src/vm/vcpu-state';
+import { readState, readStateBytes, readStateBytesPerSection, readableSections } from '../src/vm/vcpu-state';
 import { cFloor, fatal, guestBin, knob, median, table } from './floors';
 
 const N = Number(knob('BENCH_N', '2000', 'getstate-stages: calls per batch (5 batches per stage)'));
@@ -84,7 +84,12 @@ export async function measureStages(): Promise<Stage[]> {
 
     const stages: Stage[] = [
       { name: 'raw ioctls (C, 13 GET ioctls summed)', us: rawUs, note: 'bench/c/ioctl_floor, this run' },
-      { name: 'read sections through the ffi, as kernel bytes', us: cpuUsPerCall(() => readStateBytes(v, sctx, [])), note: 'readStateBytes (GetState), ioctls included' },
+      { name: 'read sections through the ffi, as kernel bytes', us: cpuUsPerCall(() => readStateBytes(v, sctx, [])), note: 'readStateBytes (GetState): one native call' },
+      {
+        name: 'the same, one native call per ioctl',
+        us: cpuUsPerCall(() => readStateBytesPerSection(v, sctx, [])),
+        note: 'readStateBytesPerSection (before the batch)',
+      },
       { name: 'read sections through the ffi, decoded', us: cpuUsPerCall(() => readState(v, sctx, [])), note: 'readState (the old path; SetState, snapshots)' },
       { name: 'encode the response from kernel bytes', us: cpuUsPerCall(() => encodeBytes(bytesRead.values, extras, false)), note: 'convert/raw-state.ts (GetState)' },
       {
@@ -116,6 +121,8 @@ export async function measureStages(): Promise<Stage[]> {
     try {
       const withObserver = cpuUsPerCall(() => readStateBytes(v, sctx, []));
       stages.push({ name: 'read as kernel bytes, ioctl observer installed', us: withObserver, note: 'as vcpud runs it' });
+      const perCallWithObserver = cpuUsPerCall(() => readStateBytesPerSection(v, sctx, []));
+      stages.push({ name: 'the same, one native call per ioctl', us: perCallWithObserver, note: 'before the batch' });
     } finally {
       setIoctlObserver(undefined);
     }

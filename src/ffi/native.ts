@@ -247,6 +247,15 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   dirtyLogFlags: { memLogDirtyPages: number; manualProtectEnable: number; initiallySet: number };
   apiVersion: number;
   sizes: Record<string, number>;
+  /**
+   * Runs the GET ioctls named by `ops` (indices into batchOps) on one vCPU fd in order, stopping at
+   * the first failure, whose error (with batchIndex) it returns rather than throws. out[2i] is op i's
+   * return value, out[2i+1] its duration in seconds. xsaveSize: the VM's KVM_CAP_XSAVE2 size for a
+   * KVM_GET_XSAVE2 op (0 without one).
+   */
+  getBatch(fd: Fd, ops: Uint8Array, args: (Buffer | undefined)[], out: Float64Array, xsaveSize: number): (Error & { batchIndex: number }) | undefined;
+  /** The ioctl names getBatch can run, by op index. */
+  batchOps: string[];
 }
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports

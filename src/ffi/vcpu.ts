@@ -11,7 +11,8 @@
 import { KvmError, notFound, VcpudError } from '../errors';
 import { LEGACY_XSAVE_SIZE, nestedStateMaxSize, requireNestedState, sectionGate, xsaveSize, type Direction } from './caps';
 import { FdHandle } from './fd-handle';
-import { kvmCall, native, type NativeVcpuRunner } from './native';
+import { kvmCall, native, toKvmError, type NativeVcpuRunner } from './native';
+import { currentObserver } from './observe';
 import {
   SECTIONS,
   type CpuidEntry2,
@@ -183,15 +184,9 @@ export class Vcpu {
   /** KVM_GET_CPUID2's kvm_cpuid2, undecoded, its nent trimmed as getCpuid2 describes (spare capacity after the entries). */
   getCpuid2Bytes(capacity = 256): Buffer {
     this.requireSection('cpuid2', 'read');
-    const entry = native.sizes.kvm_cpuid_entry2;
-    const buf = Buffer.alloc(8 + capacity * entry);
+    const buf = cpuid2Buffer(capacity);
     kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
-    let nent = buf.readUInt32LE(0);
-    // Blank: function, index, flags and the four registers all zero (the 28 bytes before the padding).
-    const blank = (i: number) => buf.subarray(8 + i * entry, 8 + i * entry + CPUID_ENTRY_VALUE_BYTES).every((b) => b === 0);
-    while (nent > 0 && blank(nent - 1)) nent--;
-    buf.writeUInt32LE(nent, 0);
-    return buf;
+    return trimCpuid2(buf);
   }
   setCpuid2(entries: CpuidEntry2[]): void {
     this.requireSection('cpuid2', 'write');
@@ -206,6 +201,60 @@ export class Vcpu {
   setTscKhz(khz: number): void {
     this.requireSection('tsc_khz', 'write');
     kvmCall('KVM_SET_TSC_KHZ', () => native.setTscKhz(this.fd, khz));
+  }
+
+  // ---- many sections in one native call ----
+  /**
+   * How `section` is read in a batch (readBatch): its ioctl, buffer, and how the result becomes the
+   * value getSectionBytes (struct sections, cpuid2) or the typed getter (mp_state, xsave, lapic,
+   * tsc_khz) returns; msrs yield getMsrs' MsrResult. Capabilities are checked here, before any ioctl.
+   */
+  planRead(section: SectionName, msrIndices: number[]): PlannedRead {
+    if (section !== 'msrs') this.requireSection(section, 'read');
+    switch (section) {
+      case 'mp_state': {
+        const buf = Buffer.alloc(native.sizes.kvm_mp_state);
+        return { ioctl: 'KVM_GET_MP_STATE', buf, done: () => SECTIONS.mp_state.decode(buf) };
+      }
+      case 'lapic':
+        return fillRead('KVM_GET_LAPIC', LAPIC_SIZE);
+      case 'xsave':
+        return this.vm.checkExtension('XSAVE2') > 0 ? fillRead('KVM_GET_XSAVE2', this.xsaveSize()) : fillRead('KVM_GET_XSAVE', LEGACY_XSAVE_SIZE);
+      case 'msrs': {
+        const buf = msrRequest(msrIndices);
+        return { ioctl: 'KVM_GET_MSRS', buf, done: (processed) => msrResult(SECTIONS.msrs.decode(buf), processed, msrIndices) };
+      }
+      case 'cpuid2': {
+        const buf = cpuid2Buffer(256);
+        return { ioctl: 'KVM_GET_CPUID2', buf, done: () => trimCpuid2(buf) };
+      }
+      case 'tsc_khz':
+        return { ioctl: 'KVM_GET_TSC_KHZ', done: (khz) => khz };
+      default: {
+        const r = STRUCT_READS[section];
+        return fillRead(r.ioctl, native.sizes[r.size]);
+      }
+    }
+  }
+
+  /**
+   * Runs the planned reads in order with one native call (no JS<->native transition per ioctl) and
+   * returns each one's value. Every ioctl is reported to the metrics observer with its own duration
+   * and errno, as single calls are; the first failure stops the batch and throws its KvmError, the
+   * same error the single call would throw. Synchronous like the single calls, with no Promise twin:
+   * its callers read a vCPU that src/vm has paused.
+   */
+  readBatch(plans: PlannedRead[]): unknown[] {
+    const n = plans.length;
+    const out = new Float64Array(2 * n);
+    const xsave = plans.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
+    const failure = native.getBatch(this.fd, Uint8Array.from(plans, (p) => batchOp(p.ioctl)), plans.map((p) => p.buf), out, xsave);
+    const failedAt = failure ? failure.batchIndex : n;
+    const error = failure && toKvmError(failure);
+    const obs = currentObserver();
+    if (obs) for (let i = 0; i < Math.min(failedAt + 1, n); i++) obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
+    if (failure) throw error;
+    return plans.map((p, i) => p.done(out[2 * i]));
   }
 
   // ---- nested state ----
@@ -303,6 +352,42 @@ export type StructSection = (typeof STRUCT_SECTIONS)[number];
 /** The sections GetState takes as the kernel's bytes (getSectionBytes): the structs, and cpuid2's list. */
 export const BYTE_SECTIONS = [...STRUCT_SECTIONS, 'cpuid2'] as const;
 export type ByteSection = (typeof BYTE_SECTIONS)[number];
+
+/** One section read of a batch (Vcpu.planRead): `done` turns the ioctl's return value into the section's value. */
+export interface PlannedRead {
+  ioctl: string;
+  buf?: Buffer;
+  done(ret: number): unknown;
+}
+
+/** A read whose value is the buffer the kernel filled. */
+function fillRead(ioctl: string, size: number): PlannedRead {
+  const buf = Buffer.alloc(size);
+  return { ioctl, buf, done: () => buf };
+}
+
+/** The addon's index of a GET ioctl in its batch table (native.batchOps). */
+const BATCH_OPS: ReadonlyMap<string, number> = new Map(native.batchOps.map((name, i) => [name, i]));
+function batchOp(ioctl: string): number {
+  const op = BATCH_OPS.get(ioctl);
+  if (op === undefined) throw new VcpudError('internal', `${ioctl} cannot be batched`);
+  return op;
+}
+
+function cpuid2Buffer(capacity: number): Buffer {
+  return Buffer.alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
+}
+
+/** Trims a KVM_GET_CPUID2 result's nent to its last non-blank entry (getCpuid2 says why). */
+function trimCpuid2(buf: Buffer): Buffer {
+  const entry = native.sizes.kvm_cpuid_entry2;
+  let nent = buf.readUInt32LE(0);
+  // Blank: function, index, flags and the four registers all zero (the 28 bytes before the padding).
+  const blank = (i: number) => buf.subarray(8 + i * entry, 8 + i * entry + CPUID_ENTRY_VALUE_BYTES).every((b) => b === 0);
+  while (nent > 0 && blank(nent - 1)) nent--;
+  buf.writeUInt32LE(nent, 0);
+  return buf;
+}
 
 /** kvm_cpuid_entry2's function, index, flags, eax, ebx, ecx and edx: what a blank entry has all zero. */
 const CPUID_ENTRY_VALUE_BYTES = 28;

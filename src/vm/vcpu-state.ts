@@ -29,7 +29,7 @@ import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState } from '../ffi/nested';
 import { msrName, snakeCase, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
-import { BYTE_SECTIONS, type ByteSection, type Vcpu } from '../ffi/vcpu';
+import { BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
 export type StateValues = Partial<SectionValues>;
@@ -108,19 +108,25 @@ function readSection(vcpu: Vcpu, s: SectionName, msrIndices: number[], unreadabl
     case 'mp_state': return { mpState: vcpu.getMpState() };
     case 'cpuid2': return vcpu.getCpuid2();
     case 'tsc_khz': return vcpu.getTscKhz();
-    case 'msrs': {
-      const entries: MsrEntry[] = [];
-      let rest = msrIndices;
-      while (rest.length > 0) {
-        const r = vcpu.getMsrs(rest);
-        entries.push(...r.entries);
-        if (r.firstRefused === undefined) break;
-        unreadable.push(r.firstRefused);
-        rest = rest.slice(r.processed + 1);
-      }
-      return entries;
-    }
+    case 'msrs':
+      return readMsrsSkipping(vcpu, msrIndices, unreadable);
   }
+}
+
+/** Reads `indices`, skipping (and listing in `unreadable`) each one the kernel refuses. `first`: the read of all of them, done already. */
+function readMsrsSkipping(vcpu: Vcpu, indices: number[], unreadable: number[], first?: MsrResult): MsrEntry[] {
+  const entries: MsrEntry[] = [];
+  let rest = indices;
+  let r = first;
+  while (rest.length > 0) {
+    r ??= vcpu.getMsrs(rest);
+    entries.push(...r.entries);
+    if (r.firstRefused === undefined) break;
+    unreadable.push(r.firstRefused);
+    rest = rest.slice(r.processed + 1);
+    r = undefined;
+  }
+  return entries;
 }
 
 function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
@@ -163,12 +169,35 @@ export interface BytesReadResult {
  * the kernel wrote: GetState encodes its response from them without decoding (src/server/convert/raw-state.ts).
  */
 export function readStateBytes(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+  const wanted = wantedForRead(ctx, sections);
+  const order = SAVE_ORDER.filter((s) => wanted.includes(s));
+  const indices = msrIndices ?? ctx.caps.msrIndexList;
+  // One native call for every section's ioctl, in save order (Vcpu.readBatch); an empty MSR list needs no ioctl.
+  const batched = order.filter((s) => s !== 'msrs' || indices.length > 0);
+  const results = new Map(vcpu.readBatch(batched.map((s) => vcpu.planRead(s, indices))).map((v, i) => [batched[i], v]));
+  const values: Record<string, unknown> = {};
+  const msrsUnreadable: number[] = [];
+  for (const s of order) values[s] = s === 'msrs' ? readMsrsSkipping(vcpu, indices, msrsUnreadable, results.get(s) as MsrResult | undefined) : results.get(s);
+  return { values, msrsUnreadable };
+}
+
+/** The sections a read asks for (all readable ones when empty), each checked as supported. */
+function wantedForRead(ctx: StateContext, sections: SectionName[]): SectionName[] {
+  const wanted = sections.length ? sections : readableSections(ctx);
+  for (const s of wanted) checkSupported(ctx, s, 'read');
+  return wanted;
+}
+
+/**
+ * readStateBytes one ioctl call at a time, as before batching: kept as the reference the batch path
+ * is tested against (test/kvm/read-batch.test.ts) and measured against (bench/getstate-stages.ts).
+ */
+export function readStateBytesPerSection(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
   return readStateAs(vcpu, ctx, sections, msrIndices, true);
 }
 
 function readStateAs(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices: number[] | undefined, asBytes: boolean): BytesReadResult {
-  const wanted = sections.length ? sections : readableSections(ctx);
-  for (const s of wanted) checkSupported(ctx, s, 'read');
+  const wanted = wantedForRead(ctx, sections);
   const values: Record<string, unknown> = {};
   const msrsUnreadable: number[] = [];
   for (const s of SAVE_ORDER) {

@@ -1,0 +1,114 @@
+/**
+ * GetState reads every section with one native call (Vcpu.readBatch). On a real vCPU it must give
+ * the bytes the one-ioctl-per-call path gives, report the same ioctls to the metrics observer, and
+ * fail with the same error when an ioctl in the middle of the batch fails.
+ */
+import { KvmError } from '../../src/errors';
+import { probeCapabilities, type HostCapabilities } from '../../src/ffi/capabilities';
+import { Kvm } from '../../src/ffi/kvm';
+import { setIoctlObserver } from '../../src/ffi/observe';
+import type { Vcpu } from '../../src/ffi/vcpu';
+import type { Vm } from '../../src/ffi/vm';
+import { readStateBytes, readStateBytesPerSection, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
+import { describeKvm, KVM_PATH } from '../support/kvm';
+
+/**
+ * Every ioctl the observer hears about, with its errno when it failed, sorted: metrics count them,
+ * and the batch asks KVM_CHECK_EXTENSION (xsave's size) before its ioctls instead of between them.
+ */
+function observedIoctls(fn: () => void): string[] {
+  const seen: string[] = [];
+  setIoctlObserver({ onIoctl: (ioctl, _s, code) => seen.push(code ? `${ioctl}:${code}` : ioctl), onNegotiationRetry: () => {} });
+  try {
+    fn();
+  } finally {
+    setIoctlObserver(undefined);
+  }
+  return seen.sort();
+}
+
+/** The TSC MSR (0x10) moves between two reads: its value is left out of comparisons. */
+function withoutTsc(r: BytesReadResult): BytesReadResult {
+  const msrs = r.values.msrs?.map((e) => (e.index === 0x10 ? { ...e, data: 0n } : e));
+  return { ...r, values: { ...r.values, msrs } };
+}
+
+function caught(fn: () => void): unknown {
+  try {
+    fn();
+  } catch (e) {
+    return e;
+  }
+  throw new Error('expected a failure');
+}
+
+describeKvm('GetState reads: one batched native call', () => {
+  let kvm: Kvm;
+  let caps: HostCapabilities;
+  let vm: Vm;
+  let vcpu: Vcpu;
+  let ctx: StateContext;
+
+  beforeAll(() => {
+    kvm = Kvm.open(KVM_PATH);
+    caps = probeCapabilities(kvm);
+  });
+  afterAll(() => kvm.close());
+
+  beforeEach(() => {
+    vm = kvm.createVm();
+    vm.createIrqchip();
+    vm.addMemory(0, 2 * 1024 * 1024);
+    vcpu = vm.createVcpu(0);
+    vcpu.setCpuid2(kvm.supportedCpuid());
+    ctx = { caps, irqchip: true };
+    // Distinct values, so equal bytes are not just two fresh vCPUs' zeros.
+    const regs = vcpu.getRegs();
+    regs.rax = 0x1122334455667788n;
+    regs.rip = 0x1234n;
+    vcpu.setRegs(regs);
+  });
+  afterEach(() => vm.close());
+
+  it('returns the same sections, bytes and MSRs as one ioctl per call', () => {
+    const batched = withoutTsc(readStateBytes(vcpu, ctx, []));
+    const single = withoutTsc(readStateBytesPerSection(vcpu, ctx, []));
+    expect(Object.keys(batched.values)).toEqual(Object.keys(single.values));
+    expect(Object.keys(batched.values).length).toBeGreaterThanOrEqual(10);
+    expect(batched).toEqual(single);
+    expect((batched.values.regs as Buffer).readBigUInt64LE(0)).toBe(0x1122334455667788n);
+  });
+
+  it('skips refused MSRs the same way', () => {
+    const indices = [0x174, 0xdeadbeef, 0x175];
+    const batched = readStateBytes(vcpu, ctx, ['msrs', 'regs'], indices);
+    expect(batched).toEqual(readStateBytesPerSection(vcpu, ctx, ['msrs', 'regs'], indices));
+    expect(batched.msrsUnreadable).toEqual([0xdeadbeef]);
+  });
+
+  it('reports the same ioctls to the metrics observer', () => {
+    readStateBytes(vcpu, ctx, []); // the VM caches its KVM_CHECK_EXTENSION answers on first use
+    const batched = observedIoctls(() => readStateBytes(vcpu, ctx, []));
+    expect(batched).toEqual(observedIoctls(() => readStateBytesPerSection(vcpu, ctx, [])));
+    expect(batched).toContain('KVM_GET_REGS');
+  });
+
+  it('fails in the middle of the batch with the same error (kind, reason, ioctl, errno) and the same observed ioctls', () => {
+    // KVM_GET_MSRS refuses more than 255 entries with E2BIG: a real failure after lapic in save order.
+    const tooMany = Array.from({ length: 300 }, (_, i) => 0x174 + (i % 3));
+    readStateBytes(vcpu, ctx, []); // the VM caches its KVM_CHECK_EXTENSION answers on first use
+    let batchedError: unknown;
+    let singleError: unknown;
+    const batchedSeen = observedIoctls(() => (batchedError = caught(() => readStateBytes(vcpu, ctx, [], tooMany))));
+    const singleSeen = observedIoctls(() => (singleError = caught(() => readStateBytesPerSection(vcpu, ctx, [], tooMany))));
+    expect(batchedError).toBeInstanceOf(KvmError);
+    const shape = (e: unknown) => {
+      const k = e as KvmError;
+      return { kind: k.kind, details: k.details, ioctl: k.ioctl, errno: k.errno, code: k.code, message: k.message };
+    };
+    expect(shape(batchedError)).toEqual(shape(singleError));
+    expect((batchedError as KvmError).ioctl).toBe('KVM_GET_MSRS');
+    expect(batchedSeen).toEqual(singleSeen);
+    expect(batchedSeen).toContain(`KVM_GET_MSRS:${(batchedError as KvmError).code}`);
+  });
+});
