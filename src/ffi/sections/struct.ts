@@ -153,7 +153,8 @@ function readValue(buf: Buffer, off: number, t: FieldType): unknown {
 type Reader = (buf: Buffer, off: number) => Record<string, unknown>;
 const readers = new WeakMap<readonly Field[], Reader>();
 
-function readExpr(t: FieldType, off: string): string {
+/** The JS expression reading a value of type `t` at offset expression `off` of buffer `b` (generated code). */
+export function readExpr(t: FieldType, off: string): string {
   switch (t.kind) {
     case 'u8':
       return `b[${off}]`;

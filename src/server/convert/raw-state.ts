@@ -23,6 +23,7 @@ import {
   CPUID2,
   CPUID2_HEADER_LAYOUT,
   CPUID_ENTRY2_LAYOUT,
+  readExpr,
   REGS_LAYOUT,
   SECTIONS,
   SREGS2_LAYOUT,
@@ -142,18 +143,7 @@ function mismatch(where: string, what: string): never {
 
 /** The expression writing one scalar (no tag) of ffi type `type` at `off` as proto field `f`. */
 function scalar(k: Kind, type: FieldType, off: string, f: FieldPlan, where: string): string {
-  const read = (): string => {
-    switch (type.kind) {
-      case 'u8':
-        return `b[${off}]`;
-      case 'u16':
-        return `b.readUInt16LE(${off})`;
-      case 'u32':
-        return `b.readUInt32LE(${off})`;
-      default:
-        return mismatch(where, `a ${type.kind} cannot be a ${k.t}`);
-    }
-  };
+  const read = (): string => (type.kind === 'u8' || type.kind === 'u16' || type.kind === 'u32' ? readExpr(type, off) : mismatch(where, `a ${type.kind} cannot be a ${k.t}`));
   switch (k.t) {
     case 'u64':
       if (type.kind !== 'u64' || f.kind !== 'uint64') mismatch(where, `u64 from ${type.kind} into ${f.kind}`);
