@@ -13,12 +13,14 @@
  *   answers Allocate with host path = container path = /dev/kvm and permissions "rw" and nothing
  *   else; containerd and CRI-O create the node with the host's owner and mode (unless their
  *   device_ownership_from_security_context option, off by default, is set), as Docker does.
- * - volumeMounts -> named volumes (an emptyDir shared by the pod's containers = one volume).
+ * - volumeMounts -> named volumes (an emptyDir shared by the pod's containers = one volume); an
+ *   emptyDir with medium Memory the test gives no volume -> a tmpfs mount of its sizeLimit.
  * - no pod network at all: --network none (the API is the Unix socket; probes run in the container).
  */
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { parseAllDocuments } from 'yaml';
+import { parseByteSize } from '../../src/size';
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 export type Obj = Record<string, any>;
@@ -77,8 +79,16 @@ export function dockerRunArgs(pod: Obj, container: Obj, opts: DockerRunOptions):
   if (limits.memory) out.push('--memory', String(limits.memory).replace(/i$/, '').toLowerCase());
   for (const m of container.volumeMounts ?? []) {
     const src = opts.volumes[m.name];
-    if (!src) throw new Error(`no Docker volume given for the pod volume ${m.name}`);
-    out.push('--mount', `type=volume,src=${src},dst=${m.mountPath}${m.readOnly ? ',readonly' : ''}`);
+    if (src) {
+      out.push('--mount', `type=volume,src=${src},dst=${m.mountPath}${m.readOnly ? ',readonly' : ''}`);
+      continue;
+    }
+    // A memory-backed emptyDir only this container mounts (the handover state directory) is a tmpfs
+    // of the sizeLimit, writable by the pod's users as the kubelet makes an emptyDir (mode 0777).
+    const memory = (pod.volumes ?? []).find((v: Obj) => v.name === m.name)?.emptyDir;
+    if (memory?.medium !== 'Memory') throw new Error(`no Docker volume given for the pod volume ${m.name}`);
+    const size = memory.sizeLimit ? `,tmpfs-size=${parseByteSize(String(memory.sizeLimit))}` : '';
+    out.push('--mount', `type=tmpfs,dst=${m.mountPath},tmpfs-mode=1777${size}`);
   }
   for (const e of container.env ?? []) out.push('--env', `${e.name}=${e.value}`);
   out.push(...(opts.extra ?? []));
