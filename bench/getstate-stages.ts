@@ -15,7 +15,7 @@ import { setIoctlObserver } from '../src/ffi/observe';
 import { stateToProto } from '../src/server/convert';
 import { getStateResponseEncoder } from '../src/server/convert/raw-state';
 import { Metrics } from '../src/server/metrics';
-import { vcpudPackageDefinition } from '../src/server/proto';
+import { vcpudPackageDefinition } from '../src/api/proto';
 import { wireSerializer } from '../src/server/wire-encoder';
 import { VmRegistry } from '../src/vm/registry';
 import { readState, readStateBytes, readStateBytesPerSection, readableSections } from '../src/vm/vcpu-state';

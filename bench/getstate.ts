@@ -7,7 +7,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
-import { vcpudPackageDefinition } from '../src/server/proto';
+import { vcpudPackageDefinition } from '../src/api/proto';
 import { call, startVcpud } from '../test/support/vcpud-process';
 import { rawGetState } from './loadgen';
 import { EMPTY_METHOD, cFloor, fatal, guestBin, knob, pausedCounterVm, percentile, ratioRow, startEmptyServer, table, type BenchResult } from './floors';

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { Options, UsageError, optionLines, parseCommandLine, validateCommandLine, type CommandSpec } from '../src/cli/vcpuctl/args';
-import { vcpudProto } from '../src/server/proto';
+import { vcpudProto } from '../src/api/proto';
 import { pausedCounterVm, table } from './floors';
 import { GET_STATE_PATH, getStateRequest, grpcFrame, handledDelta, scrapeHandled } from './loadgen';
 

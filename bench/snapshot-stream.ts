@@ -16,9 +16,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { vcpudProto } from '../src/server/proto';
+import { vcpudProto } from '../src/api/proto';
 import { call, startVcpud } from '../test/support/vcpud-process';
-import { BYTES_FIELD_HEADROOM, bytesFieldMessage } from '../src/server/preserialized';
+import { BYTES_FIELD_HEADROOM, bytesFieldMessage } from '../src/api/preserialized';
 import { startBulkFloor } from './grpc-bulk-floor';
 import { MiB, ROOT, cpuSeconds, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
 

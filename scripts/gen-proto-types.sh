@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Usage: scripts/gen-proto-types.sh [OUT_DIR]   (default src/server/generated; the unit test passes a temp dir
+# Usage: scripts/gen-proto-types.sh [OUT_DIR]   (default src/api/generated; the unit test passes a temp dir
 # to check that the checked-in output is current)
 #
-# Regenerates the TypeScript types of the gRPC API (src/server/generated/) from protos/ with
+# Regenerates the TypeScript types of the gRPC API (src/api/generated/) from protos/ with
 # @grpc/proto-loader's proto-loader-gen-types. The output is checked in, so building the server never needs
 # this step; run it after every change under protos/ and commit both.
 #
@@ -11,7 +11,7 @@
 #   includeDirs [protos].
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="$(realpath -m "${1:-$root/src/server/generated}")"
+out="$(realpath -m "${1:-$root/src/api/generated}")"
 cd "$root"
 
 mapfile -t files < <(cd protos && find vcpud google -name '*.proto' | LC_ALL=C sort)

@@ -5,14 +5,12 @@
  * every violation; a FAILED_PRECONDITION with violations (an incompatible snapshot) carries them
  * as a google.rpc.PreconditionFailure instead.
  */
-import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import { classifyErrno, VcpudError, type ErrorKind } from '../errors';
-import { packageRoot } from '../package';
+import { STATUS_DETAILS_KEY, statusTypes } from '../api/status-details';
 
 const DOMAIN = 'vcpud.dev';
-const DETAILS_KEY = 'grpc-status-details-bin';
 
 const CODES: Record<ErrorKind, grpc.status> = {
   not_found: grpc.status.NOT_FOUND,
@@ -39,23 +37,6 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
   kernel: 'INTERNAL_ERROR',
   internal: 'INTERNAL_ERROR',
 };
-
-/**
- * The google.rpc types every error reply needs, loaded once when vcpud starts: loading them at the
- * first error needed descriptors, and an error caused by running out of them (EMFILE) then threw
- * inside the error path and ended the process.
- */
-const types = (() => {
-  const root = new protobuf.Root();
-  root.resolvePath = (_origin, target) => path.join(packageRoot(), 'protos', target);
-  root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
-  return {
-    Status: root.lookupType('google.rpc.Status'),
-    ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
-    BadRequest: root.lookupType('google.rpc.BadRequest'),
-    PreconditionFailure: root.lookupType('google.rpc.PreconditionFailure'),
-  };
-})();
 
 function any(type: protobuf.Type, value: object) {
   return { type_url: `type.googleapis.com/${type.fullName.replace(/^\./, '')}`, value: type.encode(type.create(value)).finish() };
@@ -107,7 +88,7 @@ export function toServiceError(e: unknown): Partial<grpc.StatusObject> & { code:
   put('limit', d.limit);
   put('chunk', d.chunk);
   put('offset', d.offset);
-  const t = types;
+  const t = statusTypes;
   const details = [any(t.ErrorInfo, { reason, domain: DOMAIN, metadata })];
   if (d.violations?.length && code === grpc.status.FAILED_PRECONDITION) {
     details.push(
@@ -124,44 +105,6 @@ export function toServiceError(e: unknown): Partial<grpc.StatusObject> & { code:
   }
   const status = t.Status.encode(t.Status.create({ code, message: err.message, details })).finish();
   const md = new grpc.Metadata();
-  md.set(DETAILS_KEY, Buffer.from(status));
+  md.set(STATUS_DETAILS_KEY, Buffer.from(status));
   return { code, details: err.message, metadata: md };
-}
-
-export interface DecodedStatus {
-  code: number;
-  message: string;
-  errorInfo?: { reason: string; domain: string; metadata: Record<string, string> };
-  badRequest?: { field: string; description: string; reason: string }[];
-  preconditionFailure?: { type: string; subject: string; description: string }[];
-}
-
-/**
- * Decodes the rich status of an error a client received (vcpuctl, MigrateVm's source, the tests).
- * A trailer that does not parse (not from vcpud) gives undefined: callers fall back to code and details.
- */
-export function decodeStatusDetails(metadata: grpc.Metadata | undefined): DecodedStatus | undefined {
-  const raw = typeof metadata?.get === 'function' ? metadata.get(DETAILS_KEY)[0] : undefined;
-  if (!raw || typeof raw === 'string') return undefined;
-  try {
-    const t = types;
-    const s = t.Status.toObject(t.Status.decode(raw)) as { code: number; message: string; details?: { type_url: string; value: Uint8Array }[] };
-    const out: DecodedStatus = { code: s.code, message: s.message };
-    for (const a of s.details ?? []) {
-      if (a.type_url.endsWith('google.rpc.ErrorInfo'))
-        out.errorInfo = t.ErrorInfo.toObject(t.ErrorInfo.decode(a.value), { defaults: true }) as DecodedStatus['errorInfo'];
-      // Only the fields DecodedStatus names (toObject would add e.g. localized_message: null).
-      if (a.type_url.endsWith('google.rpc.BadRequest')) {
-        const br = t.BadRequest.toObject(t.BadRequest.decode(a.value), { defaults: true }) as { field_violations?: NonNullable<DecodedStatus['badRequest']> };
-        out.badRequest = (br.field_violations ?? []).map(({ field, description, reason }) => ({ field, description, reason }));
-      }
-      if (a.type_url.endsWith('google.rpc.PreconditionFailure')) {
-        const pf = t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as { violations?: NonNullable<DecodedStatus['preconditionFailure']> };
-        out.preconditionFailure = (pf.violations ?? []).map(({ type, subject, description }) => ({ type, subject, description }));
-      }
-    }
-    return out;
-  } catch {
-    return undefined;
-  }
 }

@@ -8,7 +8,7 @@
  */
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from './logging';
-import { SERVICE_NAMES } from './proto';
+import { SERVICE_NAMES } from '../api/proto';
 import type { ServiceSink } from './server';
 
 export type { ServingStatus };

@@ -18,7 +18,7 @@ import { fdTargets, rssBytes } from '../support/proc-resources';
 import { connectRaw, decodeResponses, encodeRequest, messagePrefix, rawCall, within, type RawCall } from '../support/raw-grpc';
 import { counterVm, runStream, uploadSnapshot } from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 
 type Client = grpc.Client & Record<string, Function>;
 const MiB = 1024 * 1024;

@@ -13,7 +13,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { PROBE_MAX_CONNECTIONS } from '../../src/server/server';
 import { describeKvm } from '../support/kvm';
 import { makePki, type Pki } from '../support/pki';

@@ -5,7 +5,7 @@
  * byte is taken; the longest allowed name round-trips through a snapshot file and a restore.
  */
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { MAX_VM_NAME_BYTES } from '../../src/vm/vm-name';
 import { describeKvm } from '../support/kvm';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';

@@ -15,9 +15,9 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
-import { vcpudProto } from '../../src/server/proto';
+import { vcpudProto } from '../../src/api/proto';
 import { describeKvm } from '../support/kvm';
 import { call, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 

@@ -4,7 +4,7 @@
  * refused) shows none, so an alert on it means something; a refusal by the kernel is counted.
  */
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { describeKvm } from '../support/kvm';
 import { samples } from '../support/prom';
 import { counterVm, runStream, uploadSnapshot, type Client } from '../support/snapshot';

@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
 import { describeKvm } from '../support/kvm';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { run } from '../../src/cli/vcpuctl';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { DIRTY64, dirty64Control, dirty64Expected, GUESTS, GUEST_ABI } from '../guests/guests';
 import { describeKvm } from '../support/kvm';
 import { makePki, type Pki } from '../support/pki';

@@ -10,7 +10,8 @@ import { SECTION_CAPS, sectionGate } from '../../src/ffi/caps';
 import { Kvm } from '../../src/ffi/kvm';
 import { SECTION_NAMES } from '../../src/ffi/sections';
 import type { Vm } from '../../src/ffi/vm';
-import { decodeStatusDetails, toServiceError } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
+import { toServiceError } from '../../src/server/errors';
 import { readState, writeState } from '../../src/vm/vcpu-state';
 import { describeKvm, KVM_PATH } from '../support/kvm';
 

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { percentile } from '../../bench/floors';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { describeKvm } from '../support/kvm';
 import { counterVm, MiB, runStream, waitFor, type Client } from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { decodeRecordHeader, encodeRecordHeader, crc32c, PREAMBLE_SIZE, RECORD_HEADER_SIZE } from '../../src/vm/snapshot-format';
 import { describeKvm } from '../support/kvm';
 import { consoleCollector, counterLines, counterVm, firstBreak, MiB, runStream, sha256, uploadSnapshot, waitFor, type Client } from '../support/snapshot';

@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, waitFor, type Client } from '../support/snapshot';
 import { describeKvmWithTmpfs } from '../support/tmpfs';
 import { call, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { run } from '../../src/cli/vcpuctl';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { describeKvm } from '../support/kvm';
 import { counterVm, MiB, runStream, type Client } from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';

@@ -21,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { packageRoot } from '../../src/package';
-import { vcpudProto } from '../../src/server/proto';
+import { vcpudProto } from '../../src/api/proto';
 import { makePki, type Pki } from '../support/pki';
 
 const ROOT = packageRoot();

@@ -11,7 +11,7 @@
  */
 import { isDeepStrictEqual } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { DOCUMENTED_CODES, Rng, Tally } from '../support/fuzz';
 import { blobDiff, mutateSvmFrom } from '../support/fuzz-svm';
 import type { Client } from './lab-vm';

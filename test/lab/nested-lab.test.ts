@@ -11,7 +11,7 @@
  */
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { GUEST_ABI } from '../guests/guests';
 import { NESTED_ABI, NESTED_GUESTS, type NestedGuestInfo } from '../guests/nested/nested-guests';
 import { describeLab } from '../support/lab';

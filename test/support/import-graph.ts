@@ -7,20 +7,23 @@ import fs from 'node:fs';
 import path from 'node:path';
 import ts from 'typescript';
 
-/** Relative value imports of `file`, resolved to .ts files (index.ts for folders). */
-export function valueImports(file: string): string[] {
+/**
+ * Relative value imports of `file`, resolved to .ts files (index.ts for folders); with `withTypes` the
+ * type-only ones too (what a layering rule counts: a type import still ties one layer to another).
+ */
+export function valueImports(file: string, { withTypes = false }: { withTypes?: boolean } = {}): string[] {
   const source = ts.createSourceFile(file, fs.readFileSync(file, 'utf8'), ts.ScriptTarget.ES2022, false);
   const out: string[] = [];
   for (const node of source.statements) {
     let spec: ts.Expression | undefined;
     if (ts.isImportDeclaration(node)) {
       const clause = node.importClause;
-      const typeOnly =
+      const erased =
         clause?.isTypeOnly ||
         (clause && !clause.name && clause.namedBindings && ts.isNamedImports(clause.namedBindings) &&
           clause.namedBindings.elements.length > 0 && clause.namedBindings.elements.every((e) => e.isTypeOnly));
-      if (!typeOnly) spec = node.moduleSpecifier;
-    } else if (ts.isExportDeclaration(node) && !node.isTypeOnly) {
+      if (withTypes || !erased) spec = node.moduleSpecifier;
+    } else if (ts.isExportDeclaration(node) && (withTypes || !node.isTypeOnly)) {
       spec = node.moduleSpecifier;
     }
     if (!spec || !ts.isStringLiteral(spec) || !spec.text.startsWith('.')) continue;
@@ -31,7 +34,8 @@ export function valueImports(file: string): string[] {
   return out;
 }
 
-function tsFiles(dir: string): string[] {
+/** Every .ts file under `dir`. */
+export function tsFiles(dir: string): string[] {
   return fs.readdirSync(dir, { withFileTypes: true }).flatMap((d) => {
     const p = path.join(dir, d.name);
     return d.isDirectory() ? tsFiles(p) : d.name.endsWith('.ts') ? [p] : [];

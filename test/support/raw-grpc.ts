@@ -6,8 +6,8 @@
 import http2 from 'node:http2';
 import net from 'node:net';
 import * as grpc from '@grpc/grpc-js';
-import { vcpudProto } from '../../src/server/proto';
-import { decodeStatusDetails } from '../../src/server/errors';
+import { vcpudProto } from '../../src/api/proto';
+import { decodeStatusDetails } from '../../src/api/status-details';
 
 /** A connection to a unix-socket gRPC server ('unix:/path'). */
 export function connectRaw(target: string): http2.ClientHttp2Session {

@@ -10,7 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { protoPath as healthProtoPath } from 'grpc-health-check';
 import { packageRoot } from '../../src/package';
-import { vcpudProto } from '../../src/server/proto';
+import { vcpudProto } from '../../src/api/proto';
 
 const ROOT = packageRoot();
 /** VCPUD_MAIN in the environment runs another build (e.g. an unfixed one, to see a test fail before a fix). */

@@ -4,7 +4,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { CONSOLE_WRITES_PER_TURN, ConsoleQueue } from '../../src/server/services/console-queue';
-import type { StreamConsoleResponse } from '../../src/server/generated/vcpud/v1/StreamConsoleResponse';
+import type { StreamConsoleResponse } from '../../src/api/generated/vcpud/v1/StreamConsoleResponse';
 
 /** A call whose client takes each message (runs its callback) only when `take` is called. */
 class FakeCall extends EventEmitter {

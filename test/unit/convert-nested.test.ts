@@ -5,9 +5,9 @@
 import * as protoLoader from '@grpc/proto-loader';
 import { VcpudError } from '../../src/errors';
 import { nestedToProto } from '../../src/server/convert';
-import { vcpudPackageDefinition } from '../../src/server/proto';
-import type { GetNestedStateResponse__Output } from '../../src/server/generated/vcpud/v1/GetNestedStateResponse';
-import type { NestedState } from '../../src/server/generated/vcpud/v1/NestedState';
+import { vcpudPackageDefinition } from '../../src/api/proto';
+import type { GetNestedStateResponse__Output } from '../../src/api/generated/vcpud/v1/GetNestedStateResponse';
+import type { NestedState } from '../../src/api/generated/vcpud/v1/NestedState';
 import {
   APM_VMCB_CONTROL,
   APM_VMCB_SAVE,
@@ -21,7 +21,7 @@ import {
   type VmcbSpec,
 } from '../support/nested-blobs';
 
-/** The package definition the server itself loads (src/server/proto.ts). */
+/** The package definition the server itself loads (src/api/proto.ts). */
 const definition = vcpudPackageDefinition();
 const getNested = (definition['vcpud.v1.VcpuStateService'] as protoLoader.ServiceDefinition).GetNestedState;
 const protoFields = (type: string) =>

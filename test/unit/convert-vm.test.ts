@@ -3,13 +3,13 @@ import * as protoLoader from '@grpc/proto-loader';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
 import { SECTION_NAMES, type SectionName } from '../../src/ffi/sections';
 import { capabilitiesToProto, exitReasonName, timestampToProto, vcpuToProto, vmToProto } from '../../src/server/convert';
-import { vcpudPackageDefinition } from '../../src/server/proto';
-import type { GetCapabilitiesResponse__Output } from '../../src/server/generated/vcpud/v1/GetCapabilitiesResponse';
-import type { GetVmResponse__Output } from '../../src/server/generated/vcpud/v1/GetVmResponse';
+import { vcpudPackageDefinition } from '../../src/api/proto';
+import type { GetCapabilitiesResponse__Output } from '../../src/api/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetVmResponse__Output } from '../../src/api/generated/vcpud/v1/GetVmResponse';
 import type { ManagedVm } from '../../src/vm/managed-vm';
 import type { VcpuStatus } from '../../src/vm/managed-vcpu';
 
-/** The package definition the server itself loads (src/server/proto.ts). */
+/** The package definition the server itself loads (src/api/proto.ts). */
 const definition = vcpudPackageDefinition();
 const method = (service: string, name: string) => (definition[`vcpud.v1.${service}`] as protoLoader.ServiceDefinition)[name];
 const roundTrip = <T>(m: protoLoader.MethodDefinition<object, object>, msg: object): T => m.responseDeserialize(m.responseSerialize(msg)) as T;

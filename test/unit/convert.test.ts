@@ -15,12 +15,12 @@ import {
   stateToProto,
   u64,
 } from '../../src/server/convert';
-import { vcpudPackageDefinition } from '../../src/server/proto';
+import { vcpudPackageDefinition } from '../../src/api/proto';
 import { allRandom, randomValue } from '../support/random-state';
-import type { GetStateResponse__Output } from '../../src/server/generated/vcpud/v1/GetStateResponse';
-import type { VcpuState__Output } from '../../src/server/generated/vcpud/v1/VcpuState';
+import type { GetStateResponse__Output } from '../../src/api/generated/vcpud/v1/GetStateResponse';
+import type { VcpuState__Output } from '../../src/api/generated/vcpud/v1/VcpuState';
 
-/** The package definition the server itself loads (src/server/proto.ts). */
+/** The package definition the server itself loads (src/api/proto.ts). */
 const definition = vcpudPackageDefinition();
 const getState = (definition['vcpud.v1.VcpuStateService'] as protoLoader.ServiceDefinition).GetState;
 

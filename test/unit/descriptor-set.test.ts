@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { protoFiles } from '../../src/server/proto';
+import { protoFiles } from '../../src/api/proto';
 import { answerReflection, DescriptorIndex, descriptorSetPath, splitFileDescriptorSet } from '../../src/server/reflection';
 import { FileDescriptorProto } from 'protobufjs/ext/descriptor';
 

@@ -10,7 +10,8 @@ import { KvmError } from '../../src/errors';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
 import { SECTION_NAMES } from '../../src/ffi/sections';
 import type { Vcpu } from '../../src/ffi/vcpu';
-import { decodeStatusDetails, toServiceError } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
+import { toServiceError } from '../../src/server/errors';
 import { writeStateWithMsrPolicy } from '../../src/vm/snapshot-restore';
 import { writeNested, writeState, type StateContext } from '../../src/vm/vcpu-state';
 

@@ -1,7 +1,8 @@
 /** Running out of descriptors or memory is RESOURCE_EXHAUSTED naming the errno, whichever layer saw it. */
 import * as grpc from '@grpc/grpc-js';
 import { KvmError, VcpudError } from '../../src/errors';
-import { decodeStatusDetails, toServiceError } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
+import { toServiceError } from '../../src/server/errors';
 import { snapshotWriteError } from '../../src/vm/snapshot-write-error';
 
 const nodeErrno = (code: string) => Object.assign(new Error(`${code}: something, open '/srv/x'`), { code, errno: -24, syscall: 'open' });

@@ -11,7 +11,7 @@ import * as protoLoader from '@grpc/proto-loader';
 
 const root = path.resolve(__dirname, '..', '..');
 const protoDir = path.join(root, 'protos');
-const generatedDir = path.join(root, 'src', 'server', 'generated');
+const generatedDir = path.join(root, 'src', 'api', 'generated');
 
 /** The options the server passes to protoLoader.loadSync; scripts/gen-proto-types.sh generates types for them. */
 const LOADER_OPTIONS: protoLoader.Options = {
@@ -236,7 +236,7 @@ describe('buf', () => {
 });
 
 describe('generated types', () => {
-  test('src/server/generated is what scripts/gen-proto-types.sh produces from the current protos', () => {
+  test('src/api/generated is what scripts/gen-proto-types.sh produces from the current protos', () => {
     const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-gen-'));
     try {
       const r = spawnSync('bash', [path.join(root, 'scripts', 'gen-proto-types.sh'), tmp], {

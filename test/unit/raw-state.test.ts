@@ -11,7 +11,7 @@ import * as S from '../../src/ffi/sections';
 import { BYTE_SECTIONS, type ByteSection } from '../../src/ffi/vcpu';
 import { stateToProto } from '../../src/server/convert';
 import { getStateResponseEncoder } from '../../src/server/convert/raw-state';
-import { vcpudPackageDefinition } from '../../src/server/proto';
+import { vcpudPackageDefinition } from '../../src/api/proto';
 import { wireSerializer } from '../../src/server/wire-encoder';
 import { randomValue } from '../support/random-state';
 

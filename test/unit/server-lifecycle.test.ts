@@ -16,7 +16,8 @@ import { REQUEST_ID_HEADER } from '../../src/server/interceptors';
 import { createLogger, type LogFields } from '../../src/server/logging';
 import { Metrics } from '../../src/server/metrics';
 import { packageRoot } from '../../src/package';
-import { protoFiles, SERVICE_NAMES, vcpudPackageDefinition, vcpudProto, vcpudServiceDefinitions } from '../../src/server/proto';
+import { protoFiles, SERVICE_NAMES, vcpudPackageDefinition, vcpudProto } from '../../src/api/proto';
+import { vcpudServiceDefinitions } from '../../src/server/service-definitions';
 import { createVcpudServer, type RunningServer, type ServiceRegistrar } from '../../src/server/server';
 
 const ECHO_PROTO = `

@@ -6,8 +6,8 @@
 import crypto from 'node:crypto';
 import { bulkStreams, withBulkHeap } from '../../src/bulk-heap';
 import { native } from '../../src/ffi/native';
-import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized, Preserialized } from '../../src/server/preserialized';
-import { vcpudProto } from '../../src/server/proto';
+import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized, Preserialized } from '../../src/api/preserialized';
+import { vcpudProto } from '../../src/api/proto';
 import { crc32c } from '../../src/vm/snapshot-format';
 
 const PAGE = 4096;

@@ -1,7 +1,8 @@
 /** The error CreateSnapshot reports when writing the snapshot file fails with an errno. */
 import * as grpc from '@grpc/grpc-js';
 import { KvmError, VcpudError } from '../../src/errors';
-import { decodeStatusDetails, toServiceError } from '../../src/server/errors';
+import { decodeStatusDetails } from '../../src/api/status-details';
+import { toServiceError } from '../../src/server/errors';
 import { snapshotWriteError } from '../../src/vm/snapshot-write-error';
 
 const errno = (code: string, syscall: string) => Object.assign(new Error(`${syscall} failed: ${code}`), { code, syscall });

@@ -4,7 +4,8 @@
  */
 import * as protoLoader from '@grpc/proto-loader';
 import { stateToProto } from '../../src/server/convert';
-import { vcpudPackageDefinition, vcpudServiceDefinitions } from '../../src/server/proto';
+import { vcpudPackageDefinition } from '../../src/api/proto';
+import { vcpudServiceDefinitions } from '../../src/server/service-definitions';
 import { wireSerializer } from '../../src/server/wire-encoder';
 import { allRandom } from '../support/random-state';
 

@@ -3,58 +3,58 @@
  * types use), the server address and credentials, promisified calls that each carry the deadline,
  * and decoding of the google.rpc.Status trailer of errors.
  *
- * The protos come from src/server/proto (no native addon is loaded by it), so the CLI and the
+ * The protos come from src/api/proto (no native addon is loaded by it), so the CLI and the
  * server read exactly the same definitions.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
-import type { VcpuStateServiceClient } from '../../server/generated/vcpud/v1/VcpuStateService';
-import type { VmServiceClient } from '../../server/generated/vcpud/v1/VmService';
-import type { GetCapabilitiesResponse__Output } from '../../server/generated/vcpud/v1/GetCapabilitiesResponse';
-import type { GetStateRequest } from '../../server/generated/vcpud/v1/GetStateRequest';
-import type { GetStateResponse__Output } from '../../server/generated/vcpud/v1/GetStateResponse';
-import type { SetStateRequest } from '../../server/generated/vcpud/v1/SetStateRequest';
-import type { SetStateResponse__Output } from '../../server/generated/vcpud/v1/SetStateResponse';
-import type { GetNestedStateRequest } from '../../server/generated/vcpud/v1/GetNestedStateRequest';
-import type { GetNestedStateResponse__Output } from '../../server/generated/vcpud/v1/GetNestedStateResponse';
-import type { SetNestedStateRequest } from '../../server/generated/vcpud/v1/SetNestedStateRequest';
-import type { SetNestedStateResponse__Output } from '../../server/generated/vcpud/v1/SetNestedStateResponse';
-import type { CreateVmRequest } from '../../server/generated/vcpud/v1/CreateVmRequest';
-import type { CreateVmResponse__Output } from '../../server/generated/vcpud/v1/CreateVmResponse';
-import type { GetVmResponse__Output } from '../../server/generated/vcpud/v1/GetVmResponse';
-import type { ListVmsRequest } from '../../server/generated/vcpud/v1/ListVmsRequest';
-import type { ListVmsResponse__Output } from '../../server/generated/vcpud/v1/ListVmsResponse';
-import type { MergeSnapshotResponse__Output } from '../../server/generated/vcpud/v1/MergeSnapshotResponse';
-import type { DeleteVmResponse__Output } from '../../server/generated/vcpud/v1/DeleteVmResponse';
-import type { WriteMemoryRequest } from '../../server/generated/vcpud/v1/WriteMemoryRequest';
-import type { WriteMemoryResponse__Output } from '../../server/generated/vcpud/v1/WriteMemoryResponse';
-import type { ReadMemoryRequest } from '../../server/generated/vcpud/v1/ReadMemoryRequest';
-import type { LoadProgramRequest } from '../../server/generated/vcpud/v1/LoadProgramRequest';
-import type { LoadProgramResponse__Output } from '../../server/generated/vcpud/v1/LoadProgramResponse';
-import type { RunVmResponse__Output } from '../../server/generated/vcpud/v1/RunVmResponse';
-import type { PauseVmResponse__Output } from '../../server/generated/vcpud/v1/PauseVmResponse';
-import type { ResumeVmResponse__Output } from '../../server/generated/vcpud/v1/ResumeVmResponse';
-import type { RunVcpuResponse__Output } from '../../server/generated/vcpud/v1/RunVcpuResponse';
-import type { PauseVcpuResponse__Output } from '../../server/generated/vcpud/v1/PauseVcpuResponse';
-import type { ResumeVcpuResponse__Output } from '../../server/generated/vcpud/v1/ResumeVcpuResponse';
-import type { StreamConsoleRequest } from '../../server/generated/vcpud/v1/StreamConsoleRequest';
-import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
-import type { SnapshotServiceClient } from '../../server/generated/vcpud/v1/SnapshotService';
-import type { CreateSnapshotRequest } from '../../server/generated/vcpud/v1/CreateSnapshotRequest';
-import type { CreateSnapshotResponse__Output } from '../../server/generated/vcpud/v1/CreateSnapshotResponse';
-import type { RestoreSnapshotRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotRequest';
-import type { RestoreSnapshotResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotResponse';
-import type { RestoreSnapshotStreamRequest } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamRequest';
-import { passPreserialized, type Preserialized } from '../../server/preserialized';
-import type { RestoreSnapshotStreamResponse__Output } from '../../server/generated/vcpud/v1/RestoreSnapshotStreamResponse';
-import type { ListSnapshotsRequest } from '../../server/generated/vcpud/v1/ListSnapshotsRequest';
-import type { ListSnapshotsResponse__Output } from '../../server/generated/vcpud/v1/ListSnapshotsResponse';
-import type { DeleteSnapshotResponse__Output } from '../../server/generated/vcpud/v1/DeleteSnapshotResponse';
-import type { MigrateVmRequest } from '../../server/generated/vcpud/v1/MigrateVmRequest';
-import type { MigrateVmResponse__Output } from '../../server/generated/vcpud/v1/MigrateVmResponse';
-import { protoFiles, protosDir, vcpudProto } from '../../server/proto';
+import type { VcpuStateServiceClient } from '../../api/generated/vcpud/v1/VcpuStateService';
+import type { VmServiceClient } from '../../api/generated/vcpud/v1/VmService';
+import type { GetCapabilitiesResponse__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetStateRequest } from '../../api/generated/vcpud/v1/GetStateRequest';
+import type { GetStateResponse__Output } from '../../api/generated/vcpud/v1/GetStateResponse';
+import type { SetStateRequest } from '../../api/generated/vcpud/v1/SetStateRequest';
+import type { SetStateResponse__Output } from '../../api/generated/vcpud/v1/SetStateResponse';
+import type { GetNestedStateRequest } from '../../api/generated/vcpud/v1/GetNestedStateRequest';
+import type { GetNestedStateResponse__Output } from '../../api/generated/vcpud/v1/GetNestedStateResponse';
+import type { SetNestedStateRequest } from '../../api/generated/vcpud/v1/SetNestedStateRequest';
+import type { SetNestedStateResponse__Output } from '../../api/generated/vcpud/v1/SetNestedStateResponse';
+import type { CreateVmRequest } from '../../api/generated/vcpud/v1/CreateVmRequest';
+import type { CreateVmResponse__Output } from '../../api/generated/vcpud/v1/CreateVmResponse';
+import type { GetVmResponse__Output } from '../../api/generated/vcpud/v1/GetVmResponse';
+import type { ListVmsRequest } from '../../api/generated/vcpud/v1/ListVmsRequest';
+import type { ListVmsResponse__Output } from '../../api/generated/vcpud/v1/ListVmsResponse';
+import type { MergeSnapshotResponse__Output } from '../../api/generated/vcpud/v1/MergeSnapshotResponse';
+import type { DeleteVmResponse__Output } from '../../api/generated/vcpud/v1/DeleteVmResponse';
+import type { WriteMemoryRequest } from '../../api/generated/vcpud/v1/WriteMemoryRequest';
+import type { WriteMemoryResponse__Output } from '../../api/generated/vcpud/v1/WriteMemoryResponse';
+import type { ReadMemoryRequest } from '../../api/generated/vcpud/v1/ReadMemoryRequest';
+import type { LoadProgramRequest } from '../../api/generated/vcpud/v1/LoadProgramRequest';
+import type { LoadProgramResponse__Output } from '../../api/generated/vcpud/v1/LoadProgramResponse';
+import type { RunVmResponse__Output } from '../../api/generated/vcpud/v1/RunVmResponse';
+import type { PauseVmResponse__Output } from '../../api/generated/vcpud/v1/PauseVmResponse';
+import type { ResumeVmResponse__Output } from '../../api/generated/vcpud/v1/ResumeVmResponse';
+import type { RunVcpuResponse__Output } from '../../api/generated/vcpud/v1/RunVcpuResponse';
+import type { PauseVcpuResponse__Output } from '../../api/generated/vcpud/v1/PauseVcpuResponse';
+import type { ResumeVcpuResponse__Output } from '../../api/generated/vcpud/v1/ResumeVcpuResponse';
+import type { StreamConsoleRequest } from '../../api/generated/vcpud/v1/StreamConsoleRequest';
+import type { StreamConsoleResponse__Output } from '../../api/generated/vcpud/v1/StreamConsoleResponse';
+import type { SnapshotServiceClient } from '../../api/generated/vcpud/v1/SnapshotService';
+import type { CreateSnapshotRequest } from '../../api/generated/vcpud/v1/CreateSnapshotRequest';
+import type { CreateSnapshotResponse__Output } from '../../api/generated/vcpud/v1/CreateSnapshotResponse';
+import type { RestoreSnapshotRequest } from '../../api/generated/vcpud/v1/RestoreSnapshotRequest';
+import type { RestoreSnapshotResponse__Output } from '../../api/generated/vcpud/v1/RestoreSnapshotResponse';
+import type { RestoreSnapshotStreamRequest } from '../../api/generated/vcpud/v1/RestoreSnapshotStreamRequest';
+import { passPreserialized, type Preserialized } from '../../api/preserialized';
+import type { RestoreSnapshotStreamResponse__Output } from '../../api/generated/vcpud/v1/RestoreSnapshotStreamResponse';
+import type { ListSnapshotsRequest } from '../../api/generated/vcpud/v1/ListSnapshotsRequest';
+import type { ListSnapshotsResponse__Output } from '../../api/generated/vcpud/v1/ListSnapshotsResponse';
+import type { DeleteSnapshotResponse__Output } from '../../api/generated/vcpud/v1/DeleteSnapshotResponse';
+import type { MigrateVmRequest } from '../../api/generated/vcpud/v1/MigrateVmRequest';
+import type { MigrateVmResponse__Output } from '../../api/generated/vcpud/v1/MigrateVmResponse';
+import { protoFiles, protosDir, vcpudProto } from '../../api/proto';
 import { DEFAULT_SOCKET_RULE, ROOT_RUNTIME_DIR, SOCKET_NAME, defaultSocketAddress, unixSocketPath } from '../../address';
 import { UsageError } from './args';
 import { readInputFile } from './input-file';
@@ -336,8 +336,8 @@ export function isServiceError(e: unknown): e is ServiceErrorLike {
 }
 
 // The trailer decoder is the server's own (src/server/errors.ts loads no native addon).
-export { decodeStatusDetails, type DecodedStatus } from '../../server/errors';
-import { decodeStatusDetails } from '../../server/errors';
+export { decodeStatusDetails, type DecodedStatus } from '../../api/status-details';
+import { decodeStatusDetails } from '../../api/status-details';
 
 // ---------------------------------------------------------------------------------------------
 // Connection failures

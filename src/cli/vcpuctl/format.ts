@@ -5,17 +5,17 @@
  * trailing newline.
  */
 import * as grpc from '@grpc/grpc-js';
-import type { GetCapabilitiesResponse__Output } from '../../server/generated/vcpud/v1/GetCapabilitiesResponse';
-import type { GetStateResponse__Output } from '../../server/generated/vcpud/v1/GetStateResponse';
-import type { VcpuState__Output } from '../../server/generated/vcpud/v1/VcpuState';
-import type { Segment__Output } from '../../server/generated/vcpud/v1/Segment';
-import type { DescriptorTable__Output } from '../../server/generated/vcpud/v1/DescriptorTable';
-import type { Sregs__Output } from '../../server/generated/vcpud/v1/Sregs';
-import type { Sregs2__Output } from '../../server/generated/vcpud/v1/Sregs2';
-import type { NestedState__Output } from '../../server/generated/vcpud/v1/NestedState';
-import type { Vm__Output } from '../../server/generated/vcpud/v1/Vm';
-import type { Vcpu__Output } from '../../server/generated/vcpud/v1/Vcpu';
-import type { StreamConsoleResponse__Output } from '../../server/generated/vcpud/v1/StreamConsoleResponse';
+import type { GetCapabilitiesResponse__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetStateResponse__Output } from '../../api/generated/vcpud/v1/GetStateResponse';
+import type { VcpuState__Output } from '../../api/generated/vcpud/v1/VcpuState';
+import type { Segment__Output } from '../../api/generated/vcpud/v1/Segment';
+import type { DescriptorTable__Output } from '../../api/generated/vcpud/v1/DescriptorTable';
+import type { Sregs__Output } from '../../api/generated/vcpud/v1/Sregs';
+import type { Sregs2__Output } from '../../api/generated/vcpud/v1/Sregs2';
+import type { NestedState__Output } from '../../api/generated/vcpud/v1/NestedState';
+import type { Vm__Output } from '../../api/generated/vcpud/v1/Vm';
+import type { Vcpu__Output } from '../../api/generated/vcpud/v1/Vcpu';
+import type { StreamConsoleResponse__Output } from '../../api/generated/vcpud/v1/StreamConsoleResponse';
 import { isPlainCharacter } from '../../vm/vm-name';
 import { UsageError } from './args';
 import { ConnectionFailure, decodeStatusDetails, isServiceError, type DecodedStatus } from './client';

@@ -7,7 +7,7 @@
  */
 import fs from 'node:fs';
 import type * as grpc from '@grpc/grpc-js';
-import { BYTES_FIELD_HEADROOM, bytesFieldMessage, type Preserialized } from '../../server/preserialized';
+import { BYTES_FIELD_HEADROOM, bytesFieldMessage, type Preserialized } from '../../api/preserialized';
 
 /** Bytes per RestoreSnapshotStream message. */
 export const UPLOAD_CHUNK = 1 << 20;

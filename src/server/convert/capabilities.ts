@@ -2,10 +2,10 @@
 import type { HostCapabilities } from '../../ffi/capabilities';
 import type { Vendor as HostVendor } from '../../ffi/cpuid-facts';
 import { SECTION_NAMES, type SectionName } from '../../ffi/sections';
-import type { GetCapabilitiesResponse } from '../generated/vcpud/v1/GetCapabilitiesResponse';
-import type { NestedSupport } from '../generated/vcpud/v1/NestedSupport';
-import type { SectionSupport } from '../generated/vcpud/v1/SectionSupport';
-import type { Vendor } from '../generated/vcpud/v1/Vendor';
+import type { GetCapabilitiesResponse } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { NestedSupport } from '../../api/generated/vcpud/v1/NestedSupport';
+import type { SectionSupport } from '../../api/generated/vcpud/v1/SectionSupport';
+import type { Vendor } from '../../api/generated/vcpud/v1/Vendor';
 import { sectionToProto } from './state';
 
 const VENDORS: Readonly<Record<HostVendor, Vendor>> = {

@@ -18,13 +18,13 @@ import {
   type VmcbSave as DecodedSave,
   type VmcbSegment as DecodedSegment,
 } from '../../ffi/nested';
-import type { NestedFormat } from '../generated/vcpud/v1/NestedFormat';
-import type { NestedState } from '../generated/vcpud/v1/NestedState';
-import type { Vmcb12 } from '../generated/vcpud/v1/Vmcb12';
-import type { VmcbControl } from '../generated/vcpud/v1/VmcbControl';
-import type { VmcbSave } from '../generated/vcpud/v1/VmcbSave';
-import type { VmcbSegment } from '../generated/vcpud/v1/VmcbSegment';
-import type { Vmcs12 } from '../generated/vcpud/v1/Vmcs12';
+import type { NestedFormat } from '../../api/generated/vcpud/v1/NestedFormat';
+import type { NestedState } from '../../api/generated/vcpud/v1/NestedState';
+import type { Vmcb12 } from '../../api/generated/vcpud/v1/Vmcb12';
+import type { VmcbControl } from '../../api/generated/vcpud/v1/VmcbControl';
+import type { VmcbSave } from '../../api/generated/vcpud/v1/VmcbSave';
+import type { VmcbSegment } from '../../api/generated/vcpud/v1/VmcbSegment';
+import type { Vmcs12 } from '../../api/generated/vcpud/v1/Vmcs12';
 import { camelCase, RULES } from './scalars';
 
 /** Decoder field names (snake_case) the proto carries under their camelCase key; u64 become decimal strings. */

@@ -40,28 +40,28 @@ import {
   type Xcrs,
   type XsaveInfo,
 } from '../../ffi/sections';
-import type { CpuidEntry__Output } from '../generated/vcpud/v1/CpuidEntry';
-import type { DebugRegs__Output } from '../generated/vcpud/v1/DebugRegs';
-import type { DescriptorTable__Output } from '../generated/vcpud/v1/DescriptorTable';
-import type { Fpu__Output } from '../generated/vcpud/v1/Fpu';
-import type { Lapic__Output } from '../generated/vcpud/v1/Lapic';
-import type { MsrEntry__Output } from '../generated/vcpud/v1/MsrEntry';
-import type { Regs__Output } from '../generated/vcpud/v1/Regs';
-import type { Segment__Output } from '../generated/vcpud/v1/Segment';
-import type { Sregs__Output } from '../generated/vcpud/v1/Sregs';
-import type { Sregs2__Output } from '../generated/vcpud/v1/Sregs2';
-import type { StateSection__Output } from '../generated/vcpud/v1/StateSection';
+import type { CpuidEntry__Output } from '../../api/generated/vcpud/v1/CpuidEntry';
+import type { DebugRegs__Output } from '../../api/generated/vcpud/v1/DebugRegs';
+import type { DescriptorTable__Output } from '../../api/generated/vcpud/v1/DescriptorTable';
+import type { Fpu__Output } from '../../api/generated/vcpud/v1/Fpu';
+import type { Lapic__Output } from '../../api/generated/vcpud/v1/Lapic';
+import type { MsrEntry__Output } from '../../api/generated/vcpud/v1/MsrEntry';
+import type { Regs__Output } from '../../api/generated/vcpud/v1/Regs';
+import type { Segment__Output } from '../../api/generated/vcpud/v1/Segment';
+import type { Sregs__Output } from '../../api/generated/vcpud/v1/Sregs';
+import type { Sregs2__Output } from '../../api/generated/vcpud/v1/Sregs2';
+import type { StateSection__Output } from '../../api/generated/vcpud/v1/StateSection';
 import type {
   VcpuEvents__Output,
   _vcpud_v1_VcpuEvents_Exception__Output as Exception__Output,
   _vcpud_v1_VcpuEvents_Interrupt__Output as Interrupt__Output,
   _vcpud_v1_VcpuEvents_Nmi__Output as Nmi__Output,
   _vcpud_v1_VcpuEvents_Smi__Output as Smi__Output,
-} from '../generated/vcpud/v1/VcpuEvents';
-import type { VcpuState, VcpuState__Output } from '../generated/vcpud/v1/VcpuState';
-import type { Xcr__Output } from '../generated/vcpud/v1/Xcr';
-import type { Xcrs__Output } from '../generated/vcpud/v1/Xcrs';
-import type { Xsave__Output } from '../generated/vcpud/v1/Xsave';
+} from '../../api/generated/vcpud/v1/VcpuEvents';
+import type { VcpuState, VcpuState__Output } from '../../api/generated/vcpud/v1/VcpuState';
+import type { Xcr__Output } from '../../api/generated/vcpud/v1/Xcr';
+import type { Xcrs__Output } from '../../api/generated/vcpud/v1/Xcrs';
+import type { Xsave__Output } from '../../api/generated/vcpud/v1/Xsave';
 import { array, BOOL, bytes, fields, fill, fromProto, struct, toProto, U64, uint, uniform, type Fields } from './schema';
 import { camelCase, checked, Checker, RULES } from './scalars';
 

@@ -3,10 +3,10 @@ import { hasBit, SVM_BIT, VMX_BIT } from '../../ffi/cpuid-facts';
 import type { RunStateName } from '../../ffi/native';
 import type { ManagedVm } from '../../vm/managed-vm';
 import type { VcpuStatus } from '../../vm/managed-vcpu';
-import type { Timestamp } from '../generated/google/protobuf/Timestamp';
-import type { Vcpu } from '../generated/vcpud/v1/Vcpu';
-import type { VcpuRunState } from '../generated/vcpud/v1/VcpuRunState';
-import type { Vm } from '../generated/vcpud/v1/Vm';
+import type { Timestamp } from '../../api/generated/google/protobuf/Timestamp';
+import type { Vcpu } from '../../api/generated/vcpud/v1/Vcpu';
+import type { VcpuRunState } from '../../api/generated/vcpud/v1/VcpuRunState';
+import type { Vm } from '../../api/generated/vcpud/v1/Vm';
 
 export { safeNumber, u64, type LongLike, type U64Input } from './scalars';
 

@@ -5,7 +5,7 @@
  * dropped and counted, and the first message after the gap says how much (dropped_output_bytes,
  * dropped_events).
  */
-import type { StreamConsoleResponse } from '../generated/vcpud/v1/StreamConsoleResponse';
+import type { StreamConsoleResponse } from '../../api/generated/vcpud/v1/StreamConsoleResponse';
 import { SendWindow, type WindowedStream } from './streams';
 
 /**

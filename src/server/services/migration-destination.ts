@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { unixSocketPath } from '../../address';
 import { invalidArgument } from '../../errors';
-import type { MigrateVmRequest__Output } from '../generated/vcpud/v1/MigrateVmRequest';
+import type { MigrateVmRequest__Output } from '../../api/generated/vcpud/v1/MigrateVmRequest';
 import type { DestinationTarget } from './migration-service';
 
 /** The --migration-tls-* files: default client credentials for TCP destinations. */

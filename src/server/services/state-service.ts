@@ -6,20 +6,21 @@ import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionNa
 import { readNested, readState, readStateBytes, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
 import { getStateResponseEncoder } from '../convert/raw-state';
-import { Preserialized } from '../preserialized';
-import type { GetCapabilitiesRequest__Output } from '../generated/vcpud/v1/GetCapabilitiesRequest';
-import type { GetCapabilitiesResponse } from '../generated/vcpud/v1/GetCapabilitiesResponse';
-import type { GetNestedStateRequest__Output } from '../generated/vcpud/v1/GetNestedStateRequest';
-import type { GetNestedStateResponse } from '../generated/vcpud/v1/GetNestedStateResponse';
-import type { GetStateRequest__Output } from '../generated/vcpud/v1/GetStateRequest';
-import type { GetStateResponse } from '../generated/vcpud/v1/GetStateResponse';
-import type { SetNestedStateRequest__Output } from '../generated/vcpud/v1/SetNestedStateRequest';
-import type { SetNestedStateResponse } from '../generated/vcpud/v1/SetNestedStateResponse';
-import type { SetStateRequest__Output } from '../generated/vcpud/v1/SetStateRequest';
-import type { SetStateResponse } from '../generated/vcpud/v1/SetStateResponse';
-import type { VcpuStateServiceHandlers } from '../generated/vcpud/v1/VcpuStateService';
+import { Preserialized } from '../../api/preserialized';
+import type { GetCapabilitiesRequest__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesRequest';
+import type { GetCapabilitiesResponse } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
+import type { GetNestedStateRequest__Output } from '../../api/generated/vcpud/v1/GetNestedStateRequest';
+import type { GetNestedStateResponse } from '../../api/generated/vcpud/v1/GetNestedStateResponse';
+import type { GetStateRequest__Output } from '../../api/generated/vcpud/v1/GetStateRequest';
+import type { GetStateResponse } from '../../api/generated/vcpud/v1/GetStateResponse';
+import type { SetNestedStateRequest__Output } from '../../api/generated/vcpud/v1/SetNestedStateRequest';
+import type { SetNestedStateResponse } from '../../api/generated/vcpud/v1/SetNestedStateResponse';
+import type { SetStateRequest__Output } from '../../api/generated/vcpud/v1/SetStateRequest';
+import type { SetStateResponse } from '../../api/generated/vcpud/v1/SetStateResponse';
+import type { VcpuStateServiceHandlers } from '../../api/generated/vcpud/v1/VcpuStateService';
 import { invalidArgument } from '../../errors';
-import { vcpudPackageDefinition, vcpudServiceDefinitions } from '../proto';
+import { vcpudPackageDefinition } from '../../api/proto';
+import { vcpudServiceDefinitions } from '../service-definitions';
 import type { ServiceSink } from '../server';
 import { unary, type ServiceContext } from './context';
 
@@ -60,7 +61,7 @@ export class VcpuStateService {
           { noImplicitPause: req.noImplicitPause },
         );
         this.recordBytes(r.values);
-        // Written from the kernel's bytes in one pass, handed to grpc-js as they are (proto.ts).
+        // Written from the kernel's bytes in one pass, handed to grpc-js as they are (service-definitions.ts).
         return new Preserialized(this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused)) as unknown as GetStateResponse;
       }),
 

@@ -6,7 +6,7 @@
  * slow connection or server must neither cut the replay short nor hide an error such as NOT_FOUND.
  */
 import * as grpc from '@grpc/grpc-js';
-import type { StreamConsoleResponse__Output } from '../../../server/generated/vcpud/v1/StreamConsoleResponse';
+import type { StreamConsoleResponse__Output } from '../../../api/generated/vcpud/v1/StreamConsoleResponse';
 import type { Command, Context } from '../command';
 import { formatConsoleEvent, toJson } from '../format';
 

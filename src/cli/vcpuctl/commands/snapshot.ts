@@ -8,11 +8,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
-import type { CreateSnapshotResponse__Output } from '../../../server/generated/vcpud/v1/CreateSnapshotResponse';
-import type { MigrateVmResponse__Output } from '../../../server/generated/vcpud/v1/MigrateVmResponse';
-import type { SnapshotInfo__Output } from '../../../server/generated/vcpud/v1/SnapshotInfo';
-import type { SnapshotProgress__Output } from '../../../server/generated/vcpud/v1/SnapshotProgress';
-import type { Duration__Output } from '../../../server/generated/google/protobuf/Duration';
+import type { CreateSnapshotResponse__Output } from '../../../api/generated/vcpud/v1/CreateSnapshotResponse';
+import type { MigrateVmResponse__Output } from '../../../api/generated/vcpud/v1/MigrateVmResponse';
+import type { SnapshotInfo__Output } from '../../../api/generated/vcpud/v1/SnapshotInfo';
+import type { SnapshotProgress__Output } from '../../../api/generated/vcpud/v1/SnapshotProgress';
+import type { Duration__Output } from '../../../api/generated/google/protobuf/Duration';
 import { withBulkHeap } from '../../../bulk-heap';
 import { msToDuration } from '../../../duration';
 import { UsageError } from '../args';

@@ -5,7 +5,7 @@
  * reads the sections involved, edits them and writes them back.
  */
 import protobuf from 'protobufjs';
-import type { VcpuState__Output } from '../../../server/generated/vcpud/v1/VcpuState';
+import type { VcpuState__Output } from '../../../api/generated/vcpud/v1/VcpuState';
 import { UsageError } from '../args';
 import { messageType } from '../client';
 import { NO_IMPLICIT_PAUSE, VCPU_OPTION, vcpuOf, type Command, type Context } from '../command';

@@ -1,5 +1,5 @@
 /** `vcpuctl vm create|list|get|delete`: VM lifecycle (VmService). */
-import type { Vm__Output } from '../../../server/generated/vcpud/v1/Vm';
+import type { Vm__Output } from '../../../api/generated/vcpud/v1/Vm';
 import { UsageError } from '../args';
 import type { Command } from '../command';
 import { formatVm, formatVmList } from '../format';

@@ -1,7 +1,8 @@
 /**
  * The public API protos, loaded once. Every .proto under protos/ (vcpud.v1 and the vendored google.rpc)
- * goes through proto-loader with the options scripts/gen-proto-types.sh generated src/server/generated/
+ * goes through proto-loader with the options scripts/gen-proto-types.sh generated src/api/generated/
  * for, so the handler and client types there describe exactly the objects grpc-js hands us.
+ * Shared by the server and vcpuctl (src/api/ imports nothing from src/server, src/cli or src/vm).
  *
  * Loading is lazy (first call) and memoized: importing this module costs nothing, and every caller
  * shares one package definition (reflection needs the same descriptors the services were built from).
@@ -15,12 +16,6 @@ import type { ProtoGrpcType as MigrationProtoGrpcType } from './generated/migrat
 import type { ProtoGrpcType as SnapshotProtoGrpcType } from './generated/snapshot';
 import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
 import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
-import type { MigrationServiceDefinition } from './generated/vcpud/v1/MigrationService';
-import type { SnapshotServiceDefinition } from './generated/vcpud/v1/SnapshotService';
-import type { VcpuStateServiceDefinition } from './generated/vcpud/v1/VcpuStateService';
-import type { VmServiceDefinition } from './generated/vcpud/v1/VmService';
-import { passPreserialized } from './preserialized';
-import { wireSerializer } from './wire-encoder';
 
 /** The typed grpc object of vcpud.v1: the services, their messages and enums. */
 export type VcpudProtoGrpcType = StateProtoGrpcType & VmProtoGrpcType & SnapshotProtoGrpcType & MigrationProtoGrpcType;
@@ -32,13 +27,6 @@ export const SERVICE_NAMES = {
   SnapshotService: 'vcpud.v1.SnapshotService',
   MigrationService: 'vcpud.v1.MigrationService',
 } as const;
-
-export interface VcpudServiceDefinitions {
-  VcpuStateService: VcpuStateServiceDefinition;
-  VmService: VmServiceDefinition;
-  SnapshotService: SnapshotServiceDefinition;
-  MigrationService: MigrationServiceDefinition;
-}
 
 /** The protos/ directory shipped with the package (it is the include root of every import). */
 export function protosDir(): string {
@@ -82,33 +70,4 @@ export function vcpudPackageDefinition(): protoLoader.PackageDefinition {
 /** The typed grpc object: vcpudProto().vcpud.v1.VmService is a client constructor with `.service`. */
 export function vcpudProto(): VcpudProtoGrpcType {
   return load().grpcObject;
-}
-
-let serviceDefinitions: VcpudServiceDefinitions | undefined;
-
-/**
- * The service definitions to pass to server.addService. GetState's response, the hot path of checkpoint
- * loops, arrives already serialized (convert/raw-state.ts) or is written by the wire encoder
- * (src/server/wire-encoder.ts) instead of protobufjs; every other method keeps proto-loader's serializers.
- */
-export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
-  if (!serviceDefinitions) {
-    const v1 = vcpudProto().vcpud.v1;
-    const state = v1.VcpuStateService.service;
-    // The handler answers with Preserialized bytes (convert/raw-state.ts); anything else goes through the wire encoder.
-    const getState = { ...state.GetState, responseSerialize: passPreserialized(wireSerializer(vcpudPackageDefinition(), 'vcpud.v1.GetStateResponse')) };
-    serviceDefinitions = {
-      VcpuStateService: { ...state, GetState: getState },
-      VmService: v1.VmService.service,
-      // CreateSnapshot's data messages are sent pre-serialized (snapshot-service.ts streamData).
-      SnapshotService: passingPreserialized(v1.SnapshotService.service, 'CreateSnapshot'),
-      MigrationService: v1.MigrationService.service,
-    };
-  }
-  return serviceDefinitions;
-}
-
-/** `service` with `method`'s responses passed through when they are already serialized (preserialized.ts). */
-function passingPreserialized<S extends grpc.ServiceDefinition, M extends keyof S & string>(service: S, method: M): S {
-  return { ...service, [method]: { ...service[method], responseSerialize: passPreserialized(service[method].responseSerialize) } };
 }
