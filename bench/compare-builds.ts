@@ -30,8 +30,21 @@ async function measure(pid: number, opts: Omit<LoadOptions, 'clients'>): Promise
   const timer = setInterval(() => (peak = Math.max(peak, rssBytes(pid))), 100);
   let cpu0 = 0;
   try {
-    const r = await runLoad({ ...opts, clients: 64, inFlight: 1, durationSeconds: SECONDS, warmupSeconds: 1, onMeasuring: () => void (cpu0 = cpuSeconds(pid)) });
-    return { callsPerSecond: r.callsPerSecond, cpuUs: ((cpuSeconds(pid) - cpu0) / r.calls) * 1e6, p50Ms: r.latencyMs.p50, peakMiB: peak / MiB, ok: r.codes.OK === r.calls };
+    const r = await runLoad({
+      ...opts,
+      clients: 64,
+      inFlight: 1,
+      durationSeconds: SECONDS,
+      warmupSeconds: 1,
+      onMeasuring: () => void (cpu0 = cpuSeconds(pid)),
+    });
+    return {
+      callsPerSecond: r.callsPerSecond,
+      cpuUs: ((cpuSeconds(pid) - cpu0) / r.calls) * 1e6,
+      p50Ms: r.latencyMs.p50,
+      peakMiB: peak / MiB,
+      ok: r.codes.OK === r.calls,
+    };
   } finally {
     clearInterval(timer);
   }
@@ -55,7 +68,9 @@ async function main(): Promise<void> {
         const b = await measure(before.proc.pid!, { target: before.serving.api, vmId: vb.id, vcpuId: 0 });
         const a = await measure(after.proc.pid!, { target: after.serving.api, vmId: va.id, vcpuId: 0 });
         console.log(`round ${r + 1}\n  ${line('trivial', t)}\n  ${line('before', b)}\n  ${line('after', a)}`);
-        console.log(`  after / before: CPU per call ${(a.cpuUs / b.cpuUs).toFixed(2)}, peak RSS ${(a.peakMiB / b.peakMiB).toFixed(2)}; calls/s against the trivial handler ${(b.callsPerSecond / t.callsPerSecond).toFixed(2)} -> ${(a.callsPerSecond / t.callsPerSecond).toFixed(2)}`);
+        console.log(
+          `  after / before: CPU per call ${(a.cpuUs / b.cpuUs).toFixed(2)}, peak RSS ${(a.peakMiB / b.peakMiB).toFixed(2)}; calls/s against the trivial handler ${(b.callsPerSecond / t.callsPerSecond).toFixed(2)} -> ${(a.callsPerSecond / t.callsPerSecond).toFixed(2)}`,
+        );
       }
     } finally {
       await trivial.stop();

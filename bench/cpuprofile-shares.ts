@@ -37,7 +37,12 @@ const STAGES: [string, (url: string, fn: string) => boolean][] = [
   ['state service and handler wrapper', (url) => /src\/server\//.test(url)],
   ['grpc-js', (url) => /@grpc\/grpc-js/.test(url)],
   ['request decoding (protobufjs)', (url, fn) => /protobufjs/.test(url) || /\$decode|\$toObject/.test(fn)],
-  ['Node: HTTP/2, streams, buffers, microtasks', (url, fn) => /http2|stream|net|buffer|events|timers|task_queues|async_hooks/.test(url) || ['runMicrotasks', 'utf8Slice', 'utf8Write', 'writeBuffer', 'getAsyncId'].includes(fn)],
+  [
+    'Node: HTTP/2, streams, buffers, microtasks',
+    (url, fn) =>
+      /http2|stream|net|buffer|events|timers|task_queues|async_hooks/.test(url) ||
+      ['runMicrotasks', 'utf8Slice', 'utf8Write', 'writeBuffer', 'getAsyncId'].includes(fn),
+  ],
 ];
 
 /** Frames under which a sample is start-up or set-up, not serving. */
@@ -49,7 +54,9 @@ export function shares(profile: Profile): { busyMs: number; stages: [string, num
   const parent = new Map<number, number>();
   for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
   const selfUs = new Map<number, number>();
-  profile.samples.forEach((id, i) => selfUs.set(id, (selfUs.get(id) ?? 0) + profile.timeDeltas[i]));
+  profile.samples.forEach((id, i) => {
+    selfUs.set(id, (selfUs.get(id) ?? 0) + profile.timeDeltas[i]);
+  });
   const setup = (id: number) => {
     for (let x: number | undefined = id; x !== undefined; x = parent.get(x)) if (isSetup(nodes.get(x)!.callFrame)) return true;
     return false;

@@ -84,7 +84,13 @@ async function harvestFigures(registry: VmRegistry, mode: DirtyLogMode): Promise
   await vm.pauseAll();
   registry.destroyAll();
   const perGiB = (ms: number) => ms / (GUEST_MIB / 1024);
-  return { startMs: perGiB(startMs), idleMs: perGiB(median(idle)), busyMs: perGiB(median(busy)), busyClearMs: perGiB(median(busyClear)), busyPages: median(dirtied) };
+  return {
+    startMs: perGiB(startMs),
+    idleMs: perGiB(median(idle)),
+    busyMs: perGiB(median(busy)),
+    busyClearMs: perGiB(median(busyClear)),
+    busyPages: median(dirtied),
+  };
 }
 
 interface Throughput {
@@ -163,7 +169,10 @@ async function dirty64Rate(registry: VmRegistry, mibs: number): Promise<number> 
   const vm = registry.create({ memoryBytes: 512 * MiB, vcpuCount: 1 });
   await vm.loadProgram(fs.readFileSync(guestBin('dirty64')), 0x1000);
   const tscKhz = vm.vcpu(0).vcpu.getTscKhz();
-  vm.writeMemory(DIRTY64.control, dirty64Control({ rangeStart: 64 * MiB, rangePages: (256 * MiB) / PAGE, bytesPerSecond: mibs * MiB, tscKhz, burstPages: mibs ? undefined : 64 }));
+  vm.writeMemory(
+    DIRTY64.control,
+    dirty64Control({ rangeStart: 64 * MiB, rangePages: (256 * MiB) / PAGE, bytesPerSecond: mibs * MiB, tscKhz, burstPages: mibs ? undefined : 64 }),
+  );
   const written = () => vm.readMemory(DIRTY64.control + DIRTY64.lastValue, 8).readBigUInt64LE(0);
   await vm.resumeAll();
   await sleep(200);

@@ -103,7 +103,10 @@ export function percentileSorted(sorted: ArrayLike<number>, p: number): number {
 }
 
 export function percentile(xs: number[], p: number): number {
-  return percentileSorted([...xs].sort((a, b) => a - b), p);
+  return percentileSorted(
+    [...xs].sort((a, b) => a - b),
+    p,
+  );
 }
 
 /** ns per call of `fn`: median of `batches` batches of `n` calls. */
@@ -131,7 +134,14 @@ export function table(header: string[], rows: (string | number)[][]): string {
   const cells = [header, ...rows.map((r) => r.map((c) => (typeof c === 'number' ? c.toFixed(c < 10 ? 2 : 0) : c)))];
   const widths = header.map((_, i) => Math.max(...cells.map((r) => String(r[i]).length)));
   // trimEnd: no padding after the last column (trailing blanks in BENCHMARKS.md).
-  return cells.map((r) => r.map((c, i) => String(c).padEnd(widths[i])).join('  ').trimEnd()).join('\n');
+  return cells
+    .map((r) =>
+      r
+        .map((c, i) => String(c).padEnd(widths[i]))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 export const MiB = 1024 * 1024;

@@ -68,7 +68,10 @@ export async function measureStages(): Promise<Stage[]> {
     const sections = readableSections(sctx);
 
     const floor = cFloor('ioctl_floor', ['20000', guestBin('counter64')]) as Record<string, number>;
-    const rawUs = Object.entries(floor).filter(([k]) => k.startsWith('KVM_GET_')).reduce((a, [, ns]) => a + ns, 0) / 1000;
+    const rawUs =
+      Object.entries(floor)
+        .filter(([k]) => k.startsWith('KVM_GET_'))
+        .reduce((a, [, ns]) => a + ns, 0) / 1000;
 
     const defs = vcpudPackageDefinition();
     const encodeBytes = getStateResponseEncoder(defs);
@@ -84,14 +87,22 @@ export async function measureStages(): Promise<Stage[]> {
 
     const stages: Stage[] = [
       { name: 'raw ioctls (C, 13 GET ioctls summed)', us: rawUs, note: 'bench/c/ioctl_floor, this run' },
-      { name: 'read sections through the ffi, as kernel bytes', us: cpuUsPerCall(() => readStateBytes(v, sctx, [])), note: 'readStateBytes (GetState): one native call' },
+      {
+        name: 'read sections through the ffi, as kernel bytes',
+        us: cpuUsPerCall(() => readStateBytes(v, sctx, [])),
+        note: 'readStateBytes (GetState): one native call',
+      },
       {
         name: 'the same, one native call per ioctl',
         us: cpuUsPerCall(() => readStateBytesPerSection(v, sctx, [])),
         note: 'readStateBytesPerSection (before the batch)',
       },
       { name: 'read sections through the ffi, decoded', us: cpuUsPerCall(() => readState(v, sctx, [])), note: 'readState (the old path; SetState, snapshots)' },
-      { name: 'encode the response from kernel bytes', us: cpuUsPerCall(() => encodeBytes(bytesRead.values, extras, false)), note: 'convert/raw-state.ts (GetState)' },
+      {
+        name: 'encode the response from kernel bytes',
+        us: cpuUsPerCall(() => encodeBytes(bytesRead.values, extras, false)),
+        note: 'convert/raw-state.ts (GetState)',
+      },
       {
         name: 'stateToProto + object wire encoder',
         us: cpuUsPerCall(() => encodeObjects({ state: stateToProto(decodedRead.values, extras), implicitlyPaused: false })),
@@ -136,7 +147,12 @@ export async function measureStages(): Promise<Stage[]> {
 export async function main(): Promise<void> {
   const stages = await measureStages();
   console.log(`GetState, all sections of one paused vCPU: server CPU per call by stage, in process (us, median of 5 x ${N})\n`);
-  console.log(table(['stage', 'us/call', 'what'], stages.map((s) => [s.name, s.us.toFixed(1), s.note])));
+  console.log(
+    table(
+      ['stage', 'us/call', 'what'],
+      stages.map((s) => [s.name, s.us.toFixed(1), s.note]),
+    ),
+  );
 }
 
 if (require.main === module) main().catch(fatal);

@@ -16,8 +16,19 @@ const N = Number(knob('BENCH_CALLS', '2000', 'getstate: sequential calls timed (
 const ROUNDS = Number(knob('BENCH_ROUNDS_GETSTATE', '4', 'getstate: blocks the calls of each measure are split into, alternating'));
 const TARGET = { op: '<=', ratio: 1.15 } as const;
 const SECTION_IOCTLS = [
-  'KVM_GET_MP_STATE', 'KVM_GET_VCPU_EVENTS', 'KVM_GET_REGS', 'KVM_GET_FPU', 'KVM_GET_XSAVE2', 'KVM_GET_XCRS', 'KVM_GET_SREGS',
-  'KVM_GET_SREGS2', 'KVM_GET_LAPIC', 'KVM_GET_MSRS', 'KVM_GET_DEBUGREGS', 'KVM_GET_CPUID2', 'KVM_GET_TSC_KHZ',
+  'KVM_GET_MP_STATE',
+  'KVM_GET_VCPU_EVENTS',
+  'KVM_GET_REGS',
+  'KVM_GET_FPU',
+  'KVM_GET_XSAVE2',
+  'KVM_GET_XCRS',
+  'KVM_GET_SREGS',
+  'KVM_GET_SREGS2',
+  'KVM_GET_LAPIC',
+  'KVM_GET_MSRS',
+  'KVM_GET_DEBUGREGS',
+  'KVM_GET_CPUID2',
+  'KVM_GET_TSC_KHZ',
 ];
 
 /** The 13 GET ioctls of a full GetState in C (bench/c/ioctl_floor, `calls` each), summed: microseconds. */
@@ -93,7 +104,13 @@ export async function measureGetState(): Promise<BenchResult> {
     } finally {
       for (const t of trivial) await t.close();
     }
-    const emptyRow = ratioRow('GetState p50 against an empty call (information)', get.p50, empty.p50 + rawSumUs, 'us', 'empty grpc-js call p50 + raw ioctl sum');
+    const emptyRow = ratioRow(
+      'GetState p50 against an empty call (information)',
+      get.p50,
+      empty.p50 + rawSumUs,
+      'us',
+      'empty grpc-js call p50 + raw ioctl sum',
+    );
     const row = ratioRow(
       'GetState p50, all sections, 1 paused vCPU (UDS)',
       get.p50,

@@ -82,7 +82,9 @@ export async function startBulkFloor(channelOptions: grpc.ChannelOptions = {}): 
     },
     up(messages) {
       return new Promise((resolve, reject) => {
-        const s = client.makeClientStreamRequest('/bench.Bulk/Up', id, id, (err, res) => (err ? reject(err) : resolve(Number((res as Buffer).readBigUInt64LE(0)))));
+        const s = client.makeClientStreamRequest('/bench.Bulk/Up', id, id, (err, res) =>
+          err ? reject(err) : resolve(Number((res as Buffer).readBigUInt64LE(0))),
+        );
         let i = 0;
         const pump = () => {
           while (i < messages.length) if (!s.write(messages[i++])) return void s.once('drain', pump);

@@ -52,7 +52,10 @@ export function crossCheck(h2load: H2loadCounts, server: Record<string, number>)
 
 export function formatCrossCheck(c: CrossCheck): string {
   const h = c.h2load;
-  const codes = Object.entries(c.server).map(([k, n]) => `${k} ${n}`).join(', ') || '(none)';
+  const codes =
+    Object.entries(c.server)
+      .map(([k, n]) => `${k} ${n}`)
+      .join(', ') || '(none)';
   return [
     table(
       ['count of GetState', 'calls', 'detail'],

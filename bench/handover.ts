@@ -35,7 +35,10 @@ const FILL_FROM = 2 * MiB;
 
 /** The first log line with `msg`, parsed. */
 function logLine(p: VcpudProcess, msg: string): Record<string, any> {
-  const line = p.logs().split('\n').find((l) => l.includes(`"msg":"${msg}"`));
+  const line = p
+    .logs()
+    .split('\n')
+    .find((l) => l.includes(`"msg":"${msg}"`));
   if (!line) throw new Error(`no "${msg}" line in the log:\n${p.logs()}`);
   return JSON.parse(line) as Record<string, any>;
 }
@@ -92,7 +95,10 @@ export async function measureHandover(): Promise<BenchResult> {
   const stateDir = tmpfs.dir;
   const args = ['--state-dir', stateDir, '--max-memory-per-vm', `${Math.max(SIZE, LARGE)}`, '--max-memory-total', `${2 * Math.max(SIZE, LARGE)}`];
   const rows: (string | number)[][] = [];
-  const bySize = new Map<number, Restart[]>([[SIZE, []], [LARGE, []]]);
+  const bySize = new Map<number, Restart[]>([
+    [SIZE, []],
+    [LARGE, []],
+  ]);
   let p: VcpudProcess | undefined;
   try {
     for (let round = 0; round < ROUNDS; round++) {
@@ -103,7 +109,9 @@ export async function measureHandover(): Promise<BenchResult> {
         const { next, t } = await restart(p, args);
         p = next;
         // The guest runs on in the new process: its counter keeps moving.
-        const { vm } = await call<{ vm: Record<string, any> }>(p.client('VmService'), 'GetVm', { vmId: (await call<{ vms: { id: string }[] }>(p.client('VmService'), 'ListVms', {})).vms[0].id });
+        const { vm } = await call<{ vm: Record<string, any> }>(p.client('VmService'), 'GetVm', {
+          vmId: (await call<{ vms: { id: string }[] }>(p.client('VmService'), 'ListVms', {})).vms[0].id,
+        });
         if (vm.vcpus[0].runState !== 'VCPU_RUN_STATE_RUNNING') throw new Error(`the guest is ${vm.vcpus[0].runState} after the restart`);
         bySize.get(size)!.push(t);
         rows.push([`${size / MiB} MiB, round ${round + 1}`, t.downtimeMs, t.startToServingMs, t.saveMs, t.exitMs, t.restoreMs]);
@@ -120,14 +128,34 @@ export async function measureHandover(): Promise<BenchResult> {
   const benchRows: BenchRow[] = [];
   for (const size of [SIZE, LARGE]) {
     const floor = med(size, 'startToServingMs');
-    const row = ratioRow(`handover ${size / MiB} MiB: restart downtime`, med(size, 'downtimeMs'), floor + OVER_START_MS, 'ms', `new process start-to-serving (${floor.toFixed(0)} ms) + ${OVER_START_MS} ms`, { op: '<=', ratio: 1 });
+    const row = ratioRow(
+      `handover ${size / MiB} MiB: restart downtime`,
+      med(size, 'downtimeMs'),
+      floor + OVER_START_MS,
+      'ms',
+      `new process start-to-serving (${floor.toFixed(0)} ms) + ${OVER_START_MS} ms`,
+      { op: '<=', ratio: 1 },
+    );
     benchRows.push(row);
   }
-  benchRows.push(ratioRow(`handover: downtime at ${LARGE / MiB} MiB vs ${SIZE / MiB} MiB`, med(LARGE, 'downtimeMs'), med(SIZE, 'downtimeMs'), 'ms', `downtime at ${SIZE / MiB} MiB`, SIZE_TARGET));
-  const verdicts = benchRows.map((r) => `${r.name}: ${r.value.toFixed(1)} ${r.unit} = ${r.ratio?.toFixed(2)} x ${r.floorName} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`);
+  benchRows.push(
+    ratioRow(
+      `handover: downtime at ${LARGE / MiB} MiB vs ${SIZE / MiB} MiB`,
+      med(LARGE, 'downtimeMs'),
+      med(SIZE, 'downtimeMs'),
+      'ms',
+      `downtime at ${SIZE / MiB} MiB`,
+      SIZE_TARGET,
+    ),
+  );
+  const verdicts = benchRows.map(
+    (r) => `${r.name}: ${r.value.toFixed(1)} ${r.unit} = ${r.ratio?.toFixed(2)} x ${r.floorName} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`,
+  );
   // On a shared host the medians of a few rounds move with the load; the best rounds show the cost itself.
   const best = (size: number) => Math.min(...bySize.get(size)!.map((t) => t.downtimeMs));
-  verdicts.push(`best rounds: downtime ${best(SIZE).toFixed(0)} ms at ${SIZE / MiB} MiB, ${best(LARGE).toFixed(0)} ms at ${LARGE / MiB} MiB (${(best(LARGE) / best(SIZE)).toFixed(2)}x)`);
+  verdicts.push(
+    `best rounds: downtime ${best(SIZE).toFixed(0)} ms at ${SIZE / MiB} MiB, ${best(LARGE).toFixed(0)} ms at ${LARGE / MiB} MiB (${(best(LARGE) / best(SIZE)).toFixed(2)}x)`,
+  );
   const detail = [
     `Graceful restart with --state-dir on a tmpfs mounted huge=${HUGE}: counter64 with random memory, SIGTERM to the guest resumed in the new process (medians of ${ROUNDS} rounds)\n`,
     table(['round', 'downtime ms', 'start-to-serving ms', 'save ms', 'SIGTERM-to-exit ms', 'restore ms'], rows),

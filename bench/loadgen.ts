@@ -174,7 +174,14 @@ async function serverCheck(metricsUrl: string, path: string, before: Record<stri
 function connect(o: LoadOptions, n: number): grpc.Client[] {
   const target = resolveTarget(o.target);
   const tls = o.ca !== undefined || o.cert !== undefined || o.key !== undefined;
-  const creds = channelCredentials(target, { server: o.target, tlsCa: o.ca, tlsCert: o.cert, tlsKey: o.key, insecure: target.kind === 'tcp' && !tls, timeoutMs: 0 });
+  const creds = channelCredentials(target, {
+    server: o.target,
+    tlsCa: o.ca,
+    tlsCert: o.cert,
+    tlsKey: o.key,
+    insecure: target.kind === 'tcp' && !tls,
+    timeoutMs: 0,
+  });
   const options: grpc.ChannelOptions = {
     'grpc.max_receive_message_length': 64 << 20,
     // A channel-private subchannel pool: without it grpc-js shares one connection among all
@@ -238,7 +245,13 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
     await o.onConnected?.();
     if (o.warmupSeconds) {
       const end = performance.now() + o.warmupSeconds * 1000;
-      await drive(clients, inFlight, () => performance.now() < end, call, () => {});
+      await drive(
+        clients,
+        inFlight,
+        () => performance.now() < end,
+        call,
+        () => {},
+      );
     }
     const before = o.metricsUrl ? await scrapeHandled(o.metricsUrl, path) : {};
 
@@ -292,7 +305,10 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
 // ---------------------------------------------------------------------------------------------
 // Output
 
-const codesText = (codes: Record<string, number>) => Object.entries(codes).map(([c, n]) => `${c} ${n}`).join(', ') || '(none)';
+const codesText = (codes: Record<string, number>) =>
+  Object.entries(codes)
+    .map(([c, n]) => `${c} ${n}`)
+    .join(', ') || '(none)';
 
 /** True when every call was OK and, when checked, the server counted exactly the same. */
 export function loadOk(r: LoadResult): boolean {
@@ -315,7 +331,7 @@ export function formatResult(r: LoadResult): string {
     lines.push(
       '',
       table(
-        ['count of ' + r.path.split('/')[2], 'calls', 'by code'],
+        [`count of ${r.path.split('/')[2]}`, 'calls', 'by code'],
         [
           ['client', String(r.calls), codesText(r.codes)],
           ['server grpc_server_handled_total delta', String(r.server.calls), codesText(r.server.codes)],

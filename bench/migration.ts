@@ -70,7 +70,14 @@ async function floorRate(bytes: number, dir: string, pki?: Pki): Promise<number>
     child.send(pki ? { tls: { key: pki.file('server.key'), cert: pki.file('server.crt'), ca: pki.file('ca.crt') } } : { path: sock });
     const { listening } = await next();
     const s: net.Socket = pki
-      ? tls.connect({ host: '127.0.0.1', port: listening, ca: pki.pem('ca.crt'), cert: pki.pem('migrator.crt'), key: pki.pem('migrator.key'), servername: 'localhost' })
+      ? tls.connect({
+          host: '127.0.0.1',
+          port: listening,
+          ca: pki.pem('ca.crt'),
+          cert: pki.pem('migrator.crt'),
+          key: pki.pem('migrator.key'),
+          servername: 'localhost',
+        })
       : net.connect({ path: listening });
     await new Promise((r) => s.once(pki ? 'secureConnect' : 'connect', r));
     const buf = crypto.randomBytes(CHUNK);
@@ -131,7 +138,11 @@ async function runDirty64(d: VcpudProcess, vmId: string): Promise<void> {
   const vms = d.client('VmService');
   await call(vms, 'LoadProgram', { vmId, image: fs.readFileSync(guestBin('dirty64')), loadAddress: String(GUEST_ABI.loadAddress) });
   const khz = await tscKhz(d.client('VcpuStateService'), vmId);
-  await call(vms, 'WriteMemory', { vmId, guestPhysicalAddress: String(DIRTY64.control), data: dirty64Control({ rangeStart: DIRTY_RANGE.start, rangePages: DIRTY_RANGE.pages, bytesPerSecond: DIRTY_RATE, tscKhz: khz }) });
+  await call(vms, 'WriteMemory', {
+    vmId,
+    guestPhysicalAddress: String(DIRTY64.control),
+    data: dirty64Control({ rangeStart: DIRTY_RANGE.start, rangePages: DIRTY_RANGE.pages, bytesPerSecond: DIRTY_RATE, tscKhz: khz }),
+  });
   await call(vms, 'RunVm', { vmId });
   await new Promise((r) => setTimeout(r, 500));
 }
@@ -151,7 +162,10 @@ function downtimeParts(d: Record<string, any>): string {
  * `from` to `to`, rounds alternating so both sizes see the same host load; medians compared.
  */
 async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string[][]): Promise<BenchRow[]> {
-  const downtimes = new Map<number, number[]>([[SIZE, []], [LARGE, []]]);
+  const downtimes = new Map<number, number[]>([
+    [SIZE, []],
+    [LARGE, []],
+  ]);
   for (let round = 1; round <= SIZE_ROUNDS; round++)
     for (const size of [SIZE, LARGE]) {
       const id = await randomVm(from.client('VmService'), size);
@@ -160,7 +174,12 @@ async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string
       await call(to.client('VmService'), 'DeleteVm', { vmId: moved.id });
       const d = moved.done;
       downtimes.get(size)!.push(ms(d.downtime));
-      rows.push([`round ${round}: ${size / MiB} MiB guest, dirty64 at ${DIRTY_RATE / MiB} MiB/s`, ms(d.duration).toFixed(0), moved.pass1MiBs.toFixed(0), downtimeParts(d)]);
+      rows.push([
+        `round ${round}: ${size / MiB} MiB guest, dirty64 at ${DIRTY_RATE / MiB} MiB/s`,
+        ms(d.duration).toFixed(0),
+        moved.pass1MiBs.toFixed(0),
+        downtimeParts(d),
+      ]);
     }
   const [base, large] = [median(downtimes.get(SIZE)!), median(downtimes.get(LARGE)!)];
   const what = `downtime, dirty64 at ${DIRTY_RATE / MiB} MiB/s, median of ${SIZE_ROUNDS}`;
@@ -196,9 +215,21 @@ export async function measureMigration(): Promise<BenchResult> {
     const idleMs = now() - t;
     const sent = Number(idle.done.bytesSent);
     const idleFloorMs = (sent / MiB / udsFloor) * 1000;
-    rows.push(['UDS floor: unix socket between two Node processes', (SIZE / MiB / udsFloor * 1000).toFixed(0), udsFloor.toFixed(0), '']);
-    rows.push([`idle guest, pre-copy over UDS`, idleMs.toFixed(0), idle.pass1MiBs.toFixed(0), `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent`]);
-    const thr = ratioRow(`${label}: migration pass-1 throughput, UDS`, idle.pass1MiBs, udsFloor, 'MiB/s', 'unix socket between two Node processes', THROUGHPUT_TARGET);
+    rows.push(['UDS floor: unix socket between two Node processes', ((SIZE / MiB / udsFloor) * 1000).toFixed(0), udsFloor.toFixed(0), '']);
+    rows.push([
+      `idle guest, pre-copy over UDS`,
+      idleMs.toFixed(0),
+      idle.pass1MiBs.toFixed(0),
+      `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent`,
+    ]);
+    const thr = ratioRow(
+      `${label}: migration pass-1 throughput, UDS`,
+      idle.pass1MiBs,
+      udsFloor,
+      'MiB/s',
+      'unix socket between two Node processes',
+      THROUGHPUT_TARGET,
+    );
     const idleRow = ratioRow(`${label}: idle guest, whole migration time`, idleMs, idleFloorMs, 'ms', 'bytes sent / UDS floor', IDLE_TARGET);
     benchRows.push(thr, idleRow);
 
@@ -207,7 +238,12 @@ export async function measureMigration(): Promise<BenchResult> {
     const busy = await migrate(bSnap, { vmId: idle.id, destination: a.serving.api });
     const d = busy.done;
     const downtime = ms(d.downtime);
-    rows.push([`dirty64 at ${DIRTY_RATE / MiB} MiB/s, pre-copy over UDS`, ms(d.duration).toFixed(0), busy.pass1MiBs.toFixed(0), `${downtimeParts(d)}; throttle max ${d.maxThrottlePercent}%`]);
+    rows.push([
+      `dirty64 at ${DIRTY_RATE / MiB} MiB/s, pre-copy over UDS`,
+      ms(d.duration).toFixed(0),
+      busy.pass1MiBs.toFixed(0),
+      `${downtimeParts(d)}; throttle max ${d.maxThrottlePercent}%`,
+    ]);
     benchRows.push(downtimeRow(`${label}: downtime, dirty64 at ${DIRTY_RATE / MiB} MiB/s`, downtime));
     await call(aVms, 'DeleteVm', { vmId: busy.id });
 
@@ -215,23 +251,63 @@ export async function measureMigration(): Promise<BenchResult> {
     if (LARGE > 0) benchRows.push(...(await downtimeBySize(a, b, rows)));
 
     // 3. mTLS over TCP on 127.0.0.1: an idle guest again, against Node's TLS.
-    const dst = await startVcpud(['--listen', '127.0.0.1:0', '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'), '--allow-client', 'migrator'], {}, VCPUD_NODE_ARGS);
+    const dst = await startVcpud(
+      [
+        '--listen',
+        '127.0.0.1:0',
+        '--tls-cert',
+        pki.file('server.crt'),
+        '--tls-key',
+        pki.file('server.key'),
+        '--tls-ca',
+        pki.file('ca.crt'),
+        '--allow-client',
+        'migrator',
+      ],
+      {},
+      VCPUD_NODE_ARGS,
+    );
     daemons.push(dst);
-    const src = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')], {}, VCPUD_NODE_ARGS);
+    const src = await startVcpud(
+      ['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')],
+      {},
+      VCPUD_NODE_ARGS,
+    );
     daemons.push(src);
     const tlsId = await randomVm(src.client('VmService'), SIZE);
     const tlsFloor = await floorRate(SIZE, dir, pki);
     const overTls = await migrate(src.client('SnapshotService'), { vmId: tlsId, destination: `localhost:${dst.serving.api.split(':').pop()}` });
-    rows.push(['TLS floor: Node TLS over TCP loopback, two processes', (SIZE / MiB / tlsFloor * 1000).toFixed(0), tlsFloor.toFixed(0), '']);
-    rows.push(['idle guest, pre-copy over mTLS', ms(overTls.done.duration).toFixed(0), overTls.pass1MiBs.toFixed(0), `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms`]);
-    benchRows.push(ratioRow(`${label}: migration pass-1 throughput, mTLS`, overTls.pass1MiBs, tlsFloor, 'MiB/s', 'Node TLS over TCP between two processes', THROUGHPUT_TARGET));
+    rows.push(['TLS floor: Node TLS over TCP loopback, two processes', ((SIZE / MiB / tlsFloor) * 1000).toFixed(0), tlsFloor.toFixed(0), '']);
+    rows.push([
+      'idle guest, pre-copy over mTLS',
+      ms(overTls.done.duration).toFixed(0),
+      overTls.pass1MiBs.toFixed(0),
+      `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms`,
+    ]);
+    benchRows.push(
+      ratioRow(
+        `${label}: migration pass-1 throughput, mTLS`,
+        overTls.pass1MiBs,
+        tlsFloor,
+        'MiB/s',
+        'Node TLS over TCP between two processes',
+        THROUGHPUT_TARGET,
+      ),
+    );
   } finally {
     await Promise.all(daemons.map((d) => d.stop()));
     fs.rmSync(dir, { recursive: true, force: true });
   }
   for (const r of benchRows)
-    verdicts.push(`${r.name}: ${r.value.toFixed(1)} ${r.unit}${r.ratio !== null ? ` = ${r.ratio.toFixed(2)} x ${r.floorName}` : ''} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`);
-  const detail = [`Live migration between two vcpud processes, ${label} guest with random memory\n`, table(['measure', 'ms', 'MiB/s', 'notes'], rows), '', ...verdicts].join('\n');
+    verdicts.push(
+      `${r.name}: ${r.value.toFixed(1)} ${r.unit}${r.ratio !== null ? ` = ${r.ratio.toFixed(2)} x ${r.floorName}` : ''} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`,
+    );
+  const detail = [
+    `Live migration between two vcpud processes, ${label} guest with random memory\n`,
+    table(['measure', 'ms', 'MiB/s', 'notes'], rows),
+    '',
+    ...verdicts,
+  ].join('\n');
   return { rows: benchRows, detail };
 }
 

@@ -36,7 +36,10 @@ const isKvmModule = (name: string) => /^kvm(_\w+)?$/.test(name);
  * /proc/modules, yet KVM works).
  */
 export function kvmModules(procModules: string | null, sysModules: string[]): string {
-  const loaded = (procModules ?? '').split('\n').map((l) => l.split(' ')[0]).filter(isKvmModule);
+  const loaded = (procModules ?? '')
+    .split('\n')
+    .map((l) => l.split(' ')[0])
+    .filter(isKvmModule);
   if (loaded.length) return loaded.join(', ');
   const builtIn = sysModules.filter(isKvmModule).sort();
   if (builtIn.length) return `${builtIn.join(', ')} (built in: /sys/module${procModules === null ? ', no /proc/modules' : ''})`;
@@ -136,7 +139,9 @@ ${markdownTable(ROW_HEADER, r.rows.map(rowCells))}
 
 ## Machine
 
-${machineEntries(r.machine).map(([k, v]) => `- ${k}: ${v}`).join('\n')}
+${machineEntries(r.machine)
+  .map(([k, v]) => `- ${k}: ${v}`)
+  .join('\n')}
 
 ## Reproduce
 
@@ -148,7 +153,10 @@ node dist/bench/NAME.js       # one benchmark and its own table (after npm run b
 
 NAME is one of ${r.sections.map((s) => `\`${s.name}\``).join(', ')}. Environment variables:
 
-${markdownTable(['variable', 'default', 'this run', 'sets'], [...r.knobs].sort((a, b) => a.name.localeCompare(b.name)).map((k) => [`\`${k.name}\``, k.fallback || '(unset)', k.value || '(unset)', k.what]))}
+${markdownTable(
+  ['variable', 'default', 'this run', 'sets'],
+  [...r.knobs].sort((a, b) => a.name.localeCompare(b.name)).map((k) => [`\`${k.name}\``, k.fallback || '(unset)', k.value || '(unset)', k.what]),
+)}
 
 ## Details
 

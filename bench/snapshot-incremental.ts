@@ -113,7 +113,14 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
     ratioRow(`${label}: incremental CreateSnapshot (16 MiB dirtied)`, m.inc, m.full, 'ms', 'full CreateSnapshot of the same VM', { op: '<=', ratio: 0.1 }),
     ratioRow(`${label}: incremental snapshot file`, incFile, DIRTY + incState, 'bytes', '16 MiB dirtied + state records', { op: '<=', ratio: 1.1 }),
     ...DEPTHS.map((k) =>
-      ratioRow(`${label}: RestoreSnapshot of a depth-${k} chain to next console output`, median(restoreOut[`depth ${k}`]), median(restoreOut.full), 'ms', "the full snapshot's", { op: '<=', ratio: 1.2 }),
+      ratioRow(
+        `${label}: RestoreSnapshot of a depth-${k} chain to next console output`,
+        median(restoreOut[`depth ${k}`]),
+        median(restoreOut.full),
+        'ms',
+        "the full snapshot's",
+        { op: '<=', ratio: 1.2 },
+      ),
     ),
   ];
   const detail = [
@@ -122,8 +129,16 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
       ['measure', 'ms', 'notes'],
       [
         ['full CreateSnapshot (track_dirty)', m.full.toFixed(1), ''],
-        ['incremental CreateSnapshot', m.inc.toFixed(1), `${(incFile / MiB).toFixed(2)} MiB file: ${incPages} pages stored (16 MiB = 4096 written by vcpud, the rest the guest's), ${incState} bytes of state`],
-        ...Object.entries(restoreOut).map(([k, v]) => [`RestoreSnapshot (lazy) to next console output: ${k === 'full' ? 'full snapshot' : `chain of ${k}`}`, median(v).toFixed(1), '']),
+        [
+          'incremental CreateSnapshot',
+          m.inc.toFixed(1),
+          `${(incFile / MiB).toFixed(2)} MiB file: ${incPages} pages stored (16 MiB = 4096 written by vcpud, the rest the guest's), ${incState} bytes of state`,
+        ],
+        ...Object.entries(restoreOut).map(([k, v]) => [
+          `RestoreSnapshot (lazy) to next console output: ${k === 'full' ? 'full snapshot' : `chain of ${k}`}`,
+          median(v).toFixed(1),
+          '',
+        ]),
       ],
     ),
     '',

@@ -26,7 +26,9 @@ type Client = grpc.Client & Record<string, Function>;
 const MEMORY = Number(knob('BENCH_STREAM_MIB', '1024', 'snapshot-stream: guest memory in MiB')) * MiB;
 const RUNS = Number(knob('BENCH_STREAM_RUNS', '5', 'snapshot-stream: rounds (the figures are medians)'));
 const CPU_PROF = knob('BENCH_CPU_PROF', '', 'snapshot-stream: a directory: vcpud runs with node --cpu-prof into it');
-const WINDOW = Number(knob('BENCH_STREAM_WINDOW', '0', 'snapshot-stream: HTTP/2 receive window of the bench clients in bytes (grpc-node.flow_control_window; 0 = grpc-js default)'));
+const WINDOW = Number(
+  knob('BENCH_STREAM_WINDOW', '0', 'snapshot-stream: HTTP/2 receive window of the bench clients in bytes (grpc-node.flow_control_window; 0 = grpc-js default)'),
+);
 const VCPUCTL = knob('BENCH_STREAM_VCPUCTL', '1', 'snapshot-stream: 0 skips the vcpuctl rows') !== '0';
 /** The message size of both RPCs (CreateSnapshotResponse.data is at most 1 MiB; vcpuctl uploads 1 MiB). */
 const CHUNK = MiB;
@@ -58,8 +60,11 @@ function restoreFromStream(snaps: Client, messages: Buffer[]): Promise<string> {
   const method = vcpudProto().vcpud.v1.SnapshotService.service.RestoreSnapshotStream;
   const options = method.requestSerialize({ options: { run: false, vmName: '' } });
   return new Promise((resolve, reject) => {
-    const s = snaps.makeClientStreamRequest(method.path, (b: Buffer) => b, method.responseDeserialize, (err: grpc.ServiceError | null, res?: { vm: { id: string } | null }) =>
-      err ? reject(err) : resolve(res!.vm!.id),
+    const s = snaps.makeClientStreamRequest(
+      method.path,
+      (b: Buffer) => b,
+      method.responseDeserialize,
+      (err: grpc.ServiceError | null, res?: { vm: { id: string } | null }) => (err ? reject(err) : resolve(res!.vm!.id)),
     );
     let i = -1; // -1: the options message
     const pump = () => {
@@ -72,7 +77,9 @@ function restoreFromStream(snaps: Client, messages: Buffer[]): Promise<string> {
 
 function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
-    execFile(cmd, args, { maxBuffer: 16 * MiB }, (err, stdout, stderr) => (err ? reject(new Error(`${args.join(' ')}: ${err.message}\n${stderr}`)) : resolve(stdout))),
+    execFile(cmd, args, { maxBuffer: 16 * MiB }, (err, stdout, stderr) =>
+      err ? reject(new Error(`${args.join(' ')}: ${err.message}\n${stderr}`)) : resolve(stdout),
+    ),
   );
 }
 
@@ -84,11 +91,22 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
   const floor = await startBulkFloor(channelOptions);
   const shmFile = path.join('/dev/shm', `bench-snapshot-stream-${process.pid}.snap`);
   const label = MEMORY >= 1 << 30 ? `${MEMORY / (1 << 30)} GiB` : `${MEMORY / MiB} MiB`;
-  const t = { down: [] as number[], create: [] as number[], up: [] as number[], restore: [] as number[], ctlCreate: [] as number[], ctlRestore: [] as number[] };
+  const t = {
+    down: [] as number[],
+    create: [] as number[],
+    up: [] as number[],
+    restore: [] as number[],
+    ctlCreate: [] as number[],
+    ctlRestore: [] as number[],
+  };
   const cpu = { create: [] as number[], restore: [] as number[], down: [] as number[], up: [] as number[] };
   const clientCpu = { create: [] as number[], restore: [] as number[], down: [] as number[], up: [] as number[] };
   let size = 0;
-  const snaps = new (vcpudProto().vcpud.v1.SnapshotService as unknown as grpc.ServiceClientConstructor)(d.serving.api, grpc.credentials.createInsecure(), channelOptions) as Client;
+  const snaps = new (vcpudProto().vcpud.v1.SnapshotService as unknown as grpc.ServiceClientConstructor)(
+    d.serving.api,
+    grpc.credentials.createInsecure(),
+    channelOptions,
+  ) as Client;
   try {
     const vms = d.client('VmService');
     const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(MEMORY), vcpuCount: 1, name: 'bench-stream' });
@@ -190,7 +208,10 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
   if (VCPUCTL) {
     rows.push(ratioRow(`${label}: vcpuctl snapshot create --out (process)`, speed(m.ctlCreate), speed(m.down), 'MiB/s', 'grpc-js server stream, same bytes'));
     rows.push(ratioRow(`${label}: vcpuctl snapshot restore --in (process)`, speed(m.ctlRestore), speed(m.up), 'MiB/s', 'grpc-js client stream, same bytes'));
-    lines.push(['vcpuctl snapshot create --out /dev/shm', m.ctlCreate, speed(m.ctlCreate), '', ''], ['vcpuctl snapshot restore --in /dev/shm', m.ctlRestore, speed(m.ctlRestore), '', '']);
+    lines.push(
+      ['vcpuctl snapshot create --out /dev/shm', m.ctlCreate, speed(m.ctlCreate), '', ''],
+      ['vcpuctl snapshot restore --in /dev/shm', m.ctlRestore, speed(m.ctlRestore), '', ''],
+    );
   }
   const detail = [
     `${label} VM, random memory, ${(size / MiB).toFixed(1)} MiB snapshot in ${CHUNK / MiB} MiB messages over a Unix socket; median of ${RUNS} alternating rounds\n`,

@@ -18,7 +18,9 @@ import { call, startVcpud } from '../test/support/vcpud-process';
 import { MiB, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
 
 type Client = grpc.Client & Record<string, Function>;
-const SIZES = knob('BENCH_SIZES', '256,1024', 'snapshot: guest sizes in MiB, comma-separated').split(',').map((s) => Number(s) * MiB);
+const SIZES = knob('BENCH_SIZES', '256,1024', 'snapshot: guest sizes in MiB, comma-separated')
+  .split(',')
+  .map((s) => Number(s) * MiB);
 const RUNS = Number(knob('BENCH_RUNS', '5', 'snapshot: runs per size (the figures are medians)'));
 const VERBOSE = knob('BENCH_VERBOSE', '', 'snapshot: set to print every run on stderr') !== '';
 const SPEED_TARGET = { op: '>=', ratio: 0.8 } as const;
@@ -125,7 +127,7 @@ export async function measureSnapshot(): Promise<BenchResult> {
           const t0 = now();
           const r = await call<{ vm: { id: string } }>(snaps, 'RestoreSnapshot', { name: `bench-${size}.snap`, run: true, noLazyMemory: !lazy });
           times.push(now() - t0);
-          if (VERBOSE) console.error(`run ${run} ${lazy ? "lazy" : "eager"} restore ${(now() - t0).toFixed(1)} ms`);
+          if (VERBOSE) console.error(`run ${run} ${lazy ? 'lazy' : 'eager'} restore ${(now() - t0).toFixed(1)} ms`);
           outputs.push((await firstOutput(vms, r.vm.id)) - t0);
           await call(vms, 'DeleteVm', { vmId: r.vm.id });
         }
@@ -133,7 +135,15 @@ export async function measureSnapshot(): Promise<BenchResult> {
       }
       // MiB of guest memory per second: as speeds, value / floor is cp_time / snapshot_time.
       const speed = (ms: number) => size / MiB / (ms / 1000);
-      const m = { cp: median(cp), cpSync: median(cpSync), snap: median(snap), rl: median(restoreLazy), ol: median(outputLazy), re: median(restoreEager), oe: median(outputEager) };
+      const m = {
+        cp: median(cp),
+        cpSync: median(cpSync),
+        snap: median(snap),
+        rl: median(restoreLazy),
+        ol: median(outputLazy),
+        re: median(restoreEager),
+        oe: median(outputEager),
+      };
       rows.push(
         [`${label}: cp`, m.cp, speed(m.cp), ''],
         [`${label}: cp + sync FILE`, m.cpSync, speed(m.cpSync), ''],
@@ -156,8 +166,11 @@ export async function measureSnapshot(): Promise<BenchResult> {
       };
       benchRows.push(vsCp, vsCpSync, restore);
       const verdict = (r: BenchRow) => (r.met ? 'met' : 'NOT met');
-      verdicts.push(`${label}: snapshot speed / cp speed = ${vsCp.ratio!.toFixed(2)} (target ${vsCp.target}: ${verdict(vsCp)}); / (cp + sync) = ${vsCpSync.ratio!.toFixed(2)}`);
-      if (restoreTarget) verdicts.push(`${label}: RestoreSnapshot call to next console output ${m.ol.toFixed(1)} ms (target ${restore.target}: ${verdict(restore)})`);
+      verdicts.push(
+        `${label}: snapshot speed / cp speed = ${vsCp.ratio!.toFixed(2)} (target ${vsCp.target}: ${verdict(vsCp)}); / (cp + sync) = ${vsCpSync.ratio!.toFixed(2)}`,
+      );
+      if (restoreTarget)
+        verdicts.push(`${label}: RestoreSnapshot call to next console output ${m.ol.toFixed(1)} ms (target ${restore.target}: ${verdict(restore)})`);
       await call(vms, 'DeleteVm', { vmId: vm.id });
       fs.rmSync(src, { force: true });
       fs.rmSync(path.join(snapDir, `bench-${size}.snap`), { force: true });

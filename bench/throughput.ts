@@ -14,7 +14,21 @@
  */
 import { rawIoctlSumUs } from './getstate';
 import { rawGetState, runLoad, type LoadOptions, type LoadResult } from './loadgen';
-import { EMPTY_METHOD, MiB, cpuSeconds, fatal, knob, pausedCounterVm, ratioRow, rowsTable, rssBytes, startEmptyServer, table, type BenchResult, type BenchRow } from './floors';
+import {
+  EMPTY_METHOD,
+  MiB,
+  cpuSeconds,
+  fatal,
+  knob,
+  pausedCounterVm,
+  ratioRow,
+  rowsTable,
+  rssBytes,
+  startEmptyServer,
+  table,
+  type BenchResult,
+  type BenchRow,
+} from './floors';
 import { startVcpud } from '../test/support/vcpud-process';
 
 const SECONDS = Number(knob('BENCH_SECONDS', '5', 'throughput: seconds per measurement, after 1 s of warm-up'));
@@ -116,13 +130,40 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
       met: bytes <= RSS_ALLOWANCE + vm.memoryBytes,
     });
     const cpu = cpuFloor(getState, sameBytes, rawIoctlUs);
-    const rate = ratioRow(`GetState throughput, ${clients} clients (UDS)`, g.callsPerSecond, sameBytes.load.callsPerSecond, 'calls/s', `trivial handler sending the same ${sameBytes.bytes}-byte reply`, TARGET);
+    const rate = ratioRow(
+      `GetState throughput, ${clients} clients (UDS)`,
+      g.callsPerSecond,
+      sameBytes.load.callsPerSecond,
+      'calls/s',
+      `trivial handler sending the same ${sameBytes.bytes}-byte reply`,
+      TARGET,
+    );
     const rows: BenchRow[] = [
       // Failed calls would make it a throughput of errors: not met, whatever the rate.
       { ...rate, met: rate.met === true && g.calls === (g.codes.OK ?? 0) },
-      ratioRow(`GetState throughput against an empty handler (information)`, g.callsPerSecond, empty.load.callsPerSecond, 'calls/s', `empty grpc-js handler, ${clients} clients`),
-      ratioRow(`server CPU per GetState, ${clients} clients`, cpu.getStateUs, cpu.floorUs, 'us', 'trivial same-bytes handler CPU per call + raw ioctl sum', CPU_TARGET),
-      ratioRow(`vcpud RSS under that load (peak) against the trivial handler's`, peak / MiB, trivialPeak / MiB, 'MiB', `trivial same-bytes handler's peak, same load`, RSS_TARGET),
+      ratioRow(
+        `GetState throughput against an empty handler (information)`,
+        g.callsPerSecond,
+        empty.load.callsPerSecond,
+        'calls/s',
+        `empty grpc-js handler, ${clients} clients`,
+      ),
+      ratioRow(
+        `server CPU per GetState, ${clients} clients`,
+        cpu.getStateUs,
+        cpu.floorUs,
+        'us',
+        'trivial same-bytes handler CPU per call + raw ioctl sum',
+        CPU_TARGET,
+      ),
+      ratioRow(
+        `vcpud RSS under that load (peak) against the trivial handler's`,
+        peak / MiB,
+        trivialPeak / MiB,
+        'MiB',
+        `trivial same-bytes handler's peak, same load`,
+        RSS_TARGET,
+      ),
       rssRow('vcpud RSS idle (1 VM)', idle),
       rssRow(`vcpud RSS under load (peak)`, peak),
     ];
@@ -176,7 +217,9 @@ function loadRow(name: string, m: Measured): string[] {
     l.p50.toFixed(2),
     l.p99.toFixed(2),
     String(r.calls),
-    Object.entries(r.codes).map(([c, n]) => `${c} ${n}`).join(', '),
+    Object.entries(r.codes)
+      .map(([c, n]) => `${c} ${n}`)
+      .join(', '),
     perCall(serverCpuSeconds),
     perCall(r.clientCpuSeconds),
   ];
@@ -202,7 +245,9 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
         ]),
       ],
     ),
-    ...(g.server ? [`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`] : []),
+    ...(g.server
+      ? [`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`]
+      : []),
     "(CPU per call from /proc/PID/stat at 10 ms resolution; the client and the server share the machine's cores)",
     `raw ioctl sum (C, 13 GET ioctls): ${f.rawIoctlUs.toFixed(0)} us`,
     ...roundRatios,

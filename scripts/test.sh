@@ -23,6 +23,10 @@ step "typecheck and build dist/ (the e2e tests run the built vcpud)"
 typecheck_failed=0
 npx tsc -p tsconfig.json || typecheck_failed=1
 
+step "lint and format check (npm run lint: biome, config in biome.jsonc; npm run format fixes the format)"
+lint_failed=0
+npx biome ci --error-on-warnings . || lint_failed=1
+
 step "build: the descriptor set server reflection serves (dist/src/descriptor-set.binpb)"
 bash scripts/build-descriptors.sh || typecheck_failed=1
 
@@ -57,10 +61,12 @@ docker_cleanup
 node -e '
 const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
 const tc = Number(process.argv[2]);
+const lint = Number(process.argv[3]);
 const skipped = r.numPendingTests + r.numTodoTests;
-const failed = r.numFailedTests + r.numRuntimeErrorTestSuites + tc;
+const failed = r.numFailedTests + r.numRuntimeErrorTestSuites + tc + lint;
 if (tc) console.log("typecheck or descriptor build failed (counted as one failure)");
+if (lint) console.log("lint or format check failed (counted as one failure; npm run lint shows why)");
 console.log(`${r.numPassedTests} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
-' "$results" "$typecheck_failed" || { echo "0 passed, 1 failed"; exit 1; }
+' "$results" "$typecheck_failed" "$lint_failed" || { echo "0 passed, 1 failed"; exit 1; }
 rm -f "$results"
-[ "$jest_rc" -eq 0 ] && [ "$typecheck_failed" -eq 0 ]
+[ "$jest_rc" -eq 0 ] && [ "$typecheck_failed" -eq 0 ] && [ "$lint_failed" -eq 0 ]

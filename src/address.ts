@@ -50,7 +50,8 @@ export function unixSocketPath(text: string, baseDir: string = process.cwd()): s
   else return undefined;
   if (!raw) throw new Error(`malformed address '${text}': unix: needs a path`);
   const p = path.resolve(baseDir, raw);
-  if (Buffer.byteLength(p) > MAX_UNIX_PATH_BYTES) throw new Error(`unix socket path ${p} is ${Buffer.byteLength(p)} bytes; the kernel limit is ${MAX_UNIX_PATH_BYTES}`);
+  if (Buffer.byteLength(p) > MAX_UNIX_PATH_BYTES)
+    throw new Error(`unix socket path ${p} is ${Buffer.byteLength(p)} bytes; the kernel limit is ${MAX_UNIX_PATH_BYTES}`);
   return p;
 }
 

@@ -125,15 +125,12 @@ export class UnsupportedError extends VcpudError {
 
 export const notFound = (what: string, reason?: 'VM_NOT_FOUND' | 'VCPU_NOT_FOUND' | 'SNAPSHOT_NOT_FOUND', field?: string) =>
   new VcpudError('not_found', what, { reason, field });
-export const invalidArgument = (message: string, violations?: Violation[]) =>
-  new VcpudError('invalid_argument', message, { violations });
-export const failedPrecondition = (message: string, reason?: 'VCPU_RUNNING' | 'WRONG_RUN_STATE') =>
-  new VcpudError('failed_precondition', message, { reason });
+export const invalidArgument = (message: string, violations?: Violation[]) => new VcpudError('invalid_argument', message, { violations });
+export const failedPrecondition = (message: string, reason?: 'VCPU_RUNNING' | 'WRONG_RUN_STATE') => new VcpudError('failed_precondition', message, { reason });
 /** A snapshot file that exists, for a CreateSnapshot that did not ask to replace it. */
 export const snapshotExists = (file: string) =>
   new VcpudError('already_exists', `a snapshot already exists at ${file}: set replace (vcpuctl snapshot create --replace) to replace it`, {
     reason: 'SNAPSHOT_EXISTS',
     field: 'name',
   });
-export const limitExceeded = (limit: string, message: string) =>
-  new VcpudError('resource_exhausted', message, { limit });
+export const limitExceeded = (limit: string, message: string) => new VcpudError('resource_exhausted', message, { limit });

@@ -26,7 +26,8 @@ export const BYTES_FIELD_HEADROOM = 6;
  * place: the tag and the length go into the free bytes just before the contents (no copy).
  */
 export function bytesFieldMessage(field: number, framed: Buffer, headroom: number): Preserialized {
-  if (field < 1 || field > 15 || headroom < BYTES_FIELD_HEADROOM) throw new RangeError(`bytesFieldMessage: field ${field} or headroom ${headroom} out of range`);
+  if (field < 1 || field > 15 || headroom < BYTES_FIELD_HEADROOM)
+    throw new RangeError(`bytesFieldMessage: field ${field} or headroom ${headroom} out of range`);
   const length = framed.length - headroom;
   let varintBytes = 1;
   for (let l = length >>> 7; l > 0; l >>>= 7) varintBytes++;

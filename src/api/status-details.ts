@@ -56,7 +56,9 @@ export function decodeStatusDetails(metadata: grpc.Metadata | undefined): Decode
         out.badRequest = (br.field_violations ?? []).map(({ field, description, reason }) => ({ field, description, reason }));
       }
       if (a.type_url.endsWith('google.rpc.PreconditionFailure')) {
-        const pf = t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as { violations?: NonNullable<DecodedStatus['preconditionFailure']> };
+        const pf = t.PreconditionFailure.toObject(t.PreconditionFailure.decode(a.value), { defaults: true }) as {
+          violations?: NonNullable<DecodedStatus['preconditionFailure']>;
+        };
         out.preconditionFailure = (pf.violations ?? []).map(({ type, subject, description }) => ({ type, subject, description }));
       }
     }

@@ -63,7 +63,7 @@ export function topHelp(words: string[] = []): string {
   const usage = (c: Command) => ['vcpuctl', ...c.path, ...c.positionals].join(' ');
   const width = Math.max(...cmds.map((c) => usage(c).length)) + 2;
   return [
-    `usage: vcpuctl [global options] ${words.length ? words.join(' ') + ' ' : ''}COMMAND [args] [options]`,
+    `usage: vcpuctl [global options] ${words.length ? `${words.join(' ')} ` : ''}COMMAND [args] [options]`,
     '',
     'commands:',
     ...cmds.map((c) => `  ${usage(c).padEnd(width)}${c.summary}`),
@@ -89,7 +89,7 @@ function usageFailure(io: Io, e: UsageError, json: boolean): number {
  */
 export async function run(argv: string[], io: Io): Promise<number> {
   const json = argv.includes('--json') || argv.includes('--json=true');
-  let parsed;
+  let parsed: ReturnType<typeof parseCommandLine<(typeof COMMANDS)[number]>>;
   try {
     parsed = parseCommandLine(argv, GLOBAL_OPTIONS, COMMANDS);
   } catch (e) {

@@ -94,11 +94,7 @@ function sectionSupport(section: SectionName, src: CapSource): SectionSupport {
   const out: SectionSupport = { readable: !r, writable: !w };
   const dependsOn = w && !r ? w.capability : (r?.capability ?? (need.read ? `KVM_CAP_${need.read}` : need.write && `KVM_CAP_${need.write}`));
   if (dependsOn) out.capability = dependsOn;
-  const reasons = [
-    r?.reason,
-    w && w.capability !== r?.capability && w.reason,
-    !r && need.irqchip && 'needs a VM with the in-kernel irqchip',
-  ].filter(Boolean);
+  const reasons = [r?.reason, w && w.capability !== r?.capability && w.reason, !r && need.irqchip && 'needs a VM with the in-kernel irqchip'].filter(Boolean);
   if (reasons.length) out.reason = reasons.join('; ');
   return out;
 }

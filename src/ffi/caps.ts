@@ -82,7 +82,10 @@ export function sectionGate(section: SectionName, direction: Direction, src: Cap
   const need = SECTION_CAPS[section];
   const cap = need[direction];
   if (cap && !(src.checkExtension(cap) > 0))
-    return new UnsupportedError(`KVM_CAP_${cap}`, `${direction === 'read' ? 'reading' : 'writing'} section ${section} needs KVM_CAP_${cap}, which KVM_CHECK_EXTENSION reports as 0`);
+    return new UnsupportedError(
+      `KVM_CAP_${cap}`,
+      `${direction === 'read' ? 'reading' : 'writing'} section ${section} needs KVM_CAP_${cap}, which KVM_CHECK_EXTENSION reports as 0`,
+    );
   if (need.irqchip && irqchip === false)
     return new UnsupportedError('KVM_CAP_IRQCHIP', `section ${section} needs a VM with the in-kernel irqchip, and this VM was created without (no_irqchip)`);
   return undefined;

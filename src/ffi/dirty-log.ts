@@ -102,22 +102,30 @@ export class DirtyLog {
     if (this.mode === 'get') throw new VcpudError('failed_precondition', `slot ${slot} logs in mode 'get': its harvest already cleared the log`);
     const slotPages = r.size / PAGE;
     if (firstPage % 64 !== 0 || (pages % 64 !== 0 && firstPage + pages !== slotPages))
-      throw new VcpudError('invalid_argument', `KVM_CLEAR_DIRTY_LOG works on 64-page chunks: first page ${firstPage}, ${pages} pages (the slot has ${slotPages})`);
+      throw new VcpudError(
+        'invalid_argument',
+        `KVM_CLEAR_DIRTY_LOG works on 64-page chunks: first page ${firstPage}, ${pages} pages (the slot has ${slotPages})`,
+      );
     await kvmCallAsync('KVM_CLEAR_DIRTY_LOG', () => native.clearDirtyLogAsync(this.vm.fd, slot, r.memory, firstPage, pages, bitmap));
   }
 
   private requiredBits(mode: DirtyLogMode): bigint {
     if (mode === 'get') return 0n;
     const caps = this.caps();
-    if (!caps.manualProtect) throw new VcpudError('unsupported', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is not available on this host', { capability: 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2' });
+    if (!caps.manualProtect)
+      throw new VcpudError('unsupported', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is not available on this host', {
+        capability: 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2',
+      });
     if (mode === 'manual') return BigInt(native.dirtyLogFlags.manualProtectEnable);
-    if (!caps.initiallySet) throw new VcpudError('unsupported', 'KVM_DIRTY_LOG_INITIALLY_SET is not available on this host', { capability: 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2' });
+    if (!caps.initiallySet)
+      throw new VcpudError('unsupported', 'KVM_DIRTY_LOG_INITIALLY_SET is not available on this host', { capability: 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2' });
     return BigInt(native.dirtyLogFlags.manualProtectEnable | native.dirtyLogFlags.initiallySet);
   }
 
   private loggingSlot(slot: number, what: string) {
     const r = this.vm.slot(slot);
-    if (!this.logging.has(slot)) throw new VcpudError('failed_precondition', `cannot ${what} the dirty log of memory slot ${slot}: it does not log dirty pages`);
+    if (!this.logging.has(slot))
+      throw new VcpudError('failed_precondition', `cannot ${what} the dirty log of memory slot ${slot}: it does not log dirty pages`);
     return r;
   }
 

@@ -35,10 +35,30 @@ interface FsAtNative {
   /** flock(fd, LOCK_EX | LOCK_NB), synchronous: throws EWOULDBLOCK when another holder has it. */
   lockExclusive(fd: number): void;
   constants: Record<
-    | 'AT_FDCWD' | 'AT_EMPTY_PATH' | 'AT_SYMLINK_NOFOLLOW' | 'AT_REMOVEDIR'
-    | 'O_RDONLY' | 'O_WRONLY' | 'O_CREAT' | 'O_EXCL' | 'O_NOFOLLOW' | 'O_DIRECTORY' | 'O_NONBLOCK' | 'O_PATH'
-    | 'RESOLVE_BENEATH' | 'RESOLVE_NO_SYMLINKS' | 'RESOLVE_NO_MAGICLINKS' | 'RESOLVE_NO_XDEV'
-    | 'S_IFMT' | 'S_IFREG' | 'S_IFDIR' | 'S_IFLNK' | 'DT_UNKNOWN' | 'DT_REG' | 'DT_DIR' | 'DT_LNK',
+    | 'AT_FDCWD'
+    | 'AT_EMPTY_PATH'
+    | 'AT_SYMLINK_NOFOLLOW'
+    | 'AT_REMOVEDIR'
+    | 'O_RDONLY'
+    | 'O_WRONLY'
+    | 'O_CREAT'
+    | 'O_EXCL'
+    | 'O_NOFOLLOW'
+    | 'O_DIRECTORY'
+    | 'O_NONBLOCK'
+    | 'O_PATH'
+    | 'RESOLVE_BENEATH'
+    | 'RESOLVE_NO_SYMLINKS'
+    | 'RESOLVE_NO_MAGICLINKS'
+    | 'RESOLVE_NO_XDEV'
+    | 'S_IFMT'
+    | 'S_IFREG'
+    | 'S_IFDIR'
+    | 'S_IFLNK'
+    | 'DT_UNKNOWN'
+    | 'DT_REG'
+    | 'DT_DIR'
+    | 'DT_LNK',
     number
   >;
 }

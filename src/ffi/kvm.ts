@@ -54,10 +54,7 @@ export class Kvm implements CapSource {
     const version = kvm.apiVersion();
     if (version !== EXPECTED_API_VERSION) {
       kvm.close();
-      throw new VcpudError(
-        'failed_precondition',
-        `${path}: KVM_GET_API_VERSION returned ${version}, vcpud requires ${EXPECTED_API_VERSION}`,
-      );
+      throw new VcpudError('failed_precondition', `${path}: KVM_GET_API_VERSION returned ${version}, vcpud requires ${EXPECTED_API_VERSION}`);
     }
     return kvm;
   }

@@ -236,7 +236,10 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   openKvm(path: string): Fd;
   closeFd(fd: Fd): void;
   /** Anonymous memory, or with `fd` a MAP_SHARED mapping of that file (at least `size` bytes long). */
-  GuestMemory: new (size: number, fd?: number) => NativeGuestMemory;
+  GuestMemory: new (
+    size: number,
+    fd?: number,
+  ) => NativeGuestMemory;
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
   /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
   crc32c(buf: Buffer, seed?: number, software?: boolean): number;
@@ -258,7 +261,7 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   batchOps: string[];
 }
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
+// A .node addon loads only through require (there is no ES import for it).
 export const native: Native = require(path.join(packageRoot(), 'build', 'Release', 'vcpud_native.node'));
 
 interface NativeErrorShape {

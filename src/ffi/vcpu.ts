@@ -169,7 +169,11 @@ export class Vcpu {
   setMsrs(entries: MsrEntry[]): MsrResult {
     const buf = SECTIONS.msrs.encode(entries);
     const processed = kvmCall('KVM_SET_MSRS', () => native.setMsrs(this.fd, buf));
-    return msrResult(entries, processed, entries.map((e) => e.index));
+    return msrResult(
+      entries,
+      processed,
+      entries.map((e) => e.index),
+    );
   }
   /**
    * KVM_GET_CPUID2. Older kernels (Debian's 6.1, seen in the nested lab) write `nent` back only
@@ -248,11 +252,19 @@ export class Vcpu {
     const n = plans.length;
     const out = new Float64Array(2 * n);
     const xsave = plans.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
-    const failure = native.getBatch(this.fd, Uint8Array.from(plans, (p) => batchOp(p.ioctl)), plans.map((p) => p.buf), out, xsave);
+    const failure = native.getBatch(
+      this.fd,
+      Uint8Array.from(plans, (p) => batchOp(p.ioctl)),
+      plans.map((p) => p.buf),
+      out,
+      xsave,
+    );
     const failedAt = failure ? failure.batchIndex : n;
     const error = failure && toKvmError(failure);
     const obs = currentObserver();
-    if (obs) for (let i = 0; i < Math.min(failedAt + 1, n); i++) obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
+    if (obs)
+      for (let i = 0; i < Math.min(failedAt + 1, n); i++)
+        obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
     if (failure) throw error;
     return plans.map((p, i) => p.done(out[2 * i]));
   }
@@ -330,8 +342,7 @@ export class Vcpu {
   }
 
   private setRaw(ioctl: string, fn: (fd: number, b: Buffer) => void, value: Buffer, size: number): void {
-    if (value.length !== size)
-      throw new VcpudError('invalid_argument', `${ioctl}: expected ${size} bytes, got ${value.length}`);
+    if (value.length !== size) throw new VcpudError('invalid_argument', `${ioctl}: expected ${size} bytes, got ${value.length}`);
     kvmCall(ioctl, () => fn(this.fd, value));
   }
 

@@ -49,14 +49,11 @@ export class Vm implements CapSource {
    * snapshot's memory, already loaded or mapped), which the VM then owns and releases.
    */
   addMemory(guestPhysAddr: number, size: number, flags = 0, prepared?: NativeGuestMemory): MemoryRegion {
-    if (prepared && prepared.size !== size)
-      throw new VcpudError('internal', `prepared guest memory is ${prepared.size} bytes, the slot ${size}`);
+    if (prepared && prepared.size !== size) throw new VcpudError('internal', `prepared guest memory is ${prepared.size} bytes, the slot ${size}`);
     const memory = prepared ?? kvmCall('mmap', () => new native.GuestMemory(size));
     const slot = this.regions.length;
     try {
-      kvmCall('KVM_SET_USER_MEMORY_REGION', () =>
-        native.setUserMemoryRegion(this.fd, slot, flags, guestPhysAddr, memory),
-      );
+      kvmCall('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegion(this.fd, slot, flags, guestPhysAddr, memory));
     } catch (e) {
       memory.release();
       throw e;
@@ -75,7 +72,9 @@ export class Vm implements CapSource {
     const slot = this.regions.length;
     const region = { slot, guestPhysAddr, size: memory.size, flags, memory };
     this.regions.push(region); // reserved now: close() releases it whatever happens below
-    await this.handle.useAsync((fd) => kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(fd, slot, flags, guestPhysAddr, memory)));
+    await this.handle.useAsync((fd) =>
+      kvmCallAsync('KVM_SET_USER_MEMORY_REGION', () => native.setUserMemoryRegionAsync(fd, slot, flags, guestPhysAddr, memory)),
+    );
     return region;
   }
 
@@ -122,10 +121,7 @@ export class Vm implements CapSource {
       const offset = gpa - region.guestPhysAddr;
       if (offset >= 0 && offset + len <= region.size) return { region, offset };
     }
-    throw new VcpudError(
-      'invalid_argument',
-      `guest-physical range 0x${gpa.toString(16)}+0x${len.toString(16)} is outside guest memory`,
-    );
+    throw new VcpudError('invalid_argument', `guest-physical range 0x${gpa.toString(16)}+0x${len.toString(16)} is outside guest memory`);
   }
 
   readMemory(gpa: number, len: number): Buffer {
@@ -220,6 +216,6 @@ export function encodeEnableCap(cap: CapName | number, args: bigint[], flags: nu
   const buf = Buffer.alloc(native.sizes.kvm_enable_cap);
   buf.writeUInt32LE(typeof cap === 'number' ? cap : capNumber(cap), 0);
   buf.writeUInt32LE(flags, 4);
-  args.forEach((a, i) => buf.writeBigUInt64LE(a, 8 + i * 8));
+  for (const [i, a] of args.entries()) buf.writeBigUInt64LE(a, 8 + i * 8);
   return buf;
 }

@@ -6,7 +6,17 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { DEFAULT_RUNTIME_DIR_RULE, DEFAULT_SOCKET_RULE, defaultRuntimeDir, defaultSocketAddress, formatAddress, isLoopbackHost, parseAddress, parseHostPort, type Address } from '../address';
+import {
+  DEFAULT_RUNTIME_DIR_RULE,
+  DEFAULT_SOCKET_RULE,
+  defaultRuntimeDir,
+  defaultSocketAddress,
+  formatAddress,
+  isLoopbackHost,
+  parseAddress,
+  parseHostPort,
+  type Address,
+} from '../address';
 import { parseByteSize, SIZE_SYNTAX } from '../size';
 import { DEFAULT_LIMITS, type Limits } from '../vm/limits';
 
@@ -251,36 +261,245 @@ interface OptionSpec {
 }
 
 const OPTIONS: OptionSpec[] = [
-  { key: 'snapshotDir', flag: '--snapshot-dir', env: 'VCPUD_SNAPSHOT_DIR', file: 'snapshotDir', parse: filePath, arg: 'DIR', help: `snapshot directory (default DIR/snapshots with DIR = ${DEFAULT_RUNTIME_DIR_RULE})` },
-  { key: 'stateDir', flag: '--state-dir', env: 'VCPUD_STATE_DIR', file: 'stateDir', parse: filePath, arg: 'DIR', help: 'guest memory as files here (tmpfs/hugetlbfs); VMs survive a SIGTERM restart (default: anonymous memory, no handover)' },
-  { key: 'migrationTlsCa', flag: '--migration-tls-ca', env: 'VCPUD_MIGRATION_TLS_CA', file: 'migrationTls.caFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: CA to verify destination vcpuds with (PEM)' },
-  { key: 'migrationTlsCert', flag: '--migration-tls-cert', env: 'VCPUD_MIGRATION_TLS_CERT', file: 'migrationTls.certFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: client certificate presented to destinations (PEM)' },
-  { key: 'migrationTlsKey', flag: '--migration-tls-key', env: 'VCPUD_MIGRATION_TLS_KEY', file: 'migrationTls.keyFile', parse: filePath, arg: 'FILE', help: 'MigrateVm: its private key (PEM)' },
-  { key: 'migrationStallTimeoutMs', flag: '--migration-stall-timeout', env: 'VCPUD_MIGRATION_STALL_TIMEOUT', file: 'migrationStallTimeoutMs', parse: duration, arg: 'DURATION', help: 'a migration whose peer makes no progress this long fails; the VM stays on the source (default 10s)' },
-  { key: 'listen', flag: '--listen', env: 'VCPUD_LISTEN', file: 'listen', parse: str, arg: 'ADDR', help: 'unix:PATH (or just a path), or HOST:PORT, to serve the API on' },
-  { key: 'socketMode', flag: '--socket-mode', env: 'VCPUD_SOCKET_MODE', file: 'socketMode', parse: mode, arg: 'MODE', help: 'file mode of the unix socket (default 0600)' },
+  {
+    key: 'snapshotDir',
+    flag: '--snapshot-dir',
+    env: 'VCPUD_SNAPSHOT_DIR',
+    file: 'snapshotDir',
+    parse: filePath,
+    arg: 'DIR',
+    help: `snapshot directory (default DIR/snapshots with DIR = ${DEFAULT_RUNTIME_DIR_RULE})`,
+  },
+  {
+    key: 'stateDir',
+    flag: '--state-dir',
+    env: 'VCPUD_STATE_DIR',
+    file: 'stateDir',
+    parse: filePath,
+    arg: 'DIR',
+    help: 'guest memory as files here (tmpfs/hugetlbfs); VMs survive a SIGTERM restart (default: anonymous memory, no handover)',
+  },
+  {
+    key: 'migrationTlsCa',
+    flag: '--migration-tls-ca',
+    env: 'VCPUD_MIGRATION_TLS_CA',
+    file: 'migrationTls.caFile',
+    parse: filePath,
+    arg: 'FILE',
+    help: 'MigrateVm: CA to verify destination vcpuds with (PEM)',
+  },
+  {
+    key: 'migrationTlsCert',
+    flag: '--migration-tls-cert',
+    env: 'VCPUD_MIGRATION_TLS_CERT',
+    file: 'migrationTls.certFile',
+    parse: filePath,
+    arg: 'FILE',
+    help: 'MigrateVm: client certificate presented to destinations (PEM)',
+  },
+  {
+    key: 'migrationTlsKey',
+    flag: '--migration-tls-key',
+    env: 'VCPUD_MIGRATION_TLS_KEY',
+    file: 'migrationTls.keyFile',
+    parse: filePath,
+    arg: 'FILE',
+    help: 'MigrateVm: its private key (PEM)',
+  },
+  {
+    key: 'migrationStallTimeoutMs',
+    flag: '--migration-stall-timeout',
+    env: 'VCPUD_MIGRATION_STALL_TIMEOUT',
+    file: 'migrationStallTimeoutMs',
+    parse: duration,
+    arg: 'DURATION',
+    help: 'a migration whose peer makes no progress this long fails; the VM stays on the source (default 10s)',
+  },
+  {
+    key: 'listen',
+    flag: '--listen',
+    env: 'VCPUD_LISTEN',
+    file: 'listen',
+    parse: str,
+    arg: 'ADDR',
+    help: 'unix:PATH (or just a path), or HOST:PORT, to serve the API on',
+  },
+  {
+    key: 'socketMode',
+    flag: '--socket-mode',
+    env: 'VCPUD_SOCKET_MODE',
+    file: 'socketMode',
+    parse: mode,
+    arg: 'MODE',
+    help: 'file mode of the unix socket (default 0600)',
+  },
   { key: 'tlsCert', flag: '--tls-cert', env: 'VCPUD_TLS_CERT', file: 'tls.certFile', parse: filePath, arg: 'FILE', help: 'server certificate chain (PEM)' },
   { key: 'tlsKey', flag: '--tls-key', env: 'VCPUD_TLS_KEY', file: 'tls.keyFile', parse: filePath, arg: 'FILE', help: 'server private key (PEM)' },
   { key: 'tlsCa', flag: '--tls-ca', env: 'VCPUD_TLS_CA', file: 'tls.caFile', parse: filePath, arg: 'FILE', help: 'CA for client certificates: turns on mTLS' },
-  { key: 'allowedClients', flag: '--allow-client', env: 'VCPUD_ALLOWED_CLIENTS', file: 'tls.allowedClients', parse: list, repeatable: true, arg: 'NAME', help: 'client cert CN or SAN URI allowed to call (repeatable; env: comma-separated)' },
-  { key: 'insecure', flag: '--insecure', env: 'VCPUD_INSECURE', file: 'insecure', parse: bool, boolean: true, help: 'allow plaintext TCP (loopback addresses only)' },
-  { key: 'metricsListen', flag: '--metrics-listen', env: 'VCPUD_METRICS_LISTEN', file: 'metricsListen', parse: str, arg: 'HOST:PORT', help: "Prometheus /metrics endpoint, '' to disable (default 127.0.0.1:9464)" },
-  { key: 'healthListen', flag: '--health-listen', env: 'VCPUD_HEALTH_LISTEN', file: 'healthListen', parse: str, arg: 'HOST:PORT', help: 'plaintext grpc.health.v1-only server, for Kubernetes gRPC probes' },
+  {
+    key: 'allowedClients',
+    flag: '--allow-client',
+    env: 'VCPUD_ALLOWED_CLIENTS',
+    file: 'tls.allowedClients',
+    parse: list,
+    repeatable: true,
+    arg: 'NAME',
+    help: 'client cert CN or SAN URI allowed to call (repeatable; env: comma-separated)',
+  },
+  {
+    key: 'insecure',
+    flag: '--insecure',
+    env: 'VCPUD_INSECURE',
+    file: 'insecure',
+    parse: bool,
+    boolean: true,
+    help: 'allow plaintext TCP (loopback addresses only)',
+  },
+  {
+    key: 'metricsListen',
+    flag: '--metrics-listen',
+    env: 'VCPUD_METRICS_LISTEN',
+    file: 'metricsListen',
+    parse: str,
+    arg: 'HOST:PORT',
+    help: "Prometheus /metrics endpoint, '' to disable (default 127.0.0.1:9464)",
+  },
+  {
+    key: 'healthListen',
+    flag: '--health-listen',
+    env: 'VCPUD_HEALTH_LISTEN',
+    file: 'healthListen',
+    parse: str,
+    arg: 'HOST:PORT',
+    help: 'plaintext grpc.health.v1-only server, for Kubernetes gRPC probes',
+  },
   { key: 'kvmPath', flag: '--kvm-path', env: 'VCPUD_KVM_PATH', file: 'kvmPath', parse: filePath, arg: 'PATH', help: 'KVM device (default /dev/kvm)' },
-  { key: 'maxVms', flag: '--max-vms', env: 'VCPUD_MAX_VMS', file: 'limits.maxVms', parse: count, arg: 'N', help: `VMs at once (default ${DEFAULT_LIMITS.maxVms})` },
-  { key: 'maxVcpusPerVm', flag: '--max-vcpus-per-vm', env: 'VCPUD_MAX_VCPUS_PER_VM', file: 'limits.maxVcpusPerVm', parse: count, arg: 'N', help: `vCPUs per VM (default ${DEFAULT_LIMITS.maxVcpusPerVm})` },
-  { key: 'maxMemoryPerVmBytes', flag: '--max-memory-per-vm', env: 'VCPUD_MAX_MEMORY_PER_VM', file: 'limits.maxMemoryPerVmBytes', parse: size, arg: 'SIZE', help: 'guest memory per VM (default 4Gi)' },
-  { key: 'maxMemoryTotalBytes', flag: '--max-memory-total', env: 'VCPUD_MAX_MEMORY_TOTAL', file: 'limits.maxMemoryTotalBytes', parse: size, arg: 'SIZE', help: 'guest memory of all VMs (default 16Gi)' },
-  { key: 'maxMessageBytes', flag: '--max-message-bytes', env: 'VCPUD_MAX_MESSAGE_BYTES', file: 'maxMessageBytes', parse: (r, b) => positive(size(r, b), b), arg: 'SIZE', help: 'largest gRPC message sent or received (default 64Mi)' },
-  { key: 'maxConcurrentStreams', flag: '--max-concurrent-streams', env: 'VCPUD_MAX_CONCURRENT_STREAMS', file: 'maxConcurrentStreams', parse: positive, arg: 'N', help: 'HTTP/2 streams per connection (default 256)' },
-  { key: 'maxRequestBytesInFlight', flag: '--max-request-bytes-in-flight', env: 'VCPUD_MAX_REQUEST_BYTES_IN_FLIGHT', file: 'maxRequestBytesInFlight', parse: (r, b) => positive(size(r, b), b), arg: 'SIZE', help: 'request messages over 64 KiB being received at once, all calls together (default 256Mi)' },
-  { key: 'uploadStallTimeoutMs', flag: '--upload-stall-timeout', env: 'VCPUD_UPLOAD_STALL_TIMEOUT', file: 'uploadStallTimeoutMs', parse: duration, arg: 'DURATION', help: 'end a request message or restore upload that receives nothing for this long (default 30s)' },
-  { key: 'maxConnections', flag: '--max-connections', env: 'VCPUD_MAX_CONNECTIONS', file: 'maxConnections', parse: positive, arg: 'N', help: 'open connections on the API listener; more are closed at accept (default 256)' },
-  { key: 'handshakeTimeoutMs', flag: '--handshake-timeout', env: 'VCPUD_HANDSHAKE_TIMEOUT', file: 'handshakeTimeoutMs', parse: duration, arg: 'DURATION', help: 'TLS handshake deadline; also how long a probe or scrape connection may idle (default 10s)' },
-  { key: 'shutdownGraceMs', flag: '--shutdown-grace-ms', env: 'VCPUD_SHUTDOWN_GRACE_MS', file: 'shutdownGraceMs', parse: count, arg: 'MS', help: 'time in-flight calls get on shutdown (default 5000)' },
-  { key: 'logLevel', flag: '--log-level', env: 'VCPUD_LOG_LEVEL', file: 'logLevel', parse: level, arg: 'LEVEL', help: 'debug, info, warn or error (default info)' },
-  { key: 'exitOnKvmError', flag: '--exit-on-kvm-error', env: 'VCPUD_EXIT_ON_KVM_ERROR', file: 'exitOnKvmError', parse: bool, boolean: true, help: 'exit when KVM is unusable instead of serving health NOT_SERVING' },
-  { key: 'testAllowUnvalidatedNested', flag: '--test-allow-unvalidated-nested', env: 'VCPUD_TEST_ALLOW_UNVALIDATED_NESTED', file: 'testAllowUnvalidatedNested', parse: bool, boolean: true, help: 'TEST ONLY, never in production: SetNestedState calls with header x-vcpud-skip-validation: 1 skip validation (the kernel alone judges the blob)' },
+  {
+    key: 'maxVms',
+    flag: '--max-vms',
+    env: 'VCPUD_MAX_VMS',
+    file: 'limits.maxVms',
+    parse: count,
+    arg: 'N',
+    help: `VMs at once (default ${DEFAULT_LIMITS.maxVms})`,
+  },
+  {
+    key: 'maxVcpusPerVm',
+    flag: '--max-vcpus-per-vm',
+    env: 'VCPUD_MAX_VCPUS_PER_VM',
+    file: 'limits.maxVcpusPerVm',
+    parse: count,
+    arg: 'N',
+    help: `vCPUs per VM (default ${DEFAULT_LIMITS.maxVcpusPerVm})`,
+  },
+  {
+    key: 'maxMemoryPerVmBytes',
+    flag: '--max-memory-per-vm',
+    env: 'VCPUD_MAX_MEMORY_PER_VM',
+    file: 'limits.maxMemoryPerVmBytes',
+    parse: size,
+    arg: 'SIZE',
+    help: 'guest memory per VM (default 4Gi)',
+  },
+  {
+    key: 'maxMemoryTotalBytes',
+    flag: '--max-memory-total',
+    env: 'VCPUD_MAX_MEMORY_TOTAL',
+    file: 'limits.maxMemoryTotalBytes',
+    parse: size,
+    arg: 'SIZE',
+    help: 'guest memory of all VMs (default 16Gi)',
+  },
+  {
+    key: 'maxMessageBytes',
+    flag: '--max-message-bytes',
+    env: 'VCPUD_MAX_MESSAGE_BYTES',
+    file: 'maxMessageBytes',
+    parse: (r, b) => positive(size(r, b), b),
+    arg: 'SIZE',
+    help: 'largest gRPC message sent or received (default 64Mi)',
+  },
+  {
+    key: 'maxConcurrentStreams',
+    flag: '--max-concurrent-streams',
+    env: 'VCPUD_MAX_CONCURRENT_STREAMS',
+    file: 'maxConcurrentStreams',
+    parse: positive,
+    arg: 'N',
+    help: 'HTTP/2 streams per connection (default 256)',
+  },
+  {
+    key: 'maxRequestBytesInFlight',
+    flag: '--max-request-bytes-in-flight',
+    env: 'VCPUD_MAX_REQUEST_BYTES_IN_FLIGHT',
+    file: 'maxRequestBytesInFlight',
+    parse: (r, b) => positive(size(r, b), b),
+    arg: 'SIZE',
+    help: 'request messages over 64 KiB being received at once, all calls together (default 256Mi)',
+  },
+  {
+    key: 'uploadStallTimeoutMs',
+    flag: '--upload-stall-timeout',
+    env: 'VCPUD_UPLOAD_STALL_TIMEOUT',
+    file: 'uploadStallTimeoutMs',
+    parse: duration,
+    arg: 'DURATION',
+    help: 'end a request message or restore upload that receives nothing for this long (default 30s)',
+  },
+  {
+    key: 'maxConnections',
+    flag: '--max-connections',
+    env: 'VCPUD_MAX_CONNECTIONS',
+    file: 'maxConnections',
+    parse: positive,
+    arg: 'N',
+    help: 'open connections on the API listener; more are closed at accept (default 256)',
+  },
+  {
+    key: 'handshakeTimeoutMs',
+    flag: '--handshake-timeout',
+    env: 'VCPUD_HANDSHAKE_TIMEOUT',
+    file: 'handshakeTimeoutMs',
+    parse: duration,
+    arg: 'DURATION',
+    help: 'TLS handshake deadline; also how long a probe or scrape connection may idle (default 10s)',
+  },
+  {
+    key: 'shutdownGraceMs',
+    flag: '--shutdown-grace-ms',
+    env: 'VCPUD_SHUTDOWN_GRACE_MS',
+    file: 'shutdownGraceMs',
+    parse: count,
+    arg: 'MS',
+    help: 'time in-flight calls get on shutdown (default 5000)',
+  },
+  {
+    key: 'logLevel',
+    flag: '--log-level',
+    env: 'VCPUD_LOG_LEVEL',
+    file: 'logLevel',
+    parse: level,
+    arg: 'LEVEL',
+    help: 'debug, info, warn or error (default info)',
+  },
+  {
+    key: 'exitOnKvmError',
+    flag: '--exit-on-kvm-error',
+    env: 'VCPUD_EXIT_ON_KVM_ERROR',
+    file: 'exitOnKvmError',
+    parse: bool,
+    boolean: true,
+    help: 'exit when KVM is unusable instead of serving health NOT_SERVING',
+  },
+  {
+    key: 'testAllowUnvalidatedNested',
+    flag: '--test-allow-unvalidated-nested',
+    env: 'VCPUD_TEST_ALLOW_UNVALIDATED_NESTED',
+    file: 'testAllowUnvalidatedNested',
+    parse: bool,
+    boolean: true,
+    help: 'TEST ONLY, never in production: SetNestedState calls with header x-vcpud-skip-validation: 1 skip validation (the kernel alone judges the blob)',
+  },
 ];
 
 const CONFIG_FLAG = '--config';
@@ -464,9 +683,7 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
   if (!hasCert && !hasKey && s.tlsCa !== undefined) problems.push(`${from('tlsCa', '--tls-ca')}: --tls-ca needs --tls-cert/--tls-key`);
   const allowed = s.allowedClients ?? [];
   if (allowed.length > 0 && s.tlsCa === undefined)
-    problems.push(
-      `${from('allowedClients', '--allow-client')}: an allowlist needs --tls-ca (client certificates are verified against it)`,
-    );
+    problems.push(`${from('allowedClients', '--allow-client')}: an allowlist needs --tls-ca (client certificates are verified against it)`);
   if (hasCert && hasKey) {
     checkReadableFile(s.tlsCert as string, from('tlsCert', '--tls-cert'), problems);
     checkReadableFile(s.tlsKey as string, from('tlsKey', '--tls-key'), problems);
@@ -477,12 +694,10 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
 
   config.insecure = s.insecure ?? false;
   if (listen?.kind === 'tcp') {
-    if (config.insecure && config.tls)
-      problems.push('--insecure conflicts with --tls-cert/--tls-key: choose plaintext or TLS');
+    if (config.insecure && config.tls) problems.push('--insecure conflicts with --tls-cert/--tls-key: choose plaintext or TLS');
     else if (config.insecure && !isLoopbackHost(listen.host))
       problems.push(`--insecure is only allowed on a loopback address (127.0.0.0/8, ::1, localhost), not ${listen.host}`);
-    else if (!config.insecure && !config.tls)
-      problems.push('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
+    else if (!config.insecure && !config.tls) problems.push('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
   } else if (listen?.kind === 'unix' && config.tls) {
     problems.push('--tls-cert/--tls-key apply to a TCP --listen address; a unix socket is guarded by its file mode');
   }
@@ -493,9 +708,11 @@ function build(merged: Layer, env: NodeJS.ProcessEnv, cwd: string, problems: str
 
   if (s.snapshotDir !== undefined) config.snapshotDir = s.snapshotDir;
   if (s.stateDir !== undefined) config.stateDir = s.stateDir;
-  if ((s.migrationTlsCert === undefined) !== (s.migrationTlsKey === undefined)) problems.push('--migration-tls-cert and --migration-tls-key must be given together');
+  if ((s.migrationTlsCert === undefined) !== (s.migrationTlsKey === undefined))
+    problems.push('--migration-tls-cert and --migration-tls-key must be given together');
   if (s.migrationTlsCa !== undefined || s.migrationTlsCert !== undefined || s.migrationTlsKey !== undefined) {
-    for (const k of ['migrationTlsCa', 'migrationTlsCert', 'migrationTlsKey'] as const) if (s[k] !== undefined) checkReadableFile(s[k] as string, from(k, k), problems);
+    for (const k of ['migrationTlsCa', 'migrationTlsCert', 'migrationTlsKey'] as const)
+      if (s[k] !== undefined) checkReadableFile(s[k] as string, from(k, k), problems);
     config.migrationTls = { caFile: s.migrationTlsCa, certFile: s.migrationTlsCert, keyFile: s.migrationTlsKey };
   }
   if (s.socketMode !== undefined) config.socketMode = s.socketMode;

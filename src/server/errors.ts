@@ -6,7 +6,7 @@
  * as a google.rpc.PreconditionFailure instead.
  */
 import * as grpc from '@grpc/grpc-js';
-import protobuf from 'protobufjs';
+import type protobuf from 'protobufjs';
 import { classifyErrno, VcpudError, type ErrorKind } from '../errors';
 import { STATUS_DETAILS_KEY, statusTypes } from '../api/status-details';
 
@@ -61,11 +61,16 @@ export function asVcpudError(e: unknown): VcpudError {
   const c = errno === undefined ? undefined : classifyErrno(undefined, errno);
   const message = (e as Error)?.message ?? String(e);
   if (errno && c && c.kind !== 'kernel')
-    return new VcpudError(c.kind, message.includes(errno) ? message : `${message} (${errno})`, {
-      ...(e instanceof VcpudError ? e.details : {}),
-      reason: c.reason,
-      errno,
-    }, { cause: e });
+    return new VcpudError(
+      c.kind,
+      message.includes(errno) ? message : `${message} (${errno})`,
+      {
+        ...(e instanceof VcpudError ? e.details : {}),
+        reason: c.reason,
+        errno,
+      },
+      { cause: e },
+    );
   if (e instanceof VcpudError) return e;
   return new VcpudError('internal', `internal error: ${message}`, {}, { cause: e });
 }

@@ -24,13 +24,7 @@ const CLIENT_REQUEST_ID = /^[A-Za-z0-9._:/+=-]{1,128}$/;
 /** '/pkg.Service/Method' and the streaming flags as go-grpc-prometheus labels them. */
 export function rpcLabels(method: Pick<grpc.ServerMethodDefinition<unknown, unknown>, 'path' | 'requestStream' | 'responseStream'>): RpcLabels {
   const [, service = 'unknown', name = 'unknown'] = method.path.split('/');
-  const grpc_type = method.requestStream
-    ? method.responseStream
-      ? 'bidi_stream'
-      : 'client_stream'
-    : method.responseStream
-      ? 'server_stream'
-      : 'unary';
+  const grpc_type = method.requestStream ? (method.responseStream ? 'bidi_stream' : 'client_stream') : method.responseStream ? 'server_stream' : 'unary';
   return { grpc_type, grpc_service: service, grpc_method: name };
 }
 

@@ -69,8 +69,7 @@ class JsonLogger implements Logger {
     if (!this.enabled(level)) return;
     // time, level and msg come first and are never overwritten by a field of the same name.
     const record: LogFields = { time: this.now().toISOString(), level, msg };
-    for (const source of [this.fields, fields ?? {}])
-      for (const [k, v] of Object.entries(source)) if (!(k in RESERVED)) record[k] = v;
+    for (const source of [this.fields, fields ?? {}]) for (const [k, v] of Object.entries(source)) if (!(k in RESERVED)) record[k] = v;
     this.sink(encode(record));
   }
 

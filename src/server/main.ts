@@ -26,7 +26,6 @@ import { MigrationService } from './services/migration-service';
 import { SnapshotService } from './services/snapshot-service';
 import { VmService } from './services/vm-service';
 
-
 interface Host {
   kvm: Kvm;
   caps: HostCapabilities;
@@ -126,7 +125,12 @@ async function start(config: Config, logger: Logger): Promise<void> {
     services: [
       new VcpuStateService(ctx),
       new VmService(ctx),
-      new SnapshotService(ctx, { snapshotDir: config.snapshotDir, migrationTls: config.migrationTls, uploadStallTimeoutMs: config.uploadStallTimeoutMs, migration }),
+      new SnapshotService(ctx, {
+        snapshotDir: config.snapshotDir,
+        migrationTls: config.migrationTls,
+        uploadStallTimeoutMs: config.uploadStallTimeoutMs,
+        migration,
+      }),
       migration,
     ],
   });
@@ -164,14 +168,28 @@ const MEMORY_FS = new Set([0x01021994, 0x958458f6]);
 async function resumeHandedOver(host: Host, stateDir: StateDirMemory, logger: Logger, metrics: Metrics): Promise<void> {
   const type = fs.statfsSync(stateDir.dir).type;
   if (!MEMORY_FS.has(type))
-    logger.warn('the state directory is not on tmpfs or hugetlbfs: guest memory there is written back to its disk', { state_dir: stateDir.dir, fs_type: `0x${type.toString(16)}` });
+    logger.warn('the state directory is not on tmpfs or hugetlbfs: guest memory there is written back to its disk', {
+      state_dir: stateDir.dir,
+      fs_type: `0x${type.toString(16)}`,
+    });
   const r = await restoreHandover(host.registry, host.caps, stateDir);
   metrics.recordHandover(r.restored.length, r.failed.length, r.discarded.length, r.ms / 1000);
-  if (r.manifest === 'corrupt') logger.error('handover manifest is corrupt: no VM was restored, its files were moved aside', { error: r.error ?? '', aside: r.aside ?? '' });
-  for (const f of r.failed) logger.error('handed-over VM could not be restored: its files were moved aside', { vm_id: f.id, vm_name: f.name, error: f.error, aside: f.aside });
+  if (r.manifest === 'corrupt')
+    logger.error('handover manifest is corrupt: no VM was restored, its files were moved aside', { error: r.error ?? '', aside: r.aside ?? '' });
+  for (const f of r.failed)
+    logger.error('handed-over VM could not be restored: its files were moved aside', { vm_id: f.id, vm_name: f.name, error: f.error, aside: f.aside });
   if (r.discarded.length)
-    logger.warn('memory files without a handover manifest were removed: the previous vcpud was killed or crashed and those VMs are lost', { files: r.discarded.length, state_dir: stateDir.dir });
-  if (r.manifest !== 'none') logger.info('handover restored', { vms: r.restored.length, failed: r.failed.length, ms: Math.round(r.ms * 10) / 10, ids: r.restored.map((v) => v.id).join(',') });
+    logger.warn('memory files without a handover manifest were removed: the previous vcpud was killed or crashed and those VMs are lost', {
+      files: r.discarded.length,
+      state_dir: stateDir.dir,
+    });
+  if (r.manifest !== 'none')
+    logger.info('handover restored', {
+      vms: r.restored.length,
+      failed: r.failed.length,
+      ms: Math.round(r.ms * 10) / 10,
+      ids: r.restored.map((v) => v.id).join(','),
+    });
 }
 
 /** SIGTERM with a state directory: every VM saved for the next start (its memory stays in the files). */
@@ -192,7 +210,7 @@ function main(): void {
     config = loadConfig(process.argv.slice(2), process.env);
   } catch (e) {
     if (e instanceof HelpRequested) {
-      process.stdout.write(usage() + '\n');
+      process.stdout.write(`${usage()}\n`);
       process.exit(0);
     }
     if (e instanceof ConfigError) {

@@ -132,8 +132,18 @@ export class Metrics {
       buckets: RPC_SECONDS_BUCKETS,
       registers,
     });
-    this.msgReceived = new Counter({ name: 'grpc_server_msg_received_total', help: 'Total number of RPC stream messages received on the server.', labelNames: rpc, registers });
-    this.msgSent = new Counter({ name: 'grpc_server_msg_sent_total', help: 'Total number of gRPC stream messages sent by the server.', labelNames: rpc, registers });
+    this.msgReceived = new Counter({
+      name: 'grpc_server_msg_received_total',
+      help: 'Total number of RPC stream messages received on the server.',
+      labelNames: rpc,
+      registers,
+    });
+    this.msgSent = new Counter({
+      name: 'grpc_server_msg_sent_total',
+      help: 'Total number of gRPC stream messages sent by the server.',
+      labelNames: rpc,
+      registers,
+    });
 
     this.ioctlSeconds = new Histogram({
       name: 'vcpud_ioctl_duration_seconds',
@@ -158,32 +168,78 @@ export class Metrics {
     });
     this.ioctlDuration = boundObservers(this.ioctlSeconds, 'ioctl');
     this.sectionBytes = boundObservers(this.stateBytes, 'section');
-    this.capability = new Gauge({ name: 'vcpud_capability', help: 'Host KVM capabilities (KVM_CHECK_EXTENSION values) as probed at start.', labelNames: ['capability'], registers });
+    this.capability = new Gauge({
+      name: 'vcpud_capability',
+      help: 'Host KVM capabilities (KVM_CHECK_EXTENSION values) as probed at start.',
+      labelNames: ['capability'],
+      registers,
+    });
 
     const listener = ['listener'] as const;
-    this.connectionsOpen = new Gauge({ name: 'vcpud_connections_open', help: 'Connections open, by listener (api, health, metrics).', labelNames: listener, registers });
-    this.connectionsAccepted = new Counter({ name: 'vcpud_connections_accepted_total', help: 'Connections accepted, by listener.', labelNames: listener, registers });
+    this.connectionsOpen = new Gauge({
+      name: 'vcpud_connections_open',
+      help: 'Connections open, by listener (api, health, metrics).',
+      labelNames: listener,
+      registers,
+    });
+    this.connectionsAccepted = new Counter({
+      name: 'vcpud_connections_accepted_total',
+      help: 'Connections accepted, by listener.',
+      labelNames: listener,
+      registers,
+    });
     this.connectionsRefused = new Counter({
       name: 'vcpud_connections_refused_total',
       help: 'Connections closed at accept because the listener was at its connection limit.',
       labelNames: listener,
       registers,
     });
-    this.connectionLimit = new Gauge({ name: 'vcpud_connection_limit', help: 'Connection limit of each listener (alert on open/limit).', labelNames: listener, registers });
+    this.connectionLimit = new Gauge({
+      name: 'vcpud_connection_limit',
+      help: 'Connection limit of each listener (alert on open/limit).',
+      labelNames: listener,
+      registers,
+    });
     // Live migration, modelled on KubeVirt's kubevirt_vmi_migration_* (source side).
-    this.migrations = new Counter({ name: 'vcpud_migrations_total', help: 'Outgoing migrations by result (succeeded, failed, cancelled).', labelNames: ['result'], registers });
+    this.migrations = new Counter({
+      name: 'vcpud_migrations_total',
+      help: 'Outgoing migrations by result (succeeded, failed, cancelled).',
+      labelNames: ['result'],
+      registers,
+    });
     for (const result of ['succeeded', 'failed', 'cancelled']) this.migrations.inc({ result }, 0);
-    this.migrationBytes = new Counter({ name: 'vcpud_migration_data_bytes_total', help: 'Data-plane bytes sent by outgoing migrations (pages, state, control).', registers });
-    this.migrationPasses = new Histogram({ name: 'vcpud_migration_passes', help: 'Memory passes of each successful migration (the paused last pass included).', buckets: [1, 2, 3, 4, 5, 8, 12, 20, 30], registers });
+    this.migrationBytes = new Counter({
+      name: 'vcpud_migration_data_bytes_total',
+      help: 'Data-plane bytes sent by outgoing migrations (pages, state, control).',
+      registers,
+    });
+    this.migrationPasses = new Histogram({
+      name: 'vcpud_migration_passes',
+      help: 'Memory passes of each successful migration (the paused last pass included).',
+      buckets: [1, 2, 3, 4, 5, 8, 12, 20, 30],
+      registers,
+    });
     this.migrationDowntime = new Histogram({
       name: 'vcpud_migration_downtime_seconds',
       help: 'How long each successful migration had the VM paused.',
       buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
       registers,
     });
-    this.migrationDirtyRate = new Gauge({ name: 'vcpud_migration_dirty_rate_bytes', help: 'Bytes per second the guest of the latest migration dirtied, measured over its last pass.', registers });
-    this.migrationTransferRate = new Gauge({ name: 'vcpud_migration_transfer_rate_bytes', help: 'Bytes per second the latest migration sent, measured over its last pass.', registers });
-    this.migrationRemaining = new Gauge({ name: 'vcpud_migration_data_remaining_bytes', help: 'Bytes the latest migration still had to send at its last progress report.', registers });
+    this.migrationDirtyRate = new Gauge({
+      name: 'vcpud_migration_dirty_rate_bytes',
+      help: 'Bytes per second the guest of the latest migration dirtied, measured over its last pass.',
+      registers,
+    });
+    this.migrationTransferRate = new Gauge({
+      name: 'vcpud_migration_transfer_rate_bytes',
+      help: 'Bytes per second the latest migration sent, measured over its last pass.',
+      registers,
+    });
+    this.migrationRemaining = new Gauge({
+      name: 'vcpud_migration_data_remaining_bytes',
+      help: 'Bytes the latest migration still had to send at its last progress report.',
+      registers,
+    });
 
     // The restart handover (--state-dir), as this process's start found it.
     this.handoverVms = new Counter({
@@ -193,7 +249,11 @@ export class Metrics {
       registers,
     });
     for (const result of ['restored', 'failed', 'lost']) this.handoverVms.inc({ result }, 0);
-    this.handoverRestoreSeconds = new Gauge({ name: 'vcpud_handover_restore_seconds', help: 'How long the start took to restore the handed-over VMs.', registers });
+    this.handoverRestoreSeconds = new Gauge({
+      name: 'vcpud_handover_restore_seconds',
+      help: 'How long the start took to restore the handed-over VMs.',
+      registers,
+    });
 
     // Gauges and counters read from the runtime when scraped, so they are never stale or double-kept.
     const read = <T>(f: (s: MetricSources) => T, fallback: T): T => {
@@ -204,7 +264,12 @@ export class Metrics {
       }
     };
     const vms: Gauge = new Gauge({ name: 'vcpud_vms', help: 'VMs currently owned by vcpud.', registers, collect: () => vms.set(read((s) => s.vms(), 0)) });
-    const vcpus: Gauge = new Gauge({ name: 'vcpud_vcpus', help: 'vCPUs currently owned by vcpud.', registers, collect: () => vcpus.set(read((s) => s.vcpus(), 0)) });
+    const vcpus: Gauge = new Gauge({
+      name: 'vcpud_vcpus',
+      help: 'vCPUs currently owned by vcpud.',
+      registers,
+      collect: () => vcpus.set(read((s) => s.vcpus(), 0)),
+    });
     const exits: Counter<'reason'> = new Counter({
       name: 'vcpud_vcpu_exits_total',
       help: 'vCPU exits from KVM_RUN handled by vcpud, by exit reason.',
@@ -217,7 +282,12 @@ export class Metrics {
       },
     });
 
-    const buildInfo = new Gauge({ name: 'vcpud_build_info', help: 'vcpud version and Node.js version; always 1.', labelNames: ['version', 'node_version'], registers });
+    const buildInfo = new Gauge({
+      name: 'vcpud_build_info',
+      help: 'vcpud version and Node.js version; always 1.',
+      labelNames: ['version', 'node_version'],
+      registers,
+    });
     buildInfo.set({ version: options.version ?? packageVersion(), node_version: process.version }, 1);
 
     if (options.defaultMetrics ?? true) {

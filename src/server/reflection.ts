@@ -189,7 +189,9 @@ export function answerReflection(index: DescriptorIndex, services: string[], req
     case 'all_extension_numbers_of_type': {
       const type = req.all_extension_numbers_of_type ?? '';
       const numbers = index.extensionNumbers(type);
-      return numbers ? { ...base, all_extension_numbers_response: { base_type_name: type, extension_number: numbers } } : notFound(`extensions of ${JSON.stringify(type)}`);
+      return numbers
+        ? { ...base, all_extension_numbers_response: { base_type_name: type, extension_number: numbers } }
+        : notFound(`extensions of ${JSON.stringify(type)}`);
     }
     default:
       return { ...base, error_response: { error_code: grpc.status.INVALID_ARGUMENT, error_message: 'ServerReflectionRequest sets no message_request' } };

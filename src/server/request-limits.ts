@@ -20,7 +20,7 @@
  * grpc-js upgrade moved them.
  */
 import type { ServerHttp2Stream } from 'node:http2';
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { invalidArgument, limitExceeded, VcpudError } from '../errors';
 import { toServiceError } from './errors';
 import type { Logger } from './logging';
@@ -187,7 +187,12 @@ export class BoundedMessageDecoder {
       const idle = Date.now() - this.lastProgress;
       if (idle >= this.stallMs) {
         this.stallTimer = undefined;
-        this.refuse(uploadStalled(`a ${this.method} request message (${this.prefix.readUInt32BE(1) - this.need} of ${this.prefix.readUInt32BE(1)} bytes received)`, this.stallMs));
+        this.refuse(
+          uploadStalled(
+            `a ${this.method} request message (${this.prefix.readUInt32BE(1) - this.need} of ${this.prefix.readUInt32BE(1)} bytes received)`,
+            this.stallMs,
+          ),
+        );
       } else {
         this.stallTimer = setTimeout(check, this.stallMs - idle);
       }
@@ -221,13 +226,24 @@ function grpcInternals(call: unknown): BaseCallInternals {
  * The interceptor that installs the bounded reassembly on every call. It must be the first
  * interceptor (the one grpc-js hands its base call to), before any data frame is read.
  */
-export function requestLimitsInterceptor(limits: RequestLimits, logger: Logger, budget = new RequestBudget(limits.maxRequestBytesInFlight)): grpc.ServerInterceptor {
+export function requestLimitsInterceptor(
+  limits: RequestLimits,
+  logger: Logger,
+  budget = new RequestBudget(limits.maxRequestBytesInFlight),
+): grpc.ServerInterceptor {
   return (method, call) => {
     const base = grpcInternals(call);
-    const decoder = new BoundedMessageDecoder(method.path, maxRequestBytes(method.path, limits), budget, limits.uploadStallTimeoutMs, (e) => {
-      logger.warn('request refused while it arrived', { method: method.path, error: e.message });
-      base.sendStatus(toServiceError(e));
-    }, () => base.stream.isPaused());
+    const decoder = new BoundedMessageDecoder(
+      method.path,
+      maxRequestBytes(method.path, limits),
+      budget,
+      limits.uploadStallTimeoutMs,
+      (e) => {
+        logger.warn('request refused while it arrived', { method: method.path, error: e.message });
+        base.sendStatus(toServiceError(e));
+      },
+      () => base.stream.isPaused(),
+    );
     base.decoder = decoder;
     base.stream.once('close', () => decoder.close());
     return call as grpc.ServerInterceptingCall;

@@ -161,9 +161,11 @@ export async function createVcpudServer(config: Config, deps: ServerDeps): Promi
       ({ address: addresses.health, listener: listeners.health } = await bindPlaintextTcp(healthServer, config.healthListen, gates.health));
     }
     if (config.metricsListen) {
-      metricsServer = await metrics.serve(config.metricsListen, { gate: gates.metrics, idleMs: config.handshakeTimeoutMs }).catch((e: NodeJS.ErrnoException) => {
-        throw metricsListenError(config.metricsListen, e);
-      });
+      metricsServer = await metrics
+        .serve(config.metricsListen, { gate: gates.metrics, idleMs: config.handshakeTimeoutMs })
+        .catch((e: NodeJS.ErrnoException) => {
+          throw metricsListenError(config.metricsListen, e);
+        });
       const a = metricsServer.address() as AddressInfo;
       addresses.metrics = { host: a.address, port: a.port, address: a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}` };
     }

@@ -2,7 +2,7 @@
  * The service definitions the server registers: the API's services as src/api/proto.ts loads them, with
  * the hot and bulk responses serialized by the server's own encoders instead of protobufjs.
  */
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import type { MigrationServiceDefinition } from '../api/generated/vcpud/v1/MigrationService';
 import type { SnapshotServiceDefinition } from '../api/generated/vcpud/v1/SnapshotService';
 import type { VcpuStateServiceDefinition } from '../api/generated/vcpud/v1/VcpuStateService';

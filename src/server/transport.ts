@@ -9,9 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import { formatListenAddress, isLoopbackHost, parseHostPort, parseListenAddress, type Config } from './config';
 import { listenGrpc, withHandshakeTimeout, type ConnectionGate, type GrpcListener, type ListenTarget } from './connections';
 
-export type BoundAddress =
-  | { kind: 'unix'; path: string; address: string }
-  | { kind: 'tcp'; host: string; port: number; address: string };
+export type BoundAddress = { kind: 'unix'; path: string; address: string } | { kind: 'tcp'; host: string; port: number; address: string };
 
 /**
  * An API connection that carries no call for this long is closed (GOAWAY; grpc-js clients reconnect
@@ -69,8 +67,7 @@ export function tcpCredentials(config: Pick<Config, 'tls' | 'insecure' | 'handsh
     return withHandshakeTimeout(creds, config.handshakeTimeoutMs);
   }
   // loadConfig already refuses this; checked again because plaintext on a routable address is never OK.
-  if (!config.insecure || !isLoopbackHost(host))
-    throw new Error('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
+  if (!config.insecure || !isLoopbackHost(host)) throw new Error('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
   return grpc.ServerCredentials.createInsecure();
 }
 
@@ -144,7 +141,13 @@ export interface Bound {
   listener: GrpcListener;
 }
 
-async function listenOrExplain(server: grpc.Server, address: string, target: ListenTarget, creds: grpc.ServerCredentials, gate: ConnectionGate): Promise<GrpcListener> {
+async function listenOrExplain(
+  server: grpc.Server,
+  address: string,
+  target: ListenTarget,
+  creds: grpc.ServerCredentials,
+  gate: ConnectionGate,
+): Promise<GrpcListener> {
   try {
     return await listenGrpc(server, target, creds, gate);
   } catch (e) {

@@ -13,6 +13,7 @@
  * refused when the encoder is built, not when a call is answered.
  */
 import type { PackageDefinition } from '@grpc/proto-loader';
+import { compileFunction } from '../codegen';
 
 type Scalar = 'uint32' | 'int32' | 'uint64' | 'int64' | 'bool' | 'enum' | 'string' | 'bytes';
 
@@ -282,8 +283,7 @@ function compile(plans: MessagePlan[]): Encode[] {
       else if (isPacked(f)) lines.push(`if (v != null && v.length) { w.varint32(${tag}); const s = w.begin(); for (const e of v) ${one('e')} w.end(s); }`);
       else lines.push(`if (v != null) for (const e of v) { w.varint32(${tag}); ${one('e')} }`);
     }
-    // eslint-disable-next-line @typescript-eslint/no-implied-eval
-    F.push(new Function('F', 'E', `return function encode(w, o) { ${lines.join('\n')} };`)(F, E) as Encode);
+    F.push(compileFunction<Encode>('encode', ['w', 'o'], lines.join('\n'), { F, E }));
   }
   return F;
 }

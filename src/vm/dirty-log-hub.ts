@@ -42,7 +42,10 @@ export class DirtyLogHub {
         this.vm.startDirtyLog(r.slot, 'get');
       }
     }
-    const c = new DirtyConsumer(this, this.vm.regions.map((r) => Buffer.alloc(dirtyBitmapBytes(r.size))));
+    const c = new DirtyConsumer(
+      this,
+      this.vm.regions.map((r) => Buffer.alloc(dirtyBitmapBytes(r.size))),
+    );
     this.consumers.add(c);
     return c;
   }
@@ -97,7 +100,7 @@ export class DirtyConsumer {
 
   /** Bits taken but not consumed after all (a failed pass, write): the next take returns them again. */
   mergeBack(bitmaps: Buffer[]): void {
-    bitmaps.forEach((b, i) => orInto(this.pending[i], b));
+    for (const [i, b] of bitmaps.entries()) orInto(this.pending[i], b);
   }
 
   close(): void {

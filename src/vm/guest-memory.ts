@@ -52,7 +52,10 @@ export class StateDirMemory implements GuestMemorySource {
     } catch (e) {
       fs.closeSync(fd);
       if ((e as NodeJS.ErrnoException).code !== 'EWOULDBLOCK' && (e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
-      throw new VcpudError('failed_precondition', `state directory ${dir} is in use by another vcpud process (it holds ${file}): give each vcpud its own --state-dir`);
+      throw new VcpudError(
+        'failed_precondition',
+        `state directory ${dir} is in use by another vcpud process (it holds ${file}): give each vcpud its own --state-dir`,
+      );
     }
     return new StateDirMemory(dir);
   }
@@ -60,10 +63,15 @@ export class StateDirMemory implements GuestMemorySource {
   allocate(bytes: number): NativeGuestMemory {
     const name = `${randomUUID()}${MEMORY_FILE_SUFFIX}`;
     const file = path.join(this.dir, name);
-    const fd = this.fileCall(`creating ${file}`, () => fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600));
+    const fd = this.fileCall(`creating ${file}`, () =>
+      fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600),
+    );
     try {
       this.fileCall(`sizing ${file} to ${bytes} bytes`, () => fs.ftruncateSync(fd, bytes)); // sparse: pages cost memory when touched
-      return this.adopt(name, kvmCall('mmap', () => new native.GuestMemory(bytes, fd)));
+      return this.adopt(
+        name,
+        kvmCall('mmap', () => new native.GuestMemory(bytes, fd)),
+      );
     } catch (e) {
       fs.rmSync(file, { force: true });
       throw e;
@@ -83,7 +91,11 @@ export class StateDirMemory implements GuestMemorySource {
     try {
       const size = fs.fstatSync(fd).size;
       if (size !== bytes) throw new VcpudError('data_loss', `memory file ${file} is ${size} bytes, the VM has ${bytes}`);
-      return this.adopt(name, kvmCall('mmap', () => new native.GuestMemory(bytes, fd)), false);
+      return this.adopt(
+        name,
+        kvmCall('mmap', () => new native.GuestMemory(bytes, fd)),
+        false,
+      );
     } finally {
       fs.closeSync(fd);
     }

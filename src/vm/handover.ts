@@ -64,7 +64,10 @@ export interface Manifest {
 
 /** A manifest of another format version: this vcpud cannot read it and leaves it in place. */
 export class HandoverVersionError extends Error {
-  constructor(readonly file: string, readonly version: string) {
+  constructor(
+    readonly file: string,
+    readonly version: string,
+  ) {
     super(
       `handover manifest ${file} is format version ${version}; this vcpud (${packageVersion()}) reads version ${HANDOVER_FORMAT_VERSION} only: ` +
         `run the vcpud version that wrote it to resume its VMs, or remove ${path.dirname(file)}'s contents to discard them`,
@@ -193,7 +196,13 @@ export async function saveHandover(registry: VmRegistry, caps: HostCapabilities,
       if (!vm.isDestroyed) registry.destroy(vm.id); // its memory file goes with it: no stale VM later
     }
   }
-  const manifest: Manifest = { format: MAGIC, formatVersion: HANDOVER_FORMAT_VERSION, createdAt: new Date().toISOString(), producer: { name: 'vcpud', version: packageVersion() }, vms: entries };
+  const manifest: Manifest = {
+    format: MAGIC,
+    formatVersion: HANDOVER_FORMAT_VERSION,
+    createdAt: new Date().toISOString(),
+    producer: { name: 'vcpud', version: packageVersion() },
+    vms: entries,
+  };
   await writeFileAtomic(memory.dir, MANIFEST_NAME, encodeManifest(manifest));
   // Memory no VM owns (an incoming migration cut short: its source keeps the VM) is not handed over.
   const named = new Set(entries.map((e) => e.memoryFile));
@@ -248,7 +257,10 @@ async function restoreVm(registry: VmRegistry, caps: HostCapabilities, memory: S
   const file = path.join(memory.dir, e.stateFile);
   const bytes = await fs.promises.readFile(file);
   if (bytes.length !== e.stateBytes || crc32c(bytes) !== e.stateCrc32c)
-    throw new VcpudError('data_loss', `state file ${file} does not match the manifest (${bytes.length} bytes, CRC-32C ${hex(crc32c(bytes))}; expected ${e.stateBytes}, ${hex(e.stateCrc32c)})`);
+    throw new VcpudError(
+      'data_loss',
+      `state file ${file} does not match the manifest (${bytes.length} bytes, CRC-32C ${hex(crc32c(bytes))}; expected ${e.stateBytes}, ${hex(e.stateCrc32c)})`,
+    );
   let decoded: ReturnType<typeof decodeState>;
   try {
     decoded = decodeState(bytes, { memoryBytes: e.memoryBytes, vcpuCount: e.vcpuCount });
@@ -260,7 +272,7 @@ async function restoreVm(registry: VmRegistry, caps: HostCapabilities, memory: S
   assertCompatible(header, caps, registry.supportedCpuid());
   const spec = restoreSpec(header, e.name || undefined);
   const mem = memory.open(e.memoryFile, e.memoryBytes);
-  let kvmVm;
+  let kvmVm: Awaited<ReturnType<typeof ManagedVm.prepareKvmVm>>;
   try {
     kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, mem);
   } catch (err) {
@@ -268,7 +280,11 @@ async function restoreVm(registry: VmRegistry, caps: HostCapabilities, memory: S
     throw err;
   }
   const loaded: LoadedState = { ...decoded, memory: mem };
-  const { vm } = await restoreIntoNewVm(registry, caps, loaded, { name: e.name || undefined, vm: kvmVm, identity: { id: e.id, createdAt: new Date(e.createdAt) } });
+  const { vm } = await restoreIntoNewVm(registry, caps, loaded, {
+    name: e.name || undefined,
+    vm: kvmVm,
+    identity: { id: e.id, createdAt: new Date(e.createdAt) },
+  });
   memory.own(mem, e.memoryFile);
   vm.console.restore(Buffer.from(e.console.history, 'base64'), e.console.bytesWritten);
   return { vm, running: header.vcpus.filter((v) => v.runState === 'running').map((v) => v.id) };

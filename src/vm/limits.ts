@@ -21,15 +21,10 @@ export interface Usage {
 }
 
 export function checkCreate(limits: Limits, usage: Usage, vcpus: number, memoryBytes: number): void {
-  if (usage.vms + 1 > limits.maxVms)
-    throw limitExceeded('max_vms', `limit max_vms=${limits.maxVms} reached: ${usage.vms} VMs exist`);
-  if (vcpus > limits.maxVcpusPerVm)
-    throw limitExceeded('max_vcpus_per_vm', `${vcpus} vCPUs exceed limit max_vcpus_per_vm=${limits.maxVcpusPerVm}`);
+  if (usage.vms + 1 > limits.maxVms) throw limitExceeded('max_vms', `limit max_vms=${limits.maxVms} reached: ${usage.vms} VMs exist`);
+  if (vcpus > limits.maxVcpusPerVm) throw limitExceeded('max_vcpus_per_vm', `${vcpus} vCPUs exceed limit max_vcpus_per_vm=${limits.maxVcpusPerVm}`);
   if (memoryBytes > limits.maxMemoryPerVmBytes)
-    throw limitExceeded(
-      'max_memory_per_vm_bytes',
-      `${memoryBytes} bytes of memory exceed limit max_memory_per_vm_bytes=${limits.maxMemoryPerVmBytes}`,
-    );
+    throw limitExceeded('max_memory_per_vm_bytes', `${memoryBytes} bytes of memory exceed limit max_memory_per_vm_bytes=${limits.maxMemoryPerVmBytes}`);
   if (usage.memoryBytes + memoryBytes > limits.maxMemoryTotalBytes)
     throw limitExceeded(
       'max_memory_total_bytes',

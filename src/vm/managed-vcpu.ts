@@ -56,9 +56,11 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
 
   /** The current state, after delivering every console byte and event that preceded it. */
   status(): VcpuStatus {
+    // The state is read first and delivered after: the other order let a vCPU write its last bytes and stop
+    // between the two, so a 'stopped' status came back with those bytes still queued in the runner.
+    const status = this.snapshotStatus();
     this.drain();
-    if (this.destroyed) return { id: this.id, state: 'stopped', reason: 'destroyed', details: {}, exits: 0 };
-    return this.snapshotStatus();
+    return status;
   }
 
   private snapshotStatus(): VcpuStatus {

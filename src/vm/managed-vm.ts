@@ -118,7 +118,13 @@ export class ManagedVm extends EventEmitter<VmEvents> {
         const vcpu = vm.createVcpu(i);
         vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
         const explain = internalErrorExplainer(vcpu, { size: spec.memoryBytes, read: (gpa, length) => m.readMemory(gpa, length) });
-        m.adopt(new ManagedVcpu(vcpu, () => m.heldBy(), (s) => explain(classifyStop(vm.regions, s))));
+        m.adopt(
+          new ManagedVcpu(
+            vcpu,
+            () => m.heldBy(),
+            (s) => explain(classifyStop(vm.regions, s)),
+          ),
+        );
       }
     } catch (e) {
       prepared.memory?.release();
@@ -172,14 +178,18 @@ export class ManagedVm extends EventEmitter<VmEvents> {
   readMemory(gpa: number, length: number): Buffer {
     this.assertAlive();
     const { region } = this.vm.regionFor(gpa, length);
-    return withBackingChecked(this.vm.regions, region, this.id, `reading ${hex(length)} bytes of guest memory from ${hex(gpa)}`, () => this.vm.readMemory(gpa, length));
+    return withBackingChecked(this.vm.regions, region, this.id, `reading ${hex(length)} bytes of guest memory from ${hex(gpa)}`, () =>
+      this.vm.readMemory(gpa, length),
+    );
   }
 
   writeMemory(gpa: number, data: Buffer): void {
     this.assertAlive();
     this.assertNotHeld('write guest memory');
     const { region } = this.vm.regionFor(gpa, data.length);
-    withBackingChecked(this.vm.regions, region, this.id, `writing ${hex(data.length)} bytes of guest memory at ${hex(gpa)}`, () => this.vm.writeMemory(gpa, data));
+    withBackingChecked(this.vm.regions, region, this.id, `writing ${hex(data.length)} bytes of guest memory at ${hex(gpa)}`, () =>
+      this.vm.writeMemory(gpa, data),
+    );
   }
 
   /**

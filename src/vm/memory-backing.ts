@@ -68,7 +68,10 @@ export function backingFaultError(e: unknown, region: MemoryRegion, regions: rea
   const files = region.memory.backingFiles();
   const lost = changedBacking(regions) ?? (files.length ? { region, file: files[0] } : undefined);
   const gpa = region.guestPhysAddr + fault.offset;
-  if (!lost) return new VcpudError('data_loss', `${op} failed for VM ${vmLabel}: guest memory at ${hex(gpa)} cannot be read (SIGBUS)`, { reason: 'MEMORY_BACKING_LOST' });
+  if (!lost)
+    return new VcpudError('data_loss', `${op} failed for VM ${vmLabel}: guest memory at ${hex(gpa)} cannot be read (SIGBUS)`, {
+      reason: 'MEMORY_BACKING_LOST',
+    });
   return Object.assign(lostError(vmLabel, op, lost, gpa), { cause: e });
 }
 

@@ -51,9 +51,7 @@ export class VmRegistry {
         { rule: 'page_multiple', field: 'memory_bytes', message: `must be a positive multiple of ${PAGE}` },
       ]);
     if (!Number.isInteger(spec.vcpuCount) || spec.vcpuCount < 1)
-      throw invalidArgument(`vcpu_count must be at least 1, got ${spec.vcpuCount}`, [
-        { rule: 'min', field: 'vcpu_count', message: 'must be at least 1' },
-      ]);
+      throw invalidArgument(`vcpu_count must be at least 1, got ${spec.vcpuCount}`, [{ rule: 'min', field: 'vcpu_count', message: 'must be at least 1' }]);
     checkCreate(this.limits, this.usageBesides(own), spec.vcpuCount, spec.memoryBytes);
   }
 
@@ -137,7 +135,10 @@ export class VmRegistry {
 
   destroy(id: string): void {
     const vm = this.get(id);
-    addCounts(this.retiredExits, vm.vcpus.map((v) => v.exitCounts()));
+    addCounts(
+      this.retiredExits,
+      vm.vcpus.map((v) => v.exitCounts()),
+    );
     vm.destroy();
     this.vms.delete(id);
   }
@@ -145,7 +146,10 @@ export class VmRegistry {
   /** vCPU exits by KVM_EXIT_* number since start, destroyed VMs included (a monotonic counter). */
   exitCounts(): Record<string, number> {
     const out = { ...this.retiredExits };
-    addCounts(out, this.list().flatMap((vm) => vm.vcpus.map((v) => v.exitCounts())));
+    addCounts(
+      out,
+      this.list().flatMap((vm) => vm.vcpus.map((v) => v.exitCounts())),
+    );
     return out;
   }
 

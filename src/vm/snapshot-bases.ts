@@ -26,7 +26,10 @@ const tracked = new WeakMap<ManagedVm, SnapshotBases>();
 
 /** SNAPSHOT_PARENT_UNTRACKED naming the parent and why. */
 function untracked(parent: string, why: string): VcpudError {
-  return new VcpudError('failed_precondition', `snapshot ${JSON.stringify(parent)} cannot be the parent: ${why}`, { reason: 'SNAPSHOT_PARENT_UNTRACKED', field: 'parent' });
+  return new VcpudError('failed_precondition', `snapshot ${JSON.stringify(parent)} cannot be the parent: ${why}`, {
+    reason: 'SNAPSHOT_PARENT_UNTRACKED',
+    field: 'parent',
+  });
 }
 
 export class SnapshotBases {
@@ -55,18 +58,21 @@ export class SnapshotBases {
    * header and identity as read from the file), or SNAPSHOT_PARENT_UNTRACKED saying why it cannot be.
    */
   static parentLink(vm: ManagedVm, name: string, header: SnapshotHeader, identity: SnapshotIdentity): { link: ParentLink; depth: number } {
-    if (header.vm.id !== vm.id)
-      throw untracked(name, `it is a snapshot of VM ${header.vm.id}${header.vm.name ? ` (${header.vm.name})` : ''}, not of ${vm.id}`);
+    if (header.vm.id !== vm.id) throw untracked(name, `it is a snapshot of VM ${header.vm.id}${header.vm.name ? ` (${header.vm.name})` : ''}, not of ${vm.id}`);
     if (!header.snapshotId) throw untracked(name, `it is in snapshot format ${header.formatVersion}, taken before incremental snapshots existed`);
     const bases = tracked.get(vm);
     if (!bases) throw untracked(name, `VM ${vm.id}'s dirty tracking is off: it starts with a snapshot taken with track_dirty (take one, then its children)`);
     const base = bases.bases.get(header.snapshotId);
     if (!base)
-      throw untracked(name, `it was taken before VM ${vm.id}'s dirty tracking started (or by an earlier vcpud process, or is older than the last ${MAX_BASES} snapshots tracked)`);
+      throw untracked(
+        name,
+        `it was taken before VM ${vm.id}'s dirty tracking started (or by an earlier vcpud process, or is older than the last ${MAX_BASES} snapshots tracked)`,
+      );
     if (!satisfiesLink(header, identity, base.identity)) throw untracked(name, 'the file was rewritten since it was taken: it is not the snapshot tracked');
     // The file's depth, not the base's: a merge replaced the chain with a full snapshot.
     const depth = header.chainDepth ?? 0;
-    if (depth + 1 > MAX_CHAIN_DEPTH) throw untracked(name, `its chain is ${depth} links deep already (at most ${MAX_CHAIN_DEPTH}): merge it first (MergeSnapshot)`);
+    if (depth + 1 > MAX_CHAIN_DEPTH)
+      throw untracked(name, `its chain is ${depth} links deep already (at most ${MAX_CHAIN_DEPTH}): merge it first (MergeSnapshot)`);
     return { link: { name, ...identity }, depth };
   }
 
@@ -78,7 +84,7 @@ export class SnapshotBases {
   /** Collects the pages dirtied since the last collection into every base (the VM paused). */
   async collect(): Promise<void> {
     const bits = await this.consumer.take();
-    for (const b of this.bases.values()) b.dirty.forEach((d, i) => orInto(d, bits[i]));
+    for (const b of this.bases.values()) for (const [i, d] of b.dirty.entries()) orInto(d, bits[i]);
   }
 
   /** The pages dirtied since base `snapshotId` (after collect()), a copy per region. */

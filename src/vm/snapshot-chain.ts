@@ -42,9 +42,15 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
           check: (h) => {
             // The id first (cheap, before any memory is read); the whole identity once END is read.
             if (h.snapshotId !== link.snapshotId)
-              throw broken('data_loss', `the file there is another snapshot (id ${h.snapshotId ?? 'none, format 1'}, the child was taken of ${link.snapshotId}): it was replaced`);
+              throw broken(
+                'data_loss',
+                `the file there is another snapshot (id ${h.snapshotId ?? 'none, format 1'}, the child was taken of ${link.snapshotId}): it was replaced`,
+              );
             if (h.vm.memoryBytes !== child.vm.memoryBytes || h.vm.vcpuCount !== child.vm.vcpuCount)
-              throw broken('data_loss', `the parent has ${h.vm.memoryBytes} bytes of memory and ${h.vm.vcpuCount} vCPUs, the child ${child.vm.memoryBytes} and ${child.vm.vcpuCount}`);
+              throw broken(
+                'data_loss',
+                `the parent has ${h.vm.memoryBytes} bytes of memory and ${h.vm.vcpuCount} vCPUs, the child ${child.vm.memoryBytes} and ${child.vm.vcpuCount}`,
+              );
           },
           lazy: opts.lazy,
           allocate,

@@ -73,11 +73,19 @@ export function compatibilityViolations(header: SnapshotHeader, caps: HostCapabi
   if (src.vendor !== caps.vendor)
     v.push({ rule: 'snapshot.vendor', field: 'source.vendor', message: `the snapshot was taken on a ${src.vendor} host, this host is ${caps.vendor}` });
   if (src.kvmApiVersion !== caps.apiVersion)
-    v.push({ rule: 'snapshot.kvm_api_version', field: 'source.kvm_api_version', message: `KVM API version ${src.kvmApiVersion} at the source, ${caps.apiVersion} here` });
+    v.push({
+      rule: 'snapshot.kvm_api_version',
+      field: 'source.kvm_api_version',
+      message: `KVM API version ${src.kvmApiVersion} at the source, ${caps.apiVersion} here`,
+    });
 
   const mem = header.vm.memory;
   if (mem.length !== 1 || mem[0].guestPhysAddr !== 0 || mem[0].size !== header.vm.memoryBytes)
-    v.push({ rule: 'snapshot.memory_layout', field: 'vm.memory', message: `vcpud restores one memory slot at guest-physical 0; the snapshot has ${JSON.stringify(mem)}` });
+    v.push({
+      rule: 'snapshot.memory_layout',
+      field: 'vm.memory',
+      message: `vcpud restores one memory slot at guest-physical 0; the snapshot has ${JSON.stringify(mem)}`,
+    });
 
   if (header.vm.irqchip && !(caps.caps.KVM_CAP_IRQCHIP > 0))
     v.push({ rule: 'snapshot.irqchip', field: 'vm.irqchip', message: 'the VM had the in-kernel irqchip; KVM_CAP_IRQCHIP is 0 here' });
@@ -85,15 +93,27 @@ export function compatibilityViolations(header: SnapshotHeader, caps: HostCapabi
   // xsave: the source's area must fit this host's (a smaller one is zero-extended at restore).
   const xsave = Math.max(0, ...header.vcpus.flatMap((c) => c.sections.filter((s) => s.name === 'xsave').map((s) => s.size)));
   if (xsave > caps.xsaveSize)
-    v.push({ rule: 'snapshot.xsave_size', field: 'source.xsave_size', message: `the saved xsave area is ${xsave} bytes; this host's KVM_CAP_XSAVE2 size is ${caps.xsaveSize}` });
+    v.push({
+      rule: 'snapshot.xsave_size',
+      field: 'source.xsave_size',
+      message: `the saved xsave area is ${xsave} bytes; this host's KVM_CAP_XSAVE2 size is ${caps.xsaveSize}`,
+    });
 
   // Nested state: this host must take blobs of the saved size.
   const nested = header.vcpus.filter((c) => c.nestedSize > 0);
   if (nested.length && caps.nested.maxSize <= 0)
-    v.push({ rule: 'snapshot.nested_state', field: 'vcpus.nested', message: `vCPU(s) ${nested.map((c) => c.id).join(', ')} have nested state; this host has no KVM_CAP_NESTED_STATE (${caps.nested.reason ?? 'unsupported'})` });
+    v.push({
+      rule: 'snapshot.nested_state',
+      field: 'vcpus.nested',
+      message: `vCPU(s) ${nested.map((c) => c.id).join(', ')} have nested state; this host has no KVM_CAP_NESTED_STATE (${caps.nested.reason ?? 'unsupported'})`,
+    });
   else
     for (const c of nested.filter((c) => c.nestedSize > caps.nested.maxSize))
-      v.push({ rule: 'snapshot.nested_state_size', field: `vcpus[${c.id}].nested`, message: `vCPU ${c.id}'s nested state is ${c.nestedSize} bytes; this host's KVM_CAP_NESTED_STATE size is ${caps.nested.maxSize}` });
+      v.push({
+        rule: 'snapshot.nested_state_size',
+        field: `vcpus[${c.id}].nested`,
+        message: `vCPU ${c.id}'s nested state is ${c.nestedSize} bytes; this host's KVM_CAP_NESTED_STATE size is ${caps.nested.maxSize}`,
+      });
 
   // Sections this host cannot write. tsc_khz is checked at restore: without KVM_CAP_TSC_CONTROL it
   // is accepted when it equals the frequency the new vCPU already has.
@@ -109,7 +129,11 @@ export function compatibilityViolations(header: SnapshotHeader, caps: HostCapabi
       if (!support.writable) unwritable.set(s.name, [...(unwritable.get(s.name) ?? []), c.id]);
     }
   for (const [s, ids] of unwritable)
-    v.push({ rule: 'snapshot.section', field: `vcpus.sections.${s}`, message: `section ${s} of vCPU(s) ${ids.join(', ')} cannot be written here: ${caps.sections[s].reason ?? 'not writable'}` });
+    v.push({
+      rule: 'snapshot.section',
+      field: `vcpus.sections.${s}`,
+      message: `section ${s} of vCPU(s) ${ids.join(', ')} cannot be written here: ${caps.sections[s].reason ?? 'not writable'}`,
+    });
 
   // MSRs saved that this host's KVM_GET_MSR_INDEX_LIST does not have.
   const here = new Set(caps.msrIndexList);
@@ -127,7 +151,11 @@ export function compatibilityViolations(header: SnapshotHeader, caps: HostCapabi
   v.push(...cpuidViolations(header.vm.cpuid, supportedCpuid));
   const guestPa = maxPhysAddrBits(header.vm.cpuid);
   if (guestPa > caps.maxPhysAddrBits)
-    v.push({ rule: 'snapshot.max_phys_addr', field: `vm.cpuid[${hex(0x80000008)}.0].eax`, message: `the guest was given MAXPHYADDR ${guestPa}; this host has ${caps.maxPhysAddrBits}` });
+    v.push({
+      rule: 'snapshot.max_phys_addr',
+      field: `vm.cpuid[${hex(0x80000008)}.0].eax`,
+      message: `the guest was given MAXPHYADDR ${guestPa}; this host has ${caps.maxPhysAddrBits}`,
+    });
   return v;
 }
 

@@ -222,16 +222,23 @@ export function encodePreamble(version = FORMAT_VERSION): Buffer {
 
 /** Checks magic, version and checksum; returns the version. */
 export function decodePreamble(b: Buffer): number {
-  if (b.length < PREAMBLE_SIZE) throw snapshotCorrupt(`truncated: the snapshot is ${b.length} bytes, shorter than its ${PREAMBLE_SIZE}-byte preamble`, undefined, 0);
+  if (b.length < PREAMBLE_SIZE)
+    throw snapshotCorrupt(`truncated: the snapshot is ${b.length} bytes, shorter than its ${PREAMBLE_SIZE}-byte preamble`, undefined, 0);
   if (!b.subarray(0, 8).equals(SNAPSHOT_MAGIC))
     throw notASnapshot(`not a vcpud snapshot: it starts with ${JSON.stringify(b.subarray(0, 8).toString('latin1'))}, not "VCPUDSNP"`);
   if (b.readUInt32LE(12) !== crc32c(b.subarray(0, 12))) throw snapshotCorrupt('checksum mismatch in the preamble (offset 0x0)', undefined, 0);
   const version = b.readUInt32LE(8);
   if (!READABLE_VERSIONS.includes(version))
-    throw new VcpudError('failed_precondition', `snapshot format version ${version} is not supported: this vcpud reads versions ${READABLE_VERSIONS.join(' and ')}`, {
-      reason: 'SNAPSHOT_INCOMPATIBLE',
-      violations: [{ rule: 'snapshot.format_version', field: 'format_version', message: `version ${version}, this vcpud reads ${READABLE_VERSIONS.join(' and ')}` }],
-    });
+    throw new VcpudError(
+      'failed_precondition',
+      `snapshot format version ${version} is not supported: this vcpud reads versions ${READABLE_VERSIONS.join(' and ')}`,
+      {
+        reason: 'SNAPSHOT_INCOMPATIBLE',
+        violations: [
+          { rule: 'snapshot.format_version', field: 'format_version', message: `version ${version}, this vcpud reads ${READABLE_VERSIONS.join(' and ')}` },
+        ],
+      },
+    );
   return version;
 }
 
@@ -293,8 +300,7 @@ export function decodeRecordHeader(b: Buffer, offset: number, expectedSeq: numbe
 /** Where the payload of a record whose header starts at `offset` begins. */
 export const payloadOffset = (h: Pick<RecordHeader, 'offset' | 'pad'>): number => h.offset + RECORD_HEADER_SIZE + h.pad;
 /** Where the record after it starts. */
-export const nextRecordOffset = (h: Pick<RecordHeader, 'offset' | 'pad' | 'payloadLength'>): number =>
-  align(payloadOffset(h) + h.payloadLength, 8);
+export const nextRecordOffset = (h: Pick<RecordHeader, 'offset' | 'pad' | 'payloadLength'>): number => align(payloadOffset(h) + h.payloadLength, 8);
 
 export const align = (n: number, to: number): number => Math.ceil(n / to) * to;
 

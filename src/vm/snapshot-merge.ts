@@ -39,10 +39,14 @@ export async function deleteSnapshot(store: SnapshotStore, name: string, cascade
   store.components(name);
   const below = await descendants(store, name);
   if (below.length && !cascade)
-    throw new VcpudError('failed_precondition', `snapshot ${JSON.stringify(name)} is the parent of ${below.map((n) => JSON.stringify(n)).join(', ')}: delete with cascade to remove them too, or merge them first`, {
-      reason: 'SNAPSHOT_HAS_CHILDREN',
-      field: 'name',
-    });
+    throw new VcpudError(
+      'failed_precondition',
+      `snapshot ${JSON.stringify(name)} is the parent of ${below.map((n) => JSON.stringify(n)).join(', ')}: delete with cascade to remove them too, or merge them first`,
+      {
+        reason: 'SNAPSHOT_HAS_CHILDREN',
+        field: 'name',
+      },
+    );
   const deleted: string[] = [];
   for (const n of [...below.reverse(), name]) {
     await store.remove(n);
@@ -70,13 +74,17 @@ export async function mergeSnapshot(store: SnapshotStore, name: string, target: 
     // Replacing a snapshot that has children would break their links.
     const below = await descendants(store, target);
     if (below.length)
-      throw new VcpudError('failed_precondition', `target ${JSON.stringify(target)} is the parent of ${below.map((n) => JSON.stringify(n)).join(', ')}: merging over it would break their chains`, {
-        reason: 'SNAPSHOT_HAS_CHILDREN',
-        field: 'target',
-      });
+      throw new VcpudError(
+        'failed_precondition',
+        `target ${JSON.stringify(target)} is the parent of ${below.map((n) => JSON.stringify(n)).join(', ')}: merging over it would break their chains`,
+        {
+          reason: 'SNAPSHOT_HAS_CHILDREN',
+          field: 'target',
+        },
+      );
   }
   const { fd } = await store.openForRead(name);
-  let loaded;
+  let loaded: Awaited<ReturnType<typeof loadSnapshot>>;
   try {
     loaded = await loadSnapshot(new FileSource(fd), { check: () => {}, loadParent: chainLoader(store, name) }, fd);
   } finally {

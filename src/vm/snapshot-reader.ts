@@ -246,7 +246,8 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
     return decodeRecordHeader(raw, at, seq++);
   };
   const readPayload = async (h: RecordHeader, max = MAX_METADATA_PAYLOAD): Promise<Buffer> => {
-    if (h.payloadLength > max) throw snapshotCorrupt(`${describeChunk(h)} declares a ${h.payloadLength}-byte payload, over the ${max}-byte limit of its kind`, h.seq, h.offset);
+    if (h.payloadLength > max)
+      throw snapshotCorrupt(`${describeChunk(h)} declares a ${h.payloadLength}-byte payload, over the ${max}-byte limit of its kind`, h.seq, h.offset);
     if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
     const payload = await source.read(h.payloadLength, truncated(h, 'payload', source, h.payloadLength));
     if (crc32c(payload) !== h.payloadCrc) throw mismatch(h);
@@ -303,7 +304,11 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
       (e) => {
         // A mapped page faulted: the file was truncated or rewritten while we restored it.
         if ((e as { code?: unknown })?.code !== 'MEMORY_FAULT') throw e;
-        throw snapshotCorrupt(`${describeChunk(h)}: its memory can no longer be read from the file, which was truncated or changed during the restore`, h.seq, h.offset);
+        throw snapshotCorrupt(
+          `${describeChunk(h)}: its memory can no longer be read from the file, which was truncated or changed during the restore`,
+          h.seq,
+          h.offset,
+        );
       },
     );
     result.catch(() => {}); // handled where it is awaited; a rejection before that must not count as unhandled
@@ -406,10 +411,20 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
           for (const s of header.vmState ?? []) if (!vmState.has(s.name)) throw corrupt(`VM state ${s.name} is missing`);
           await firstMismatch(pendingCrcs.length);
           if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
-          if (source instanceof FileSource && source.position !== source.size)
-            throw corrupt(`${source.size - source.position} bytes follow the END record`);
+          if (source instanceof FileSource && source.position !== source.size) throw corrupt(`${source.size - source.position} bytes follow the END record`);
           const identity = { snapshotId: header.snapshotId ?? '', headerCrc: first.payloadCrc, endCrc: h.payloadCrc };
-          return { header, end, vcpuState, vmState, memory, mappedBytes, copiedBytes, bytes: source.position + (base?.bytes ?? 0), identity, chainLength: (base?.chainLength ?? 0) + 1 };
+          return {
+            header,
+            end,
+            vcpuState,
+            vmState,
+            memory,
+            mappedBytes,
+            copiedBytes,
+            bytes: source.position + (base?.bytes ?? 0),
+            identity,
+            chainLength: (base?.chainLength ?? 0) + 1,
+          };
         }
       }
     }

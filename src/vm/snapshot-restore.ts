@@ -212,7 +212,11 @@ export async function loadAndRestore(
     // A preparation that failed first (and released the memory under the load) is the cause;
     // otherwise the load's error stands and the prepared VM (if it got made) goes.
     const cause = prepareError ?? e;
-    if (prepared) await prepared.then((vm) => vm.close(), () => {});
+    if (prepared)
+      await prepared.then(
+        (vm) => vm.close(),
+        () => {},
+      );
     (reservation ?? opts.reservation)?.release();
     throw cause;
   }

@@ -17,7 +17,17 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { invalidArgument, notFound, snapshotExists, VcpudError, type Violation } from '../errors';
 import { closeFd, FS, fsAt, fstat, hasOpenat2, isDirectory, isRegular, type FileStat } from '../ffi/fs-at';
-import { decodePreamble, decodeRecordHeader, nextRecordOffset, PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordKind, crc32c, type SnapshotHeader, type SnapshotIdentity } from './snapshot-format';
+import {
+  decodePreamble,
+  decodeRecordHeader,
+  nextRecordOffset,
+  PREAMBLE_SIZE,
+  RECORD_HEADER_SIZE,
+  RecordKind,
+  crc32c,
+  type SnapshotHeader,
+  type SnapshotIdentity,
+} from './snapshot-format';
 import { isStaleTemp, isTempName, type SinkTarget } from './snapshot-writer';
 import { firstNonPlainCharacter, PLAIN_CHARACTERS } from './vm-name';
 
@@ -273,9 +283,10 @@ export class SnapshotStore {
     const parts = this.components(name);
     const unprintable = firstNonPlainCharacter(name);
     if (unprintable)
-      throw invalidArgument(`the snapshot name has the character ${unprintable.codePoint} at position ${unprintable.index}, which a snapshot name cannot hold`, [
-        { rule: 'snapshot.name.characters', field: 'name', message: PLAIN_CHARACTERS },
-      ]);
+      throw invalidArgument(
+        `the snapshot name has the character ${unprintable.codePoint} at position ${unprintable.index}, which a snapshot name cannot hold`,
+        [{ rule: 'snapshot.name.characters', field: 'name', message: PLAIN_CHARACTERS }],
+      );
     const base = parts.pop() as string;
     const dirFd = await this.withRoot((root) => this.openDirectory(root, name, parts, true));
     try {
@@ -354,7 +365,9 @@ export class SnapshotStore {
    */
   async list(pageSize = 0, pageToken = ''): Promise<SnapshotPage> {
     if (!Number.isInteger(pageSize) || pageSize < 0)
-      throw invalidArgument(`page_size ${pageSize} is negative`, [{ rule: 'page_size.min', field: 'page_size', message: 'give 0 (the default page size) or more' }]);
+      throw invalidArgument(`page_size ${pageSize} is negative`, [
+        { rule: 'page_size.min', field: 'page_size', message: 'give 0 (the default page size) or more' },
+      ]);
     const size = pageSize === 0 ? DEFAULT_PAGE_SIZE : Math.min(pageSize, MAX_PAGE_SIZE);
     const after = decodePageToken(pageToken);
     return this.withRoot(async (root) => {
@@ -366,8 +379,11 @@ export class SnapshotStore {
       });
       const names = [...files, ...problems.keys()].filter((n) => after === undefined || n > after).sort(); // default order: UTF-16 code units, as `>` compares
       const page = names.slice(0, size);
-      const entries = await mapLimited(page, HEADER_READS_IN_FLIGHT, (n): Promise<SnapshotEntry> =>
-        problems.has(n) ? Promise.resolve({ name: n, sizeBytes: 0, modified: new Date(0), problem: problems.get(n) }) : this.entry(root, n),
+      const entries = await mapLimited(
+        page,
+        HEADER_READS_IN_FLIGHT,
+        (n): Promise<SnapshotEntry> =>
+          problems.has(n) ? Promise.resolve({ name: n, sizeBytes: 0, modified: new Date(0), problem: problems.get(n) }) : this.entry(root, n),
       );
       return { entries, nextPageToken: names.length > size ? encodePageToken(page[page.length - 1]) : '' };
     });
@@ -483,7 +499,14 @@ async function removeIfStale(dirFd: number, name: string): Promise<boolean> {
 }
 
 function fileKind(st: FileStat): string {
-  const kinds: Record<number, string> = { 0o010000: 'a FIFO', 0o020000: 'a character device', 0o040000: 'a directory', 0o060000: 'a block device', 0o120000: 'a symbolic link', 0o140000: 'a socket' };
+  const kinds: Record<number, string> = {
+    0o010000: 'a FIFO',
+    0o020000: 'a character device',
+    0o040000: 'a directory',
+    0o060000: 'a block device',
+    0o120000: 'a symbolic link',
+    0o140000: 'a socket',
+  };
   return kinds[st.mode & FS.S_IFMT] ?? 'not a regular file';
 }
 
@@ -497,7 +520,9 @@ function decodePageToken(token: string): string | undefined {
   if (!token) return undefined;
   const text = Buffer.from(token, 'base64url').toString('utf8');
   if (!text.startsWith(TOKEN_PREFIX) || encodePageToken(text.slice(TOKEN_PREFIX.length)) !== token)
-    throw invalidArgument('page_token is not a next_page_token of ListSnapshots', [{ rule: 'page_token.invalid', field: 'page_token', message: 'pass next_page_token unchanged, or leave it empty' }]);
+    throw invalidArgument('page_token is not a next_page_token of ListSnapshots', [
+      { rule: 'page_token.invalid', field: 'page_token', message: 'pass next_page_token unchanged, or leave it empty' },
+    ]);
   return text.slice(TOKEN_PREFIX.length);
 }
 

@@ -317,7 +317,12 @@ export class StreamSink implements SnapshotSink {
     // In inFlight mode the previous chunks are still being sent meanwhile.
     const payloadCrc = stored ? await memory.copyPages(offset, pages, bitmap, chunks) : 0;
     const pad = stored ? pagePad(this.pos) : 0;
-    await this.write(Buffer.concat([encodeRecordHeader({ kind: RecordKind.MemoryData, seq, pad, payloadCrc, payloadLength: stored * PAGE_SIZE, aux: gpa, aux2: stored }), Buffer.alloc(pad)]));
+    await this.write(
+      Buffer.concat([
+        encodeRecordHeader({ kind: RecordKind.MemoryData, seq, pad, payloadCrc, payloadLength: stored * PAGE_SIZE, aux: gpa, aux2: stored }),
+        Buffer.alloc(pad),
+      ]),
+    );
     await this.flush();
     for (let i = 0; i < chunks.length; i++) await this.send(chunks[i], framed[i]);
     this.pos += stored * PAGE_SIZE;
@@ -510,7 +515,12 @@ export async function captureState(vm: ManagedVm, caps: HostCapabilities, runSta
   if ((caps.caps.KVM_CAP_ADJUST_CLOCK ?? 0) > 0) vmState.push(['clock', vm.vm.getClock()]);
   if (vm.vm.hasIrqchip) for (const chip of [0, 1, 2]) vmState.push([`irqchip.${chip}`, vm.vm.getIrqchip(chip)]);
 
-  const header = snapshotHeader(vm, caps, vcpus.map((v) => v.meta), vmState.map(([name, data]) => ({ name, size: data.length })));
+  const header = snapshotHeader(
+    vm,
+    caps,
+    vcpus.map((v) => v.meta),
+    vmState.map(([name, data]) => ({ name, size: data.length })),
+  );
   return { header, vcpus, vmState };
 }
 
@@ -518,7 +528,10 @@ export async function captureState(vm: ManagedVm, caps: HostCapabilities, runSta
 export function encodeRecord(kind: RecordKind, seq: number, payload: Buffer, aux = 0, aux2 = 0): Buffer {
   // Never write what no reader accepts (memory data has its own bound: one chunk).
   if (kind !== RecordKind.MemoryData && payload.length > MAX_METADATA_PAYLOAD)
-    throw new VcpudError('internal', `a ${KIND_NAMES[kind]} record of ${payload.length} bytes is over the ${MAX_METADATA_PAYLOAD} bytes a snapshot reader accepts`);
+    throw new VcpudError(
+      'internal',
+      `a ${KIND_NAMES[kind]} record of ${payload.length} bytes is over the ${MAX_METADATA_PAYLOAD} bytes a snapshot reader accepts`,
+    );
   const header = encodeRecordHeader({ kind, seq, pad: 0, payloadCrc: crc32c(payload), payloadLength: payload.length, aux, aux2 });
   const tail = align(payload.length, 8) - payload.length;
   return Buffer.concat(tail ? [header, payload, Buffer.alloc(tail)] : [header, payload]);
@@ -549,7 +562,11 @@ export interface WriteOptions {
  * Memory goes out in CHUNK_PAGES chunks: a full snapshot stores the non-zero pages, an incremental
  * one the pages `content.dirty` selects. Resolves to the END record and the snapshot's identity.
  */
-export async function writeSnapshot(sink: SnapshotSink, content: SnapshotContent, opts: WriteOptions = {}): Promise<{ end: SnapshotEnd; identity: SnapshotIdentity }> {
+export async function writeSnapshot(
+  sink: SnapshotSink,
+  content: SnapshotContent,
+  opts: WriteOptions = {},
+): Promise<{ end: SnapshotEnd; identity: SnapshotIdentity }> {
   const memoryTotal = content.regions.reduce((n, r) => n + r.size, 0);
   const progress = (phase: SnapshotProgress['phase'], memoryBytesDone: number) =>
     opts.onProgress?.({ phase, memoryBytesDone, memoryBytesTotal: memoryTotal, bytesWritten: sink.position });
@@ -574,7 +591,9 @@ export async function writeSnapshot(sink: SnapshotSink, content: SnapshotContent
       const gpa = region.guestPhysAddr + offset;
       try {
         // CHUNK_PAGES is a multiple of 8: a chunk's bits start on a byte of the region's bitmap.
-        const bitmap = content.dirty ? Buffer.from(content.dirty[index].subarray(first / 8, first / 8 + bitmapBytes(pages))) : region.memory.scanPages(offset, pages);
+        const bitmap = content.dirty
+          ? Buffer.from(content.dirty[index].subarray(first / 8, first / 8 + bitmapBytes(pages)))
+          : region.memory.scanPages(offset, pages);
         const stored = countBits(bitmap, pages);
         await record(RecordKind.MemoryMap, bitmap.subarray(0, bitmapBytes(pages)), gpa, pages);
         await sink.writeMemoryData(seq++, gpa, region.memory, offset, pages, bitmap, stored);

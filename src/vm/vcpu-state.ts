@@ -23,12 +23,13 @@
  *   nested support), and a 128-byte blob is real state (VMXON without a VMCS, SVM GIF), never "none".
  */
 import { isDeepStrictEqual } from 'node:util';
+import { snakeCase } from '../case';
 import { invalidArgument, KvmError, VcpudError, type ErrorDetails, type Violation } from '../errors';
 import { probedCaps, requireNested, type HostCapabilities } from '../ffi/capabilities';
 import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState } from '../ffi/nested';
-import { msrName, snakeCase, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
+import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import { BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
@@ -96,18 +97,30 @@ function checkSupported(ctx: StateContext, s: SectionName, direction: Direction)
 /** Reads one section. MSRs: the kernel stops at the first refused index; we skip it and go on. */
 function readSection(vcpu: Vcpu, s: SectionName, msrIndices: number[], unreadable: number[]): unknown {
   switch (s) {
-    case 'regs': return vcpu.getRegs();
-    case 'sregs': return vcpu.getSregs();
-    case 'sregs2': return vcpu.getSregs2();
-    case 'fpu': return vcpu.getFpu();
-    case 'xsave': return vcpu.getXsave();
-    case 'xcrs': return vcpu.getXcrs();
-    case 'lapic': return vcpu.getLapic();
-    case 'vcpu_events': return vcpu.getVcpuEvents();
-    case 'debugregs': return vcpu.getDebugregs();
-    case 'mp_state': return { mpState: vcpu.getMpState() };
-    case 'cpuid2': return vcpu.getCpuid2();
-    case 'tsc_khz': return vcpu.getTscKhz();
+    case 'regs':
+      return vcpu.getRegs();
+    case 'sregs':
+      return vcpu.getSregs();
+    case 'sregs2':
+      return vcpu.getSregs2();
+    case 'fpu':
+      return vcpu.getFpu();
+    case 'xsave':
+      return vcpu.getXsave();
+    case 'xcrs':
+      return vcpu.getXcrs();
+    case 'lapic':
+      return vcpu.getLapic();
+    case 'vcpu_events':
+      return vcpu.getVcpuEvents();
+    case 'debugregs':
+      return vcpu.getDebugregs();
+    case 'mp_state':
+      return { mpState: vcpu.getMpState() };
+    case 'cpuid2':
+      return vcpu.getCpuid2();
+    case 'tsc_khz':
+      return vcpu.getTscKhz();
     case 'msrs':
       return readMsrsSkipping(vcpu, msrIndices, unreadable);
   }
@@ -131,18 +144,30 @@ function readMsrsSkipping(vcpu: Vcpu, indices: number[], unreadable: number[], f
 
 function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
   switch (s) {
-    case 'regs': return vcpu.setRegs(value as SectionValues['regs']);
-    case 'sregs': return vcpu.setSregs(value as SectionValues['sregs']);
-    case 'sregs2': return vcpu.setSregs2(value as SectionValues['sregs2']);
-    case 'fpu': return vcpu.setFpu(value as SectionValues['fpu']);
-    case 'xsave': return vcpu.setXsave(value as Buffer);
-    case 'xcrs': return vcpu.setXcrs(value as SectionValues['xcrs']);
-    case 'lapic': return vcpu.setLapic(value as Buffer);
-    case 'vcpu_events': return vcpu.setVcpuEvents(value as SectionValues['vcpu_events']);
-    case 'debugregs': return vcpu.setDebugregs(value as SectionValues['debugregs']);
-    case 'mp_state': return vcpu.setMpState((value as SectionValues['mp_state']).mpState);
-    case 'cpuid2': return vcpu.setCpuid2(value as SectionValues['cpuid2']);
-    case 'tsc_khz': return vcpu.setTscKhz(value as number);
+    case 'regs':
+      return vcpu.setRegs(value as SectionValues['regs']);
+    case 'sregs':
+      return vcpu.setSregs(value as SectionValues['sregs']);
+    case 'sregs2':
+      return vcpu.setSregs2(value as SectionValues['sregs2']);
+    case 'fpu':
+      return vcpu.setFpu(value as SectionValues['fpu']);
+    case 'xsave':
+      return vcpu.setXsave(value as Buffer);
+    case 'xcrs':
+      return vcpu.setXcrs(value as SectionValues['xcrs']);
+    case 'lapic':
+      return vcpu.setLapic(value as Buffer);
+    case 'vcpu_events':
+      return vcpu.setVcpuEvents(value as SectionValues['vcpu_events']);
+    case 'debugregs':
+      return vcpu.setDebugregs(value as SectionValues['debugregs']);
+    case 'mp_state':
+      return vcpu.setMpState((value as SectionValues['mp_state']).mpState);
+    case 'cpuid2':
+      return vcpu.setCpuid2(value as SectionValues['cpuid2']);
+    case 'tsc_khz':
+      return vcpu.setTscKhz(value as number);
     case 'msrs': {
       const entries = value as MsrEntry[];
       const r = vcpu.setMsrs(entries);
@@ -334,7 +359,11 @@ function restoreMsrs(vcpu: Vcpu, saved: MsrEntry[]): void {
     for (const e of viaSregs) MSR_IN_SREGS.get(e.index)!.set(sregs, e.data);
     vcpu.setSregs(sregs);
   }
-  writeSection(vcpu, 'msrs', changed.filter((e) => !MSR_IN_SREGS.has(e.index)));
+  writeSection(
+    vcpu,
+    'msrs',
+    changed.filter((e) => !MSR_IN_SREGS.has(e.index)),
+  );
 }
 
 /** KVM_SET_MSRS refused entries[position]: no errno (the ioctl returns a short count), but the MSR is known. */
@@ -362,8 +391,7 @@ const PROTO_PATHS: ReadonlyMap<string, string> = new Map([['state.mp_state.mp_st
  * held before the write: the kernel refused one of them. Raw sections (xsave, lapic) are one field.
  */
 function changedFields(before: unknown, after: unknown, path: string): string[] {
-  if (Array.isArray(after) && Array.isArray(before))
-    return after.flatMap((v, i) => changedFields(before[i], v, `${path}[${i}]`));
+  if (Array.isArray(after) && Array.isArray(before)) return after.flatMap((v, i) => changedFields(before[i], v, `${path}[${i}]`));
   if (after && before && typeof after === 'object' && typeof before === 'object' && !Buffer.isBuffer(after))
     return Object.entries(after).flatMap(([k, v]) => changedFields((before as Record<string, unknown>)[k], v, `${path}.${snakeCase(k)}`));
   return isDeepStrictEqual(before, after) ? [] : [PROTO_PATHS.get(path) ?? path];
@@ -386,9 +414,7 @@ function refusalViolation(section: SectionName, e: KvmError, before: unknown, re
  * ROLLBACK_FAILED when putting the vCPU back failed too.
  */
 function sectionFailure(section: SectionName, e: unknown, before: unknown, requested: unknown, rollbackFailures: string[]): VcpudError {
-  const restored = rollbackFailures.length
-    ? `; rollback FAILED for ${rollbackFailures.join(', ')}`
-    : '; every section already applied was restored';
+  const restored = rollbackFailures.length ? `; rollback FAILED for ${rollbackFailures.join(', ')}` : '; every section already applied was restored';
   const message = `SetState failed at section ${section}: ${(e as Error).message}${restored}`;
   const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), section };
   if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED') {
@@ -475,11 +501,15 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
     else if (blobTooShort) {
       details.reason = 'INVALID_NESTED_STATE';
       details.violations = [{ rule: 'common.size.buffer', field: 'size', message: (e as Error).message }];
-    }
-    else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
+    } else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
       details.violations = [{ rule: kernelRule(e.ioctl), field: 'raw', message: `${e.code} from ${e.ioctl}` }];
     const kind = restoreError ? 'internal' : blobTooShort ? 'invalid_argument' : e instanceof VcpudError ? e.kind : 'internal';
-    throw new VcpudError(kind, `KVM_SET_NESTED_STATE refused the blob: ${(e as Error).message}${restoreError || '; the previous state was restored'}`, details, { cause: e });
+    throw new VcpudError(
+      kind,
+      `KVM_SET_NESTED_STATE refused the blob: ${(e as Error).message}${restoreError || '; the previous state was restored'}`,
+      details,
+      { cause: e },
+    );
   }
 }
 

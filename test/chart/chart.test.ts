@@ -31,7 +31,6 @@ import { ServiceMonitor } from '@kubernetes-models/prometheus-operator/monitorin
 import { NetworkPolicy } from 'kubernetes-models/networking.k8s.io/v1/NetworkPolicy';
 import { ConfigError, defaultConfig, loadConfig, type Config } from '../../src/server/config';
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 type Obj = Record<string, any>;
 
 const ROOT = path.resolve(__dirname, '..', '..');
@@ -87,8 +86,7 @@ function template(extra: string[]): Obj[] {
 /** Pod specs of an object with their labels: Pods, and the templates of workloads. */
 function podsOf(o: Obj): { labels: Obj; spec: Obj; owner: Obj }[] {
   if (o.kind === 'Pod') return [{ labels: o.metadata?.labels ?? {}, spec: o.spec, owner: o }];
-  if (o.kind === 'DaemonSet' || o.kind === 'Deployment')
-    return [{ labels: o.spec.template.metadata?.labels ?? {}, spec: o.spec.template.spec, owner: o }];
+  if (o.kind === 'DaemonSet' || o.kind === 'Deployment') return [{ labels: o.spec.template.metadata?.labels ?? {}, spec: o.spec.template.spec, owner: o }];
   return [];
 }
 
@@ -96,10 +94,8 @@ const allContainers = (spec: Obj): Obj[] => [...(spec.initContainers ?? []), ...
 const vcpudContainers = (spec: Obj): Obj[] => allContainers(spec).filter((c) => c.name === 'vcpud');
 const isTestHook = (o: Obj): boolean => o.metadata?.annotations?.['helm.sh/hook'] === 'test';
 const portNamed = (c: Obj, name: string): Obj | undefined => (c.ports ?? []).find((p: Obj) => p.name === name);
-const argValue = (c: Obj, flag: string): string | undefined =>
-  (c.args ?? []).find((a: string) => a.startsWith(`${flag}=`))?.slice(flag.length + 1);
-const matches = (selector: Obj, labels: Obj): boolean =>
-  Object.entries(selector).every(([k, v]) => labels[k] === v);
+const argValue = (c: Obj, flag: string): string | undefined => (c.args ?? []).find((a: string) => a.startsWith(`${flag}=`))?.slice(flag.length + 1);
+const matches = (selector: Obj, labels: Obj): boolean => Object.entries(selector).every(([k, v]) => labels[k] === v);
 
 /** The securityContext a container effectively runs with: its own over the pod's. */
 function effectiveSecurity(spec: Obj, c: Obj): Obj {
@@ -126,9 +122,7 @@ describe('helm chart helm/vcpud', () => {
   }, 600_000);
 
   test('the ci values cover daemonset, cert-manager + monitors, sidecar and the privileged fallback', () => {
-    expect(CASES).toEqual(
-      expect.arrayContaining(['daemonset', 'daemonset-certmanager-monitoring', 'sidecar', 'privileged-fallback']),
-    );
+    expect(CASES).toEqual(expect.arrayContaining(['daemonset', 'daemonset-certmanager-monitoring', 'sidecar', 'privileged-fallback']));
   });
 
   describe.each(CASES)('ci/%s-values.yaml', (name) => {
@@ -269,8 +263,7 @@ describe('helm chart helm/vcpud', () => {
     test('monitor port names match a container or Service port name', () => {
       const monitors = objects().filter((o) => o.kind === 'PodMonitor' || o.kind === 'ServiceMonitor');
       if (/podMonitor:\s*\n\s*enabled:\s*true/.test(values)) expect(monitors.some((m) => m.kind === 'PodMonitor')).toBe(true);
-      if (/serviceMonitor:\s*\n\s*enabled:\s*true/.test(values))
-        expect(monitors.some((m) => m.kind === 'ServiceMonitor')).toBe(true);
+      if (/serviceMonitor:\s*\n\s*enabled:\s*true/.test(values)) expect(monitors.some((m) => m.kind === 'ServiceMonitor')).toBe(true);
       for (const m of monitors) {
         const selector = m.spec.selector.matchLabels;
         if (m.kind === 'PodMonitor') {
@@ -312,7 +305,8 @@ describe('helm chart helm/vcpud', () => {
         const service = objects().find((o) => o.kind === 'Service') as Obj;
         expect(server).toBe(`${service.metadata.name}.${NAMESPACE}.svc:${service.spec.ports[0].port}`);
         expect(service.spec.ports[0].name).toBe('grpc');
-        for (const f of ['ca.crt', 'tls.crt', 'tls.key']) expect(ctl.args).toContain(`--tls-${f === 'ca.crt' ? 'ca' : f === 'tls.crt' ? 'cert' : 'key'}=/etc/vcpud/client-tls/${f}`);
+        for (const f of ['ca.crt', 'tls.crt', 'tls.key'])
+          expect(ctl.args).toContain(`--tls-${f === 'ca.crt' ? 'ca' : f === 'tls.crt' ? 'cert' : 'key'}=/etc/vcpud/client-tls/${f}`);
         expect(ctl.volumeMounts).toContainEqual({ name: 'client-tls', mountPath: '/etc/vcpud/client-tls', readOnly: true });
         const cert = objects().find((o) => o.kind === 'Certificate' && o.spec.usages.includes('server auth'));
         if (cert) expect(cert.spec.dnsNames).toContain(server.split(':')[0]);
@@ -421,8 +415,7 @@ describe('helm chart helm/vcpud', () => {
       fs.cpSync(CHART, chart, { recursive: true });
       fs.writeFileSync(path.join(chart, 'templates', 'zz-notes.yaml'), 'notes: {{ include "vcpud/templates/NOTES.txt" . | toJson }}\n');
       const notes = (values: string, extra: string[] = []): string => {
-        const r = helm(['template', RELEASE, chart, '-n', NAMESPACE, '-f', path.join(CHART, 'ci', values), ...extra,
-          '--show-only', 'templates/zz-notes.yaml']);
+        const r = helm(['template', RELEASE, chart, '-n', NAMESPACE, '-f', path.join(CHART, 'ci', values), ...extra, '--show-only', 'templates/zz-notes.yaml']);
         if (r.status !== 0) throw new Error(r.stderr);
         return parseManifests(r.stdout)[0].notes as string;
       };
@@ -434,7 +427,11 @@ describe('helm chart helm/vcpud', () => {
       expect(bare).toMatch(/WARNING: metrics\.podMonitor\.enabled/);
       expect(bare).toMatch(/WARNING: metrics\.serviceMonitor\.enabled/);
       const full = notes('daemonset-certmanager-monitoring-values.yaml', [
-        '--api-versions', 'cert-manager.io/v1', '--api-versions', 'monitoring.coreos.com/v1']);
+        '--api-versions',
+        'cert-manager.io/v1',
+        '--api-versions',
+        'monitoring.coreos.com/v1',
+      ]);
       expect(full).not.toMatch(/WARNING/);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
@@ -490,8 +487,13 @@ describe('helm chart helm/vcpud', () => {
     });
 
     test('daemonset, a hostPath per node', () => {
-      const objects = template([...ciValues('daemonset'),
-        '--set', 'snapshots.volume.hostPath.path=/var/lib/vcpud/snapshots', '--set', 'snapshots.volume.hostPath.type=Directory']);
+      const objects = template([
+        ...ciValues('daemonset'),
+        '--set',
+        'snapshots.volume.hostPath.path=/var/lib/vcpud/snapshots',
+        '--set',
+        'snapshots.volume.hostPath.type=Directory',
+      ]);
       expectSnapshots(workload(objects).spec.template.spec, SNAPSHOT_DIR, { hostPath: { path: '/var/lib/vcpud/snapshots', type: 'Directory' } });
     });
 
@@ -527,20 +529,23 @@ describe('helm chart helm/vcpud', () => {
     const stateVolume = (spec: Obj): Obj | undefined => (spec.volumes ?? []).find((v: Obj) => v.name === STATE_VOLUME);
     const stateArgs = (c: Obj): string[] => (c.args ?? []).filter((a: string) => a.startsWith('--state-dir'));
 
-    test.each(['daemonset', 'sidecar'])('%s, default values: a tmpfs emptyDir at /run/vcpud-state, mounted by vcpud alone; the test pod gets its own', (mode) => {
-      const objects = template(ciValues(mode));
-      const spec = workload(objects).spec.template.spec;
-      const c = vcpudContainers(spec)[0];
-      expect(stateArgs(c)).toEqual(['--state-dir=/run/vcpud-state']);
-      expect(c.volumeMounts).toContainEqual({ name: STATE_VOLUME, mountPath: '/run/vcpud-state' });
-      expect(stateVolume(spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '16Gi' } });
-      for (const other of spec.containers.filter((x: Obj) => x.name !== 'vcpud'))
-        expect((other.volumeMounts ?? []).map((m: Obj) => m.name)).not.toContain(STATE_VOLUME);
-      if (mode === 'sidecar') {
-        expect(loadConfig(c.args, { XDG_RUNTIME_DIR: '/run' }, '/').stateDir).toBe('/run/vcpud-state');
-        expect(stateVolume(objects.find(isTestHook)!.spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '64Mi' } });
-      }
-    });
+    test.each(['daemonset', 'sidecar'])(
+      '%s, default values: a tmpfs emptyDir at /run/vcpud-state, mounted by vcpud alone; the test pod gets its own',
+      (mode) => {
+        const objects = template(ciValues(mode));
+        const spec = workload(objects).spec.template.spec;
+        const c = vcpudContainers(spec)[0];
+        expect(stateArgs(c)).toEqual(['--state-dir=/run/vcpud-state']);
+        expect(c.volumeMounts).toContainEqual({ name: STATE_VOLUME, mountPath: '/run/vcpud-state' });
+        expect(stateVolume(spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '16Gi' } });
+        for (const other of spec.containers.filter((x: Obj) => x.name !== 'vcpud'))
+          expect((other.volumeMounts ?? []).map((m: Obj) => m.name)).not.toContain(STATE_VOLUME);
+        if (mode === 'sidecar') {
+          expect(loadConfig(c.args, { XDG_RUNTIME_DIR: '/run' }, '/').stateDir).toBe('/run/vcpud-state');
+          expect(stateVolume(objects.find(isTestHook)!.spec)).toEqual({ name: STATE_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '64Mi' } });
+        }
+      },
+    );
 
     test.each(['daemonset', 'sidecar'])('%s, stateDir.enabled=false: neither the flag nor the volume', (mode) => {
       for (const { spec } of template([...ciValues(mode), '--set', 'stateDir.enabled=false']).flatMap(podsOf)) {
@@ -575,9 +580,13 @@ describe('helm chart helm/vcpud', () => {
     const vcpuds = (objects: Obj[]): Obj[] => objects.flatMap(podsOf).flatMap(({ spec }) => vcpudContainers(spec));
     /** What vcpud makes of just these flags of `c` (the others need TLS files or sockets). */
     const parsed = (c: Obj): Config =>
-      loadConfig(FLAGS.map(([, flag]) => `${flag}=${argValue(c, flag)}`), { XDG_RUNTIME_DIR: '/run' }, '/');
+      loadConfig(
+        FLAGS.map(([, flag]) => `${flag}=${argValue(c, flag)}`),
+        { XDG_RUNTIME_DIR: '/run' },
+        '/',
+      );
 
-    test.each(['daemonset', 'sidecar'])('%s: the defaults are vcpud\'s own, each flag once', (mode) => {
+    test.each(['daemonset', 'sidecar'])("%s: the defaults are vcpud's own, each flag once", (mode) => {
       const containers = vcpuds(template(ciValues(mode)));
       expect(containers.length).toBeGreaterThanOrEqual(mode === 'sidecar' ? 2 : 1);
       const defaults = defaultConfig({ XDG_RUNTIME_DIR: '/run' });
@@ -603,9 +612,7 @@ describe('helm chart helm/vcpud', () => {
     });
 
     const migrationArgs = (c: Obj): string[] => c.args.filter((a: string) => a.startsWith('--migration-tls-'));
-    const MIGRATION_TLS = ['ca.crt', 'tls.crt', 'tls.key'].map(
-      (f, i) => `--migration-tls-${['ca', 'cert', 'key'][i]}=/etc/vcpud/migration-tls/${f}`,
-    );
+    const MIGRATION_TLS = ['ca.crt', 'tls.crt', 'tls.key'].map((f, i) => `--migration-tls-${['ca', 'cert', 'key'][i]}=/etc/vcpud/migration-tls/${f}`);
 
     test.each([
       ['cert-manager issues the client certificate', 'daemonset-certmanager-monitoring', [], 'vcpud-client-tls'],
@@ -672,8 +679,13 @@ describe('helm chart helm/vcpud', () => {
       expect(m).not.toBeNull();
       const [, name, low, high] = m as RegExpExecArray;
       expect(readme).toContain(`\`port: ${low}\`, \`endPort: ${high}\``);
-      const objects = template([...ciValues('daemonset'), '--set', `podSecurityContext.sysctls[0].name=${name}`,
-        '--set-string', `podSecurityContext.sysctls[0].value=${low} ${high}`]);
+      const objects = template([
+        ...ciValues('daemonset'),
+        '--set',
+        `podSecurityContext.sysctls[0].name=${name}`,
+        '--set-string',
+        `podSecurityContext.sysctls[0].value=${low} ${high}`,
+      ]);
       const ds = objects.find((o) => o.kind === 'DaemonSet') as Obj;
       new DaemonSet(ds as any).validate();
       expect(ds.spec.template.spec.securityContext.sysctls).toEqual([{ name, value: `${low} ${high}` }]);
@@ -706,7 +718,10 @@ describe('helm chart helm/vcpud', () => {
         path.join(dir, 'Chart.yaml'),
         'apiVersion: v2\nname: my-app\nversion: 1.0.0\nappVersion: "1.0"\ndependencies:\n  - name: vcpud\n    version: 0.1.0\n',
       );
-      fs.writeFileSync(path.join(dir, 'values.yaml'), 'vcpud:\n  mode: sidecar\n  sidecar:\n    example:\n      enabled: false\n  tests:\n    enabled: false\n');
+      fs.writeFileSync(
+        path.join(dir, 'values.yaml'),
+        'vcpud:\n  mode: sidecar\n  sidecar:\n    example:\n      enabled: false\n  tests:\n    enabled: false\n',
+      );
       fs.writeFileSync(
         path.join(dir, 'templates', 'deployment.yaml'),
         [

@@ -22,7 +22,6 @@ import { execFileSync } from 'node:child_process';
 import { parseAllDocuments } from 'yaml';
 import { parseByteSize } from '../../src/size';
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 export type Obj = Record<string, any>;
 
 const ROOT = path.resolve(__dirname, '..', '..');
@@ -33,14 +32,24 @@ export const KVM_RESOURCE = 'devices.kubevirt.io/kvm';
 export function renderSidecarPod(set: string[]): Obj {
   const args = ['template', 'vcpud', path.join(ROOT, 'helm', 'vcpud'), '--set', 'mode=sidecar', ...set.flatMap((s) => ['--set', s])];
   const out = execFileSync(HELM, args, { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
-  const objects = parseAllDocuments(out).map((d) => d.toJSON() as Obj).filter(Boolean);
+  const objects = parseAllDocuments(out)
+    .map((d) => d.toJSON() as Obj)
+    .filter(Boolean);
   const deploy = objects.find((o) => o.kind === 'Deployment');
   if (!deploy) throw new Error('helm template rendered no Deployment in sidecar mode');
   return deploy.spec.template.spec;
 }
 
 const KNOWN_POD_SC = new Set(['runAsNonRoot', 'runAsUser', 'runAsGroup', 'fsGroup', 'supplementalGroups', 'seccompProfile']);
-const KNOWN_CONTAINER_SC = new Set(['runAsNonRoot', 'runAsUser', 'runAsGroup', 'allowPrivilegeEscalation', 'readOnlyRootFilesystem', 'capabilities', 'seccompProfile']);
+const KNOWN_CONTAINER_SC = new Set([
+  'runAsNonRoot',
+  'runAsUser',
+  'runAsGroup',
+  'allowPrivilegeEscalation',
+  'readOnlyRootFilesystem',
+  'capabilities',
+  'seccompProfile',
+]);
 
 function unknownKeys(obj: Obj | undefined, known: Set<string>, what: string): void {
   const extra = Object.keys(obj ?? {}).filter((k) => !known.has(k));

@@ -82,8 +82,7 @@ describeDocker('the container image, built and run as the chart runs it', () => 
   let appName: string;
   let vmId: string;
 
-  const probe = async (container: string): Promise<string> =>
-    (await docker.exec(['exec', container, 'node', '-e', PROBE(healthPort)], 30_000)).stdout.trim();
+  const probe = async (container: string): Promise<string> => (await docker.exec(['exec', container, 'node', '-e', PROBE(healthPort)], 30_000)).stdout.trim();
   const waitServing = (container: string) => waitFor(`${container} SERVING`, async () => ((await probe(container)) === String(SERVING) ? true : undefined));
   const ctl = async (...args: string[]) => {
     const r = await docker.exec(['exec', appName, 'node', VCPUCTL, ...args], 120_000);
@@ -112,8 +111,12 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     expect(app.image).toBe(image);
     healthPort = vcpud.ports.find((p: Obj) => p.name === 'health').containerPort;
     const t0 = Date.now();
-    await buildReplacing(docker, ROOT, [image, `${image}-build`], [
-      '--network', 'host', '--build-arg', `BUILD_IMAGE=${info.buildBase}`, '--build-arg', `RUNTIME_IMAGE=${info.runtimeBase}`]);
+    await buildReplacing(
+      docker,
+      ROOT,
+      [image, `${image}-build`],
+      ['--network', 'host', '--build-arg', `BUILD_IMAGE=${info.buildBase}`, '--build-arg', `RUNTIME_IMAGE=${info.runtimeBase}`],
+    );
     measured['build (this run; cached when nothing changed)'] = `${Date.now() - t0} ms`;
   }, 21 * 60_000);
 
@@ -121,16 +124,32 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     await docker.cleanup();
     const left = await docker.exec(['ps', '-a', '-q', '--filter', 'label=vcpud.test']);
     expect(left.stdout.trim()).toBe('');
-    console.log(`container image measurements:\n${Object.entries(measured).map(([k, v]) => `  ${k}: ${v}`).join('\n')}`);
+    console.log(
+      `container image measurements:\n${Object.entries(measured)
+        .map(([k, v]) => `  ${k}: ${v}`)
+        .join('\n')}`,
+    );
   }, 120_000);
 
   test('the runtime image holds only what vcpud runs, owned by root, run as uid 10001', async () => {
     const [user, size] = (await docker.ok(['image', 'inspect', '--format', '{{.Config.User}} {{.Size}}', image])).trim().split(' ');
     expect(user).toBe('10001:10001');
     measured['image size'] = `${(Number(size) / 1e6).toFixed(1)} MB (base ${info.runtimeBase})`;
-    const list = await docker.ok(['run', '--rm', '--network', 'none', '--entrypoint', '/bin/sh', image, '-c',
-      'for t in gcc cc g++ c++ make python3 node-gyp tsc; do command -v $t || true; done; echo ---; ls /app; echo ---; ' +
-      'cd /app/node_modules && ls -d * @*/*; echo ---; stat -c "%u %n" /app /app/dist /app/node_modules'], 60_000);
+    const list = await docker.ok(
+      [
+        'run',
+        '--rm',
+        '--network',
+        'none',
+        '--entrypoint',
+        '/bin/sh',
+        image,
+        '-c',
+        'for t in gcc cc g++ c++ make python3 node-gyp tsc; do command -v $t || true; done; echo ---; ls /app; echo ---; ' +
+          'cd /app/node_modules && ls -d * @*/*; echo ---; stat -c "%u %n" /app /app/dist /app/node_modules',
+      ],
+      60_000,
+    );
     const [tools, appDir, modules, owners] = list.split('---\n').map((s) => s.trim().split('\n').filter(Boolean));
     expect(tools).toEqual([]);
     expect(appDir.sort()).toEqual(['build', 'dist', 'node_modules', 'package.json', 'protos']);
@@ -141,7 +160,7 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     expect(owners.map((l) => l.split(' ')[0])).toEqual(['0', '0', '0']);
   }, 120_000);
 
-  test('vcpud runs as the chart\'s sidecar with no network, /dev/kvm through the kvm group, and serves', async () => {
+  test("vcpud runs as the chart's sidecar with no network, /dev/kvm through the kvm group, and serves", async () => {
     socketVolume = await docker.createVolume('socket');
     const snapshots = await docker.createVolume('snapshots-a');
     const started = await startVcpud('a', pod, { 'vcpud-socket': socketVolume, 'vcpud-snapshots': snapshots });
@@ -149,22 +168,39 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     measured['start to SERVING (docker run -d to the probe answering SERVING)'] = `${started.ms} ms`;
 
     const [netMode, readOnly, user, capDrop, secOpt, groups] = JSON.parse(
-      await docker.ok(['inspect', '--format',
-        '[{{json .HostConfig.NetworkMode}},{{json .HostConfig.ReadonlyRootfs}},{{json .Config.User}},{{json .HostConfig.CapDrop}},{{json .HostConfig.SecurityOpt}},{{json .HostConfig.GroupAdd}}]', source]));
+      await docker.ok([
+        'inspect',
+        '--format',
+        '[{{json .HostConfig.NetworkMode}},{{json .HostConfig.ReadonlyRootfs}},{{json .Config.User}},{{json .HostConfig.CapDrop}},{{json .HostConfig.SecurityOpt}},{{json .HostConfig.GroupAdd}}]',
+        source,
+      ]),
+    );
     expect({ netMode, readOnly, user, capDrop, secOpt }).toEqual({
-      netMode: 'none', readOnly: true, user: '10001:10001', capDrop: ['ALL'], secOpt: ['no-new-privileges'],
+      netMode: 'none',
+      readOnly: true,
+      user: '10001:10001',
+      capDrop: ['ALL'],
+      secOpt: ['no-new-privileges'],
     });
     expect(groups).toContain(String(kvm.gid));
     // Inside: the process's ids and capabilities, the device as the runtime made it (the host's
     // owner and mode), and no network interface but loopback.
-    const inside = await docker.ok(['exec', source, '/bin/sh', '-c',
+    const inside = await docker.ok([
+      'exec',
+      source,
+      '/bin/sh',
+      '-c',
       'id -u; id -g; id -G; grep -E "^Cap(Eff|Prm|Bnd):|^NoNewPrivs:" /proc/1/status; stat -c "%a %u %g" /dev/kvm; ' +
-      'tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " "; touch /app/x 2>&1 || true']);
+        'tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " "; touch /app/x 2>&1 || true',
+    ]);
     const lines = inside.trim().split('\n');
     expect(lines.slice(0, 2)).toEqual(['10001', '10001']);
     expect(lines[2].split(' ')).toEqual(expect.arrayContaining(['10001', String(kvm.gid)]));
     expect(lines.slice(3, 7).map((l) => l.replace(/\s+/g, ' '))).toEqual([
-      'CapPrm: 0000000000000000', 'CapEff: 0000000000000000', 'CapBnd: 0000000000000000', 'NoNewPrivs: 1',
+      'CapPrm: 0000000000000000',
+      'CapEff: 0000000000000000',
+      'CapBnd: 0000000000000000',
+      'NoNewPrivs: 1',
     ]);
     expect(lines[7]).toBe(`${(kvm.mode & 0o777).toString(8)} ${kvm.uid} ${kvm.gid}`);
     expect(lines[8]).toBe('lo');
@@ -193,12 +229,15 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     expect(logs.stdout + logs.stderr).toMatch(/EACCES|permission denied/i);
   }, 120_000);
 
-  test('vcpuctl from the image, as the chart\'s app container: caps, create, load, run, GetState, snapshot to the volume', async () => {
+  test("vcpuctl from the image, as the chart's app container: caps, create, load, run, GetState, snapshot to the volume", async () => {
     const guestDir = '/guests';
-    appName = await docker.runDetached('app', dockerRunArgs(pod, app, {
-      volumes: { 'vcpud-socket': socketVolume },
-      extra: ['--mount', `type=bind,src=${GUEST_BUILD_DIR},dst=${guestDir},readonly`],
-    }));
+    appName = await docker.runDetached(
+      'app',
+      dockerRunArgs(pod, app, {
+        volumes: { 'vcpud-socket': socketVolume },
+        extra: ['--mount', `type=bind,src=${GUEST_BUILD_DIR},dst=${guestDir},readonly`],
+      }),
+    );
     // The chart's command prints `vcpuctl caps` through the socket, then idles.
     await waitFor('caps in the app container log', async () => {
       const l = await docker.exec(['logs', appName]);
@@ -229,8 +268,7 @@ describeDocker('the container image, built and run as the chart runs it', () => 
 
   test('a running VM migrates between two containers through the shared socket volume', async () => {
     const snapshots = await docker.createVolume('snapshots-b');
-    await startVcpud('b', pod, { 'vcpud-socket': socketVolume, 'vcpud-snapshots': snapshots },
-      withListen(vcpud.args, `unix:${SOCKET_DIR}/vcpud-b.sock`));
+    await startVcpud('b', pod, { 'vcpud-socket': socketVolume, 'vcpud-snapshots': snapshots }, withListen(vcpud.args, `unix:${SOCKET_DIR}/vcpud-b.sock`));
     const from = `unix:${SOCKET_DIR}/vcpud.sock`;
     const to = `unix:${SOCKET_DIR}/vcpud-b.sock`;
     const before = await rbx(from, vmId);
@@ -246,7 +284,7 @@ describeDocker('the container image, built and run as the chart runs it', () => 
     await waitFor('the counter advancing on the destination', async () => ((await rbx(to, destId)) > after ? true : undefined));
   }, 180_000);
 
-  test('SIGTERM (docker stop with the pod\'s grace) ends each vcpud with exit 0, a running VM included', async () => {
+  test("SIGTERM (docker stop with the pod's grace) ends each vcpud with exit 0, a running VM included", async () => {
     const grace = pod.terminationGracePeriodSeconds ?? 30; // Kubernetes' default when the pod sets none
     for (const name of [docker.nameOf('b'), source]) {
       const t0 = Date.now();

@@ -3,8 +3,8 @@
  * by scripts/build-guests.sh into test/guests/build/). The ABI they share is
  * described in README.md; GUEST_ABI encodes the same numbers for tests.
  */
-import * as fs from 'fs';
-import * as path from 'path';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 
 /** Ports, addresses and start state every guest relies on. */
 export const GUEST_ABI = {

@@ -51,7 +51,14 @@ const mib = (b: number) => Math.round((b / MiB) * 10) / 10;
  * Runs `abuse` while sampling vcpud's RSS and a bystander's GetVm; returns the figures after
  * checking the bound and the bystander's answers. `guestBytes`: guest memory the abuse may legitimately hold.
  */
-async function underAbuse(d: VcpudProcess, args: string[], name: string, bystanderVm: string, guestBytes: number, abuse: () => Promise<void>): Promise<Figures> {
+async function underAbuse(
+  d: VcpudProcess,
+  args: string[],
+  name: string,
+  bystanderVm: string,
+  guestBytes: number,
+  abuse: () => Promise<void>,
+): Promise<Figures> {
   const pid = d.proc.pid!;
   const config = loadConfig(args, ENV);
   const idle = rssBytes(pid);
@@ -129,7 +136,7 @@ describeKvm('abuse: vcpud memory stays within its stated bound', () => {
     current = undefined;
   });
 
-  it('StreamConsole clients that never read: output beyond each stream\'s buffer is dropped and counted', async () => {
+  it("StreamConsole clients that never read: output beyond each stream's buffer is dropped and counted", async () => {
     const args = ['--max-concurrent-streams', '64', '--max-vms', '2'];
     const s = await start(args);
     const d = s.d;
@@ -214,7 +221,12 @@ describeKvm('abuse: vcpud memory stays within its stated bound', () => {
     const state = d.client('VcpuStateService');
     const caps = await call<{ msrIndices: number[] }>(state, 'GetCapabilities', {});
     const hostMsrs = caps.msrIndices.length;
-    const err = await callError(state, 'GetState', { vmId: vm.id, vcpuId: 0, sections: ['STATE_SECTION_MSRS'], msrIndices: Array.from({ length: hostMsrs + 1 }, () => 0x10) });
+    const err = await callError(state, 'GetState', {
+      vmId: vm.id,
+      vcpuId: 0,
+      sections: ['STATE_SECTION_MSRS'],
+      msrIndices: Array.from({ length: hostMsrs + 1 }, () => 0x10),
+    });
     expect(err.code).toBe(grpc.status.INVALID_ARGUMENT);
     expect(err.details).toContain(`over the limit of ${hostMsrs}`);
     expect(decodeStatusDetails(err.metadata)?.badRequest?.[0]).toMatchObject({ field: 'msr_indices', reason: 'msr_indices.max_count' });

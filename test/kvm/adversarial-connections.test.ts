@@ -39,14 +39,16 @@ const closed = (s: net.Socket) => s.destroyed || s.closed;
 /** Opens `n` connections that never send a byte; resolves once each is connected or failed. */
 function openIdle(connect: () => net.Socket, n: number): Promise<net.Socket[]> {
   return Promise.all(
-    Array.from({ length: n }, () =>
-      new Promise<net.Socket>((resolve) => {
-        const s = connect();
-        s.on('error', () => {}); // a connection vcpud refuses or resets is expected here
-        s.resume(); // reads (and drops) what vcpud sends, so its closing is seen
-        s.once('connect', () => resolve(s));
-        s.once('close', () => resolve(s));
-      }),
+    Array.from(
+      { length: n },
+      () =>
+        new Promise<net.Socket>((resolve) => {
+          const s = connect();
+          s.on('error', () => {}); // a connection vcpud refuses or resets is expected here
+          s.resume(); // reads (and drops) what vcpud sends, so its closing is seen
+          s.once('connect', () => resolve(s));
+          s.once('close', () => resolve(s));
+        }),
     ),
   );
 }
@@ -123,9 +125,20 @@ describeKvm('connection cap and handshake timeout (real vcpud, mTLS)', () => {
     pki = makePki(dir);
     pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
     d = await startVcpud([
-      '--listen', '127.0.0.1:0', '--health-listen', '127.0.0.1:0',
-      '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
-      '--max-connections', String(MAX), '--handshake-timeout', `${HANDSHAKE_MS}ms`,
+      '--listen',
+      '127.0.0.1:0',
+      '--health-listen',
+      '127.0.0.1:0',
+      '--tls-cert',
+      pki.file('server.crt'),
+      '--tls-key',
+      pki.file('server.key'),
+      '--tls-ca',
+      pki.file('ca.crt'),
+      '--max-connections',
+      String(MAX),
+      '--handshake-timeout',
+      `${HANDSHAKE_MS}ms`,
     ]);
   });
   afterAll(async () => {
@@ -141,7 +154,13 @@ describeKvm('connection cap and handshake timeout (real vcpud, mTLS)', () => {
     idle = await openIdle(connect, max);
     // (a scrape of the full metrics listener would itself be refused: it is checked after)
     if (listener !== 'metrics')
-      expect(await until(() => sample(scraped, 'vcpud_connections_open', { listener }) === max, 5000, async () => (scraped = await d.scrape()))).toBe(true);
+      expect(
+        await until(
+          () => sample(scraped, 'vcpud_connections_open', { listener }) === max,
+          5000,
+          async () => (scraped = await d.scrape()),
+        ),
+      ).toBe(true);
     const [extra] = await openIdle(connect, 1);
     expect(await until(() => closed(extra), 5000)).toBe(true); // refused at accept: closed at once
     expect(idle.some(closed)).toBe(false);
@@ -160,7 +179,9 @@ describeKvm('connection cap and handshake timeout (real vcpud, mTLS)', () => {
     const heldMs = await fillAndWait('api', d.serving.api, MAX);
     const vms = d.client('VmService', pki.clientCreds('orchestrator'), `localhost:${port(d.serving.api)}`);
     await call(vms, 'ListVms', {});
-    console.log(`API: ${MAX} idle TCP connections (no TLS handshake) closed by vcpud after ${heldMs} ms (--handshake-timeout ${HANDSHAKE_MS} ms); connection ${MAX + 1} refused at accept`);
+    console.log(
+      `API: ${MAX} idle TCP connections (no TLS handshake) closed by vcpud after ${heldMs} ms (--handshake-timeout ${HANDSHAKE_MS} ms); connection ${MAX + 1} refused at accept`,
+    );
   });
 
   it('API: a client trickling its ClientHello (a byte every 200 ms) is closed at the handshake deadline, not kept alive by its bytes', async () => {
@@ -201,7 +222,16 @@ describeKvm('connection defaults under a flood of idle TLS connections (real vcp
 
   beforeAll(async () => {
     const pki = makePki(dir);
-    d = await startVcpud(['--listen', '127.0.0.1:0', '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt')]);
+    d = await startVcpud([
+      '--listen',
+      '127.0.0.1:0',
+      '--tls-cert',
+      pki.file('server.crt'),
+      '--tls-key',
+      pki.file('server.key'),
+      '--tls-ca',
+      pki.file('ca.crt'),
+    ]);
   });
   afterAll(async () => {
     for (const s of idle) s.destroy();

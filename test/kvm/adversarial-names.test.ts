@@ -13,7 +13,7 @@ import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud
 type Client = grpc.Client & Record<string, Function>;
 
 /** 253 bytes of UTF-8 in 127 characters: the limit counts bytes. */
-const LONGEST = 'é'.repeat(126) + 'a';
+const LONGEST = `${'é'.repeat(126)}a`;
 const TOO_LONG = 'x'.repeat(20 << 20); // the 20 MiB name whose snapshot could never be restored
 const BIDI = 'invoice\u202Egpj.exe';
 
@@ -69,7 +69,11 @@ describeKvm('VM names are bounded everywhere they enter (real vcpud)', () => {
 
   it('CreateVm refuses a 20 MiB name, a 254-byte name and a bidi override; nothing is created', async () => {
     expectTooLarge(await callError(vms, 'CreateVm', { name: TOO_LONG, memoryBytes: String(2 << 20), vcpuCount: 1 }));
-    expectRefused(await callError(vms, 'CreateVm', { name: 'a'.repeat(MAX_VM_NAME_BYTES + 1), memoryBytes: String(2 << 20), vcpuCount: 1 }), 'name', 'vm_name.length');
+    expectRefused(
+      await callError(vms, 'CreateVm', { name: 'a'.repeat(MAX_VM_NAME_BYTES + 1), memoryBytes: String(2 << 20), vcpuCount: 1 }),
+      'name',
+      'vm_name.length',
+    );
     expectRefused(await callError(vms, 'CreateVm', { name: BIDI, memoryBytes: String(2 << 20), vcpuCount: 1 }), 'name', 'vm_name.characters');
     expect(await vmCount()).toBe(0);
   });
@@ -87,7 +91,7 @@ describeKvm('VM names are bounded everywhere they enter (real vcpud)', () => {
     expect(snapshots.find((s) => s.name === 'longest.snap')?.vmName).toBe(LONGEST);
     await call(vms, 'DeleteVm', { vmId: vm.id });
 
-    expectRefused(await callError(snap, 'RestoreSnapshot', { name: 'longest.snap', vmName: LONGEST + 'b' }), 'vm_name', 'vm_name.length');
+    expectRefused(await callError(snap, 'RestoreSnapshot', { name: 'longest.snap', vmName: `${LONGEST}b` }), 'vm_name', 'vm_name.length');
     expectRefused(await callError(snap, 'RestoreSnapshot', { name: 'longest.snap', vmName: 'a\x1b[2J' }), 'vm_name', 'vm_name.characters');
     expect(await vmCount()).toBe(0);
 
@@ -104,7 +108,11 @@ describeKvm('VM names are bounded everywhere they enter (real vcpud)', () => {
 
   it('MigrateVm refuses a bad destination_vm_name before touching the VM', async () => {
     const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(2 << 20), vcpuCount: 1 });
-    const e = await streamError(snap, 'MigrateVm', { vmId: vm.id, destination: 'unix:/nonexistent.sock', destinationVmName: 'x'.repeat(MAX_VM_NAME_BYTES + 1) });
+    const e = await streamError(snap, 'MigrateVm', {
+      vmId: vm.id,
+      destination: 'unix:/nonexistent.sock',
+      destinationVmName: 'x'.repeat(MAX_VM_NAME_BYTES + 1),
+    });
     expectRefused(e, 'destination_vm_name', 'vm_name.length');
     await call(vms, 'DeleteVm', { vmId: vm.id });
   });

@@ -41,7 +41,9 @@ function cancelAfterFirst(
 /** A unary call that must answer quickly: a vCPU mutex left locked would make it hang. */
 function quick<T = Obj>(client: Client, method: string, req: object): Promise<T> {
   return new Promise((resolve, reject) =>
-    client[method](req, new grpc.Metadata(), { deadline: Date.now() + 5000 }, (e: grpc.ServiceError | null, r: T) => (e ? reject(new Error(`${method}: ${e.message}`)) : resolve(r))),
+    client[method](req, new grpc.Metadata(), { deadline: Date.now() + 5000 }, (e: grpc.ServiceError | null, r: T) =>
+      e ? reject(new Error(`${method}: ${e.message}`)) : resolve(r),
+    ),
   );
 }
 
@@ -57,10 +59,7 @@ describeKvm('a client cancelling mid-stream (real vcpud processes)', () => {
   let big: string;
 
   beforeAll(async () => {
-    [a, b] = await Promise.all([
-      startVcpud(['--snapshot-dir', path.join(dir, 'a')]),
-      startVcpud(['--snapshot-dir', path.join(dir, 'b')]),
-    ]);
+    [a, b] = await Promise.all([startVcpud(['--snapshot-dir', path.join(dir, 'a')]), startVcpud(['--snapshot-dir', path.join(dir, 'b')])]);
     aVms = a.client('VmService');
     aState = a.client('VcpuStateService');
     aSnap = a.client('SnapshotService');
@@ -91,14 +90,22 @@ describeKvm('a client cancelling mid-stream (real vcpud processes)', () => {
     for (const [i, [p, svc, m]] of b0.methods.entries()) {
       const want = { ...b0.counts[i], Canceled: (b0.counts[i].Canceled ?? 0) + n };
       let got: Record<string, number> = {};
-      await waitFor(async () => {
-        got = handledByCode(await scrapeClosing(p.serving.metrics), svc, m);
-        return Object.values(got).reduce((x, y) => x + y, 0) >= Object.values(want).reduce((x, y) => x + y, 0);
-      }, `${svc}/${m} to be counted`, 10_000).catch(() => undefined);
+      await waitFor(
+        async () => {
+          got = handledByCode(await scrapeClosing(p.serving.metrics), svc, m);
+          return Object.values(got).reduce((x, y) => x + y, 0) >= Object.values(want).reduce((x, y) => x + y, 0);
+        },
+        `${svc}/${m} to be counted`,
+        10_000,
+      ).catch(() => undefined);
       expect({ method: m, handled: got }).toEqual({ method: m, handled: want });
     }
     // The big VM runs again, is not held, and its vCPU mutex is free.
-    await waitFor(async () => (await quick(aVms, 'GetVm', { vmId: big })).vm.vcpus[0].runState === 'VCPU_RUN_STATE_RUNNING', `${what}: the VM to run again`, 10_000);
+    await waitFor(
+      async () => (await quick(aVms, 'GetVm', { vmId: big })).vm.vcpus[0].runState === 'VCPU_RUN_STATE_RUNNING',
+      `${what}: the VM to run again`,
+      10_000,
+    );
     await quick(aVms, 'PauseVm', { vmId: big });
     const { state } = await quick(aState, 'GetState', { vmId: big, vcpuId: 0 });
     await quick(aState, 'SetState', { vmId: big, vcpuId: 0, state: { debugregs: state.debugregs } });
@@ -109,7 +116,11 @@ describeKvm('a client cancelling mid-stream (real vcpud processes)', () => {
   it('CreateSnapshot to a stream: the VM is resumed and released', async () => {
     const b0 = await before([[a, 'vcpud.v1.SnapshotService', 'CreateSnapshot']]);
     const r = await cancelAfterFirst(aSnap.CreateSnapshot({ vmId: big, stream: true }));
-    expect({ ended: r.ended, code: r.error?.code, first: r.first?.progress?.phase }).toEqual({ ended: false, code: grpc.status.CANCELLED, first: 'SNAPSHOT_PHASE_STATE' });
+    expect({ ended: r.ended, code: r.error?.code, first: r.first?.progress?.phase }).toEqual({
+      ended: false,
+      code: grpc.status.CANCELLED,
+      first: 'SNAPSHOT_PHASE_STATE',
+    });
     await expectReleased(b0, 'CreateSnapshot (stream)');
   });
 
@@ -147,7 +158,11 @@ describeKvm('a client cancelling mid-stream (real vcpud processes)', () => {
       setTimeout(() => b.proc.kill('SIGCONT'), 300);
       return true;
     });
-    expect({ ended: r.ended, code: r.error?.code, phase: r.first?.progress?.phase }).toEqual({ ended: false, code: grpc.status.CANCELLED, phase: 'SNAPSHOT_PHASE_RESUME' });
+    expect({ ended: r.ended, code: r.error?.code, phase: r.first?.progress?.phase }).toEqual({
+      ended: false,
+      code: grpc.status.CANCELLED,
+      phase: 'SNAPSHOT_PHASE_RESUME',
+    });
     await waitFor(async () => (await quick(aVms, 'ListVms', {})).vms.every((v: Obj) => v.id !== mover), 'the source copy to go', 10_000);
     const moved = (await quick(bVms, 'ListVms', {})).vms;
     expect(moved.map((v: Obj) => [v.name, v.vcpus[0].runState])).toEqual([['mover', 'VCPU_RUN_STATE_RUNNING']]);

@@ -177,7 +177,8 @@ describeKvm('cross-VM access: RPCs raced by DeleteVm + CreateVm (real process, r
     const { vm: got } = await call<Msg>(l.vms, 'GetVm', { vmId: vm.id });
     if (got.vcpus[0].runState !== 'VCPU_RUN_STATE_CREATED') return `new VM's vCPU is ${got.vcpus[0].runState}`;
     const { state } = await call<Msg>(l.state, 'GetState', { vmId: vm.id, vcpuId: 0, sections: ['STATE_SECTION_REGS'] });
-    if (BigInt(state.regs.r15) !== 0n) return `new VM's R15 is ${state.regs.r15}${BigInt(state.regs.r15) === other.regMark ? ' (the deleted VM\'s marker)' : ''}`;
+    if (BigInt(state.regs.r15) !== 0n)
+      return `new VM's R15 is ${state.regs.r15}${BigInt(state.regs.r15) === other.regMark ? " (the deleted VM's marker)" : ''}`;
     const r = await drain(l.vms.ReadMemory({ vmId: vm.id, guestPhysicalAddress: String(MARK_GPA), length: '16' }));
     if (r.status !== 'OK') return `ReadMemory of the new VM: ${r.status}`;
     const data = r.msgs[0].data as Buffer;
@@ -216,14 +217,18 @@ describeKvm('cross-VM access: RPCs raced by DeleteVm + CreateVm (real process, r
         }).then(({ msgs, status }) => {
           for (const m of msgs) {
             const gpa = Number(m.guestPhysicalAddress);
-            if (gpa === MARK_GPA && m.data.readBigUInt64LE(0) !== a.memMark) return { status, crossVm: `ReadMemory chunk at 0x${gpa.toString(16)} lacks the VM's marker` };
+            if (gpa === MARK_GPA && m.data.readBigUInt64LE(0) !== a.memMark)
+              return { status, crossVm: `ReadMemory chunk at 0x${gpa.toString(16)} lacks the VM's marker` };
           }
           return { status };
         });
       }
       case 'StreamConsole':
         return drain(l.vms.StreamConsole({ vmId: a.id, fromStart: false })).then(({ msgs, status }) => {
-          const text = msgs.filter((m) => m.event === 'output').map((m) => m.output.toString('latin1')).join('');
+          const text = msgs
+            .filter((m) => m.event === 'output')
+            .map((m) => m.output.toString('latin1'))
+            .join('');
           const lines = text.split('\n').slice(1, -1); // the first and last may be partial
           const foreign = lines.find((line) => BigInt(line) >= COUNT_BASE && BigInt(line) / COUNT_BASE !== a.serial);
           return { status, crossVm: foreign ? `StreamConsole of VM ${a.serial} printed ${foreign}` : undefined };
@@ -241,66 +246,70 @@ describeKvm('cross-VM access: RPCs raced by DeleteVm + CreateVm (real process, r
     }
   }
 
-  it('finds zero cross-VM access over every state, memory, console, snapshot and run-control RPC', async () => {
-    const kinds = KINDS.filter((k) => k !== 'GetNestedState' || nestedSupported);
-    const lanes = Array.from({ length: LANES }, lane);
-    {
-      // A counter64 vCPU's every section, as SetState victims write it back.
-      const l = lanes[0];
-      const vm = await createVm(l);
-      await start(l, vm);
-      fullState = (await call<Msg>(l.state, 'GetState', { vmId: vm.id, vcpuId: 0 })).state;
-      await call(l.state, 'SetState', { vmId: vm.id, vcpuId: 0, state: fullState }); // the round trip itself works
-      await call(l.vms, 'DeleteVm', { vmId: vm.id });
-    }
+  it(
+    'finds zero cross-VM access over every state, memory, console, snapshot and run-control RPC',
+    async () => {
+      const kinds = KINDS.filter((k) => k !== 'GetNestedState' || nestedSupported);
+      const lanes = Array.from({ length: LANES }, lane);
+      {
+        // A counter64 vCPU's every section, as SetState victims write it back.
+        const l = lanes[0];
+        const vm = await createVm(l);
+        await start(l, vm);
+        fullState = (await call<Msg>(l.state, 'GetState', { vmId: vm.id, vcpuId: 0 })).state;
+        await call(l.state, 'SetState', { vmId: vm.id, vcpuId: 0, state: fullState }); // the round trip itself works
+        await call(l.vms, 'DeleteVm', { vmId: vm.id });
+      }
 
-    const counts: Record<string, Record<string, number>> = {};
-    const crossVm: { round: number; what: string }[] = [];
-    /** Rounds with any sign of another VM, by the RPC raced. */
-    const crossVmRounds: Record<string, number> = {};
-    const unexpected: string[] = [];
-    const deadline = Date.now() + SECONDS * 1000;
-    let rounds = 0;
-    const started = process.hrtime.bigint();
+      const counts: Record<string, Record<string, number>> = {};
+      const crossVm: { round: number; what: string }[] = [];
+      /** Rounds with any sign of another VM, by the RPC raced. */
+      const crossVmRounds: Record<string, number> = {};
+      const unexpected: string[] = [];
+      const deadline = Date.now() + SECONDS * 1000;
+      let rounds = 0;
+      const started = process.hrtime.bigint();
 
-    await Promise.all(
-      lanes.map(async (l) => {
-        let a = await createVm(l);
-        await start(l, a);
-        while (rounds < ROUNDS && Date.now() < deadline) {
-          const round = rounds++;
-          const kind = kinds[round % kinds.length];
-          if (kind === 'StreamConsole') await rebaseCounter(l, a);
-          if (kind === 'ResumeVcpu') await call(l.vms, 'PauseVcpu', { vmId: a.id, vcpuId: 0 });
-          // The victim first, then (after the swept delay) the delete and the create.
-          let markDeleted!: () => void;
-          const deleted = new Promise<void>((r) => (markDeleted = r));
-          const out = victim(kind, l, a, deleted);
-          await stagger(Math.floor(round / kinds.length));
-          const del = settle(call(l.vms, 'DeleteVm', { vmId: a.id })).finally(markDeleted);
-          const created = createVm(l);
-          const [outcome, delResult] = await Promise.all([out, del]);
-          const b = await created;
-          if (!delResult.ok) unexpected.push(`round ${round}: DeleteVm ${delResult.status}`);
-          (counts[kind] ??= {})[outcome.status] = (counts[kind][outcome.status] ?? 0) + 1;
-          if (outcome.status !== 'OK' && outcome.status !== 'NOT_FOUND/VM_NOT_FOUND') unexpected.push(`round ${round}: ${kind} ended ${outcome.status}`);
-          const fresh = await checkFresh(l, b, a).catch((e) => `checking the new VM failed: ${statusOf(e)} ${(e as Error).message}`);
-          const record = (what: string) => {
-            if (!crossVm.some((c) => c.round === round)) crossVmRounds[kind] = (crossVmRounds[kind] ?? 0) + 1;
-            crossVm.push({ round, what: `round ${round} (${kind}): ${what}` });
-          };
-          for (const what of [outcome.crossVm, fresh]) if (what) record(what);
-          a = await startOrReplace(l, b, record);
-        }
-        await call(l.vms, 'DeleteVm', { vmId: a.id });
-      }),
-    );
-    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-    const report = { rounds, lanes: LANES, seconds: Number(seconds.toFixed(1)), crossVmRounds, unexpected: unexpected.length, outcomes: counts };
-    console.log(`cross-VM race: ${JSON.stringify(report)}\n${[...crossVm.map((c) => c.what), ...unexpected].slice(0, 20).join('\n')}`);
-    expect(d.proc.exitCode).toBeNull(); // vcpud is still up
-    expect(crossVm.map((c) => c.what)).toEqual([]);
-    expect(unexpected).toEqual([]);
-    expect(rounds).toBeGreaterThan(0);
-  }, (SECONDS + 120) * 1000);
+      await Promise.all(
+        lanes.map(async (l) => {
+          let a = await createVm(l);
+          await start(l, a);
+          while (rounds < ROUNDS && Date.now() < deadline) {
+            const round = rounds++;
+            const kind = kinds[round % kinds.length];
+            if (kind === 'StreamConsole') await rebaseCounter(l, a);
+            if (kind === 'ResumeVcpu') await call(l.vms, 'PauseVcpu', { vmId: a.id, vcpuId: 0 });
+            // The victim first, then (after the swept delay) the delete and the create.
+            let markDeleted!: () => void;
+            const deleted = new Promise<void>((r) => (markDeleted = r));
+            const out = victim(kind, l, a, deleted);
+            await stagger(Math.floor(round / kinds.length));
+            const del = settle(call(l.vms, 'DeleteVm', { vmId: a.id })).finally(markDeleted);
+            const created = createVm(l);
+            const [outcome, delResult] = await Promise.all([out, del]);
+            const b = await created;
+            if (!delResult.ok) unexpected.push(`round ${round}: DeleteVm ${delResult.status}`);
+            (counts[kind] ??= {})[outcome.status] = (counts[kind][outcome.status] ?? 0) + 1;
+            if (outcome.status !== 'OK' && outcome.status !== 'NOT_FOUND/VM_NOT_FOUND') unexpected.push(`round ${round}: ${kind} ended ${outcome.status}`);
+            const fresh = await checkFresh(l, b, a).catch((e) => `checking the new VM failed: ${statusOf(e)} ${(e as Error).message}`);
+            const record = (what: string) => {
+              if (!crossVm.some((c) => c.round === round)) crossVmRounds[kind] = (crossVmRounds[kind] ?? 0) + 1;
+              crossVm.push({ round, what: `round ${round} (${kind}): ${what}` });
+            };
+            for (const what of [outcome.crossVm, fresh]) if (what) record(what);
+            a = await startOrReplace(l, b, record);
+          }
+          await call(l.vms, 'DeleteVm', { vmId: a.id });
+        }),
+      );
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      const report = { rounds, lanes: LANES, seconds: Number(seconds.toFixed(1)), crossVmRounds, unexpected: unexpected.length, outcomes: counts };
+      console.log(`cross-VM race: ${JSON.stringify(report)}\n${[...crossVm.map((c) => c.what), ...unexpected].slice(0, 20).join('\n')}`);
+      expect(d.proc.exitCode).toBeNull(); // vcpud is still up
+      expect(crossVm.map((c) => c.what)).toEqual([]);
+      expect(unexpected).toEqual([]);
+      expect(rounds).toBeGreaterThan(0);
+    },
+    (SECONDS + 120) * 1000,
+  );
 });

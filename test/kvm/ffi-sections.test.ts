@@ -124,10 +124,19 @@ describeKvm('ffi: vCPU state sections on real KVM', () => {
 
   it('a reused index list changed in place is asked for as it is now (the request is cached per list)', () => {
     const list = [MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP];
-    vcpu.setMsrs([{ index: MSR_IA32_SYSENTER_CS, data: 0x33n }, { index: MSR_IA32_SYSENTER_ESP, data: 0x44n }]);
-    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([[MSR_IA32_SYSENTER_CS, 0x33n], [MSR_IA32_SYSENTER_ESP, 0x44n]]);
+    vcpu.setMsrs([
+      { index: MSR_IA32_SYSENTER_CS, data: 0x33n },
+      { index: MSR_IA32_SYSENTER_ESP, data: 0x44n },
+    ]);
+    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([
+      [MSR_IA32_SYSENTER_CS, 0x33n],
+      [MSR_IA32_SYSENTER_ESP, 0x44n],
+    ]);
     list.reverse();
-    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([[MSR_IA32_SYSENTER_ESP, 0x44n], [MSR_IA32_SYSENTER_CS, 0x33n]]);
+    expect(vcpu.getMsrs(list).entries.map((e) => [e.index, e.data])).toEqual([
+      [MSR_IA32_SYSENTER_ESP, 0x44n],
+      [MSR_IA32_SYSENTER_CS, 0x33n],
+    ]);
     list.pop();
     expect(vcpu.getMsrs(list).entries.map((e) => e.index)).toEqual([MSR_IA32_SYSENTER_ESP]);
   });
@@ -197,7 +206,13 @@ describeKvm('ffi: vCPU state sections on real KVM', () => {
       err = e;
     }
     expect(err).toBeInstanceOf(KvmError);
-    expect(err).toMatchObject({ ioctl: 'KVM_CREATE_VCPU', code: 'EINVAL', errno: 22, kind: 'invalid_argument', details: expect.objectContaining({ reason: 'KERNEL_REJECTED' }) });
+    expect(err).toMatchObject({
+      ioctl: 'KVM_CREATE_VCPU',
+      code: 'EINVAL',
+      errno: 22,
+      kind: 'invalid_argument',
+      details: expect.objectContaining({ reason: 'KERNEL_REJECTED' }),
+    });
   });
 
   it('the native layer rejects buffers of the wrong length before any ioctl', () => {

@@ -33,7 +33,11 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
   };
   /** SIGTERM and the exit code. */
   const terminate = (p: VcpudProcess) => p.stop('SIGTERM');
-  const files = () => fs.readdirSync(stateDir).filter((n) => n !== 'aside' && n !== LOCK_NAME).sort();
+  const files = () =>
+    fs
+      .readdirSync(stateDir)
+      .filter((n) => n !== 'aside' && n !== LOCK_NAME)
+      .sort();
   const memFiles = () => files().filter((n) => n.endsWith('.mem'));
 
   beforeEach(() => {
@@ -101,7 +105,8 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     const vmsB = b.client('VmService');
     expect(b.logs()).toContain('"handover restored"');
     const listedAfter = (await call<{ vms: Record<string, any>[] }>(vmsB, 'ListVms', {})).vms;
-    const summary = (vms: Record<string, any>[]) => vms.map((v) => ({ id: v.id, name: v.name, memoryBytes: v.memoryBytes, vcpus: v.vcpus.length })).sort((x, y) => x.id.localeCompare(y.id));
+    const summary = (vms: Record<string, any>[]) =>
+      vms.map((v) => ({ id: v.id, name: v.name, memoryBytes: v.memoryBytes, vcpus: v.vcpus.length })).sort((x, y) => x.id.localeCompare(y.id));
     expect(summary(listedAfter)).toEqual(summary(listedBefore));
     expect(fs.existsSync(path.join(stateDir, MANIFEST_NAME))).toBe(false);
     expect(files().filter((n) => !n.endsWith('.mem'))).toEqual([]); // state files consumed
@@ -156,7 +161,9 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     const c1 = consoleCollector(vmsA, lazyId);
     await waitFor(() => counterLines(c1.text()).length >= 200, '200 lines from the lazy restore');
     c1.stop();
-    const random = Buffer.concat((await collect<{ data: Buffer }>(vmsA, 'ReadMemory', { vmId: lazyId, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map((m) => m.data));
+    const random = Buffer.concat(
+      (await collect<{ data: Buffer }>(vmsA, 'ReadMemory', { vmId: lazyId, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map((m) => m.data),
+    );
     expect(random.equals(Buffer.alloc(MiB))).toBe(false);
 
     expect(await terminate(a)).toBe(0);
@@ -172,7 +179,9 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     expect(values[0]).toBe(1);
     expect(values.length).toBeGreaterThan(srcLines.length + 400);
     expect(firstBreak(values)).toBeUndefined();
-    const randomAfter = Buffer.concat((await collect<{ data: Buffer }>(vmsB, 'ReadMemory', { vmId: lazyId, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map((m) => m.data));
+    const randomAfter = Buffer.concat(
+      (await collect<{ data: Buffer }>(vmsB, 'ReadMemory', { vmId: lazyId, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map((m) => m.data),
+    );
     expect(randomAfter.equals(random)).toBe(true);
 
     // A snapshot of the restarted VM (its pages not yet in this process's page tables) holds them all.
@@ -180,7 +189,11 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     const r2 = await runStream(snapsB.CreateSnapshot({ vmId: lazyId, name: 'd.snap', leavePaused: true }));
     expect(r2.error).toBeUndefined();
     const again = await call<Record<string, any>>(snapsB, 'RestoreSnapshot', { name: 'd.snap', vmName: 'again', noLazyMemory: true });
-    const copy = Buffer.concat((await collect<{ data: Buffer }>(vmsB, 'ReadMemory', { vmId: again.vm.id, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map((m) => m.data));
+    const copy = Buffer.concat(
+      (await collect<{ data: Buffer }>(vmsB, 'ReadMemory', { vmId: again.vm.id, guestPhysicalAddress: String(8 * MiB), length: String(MiB) })).map(
+        (m) => m.data,
+      ),
+    );
     expect(copy.equals(random)).toBe(true);
   });
 

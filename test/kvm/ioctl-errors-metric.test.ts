@@ -42,10 +42,14 @@ describeKvm('vcpud_ioctl_errors_total (real vcpud, real KVM)', () => {
     for (const at of [0x1000 + 40, Math.floor(good.length / 3), Math.floor(good.length / 2), good.length - 100]) {
       const bad = Buffer.from(good);
       bad[at] ^= 0x10;
-      const e = await uploadSnapshot(snaps, bad).then(() => undefined, (x) => x as grpc.ServiceError);
+      const e = await uploadSnapshot(snaps, bad).then(
+        () => undefined,
+        (x) => x as grpc.ServiceError,
+      );
       expect(e?.code).toBeDefined(); // refused (DATA_LOSS or INVALID_ARGUMENT, as the corruption lands)
     }
-    for (const cut of [100, Math.floor(good.length / 2)]) await expect(uploadSnapshot(snaps, good.subarray(0, cut))).rejects.toMatchObject({ code: grpc.status.DATA_LOSS });
+    for (const cut of [100, Math.floor(good.length / 2)])
+      await expect(uploadSnapshot(snaps, good.subarray(0, cut))).rejects.toMatchObject({ code: grpc.status.DATA_LOSS });
     expect((await uploadSnapshot(snaps, good)).vm).toBeDefined();
     expect(await errors()).toEqual([]);
   });

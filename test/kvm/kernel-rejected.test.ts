@@ -39,10 +39,34 @@ describeKvm('SetState: the kernel refusing a value is KERNEL_REJECTED naming the
   };
 
   const cases: { name: string; change(s: State): State; ioctl: string; section: string; field: string }[] = [
-    { name: 'cr0 all ones', change: (s) => ({ sregs: { ...s.sregs, cr0: ALL_ONES } }), ioctl: 'KVM_SET_SREGS', section: 'STATE_SECTION_SREGS', field: 'state.sregs.cr0' },
-    { name: 'mp_state 99', change: () => ({ mpState: { kvmValue: 99 } }), ioctl: 'KVM_SET_MP_STATE', section: 'STATE_SECTION_MP_STATE', field: 'state.mp_state' },
-    { name: 'a dr7 reserved bit (bit 32)', change: (s) => ({ debugregs: { ...s.debugregs, dr7: String(2 ** 32 + 0x400) } }), ioctl: 'KVM_SET_DEBUGREGS', section: 'STATE_SECTION_DEBUGREGS', field: 'state.debugregs.dr7' },
-    { name: 'xcr0 = 0', change: (s) => ({ xcrs: { ...s.xcrs, xcrs: [{ xcr: 0, value: '0' }] } }), ioctl: 'KVM_SET_XCRS', section: 'STATE_SECTION_XCRS', field: 'state.xcrs.xcrs[0].value' },
+    {
+      name: 'cr0 all ones',
+      change: (s) => ({ sregs: { ...s.sregs, cr0: ALL_ONES } }),
+      ioctl: 'KVM_SET_SREGS',
+      section: 'STATE_SECTION_SREGS',
+      field: 'state.sregs.cr0',
+    },
+    {
+      name: 'mp_state 99',
+      change: () => ({ mpState: { kvmValue: 99 } }),
+      ioctl: 'KVM_SET_MP_STATE',
+      section: 'STATE_SECTION_MP_STATE',
+      field: 'state.mp_state',
+    },
+    {
+      name: 'a dr7 reserved bit (bit 32)',
+      change: (s) => ({ debugregs: { ...s.debugregs, dr7: String(2 ** 32 + 0x400) } }),
+      ioctl: 'KVM_SET_DEBUGREGS',
+      section: 'STATE_SECTION_DEBUGREGS',
+      field: 'state.debugregs.dr7',
+    },
+    {
+      name: 'xcr0 = 0',
+      change: (s) => ({ xcrs: { ...s.xcrs, xcrs: [{ xcr: 0, value: '0' }] } }),
+      ioctl: 'KVM_SET_XCRS',
+      section: 'STATE_SECTION_XCRS',
+      field: 'state.xcrs.xcrs[0].value',
+    },
   ];
 
   it.each(cases)('$name: $ioctl refuses it, the error names $field, the vCPU is unchanged', async ({ change, ioctl, section, field }) => {

@@ -15,7 +15,10 @@ async function expectKvmUnavailable(args: string[], how: Parameters<typeof start
   const d = await startVcpud(args, {}, [], how);
   try {
     expect(await call<{ status: string }>(d.health(), 'Check', { service: '' })).toEqual({ status: 'NOT_SERVING' });
-    for (const [service, method] of [['VcpuStateService', 'GetCapabilities'], ['VmService', 'ListVms']] as const) {
+    for (const [service, method] of [
+      ['VcpuStateService', 'GetCapabilities'],
+      ['VmService', 'ListVms'],
+    ] as const) {
       const err = await callError(d.client(service), method, {});
       expect(err.code).toBe(grpc.status.UNAVAILABLE);
       expect(decodeStatusDetails(err.metadata)?.errorInfo).toMatchObject({ reason: 'KVM_UNAVAILABLE', metadata: { errno } });
@@ -33,7 +36,12 @@ describeKvm('vcpud without access to KVM', () => {
       const mode = fs.statSync('/dev/kvm').mode & 0o777;
       expect(mode & 0o006).toBe(0); // a world-accessible /dev/kvm cannot show the refusal
       const nogroup = Number(execFileSync('getent', ['group', 'nogroup']).toString().split(':')[2]);
-      await expectKvmUnavailable(['--kvm-path', '/dev/kvm'], { as: { uid: 65534, gid: nogroup } }, 'EACCES', /cannot open \/dev\/kvm: EACCES.*group.*kvm.*usermod -aG kvm.*mode 0660/);
+      await expectKvmUnavailable(
+        ['--kvm-path', '/dev/kvm'],
+        { as: { uid: 65534, gid: nogroup } },
+        'EACCES',
+        /cannot open \/dev\/kvm: EACCES.*group.*kvm.*usermod -aG kvm.*mode 0660/,
+      );
     } else {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-nokvm-'));
       const dev = path.join(dir, 'kvm');

@@ -121,9 +121,15 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('a running dirty64 guest moves live: every page holds what its counter says, the random memory is intact, one copy is left', async () => {
     const memory = 64 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
-    await waitFor(async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES), 'dirty64 to lap its range');
+    await waitFor(
+      async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES),
+      'dirty64 to lap its range',
+    );
     const progress: Record<string, any>[] = [];
-    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }), (m) => m.progress?.migration && progress.push(m.progress.migration));
+    const r = await runStream(
+      srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }),
+      (m) => m.progress?.migration && progress.push(m.progress.migration),
+    );
     expect(r.error).toBeUndefined();
     const done = r.messages.find((m) => m.done)?.done;
     expect(done.mode).toBe('MIGRATION_MODE_PRE_COPY');
@@ -142,7 +148,10 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(await listVms(srcVms)).toEqual([]);
     const moved = done.destinationVm.id;
     const at = (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0);
-    await waitFor(async () => (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > at + 1000n, 'dirty64 to go on writing there');
+    await waitFor(
+      async () => (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > at + 1000n,
+      'dirty64 to go on writing there',
+    );
     await expectIntact(dstVms, dstState, guest, moved, memory);
     const metrics = await src.scrape();
     expect(metrics).toMatch(/^vcpud_migrations_total\{result="succeeded"\} [1-9]/m);
@@ -170,7 +179,8 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     const memory = 64 * MiB;
     const { vm } = await call<{ vm: { id: string } }>(srcVms, 'CreateVm', { memoryBytes: String(memory), vcpuCount: 1, name: 'slow' });
     await call(srcVms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(GUESTS.dirty64.file), loadAddress: String(GUEST_ABI.loadAddress) });
-    const khz = (await call<{ state: { tscKhz: { khz: number } } }>(srcState, 'GetState', { vmId: vm.id, vcpuId: 0, sections: ['STATE_SECTION_TSC_KHZ'] })).state.tscKhz.khz;
+    const khz = (await call<{ state: { tscKhz: { khz: number } } }>(srcState, 'GetState', { vmId: vm.id, vcpuId: 0, sections: ['STATE_SECTION_TSC_KHZ'] }))
+      .state.tscKhz.khz;
     const control = dirty64Control({ rangeStart: RANGE_START, rangePages: RANGE_PAGES, bytesPerSecond: MiB, tscKhz: khz });
     await call(srcVms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(DIRTY64.control), data: control });
     const hash = crypto.createHash('sha256');
@@ -180,7 +190,10 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       await call(srcVms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: chunk });
     }
     await call(srcVms, 'RunVm', { vmId: vm.id });
-    await waitFor(async () => (await readMemory(srcVms, vm.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(2 * RANGE_PAGES), 'dirty64 to lap its range twice');
+    await waitFor(
+      async () => (await readMemory(srcVms, vm.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(2 * RANGE_PAGES),
+      'dirty64 to lap its range twice',
+    );
     // Pass 1 takes about a second at this bandwidth: many pages are written after they were sent.
     const r = await runStream(srcSnap.MigrateVm({ vmId: vm.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(48 * MiB) }));
     expect(r.error).toBeUndefined();
@@ -192,7 +205,9 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     // Unpaced dirty64 over 16 MiB rewrites its whole range faster than 24 MiB/s can send it.
     const memory = 48 * MiB;
     const fast = await dirtyGuest(srcVms, memory, 4096);
-    const refused = await runStream(srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB), abortOnNoProgress: true }));
+    const refused = await runStream(
+      srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB), abortOnNoProgress: true }),
+    );
     expect(refused.error?.code).toBe(grpc.status.FAILED_PRECONDITION);
     expect(refused.error!.details).toMatch(/pre-copy, pass \d+: no progress: .*abort_on_no_progress.*kept running here as it was/);
     await expectRunningHere(srcVms, fast.id);
@@ -202,13 +217,18 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     // Convergence is what is tested, not its speed: on a loaded 2-core host the 10 s floor of the completion
     // deadline was reached at pass 16 while still converging, so this run allows 30 s (640 s/GiB of 48 MiB).
     const completionTimeoutPerGib = { seconds: 640 };
-    const r = await runStream(srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB), completionTimeoutPerGib }), (m) => {
-      const p = m.progress?.migration;
-      if (p) throttles.push(p.throttlePercent);
-    });
+    const r = await runStream(
+      srcSnap.MigrateVm({ vmId: fast.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(24 * MiB), completionTimeoutPerGib }),
+      (m) => {
+        const p = m.progress?.migration;
+        if (p) throttles.push(p.throttlePercent);
+      },
+    );
     expect(r.error).toBeUndefined();
     const done = r.messages.find((m) => m.done)?.done;
-    console.log(`a guest dirtying faster than 24 MiB/s: ${done.passes} passes, throttle up to ${done.maxThrottlePercent}%, downtime ${Number(done.downtime.nanos) / 1e6} ms`);
+    console.log(
+      `a guest dirtying faster than 24 MiB/s: ${done.passes} passes, throttle up to ${done.maxThrottlePercent}%, downtime ${Number(done.downtime.nanos) / 1e6} ms`,
+    );
     expect(done.maxThrottlePercent).toBeGreaterThanOrEqual(20);
     expect(Math.max(...throttles)).toBe(done.maxThrottlePercent);
     // The throttle ends with the migration: the moved guest runs at full speed again.
@@ -221,15 +241,12 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     const memory = 96 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
     let stoppedAt = 0;
-    const r = await runStream(
-      srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }),
-      (m) => {
-        if (!stoppedAt && Number(m.progress?.memoryBytesDone) > 8 * MiB) {
-          stoppedAt = Date.now();
-          dst.proc.kill('SIGSTOP');
-        }
-      },
-    );
+    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }), (m) => {
+      if (!stoppedAt && Number(m.progress?.memoryBytesDone) > 8 * MiB) {
+        stoppedAt = Date.now();
+        dst.proc.kill('SIGSTOP');
+      }
+    });
     const failedAfterMs = Date.now() - stoppedAt;
     dst.proc.kill('SIGCONT');
     expect(stoppedAt).toBeGreaterThan(0);
@@ -246,7 +263,9 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('the caller cancels mid-pass: nothing is left there; meanwhile writes and resume are refused naming the migration, pause is allowed', async () => {
     const memory = 96 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
-    const stream = srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }) as grpc.ClientReadableStream<Record<string, any>>;
+    const stream = srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }) as grpc.ClientReadableStream<
+      Record<string, any>
+    >;
     let cancelled = false;
     const refusals: grpc.ServiceError[] = [];
     let during: Promise<void> | undefined;
@@ -270,7 +289,14 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     // The hold is gone: the VM stays as the caller left it (paused), and run control and writes work again.
     expect((await call<{ vm: { vcpus: { runState: string }[] } }>(srcVms, 'GetVm', { vmId: guest.id })).vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
     // (The client sees CANCELLED at once; the server lets go of the VM a moment later.)
-    await waitFor(() => call(srcVms, 'ResumeVm', { vmId: guest.id }).then(() => true, () => false), 'ResumeVm to work again');
+    await waitFor(
+      () =>
+        call(srcVms, 'ResumeVm', { vmId: guest.id }).then(
+          () => true,
+          () => false,
+        ),
+      'ResumeVm to work again',
+    );
     await expectRunningHere(srcVms, guest.id);
     await expectIntact(srcVms, srcState, guest, guest.id, memory);
   });
@@ -310,13 +336,29 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     };
     const memory = 48 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
-    const j = await ctl(['--json', 'migrate', guest.id, '--to', dst.serving.api, '--mode', 'pre-copy', '--max-downtime', '200ms', '--bandwidth', '1GiB'], false);
+    const j = await ctl(
+      ['--json', 'migrate', guest.id, '--to', dst.serving.api, '--mode', 'pre-copy', '--max-downtime', '200ms', '--bandwidth', '1GiB'],
+      false,
+    );
     expect(j.code).toBe(0);
-    const lines = j.err.trim().split('\n').map((l) => JSON.parse(l) as { progress: { operation: string; migration?: Record<string, number | boolean> } });
+    const lines = j.err
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { progress: { operation: string; migration?: Record<string, number | boolean> } });
     expect(lines.length).toBeGreaterThan(1);
     expect(lines.every((l) => l.progress.operation === 'migrate' && l.progress.migration)).toBe(true);
     expect(Object.keys(lines[0].progress.migration!)).toEqual(
-      expect.arrayContaining(['pass', 'bytesTotal', 'bytesSent', 'bytesRemaining', 'dirtyRateBytesPerSecond', 'transferRateBytesPerSecond', 'expectedDowntimeMs', 'throttlePercent', 'switchingOver']),
+      expect.arrayContaining([
+        'pass',
+        'bytesTotal',
+        'bytesSent',
+        'bytesRemaining',
+        'dirtyRateBytesPerSecond',
+        'transferRateBytesPerSecond',
+        'expectedDowntimeMs',
+        'throttlePercent',
+        'switchingOver',
+      ]),
     );
     const report = JSON.parse(j.out).migration;
     expect(report).toMatchObject({ mode: 'MIGRATION_MODE_PRE_COPY', passes: expect.any(Number) });
@@ -349,12 +391,29 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
       pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
       tlsDst = await startVcpud([
-        '--listen', '127.0.0.1:0',
-        '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
-        '--allow-client', 'orchestrator', '--allow-client', 'migrator',
-        '--migration-stall-timeout', STALL,
+        '--listen',
+        '127.0.0.1:0',
+        '--tls-cert',
+        pki.file('server.crt'),
+        '--tls-key',
+        pki.file('server.key'),
+        '--tls-ca',
+        pki.file('ca.crt'),
+        '--allow-client',
+        'orchestrator',
+        '--allow-client',
+        'migrator',
+        '--migration-stall-timeout',
+        STALL,
       ]);
-      tlsSrc = await startVcpud(['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')]);
+      tlsSrc = await startVcpud([
+        '--migration-tls-ca',
+        pki.file('ca.crt'),
+        '--migration-tls-cert',
+        pki.file('migrator.crt'),
+        '--migration-tls-key',
+        pki.file('migrator.key'),
+      ]);
     });
     afterAll(async () => {
       await Promise.all([tlsSrc?.stop(), tlsDst?.stop()]);

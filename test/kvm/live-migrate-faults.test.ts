@@ -209,7 +209,10 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
   it('a byte flipped in a page frame: the destination refuses it (checksum), the VM runs here, nothing there', async () => {
     const vm = await runningGuest();
     const d = destination({ kind: 'flip', atByte: 4 * MiB });
-    const err = await migrate(vm, d).then(() => undefined, (e: Error & { kind?: string; details?: { reason?: string } }) => e);
+    const err = await migrate(vm, d).then(
+      () => undefined,
+      (e: Error & { kind?: string; details?: { reason?: string } }) => e,
+    );
     expect({ kind: err?.kind, reason: err?.details?.reason }).toEqual({ kind: 'data_loss', reason: 'MIGRATION_FAILED' });
     expect(err?.message).toMatch(/pre-copy, pass 1: .*reported: .*(crc|checksum).*kept running here as it was/i);
     await expectOnlyTheSource(vm, d);
@@ -218,7 +221,10 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
   it('the data connection cut mid-pass: the VM runs here, nothing there', async () => {
     const vm = await runningGuest();
     const d = destination({ kind: 'cut', atByte: 3 * MiB });
-    const err = await migrate(vm, d).then(() => undefined, (e: Error & { kind?: string }) => e);
+    const err = await migrate(vm, d).then(
+      () => undefined,
+      (e: Error & { kind?: string }) => e,
+    );
     expect(err?.kind).toBe('unavailable');
     expect(err?.message).toMatch(/pre-copy, pass 1: .*kept running here as it was/);
     await expectOnlyTheSource(vm, d);
@@ -227,7 +233,10 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
   it("the commit's acknowledgement lost: the engine asks the destination, which has it; the source copy goes", async () => {
     const vm = await runningGuest();
     const d = destination({ kind: 'cut-after-commit' });
-    const err = await migrate(vm, d).then(() => undefined, (e: Error) => e);
+    const err = await migrate(vm, d).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     expect(err?.message).toMatch(/the destination committed but its acknowledgement was lost/);
     expect(source.list()).toEqual([]);
     expect(dest.list()).toHaveLength(1);

@@ -85,9 +85,16 @@ describeKvm('load generator and h2load recipe against a real vcpud', () => {
       pki = makePki(dir);
       pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
       d = await startVcpud([
-        '--listen', '127.0.0.1:0',
-        '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
-        '--allow-client', 'orchestrator',
+        '--listen',
+        '127.0.0.1:0',
+        '--tls-cert',
+        pki.file('server.crt'),
+        '--tls-key',
+        pki.file('server.key'),
+        '--tls-ca',
+        pki.file('ca.crt'),
+        '--allow-client',
+        'orchestrator',
       ]);
     });
     afterAll(async () => {

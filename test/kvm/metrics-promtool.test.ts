@@ -14,7 +14,8 @@ const MiB = 1024 * 1024;
 const promtoolMissing = spawnSync('promtool', ['--version'], { encoding: 'utf8' }).error;
 const required = process.env.VCPUD_REQUIRE_KVM === '1';
 const promtoolTest = promtoolMissing && !required ? test.skip : test;
-if (promtoolMissing && !required) console.warn(`\n*** SKIPPING promtool check metrics: promtool is not on PATH (bash scripts/provision-tools.sh promtool) ***\n`);
+if (promtoolMissing && !required)
+  console.warn(`\n*** SKIPPING promtool check metrics: promtool is not on PATH (bash scripts/provision-tools.sh promtool) ***\n`);
 
 describeKvm('/metrics passes promtool check metrics (real vcpud)', () => {
   let d: VcpudProcess;

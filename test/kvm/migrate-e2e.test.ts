@@ -27,10 +27,20 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
 
   async function startDestination(): Promise<void> {
     dst = await startVcpud([
-      '--listen', '127.0.0.1:0',
-      '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
-      '--allow-client', 'orchestrator', '--allow-client', 'migrator',
-      '--snapshot-dir', path.join(dir, 'dst-snapshots'),
+      '--listen',
+      '127.0.0.1:0',
+      '--tls-cert',
+      pki.file('server.crt'),
+      '--tls-key',
+      pki.file('server.key'),
+      '--tls-ca',
+      pki.file('ca.crt'),
+      '--allow-client',
+      'orchestrator',
+      '--allow-client',
+      'migrator',
+      '--snapshot-dir',
+      path.join(dir, 'dst-snapshots'),
     ]);
     dstTarget = `localhost:${dst.serving.api.split(':').pop()}`;
     dstVms = dst.client('VmService', pki.clientCreds('orchestrator'), dstTarget);
@@ -43,8 +53,14 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
     pki.issue('stranger', '/CN=stranger', 'extendedKeyUsage=clientAuth\n');
     // The source dials destinations with its configured migration credentials.
     src = await startVcpud([
-      '--snapshot-dir', path.join(dir, 'src-snapshots'),
-      '--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key'),
+      '--snapshot-dir',
+      path.join(dir, 'src-snapshots'),
+      '--migration-tls-ca',
+      pki.file('ca.crt'),
+      '--migration-tls-cert',
+      pki.file('migrator.crt'),
+      '--migration-tls-key',
+      pki.file('migrator.key'),
     ]);
     srcVms = src.client('VmService');
     srcSnap = src.client('SnapshotService');
@@ -98,8 +114,14 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
   it('the source killed mid-migration: the destination is left with no VM and no fd it did not have', async () => {
     // A source of its own: this one is killed.
     const doomed = await startVcpud([
-      '--snapshot-dir', path.join(dir, 'doomed-snapshots'),
-      '--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key'),
+      '--snapshot-dir',
+      path.join(dir, 'doomed-snapshots'),
+      '--migration-tls-ca',
+      pki.file('ca.crt'),
+      '--migration-tls-cert',
+      pki.file('migrator.crt'),
+      '--migration-tls-key',
+      pki.file('migrator.key'),
     ]);
     const doomedVms = doomed.client('VmService');
     const id = await counterVm(doomedVms, { memory: 256 * MiB, fill: true });

@@ -45,7 +45,7 @@ function script(steps: Step[], logDir: string): string {
       lines.push(step.command, `printf '\\n@@RC ${i} %d@@\\n' $?`);
     }
   });
-  return lines.join('\n') + '\n';
+  return `${lines.join('\n')}\n`;
 }
 
 /** Output and exit code of each step, from the markers. */
@@ -69,7 +69,9 @@ function workDir(): string {
     ['vcpuctl', 'dist/src/cli/vcpuctl.js'],
     ['vcpud', 'dist/src/server/main.js'],
   ])
-    fs.writeFileSync(path.join(work, 'bin', cmd), `#!/bin/sh\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(path.join(ROOT, main))} "$@"\n`, { mode: 0o755 });
+    fs.writeFileSync(path.join(work, 'bin', cmd), `#!/bin/sh\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(path.join(ROOT, main))} "$@"\n`, {
+      mode: 0o755,
+    });
   fs.mkdirSync(path.join(work, 'logs'));
   return work;
 }
@@ -110,19 +112,29 @@ describeKvm('the README walkthroughs, pasted into bash', () => {
       });
       console.log(`walkthrough: ${steps.length} commands in ${Date.now() - started} ms`);
       const results = splitOutput(r.stdout, steps.length);
-      const logs = () => fs.readdirSync(logDir).map((f) => `--- ${f}\n${fs.readFileSync(path.join(logDir, f), 'utf8').slice(-2000)}`).join('\n');
+      const logs = () =>
+        fs
+          .readdirSync(logDir)
+          .map((f) => `--- ${f}\n${fs.readFileSync(path.join(logDir, f), 'utf8').slice(-2000)}`)
+          .join('\n');
       const report = steps.map((step, i) => {
         const { text, code } = results[i];
         const problems: string[] = [];
         const wantsError = step.expected.some((l) => /^vcpuctl: [A-Z_]+/.test(l));
         if (code === undefined) problems.push('did not run to its end');
         else if (wantsError ? code === 0 : code !== 0) problems.push(`exit code ${code} (README: ${wantsError ? 'an error' : 'success'})`);
-        const shape = shapeMismatch(step.expected, text.split('\n').filter((l, j, all) => !(j === all.length - 1 && l === '')));
+        const shape = shapeMismatch(
+          step.expected,
+          text.split('\n').filter((l, j, all) => !(j === all.length - 1 && l === '')),
+        );
         if (shape) problems.push(shape);
         return problems.length ? `$ ${step.command}\n  ${problems.join('\n  ')}\n  output:\n${text.replace(/^/gm, '    | ')}` : '';
       });
       const failures = report.filter(Boolean);
-      if (failures.length) throw new Error(`${failures.length} of ${steps.length} commands differ from the README:\n\n${failures.join('\n\n')}\n\nbackground logs:\n${logs()}\nstderr: ${r.stderr}`);
+      if (failures.length)
+        throw new Error(
+          `${failures.length} of ${steps.length} commands differ from the README:\n\n${failures.join('\n\n')}\n\nbackground logs:\n${logs()}\nstderr: ${r.stderr}`,
+        );
     } finally {
       fs.rmSync(work, { recursive: true, force: true });
     }

@@ -16,7 +16,8 @@ import { startVcpud, type VcpudProcess } from '../support/vcpud-process';
 /** A Python with grpcio and protobuf (Debian: python3-grpcio, python3-protobuf), for the optional Python client. */
 const python = ['/usr/bin/python3', 'python3'].find((p) => spawnSync(p, ['-c', 'import grpc, google.protobuf'], { stdio: 'ignore' }).status === 0);
 const pythonTest = python ? test : test.skip;
-if (!python) console.warn('\n*** SKIPPING the Python reflection client: no python3 with grpc and protobuf (apt-get install python3-grpcio python3-protobuf) ***\n');
+if (!python)
+  console.warn('\n*** SKIPPING the Python reflection client: no python3 with grpc and protobuf (apt-get install python3-grpcio python3-protobuf) ***\n');
 
 const reflectionProtos = path.join(path.dirname(require.resolve('@grpc/reflection/package.json')), 'build', 'proto');
 
@@ -77,7 +78,9 @@ describeKvm('server reflection from the real descriptors (real vcpud)', () => {
       const r = reflector(d.serving.api, version);
       try {
         const listed = ((await r.ask({ list_services: '*' })).list_services_response as { service: { name: string }[] }).service.map((s) => s.name);
-        expect(listed).toEqual(expect.arrayContaining(['vcpud.v1.VcpuStateService', 'vcpud.v1.VmService', 'vcpud.v1.SnapshotService', 'grpc.health.v1.Health']));
+        expect(listed).toEqual(
+          expect.arrayContaining(['vcpud.v1.VcpuStateService', 'vcpud.v1.VmService', 'vcpud.v1.SnapshotService', 'grpc.health.v1.Health']),
+        );
         const seenFiles = new Map<string, FileDescriptorProto>();
         for (const service of listed) {
           const files = filesOf(await r.ask({ file_containing_symbol: service }));
@@ -130,7 +133,13 @@ describeKvm('server reflection from the real descriptors (real vcpud)', () => {
       const script = path.join(__dirname, '..', 'support', 'reflection_client.py');
       const r = spawnSync(python as string, [script, d.serving.api, version], { encoding: 'utf8', timeout: 60_000 });
       expect({ status: r.status, stderr: r.stderr }).toEqual({ status: 0, stderr: '' });
-      const out = JSON.parse(r.stdout) as { services: string[]; methods: number; files: string[]; listed: string[]; created: { create_time: string; memory_bytes: string } };
+      const out = JSON.parse(r.stdout) as {
+        services: string[];
+        methods: number;
+        files: string[];
+        listed: string[];
+        created: { create_time: string; memory_bytes: string };
+      };
       expect(out.services).toEqual(expect.arrayContaining(['vcpud.v1.VmService', 'vcpud.v1.VcpuStateService', 'vcpud.v1.SnapshotService']));
       expect(out.methods).toBeGreaterThan(20);
       expect(out.files).toEqual(expect.arrayContaining(['vcpud/v1/state.proto', 'google/protobuf/duration.proto', 'google/rpc/error_details.proto']));
@@ -164,7 +173,9 @@ describeKvm('server reflection from the real descriptors (real vcpud)', () => {
       );
     };
     try {
-      const created = (await unary('CreateVm', { name: 'reflected', memoryBytes: 2n * 1024n * 1024n, vcpuCount: 1 })) as { vm: { id: string; name: string; createTime: string } };
+      const created = (await unary('CreateVm', { name: 'reflected', memoryBytes: 2n * 1024n * 1024n, vcpuCount: 1 })) as {
+        vm: { id: string; name: string; createTime: string };
+      };
       expect(created.vm.name).toBe('reflected');
       expect(created.vm.createTime).toMatch(/^\d{4}-\d\d-\d\dT/); // google.protobuf.Timestamp resolved through the import
       const listed = (await unary('ListVms', {})) as { vms: { id: string; name: string }[] };

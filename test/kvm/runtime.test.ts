@@ -8,16 +8,7 @@ import { Kvm } from '../../src/ffi/kvm';
 import { VmRegistry } from '../../src/vm/registry';
 import { GUEST_ABI } from '../guests/guests';
 import { describeKvm, KVM_PATH } from '../support/kvm';
-import {
-  consoleText,
-  counterInMemory,
-  counterValues,
-  expectConsecutive,
-  loadGuest,
-  waitForConsole,
-  waitForState,
-  waitUntil,
-} from '../support/runtime';
+import { consoleText, counterInMemory, counterValues, expectConsecutive, loadGuest, waitForConsole, waitForState, waitUntil } from '../support/runtime';
 
 const MiB = 1024 * 1024;
 
@@ -131,11 +122,7 @@ describeKvm('vm runtime on real KVM', () => {
     const vms = Array.from({ length: 8 }, () => registry.create({ memoryBytes: 2 * MiB, vcpuCount: 2 }));
     for (const vm of vms) await loadGuest(vm, 'counter64');
     await Promise.all(vms.map((vm) => vm.resumeAll()));
-    await waitUntil(
-      () => vms.every((vm) => counterInMemory(vm, 0) > 50n && counterInMemory(vm, 1) > 50n),
-      'every vCPU of every VM to count past 50',
-      30_000,
-    );
+    await waitUntil(() => vms.every((vm) => counterInMemory(vm, 0) > 50n && counterInMemory(vm, 1) > 50n), 'every vCPU of every VM to count past 50', 30_000);
     expect(vms.flatMap((vm) => vm.statuses().map((s) => s.state))).toEqual(Array(16).fill('running'));
   });
 

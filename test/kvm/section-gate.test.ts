@@ -47,13 +47,17 @@ describeKvm('one section gate on every path', () => {
       setState: failure(() => writeState(vcpu, ctx, { lapic: Buffer.alloc(1024) })),
     };
     for (const [path, f] of Object.entries(paths)) {
-      expect({ path, code: f.code, reason: f.details?.errorInfo?.reason }).toEqual({ path, code: grpc.status.FAILED_PRECONDITION, reason: 'CAPABILITY_MISSING' });
+      expect({ path, code: f.code, reason: f.details?.errorInfo?.reason }).toEqual({
+        path,
+        code: grpc.status.FAILED_PRECONDITION,
+        reason: 'CAPABILITY_MISSING',
+      });
       expect({ path, message: f.message }).toEqual({ path, message: paths.ffiGet.message });
     }
     expect(paths.ffiGet.message).toMatch(/KVM_CAP_IRQCHIP.*in-kernel irqchip/);
   });
 
-  it('writing tsc_khz without KVM_CAP_TSC_CONTROL: the ffi and SetState give the host report\'s reason', () => {
+  it("writing tsc_khz without KVM_CAP_TSC_CONTROL: the ffi and SetState give the host report's reason", () => {
     const vcpu = vm.createVcpu(0);
     if (kvm.checkExtension('TSC_CONTROL') > 0) {
       console.warn('this host has KVM_CAP_TSC_CONTROL: the refusal is not exercised here (the lapic case covers the gate)');

@@ -86,7 +86,7 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     expect(paused.vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
     await waitFor(() => changes.includes('VCPU_RUN_STATE_PAUSED'), 'a paused state change on the stream');
     const lines = text.split('\n').slice(0, -1).map(Number);
-    lines.forEach((v, i) => expect(v).toBe(i + 1));
+    for (const [i, v] of lines.entries()) expect(v).toBe(i + 1);
 
     const page1 = await call<{ vms: unknown[]; nextPageToken: string }>(vms, 'ListVms', { pageSize: 1 });
     expect(page1.vms).toHaveLength(1);
@@ -137,33 +137,53 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
 
     // Registers read while the guest kept running are stale: pause, read, change, resume.
     await call(vms, 'PauseVcpu', { vmId: id, vcpuId: 0 });
-    const paused = await call<{ state: Record<string, any>; implicitlyPaused: boolean }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS'] });
+    const paused = await call<{ state: Record<string, any>; implicitlyPaused: boolean }>(state, 'GetState', {
+      vmId: id,
+      vcpuId: 0,
+      sections: ['STATE_SECTION_REGS'],
+    });
     expect(paused.implicitlyPaused).toBe(false);
     const applied = await call<{ applied: string[] }>(state, 'SetState', { vmId: id, vcpuId: 0, state: { regs: { ...paused.state.regs, rbx: '5000000' } } });
     expect(applied.applied).toEqual(['STATE_SECTION_REGS']);
     await call(vms, 'ResumeVcpu', { vmId: id, vcpuId: 0 });
-    await waitFor(() => text.includes('\n5000001\n'), `the guest to print 5000001 (console ends ${JSON.stringify(text.slice(-80))}, ${text.length} bytes, stream error ${streamError})`);
+    await waitFor(
+      () => text.includes('\n5000001\n'),
+      `the guest to print 5000001 (console ends ${JSON.stringify(text.slice(-80))}, ${text.length} bytes, stream error ${streamError})`,
+    );
     s.cancel();
     await call(vms, 'DeleteVm', { vmId: id });
   });
 
   it('SetState is atomic: a later section failing restores the earlier ones and names the section', async () => {
     const id = await counterVm();
-    const before = await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS', 'STATE_SECTION_DEBUGREGS'] });
+    const before = await call<{ state: Record<string, any> }>(state, 'GetState', {
+      vmId: id,
+      vcpuId: 0,
+      sections: ['STATE_SECTION_REGS', 'STATE_SECTION_DEBUGREGS'],
+    });
     const err = await callError(state, 'SetState', {
       vmId: id,
       vcpuId: 0,
       state: {
         regs: { ...before.state.regs, rax: '12345', rbx: '777' },
         debugregs: { ...before.state.debugregs, dr7: '1025' },
-        msrs: { entries: [{ index: 0x174, data: '16' }, { index: 0xdead0000, data: '1' }] },
+        msrs: {
+          entries: [
+            { index: 0x174, data: '16' },
+            { index: 0xdead0000, data: '1' },
+          ],
+        },
       },
     });
     const details = expectStatus(err, grpc.status.INVALID_ARGUMENT, 'KERNEL_REJECTED', { section: 'STATE_SECTION_MSRS', ioctl: 'KVM_SET_MSRS' });
     expect(err.details).toMatch(/section msrs/);
     expect(err.details).toMatch(/0xdead0000/);
     expect(details.badRequest?.[0].field).toBe('state.msrs.entries[1]');
-    const after = await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_REGS', 'STATE_SECTION_DEBUGREGS'] });
+    const after = await call<{ state: Record<string, any> }>(state, 'GetState', {
+      vmId: id,
+      vcpuId: 0,
+      sections: ['STATE_SECTION_REGS', 'STATE_SECTION_DEBUGREGS'],
+    });
     expect(after.state.regs).toEqual(before.state.regs);
     expect(after.state.debugregs).toEqual(before.state.debugregs);
     const msr = await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_MSRS'], msrIndices: [0x174] });
@@ -174,7 +194,8 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
   it('SetState rollback undoes newest first: state two sections share (apic_base, MSR 0x1b) ends as it was', async () => {
     // Fuzz soak seed 20261124, request #21,418: sregs and msrs both set apic_base, msrs then failed.
     const id = await counterVm();
-    const read = async () => (await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_SREGS'], msrIndices: [] })).state.sregs;
+    const read = async () =>
+      (await call<{ state: Record<string, any> }>(state, 'GetState', { vmId: id, vcpuId: 0, sections: ['STATE_SECTION_SREGS'], msrIndices: [] })).state.sregs;
     const start = await read();
     await call(state, 'SetState', { vmId: id, vcpuId: 0, state: { sregs: { ...start, apicBase: '0' } } });
     const before = await read();
@@ -184,7 +205,12 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
       vcpuId: 0,
       state: {
         sregs: { ...before, apicBase: '4096' },
-        msrs: { entries: [{ index: 27, data: '4096' }, { index: 0xc0000102, data: '3548848077501007310' }] },
+        msrs: {
+          entries: [
+            { index: 27, data: '4096' },
+            { index: 0xc0000102, data: '3548848077501007310' },
+          ],
+        },
       },
     });
     expectStatus(err, grpc.status.INVALID_ARGUMENT, 'KERNEL_REJECTED', { section: 'STATE_SECTION_MSRS' });
@@ -229,12 +255,9 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
   });
 
   it('limits: RESOURCE_EXHAUSTED naming the limit', async () => {
-    expectStatus(
-      await callError(vms, 'CreateVm', { memoryBytes: String(2 * MiB), vcpuCount: 5 }),
-      grpc.status.RESOURCE_EXHAUSTED,
-      'LIMIT_EXCEEDED',
-      { limit: 'max_vcpus_per_vm' },
-    );
+    expectStatus(await callError(vms, 'CreateVm', { memoryBytes: String(2 * MiB), vcpuCount: 5 }), grpc.status.RESOURCE_EXHAUSTED, 'LIMIT_EXCEEDED', {
+      limit: 'max_vcpus_per_vm',
+    });
     const ids: string[] = [];
     for (let i = 0; i < 3; i++) ids.push((await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(2 * MiB), vcpuCount: 1 })).vm.id);
     expectStatus(await callError(vms, 'CreateVm', { memoryBytes: String(2 * MiB), vcpuCount: 1 }), grpc.status.RESOURCE_EXHAUSTED, 'LIMIT_EXCEEDED', {

@@ -22,9 +22,18 @@ describeKvm('vcpud over mTLS TCP (real process, real KVM)', () => {
     pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
     pki.issue('intruder', '/CN=intruder', 'extendedKeyUsage=clientAuth\n');
     d = await startVcpud([
-      '--listen', '127.0.0.1:0', '--health-listen', '127.0.0.1:0',
-      '--tls-cert', pki.file('server.crt'), '--tls-key', pki.file('server.key'), '--tls-ca', pki.file('ca.crt'),
-      '--allow-client', 'orchestrator',
+      '--listen',
+      '127.0.0.1:0',
+      '--health-listen',
+      '127.0.0.1:0',
+      '--tls-cert',
+      pki.file('server.crt'),
+      '--tls-key',
+      pki.file('server.key'),
+      '--tls-ca',
+      pki.file('ca.crt'),
+      '--allow-client',
+      'orchestrator',
     ]);
     target = `localhost:${d.serving.api.split(':').pop()}`;
   });

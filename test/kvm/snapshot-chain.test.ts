@@ -71,7 +71,13 @@ describeKvm('incremental snapshots (real KVM)', () => {
     const id = await counterVm(aVms, { memory: MEMORY, fill: true });
     const counts: Record<string, bigint> = {};
     const infos: Record<string, Record<string, any>> = {};
-    const plan: [string, string | undefined][] = [['s0', undefined], ['s1', 's0'], ['s2', 's1'], ['b1', 's0'], ['s3', 's2']];
+    const plan: [string, string | undefined][] = [
+      ['s0', undefined],
+      ['s1', 's0'],
+      ['s2', 's1'],
+      ['b1', 's0'],
+      ['s3', 's2'],
+    ];
     for (const [i, [n, parent]] of plan.entries()) {
       await call(aVms, i === 0 ? 'RunVm' : 'ResumeVm', { vmId: id });
       await new Promise((r) => setTimeout(r, 150)); // counts on
@@ -103,7 +109,9 @@ describeKvm('incremental snapshots (real KVM)', () => {
       const con = consoleCollector(bVms, vmId);
       await call(bVms, 'ResumeVm', { vmId });
       await waitFor(() => counterLines(con.text()).length >= 3, `the ${n} restore to count`).catch(async (e) => {
-        throw new Error(`${e.message}: console ${JSON.stringify(con.text().slice(0, 200))}, VM ${JSON.stringify((await call<any>(bVms, 'GetVm', { vmId })).vm.vcpus)}`);
+        throw new Error(
+          `${e.message}: console ${JSON.stringify(con.text().slice(0, 200))}, VM ${JSON.stringify((await call<any>(bVms, 'GetVm', { vmId })).vm.vcpus)}`,
+        );
       });
       con.stop();
       // The pause fell while counter N was being printed (the restored VM finishes its line: a
@@ -149,7 +157,12 @@ describeKvm('incremental snapshots (real KVM)', () => {
     const saved = fs.readFileSync(c1);
     // missing ancestor
     fs.renameSync(c1, `${c1}.away`);
-    expectStatus(await callError(bSnap, 'RestoreSnapshot', { name: 'r/c2' }), grpc.status.FAILED_PRECONDITION, 'SNAPSHOT_CHAIN_BROKEN', /"r\/c2" -> "r\/c1".*missing/);
+    expectStatus(
+      await callError(bSnap, 'RestoreSnapshot', { name: 'r/c2' }),
+      grpc.status.FAILED_PRECONDITION,
+      'SNAPSHOT_CHAIN_BROKEN',
+      /"r\/c2" -> "r\/c1".*missing/,
+    );
     // replaced ancestor (another snapshot under its name)
     fs.copyFileSync(path.join(snapDir, 'r/base'), c1);
     expectStatus(await callError(bSnap, 'RestoreSnapshot', { name: 'r/c2' }), grpc.status.DATA_LOSS, 'SNAPSHOT_CHAIN_BROKEN', /"r\/c2" -> "r\/c1".*replaced/);

@@ -20,7 +20,7 @@ import { counterVm, MiB, runStream, waitFor, type Client } from '../support/snap
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 import { escapeArena, swapLoop, VICTIM } from '../support/rename-exchange';
 
-const JUNK = 'not a snapshot at all, clearly; long enough to read a header from: ' + 'x'.repeat(100);
+const JUNK = `not a snapshot at all, clearly; long enough to read a header from: ${'x'.repeat(100)}`;
 const RACE_SECONDS = 4;
 
 /** Code and reason (or rule) of a failed call, 'OK' for a success. */
@@ -62,7 +62,8 @@ function bystander(vms: Client): { stop(): Promise<{ latencies: number[]; errors
   };
 }
 
-const report = (l: number[]) => `${l.length} calls, p50 ${percentile(l, 50).toFixed(1)} ms, p99 ${percentile(l, 99).toFixed(1)} ms, max ${Math.max(...l).toFixed(1)} ms`;
+const report = (l: number[]) =>
+  `${l.length} calls, p50 ${percentile(l, 50).toFixed(1)} ms, p99 ${percentile(l, 99).toFixed(1)} ms, max ${Math.max(...l).toFixed(1)} ms`;
 
 describeKvm('the snapshot directory against a writer of it (real vcpud)', () => {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-confine-'));
@@ -115,7 +116,12 @@ describeKvm('the snapshot directory against a writer of it (real vcpud)', () => 
     for (let i = 0; i < 10_000 && racer.running(); i++) {
       const r = await settle(
         new Promise((resolve, reject) =>
-          snaps.RestoreSnapshot({ name: 'fifo/junk.snap' }, new grpc.Metadata(), { deadline: Date.now() + 5_000 }, (err: grpc.ServiceError | null, res: unknown) => (err ? reject(err) : resolve(res))),
+          snaps.RestoreSnapshot(
+            { name: 'fifo/junk.snap' },
+            new grpc.Metadata(),
+            { deadline: Date.now() + 5_000 },
+            (err: grpc.ServiceError | null, res: unknown) => (err ? reject(err) : resolve(res)),
+          ),
         ),
       );
       outcomes[r] = (outcomes[r] ?? 0) + 1;
@@ -151,7 +157,9 @@ describeKvm('the snapshot directory against a writer of it (real vcpud)', () => 
       listings.push(performance.now() - t);
     }
     const { latencies, errors } = await watcher.stop();
-    console.log(`ListSnapshots of ${FILES} files (3 full listings, default pages): ${listings.map((ms) => `${ms.toFixed(0)} ms`).join(', ')}; bystander ListVms ${report(latencies)}`);
+    console.log(
+      `ListSnapshots of ${FILES} files (3 full listings, default pages): ${listings.map((ms) => `${ms.toFixed(0)} ms`).join(', ')}; bystander ListVms ${report(latencies)}`,
+    );
     expect(errors).toEqual([]);
     expect(firstPage).toBeLessThanOrEqual(1000);
     const listed = names.filter((n) => n.startsWith('many/'));
@@ -180,7 +188,7 @@ describeKvm('kill -9 during CreateSnapshot into a subdirectory', () => {
 
     const d2 = await startVcpud(['--snapshot-dir', dir]);
     try {
-      await waitFor(() => temps().length === 0, 'the startup sweep to remove the dead run\'s temporary file', 10_000);
+      await waitFor(() => temps().length === 0, "the startup sweep to remove the dead run's temporary file", 10_000);
     } finally {
       await d2.stop();
     }

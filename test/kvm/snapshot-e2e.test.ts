@@ -155,7 +155,10 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     expectStatus(e2, grpc.status.DATA_LOSS, 'SNAPSHOT_CORRUPT');
     expect(e2.details).toMatch(/checksum mismatch in chunk \d+ \(memory data, guest-physical 0x0, offset 0x[0-9a-f]+\)/);
     // the same bytes streamed: the same verdict
-    const e3 = await uploadSnapshot(bSnap, bad2).then(() => undefined, (e) => e as grpc.ServiceError);
+    const e3 = await uploadSnapshot(bSnap, bad2).then(
+      () => undefined,
+      (e) => e as grpc.ServiceError,
+    );
     expect({ code: e3?.code, details: e3?.details }).toMatchObject({ code: grpc.status.DATA_LOSS });
     expect(e3?.details).toMatch(/checksum mismatch in chunk \d+ \(memory data/);
 
@@ -236,7 +239,10 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     let resumeError: grpc.ServiceError | undefined;
     const done = runStream(stream, (m) => {
       if (m.progress?.phase === 'SNAPSHOT_PHASE_MEMORY' && !resumeError)
-        void callError(aVms, 'ResumeVm', { vmId: id }).then((e) => (resumeError ??= e), () => {});
+        void callError(aVms, 'ResumeVm', { vmId: id }).then(
+          (e) => (resumeError ??= e),
+          () => {},
+        );
     });
     const r = await done;
     expect(r.error).toBeUndefined();

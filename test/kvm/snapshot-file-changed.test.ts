@@ -84,7 +84,10 @@ describeKvm('snapshot files changed under a lazily restored VM (real vcpud)', ()
 
   function expectBackingLost(err: grpc.ServiceError | undefined, file: string, change: RegExp) {
     expect(err).toBeDefined();
-    expect({ code: err!.code, reason: decodeStatusDetails(err!.metadata)?.errorInfo?.reason }).toEqual({ code: grpc.status.DATA_LOSS, reason: 'MEMORY_BACKING_LOST' });
+    expect({ code: err!.code, reason: decodeStatusDetails(err!.metadata)?.errorInfo?.reason }).toEqual({
+      code: grpc.status.DATA_LOSS,
+      reason: 'MEMORY_BACKING_LOST',
+    });
     expect(err!.details).toContain(file);
     expect(err!.details).toMatch(change);
   }
@@ -109,10 +112,14 @@ describeKvm('snapshot files changed under a lazily restored VM (real vcpud)', ()
   async function runUntilStopped(id: string): Promise<Record<string, any>> {
     await call(vms, 'RunVm', { vmId: id });
     let vcpu: Record<string, any> = {};
-    await waitFor(async () => {
-      vcpu = (await call<{ vm: Record<string, any> }>(vms, 'GetVm', { vmId: id })).vm.vcpus[0];
-      return vcpu.runState === 'VCPU_RUN_STATE_STOPPED';
-    }, 'the restored vCPU to stop', 10_000);
+    await waitFor(
+      async () => {
+        vcpu = (await call<{ vm: Record<string, any> }>(vms, 'GetVm', { vmId: id })).vm.vcpus[0];
+        return vcpu.runState === 'VCPU_RUN_STATE_STOPPED';
+      },
+      'the restored vCPU to stop',
+      10_000,
+    );
     return vcpu;
   }
 

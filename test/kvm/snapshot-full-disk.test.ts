@@ -129,7 +129,11 @@ describeKvmWithTmpfs('CreateSnapshot on a full disk (16 MiB tmpfs as --snapshot-
     const again = await runStream(snaps.CreateSnapshot({ vmId, name: 'inc-child', parent: 'inc-base' }));
     expect(again.error).toBeUndefined();
     const r = await call<{ vm: { id: string } }>(snaps, 'RestoreSnapshot', { name: 'inc-child' });
-    const got = Buffer.concat((await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId: r.vm.id, guestPhysicalAddress: String(16 * MiB), length: String(data.length) })).map((m) => m.data));
+    const got = Buffer.concat(
+      (await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId: r.vm.id, guestPhysicalAddress: String(16 * MiB), length: String(data.length) })).map(
+        (m) => m.data,
+      ),
+    );
     expect(got.equals(data)).toBe(true); // the failed child's dirty pages were not lost
     for (const id of [vmId, r.vm.id]) await call(vms, 'DeleteVm', { vmId: id });
   });

@@ -91,7 +91,11 @@ describeKvm('CreateSnapshot over an existing name, and the characters of names (
     const ctl = async (args: string[]) => {
       let out = '';
       let err = '';
-      const io = { stdout: { write: (s: string | Uint8Array) => ((out += s.toString()), true) }, stderr: { write: (s: string | Uint8Array) => ((err += s.toString()), true) }, cwd: tmp };
+      const io = {
+        stdout: { write: (s: string | Uint8Array) => ((out += s.toString()), true) },
+        stderr: { write: (s: string | Uint8Array) => ((err += s.toString()), true) },
+        cwd: tmp,
+      };
       return { code: await run(['--server', d.serving.api, ...args], io as never), out, err };
     };
     expect((await ctl(['snapshot', 'create', id, 'cli.snap'])).code).toBe(0);

@@ -157,7 +157,11 @@ describeKvm('snapshot and restore in-process (real KVM)', () => {
     big.writeMemory(0, crypto.randomBytes(64 * MiB));
     const h2 = await holdAndPause(big, 'test');
     const target = path.join(dir, 'deleted.snap');
-    const capture = captureSnapshot(big, await fileSink(target), { caps, runStates: h2.before, onProgress: (p) => p.memoryBytesDone > 8 * MiB && !big.isDestroyed && registry.destroy(big.id) });
+    const capture = captureSnapshot(big, await fileSink(target), {
+      caps,
+      runStates: h2.before,
+      onProgress: (p) => p.memoryBytesDone > 8 * MiB && !big.isDestroyed && registry.destroy(big.id),
+    });
     await expect(capture).rejects.toThrow(/deleted during the snapshot/);
     expect(fs.existsSync(target)).toBe(false);
     expect(fs.readdirSync(dir).filter((n) => n.includes('deleted'))).toEqual([]);

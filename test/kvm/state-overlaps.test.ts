@@ -40,7 +40,12 @@ describeKvm('rollback model: sections that write the same state', () => {
 
   it('declares EFER, APIC base and FS/GS base for sregs and sregs2, and nothing else', () => {
     expect(Object.keys(ALSO_WRITES).sort()).toEqual(['sregs', 'sregs2']);
-    expect(ALSO_WRITES.sregs!.map((f) => [f.field, f.msr])).toEqual([['efer', 0xc0000080], ['apic_base', 0x1b], ['fs.base', 0xc0000100], ['gs.base', 0xc0000101]]);
+    expect(ALSO_WRITES.sregs!.map((f) => [f.field, f.msr])).toEqual([
+      ['efer', 0xc0000080],
+      ['apic_base', 0x1b],
+      ['fs.base', 0xc0000100],
+      ['gs.base', 0xc0000101],
+    ]);
     expect(ALSO_WRITES.sregs2).toBe(ALSO_WRITES.sregs);
   });
 

@@ -46,7 +46,9 @@ describeKvm('what a stop means, in words (real KVM)', () => {
     const v = await stoppedVcpu(vm.id);
     expect(v.stopReason).toBe('internal_error');
     expect(v.stopDetails).toMatchObject({ suberror: 1, rip: 0xfff0, ripAddress: 0xfffffff0 });
-    expect(v.stopDescription).toMatch(/^KVM_INTERNAL_ERROR_EMULATION: .* at CS:RIP 0xf000:0xfff0 \(address 0xfffffff0\), the reset vector, outside the VM's guest memory \(0x200000 bytes\): no program loaded\?/);
+    expect(v.stopDescription).toMatch(
+      /^KVM_INTERNAL_ERROR_EMULATION: .* at CS:RIP 0xf000:0xfff0 \(address 0xfffffff0\), the reset vector, outside the VM's guest memory \(0x200000 bytes\): no program loaded\?/,
+    );
     const shown = await ctl('vm', 'get', vm.id);
     expect(shown.code).toBe(0);
     expect(shown.out).toMatch(/rip=0xfff0 ripAddress=0xfffffff0/);

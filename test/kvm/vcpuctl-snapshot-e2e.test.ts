@@ -17,10 +17,7 @@ describeKvm('vcpuctl snapshot / migrate against real vcpuds', () => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpuctl-snap-'));
 
   beforeAll(async () => {
-    [a, b] = await Promise.all([
-      startVcpud(['--snapshot-dir', path.join(tmp, 'a')]),
-      startVcpud(['--snapshot-dir', path.join(tmp, 'b')]),
-    ]);
+    [a, b] = await Promise.all([startVcpud(['--snapshot-dir', path.join(tmp, 'a')]), startVcpud(['--snapshot-dir', path.join(tmp, 'b')])]);
   });
   afterAll(async () => {
     await Promise.all([a.stop(), b.stop()]);
@@ -57,7 +54,10 @@ describeKvm('vcpuctl snapshot / migrate against real vcpuds', () => {
     // --json: progress as JSON lines on stderr, one document on stdout
     const j = await ctl(a, ['--json', 'snapshot', 'create', id, '--out', 'local.snap']);
     expect(j.code).toBe(0);
-    const progress = j.err.trim().split('\n').map((l) => JSON.parse(l).progress);
+    const progress = j.err
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l).progress);
     expect(progress.map((p) => p.phase)).toEqual(expect.arrayContaining(['state', 'memory', 'done']));
     expect(progress.every((p) => p.operation === 'snapshot' && p.memoryBytesTotal === 64 * MiB)).toBe(true);
     const doc = JSON.parse(j.out);
@@ -85,7 +85,7 @@ describeKvm('vcpuctl snapshot / migrate against real vcpuds', () => {
 
     const bad = await ctl(a, ['snapshot', 'create', id, '../escape.snap']);
     expect(bad.code).toBe(1);
-    expect(bad.err).toMatch(/INVALID_ARGUMENT.*\n  - name: .* \[snapshot\.name\.traversal\]/);
+    expect(bad.err).toMatch(/INVALID_ARGUMENT.*\n {2}- name: .* \[snapshot\.name\.traversal\]/);
     const usage = await ctl(a, ['snapshot', 'create', id]);
     expect(usage.code).toBe(2);
   });

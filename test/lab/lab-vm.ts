@@ -168,30 +168,48 @@ async function boot(fresh: LabInfo, opts: LabOptions): Promise<LabVm> {
   const hostPorts: number[] = [];
   for (let i = 0; i < instances; i++) hostPorts.push(await freePort());
   const env = path.join(dir, 'lab.env');
-  fs.writeFileSync(env, `VCPUD_PORTS="${guestPorts.join(' ')}"\nVCPUD_ARGS="${(opts.vcpudArgs ?? []).join(' ')}"\nVCPUD_STATE_DIRS=${opts.stateDirs ? 1 : 0}\n`);
+  fs.writeFileSync(
+    env,
+    `VCPUD_PORTS="${guestPorts.join(' ')}"\nVCPUD_ARGS="${(opts.vcpudArgs ?? []).join(' ')}"\nVCPUD_STATE_DIRS=${opts.stateDirs ? 1 : 0}\n`,
+  );
   const pidfile = path.join(dir, 'qemu.pid');
 
   const fwd = guestPorts.map((g, i) => `hostfwd=tcp:127.0.0.1:${hostPorts[i]}-:${g}`).join(',');
   const fwcfg = (name: string, file: string) => ['-fw_cfg', `name=opt/vcpud/${name},file=${file}`];
   const qemuArgs = [
-    '-accel', 'tcg',
-    '-machine', 'q35',
-    '-cpu', 'max',
-    '-smp', '1',
-    '-m', String(opts.memoryMiB ?? 2048),
-    '-nodefaults', '-no-user-config', '-nographic', '-no-reboot',
-    '-serial', 'stdio',
-    '-kernel', fresh.kernel,
-    '-initrd', fresh.initrd,
-    '-append', 'console=ttyS0 panic=-1 loglevel=4 mitigations=off',
-    '-netdev', `user,id=n0,restrict=on,${fwd}`,
+    '-accel',
+    'tcg',
+    '-machine',
+    'q35',
+    '-cpu',
+    'max',
+    '-smp',
+    '1',
+    '-m',
+    String(opts.memoryMiB ?? 2048),
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    '-no-reboot',
+    '-serial',
+    'stdio',
+    '-kernel',
+    fresh.kernel,
+    '-initrd',
+    fresh.initrd,
+    '-append',
+    'console=ttyS0 panic=-1 loglevel=4 mitigations=off',
+    '-netdev',
+    `user,id=n0,restrict=on,${fwd}`,
     // romfile=: no iPXE option ROM (we boot -kernel directly; the ROM only costs boot time).
-    '-device', 'virtio-net-pci,netdev=n0,romfile=',
+    '-device',
+    'virtio-net-pci,netdev=n0,romfile=',
     ...fwcfg('lab.env', env),
     ...fwcfg('ca.crt', pki.file('ca.crt')),
     ...fwcfg('server.crt', pki.file('server.crt')),
     ...fwcfg('server.key', pki.file('server.key')),
-    '-pidfile', pidfile,
+    '-pidfile',
+    pidfile,
   ];
 
   const t0 = Date.now();

@@ -49,12 +49,19 @@ function setNested(t: NestedFuzzTarget, raw: Buffer, bypass: boolean): Promise<g
   const md = new grpc.Metadata();
   if (bypass) md.set('x-vcpud-skip-validation', '1');
   return new Promise((resolve) =>
-    t.state.SetNestedState({ vmId: t.vmId, vcpuId: 0, raw }, md, { deadline: Date.now() + CALL_DEADLINE_MS }, (e: grpc.ServiceError | null) => resolve(e ?? undefined)),
+    t.state.SetNestedState({ vmId: t.vmId, vcpuId: 0, raw }, md, { deadline: Date.now() + CALL_DEADLINE_MS }, (e: grpc.ServiceError | null) =>
+      resolve(e ?? undefined),
+    ),
   );
 }
 
 /** Runs the fuzz; throws at the first broken invariant, naming the request, its seed and the blob. */
-export async function fuzzSetNestedState(t: NestedFuzzTarget, seed = LAB_FUZZ_SEED, requests = LAB_FUZZ_REQUESTS, progress?: (line: string) => void): Promise<NestedFuzzResult> {
+export async function fuzzSetNestedState(
+  t: NestedFuzzTarget,
+  seed = LAB_FUZZ_SEED,
+  requests = LAB_FUZZ_REQUESTS,
+  progress?: (line: string) => void,
+): Promise<NestedFuzzResult> {
   const started = Date.now();
   const r = new Rng(seed);
   const tally = new Tally();
@@ -76,7 +83,9 @@ export async function fuzzSetNestedState(t: NestedFuzzTarget, seed = LAB_FUZZ_SE
         try {
           expect(after).toEqual(before);
         } catch (e) {
-          throw new Error(`${tag()}: a refused SetNestedState changed the vCPU (${grpc.status[code]}: ${err.details}):\n${(e as Error).message.slice(0, 3000)}`);
+          throw new Error(
+            `${tag()}: a refused SetNestedState changed the vCPU (${grpc.status[code]}: ${err.details}):\n${(e as Error).message.slice(0, 3000)}`,
+          );
         }
       }
     } else {

@@ -256,12 +256,16 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
   /** Waits until a paused VM's stream has delivered every value reported before the pause (quiet for 1 s). */
   async function settled(w: { values: number[]; error: string }) {
     let n = -1;
-    await waitFor(async () => {
-      const quiet = w.values.length === n;
-      n = w.values.length;
-      if (!quiet) await new Promise((r) => setTimeout(r, 1000));
-      return quiet;
-    }, 'the debug stream to settle after the pause', 30_000);
+    await waitFor(
+      async () => {
+        const quiet = w.values.length === n;
+        n = w.values.length;
+        if (!quiet) await new Promise((r) => setTimeout(r, 1000));
+        return quiet;
+      },
+      'the debug stream to settle after the pause',
+      30_000,
+    );
     expect(w.error).toBe('');
   }
 
@@ -305,7 +309,7 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
         rule: 'svm.vmcb12.save.efer_svme',
         mutate: (b) => (b.writeBigUInt64LE(b.readBigUInt64LE(VMCB_SAVE_EFER) & ~EFER_SVME, VMCB_SAVE_EFER), b),
       },
-      { name: "GUEST_MODE on a vCPU whose EFER.SVME is clear", rule: 'svm.efer_svme', mutate: (b) => b, freshVcpu: true },
+      { name: 'GUEST_MODE on a vCPU whose EFER.SVME is clear', rule: 'svm.efer_svme', mutate: (b) => b, freshVcpu: true },
     ];
     let src: Awaited<ReturnType<typeof pausedInL2>>;
     let good: Buffer;
@@ -318,36 +322,40 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       if (src) await call(vms(), 'DeleteVm', { vmId: src.id });
     }, 60_000);
 
-    it.each(cases)('$name: $rule', async ({ rule, mutate, freshVcpu }) => {
-      expect(good.length).toBe(4224);
-      // The target: the paused L2 vCPU, or a fresh one (reset state, EFER 0) for the EFER rule.
-      const target = freshVcpu ? await nestedVm(NESTED_GUESTS.svm_counter) : src.id;
-      const before = await wholeState(target);
-      const blob = mutate(Buffer.from(good));
+    it.each(cases)(
+      '$name: $rule',
+      async ({ rule, mutate, freshVcpu }) => {
+        expect(good.length).toBe(4224);
+        // The target: the paused L2 vCPU, or a fresh one (reset state, EFER 0) for the EFER rule.
+        const target = freshVcpu ? await nestedVm(NESTED_GUESTS.svm_counter) : src.id;
+        const before = await wholeState(target);
+        const blob = mutate(Buffer.from(good));
 
-      const refused = await callError(state(), 'SetNestedState', { vmId: target, vcpuId: 0, raw: blob });
-      expect({ code: refused.code, details: refused.details }).toMatchObject({ code: grpc.status.INVALID_ARGUMENT, details: expect.stringContaining(rule) });
-      const d = decodeStatusDetails(refused.metadata)!;
-      expect(d.errorInfo?.reason).toBe('INVALID_NESTED_STATE');
-      expect(d.errorInfo?.metadata.rule).toBeDefined();
-      expect(d.badRequest?.map((v) => v.reason)).toContain(rule);
-      expect(await wholeState(target)).toEqual(before);
+        const refused = await callError(state(), 'SetNestedState', { vmId: target, vcpuId: 0, raw: blob });
+        expect({ code: refused.code, details: refused.details }).toMatchObject({ code: grpc.status.INVALID_ARGUMENT, details: expect.stringContaining(rule) });
+        const d = decodeStatusDetails(refused.metadata)!;
+        expect(d.errorInfo?.reason).toBe('INVALID_NESTED_STATE');
+        expect(d.errorInfo?.metadata.rule).toBeDefined();
+        expect(d.badRequest?.map((v) => v.reason)).toContain(rule);
+        expect(await wholeState(target)).toEqual(before);
 
-      // Validation bypassed (test-only flag + header): the kernel itself refuses, and vcpud puts back what it had.
-      const md = new grpc.Metadata();
-      md.set('x-vcpud-skip-validation', '1');
-      const kernel = await new Promise<grpc.ServiceError>((resolve, reject) =>
-        state().SetNestedState({ vmId: target, vcpuId: 0, raw: blob }, md, { deadline: Date.now() + 20_000 }, (e: grpc.ServiceError | null) =>
-          e ? resolve(e) : reject(new Error('the kernel accepted the bad blob')),
-        ),
-      );
-      expect({ code: kernel.code, details: kernel.details }).toEqual({ code: grpc.status.INVALID_ARGUMENT, details: expect.any(String) });
-      expect(kernel.details).toMatch(/KVM_SET_NESTED_STATE refused the blob: .*EINVAL/);
-      const kd = decodeStatusDetails(kernel.metadata)!;
-      expect(kd.badRequest?.map((v) => v.reason)).toEqual(['kernel.set_nested_state']);
-      expect(kd.errorInfo).toMatchObject({ reason: 'KERNEL_REJECTED', metadata: { ioctl: 'KVM_SET_NESTED_STATE', errno: 'EINVAL' } });
-      expect(await wholeState(target)).toEqual(before);
-    }, 120_000);
+        // Validation bypassed (test-only flag + header): the kernel itself refuses, and vcpud puts back what it had.
+        const md = new grpc.Metadata();
+        md.set('x-vcpud-skip-validation', '1');
+        const kernel = await new Promise<grpc.ServiceError>((resolve, reject) =>
+          state().SetNestedState({ vmId: target, vcpuId: 0, raw: blob }, md, { deadline: Date.now() + 20_000 }, (e: grpc.ServiceError | null) =>
+            e ? resolve(e) : reject(new Error('the kernel accepted the bad blob')),
+          ),
+        );
+        expect({ code: kernel.code, details: kernel.details }).toEqual({ code: grpc.status.INVALID_ARGUMENT, details: expect.any(String) });
+        expect(kernel.details).toMatch(/KVM_SET_NESTED_STATE refused the blob: .*EINVAL/);
+        const kd = decodeStatusDetails(kernel.metadata)!;
+        expect(kd.badRequest?.map((v) => v.reason)).toEqual(['kernel.set_nested_state']);
+        expect(kd.errorInfo).toMatchObject({ reason: 'KERNEL_REJECTED', metadata: { ioctl: 'KVM_SET_NESTED_STATE', errno: 'EINVAL' } });
+        expect(await wholeState(target)).toEqual(before);
+      },
+      120_000,
+    );
 
     it('the refused vCPU still runs L2 from where it was: no value repeated or skipped', async () => {
       expect(src).toBeDefined();
@@ -362,33 +370,39 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
   });
 
   describe(`SetNestedState fuzz: ${LAB_FUZZ_REQUESTS} mutations of a real L2 blob (LAB_FUZZ_SEED=${LAB_FUZZ_SEED})`, () => {
-    it('every answer is OK or documented, every refused call leaves the vCPU as it was, and L2 then runs on', async () => {
-      const guest = NESTED_GUESTS.svm_counter;
-      const src = await pausedInL2(guest);
-      const saved = (await call<{ state: Obj }>(state(), 'GetState', { vmId: src.id, vcpuId: 0 })).state;
-      const base = (await nested(src.id)).raw as Buffer;
-      expect(base.readUInt16LE(0)).toBe(GUEST_MODE | GIF_SET);
-      const reset = async () => {
-        await call(state(), 'SetState', { vmId: src.id, vcpuId: 0, state: saved });
-        await call(state(), 'SetNestedState', { vmId: src.id, vcpuId: 0, raw: base });
-      };
-      const r = await timed('fuzz', () =>
-        fuzzSetNestedState({ state: state(), vmId: src.id, base, whole: () => wholeState(src.id), reset }, LAB_FUZZ_SEED, LAB_FUZZ_REQUESTS, (l) => process.stderr.write(`${l}\n`)),
-      );
-      console.log(`lab fuzz: seed ${r.seed}, ${r.requests} requests in ${(r.durationMs / 1000).toFixed(1)} s: ${r.tally}`);
-      if (r.kernelOnly.length) console.log(`lab fuzz: passed vcpud's validation, refused by the kernel: ${r.kernelOnly.join('; ')}`);
-      // The calls reached the kernel's checks, not only vcpud's validator.
-      expect(Object.keys(r.tally.counts).some((k) => k.endsWith(':KERNEL_REJECTED'))).toBe(true);
+    it(
+      'every answer is OK or documented, every refused call leaves the vCPU as it was, and L2 then runs on',
+      async () => {
+        const guest = NESTED_GUESTS.svm_counter;
+        const src = await pausedInL2(guest);
+        const saved = (await call<{ state: Obj }>(state(), 'GetState', { vmId: src.id, vcpuId: 0 })).state;
+        const base = (await nested(src.id)).raw as Buffer;
+        expect(base.readUInt16LE(0)).toBe(GUEST_MODE | GIF_SET);
+        const reset = async () => {
+          await call(state(), 'SetState', { vmId: src.id, vcpuId: 0, state: saved });
+          await call(state(), 'SetNestedState', { vmId: src.id, vcpuId: 0, raw: base });
+        };
+        const r = await timed('fuzz', () =>
+          fuzzSetNestedState({ state: state(), vmId: src.id, base, whole: () => wholeState(src.id), reset }, LAB_FUZZ_SEED, LAB_FUZZ_REQUESTS, (l) =>
+            process.stderr.write(`${l}\n`),
+          ),
+        );
+        console.log(`lab fuzz: seed ${r.seed}, ${r.requests} requests in ${(r.durationMs / 1000).toFixed(1)} s: ${r.tally}`);
+        if (r.kernelOnly.length) console.log(`lab fuzz: passed vcpud's validation, refused by the kernel: ${r.kernelOnly.join('; ')}`);
+        // The calls reached the kernel's checks, not only vcpud's validator.
+        expect(Object.keys(r.tally.counts).some((k) => k.endsWith(':KERNEL_REJECTED'))).toBe(true);
 
-      // Put back as it was read, the vCPU runs L2 on from the next value.
-      await reset();
-      const last = src.w.values.at(-1)!;
-      await writeU64(src.id, guest.l2DataGpa + NESTED_ABI.l2LimitOffset, BigInt(last + 50));
-      await call(vms(), 'ResumeVm', { vmId: src.id });
-      await waitFor(() => src.w.done !== undefined, 'L1 to report done after L2 reached its limit');
-      expect(src.w.values).toEqual(Array.from({ length: last + 50 }, (_, i) => i + 1));
-      src.cancel();
-    }, Math.max(240_000, LAB_FUZZ_REQUESTS * 1000));
+        // Put back as it was read, the vCPU runs L2 on from the next value.
+        await reset();
+        const last = src.w.values.at(-1)!;
+        await writeU64(src.id, guest.l2DataGpa + NESTED_ABI.l2LimitOffset, BigInt(last + 50));
+        await call(vms(), 'ResumeVm', { vmId: src.id });
+        await waitFor(() => src.w.done !== undefined, 'L1 to report done after L2 reached its limit');
+        expect(src.w.values).toEqual(Array.from({ length: last + 50 }, (_, i) => i + 1));
+        src.cancel();
+      },
+      Math.max(240_000, LAB_FUZZ_REQUESTS * 1000),
+    );
   });
 
   describe.each([
@@ -495,7 +509,10 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
         return msgs.find((m) => m.event === 'done')!.done as Obj;
       };
       await timed('chain: full snapshot', () => take('lab-chain/base', { trackDirty: true }));
-      for (const [depth, name, parent] of [[1, 'lab-chain/c1', 'lab-chain/base'], [2, 'lab-chain/c2', 'lab-chain/c1']] as const) {
+      for (const [depth, name, parent] of [
+        [1, 'lab-chain/c1', 'lab-chain/base'],
+        [2, 'lab-chain/c2', 'lab-chain/c1'],
+      ] as const) {
         // L2 counts on between the snapshots: the children hold the pages it (and L1) dirtied.
         const before = src.w.values.length;
         await call(vms(), 'ResumeVm', { vmId: src.id });
@@ -576,7 +593,10 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
           `resume ${ms(done.downtimeResume).toFixed(1)}), total ${ms(done.duration).toFixed(0)} ms, ${done.bytesSent} bytes sent, max throttle ${done.maxThrottlePercent}%`,
       );
       // Live: pre-copy, pass 1 reported while the VM ran, then at least the paused last pass.
-      expect({ mode: done.mode, livePass1: passes.some((m) => m.pass === 1 && !m.switchingOver) }).toEqual({ mode: 'MIGRATION_MODE_PRE_COPY', livePass1: true });
+      expect({ mode: done.mode, livePass1: passes.some((m) => m.pass === 1 && !m.switchingOver) }).toEqual({
+        mode: 'MIGRATION_MODE_PRE_COPY',
+        livePass1: true,
+      });
       expect(done.passes).toBeGreaterThanOrEqual(2);
       expect(done.destinationVm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
       expect((await callError(vms(0), 'GetVm', { vmId: id })).code).toBe(grpc.status.NOT_FOUND);
@@ -609,7 +629,9 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
       await expectL2Continues(dst, guest, L, 1, 50);
       expect(d.w.values).toEqual(Array.from({ length: L + 50 - first + 1 }, (_, i) => first + i));
       d.cancel();
-      console.log(`lab live migration counts: source 1..${S} (${countedBeforeRequest} before the request), destination ${S + 1}..${L + 50} (${L - S} OUTs before the check, first seen ${first})`);
+      console.log(
+        `lab live migration counts: source 1..${S} (${countedBeforeRequest} before the request), destination ${S + 1}..${L + 50} (${L - S} OUTs before the check, first seen ${first})`,
+      );
     }, 180_000);
   });
   describe('restart handover (--state-dir) while L2 runs', () => {
@@ -651,7 +673,9 @@ describeLab('nested lab: vcpud in a QEMU/TCG guest with kvm_amd nested=1', () =>
 
       // The paused one: exactly where it was paused.
       await expectL2Continues(paused.id, guest, last, 0);
-      console.log(`lab handover: restart (SIGTERM to serving again) ${restart.servingMs} ms; running VM's L2 at ${seenBefore} seen before, ${atHandover} at the handover, ${L} checked`);
+      console.log(
+        `lab handover: restart (SIGTERM to serving again) ${restart.servingMs} ms; running VM's L2 at ${seenBefore} seen before, ${atHandover} at the handover, ${L} checked`,
+      );
     }, 240_000);
   });
 });

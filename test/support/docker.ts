@@ -30,7 +30,11 @@ function readDockerInfo(): { info?: DockerInfo; problem?: string } {
   if (j.problem) return { problem: `Docker is not provisioned: ${j.problem}` };
   const info = j as DockerInfo;
   try {
-    execFileSync(info.docker, ['version', '--format', '{{.Server.Version}}'], { env: { ...process.env, DOCKER_HOST: info.host }, stdio: 'pipe', timeout: 10_000 });
+    execFileSync(info.docker, ['version', '--format', '{{.Server.Version}}'], {
+      env: { ...process.env, DOCKER_HOST: info.host },
+      stdio: 'pipe',
+      timeout: 10_000,
+    });
   } catch (e) {
     return { problem: `no dockerd answers on ${info.host} (${provision}): ${(e as Error).message.split('\n')[0]}` };
   }
@@ -71,7 +75,10 @@ export class DockerClient {
   private readonly containers = new Set<string>();
   private readonly volumes = new Set<string>();
 
-  constructor(private readonly info: DockerInfo, readonly runId: string) {}
+  constructor(
+    private readonly info: DockerInfo,
+    readonly runId: string,
+  ) {}
 
   /** The full name of a container or volume this client made as `name`. */
   nameOf(name: string): string {
@@ -85,7 +92,7 @@ export class DockerClient {
         args,
         { env: { ...process.env, DOCKER_HOST: this.info.host }, timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' },
         (err, stdout, stderr) => {
-          const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1) : 0;
+          const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
           resolve({ code, stdout, stderr: err && code === -1 ? `${stderr}\n${err.message}` : stderr });
         },
       );

@@ -32,7 +32,13 @@ const HEADER: Field[] = [
 ];
 
 function read(b: Buffer, f: Field): bigint {
-  return f.width === 8 ? b.readBigUInt64LE(f.at) : f.width === 4 ? BigInt(b.readUInt32LE(f.at)) : f.width === 2 ? BigInt(b.readUInt16LE(f.at)) : BigInt(b[f.at]);
+  return f.width === 8
+    ? b.readBigUInt64LE(f.at)
+    : f.width === 4
+      ? BigInt(b.readUInt32LE(f.at))
+      : f.width === 2
+        ? BigInt(b.readUInt16LE(f.at))
+        : BigInt(b[f.at]);
 }
 
 function write(b: Buffer, f: Field, v: bigint): void {

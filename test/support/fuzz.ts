@@ -65,7 +65,10 @@ export function mutateBlob(r: Rng, blob: Buffer): Buffer {
     if (op <= 3 && blob.length < 24) continue; // header edits need a header (truncation may have cut it)
     switch (op) {
       case 0: // every flag combination over time
-        blob.writeUInt16LE(ALL_FLAGS.filter(() => r.chance(0.3)).reduce((a, b) => a | b, 0), 0);
+        blob.writeUInt16LE(
+          ALL_FLAGS.filter(() => r.chance(0.3)).reduce((a, b) => a | b, 0),
+          0,
+        );
         break;
       case 1:
         blob.writeUInt16LE(r.pick([0, 1, 2, 0xffff]), 2);
@@ -99,7 +102,10 @@ export function mutateBlob(r: Rng, blob: Buffer): Buffer {
 const GPRS = ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'];
 const SEGMENTS = ['cs', 'ds', 'es', 'fs', 'gs', 'ss', 'tr', 'ldt'];
 const CRS = ['cr0', 'cr2', 'cr3', 'cr4', 'cr8', 'efer', 'apicBase'];
-const MSRS = [0x10, 0x1b, 0x3a, 0x174, 0x175, 0x176, 0x1a0, 0x277, 0x6e0, 0xc0000080, 0xc0000081, 0xc0000082, 0xc0000100, 0xc0000101, 0xc0000102, 0xc0010117, 0x4b564d00, 0x4b564d01, 0x4b564d06];
+const MSRS = [
+  0x10, 0x1b, 0x3a, 0x174, 0x175, 0x176, 0x1a0, 0x277, 0x6e0, 0xc0000080, 0xc0000081, 0xc0000082, 0xc0000100, 0xc0000101, 0xc0000102, 0xc0010117, 0x4b564d00,
+  0x4b564d01, 0x4b564d06,
+];
 
 /** A random value of a proto uint64 field (the wire format has no malformed uint64 to send). */
 function u64Field(r: Rng): string {
@@ -158,7 +164,12 @@ export function mutateState(r: Rng, current: Record<string, any>): Record<string
  * Codes vcpud documents for bad input (README "Errors"): a fuzzed request answered with anything
  * else is a finding. (The host fuzzer also allows grpc-js's INTERNAL for undecodable bytes.)
  */
-export const DOCUMENTED_CODES: ReadonlySet<number> = new Set([status.INVALID_ARGUMENT, status.FAILED_PRECONDITION, status.NOT_FOUND, status.RESOURCE_EXHAUSTED]);
+export const DOCUMENTED_CODES: ReadonlySet<number> = new Set([
+  status.INVALID_ARGUMENT,
+  status.FAILED_PRECONDITION,
+  status.NOT_FOUND,
+  status.RESOURCE_EXHAUSTED,
+]);
 
 /** Answers counted by key (e.g. "set_nested:INVALID_ARGUMENT"), printed at the end of a run. */
 export class Tally {

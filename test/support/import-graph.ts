@@ -20,8 +20,12 @@ export function valueImports(file: string, { withTypes = false }: { withTypes?: 
       const clause = node.importClause;
       const erased =
         clause?.isTypeOnly ||
-        (clause && !clause.name && clause.namedBindings && ts.isNamedImports(clause.namedBindings) &&
-          clause.namedBindings.elements.length > 0 && clause.namedBindings.elements.every((e) => e.isTypeOnly));
+        (clause &&
+          !clause.name &&
+          clause.namedBindings &&
+          ts.isNamedImports(clause.namedBindings) &&
+          clause.namedBindings.elements.length > 0 &&
+          clause.namedBindings.elements.every((e) => e.isTypeOnly));
       if (withTypes || !erased) spec = node.moduleSpecifier;
     } else if (ts.isExportDeclaration(node) && (withTypes || !node.isTypeOnly)) {
       spec = node.moduleSpecifier;

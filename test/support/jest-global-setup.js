@@ -4,6 +4,8 @@
  * dies on JSON.stringify: the count printed was "0 passed, 1 failed". Bigints serialize as strings.
  */
 module.exports = async () => {
-  // eslint-disable-next-line no-extend-native
-  if (!BigInt.prototype.toJSON) BigInt.prototype.toJSON = function toJSON() { return this.toString(); };
+  if (!BigInt.prototype.toJSON)
+    BigInt.prototype.toJSON = function toJSON() {
+      return this.toString();
+    };
 };

@@ -10,7 +10,8 @@ type Width = 1 | 2 | 4 | 8;
 
 function put(buf: Buffer, offset: number, width: Width, value: number | bigint): void {
   if (width === 8) buf.writeBigUInt64LE(BigInt(value), offset);
-  else if (width === 4) buf.writeUInt32LE(Number(value) >>> 0, offset); // bit 31 set via | is negative
+  else if (width === 4)
+    buf.writeUInt32LE(Number(value) >>> 0, offset); // bit 31 set via | is negative
   else if (width === 2) buf.writeUInt16LE(Number(value), offset);
   else buf.writeUInt8(Number(value), offset);
 }
@@ -178,7 +179,7 @@ export function buildSvm(spec: SvmSpec): Buffer {
   b.writeUInt16LE(1, 2);
   b.writeUInt32LE(spec.size, 4);
   b.writeBigUInt64LE(spec.vmcbPa, 8);
-  if (spec.vmcb && b.length >= 4224) buildVmcb(spec.vmcb).forEach((byte, i) => (b[128 + i] = byte));
+  if (spec.vmcb && b.length >= 4224) b.set(buildVmcb(spec.vmcb), 128);
   return b;
 }
 
@@ -278,11 +279,7 @@ export const GOLDEN = {
 export const vmx = (over: Partial<VmxSpec> = {}): Buffer => buildVmx({ ...SPECS.vmxCurrentVmcs, ...over });
 
 /** The guest-mode SVM golden blob with header, control and save overrides. */
-export function svm(
-  over: Partial<Omit<SvmSpec, 'vmcb'>> = {},
-  control: VmcbSpec['control'] = {},
-  save: VmcbSpec['save'] = {},
-): Buffer {
+export function svm(over: Partial<Omit<SvmSpec, 'vmcb'>> = {}, control: VmcbSpec['control'] = {}, save: VmcbSpec['save'] = {}): Buffer {
   const base = SPECS.svmGuestMode;
   return buildSvm({
     ...base,

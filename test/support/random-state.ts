@@ -16,9 +16,7 @@ function randomList(codec: S.ListCodec<unknown>, count: number): Buffer {
 export function randomValue<N extends S.SectionName>(name: N): S.SectionValues[N] {
   const section = S.SECTIONS[name] as S.Section<unknown>;
   const list = ({ msrs: S.MSRS, cpuid2: S.CPUID2 } as Partial<Record<S.SectionName, S.ListCodec<unknown>>>)[name];
-  const bytes = list
-    ? randomList(list, randomInt(0, 40))
-    : randomBytes(section.fixedSize ? section.size : section.size + 64 * randomInt(0, 120));
+  const bytes = list ? randomList(list, randomInt(0, 40)) : randomBytes(section.fixedSize ? section.size : section.size + 64 * randomInt(0, 120));
   const v = section.decode(bytes) as S.SectionValues[N];
   if (name === 'sregs' || name === 'sregs2') {
     for (const seg of ['cs', 'ds', 'es', 'fs', 'gs', 'ss', 'tr', 'ldt'] as const) {
@@ -31,5 +29,4 @@ export function randomValue<N extends S.SectionName>(name: N): S.SectionValues[N
   return v;
 }
 
-export const allRandom = (): Partial<S.SectionValues> =>
-  Object.fromEntries(S.SECTION_NAMES.map((n) => [n, randomValue(n)])) as Partial<S.SectionValues>;
+export const allRandom = (): Partial<S.SectionValues> => Object.fromEntries(S.SECTION_NAMES.map((n) => [n, randomValue(n)])) as Partial<S.SectionValues>;

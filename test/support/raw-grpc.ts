@@ -41,7 +41,13 @@ export interface RawCall {
  * request side when `end`. `read: false` leaves the response unread (the stream stays paused, so
  * the server soon has to hold whatever it still wants to send).
  */
-export function rawCall(session: http2.ClientHttp2Session, service: string, method: string, body: Buffer, opts: { end?: boolean; read?: boolean } = {}): RawCall {
+export function rawCall(
+  session: http2.ClientHttp2Session,
+  service: string,
+  method: string,
+  body: Buffer,
+  opts: { end?: boolean; read?: boolean } = {},
+): RawCall {
   const stream = session.request({ ':method': 'POST', ':path': `/vcpud.v1.${service}/${method}`, 'content-type': 'application/grpc', te: 'trailers' });
   stream.on('error', () => {});
   stream.write(body);
@@ -55,7 +61,12 @@ export function rawCall(session: http2.ClientHttp2Session, service: string, meth
       const details = h['grpc-status-details-bin'];
       if (typeof details === 'string') md.set('grpc-status-details-bin', Buffer.from(details, 'base64'));
       const info = decodeStatusDetails(md)?.errorInfo;
-      resolve({ code: Number(h['grpc-status']), details: decodeURIComponent(String(h['grpc-message'] ?? '')), reason: info?.reason, limit: info?.metadata?.limit });
+      resolve({
+        code: Number(h['grpc-status']),
+        details: decodeURIComponent(String(h['grpc-message'] ?? '')),
+        reason: info?.reason,
+        limit: info?.metadata?.limit,
+      });
     };
     stream.on('response', done);
     stream.on('trailers', done);
@@ -65,7 +76,11 @@ export function rawCall(session: http2.ClientHttp2Session, service: string, meth
 }
 
 /** The response messages in `bytes` (whole gRPC frames; a partial last frame is left out). */
-export function decodeResponses<T = Record<string, unknown>>(service: 'VmService' | 'VcpuStateService' | 'SnapshotService', method: string, bytes: Buffer): T[] {
+export function decodeResponses<T = Record<string, unknown>>(
+  service: 'VmService' | 'VcpuStateService' | 'SnapshotService',
+  method: string,
+  bytes: Buffer,
+): T[] {
   const def = (vcpudProto().vcpud.v1[service] as unknown as grpc.ServiceClientConstructor).service[method];
   const out: T[] = [];
   for (let at = 0; at + 5 <= bytes.length; ) {

@@ -52,7 +52,9 @@ export function normalizeLine(line: string): string {
 }
 
 function lineMatcher(expected: string): RegExp {
-  const parts = normalizeLine(expected).split('...').map((p) => p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'));
+  const parts = normalizeLine(expected)
+    .split('...')
+    .map((p) => p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'));
   return new RegExp(`^${parts.join('.*')}$`);
 }
 

@@ -43,8 +43,7 @@ export function counterValues(text: string): number[] {
 /** Asserts a strictly consecutive run: no value lost, none repeated. Returns the last value. */
 export function expectConsecutive(values: number[]): number {
   for (let i = 1; i < values.length; i++) {
-    if (values[i] !== values[i - 1] + 1)
-      throw new Error(`sequence breaks at index ${i}: ${values[i - 1]} then ${values[i]}`);
+    if (values[i] !== values[i - 1] + 1) throw new Error(`sequence breaks at index ${i}: ${values[i - 1]} then ${values[i]}`);
   }
   return values[values.length - 1];
 }

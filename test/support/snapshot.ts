@@ -1,7 +1,7 @@
 /** Helpers for snapshot and migration tests against real vcpud processes. */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
 import { call } from './vcpud-process';
 
@@ -74,7 +74,9 @@ export function runStream<T = Record<string, any>>(stream: grpc.ClientReadableSt
 /** RestoreSnapshotStream with `bytes`, in 1 MiB messages. */
 export function uploadSnapshot(snapshots: Client, bytes: Buffer, options: object = {}): Promise<Record<string, any>> {
   return new Promise((resolve, reject) => {
-    const up = snapshots.RestoreSnapshotStream((err: grpc.ServiceError | null, res: Record<string, any>) => (err ? reject(err) : resolve(res))) as grpc.ClientWritableStream<object>;
+    const up = snapshots.RestoreSnapshotStream((err: grpc.ServiceError | null, res: Record<string, any>) =>
+      err ? reject(err) : resolve(res),
+    ) as grpc.ClientWritableStream<object>;
     up.on('error', () => {});
     up.write({ options });
     for (let off = 0; off < bytes.length; off += MiB) up.write({ data: bytes.subarray(off, off + MiB) });

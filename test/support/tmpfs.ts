@@ -21,7 +21,9 @@ export interface Tmpfs {
 export function mountTmpfs(size: string, options = ''): Tmpfs | string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-tmpfs-'));
   try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size},mode=0700${options ? `,${options}` : ''}`, 'tmpfs', dir], { stdio: ['ignore', 'ignore', 'pipe'] });
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size},mode=0700${options ? `,${options}` : ''}`, 'tmpfs', dir], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
   } catch (e) {
     fs.rmSync(dir, { recursive: true, force: true });
     const stderr = (e as { stderr?: Buffer }).stderr?.toString().trim();

@@ -54,7 +54,8 @@ export async function startVcpud(
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-e2e-'));
   if (as) fs.chownSync(dir, as.uid, as.gid);
   // VCPUD_TEST_STATE_DIR=1 runs every suite's vcpud with guest memory in a state directory (tmpfs).
-  const stateDir = process.env.VCPUD_TEST_STATE_DIR === '1' && !args.includes('--state-dir') ? ['--state-dir', fs.mkdtempSync('/dev/shm/vcpud-e2e-state-')] : [];
+  const stateDir =
+    process.env.VCPUD_TEST_STATE_DIR === '1' && !args.includes('--state-dir') ? ['--state-dir', fs.mkdtempSync('/dev/shm/vcpud-e2e-state-')] : [];
   const full = [`--listen`, `unix:${path.join(dir, 'vcpud.sock')}`, '--metrics-listen', '127.0.0.1:0', ...stateDir, ...args];
   const [exe, ...exeArgs] = [...launcher, process.execPath];
   const proc = spawn(exe, [...exeArgs, ...nodeArgs, main, ...full], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], ...(as ?? {}) });
@@ -120,7 +121,12 @@ export async function startVcpud(
 }
 
 /** Promisified unary call. */
-export function call<Res = Record<string, unknown>>(client: grpc.Client & Record<string, Function>, method: string, req: object, metadata = new grpc.Metadata()): Promise<Res> {
+export function call<Res = Record<string, unknown>>(
+  client: grpc.Client & Record<string, Function>,
+  method: string,
+  req: object,
+  metadata = new grpc.Metadata(),
+): Promise<Res> {
   return new Promise((resolve, reject) =>
     client[method](req, metadata, { deadline: Date.now() + 20_000 }, (err: grpc.ServiceError | null, res: Res) => (err ? reject(err) : resolve(res))),
   );

@@ -46,7 +46,11 @@ const input: ReportInput = {
 };
 
 /** The last column of each line of a text table, header excluded. */
-const metColumn = (text: string) => text.split('\n').slice(1).map((l) => l.trim().split(/ {2,}/).pop());
+const metColumn = (text: string) =>
+  text
+    .split('\n')
+    .slice(1)
+    .map((l) => l.trim().split(/ {2,}/).pop());
 
 describe('the results table', () => {
   test('ratioRow: value / floor against the bound, no target gives "-" and met null', () => {
@@ -122,7 +126,16 @@ describe('the machine description', () => {
       'date (start of the run)',
     ]);
     const md = renderReport(input);
-    for (const line of ['- CPU: Test CPU', '- logical CPUs: 2', '- memory: 8.0 GiB', '- kernel (uname -r): 6.1.0-test', '- KVM modules: kvm_intel, kvm', '- Node.js: v20.0.0', '- @grpc/grpc-js: 1.2.3', '- date (start of the run): 2026-01-02T03:04:05.000Z'])
+    for (const line of [
+      '- CPU: Test CPU',
+      '- logical CPUs: 2',
+      '- memory: 8.0 GiB',
+      '- kernel (uname -r): 6.1.0-test',
+      '- KVM modules: kvm_intel, kvm',
+      '- Node.js: v20.0.0',
+      '- @grpc/grpc-js: 1.2.3',
+      '- date (start of the run): 2026-01-02T03:04:05.000Z',
+    ])
       expect(md).toContain(line);
   });
 

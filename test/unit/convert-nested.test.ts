@@ -2,7 +2,7 @@
  * src/server/convert/nested: NestedState from the golden blobs of test/support/nested-blobs.ts (built from an
  * independent reading of the ABI), every VmcbControl / VmcbSave field against the APM offsets, raw byte-exact.
  */
-import * as protoLoader from '@grpc/proto-loader';
+import type * as protoLoader from '@grpc/proto-loader';
 import { VcpudError } from '../../src/errors';
 import { nestedToProto } from '../../src/server/convert';
 import { vcpudPackageDefinition } from '../../src/api/proto';

@@ -1,5 +1,5 @@
 /** src/server/convert/capabilities + vm: GetCapabilitiesResponse, Vm and Vcpu messages, through the wire format. */
-import * as protoLoader from '@grpc/proto-loader';
+import type * as protoLoader from '@grpc/proto-loader';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
 import { SECTION_NAMES, type SectionName } from '../../src/ffi/sections';
 import { capabilitiesToProto, exitReasonName, timestampToProto, vcpuToProto, vmToProto } from '../../src/server/convert';
@@ -16,8 +16,18 @@ const roundTrip = <T>(m: protoLoader.MethodDefinition<object, object>, msg: obje
 
 function hostCaps(over: Partial<HostCapabilities> = {}): HostCapabilities {
   const sections = Object.fromEntries(SECTION_NAMES.map((s) => [s, { readable: true, writable: true }])) as HostCapabilities['sections'];
-  sections.tsc_khz = { readable: true, writable: false, capability: 'KVM_CAP_TSC_CONTROL', reason: 'writing needs KVM_CAP_TSC_CONTROL, which KVM_CHECK_EXTENSION reports as 0' };
-  sections.sregs2 = { readable: false, writable: false, capability: 'KVM_CAP_SREGS2', reason: 'reading needs KVM_CAP_SREGS2, which KVM_CHECK_EXTENSION reports as 0' };
+  sections.tsc_khz = {
+    readable: true,
+    writable: false,
+    capability: 'KVM_CAP_TSC_CONTROL',
+    reason: 'writing needs KVM_CAP_TSC_CONTROL, which KVM_CHECK_EXTENSION reports as 0',
+  };
+  sections.sregs2 = {
+    readable: false,
+    writable: false,
+    capability: 'KVM_CAP_SREGS2',
+    reason: 'reading needs KVM_CAP_SREGS2, which KVM_CHECK_EXTENSION reports as 0',
+  };
   sections.lapic = { readable: true, writable: true, capability: 'KVM_CAP_IRQCHIP', reason: 'needs a VM with the in-kernel irqchip' };
   return {
     kvmPath: '/dev/kvm',
@@ -131,7 +141,15 @@ describe('vmToProto', () => {
     expect(r.createTime).toEqual({ seconds: String(Date.UTC(2024, 0, 2, 3, 4, 5) / 1000), nanos: 678_000_000 });
     expect(r.vcpus).toEqual([
       { id: 0, runState: 'VCPU_RUN_STATE_RUNNING', stopReason: '', stopDetails: {}, stopDescription: '', exits: '5', exitCounts: { KVM_EXIT_IO: '5' } },
-      { id: 1, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, stopDescription: '', exits: '1', exitCounts: { KVM_EXIT_IO: '1' } },
+      {
+        id: 1,
+        runState: 'VCPU_RUN_STATE_STOPPED',
+        stopReason: 'done',
+        stopDetails: { value: 42 },
+        stopDescription: '',
+        exits: '1',
+        exitCounts: { KVM_EXIT_IO: '1' },
+      },
     ]);
     expect(vmToProto(fakeVm(0)).nestedExposed).toBe(false);
   });

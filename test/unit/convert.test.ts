@@ -3,18 +3,10 @@
  * (through the protobuf wire format too), and every validation rule naming its field.
  */
 import { randomBytes } from 'node:crypto';
-import * as protoLoader from '@grpc/proto-loader';
+import type * as protoLoader from '@grpc/proto-loader';
 import { VcpudError } from '../../src/errors';
 import * as S from '../../src/ffi/sections';
-import {
-  safeNumber,
-  sectionFromProto,
-  sectionsFromProto,
-  sectionToProto,
-  stateFromProto,
-  stateToProto,
-  u64,
-} from '../../src/server/convert';
+import { safeNumber, sectionFromProto, sectionsFromProto, sectionToProto, stateFromProto, stateToProto, u64 } from '../../src/server/convert';
 import { vcpudPackageDefinition } from '../../src/api/proto';
 import { allRandom, randomValue } from '../support/random-state';
 import type { GetStateResponse__Output } from '../../src/api/generated/vcpud/v1/GetStateResponse';
@@ -126,7 +118,10 @@ describe('VcpuState round trip', () => {
     const flags = (o: unknown): void => {
       for (const [k, x] of Object.entries(o as Record<string, unknown>)) {
         if (typeof x === 'object' && x !== null && !Buffer.isBuffer(x)) flags(x);
-        else if (typeof x === 'number' && /^(present|db|s|l|g|avl|unusable|injected|hasErrorCode|pending|soft|masked|smm|smmInsideNmi|latchedInit|exceptionHasPayload)$/.test(k))
+        else if (
+          typeof x === 'number' &&
+          /^(present|db|s|l|g|avl|unusable|injected|hasErrorCode|pending|soft|masked|smm|smmInsideNmi|latchedInit|exceptionHasPayload)$/.test(k)
+        )
           (o as Record<string, number>)[k] = x & 1;
       }
     };
@@ -174,7 +169,17 @@ describe('stateToProto', () => {
     xsave.writeBigUInt64LE(0x7n, 512);
     xsave.writeBigUInt64LE(1n << 63n, 520);
     const lapic = Buffer.alloc(1024);
-    for (const [off, v] of [[0x20, 0x0300_0000], [0x30, 0x50014], [0x80, 0x10], [0xd0, 0x1000000], [0xf0, 0x1ff], [0x320, 0x400ef], [0x380, 1000], [0x390, 500], [0x3e0, 0xb]])
+    for (const [off, v] of [
+      [0x20, 0x0300_0000],
+      [0x30, 0x50014],
+      [0x80, 0x10],
+      [0xd0, 0x1000000],
+      [0xf0, 0x1ff],
+      [0x320, 0x400ef],
+      [0x380, 1000],
+      [0x390, 500],
+      [0x3e0, 0xb],
+    ])
       lapic.writeUInt32LE(v, off);
     const p = throughWire({ xsave, lapic });
     expect(p.xsave).toEqual({ raw: xsave, xstateBv: '7', xcompBv: '9223372036854775808', mxcsr: 0x1f80, fcw: 0x37f });
@@ -210,8 +215,19 @@ describe('stateToProto', () => {
       return d.field.map((f) => f.name).sort();
     };
     const TYPES: Record<string, string> = {
-      regs: 'Regs', sregs: 'Sregs', sregs2: 'Sregs2', fpu: 'Fpu', xsave: 'Xsave', xcrs: 'Xcrs', msrs: 'Msrs', lapic: 'Lapic',
-      vcpuEvents: 'VcpuEvents', debugregs: 'DebugRegs', mpState: 'VcpuMpState', cpuid2: 'Cpuid', tscKhz: 'TscKhz',
+      regs: 'Regs',
+      sregs: 'Sregs',
+      sregs2: 'Sregs2',
+      fpu: 'Fpu',
+      xsave: 'Xsave',
+      xcrs: 'Xcrs',
+      msrs: 'Msrs',
+      lapic: 'Lapic',
+      vcpuEvents: 'VcpuEvents',
+      debugregs: 'DebugRegs',
+      mpState: 'VcpuMpState',
+      cpuid2: 'Cpuid',
+      tscKhz: 'TscKhz',
     };
     for (const [key, type] of Object.entries(TYPES)) expect([key, Object.keys(p[key]).sort()]).toEqual([key, messageFields(type)]);
     const ev = p.vcpuEvents as Record<string, Record<string, unknown>>;
@@ -320,8 +336,16 @@ describe('validation names every bad field', () => {
     ['lapic too long', (p) => (p.lapic!.raw = Buffer.alloc(1025)), { 'state.lapic.raw': 'length' }],
     ['xcrs at most 16', (p) => (p.xcrs!.xcrs = Array.from({ length: 17 }, () => ({ xcr: 0, value: '1' }))), { 'state.xcrs.xcrs': 'max_items' }],
     ['xcr value', (p) => (p.xcrs!.xcrs = [{ xcr: 0, value: 'z' }]), { 'state.xcrs.xcrs[0].value': 'uint64' }],
-    ['cpuid u32', (p) => (p.cpuid2!.entries = [{ function: 0, index: 0, flags: 0, eax: 2 ** 32, ebx: 0, ecx: 0, edx: -1 }]), { 'state.cpuid2.entries[0].eax': 'uint32', 'state.cpuid2.entries[0].edx': 'uint32' }],
-    ['cpuid at most 256', (p) => (p.cpuid2!.entries = Array.from({ length: 257 }, () => ({ function: 0, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 }))), { 'state.cpuid2.entries': 'max_items' }],
+    [
+      'cpuid u32',
+      (p) => (p.cpuid2!.entries = [{ function: 0, index: 0, flags: 0, eax: 2 ** 32, ebx: 0, ecx: 0, edx: -1 }]),
+      { 'state.cpuid2.entries[0].eax': 'uint32', 'state.cpuid2.entries[0].edx': 'uint32' },
+    ],
+    [
+      'cpuid at most 256',
+      (p) => (p.cpuid2!.entries = Array.from({ length: 257 }, () => ({ function: 0, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 }))),
+      { 'state.cpuid2.entries': 'max_items' },
+    ],
     ['msr index', (p) => (p.msrs!.entries = [{ index: 2 ** 32, data: '0', name: '' }]), { 'state.msrs.entries[0].index': 'uint32' }],
     ['exception nr', (p) => (p.vcpuEvents!.exception!.nr = 256), { 'state.vcpu_events.exception.nr': 'uint8' }],
     ['exception payload', (p) => (p.vcpuEvents!.exception!.payload = '?'), { 'state.vcpu_events.exception.payload': 'uint64' }],
@@ -352,9 +376,20 @@ describe('validation names every bad field', () => {
     const e = invalid(() => stateFromProto(p));
     expect(fieldsOf(e)).toEqual(
       [
-        'state.regs.rax', 'state.regs.rip', 'state.regs.rsp', 'state.sregs.cr3', 'state.debugregs.dr7',
-        'state.sregs2.gs.base', 'state.debugregs.db[2]', 'state.fpu.fpr', 'state.fpu.fpr[3]', 'state.fpu.xmm',
-        'state.fpu.xmm[15]', 'state.fpu.fcw', 'state.sregs.cs.dpl', 'state.tsc_khz.khz',
+        'state.regs.rax',
+        'state.regs.rip',
+        'state.regs.rsp',
+        'state.sregs.cr3',
+        'state.debugregs.dr7',
+        'state.sregs2.gs.base',
+        'state.debugregs.db[2]',
+        'state.fpu.fpr',
+        'state.fpu.fpr[3]',
+        'state.fpu.xmm',
+        'state.fpu.xmm[15]',
+        'state.fpu.fcw',
+        'state.sregs.cs.dpl',
+        'state.tsc_khz.khz',
       ].sort(),
     );
     expect(e.message).toMatch(/^14 invalid fields: state\.regs\.rax: /);

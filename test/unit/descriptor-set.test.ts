@@ -27,9 +27,13 @@ test('a fresh build gives the same bytes as dist/src/descriptor-set.binpb (curre
 });
 
 test('every proto under protos/, health and reflection are in the set, with every import', () => {
-  const files = splitFileDescriptorSet(fs.readFileSync(descriptorSetPath())).map((b) => FileDescriptorProto.decode(b) as unknown as { name: string; dependency: string[] });
+  const files = splitFileDescriptorSet(fs.readFileSync(descriptorSetPath())).map(
+    (b) => FileDescriptorProto.decode(b) as unknown as { name: string; dependency: string[] },
+  );
   const names = files.map((f) => f.name);
-  expect(names).toEqual(expect.arrayContaining([...protoFiles(), 'grpc/health/v1/health.proto', 'grpc/reflection/v1/reflection.proto', 'grpc/reflection/v1alpha/reflection.proto']));
+  expect(names).toEqual(
+    expect.arrayContaining([...protoFiles(), 'grpc/health/v1/health.proto', 'grpc/reflection/v1/reflection.proto', 'grpc/reflection/v1alpha/reflection.proto']),
+  );
   expect(new Set(names).size).toBe(names.length);
   for (const f of files) for (const dep of f.dependency) expect({ file: f.name, dep, present: names.includes(dep) }).toMatchObject({ present: true });
   const index = new DescriptorIndex().add(splitFileDescriptorSet(fs.readFileSync(descriptorSetPath())));
@@ -41,9 +45,16 @@ test('every proto under protos/, health and reflection are in the set, with ever
 test('answers: services as given, a symbol or file by name with its imports, NOT_FOUND in error_response otherwise', () => {
   const index = new DescriptorIndex().add(splitFileDescriptorSet(fs.readFileSync(descriptorSetPath())));
   const ask = (req: object) => answerReflection(index, ['a.B'], { host: 'h', ...req }) as Record<string, any>;
-  expect(ask({ message_request: 'list_services', list_services: '*' })).toMatchObject({ valid_host: 'h', list_services_response: { service: [{ name: 'a.B' }] } });
-  const names = (r: Record<string, any>) => (r.file_descriptor_response.file_descriptor_proto as Uint8Array[]).map((b) => (FileDescriptorProto.decode(b) as unknown as { name: string }).name);
-  expect(names(ask({ message_request: 'file_containing_symbol', file_containing_symbol: '.vcpud.v1.Vm.create_time' }))).toEqual(['vcpud/v1/vm.proto', 'google/protobuf/timestamp.proto']);
+  expect(ask({ message_request: 'list_services', list_services: '*' })).toMatchObject({
+    valid_host: 'h',
+    list_services_response: { service: [{ name: 'a.B' }] },
+  });
+  const names = (r: Record<string, any>) =>
+    (r.file_descriptor_response.file_descriptor_proto as Uint8Array[]).map((b) => (FileDescriptorProto.decode(b) as unknown as { name: string }).name);
+  expect(names(ask({ message_request: 'file_containing_symbol', file_containing_symbol: '.vcpud.v1.Vm.create_time' }))).toEqual([
+    'vcpud/v1/vm.proto',
+    'google/protobuf/timestamp.proto',
+  ]);
   expect(names(ask({ message_request: 'file_containing_symbol', file_containing_symbol: 'vcpud.v1.VCPU_RUN_STATE_RUNNING' }))[0]).toBe('vcpud/v1/vm.proto');
   for (const req of [
     { message_request: 'file_containing_symbol', file_containing_symbol: 'vcpud.v1.Nope' },

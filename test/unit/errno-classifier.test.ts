@@ -42,13 +42,15 @@ const REGS = { rax: 1n };
 /** A vCPU whose `failing` method throws the KvmError once (the rollback after it succeeds). */
 function fakeVcpu(failing: 'getRegs' | 'setRegs' | 'getNestedState' | 'setNestedState', err: KvmError): Vcpu {
   let thrown = false;
-  const once = <T>(name: string, value: T) => () => {
-    if (name === failing && !thrown) {
-      thrown = true;
-      throw err;
-    }
-    return value;
-  };
+  const once =
+    <T>(name: string, value: T) =>
+    () => {
+      if (name === failing && !thrown) {
+        thrown = true;
+        throw err;
+      }
+      return value;
+    };
   return {
     getRegs: once('getRegs', { rax: 0n }),
     setRegs: once('setRegs', undefined),
@@ -62,7 +64,12 @@ const IOCTL_OF = { getRegs: 'KVM_GET_REGS', setRegs: 'KVM_SET_REGS', getNestedSt
 const PATHS: { name: string; failing: keyof typeof IOCTL_OF; run(v: Vcpu): void; section?: string }[] = [
   { name: 'SetState section write', failing: 'setRegs', run: (v) => writeState(v, ctx, { regs: REGS as never }), section: 'STATE_SECTION_REGS' },
   { name: 'SetState read before write', failing: 'getRegs', run: (v) => writeState(v, ctx, { regs: REGS as never }) },
-  { name: 'snapshot restore', failing: 'setRegs', run: (v) => writeStateWithMsrPolicy(v, ctx, { regs: REGS as never }, [], 'vCPU 0'), section: 'STATE_SECTION_REGS' },
+  {
+    name: 'snapshot restore',
+    failing: 'setRegs',
+    run: (v) => writeStateWithMsrPolicy(v, ctx, { regs: REGS as never }, [], 'vCPU 0'),
+    section: 'STATE_SECTION_REGS',
+  },
   { name: 'SetNestedState', failing: 'setNestedState', run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }) },
   { name: 'SetNestedState read before write', failing: 'getNestedState', run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }) },
 ];
@@ -79,9 +86,10 @@ function statusOf(run: () => void) {
 
 describe('errno classification', () => {
   it.each(ERRNOS)('%s: the same code and reason on every path', (errno) => {
-    const direct = (ioctl: string) => statusOf(() => {
-      throw new KvmError(ioctl, 1, errno, `${ioctl} failed: ${errno}`);
-    });
+    const direct = (ioctl: string) =>
+      statusOf(() => {
+        throw new KvmError(ioctl, 1, errno, `${ioctl} failed: ${errno}`);
+      });
     for (const ioctl of ['KVM_SET_SREGS', 'KVM_GET_SREGS', 'open']) {
       const s = direct(ioctl);
       expect({ ioctl, code: s.code, reason: s.details?.errorInfo?.reason }).toEqual({ ioctl, ...expected(ioctl, errno) });
@@ -114,7 +122,10 @@ describe('errno classification', () => {
     const msrCtx = { ...ctx, caps: { ...ctx.caps, sections: { ...ctx.caps.sections, msrs: { readable: true, writable: true } } } } as StateContext;
     const s = statusOf(() => writeState(vcpu, msrCtx, { msrs: entries }));
     expect(s.code).toBe(grpc.status.INVALID_ARGUMENT);
-    expect(s.details?.errorInfo).toMatchObject({ reason: 'KERNEL_REJECTED', metadata: { ioctl: 'KVM_SET_MSRS', section: 'STATE_SECTION_MSRS', field: 'state.msrs.entries[1]' } });
+    expect(s.details?.errorInfo).toMatchObject({
+      reason: 'KERNEL_REJECTED',
+      metadata: { ioctl: 'KVM_SET_MSRS', section: 'STATE_SECTION_MSRS', field: 'state.msrs.entries[1]' },
+    });
     expect(s.details?.badRequest).toEqual([expect.objectContaining({ field: 'state.msrs.entries[1]', reason: 'msrs.kernel_refused' })]);
     const notes: string[] = [];
     expect(writeStateWithMsrPolicy(vcpu, msrCtx, { msrs: entries }, notes, 'vCPU 0')).toEqual(['msrs']);

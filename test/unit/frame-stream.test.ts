@@ -32,7 +32,9 @@ const fdOf = (s: net.Socket) => (s as unknown as { _handle: { fd: number } })._h
 describe('page frames on a stream (unix socket)', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-frame-stream-'));
   const cleanups: (() => void)[] = [];
-  afterEach(() => cleanups.splice(0).forEach((c) => c()));
+  afterEach(() => {
+    for (const c of cleanups.splice(0)) c();
+  });
   afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   /** A connected pair: `writer` (a client) and `reader` (the server's end, never read by Node). */
@@ -74,7 +76,13 @@ describe('page frames on a stream (unix socket)', () => {
     let seq = 0;
     for (let page = 0; page < PAGES; ) {
       const toPage = Math.min(PAGES, page + pagesPerCall);
-      const r = await src.sendFrames(fdOf(writer), all(), page, Buffer.alloc(stagingBytes), { seq, framePages: FRAME_PAGES, toPage, end: toPage === PAGES, ...opts() });
+      const r = await src.sendFrames(fdOf(writer), all(), page, Buffer.alloc(stagingBytes), {
+        seq,
+        framePages: FRAME_PAGES,
+        toPage,
+        end: toPage === PAGES,
+        ...opts(),
+      });
       expect(r.nextPage).toBe(toPage);
       sent += r.bytes;
       seq += r.frames;
@@ -204,6 +212,8 @@ describe('page frames on a stream (unix socket)', () => {
     await expect(pending).rejects.toMatchObject({ code: 'ECANCELED' });
     // The writer side: nobody reads, the socket fills, and the write gives up after stallMs.
     const d = await pair();
-    await expect(src.sendFrames(fdOf(d.writer), all(), 0, Buffer.alloc(1 << 20), { seq: 0, ...opts({ stallMs: 200 }) })).rejects.toMatchObject({ code: 'ETIMEDOUT' });
+    await expect(src.sendFrames(fdOf(d.writer), all(), 0, Buffer.alloc(1 << 20), { seq: 0, ...opts({ stallMs: 200 }) })).rejects.toMatchObject({
+      code: 'ETIMEDOUT',
+    });
   });
 });

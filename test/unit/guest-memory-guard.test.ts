@@ -69,9 +69,18 @@ describe('guest memory over a truncated mapped file', () => {
   });
 
   it('read and write of a lost page throw MEMORY_FAULT; pages the file still has work', () => {
-    expectFault(thrown(() => mem.read(LOST.from, Buffer.alloc(PAGE))), 'GuestMemory.read');
-    expectFault(thrown(() => mem.read(LOST.from - PAGE, Buffer.alloc(3 * PAGE))), 'GuestMemory.read');
-    expectFault(thrown(() => mem.write(LOST.from + 5, Buffer.alloc(8, 1))), 'GuestMemory.write');
+    expectFault(
+      thrown(() => mem.read(LOST.from, Buffer.alloc(PAGE))),
+      'GuestMemory.read',
+    );
+    expectFault(
+      thrown(() => mem.read(LOST.from - PAGE, Buffer.alloc(3 * PAGE))),
+      'GuestMemory.read',
+    );
+    expectFault(
+      thrown(() => mem.write(LOST.from + 5, Buffer.alloc(8, 1))),
+      'GuestMemory.write',
+    );
     const kept = Buffer.alloc(PAGE);
     mem.read(LOST.from - PAGE, kept);
     expect(kept.every((b) => b === 0xab)).toBe(true);
@@ -79,7 +88,10 @@ describe('guest memory over a truncated mapped file', () => {
   });
 
   it('scanPages throws MEMORY_FAULT', () => {
-    expectFault(thrown(() => mem.scanPages(0, 128)), 'GuestMemory.scanPages');
+    expectFault(
+      thrown(() => mem.scanPages(0, 128)),
+      'GuestMemory.scanPages',
+    );
   });
 
   it('crc32cPages, copyPages and writePagesToFd (libuv pool) reject with MEMORY_FAULT', async () => {
@@ -105,7 +117,7 @@ describe('guest memory over a truncated mapped file', () => {
     try {
       src.write(LOST.from, Buffer.alloc(PAGE, 7));
       const only = Buffer.alloc(128 / 8);
-      only[LOST.from / PAGE >> 3] |= 1 << ((LOST.from / PAGE) & 7);
+      only[(LOST.from / PAGE) >> 3] |= 1 << ((LOST.from / PAGE) & 7);
       const out = Buffer.alloc(4 * PAGE);
       const packed = await src.packPages(only, 0, out, { seq: 0 });
       expect(packed.pages).toBe(1);

@@ -34,7 +34,12 @@ describe('handover manifest', () => {
   });
 
   it('refuses another format version before looking at anything else, naming both versions', () => {
-    const bytes = Buffer.from(encodeManifest(manifest()).toString('latin1').replace(/^vcpud-handover 1 \S+ \d+/, 'vcpud-handover 7 0 0'), 'latin1');
+    const bytes = Buffer.from(
+      encodeManifest(manifest())
+        .toString('latin1')
+        .replace(/^vcpud-handover 1 \S+ \d+/, 'vcpud-handover 7 0 0'),
+      'latin1',
+    );
     let err: unknown;
     try {
       decodeManifest(bytes, '/state/handover.manifest');

@@ -19,7 +19,9 @@ describe('host exhaustion errnos', () => {
       expect(s.details).toContain(code);
       expect(decodeStatusDetails(s.metadata as grpc.Metadata)?.errorInfo).toMatchObject({ reason: 'HOST_RESOURCES_EXHAUSTED', metadata: { errno: code } });
     }
-    expect(decodeStatusDetails(toServiceError(new KvmError('KVM_CREATE_VM', 24, code, 'x')).metadata as grpc.Metadata)?.errorInfo?.metadata.ioctl).toBe('KVM_CREATE_VM');
+    expect(decodeStatusDetails(toServiceError(new KvmError('KVM_CREATE_VM', 24, code, 'x')).metadata as grpc.Metadata)?.errorInfo?.metadata.ioctl).toBe(
+      'KVM_CREATE_VM',
+    );
   });
 
   it('an error deliberately classified otherwise keeps its kind, and other errnos stay INTERNAL', () => {

@@ -117,7 +117,12 @@ describe('opaque bytes survive a round trip', () => {
   const cases = Object.entries(GOLDEN);
   test.each(cases)('%s with random reserved header bytes', (name, build) => {
     // VMX: pad 26..27 and reserved 40..127; SVM: padding 16..127 (where newer kernels put gpat).
-    const ranges: Array<[number, number]> = name.startsWith('vmx') ? [[26, 28], [40, 128]] : [[16, 128]];
+    const ranges: Array<[number, number]> = name.startsWith('vmx')
+      ? [
+          [26, 28],
+          [40, 128],
+        ]
+      : [[16, 128]];
     for (const seed of [1, 2, 3]) {
       const blob = build();
       const noise = patternBytes(128, seed * 7919);
@@ -241,9 +246,7 @@ describe('decoder tolerance', () => {
 
 describe('VMCB12 decoding', () => {
   test('every control field reads back from its APM offset', () => {
-    const control = Object.fromEntries(
-      Object.entries(APM_VMCB_CONTROL).map(([name, [offset, width]]) => [name, distinct(offset, width)]),
-    );
+    const control = Object.fromEntries(Object.entries(APM_VMCB_CONTROL).map(([name, [offset, width]]) => [name, distinct(offset, width)]));
     const vmcb = decodeVmcb12(buildVmcb({ control, save: {}, segments: {} }));
     for (const [name, value] of Object.entries(control)) {
       expect([name, vmcb.control[name as keyof typeof vmcb.control]]).toEqual([name, value]);
@@ -251,14 +254,9 @@ describe('VMCB12 decoding', () => {
   });
 
   test('every save field and segment reads back from its APM offset', () => {
-    const save = Object.fromEntries(
-      Object.entries(APM_VMCB_SAVE).map(([name, [offset, width]]) => [name, distinct(0x400 + offset, width)]),
-    );
+    const save = Object.fromEntries(Object.entries(APM_VMCB_SAVE).map(([name, [offset, width]]) => [name, distinct(0x400 + offset, width)]));
     const segments = Object.fromEntries(
-      APM_VMCB_SEGMENTS.map((name, i) => [
-        name,
-        { selector: 0x100 + i, attrib: 0x200 + i, limit: 0x1_0000 + i, base: 0x1_0000_0000n + BigInt(i) },
-      ]),
+      APM_VMCB_SEGMENTS.map((name, i) => [name, { selector: 0x100 + i, attrib: 0x200 + i, limit: 0x1_0000 + i, base: 0x1_0000_0000n + BigInt(i) }]),
     );
     const vmcb = decodeVmcb12(buildVmcb({ control: {}, save, segments }));
     for (const [name, value] of Object.entries(save)) {
@@ -275,7 +273,7 @@ describe('VMCB12 decoding', () => {
         control: {
           intercept_cr_read: 0x1,
           intercept_cr_write: 0x100,
-          intercept_word3: (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | 2 ** 31,
+          intercept_word3: (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | (2 ** 31),
           intercept_word4: 0x3,
           intercept_word5: 0x80,
           int_ctl: (1 << 9) | (1 << 25) | 0x5 | (0x3 << 16), // V_GIF, V_GIF_ENABLE, V_TPR 5, V_INTR_PRIO 3

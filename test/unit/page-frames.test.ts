@@ -63,7 +63,9 @@ function expectSamePages(a: NativeGuestMemory, b: NativeGuestMemory, pages: numb
 describe('page frames', () => {
   const mems: NativeGuestMemory[] = [];
   const mem = (m: NativeGuestMemory) => (mems.push(m), m);
-  afterEach(() => mems.splice(0).forEach((m) => m.release()));
+  afterEach(() => {
+    for (const m of mems.splice(0)) m.release();
+  });
 
   it('states its version once, from native', () => {
     expect(PAGE_FRAME_VERSION).toBe(1);
@@ -73,7 +75,12 @@ describe('page frames', () => {
   it.each([
     ['every page, a 1 MiB buffer', () => Array.from({ length: PAGES }, (_, i) => i), 1 << 20, undefined],
     ['every page, a buffer of one page frame', () => Array.from({ length: PAGES }, (_, i) => i), H + 8 + PAGE, undefined],
-    ['sparse pages, odd buffer and frame sizes', () => Array.from({ length: PAGES }, (_, i) => i).filter((i) => i % 7 === 3 || i % 64 === 63), 3 * PAGE + 1000, 5],
+    [
+      'sparse pages, odd buffer and frame sizes',
+      () => Array.from({ length: PAGES }, (_, i) => i).filter((i) => i % 7 === 3 || i % 64 === 63),
+      3 * PAGE + 1000,
+      5,
+    ],
     ['zero pages only, an 8 KiB buffer', () => Array.from({ length: PAGES / 4 }, (_, i) => 4 * i + 1), 2 * PAGE, undefined],
     ['the last page only', () => [PAGES - 1], 1 << 20, 1024],
   ] as const)('round trip: %s', async (_name, pagesOf, outBytes, framePages) => {
@@ -140,7 +147,7 @@ describe('page frames', () => {
     ['another version', 'version', (b: Buffer, o: number) => (b.writeUInt16LE(2, o + 4), reseal(b, o))],
     ['an unknown flag', 'flags', (b: Buffer, o: number) => (b.writeUInt16LE(1, o + 6), reseal(b, o))],
     ['a page number beyond the memory', 'page_number', (b: Buffer, o: number) => (b.writeUInt32LE(PAGES, o + H + 8), reseal(b, o))],
-    ['a zero flag the header does not count', 'page_count', (b: Buffer, o: number) => (b[o + H + 7] ^= 0x80, reseal(b, o))],
+    ['a zero flag the header does not count', 'page_count', (b: Buffer, o: number) => ((b[o + H + 7] ^= 0x80), reseal(b, o))],
     ['a page count of 0', 'page_count', (b: Buffer, o: number) => (b.writeUInt32LE(0, o + 16), reseal(b, o))],
   ] as const)('%s in the second frame is caught (%s) with its seq; the first frame is applied, the second not', async (_name, check, corrupt) => {
     const { src, frames, ends } = await threeFrames();
@@ -167,6 +174,10 @@ describe('page frames', () => {
     }
     const rest = await applyFrames(dst, frames.subarray(ends[0]));
     expect(rest).toMatchObject({ consumed: frames.length - ends[0], frames: 2, lastSeq: 9n });
-    expectSamePages(src, dst, Array.from({ length: 12 }, (_, i) => 8 + i));
+    expectSamePages(
+      src,
+      dst,
+      Array.from({ length: 12 }, (_, i) => 8 + i),
+    );
   });
 });

@@ -166,9 +166,7 @@ describe('protos', () => {
     const sections = enumValues('vcpud.v1.StateSection').filter((v) => v !== 'STATE_SECTION_UNSPECIFIED');
     expect(sections).toHaveLength(13);
     // STATE_SECTION_VCPU_EVENTS -> vcpu_events in the proto, vcpuEvents as loaded (keepCase false).
-    const expected = sections
-      .map((v) => camel(v.replace(/^STATE_SECTION_/, '').toLowerCase()))
-      .sort();
+    const expected = sections.map((v) => camel(v.replace(/^STATE_SECTION_/, '').toLowerCase())).sort();
     expect(Object.keys(fields('vcpud.v1.VcpuState')).sort()).toEqual(expected);
   });
 
@@ -204,9 +202,10 @@ describe('protos', () => {
     expect(decoded.output).toBeUndefined();
 
     const read = pkg.vcpud.v1.VmService.service.ReadMemory;
-    const chunk = read.responseDeserialize(
-      read.responseSerialize({ guestPhysicalAddress: '18446744073709551615', data: Buffer.from([1, 2]) }),
-    ) as { guestPhysicalAddress: unknown; data: Buffer };
+    const chunk = read.responseDeserialize(read.responseSerialize({ guestPhysicalAddress: '18446744073709551615', data: Buffer.from([1, 2]) })) as {
+      guestPhysicalAddress: unknown;
+      data: Buffer;
+    };
     expect(chunk.guestPhysicalAddress).toBe('18446744073709551615');
     expect([...chunk.data]).toEqual([1, 2]);
   });
@@ -248,9 +247,7 @@ describe('generated types', () => {
       const rel = (dir: string) => listFiles(dir, '.ts').map((f) => path.relative(dir, f));
       const expected = rel(tmp);
       expect(rel(generatedDir)).toEqual(expected);
-      const stale = expected.filter(
-        (f) => fs.readFileSync(path.join(tmp, f), 'utf8') !== fs.readFileSync(path.join(generatedDir, f), 'utf8'),
-      );
+      const stale = expected.filter((f) => fs.readFileSync(path.join(tmp, f), 'utf8') !== fs.readFileSync(path.join(generatedDir, f), 'utf8'));
       expect(stale).toEqual([]); // run scripts/gen-proto-types.sh
     } finally {
       fs.rmSync(tmp, { recursive: true, force: true });

@@ -56,7 +56,12 @@ function fuzzedState(round: number, sections: readonly S.SectionName[]) {
       bytes[s] = b;
       decoded[s] = S.SECTIONS[s].decode(Buffer.from(b));
     } else {
-      const v = s === 'mp_state' ? { mpState: BOUNDARY[round % BOUNDARY.length] } : s === 'tsc_khz' ? [0, 1, 0xffffffff, randomInt(2 ** 32 - 1)][round % 4] : randomValue(s);
+      const v =
+        s === 'mp_state'
+          ? { mpState: BOUNDARY[round % BOUNDARY.length] }
+          : s === 'tsc_khz'
+            ? [0, 1, 0xffffffff, randomInt(2 ** 32 - 1)][round % 4]
+            : randomValue(s);
       bytes[s] = v;
       decoded[s] = v;
     }
@@ -81,7 +86,11 @@ describe('GetState response from kernel bytes', () => {
 
   test('each byte section alone and random subsets of sections', () => {
     for (const s of BYTE_SECTIONS) for (let round = 0; round < 20; round++) expectSame(round, [s]);
-    for (let round = 0; round < 100; round++) expectSame(round, S.SECTION_NAMES.filter(() => randomInt(2) === 1));
+    for (let round = 0; round < 100; round++)
+      expectSame(
+        round,
+        S.SECTION_NAMES.filter(() => randomInt(2) === 1),
+      );
     expectSame(0, []);
   });
 

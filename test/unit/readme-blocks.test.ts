@@ -2,7 +2,22 @@
 import { parseWalkthroughs, shapeMismatch } from '../support/readme-blocks';
 
 describe('README console blocks', () => {
-  const readme = ['# x', '## Session', 'text', '```console', '$ a --x 1 \\', '  --y', 'out 1', '...', '$ b', '```', '## Other', '```console', '$ c', '```'].join('\n');
+  const readme = [
+    '# x',
+    '## Session',
+    'text',
+    '```console',
+    '$ a --x 1 \\',
+    '  --y',
+    'out 1',
+    '...',
+    '$ b',
+    '```',
+    '## Other',
+    '```console',
+    '$ c',
+    '```',
+  ].join('\n');
 
   it('parses the section blocks into commands (continuations joined) and the lines under them', () => {
     expect(parseWalkthroughs(readme, 'Session')).toEqual([
@@ -14,7 +29,9 @@ describe('README console blocks', () => {
   });
 
   it('compares shapes: numbers, ids and host words vary, words and line order do not', () => {
-    expect(shapeMismatch(['loaded 394 bytes into 0a748e91-... at 0x1000'], ['loaded 12 bytes into 521b8250-daf3-4547-bb38-3e23d84c69c3 at 0x2000'])).toBeUndefined();
+    expect(
+      shapeMismatch(['loaded 394 bytes into 0a748e91-... at 0x1000'], ['loaded 12 bytes into 521b8250-daf3-4547-bb38-3e23d84c69c3 at 0x2000']),
+    ).toBeUndefined();
     expect(shapeMismatch(['vendor   amd', '...', 'end'], ['vendor intel', 'a', 'b', 'end'])).toBeUndefined();
     expect(shapeMismatch(['took 0.012 s'], ['took 3 s'])).toBeUndefined();
     expect(shapeMismatch([], ['surprise'])).toMatch(/1 more line\(s\) than the README shows, from: surprise/);

@@ -63,7 +63,14 @@ describe('BoundedMessageDecoder', () => {
     stalled.d.write(frame(Buffer.alloc(100_000)).subarray(0, 100));
     let paused = true;
     const errors: VcpudError[] = [];
-    const held = new BoundedMessageDecoder('/m', 1 << 20, new RequestBudget(1 << 30), 50, (e) => errors.push(e), () => paused);
+    const held = new BoundedMessageDecoder(
+      '/m',
+      1 << 20,
+      new RequestBudget(1 << 30),
+      50,
+      (e) => errors.push(e),
+      () => paused,
+    );
     held.write(frame(Buffer.alloc(100_000)).subarray(0, 100));
     await new Promise((r) => setTimeout(r, 200));
     expect(stalled.errors[0]).toMatchObject({ kind: 'resource_exhausted', details: { reason: 'UPLOAD_STALLED', limit: 'upload_stall_timeout' } });

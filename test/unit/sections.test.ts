@@ -10,11 +10,7 @@ import * as S from '../../src/ffi/sections';
 
 const ROOT = path.resolve(__dirname, '../..');
 const LAYOUT_C = path.join(ROOT, 'test/support/kvm_layout.c');
-const HEADERS = [
-  '/usr/include/linux/kvm.h',
-  '/usr/include/x86_64-linux-gnu/asm/kvm.h',
-  '/usr/include/x86_64-linux-gnu/asm/kvm_para.h',
-];
+const HEADERS = ['/usr/include/linux/kvm.h', '/usr/include/x86_64-linux-gnu/asm/kvm.h', '/usr/include/x86_64-linux-gnu/asm/kvm_para.h'];
 
 interface CLayout {
   structs: Record<string, { size: number; fields: Record<string, [offset: number, size: number]> }>;
@@ -100,9 +96,7 @@ function randomValue(t: S.FieldType): unknown {
     case 'reserved':
       return undefined;
     case 'struct':
-      return Object.fromEntries(
-        t.layout.fields.filter((f) => f.type.kind !== 'reserved').map((f) => [f.name, randomValue(f.type)]),
-      );
+      return Object.fromEntries(t.layout.fields.filter((f) => f.type.kind !== 'reserved').map((f) => [f.name, randomValue(f.type)]));
     case 'array':
       return Array.from({ length: t.count }, () => randomValue(t.of));
   }
@@ -144,9 +138,7 @@ describe('ABI: layouts equal the C compiler on this machine', () => {
     // The converse: every C member is described (inside a reserved span counts).
     const reservedPaths = nodes.filter((n) => n.type.kind === 'reserved').map((n) => n.path);
     const described = new Set(nodes.map((n) => n.path));
-    const missing = Object.keys(c.fields).filter(
-      (p) => !described.has(p) && !reservedPaths.some((r) => p.startsWith(`${r}[`) || p.startsWith(`${r}.`)),
-    );
+    const missing = Object.keys(c.fields).filter((p) => !described.has(p) && !reservedPaths.some((r) => p.startsWith(`${r}[`) || p.startsWith(`${r}.`)));
     expect([name, missing]).toEqual([name, []]);
   }
 
@@ -430,9 +422,7 @@ describe('variable-length lists', () => {
       '01000000' + '00000000' + '800000c0' + '00000000' + '8877665544332211',
     );
     const cpuid = S.encodeCpuid2([{ function: 0xd, index: 1, flags: S.KVM_CPUID_FLAG.SIGNIFICANT_INDEX, eax: 0xa, ebx: 0xb, ecx: 0xc, edx: 0xe }]);
-    expect(cpuid.toString('hex')).toBe(
-      '01000000' + '00000000' + ['0d', '01', '01', '0a', '0b', '0c', '0e'].map((b) => b + '000000').join('') + '00'.repeat(12),
-    );
+    expect(cpuid.toString('hex')).toBe(`0100000000000000${['0d', '01', '01', '0a', '0b', '0c', '0e'].map((b) => `${b}000000`).join('')}${'00'.repeat(12)}`);
     expect(S.encodeMsrIndexList([0x10, 0x1b]).toString('hex')).toBe('02000000' + '10000000' + '1b000000');
     expect(S.decodeMsrIndexList(Buffer.from('0200000010000000' + '1b000000', 'hex'))).toEqual([0x10, 0x1b]);
   });

@@ -129,7 +129,10 @@ describe('precedence: defaults < config file < environment < flags', () => {
     fs.mkdirSync(sub, { recursive: true });
     for (const f of ['c.pem', 'k.pem', 'ca.pem']) fs.writeFileSync(path.join(sub, f), 'pem\n');
     const file = path.join(sub, 'vcpud.json');
-    fs.writeFileSync(file, JSON.stringify({ listen: '127.0.0.1:7000', tls: { certFile: 'c.pem', keyFile: 'k.pem', caFile: 'ca.pem', allowedClients: ['orch'] } }));
+    fs.writeFileSync(
+      file,
+      JSON.stringify({ listen: '127.0.0.1:7000', tls: { certFile: 'c.pem', keyFile: 'k.pem', caFile: 'ca.pem', allowedClients: ['orch'] } }),
+    );
     const c = load(['--config', file]);
     expect(c.tls).toEqual({ certFile: path.join(sub, 'c.pem'), keyFile: path.join(sub, 'k.pem'), caFile: path.join(sub, 'ca.pem'), allowedClients: ['orch'] });
     expect(load(['--listen', 'unix:rel/x.sock']).listen).toBe(`unix:${path.join(dir, 'rel', 'x.sock')}`);
@@ -146,18 +149,54 @@ describe('precedence: defaults < config file < environment < flags', () => {
 
   test('every flag and its variable', () => {
     const flags = load([
-      '--listen', '127.0.0.1:0', '--insecure', '--metrics-listen', '', '--health-listen', '0.0.0.0:8081',
-      '--socket-mode', '0660', '--max-vms', '5', '--max-vcpus-per-vm', '4', '--max-memory-per-vm', '512Mi',
-      '--max-memory-total', '4Gi', '--max-message-bytes', '1Mi', '--max-concurrent-streams', '8',
-      '--max-connections', '32', '--handshake-timeout', '1500ms',
-      '--shutdown-grace-ms', '100', '--log-level', 'warn', '--exit-on-kvm-error',
+      '--listen',
+      '127.0.0.1:0',
+      '--insecure',
+      '--metrics-listen',
+      '',
+      '--health-listen',
+      '0.0.0.0:8081',
+      '--socket-mode',
+      '0660',
+      '--max-vms',
+      '5',
+      '--max-vcpus-per-vm',
+      '4',
+      '--max-memory-per-vm',
+      '512Mi',
+      '--max-memory-total',
+      '4Gi',
+      '--max-message-bytes',
+      '1Mi',
+      '--max-concurrent-streams',
+      '8',
+      '--max-connections',
+      '32',
+      '--handshake-timeout',
+      '1500ms',
+      '--shutdown-grace-ms',
+      '100',
+      '--log-level',
+      'warn',
+      '--exit-on-kvm-error',
     ]);
     const env = load([], {
-      VCPUD_LISTEN: '127.0.0.1:0', VCPUD_INSECURE: 'true', VCPUD_METRICS_LISTEN: '', VCPUD_HEALTH_LISTEN: '0.0.0.0:8081',
-      VCPUD_SOCKET_MODE: '0660', VCPUD_MAX_VMS: '5', VCPUD_MAX_VCPUS_PER_VM: '4', VCPUD_MAX_MEMORY_PER_VM: '512Mi',
-      VCPUD_MAX_MEMORY_TOTAL: '4Gi', VCPUD_MAX_MESSAGE_BYTES: '1Mi', VCPUD_MAX_CONCURRENT_STREAMS: '8',
-      VCPUD_MAX_CONNECTIONS: '32', VCPUD_HANDSHAKE_TIMEOUT: '1500ms',
-      VCPUD_SHUTDOWN_GRACE_MS: '100', VCPUD_LOG_LEVEL: 'warn', VCPUD_EXIT_ON_KVM_ERROR: '1',
+      VCPUD_LISTEN: '127.0.0.1:0',
+      VCPUD_INSECURE: 'true',
+      VCPUD_METRICS_LISTEN: '',
+      VCPUD_HEALTH_LISTEN: '0.0.0.0:8081',
+      VCPUD_SOCKET_MODE: '0660',
+      VCPUD_MAX_VMS: '5',
+      VCPUD_MAX_VCPUS_PER_VM: '4',
+      VCPUD_MAX_MEMORY_PER_VM: '512Mi',
+      VCPUD_MAX_MEMORY_TOTAL: '4Gi',
+      VCPUD_MAX_MESSAGE_BYTES: '1Mi',
+      VCPUD_MAX_CONCURRENT_STREAMS: '8',
+      VCPUD_MAX_CONNECTIONS: '32',
+      VCPUD_HANDSHAKE_TIMEOUT: '1500ms',
+      VCPUD_SHUTDOWN_GRACE_MS: '100',
+      VCPUD_LOG_LEVEL: 'warn',
+      VCPUD_EXIT_ON_KVM_ERROR: '1',
     });
     const expected = {
       listen: '127.0.0.1:0',
@@ -180,7 +219,10 @@ describe('precedence: defaults < config file < environment < flags', () => {
   });
 
   test('--max-request-bytes-in-flight and --upload-stall-timeout (a duration: ms, s or m; a file number is ms)', () => {
-    expect(load(['--max-request-bytes-in-flight', '128Mi', '--upload-stall-timeout', '1500ms'])).toMatchObject({ maxRequestBytesInFlight: 128 * 1024 ** 2, uploadStallTimeoutMs: 1500 });
+    expect(load(['--max-request-bytes-in-flight', '128Mi', '--upload-stall-timeout', '1500ms'])).toMatchObject({
+      maxRequestBytesInFlight: 128 * 1024 ** 2,
+      uploadStallTimeoutMs: 1500,
+    });
     expect(load([], { VCPUD_UPLOAD_STALL_TIMEOUT: '2m' }).uploadStallTimeoutMs).toBe(120_000);
     expect(load(['--config', writeJson('stall.json', { uploadStallTimeoutMs: 250 })]).uploadStallTimeoutMs).toBe(250);
     expect(problems(['--upload-stall-timeout', '30'])).toEqual(["--upload-stall-timeout: expected a positive duration such as 10s or 500ms, got '30'"]);
@@ -373,9 +415,23 @@ describe('help', () => {
   test('usage() lists every flag with its variable', () => {
     const text = usage();
     for (const flag of [
-      '--listen', '--metrics-listen', '--health-listen', '--config', '--kvm-path', '--tls-cert', '--tls-key', '--tls-ca',
-      '--allow-client', '--insecure', '--max-vms', '--max-vcpus-per-vm', '--max-memory-per-vm', '--max-memory-total',
-      '--log-level', '--exit-on-kvm-error', '--help',
+      '--listen',
+      '--metrics-listen',
+      '--health-listen',
+      '--config',
+      '--kvm-path',
+      '--tls-cert',
+      '--tls-key',
+      '--tls-ca',
+      '--allow-client',
+      '--insecure',
+      '--max-vms',
+      '--max-vcpus-per-vm',
+      '--max-memory-per-vm',
+      '--max-memory-total',
+      '--log-level',
+      '--exit-on-kvm-error',
+      '--help',
     ])
       expect(text).toContain(flag);
     expect(text).toContain('[VCPUD_ALLOWED_CLIENTS]');

@@ -28,7 +28,12 @@ message EchoResponse { string text = 1; }
 service Echo { rpc Say(EchoRequest) returns (EchoResponse); }
 `;
 
-type Unary = (req: object, md: grpc.Metadata, opts: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r?: Record<string, unknown>) => void) => grpc.ClientUnaryCall;
+type Unary = (
+  req: object,
+  md: grpc.Metadata,
+  opts: grpc.CallOptions,
+  cb: (e: grpc.ServiceError | null, r?: Record<string, unknown>) => void,
+) => grpc.ClientUnaryCall;
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-lifecycle-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -53,12 +58,18 @@ const bareVmService: ServiceRegistrar = {
   },
 };
 
-const HealthCtor = (((grpc.loadPackageDefinition(protoLoader.loadSync(healthProtoPath, { enums: String })).grpc as grpc.GrpcObject).health as grpc.GrpcObject).v1 as grpc.GrpcObject)
-  .Health as grpc.ServiceClientConstructor;
+const HealthCtor = (
+  ((grpc.loadPackageDefinition(protoLoader.loadSync(healthProtoPath, { enums: String })).grpc as grpc.GrpcObject).health as grpc.GrpcObject)
+    .v1 as grpc.GrpcObject
+).Health as grpc.ServiceClientConstructor;
 const reflectionDir = path.join(path.dirname(require.resolve('@grpc/reflection/package.json')), 'build', 'proto');
 const ReflectionCtor = (
-  ((grpc.loadPackageDefinition(protoLoader.loadSync('grpc/reflection/v1/reflection.proto', { includeDirs: [reflectionDir], keepCase: true })).grpc as grpc.GrpcObject)
-    .reflection as grpc.GrpcObject).v1 as grpc.GrpcObject
+  (
+    (
+      grpc.loadPackageDefinition(protoLoader.loadSync('grpc/reflection/v1/reflection.proto', { includeDirs: [reflectionDir], keepCase: true }))
+        .grpc as grpc.GrpcObject
+    ).reflection as grpc.GrpcObject
+  ).v1 as grpc.GrpcObject
 ).ServerReflection as grpc.ServiceClientConstructor;
 
 interface Setup {

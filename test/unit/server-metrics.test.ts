@@ -49,7 +49,10 @@ function echoService(dir: string) {
       server.addService(ctor.service, {
         Say: (call: grpc.ServerUnaryCall<EchoRequest, unknown>, cb: grpc.sendUnaryData<unknown>) =>
           setTimeout(
-            () => (call.request.failCode ? cb({ code: call.request.failCode, details: `failing with ${call.request.failCode}` }) : cb(null, { text: call.request.text })),
+            () =>
+              call.request.failCode
+                ? cb({ code: call.request.failCode, details: `failing with ${call.request.failCode}` })
+                : cb(null, { text: call.request.text }),
             call.request.delayMs,
           ),
         Repeat: (call: grpc.ServerWritableStream<EchoRequest, unknown>) => {
@@ -76,9 +79,23 @@ function httpGet(url: string): Promise<{ status: number; body: string; type?: st
 describe('Metrics registry', () => {
   test('go-grpc-prometheus code spellings', () => {
     expect([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16].map(grpcCodeName)).toEqual([
-      'OK', 'Canceled', 'Unknown', 'InvalidArgument', 'DeadlineExceeded', 'NotFound', 'AlreadyExists', 'PermissionDenied',
-      'ResourceExhausted', 'FailedPrecondition', 'Aborted', 'OutOfRange', 'Unimplemented', 'Internal', 'Unavailable',
-      'DataLoss', 'Unauthenticated',
+      'OK',
+      'Canceled',
+      'Unknown',
+      'InvalidArgument',
+      'DeadlineExceeded',
+      'NotFound',
+      'AlreadyExists',
+      'PermissionDenied',
+      'ResourceExhausted',
+      'FailedPrecondition',
+      'Aborted',
+      'OutOfRange',
+      'Unimplemented',
+      'Internal',
+      'Unavailable',
+      'DataLoss',
+      'Unauthenticated',
     ]);
     expect(grpcCodeName(42)).toBe('Code(42)');
   });
@@ -132,7 +149,13 @@ describe('Metrics registry', () => {
     expect(sample(text, 'vcpud_capability', { capability: 'KVM_CAP_NESTED_STATE' })).toBeUndefined();
 
     // A throwing source yields zeros instead of a failed scrape.
-    metrics.setSources({ vms: () => { throw new Error('gone'); }, vcpus: () => 1, exitsByReason: () => ({}) });
+    metrics.setSources({
+      vms: () => {
+        throw new Error('gone');
+      },
+      vcpus: () => 1,
+      exitsByReason: () => ({}),
+    });
     text = await metrics.scrape();
     expect(sample(text, 'vcpud_vms', {})).toBe(0);
   });
@@ -239,7 +262,8 @@ describe('gRPC metrics of a running server', () => {
     const { body } = await httpGet(metricsUrl);
     // Counted once. Which code depends on who notices first: the server's deadline timer
     // (DeadlineExceeded) or, on a loaded machine, the client's cancellation arriving before it (Canceled).
-    const ended = (sample(body, 'grpc_server_handled_total', labels) ?? 0) + (sample(body, 'grpc_server_handled_total', { ...labels, grpc_code: 'Canceled' }) ?? 0);
+    const ended =
+      (sample(body, 'grpc_server_handled_total', labels) ?? 0) + (sample(body, 'grpc_server_handled_total', { ...labels, grpc_code: 'Canceled' }) ?? 0);
     expect(ended).toBe(1);
     expect(sample(body, 'grpc_server_handled_total', { ...labels, grpc_code: 'OK' })).toBe(2);
   });

@@ -11,7 +11,13 @@ const slow = (ms = 5) => new Writable({ objectMode: true, highWaterMark: 1, writ
 
 /** Settles `p` or says it hung. */
 const within = <T>(p: Promise<T>, ms = 1000) =>
-  Promise.race([p.then((v) => ({ settled: 'resolved', v }), (e: Error) => ({ settled: 'rejected', v: e.message })), new Promise((r) => setTimeout(() => r({ settled: 'hung' }), ms))]);
+  Promise.race([
+    p.then(
+      (v) => ({ settled: 'resolved', v }),
+      (e: Error) => ({ settled: 'rejected', v: e.message }),
+    ),
+    new Promise((r) => setTimeout(() => r({ settled: 'hung' }), ms)),
+  ]);
 
 describe('writeWithBackpressure', () => {
   it('resolves at once while there is room, and after drain when full', async () => {

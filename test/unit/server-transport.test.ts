@@ -28,7 +28,12 @@ message EchoResponse { string text = 1; }
 service Echo { rpc Say(EchoRequest) returns (EchoResponse); }
 `;
 
-type Unary = (req: object, md: grpc.Metadata, opts: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r?: { text?: string; status?: string }) => void) => void;
+type Unary = (
+  req: object,
+  md: grpc.Metadata,
+  opts: grpc.CallOptions,
+  cb: (e: grpc.ServiceError | null, r?: { text?: string; status?: string }) => void,
+) => void;
 type EchoClient = grpc.Client & { Say: Unary };
 type HealthClient = grpc.Client & { Check: Unary };
 
@@ -122,7 +127,8 @@ describe('unix socket', () => {
     if (uid === 0) fs.chownSync(foreign, 4242, 4242);
     const sock = path.join(foreign, 'vcpud.sock');
     // as root the directory now belongs to uid 4242; as anyone else a root-owned one is fine, so only check as root
-    if (uid === 0) await expect(prepareUnixSocketPath(sock, 0o600)).rejects.toThrow(`the socket directory ${foreign} belongs to uid 4242, not to this user (uid 0) or root`);
+    if (uid === 0)
+      await expect(prepareUnixSocketPath(sock, 0o600)).rejects.toThrow(`the socket directory ${foreign} belongs to uid 4242, not to this user (uid 0) or root`);
     else await expect(prepareUnixSocketPath(sock, 0o600)).resolves.toBeUndefined();
   });
 
@@ -151,7 +157,9 @@ describe('plaintext TCP', () => {
     expect(() => loadConfig(['--listen', '127.0.0.1:0'], {}, dir)).toThrow(ConfigError);
     expect(() => loadConfig(['--listen', '0.0.0.0:0', '--insecure'], {}, dir)).toThrow(/--insecure is only allowed on a loopback address/);
     // Defense in depth: the transport refuses too, whatever config object it is handed.
-    expect(() => tcpCredentials({ insecure: false, handshakeTimeoutMs: 1000 }, '127.0.0.1')).toThrow('TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)');
+    expect(() => tcpCredentials({ insecure: false, handshakeTimeoutMs: 1000 }, '127.0.0.1')).toThrow(
+      'TCP requires --tls-cert/--tls-key (or --insecure on a loopback address)',
+    );
     expect(() => tcpCredentials({ insecure: true, handshakeTimeoutMs: 1000 }, '0.0.0.0')).toThrow(/TCP requires/);
 
     const r = await start(loadConfig(['--listen', '127.0.0.1:0', '--insecure', '--metrics-listen', ''], {}, dir));
@@ -196,8 +204,21 @@ describe('mTLS', () => {
   async function startMtls(extra: string[] = []) {
     const config = loadConfig(
       [
-        '--listen', '127.0.0.1:0', '--metrics-listen', '', '--tls-cert', f('server.crt'), '--tls-key', f('server.key'), '--tls-ca', f('ca.crt'),
-        '--allow-client', 'orchestrator', '--allow-client', 'spiffe://cluster.local/ns/kube-system/sa/orchestrator', ...extra,
+        '--listen',
+        '127.0.0.1:0',
+        '--metrics-listen',
+        '',
+        '--tls-cert',
+        f('server.crt'),
+        '--tls-key',
+        f('server.key'),
+        '--tls-ca',
+        f('ca.crt'),
+        '--allow-client',
+        'orchestrator',
+        '--allow-client',
+        'spiffe://cluster.local/ns/kube-system/sa/orchestrator',
+        ...extra,
       ],
       {},
       dir,

@@ -56,9 +56,14 @@ describe('service registration', () => {
     const config = loadConfig(['--listen', `unix:${path.join(dir, 'api.sock')}`, '--metrics-listen', ''], {}, dir);
     const logger = createLogger({ level: 'error', sink: () => {} });
     const s = services();
-    const running = await createVcpudServer(config, { logger, metrics: new Metrics({ defaultMetrics: false }), health: new Health({ logger }), services: [s.VmService, s.VcpuStateService] });
+    const running = await createVcpudServer(config, {
+      logger,
+      metrics: new Metrics({ defaultMetrics: false }),
+      health: new Health({ logger }),
+      services: [s.VmService, s.VcpuStateService],
+    });
     try {
-      expect(Object.prototype.hasOwnProperty.call(running.server, 'addService')).toBe(false);
+      expect(Object.hasOwn(running.server, 'addService')).toBe(false);
       expect(running.server.addService).toBe(grpc.Server.prototype.addService);
       expect(running.services).toEqual(expect.arrayContaining(['grpc.health.v1.Health', 'vcpud.v1.VcpuStateService', 'vcpud.v1.VmService']));
       expect(running.services).not.toContain('vcpud.v1.SnapshotService');

@@ -4,7 +4,7 @@
  * snapshot-store.test.ts). No KVM needed (the native addon provides the CRC).
  */
 import crypto from 'node:crypto';
-import { VcpudError } from '../../src/errors';
+import type { VcpudError } from '../../src/errors';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
 import { native } from '../../src/ffi/native';
 import { SECTION_NAMES, type CpuidEntry2, type SectionName } from '../../src/ffi/sections';
@@ -74,19 +74,35 @@ describe('preamble and record headers', () => {
       bad[bit >> 3] ^= 1 << (bit & 7);
       expect(kindOf(() => decodeRecordHeader(bad, 0x5000, 7))).toMatchObject({ kind: 'data_loss', message: /chunk 7/ });
     }
-    expect(kindOf(() => decodeRecordHeader(b, 0x5000, 8))).toMatchObject({ kind: 'data_loss', message: /carries chunk number 7: a chunk is missing or repeated/ });
+    expect(kindOf(() => decodeRecordHeader(b, 0x5000, 8))).toMatchObject({
+      kind: 'data_loss',
+      message: /carries chunk number 7: a chunk is missing or repeated/,
+    });
   });
 
   test('named payloads, bitmap runs and page padding', () => {
     expect(decodeNamed(encodeNamed('irqchip.2', Buffer.from([1, 2, 3])))).toEqual({ name: 'irqchip.2', data: Buffer.from([1, 2, 3]) });
-    expect(bitmapRuns(Buffer.from([0b1110_0111, 0b1000_0001]), 16)).toEqual([[0, 3], [5, 4], [15, 1]]);
+    expect(bitmapRuns(Buffer.from([0b1110_0111, 0b1000_0001]), 16)).toEqual([
+      [0, 3],
+      [5, 4],
+      [15, 1],
+    ]);
     for (const at of [0, 16, 4048, 4096, 12345]) expect((at + RECORD_HEADER_SIZE + pagePad(at)) % 4096).toBe(0);
   });
 });
 
 // ---------------------------------------------------------------------------------------------
 
-const leaf = (fn: number, index: number, regs: Partial<CpuidEntry2> = {}): CpuidEntry2 => ({ function: fn, index, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0, ...regs });
+const leaf = (fn: number, index: number, regs: Partial<CpuidEntry2> = {}): CpuidEntry2 => ({
+  function: fn,
+  index,
+  flags: 0,
+  eax: 0,
+  ebx: 0,
+  ecx: 0,
+  edx: 0,
+  ...regs,
+});
 
 function hostCaps(over: Partial<HostCapabilities> = {}): HostCapabilities {
   const sections = Object.fromEntries(SECTION_NAMES.map((s) => [s, { readable: true, writable: true }])) as HostCapabilities['sections'];
@@ -114,7 +130,18 @@ function header(over: (h: SnapshotHeader) => void = () => {}): SnapshotHeader {
     formatVersion: 1,
     createdAt: new Date(0).toISOString(),
     producer: { name: 'vcpud', version: '0.1.0' },
-    source: { hostname: 'a', kernelRelease: '6.1', kvmModule: 'kvm_amd', vendor: 'amd', kvmApiVersion: 12, nestedMaxSize: 0, xsaveSize: 4096, maxPhysAddrBits: 48, msrIndexList: [0x10, 0x174], caps: {} },
+    source: {
+      hostname: 'a',
+      kernelRelease: '6.1',
+      kvmModule: 'kvm_amd',
+      vendor: 'amd',
+      kvmApiVersion: 12,
+      nestedMaxSize: 0,
+      xsaveSize: 4096,
+      maxPhysAddrBits: 48,
+      msrIndexList: [0x10, 0x174],
+      caps: {},
+    },
     vm: {
       id: 'x',
       name: 'n',
@@ -170,7 +197,12 @@ describe('compatibility check', () => {
       ].sort(),
     );
     expect(v.find((x) => x.rule === 'snapshot.msrs')?.message).toMatch(/0x12345678/);
-    expect(v.filter((x) => x.rule === 'snapshot.cpuid').map((x) => x.field).sort()).toEqual(['vm.cpuid[0x1.0].ecx', 'vm.cpuid[0x7.0].ebx']);
+    expect(
+      v
+        .filter((x) => x.rule === 'snapshot.cpuid')
+        .map((x) => x.field)
+        .sort(),
+    ).toEqual(['vm.cpuid[0x1.0].ecx', 'vm.cpuid[0x7.0].ebx']);
   });
 
   test('nested state larger than this host takes', () => {

@@ -38,7 +38,7 @@ async function writeSnapshotFile(store: SnapshotStore, name: string, bytes: stri
   }
 }
 
-const JUNK = 'not a snapshot at all, clearly; long enough to read a header from: ' + 'x'.repeat(100);
+const JUNK = `not a snapshot at all, clearly; long enough to read a header from: ${'x'.repeat(100)}`;
 
 describe.each([
   ['openat2', true],
@@ -152,14 +152,24 @@ describe.each([
 
   test('without replace: an existing name is refused up front, and of two writers past that check only the first to finish publishes', async () => {
     await writeSnapshotFile(store, 'taken.snap', 'previous');
-    const exists = await store.openForWrite('taken.snap').then(() => undefined, (e: VcpudError) => e);
-    expect({ kind: exists?.kind, reason: exists?.details.reason, field: exists?.details.field }).toEqual({ kind: 'already_exists', reason: 'SNAPSHOT_EXISTS', field: 'name' });
+    const exists = await store.openForWrite('taken.snap').then(
+      () => undefined,
+      (e: VcpudError) => e,
+    );
+    expect({ kind: exists?.kind, reason: exists?.details.reason, field: exists?.details.field }).toEqual({
+      kind: 'already_exists',
+      reason: 'SNAPSHOT_EXISTS',
+      field: 'name',
+    });
     const [first, second] = [await store.openForWrite('new.snap'), await store.openForWrite('new.snap')];
     const sinks = [await AtomicFileSink.create(first), await AtomicFileSink.create(second)];
     await sinks[0].write(Buffer.from('first'));
     await sinks[1].write(Buffer.from('second'));
     await sinks[0].finish();
-    const lost = await sinks[1].finish().then(() => undefined, (e: VcpudError) => e);
+    const lost = await sinks[1].finish().then(
+      () => undefined,
+      (e: VcpudError) => e,
+    );
     expect(lost?.details.reason).toBe('SNAPSHOT_EXISTS');
     await Promise.all([first.close(), second.close()]);
     expect(fs.readFileSync(path.join(dir, 'new.snap'), 'utf8')).toBe('first');
@@ -167,7 +177,8 @@ describe.each([
   });
 
   test('a name vcpud writes prints as itself: control, format and other invisible characters are refused', async () => {
-    for (const name of ['a\x1bb.snap', 'a\tb', 'a\u202eb', 'a\u200bb', 'dir\x7f/x.snap']) expect(await rule(store.openForWrite(name))).toBe('snapshot.name.characters');
+    for (const name of ['a\x1bb.snap', 'a\tb', 'a\u202eb', 'a\u200bb', 'dir\x7f/x.snap'])
+      expect(await rule(store.openForWrite(name))).toBe('snapshot.name.characters');
     expect(await rule(store.openForWrite('ünïcode snap-1.snap'))).toBe('accepted');
   });
 

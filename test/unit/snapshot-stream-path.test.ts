@@ -69,16 +69,20 @@ describe('messages encoded in place', () => {
   const create = v1.SnapshotService.service.CreateSnapshot;
   const restore = v1.SnapshotService.service.RestoreSnapshotStream;
 
-  it.each([0, 1, 127, 128, 16_383, 16_384, 1 << 20])('a %d-byte data field decodes as CreateSnapshotResponse.data and RestoreSnapshotStreamRequest.data', (n) => {
-    const data = crypto.randomBytes(n);
-    const framed = Buffer.concat([Buffer.alloc(BYTES_FIELD_HEADROOM, 0xee), data]);
-    const msg = bytesFieldMessage(2, framed, BYTES_FIELD_HEADROOM);
-    expect(msg).toBeInstanceOf(Preserialized);
-    expect(msg.bytes.buffer).toBe(framed.buffer); // in place: no copy
-    for (const decoded of [create.responseDeserialize(msg.bytes), restore.requestDeserialize(msg.bytes)] as { data: Buffer }[]) expect(decoded.data.equals(data)).toBe(true);
-    // the bytes proto-loader itself produces
-    expect(msg.bytes.equals(create.responseSerialize({ data }))).toBe(true);
-  });
+  it.each([0, 1, 127, 128, 16_383, 16_384, 1 << 20])(
+    'a %d-byte data field decodes as CreateSnapshotResponse.data and RestoreSnapshotStreamRequest.data',
+    (n) => {
+      const data = crypto.randomBytes(n);
+      const framed = Buffer.concat([Buffer.alloc(BYTES_FIELD_HEADROOM, 0xee), data]);
+      const msg = bytesFieldMessage(2, framed, BYTES_FIELD_HEADROOM);
+      expect(msg).toBeInstanceOf(Preserialized);
+      expect(msg.bytes.buffer).toBe(framed.buffer); // in place: no copy
+      for (const decoded of [create.responseDeserialize(msg.bytes), restore.requestDeserialize(msg.bytes)] as { data: Buffer }[])
+        expect(decoded.data.equals(data)).toBe(true);
+      // the bytes proto-loader itself produces
+      expect(msg.bytes.equals(create.responseSerialize({ data }))).toBe(true);
+    },
+  );
 
   it('refuses a field number or headroom it cannot encode in place', () => {
     expect(() => bytesFieldMessage(16, Buffer.alloc(10), BYTES_FIELD_HEADROOM)).toThrow(RangeError);
@@ -99,10 +103,12 @@ describe('withBulkHeap', () => {
     expect(bulkStreams()).toBe(0);
     let inner = -1;
     await withBulkHeap(async () => {
-      await expect(withBulkHeap(async () => {
-        inner = bulkStreams();
-        throw new Error('stream failed');
-      })).rejects.toThrow('stream failed');
+      await expect(
+        withBulkHeap(async () => {
+          inner = bulkStreams();
+          throw new Error('stream failed');
+        }),
+      ).rejects.toThrow('stream failed');
       expect(bulkStreams()).toBe(1);
     });
     expect(inner).toBe(2);

@@ -11,7 +11,11 @@ describe('snapshotWriteError', () => {
   it.each(['ENOSPC', 'EDQUOT', 'EFBIG'])('%s: RESOURCE_EXHAUSTED, STORAGE_FULL, naming the snapshot, the errno and the directory', (code) => {
     const s = toServiceError(snapshotWriteError(errno(code, 'pwrite'), 'a/b.snap', '/srv/snaps/a/b.snap'));
     expect(s.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
-    expect(s.details).toMatch(new RegExp(`^snapshot "a/b.snap" could not be written to /srv/snaps/a: ${code} \\(.+\\) from pwrite; the previous snapshot under that name, if any, is unchanged$`));
+    expect(s.details).toMatch(
+      new RegExp(
+        `^snapshot "a/b.snap" could not be written to /srv/snaps/a: ${code} \\(.+\\) from pwrite; the previous snapshot under that name, if any, is unchanged$`,
+      ),
+    );
     expect(decodeStatusDetails(s.metadata as grpc.Metadata)?.errorInfo).toMatchObject({ reason: 'STORAGE_FULL', metadata: { errno: code } });
   });
 

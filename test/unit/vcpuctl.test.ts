@@ -69,12 +69,27 @@ async function vcpuctl(argv: string[], extra: { env?: NodeJS.ProcessEnv; cwd?: s
 const U64 = (v: bigint | number) => BigInt(v).toString();
 
 function seg(over: Partial<Segment__Output> = {}): Segment__Output {
-  return { base: '0', limit: 0xffff, selector: 0, type: 3, present: true, dpl: 0, db: false, s: true, l: false, g: false, avl: false, unusable: false, ...over };
+  return {
+    base: '0',
+    limit: 0xffff,
+    selector: 0,
+    type: 3,
+    present: true,
+    dpl: 0,
+    db: false,
+    s: true,
+    l: false,
+    g: false,
+    avl: false,
+    unusable: false,
+    ...over,
+  };
 }
 
 function regs(over: Partial<Regs__Output> = {}): Regs__Output {
   const r = {} as Regs__Output;
-  for (const k of ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'] as const) r[k] = '0';
+  for (const k of ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'] as const)
+    r[k] = '0';
   return { ...r, rflags: '2', ...over };
 }
 
@@ -275,13 +290,22 @@ describe('run(): usage errors exit 2 without touching the network', () => {
   });
 
   it('bad numbers and sizes, missing arguments and required options', async () => {
-    expect(await vcpuctl(['vm', 'create', '--memory', 'lots'])).toMatchObject({ code: 2, stderr: expect.stringContaining("bad value for --memory: not a size: 'lots'") });
+    expect(await vcpuctl(['vm', 'create', '--memory', 'lots'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("bad value for --memory: not a size: 'lots'"),
+    });
     expect(await vcpuctl(['vm', 'create'])).toMatchObject({ code: 2, stderr: expect.stringContaining("'vm create' needs --memory SIZE") });
     expect(await vcpuctl(['state', 'get', '--vcpu', 'x1', 'vm-1'])).toMatchObject({ code: 2 });
     expect(await vcpuctl(['vm', 'get'])).toMatchObject({ code: 2, stderr: expect.stringContaining("'vm get' needs VM") });
     expect(await vcpuctl(['vm', 'get', 'a', 'b'])).toMatchObject({ code: 2, stderr: expect.stringContaining("unexpected 'b'") });
-    expect(await vcpuctl(['state', 'get', 'vm-1', '--section', 'bogus'])).toMatchObject({ code: 2, stderr: expect.stringContaining("unknown section 'bogus'") });
-    expect(await vcpuctl(['state', 'set', 'vm-1', '--set', 'regs.rbx=1', '--in', 'f'])).toMatchObject({ code: 2, stderr: expect.stringContaining('exactly one of') });
+    expect(await vcpuctl(['state', 'get', 'vm-1', '--section', 'bogus'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("unknown section 'bogus'"),
+    });
+    expect(await vcpuctl(['state', 'set', 'vm-1', '--set', 'regs.rbx=1', '--in', 'f'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('exactly one of'),
+    });
     expect(await vcpuctl(['load', 'vm-1', '/nonexistent/file.bin'])).toMatchObject({ code: 2, stderr: expect.stringContaining('no such file') });
   });
 
@@ -356,7 +380,15 @@ describe('formatting', () => {
     expect(hex(0x10, 4)).toBe('0x0010');
     expect(formatSize(String(64 << 20))).toBe('64 MiB');
     expect(formatSize(4097)).toBe('4097 bytes');
-    expect(table(['A', 'LONGER'], [['xx', 'y'], ['x', '']])).toEqual(['A   LONGER', 'xx  y', 'x']);
+    expect(
+      table(
+        ['A', 'LONGER'],
+        [
+          ['xx', 'y'],
+          ['x', ''],
+        ],
+      ),
+    ).toEqual(['A   LONGER', 'xx  y', 'x']);
     expect(hexdump(Buffer.from('Hello, world!\n\0\x01AB'), 0x1000n).split('\n')).toEqual([
       '00001000  48 65 6c 6c 6f 2c 20 77  6f 72 6c 64 21 0a 00 01  |Hello, world!...|',
       '00001010  41 42                                             |AB|',
@@ -375,7 +407,10 @@ describe('formatting', () => {
     expect(text).toMatch(/^regs\s+yes\s+yes\s+-$/m);
     expect(text).toMatch(/^sregs2\s+no\s+no\s+KVM_CAP_SREGS2\s+KVM_CAP_SREGS2 is absent$/m);
     expect(text).toMatch(/^KVM_CAP_XSAVE2\s+4096$/m);
-    const ok = formatCapabilities({ ...sampleCaps(), nested: { maxStateSize: 8320, moduleParameter: 'Y', guestCpuidExposesVirtualization: true, supported: true, reason: '' } });
+    const ok = formatCapabilities({
+      ...sampleCaps(),
+      nested: { maxStateSize: 8320, moduleParameter: 'Y', guestCpuidExposesVirtualization: true, supported: true, reason: '' },
+    });
     expect(ok).toContain('nested: supported (max state 8320 bytes; module parameter nested=Y; VMX/SVM offered to guests)');
   });
 
@@ -415,7 +450,17 @@ describe('formatting', () => {
       id: 'vm-1',
       name: 'test',
       memoryBytes: String(2 << 20),
-      vcpus: [{ id: 0, runState: 'VCPU_RUN_STATE_STOPPED', stopReason: 'done', stopDetails: { value: 42 }, exits: '7', exitCounts: { KVM_EXIT_IO: '7' }, stopDescription: '' }],
+      vcpus: [
+        {
+          id: 0,
+          runState: 'VCPU_RUN_STATE_STOPPED',
+          stopReason: 'done',
+          stopDetails: { value: 42 },
+          exits: '7',
+          exitCounts: { KVM_EXIT_IO: '7' },
+          stopDescription: '',
+        },
+      ],
       createTime: { seconds: '1700000000', nanos: 0 },
       nestedExposed: false,
       irqchip: true,
@@ -424,8 +469,17 @@ describe('formatting', () => {
     expect(text).toContain('memory   2 MiB (0x200000)');
     expect(text).toMatch(/^0\s+stopped\s+done\s+7\s+value=0x2a$/m);
     expect(text).toContain('vcpu 0: io=7');
-    expect(formatConsoleEvent({ stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done', description: '' }, event: 'stateChange', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 0: stopped (done)]');
-    expect(formatConsoleEvent({ debug: { vcpuId: 1, value: '42', done: false }, event: 'debug', droppedOutputBytes: '0', droppedEvents: '0' })).toBe('[vcpu 1: debug 0x2a (42)]');
+    expect(
+      formatConsoleEvent({
+        stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_STOPPED', reason: 'done', description: '' },
+        event: 'stateChange',
+        droppedOutputBytes: '0',
+        droppedEvents: '0',
+      }),
+    ).toBe('[vcpu 0: stopped (done)]');
+    expect(formatConsoleEvent({ debug: { vcpuId: 1, value: '42', done: false }, event: 'debug', droppedOutputBytes: '0', droppedEvents: '0' })).toBe(
+      '[vcpu 1: debug 0x2a (42)]',
+    );
   });
 
   it('nested state: flags by name, format, header view, vmcs12 revision', () => {
@@ -494,7 +548,19 @@ describe('sections and --set edits', () => {
 
   it('applies edits through the schema and returns only the edited sections', () => {
     const state = sampleState().state as unknown as Record<string, unknown>;
-    const out = applyEdits(state, ['regs.rbx=0x10', 'regs.rax=18446744073709551615', 'vcpu_events.nmi.pending=no', 'debugregs.db[1]=0x1000', 'mp_state.value=halted', 'msrs.EFER=0xd01', 'sregs.cs.selector=0x8', 'cpuid2.entries[0].eax=0x16'].map(parseSetEdit));
+    const out = applyEdits(
+      state,
+      [
+        'regs.rbx=0x10',
+        'regs.rax=18446744073709551615',
+        'vcpu_events.nmi.pending=no',
+        'debugregs.db[1]=0x1000',
+        'mp_state.value=halted',
+        'msrs.EFER=0xd01',
+        'sregs.cs.selector=0x8',
+        'cpuid2.entries[0].eax=0x16',
+      ].map(parseSetEdit),
+    );
     expect(Object.keys(out).sort()).toEqual(['cpuid2', 'debugregs', 'mpState', 'msrs', 'regs', 'sregs', 'vcpuEvents']);
     expect(out.regs).toMatchObject({ rbx: '16', rax: '18446744073709551615', rip: U64(0x1005) });
     expect((out.vcpuEvents as { nmi: { pending: boolean } }).nmi.pending).toBe(false);
@@ -556,7 +622,11 @@ describe('VcpuState files', () => {
 describe('error printer', () => {
   function clientError(e: unknown): grpc.ServiceError {
     const s = toServiceError(e);
-    return Object.assign(new Error(`${s.code} ${grpc.status[s.code]}: ${s.details}`), { code: s.code, details: s.details ?? '', metadata: s.metadata ?? new grpc.Metadata() });
+    return Object.assign(new Error(`${s.code} ${grpc.status[s.code]}: ${s.details}`), {
+      code: s.code,
+      details: s.details ?? '',
+      metadata: s.metadata ?? new grpc.Metadata(),
+    });
   }
 
   it('prints code, reason, message and one line per violation', () => {
@@ -568,7 +638,9 @@ describe('error printer', () => {
         ],
       }),
     );
-    expect(decodeStatusDetails(err.metadata)).toMatchObject({ errorInfo: { reason: 'INVALID_REQUEST', domain: 'vcpud.dev', metadata: { rule: 'common.size.min', field: 'memory_bytes' } } });
+    expect(decodeStatusDetails(err.metadata)).toMatchObject({
+      errorInfo: { reason: 'INVALID_REQUEST', domain: 'vcpud.dev', metadata: { rule: 'common.size.min', field: 'memory_bytes' } },
+    });
     expect(formatError(err).split('\n')).toEqual([
       'vcpuctl: INVALID_ARGUMENT (INVALID_REQUEST): x',
       '  - memory_bytes: must be at least 4096 [common.size.min]',
@@ -593,9 +665,10 @@ describe('error printer', () => {
   it('works without a details trailer', () => {
     const err = { code: grpc.status.UNAVAILABLE, details: 'No connection established', metadata: new grpc.Metadata() };
     expect(formatError(err)).toBe('vcpuctl: UNAVAILABLE: No connection established');
-    expect(formatError(clientError(new VcpudError('not_found', 'no VM vm-9', { reason: 'VM_NOT_FOUND', field: 'vm_id' })))).toBe('vcpuctl: NOT_FOUND (VM_NOT_FOUND): no VM vm-9');
+    expect(formatError(clientError(new VcpudError('not_found', 'no VM vm-9', { reason: 'VM_NOT_FOUND', field: 'vm_id' })))).toBe(
+      'vcpuctl: NOT_FOUND (VM_NOT_FOUND): no VM vm-9',
+    );
   });
-
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -607,7 +680,7 @@ describe('run() over a unix socket against a fake vcpud', () => {
   const server = new grpc.Server();
   const calls: { method: string; req: Record<string, unknown> }[] = [];
   let stateNow = sampleState().state!;
-  let memory = Buffer.alloc(0x4000);
+  const memory = Buffer.alloc(0x4000);
 
   const vm = (): Vm__Output => ({
     id: 'vm-1',
@@ -643,10 +716,18 @@ describe('run() over a unix socket against a fake vcpud', () => {
       SetState: unary('SetState', (req) => {
         const st = req.state as Record<string, unknown>;
         if ((st.regs as Record<string, string> | null)?.rflags === '0')
-          throw new VcpudError('invalid_argument', 'invalid state', { violations: [{ rule: 'regs.rflags.reserved1', field: 'state.regs.rflags', message: 'bit 1 must be set' }] });
-        return { applied: Object.keys(st).filter((k) => st[k] !== null).map((k) => `STATE_SECTION_${k.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase()}`) };
+          throw new VcpudError('invalid_argument', 'invalid state', {
+            violations: [{ rule: 'regs.rflags.reserved1', field: 'state.regs.rflags', message: 'bit 1 must be set' }],
+          });
+        return {
+          applied: Object.keys(st)
+            .filter((k) => st[k] !== null)
+            .map((k) => `STATE_SECTION_${k.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase()}`),
+        };
       }),
-      GetNestedState: unary('GetNestedState', () => ({ nestedState: { raw: Buffer.from('nested!'), size: 7, format: 'NESTED_FORMAT_SVM', formatValue: 1, flags: 0x100, flagNames: ['GIF_SET'] } })),
+      GetNestedState: unary('GetNestedState', () => ({
+        nestedState: { raw: Buffer.from('nested!'), size: 7, format: 'NESTED_FORMAT_SVM', formatValue: 1, flags: 0x100, flagNames: ['GIF_SET'] },
+      })),
       SetNestedState: unary('SetNestedState', () => ({})),
     });
     server.addService(v1.VmService.service, {
@@ -716,7 +797,10 @@ describe('run() over a unix socket against a fake vcpud', () => {
     const created = await ctl('vm', 'create', '--memory', '64Mi', '--vcpus', '2', '--name', 'n', '--expose-nested', '--no-irqchip');
     expect(created.code).toBe(0);
     expect(created.stdout).toMatch(/^id\s+vm-1$/m);
-    expect(calls[0]).toEqual({ method: 'CreateVm', req: expect.objectContaining({ memoryBytes: String(64 << 20), vcpuCount: 2, name: 'n', cpuidPolicy: { exposeNested: true }, noIrqchip: true }) });
+    expect(calls[0]).toEqual({
+      method: 'CreateVm',
+      req: expect.objectContaining({ memoryBytes: String(64 << 20), vcpuCount: 2, name: 'n', cpuidPolicy: { exposeNested: true }, noIrqchip: true }),
+    });
     const list = await ctl('vm', 'list', '--json');
     expect(JSON.parse(list.stdout).vms.map((v: { id: string }) => v.id)).toEqual(['vm-1', 'vm-2']);
     expect((await ctl('vm', 'list')).stdout).toMatch(/^vm-2\s+fake\s+16 KiB\s+1\s+0:running/m);
@@ -741,15 +825,39 @@ describe('run() over a unix socket against a fake vcpud', () => {
   });
 
   it('state get with sections, --out, and state set --in / --json-in / --set', async () => {
-    const got = await ctl('state', 'get', 'vm-1', '--vcpu', '0', '--section', 'regs', '--section', 'msrs', '--msr', '0xc0000080', '--no-implicit-pause', '--out', 'snap.bin');
+    const got = await ctl(
+      'state',
+      'get',
+      'vm-1',
+      '--vcpu',
+      '0',
+      '--section',
+      'regs',
+      '--section',
+      'msrs',
+      '--msr',
+      '0xc0000080',
+      '--no-implicit-pause',
+      '--out',
+      'snap.bin',
+    );
     expect(got.code).toBe(0);
-    expect(calls[0].req).toMatchObject({ vmId: 'vm-1', vcpuId: 0, sections: ['STATE_SECTION_REGS', 'STATE_SECTION_MSRS'], msrIndices: [0xc0000080], noImplicitPause: true });
+    expect(calls[0].req).toMatchObject({
+      vmId: 'vm-1',
+      vcpuId: 0,
+      sections: ['STATE_SECTION_REGS', 'STATE_SECTION_MSRS'],
+      msrIndices: [0xc0000080],
+      noImplicitPause: true,
+    });
     expect(got.stdout).toBe(''); // with --out the file is the output (the README walkthrough shows nothing else)
     expect(got.stderr).toMatch(/^wrote \d+ bytes \(VcpuState: regs, sregs, /);
     calls.length = 0;
 
     const setIn = await ctl('state', 'set', 'vm-1', '--in', 'snap.bin');
-    expect(setIn).toMatchObject({ code: 0, stdout: expect.stringMatching(/^applied: regs, sregs, xsave, xcrs, msrs, vcpu_events, debugregs, mp_state, cpuid2, tsc_khz\n$/) });
+    expect(setIn).toMatchObject({
+      code: 0,
+      stdout: expect.stringMatching(/^applied: regs, sregs, xsave, xcrs, msrs, vcpu_events, debugregs, mp_state, cpuid2, tsc_khz\n$/),
+    });
     expect((calls[0].req.state as Record<string, Record<string, string>>).regs.rax).toBe('18446744073709551615');
     calls.length = 0;
 
@@ -804,12 +912,17 @@ describe('run() over a unix socket against a fake vcpud', () => {
     expect(durationJson({ seconds: '1', nanos: 500_000_000 })).toBe('1.500s');
     expect(durationJson({ seconds: '0', nanos: 87_472_851 })).toBe('0.087472851s');
     expect(durationJson({ seconds: '-2', nanos: -250_000 })).toBe('-2.000250s');
-    expect(toJson({ duration: { seconds: '3', nanos: 0 }, other: { seconds: '3', nanos: 0 } })).toBe(JSON.stringify({ duration: '3s', other: { seconds: '3', nanos: 0 } }, null, 2));
+    expect(toJson({ duration: { seconds: '3', nanos: 0 }, other: { seconds: '3', nanos: 0 } })).toBe(
+      JSON.stringify({ duration: '3s', other: { seconds: '3', nanos: 0 } }, null, 2),
+    );
   });
 
   it('input files: an empty program and a directory are usage errors (exit 2) in words', async () => {
     fs.writeFileSync(path.join(dir, 'empty.bin'), '');
-    expect(await ctl('load', 'vm-1', 'empty.bin')).toMatchObject({ code: 2, stderr: expect.stringContaining('FILE empty.bin is empty: there is no program to load') });
+    expect(await ctl('load', 'vm-1', 'empty.bin')).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('FILE empty.bin is empty: there is no program to load'),
+    });
     for (const argv of [
       ['state', 'set', 'vm-1', '--in', '.'],
       ['snapshot', 'restore', '--in', '.'],
@@ -842,7 +955,10 @@ describe('run() over a unix socket against a fake vcpud', () => {
 
     const f = await ctl('console', 'vm-1', '--follow', '--until-done', '--json');
     expect(f.code).toBe(0);
-    const lines = f.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    const lines = f.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
     expect(lines).toEqual([
       { stateChange: { vcpuId: 0, runState: 'VCPU_RUN_STATE_RUNNING', reason: '', description: '' } },
       { output: Buffer.from('hello\n').toString('base64'), text: 'hello\n' },

@@ -2,7 +2,7 @@
  * src/server/wire-encoder: what it writes decodes, through proto-loader's own deserializer, to exactly what
  * protobufjs's serializer gives for the same object; GetState's served definition uses it.
  */
-import * as protoLoader from '@grpc/proto-loader';
+import type * as protoLoader from '@grpc/proto-loader';
 import { stateToProto } from '../../src/server/convert';
 import { vcpudPackageDefinition } from '../../src/api/proto';
 import { vcpudServiceDefinitions } from '../../src/server/service-definitions';

@@ -142,8 +142,7 @@ function buildTree<C extends CommandSpec>(commands: readonly C[]): TreeNode<C> {
 /** The subcommand words under a group, for messages. */
 export function subcommandsOf(commands: readonly CommandSpec[], words: string[]): string[] {
   const names = new Set<string>();
-  for (const c of commands)
-    if (c.path.length > words.length && words.every((w, i) => c.path[i] === w)) names.add(c.path[words.length]);
+  for (const c of commands) if (c.path.length > words.length && words.every((w, i) => c.path[i] === w)) names.add(c.path[words.length]);
   return [...names];
 }
 
@@ -162,8 +161,7 @@ export function parseCommandLine<C extends CommandSpec>(
   const result: ParsedCommandLine<C> = { words, options: {}, positionals: [], help: false };
   const commandName = () => words.join(' ');
 
-  const lookup = (name: string): OptionSpec | undefined =>
-    globalOptions.find((o) => o.name === name) ?? node.command?.options.find((o) => o.name === name);
+  const lookup = (name: string): OptionSpec | undefined => globalOptions.find((o) => o.name === name) ?? node.command?.options.find((o) => o.name === name);
 
   const store = (spec: OptionSpec, value: OptionValue) => {
     if (spec.repeat) {
@@ -242,8 +240,7 @@ export function validateCommandLine(parsed: ParsedCommandLine): void {
   const name = c.path.join(' ');
   const want = c.positionals;
   const required = want.filter((p) => !p.startsWith('[')).length; // "[NAME]": optional, last
-  if (parsed.positionals.length < required)
-    throw new UsageError(`'${name}' needs ${want.slice(parsed.positionals.length, required).join(' ')}`, name);
+  if (parsed.positionals.length < required) throw new UsageError(`'${name}' needs ${want.slice(parsed.positionals.length, required).join(' ')}`, name);
   if (parsed.positionals.length > want.length)
     throw new UsageError(`'${name}' takes ${want.length ? want.join(' ') : 'no arguments'}; unexpected '${parsed.positionals[want.length]}'`, name);
   for (const o of c.options)

@@ -101,7 +101,8 @@ export function defaultServer(env: NodeJS.ProcessEnv = process.env, exists: (p: 
   if (env.VCPUD_ADDR) return { address: env.VCPUD_ADDR, source: 'from $VCPUD_ADDR' };
   const own = defaultSocketAddress(env);
   const system = `unix:${path.join(ROOT_RUNTIME_DIR, SOCKET_NAME)}`;
-  if (own !== system && !exists(own.slice('unix:'.length)) && exists(system.slice('unix:'.length))) return { address: system, source: "a root vcpud's socket: vcpuctl's default had none" };
+  if (own !== system && !exists(own.slice('unix:'.length)) && exists(system.slice('unix:'.length)))
+    return { address: system, source: "a root vcpud's socket: vcpuctl's default had none" };
   return { address: own, source: `vcpuctl's default: ${DEFAULT_SOCKET_RULE}` };
 }
 
@@ -247,13 +248,25 @@ export class VcpudClient {
     return unary<{ vmId: string }, ResumeVmResponse__Output>((r, m, o, cb) => this.vm.resumeVm(r, m, o, cb), { vmId }, this.callOptions());
   }
   runVcpu(vmId: string, vcpuId: number) {
-    return unary<{ vmId: string; vcpuId: number }, RunVcpuResponse__Output>((r, m, o, cb) => this.vm.runVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+    return unary<{ vmId: string; vcpuId: number }, RunVcpuResponse__Output>(
+      (r, m, o, cb) => this.vm.runVcpu(r, m, o, cb),
+      { vmId, vcpuId },
+      this.callOptions(),
+    );
   }
   pauseVcpu(vmId: string, vcpuId: number) {
-    return unary<{ vmId: string; vcpuId: number }, PauseVcpuResponse__Output>((r, m, o, cb) => this.vm.pauseVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+    return unary<{ vmId: string; vcpuId: number }, PauseVcpuResponse__Output>(
+      (r, m, o, cb) => this.vm.pauseVcpu(r, m, o, cb),
+      { vmId, vcpuId },
+      this.callOptions(),
+    );
   }
   resumeVcpu(vmId: string, vcpuId: number) {
-    return unary<{ vmId: string; vcpuId: number }, ResumeVcpuResponse__Output>((r, m, o, cb) => this.vm.resumeVcpu(r, m, o, cb), { vmId, vcpuId }, this.callOptions());
+    return unary<{ vmId: string; vcpuId: number }, ResumeVcpuResponse__Output>(
+      (r, m, o, cb) => this.vm.resumeVcpu(r, m, o, cb),
+      { vmId, vcpuId },
+      this.callOptions(),
+    );
   }
 
   /** ReadMemory, collected into one buffer (the whole stream is under one deadline). */
@@ -278,12 +291,20 @@ export class VcpudClient {
    * RestoreSnapshotStream: the returned stream takes the messages (data messages may come
    * pre-serialized: upload.ts); the promise is the response.
    */
-  restoreSnapshotStream(): { stream: grpc.ClientWritableStream<RestoreSnapshotStreamRequest | Preserialized>; response: Promise<RestoreSnapshotStreamResponse__Output> } {
+  restoreSnapshotStream(): {
+    stream: grpc.ClientWritableStream<RestoreSnapshotStreamRequest | Preserialized>;
+    response: Promise<RestoreSnapshotStreamResponse__Output>;
+  } {
     const method = loadVcpudProto().vcpud.v1.SnapshotService.service.RestoreSnapshotStream;
     let stream!: grpc.ClientWritableStream<RestoreSnapshotStreamRequest | Preserialized>;
     const response = new Promise<RestoreSnapshotStreamResponse__Output>((resolve, reject) => {
-      stream = this.snapshot.makeClientStreamRequest(method.path, passPreserialized(method.requestSerialize), method.responseDeserialize, new grpc.Metadata(), {}, (err, res) =>
-        err ? reject(err) : resolve(res as RestoreSnapshotStreamResponse__Output),
+      stream = this.snapshot.makeClientStreamRequest(
+        method.path,
+        passPreserialized(method.requestSerialize),
+        method.responseDeserialize,
+        new grpc.Metadata(),
+        {},
+        (err, res) => (err ? reject(err) : resolve(res as RestoreSnapshotStreamResponse__Output)),
       );
     });
     return { stream, response };
@@ -293,7 +314,11 @@ export class VcpudClient {
     const snapshots: ListSnapshotsResponse__Output['snapshots'] = [];
     let pageToken = '';
     for (let page = 0; page < MAX_SNAPSHOT_PAGES; page++) {
-      const r = await unary<ListSnapshotsRequest, ListSnapshotsResponse__Output>((q, m, o, cb) => this.snapshot.listSnapshots(q, m, o, cb), { pageToken }, this.callOptions());
+      const r = await unary<ListSnapshotsRequest, ListSnapshotsResponse__Output>(
+        (q, m, o, cb) => this.snapshot.listSnapshots(q, m, o, cb),
+        { pageToken },
+        this.callOptions(),
+      );
       snapshots.push(...r.snapshots);
       pageToken = r.nextPageToken;
       if (!pageToken) break;
@@ -301,11 +326,19 @@ export class VcpudClient {
     return { snapshots, nextPageToken: pageToken };
   }
   deleteSnapshot(name: string, cascade = false) {
-    return unary<{ name: string; cascade: boolean }, DeleteSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb), { name, cascade }, this.callOptions());
+    return unary<{ name: string; cascade: boolean }, DeleteSnapshotResponse__Output>(
+      (r, m, o, cb) => this.snapshot.deleteSnapshot(r, m, o, cb),
+      { name, cascade },
+      this.callOptions(),
+    );
   }
   /** MergeSnapshot without a deadline: it reads and writes the whole chain. */
   mergeSnapshot(name: string, target = '') {
-    return unary<{ name: string; target: string }, MergeSnapshotResponse__Output>((r, m, o, cb) => this.snapshot.mergeSnapshot(r, m, o, cb), { name, target }, {});
+    return unary<{ name: string; target: string }, MergeSnapshotResponse__Output>(
+      (r, m, o, cb) => this.snapshot.mergeSnapshot(r, m, o, cb),
+      { name, target },
+      {},
+    );
   }
   /** MigrateVm: progress and done messages; no deadline. */
   migrateVm(req: MigrateVmRequest): grpc.ClientReadableStream<MigrateVmResponse__Output> {

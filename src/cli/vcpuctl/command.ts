@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Options, type CommandSpec, type OptionSpec } from './args';
+import type { Options, CommandSpec, OptionSpec } from './args';
 import type { VcpudClient } from './client';
 import { toJson } from './format';
 import { readInputFile } from './input-file';
@@ -40,6 +40,7 @@ export interface Context {
 }
 
 export interface Command extends CommandSpec {
+  // biome-ignore lint/suspicious/noConfusingVoidType: a command that only prints resolves to nothing (exit 0); async bodies without a return are Promise<void>
   run(ctx: Context): Promise<number | void>;
 }
 

@@ -10,10 +10,10 @@
  * type in the proto schema decides how a value is checked and converted.
  */
 import protobuf from 'protobufjs';
+import { camelCase, snakeCase } from '../../case';
 import { MSR, type MsrName } from '../../ffi/sections/msr-names';
 import { UsageError, parseNumber } from './args';
 import { messageType } from './client';
-import { snake } from './format';
 
 /** The StateSection values (without UNSPECIFIED), in proto order. */
 export const SECTIONS = [
@@ -33,37 +33,30 @@ export const SECTIONS = [
 ] as const;
 export type SectionName = (typeof SECTIONS)[number];
 
-/** snake_case or kebab-case to the camelCase proto-loader uses. */
-export function camel(name: string): string {
-  return name.replace(/[_-]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
-}
-
 /** The VcpuState field of a section: STATE_SECTION_VCPU_EVENTS -> vcpuEvents. */
 export function sectionField(section: SectionName): string {
-  return camel(section.slice('STATE_SECTION_'.length).toLowerCase());
+  return camelCase(section.slice('STATE_SECTION_'.length).toLowerCase());
 }
 
 /** The section of a VcpuState field: vcpuEvents (or vcpu_events) -> STATE_SECTION_VCPU_EVENTS. */
 export function fieldSection(field: string): SectionName | undefined {
-  const name = `STATE_SECTION_${snake(camel(field)).toUpperCase()}`;
+  const name = `STATE_SECTION_${snakeCase(camelCase(field)).toUpperCase()}`;
   return (SECTIONS as readonly string[]).includes(name) ? (name as SectionName) : undefined;
 }
 
 /** A section as typed on the command line: regs, REGS, vcpu_events, vcpu-events, vcpuEvents, STATE_SECTION_MSRS. */
 export function parseSection(text: string): SectionName {
   const bare = text.trim().replace(/^STATE_SECTION_/i, '');
-  const camelCase = /[a-z]/.test(bare) && /[A-Z]/.test(bare);
-  const s = bare ? fieldSection(camelCase ? bare : bare.toLowerCase().replace(/-/g, '_')) : undefined;
-  if (!s) throw new UsageError(`unknown section '${text}' (one of: ${SECTIONS.map((x) => snake(sectionField(x))).join(', ')})`);
+  const isCamel = /[a-z]/.test(bare) && /[A-Z]/.test(bare);
+  const s = bare ? fieldSection(isCamel ? bare : bare.toLowerCase().replace(/-/g, '_')) : undefined;
+  if (!s) throw new UsageError(`unknown section '${text}' (one of: ${SECTIONS.map((x) => snakeCase(sectionField(x))).join(', ')})`);
   return s;
 }
 
 /** `--section regs,sregs --section msrs` -> the sections, deduplicated, in the order given. */
 export function parseSections(values: readonly string[]): SectionName[] {
   const out: SectionName[] = [];
-  for (const v of values)
-    for (const part of v.split(',').filter((p) => p.trim()))
-      if (!out.includes(parseSection(part))) out.push(parseSection(part));
+  for (const v of values) for (const part of v.split(',').filter((p) => p.trim())) if (!out.includes(parseSection(part))) out.push(parseSection(part));
   return out;
 }
 
@@ -87,7 +80,10 @@ const NUMERIC_SEGMENT = /^(0x[0-9a-f]+|0o[0-7]+|0b[01]+|[0-9]+)$/i;
 
 /** `msrs.EFER`, `msrs.IA32_SYSENTER_CS`, `msrs.msr_lstar`: the index of an MSR vcpud names, else undefined. */
 function msrIndexByName(name: string): number | undefined {
-  const bare = name.toUpperCase().replace(/^MSR_/, '').replace(/^IA32_/, '');
+  const bare = name
+    .toUpperCase()
+    .replace(/^MSR_/, '')
+    .replace(/^IA32_/, '');
   return bare in MSR ? MSR[bare as MsrName] : undefined;
 }
 
@@ -104,15 +100,15 @@ export function parseSetEdit(text: string): SetEdit {
     if (!m || (!m[1] && !m[2])) throw new UsageError(`--set ${text}: bad path '${lhs}'`);
     const msrIndex = path.length === 1 && path[0] === 'msrs' ? msrIndexByName(m[1]) : undefined;
     if (msrIndex !== undefined) path.push(msrIndex);
-    else if (m[1]) path.push(NUMERIC_SEGMENT.test(m[1]) ? Number(parseNumber(m[1])) : /^[a-z0-9_]+$/.test(m[1]) ? camel(m[1]) : m[1]);
+    else if (m[1]) path.push(NUMERIC_SEGMENT.test(m[1]) ? Number(parseNumber(m[1])) : /^[a-z0-9_]+$/.test(m[1]) ? camelCase(m[1]) : m[1]);
     for (const idx of m[2].match(/\[([^[\]]+)\]/g) ?? []) {
       const inner = idx.slice(1, -1).trim();
       path.push(NUMERIC_SEGMENT.test(inner) ? Number(parseNumber(inner)) : inner);
     }
   }
   if (typeof path[0] !== 'string' || !fieldSection(path[0]))
-    throw new UsageError(`--set ${text}: '${String(path[0])}' is not a state section (one of: ${SECTIONS.map((x) => snake(sectionField(x))).join(', ')})`);
-  path[0] = camel(path[0]);
+    throw new UsageError(`--set ${text}: '${String(path[0])}' is not a state section (one of: ${SECTIONS.map((x) => snakeCase(sectionField(x))).join(', ')})`);
+  path[0] = camelCase(path[0]);
   let value: bigint | string = raw;
   try {
     value = parseNumber(raw, { allowNegative: true });
@@ -242,7 +238,7 @@ export function applyEdits(state: Obj, edits: readonly SetEdit[]): Obj {
     const sectionName = e.path[0] as string;
     const fail = (why: string) => new UsageError(`--set ${e.text}: ${why}`);
     let obj = state[sectionName] as Obj | null | undefined;
-    if (!obj) throw fail(`the server returned no ${snake(sectionName)} section`);
+    if (!obj) throw fail(`the server returned no ${snakeCase(sectionName)} section`);
     out[sectionName] = obj;
     let type = root.fields[sectionName].resolvedType as protobuf.Type;
     let rest = e.path.slice(1);
@@ -252,39 +248,39 @@ export function applyEdits(state: Obj, edits: readonly SetEdit[]): Obj {
       type = (type.fields.entries.resolvedType as protobuf.Type) ?? type;
       rest = e.path.length > 2 ? e.path.slice(2) : ['data'];
     }
-    if (!rest.length) throw fail(`name a field of ${snake(sectionName)} (${Object.keys(type.fields).map(snake).join(', ')})`);
+    if (!rest.length) throw fail(`name a field of ${snakeCase(sectionName)} (${Object.keys(type.fields).map(snakeCase).join(', ')})`);
     for (let i = 0; i < rest.length; i++) {
       const seg = rest[i];
       const last = i === rest.length - 1;
       if (typeof seg !== 'string') throw fail(`unexpected index [${seg}]`);
       const field = type.fields[seg];
-      if (!field) throw fail(`${type.name} has no field '${snake(seg)}' (${Object.keys(type.fields).map(snake).join(', ')})`);
-      if (OUTPUT_ONLY[type.name]?.includes(seg)) throw fail(`${snake(seg)} is output only; the server derives it`);
+      if (!field) throw fail(`${type.name} has no field '${snakeCase(seg)}' (${Object.keys(type.fields).map(snakeCase).join(', ')})`);
+      if (OUTPUT_ONLY[type.name]?.includes(seg)) throw fail(`${snakeCase(seg)} is output only; the server derives it`);
       if (field.repeated || field.map) {
         const idx = rest[i + 1];
-        if (typeof idx !== 'number') throw fail(`${snake(seg)} is a list: give an index, e.g. ${snake(seg)}[0]`);
+        if (typeof idx !== 'number') throw fail(`${snakeCase(seg)} is a list: give an index, e.g. ${snakeCase(seg)}[0]`);
         const list = obj[seg] as unknown[] | undefined;
-        if (!list || idx >= list.length) throw fail(`${snake(seg)}[${idx}] is out of range (the list has ${list?.length ?? 0} entries)`);
+        if (!list || idx >= list.length) throw fail(`${snakeCase(seg)}[${idx}] is out of range (the list has ${list?.length ?? 0} entries)`);
         i++;
         const elemLast = i === rest.length - 1;
         if (field.resolvedType instanceof protobuf.Type) {
-          if (elemLast) throw fail(`${snake(seg)}[${idx}] is a message; name one of its fields`);
+          if (elemLast) throw fail(`${snakeCase(seg)}[${idx}] is a message; name one of its fields`);
           if (sectionName === 'msrs' && seg === 'entries') touchedMsrs.add(Number((list[idx] as Obj).index));
           obj = list[idx] as Obj;
           type = field.resolvedType;
           continue;
         }
-        if (!elemLast) throw fail(`${snake(seg)}[${idx}] has no fields`);
+        if (!elemLast) throw fail(`${snakeCase(seg)}[${idx}] has no fields`);
         list[idx] = convertScalar(field, e);
         break;
       }
       if (field.resolvedType instanceof protobuf.Type) {
-        if (last) throw fail(`${snake(seg)} is a message; name one of its fields (${Object.keys(field.resolvedType.fields).map(snake).join(', ')})`);
+        if (last) throw fail(`${snakeCase(seg)} is a message; name one of its fields (${Object.keys(field.resolvedType.fields).map(snakeCase).join(', ')})`);
         obj = (obj[seg] as Obj | null) ?? (obj[seg] = {});
         type = field.resolvedType;
         continue;
       }
-      if (!last) throw fail(`${snake(seg)} has no fields`);
+      if (!last) throw fail(`${snakeCase(seg)} has no fields`);
       obj[seg] = convertScalar(field, e);
     }
   }

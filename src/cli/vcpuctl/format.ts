@@ -5,6 +5,7 @@
  * trailing newline.
  */
 import * as grpc from '@grpc/grpc-js';
+import { snakeCase } from '../../case';
 import type { GetCapabilitiesResponse__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
 import type { GetStateResponse__Output } from '../../api/generated/vcpud/v1/GetStateResponse';
 import type { VcpuState__Output } from '../../api/generated/vcpud/v1/VcpuState';
@@ -32,11 +33,6 @@ export function hex(v: Numeric | null | undefined, digits = 0): string {
   return `0x${BigInt(v).toString(16).padStart(digits, '0')}`;
 }
 
-/** camelCase (proto-loader field names) back to the proto's snake_case. */
-export function snake(name: string): string {
-  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
-}
-
 export const yesNo = (b: boolean | null | undefined) => (b ? 'yes' : 'no');
 
 /** Strips an enum prefix and lower-cases: ("VCPU_RUN_STATE_STOPPED", "VCPU_RUN_STATE_") -> "stopped". */
@@ -52,7 +48,12 @@ export const sectionName = (s: string | number | null | undefined) => enumShort(
 /** Bytes with a binary unit when exact: 67108864 -> "64 MiB". */
 export function formatSize(v: Numeric): string {
   const n = BigInt(v);
-  for (const [unit, shift] of [['TiB', 40n], ['GiB', 30n], ['MiB', 20n], ['KiB', 10n]] as const) {
+  for (const [unit, shift] of [
+    ['TiB', 40n],
+    ['GiB', 30n],
+    ['MiB', 20n],
+    ['KiB', 10n],
+  ] as const) {
     const m = 1n << shift;
     if (n >= m && n % m === 0n) return `${n / m} ${unit}`;
   }
@@ -167,7 +168,10 @@ export function formatCapabilities(c: GetCapabilitiesResponse__Output): string {
       c.sections.map((s) => [sectionName(s.section), yesNo(s.readable), yesNo(s.writable), s.capability || '-', s.reason]),
     ),
     '',
-    ...table(['CAPABILITY', 'VALUE'], c.capabilities.map((k) => [k.name, k.value])),
+    ...table(
+      ['CAPABILITY', 'VALUE'],
+      c.capabilities.map((k) => [k.name, k.value]),
+    ),
   );
   return lines.join('\n');
 }
@@ -184,9 +188,7 @@ function timestamp(t: { seconds: string; nanos: number } | null | undefined): st
 function stopDetails(d: Record<string, number> | undefined): string {
   const entries = Object.entries(d ?? {});
   if (!entries.length) return '';
-  return entries
-    .map(([k, v]) => (/addr|port|value|code|rip/i.test(k) && Number.isInteger(v) && v >= 0 ? `${k}=${hex(v)}` : `${k}=${v}`))
-    .join(' ');
+  return entries.map(([k, v]) => (/addr|port|value|code|rip/i.test(k) && Number.isInteger(v) && v >= 0 ? `${k}=${hex(v)}` : `${k}=${v}`)).join(' ');
 }
 
 /** One row per vCPU: id, run state, stop reason and details, exits; then each stop's description. */
@@ -250,7 +252,21 @@ function segmentRows(s: Sregs__Output | Sregs2__Output): string[] {
     const g: Segment__Output | null = s[name];
     if (!g) return [name, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-'];
     const bit = (b: boolean) => (b ? '1' : '0');
-    return [name, hex(g.selector, 4), hex(g.base, 16), hex(g.limit, 8), hex(g.type), g.dpl, bit(g.present), bit(g.s), bit(g.db), bit(g.l), bit(g.g), bit(g.avl), bit(g.unusable)];
+    return [
+      name,
+      hex(g.selector, 4),
+      hex(g.base, 16),
+      hex(g.limit, 8),
+      hex(g.type),
+      g.dpl,
+      bit(g.present),
+      bit(g.s),
+      bit(g.db),
+      bit(g.l),
+      bit(g.g),
+      bit(g.avl),
+      bit(g.unusable),
+    ];
   });
   return table(['SEG', 'SELECTOR', 'BASE', 'LIMIT', 'TYPE', 'DPL', 'P', 'S', 'DB', 'L', 'G', 'AVL', 'UNUSABLE'], rows, '  ');
 }
@@ -336,10 +352,9 @@ export function formatVcpuState(st: VcpuState__Output): string {
   }
   if (st.fpu) {
     const f = st.fpu;
-    const regs = [
-      ...(f.fpr ?? []).map((b, i) => [`st${i}`, b] as const),
-      ...(f.xmm ?? []).map((b, i) => [`xmm${i}`, b] as const),
-    ].filter(([, b]) => b.some((x) => x !== 0));
+    const regs = [...(f.fpr ?? []).map((b, i) => [`st${i}`, b] as const), ...(f.xmm ?? []).map((b, i) => [`xmm${i}`, b] as const)].filter(([, b]) =>
+      b.some((x) => x !== 0),
+    );
     section('fpu', [
       `  fcw ${hex(f.fcw)}  fsw ${hex(f.fsw)}  ftwx ${hex(f.ftwx)}  last_opcode ${hex(f.lastOpcode)}  last_ip ${hex(f.lastIp)}  last_dp ${hex(f.lastDp)}  mxcsr ${hex(f.mxcsr)}`,
       regs.length ? `  ${regs.map(([n, b]) => `${n} ${leHex(b)}`).join('\n  ')}` : '  st0-7, xmm0-15: all zero',
@@ -355,7 +370,11 @@ export function formatVcpuState(st: VcpuState__Output): string {
   }
   if (st.msrs) {
     const m = st.msrs;
-    const body = table(['INDEX', 'NAME', 'VALUE'], (m.entries ?? []).map((e) => [hex(e.index, 8), e.name || '-', hex(e.data, 16)]), '  ');
+    const body = table(
+      ['INDEX', 'NAME', 'VALUE'],
+      (m.entries ?? []).map((e) => [hex(e.index, 8), e.name || '-', hex(e.data, 16)]),
+      '  ',
+    );
     if (m.unreadableIndices?.length) body.push(`  unreadable: ${m.unreadableIndices.map((i) => hex(i, 8)).join(' ')}`);
     section(`msrs  ${m.entries?.length ?? 0} entries`, body);
   }
@@ -378,7 +397,9 @@ export function formatVcpuState(st: VcpuState__Output): string {
         : '  exception  -',
       i ? `  interrupt  injected=${yesNo(i.injected)} nr=${i.nr} soft=${yesNo(i.soft)} shadow=${hex(i.shadow)}` : '  interrupt  -',
       n ? `  nmi        injected=${yesNo(n.injected)} pending=${yesNo(n.pending)} masked=${yesNo(n.masked)}` : '  nmi        -',
-      s ? `  smi        smm=${yesNo(s.smm)} pending=${yesNo(s.pending)} smm_inside_nmi=${yesNo(s.smmInsideNmi)} latched_init=${yesNo(s.latchedInit)}` : '  smi        -',
+      s
+        ? `  smi        smm=${yesNo(s.smm)} pending=${yesNo(s.pending)} smm_inside_nmi=${yesNo(s.smmInsideNmi)} latched_init=${yesNo(s.latchedInit)}`
+        : '  smi        -',
       `  sipi_vector ${hex(e.sipiVector)}  triple_fault_pending ${yesNo(e.tripleFaultPending)}`,
     ]);
   }
@@ -394,7 +415,11 @@ export function formatVcpuState(st: VcpuState__Output): string {
     const entries = st.cpuid2.entries ?? [];
     section(
       `cpuid2  ${entries.length} entries`,
-      table(['FUNCTION', 'INDEX', 'FLAGS', 'EAX', 'EBX', 'ECX', 'EDX'], entries.map((e) => [hex(e.function, 8), hex(e.index), hex(e.flags), hex(e.eax, 8), hex(e.ebx, 8), hex(e.ecx, 8), hex(e.edx, 8)]), '  '),
+      table(
+        ['FUNCTION', 'INDEX', 'FLAGS', 'EAX', 'EBX', 'ECX', 'EDX'],
+        entries.map((e) => [hex(e.function, 8), hex(e.index), hex(e.flags), hex(e.eax, 8), hex(e.ebx, 8), hex(e.ecx, 8), hex(e.edx, 8)]),
+        '  ',
+      ),
     );
   }
   if (st.tscKhz) out.push(`tsc_khz  ${st.tscKhz.khz} kHz`, '');
@@ -404,7 +429,11 @@ export function formatVcpuState(st: VcpuState__Output): string {
 
 /** GetStateResponse for humans, optionally headed by the VM and vCPU it came from. */
 export function formatGetState(resp: GetStateResponse__Output, where?: { vmId: string; vcpuId: number }): string {
-  const head = where ? `vm ${where.vmId} vcpu ${where.vcpuId}${resp.implicitlyPaused ? ' (implicitly paused for the read)' : ''}` : resp.implicitlyPaused ? '(implicitly paused for the read)' : '';
+  const head = where
+    ? `vm ${where.vmId} vcpu ${where.vcpuId}${resp.implicitlyPaused ? ' (implicitly paused for the read)' : ''}`
+    : resp.implicitlyPaused
+      ? '(implicitly paused for the read)'
+      : '';
   const body = resp.state ? formatVcpuState(resp.state) : '(no state)';
   return head ? `${head}\n\n${body}` : body;
 }
@@ -423,10 +452,10 @@ function fieldLines(obj: object, indent: string): string[] {
   const pairs: [string, string][] = [];
   for (const [k, v] of Object.entries(obj)) {
     if (v === null || v === undefined) continue;
-    if (Array.isArray(v)) pairs.push([snake(k), v.length ? v.map((x) => (typeof x === 'string' && !/^\d+$/.test(x) ? x : hex(x))).join(' ') : '-']);
-    else if (typeof v === 'boolean') pairs.push([snake(k), yesNo(v)]);
-    else if (typeof v === 'number' || (typeof v === 'string' && /^\d+$/.test(v))) pairs.push([snake(k), hex(v)]);
-    else if (typeof v === 'string') pairs.push([snake(k), v]);
+    if (Array.isArray(v)) pairs.push([snakeCase(k), v.length ? v.map((x) => (typeof x === 'string' && !/^\d+$/.test(x) ? x : hex(x))).join(' ') : '-']);
+    else if (typeof v === 'boolean') pairs.push([snakeCase(k), yesNo(v)]);
+    else if (typeof v === 'number' || (typeof v === 'string' && /^\d+$/.test(v))) pairs.push([snakeCase(k), hex(v)]);
+    else if (typeof v === 'string') pairs.push([snakeCase(k), v]);
   }
   return keyValues(pairs, indent);
 }
@@ -455,7 +484,11 @@ export function formatNestedState(n: NestedState__Output): string {
     );
   }
   if (n.svm) lines.push('', 'svm header', `  vmcb_pa  ${hex(n.svm.vmcbPa)}`);
-  if (n.vmcs12) lines.push('', `vmcs12  revision ${hex(n.vmcs12.revisionId)}${n.vmcs12.revisionId === 0x11e57ed0 ? ' (VMCS12_REVISION)' : ''}  ${n.vmcs12.raw?.length ?? 0} bytes`);
+  if (n.vmcs12)
+    lines.push(
+      '',
+      `vmcs12  revision ${hex(n.vmcs12.revisionId)}${n.vmcs12.revisionId === 0x11e57ed0 ? ' (VMCS12_REVISION)' : ''}  ${n.vmcs12.raw?.length ?? 0} bytes`,
+    );
   if (n.shadowVmcs12) lines.push(`shadow vmcs12  revision ${hex(n.shadowVmcs12.revisionId)}  ${n.shadowVmcs12.raw?.length ?? 0} bytes`);
   if (n.vmcb12) {
     const c = n.vmcb12.control;

@@ -28,7 +28,13 @@ function written(stream: grpc.ClientWritableStream<Preserialized>, msg: Preseria
  * Sends bytes [0, size) of `fd` as data messages. `stop` settles when the call ended early (the
  * server answered or failed): the upload then stops. `onProgress` gets the bytes sent so far.
  */
-export async function uploadFile(stream: grpc.ClientWritableStream<Preserialized>, fd: number, size: number, stop: Promise<unknown>, onProgress: (sent: number) => void): Promise<void> {
+export async function uploadFile(
+  stream: grpc.ClientWritableStream<Preserialized>,
+  fd: number,
+  size: number,
+  stop: Promise<unknown>,
+  onProgress: (sent: number) => void,
+): Promise<void> {
   const ended = stop.then(
     () => undefined,
     () => undefined,

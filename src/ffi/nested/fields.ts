@@ -45,12 +45,7 @@ export function readFields<T extends readonly FieldSpec[]>(buf: Buffer, base: nu
   return out as FieldsOf<T>;
 }
 
-export function writeFields<T extends readonly FieldSpec[]>(
-  buf: Buffer,
-  base: number,
-  table: T,
-  values: FieldsOf<T>,
-): void {
+export function writeFields<T extends readonly FieldSpec[]>(buf: Buffer, base: number, table: T, values: FieldsOf<T>): void {
   const record = values as Record<string, number | bigint>;
   for (const [name, offset, width] of table) writeField(buf, base + offset, width, record[name]);
 }
@@ -64,9 +59,7 @@ export function extentOf(table: readonly FieldSpec[]): number {
 export type BitTable = Readonly<Record<string, number | bigint>>;
 
 /** Builds a bit table from names listed by bit position (null = unnamed bit). */
-export function bitsFromList<const T extends readonly (string | null)[]>(
-  names: T,
-): Readonly<Record<Exclude<T[number], null>, number>> {
+export function bitsFromList<const T extends readonly (string | null)[]>(names: T): Readonly<Record<Exclude<T[number], null>, number>> {
   const out: Record<string, number> = {};
   names.forEach((name, bit) => {
     if (name !== null) out[name] = 2 ** bit; // 2 ** 31 stays positive, 1 << 31 would not

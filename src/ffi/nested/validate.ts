@@ -72,7 +72,7 @@ export const NESTED_RULES = [
   { id: 'vmx.smm.guest_mode', field: 'hdr.vmx.smm.flags', description: 'SMM_GUEST_MODE is not combined with GUEST_MODE' },
   { id: 'vmx.smm.flags_known', field: 'hdr.vmx.smm.flags', description: 'smm.flags only has SMM_GUEST_MODE, SMM_VMXON' },
   { id: 'vmx.hdr_flags', field: 'hdr.vmx.flags', description: 'hdr.vmx.flags only has PREEMPTION_TIMER_DEADLINE' },
-  { id: 'vmx.smm.vcpu_state', field: 'hdr.vmx.smm.flags', description: "in SMM no GUEST_MODE/RUN_PENDING, outside SMM smm.flags 0 (set vcpu_events first)" },
+  { id: 'vmx.smm.vcpu_state', field: 'hdr.vmx.smm.flags', description: 'in SMM no GUEST_MODE/RUN_PENDING, outside SMM smm.flags 0 (set vcpu_events first)' },
   { id: 'vmx.smm.vmxon_required', field: 'hdr.vmx.smm.flags', description: 'SMM_GUEST_MODE only together with SMM_VMXON' },
   { id: 'vmx.evmcs.enabled', field: 'flags', description: 'EVMCS needs guest VMX and the enlightened-VMCS cap enabled' },
   { id: 'vmx.size.vmcs12', field: 'size', description: 'GUEST_MODE, EVMCS or a vmcs12_pa need size >= 4224 (destructive from here)' },
@@ -103,9 +103,21 @@ export const NESTED_RULES = [
   { id: 'svm.vmcb12.save.dr7', field: 'data.vmcb12.save.dr7', description: 'L1 DR7 bits 63:32 are 0' },
   { id: 'svm.vmcb12.save.long_mode_pae', field: 'data.vmcb12.save.cr4', description: 'L1 with EFER.LME and CR0.PG has CR4.PAE' },
   { id: 'svm.vmcb12.save.cr3_maxphyaddr', field: 'data.vmcb12.save.cr3', description: "L1 with EFER.LME and CR0.PG has CR3 below the guest's MAXPHYADDR" },
-  { id: 'svm.vmcb12.save.cr4_reserved', field: 'data.vmcb12.save.cr4', description: 'L1 CR4 has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)' },
-  { id: 'svm.vmcb12.save.cr4_vmxe', field: 'data.vmcb12.save.cr4', description: 'L1 CR4.VMXE only when the guest CPUID has VMX (found by the lab fuzzer: the kernel refused it)' },
-  { id: 'svm.vmcb12.save.efer_reserved', field: 'data.vmcb12.save.efer', description: 'L1 EFER has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)' },
+  {
+    id: 'svm.vmcb12.save.cr4_reserved',
+    field: 'data.vmcb12.save.cr4',
+    description: 'L1 CR4 has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)',
+  },
+  {
+    id: 'svm.vmcb12.save.cr4_vmxe',
+    field: 'data.vmcb12.save.cr4',
+    description: 'L1 CR4.VMXE only when the guest CPUID has VMX (found by the lab fuzzer: the kernel refused it)',
+  },
+  {
+    id: 'svm.vmcb12.save.efer_reserved',
+    field: 'data.vmcb12.save.efer',
+    description: 'L1 EFER has no bit KVM ever accepts as reserved (CPUID-dependent bits left to the kernel)',
+  },
 ] as const satisfies readonly RuleSpec[];
 
 export type NestedRuleId = (typeof NESTED_RULES)[number]['id'];
@@ -244,7 +256,10 @@ function checkSvm(s: NestedState, t: NestedTarget, report: Report): void {
   const flags = describeFlags(s.flags, NESTED_FLAGS);
   const disallowed = bitsOutside(s.flags, SVM_FLAGS_ALLOWED);
   if (disallowed) {
-    report('svm.flags.allowed', `flags ${flags} has ${bitNames(disallowed, NESTED_FLAGS).join('|')}, SVM allows only ${describeAllowed(SVM_FLAGS_ALLOWED, NESTED_FLAGS)}`);
+    report(
+      'svm.flags.allowed',
+      `flags ${flags} has ${bitNames(disallowed, NESTED_FLAGS).join('|')}, SVM allows only ${describeAllowed(SVM_FLAGS_ALLOWED, NESTED_FLAGS)}`,
+    );
   }
   // With EFER.SVME clear only "nothing" and "GIF set" are states KVM accepts.
   const needsSvme = s.flags !== 0 && s.flags !== NESTED_FLAGS.GIF_SET;
@@ -320,12 +335,7 @@ const beyondMaxPhys = (t: NestedTarget): string =>
   `is beyond the guest MAXPHYADDR of ${t.maxPhysAddrBits} bits (must be < ${hex(1n << BigInt(t.maxPhysAddrBits))})`;
 
 /** KVM's page_address_valid(): 4 KiB aligned and a legal GPA; one rule per half. */
-function checkPageAddress(
-  prefix: 'vmx.vmxon_pa' | 'vmx.vmcs12_pa' | 'svm.vmcb_pa',
-  pa: bigint,
-  t: NestedTarget,
-  report: Report,
-): void {
+function checkPageAddress(prefix: 'vmx.vmxon_pa' | 'vmx.vmcs12_pa' | 'svm.vmcb_pa', pa: bigint, t: NestedTarget, report: Report): void {
   const name = prefix.slice(prefix.indexOf('.') + 1);
   if (pa % BigInt(PAGE_SIZE)) report(`${prefix}.aligned`, `${name} ${hex(pa)} is not 4 KiB aligned`);
   if (!legalGpa(pa, t)) report(`${prefix}.maxphyaddr`, `${name} ${hex(pa)} ${beyondMaxPhys(t)}`);
@@ -340,14 +350,7 @@ function checkBitmap(rule: NestedRuleId, name: string, pa: bigint, size: number,
   }
 }
 
-function reportBitsOutside(
-  value: number,
-  allowed: number,
-  table: BitTable,
-  label: string,
-  rule: NestedRuleId,
-  report: Report,
-): void {
+function reportBitsOutside(value: number, allowed: number, table: BitTable, label: string, rule: NestedRuleId, report: Report): void {
   const extra = bitsOutside(value, allowed);
   if (extra) {
     const names = bitNames(extra, table).join('|');
@@ -355,11 +358,9 @@ function reportBitsOutside(
   }
 }
 
-const describeFormat = (format: number): string =>
-  `${format} (${format === NESTED_FORMAT.VMX ? 'VMX' : format === NESTED_FORMAT.SVM ? 'SVM' : 'unknown'})`;
+const describeFormat = (format: number): string => `${format} (${format === NESTED_FORMAT.VMX ? 'VMX' : format === NESTED_FORMAT.SVM ? 'SVM' : 'unknown'})`;
 
-const describeFlags = (value: number, table: BitTable): string =>
-  value === 0 ? '0x0' : `${hex(value)} (${bitNames(value, table).join('|')})`;
+const describeFlags = (value: number, table: BitTable): string => (value === 0 ? '0x0' : `${hex(value)} (${bitNames(value, table).join('|')})`);
 
 const describeAllowed = (allowed: number, table: BitTable): string =>
   Object.entries(table)

@@ -109,4 +109,3 @@ export function isSectionName(name: string): name is SectionName {
 export function sectionByName(name: string): Section<unknown> | undefined {
   return isSectionName(name) ? (SECTIONS[name] as Section<unknown>) : undefined;
 }
-

@@ -17,9 +17,7 @@ export const KVM_MP_STATE = {
 } as const;
 export type MpStateName = keyof typeof KVM_MP_STATE;
 
-const NAMES = new Map<number, MpStateName>(
-  Object.entries(KVM_MP_STATE).map(([name, value]) => [value, name as MpStateName]),
-);
+const NAMES = new Map<number, MpStateName>(Object.entries(KVM_MP_STATE).map(([name, value]) => [value, name as MpStateName]));
 
 /** 'RUNNABLE', 'HALTED', ... or the number in hex for a state this table does not know. */
 export function mpStateName(value: number): MpStateName | string {

@@ -38,9 +38,7 @@ export const MSR = {
 } as const;
 export type MsrName = keyof typeof MSR;
 
-export const MSR_NAMES: ReadonlyMap<number, MsrName> = new Map(
-  Object.entries(MSR).map(([name, index]) => [index, name as MsrName]),
-);
+export const MSR_NAMES: ReadonlyMap<number, MsrName> = new Map(Object.entries(MSR).map(([name, index]) => [index, name as MsrName]));
 
 /** The MSR's name, or its index as hex ('0xc0010015') when the table does not know it. */
 export function msrName(index: number): MsrName | string {

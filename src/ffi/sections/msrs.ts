@@ -6,11 +6,7 @@
  */
 import { field, list, nested, reserved, struct, u32, u64, type LayoutValue } from './struct';
 
-export const MSR_ENTRY_LAYOUT = struct('kvm_msr_entry', 16, [
-  field('index', 0, u32),
-  field('reserved', 4, reserved(4)),
-  field('data', 8, u64),
-]);
+export const MSR_ENTRY_LAYOUT = struct('kvm_msr_entry', 16, [field('index', 0, u32), field('reserved', 4, reserved(4)), field('data', 8, u64)]);
 export type MsrEntry = LayoutValue<typeof MSR_ENTRY_LAYOUT>;
 export const MSR_ENTRY_SIZE = MSR_ENTRY_LAYOUT.size;
 

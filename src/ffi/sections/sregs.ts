@@ -18,11 +18,7 @@ export const SEGMENT_LAYOUT = struct('kvm_segment', 24, [
 ]);
 export type Segment = LayoutValue<typeof SEGMENT_LAYOUT>;
 
-export const DTABLE_LAYOUT = struct('kvm_dtable', 16, [
-  field('base', 0, u64),
-  field('limit', 8, u16),
-  field('padding', 10, reserved(6)),
-]);
+export const DTABLE_LAYOUT = struct('kvm_dtable', 16, [field('base', 0, u64), field('limit', 8, u16), field('padding', 10, reserved(6))]);
 export type Dtable = LayoutValue<typeof DTABLE_LAYOUT>;
 
 const segment = nested(SEGMENT_LAYOUT);
@@ -52,10 +48,7 @@ const SREGS_COMMON = [
 /** KVM_NR_INTERRUPTS: interrupt_bitmap has one bit per vector, in 64-bit words. */
 export const KVM_NR_INTERRUPTS = 256;
 
-export const SREGS_LAYOUT = struct('kvm_sregs', 312, [
-  ...SREGS_COMMON,
-  field('interruptBitmap', 280, array(u64, KVM_NR_INTERRUPTS / 64)),
-]);
+export const SREGS_LAYOUT = struct('kvm_sregs', 312, [...SREGS_COMMON, field('interruptBitmap', 280, array(u64, KVM_NR_INTERRUPTS / 64))]);
 export type Sregs = LayoutValue<typeof SREGS_LAYOUT>;
 export const SREGS_SIZE = SREGS_LAYOUT.size;
 export const decodeSregs = SREGS_LAYOUT.decode;
@@ -64,11 +57,7 @@ export const encodeSregs = SREGS_LAYOUT.encode;
 /** kvm_sregs2.flags: pdptrs hold the PAE page-directory pointers KVM loaded. */
 export const KVM_SREGS2_FLAGS_PDPTRS_VALID = 1n;
 
-export const SREGS2_LAYOUT = struct('kvm_sregs2', 320, [
-  ...SREGS_COMMON,
-  field('flags', 280, u64),
-  field('pdptrs', 288, array(u64, 4)),
-]);
+export const SREGS2_LAYOUT = struct('kvm_sregs2', 320, [...SREGS_COMMON, field('flags', 280, u64), field('pdptrs', 288, array(u64, 4))]);
 export type Sregs2 = LayoutValue<typeof SREGS2_LAYOUT>;
 export const SREGS2_SIZE = SREGS2_LAYOUT.size;
 export const decodeSregs2 = SREGS2_LAYOUT.decode;

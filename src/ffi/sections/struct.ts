@@ -9,6 +9,9 @@
  * over a `base` (the bytes KVM returned) leaves them exactly as the kernel wrote them.
  */
 
+import { snakeCase } from '../../case';
+import { compiledPerKey, compileFunction } from '../../codegen';
+
 export interface NumberType {
   readonly kind: 'u8' | 'u16' | 'u32';
   readonly size: 1 | 2 | 4;
@@ -36,13 +39,7 @@ export interface ArrayType<E extends FieldType> {
   readonly of: E;
   readonly count: number;
 }
-export type FieldType =
-  | NumberType
-  | BigIntType
-  | BytesType
-  | ReservedType
-  | StructType<unknown>
-  | ArrayType<FieldType>;
+export type FieldType = NumberType | BigIntType | BytesType | ReservedType | StructType<unknown> | ArrayType<FieldType>;
 
 /** The JS value a field type decodes to. */
 export type ValueOf<T extends FieldType> = T extends NumberType
@@ -105,16 +102,8 @@ export const array = <E extends FieldType>(of: E, count: number): ArrayType<E> =
   count,
 });
 
-/** apicBase -> apic_base: the C (and proto) name of a field. */
-export const snakeCase = (name: string): string => name.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
-
 /** A field; the C name defaults to the snake_case of `name` (apicBase -> apic_base). */
-export function field<N extends string, T extends FieldType>(
-  name: N,
-  offset: number,
-  type: T,
-  cName: string = snakeCase(name),
-): Field<N, T> {
+export function field<N extends string, T extends FieldType>(name: N, offset: number, type: T, cName: string = snakeCase(name)): Field<N, T> {
   return { name, cName, offset, type };
 }
 
@@ -151,7 +140,6 @@ function readValue(buf: Buffer, off: number, t: FieldType): unknown {
  * a struct gets the same hidden class. The table stays the single source of offsets.
  */
 type Reader = (buf: Buffer, off: number) => Record<string, unknown>;
-const readers = new WeakMap<readonly Field[], Reader>();
 
 /** The JS expression reading a value of type `t` at offset expression `off` of buffer `b` (generated code). */
 export function readExpr(t: FieldType, off: string): string {
@@ -180,16 +168,9 @@ function objectExpr(fields: readonly Field[], off: string): string {
   return `{ ${props.join(', ')} }`;
 }
 
-function compiledReader(fields: readonly Field[]): Reader {
-  let r = readers.get(fields);
-  if (!r) {
-    // eslint-disable-next-line @typescript-eslint/no-implied-eval
-    const make = new Function('copy', `return (b, o) => (${objectExpr(fields, 'o')});`) as (c: typeof copyRange) => Reader;
-    r = make(copyRange);
-    readers.set(fields, r);
-  }
-  return r;
-}
+const compiledReader = compiledPerKey((fields: readonly Field[]) =>
+  compileFunction<Reader>('readStruct', ['b', 'o'], `return ${objectExpr(fields, 'o')};`, { copy: copyRange }),
+);
 
 function readFields(buf: Buffer, off: number, fields: readonly Field[]): Record<string, unknown> {
   return compiledReader(fields)(buf, off);
@@ -202,7 +183,7 @@ function fail(path: string, what: string): never {
 
 function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, parent: string, name?: string): void {
   // The path string is built only when needed: in the hot loop it would be the main cost.
-  const where = () => (name === undefined ? parent : parent + '.' + name);
+  const where = () => (name === undefined ? parent : `${parent}.${name}`);
   switch (t.kind) {
     case 'u8':
     case 'u16':
@@ -228,7 +209,7 @@ function writeValue(buf: Buffer, off: number, t: FieldType, v: unknown, parent: 
       return;
     case 'array':
       if (!Array.isArray(v) || v.length !== t.count) fail(where(), `expected an array of ${t.count}`);
-      for (let i = 0; i < t.count; i++) writeValue(buf, off + i * t.of.size, t.of, v[i], where() + '[' + i + ']');
+      for (let i = 0; i < t.count; i++) writeValue(buf, off + i * t.of.size, t.of, v[i], `${where()}[${i}]`);
       return;
   }
 }
@@ -278,34 +259,22 @@ function writeStatements(t: FieldType, v: string, off: string): string {
 
 function fieldsStatements(fields: readonly Field[], v: string, off: string): string {
   const o = `o${tempCounter++}`;
-  const body = fields
-    .filter((f) => f.type.kind !== 'reserved')
-    .map((f) => writeStatements(f.type, `${o}[${JSON.stringify(f.name)}]`, `${off} + ${f.offset}`));
+  const body = fields.filter((f) => f.type.kind !== 'reserved').map((f) => writeStatements(f.type, `${o}[${JSON.stringify(f.name)}]`, `${off} + ${f.offset}`));
   return `{ const ${o} = ${v}; if (typeof ${o} !== 'object' || ${o} === null) return slow(b, off, v, path); ${body.join(' ')} }`;
 }
 
 type Writer = (buf: Buffer, off: number, v: unknown, path: string) => void;
-const writers = new WeakMap<readonly Field[], Writer>();
 
 /**
  * Encoding is compiled like decoding: straight-line checks and writes per table. On the first value
  * that fails a check, the table walk below runs instead; it fails at the same field and builds the
  * message naming it, so the generated code needs no error paths of its own.
  */
-function compiledWriter(fields: readonly Field[]): Writer {
-  let w = writers.get(fields);
-  if (!w) {
-    tempCounter = 0;
-    const body = fieldsStatements(fields, 'v', 'off');
-    // eslint-disable-next-line @typescript-eslint/no-implied-eval
-    const make = new Function('slow', `return (b, off, v, path) => { ${body} };`) as (
-      slow: Writer,
-    ) => Writer;
-    w = make((b, off, v, path) => walkFields(b, off, fields, v, path));
-    writers.set(fields, w);
-  }
-  return w;
-}
+const compiledWriter = compiledPerKey((fields: readonly Field[]): Writer => {
+  tempCounter = 0;
+  const slow: Writer = (b, off, v, path) => walkFields(b, off, fields, v, path);
+  return compileFunction<Writer>('writeStruct', ['b', 'off', 'v', 'path'], fieldsStatements(fields, 'v', 'off'), { slow });
+});
 
 function writeFields(buf: Buffer, off: number, fields: readonly Field[], v: unknown, path: string): void {
   compiledWriter(fields)(buf, off, v, path);
@@ -318,7 +287,7 @@ function walkFields(buf: Buffer, off: number, fields: readonly Field[], v: unkno
     const f = fields[i];
     if (f.type.kind === 'reserved') continue;
     const value = obj[f.name];
-    if (value === undefined) fail(path + '.' + f.name, 'missing');
+    if (value === undefined) fail(`${path}.${f.name}`, 'missing');
     writeValue(buf, off + f.offset, f.type, value, path, f.name);
   }
 }
@@ -464,8 +433,7 @@ export function list<C extends string, T extends FieldType>(
     sizeFor,
     decode(buf: Buffer): ValueOf<T>[] {
       const count = header.read(buf)[countField];
-      if (buf.length < sizeFor(count))
-        throw new RangeError(`${header.name}: ${countField}=${count} needs ${sizeFor(count)} bytes, buffer is ${buf.length}`);
+      if (buf.length < sizeFor(count)) throw new RangeError(`${header.name}: ${countField}=${count} needs ${sizeFor(count)} bytes, buffer is ${buf.length}`);
       return readValue(buf, header.size, array(entry, count)) as ValueOf<T>[];
     },
     encode(entries: readonly ValueOf<T>[], base?: Buffer): Buffer {

@@ -3,11 +3,7 @@ import { array, field, nested, reserved, struct, u32, u64, type LayoutValue } fr
 
 export const KVM_MAX_XCRS = 16;
 
-export const XCR_LAYOUT = struct('kvm_xcr', 16, [
-  field('xcr', 0, u32),
-  field('reserved', 4, reserved(4)),
-  field('value', 8, u64),
-]);
+export const XCR_LAYOUT = struct('kvm_xcr', 16, [field('xcr', 0, u32), field('reserved', 4, reserved(4)), field('value', 8, u64)]);
 export type Xcr = LayoutValue<typeof XCR_LAYOUT>;
 
 // The whole fixed array is decoded: only the first nrXcrs entries are meaningful, but the rest

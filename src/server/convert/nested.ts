@@ -25,7 +25,8 @@ import type { VmcbControl } from '../../api/generated/vcpud/v1/VmcbControl';
 import type { VmcbSave } from '../../api/generated/vcpud/v1/VmcbSave';
 import type { VmcbSegment } from '../../api/generated/vcpud/v1/VmcbSegment';
 import type { Vmcs12 } from '../../api/generated/vcpud/v1/Vmcs12';
-import { camelCase, RULES } from './scalars';
+import { camelCase } from '../../case';
+import { RULES } from './scalars';
 
 /** Decoder field names (snake_case) the proto carries under their camelCase key; u64 become decimal strings. */
 const CONTROL_FIELDS = [

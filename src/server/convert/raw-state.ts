@@ -13,6 +13,8 @@
  * (msrs, lapic, mp_state, tsc_khz) keep their converters and object encoders.
  */
 import type { PackageDefinition } from '@grpc/proto-loader';
+import { snakeCase } from '../../case';
+import { compileFunction } from '../../codegen';
 import {
   DEBUGREGS_LAYOUT,
   EVENTS_EXCEPTION_LAYOUT,
@@ -41,7 +43,6 @@ import type { BytesReadResult } from '../../vm/vcpu-state';
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
 import { fieldTag, isPacked, messageEncoders, Writer, type Encode, type FieldPlan, type MessagePlan } from '../wire-encoder';
 import type { Fields, Kind } from './schema';
-import { snakeCase } from './scalars';
 import { FIELD_TABLES as T, sectionMessage, type StateExtras } from './state';
 
 /** Where a proto field's value lies in a section's bytes. Offsets are from the start of the enclosing message's struct. */
@@ -52,7 +53,15 @@ type Source =
   /** The whole buffer as one bytes field (xsave's raw). */
   | { readonly key: string; readonly t: 'whole' }
   /** A repeated message whose count is a field of the struct (kvm_xcrs.nr_xcrs, capped at `max`). */
-  | { readonly key: string; readonly t: 'list'; readonly countOff: number; readonly max: number; readonly off: number; readonly stride: number; readonly children: readonly Source[] };
+  | {
+      readonly key: string;
+      readonly t: 'list';
+      readonly countOff: number;
+      readonly max: number;
+      readonly off: number;
+      readonly stride: number;
+      readonly children: readonly Source[];
+    };
 
 function layoutField(fields: readonly Field[], name: string): Field {
   const f = fields.find((x) => x.name === name);
@@ -114,7 +123,10 @@ const SOURCES: { readonly [S in EncodedSection]: readonly Source[] } = {
     {
       key: 'exception',
       t: 'message',
-      children: [...join(T.EXCEPTION, EVENTS_EXCEPTION_LAYOUT.fields, offsetOf(VCPU_EVENTS_LAYOUT, 'exception')), ...join(T.EXCEPTION_PAYLOAD, VCPU_EVENTS_LAYOUT.fields)],
+      children: [
+        ...join(T.EXCEPTION, EVENTS_EXCEPTION_LAYOUT.fields, offsetOf(VCPU_EVENTS_LAYOUT, 'exception')),
+        ...join(T.EXCEPTION_PAYLOAD, VCPU_EVENTS_LAYOUT.fields),
+      ],
     },
   ],
 };
@@ -143,7 +155,8 @@ function mismatch(where: string, what: string): never {
 
 /** The expression writing one scalar (no tag) of ffi type `type` at `off` as proto field `f`. */
 function scalar(k: Kind, type: FieldType, off: string, f: FieldPlan, where: string): string {
-  const read = (): string => (type.kind === 'u8' || type.kind === 'u16' || type.kind === 'u32' ? readExpr(type, off) : mismatch(where, `a ${type.kind} cannot be a ${k.t}`));
+  const read = (): string =>
+    type.kind === 'u8' || type.kind === 'u16' || type.kind === 'u32' ? readExpr(type, off) : mismatch(where, `a ${type.kind} cannot be a ${k.t}`);
   switch (k.t) {
     case 'u64':
       if (type.kind !== 'u64' || f.kind !== 'uint64') mismatch(where, `u64 from ${type.kind} into ${f.kind}`);
@@ -186,7 +199,9 @@ function field(c: Code, f: FieldPlan, s: Source, base: string, where: string): v
   if (s.t === 'list') {
     if (f.kind !== 'message' || !f.repeated) mismatch(where, 'not a repeated message');
     const [i, n, e] = [c.name('i'), c.name('n'), c.name('e')];
-    c.lines.push(`for (let ${i} = 0, ${n} = Math.min(b.readUInt32LE(${base} + ${s.countOff}), ${s.max}); ${i} < ${n}; ${i}++) { const ${e} = ${base} + ${s.off} + ${i} * ${s.stride};`);
+    c.lines.push(
+      `for (let ${i} = 0, ${n} = Math.min(b.readUInt32LE(${base} + ${s.countOff}), ${s.max}); ${i} < ${n}; ${i}++) { const ${e} = ${base} + ${s.off} + ${i} * ${s.stride};`,
+    );
     c.sub(fieldTag(f), () => message(c, f.message!, s.children, e, where));
     c.lines.push('}');
     return;
@@ -223,8 +238,7 @@ type BytesEncode = (w: Writer, b: Buffer) => void;
 function compileSection(section: EncodedSection, plan: MessagePlan): BytesEncode {
   const c = new Code();
   message(c, plan, SOURCES[section], '0', section);
-  // eslint-disable-next-line @typescript-eslint/no-implied-eval
-  return new Function(`return function encode_${section}(w, b) { ${c.lines.join('\n')} };`)() as BytesEncode;
+  return compileFunction<BytesEncode>(`encode_${section}`, ['w', 'b'], c.lines.join('\n'));
 }
 
 interface SectionPlan {
@@ -250,7 +264,9 @@ const GET_STATE_RESPONSE = 'vcpud.v1.GetStateResponse';
  * GetStateResponse's serializer for section values with the struct sections as kernel bytes. Like
  * wireSerializer it writes into one reused buffer and returns a copy of the bytes.
  */
-export function getStateResponseEncoder(defs: PackageDefinition): (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean) => Buffer {
+export function getStateResponseEncoder(
+  defs: PackageDefinition,
+): (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean) => Buffer {
   const enc = messageEncoders(defs, GET_STATE_RESPONSE);
   const [stateField] = enc.plan(GET_STATE_RESPONSE);
   // `state` first: the rest of the response is then the object encoder's output without it.

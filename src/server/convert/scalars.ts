@@ -28,11 +28,6 @@ export type U64Input = string | number | LongLike;
 
 export const U64_MAX = (1n << 64n) - 1n;
 
-/** camelCase proto key (as proto-loader spells it) -> the proto field name (lastOpcode -> last_opcode). */
-export const snakeCase = (key: string): string => key.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
-/** proto field name -> proto-loader key (exit_info_1 -> exitInfo1, vcpu_events -> vcpuEvents). */
-export const camelCase = (name: string): string => name.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
-
 /** Rule ids of the violations this module reports. */
 export const RULES = {
   uint64: 'uint64',
@@ -49,7 +44,7 @@ const isLongLike = (v: unknown): v is LongLike =>
   typeof v === 'object' && v !== null && typeof (v as LongLike).low === 'number' && typeof (v as LongLike).high === 'number';
 
 const show = (v: unknown): string => {
-  if (typeof v === 'string') return JSON.stringify(v.length > 40 ? v.slice(0, 40) + '...' : v);
+  if (typeof v === 'string') return JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}...` : v);
   if (Buffer.isBuffer(v)) return `${v.length} bytes`;
   return Array.isArray(v) ? `a list of ${v.length}` : String(v);
 };

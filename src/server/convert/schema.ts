@@ -7,7 +7,9 @@
  * the `base` value of the same place, or zeros without a base. A bool maps to 0/1, except that `true` over a base
  * byte that is already non-zero keeps that byte: KVM writes 0/1, but a round trip must not change any byte.
  */
-import { snakeCase, u64ToLong, type Checker } from './scalars';
+import { snakeCase } from '../../case';
+import { compiledPerKey, compileFunction } from '../../codegen';
+import { u64ToLong, type Checker } from './scalars';
 
 export type Kind =
   | { readonly t: 'u64' }
@@ -37,15 +39,12 @@ export const array = (of: Kind, count: number): Kind => ({ t: 'array', of, count
  * A field table for ffi type V and proto type P: [ffiKey, kind] when the proto key is the same, or
  * [ffiKey, kind, protoKey] when it differs. Keys are checked against both types.
  */
-export function fields<V, P>(
-  ...entries: readonly (readonly [keyof V & string, Kind] | readonly [keyof V & string, Kind, keyof P & string])[]
-): Fields {
+export function fields<V, P>(...entries: readonly (readonly [keyof V & string, Kind] | readonly [keyof V & string, Kind, keyof P & string])[]): Fields {
   return entries.map(([ffi, kind, proto]) => ({ ffi, proto: proto ?? ffi, kind }));
 }
 
 /** The same kind for every name, each spelled the same in V and P (register files). */
-export const uniform = <V, P>(names: readonly (keyof V & keyof P & string)[], kind: Kind): Fields =>
-  names.map((n) => ({ ffi: n, proto: n, kind }));
+export const uniform = <V, P>(names: readonly (keyof V & keyof P & string)[], kind: Kind): Fields => names.map((n) => ({ ffi: n, proto: n, kind }));
 
 type Obj = Record<string, unknown>;
 
@@ -78,7 +77,9 @@ function objectToProtoExpr(fields: Fields, v: string): string {
   return `{ ${fields.map((f) => `${JSON.stringify(f.proto)}: ${toProtoExpr(f.kind, `${v}[${JSON.stringify(f.ffi)}]`)}`).join(', ')} }`;
 }
 
-const compiledToProto = new WeakMap<Fields, (v: Obj) => Obj>();
+const compiledToProto = compiledPerKey((fields: Fields) =>
+  compileFunction<(v: Obj) => Obj>('toProto', ['v'], `return ${objectToProtoExpr(fields, 'v')};`, { L: u64ToLong, B: copyBytes }),
+);
 
 /**
  * The proto object for `fields` of ffi value `v`. The conversion is generated once per table, as the ffi
@@ -86,13 +87,7 @@ const compiledToProto = new WeakMap<Fields, (v: Obj) => Obj>();
  * than the ioctls.
  */
 export function toProto(fields: Fields, v: Obj): Obj {
-  let fn = compiledToProto.get(fields);
-  if (!fn) {
-    // eslint-disable-next-line @typescript-eslint/no-implied-eval
-    fn = new Function('L', 'B', `return (v) => (${objectToProtoExpr(fields, 'v')});`)(u64ToLong, copyBytes) as (v: Obj) => Obj;
-    compiledToProto.set(fields, fn);
-  }
-  return fn(v);
+  return compiledToProto(fields)(v);
 }
 
 /** A copy of `base` (the same place in the base value), or the all-zero value without one. */
@@ -132,9 +127,7 @@ function valueFromProto(k: Kind, p: unknown, base: unknown, c: Checker, path: st
       if (base !== undefined && (p === null || p === undefined || (Array.isArray(p) && p.length === 0))) return fill(k, base);
       const items = c.list(p as unknown[] | undefined, path, k.count, true);
       const b = base as unknown[] | undefined;
-      return Array.from({ length: k.count }, (_, i) =>
-        i < items.length ? valueFromProto(k.of, items[i], b?.[i], c, `${path}[${i}]`) : fill(k.of, b?.[i]),
-      );
+      return Array.from({ length: k.count }, (_, i) => (i < items.length ? valueFromProto(k.of, items[i], b?.[i], c, `${path}[${i}]`) : fill(k.of, b?.[i])));
     }
   }
 }

@@ -63,7 +63,8 @@ import type { Xcr__Output } from '../../api/generated/vcpud/v1/Xcr';
 import type { Xcrs__Output } from '../../api/generated/vcpud/v1/Xcrs';
 import type { Xsave__Output } from '../../api/generated/vcpud/v1/Xsave';
 import { array, BOOL, bytes, fields, fill, fromProto, struct, toProto, U64, uint, uniform, type Fields } from './schema';
-import { camelCase, checked, Checker, RULES } from './scalars';
+import { camelCase } from '../../case';
+import { checked, type Checker, RULES } from './scalars';
 
 /** What GetState knows beyond the section values. */
 export interface StateExtras {
@@ -146,18 +147,9 @@ const FPU = fields<Fpu, Fpu__Output>(
 const DEBUGREGS = fields<Debugregs, DebugRegs__Output>(['db', array(U64, 4)], ['dr6', U64], ['dr7', U64], ['flags', U64]);
 
 type Exception = VcpuEvents['exception'];
-const EXCEPTION = fields<Exception, Exception__Output>(
-  ['injected', BOOL],
-  ['nr', uint(8)],
-  ['hasErrorCode', BOOL],
-  ['pending', BOOL],
-  ['errorCode', uint(32)],
-);
+const EXCEPTION = fields<Exception, Exception__Output>(['injected', BOOL], ['nr', uint(8)], ['hasErrorCode', BOOL], ['pending', BOOL], ['errorCode', uint(32)]);
 /** kvm_vcpu_events keeps the payload beside the exception struct; the proto puts it inside Exception. */
-const EXCEPTION_PAYLOAD = fields<VcpuEvents, Exception__Output>(
-  ['exceptionHasPayload', BOOL, 'hasPayload'],
-  ['exceptionPayload', U64, 'payload'],
-);
+const EXCEPTION_PAYLOAD = fields<VcpuEvents, Exception__Output>(['exceptionHasPayload', BOOL, 'hasPayload'], ['exceptionPayload', U64, 'payload']);
 /** kvm_vcpu_events.triple_fault.pending is VcpuEvents.triple_fault_pending. */
 const TRIPLE_FAULT = fields<VcpuEvents['tripleFault'], VcpuEvents__Output>(['pending', BOOL, 'tripleFaultPending']);
 const EVENTS = fields<VcpuEvents, VcpuEvents__Output>(
@@ -176,15 +168,25 @@ const CPUID_ENTRY = uniform<CpuidEntry2, CpuidEntry__Output>(['function', 'index
 const XSAVE_INFO = fields<XsaveInfo, Xsave__Output>(['xstateBv', U64], ['xcompBv', U64], ['mxcsr', uint(32)], ['fcw', uint(16)]);
 const LAPIC_INFO = [
   ...uniform<LapicInfo, Lapic__Output>(['apicId', 'version', 'tpr', 'svr', 'ldr', 'lvtTimer'], uint(32)),
-  ...fields<LapicInfo, Lapic__Output>(
-    ['tmict', uint(32), 'timerInitialCount'],
-    ['tmcct', uint(32), 'timerCurrentCount'],
-    ['tdcr', uint(32), 'timerDivide'],
-  ),
+  ...fields<LapicInfo, Lapic__Output>(['tmict', uint(32), 'timerInitialCount'], ['tmcct', uint(32), 'timerCurrentCount'], ['tdcr', uint(32), 'timerDivide']),
 ];
 
 /** The field tables GetState's byte-level encoder (raw-state.ts) joins with the ffi layouts. */
-export const FIELD_TABLES = { REGS, SREGS, SREGS2, FPU, DEBUGREGS, EVENTS, EXCEPTION, EXCEPTION_PAYLOAD, TRIPLE_FAULT, XCR, XCRS, CPUID_ENTRY, XSAVE_INFO } as const;
+export const FIELD_TABLES = {
+  REGS,
+  SREGS,
+  SREGS2,
+  FPU,
+  DEBUGREGS,
+  EVENTS,
+  EXCEPTION,
+  EXCEPTION_PAYLOAD,
+  TRIPLE_FAULT,
+  XCR,
+  XCRS,
+  CPUID_ENTRY,
+  XSAVE_INFO,
+} as const;
 
 // ---- per-section converters ----
 

@@ -21,19 +21,28 @@ function checkOpen(ctx: ServiceContext): void {
 }
 
 /** A unary handler from an async function: every thrown error goes through the one error table. */
-export function unary<Req, Res>(ctx: ServiceContext, fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res): grpc.handleUnaryCall<Req, Res> {
+export function unary<Req, Res>(
+  ctx: ServiceContext,
+  fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res,
+): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
     Promise.resolve()
       .then(() => {
         checkOpen(ctx);
         return fn(call.request, call);
       })
-      .then((res) => callback(null, res), (e) => callback(toServiceError(e)));
+      .then(
+        (res) => callback(null, res),
+        (e) => callback(toServiceError(e)),
+      );
   };
 }
 
 /** A server-streaming handler: `fn` writes and resolves when done; errors end the stream with a status. */
-export function serverStream<Req, Res>(ctx: ServiceContext, fn: (call: grpc.ServerWritableStream<Req, Res>) => Promise<void>): grpc.handleServerStreamingCall<Req, Res> {
+export function serverStream<Req, Res>(
+  ctx: ServiceContext,
+  fn: (call: grpc.ServerWritableStream<Req, Res>) => Promise<void>,
+): grpc.handleServerStreamingCall<Req, Res> {
   return (call) => {
     Promise.resolve()
       .then(() => {

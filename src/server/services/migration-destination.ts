@@ -23,12 +23,18 @@ const MAX_MESSAGE_BYTES = 64 << 20;
 /** The destination of a MigrateVm request with its channel credentials, or INVALID_ARGUMENT naming the field. */
 export function migrationDestination(req: MigrateVmRequest__Output, configuredTls?: MigrationTlsFiles): DestinationTarget {
   const dest = req.destination.trim();
-  if (!dest) throw invalidArgument('destination is required', [{ rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port, unix:/path or /path' }]);
+  if (!dest)
+    throw invalidArgument('destination is required', [
+      { rule: 'required', field: 'destination', message: 'the destination vcpud address: host:port, unix:/path or /path' },
+    ]);
   const options: grpc.ChannelOptions = { 'grpc.max_send_message_length': MAX_MESSAGE_BYTES, 'grpc.max_receive_message_length': MAX_MESSAGE_BYTES };
   const fromRequest = req.tls && (req.tls.caPem.length || req.tls.certPem.length || req.tls.keyPem.length);
   const socket = destinationSocket(dest);
   if (socket !== undefined) {
-    if (fromRequest) throw invalidArgument('tls applies to TCP destinations; a unix socket is plaintext', [{ rule: 'tls.unix', field: 'tls', message: 'drop tls for a unix: destination' }]);
+    if (fromRequest)
+      throw invalidArgument('tls applies to TCP destinations; a unix socket is plaintext', [
+        { rule: 'tls.unix', field: 'tls', message: 'drop tls for a unix: destination' },
+      ]);
     return { target: `unix:${socket}`, creds: grpc.credentials.createInsecure(), options };
   }
   const file = (f?: string) => (f ? fs.readFileSync(f) : null);
@@ -39,9 +45,10 @@ export function migrationDestination(req: MigrateVmRequest__Output, configuredTl
   } else if (configuredTls) {
     [ca, cert, key] = [file(configuredTls.caFile), file(configuredTls.certFile), file(configuredTls.keyFile)];
   } else {
-    throw invalidArgument(`a TCP destination (${dest}) needs TLS client credentials: MigrateVmRequest.tls, or --migration-tls-ca/--migration-tls-cert/--migration-tls-key`, [
-      { rule: 'tls.required', field: 'tls', message: 'give ca_pem (and cert_pem/key_pem for mTLS), or configure --migration-tls-*' },
-    ]);
+    throw invalidArgument(
+      `a TCP destination (${dest}) needs TLS client credentials: MigrateVmRequest.tls, or --migration-tls-ca/--migration-tls-cert/--migration-tls-key`,
+      [{ rule: 'tls.required', field: 'tls', message: 'give ca_pem (and cert_pem/key_pem for mTLS), or configure --migration-tls-*' }],
+    );
   }
   if (!cert !== !key) throw invalidArgument('cert_pem and key_pem go together', [{ rule: 'tls.pair', field: 'tls', message: 'give both or neither' }]);
   if (req.tls?.serverName) options['grpc.ssl_target_name_override'] = req.tls.serverName;

@@ -108,16 +108,22 @@ export class MigrationService {
     return {
       PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string; sourceInstanceId: string }) => {
         if (req.sourceInstanceId === INSTANCE_ID)
-          throw new VcpudError('failed_precondition', 'the migration destination is this same vcpud (the source): a VM cannot migrate to the server it runs on; name another destination', {
-            reason: 'MIGRATION_TO_SELF',
-            field: 'destination',
-          });
+          throw new VcpudError(
+            'failed_precondition',
+            'the migration destination is this same vcpud (the source): a VM cannot migrate to the server it runs on; name another destination',
+            {
+              reason: 'MIGRATION_TO_SELF',
+              field: 'destination',
+            },
+          );
         let header: SnapshotHeader;
         try {
           header = JSON.parse(req.headerJson.toString('utf8')) as SnapshotHeader;
           if (!header?.vm || !Array.isArray(header.vcpus) || !header.source) throw new Error('missing vm, vcpus or source');
         } catch (e) {
-          throw new VcpudError('invalid_argument', `header_json is not a VM header: ${(e as Error).message}`, { violations: [{ rule: 'header', field: 'header_json', message: 'a snapshot-format header' }] });
+          throw new VcpudError('invalid_argument', `header_json is not a VM header: ${(e as Error).message}`, {
+            violations: [{ rule: 'header', field: 'header_json', message: 'a snapshot-format header' }],
+          });
         }
         const m = await IncomingMigration.prepare(ctx.registry, ctx.caps, header, {
           name: req.vmName || undefined,
@@ -216,7 +222,11 @@ export class MigrationService {
     const req = call.request;
     const vm = this.ctx.registry.get(req.vmId);
     const v1 = vcpudProto().vcpud.v1;
-    const migrations = new v1.MigrationService(dest.target, dest.creds, { ...dest.options, 'grpc.keepalive_time_ms': 5000, 'grpc.keepalive_timeout_ms': this.opts.stallMs });
+    const migrations = new v1.MigrationService(dest.target, dest.creds, {
+      ...dest.options,
+      'grpc.keepalive_time_ms': 5000,
+      'grpc.keepalive_timeout_ms': this.opts.stallMs,
+    });
     const vms = new v1.VmService(dest.target, dest.creds, { ...dest.options, channelOverride: migrations.getChannel() });
     const abort = new AbortController();
     const onCancel = () => abort.abort(new VcpudError('unavailable', 'the migration was cancelled by the caller'));
@@ -224,7 +234,8 @@ export class MigrationService {
     const stallMs = this.opts.stallMs;
     const control = destinationControl(dest, migrations, stallMs);
     const send = progressSender((m) => call.write(m));
-    const mode: MigrationMode = ({ MIGRATION_MODE_PRE_COPY: 'pre-copy', MIGRATION_MODE_STOP_AND_COPY: 'stop-and-copy' } as Record<string, MigrationMode>)[req.mode] ?? 'auto';
+    const mode: MigrationMode =
+      ({ MIGRATION_MODE_PRE_COPY: 'pre-copy', MIGRATION_MODE_STOP_AND_COPY: 'stop-and-copy' } as Record<string, MigrationMode>)[req.mode] ?? 'auto';
     let report: MigrationReport;
     try {
       report = await migrateVm(vm, control, {
@@ -294,8 +305,11 @@ export function serveDataConnection(socket: net.Socket, m: IncomingMigration, st
 
 function callUnary<T>(client: grpc.Client, method: string, req: object, timeoutMs: number): Promise<T> {
   return new Promise((resolve, reject) =>
-    (client as unknown as Record<string, Function>)[method](req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: T) =>
-      err ? reject(err) : resolve(res),
+    (client as unknown as Record<string, (...args: unknown[]) => unknown>)[method](
+      req,
+      new grpc.Metadata(),
+      { deadline: Date.now() + timeoutMs },
+      (err: grpc.ServiceError | null, res: T) => (err ? reject(err) : resolve(res)),
     ),
   );
 }
@@ -320,7 +334,12 @@ function destinationControl(dest: DestinationTarget, client: grpc.Client, stallM
     connect: (endpoint, signal) => connectData(endpoint, dest, stallMs, signal),
     abort: async (migrationId, reason) => {
       try {
-        const r = await callUnary<{ state: IncomingMigrationState }>(client, 'abortIncomingMigration', { migrationId, reason: reason.slice(0, 1000) }, Math.min(stallMs, 5000));
+        const r = await callUnary<{ state: IncomingMigrationState }>(
+          client,
+          'abortIncomingMigration',
+          { migrationId, reason: reason.slice(0, 1000) },
+          Math.min(stallMs, 5000),
+        );
         return r.state === 'INCOMING_MIGRATION_STATE_COMMITTED' ? 'committed' : 'aborted';
       } catch (e) {
         // NOT_FOUND: it never existed or is long gone; nothing of it runs there.
@@ -336,7 +355,8 @@ function connectData(endpoint: string, dest: DestinationTarget, stallMs: number,
     let socket: net.Socket;
     const ready = dest.tls ? 'secureConnect' : 'connect';
     if (endpoint.startsWith('unix:')) {
-      if (!dest.target.startsWith('unix:')) return reject(new VcpudError('failed_precondition', `the destination offered a unix data endpoint (${endpoint}) to a TCP client`));
+      if (!dest.target.startsWith('unix:'))
+        return reject(new VcpudError('failed_precondition', `the destination offered a unix data endpoint (${endpoint}) to a TCP client`));
       socket = net.connect({ path: endpoint.slice(5) });
     } else if (endpoint.startsWith('tcp:')) {
       const m = /^tcp:(?:\[(.+)\]|([^:]+)):(\d+)$/.exec(endpoint);
@@ -347,7 +367,14 @@ function connectData(endpoint: string, dest: DestinationTarget, stallMs: number,
       const port = Number(m[3]);
       if (dest.tls) {
         const t = dest.tls;
-        socket = tls.connect({ host, port, ca: t.ca ?? undefined, cert: t.cert ?? undefined, key: t.key ?? undefined, servername: t.serverName || (net.isIP(apiHost(dest.target)) ? undefined : apiHost(dest.target)) });
+        socket = tls.connect({
+          host,
+          port,
+          ca: t.ca ?? undefined,
+          cert: t.cert ?? undefined,
+          key: t.key ?? undefined,
+          servername: t.serverName || (net.isIP(apiHost(dest.target)) ? undefined : apiHost(dest.target)),
+        });
       } else {
         return reject(new VcpudError('failed_precondition', 'a TCP data connection needs TLS credentials'));
       }
@@ -444,15 +471,22 @@ function destinationError(e: unknown): unknown {
     ...(st?.preconditionFailure ?? []).map((v) => ({ rule: v.type, field: v.subject, message: v.description })),
     ...(st?.badRequest ?? []).map((v) => ({ rule: v.reason, field: v.field, message: v.description })),
   ];
-  return new VcpudError(KIND_OF_CODE[grpcErr.code as grpc.status] ?? 'internal', `the destination answered ${grpc.status[grpcErr.code]}${reason ? ` (${reason})` : ''}: ${grpcErr.details}`, {
-    ...(violations.length ? { violations } : {}),
-    // The caller's own mistake (the destination is this server) keeps its reason through the engine.
-    ...(reason === 'MIGRATION_TO_SELF' ? { reason } : {}),
-  });
+  return new VcpudError(
+    KIND_OF_CODE[grpcErr.code as grpc.status] ?? 'internal',
+    `the destination answered ${grpc.status[grpcErr.code]}${reason ? ` (${reason})` : ''}: ${grpcErr.details}`,
+    {
+      ...(violations.length ? { violations } : {}),
+      // The caller's own mistake (the destination is this server) keeps its reason through the engine.
+      ...(reason === 'MIGRATION_TO_SELF' ? { reason } : {}),
+    },
+  );
 }
 
 /** The error MigrateVm ends with: MIGRATION_FAILED, naming the VM, the destination, the phase and pass. */
 function migrationError(e: unknown, target: string, vmId: string): VcpudError {
   const err = e as VcpudError;
-  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}`, { ...(err?.details ?? {}), reason: err?.details?.reason ?? 'MIGRATION_FAILED' });
+  return new VcpudError(err?.kind ?? 'internal', `migration of VM ${vmId} to ${target} failed: ${err?.message ?? String(e)}`, {
+    ...(err?.details ?? {}),
+    reason: err?.details?.reason ?? 'MIGRATION_FAILED',
+  });
 }

@@ -10,7 +10,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { withBulkHeap } from '../../bulk-heap';
 import { msToDuration } from '../../duration';
 import { invalidArgument, VcpudError } from '../../errors';
@@ -79,8 +79,10 @@ const PHASES: Record<Progress['phase'], SnapshotPhase> = {
   done: 'SNAPSHOT_PHASE_DONE',
 };
 
-
-export function snapshotInfo(header: SnapshotHeader, extra: { name?: string; sizeBytes: number; pagesStored?: number; durationMs?: number; problem?: string }): SnapshotInfo {
+export function snapshotInfo(
+  header: SnapshotHeader,
+  extra: { name?: string; sizeBytes: number; pagesStored?: number; durationMs?: number; problem?: string },
+): SnapshotInfo {
   return {
     name: extra.name ?? '',
     sizeBytes: String(extra.sizeBytes),
@@ -115,7 +117,12 @@ function progressSender(send: (p: SnapshotProgress) => void): (p: Progress) => v
     if (p.phase === lastPhase && now - last < PROGRESS_INTERVAL_MS) return;
     lastPhase = p.phase;
     last = now;
-    send({ phase: PHASES[p.phase], memoryBytesDone: String(p.memoryBytesDone), memoryBytesTotal: String(p.memoryBytesTotal), bytesWritten: String(p.bytesWritten) });
+    send({
+      phase: PHASES[p.phase],
+      memoryBytesDone: String(p.memoryBytesDone),
+      memoryBytesTotal: String(p.memoryBytesTotal),
+      bytesWritten: String(p.bytesWritten),
+    });
   };
 }
 
@@ -144,12 +151,15 @@ export class SnapshotService {
 
   /** CreateSnapshot's `parent`: its link and depth, or why it cannot be the parent (nothing touched yet). */
   private async parentOf(vm: ManagedVm, name: string) {
-    let read;
+    let read: Awaited<ReturnType<typeof this.store.identify>>;
     try {
       read = await this.store.identify(name, (id) => SnapshotBases.recorded(vm, id));
     } catch (e) {
       if (e instanceof VcpudError) throw Object.assign(e, { message: `parent: ${e.message}` });
-      throw new VcpudError('data_loss', `parent ${JSON.stringify(name)} is not a whole snapshot: ${(e as Error).message}`, { reason: 'SNAPSHOT_CORRUPT', field: 'parent' });
+      throw new VcpudError('data_loss', `parent ${JSON.stringify(name)} is not a whole snapshot: ${(e as Error).message}`, {
+        reason: 'SNAPSHOT_CORRUPT',
+        field: 'parent',
+      });
     }
     return SnapshotBases.parentLink(vm, name, read.header, read.identity);
   }
@@ -175,11 +185,15 @@ export class SnapshotService {
         const vm = ctx.registry.get(req.vmId);
         const toStream = req.destination === 'stream' && req.stream;
         if (!toStream && req.destination !== 'name')
-          throw invalidArgument('CreateSnapshot needs a destination: name or stream', [{ rule: 'required', field: 'destination', message: 'set name or stream' }]);
+          throw invalidArgument('CreateSnapshot needs a destination: name or stream', [
+            { rule: 'required', field: 'destination', message: 'set name or stream' },
+          ]);
         // The name and the parent are checked (and the name's directories created and opened) before the VM is touched.
         const name = req.name ?? '';
         if (req.parent && req.parent === name)
-          throw invalidArgument('parent and name are the same snapshot', [{ rule: 'parent.not_self', field: 'parent', message: 'a child cannot replace its own parent: give it another name' }]);
+          throw invalidArgument('parent and name are the same snapshot', [
+            { rule: 'parent.not_self', field: 'parent', message: 'a child cannot replace its own parent: give it another name' },
+          ]);
         const parent = req.parent ? await this.parentOf(vm, req.parent) : undefined;
         let target: OpenTarget | undefined;
         try {
@@ -194,7 +208,8 @@ export class SnapshotService {
             // Paused: what the VM dirtied up to now goes to its bases (tracking starts here if asked).
             const bases = parent || req.trackDirty ? SnapshotBases.start(vm) : SnapshotBases.of(vm);
             await bases?.collect();
-            const incremental = parent && bases ? { parent: parent.link, parentDepth: parent.depth, dirty: bases.dirtySince(parent.link.snapshotId) } : undefined;
+            const incremental =
+              parent && bases ? { parent: parent.link, parentDepth: parent.depth, dirty: bases.dirtySince(parent.link.snapshotId) } : undefined;
             let r: CaptureResult;
             try {
               const sink = target
@@ -237,14 +252,23 @@ export class SnapshotService {
         try {
           const lazy = !req.noLazyMemory;
           const loadParent = chainLoader(this.store, req.name, { lazy });
-          const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), { fileFd: fd, lazy, loadParent, name: req.vmName || undefined, run: req.run });
+          const r = await loadAndRestore(ctx.registry, ctx.caps, new FileSource(fd), {
+            fileFd: fd,
+            lazy,
+            loadParent,
+            name: req.vmName || undefined,
+            run: req.run,
+          });
           return this.restoreResponse(r.loaded, r.vm, r.notes, started);
         } finally {
           fs.closeSync(fd); // mappings of the file outlive the descriptor
         }
       }),
 
-      RestoreSnapshotStream: (call: grpc.ServerReadableStream<RestoreSnapshotStreamRequest__Output, RestoreSnapshotStreamResponse>, callback: grpc.sendUnaryData<RestoreSnapshotStreamResponse>) => {
+      RestoreSnapshotStream: (
+        call: grpc.ServerReadableStream<RestoreSnapshotStreamRequest__Output, RestoreSnapshotStreamResponse>,
+        callback: grpc.sendUnaryData<RestoreSnapshotStreamResponse>,
+      ) => {
         const started = process.hrtime.bigint();
         let options: { run: boolean; vmName: string } = { run: false, vmName: '' };
         let sawData = false;
@@ -257,7 +281,10 @@ export class SnapshotService {
         async function* chunks(): AsyncGenerator<Buffer> {
           for await (const msg of messages) {
             if (msg.message === 'options' && msg.options) {
-              if (sawData) throw invalidArgument('options must be the first message', [{ rule: 'options.first', field: 'options', message: 'send options before any data' }]);
+              if (sawData)
+                throw invalidArgument('options must be the first message', [
+                  { rule: 'options.first', field: 'options', message: 'send options before any data' },
+                ]);
               checkVmName(msg.options.vmName, 'options.vm_name'); // before any byte of the snapshot is read
               options = { run: msg.options.run, vmName: msg.options.vmName };
               continue;
@@ -279,7 +306,16 @@ export class SnapshotService {
             // options arrive with the first message, before any byte of the snapshot is read
             const source = new StreamSource(chunks());
             const loadParent = chainLoader(this.store, '(streamed snapshot)');
-            const opts = { get name() { return options.vmName || undefined; }, get run() { return options.run; }, reservation, loadParent };
+            const opts = {
+              get name() {
+                return options.vmName || undefined;
+              },
+              get run() {
+                return options.run;
+              },
+              reservation,
+              loadParent,
+            };
             const r = await withBulkHeap(() => loadAndRestore(ctx.registry, ctx.caps, source, opts));
             return this.restoreResponse(r.loaded, r.vm, r.notes, started);
           })

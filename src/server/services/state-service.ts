@@ -18,6 +18,7 @@ import type { SetNestedStateResponse } from '../../api/generated/vcpud/v1/SetNes
 import type { SetStateRequest__Output } from '../../api/generated/vcpud/v1/SetStateRequest';
 import type { SetStateResponse } from '../../api/generated/vcpud/v1/SetStateResponse';
 import type { VcpuStateServiceHandlers } from '../../api/generated/vcpud/v1/VcpuStateService';
+import { snakeCase } from '../../case';
 import { invalidArgument } from '../../errors';
 import { vcpudPackageDefinition } from '../../api/proto';
 import { vcpudServiceDefinitions } from '../service-definitions';
@@ -57,7 +58,10 @@ export class VcpuStateService {
         checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
         const { read: r, implicitlyPaused } = await vcpu.withState(
-          (access) => ({ read: readStateBytes(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined), implicitlyPaused: access.implicitlyPaused }),
+          (access) => ({
+            read: readStateBytes(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined),
+            implicitlyPaused: access.implicitlyPaused,
+          }),
           { noImplicitPause: req.noImplicitPause },
         );
         this.recordBytes(r.values);
@@ -72,7 +76,11 @@ export class VcpuStateService {
           () => {
             // Fields the proto does not carry (reserved bytes) come from the vCPU's current values.
             const present = presentSections(req.state as unknown as Record<string, unknown>);
-            const base = readState(vcpu.vcpu, sctx, present.filter((s) => s !== 'msrs')).values;
+            const base = readState(
+              vcpu.vcpu,
+              sctx,
+              present.filter((s) => s !== 'msrs'),
+            ).values;
             const values = stateFromProto(req.state!, base);
             if (Object.keys(values).length === 0)
               throw invalidArgument('state has no sections to apply', [{ rule: 'non_empty', field: 'state', message: 'set at least one section' }]);
@@ -116,7 +124,7 @@ function presentSections(state: Record<string, unknown>): SectionName[] {
   const out: SectionName[] = [];
   for (const [k, v] of Object.entries(state)) {
     if (v === null || v === undefined) continue;
-    out.push(k.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase()) as SectionName);
+    out.push(snakeCase(k) as SectionName);
   }
   return out;
 }

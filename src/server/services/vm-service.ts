@@ -26,7 +26,6 @@ export const READ_MEMORY_SEND_WINDOW = READ_CHUNK;
 const MESSAGE_OVERHEAD = 64;
 const DEFAULT_PAGE_SIZE = 100;
 
-
 export class VmService {
   constructor(private readonly ctx: ServiceContext) {}
 
@@ -108,7 +107,9 @@ export class VmService {
         await vm.loadProgram(req.image, load, entry);
         return {};
       }),
-      RunVm: u((req: { vmId: string }) => vmResponse(this.vm(req.vmId), (vm) => Promise.all(vm.vcpus.filter((v) => v.status().state !== 'running').map((v) => v.resume())))),
+      RunVm: u((req: { vmId: string }) =>
+        vmResponse(this.vm(req.vmId), (vm) => Promise.all(vm.vcpus.filter((v) => v.status().state !== 'running').map((v) => v.resume()))),
+      ),
       PauseVm: u((req: { vmId: string }) => vmResponse(this.vm(req.vmId), (vm) => vm.pauseAll())),
       ResumeVm: u((req: { vmId: string }) =>
         vmResponse(this.vm(req.vmId), (vm) => Promise.all(vm.vcpus.filter((v) => v.status().state === 'paused').map((v) => v.resume()))),
@@ -134,7 +135,12 @@ export class VmService {
 
 type DebugEvent = { vcpu: number; value: number; done: boolean };
 const stateChangeMessage = (s: VcpuStatus): StreamConsoleResponse => ({
-  stateChange: { vcpuId: s.id, runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`, reason: s.reason ?? '', description: s.state === 'stopped' ? (s.description ?? '') : '' } as never,
+  stateChange: {
+    vcpuId: s.id,
+    runState: `VCPU_RUN_STATE_${s.state.toUpperCase()}`,
+    reason: s.reason ?? '',
+    description: s.state === 'stopped' ? (s.description ?? '') : '',
+  } as never,
 });
 const debugMessage = (d: DebugEvent): StreamConsoleResponse => ({ debug: { vcpuId: d.vcpu, value: String(d.value), done: d.done } });
 

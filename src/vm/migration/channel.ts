@@ -7,7 +7,16 @@
  */
 import type net from 'node:net';
 import { VcpudError } from '../../errors';
-import { decodeEnvelopeHeader, decodeJson, ENVELOPE_HEADER_SIZE, EnvelopeType, envelopeHeader, jsonEnvelope, type EnvelopeHead, type WireError } from './protocol';
+import {
+  decodeEnvelopeHeader,
+  decodeJson,
+  ENVELOPE_HEADER_SIZE,
+  EnvelopeType,
+  envelopeHeader,
+  jsonEnvelope,
+  type EnvelopeHead,
+  type WireError,
+} from './protocol';
 
 /** Received bytes buffered before the socket is paused (bounds the receiver's memory). */
 const MAX_BUFFERED = 64 * 1024 * 1024;
@@ -97,7 +106,10 @@ export class Channel {
         fn();
       };
       const timer = setTimeout(
-        () => done(() => reject(new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`))),
+        () =>
+          done(() =>
+            reject(new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`)),
+          ),
         this.stallMs,
       );
       const onClose = (e: Error) => done(() => reject(e));
@@ -239,7 +251,10 @@ export class Channel {
    * not read yet go to `read` as its prefix, and the ones it leaves (past the stream's end) are
    * read next, as the socket's reads resume.
    */
-  async receiveStream<T extends { bytes: number; prefixUsed: number }>(what: string, read: (fd: number, prefix: Buffer, cancel: Buffer) => Promise<T>): Promise<T> {
+  async receiveStream<T extends { bytes: number; prefixUsed: number }>(
+    what: string,
+    read: (fd: number, prefix: Buffer, cancel: Buffer) => Promise<T>,
+  ): Promise<T> {
     if (this.closedWith) throw this.closedWith;
     const handle = (this.socket as unknown as { _handle: { readStop(): number; readStart(): number } })._handle;
     // `reading` stays true for Node, so nothing restarts the reads meanwhile (net.Socket._read).
@@ -268,7 +283,8 @@ export class Channel {
   private async streamError(e: unknown, what: string): Promise<never> {
     const code = (e as { code?: string }).code;
     if (e instanceof VcpudError) throw e; // a corrupt frame
-    if (code === 'ETIMEDOUT') throw new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`);
+    if (code === 'ETIMEDOUT')
+      throw new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`);
     if (code === 'ECANCELED' && this.signal?.aborted) throw abortError(this.signal);
     // The peer's own account (its ERROR envelope, then its close) may still be on the way.
     if (!this.closedWith)

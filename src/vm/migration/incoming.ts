@@ -127,14 +127,19 @@ export class IncomingMigration {
         lent = undefined;
         const { head, payload } = await channel.next('waiting for the source', lend);
         const gathered = lent;
-        if ((this.state as IncomingState) !== 'receiving') throw new VcpudError('unavailable', `incoming migration ${this.id} was ${this.state}: ${this.error}`);
+        if ((this.state as IncomingState) !== 'receiving')
+          throw new VcpudError('unavailable', `incoming migration ${this.id} was ${this.state}: ${this.error}`);
         this.bytesReceived = channel.bytesIn;
         if (head.type === EnvelopeType.Pages) {
           // [u32 region index][u32 0] then frames; a migrating VM has one region.
-          if (payload.length < 8 || payload.readUInt32LE(0) !== 0) throw new VcpudError('data_loss', 'page frames for a memory region the VM does not have', { reason: 'MIGRATION_FAILED' });
+          if (payload.length < 8 || payload.readUInt32LE(0) !== 0)
+            throw new VcpudError('data_loss', 'page frames for a memory region the VM does not have', { reason: 'MIGRATION_FAILED' });
           const frames = payload.subarray(8);
           const applied = applyFrames((this.kvmVm as Vm).regions[0].memory, frames).then((r) => {
-            if (r.consumed !== frames.length) throw new VcpudError('data_loss', `a page envelope ends inside a frame (${frames.length - r.consumed} bytes left over)`, { reason: 'MIGRATION_FAILED' });
+            if (r.consumed !== frames.length)
+              throw new VcpudError('data_loss', `a page envelope ends inside a frame (${frames.length - r.consumed} bytes left over)`, {
+                reason: 'MIGRATION_FAILED',
+              });
             this.pagesReceived += r.pages;
           });
           if (gathered) void applied.finally(() => spare.push(gathered)).catch(() => {});
@@ -182,7 +187,16 @@ export class IncomingMigration {
     const kvmVm = this.kvmVm as Vm;
     this.kvmVm = undefined; // owned by the restore from here on (it destroys it on failure)
     const memory = kvmVm.regions[0].memory;
-    const loaded = { header: state.header, vcpuState: state.vcpuState, vmState: state.vmState, memory, end: { records: 0, memoryPages: 0, pagesStored: 0 }, mappedBytes: 0, copiedBytes: 0, bytes: 0 };
+    const loaded = {
+      header: state.header,
+      vcpuState: state.vcpuState,
+      vmState: state.vmState,
+      memory,
+      end: { records: 0, memoryPages: 0, pagesStored: 0 },
+      mappedBytes: 0,
+      copiedBytes: 0,
+      bytes: 0,
+    };
     const { vm, notes } = await restoreIntoNewVm(this.registry, this.caps, loaded, { vm: kvmVm, name: this.name });
     const t1 = process.hrtime.bigint();
     if (this.state !== 'receiving') {
@@ -197,9 +211,7 @@ export class IncomingMigration {
     this.settle();
     if (run) await Promise.all(state.header.vcpus.filter((c) => c.runState === 'running').map((c) => vm.vcpu(c.id).resume()));
     const t2 = process.hrtime.bigint();
-    await channel
-      .sendJson(EnvelopeType.Committed, { vmId: vm.id, restoreMs: Number(t1 - t0) / 1e6, resumeMs: Number(t2 - t1) / 1e6, notes })
-      .catch(() => {});
+    await channel.sendJson(EnvelopeType.Committed, { vmId: vm.id, restoreMs: Number(t1 - t0) / 1e6, resumeMs: Number(t2 - t1) / 1e6, notes }).catch(() => {});
     channel.close();
   }
 

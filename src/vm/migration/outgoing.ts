@@ -206,7 +206,14 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
         if (vm.isDestroyed) throw new VcpudError('failed_precondition', `VM ${vm.id} was deleted during the migration`, { reason: 'WRONG_RUN_STATE' });
         const from = page;
         const r = await ch.sendStream(`sending to the destination`, (sock, cancel) =>
-          memory.sendFrames(sock, bitmap, from, staging as Buffer, { seq, framePages: STREAM.framePages, maxBytes: callBytes, end: true, stallMs: opts.stallMs, cancel }),
+          memory.sendFrames(sock, bitmap, from, staging as Buffer, {
+            seq,
+            framePages: STREAM.framePages,
+            maxBytes: callBytes,
+            end: true,
+            stallMs: opts.stallMs,
+            cancel,
+          }),
         );
         if (r.nextPage <= page) throw new VcpudError('internal', `sendFrames made no progress at page ${page}`);
         seq += r.frames;
@@ -284,7 +291,12 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
         if (now() - lastReport < 100) return;
         lastReport = now();
         const elapsed = (now() - passStart) / 1000;
-        report({ phase: 'memory', memoryBytesDone: done, bytesRemaining: Math.max(0, dirtyBytes - done), transferRate: elapsed > 0 ? (ch.bytesOut - sentBefore) / elapsed : 0 });
+        report({
+          phase: 'memory',
+          memoryBytesDone: done,
+          bytesRemaining: Math.max(0, dirtyBytes - done),
+          transferRate: elapsed > 0 ? (ch.bytesOut - sentBefore) / elapsed : 0,
+        });
       });
       await endPass(stage.pass);
       const passMs = Math.max(now() - passStart, 0.001);
@@ -307,10 +319,16 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       if (dirtyPages === 0 || expectedDowntimeMs <= (shrinking ? opts.maxDowntimeMs / 2 : opts.maxDowntimeMs)) break;
       unacked = bitmaps; // harvested, not yet acknowledged
       if (now() > deadline)
-        throw new VcpudError('unavailable', `the completion timeout (${Math.round(deadline - started)} ms for ${(totalBytes / GiB).toFixed(2)} GiB) passed with ${dirtyBytes} bytes still dirty`);
+        throw new VcpudError(
+          'unavailable',
+          `the completion timeout (${Math.round(deadline - started)} ms for ${(totalBytes / GiB).toFixed(2)} GiB) passed with ${dirtyBytes} bytes still dirty`,
+        );
       if (!shrinking && stage.pass >= 2) {
         if (opts.abortOnNoProgress)
-          throw new VcpudError('failed_precondition', `no progress: ${dirtyBytes} bytes dirty after pass ${stage.pass}, ${previousDirty} after the one before (the guest dirties ${Math.round(dirtyRate)} B/s against ${Math.round(bandwidth)} B/s sent), and abort_on_no_progress is set`);
+          throw new VcpudError(
+            'failed_precondition',
+            `no progress: ${dirtyBytes} bytes dirty after pass ${stage.pass}, ${previousDirty} after the one before (the guest dirties ${Math.round(dirtyRate)} B/s against ${Math.round(bandwidth)} B/s sent), and abort_on_no_progress is set`,
+          );
         throttle = throttle ? Math.min(THROTTLE.max, throttle + THROTTLE.step) : THROTTLE.start;
         maxThrottle = Math.max(maxThrottle, throttle);
         setThrottle(vm, throttle);
@@ -378,9 +396,16 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       if (s === 'committed') {
         // The commit went through; only its acknowledgement was lost.
         opts.destroySource();
-        throw new VcpudError('unavailable', `migration of VM ${vm.id} to ${dest.name}: the destination committed but its acknowledgement was lost (${err.message}); the VM runs there and was deleted here`, { reason: 'MIGRATION_FAILED' });
+        throw new VcpudError(
+          'unavailable',
+          `migration of VM ${vm.id} to ${dest.name}: the destination committed but its acknowledgement was lost (${err.message}); the VM runs there and was deleted here`,
+          { reason: 'MIGRATION_FAILED' },
+        );
       }
-      outcome = s === 'aborted' ? await resumeHere(vm, paused) : '; the destination could not be asked whether it committed: the VM is left PAUSED here (resume it only after checking the destination)';
+      outcome =
+        s === 'aborted'
+          ? await resumeHere(vm, paused)
+          : '; the destination could not be asked whether it committed: the VM is left PAUSED here (resume it only after checking the destination)';
     } else {
       outcome = await resumeHere(vm, paused);
       if (migrationId) {

@@ -5,7 +5,17 @@
  * carries them. Decoded into what restoreIntoNewVm takes.
  */
 import { VcpudError } from '../../errors';
-import { decodeNamed, decodeRecordHeader, encodeNamed, nextRecordOffset, payloadOffset, crc32c, RecordKind, RECORD_HEADER_SIZE, type SnapshotHeader } from '../snapshot-format';
+import {
+  decodeNamed,
+  decodeRecordHeader,
+  encodeNamed,
+  nextRecordOffset,
+  payloadOffset,
+  crc32c,
+  RecordKind,
+  RECORD_HEADER_SIZE,
+  type SnapshotHeader,
+} from '../snapshot-format';
 import { encodeRecord, type CapturedState } from '../snapshot-writer';
 
 export interface DecodedState {

@@ -17,7 +17,8 @@ export const DONE_GRACE_MS = 200;
 
 function consoleJson(ev: StreamConsoleResponse__Output): string {
   const { event } = ev;
-  const dropped = ev.droppedOutputBytes !== '0' || ev.droppedEvents !== '0' ? { droppedOutputBytes: ev.droppedOutputBytes, droppedEvents: ev.droppedEvents } : {};
+  const dropped =
+    ev.droppedOutputBytes !== '0' || ev.droppedEvents !== '0' ? { droppedOutputBytes: ev.droppedOutputBytes, droppedEvents: ev.droppedEvents } : {};
   if (event === 'output') return JSON.stringify({ output: ev.output?.toString('base64') ?? '', text: ev.output?.toString('utf8') ?? '', ...dropped });
   if (event === 'stateChange') return JSON.stringify({ stateChange: ev.stateChange, ...dropped });
   if (event === 'debug') return JSON.stringify({ debug: ev.debug, ...dropped });

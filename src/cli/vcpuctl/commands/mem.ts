@@ -26,7 +26,11 @@ export const memCommands: Command[] = [
       let file: string | undefined;
       if (out !== undefined) file = ctx.writeFile(out, data);
       if (ctx.json)
-        ctx.printJson(file !== undefined ? { guestPhysicalAddress: gpa.toString(), length: data.length, file } : { guestPhysicalAddress: gpa.toString(), length: data.length, data });
+        ctx.printJson(
+          file !== undefined
+            ? { guestPhysicalAddress: gpa.toString(), length: data.length, file }
+            : { guestPhysicalAddress: gpa.toString(), length: data.length, data },
+        );
       else if (file !== undefined) ctx.print(`wrote ${data.length} bytes from ${hex(gpa)} to ${file}`);
       else ctx.print(hexdump(data, gpa));
     },

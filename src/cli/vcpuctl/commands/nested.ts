@@ -17,7 +17,9 @@ export const nestedCommands: Command[] = [
       if (out !== undefined) {
         const full = ctx.writeFile(out, raw);
         if (!ctx.json)
-          ctx.print(`wrote ${raw.length} bytes (format ${enumShort(n?.format, 'NESTED_FORMAT_')}, flags ${(n?.flagNames ?? []).join(' ') || 'none'}) to ${full}`);
+          ctx.print(
+            `wrote ${raw.length} bytes (format ${enumShort(n?.format, 'NESTED_FORMAT_')}, flags ${(n?.flagNames ?? []).join(' ') || 'none'}) to ${full}`,
+          );
       }
       if (ctx.json) ctx.printJson(resp);
       else if (out === undefined) ctx.print(hexdump(raw));
@@ -41,7 +43,9 @@ export const nestedCommands: Command[] = [
     options: [VCPU_OPTION, { name: 'in', type: 'string', arg: 'FILE', required: true, help: 'the raw kvm_nested_state bytes' }, NO_IMPLICIT_PAUSE],
     async run(ctx) {
       const raw = ctx.readFile('--in', ctx.options.string('in') as string);
-      const resp = await ctx.client().setNestedState({ vmId: ctx.positionals[0], vcpuId: vcpuOf(ctx), raw, noImplicitPause: ctx.options.bool('no-implicit-pause') });
+      const resp = await ctx
+        .client()
+        .setNestedState({ vmId: ctx.positionals[0], vcpuId: vcpuOf(ctx), raw, noImplicitPause: ctx.options.bool('no-implicit-pause') });
       if (ctx.json) ctx.printJson(resp);
       else ctx.print(`nested state set (${raw.length} bytes)`);
     },

@@ -16,7 +16,7 @@ import type { Duration__Output } from '../../../api/generated/google/protobuf/Du
 import { withBulkHeap } from '../../../bulk-heap';
 import { msToDuration } from '../../../duration';
 import { UsageError } from '../args';
-import { resolveTarget } from '../client';
+import { resolveTarget, type VcpudClient } from '../client';
 import type { Command, Context } from '../command';
 import { enumShort, formatSize, formatVm, keyValues, printable, table } from '../format';
 import { openInputFile } from '../input-file';
@@ -29,7 +29,11 @@ const mib = (n: number) => `${(n / 1048576).toFixed(1)}`;
 /** Bytes for humans, rounded: "62.1 MiB", "812 KiB", "96 bytes". */
 export function humanSize(v: string | number): string {
   const n = Number(v);
-  for (const [unit, size] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const)
+  for (const [unit, size] of [
+    ['GiB', 2 ** 30],
+    ['MiB', 2 ** 20],
+    ['KiB', 2 ** 10],
+  ] as const)
     if (n >= size) return `${(n / size).toFixed(n / size >= 100 ? 0 : 1)} ${unit}`;
   return `${n} bytes`;
 }
@@ -60,7 +64,9 @@ export function progressReporter(ctx: Context, label: string): { update(p: Snaps
               switchingOver: m.switchingOver,
             }
           : undefined;
-        stderr.write(`${JSON.stringify({ progress: { operation: label, phase, memoryBytesDone: done, memoryBytesTotal: total, bytesWritten: Number(p.bytesWritten), ...(migration ? { migration } : {}) } })}\n`);
+        stderr.write(
+          `${JSON.stringify({ progress: { operation: label, phase, memoryBytesDone: done, memoryBytesTotal: total, bytesWritten: Number(p.bytesWritten), ...(migration ? { migration } : {}) } })}\n`,
+        );
         return;
       }
       if (!stderr.isTTY) return;
@@ -87,10 +93,12 @@ function drain<T>(call: grpc.ClientReadableStream<T>, onMessage: (m: T) => void 
   return new Promise((resolve, reject) => {
     let chain = Promise.resolve();
     call.on('data', (m: T) => {
-      chain = chain.then(() => onMessage(m)).catch((e) => {
-        call.cancel();
-        reject(e);
-      });
+      chain = chain
+        .then(() => onMessage(m))
+        .catch((e) => {
+          call.cancel();
+          reject(e);
+        });
     });
     call.on('error', reject);
     call.on('end', () => chain.then(resolve, reject));
@@ -118,11 +126,17 @@ export const chainText = (i: Pick<SnapshotInfo__Output, 'parent' | 'chainDepth'>
 async function create(ctx: Context): Promise<void> {
   const [vmId, name] = ctx.positionals;
   const out = ctx.options.string('out');
-  if (!name === !out) throw new UsageError('give NAME (stored under the server\'s snapshot directory) or --out FILE (streamed here), not both', 'snapshot create');
+  if (!name === !out)
+    throw new UsageError("give NAME (stored under the server's snapshot directory) or --out FILE (streamed here), not both", 'snapshot create');
   const client = ctx.client();
   const replace = ctx.options.bool('replace');
   if (out && replace) throw new UsageError('--replace is for NAME on the server (--out FILE is always replaced whole)', 'snapshot create');
-  const common = { vmId, leavePaused: ctx.options.bool('leave-paused'), parent: ctx.options.string('parent') ?? '', trackDirty: ctx.options.bool('track-dirty') };
+  const common = {
+    vmId,
+    leavePaused: ctx.options.bool('leave-paused'),
+    parent: ctx.options.string('parent') ?? '',
+    trackDirty: ctx.options.bool('track-dirty'),
+  };
   const call = client.createSnapshot(out ? { ...common, stream: true } : { ...common, name, replace });
   const progress = progressReporter(ctx, 'snapshot');
   // --out: written under a temporary name, renamed on success, so FILE is whole or untouched.
@@ -132,15 +146,17 @@ async function create(ctx: Context): Promise<void> {
   let done: SnapshotInfo__Output | undefined;
   let pos = 0;
   try {
-    await withBulkHeap(() => drain(call, (m: CreateSnapshotResponse__Output) => {
-      if (m.progress) progress.update(m.progress);
-      if (m.data && fd !== undefined) {
-        let off = 0;
-        while (off < m.data.length) off += fs.writeSync(fd, m.data, off, m.data.length - off, pos + off);
-        pos += m.data.length;
-      }
-      if (m.done) done = m.done;
-    }));
+    await withBulkHeap(() =>
+      drain(call, (m: CreateSnapshotResponse__Output) => {
+        if (m.progress) progress.update(m.progress);
+        if (m.data && fd !== undefined) {
+          let off = 0;
+          while (off < m.data.length) off += fs.writeSync(fd, m.data, off, m.data.length - off, pos + off);
+          pos += m.data.length;
+        }
+        if (m.done) done = m.done;
+      }),
+    );
     progress.finish();
     if (!done) throw new Error('the server ended CreateSnapshot without a done message');
     if (fd !== undefined) {
@@ -163,11 +179,12 @@ async function create(ctx: Context): Promise<void> {
 async function restore(ctx: Context): Promise<void> {
   const [name] = ctx.positionals;
   const inFile = ctx.options.string('in');
-  if (!name === !inFile) throw new UsageError('give NAME (under the server\'s snapshot directory) or --in FILE (streamed from here), not both', 'snapshot restore');
+  if (!name === !inFile)
+    throw new UsageError("give NAME (under the server's snapshot directory) or --in FILE (streamed from here), not both", 'snapshot restore');
   const client = ctx.client();
   const run = ctx.options.bool('run');
   const vmName = ctx.options.string('name') ?? '';
-  let resp;
+  let resp: Awaited<ReturnType<VcpudClient['restoreSnapshot']>>;
   if (name) {
     resp = await client.restoreSnapshot({ name, run, vmName, noLazyMemory: ctx.options.bool('no-lazy') });
   } else {
@@ -179,7 +196,12 @@ async function restore(ctx: Context): Promise<void> {
       stream.write({ options: { run, vmName } });
       await withBulkHeap(() =>
         uploadFile(stream, fd, size, response, (pos) =>
-          progress.update({ phase: 'SNAPSHOT_PHASE_MEMORY', memoryBytesDone: String(pos), memoryBytesTotal: String(size), bytesWritten: String(pos) } as SnapshotProgress__Output),
+          progress.update({
+            phase: 'SNAPSHOT_PHASE_MEMORY',
+            memoryBytesDone: String(pos),
+            memoryBytesTotal: String(size),
+            bytesWritten: String(pos),
+          } as SnapshotProgress__Output),
         ),
       );
       stream.end();
@@ -278,14 +300,19 @@ export const snapshotCommands: Command[] = [
       { name: 'out', type: 'string', arg: 'FILE', help: 'stream the snapshot into FILE on this machine instead of storing it on the server' },
       { name: 'leave-paused', type: 'bool', help: 'leave the VM paused afterwards (default: resumed as it was)' },
       { name: 'replace', type: 'bool', help: 'replace an existing snapshot NAME (default: an existing NAME is refused, ALREADY_EXISTS)' },
-      { name: 'parent', type: 'string', arg: 'NAME', help: 'incremental: store only the pages dirtied since snapshot NAME of this VM (a restore reads the chain)' },
+      {
+        name: 'parent',
+        type: 'string',
+        arg: 'NAME',
+        help: 'incremental: store only the pages dirtied since snapshot NAME of this VM (a restore reads the chain)',
+      },
       { name: 'track-dirty', type: 'bool', help: 'start dirty tracking here, so later snapshots can name this one as --parent' },
     ],
     run: create,
   },
   {
     path: ['snapshot', 'restore'],
-    summary: "Restore a snapshot (NAME on the server, or --in FILE from here) into a new VM, PAUSED unless --run.",
+    summary: 'Restore a snapshot (NAME on the server, or --in FILE from here) into a new VM, PAUSED unless --run.',
     positionals: ['[NAME]'],
     options: [
       { name: 'in', type: 'string', arg: 'FILE', help: 'stream the snapshot from FILE on this machine' },
@@ -340,7 +367,8 @@ export const snapshotCommands: Command[] = [
     async run(ctx) {
       const resp = await ctx.client().mergeSnapshot(ctx.positionals[0], ctx.options.string('into') ?? '');
       if (ctx.json) ctx.printJson(resp);
-      else if (resp.snapshot) ctx.print(`merged a chain of ${resp.chainLength} in ${(seconds(resp.duration) * 1000).toFixed(0)} ms\n${infoLines(resp.snapshot)}`);
+      else if (resp.snapshot)
+        ctx.print(`merged a chain of ${resp.chainLength} in ${(seconds(resp.duration) * 1000).toFixed(0)} ms\n${infoLines(resp.snapshot)}`);
     },
   },
   {
@@ -358,7 +386,12 @@ export const snapshotCommands: Command[] = [
       { name: 'mode', type: 'string', arg: 'MODE', help: 'pre-copy (default: copy while the VM runs) or stop-and-copy (paused for the whole copy)' },
       { name: 'max-downtime', type: 'string', arg: 'DURATION', help: 'pre-copy switches over once the expected pause is this short (default 50ms)' },
       { name: 'bandwidth', type: 'size', arg: 'BYTES', help: 'cap the memory copy at BYTES per second (e.g. 200MiB; default unlimited)' },
-      { name: 'completion-timeout-per-gib', type: 'string', arg: 'DURATION', help: 'give up (the VM stays here) after this long per GiB of guest memory (default 150s)' },
+      {
+        name: 'completion-timeout-per-gib',
+        type: 'string',
+        arg: 'DURATION',
+        help: 'give up (the VM stays here) after this long per GiB of guest memory (default 150s)',
+      },
       { name: 'abort-on-no-progress', type: 'bool', help: 'fail instead of throttling the vCPUs when the dirty memory stops shrinking' },
     ],
     notes:

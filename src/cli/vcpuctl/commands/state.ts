@@ -5,12 +5,13 @@
  * reads the sections involved, edits them and writes them back.
  */
 import protobuf from 'protobufjs';
+import { camelCase, snakeCase } from '../../../case';
 import type { VcpuState__Output } from '../../../api/generated/vcpud/v1/VcpuState';
 import { UsageError } from '../args';
 import { messageType } from '../client';
 import { NO_IMPLICIT_PAUSE, VCPU_OPTION, vcpuOf, type Command, type Context } from '../command';
-import { applyEdits, camel, parseSections, parseSetEdit, planEdits, sectionField } from '../edit';
-import { formatGetState, sectionName, snake } from '../format';
+import { applyEdits, parseSections, parseSetEdit, planEdits, sectionField } from '../edit';
+import { formatGetState, sectionName } from '../format';
 
 const vcpuStateType = () => messageType('vcpud.v1.VcpuState');
 
@@ -33,16 +34,16 @@ function normalizeJson(value: unknown, type: protobuf.Type, where: string): unkn
   if (value === null || typeof value !== 'object' || Array.isArray(value)) return value;
   const out: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(value as Record<string, unknown>)) {
-    const key = camel(k);
+    const key = camelCase(k);
     const field = type.fields[key];
     if (!field) {
       // oneof group names proto-loader adds (e.g. headerView) carry no data
       if (type.oneofs?.[key]) continue;
-      throw new UsageError(`--json-in: ${where}${snake(key)} is not a field of ${type.name} (${Object.keys(type.fields).map(snake).join(', ')})`);
+      throw new UsageError(`--json-in: ${where}${snakeCase(key)} is not a field of ${type.name} (${Object.keys(type.fields).map(snakeCase).join(', ')})`);
     }
     const sub = field.resolvedType instanceof protobuf.Type ? field.resolvedType : undefined;
-    if (sub && Array.isArray(v)) out[key] = v.map((x, i) => normalizeJson(x, sub, `${where}${snake(key)}[${i}].`));
-    else if (sub) out[key] = normalizeJson(v, sub, `${where}${snake(key)}.`);
+    if (sub && Array.isArray(v)) out[key] = v.map((x, i) => normalizeJson(x, sub, `${where}${snakeCase(key)}[${i}].`));
+    else if (sub) out[key] = normalizeJson(v, sub, `${where}${snakeCase(key)}.`);
     else out[key] = v;
   }
   return out;
@@ -66,7 +67,9 @@ export function vcpuStateFromJson(json: unknown): Record<string, unknown> {
 }
 
 function presentSections(state: Record<string, unknown>): string[] {
-  return Object.keys(state).filter((k) => state[k] !== null && state[k] !== undefined).map(snake);
+  return Object.keys(state)
+    .filter((k) => state[k] !== null && state[k] !== undefined)
+    .map(snakeCase);
 }
 
 async function stateSet(ctx: Context): Promise<void> {
@@ -121,10 +124,21 @@ export const stateCommands: Command[] = [
     positionals: ['VM'],
     options: [
       VCPU_OPTION,
-      { name: 'section', type: 'string', repeat: true, arg: 'NAME', help: 'a section to read (regs, sregs, msrs, ...; comma lists too); default: every readable one' },
+      {
+        name: 'section',
+        type: 'string',
+        repeat: true,
+        arg: 'NAME',
+        help: 'a section to read (regs, sregs, msrs, ...; comma lists too); default: every readable one',
+      },
       { name: 'msr', type: 'int', repeat: true, arg: 'INDEX', help: 'an MSR to read for the msrs section; default: the host MSR index list' },
       NO_IMPLICIT_PAUSE,
-      { name: 'out', type: 'string', arg: 'FILE', help: 'write the binary VcpuState to FILE (for `state set --in`) instead of the table; --json still prints it' },
+      {
+        name: 'out',
+        type: 'string',
+        arg: 'FILE',
+        help: 'write the binary VcpuState to FILE (for `state set --in`) instead of the table; --json still prints it',
+      },
     ],
     notes: 'sections: regs sregs sregs2 fpu xsave xcrs msrs lapic vcpu_events debugregs mp_state cpuid2 tsc_khz',
     async run(ctx) {
@@ -138,7 +152,10 @@ export const stateCommands: Command[] = [
       if (out !== undefined) {
         const bytes = encodeVcpuState(resp.state ?? {});
         const full = ctx.writeFile(out, bytes);
-        if (!ctx.json) ctx.note(`wrote ${bytes.length} bytes (VcpuState: ${presentSections((resp.state ?? {}) as unknown as Record<string, unknown>).join(', ')}) to ${full}`);
+        if (!ctx.json)
+          ctx.note(
+            `wrote ${bytes.length} bytes (VcpuState: ${presentSections((resp.state ?? {}) as unknown as Record<string, unknown>).join(', ')}) to ${full}`,
+          );
       }
       if (ctx.json) ctx.printJson(resp);
       else if (out === undefined) ctx.print(formatGetState(resp, { vmId, vcpuId })); // with --out the file is the output
