@@ -25,7 +25,7 @@ npx tsc -p tsconfig.json || typecheck_failed=1
 
 step "lint and format check (npm run lint: biome, config in biome.jsonc; npm run format fixes the format)"
 lint_failed=0
-npx biome ci --error-on-warnings . || lint_failed=1
+npm run --silent lint || lint_failed=1
 
 step "build: the descriptor set server reflection serves (dist/src/descriptor-set.binpb)"
 bash scripts/build-descriptors.sh || typecheck_failed=1

@@ -28,7 +28,7 @@ import { invalidArgument, KvmError, VcpudError, type ErrorDetails, type Violatio
 import { probedCaps, requireNested, type HostCapabilities } from '../ffi/capabilities';
 import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
-import { validateNestedState } from '../ffi/nested';
+import { NESTED_HEADER_SIZE, validateNestedState } from '../ffi/nested';
 import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import { BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
@@ -494,13 +494,17 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
       restoreError = `; restoring the previous state FAILED: ${(r as Error).message}`;
     }
     const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), ioctl: 'KVM_SET_NESTED_STATE' };
-    // The addon's own length check (a RangeError, no ioctl made) refuses a header size beyond the blob, which
-    // the validator reports as common.size.buffer: with validation skipped it is still the caller's blob at fault.
+    // The addon's own length checks (a RangeError, no ioctl made) refuse a blob shorter than the header or than
+    // its header's size: the validator's common.header.length and common.size.buffer. With validation skipped
+    // it is still the caller's blob at fault.
     const blobTooShort = e instanceof RangeError;
     if (restoreError) details.reason = 'ROLLBACK_FAILED';
     else if (blobTooShort) {
       details.reason = 'INVALID_NESTED_STATE';
-      details.violations = [{ rule: 'common.size.buffer', field: 'size', message: (e as Error).message }];
+      const noHeader = blob.length < NESTED_HEADER_SIZE;
+      details.violations = [
+        { rule: noHeader ? 'common.header.length' : 'common.size.buffer', field: noHeader ? 'blob' : 'size', message: (e as Error).message },
+      ];
     } else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
       details.violations = [{ rule: kernelRule(e.ioctl), field: 'raw', message: `${e.code} from ${e.ioctl}` }];
     const kind = restoreError ? 'internal' : blobTooShort ? 'invalid_argument' : e instanceof VcpudError ? e.kind : 'internal';
