@@ -1,7 +1,9 @@
-// Three-stream hardware CRC-32C after Mark Adler's crc32c.c (zlib licence): the buffer is cut into
-// three blocks whose CRCs run in parallel through the CRC32 instruction (latency 3, throughput 1),
-// then combined by "shifting" the earlier CRCs over the later blocks' lengths with precomputed
-// GF(2) operator tables.
+// CRC-32C. The CRC32 instruction has a latency of three cycles and a throughput of one, so a
+// single dependency chain runs at a third of the instruction's speed. Long buffers are therefore
+// cut into three lanes checksummed side by side; the lanes are joined with the identity
+//   raw(A || B) = raw(A) * x^(8|B|) mod P  xor  raw(B)
+// (raw = the CRC without its initial and final inversion, which is linear), where multiplying by
+// the constant x^(8|B|) mod P is a linear map on 32 bits, tabulated per byte once at start-up.
 #include "crc32c.h"
 
 #include <cstring>
@@ -15,155 +17,98 @@
 namespace vcpud {
 namespace {
 
-constexpr uint32_t kPoly = 0x82f63b78;  // reflected Castagnoli
-constexpr size_t kLong = 8192;
-constexpr size_t kShort = 256;
+// Bit-reflected: bit 31 holds the coefficient of x^0, bit 0 that of x^31, so a right shift
+// multiplies by x. kPoly is P = x^32 + ... reflected, without its x^32 term.
+constexpr uint32_t kPoly = 0x82f63b78;
+constexpr uint32_t kOne = 0x80000000;  // the polynomial 1
 
-uint32_t g_table[8][256];       // slicing-by-8 for the software path
-uint32_t g_long[4][256];        // operator: append kLong zero bytes
-uint32_t g_short[4][256];       // operator: append kShort zero bytes
-bool g_hw = false;
+uint32_t TimesX(uint32_t a) { return (a >> 1) ^ (a & 1 ? kPoly : 0); }
+
+uint32_t MultiplyModP(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t coefficient = kOne; coefficient; coefficient >>= 1) {  // x^0, x^1, ... of a
+    if (a & coefficient) product ^= b;
+    b = TimesX(b);
+  }
+  return product;
+}
+
+// "Append `bytes` zero bytes to a raw CRC", i.e. multiply by x^(8*bytes) mod P, as four byte tables.
+struct ZeroAppender {
+  uint32_t byByte[4][256];
+
+  void Init(size_t bytes) {
+    uint32_t power = kOne;
+    for (size_t i = 0; i < bytes * 8; i++) power = TimesX(power);
+    for (int lane = 0; lane < 4; lane++)
+      for (uint32_t v = 0; v < 256; v++) byByte[lane][v] = MultiplyModP(v << (8 * lane), power);
+  }
+  uint32_t Apply(uint32_t crc) const {
+    return byByte[0][crc & 0xff] ^ byByte[1][(crc >> 8) & 0xff] ^ byByte[2][(crc >> 16) & 0xff] ^
+           byByte[3][crc >> 24];
+  }
+};
+
+// Lane widths, longest first: every buffer of at least three lanes of a width is taken in
+// three-lane steps of that width before a narrower one. A 4 KiB page takes one 1 KiB step and
+// two 128-byte steps, then 256 bytes in one chain.
+constexpr size_t kLaneWidths[] = {8192, 1024, 128};
+constexpr int kTiers = sizeof kLaneWidths / sizeof kLaneWidths[0];
+
+struct Tables {
+  uint32_t byteTable[256];  // the software path: one byte at a time
+  ZeroAppender append[kTiers];
+  bool hardware = false;
+};
+
+Tables g;
 std::once_flag g_once;
 
-uint32_t Gf2MatrixTimes(const uint32_t* mat, uint32_t vec) {
-  uint32_t sum = 0;
-  while (vec) {
-    if (vec & 1) sum ^= *mat;
-    vec >>= 1;
-    mat++;
-  }
-  return sum;
-}
-
-void Gf2MatrixSquare(uint32_t* square, const uint32_t* mat) {
-  for (int n = 0; n < 32; n++) square[n] = Gf2MatrixTimes(mat, mat[n]);
-}
-
-// The operator that appends `len` zero bytes (len a power of two) to a CRC.
-void ZerosOp(uint32_t* even, size_t len) {
-  uint32_t odd[32];
-  odd[0] = kPoly;  // one zero bit
-  uint32_t row = 1;
-  for (int n = 1; n < 32; n++) {
-    odd[n] = row;
-    row <<= 1;
-  }
-  Gf2MatrixSquare(even, odd);  // two zero bits
-  Gf2MatrixSquare(odd, even);  // four zero bits
-  do {
-    Gf2MatrixSquare(even, odd);
-    len >>= 1;
-    if (len == 0) return;
-    Gf2MatrixSquare(odd, even);
-    len >>= 1;
-  } while (len);
-  memcpy(even, odd, sizeof odd);
-}
-
-void Zeros(uint32_t zeros[][256], size_t len) {
-  uint32_t op[32];
-  ZerosOp(op, len);
-  for (uint32_t n = 0; n < 256; n++) {
-    zeros[0][n] = Gf2MatrixTimes(op, n);
-    zeros[1][n] = Gf2MatrixTimes(op, n << 8);
-    zeros[2][n] = Gf2MatrixTimes(op, n << 16);
-    zeros[3][n] = Gf2MatrixTimes(op, n << 24);
-  }
-}
-
-inline uint32_t Shift(uint32_t zeros[][256], uint32_t crc) {
-  return zeros[0][crc & 0xff] ^ zeros[1][(crc >> 8) & 0xff] ^ zeros[2][(crc >> 16) & 0xff] ^
-         zeros[3][crc >> 24];
-}
-
 void Init() {
-  for (uint32_t n = 0; n < 256; n++) {
-    uint32_t c = n;
-    for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ kPoly : c >> 1;
-    g_table[0][n] = c;
+  for (uint32_t v = 0; v < 256; v++) {
+    uint32_t r = v;
+    for (int bit = 0; bit < 8; bit++) r = TimesX(r);
+    g.byteTable[v] = r;
   }
-  for (uint32_t n = 0; n < 256; n++) {
-    uint32_t c = g_table[0][n];
-    for (int k = 1; k < 8; k++) {
-      c = g_table[0][c & 0xff] ^ (c >> 8);
-      g_table[k][n] = c;
-    }
-  }
-  Zeros(g_long, kLong);
-  Zeros(g_short, kShort);
+  for (int t = 0; t < kTiers; t++) g.append[t].Init(kLaneWidths[t]);
 #if defined(__x86_64__)
   unsigned a, b, c, d;
-  if (__get_cpuid(1, &a, &b, &c, &d)) g_hw = (c & bit_SSE4_2) != 0;
+  if (__get_cpuid(1, &a, &b, &c, &d)) g.hardware = (c & bit_SSE4_2) != 0;
 #endif
 }
 
-uint32_t Software(uint32_t crc, const uint8_t* p, size_t len) {
-  uint64_t c = crc ^ 0xffffffffu;
-  while (len && (reinterpret_cast<uintptr_t>(p) & 7)) {
-    c = g_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-    len--;
-  }
-  while (len >= 8) {
-    uint64_t w;
-    memcpy(&w, p, 8);
-    w ^= c;
-    c = g_table[7][w & 0xff] ^ g_table[6][(w >> 8) & 0xff] ^ g_table[5][(w >> 16) & 0xff] ^
-        g_table[4][(w >> 24) & 0xff] ^ g_table[3][(w >> 32) & 0xff] ^ g_table[2][(w >> 40) & 0xff] ^
-        g_table[1][(w >> 48) & 0xff] ^ g_table[0][w >> 56];
-    p += 8;
-    len -= 8;
-  }
-  while (len--) c = g_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-  return static_cast<uint32_t>(c) ^ 0xffffffffu;
+uint32_t RawSoftware(uint32_t raw, const uint8_t* p, size_t len) {
+  for (size_t i = 0; i < len; i++) raw = g.byteTable[(raw ^ p[i]) & 0xff] ^ (raw >> 8);
+  return raw;
 }
 
 #if defined(__x86_64__)
-__attribute__((target("sse4.2"))) uint32_t Hardware(uint32_t crc, const uint8_t* next, size_t len) {
-  uint64_t crc0 = crc ^ 0xffffffffu;
-  while (len && (reinterpret_cast<uintptr_t>(next) & 7)) {
-    crc0 = _mm_crc32_u8(static_cast<uint32_t>(crc0), *next++);
-    len--;
-  }
-  auto load = [](const uint8_t* p) {
+__attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t raw, const uint8_t* p, size_t len) {
+  auto word = [](const uint8_t* at) {
     uint64_t w;
-    memcpy(&w, p, 8);
+    memcpy(&w, at, sizeof w);
     return w;
   };
-  while (len >= kLong * 3) {
-    uint64_t crc1 = 0, crc2 = 0;
-    const uint8_t* end = next + kLong;
-    do {
-      crc0 = _mm_crc32_u64(crc0, load(next));
-      crc1 = _mm_crc32_u64(crc1, load(next + kLong));
-      crc2 = _mm_crc32_u64(crc2, load(next + kLong * 2));
-      next += 8;
-    } while (next < end);
-    crc0 = Shift(g_long, static_cast<uint32_t>(crc0)) ^ crc1;
-    crc0 = Shift(g_long, static_cast<uint32_t>(crc0)) ^ crc2;
-    next += kLong * 2;
-    len -= kLong * 3;
+  for (int t = 0; t < kTiers; t++) {
+    const size_t width = kLaneWidths[t];
+    while (len >= 3 * width) {
+      uint64_t a = raw, b = 0, c = 0;
+      for (size_t off = 0; off < width; off += 8) {
+        a = _mm_crc32_u64(a, word(p + off));
+        b = _mm_crc32_u64(b, word(p + width + off));
+        c = _mm_crc32_u64(c, word(p + 2 * width + off));
+      }
+      raw = g.append[t].Apply(g.append[t].Apply(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^
+            static_cast<uint32_t>(c);
+      p += 3 * width;
+      len -= 3 * width;
+    }
   }
-  while (len >= kShort * 3) {
-    uint64_t crc1 = 0, crc2 = 0;
-    const uint8_t* end = next + kShort;
-    do {
-      crc0 = _mm_crc32_u64(crc0, load(next));
-      crc1 = _mm_crc32_u64(crc1, load(next + kShort));
-      crc2 = _mm_crc32_u64(crc2, load(next + kShort * 2));
-      next += 8;
-    } while (next < end);
-    crc0 = Shift(g_short, static_cast<uint32_t>(crc0)) ^ crc1;
-    crc0 = Shift(g_short, static_cast<uint32_t>(crc0)) ^ crc2;
-    next += kShort * 2;
-    len -= kShort * 3;
-  }
-  while (len >= 8) {
-    crc0 = _mm_crc32_u64(crc0, load(next));
-    next += 8;
-    len -= 8;
-  }
-  while (len--) crc0 = _mm_crc32_u8(static_cast<uint32_t>(crc0), *next++);
-  return static_cast<uint32_t>(crc0) ^ 0xffffffffu;
+  uint64_t r = raw;
+  for (; len >= 8; p += 8, len -= 8) r = _mm_crc32_u64(r, word(p));
+  raw = static_cast<uint32_t>(r);
+  for (; len; p++, len--) raw = _mm_crc32_u8(raw, *p);
+  return raw;
 }
 #endif
 
@@ -173,14 +118,14 @@ uint32_t Crc32c(uint32_t crc, const void* buf, size_t len) {
   std::call_once(g_once, Init);
   const uint8_t* p = static_cast<const uint8_t*>(buf);
 #if defined(__x86_64__)
-  if (g_hw) return Hardware(crc, p, len);
+  if (g.hardware) return ~RawHardware(~crc, p, len);
 #endif
-  return Software(crc, p, len);
+  return ~RawSoftware(~crc, p, len);
 }
 
 uint32_t Crc32cSoftware(uint32_t crc, const void* buf, size_t len) {
   std::call_once(g_once, Init);
-  return Software(crc, static_cast<const uint8_t*>(buf), len);
+  return ~RawSoftware(~crc, static_cast<const uint8_t*>(buf), len);
 }
 
 }  // namespace vcpud
