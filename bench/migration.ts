@@ -9,6 +9,9 @@
  * - the same downtime on a larger guest (4 GiB) beside the base size, rounds alternating
  *   (base, large, base, large): downtime should not grow with guest size (target <= 1.2x).
  *
+ * Beside each pass-1 rate and floor, the CPU each side spent per GiB (load-independent: on a shared
+ * 2-core host the rates follow the scheduler; the CPU says where the per-byte cost sits).
+ *
  * BENCH_MIGRATION_MIB (default 1024) sets the guest size; BENCH_MIGRATION_DIRTY_MIBS the dirty rate;
  * BENCH_MIGRATION_LARGE_MIB (default 4096, 0 skips) the larger guest; BENCH_MIGRATION_SIZE_ROUNDS its rounds.
  */
@@ -23,7 +26,7 @@ import type * as grpc from '@grpc/grpc-js';
 import { makePki, type Pki } from '../test/support/pki';
 import { call, startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
 import { DIRTY64, dirty64Control, GUEST_ABI } from '../test/guests/guests';
-import { MiB, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
+import { MiB, cpuSeconds, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
 
 type Client = grpc.Client & Record<string, Function>;
 const SIZE = Number(knob('BENCH_MIGRATION_MIB', '1024', 'migration: guest size in MiB')) * MiB;
@@ -50,7 +53,7 @@ const ms = (d: { seconds: string; nanos: number } | undefined) => (d ? Number(d.
 const RECEIVER = `
 const net = require('node:net'), tls = require('node:tls'), fs = require('node:fs');
 process.on('message', (m) => {
-  const onConn = (s) => { let n = 0; s.on('data', (d) => (n += d.length)); s.on('end', () => { process.send({ received: n }); s.end(); }); };
+  const onConn = (s) => { const c = process.cpuUsage(); let n = 0; s.on('data', (d) => (n += d.length)); s.on('end', () => { const u = process.cpuUsage(c); process.send({ received: n, cpuMs: (u.user + u.system) / 1000 }); s.end(); }); };
   const server = m.tls
     ? tls.createServer({ key: fs.readFileSync(m.tls.key), cert: fs.readFileSync(m.tls.cert), ca: fs.readFileSync(m.tls.ca), requestCert: true, rejectUnauthorized: true }, onConn)
     : net.createServer(onConn);
@@ -58,8 +61,20 @@ process.on('message', (m) => {
 });
 `;
 
-/** MiB/s of `bytes` written in CHUNK buffers to a receiver in another process (unix socket, or mTLS over TCP). */
-async function floorRate(bytes: number, dir: string, pki?: Pki): Promise<number> {
+/** CPU ms per GiB moved of each side of a transfer: where a migration's per-byte cost sits beside the floor's. */
+interface SideCpu {
+  sendMs: number;
+  receiveMs: number;
+}
+
+const GiB = 1024 * MiB;
+const cpuText = (c: SideCpu, send: string, receive: string) => `CPU per GiB: ${send} ${c.sendMs.toFixed(0)} ms + ${receive} ${c.receiveMs.toFixed(0)} ms`;
+
+/**
+ * MiB/s of `bytes` written in CHUNK buffers to a receiver in another process (unix socket, or mTLS over
+ * TCP), and the CPU each side spent (the sender is this process, otherwise idle meanwhile).
+ */
+async function floorRate(bytes: number, dir: string, pki?: Pki): Promise<{ rate: number; cpu: SideCpu }> {
   const script = path.join(dir, 'receiver.js');
   fs.writeFileSync(script, RECEIVER);
   const child = fork(script, [], { stdio: 'inherit' });
@@ -83,12 +98,15 @@ async function floorRate(bytes: number, dir: string, pki?: Pki): Promise<number>
     const buf = crypto.randomBytes(CHUNK);
     const done = next();
     const t = now();
+    const cpu0 = process.cpuUsage();
     for (let sent = 0; sent < bytes; sent += CHUNK) if (!s.write(buf)) await new Promise((r) => s.once('drain', r));
     s.end();
-    const { received } = await done;
+    const { received, cpuMs } = await done;
     const elapsed = now() - t;
+    const cpu = process.cpuUsage(cpu0);
     if (received !== Math.ceil(bytes / CHUNK) * CHUNK) throw new Error(`the floor's receiver got ${received} bytes`);
-    return received / MiB / (elapsed / 1000);
+    const perGiB = GiB / received;
+    return { rate: received / MiB / (elapsed / 1000), cpu: { sendMs: ((cpu.user + cpu.system) / 1000) * perGiB, receiveMs: cpuMs * perGiB } };
   } finally {
     child.kill();
   }
@@ -110,6 +128,18 @@ interface Moved {
   done: Record<string, any>;
   /** Pass 1's transfer rate as the engine measured it, MiB/s. */
   pass1MiBs: number;
+}
+
+/**
+ * `migrate` from `from` to `to`, with the CPU both vcpuds spent per GiB of guest memory (the whole
+ * migration: pass 1 is most of it for an idle guest; 10 ms clock ticks).
+ */
+async function migrateMeasured(from: VcpudProcess, to: VcpudProcess, req: object, bytes: number): Promise<Moved & { cpu: SideCpu }> {
+  const pids = [from.proc.pid as number, to.proc.pid as number];
+  const before = pids.map(cpuSeconds);
+  const moved = await migrate(from.client('SnapshotService'), req);
+  const [sendMs, receiveMs] = pids.map((p, i) => ((cpuSeconds(p) - before[i]) * 1000 * GiB) / bytes);
+  return { ...moved, cpu: { sendMs, receiveMs } };
 }
 
 function migrate(snap: Client, req: object): Promise<Moved> {
@@ -205,22 +235,27 @@ export async function measureMigration(): Promise<BenchResult> {
     const [a, b] = await Promise.all(['a', 'b'].map((side) => startVcpud(['--snapshot-dir', path.join(dir, side), ...limit], {}, VCPUD_NODE_ARGS)));
     daemons.push(a, b);
     const aVms = a.client('VmService');
-    const [aSnap, bSnap] = [a.client('SnapshotService'), b.client('SnapshotService')];
+    const bSnap = b.client('SnapshotService');
 
     // 1. An idle guest with random memory, UDS: throughput of pass 1 and the whole time.
     const id = await randomVm(aVms, SIZE);
-    const udsFloor = await floorRate(SIZE, dir);
+    const { rate: udsFloor, cpu: udsFloorCpu } = await floorRate(SIZE, dir);
     const t = now();
-    const idle = await migrate(aSnap, { vmId: id, destination: b.serving.api });
+    const idle = await migrateMeasured(a, b, { vmId: id, destination: b.serving.api }, SIZE);
     const idleMs = now() - t;
     const sent = Number(idle.done.bytesSent);
     const idleFloorMs = (sent / MiB / udsFloor) * 1000;
-    rows.push(['UDS floor: unix socket between two Node processes', ((SIZE / MiB / udsFloor) * 1000).toFixed(0), udsFloor.toFixed(0), '']);
+    rows.push([
+      'UDS floor: unix socket between two Node processes',
+      ((SIZE / MiB / udsFloor) * 1000).toFixed(0),
+      udsFloor.toFixed(0),
+      cpuText(udsFloorCpu, 'sender', 'receiver'),
+    ]);
     rows.push([
       `idle guest, pre-copy over UDS`,
       idleMs.toFixed(0),
       idle.pass1MiBs.toFixed(0),
-      `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent`,
+      `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent; ${cpuText(idle.cpu, 'source', 'destination')}`,
     ]);
     const thr = ratioRow(
       `${label}: migration pass-1 throughput, UDS`,
@@ -275,14 +310,19 @@ export async function measureMigration(): Promise<BenchResult> {
     );
     daemons.push(src);
     const tlsId = await randomVm(src.client('VmService'), SIZE);
-    const tlsFloor = await floorRate(SIZE, dir, pki);
-    const overTls = await migrate(src.client('SnapshotService'), { vmId: tlsId, destination: `localhost:${dst.serving.api.split(':').pop()}` });
-    rows.push(['TLS floor: Node TLS over TCP loopback, two processes', ((SIZE / MiB / tlsFloor) * 1000).toFixed(0), tlsFloor.toFixed(0), '']);
+    const { rate: tlsFloor, cpu: tlsFloorCpu } = await floorRate(SIZE, dir, pki);
+    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: `localhost:${dst.serving.api.split(':').pop()}` }, SIZE);
+    rows.push([
+      'TLS floor: Node TLS over TCP loopback, two processes',
+      ((SIZE / MiB / tlsFloor) * 1000).toFixed(0),
+      tlsFloor.toFixed(0),
+      cpuText(tlsFloorCpu, 'sender', 'receiver'),
+    ]);
     rows.push([
       'idle guest, pre-copy over mTLS',
       ms(overTls.done.duration).toFixed(0),
       overTls.pass1MiBs.toFixed(0),
-      `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms`,
+      `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms; ${cpuText(overTls.cpu, 'source', 'destination')}`,
     ]);
     benchRows.push(
       ratioRow(
