@@ -135,7 +135,8 @@ ${markdownTable(ROW_HEADER, r.rows.map(rowCells))}
 - The figures are medians (of batches, calls or runs, as each section below says), which a busy
   machine moves less than means; still, a shared machine moves them (see the load average below),
   and the ratios are meaningful only when both sides ran under the same conditions. Compare ratios
-  across runs, not values.
+  across runs, not values. The CreateSnapshot speed ratios are the exception: they compare the fastest
+  run of each side, since one descheduling makes the ~100 ms cp floor at 256 MiB several times slower.
 
 ## Machine
 

@@ -5,6 +5,7 @@
  * is wrapped by passPreserialized sends a Preserialized value's bytes as they are; other values go
  * through the method's own serializer.
  */
+import type * as grpc from '@grpc/grpc-js';
 
 /** A message's protobuf encoding, sent as is. */
 export class Preserialized {
@@ -15,6 +16,14 @@ export class Preserialized {
 export function passPreserialized<T>(serialize: (value: T) => Buffer): (value: T | Preserialized) => Buffer {
   return (value) => (value instanceof Preserialized ? value.bytes : serialize(value));
 }
+
+/**
+ * Generated handlers `H` whose unary method `M` may answer with Preserialized bytes: for a method whose
+ * definition's serializer is wrapped by passPreserialized, so the handler's reply type says what it sends.
+ */
+export type AnsweringPreserialized<H, M extends keyof H> = Omit<H, M> & {
+  [K in M]: H[K] extends grpc.handleUnaryCall<infer Req, infer Res> ? grpc.handleUnaryCall<Req, Res | Preserialized> : never;
+};
 
 const LENGTH_DELIMITED = 2;
 

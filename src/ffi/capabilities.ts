@@ -4,7 +4,6 @@
  */
 import fs from 'node:fs';
 import os from 'node:os';
-import { UnsupportedError } from '../errors';
 import { hasBit, maxPhysAddrBits, SVM_BIT, vendorOf, VMX_BIT, type Vendor } from './cpuid-facts';
 import { nestedStateMaxSize, SECTION_CAPS, sectionGate, xsaveSize, type CapName, type CapSource } from './caps';
 import type { Kvm } from './kvm';
@@ -118,9 +117,4 @@ function nestedSupport(maxSize: number, vendor: Vendor, kvmModule: string, vmx: 
 /** The probed KVM_CHECK_EXTENSION answers as a CapSource: the gate asked without another ioctl. */
 export function probedCaps(caps: HostCapabilities): CapSource {
   return { checkExtension: (cap) => caps.caps[`KVM_CAP_${cap}`] ?? 0 };
-}
-
-/** Throws UnsupportedError (KVM_CAP_NESTED_STATE) when nested state cannot be used on this host. */
-export function requireNested(caps: HostCapabilities): void {
-  if (!caps.nested.supported) throw new UnsupportedError('KVM_CAP_NESTED_STATE', caps.nested.reason ?? 'unsupported');
 }

@@ -281,7 +281,7 @@ export class Vcpu {
    * once; returns exactly `size` bytes. A 128-byte result is real state, not "none".
    */
   getNestedState(): Buffer {
-    const max = this.requireNested('KVM_GET_NESTED_STATE');
+    const max = this.requireNestedState('KVM_GET_NESTED_STATE');
     const attempt = (cap: number): Buffer => {
       const buf = Buffer.alloc(cap);
       kvmCall('KVM_GET_NESTED_STATE', () => native.getNestedState(this.fd, buf, max));
@@ -295,9 +295,18 @@ export class Vcpu {
     }
   }
 
+  /**
+   * The one nested-state gate (ffi/caps.ts requireNestedState), asked of this VM: its KVM_CAP_NESTED_STATE
+   * size, or UnsupportedError naming the capability when it is 0. src/vm asks it before validating a blob
+   * against that size; Get/SetNestedState ask it before their ioctl.
+   */
+  requireNestedState(ioctl: 'KVM_GET_NESTED_STATE' | 'KVM_SET_NESTED_STATE'): number {
+    return requireNestedState(this.vm, ioctl);
+  }
+
   /** KVM_SET_NESTED_STATE with the caller's bytes, unchanged. Validation is the caller's job. */
   setNestedState(blob: Buffer): void {
-    this.requireNested('KVM_SET_NESTED_STATE');
+    this.requireNestedState('KVM_SET_NESTED_STATE');
     kvmCall('KVM_SET_NESTED_STATE', () => native.setNestedState(this.fd, blob));
   }
 
@@ -328,11 +337,6 @@ export class Vcpu {
   private requireSection(section: SectionName, direction: Direction): void {
     const refusal = sectionGate(section, direction, this.vm, this.vm.hasIrqchip);
     if (refusal) throw refusal;
-  }
-
-  /** The nested-state gate: this VM's KVM_CAP_NESTED_STATE size, or UnsupportedError when it is 0. */
-  private requireNested(ioctl: string): number {
-    return requireNestedState(this.vm, ioctl);
   }
 
   private getRaw(ioctl: string, fn: (fd: number, b: Buffer) => void, size: number): Buffer {

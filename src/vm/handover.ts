@@ -5,8 +5,8 @@
  * saveHandover (SIGTERM): every VM is held and paused; its state (every vCPU section, nested state,
  * irqchip, clock, run states: the snapshot format's records, encodeState) goes to `<id>.state`, then
  * one manifest names each VM (id, name, memory file, state file's size and CRC-32C, console
- * history). Each file is written atomically (temporary name, fsync, rename, fsync of the directory);
- * the manifest is the commit point.
+ * history). Each file is written atomically (atomic-file.ts: temporary name, fsync, rename, fsync of
+ * the directory); the manifest is the commit point.
  *
  * restoreHandover (start): the manifest is verified (format version first: another version is
  * refused, HandoverVersionError, leaving everything in place for the vcpud that wrote it; then its
@@ -21,6 +21,7 @@ import path from 'node:path';
 import { VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
 import { packageVersion } from '../package';
+import { writeFileAtomic } from './atomic-file';
 import { isMemoryFile, LOCK_NAME, type StateDirMemory } from './guest-memory';
 import { ManagedVm } from './managed-vm';
 import { decodeState, encodeState } from './migration/state-records';
@@ -34,7 +35,6 @@ export const HANDOVER_FORMAT_VERSION = 1;
 export const MANIFEST_NAME = 'handover.manifest';
 export const ASIDE_DIR = 'aside';
 const STATE_SUFFIX = '.state';
-const TEMP_SUFFIX = '.tmp';
 /** First line of the manifest: `vcpud-handover <version> <crc32c of the body, hex> <body bytes>`. */
 const MAGIC = 'vcpud-handover';
 /** How long a VM still held by an in-flight call (past the grace) is waited for at SIGTERM. */
@@ -78,20 +78,6 @@ export class HandoverVersionError extends Error {
 
 // ---------------------------------------------------------------------------------------------
 // Files
-
-/** Writes `data` as `dir/name` atomically: temporary file, fsync, rename, fsync of the directory. */
-async function writeFileAtomic(dir: string, name: string, data: Buffer | string): Promise<void> {
-  const temp = path.join(dir, name + TEMP_SUFFIX);
-  const f = await fs.promises.open(temp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
-  try {
-    await f.writeFile(data);
-    await f.sync();
-  } finally {
-    await f.close();
-  }
-  await fs.promises.rename(temp, path.join(dir, name));
-  await syncDir(dir);
-}
 
 async function syncDir(dir: string): Promise<void> {
   const d = await fs.promises.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);

@@ -28,7 +28,7 @@ import {
   type SnapshotHeader,
   type SnapshotIdentity,
 } from './snapshot-format';
-import { isStaleTemp, isTempName, type SinkTarget } from './snapshot-writer';
+import { isStaleTemp, isTempName, type AtomicTarget } from './atomic-file';
 import { firstNonPlainCharacter, PLAIN_CHARACTERS } from './vm-name';
 
 const MAX_NAME_BYTES = 1024;
@@ -65,7 +65,7 @@ export interface SnapshotPage {
 }
 
 /** An open directory beneath the snapshot directory and a name in it; close() when done. */
-export interface OpenTarget extends SinkTarget {
+export interface OpenTarget extends AtomicTarget {
   close(): Promise<void>;
 }
 

@@ -1,22 +1,21 @@
 /**
  * Writing a snapshot of a ManagedVm (the format is in snapshot-format.ts) to a sink: a file written
- * atomically (temporary file in the same directory, fsync, rename, fsync of the directory) or a
- * stream of byte chunks (CreateSnapshot to the caller, MigrateVm to another vcpud).
+ * atomically (atomic-file.ts: temporary file in the same directory, fsync, rename or link, fsync of
+ * the directory) or a stream of byte chunks (CreateSnapshot to the caller, MigrateVm to another vcpud).
  *
  * The VM is held (no resume, no memory writes) and its vCPUs paused for the whole capture, so the
  * snapshot is one consistent point in time. vCPU state is read through readState/readNested, in
  * the save order vcpu-state.ts owns. Memory goes out in 4 MiB chunks, zero pages skipped, each
  * chunk checksummed on the libuv pool while it is written.
  */
-import { randomBytes, randomUUID } from 'node:crypto';
-import fs from 'node:fs';
+import { randomUUID } from 'node:crypto';
 import os from 'node:os';
-import { notFound, snapshotExists, VcpudError } from '../errors';
+import { notFound, VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
-import { closeFd, FS, fsAt, fsyncFd } from '../ffi/fs-at';
 import type { NativeGuestMemory } from '../ffi/native';
 import { SECTIONS, type SectionName } from '../ffi/sections';
 import { packageVersion } from '../package';
+import { AtomicFile, type AtomicTarget } from './atomic-file';
 import type { ManagedVm } from './managed-vm';
 import { assertBackingIntact, backingFaultError } from './memory-backing';
 import {
@@ -60,87 +59,27 @@ export interface SnapshotSink {
   abort(): Promise<void>;
 }
 
-const TEMP_SUFFIX = '.vcpud-tmp';
-/** `.NAME.PID.INSTANCE.RANDOM.vcpud-tmp`; files of versions before the instance token lack RANDOM. */
-const TEMP_PATTERN = /^\..+\.(\d+)\.([0-9a-f]{8})(?:\.[0-9a-f]{8})?\.vcpud-tmp$/;
-
 /**
- * This process's incarnation. A pid alone does not tell a crashed vcpud's files from ours: in a
- * container vcpud is PID 1 every time, so the pid of the one that crashed is ours again.
- */
-const INSTANCE = randomBytes(4).toString('hex');
-const STARTED_MS = performance.timeOrigin;
-
-/** The temporary name (in the same directory) `finalName` is written under before the rename: hidden, with our pid and instance. */
-export function tempNameFor(finalName: string): string {
-  return `.${finalName}.${process.pid}.${INSTANCE}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`;
-}
-
-/** Whether a directory entry's name is one of our temporary files (of any vcpud process). */
-export const isTempName = (name: string): boolean => TEMP_PATTERN.test(name);
-
-/**
- * Whether temporary file `name` (last written at `mtimeMs`) was left by a vcpud process that no longer
- * exists (a crash mid-snapshot): that of a dead pid, or of an earlier incarnation with our pid (another
- * instance token) not written since we started. A live writer elsewhere keeps its file's mtime moving.
- */
-export function isStaleTemp(name: string, mtimeMs: number): boolean {
-  const m = TEMP_PATTERN.exec(name);
-  if (!m) return false;
-  const pid = Number(m[1]);
-  return pid === process.pid ? m[2] !== INSTANCE && mtimeMs < STARTED_MS : !processAlive(pid);
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** Where an AtomicFileSink writes: an open directory (the sink uses its own duplicate) and the final name in it. */
-export interface SinkTarget {
-  dirFd: number;
-  name: string;
-  /** For messages only: the final file's path. */
-  displayPath: string;
-  /** Replace a snapshot already under `name`; without it finish() refuses to (ALREADY_EXISTS). */
-  replace: boolean;
-}
-
-/**
- * A snapshot file written atomically: everything goes to a temporary file next to the final name;
- * finish() fsyncs it, renames it over the final name (or, without `replace`, links it there, which
- * fails if the name exists) and fsyncs the directory. Until then the final
- * name shows the previous snapshot (or nothing); a crash leaves only the temporary file. Every
- * operation is relative to the directory's fd (never a path string), so swapping a directory on the
- * way for a symbolic link cannot move the file elsewhere.
+ * A snapshot file written through the one atomic writer (atomic-file.ts): a temporary file next to the
+ * final name, fsynced and published by finish() (renamed over the final name with `replace`, else
+ * linked there, which fails if the name exists).
  */
 export class AtomicFileSink implements SnapshotSink {
   private pos = 0;
-  private done = false;
 
-  private constructor(
-    private readonly dirFd: number,
-    private readonly fd: number,
-    readonly finalName: string,
-    readonly tempName: string,
-    private readonly target: SinkTarget,
-  ) {}
+  private constructor(private readonly file: AtomicFile) {}
 
-  /** Creates the temporary file (O_EXCL | O_NOFOLLOW, mode 0600) in the target's directory. */
-  static async create(target: SinkTarget): Promise<AtomicFileSink> {
-    const dirFd = await fsAt.openat(target.dirFd, '.', FS.O_RDONLY | FS.O_DIRECTORY, 0);
-    const tempName = tempNameFor(target.name);
-    try {
-      const fd = await fsAt.openat(dirFd, tempName, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o600);
-      return new AtomicFileSink(dirFd, fd, target.name, tempName, target);
-    } catch (e) {
-      await closeFd(dirFd);
-      throw e;
-    }
+  /** Creates the temporary file in the target's directory. */
+  static async create(target: AtomicTarget): Promise<AtomicFileSink> {
+    return new AtomicFileSink(await AtomicFile.create(target));
+  }
+
+  get finalName(): string {
+    return this.file.finalName;
+  }
+
+  get tempName(): string {
+    return this.file.tempName;
   }
 
   get position(): number {
@@ -148,7 +87,7 @@ export class AtomicFileSink implements SnapshotSink {
   }
 
   async write(buf: Buffer): Promise<void> {
-    writeAllSync(this.fd, buf, this.pos);
+    this.file.writeAt(buf, this.pos);
     this.pos += buf.length;
   }
 
@@ -158,73 +97,19 @@ export class AtomicFileSink implements SnapshotSink {
     const dataAt = headerAt + RECORD_HEADER_SIZE + pad;
     // The data goes first, in large sequential writes straight from guest memory (the pages are
     // never copied into JS); its checksum comes back with it, then the header is written before it.
-    const payloadCrc = stored ? await memory.writePagesToFd(offset, pages, bitmap, this.fd, dataAt) : 0;
+    const payloadCrc = stored ? await memory.writePagesToFd(offset, pages, bitmap, this.file.fd, dataAt) : 0;
     const header = encodeRecordHeader({ kind: RecordKind.MemoryData, seq, pad, payloadCrc, payloadLength: stored * PAGE_SIZE, aux: gpa, aux2: stored });
-    writeAllSync(this.fd, header, headerAt);
+    this.file.writeAt(header, headerAt);
     this.pos = dataAt + stored * PAGE_SIZE; // page-aligned, so 8-aligned; the padding is a hole (zeros)
   }
 
-  async finish(): Promise<void> {
-    await fsyncFd(this.fd);
-    this.done = true;
-    await closeFd(this.fd);
-    if (!this.target.replace) return this.publishNew();
-    // A snapshot being replaced keeps a second (hidden, temporary-named) link until after the
-    // rename, so the rename does not free its blocks inline (hundreds of ms for a large file);
-    // the unlink afterwards runs on the pool. A crash in between leaves only that hidden link,
-    // which the stale-temp sweep cleans up.
-    let previous: string | undefined = tempNameFor(this.finalName);
-    try {
-      await fsAt.linkat(this.dirFd, this.finalName, this.dirFd, previous, 0);
-    } catch {
-      previous = undefined; // nothing to replace
-    }
-    try {
-      await fsAt.renameat(this.dirFd, this.tempName, this.dirFd, this.finalName);
-      await fsyncFd(this.dirFd);
-    } catch (e) {
-      await this.releaseDir(previous, this.tempName); // the rename may have happened: then the temp name is gone already
-      throw e;
-    }
-    void this.releaseDir(previous); // not awaited: the reply does not wait for the blocks to be freed
+  finish(): Promise<void> {
+    return this.file.commit();
   }
 
-  /**
-   * Publishes the file under a name that must be free: link(2) never replaces, so of two creates
-   * racing for one name (both past openForWrite's check) exactly one wins; the other is ALREADY_EXISTS.
-   */
-  private async publishNew(): Promise<void> {
-    try {
-      await fsAt.linkat(this.dirFd, this.tempName, this.dirFd, this.finalName, 0);
-    } catch (e) {
-      await this.releaseDir(this.tempName);
-      throw (e as NodeJS.ErrnoException)?.code === 'EEXIST' ? snapshotExists(this.target.displayPath) : e;
-    }
-    try {
-      await fsAt.unlinkat(this.dirFd, this.tempName, 0).catch(() => {}); // published already; a leftover hidden link is swept at start
-      await fsyncFd(this.dirFd);
-    } finally {
-      await closeFd(this.dirFd).catch(() => {});
-    }
+  abort(): Promise<void> {
+    return this.file.abort();
   }
-
-  async abort(): Promise<void> {
-    if (this.done) return;
-    this.done = true;
-    await closeFd(this.fd).catch(() => {}); // already closed
-    await this.releaseDir(this.tempName);
-  }
-
-  /** Unlinks `names` (those given) in the directory, then closes the directory. Never throws. */
-  private async releaseDir(...names: (string | undefined)[]): Promise<void> {
-    for (const name of names) if (name) await fsAt.unlinkat(this.dirFd, name, 0).catch(() => {});
-    await closeFd(this.dirFd).catch(() => {});
-  }
-}
-
-function writeAllSync(fd: number, buf: Buffer, position: number): void {
-  let off = 0;
-  while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off, position + off);
 }
 
 /**
@@ -492,8 +377,8 @@ export async function captureState(vm: ManagedVm, caps: HostCapabilities, runSta
         sections.push({ name, size: bytes.length });
       }
       let nestedSize = 0;
-      if (caps.nested.maxSize > 0) {
-        const blob = readNested(v.vcpu, caps);
+      if (v.vcpu.nestedStateMaxSize() > 0) {
+        const blob = readNested(v.vcpu);
         records.push(['nested', blob]);
         nestedSize = blob.length;
       }

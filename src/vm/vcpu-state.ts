@@ -25,10 +25,10 @@
 import { isDeepStrictEqual } from 'node:util';
 import { snakeCase } from '../case';
 import { invalidArgument, KvmError, VcpudError, type ErrorDetails, type Violation } from '../errors';
-import { probedCaps, requireNested, type HostCapabilities } from '../ffi/capabilities';
+import { probedCaps, type HostCapabilities } from '../ffi/capabilities';
 import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
-import { NESTED_HEADER_SIZE, validateNestedState } from '../ffi/nested';
+import { validateNestedState, validateNestedStructure } from '../ffi/nested';
 import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import { BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
@@ -428,14 +428,17 @@ function sectionFailure(section: SectionName, e: unknown, before: unknown, reque
 
 // ---- nested state ----
 
-/** Facts about the target vCPU that the nested-state rules need (read from the vCPU itself). */
-function nestedTarget(vcpu: Vcpu, caps: HostCapabilities) {
+/**
+ * Facts about the target vCPU that the nested-state rules need (read from the vCPU itself); `maxSize` is
+ * the VM's KVM_CAP_NESTED_STATE size as the nested-state gate (Vcpu.requireNestedState) answered it.
+ */
+function nestedTarget(vcpu: Vcpu, caps: HostCapabilities, maxSize: number) {
   const cpuid = vcpu.getCpuid2();
   const sregs = vcpu.getSregs();
   const events = vcpu.getVcpuEvents();
   return {
     vendor: caps.vendor === 'intel' ? ('intel' as const) : ('amd' as const),
-    maxSize: caps.nested.maxSize,
+    maxSize,
     maxPhysAddrBits: maxPhysAddrBits(cpuid),
     guestHasVmx: hasBit(cpuid, VMX_BIT),
     guestHasSvm: hasBit(cpuid, SVM_BIT),
@@ -446,12 +449,8 @@ function nestedTarget(vcpu: Vcpu, caps: HostCapabilities) {
   };
 }
 
-export function nestedViolations(vcpu: Vcpu, caps: HostCapabilities, blob: Buffer): Violation[] {
-  return validateNestedState(blob, nestedTarget(vcpu, caps));
-}
-
-export function readNested(vcpu: Vcpu, caps: HostCapabilities): Buffer {
-  if (caps.nested.maxSize <= 0) requireNested(caps);
+/** KVM_GET_NESTED_STATE behind the nested-state gate (UnsupportedError naming KVM_CAP_NESTED_STATE when the VM has none). */
+export function readNested(vcpu: Vcpu): Buffer {
   return vcpu.getNestedState();
 }
 
@@ -471,16 +470,16 @@ export function readNested(vcpu: Vcpu, caps: HostCapabilities): Buffer {
  * nested mode.
  */
 export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: { skipValidation?: boolean } = {}): void {
-  if (ctx.caps.nested.maxSize <= 0) requireNested(ctx.caps);
-  if (!opts.skipValidation) {
-    const violations = nestedViolations(vcpu, ctx.caps, blob);
-    if (violations.length)
-      throw new VcpudError(
-        'invalid_argument',
-        `nested state rejected by ${violations.length} rule(s): ${violations.map((v) => `${v.rule} (${v.field}): ${v.message}`).join('; ')}`,
-        { reason: 'INVALID_NESTED_STATE', violations },
-      );
-  }
+  // The gate first: a VM without nested state is refused as such, not by the validator's size rule.
+  const maxSize = vcpu.requireNestedState('KVM_SET_NESTED_STATE');
+  // With validation skipped (test only) the kernel judges the blob, but only one it can read: the structural rules hold always.
+  const violations = opts.skipValidation ? validateNestedStructure(blob) : validateNestedState(blob, nestedTarget(vcpu, ctx.caps, maxSize));
+  if (violations.length)
+    throw new VcpudError(
+      'invalid_argument',
+      `nested state rejected by ${violations.length} rule(s): ${violations.map((v) => `${v.rule} (${v.field}): ${v.message}`).join('; ')}`,
+      { reason: 'INVALID_NESTED_STATE', violations },
+    );
   const before = readState(vcpu, ctx, []);
   const nestedBefore = vcpu.getNestedState();
   try {
@@ -494,20 +493,10 @@ export function writeNested(vcpu: Vcpu, ctx: StateContext, blob: Buffer, opts: {
       restoreError = `; restoring the previous state FAILED: ${(r as Error).message}`;
     }
     const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), ioctl: 'KVM_SET_NESTED_STATE' };
-    // The addon's own length checks (a RangeError, no ioctl made) refuse a blob shorter than the header or than
-    // its header's size: the validator's common.header.length and common.size.buffer. With validation skipped
-    // it is still the caller's blob at fault.
-    const blobTooShort = e instanceof RangeError;
     if (restoreError) details.reason = 'ROLLBACK_FAILED';
-    else if (blobTooShort) {
-      details.reason = 'INVALID_NESTED_STATE';
-      const noHeader = blob.length < NESTED_HEADER_SIZE;
-      details.violations = [
-        { rule: noHeader ? 'common.header.length' : 'common.size.buffer', field: noHeader ? 'blob' : 'size', message: (e as Error).message },
-      ];
-    } else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
+    else if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED')
       details.violations = [{ rule: kernelRule(e.ioctl), field: 'raw', message: `${e.code} from ${e.ioctl}` }];
-    const kind = restoreError ? 'internal' : blobTooShort ? 'invalid_argument' : e instanceof VcpudError ? e.kind : 'internal';
+    const kind = restoreError ? 'internal' : e instanceof VcpudError ? e.kind : 'internal';
     throw new VcpudError(
       kind,
       `KVM_SET_NESTED_STATE refused the blob: ${(e as Error).message}${restoreError || '; the previous state was restored'}`,

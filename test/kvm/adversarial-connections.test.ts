@@ -16,6 +16,7 @@ import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
 import { PROBE_MAX_CONNECTIONS } from '../../src/server/server';
 import { describeKvm } from '../support/kvm';
+import { issueClients, mtlsServeArgs, ORCHESTRATOR } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
 import { fdCount, rssBytes } from '../support/proc-resources';
 import { sample } from '../support/prom';
@@ -123,18 +124,11 @@ describeKvm('connection cap and handshake timeout (real vcpud, mTLS)', () => {
 
   beforeAll(async () => {
     pki = makePki(dir);
-    pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
+    issueClients(pki, ORCHESTRATOR);
     d = await startVcpud([
-      '--listen',
-      '127.0.0.1:0',
+      ...mtlsServeArgs(pki),
       '--health-listen',
       '127.0.0.1:0',
-      '--tls-cert',
-      pki.file('server.crt'),
-      '--tls-key',
-      pki.file('server.key'),
-      '--tls-ca',
-      pki.file('ca.crt'),
       '--max-connections',
       String(MAX),
       '--handshake-timeout',
@@ -222,16 +216,7 @@ describeKvm('connection defaults under a flood of idle TLS connections (real vcp
 
   beforeAll(async () => {
     const pki = makePki(dir);
-    d = await startVcpud([
-      '--listen',
-      '127.0.0.1:0',
-      '--tls-cert',
-      pki.file('server.crt'),
-      '--tls-key',
-      pki.file('server.key'),
-      '--tls-ca',
-      pki.file('ca.crt'),
-    ]);
+    d = await startVcpud(mtlsServeArgs(pki));
   });
   afterAll(async () => {
     for (const s of idle) s.destroy();

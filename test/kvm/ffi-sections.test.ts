@@ -3,7 +3,8 @@
  * set, get again, compare. No mock of KVM anywhere.
  */
 import { KvmError, UnsupportedError } from '../../src/errors';
-import { probeCapabilities, requireNested } from '../../src/ffi/capabilities';
+import { probeCapabilities, probedCaps } from '../../src/ffi/capabilities';
+import { requireNestedState } from '../../src/ffi/caps';
 import { Kvm } from '../../src/ffi/kvm';
 import { native } from '../../src/ffi/native';
 import { setIoctlObserver } from '../../src/ffi/observe';
@@ -275,10 +276,8 @@ describeKvm('ffi: capability model and nested state on this host', () => {
     expect(caps.msrIndexList.length).toBeGreaterThan(0);
     expect(caps.sections.regs).toEqual({ readable: true, writable: true });
     expect(caps.caps.KVM_CAP_NESTED_STATE).toBe(caps.nested.maxSize);
-    if (!caps.nested.supported) {
-      expect(caps.nested.reason).toMatch(/KVM_CAP_NESTED_STATE|nested/);
-      expect(() => requireNested(caps)).toThrow(UnsupportedError);
-    }
+    if (!caps.nested.supported) expect(caps.nested.reason).toMatch(/KVM_CAP_NESTED_STATE|nested/);
+    if (caps.nested.maxSize <= 0) expect(() => requireNestedState(probedCaps(caps), 'KVM_GET_NESTED_STATE')).toThrow(UnsupportedError);
   });
 
   it('Get/SetNestedState fail with a typed unsupported error naming KVM_CAP_NESTED_STATE, not a raw EINVAL', () => {

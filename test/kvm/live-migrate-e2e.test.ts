@@ -17,6 +17,7 @@ import { run } from '../../src/cli/vcpuctl';
 import { decodeStatusDetails } from '../../src/api/status-details';
 import { DIRTY64, dirty64Control, dirty64Expected, GUESTS, GUEST_ABI } from '../guests/guests';
 import { describeKvm } from '../support/kvm';
+import { issueClients, localhostTarget, MIGRATOR, ORCHESTRATOR, startMigrationDestination, startMigrationSource } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
 import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
 import { call, callError, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
@@ -388,32 +389,9 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     let tlsSrc: VcpudProcess;
     beforeAll(async () => {
       pki = makePki(path.join(dir, 'pki'));
-      pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
-      pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
-      tlsDst = await startVcpud([
-        '--listen',
-        '127.0.0.1:0',
-        '--tls-cert',
-        pki.file('server.crt'),
-        '--tls-key',
-        pki.file('server.key'),
-        '--tls-ca',
-        pki.file('ca.crt'),
-        '--allow-client',
-        'orchestrator',
-        '--allow-client',
-        'migrator',
-        '--migration-stall-timeout',
-        STALL,
-      ]);
-      tlsSrc = await startVcpud([
-        '--migration-tls-ca',
-        pki.file('ca.crt'),
-        '--migration-tls-cert',
-        pki.file('migrator.crt'),
-        '--migration-tls-key',
-        pki.file('migrator.key'),
-      ]);
+      issueClients(pki, ORCHESTRATOR, MIGRATOR);
+      tlsDst = await startMigrationDestination(pki, ['--migration-stall-timeout', STALL]);
+      tlsSrc = await startMigrationSource(pki);
     });
     afterAll(async () => {
       await Promise.all([tlsSrc?.stop(), tlsDst?.stop()]);
@@ -423,13 +401,13 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       const memory = 64 * MiB;
       const vms = tlsSrc.client('VmService');
       const guest = await dirtyGuest(vms, memory);
-      const target = `localhost:${tlsDst.serving.api.split(':').pop()}`;
+      const target = localhostTarget(tlsDst);
       const r = await runStream(tlsSrc.client('SnapshotService').MigrateVm({ vmId: guest.id, destination: target }));
       expect(r.error).toBeUndefined();
       const done = r.messages.find((m) => m.done)?.done;
       expect(done.mode).toBe('MIGRATION_MODE_PRE_COPY');
-      const remoteVms = tlsDst.client('VmService', pki.clientCreds('orchestrator'), target);
-      const remoteState = tlsDst.client('VcpuStateService', pki.clientCreds('orchestrator'), target);
+      const remoteVms = tlsDst.client('VmService', pki.clientCreds(ORCHESTRATOR), target);
+      const remoteState = tlsDst.client('VcpuStateService', pki.clientCreds(ORCHESTRATOR), target);
       expect(await listVms(vms)).toEqual([]);
       await expectIntact(remoteVms, remoteState, guest, done.destinationVm.id, memory);
       await call(remoteVms, 'DeleteVm', { vmId: done.destinationVm.id });
@@ -439,10 +417,10 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       // The data endpoint applies the API's --allow-client rules: a migrating server whose certificate is
       // signed by the CA but not allowed is turned away at PrepareIncomingMigration already (the API), and
       // an endpoint reached directly without a certificate never completes the TLS handshake.
-      pki.issue('stranger', '/CN=stranger', 'extendedKeyUsage=clientAuth\n');
+      issueClients(pki, 'stranger');
       const vms = tlsSrc.client('VmService');
       const guest = await dirtyGuest(vms, 40 * MiB);
-      const target = `localhost:${tlsDst.serving.api.split(':').pop()}`;
+      const target = localhostTarget(tlsDst);
       const tls = { caPem: pki.pem('ca.crt'), certPem: pki.pem('stranger.crt'), keyPem: pki.pem('stranger.key') };
       const r = await runStream(tlsSrc.client('SnapshotService').MigrateVm({ vmId: guest.id, destination: target, tls }));
       expect(r.error?.code).toBe(grpc.status.FAILED_PRECONDITION);

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { pausedCounterVm } from '../../bench/floors';
 import { GET_STATE_PATH, getStateRequest, loadOk, runLoad, type LoadResult } from '../../bench/loadgen';
 import { describeKvm } from '../support/kvm';
+import { issueClients, localhostTarget, mtlsServeArgs, ORCHESTRATOR } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
 import { fdTargets } from '../support/proc-resources';
 import { startVcpud, type VcpudProcess } from '../support/vcpud-process';
@@ -83,19 +84,8 @@ describeKvm('load generator and h2load recipe against a real vcpud', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-loadgen-'));
     beforeAll(async () => {
       pki = makePki(dir);
-      pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
-      d = await startVcpud([
-        '--listen',
-        '127.0.0.1:0',
-        '--tls-cert',
-        pki.file('server.crt'),
-        '--tls-key',
-        pki.file('server.key'),
-        '--tls-ca',
-        pki.file('ca.crt'),
-        '--allow-client',
-        'orchestrator',
-      ]);
+      issueClients(pki, ORCHESTRATOR);
+      d = await startVcpud(mtlsServeArgs(pki, [ORCHESTRATOR]));
     });
     afterAll(async () => {
       await d.stop();
@@ -103,7 +93,7 @@ describeKvm('load generator and h2load recipe against a real vcpud', () => {
     });
 
     it('4 clients x 4 in flight for 2 s: all OK, counts agree', async () => {
-      const target = `localhost:${d.serving.api.split(':').pop()}`;
+      const target = localhostTarget(d);
       const vm = await pausedCounterVm(d.client('VmService', pki.clientCreds('orchestrator'), target));
       const r = await runLoad({
         target,

@@ -10,10 +10,11 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
 import { describeKvm } from '../support/kvm';
+import { issueClients, localhostTarget, ORCHESTRATOR, MIGRATOR, startMigrationDestination, startMigrationSource } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
 import { consoleCollector, counterLines, counterVm, firstBreak, MiB, runStream, waitFor, type Client } from '../support/snapshot';
 import { expectFdsBack, fdBaseline } from '../support/proc-resources';
-import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+import { call, callError, type VcpudProcess } from '../support/vcpud-process';
 
 describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-migrate-'));
@@ -26,42 +27,16 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
   let dstTarget: string;
 
   async function startDestination(): Promise<void> {
-    dst = await startVcpud([
-      '--listen',
-      '127.0.0.1:0',
-      '--tls-cert',
-      pki.file('server.crt'),
-      '--tls-key',
-      pki.file('server.key'),
-      '--tls-ca',
-      pki.file('ca.crt'),
-      '--allow-client',
-      'orchestrator',
-      '--allow-client',
-      'migrator',
-      '--snapshot-dir',
-      path.join(dir, 'dst-snapshots'),
-    ]);
-    dstTarget = `localhost:${dst.serving.api.split(':').pop()}`;
-    dstVms = dst.client('VmService', pki.clientCreds('orchestrator'), dstTarget);
+    dst = await startMigrationDestination(pki, ['--snapshot-dir', path.join(dir, 'dst-snapshots')]);
+    dstTarget = localhostTarget(dst);
+    dstVms = dst.client('VmService', pki.clientCreds(ORCHESTRATOR), dstTarget);
   }
 
   beforeAll(async () => {
     pki = makePki(path.join(dir, 'pki'));
-    pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
-    pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
-    pki.issue('stranger', '/CN=stranger', 'extendedKeyUsage=clientAuth\n');
+    issueClients(pki, ORCHESTRATOR, MIGRATOR, 'stranger');
     // The source dials destinations with its configured migration credentials.
-    src = await startVcpud([
-      '--snapshot-dir',
-      path.join(dir, 'src-snapshots'),
-      '--migration-tls-ca',
-      pki.file('ca.crt'),
-      '--migration-tls-cert',
-      pki.file('migrator.crt'),
-      '--migration-tls-key',
-      pki.file('migrator.key'),
-    ]);
+    src = await startMigrationSource(pki, ['--snapshot-dir', path.join(dir, 'src-snapshots')]);
     srcVms = src.client('VmService');
     srcSnap = src.client('SnapshotService');
     await startDestination();
@@ -113,16 +88,7 @@ describeKvm('MigrateVm between two vcpud processes over mTLS (real KVM)', () => 
 
   it('the source killed mid-migration: the destination is left with no VM and no fd it did not have', async () => {
     // A source of its own: this one is killed.
-    const doomed = await startVcpud([
-      '--snapshot-dir',
-      path.join(dir, 'doomed-snapshots'),
-      '--migration-tls-ca',
-      pki.file('ca.crt'),
-      '--migration-tls-cert',
-      pki.file('migrator.crt'),
-      '--migration-tls-key',
-      pki.file('migrator.key'),
-    ]);
+    const doomed = await startMigrationSource(pki, ['--snapshot-dir', path.join(dir, 'doomed-snapshots')]);
     const doomedVms = doomed.client('VmService');
     const id = await counterVm(doomedVms, { memory: 256 * MiB, fill: true });
     await call(doomedVms, 'RunVm', { vmId: id });

@@ -11,6 +11,7 @@ import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
 import { readStateBytes, readStateBytesPerSection, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
 import { describeKvm, KVM_PATH } from '../support/kvm';
+import { thrownBy as caught } from '../support/thrown';
 
 /**
  * Every ioctl the observer hears about, with its errno when it failed, sorted: metrics count them,
@@ -31,15 +32,6 @@ function observedIoctls(fn: () => void): string[] {
 function withoutTsc(r: BytesReadResult): BytesReadResult {
   const msrs = r.values.msrs?.map((e) => (e.index === 0x10 ? { ...e, data: 0n } : e));
   return { ...r, values: { ...r.values, msrs } };
-}
-
-function caught(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  throw new Error('expected a failure');
 }
 
 describeKvm('GetState reads: one batched native call', () => {

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { describeKvm } from '../support/kvm';
+import { issueClients, localhostTarget, mtlsServeArgs, ORCHESTRATOR } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
@@ -19,23 +20,9 @@ describeKvm('vcpud over mTLS TCP (real process, real KVM)', () => {
 
   beforeAll(async () => {
     pki = makePki(dir);
-    pki.issue('orchestrator', '/CN=orchestrator', 'extendedKeyUsage=clientAuth\n');
-    pki.issue('intruder', '/CN=intruder', 'extendedKeyUsage=clientAuth\n');
-    d = await startVcpud([
-      '--listen',
-      '127.0.0.1:0',
-      '--health-listen',
-      '127.0.0.1:0',
-      '--tls-cert',
-      pki.file('server.crt'),
-      '--tls-key',
-      pki.file('server.key'),
-      '--tls-ca',
-      pki.file('ca.crt'),
-      '--allow-client',
-      'orchestrator',
-    ]);
-    target = `localhost:${d.serving.api.split(':').pop()}`;
+    issueClients(pki, ORCHESTRATOR, 'intruder');
+    d = await startVcpud([...mtlsServeArgs(pki, [ORCHESTRATOR]), '--health-listen', '127.0.0.1:0']);
+    target = localhostTarget(d);
   });
   afterAll(async () => {
     await d.stop();

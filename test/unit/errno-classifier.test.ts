@@ -56,6 +56,7 @@ function fakeVcpu(failing: 'getRegs' | 'setRegs' | 'getNestedState' | 'setNested
     setRegs: once('setRegs', undefined),
     getNestedState: once('getNestedState', Buffer.alloc(128)),
     setNestedState: once('setNestedState', undefined),
+    requireNestedState: () => 128,
   } as unknown as Vcpu;
 }
 

@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { native, type NativeGuestMemory } from '../../src/ffi/native';
 import { packageRoot } from '../../src/package';
+import { thrownBy } from '../support/thrown';
 
 const PAGE = 4096;
 const MAPPED_AT = 16; // pages into the guest memory
@@ -34,14 +35,7 @@ async function rejection(p: Promise<unknown>): Promise<unknown> {
   );
 }
 
-function thrown(fn: () => unknown): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  throw new Error('expected a MEMORY_FAULT, the call succeeded');
-}
+const thrown = (fn: () => unknown) => thrownBy(fn, 'expected a MEMORY_FAULT, the call succeeded');
 
 describe('guest memory over a truncated mapped file', () => {
   let dir: string;

@@ -1,4 +1,4 @@
-import { NESTED_RULE_IDS, NESTED_RULES, validateNestedState, type NestedRuleId, type NestedTarget } from '../../src/ffi/nested';
+import { NESTED_RULE_IDS, NESTED_RULES, validateNestedState, validateNestedStructure, type NestedRuleId, type NestedTarget } from '../../src/ffi/nested';
 import { F, GOLDEN, NO_GPA, svm, vmx, buildSvm, SPECS } from '../support/nested-blobs';
 
 const INTEL: NestedTarget = {
@@ -324,5 +324,21 @@ describe('reporting', () => {
     expect(validateNestedState(Buffer.alloc(4), INTEL)).toEqual([expect.objectContaining({ rule: 'common.header.length', field: 'blob' })]);
     const truncated = GOLDEN.svmGuestMode().subarray(0, 2000);
     expect(validateNestedState(truncated, AMD).map((v) => v.rule)).toEqual(['common.size.buffer']);
+  });
+});
+
+describe('structural rules (checked even when validation is skipped)', () => {
+  test('the header and the size field against the buffer, named as validateNestedState names them', () => {
+    const truncated = GOLDEN.svmGuestMode().subarray(0, 2000);
+    for (const blob of [Buffer.alloc(4), GOLDEN.vmxVmxonOnly().subarray(0, 127), truncated])
+      expect(validateNestedStructure(blob)).toEqual(
+        validateNestedState(blob, AMD).filter((v) => ['common.header.length', 'common.size.buffer'].includes(v.rule)),
+      );
+  });
+
+  test('a blob longer than its size field, or with semantic faults, passes: the kernel judges those', () => {
+    expect(validateNestedStructure(header128(64))).toEqual([]);
+    expect(validateNestedStructure(vmxonOnly({ length: 200 }))).toEqual([]);
+    expect(validateNestedStructure(vmx({ flags: 0x10 }))).toEqual([]);
   });
 });

@@ -52,6 +52,27 @@ describe('service registration', () => {
     expect(vcpudServiceDefinitions().SnapshotService.CreateSnapshot.responseSerialize(new Preserialized(bytes) as never)).toBe(bytes);
   });
 
+  it('no service handler casts through unknown: replies and client calls are typed (AnsweringPreserialized, callUnary)', () => {
+    const servicesDir = path.join(__dirname, '../../src/server/services');
+    const casts = fs
+      .readdirSync(servicesDir)
+      .filter((f) => f.endsWith('.ts'))
+      .flatMap((f) =>
+        fs
+          .readFileSync(path.join(servicesDir, f), 'utf8')
+          .split('\n')
+          .map((line, i) => ({ at: `${f}:${i + 1}`, line }))
+          .filter(({ line }) => /\bas unknown as\b/.test(line)),
+      )
+      .map(({ at }) => at);
+    expect(casts).toEqual([]);
+  });
+
+  it('GetState sends Preserialized bytes as they are, through the shared definition', () => {
+    const bytes = Buffer.from([0x08, 0x01]);
+    expect(vcpudServiceDefinitions().VcpuStateService.GetState.responseSerialize(new Preserialized(bytes) as never)).toBe(bytes);
+  });
+
   it('the API server lists what was registered without replacing grpc.Server.addService', async () => {
     const config = loadConfig(['--listen', `unix:${path.join(dir, 'api.sock')}`, '--metrics-listen', ''], {}, dir);
     const logger = createLogger({ level: 'error', sink: () => {} });

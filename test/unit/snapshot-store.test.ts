@@ -12,7 +12,8 @@ import path from 'node:path';
 import type { VcpudError } from '../../src/errors';
 import { hasOpenat2 } from '../../src/ffi/fs-at';
 import { SnapshotStore } from '../../src/vm/snapshot-store';
-import { AtomicFileSink, tempNameFor } from '../../src/vm/snapshot-writer';
+import { tempNameFor } from '../../src/vm/atomic-file';
+import { AtomicFileSink } from '../../src/vm/snapshot-writer';
 import { escapeArena, swapLoop, VICTIM } from '../support/rename-exchange';
 
 /** Rule id (or reason) an async call fails with; 'accepted' when it succeeds. */

@@ -17,6 +17,7 @@ export {
   NESTED_RULE_IDS,
   NESTED_RULES,
   validateNestedState,
+  validateNestedStructure,
   type NestedRuleId,
   type NestedTarget,
   type NestedViolation,

@@ -5,13 +5,14 @@
  * guest CPUID bits beyond VMX/SVM are left to the kernel. Unlike the kernel, every violation is reported, but a rule
  * is only evaluated where the kernel would reach it (e.g. SVM without GUEST_MODE ignores vmcb_pa and size).
  */
-import { bitNames, bitsOutside, hex, type BitTable } from './fields';
+import { bitNames, bitsOutside, hex, readFields, type BitTable } from './fields';
 import { decodeNestedState, formatNumber, type NestedState } from './codec';
 import {
   INVALID_GPA,
   NESTED_FLAGS,
   NESTED_FLAGS_ALL,
   NESTED_FORMAT,
+  NESTED_HEADER_FIELDS,
   NESTED_HEADER_SIZE,
   NESTED_MIN_DECODE_SIZE,
   PAGE_SIZE,
@@ -158,9 +159,7 @@ const U64 = (1n << 64n) - 1n;
 export function validateNestedState(blob: Buffer, target: NestedTarget): NestedViolation[] {
   const violations: NestedViolation[] = [];
   const report: Report = (rule, message, field = RULE_FIELD[rule]) => violations.push({ rule, field, message });
-  if (blob.length < NESTED_HEADER_SIZE) {
-    report('common.header.length', `the blob is ${blob.length} bytes, KVM reads a ${NESTED_HEADER_SIZE}-byte header`);
-  }
+  if (blob.length < NESTED_HEADER_SIZE) report('common.header.length', headerLengthMessage(blob.length));
   if (blob.length < NESTED_MIN_DECODE_SIZE) return violations;
   const s = decodeNestedState(blob);
   checkCommon(s, report);
@@ -171,6 +170,25 @@ export function validateNestedState(blob: Buffer, target: NestedTarget): NestedV
   return violations;
 }
 
+/**
+ * The rules every blob passes before KVM_SET_NESTED_STATE, also when the semantic validation above is
+ * skipped: KVM always reads the 128-byte header and then `size` bytes from the blob, so a blob shorter
+ * than either would be read past its end (the addon refuses both before any ioctl). A blob longer than
+ * its size field is the kernel's to judge; only validateNestedState refuses that too (common.size.buffer).
+ */
+export function validateNestedStructure(blob: Buffer): NestedViolation[] {
+  const violations: NestedViolation[] = [];
+  const report = (rule: NestedRuleId, message: string) => violations.push({ rule, field: RULE_FIELD[rule], message });
+  if (blob.length < NESTED_HEADER_SIZE) report('common.header.length', headerLengthMessage(blob.length));
+  if (blob.length < NESTED_MIN_DECODE_SIZE) return violations;
+  const { size } = readFields(blob, 0, NESTED_HEADER_FIELDS);
+  if (size > blob.length) report('common.size.buffer', sizeBufferMessage(blob.length, size));
+  return violations;
+}
+
+const headerLengthMessage = (length: number) => `the blob is ${length} bytes, KVM reads a ${NESTED_HEADER_SIZE}-byte header`;
+const sizeBufferMessage = (length: number, size: number) => `the blob is ${length} bytes but its size field says ${size}`;
+
 function checkCommon(s: NestedState, report: Report): void {
   if (s.size < NESTED_HEADER_SIZE) {
     report('common.size.min', `size ${s.size} is below the ${NESTED_HEADER_SIZE}-byte minimum`);
@@ -179,9 +197,7 @@ function checkCommon(s: NestedState, report: Report): void {
   if (s.flags & NESTED_FLAGS.RUN_PENDING && !(s.flags & NESTED_FLAGS.GUEST_MODE)) {
     report('common.run_pending.requires_guest_mode', `flags ${describeFlags(s.flags, NESTED_FLAGS)} has RUN_PENDING without GUEST_MODE`);
   }
-  if (s.raw.length !== s.size) {
-    report('common.size.buffer', `the blob is ${s.raw.length} bytes but its size field says ${s.size}`);
-  }
+  if (s.raw.length !== s.size) report('common.size.buffer', sizeBufferMessage(s.raw.length, s.size));
 }
 
 /** Returns whether the blob's format is the host vendor's, i.e. whether the vendor rules apply at all. */

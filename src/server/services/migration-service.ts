@@ -28,12 +28,15 @@ import type { SnapshotHeader } from '../../vm/snapshot-format';
 import type { TlsConfig } from '../config';
 import { vmToProto } from '../convert';
 import { decodeStatusDetails } from '../../api/status-details';
+import type { AbortIncomingMigrationResponse__Output } from '../../api/generated/vcpud/v1/AbortIncomingMigrationResponse';
+import type { GetVmResponse__Output } from '../../api/generated/vcpud/v1/GetVmResponse';
 import type { IncomingMigrationState } from '../../api/generated/vcpud/v1/IncomingMigrationState';
 import type { MigrateVmRequest__Output } from '../../api/generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../../api/generated/vcpud/v1/MigrateVmResponse';
+import type { MigrationServiceClient } from '../../api/generated/vcpud/v1/MigrationService';
 import type { MigrationMode as ProtoMode } from '../../api/generated/vcpud/v1/MigrationMode';
+import type { PrepareIncomingMigrationResponse__Output } from '../../api/generated/vcpud/v1/PrepareIncomingMigrationResponse';
 import type { SnapshotPhase } from '../../api/generated/vcpud/v1/SnapshotPhase';
-import type { Vm__Output } from '../../api/generated/vcpud/v1/Vm';
 import { listen } from '../connections';
 import { authorizeClient } from '../interceptors';
 import type { Metrics } from '../metrics';
@@ -263,12 +266,12 @@ export class MigrationService {
       call.off('cancelled', onCancel);
     }
     this.opts.metrics?.recordMigration({ result: 'succeeded', report });
-    const after = await callUnary<{ vm: Vm__Output }>(vms, 'getVm', { vmId: report.destinationVmId }, stallMs).catch(() => undefined);
+    const after = await callUnary<GetVmResponse__Output>(stallMs, (md, o, cb) => vms.getVm({ vmId: report.destinationVmId }, md, o, cb)).catch(() => undefined);
     migrations.close();
     // Reported after the commit: a client that cancelled by now only misses the report.
     await writeWithBackpressure(call, {
       done: {
-        ...(after?.vm ? { destinationVm: after.vm as never } : {}),
+        ...(after?.vm ? { destinationVm: after.vm } : {}),
         bytesSent: String(report.bytesSent),
         duration: msToDuration(report.durationMs),
         downtime: msToDuration(report.downtimeMs),
@@ -303,28 +306,34 @@ export function serveDataConnection(socket: net.Socket, m: IncomingMigration, st
     .catch((e) => ch.fail(e as Error));
 }
 
-function callUnary<T>(client: grpc.Client, method: string, req: object, timeoutMs: number): Promise<T> {
-  return new Promise((resolve, reject) =>
-    (client as unknown as Record<string, (...args: unknown[]) => unknown>)[method](
-      req,
-      new grpc.Metadata(),
-      { deadline: Date.now() + timeoutMs },
-      (err: grpc.ServiceError | null, res: T) => (err ? reject(err) : resolve(res)),
-    ),
-  );
+/**
+ * One unary call with a deadline: `start` calls a generated client's method with the metadata, options
+ * and callback given, so the request and reply types are the method's own.
+ */
+function callUnary<Res>(
+  timeoutMs: number,
+  start: (metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<Res>) => grpc.ClientUnaryCall,
+): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    start(new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res as Res)));
+  });
 }
 
 /** The destination's gRPC control plane and data endpoint, as the engine uses them. */
-function destinationControl(dest: DestinationTarget, client: grpc.Client, stallMs: number): DestinationControl {
+function destinationControl(dest: DestinationTarget, client: MigrationServiceClient, stallMs: number): DestinationControl {
   return {
     name: dest.target,
     prepare: async (header, vmName) => {
       try {
-        const r = await callUnary<{ migrationId: string; dataEndpoint: string; token: Buffer }>(
-          client,
-          'prepareIncomingMigration',
-          { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID },
+        const r = await callUnary<PrepareIncomingMigrationResponse__Output>(
           Math.max(stallMs, 15_000), // allocating a large VM's memory takes a moment
+          (md, o, cb) =>
+            client.prepareIncomingMigration(
+              { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID },
+              md,
+              o,
+              cb,
+            ),
         );
         return { migrationId: r.migrationId, endpoint: r.dataEndpoint, token: r.token };
       } catch (e) {
@@ -334,11 +343,8 @@ function destinationControl(dest: DestinationTarget, client: grpc.Client, stallM
     connect: (endpoint, signal) => connectData(endpoint, dest, stallMs, signal),
     abort: async (migrationId, reason) => {
       try {
-        const r = await callUnary<{ state: IncomingMigrationState }>(
-          client,
-          'abortIncomingMigration',
-          { migrationId, reason: reason.slice(0, 1000) },
-          Math.min(stallMs, 5000),
+        const r = await callUnary<AbortIncomingMigrationResponse__Output>(Math.min(stallMs, 5000), (md, o, cb) =>
+          client.abortIncomingMigration({ migrationId, reason: reason.slice(0, 1000) }, md, o, cb),
         );
         return r.state === 'INCOMING_MIGRATION_STATE_COMMITTED' ? 'committed' : 'aborted';
       } catch (e) {

@@ -6,7 +6,7 @@ import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionNa
 import { readNested, readState, readStateBytes, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
 import { getStateResponseEncoder } from '../convert/raw-state';
-import { Preserialized } from '../../api/preserialized';
+import { Preserialized, type AnsweringPreserialized } from '../../api/preserialized';
 import type { GetCapabilitiesRequest__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesRequest';
 import type { GetCapabilitiesResponse } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
 import type { GetNestedStateRequest__Output } from '../../api/generated/vcpud/v1/GetNestedStateRequest';
@@ -48,12 +48,12 @@ export class VcpuStateService {
     for (const [section, v] of Object.entries(values)) this.ctx.recordStateBytes(section, kernelBytes(section as SectionName, v));
   }
 
-  handlers(): VcpuStateServiceHandlers {
+  handlers(): AnsweringPreserialized<VcpuStateServiceHandlers, 'GetState'> {
     const ctx = this.ctx;
     return {
       GetCapabilities: unary<GetCapabilitiesRequest__Output, GetCapabilitiesResponse>(ctx, () => capabilitiesToProto(ctx.caps)),
 
-      GetState: unary<GetStateRequest__Output, GetStateResponse>(ctx, async (req) => {
+      GetState: unary<GetStateRequest__Output, GetStateResponse | Preserialized>(ctx, async (req) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
@@ -66,7 +66,7 @@ export class VcpuStateService {
         );
         this.recordBytes(r.values);
         // Written from the kernel's bytes in one pass, handed to grpc-js as they are (service-definitions.ts).
-        return new Preserialized(this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused)) as unknown as GetStateResponse;
+        return new Preserialized(this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused));
       }),
 
       SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
@@ -75,7 +75,7 @@ export class VcpuStateService {
         const applied = await vcpu.withState(
           () => {
             // Fields the proto does not carry (reserved bytes) come from the vCPU's current values.
-            const present = presentSections(req.state as unknown as Record<string, unknown>);
+            const present = presentSections(req.state!);
             const base = readState(
               vcpu.vcpu,
               sctx,
@@ -93,7 +93,7 @@ export class VcpuStateService {
 
       GetNestedState: unary<GetNestedStateRequest__Output, GetNestedStateResponse>(ctx, async (req) => {
         const { vcpu } = this.target(req.vmId, req.vcpuId);
-        const raw = await vcpu.withState(() => readNested(vcpu.vcpu, ctx.caps), { noImplicitPause: req.noImplicitPause });
+        const raw = await vcpu.withState(() => readNested(vcpu.vcpu), { noImplicitPause: req.noImplicitPause });
         ctx.recordStateBytes?.('nested', raw.length);
         return { nestedState: nestedToProto(raw) };
       }),
@@ -120,7 +120,7 @@ function checkMsrIndices(indices: number[], hostMsrs: number): void {
 }
 
 /** Section names present in a proto VcpuState (its fields are the sections' camelCase names). */
-function presentSections(state: Record<string, unknown>): SectionName[] {
+function presentSections(state: object): SectionName[] {
   const out: SectionName[] = [];
   for (const [k, v] of Object.entries(state)) {
     if (v === null || v === undefined) continue;
