@@ -12,7 +12,7 @@
  * bucketValues keyed by upper bound, counted per bucket and summed at export), pinned in package.json;
  * test/unit/bound-histogram.test.ts checks the exposition against prom-client's own observe().
  */
-import type { Histogram, LabelValues } from 'prom-client';
+import type { Counter, Histogram, LabelValues } from 'prom-client';
 
 interface Series {
   labels: LabelValues<string>;
@@ -79,5 +79,32 @@ export function boundObservers<T extends string>(histogram: Histogram<T>, name: 
     let o = byValue.get(value);
     if (!o) byValue.set(value, (o = boundObserver(histogram, { [name]: value } as LabelValues<T>)));
     return o;
+  };
+}
+
+interface CounterSeries {
+  value: number;
+}
+
+/**
+ * inc() by 1 for `labels` on `counter`, as counter.inc(labels) does, without prom-client's per-call label
+ * validation and hashing (the RPC counters take four incs per call). Relies on prom-client 15's Counter
+ * internals (hashMap of { value, labels }, inc() returning the series' labelHash), like boundObserver; a
+ * reset() replaces the series and the next inc goes through prom-client again.
+ */
+export function boundIncrement<T extends string>(counter: Counter<T>, labels: LabelValues<T>): () => void {
+  let series: CounterSeries | undefined;
+  let key = '';
+  return () => {
+    const map = (counter as unknown as { hashMap: Record<string, CounterSeries> }).hashMap;
+    if (series !== undefined && map[key] === series) {
+      series.value += 1;
+      return;
+    }
+    const { labelHash } = counter.inc(labels) as unknown as { labelHash?: string };
+    if (typeof labelHash !== 'string' || typeof map?.[labelHash]?.value !== 'number')
+      throw new Error('bound counter: prom-client Counter internals changed (inc() gives no labelHash); update src/server/bound-histogram.ts');
+    key = labelHash;
+    series = map[key];
   };
 }

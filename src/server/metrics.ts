@@ -17,7 +17,7 @@ import type { IoctlObserver } from '../ffi/observe';
 import { parseHostPort } from './config';
 import type { ConnectionEvents, ConnectionGate, ListenerName } from './connections';
 import { packageVersion } from '../package';
-import { boundObserver, boundObservers, type Observe } from './bound-histogram';
+import { boundIncrement, boundObserver, boundObservers, type Observe } from './bound-histogram';
 
 /** prom-client default metrics removed from /metrics (see the constructor). */
 const GAUGES_NAMED_LIKE_COUNTERS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
@@ -29,6 +29,16 @@ export interface RpcLabels {
   grpc_type: GrpcType;
   grpc_service: string;
   grpc_method: string;
+}
+
+/** One method's RPC series, bound once (per-call prom-client label hashing was a few us a call). */
+interface RpcSeries {
+  started: () => void;
+  msgReceived: () => void;
+  msgSent: () => void;
+  /** By status code. */
+  handled: Map<number, () => void>;
+  handlingSeconds: Observe;
 }
 
 /** Live values read at scrape time. */
@@ -111,7 +121,7 @@ export class Metrics {
   private readonly ioctlDuration: (ioctl: string) => Observe;
   private readonly sectionBytes: (section: string) => Observe;
   /** By the labels object (the interceptors keep one per method). */
-  private readonly handlingObservers = new WeakMap<RpcLabels, Observe>();
+  private readonly rpcSeries = new WeakMap<RpcLabels, RpcSeries>();
   private readonly handoverVms: Counter<'result'>;
   private readonly handoverRestoreSeconds: Gauge;
 
@@ -309,22 +319,39 @@ export class Metrics {
   }
 
   rpcStarted(labels: RpcLabels): void {
-    this.started.inc(labels);
+    this.rpc(labels).started();
   }
 
   rpcHandled(labels: RpcLabels, code: number, seconds: number): void {
-    this.handled.inc({ ...labels, grpc_code: grpcCodeName(code) });
-    let observe = this.handlingObservers.get(labels);
-    if (!observe) this.handlingObservers.set(labels, (observe = boundObserver(this.handlingSeconds, labels)));
-    observe(seconds);
+    const series = this.rpc(labels);
+    let handled = series.handled.get(code);
+    if (!handled) series.handled.set(code, (handled = boundIncrement(this.handled, { ...labels, grpc_code: grpcCodeName(code) })));
+    handled();
+    series.handlingSeconds(seconds);
   }
 
   rpcMessageReceived(labels: RpcLabels): void {
-    this.msgReceived.inc(labels);
+    this.rpc(labels).msgReceived();
   }
 
   rpcMessageSent(labels: RpcLabels): void {
-    this.msgSent.inc(labels);
+    this.rpc(labels).msgSent();
+  }
+
+  /** The bound series of one method's labels (bound-histogram.ts), made on its first call. */
+  private rpc(labels: RpcLabels): RpcSeries {
+    let series = this.rpcSeries.get(labels);
+    if (!series) {
+      series = {
+        started: boundIncrement(this.started, labels),
+        msgReceived: boundIncrement(this.msgReceived, labels),
+        msgSent: boundIncrement(this.msgSent, labels),
+        handled: new Map(),
+        handlingSeconds: boundObserver(this.handlingSeconds, labels),
+      };
+      this.rpcSeries.set(labels, series);
+    }
+    return series;
   }
 
   // --- domain

@@ -4,8 +4,8 @@
  * values interleaved, a reset() in the middle, and a non-finite value refused the same way.
  */
 import { randomInt } from 'node:crypto';
-import { Histogram, Registry } from 'prom-client';
-import { boundObservers } from '../../src/server/bound-histogram';
+import { Counter, Histogram, Registry } from 'prom-client';
+import { boundIncrement, boundObservers } from '../../src/server/bound-histogram';
 
 const BUCKETS = [1e-6, 2.5e-6, 1e-5, 1e-3, 0.5, 1];
 
@@ -57,6 +57,35 @@ describe('bound histogram observers', () => {
     observe(1e-6);
     expect(() => plain.h.observe({ ioctl: 'KVM_GET_REGS' }, NaN)).toThrow(TypeError);
     expect(() => observe(NaN)).toThrow(TypeError);
+    expect(await bound.registry.metrics()).toBe(await plain.registry.metrics());
+  });
+
+  test('bound counter increments give the exposition of prom-client inc(), across label sets and a reset', async () => {
+    const make = () => {
+      const registry = new Registry();
+      return { registry, c: new Counter({ name: 'calls_total', help: 'x', labelNames: ['grpc_method', 'grpc_code'], registers: [registry] }) };
+    };
+    const plain = make();
+    const bound = make();
+    const sets = [
+      { grpc_method: 'GetState', grpc_code: 'OK' },
+      { grpc_method: 'GetState', grpc_code: 'NotFound' },
+      { grpc_method: 'SetState', grpc_code: 'OK' },
+    ];
+    const incs = sets.map((l) => boundIncrement(bound.c, l));
+    const feed = () => {
+      for (let i = 0; i < 300; i++) {
+        const k = randomInt(sets.length);
+        plain.c.inc(sets[k]);
+        incs[k]();
+      }
+    };
+    feed();
+    expect(await bound.registry.metrics()).toBe(await plain.registry.metrics());
+    plain.c.reset();
+    bound.c.reset();
+    expect(await bound.registry.metrics()).toBe(await plain.registry.metrics());
+    feed();
     expect(await bound.registry.metrics()).toBe(await plain.registry.metrics());
   });
 });

@@ -30,6 +30,30 @@ describe('BoundedMessageDecoder', () => {
     d.close();
   });
 
+  it('hands on messages that arrive whole in one chunk as they are, with the checks and the stall timer of split ones', async () => {
+    const { d, errors } = decoder(1024, new RequestBudget(1 << 30), 50);
+    const small = [frame(Buffer.from('first')), frame(Buffer.alloc(0)), frame(Buffer.alloc(1000, 3))];
+    const out = d.write(Buffer.concat(small));
+    expect(out).toEqual(small);
+    // Whole messages, then the start of one more in the same chunk: that one is assembled, and can stall.
+    const next = frame(Buffer.alloc(900, 9));
+    const got = d.write(Buffer.concat([small[0], next.subarray(0, 300)]));
+    expect(got).toEqual([small[0]]);
+    expect(d.write(next.subarray(300))).toEqual([next]);
+    d.write(next.subarray(0, 10));
+    await new Promise((r) => setTimeout(r, 150));
+    expect(errors[0]).toMatchObject({ kind: 'resource_exhausted', details: { reason: 'UPLOAD_STALLED' } });
+    // Refusals do not depend on how the bytes arrive.
+    for (const bytes of [frame(Buffer.alloc(2000)), frame(Buffer.from('x'), 1)]) {
+      const whole = decoder(1024);
+      expect(whole.d.write(bytes)).toEqual([]);
+      const split = decoder(1024);
+      split.d.write(bytes.subarray(0, 5));
+      expect(whole.errors.map((e) => e.message)).toEqual(split.errors.map((e) => e.message));
+      expect(whole.errors).toHaveLength(1);
+    }
+  });
+
   it('refuses a message over the method limit as soon as its prefix arrives', () => {
     const { d, errors } = decoder(1024);
     const p = Buffer.alloc(5);
