@@ -23,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
 import type * as grpc from '@grpc/grpc-js';
+import { issueClients, MIGRATOR, localhostTarget, migrationDialArgs, mtlsServeArgs } from '../test/support/mtls';
 import { makePki, type Pki } from '../test/support/pki';
 import { call, startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
 import { DIRTY64, dirty64Control, GUEST_ABI } from '../test/guests/guests';
@@ -182,6 +183,11 @@ function downtimeRow(name: string, value: number): BenchRow {
   return { name, value, unit: 'ms', floor: null, floorName: '-', ratio: null, target: `<= ${DOWNTIME_TARGET_MS} ms`, met: value <= DOWNTIME_TARGET_MS };
 }
 
+/** "prepare X + connect Y + pre-copy Z + downtime W, then deleting the source V": the whole migration's phases (0 from a vcpud that does not report them). */
+function phases(d: Record<string, any>): string {
+  return `prepare ${ms(d.setupPrepare).toFixed(1)} + connect ${ms(d.setupConnect).toFixed(1)} + pre-copy ${ms(d.preCopy).toFixed(1)} + downtime ${ms(d.downtime).toFixed(1)} ms, then deleting the source ${ms(d.deleteSource).toFixed(1)} ms`;
+}
+
 /** "N passes, downtime X ms = last pass + state + restore + resume". */
 function downtimeParts(d: Record<string, any>): string {
   return `${d.passes} passes, downtime ${ms(d.downtime).toFixed(1)} ms = last pass ${ms(d.downtimeLastPass).toFixed(1)} + state ${ms(d.downtimeState).toFixed(1)} + restore ${ms(d.downtimeRestore).toFixed(1)} + resume ${ms(d.downtimeResume).toFixed(1)}`;
@@ -223,7 +229,7 @@ async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string
 export async function measureMigration(): Promise<BenchResult> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-bench-migration-'));
   const pki = makePki(path.join(dir, 'pki'));
-  pki.issue('migrator', '/CN=migrator', 'extendedKeyUsage=clientAuth\n');
+  issueClients(pki, MIGRATOR);
   const daemons: VcpudProcess[] = [];
   const rows: string[][] = [];
   const benchRows: BenchRow[] = [];
@@ -255,7 +261,7 @@ export async function measureMigration(): Promise<BenchResult> {
       `idle guest, pre-copy over UDS`,
       idleMs.toFixed(0),
       idle.pass1MiBs.toFixed(0),
-      `${downtimeParts(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent; ${cpuText(idle.cpu, 'source', 'destination')}`,
+      `${downtimeParts(idle.done)}; ${phases(idle.done)}; ${(sent / MiB).toFixed(0)} MiB sent; ${cpuText(idle.cpu, 'source', 'destination')}`,
     ]);
     const thr = ratioRow(
       `${label}: migration pass-1 throughput, UDS`,
@@ -286,32 +292,13 @@ export async function measureMigration(): Promise<BenchResult> {
     if (LARGE > 0) benchRows.push(...(await downtimeBySize(a, b, rows)));
 
     // 3. mTLS over TCP on 127.0.0.1: an idle guest again, against Node's TLS.
-    const dst = await startVcpud(
-      [
-        '--listen',
-        '127.0.0.1:0',
-        '--tls-cert',
-        pki.file('server.crt'),
-        '--tls-key',
-        pki.file('server.key'),
-        '--tls-ca',
-        pki.file('ca.crt'),
-        '--allow-client',
-        'migrator',
-      ],
-      {},
-      VCPUD_NODE_ARGS,
-    );
+    const dst = await startVcpud(mtlsServeArgs(pki, [MIGRATOR]), {}, VCPUD_NODE_ARGS);
     daemons.push(dst);
-    const src = await startVcpud(
-      ['--migration-tls-ca', pki.file('ca.crt'), '--migration-tls-cert', pki.file('migrator.crt'), '--migration-tls-key', pki.file('migrator.key')],
-      {},
-      VCPUD_NODE_ARGS,
-    );
+    const src = await startVcpud(migrationDialArgs(pki, MIGRATOR), {}, VCPUD_NODE_ARGS);
     daemons.push(src);
     const tlsId = await randomVm(src.client('VmService'), SIZE);
     const { rate: tlsFloor, cpu: tlsFloorCpu } = await floorRate(SIZE, dir, pki);
-    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: `localhost:${dst.serving.api.split(':').pop()}` }, SIZE);
+    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: localhostTarget(dst) }, SIZE);
     rows.push([
       'TLS floor: Node TLS over TCP loopback, two processes',
       ((SIZE / MiB / tlsFloor) * 1000).toFixed(0),

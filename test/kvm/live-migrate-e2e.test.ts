@@ -81,6 +81,12 @@ async function expectIntact(vms: Client, state: Client, guest: DirtyGuest, vmId:
 
 const listVms = async (vms: Client) => (await call<{ vms: { id: string; vcpus: { runState: string }[] }[] }>(vms, 'ListVms', {})).vms;
 
+/** RPCs GetVm started on a server, from its metrics. */
+function getVmCalls(metrics: string): number {
+  const line = metrics.split('\n').find((l) => l.startsWith('grpc_server_started_total{') && l.includes('grpc_method="GetVm"'));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
 async function expectRunningHere(vms: Client, id: string): Promise<void> {
   const vm = (await call<{ vm: { vcpus: { runState: string }[] } }>(vms, 'GetVm', { vmId: id })).vm;
   expect(vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
@@ -127,11 +133,14 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       'dirty64 to lap its range',
     );
     const progress: Record<string, any>[] = [];
+    const getVmCallsBefore = getVmCalls(await dst.scrape());
     const r = await runStream(
       srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }),
       (m) => m.progress?.migration && progress.push(m.progress.migration),
     );
     expect(r.error).toBeUndefined();
+    // The destination described the VM in its COMMITTED message: the source did not ask for it again.
+    expect(getVmCalls(await dst.scrape())).toBe(getVmCallsBefore);
     const done = r.messages.find((m) => m.done)?.done;
     expect(done.mode).toBe('MIGRATION_MODE_PRE_COPY');
     expect(done.passes).toBeGreaterThanOrEqual(2);
@@ -139,8 +148,14 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(progress.some((p) => p.switchingOver)).toBe(true);
     expect(progress.some((p) => !p.switchingOver && Number(p.bytesSent) > 0)).toBe(true);
     const ms = (d: { seconds: string; nanos: number }) => Number(d.seconds) * 1000 + d.nanos / 1e6;
+    // The phases before the switch-over are reported: with the downtime they make up the whole
+    // migration (to the commit; deleting the source copy follows it).
+    const phases = [done.setupPrepare, done.setupConnect, done.preCopy, done.deleteSource].map(ms);
+    for (const p of phases) expect(p).toBeGreaterThan(0);
+    expect(phases[0] + phases[1] + phases[2] + ms(done.downtime)).toBeCloseTo(ms(done.duration), 3);
     console.log(
-      `live migration of a 64 MiB dirty64 guest over UDS: ${done.passes} passes, ${done.bytesSent} bytes, total ${ms(done.duration).toFixed(1)} ms, ` +
+      `live migration of a 64 MiB dirty64 guest over UDS: ${done.passes} passes, ${done.bytesSent} bytes, total ${ms(done.duration).toFixed(1)} ms ` +
+        `(prepare ${phases[0].toFixed(1)}, connect ${phases[1].toFixed(1)}, pre-copy ${phases[2].toFixed(1)}, then deleting the source ${phases[3].toFixed(1)}), ` +
         `downtime ${ms(done.downtime).toFixed(1)} ms (last pass ${ms(done.downtimeLastPass).toFixed(1)}, state ${ms(done.downtimeState).toFixed(1)}, ` +
         `restore ${ms(done.downtimeRestore).toFixed(1)}, resume ${ms(done.downtimeResume).toFixed(1)})`,
     );

@@ -28,7 +28,7 @@ const MEMORY = 32 * MiB;
 const STALL_MS = 2000;
 
 /** What the proxy does to the source -> destination bytes. */
-type Fault = { kind: 'flip'; atByte: number } | { kind: 'cut'; atByte: number } | { kind: 'cut-after-commit' };
+type Fault = { kind: 'none' } | { kind: 'flip'; atByte: number } | { kind: 'cut'; atByte: number } | { kind: 'cut-after-commit' };
 
 /**
  * A unix-socket proxy in front of `target` that applies `fault` to what the source sends. For
@@ -227,6 +227,23 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
     );
     expect(err?.kind).toBe('unavailable');
     expect(err?.message).toMatch(/pre-copy, pass 1: .*kept running here as it was/);
+    await expectOnlyTheSource(vm, d);
+  });
+
+  it('the destination fails to make its KVM VM (made while the pages arrive): the VM runs here, nothing there, the error says why', async () => {
+    const vm = await runningGuest();
+    const d = destination({ kind: 'none' });
+    // The source's VM exists already: only the destination's KVM VM fails, once pass 1 is under way.
+    const made = jest
+      .spyOn(kvm, 'createVmAsync')
+      .mockImplementationOnce(() => new Promise((_, reject) => setTimeout(() => reject(new Error('KVM_CREATE_VM failed: EMFILE (injected)')), 20)));
+    const err = await migrate(vm, d).then(
+      () => undefined,
+      (e: Error & { details?: { reason?: string } }) => e,
+    );
+    made.mockRestore();
+    expect(err?.details?.reason).toBe('MIGRATION_FAILED');
+    expect(d.incoming?.error).toMatch(/could not make the KVM VM: KVM_CREATE_VM failed: EMFILE \(injected\)/);
     await expectOnlyTheSource(vm, d);
   });
 

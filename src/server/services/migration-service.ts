@@ -30,6 +30,7 @@ import { vmToProto } from '../convert';
 import { decodeStatusDetails } from '../../api/status-details';
 import type { AbortIncomingMigrationResponse__Output } from '../../api/generated/vcpud/v1/AbortIncomingMigrationResponse';
 import type { GetVmResponse__Output } from '../../api/generated/vcpud/v1/GetVmResponse';
+import type { Vm__Output } from '../../api/generated/vcpud/v1/Vm';
 import type { IncomingMigrationState } from '../../api/generated/vcpud/v1/IncomingMigrationState';
 import type { MigrateVmRequest__Output } from '../../api/generated/vcpud/v1/MigrateVmRequest';
 import type { MigrateVmResponse } from '../../api/generated/vcpud/v1/MigrateVmResponse';
@@ -131,6 +132,7 @@ export class MigrationService {
         const m = await IncomingMigration.prepare(ctx.registry, ctx.caps, header, {
           name: req.vmName || undefined,
           stallMs: this.opts.stallMs,
+          describe: (vm) => vmToProto(vm),
           checkLimits: (spec) => {
             // Incoming VMs not committed yet count against the limits too.
             const usage = ctx.registry.usage();
@@ -266,7 +268,10 @@ export class MigrationService {
       call.off('cancelled', onCancel);
     }
     this.opts.metrics?.recordMigration({ result: 'succeeded', report });
-    const after = await callUnary<GetVmResponse__Output>(stallMs, (md, o, cb) => vms.getVm({ vmId: report.destinationVmId }, md, o, cb)).catch(() => undefined);
+    // The destination describes the VM in its COMMITTED message; an older one is asked.
+    const after = report.destinationVm
+      ? { vm: report.destinationVm as Vm__Output }
+      : await callUnary<GetVmResponse__Output>(stallMs, (md, o, cb) => vms.getVm({ vmId: report.destinationVmId }, md, o, cb)).catch(() => undefined);
     migrations.close();
     // Reported after the commit: a client that cancelled by now only misses the report.
     await writeWithBackpressure(call, {
@@ -283,6 +288,10 @@ export class MigrationService {
         downtimeResume: msToDuration(report.resumeMs),
         mode: (report.mode === 'pre-copy' ? 'MIGRATION_MODE_PRE_COPY' : 'MIGRATION_MODE_STOP_AND_COPY') as ProtoMode,
         maxThrottlePercent: report.maxThrottlePercent,
+        setupPrepare: msToDuration(report.prepareMs),
+        setupConnect: msToDuration(report.connectMs),
+        preCopy: msToDuration(report.preCopyMs),
+        deleteSource: msToDuration(report.deleteSourceMs),
       },
     });
   }

@@ -1,6 +1,7 @@
 /**
- * The destination side of a migration: an empty VM prepared for the incoming guest (its memory and
- * KVM VM allocated after the compatibility check and the limits), filled from one data connection
+ * The destination side of a migration: an empty VM prepared for the incoming guest (its memory
+ * allocated after the compatibility check and the limits, its KVM VM made meanwhile in the
+ * background: the source's pages need only the memory), filled from one data connection
  * (page frames pass after pass, then the state records), and committed: the VM is created in the
  * registry with that state and its vCPUs resumed. Until the commit nothing of it is visible; any
  * failure, an abort, the source's connection closing or silence beyond the stall timeout frees
@@ -10,6 +11,8 @@ import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import { VcpudError } from '../../errors';
 import type { HostCapabilities } from '../../ffi/capabilities';
 import { applyFrames, receiveFrames } from '../../ffi/page-frames';
+import { warmStateCodecs } from '../../ffi/sections/warm-up';
+import type { NativeGuestMemory } from '../../ffi/native';
 import type { Vm } from '../../ffi/vm';
 import { ManagedVm } from '../managed-vm';
 import type { VmRegistry } from '../registry';
@@ -17,13 +20,19 @@ import { assertCompatible } from '../snapshot-compat';
 import type { SnapshotHeader } from '../snapshot-format';
 import { restoreIntoNewVm, restoreSpec } from '../snapshot-restore';
 import type { Channel } from './channel';
-import { EnvelopeType, type Commit, type EnvelopeHead, type PassEnd } from './protocol';
+import { EnvelopeType, type Commit, type Committed, type EnvelopeHead, type PassEnd } from './protocol';
 import { decodeState, type DecodedState } from './state-records';
 
 export type IncomingState = 'waiting' | 'receiving' | 'committed' | 'aborted';
 
 /** Page envelopes applied at once (the libuv pool has 4 threads). */
 const MAX_APPLYING = 3;
+
+/**
+ * What the server layer adds to a migration's COMMITTED message: the committed VM as its API
+ * describes it, so the source reports it without asking the destination again.
+ */
+export type DescribeVm = (vm: ManagedVm) => unknown;
 
 export class IncomingMigration {
   readonly id = randomUUID();
@@ -34,7 +43,10 @@ export class IncomingMigration {
   bytesReceived = 0;
   passes = 0;
   vm?: ManagedVm;
+  /** The KVM VM once made (slot 0 = `memory`), until the commit takes it. */
   private kvmVm?: Vm;
+  /** Resolves when the KVM VM is made; rejects (the migration discarded) when that fails. */
+  private kvmVmReady!: Promise<Vm>;
   private channel?: Channel;
   private timer?: NodeJS.Timeout;
   private readonly settled: Promise<void>;
@@ -46,19 +58,23 @@ export class IncomingMigration {
     readonly header: SnapshotHeader,
     readonly name: string | undefined,
     readonly stallMs: number,
+    private readonly memory: NativeGuestMemory,
+    private readonly describe?: DescribeVm,
   ) {
     this.settled = new Promise((r) => (this.settle = r));
   }
 
   /**
    * Checks that the VM the header describes can run here and fits `checkLimits`, then allocates its
-   * memory and KVM VM (slot 0). Waits `stallMs` for the data connection before discarding itself.
+   * memory and starts making its KVM VM (slot 0), which the commit awaits: the source connects and
+   * sends pages meanwhile (making the KVM VM took 5-14 ms here, 75 ms on a loaded host). Waits
+   * `stallMs` for the data connection before discarding itself.
    */
   static async prepare(
     registry: VmRegistry,
     caps: HostCapabilities,
     header: SnapshotHeader,
-    opts: { name?: string; stallMs: number; checkLimits(spec: ReturnType<typeof restoreSpec>): void },
+    opts: { name?: string; stallMs: number; checkLimits(spec: ReturnType<typeof restoreSpec>): void; describe?: DescribeVm },
   ): Promise<IncomingMigration> {
     assertCompatible(header, caps, registry.supportedCpuid());
     const spec = restoreSpec(header, opts.name);
@@ -66,11 +82,31 @@ export class IncomingMigration {
     opts.checkLimits(spec);
     if (header.vm.memory.length !== 1 || header.vm.memory[0].guestPhysAddr !== 0 || header.vm.memory[0].size !== header.vm.memoryBytes)
       throw new VcpudError('invalid_argument', 'a migrating VM must have its memory as one slot at guest physical address 0');
-    const m = new IncomingMigration(registry, caps, header, opts.name, opts.stallMs);
     const memory = registry.memory.allocate(header.vm.memoryBytes);
-    m.kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, memory);
+    const m = new IncomingMigration(registry, caps, header, opts.name, opts.stallMs, memory, opts.describe);
+    m.makeKvmVm(ManagedVm.prepareKvmVm(registry.kvm, spec, memory));
     m.armTimer();
     return m;
+  }
+
+  private makeKvmVm(making: Promise<Vm>): void {
+    this.kvmVmReady = making.then(
+      (vm) => {
+        if (this.state === 'aborted') {
+          vm.close(); // discarded while it was made: the memory goes with it
+          throw new VcpudError('unavailable', `incoming migration ${this.id} was aborted: ${this.error}`);
+        }
+        this.kvmVm = vm;
+        return vm;
+      },
+      (e: Error) => {
+        this.memory.release();
+        this.channel?.fail(e); // tells the source why
+        this.discard(`the destination could not make the KVM VM: ${e.message}`, { keepChannel: true });
+        throw e;
+      },
+    );
+    this.kvmVmReady.catch(() => {}); // awaited by the commit
   }
 
   get memoryBytes(): number {
@@ -95,7 +131,7 @@ export class IncomingMigration {
   /** Takes the source's data connection (after its HELLO) and receives until commit or failure. */
   async receive(channel: Channel): Promise<void> {
     if (this.state !== 'waiting') {
-      channel.fail(new VcpudError('failed_precondition', `incoming migration ${this.id} is ${this.state}`));
+      channel.fail(new VcpudError('failed_precondition', `incoming migration ${this.id} is ${this.state}${this.error ? `: ${this.error}` : ''}`));
       return;
     }
     this.state = 'receiving';
@@ -135,7 +171,7 @@ export class IncomingMigration {
           if (payload.length < 8 || payload.readUInt32LE(0) !== 0)
             throw new VcpudError('data_loss', 'page frames for a memory region the VM does not have', { reason: 'MIGRATION_FAILED' });
           const frames = payload.subarray(8);
-          const applied = applyFrames((this.kvmVm as Vm).regions[0].memory, frames).then((r) => {
+          const applied = applyFrames(this.memory, frames).then((r) => {
             if (r.consumed !== frames.length)
               throw new VcpudError('data_loss', `a page envelope ends inside a frame (${frames.length - r.consumed} bytes left over)`, {
                 reason: 'MIGRATION_FAILED',
@@ -144,15 +180,19 @@ export class IncomingMigration {
           });
           if (gathered) void applied.finally(() => spare.push(gathered)).catch(() => {});
           applying.push(applied.catch((e) => void (applyError ??= e)));
+          warmStateCodecs(); // as for a stream pass below
           if (applying.length >= MAX_APPLYING) await applying.shift();
           if (applyError) throw applyError;
         } else if (head.type === EnvelopeType.PagesStream) {
           // Frames follow on the socket itself, read natively straight into guest memory.
           await barrier();
-          const memory = (this.kvmVm as Vm).regions[0].memory;
-          const r = await channel.receiveStream('waiting for page frames from the source', (fd, prefix, cancel) =>
-            receiveFrames(memory, fd, prefix, { stallMs: this.stallMs, cancel }),
+          const receiving = channel.receiveStream('waiting for page frames from the source', (fd, prefix, cancel) =>
+            receiveFrames(this.memory, fd, prefix, { stallMs: this.stallMs, cancel }),
           );
+          // The commit decodes and writes the state with the section codecs: compiled while a pool
+          // thread receives, not while the guest is paused (only a process's first call does work).
+          warmStateCodecs();
+          const r = await receiving;
           this.pagesReceived += r.pages;
           this.bytesReceived = channel.bytesIn;
         } else if (head.type === EnvelopeType.PassEnd) {
@@ -184,14 +224,15 @@ export class IncomingMigration {
   private async commit(state: DecodedState, run: boolean): Promise<void> {
     const channel = this.channel as Channel;
     const t0 = process.hrtime.bigint();
+    await this.kvmVmReady;
+    if (this.state !== 'receiving') throw new VcpudError('unavailable', `incoming migration ${this.id} was ${this.state}: ${this.error}`);
     const kvmVm = this.kvmVm as Vm;
     this.kvmVm = undefined; // owned by the restore from here on (it destroys it on failure)
-    const memory = kvmVm.regions[0].memory;
     const loaded = {
       header: state.header,
       vcpuState: state.vcpuState,
       vmState: state.vmState,
-      memory,
+      memory: this.memory,
       end: { records: 0, memoryPages: 0, pagesStored: 0 },
       mappedBytes: 0,
       copiedBytes: 0,
@@ -211,7 +252,8 @@ export class IncomingMigration {
     this.settle();
     if (run) await Promise.all(state.header.vcpus.filter((c) => c.runState === 'running').map((c) => vm.vcpu(c.id).resume()));
     const t2 = process.hrtime.bigint();
-    await channel.sendJson(EnvelopeType.Committed, { vmId: vm.id, restoreMs: Number(t1 - t0) / 1e6, resumeMs: Number(t2 - t1) / 1e6, notes }).catch(() => {});
+    const committed: Committed = { vmId: vm.id, restoreMs: Number(t1 - t0) / 1e6, resumeMs: Number(t2 - t1) / 1e6, notes, vm: this.describe?.(vm) };
+    await channel.sendJson(EnvelopeType.Committed, committed).catch(() => {});
     channel.close();
   }
 
@@ -222,7 +264,7 @@ export class IncomingMigration {
     this.error = reason;
     clearTimeout(this.timer);
     if (!opts.keepChannel) this.channel?.destroy();
-    this.kvmVm?.close(); // frees the memory too
+    this.kvmVm?.close(); // frees the memory too (a KVM VM still being made is closed once made)
     this.kvmVm = undefined;
     this.settle();
     return this.state;

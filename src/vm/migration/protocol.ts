@@ -54,6 +54,8 @@ export interface Committed {
   restoreMs: number;
   resumeMs: number;
   notes: string[];
+  /** The committed VM as the destination's API describes it (absent from an older destination). */
+  vm?: unknown;
 }
 export interface WireError {
   message: string;

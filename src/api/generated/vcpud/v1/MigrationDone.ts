@@ -39,7 +39,8 @@ export interface MigrationDone {
    */
   'downtimeLastPass'?: (_google_protobuf_Duration | null);
   /**
-   * Reading and sending every vCPU's state and the VM state.
+   * Reading and sending every vCPU's state and the VM state (while the destination applies the
+   * last pass and acknowledges it: that acknowledgement is waited for here).
    */
   'downtimeState'?: (_google_protobuf_Duration | null);
   /**
@@ -58,6 +59,23 @@ export interface MigrationDone {
    * The highest vCPU throttle applied (0-99).
    */
   'maxThrottlePercent'?: (number);
+  /**
+   * The phases before the switch-over: PrepareIncomingMigration's round trip (the destination's
+   * checks, memory and data endpoint).
+   */
+  'setupPrepare'?: (_google_protobuf_Duration | null);
+  /**
+   * Opening the data connection and its hello round trip.
+   */
+  'setupConnect'?: (_google_protobuf_Duration | null);
+  /**
+   * The pre-copy passes made while the VM ran (zero in stop-and-copy).
+   */
+  'preCopy'?: (_google_protobuf_Duration | null);
+  /**
+   * After the destination committed: deleting the source copy.
+   */
+  'deleteSource'?: (_google_protobuf_Duration | null);
 }
 
 /**
@@ -93,7 +111,8 @@ export interface MigrationDone__Output {
    */
   'downtimeLastPass': (_google_protobuf_Duration__Output | null);
   /**
-   * Reading and sending every vCPU's state and the VM state.
+   * Reading and sending every vCPU's state and the VM state (while the destination applies the
+   * last pass and acknowledges it: that acknowledgement is waited for here).
    */
   'downtimeState': (_google_protobuf_Duration__Output | null);
   /**
@@ -112,4 +131,21 @@ export interface MigrationDone__Output {
    * The highest vCPU throttle applied (0-99).
    */
   'maxThrottlePercent': (number);
+  /**
+   * The phases before the switch-over: PrepareIncomingMigration's round trip (the destination's
+   * checks, memory and data endpoint).
+   */
+  'setupPrepare': (_google_protobuf_Duration__Output | null);
+  /**
+   * Opening the data connection and its hello round trip.
+   */
+  'setupConnect': (_google_protobuf_Duration__Output | null);
+  /**
+   * The pre-copy passes made while the VM ran (zero in stop-and-copy).
+   */
+  'preCopy': (_google_protobuf_Duration__Output | null);
+  /**
+   * After the destination committed: deleting the source copy.
+   */
+  'deleteSource': (_google_protobuf_Duration__Output | null);
 }
