@@ -8,6 +8,7 @@
  * BENCH_INC_SIZE (MiB) and BENCH_INC_RUNS override the defaults.
  */
 import crypto from 'node:crypto';
+import type * as grpc from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -35,6 +36,35 @@ function stateBytes(file: string): number {
   }
 }
 
+type Client = grpc.Client & Record<string, Function>;
+
+/** A running counter64 VM of `size` bytes whose memory above 2 MiB is random. */
+export async function randomCounterVm(vms: Client, size: number): Promise<{ id: string }> {
+  const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(size), vcpuCount: 1, name: 'bench-inc' });
+  const fill = crypto.randomBytes(32 * MiB);
+  for (let gpa = 2 * MiB; gpa < size; gpa += fill.length)
+    await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: fill.subarray(0, Math.min(fill.length, size - gpa)) });
+  await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(guestBin('counter64')), loadAddress: '4096' });
+  await call(vms, 'RunVm', { vmId: vm.id });
+  return vm;
+}
+
+/** 16 MiB of random bytes written at random 64 KiB-aligned places above 2 MiB (distinct). */
+export async function dirtyMemory(vms: Client, vmId: string, size: number): Promise<void> {
+  const slots = new Set<number>();
+  while (slots.size < DIRTY / WRITE) slots.add(2 * MiB + crypto.randomInt((size - 2 * MiB) / WRITE) * WRITE);
+  for (const gpa of slots) await call(vms, 'WriteMemory', { vmId, guestPhysicalAddress: String(gpa), data: crypto.randomBytes(WRITE) });
+}
+
+/** RestoreSnapshot (run) of `name` to the restored VM's first console output, ms; the VM is deleted after. */
+export async function restoreToFirstOutput(vms: Client, snaps: Client, name: string): Promise<number> {
+  const t0 = now();
+  const r = await call<{ vm: { id: string } }>(snaps, 'RestoreSnapshot', { name, run: true });
+  const ms = (await firstOutput(vms, r.vm.id)) - t0;
+  await call(vms, 'DeleteVm', { vmId: r.vm.id });
+  return ms;
+}
+
 export async function measureIncrementalSnapshot(): Promise<BenchResult> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-incremental-'));
   const snapDir = path.join(dir, 'snapshots');
@@ -49,18 +79,8 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
   try {
     const vms = d.client('VmService');
     const snaps = d.client('SnapshotService');
-    const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(SIZE), vcpuCount: 1, name: 'bench-inc' });
-    const fill = crypto.randomBytes(32 * MiB);
-    for (let gpa = 2 * MiB; gpa < SIZE; gpa += fill.length)
-      await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: fill.subarray(0, Math.min(fill.length, SIZE - gpa)) });
-    await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(guestBin('counter64')), loadAddress: '4096' });
-    await call(vms, 'RunVm', { vmId: vm.id });
-    /** 16 MiB of random bytes written at random 64 KiB-aligned places above 2 MiB (distinct). */
-    const dirty = async () => {
-      const slots = new Set<number>();
-      while (slots.size < DIRTY / WRITE) slots.add(2 * MiB + crypto.randomInt((SIZE - 2 * MiB) / WRITE) * WRITE);
-      for (const gpa of slots) await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: crypto.randomBytes(WRITE) });
-    };
+    const vm = await randomCounterVm(vms, SIZE);
+    const dirty = () => dirtyMemory(vms, vm.id, SIZE);
     const snapshot = async (name: string, extra: object = {}) => {
       execFileSync('sync'); // no writeback pending from the one before
       const t = now();
@@ -68,13 +88,7 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
       const ms = now() - t;
       return { ms, done: msgs.find((m) => m.done)?.done as Record<string, any> };
     };
-    const restoreToOutput = async (name: string) => {
-      const t0 = now();
-      const r = await call<{ vm: { id: string } }>(snaps, 'RestoreSnapshot', { name, run: true });
-      const ms = (await firstOutput(vms, r.vm.id)) - t0;
-      await call(vms, 'DeleteVm', { vmId: r.vm.id });
-      return ms;
-    };
+    const restoreToOutput = (name: string) => restoreToFirstOutput(vms, snaps, name);
 
     for (let run = 0; run < RUNS; run++) {
       const base = `run${run}/full`;

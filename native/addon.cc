@@ -7,6 +7,7 @@
 
 #include "crc32c.h"
 #include "errors.h"
+#include "file_crc.h"
 #include "fs_at.h"
 #include "guest_memory.h"
 #include "ioctl_call.h"
@@ -80,6 +81,7 @@ static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   GuestMemory::Register(env, exports);
   VcpuRunner::Register(env, exports);
   RegisterFsAt(env, exports);
+  RegisterFileCrc(env, exports);
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
   exports.Set("caps", Caps(env));
   // The memory-slot flag and KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's bits.

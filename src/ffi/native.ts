@@ -243,6 +243,12 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
   /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
   crc32c(buf: Buffer, seed?: number, software?: boolean): number;
+  /**
+   * CRC-32C of each (offset, length) range of the file, read through a read-only mapping on the
+   * pool, by `threads` threads (default 1, at most 8); rejects with code MEMORY_FAULT when a range
+   * lies past the file's end.
+   */
+  crc32cFileRanges(fd: number, ranges: Float64Array, threads?: number): Promise<Uint32Array>;
   caps: Record<string, number>;
   /** native/page_frames.h's constants. */
   pageFrameFormat: { magic: number; version: number; headerBytes: number; maxFramePages: number; defaultFramePages: number; maxFrameBytes: number };

@@ -1,14 +1,15 @@
 /**
  * Incremental snapshots' chains, read from the snapshot directory: an ancestor is found by the name
  * its child's link records and accepted only when it is the snapshot the child was taken against
- * (snapshot-format.ts: satisfiesLink). Every ancestor is read through loadSnapshot, so every checksum
- * is verified, full ancestor first, each child's pages over it, memory mapped lazily from the files
- * where the layout allows. Errors name the link ("CHILD -> PARENT").
+ * (snapshot-format.ts: satisfiesLink). Every ancestor is read through loadLayer, all of them at
+ * once, each child's pages applied over its parent's (mapped lazily from the files where the layout
+ * allows) while their checksums run; the restore goes on only once every checksum matched
+ * (loadSnapshot awaits `verified`). Errors name the link ("CHILD -> PARENT").
  */
 import fs from 'node:fs';
 import { VcpudError } from '../errors';
 import { MAX_CHAIN_DEPTH, satisfiesLink, type ParentLink, type SnapshotHeader } from './snapshot-format';
-import { FileSource, loadSnapshot, type LoadedSnapshot, type LoadOptions } from './snapshot-reader';
+import { FileSource, loadLayer, type LoadedLayer, type LoadOptions } from './snapshot-reader';
 import type { SnapshotStore } from './snapshot-store';
 
 /** SNAPSHOT_CHAIN_BROKEN: FAILED_PRECONDITION for a missing ancestor, DATA_LOSS for a changed one. */
@@ -25,7 +26,7 @@ type Allocate = NonNullable<LoadOptions['allocate']>;
 
 /** loadSnapshot's loadParent for a snapshot named `childName` ("(streamed)" for a stream). */
 export function chainLoader(store: SnapshotStore, childName: string, opts: { lazy?: boolean } = {}): NonNullable<LoadOptions['loadParent']> {
-  const load = async (link: ParentLink, child: SnapshotHeader, name: string, depth: number, allocate?: Allocate): Promise<LoadedSnapshot> => {
+  const load = async (link: ParentLink, child: SnapshotHeader, name: string, depth: number, allocate?: Allocate): Promise<LoadedLayer> => {
     const broken = (kind: 'failed_precondition' | 'data_loss', why: string) => chainBroken(kind, name, link.name, why);
     if (depth > MAX_CHAIN_DEPTH) throw broken('data_loss', `the chain is deeper than ${MAX_CHAIN_DEPTH} links`);
     let fd: number;
@@ -35,8 +36,18 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
       if ((e as VcpudError).kind === 'not_found') throw broken('failed_precondition', 'the parent is missing from the snapshot directory');
       throw e;
     }
+    /** A corrupt ancestor's error says which one, once (its children's loaders pass it on). */
+    const named = (e: unknown) => {
+      const err = e as VcpudError & { [ANNOTATED]?: boolean };
+      if (err instanceof VcpudError && err.details?.reason === 'SNAPSHOT_CORRUPT' && !err[ANNOTATED]) {
+        err.message = `ancestor ${JSON.stringify(link.name)} (link ${JSON.stringify(name)} -> ${JSON.stringify(link.name)}): ${err.message}`;
+        err[ANNOTATED] = true;
+      }
+      return e;
+    };
+    let loaded: LoadedLayer | undefined;
     try {
-      const loaded = await loadSnapshot(
+      loaded = await loadLayer(
         new FileSource(fd),
         {
           check: (h) => {
@@ -53,25 +64,28 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
               );
           },
           lazy: opts.lazy,
+          asAncestor: true,
           allocate,
           loadParent: (l, h, a) => load(l, h, link.name, depth + 1, a),
         },
         fd,
       );
+      const verified = loaded.verified.catch((e) => {
+        throw named(e);
+      });
+      verified.catch(() => {}); // awaited by the restore (loadSnapshot), unless a failure here comes first
       if (!satisfiesLink(loaded.header, loaded.identity, link)) {
         loaded.memory.release();
         throw broken('data_loss', 'the file there has the same id but other contents than the child was taken against: it was rewritten');
       }
-      return loaded;
+      return { ...loaded, verified };
     } catch (e) {
-      const err = e as VcpudError & { [ANNOTATED]?: boolean };
-      if (err instanceof VcpudError && err.details?.reason === 'SNAPSHOT_CORRUPT' && !err[ANNOTATED]) {
-        err.message = `ancestor ${JSON.stringify(link.name)} (link ${JSON.stringify(name)} -> ${JSON.stringify(link.name)}): ${err.message}`;
-        err[ANNOTATED] = true;
-      }
-      throw e;
+      throw named(e);
     } finally {
-      fs.closeSync(fd); // mappings of the file outlive the descriptor
+      // Mappings of the file outlive the descriptor; the layer's checksums read through it until they settle.
+      const close = () => fs.closeSync(fd);
+      if (loaded) loaded.verified.then(close, close);
+      else close();
     }
   };
   return (link, child, allocate) => load(link, child, childName, 1, allocate);

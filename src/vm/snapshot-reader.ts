@@ -7,7 +7,11 @@
  * From a file, memory data is mapped lazily where the layout allows (MAP_PRIVATE of the file's
  * page-aligned data runs over the guest memory, as Firecracker does): the guest faults pages in
  * from the page cache, and its writes stay private to the VM. Checksums are computed through that
- * mapping, i.e. over exactly the bytes the guest will see.
+ * mapping, i.e. over exactly the bytes the guest will see. The layers of an incremental snapshot's
+ * chain (each read from its own file) are checksummed through a read-only mapping of the file on
+ * the pool instead, i.e. over the same page-cache pages: that lets every layer be read at once and
+ * each child be mapped over its parent while the parent's checksums still run. Memory is handed on
+ * only once all of them matched.
  */
 import fs from 'node:fs';
 import { VcpudError } from '../errors';
@@ -43,6 +47,13 @@ import {
 export const LAZY_MIN_PAGES = 16;
 /** Memory chunks whose checksums (and copies) may be running at once (the libuv pool has 4 threads). */
 const MAX_CRCS_IN_FLIGHT = 2;
+/**
+ * A chain layer's memory data are checksummed from its file in one pool task once its records are
+ * read, by this many threads when they are at least SPLIT_CRC_BYTES (the full ancestor; a child is
+ * small and checked beside it).
+ */
+const FILE_CRC_THREADS = 2;
+const SPLIT_CRC_BYTES = 64 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Byte sources
@@ -58,10 +69,19 @@ export interface ByteSource {
   readPieces(n: number, what: (available: number) => Error): Promise<Buffer[]>;
 }
 
+/**
+ * Bytes a FileSource reads at least at once: a memory chunk's map record, bitmap and data record
+ * header lie within a page, so they cost one read instead of three (the data itself is skipped).
+ */
+const READ_AHEAD = 4096;
+
 /** A snapshot file, read with positioned reads; memory data can be mapped from its fd. */
 export class FileSource implements ByteSource {
   pos = 0;
   readonly size: number;
+  /** The bytes of the last read, from file offset aheadAt on. */
+  private ahead = Buffer.alloc(0);
+  private aheadAt = 0;
 
   constructor(readonly fd: number) {
     this.size = fs.fstatSync(fd).size;
@@ -73,15 +93,23 @@ export class FileSource implements ByteSource {
 
   async read(n: number, what: (available: number) => Error): Promise<Buffer> {
     if (this.pos + n > this.size) throw what(this.size - this.pos);
-    const buf = Buffer.allocUnsafe(n);
-    let off = 0;
-    while (off < n) {
-      const got = fs.readSync(this.fd, buf, off, n - off, this.pos + off);
-      if (got === 0) throw what(off);
-      off += got;
+    const from = this.pos - this.aheadAt;
+    if (from < 0 || from + n > this.ahead.length) {
+      const want = Math.min(Math.max(n, READ_AHEAD), this.size - this.pos);
+      const buf = Buffer.allocUnsafe(want);
+      let off = 0;
+      while (off < want) {
+        const got = fs.readSync(this.fd, buf, off, want - off, this.pos + off);
+        if (got === 0) break;
+        off += got;
+      }
+      if (off < n) throw what(off);
+      this.ahead = buf.subarray(0, off);
+      this.aheadAt = this.pos;
     }
+    const at = this.pos - this.aheadAt;
     this.pos += n;
-    return buf;
+    return this.ahead.subarray(at, at + n);
   }
 
   async skip(n: number, what: (available: number) => Error): Promise<void> {
@@ -179,6 +207,11 @@ export interface LoadedSnapshot {
   chainLength: number;
 }
 
+/** A chain layer as loadParent gives it: settled `verified` = every checksum of it and its ancestors matched. */
+export interface LoadedLayer extends LoadedSnapshot {
+  verified: Promise<void>;
+}
+
 export interface LoadOptions {
   /**
    * Runs on the header (and its record's payload CRC) before memory is allocated (compatibility
@@ -186,13 +219,18 @@ export interface LoadOptions {
    */
   check(header: SnapshotHeader, headerCrc: number): void;
   /**
-   * An incremental snapshot's parent chain, loaded (every checksum and link verified) into memory
-   * this snapshot's pages are then applied over. Without it an incremental snapshot is refused.
+   * Loads an incremental snapshot's parent chain (every link checked) into memory from `allocate`
+   * (the child's allocator), which this snapshot's pages are then applied over; its checksums may
+   * still be running (`verified`). Without it an incremental snapshot is refused.
    */
-  /** Loads an incremental snapshot's parent chain into memory from `allocate` (the child's allocator). */
-  loadParent?: (link: ParentLink, child: SnapshotHeader, allocate?: (bytes: number) => NativeGuestMemory) => Promise<LoadedSnapshot>;
+  loadParent?: (link: ParentLink, child: SnapshotHeader, allocate?: (bytes: number) => NativeGuestMemory) => Promise<LoadedLayer>;
   /** From a file: map memory data lazily (default true); false reads it. */
   lazy?: boolean;
+  /**
+   * This snapshot is an ancestor of the one restored (a chain layer): from a file its checksums are
+   * computed from the file, not through guest memory, so that its children can be mapped over it meanwhile.
+   */
+  asAncestor?: boolean;
   onProgress?: (memoryBytesDone: number, memoryBytesTotal: number, bytes: number) => void;
   /** Allocates the guest memory (the registry's source: anonymous or a state-directory file); default anonymous. */
   allocate?: (bytes: number) => NativeGuestMemory;
@@ -232,6 +270,22 @@ function checkHeaderShape(h: SnapshotHeader, rec: RecordHeader): void {
  * from this file (a FileSource over the same fd).
  */
 export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd?: number): Promise<LoadedSnapshot> {
+  const loaded = await loadLayer(source, opts, fileFd);
+  try {
+    await loaded.verified;
+  } catch (e) {
+    loaded.memory.release();
+    throw e;
+  }
+  return loaded;
+}
+
+/**
+ * loadSnapshot for a chain layer: returns once the snapshot is read and its memory applied; its
+ * checksums (and its ancestors') may still be running: `verified`. The caller releases the memory
+ * when that rejects.
+ */
+export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: number): Promise<LoadedLayer> {
   decodePreamble(await source.read(PREAMBLE_SIZE, truncated(undefined, 'preamble', source, PREAMBLE_SIZE)));
   let seq = 0;
   const nextHeader = async (): Promise<RecordHeader> => {
@@ -272,22 +326,76 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
   opts.check(header, first.payloadCrc);
 
   const memoryBytes = header.vm.memoryBytes;
-  // An incremental snapshot's pages go over its parent chain's memory (which then belongs to it).
-  let base: LoadedSnapshot | undefined;
+  const lazy = fileFd !== undefined && opts.lazy !== false;
+  // A chain layer from a file: its checksums are computed from the file, settled in `verified`.
+  const fromFile = lazy && (opts.asAncestor || header.parent !== undefined);
+  const allocate = (bytes: number) => {
+    const m = opts.allocate ? opts.allocate(bytes) : new native.GuestMemory(bytes);
+    opts.onMemory?.(m, header); // as soon as there is memory, even under a chain still being read
+    return m;
+  };
+  // An incremental snapshot's pages go over its parent chain's memory (which then belongs to it),
+  // applied while the parent's checksums may still run (`verified`).
+  let base: LoadedLayer | undefined;
   if (header.parent) {
     if (!opts.loadParent) throw snapshotCorrupt(`${describeChunk(first)}: an incremental snapshot, and no parent can be read here`, first.seq, first.offset);
-    base = await opts.loadParent(header.parent, header, opts.allocate);
+    base = await opts.loadParent(header.parent, header, allocate);
   }
-  const memory = base?.memory ?? (opts.allocate ? opts.allocate(memoryBytes) : new native.GuestMemory(memoryBytes));
-  opts.onMemory?.(memory, header);
+  const memory = base?.memory ?? allocate(memoryBytes);
   const vcpuState = new Map<number, Map<string, Buffer>>(header.vcpus.map((v) => [v.id, new Map()]));
   const vmState = new Map<string, Buffer>();
-  let mappedBytes = base?.mappedBytes ?? 0;
-  let copiedBytes = base?.copiedBytes ?? 0;
+  let mappedBytes = 0;
+  let copiedBytes = 0;
   let nextGpa = 0;
   let pagesStored = 0;
-  const lazy = fileFd !== undefined && opts.lazy !== false;
   let canMap = true;
+  /** Maps (lazily) or reads the stored pages of one memory chunk into guest memory. */
+  const applyChunk = (h: RecordHeader, map: { gpa: number; pages: number; bitmap: Buffer }) => {
+    let fileOff = payloadOffset(h);
+    for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
+      const memOff = map.gpa + firstPage * PAGE_SIZE;
+      const bytes = count * PAGE_SIZE;
+      fileOff += bytes;
+      if (count >= LAZY_MIN_PAGES && canMap) {
+        try {
+          memory.mapFile(memOff, bytes, fileFd as number, fileOff - bytes);
+          mappedBytes += bytes;
+          continue;
+        } catch {
+          canMap = false; // a file system without mmap support: read this run and every later one
+        }
+      }
+      memory.readFromFd(memOff, bytes, fileFd as number, fileOff - bytes);
+      copiedBytes += bytes;
+    }
+  };
+  // A chain layer's data records, checksummed from the file once all are read (fileCrcs).
+  const fileRecords: RecordHeader[] = [];
+  let fileBytes = 0;
+  let fileCrcs: Promise<void> | undefined;
+  const checkFileRecords = () => {
+    if (!fileRecords.length) return;
+    const ranges = new Float64Array(fileRecords.flatMap((h) => [payloadOffset(h), h.payloadLength]));
+    // One task, not one per chunk like crc32cPages: the next would wait for this thread, busy
+    // reading the next layers' records, to see the last one finish.
+    fileCrcs = native.crc32cFileRanges(fileFd as number, ranges, fileBytes >= SPLIT_CRC_BYTES ? FILE_CRC_THREADS : 1).then(
+      (crcs) => {
+        const bad = fileRecords.findIndex((h, i) => crcs[i] !== h.payloadCrc);
+        if (bad >= 0) throw mismatch(fileRecords[bad]);
+      },
+      (e) => {
+        if ((e as { code?: unknown })?.code !== 'MEMORY_FAULT') throw e;
+        const at = Number((e as { offset?: unknown }).offset);
+        const h = fileRecords.find((b) => at >= payloadOffset(b) && at < payloadOffset(b) + b.payloadLength) ?? fileRecords[0];
+        throw snapshotCorrupt(
+          `${describeChunk(h)}: its memory can no longer be read from the file, which was truncated or changed during the restore`,
+          h.seq,
+          h.offset,
+        );
+      },
+    );
+    fileCrcs.catch(() => {}); // awaited in `verified`
+  };
   // Memory chunks are checksummed (and copied) on the libuv pool, several at once, while the next
   // records are read; a mismatch is reported for the first chunk (in order) that has one.
   const pendingCrcs: Promise<RecordHeader | undefined>[] = [];
@@ -349,32 +457,16 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
             throw corrupt(`holds ${h.aux2} pages (${h.payloadLength} bytes) where its map selects ${stored}`);
           if (stored) {
             if (lazy) {
-              const start = payloadOffset(h);
               // Everything that gets mapped must exist: a mapping past the end of the file would
               // fault (SIGBUS) on first touch instead of failing here.
               await source.skip(h.pad + h.payloadLength, truncated(h, 'memory data', source, h.pad + h.payloadLength));
-              if (start % PAGE_SIZE) throw corrupt('memory data is not page-aligned');
-              let index = 0;
-              for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
-                const memOff = map.gpa + firstPage * PAGE_SIZE;
-                const fileOff = start + index * PAGE_SIZE;
-                if (count >= LAZY_MIN_PAGES && canMap) {
-                  try {
-                    memory.mapFile(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
-                    mappedBytes += count * PAGE_SIZE;
-                  } catch {
-                    // a file system without mmap support: read this run and every later one
-                    canMap = false;
-                    memory.readFromFd(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
-                    copiedBytes += count * PAGE_SIZE;
-                  }
-                } else {
-                  memory.readFromFd(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
-                  copiedBytes += count * PAGE_SIZE;
-                }
-                index += count;
+              if (payloadOffset(h) % PAGE_SIZE) throw corrupt('memory data is not page-aligned');
+              applyChunk(h, map);
+              if (!fromFile) await checked(h, memory.crc32cPages(map.gpa, map.pages, map.bitmap));
+              else {
+                fileRecords.push(h);
+                fileBytes += h.payloadLength;
               }
-              await checked(h, memory.crc32cPages(map.gpa, map.pages, map.bitmap));
             } else {
               if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
               // The bytes as they arrived (no joining), copied into the pages on the libuv pool.
@@ -412,6 +504,14 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
           await firstMismatch(pendingCrcs.length);
           if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
           if (source instanceof FileSource && source.position !== source.size) throw corrupt(`${source.size - source.position} bytes follow the END record`);
+          checkFileRecords();
+          // Settled only when all are (they read the caller's descriptor); a broken ancestor is the
+          // fault reported first, as when the chain is read in order.
+          const verified = Promise.allSettled([base?.verified, fileCrcs]).then((results) => {
+            const failed = results.find((r) => r.status === 'rejected');
+            if (failed) throw (failed as PromiseRejectedResult).reason;
+          });
+          verified.catch(() => {}); // awaited by loadSnapshot
           const identity = { snapshotId: header.snapshotId ?? '', headerCrc: first.payloadCrc, endCrc: h.payloadCrc };
           return {
             header,
@@ -419,11 +519,12 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
             vcpuState,
             vmState,
             memory,
-            mappedBytes,
-            copiedBytes,
+            mappedBytes: mappedBytes + (base?.mappedBytes ?? 0),
+            copiedBytes: copiedBytes + (base?.copiedBytes ?? 0),
             bytes: source.position + (base?.bytes ?? 0),
             identity,
             chainLength: (base?.chainLength ?? 0) + 1,
+            verified,
           };
         }
       }
@@ -432,7 +533,11 @@ export async function loadSnapshot(source: ByteSource, opts: LoadOptions, fileFd
     // Checksums still running keep the memory mapped until they finish (release is deferred). A
     // chunk before the failure that did not match is the first fault in the snapshot: it is reported.
     const settled = await Promise.allSettled(pendingCrcs.slice(settledCrcs));
+    // They read the caller's descriptors (this file's, the ancestors'), closed after this returns;
+    // a broken ancestor is the older fault.
+    const [ancestors] = await Promise.allSettled([base?.verified, fileCrcs]);
     memory.release();
+    if (ancestors.status === 'rejected') throw ancestors.reason;
     const bad = settled.find((r) => r.status === 'fulfilled' && r.value);
     throw bad ? mismatch((bad as PromiseFulfilledResult<RecordHeader>).value) : e;
   }

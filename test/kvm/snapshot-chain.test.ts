@@ -10,6 +10,15 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
+import {
+  decodePreamble,
+  decodeRecordHeader,
+  nextRecordOffset,
+  payloadOffset,
+  PREAMBLE_SIZE,
+  RECORD_HEADER_SIZE,
+  RecordKind,
+} from '../../src/vm/snapshot-format';
 import { describeKvm } from '../support/kvm';
 import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
 import { call, callError, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
@@ -20,6 +29,16 @@ const MEMORY = 64 * MiB;
 
 const readMem = async (vms: Client, vmId: string, gpa: number, length: number) =>
   Buffer.concat((await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId, guestPhysicalAddress: String(gpa), length: String(length) })).map((m) => m.data));
+
+/** Offset of the first memory data payload byte of a snapshot file. */
+function firstMemoryData(file: Buffer): number {
+  decodePreamble(file);
+  for (let at = PREAMBLE_SIZE, seq = 0; ; seq++) {
+    const h = decodeRecordHeader(file.subarray(at, at + RECORD_HEADER_SIZE), at, seq);
+    if (h.kind === RecordKind.MemoryData && h.payloadLength) return payloadOffset(h);
+    at = nextRecordOffset(h);
+  }
+}
 
 function expectStatus(err: grpc.ServiceError, code: grpc.status, reason: string, message?: RegExp) {
   expect({ code: err.code }).toEqual({ code });
@@ -178,6 +197,48 @@ describeKvm('incremental snapshots (real KVM)', () => {
     fs.writeFileSync(base, good);
     expect((await call<{ vms: unknown[] }>(bVms, 'ListVms', {})).vms).toEqual([]);
     await call(bSnap, 'RestoreSnapshot', { name: 'r/c2' }); // whole again
+  });
+
+  it('a flipped byte in the memory data of any layer of a chain fails its restore naming that layer, the oldest first; nothing is created', async () => {
+    const id = await counterVm(aVms, { memory: MEMORY, fill: true });
+    await snapshot(id, { name: 'f/base', trackDirty: true });
+    for (const [n, parent] of [
+      ['c1', 'base'],
+      ['c2', 'c1'],
+      ['c3', 'c2'],
+    ]) {
+      await call(aVms, 'WriteMemory', { vmId: id, guestPhysicalAddress: String(4 * MiB), data: Buffer.alloc(256 * 1024, n) }); // a run that gets mapped
+      await snapshot(id, { name: `f/${n}`, parent: `f/${parent}` });
+    }
+    const file = (n: string) => path.join(snapDir, `f/${n}`);
+    const saved = Object.fromEntries(['base', 'c1', 'c2', 'c3'].map((n) => [n, fs.readFileSync(file(n))]));
+    const flip = (n: string) => {
+      const bad = Buffer.from(saved[n]);
+      bad[firstMemoryData(bad) + 100] ^= 0x40;
+      fs.writeFileSync(file(n), bad);
+    };
+    const restoreError = (how: 'file' | 'stream') =>
+      how === 'file'
+        ? callError(bSnap, 'RestoreSnapshot', { name: 'f/c3' })
+        : uploadSnapshot(bSnap, fs.readFileSync(file('c3'))).then(
+            () => fail('restored'),
+            (e) => e,
+          );
+    for (const how of ['file', 'stream'] as const) {
+      flip('c1'); // in the middle of the chain: checked while its children are mapped over it
+      expectStatus(await restoreError(how), grpc.status.DATA_LOSS, 'SNAPSHOT_CORRUPT', /^ancestor "f\/c1" \(link "f\/c2" -> "f\/c1"\): checksum mismatch/);
+      flip('base'); // two broken layers: the older one is reported
+      expectStatus(await restoreError(how), grpc.status.DATA_LOSS, 'SNAPSHOT_CORRUPT', /ancestor "f\/base" \(link "f\/c1" -> "f\/base"\): checksum mismatch/);
+      fs.writeFileSync(file('base'), saved.base);
+      fs.writeFileSync(file('c1'), saved.c1);
+    }
+    flip('c3'); // the restored snapshot itself
+    const err = await restoreError('file');
+    expectStatus(err, grpc.status.DATA_LOSS, 'SNAPSHOT_CORRUPT', /checksum mismatch in chunk/);
+    expect(err.details).not.toMatch(/ancestor/);
+    fs.writeFileSync(file('c3'), saved.c3);
+    expect((await call<{ vms: unknown[] }>(bVms, 'ListVms', {})).vms).toEqual([]);
+    await call(bSnap, 'RestoreSnapshot', { name: 'f/c3' }); // whole again
   });
 
   it('delete of a parent needs cascade; merge folds a chain that can still be extended and restored', async () => {
