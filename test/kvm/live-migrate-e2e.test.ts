@@ -392,6 +392,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(t.code).toBe(0);
     expect(t.err).toMatch(/\rmigrate \[#+-*\] .* pass \d/);
     expect(t.out).toMatch(/downtime: last pass [\d.]+ ms, state [\d.]+ ms, restore [\d.]+ ms, resume [\d.]+ ms/);
+    expect(t.out).toMatch(/before the switch: prepare [\d.]+ ms, connect [\d.]+ ms, pre-copy [\d.]+ ms; source deleted after it in [\d.]+ ms/);
     const bad = await ctl(['migrate', home.id, '--to', dst.serving.api, '--mode', 'sideways'], false);
     expect(bad.code).toBe(2);
     const [there] = await listVms(dstVms);

@@ -285,6 +285,11 @@ async function migrate(ctx: Context): Promise<void> {
       `sent ${humanSize(done.bytesSent)} in ${seconds(done.duration).toFixed(3)} s, ${done.passes} pass${done.passes === 1 ? '' : 'es'} (${enumShort(done.mode, 'MIGRATION_MODE_').toLowerCase().replace(/_/g, '-')}); paused for ${(seconds(done.downtime) * 1000).toFixed(1)} ms`,
       `downtime: last pass ${ms(done.downtimeLastPass)}, state ${ms(done.downtimeState)}, restore ${ms(done.downtimeRestore)}, resume ${ms(done.downtimeResume)}${done.maxThrottlePercent ? `; vCPUs throttled up to ${done.maxThrottlePercent}%` : ''}`,
     ];
+    // Absent from servers older than these fields: the line is left out rather than showing zeros.
+    if (done.setupPrepare)
+      lines.push(
+        `before the switch: prepare ${ms(done.setupPrepare)}, connect ${ms(done.setupConnect)}, pre-copy ${ms(done.preCopy)}; source deleted after it in ${ms(done.deleteSource)}`,
+      );
     if (done.destinationVm) lines.push(formatVm(done.destinationVm));
     for (const n of done.notes) lines.push(`note: ${printable(n)}`);
     ctx.print(lines.join('\n'));
