@@ -149,6 +149,12 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     await waitFor(() => counterLines(src.text()).length >= 200, '200 lines');
     const r = await runStream(snapsA.CreateSnapshot({ vmId: id, name: 'c.snap', leavePaused: true }));
     expect(r.error).toBeUndefined();
+    // The paused vCPU's count (its memory mirror): the console stream may still be delivering the
+    // lines before it (the last one may be cut mid-line by the pause), so wait for them.
+    const mirror = Buffer.concat(
+      (await collect<{ data: Buffer }>(vmsA, 'ReadMemory', { vmId: id, guestPhysicalAddress: String(COUNTER_BASE), length: '8' })).map((m) => m.data),
+    ).readBigUInt64LE(0);
+    await waitFor(() => BigInt(counterLines(src.text()).at(-1) ?? 0) >= mirror - 1n, `the source console up to ${mirror - 1n}`);
     src.stop();
     const srcLines = counterLines(src.text());
     await call(vmsA, 'DeleteVm', { vmId: id });

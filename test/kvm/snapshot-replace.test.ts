@@ -16,7 +16,7 @@ import { counterVm, MiB, runStream, type Client } from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 function expectError(e: grpc.ServiceError | undefined, code: grpc.status, reason: string, field: string, rule?: string) {
-  expect(e?.code).toBe(code);
+  expect({ code: e?.code, details: e?.details }).toMatchObject({ code }); // the details say why when the code is wrong
   const st = decodeStatusDetails(e!.metadata);
   expect(st?.errorInfo).toMatchObject({ reason, metadata: expect.objectContaining({ field, ...(rule ? { rule } : {}) }) });
 }
