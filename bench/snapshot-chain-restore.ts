@@ -13,21 +13,33 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { call, startVcpud, VCPUD_MAIN } from '../test/support/vcpud-process';
+import { call, startVcpud, VCPUD_MAIN, type VcpudProcess } from '../test/support/vcpud-process';
 import { fatal, guestBin, knob, median, MiB, table } from './floors';
 import { stream } from './snapshot';
 import { dirtyMemory, randomCounterVm, restoreToFirstOutput } from './snapshot-incremental';
 
-const SIZE = Number(knob('BENCH_INC_SIZE', '1024', 'incremental snapshot: guest size in MiB')) * MiB;
-const ROUNDS = Number(knob('BENCH_CHAIN_ROUNDS', '7', 'snapshot-chain-restore: rounds of the three restores per build'));
+export const SIZE = Number(knob('BENCH_INC_SIZE', '1024', 'incremental snapshot: guest size in MiB')) * MiB;
+export const ROUNDS = Number(knob('BENCH_CHAIN_ROUNDS', '7', 'snapshot-chain-restore: rounds of the three restores per build'));
 const BEFORE = knob('VCPUD_BEFORE', '', 'snapshot-chain-restore: main.js of a build to compare this one with (optional)');
 const IDLE_VM = knob('BENCH_CHAIN_IDLE_VM', '0', 'snapshot-chain-restore: 1 = each vcpud holds a paused 1 GiB VM beside the restores') === '1';
-const DEPTH = 8;
+export const DEPTH = 8;
 const RESTORES: [string, string][] = [
   ['full', 'full'],
   ['depth 2', 'c2'],
   ['depth 8', `c${DEPTH}`],
 ];
+
+/** The chain restored: `full` (1 GiB of random memory, counter64), then c1..c8, each after 16 MiB written; the VM is deleted after. */
+export async function writeChain(d: VcpudProcess): Promise<void> {
+  const [vms, snaps] = [d.client('VmService'), d.client('SnapshotService')];
+  const vm = await randomCounterVm(vms, SIZE);
+  await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: 'full', trackDirty: true });
+  for (let depth = 1; depth <= DEPTH; depth++) {
+    await dirtyMemory(vms, vm.id, SIZE);
+    await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: `c${depth}`, parent: depth === 1 ? 'full' : `c${depth - 1}` });
+  }
+  await call(vms, 'DeleteVm', { vmId: vm.id });
+}
 
 const loadAverage = () =>
   os
@@ -43,15 +55,7 @@ async function main(): Promise<void> {
   const daemons = [];
   try {
     for (const b of builds) daemons.push(await startVcpud(args, {}, [], { main: b.main }));
-    const vms = daemons[0].client('VmService');
-    const snaps = daemons[0].client('SnapshotService');
-    const vm = await randomCounterVm(vms, SIZE);
-    await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: 'full', trackDirty: true });
-    for (let depth = 1; depth <= DEPTH; depth++) {
-      await dirtyMemory(vms, vm.id, SIZE);
-      await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: `c${depth}`, parent: depth === 1 ? 'full' : `c${depth - 1}` });
-    }
-    await call(vms, 'DeleteVm', { vmId: vm.id });
+    await writeChain(daemons[0]);
     // The issue's bench restores beside its (paused) source VM: with BENCH_CHAIN_IDLE_VM=1 each vcpud
     // holds a paused 1 GiB VM likewise (another KVM VM in the process slows chain restores, see BENCHMARKS.md).
     if (IDLE_VM)

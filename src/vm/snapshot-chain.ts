@@ -3,7 +3,8 @@
  * its child's link records and accepted only when it is the snapshot the child was taken against
  * (snapshot-format.ts: satisfiesLink). Every ancestor is read through loadLayer, all of them at
  * once, each child's pages applied over its parent's (mapped lazily from the files where the layout
- * allows) while their checksums run; the restore goes on only once every checksum matched
+ * allows, each page once from the newest layer storing it: snapshot-page-plan.ts) while their
+ * checksums run; the restore goes on only once every checksum matched
  * (loadSnapshot awaits `verified`). Errors name the link ("CHILD -> PARENT").
  */
 import fs from 'node:fs';
@@ -75,6 +76,7 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
       });
       verified.catch(() => {}); // awaited by the restore (loadSnapshot), unless a failure here comes first
       if (!satisfiesLink(loaded.header, loaded.identity, link)) {
+        loaded.plan?.settle();
         loaded.memory.release();
         throw broken('data_loss', 'the file there has the same id but other contents than the child was taken against: it was rewritten');
       }
@@ -82,9 +84,10 @@ export function chainLoader(store: SnapshotStore, childName: string, opts: { laz
     } catch (e) {
       throw named(e);
     } finally {
-      // Mappings of the file outlive the descriptor; the layer's checksums read through it until they settle.
+      // Mappings of the file outlive the descriptor; the layer's checksums read through it until they
+      // settle, and the restored snapshot maps or reads this layer's pages through it (plan.done).
       const close = () => fs.closeSync(fd);
-      if (loaded) loaded.verified.then(close, close);
+      if (loaded) Promise.allSettled([loaded.verified, loaded.plan?.done]).then(close);
       else close();
     }
   };

@@ -9,9 +9,10 @@
  * from the page cache, and its writes stay private to the VM. Checksums are computed through that
  * mapping, i.e. over exactly the bytes the guest will see. The layers of an incremental snapshot's
  * chain (each read from its own file) are checksummed through a read-only mapping of the file on
- * the pool instead, i.e. over the same page-cache pages: that lets every layer be read at once and
- * each child be mapped over its parent while the parent's checksums still run. Memory is handed on
- * only once all of them matched.
+ * the pool instead, i.e. over the same page-cache pages: that lets every layer be read at once, and
+ * their pages are put into guest memory once the whole chain's are known, each page once from the
+ * newest layer storing it (snapshot-page-plan.ts), while the checksums still run. Memory is handed
+ * on only once all of them matched.
  */
 import fs from 'node:fs';
 import { VcpudError } from '../errors';
@@ -42,9 +43,8 @@ import {
   type SnapshotHeader,
   type SnapshotIdentity,
 } from './snapshot-format';
+import { PagePlan, RunWriter } from './snapshot-page-plan';
 
-/** Runs of at least this many pages are mapped from the file; shorter ones are read (fewer VMAs). */
-export const LAZY_MIN_PAGES = 16;
 /** Memory chunks whose checksums (and copies) may be running at once (the libuv pool has 4 threads). */
 const MAX_CRCS_IN_FLIGHT = 2;
 /**
@@ -210,6 +210,11 @@ export interface LoadedSnapshot {
 /** A chain layer as loadParent gives it: settled `verified` = every checksum of it and its ancestors matched. */
 export interface LoadedLayer extends LoadedSnapshot {
   verified: Promise<void>;
+  /**
+   * A chain layer read from its file: its pages and its ancestors', not yet in `memory` (the
+   * restored snapshot applies them); its file stays open until `plan.done`.
+   */
+  plan?: PagePlan;
 }
 
 export interface LoadOptions {
@@ -342,31 +347,24 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
     base = await opts.loadParent(header.parent, header, allocate);
   }
   const memory = base?.memory ?? allocate(memoryBytes);
+  const writer = new RunWriter(memory);
+  // A file layer's pages join its ancestors' plan, applied by the snapshot restored (or merged) once
+  // its own are added; another layer's go over memory holding its ancestors' pages (applied first).
+  let plan = fromFile ? (base?.plan ?? new PagePlan(memoryBytes / PAGE_SIZE)) : undefined;
+  const planLayer = plan ? plan.addLayer(fileFd as number) : 0;
   const vcpuState = new Map<number, Map<string, Buffer>>(header.vcpus.map((v) => [v.id, new Map()]));
   const vmState = new Map<string, Buffer>();
-  let mappedBytes = 0;
   let copiedBytes = 0;
   let nextGpa = 0;
   let pagesStored = 0;
-  let canMap = true;
-  /** Maps (lazily) or reads the stored pages of one memory chunk into guest memory. */
+  /** Maps (lazily) or reads the stored pages of one memory chunk into guest memory, or plans them. */
   const applyChunk = (h: RecordHeader, map: { gpa: number; pages: number; bitmap: Buffer }) => {
     let fileOff = payloadOffset(h);
     for (const [firstPage, count] of bitmapRuns(map.bitmap, map.pages)) {
       const memOff = map.gpa + firstPage * PAGE_SIZE;
-      const bytes = count * PAGE_SIZE;
-      fileOff += bytes;
-      if (count >= LAZY_MIN_PAGES && canMap) {
-        try {
-          memory.mapFile(memOff, bytes, fileFd as number, fileOff - bytes);
-          mappedBytes += bytes;
-          continue;
-        } catch {
-          canMap = false; // a file system without mmap support: read this run and every later one
-        }
-      }
-      memory.readFromFd(memOff, bytes, fileFd as number, fileOff - bytes);
-      copiedBytes += bytes;
+      if (plan) plan.add(planLayer, memOff / PAGE_SIZE, count, fileOff);
+      else writer.put(memOff, count * PAGE_SIZE, fileFd as number, fileOff);
+      fileOff += count * PAGE_SIZE;
     }
   };
   // A chain layer's data records, checksummed from the file once all are read (fileCrcs).
@@ -424,6 +422,7 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
     await firstMismatch(pendingCrcs.length - MAX_CRCS_IN_FLIGHT + 1);
   };
   try {
+    if (!fromFile) base?.plan?.apply(writer);
     let map: { gpa: number; pages: number; bitmap: Buffer } | undefined;
     for (;;) {
       const h = await nextHeader();
@@ -505,6 +504,10 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
           if (source instanceof StreamSource && !(await source.atEnd())) throw corrupt('bytes follow the END record');
           if (source instanceof FileSource && source.position !== source.size) throw corrupt(`${source.size - source.position} bytes follow the END record`);
           checkFileRecords();
+          if (plan && !opts.asAncestor) {
+            plan.apply(writer);
+            plan = undefined;
+          }
           // Settled only when all are (they read the caller's descriptor); a broken ancestor is the
           // fault reported first, as when the chain is read in order.
           const verified = Promise.allSettled([base?.verified, fileCrcs]).then((results) => {
@@ -519,12 +522,13 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
             vcpuState,
             vmState,
             memory,
-            mappedBytes: mappedBytes + (base?.mappedBytes ?? 0),
-            copiedBytes: copiedBytes + (base?.copiedBytes ?? 0),
+            mappedBytes: writer.mappedBytes + (base?.mappedBytes ?? 0),
+            copiedBytes: copiedBytes + writer.copiedBytes + (base?.copiedBytes ?? 0),
             bytes: source.position + (base?.bytes ?? 0),
             identity,
             chainLength: (base?.chainLength ?? 0) + 1,
             verified,
+            plan,
           };
         }
       }
@@ -536,6 +540,8 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
     // They read the caller's descriptors (this file's, the ancestors'), closed after this returns;
     // a broken ancestor is the older fault.
     const [ancestors] = await Promise.allSettled([base?.verified, fileCrcs]);
+    base?.plan?.settle();
+    plan?.settle();
     memory.release();
     if (ancestors.status === 'rejected') throw ancestors.reason;
     const bad = settled.find((r) => r.status === 'fulfilled' && r.value);

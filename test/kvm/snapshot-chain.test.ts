@@ -5,6 +5,7 @@
  * and memory it had and counts on from there. Bad parents, broken chains, delete with children and
  * merge; kill -9 during an incremental snapshot leaves the chain and the name's previous snapshot.
  */
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -26,6 +27,7 @@ import { call, callError, collect, startVcpud, type VcpudProcess } from '../supp
 const COUNTER_MIRROR = 0x9000; // counter64 mirrors RBX here (vCPU 0)
 const MARKER_BASE = 0x100000; // WriteMemory markers, one page each: vcpud's own writes (below the random fill at 2 MiB)
 const MEMORY = 64 * MiB;
+const hash = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
 const readMem = async (vms: Client, vmId: string, gpa: number, length: number) =>
   Buffer.concat((await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId, guestPhysicalAddress: String(gpa), length: String(length) })).map((m) => m.data));
@@ -154,6 +156,36 @@ describeKvm('incremental snapshots (real KVM)', () => {
       ['c/s2', 'c/s1', 2],
       ['c/s3', 'c/s2', 3],
     ]);
+  });
+
+  it("restores each page from the newest layer storing it: rewritten in a later child, the later bytes; only in the base, the base's", async () => {
+    const id = await counterVm(aVms, { memory: MEMORY, fill: true });
+    const page = 4096;
+    // [gpa, pages] written (random bytes) before each child: runs long enough to be mapped from the
+    // file, overlapping across children (o3 rewrites part of o1's run and one page inside o2's).
+    const writes: [number, number][][] = [
+      [],
+      [[8 * MiB, 64]],
+      [[16 * MiB, 40]],
+      [
+        [8 * MiB + 16 * page, 24],
+        [16 * MiB + 5 * page, 1],
+      ],
+    ];
+    const memoryAt: string[] = [];
+    for (const [i, runs] of writes.entries()) {
+      for (const [gpa, pages] of runs) await call(aVms, 'WriteMemory', { vmId: id, guestPhysicalAddress: String(gpa), data: crypto.randomBytes(pages * page) });
+      await snapshot(id, { name: `o/${i}`, ...(i ? { parent: `o/${i - 1}` } : { trackDirty: true }) });
+      memoryAt.push(hash(await readMem(aVms, id, 0, MEMORY)));
+    }
+    for (const [i, want] of memoryAt.entries()) {
+      const r = await call<Record<string, any>>(bSnap, 'RestoreSnapshot', { name: `o/${i}` });
+      expect({ snapshot: i, memory: hash(await readMem(bVms, r.vm.id, 0, MEMORY)) }).toEqual({ snapshot: i, memory: want });
+      await call(bVms, 'DeleteVm', { vmId: r.vm.id });
+    }
+    // From a stream too (ancestors from the directory, their plan applied before the streamed pages).
+    const r = await uploadSnapshot(bSnap, fs.readFileSync(path.join(snapDir, 'o/3')));
+    expect(hash(await readMem(bVms, r.vm.id, 0, MEMORY))).toBe(memoryAt[3]);
   });
 
   it('refuses parents of another VM or taken before tracking, and broken chains, naming why; nothing is created', async () => {
