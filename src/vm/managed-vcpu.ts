@@ -95,13 +95,23 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
   }
 
   /** Kicks the vCPU out of KVM_RUN, completes pending I/O, and holds it. */
-  pause(): Promise<VcpuStatus> {
+  async pause(): Promise<VcpuStatus> {
+    return (await this.pauseFrom()).after;
+  }
+
+  /**
+   * Pauses like pause() and also returns the state the pause began from, read under the vCPU's lock:
+   * a status read before queueing could see a state access's implicit pause (GetState), which that
+   * access undoes before this pause runs.
+   */
+  pauseFrom(): Promise<{ before: VcpuStatus; after: VcpuStatus }> {
     return this.mutex.run(async () => {
       this.assertAlive();
+      const before = this.status();
       await this.runner.pause();
       this.assertAlive(); // deleted while pausing
       this.drain();
-      return this.status();
+      return { before, after: this.status() };
     });
   }
 

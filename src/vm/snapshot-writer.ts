@@ -255,10 +255,12 @@ export interface HeldVm {
 export async function holdAndPause(vm: ManagedVm, what: string): Promise<HeldVm> {
   const release = vm.hold(what);
   try {
-    const before = vm.statuses().map((s) => ({ id: s.id, state: s.state as SnapshotRunState, reason: s.reason }));
-    const wasRunning = before.filter((s) => s.state === 'running').map((s) => s.id);
-    await vm.pauseAll();
+    // Each state as its pause found it: one read here could see a GetState's implicit pause, which
+    // GetState undoes before our pause runs (the vCPU then ran, was recorded paused, and stayed paused).
+    const paused = await Promise.all(vm.vcpus.map((v) => v.pauseFrom()));
     vm.assertAlive(); // deleted while its vCPUs paused
+    const before = paused.map(({ before: s }) => ({ id: s.id, state: s.state as SnapshotRunState, reason: s.reason }));
+    const wasRunning = before.filter((s) => s.state === 'running').map((s) => s.id);
     return {
       wasRunning,
       before,

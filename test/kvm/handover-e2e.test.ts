@@ -149,14 +149,10 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     await waitFor(() => counterLines(src.text()).length >= 200, '200 lines');
     const r = await runStream(snapsA.CreateSnapshot({ vmId: id, name: 'c.snap', leavePaused: true }));
     expect(r.error).toBeUndefined();
-    // The paused vCPU's count (its memory mirror): the console stream may still be delivering the
-    // lines before it (the last one may be cut mid-line by the pause), so wait for them.
-    const mirror = Buffer.concat(
-      (await collect<{ data: Buffer }>(vmsA, 'ReadMemory', { vmId: id, guestPhysicalAddress: String(COUNTER_BASE), length: '8' })).map((m) => m.data),
-    ).readBigUInt64LE(0);
-    await waitFor(() => BigInt(counterLines(src.text()).at(-1) ?? 0) >= mirror - 1n, `the source console up to ${mirror - 1n}`);
-    src.stop();
-    const srcLines = counterLines(src.text());
+    // Every byte printed before the pause, the cut-off line's digits included, precedes the PAUSED
+    // state change (waiting for the mirror's line left those digits in flight).
+    const srcText = await src.stopAtPause();
+    const srcLines = counterLines(srcText);
     await call(vmsA, 'DeleteVm', { vmId: id });
     expect(memFiles()).toEqual([]);
 
@@ -181,7 +177,7 @@ describeKvm('restart handover with --state-dir (real KVM, tmpfs)', () => {
     await waitFor(() => counterLines(c2.text()).length >= 400, '400 lines after the restart');
     c2.stop();
     // The snapshot's output, then the restored VM's whole console history (carried across the restart).
-    const values = counterLines(src.text() + c2.text());
+    const values = counterLines(srcText + c2.text());
     expect(values[0]).toBe(1);
     expect(values.length).toBeGreaterThan(srcLines.length + 400);
     expect(firstBreak(values)).toBeUndefined();

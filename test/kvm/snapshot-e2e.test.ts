@@ -12,7 +12,19 @@ import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
 import { decodeRecordHeader, encodeRecordHeader, crc32c, PREAMBLE_SIZE, RECORD_HEADER_SIZE } from '../../src/vm/snapshot-format';
 import { describeKvm } from '../support/kvm';
-import { consoleCollector, counterLines, counterVm, firstBreak, MiB, runStream, sha256, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
+import {
+  consoleCollector,
+  counterLines,
+  counterSnapshotFacts,
+  counterVm,
+  firstBreak,
+  MiB,
+  runStream,
+  sha256,
+  uploadSnapshot,
+  waitFor,
+  type Client,
+} from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
 /** Rewrites the header record of a snapshot file (same length: the JSON is padded with spaces). */
@@ -85,20 +97,27 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     // The vCPU is paused (its pending OUT completed): what the source printed is final.
     const vm = (await call<{ vm: Record<string, any> }>(aVms, 'GetVm', { vmId: id })).vm;
     expect(vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
-    await new Promise((r) => setTimeout(r, 200));
-    src.stop();
-    return { id, sourceText: src.text(), done, progress, bytes: Buffer.concat(data) };
+    // The CI break "index 1994: 1994 then 1925" came from a fixed 200 ms wait here: the source stream
+    // lagged, its text ended mid-line ("19") and the destination's first bytes ("25\n") finished another.
+    const sourceText = await src.stopAtPause();
+    return { id, sourceText, done, progress, bytes: Buffer.concat(data) };
   }
 
   /** Restores (already done by `restore`) and checks the two consoles form one consecutive count. */
-  async function expectContinues(vmId: string, sourceText: string) {
+  async function expectContinues(vmId: string, sourceText: string, snapshotFile: string) {
     const dst = consoleCollector(bVms, vmId);
     await waitFor(() => counterLines(dst.text()).length >= 500, '500 lines on the destination console');
     dst.stop();
     // The pause can fall mid-line ("12" of "123\n"): the destination finishes that line ("3\n").
     const values = counterLines(sourceText + dst.text());
     expect(values[0]).toBe(1);
-    expect(firstBreak(values)).toBeUndefined();
+    // A break (seen once in CI, never reproduced) comes with what each side printed around it and what the snapshot holds.
+    const brk = firstBreak(values);
+    const explained =
+      brk &&
+      `${brk}; the source alone: ${firstBreak(counterLines(sourceText)) ?? 'consecutive'}; source ends ${JSON.stringify(sourceText.slice(-60))}, ` +
+        `destination starts ${JSON.stringify(dst.text().slice(0, 60))}; ${await counterSnapshotFacts(snapshotFile)}`;
+    expect(explained).toBeUndefined();
     expect(values.length).toBeGreaterThan(counterLines(sourceText).length + 400);
   }
 
@@ -113,7 +132,7 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     expect(r.vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
     expect(r.vm.memoryBytes).toBe(String(4 * MiB));
     expect(Number(r.stats.memoryBytesMapped) + Number(r.stats.memoryBytesCopied)).toBe(Number(s.done.memoryPagesStored) * 4096);
-    await expectContinues(r.vm.id, s.sourceText);
+    await expectContinues(r.vm.id, s.sourceText, path.join(snapDir, 'counter', 'mid-run.snap'));
 
     const listed = await call<{ snapshots: Record<string, any>[] }>(bSnap, 'ListSnapshots', {});
     expect(listed.snapshots.find((x) => x.name === 'counter/mid-run.snap')).toMatchObject({ vmId: s.id, vcpuCount: 1, problem: '' });
@@ -127,7 +146,9 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     expect(r.vm).toMatchObject({ name: 'moved' });
     expect(r.vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
     await call(bVms, 'ResumeVm', { vmId: r.vm.id });
-    await expectContinues(r.vm.id, s.sourceText);
+    const file = path.join(snapDir, 'streamed-mid-run.snap');
+    fs.writeFileSync(file, s.bytes);
+    await expectContinues(r.vm.id, s.sourceText, file);
   });
 
   it('a flipped byte is refused with DATA_LOSS naming the chunk; a truncated file too; nothing is created', async () => {

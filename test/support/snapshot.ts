@@ -2,21 +2,51 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type * as grpc from '@grpc/grpc-js';
+import { SECTIONS } from '../../src/ffi/sections';
+import { FileSource, loadSnapshot } from '../../src/vm/snapshot-reader';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
 import { call } from './vcpud-process';
 
 export type Client = grpc.Client & Record<string, Function>;
 export const MiB = 1024 * 1024;
 
+export interface ConsoleCollector {
+  text(): string;
+  /** Run states its vCPUs reported, in stream order. */
+  states(): string[];
+  /** Output bytes the stream dropped (its client fell behind). */
+  droppedBytes(): number;
+  stop(): void;
+  /**
+   * Once the source VM was paused (CreateSnapshot leave_paused): waits for the PAUSED state change,
+   * which follows every byte printed before the pause, then stops and returns the text (refusing a
+   * gap). A stream stopped sooner, even 200 ms after the pause, could lag under load and end mid-line.
+   */
+  stopAtPause(): Promise<string>;
+  ended(): boolean;
+}
+
 /** Collects a VM's console from the start. */
-export function consoleCollector(vms: Client, vmId: string): { text(): string; stop(): void; ended(): boolean } {
+export function consoleCollector(vms: Client, vmId: string): ConsoleCollector {
   let text = '';
+  const states: string[] = [];
+  let dropped = 0;
   let ended = false;
   const s = vms.StreamConsole({ vmId, fromStart: true }) as grpc.ClientReadableStream<Record<string, any>>;
-  s.on('data', (m) => m.event === 'output' && (text += m.output.toString('latin1')));
+  s.on('data', (m) => {
+    dropped += Number(m.droppedOutputBytes ?? 0);
+    if (m.event === 'output') text += m.output.toString('latin1');
+    if (m.event === 'stateChange') states.push(m.stateChange.runState);
+  });
   s.on('error', () => (ended = true));
   s.on('end', () => (ended = true));
-  return { text: () => text, stop: () => s.cancel(), ended: () => ended };
+  const stopAtPause = async () => {
+    await waitFor(() => states.includes('VCPU_RUN_STATE_PAUSED'), 'the PAUSED state change on the console stream');
+    s.cancel();
+    if (dropped) throw new Error(`the console stream dropped ${dropped} bytes: its text is not the whole output`);
+    return text;
+  };
+  return { text: () => text, states: () => states, droppedBytes: () => dropped, stop: () => s.cancel(), stopAtPause, ended: () => ended };
 }
 
 export async function waitFor(pred: () => boolean | Promise<boolean>, what: string, ms = 20_000): Promise<void> {
@@ -38,6 +68,35 @@ export function counterLines(text: string): number[] {
 export function firstBreak(values: number[]): string | undefined {
   for (let i = 1; i < values.length; i++) if (values[i] !== values[i - 1] + 1) return `index ${i}: ${values[i - 1]} then ${values[i]}`;
   return undefined;
+}
+
+/**
+ * What a counter64 snapshot holds, in words, for a failure message: the captured RBX (the count),
+ * RIP and RSP, the count's mirror in the saved memory (it differs from RBX by at most 1 when memory
+ * and registers are of one moment) and the saved stack around RSP (print_dec's digits).
+ */
+export async function counterSnapshotFacts(file: string): Promise<string> {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const loaded = await loadSnapshot(new FileSource(fd), { check: () => {}, lazy: false });
+    try {
+      const regs = SECTIONS.regs.decode(loaded.vcpuState.get(0)?.get('regs') as Buffer) as Record<string, bigint>;
+      const read = (gpa: number, n: number) => {
+        const b = Buffer.alloc(n);
+        loaded.memory.read(gpa, b);
+        return b;
+      };
+      const rsp = Number(regs.rsp);
+      const stack = read(Math.max(0, rsp - 48), 96)
+        .toString('latin1')
+        .replace(/[^0-9\n]/g, '.');
+      return `snapshot: RBX ${regs.rbx}, RIP 0x${regs.rip.toString(16)}, RSP 0x${rsp.toString(16)}, mirror ${read(GUEST_ABI.counterBase, 8).readBigUInt64LE(0)}, stack [RSP-48, RSP+48) ${JSON.stringify(stack)}`;
+    } finally {
+      loaded.memory.release();
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** A VM with counter64 loaded (not running); `fill`: guest memory from 2 MiB on gets random bytes. */
