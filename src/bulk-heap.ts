@@ -8,12 +8,21 @@
  * time for a snapshot stream (BENCHMARKS.md, "Snapshot streams"). A trivial grpc-js process never
  * reaches its first limit. While a bulk stream runs, the limit grows 4x the live heap instead of
  * V8's own choice (--heap-growing-percent, read at each full collection); the last stream to end
- * gives the choice back, so an idle or RPC-heavy vcpud keeps V8's memory-saving limit.
+ * gives back the setting in force before (vcpud's own for RPC load, src/server/heap-limits.ts; V8's
+ * choice elsewhere).
  */
 import v8 from 'node:v8';
 
 const BULK_HEAP_GROWING_PERCENT = 300;
 let streams = 0;
+/** --heap-growing-percent outside bulk streams; 0: V8 chooses. */
+let basePercent = 0;
+
+/** Sets the heap growing percent in force outside bulk streams (now, or when the last one ends). */
+export function setHeapGrowingPercent(percent: number): void {
+  basePercent = percent;
+  if (streams === 0) v8.setFlagsFromString(`--heap-growing-percent=${percent}`);
+}
 
 /** Runs `fn` (a bulk stream) with the bulk heap setting in force. */
 export async function withBulkHeap<T>(fn: () => Promise<T>): Promise<T> {
@@ -21,7 +30,7 @@ export async function withBulkHeap<T>(fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } finally {
-    if (--streams === 0) v8.setFlagsFromString('--heap-growing-percent=0'); // 0: V8 chooses
+    if (--streams === 0) v8.setFlagsFromString(`--heap-growing-percent=${basePercent}`);
   }
 }
 

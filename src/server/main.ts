@@ -6,6 +6,7 @@
  * Without a usable /dev/kvm vcpud stays up (unless --exit-on-kvm-error) so that health reports
  * NOT_SERVING with the reason and the VcpuState/Vm RPCs answer UNAVAILABLE naming it.
  */
+import './heap-limits'; // first: before start-up allocates
 import { VcpudError } from '../errors';
 import { probeCapabilities, type HostCapabilities } from '../ffi/capabilities';
 import { Kvm } from '../ffi/kvm';
