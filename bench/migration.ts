@@ -71,6 +71,14 @@ interface SideCpu {
 const GiB = 1024 * MiB;
 const cpuText = (c: SideCpu, send: string, receive: string) => `CPU per GiB: ${send} ${c.sendMs.toFixed(0)} ms + ${receive} ${c.receiveMs.toFixed(0)} ms`;
 
+/** A floor's line in the detail table: the time SIZE takes at `rate`, the rate, and each side's CPU. */
+const floorTableRow = (label: string, rate: number, cpu: SideCpu) => [
+  label,
+  ((SIZE / MiB / rate) * 1000).toFixed(0),
+  rate.toFixed(0),
+  cpuText(cpu, 'sender', 'receiver'),
+];
+
 /**
  * MiB/s of `bytes` written in CHUNK buffers to a receiver in another process (unix socket, or mTLS over
  * TCP), and the CPU each side spent (the sender is this process, otherwise idle meanwhile).
@@ -251,12 +259,7 @@ export async function measureMigration(): Promise<BenchResult> {
     const idleMs = now() - t;
     const sent = Number(idle.done.bytesSent);
     const idleFloorMs = (sent / MiB / udsFloor) * 1000;
-    rows.push([
-      'UDS floor: unix socket between two Node processes',
-      ((SIZE / MiB / udsFloor) * 1000).toFixed(0),
-      udsFloor.toFixed(0),
-      cpuText(udsFloorCpu, 'sender', 'receiver'),
-    ]);
+    rows.push(floorTableRow('UDS floor: unix socket between two Node processes', udsFloor, udsFloorCpu));
     rows.push([
       `idle guest, pre-copy over UDS`,
       idleMs.toFixed(0),
@@ -299,12 +302,7 @@ export async function measureMigration(): Promise<BenchResult> {
     const tlsId = await randomVm(src.client('VmService'), SIZE);
     const { rate: tlsFloor, cpu: tlsFloorCpu } = await floorRate(SIZE, dir, pki);
     const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: localhostTarget(dst) }, SIZE);
-    rows.push([
-      'TLS floor: Node TLS over TCP loopback, two processes',
-      ((SIZE / MiB / tlsFloor) * 1000).toFixed(0),
-      tlsFloor.toFixed(0),
-      cpuText(tlsFloorCpu, 'sender', 'receiver'),
-    ]);
+    rows.push(floorTableRow('TLS floor: Node TLS over TCP loopback, two processes', tlsFloor, tlsFloorCpu));
     rows.push([
       'idle guest, pre-copy over mTLS',
       ms(overTls.done.duration).toFixed(0),
