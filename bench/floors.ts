@@ -193,12 +193,15 @@ export interface EmptyServer {
 
 /**
  * A trivial grpc-js handler in its own process. It answers with an empty message, or with `reply`'s bytes
- * as they are (already serialized: the floor of sending a response of that size, without producing it).
+ * as they are (already serialized: the floor of sending a response of that size, without producing it);
+ * with `how.ioctls`, after making GetState's ioctls on its own paused vCPU (bench/ioctl-handler-server.ts).
  */
-export async function startEmptyServer(reply?: Buffer): Promise<EmptyServer> {
+export async function startEmptyServer(reply?: Buffer, how: { ioctls?: boolean } = {}): Promise<EmptyServer> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-empty-'));
   const sock = path.join(dir, 'e.sock');
-  const args = ['-e', EMPTY_SERVER, sock];
+  // how.ioctls: the handler also makes GetState's 13 GET ioctls per call on a vCPU of its own (ioctl-handler-server.ts).
+  const args = how.ioctls ? [path.join(__dirname, 'ioctl-handler-server.js'), sock] : ['-e', EMPTY_SERVER, sock];
+  if (how.ioctls && !reply) throw new Error('startEmptyServer: the ioctl handler answers GetState bytes: pass them');
   if (reply) {
     fs.writeFileSync(path.join(dir, 'reply.bin'), reply);
     args.push(path.join(dir, 'reply.bin'));
@@ -223,6 +226,9 @@ export async function startEmptyServer(reply?: Buffer): Promise<EmptyServer> {
 }
 
 export const ROW_HEADER = ['measure', 'value', 'floor', 'ratio', 'target', 'met'];
+
+/** "(target >= 0.8: met)", "(target <= 1.3: NOT met)", or "(information)" for a row without a target. */
+export const targetVerdict = (r: BenchRow) => (r.met === null ? '(information)' : `(target ${r.target}: ${r.met ? 'met' : 'NOT met'})`);
 
 /** One BenchRow as the cells of ROW_HEADER (shared by the text table and BENCHMARKS.md's). */
 export function rowCells(r: BenchRow): string[] {

@@ -22,7 +22,7 @@ import type * as grpc from '@grpc/grpc-js';
 import { GUEST_ABI } from '../test/guests/guests';
 import { mountTmpfs } from '../test/support/tmpfs';
 import { call, startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
-import { MiB, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
+import { MiB, fatal, guestBin, knob, median, ratioRow, table, targetVerdict, type BenchResult, type BenchRow } from './floors';
 
 type Client = grpc.Client & Record<string, Function>;
 const SIZE = Number(knob('BENCH_HANDOVER_MIB', '1024', 'handover: base guest size in MiB')) * MiB;
@@ -148,9 +148,7 @@ export async function measureHandover(): Promise<BenchResult> {
       SIZE_TARGET,
     ),
   );
-  const verdicts = benchRows.map(
-    (r) => `${r.name}: ${r.value.toFixed(1)} ${r.unit} = ${r.ratio?.toFixed(2)} x ${r.floorName} (target ${r.target}: ${r.met ? 'met' : 'NOT met'})`,
-  );
+  const verdicts = benchRows.map((r) => `${r.name}: ${r.value.toFixed(1)} ${r.unit} = ${r.ratio?.toFixed(2)} x ${r.floorName} ${targetVerdict(r)}`);
   // On a shared host the medians of a few rounds move with the load; the best rounds show the cost itself.
   const best = (size: number) => Math.min(...bySize.get(size)!.map((t) => t.downtimeMs));
   verdicts.push(

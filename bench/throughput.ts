@@ -52,8 +52,10 @@ export interface ThroughputFigures extends BenchResult {
   /** A trivial handler sending GetState's own response bytes: the floor for a response that size (rounds summed). */
   sameBytes: Measured & { bytes: number; peakRss: number };
   getState: Measured;
-  /** Each round's trivial and GetState measures, in order. */
-  rounds: { sameBytes: Measured; getState: Measured }[];
+  /** The trivial same-bytes handler that first makes GetState's 13 GET ioctls on its own vCPU (rounds summed; information). */
+  withIoctls: Measured;
+  /** Each round's trivial, trivial-with-ioctls and GetState measures, in order. */
+  rounds: { sameBytes: Measured; withIoctls: Measured; getState: Measured }[];
   rawIoctlUs: number;
   rss: { idle: number; peak: number; end: number; guestMemory: number };
 }
@@ -101,27 +103,31 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
     await new Promise((r) => setTimeout(r, 500)); // let start-up garbage settle before "idle"
     const idle = rssBytes(pid);
     const trivial = await startEmptyServer(reply);
+    const ioctlHandler = await startEmptyServer(reply, { ioctls: true });
     const rounds: ThroughputFigures['rounds'] = [];
     let trivialPeak = 0;
     let peak = 0;
     try {
       for (let r = 0; r < ROUNDS; r++) {
         const { peakRss: tp, ...sameBytes } = await measure(trivial.pid, { ...load, target: trivial.target, method: EMPTY_METHOD });
+        const { peakRss: _, ...withIoctls } = await measure(ioctlHandler.pid, { ...load, target: ioctlHandler.target, method: EMPTY_METHOD });
         const ioctls0 = await ioctlTotals(d);
         const { peakRss: gp, ...measured } = await measure(pid, { ...load, target: d.serving.api, vmId: vm.id, vcpuId: 0, metricsUrl: d.serving.metrics });
         const ioctls = await ioctlTotals(d);
         const getState = { ...measured, ioctlUsPerCall: ((ioctls.seconds - ioctls0.seconds) / (ioctls.getStates - ioctls0.getStates)) * 1e6 };
         trivialPeak = Math.max(trivialPeak, tp);
         peak = Math.max(peak, gp);
-        rounds.push({ sameBytes, getState });
+        rounds.push({ sameBytes, withIoctls, getState });
       }
     } finally {
       await trivial.stop();
+      await ioctlHandler.stop();
     }
     const end = rssBytes(pid);
     peak = Math.max(peak, end);
     const sameBytes = { ...sumMeasures(rounds.map((r) => r.sameBytes)), bytes: reply.length, peakRss: trivialPeak };
     const getState = sumMeasures(rounds.map((r) => r.getState));
+    const withIoctls = sumMeasures(rounds.map((r) => r.withIoctls));
     const g = getState.load;
     const guestMiB = vm.memoryBytes / MiB;
     const rssRow = (name: string, bytes: number): BenchRow => ({
@@ -162,6 +168,20 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
         CPU_TARGET,
       ),
       ratioRow(
+        `GetState throughput against a trivial handler making the same ioctls (information)`,
+        g.callsPerSecond,
+        withIoctls.load.callsPerSecond,
+        'calls/s',
+        'trivial same-bytes handler that first makes the 13 GET ioctls on its own paused vCPU',
+      ),
+      ratioRow(
+        `server CPU per GetState against that handler's (information)`,
+        cpuPerCallUs(getState),
+        cpuPerCallUs(withIoctls),
+        'us',
+        'CPU per call of the trivial same-bytes handler making the 13 GET ioctls',
+      ),
+      ratioRow(
         `vcpud RSS under that load (peak) against the trivial handler's`,
         peak / MiB,
         trivialPeak / MiB,
@@ -172,7 +192,7 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
       rssRow('vcpud RSS idle (1 VM)', idle),
       rssRow(`vcpud RSS under load (peak)`, peak),
     ];
-    const figures = { empty, sameBytes, getState, rounds, rawIoctlUs, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
+    const figures = { empty, sameBytes, withIoctls, getState, rounds, rawIoctlUs, rss: { idle, peak, end, guestMemory: vm.memoryBytes } };
     return { rows, detail: throughputDetail(figures), ...figures };
   } finally {
     await d.stop();
@@ -219,10 +239,11 @@ function sumMeasures(ms: Measured[]): Measured {
   };
 }
 
+const cpuPerCallUs = (m: Measured) => (m.serverCpuSeconds / m.load.calls) * 1e6;
+
 /** Server CPU per GetState and its floor: the trivial handler's CPU per call plus the raw ioctl sum (us). */
 function cpuFloor(getState: Measured, sameBytes: Measured, rawIoctlUs: number): { getStateUs: number; floorUs: number } {
-  const perCall = (m: Measured) => (m.serverCpuSeconds / m.load.calls) * 1e6;
-  return { getStateUs: perCall(getState), floorUs: perCall(sameBytes) + rawIoctlUs };
+  return { getStateUs: cpuPerCallUs(getState), floorUs: cpuPerCallUs(sameBytes) + rawIoctlUs };
 }
 
 function loadRow(name: string, m: Measured): string[] {
@@ -254,7 +275,8 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
       io === undefined
         ? ''
         : `; the 13 ioctls took ${io.toFixed(0)} us per GetState under this load (vcpud_ioctl_duration_seconds), CPU ${(cpu.getStateUs / (cpu.floorUs - f.rawIoctlUs + io)).toFixed(2)}x the trivial handler + that`;
-    return `round ${i + 1}: throughput ${(r.getState.load.callsPerSecond / r.sameBytes.load.callsPerSecond).toFixed(2)}x the trivial handler, server CPU ${(cpu.getStateUs / cpu.floorUs).toFixed(2)}x its floor${underLoad}`;
+    const inContext = `; against the trivial handler making the ioctls: throughput ${(r.getState.load.callsPerSecond / r.withIoctls.load.callsPerSecond).toFixed(2)}x, CPU ${(cpu.getStateUs / cpuPerCallUs(r.withIoctls)).toFixed(2)}x`;
+    return `round ${i + 1}: throughput ${(r.getState.load.callsPerSecond / r.sameBytes.load.callsPerSecond).toFixed(2)}x the trivial handler, server CPU ${(cpu.getStateUs / cpu.floorUs).toFixed(2)}x its floor${underLoad}${inContext}`;
   });
   return [
     `Throughput: ${g.clients} clients x ${g.inFlight} in flight, separate connections, Unix socket, ${(g.seconds / f.rounds.length).toFixed(1)} s per measure after 1 s warm-up; the trivial handler and vcpud alternate, ${f.rounds.length} rounds\n`,
@@ -264,6 +286,7 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
         loadRow('empty grpc-js handler', f.empty),
         ...f.rounds.flatMap((r, i) => [
           loadRow(`round ${i + 1}: trivial handler sending GetState's ${f.sameBytes.bytes} bytes`, r.sameBytes),
+          loadRow(`round ${i + 1}: the same, making the 13 GET ioctls first`, r.withIoctls),
           loadRow(`round ${i + 1}: GetState, all sections, 1 paused vCPU`, r.getState),
         ]),
       ],
