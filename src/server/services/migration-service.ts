@@ -83,6 +83,22 @@ const STATE_NAMES: Record<IncomingState, IncomingMigrationState> = {
 /** Discarded migrations stay answerable (Get/Abort) for a while, so a source can learn the outcome. */
 const FORGET_AFTER_MS = 10 * 60_000;
 
+/**
+ * The destination's description of the VM from its COMMITTED message, when a MigrationDone can carry
+ * it. It comes off the wire from another vcpud (maybe of another version): a shape the response
+ * cannot serialize would fail the report of a migration that succeeded. Otherwise undefined, and the
+ * VM is asked for with GetVm, as from a destination that does not describe it.
+ */
+export function describedVm(vm: unknown): Vm__Output | undefined {
+  if (typeof vm !== 'object' || vm === null || typeof (vm as { id?: unknown }).id !== 'string') return undefined;
+  try {
+    vcpudServiceDefinitions().SnapshotService.MigrateVm.responseSerialize({ done: { destinationVm: vm } });
+    return vm as Vm__Output;
+  } catch {
+    return undefined;
+  }
+}
+
 export class MigrationService {
   private readonly incoming = new Map<string, IncomingMigration>();
   private api?: BoundAddress;
@@ -269,8 +285,9 @@ export class MigrationService {
     }
     this.opts.metrics?.recordMigration({ result: 'succeeded', report });
     // The destination describes the VM in its COMMITTED message; an older one is asked.
-    const after = report.destinationVm
-      ? { vm: report.destinationVm as Vm__Output }
+    const described = describedVm(report.destinationVm);
+    const after = described
+      ? { vm: described }
       : await callUnary<GetVmResponse__Output>(stallMs, (md, o, cb) => vms.getVm({ vmId: report.destinationVmId }, md, o, cb)).catch(() => undefined);
     migrations.close();
     // Reported after the commit: a client that cancelled by now only misses the report.
