@@ -18,11 +18,7 @@
 import { PerformanceObserver } from 'node:perf_hooks';
 import v8 from 'node:v8';
 import { setHeapGrowingPercent } from '../bulk-heap';
-
-/** Both semi-spaces together (V8's new_space size), in bytes. */
-export const YOUNG_GENERATION_CAP = 16 * 1024 * 1024;
-/** --heap-growing-percent outside bulk streams. */
-export const RPC_HEAP_GROWING_PERCENT = 20;
+import { RPC_HEAP_GROWING_PERCENT, YOUNG_GENERATION_CAP } from './heap-limit-values';
 
 const youngGenerationSize = (): number => v8.getHeapSpaceStatistics().find((s) => s.space_name === 'new_space')?.space_size ?? 0;
 

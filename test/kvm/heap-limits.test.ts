@@ -6,7 +6,7 @@
  */
 import { pausedCounterVm } from '../../bench/floors';
 import { runLoad } from '../../bench/loadgen';
-import { YOUNG_GENERATION_CAP } from '../../src/server/heap-limits';
+import { YOUNG_GENERATION_CAP } from '../../src/server/heap-limit-values';
 import { describeKvm } from '../support/kvm';
 import { startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
