@@ -240,6 +240,7 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("applyFrames", &GuestMemory::ApplyFrames),
                                   InstanceMethod("sendFrames", &GuestMemory::SendFrames),
                                   InstanceMethod("receiveFrames", &GuestMemory::ReceiveFrames),
+                                  InstanceMethod("populate", &GuestMemory::Populate),
                                   InstanceAccessor("size", &GuestMemory::GetSize, nullptr)});
   ctor_ = new Napi::FunctionReference(Napi::Persistent(f));
   exports.Set("GuestMemory", f);

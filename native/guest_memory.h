@@ -101,6 +101,10 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value TrackWrites(const Napi::CallbackInfo& info);
   // (out): ORs the pages written since the last take into `out` (bit i = page i) and clears them.
   Napi::Value TakeWrittenPages(const Napi::CallbackInfo& info);
+  // (offset, length, cancel?) -> Promise<number>: faults in [offset, +length) for writing on the pool
+  // (defined in guest_memory_populate.cc); resolves to the bytes populated, rejects with the errno and
+  // `offset` (where it stopped), ECANCELED once cancel[0] is set (seen between 64 MiB chunks).
+  Napi::Value Populate(const Napi::CallbackInfo& info);
   // Page frames (page_frames.h; defined in page_frames.cc).
   // (bitmap, fromPage, out, {seq, framePages?}) -> Promise<{nextPage, bytes, pages, zeroPages, frames}>
   Napi::Value PackPages(const Napi::CallbackInfo& info);

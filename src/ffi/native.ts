@@ -71,6 +71,12 @@ export interface NativeGuestMemory {
    * as sendFrames. libuv pool.
    */
   receiveFrames(fd: number, prefix: Buffer, opts: StreamOptions): Promise<ReceiveResult>;
+  /**
+   * Faults in [offset, +length) for writing (MADV_POPULATE_WRITE in 64 MiB chunks, libuv pool):
+   * commits the memory ahead of its use. Resolves to the bytes populated; rejects with errno, code,
+   * syscall and `offset` (where it stopped); cancel[0] = 1 rejects ECANCELED between chunks.
+   */
+  populate(offset: number, length: number, cancel?: Buffer): Promise<number>;
   /** Each file mapFile mapped, as fstat sees it now and as it was when first mapped. */
   backingFiles(): BackingFileInfo[];
 }

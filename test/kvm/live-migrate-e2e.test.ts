@@ -2,7 +2,8 @@
  * Live migration (pre-copy) between two real vcpud processes over unix sockets, and one over TCP with
  * mTLS on 127.0.0.1. A running dirty64 guest moves while it writes its counter into a page range: on
  * the destination every page of the range holds exactly the value its counter (RBX) says (no write
- * lost or repeated) and the random memory around it is byte for byte the source's. Each fault leaves
+ * lost or repeated) and the random memory around it is byte for byte the source's, also with the
+ * destination's memory preallocated (vcpuctl migrate --preallocate). Each fault leaves
  * exactly one live copy: the source's, running, with nothing left on the destination (both ListVms
  * checked): the destination stopped (SIGSTOP) or killed mid-pass, the caller cancelling; a migration to
  * the source's own server is refused up front. Run control
@@ -187,6 +188,32 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect((await listVms(srcVms)).map((v) => v.id)).toEqual([guest.id]);
     await expectRunningHere(srcVms, guest.id);
     await expectIntact(srcVms, srcState, guest, guest.id, memory);
+  });
+
+  it('vcpuctl migrate --preallocate: the destination commits the memory before the copy; the guest moves live, no value lost or repeated', async () => {
+    const memory = 64 * MiB;
+    const guest = await dirtyGuest(srcVms, memory);
+    await waitFor(
+      async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES),
+      'dirty64 to lap its range',
+    );
+    let out = '';
+    const io = { stdout: { write: (t: string | Uint8Array) => ((out += t.toString()), true) }, stderr: { write: () => true, isTTY: false }, cwd: dir };
+    const code = await run(['--server', src.serving.api, '--json', 'migrate', guest.id, '--to', dst.serving.api, '--preallocate'], io as never);
+    expect(code).toBe(0);
+    const report = JSON.parse(out).migration;
+    expect(report.mode).toBe('MIGRATION_MODE_PRE_COPY');
+    console.log(
+      `live migration of a 64 MiB dirty64 guest with --preallocate: prepare ${JSON.stringify(report.setupPrepare)}, total ${JSON.stringify(report.duration)}`,
+    );
+    expect(await listVms(srcVms)).toEqual([]);
+    const moved = report.destinationVm.id as string;
+    const at = (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0);
+    await waitFor(
+      async () => (await readMemory(dstVms, moved, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > at + 1000n,
+      'dirty64 to go on writing there',
+    );
+    await expectIntact(dstVms, dstState, guest, moved, memory);
   });
 
   it('a slowly dirtying guest (pages written once, not again before the switch): nothing dirtied during the passes is lost', async () => {

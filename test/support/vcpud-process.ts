@@ -29,7 +29,11 @@ export interface VcpudProcess {
   serving: ServingLine;
   logs: () => string;
   /** A client of `service` over the API listener (unix socket unless `target` says otherwise). */
-  client<S extends 'VcpuStateService' | 'VmService' | 'SnapshotService'>(service: S, creds?: grpc.ChannelCredentials, target?: string): ClientOf<S>;
+  client<S extends 'VcpuStateService' | 'VmService' | 'SnapshotService' | 'MigrationService'>(
+    service: S,
+    creds?: grpc.ChannelCredentials,
+    target?: string,
+  ): ClientOf<S>;
   health(target?: string, creds?: grpc.ChannelCredentials): grpc.Client & Record<string, Function>;
   scrape(): Promise<string>;
   stop(signal?: NodeJS.Signals): Promise<number | null>;

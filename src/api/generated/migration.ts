@@ -90,7 +90,8 @@ export interface ProtoGrpcType {
        * Errors (google.rpc.Status details: one ErrorInfo, domain "vcpud.dev", reasons from ErrorReason):
        * FAILED_PRECONDITION  the VM cannot run here (SNAPSHOT_INCOMPATIBLE, with a PreconditionFailure listing why), or
        * the source is this same server (MIGRATION_TO_SELF).
-       * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), counting incoming VMs not yet committed.
+       * RESOURCE_EXHAUSTED   a server limit (LIMIT_EXCEEDED), counting incoming VMs not yet committed; or, with
+       * preallocate_memory, the host could not commit the guest's memory (HOST_RESOURCES_EXHAUSTED).
        * NOT_FOUND            an unknown incoming migration (MIGRATION_NOT_FOUND).
        * INVALID_ARGUMENT     a malformed header.
        */

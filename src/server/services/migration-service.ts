@@ -126,7 +126,7 @@ export class MigrationService {
   handlers() {
     const ctx = this.ctx;
     return {
-      PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string; sourceInstanceId: string }) => {
+      PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string; sourceInstanceId: string; preallocateMemory: boolean }) => {
         if (req.sourceInstanceId === INSTANCE_ID)
           throw new VcpudError(
             'failed_precondition',
@@ -148,6 +148,7 @@ export class MigrationService {
         const m = await IncomingMigration.prepare(ctx.registry, ctx.caps, header, {
           name: req.vmName || undefined,
           stallMs: this.opts.stallMs,
+          preallocate: req.preallocateMemory,
           describe: (vm) => vmToProto(vm),
           checkLimits: (spec) => {
             // Incoming VMs not committed yet count against the limits too.
@@ -266,6 +267,7 @@ export class MigrationService {
         bandwidth: Number(req.bandwidthBytesPerSecond ?? 0),
         completionTimeoutPerGiBMs: durationToMs(req.completionTimeoutPerGib, DEFAULT_COMPLETION_PER_GIB_MS),
         abortOnNoProgress: req.abortOnNoProgress,
+        preallocateDestinationMemory: req.preallocateDestinationMemory,
         leavePaused: req.leavePaused,
         destinationVmName: req.destinationVmName || vm.name || undefined,
         stallMs,
@@ -345,21 +347,24 @@ function callUnary<Res>(
   });
 }
 
+/** What PrepareIncomingMigration's deadline allows per GiB of guest memory the destination commits first. */
+const PREALLOCATE_MS_PER_GIB = 10_000;
+
 /** The destination's gRPC control plane and data endpoint, as the engine uses them. */
 function destinationControl(dest: DestinationTarget, client: MigrationServiceClient, stallMs: number): DestinationControl {
   return {
     name: dest.target,
-    prepare: async (header, vmName) => {
+    prepare: async (header, vmName, preallocateMemory) => {
+      // Allocating a large VM's memory takes a moment; committing it, up to 2.9 s per GiB here (BENCHMARKS.md).
+      const timeoutMs = Math.max(stallMs, 15_000) + (preallocateMemory ? (PREALLOCATE_MS_PER_GIB * header.vm.memoryBytes) / 1024 ** 3 : 0);
       try {
-        const r = await callUnary<PrepareIncomingMigrationResponse__Output>(
-          Math.max(stallMs, 15_000), // allocating a large VM's memory takes a moment
-          (md, o, cb) =>
-            client.prepareIncomingMigration(
-              { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID },
-              md,
-              o,
-              cb,
-            ),
+        const r = await callUnary<PrepareIncomingMigrationResponse__Output>(timeoutMs, (md, o, cb) =>
+          client.prepareIncomingMigration(
+            { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID, preallocateMemory },
+            md,
+            o,
+            cb,
+          ),
         );
         return { migrationId: r.migrationId, endpoint: r.dataEndpoint, token: r.token };
       } catch (e) {

@@ -39,7 +39,8 @@ export type MigrationMode = 'auto' | 'pre-copy' | 'stop-and-copy';
 export interface DestinationControl {
   /** Names the destination in messages. */
   readonly name: string;
-  prepare(header: SnapshotHeader, vmName?: string): Promise<{ migrationId: string; endpoint: string; token: Buffer }>;
+  /** `preallocateMemory`: the destination commits the guest's memory before it answers. */
+  prepare(header: SnapshotHeader, vmName?: string, preallocateMemory?: boolean): Promise<{ migrationId: string; endpoint: string; token: Buffer }>;
   /** Opens the data connection to a prepared endpoint. */
   connect(endpoint: string, signal: AbortSignal): Promise<net.Socket>;
   /** Discards the incoming migration unless committed; its state, or 'unknown' when it cannot be asked. */
@@ -55,6 +56,8 @@ export interface MigrationOptions {
   bandwidth: number;
   completionTimeoutPerGiBMs: number;
   abortOnNoProgress: boolean;
+  /** The destination commits all guest memory before answering prepare (fails early if it cannot). */
+  preallocateDestinationMemory?: boolean;
   leavePaused: boolean;
   destinationVmName?: string;
   stallMs: number;
@@ -183,7 +186,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
   try {
     stage.phase = 'prepare';
     const placeholder = vm.vcpus.map((v) => ({ id: v.id, runState: 'paused' as const, sections: [], nestedSize: 0, msrsUnreadable: [] }));
-    const preparing = dest.prepare(snapshotHeader(vm, opts.caps, placeholder, []), opts.destinationVmName);
+    const preparing = dest.prepare(snapshotHeader(vm, opts.caps, placeholder, []), opts.destinationVmName, opts.preallocateDestinationMemory);
     // Dirty logging starts while the destination prepares (it write-protects every page: 1-3 ms for 1-4 GiB here).
     if (tracker) tracker.start();
     const prepared = await preparing;

@@ -249,6 +249,7 @@ function migrationTuning(o: Context['options']): Record<string, unknown> {
   const perGiB = o.string('completion-timeout-per-gib');
   if (perGiB !== undefined) out.completionTimeoutPerGib = msToDuration(parseDurationMs('completion-timeout-per-gib', perGiB));
   if (o.bool('abort-on-no-progress')) out.abortOnNoProgress = true;
+  if (o.bool('preallocate')) out.preallocateDestinationMemory = true;
   return out;
 }
 
@@ -398,6 +399,11 @@ export const snapshotCommands: Command[] = [
         help: 'give up (the VM stays here) after this long per GiB of guest memory (default 150s)',
       },
       { name: 'abort-on-no-progress', type: 'bool', help: 'fail instead of throttling the vCPUs when the dirty memory stops shrinking' },
+      {
+        name: 'preallocate',
+        type: 'bool',
+        help: 'the destination commits all guest memory before the copy starts: a host short of memory fails the migration early (the VM stays here) and pass 1 writes into committed memory; prepare takes longer',
+      },
     ],
     notes:
       'The --to-tls-* files are read here and sent to the source server, which dials the destination with them. Progress shows each pass: bytes left, dirty and transfer rates, the expected downtime and any throttle; the report splits the downtime into its parts.',

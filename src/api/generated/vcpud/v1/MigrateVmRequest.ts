@@ -52,6 +52,15 @@ export interface MigrateVmRequest {
    * When the remaining bytes stop falling, fail instead of throttling the vCPUs.
    */
   'abortOnNoProgress'?: (boolean);
+  /**
+   * The destination faults in (commits) all of the guest's memory before it answers
+   * PrepareIncomingMigration (its preallocate_memory), as Cloud Hypervisor's prefault=on and QEMU's
+   * prealloc=on do. A destination that cannot commit the memory then fails the migration before any
+   * page is sent (RESOURCE_EXHAUSTED; the VM keeps running here), and pass 1 writes into committed
+   * memory instead of faulting in each page as it lands. It costs the prepare phase (MigrationDone's
+   * setup_prepare) the time to commit the guest's size, and commits the pages the guest never wrote.
+   */
+  'preallocateDestinationMemory'?: (boolean);
 }
 
 /**
@@ -100,4 +109,13 @@ export interface MigrateVmRequest__Output {
    * When the remaining bytes stop falling, fail instead of throttling the vCPUs.
    */
   'abortOnNoProgress': (boolean);
+  /**
+   * The destination faults in (commits) all of the guest's memory before it answers
+   * PrepareIncomingMigration (its preallocate_memory), as Cloud Hypervisor's prefault=on and QEMU's
+   * prealloc=on do. A destination that cannot commit the memory then fails the migration before any
+   * page is sent (RESOURCE_EXHAUSTED; the VM keeps running here), and pass 1 writes into committed
+   * memory instead of faulting in each page as it lands. It costs the prepare phase (MigrationDone's
+   * setup_prepare) the time to commit the guest's size, and commits the pages the guest never wrote.
+   */
+  'preallocateDestinationMemory': (boolean);
 }

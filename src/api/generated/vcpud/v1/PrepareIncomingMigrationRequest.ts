@@ -20,6 +20,13 @@ export interface PrepareIncomingMigrationRequest {
    * FAILED_PRECONDITION (MIGRATION_TO_SELF): the source and the destination are the same server. Empty: not checked.
    */
   'sourceInstanceId'?: (string);
+  /**
+   * Fault in (commit) all of the guest's memory before answering, so a host that cannot hold it fails here,
+   * before any page is sent (RESOURCE_EXHAUSTED, HOST_RESOURCES_EXHAUSTED, naming the size and errno, with
+   * everything freed), and the pages received land in committed memory. Costs this call the time to commit the
+   * guest's size; commits pages the guest never wrote. Default: memory is committed as pages arrive.
+   */
+  'preallocateMemory'?: (boolean);
 }
 
 /**
@@ -40,4 +47,11 @@ export interface PrepareIncomingMigrationRequest__Output {
    * FAILED_PRECONDITION (MIGRATION_TO_SELF): the source and the destination are the same server. Empty: not checked.
    */
   'sourceInstanceId': (string);
+  /**
+   * Fault in (commit) all of the guest's memory before answering, so a host that cannot hold it fails here,
+   * before any page is sent (RESOURCE_EXHAUSTED, HOST_RESOURCES_EXHAUSTED, naming the size and errno, with
+   * everything freed), and the pages received land in committed memory. Costs this call the time to commit the
+   * guest's size; commits pages the guest never wrote. Default: memory is committed as pages arrive.
+   */
+  'preallocateMemory': (boolean);
 }

@@ -1,0 +1,126 @@
+/**
+ * Preallocated destination memory (PrepareIncomingMigrationRequest.preallocate_memory, MigrateVm's
+ * preallocate_destination_memory) against real vcpud processes. With the flag the destination has
+ * committed the guest's memory when PrepareIncomingMigration answers (its RSS has grown by the
+ * guest's size; without the flag it has not). A destination that cannot commit it (guest memory in
+ * a --state-dir on a tmpfs smaller than the guest: the populate meets a page it cannot allocate,
+ * EFAULT) answers RESOURCE_EXHAUSTED naming the size and errno with everything freed, and a
+ * MigrateVm asking for it fails before any page is sent, the VM running on at the source.
+ * (The e2e move of a counting guest with --preallocate is in live-migrate-e2e.test.ts.)
+ */
+import fs from 'node:fs';
+import * as grpc from '@grpc/grpc-js';
+import { decodeStatusDetails } from '../../src/api/status-details';
+import { probeCapabilities } from '../../src/ffi/capabilities';
+import { Kvm } from '../../src/ffi/kvm';
+import { isMemoryFile } from '../../src/vm/guest-memory';
+import { VmRegistry } from '../../src/vm/registry';
+import { snapshotHeader } from '../../src/vm/snapshot-writer';
+import { DIRTY64, dirty64Control, GUESTS, GUEST_ABI } from '../guests/guests';
+import { testMemorySource } from '../support/kvm';
+import { rssBytes, scrapeClosing } from '../support/proc-resources';
+import { samples } from '../support/prom';
+import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
+import { describeKvmWithTmpfs } from '../support/tmpfs';
+import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+
+/** Large against the noise of a Node process's own RSS. */
+const GUEST = 256 * MiB;
+/** Larger than the tmpfs the small destination keeps guest memory in. */
+const TOO_BIG = 64 * MiB;
+const TMPFS = '32m';
+
+/** A snapshot-format header of a `bytes` VM of this host, as a source sends it to PrepareIncomingMigration. */
+function headerJson(bytes: number): Buffer {
+  const kvm = Kvm.open();
+  const registry = new VmRegistry(kvm, undefined, testMemorySource());
+  try {
+    const vm = registry.create({ memoryBytes: bytes, vcpuCount: 1 });
+    const vcpus = vm.vcpus.map((v) => ({ id: v.id, runState: 'paused' as const, sections: [], nestedSize: 0, msrsUnreadable: [] }));
+    return Buffer.from(JSON.stringify(snapshotHeader(vm, probeCapabilities(kvm), vcpus, [])));
+  } finally {
+    registry.destroyAll();
+    kvm.close();
+  }
+}
+
+describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs) => {
+  let src: VcpudProcess;
+  let dst: VcpudProcess;
+  let small: VcpudProcess;
+  let dstMigrations: Client;
+  let smallMigrations: Client;
+
+  beforeAll(async () => {
+    [src, dst, small] = await Promise.all([startVcpud(), startVcpud(), startVcpud(['--state-dir', tmpfs().dir])]);
+    dstMigrations = dst.client('MigrationService');
+    smallMigrations = small.client('MigrationService');
+  });
+  afterAll(async () => {
+    await Promise.all([src?.stop(), dst?.stop(), small?.stop()]);
+  });
+
+  it("with preallocate_memory the destination's RSS has grown by the guest's size when prepare answers; without it, not", async () => {
+    const header = headerJson(GUEST);
+    const pid = dst.proc.pid as number;
+    const prepare = async (preallocateMemory: boolean) => {
+      const before = rssBytes(pid);
+      const t0 = performance.now();
+      const { migrationId } = await call<{ migrationId: string }>(dstMigrations, 'PrepareIncomingMigration', { headerJson: header, preallocateMemory });
+      const ms = performance.now() - t0;
+      const grown = rssBytes(pid) - before;
+      const { state } = await call<{ state: string }>(dstMigrations, 'GetIncomingMigration', { migrationId });
+      await call(dstMigrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
+      // Aborting frees the memory (unmapped off the JS thread, so not at once).
+      await waitFor(async () => rssBytes(pid) < before + GUEST / 4, 'the aborted migration to free its memory');
+      return { grown, ms, state };
+    };
+    const without = await prepare(false);
+    const withIt = await prepare(true);
+    console.log(
+      `PrepareIncomingMigration of a ${GUEST / MiB} MiB guest: RSS +${(without.grown / MiB).toFixed(1)} MiB in ${without.ms.toFixed(1)} ms without ` +
+        `preallocate_memory, +${(withIt.grown / MiB).toFixed(1)} MiB in ${withIt.ms.toFixed(1)} ms with it`,
+    );
+    expect([without.state, withIt.state]).toEqual(['INCOMING_MIGRATION_STATE_WAITING', 'INCOMING_MIGRATION_STATE_WAITING']);
+    expect(withIt.grown).toBeGreaterThanOrEqual(GUEST);
+    expect(without.grown).toBeLessThan(GUEST / 4);
+  });
+
+  it('a destination that cannot commit the memory answers RESOURCE_EXHAUSTED naming size and errno, with nothing left of it', async () => {
+    const err = await callError(smallMigrations, 'PrepareIncomingMigration', { headerJson: headerJson(TOO_BIG), preallocateMemory: true });
+    expect(err.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    expect(decodeStatusDetails(err.metadata)?.errorInfo?.reason).toBe('HOST_RESOURCES_EXHAUSTED');
+    expect(err.details).toMatch(/could not commit the guest's 64 MiB of memory \(preallocate_memory\): EFAULT beyond the first \d+(\.\d+)? MiB/);
+    // The memory file (and with it the tmpfs pages it held) is removed once the KVM VM made meanwhile is closed.
+    await waitFor(async () => fs.readdirSync(tmpfs().dir).filter(isMemoryFile).length === 0, 'the memory file to be removed');
+    expect(fs.statfsSync(tmpfs().dir).bfree).toBe(fs.statfsSync(tmpfs().dir).blocks);
+    // Without the flag the same prepare succeeds (memory is committed as pages arrive).
+    const { migrationId } = await call<{ migrationId: string }>(smallMigrations, 'PrepareIncomingMigration', { headerJson: headerJson(TOO_BIG) });
+    await call(smallMigrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
+  });
+
+  it('MigrateVm with preallocate_destination_memory to such a destination fails before any page is sent; the VM runs on at the source', async () => {
+    const vms = src.client('VmService');
+    const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(TOO_BIG), vcpuCount: 1 });
+    await call(vms, 'WriteMemory', {
+      vmId: vm.id,
+      guestPhysicalAddress: String(DIRTY64.control),
+      data: dirty64Control({ rangeStart: 4 * MiB, rangePages: 256 }),
+    });
+    await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(GUESTS.dirty64.file), loadAddress: String(GUEST_ABI.loadAddress) });
+    await call(vms, 'RunVm', { vmId: vm.id });
+    const dataBytes = async () => samples(await scrapeClosing(src.serving.metrics), 'vcpud_migration_data_bytes_total').reduce((a, s) => a + s.value, 0);
+    const sentBefore = await dataBytes();
+    const r = await runStream(
+      src.client('SnapshotService').MigrateVm({ vmId: vm.id, destination: small.serving.api, preallocateDestinationMemory: true }),
+      () => {},
+    );
+    expect(r.error?.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    expect(r.error?.details).toMatch(/failed: prepare: .*RESOURCE_EXHAUSTED.*could not commit the guest's 64 MiB of memory .*EFAULT.*kept running here/);
+    expect(await dataBytes()).toBe(sentBefore);
+    const after = (await call<{ vm: { vcpus: { runState: string }[] } }>(vms, 'GetVm', { vmId: vm.id })).vm;
+    expect(after.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
+    expect((await call<{ vms: unknown[] }>(small.client('VmService'), 'ListVms', {})).vms).toEqual([]);
+    await call(vms, 'DeleteVm', { vmId: vm.id });
+  });
+});
