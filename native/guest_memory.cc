@@ -17,6 +17,7 @@
 #include "errors.h"
 #include "ioctl_call.h"
 #include "memory_guard.h"
+#include "missing_page_fill.h"
 
 namespace vcpud {
 
@@ -88,26 +89,52 @@ struct Piece {
 };
 
 // Copies between the runs (guest memory) and the pieces (Buffers), in order, both sides holding the
-// same number of bytes; returns the CRC-32C of the bytes copied, read where they landed.
-uint32_t CopyRuns(uint8_t* base, const std::vector<Run>& runs, const std::vector<Piece>& pieces, bool intoGuest) {
+// same number of bytes; returns the CRC-32C of the bytes copied, read where they landed. Into guest
+// memory through `fill` when it is active (fresh pages: no zeroing, no fault each).
+uint32_t CopyRuns(uint8_t* base, const std::vector<Run>& runs, const std::vector<Piece>& pieces, bool intoGuest, MissingPageFill* fill) {
   uint32_t crc = 0;
   size_t pi = 0, po = 0;
+  uint8_t straddling[kPage];  // a page whose bytes lie in two pieces, joined for UFFDIO_COPY
   for (const Run& r : runs) {
+    bool filled = intoGuest && fill->Active();
     // Pages about to be written are faulted in by one call rather than one fault each (about half
     // the cost of writing fresh memory). A hint: on a kernel without it the copy faults them in.
-    if (intoGuest) madvise(base + r.offset, r.length, kMadvPopulateWrite);
+    if (intoGuest && !filled) madvise(base + r.offset, r.length, kMadvPopulateWrite);
     for (size_t ro = 0; ro < r.length;) {
       const Piece& piece = pieces[pi];
       // In blocks that stay in cache between the copy and the checksum that reads them back.
       size_t n = std::min({r.length - ro, piece.length - po, kCopyBlock});
       uint8_t* guest = base + r.offset + ro;
       uint8_t* buf = piece.data + po;
-      uint8_t* landed = intoGuest ? guest : buf;
-      memcpy(landed, intoGuest ? buf : guest, n);
-      crc = Crc32c(crc, landed, n);
+      if (filled) {
+        // Whole pages only: the block is cut at the piece's last whole page, or is the one page
+        // that straddles the piece's end.
+        if (n >= kPage) {
+          n -= n % kPage;
+          fill->Copy(guest, buf, n);
+        } else {
+          // Joined from this piece's tail and the next pieces' heads; they are consumed here.
+          for (size_t got = 0; got < kPage;) {
+            size_t take = std::min(kPage - got, pieces[pi].length - po);
+            memcpy(straddling + got, pieces[pi].data + po, take);
+            got += take;
+            po += take;
+            if (po == pieces[pi].length) pi++, po = 0;
+          }
+          fill->Copy(guest, straddling, kPage);
+          crc = Crc32c(crc, guest, kPage);
+          ro += kPage;
+          continue;
+        }
+        crc = Crc32c(crc, guest, n);
+      } else {
+        uint8_t* landed = intoGuest ? guest : buf;
+        memcpy(landed, intoGuest ? buf : guest, n);
+        crc = Crc32c(crc, landed, n);
+      }
       ro += n;
       po += n;
-      if (po == piece.length) {
+      if (po == pieces[pi].length) {
         pi++;
         po = 0;
       }
@@ -144,14 +171,23 @@ class PageTask : public Napi::AsyncWorker {
       refs_.push_back(Napi::Persistent(b.As<Napi::Object>()));
     }
   }
+  // The caller vouches that nothing else touches the pages while the copy runs (memory being
+  // restored, not yet any VM's): fresh pages may then be filled by UFFDIO_COPY.
+  void SetExclusive() { exclusive_ = true; }
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
     uint8_t* base = mem_->Base();
     uintptr_t fault = 0;
     if (kind_ == Kind::kCopyOut || kind_ == Kind::kCopyIn) {
-      // CopyRuns holds nothing that needs unwinding, so it runs under the guard whole.
-      if (!GuardedRun([](void* t) { static_cast<PageTask*>(t)->CopyGuarded(); }, this, &fault)) return Faulted(base, fault);
+      // Registered (and unregistered when `fill` goes) outside the guard, which unwinds nothing.
+      if (exclusive_ && mem_->Anonymous() && !runs_.empty())
+        fill_.Begin(base + runs_.front().offset, runs_.back().offset + runs_.back().length - runs_.front().offset);
+      if (!GuardedRun([](void* t) { static_cast<PageTask*>(t)->CopyGuarded(); }, this, &fault)) {
+        fill_.End();
+        return Faulted(base, fault);
+      }
+      fill_.End();
       if (kind_ == Kind::kCopyIn)
         for (const Run& r : runs_) mem_->MarkWritten(r.offset, r.length);
       return;
@@ -172,7 +208,7 @@ class PageTask : public Napi::AsyncWorker {
     }
   }
 
-  void CopyGuarded() { crc_ = CopyRuns(mem_->Base(), runs_, pieces_, kind_ == Kind::kCopyIn); }
+  void CopyGuarded() { crc_ = CopyRuns(mem_->Base(), runs_, pieces_, kind_ == Kind::kCopyIn, &fill_); }
 
   void OnOK() override {
     Napi::Env env = Env();
@@ -191,6 +227,8 @@ class PageTask : public Napi::AsyncWorker {
   int fd_ = -1;
   uint64_t pos_ = 0;
   bool inPlace_ = false;
+  bool exclusive_ = false;
+  MissingPageFill fill_;
   std::vector<Piece> pieces_;
   std::vector<Napi::ObjectReference> refs_;
   uint32_t crc_ = 0;
@@ -491,6 +529,7 @@ Napi::Value StartCopy(const Napi::CallbackInfo& info, GuestMemory* mem, PageTask
   std::vector<Napi::Buffer<uint8_t>> pieces = PiecesArg(info, 3, op, runs);
   auto* t = new PageTask(info.Env(), mem, info.This().As<Napi::Object>(), kind, op, std::move(runs));
   t->SetPieces(pieces);
+  if (kind == PageTask::Kind::kCopyIn && info.Length() > 4 && info[4].IsBoolean() && info[4].As<Napi::Boolean>().Value()) t->SetExclusive();
   return Start(t);
 }
 

@@ -41,6 +41,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   ~GuestMemory() override;
 
   uint8_t* Base() const { return base_; }
+  // Private anonymous memory (no shared file behind it).
+  bool Anonymous() const { return sharedFd_ < 0; }
   size_t Size() const { return size_; }
 
   // Throws unless [offset, +pages) is whole pages inside the mapping and the bitmap covers them.
@@ -69,9 +71,10 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // Buffer or an array of Buffers filled in order (exactly their size in all); resolves to their
   // CRC-32C.
   Napi::Value CopyPages(const Napi::CallbackInfo& info);
-  // (offset, pages, bitmap, data) -> Promise<number>: the reverse: `data` (a Buffer or an array of
-  // Buffers, exactly the pages' size in all) into the selected pages; resolves to the CRC-32C of the
-  // bytes written, read back from guest memory.
+  // (offset, pages, bitmap, data, exclusive?) -> Promise<number>: the reverse: `data` (a Buffer or
+  // an array of Buffers, exactly the pages' size in all) into the selected pages; resolves to the
+  // CRC-32C of the bytes written, read back from guest memory. `exclusive`: nothing else touches
+  // these pages meanwhile, so fresh anonymous ones are filled by UFFDIO_COPY (missing_page_fill.h).
   Napi::Value WritePages(const Napi::CallbackInfo& info);
   // (offset, length, fd, fileOffset): MAP_PRIVATE | MAP_FIXED of the file over [offset, +length).
   Napi::Value MapFile(const Napi::CallbackInfo& info);

@@ -26,8 +26,12 @@ export interface NativeGuestMemory {
   writePagesToFd(offset: number, pages: number, bitmap: Buffer, fd: number, fileOffset: number): Promise<number>;
   /** Copies the selected pages packed into `out`, filled in order (exactly their size in all); resolves to their CRC-32C. */
   copyPages(offset: number, pages: number, bitmap: Buffer, out: Buffer | Buffer[]): Promise<number>;
-  /** The reverse of copyPages: `data` into the selected pages; resolves to the CRC-32C of the bytes written. */
-  writePages(offset: number, pages: number, bitmap: Buffer, data: Buffer | Buffer[]): Promise<number>;
+  /**
+   * The reverse of copyPages: `data` into the selected pages; resolves to the CRC-32C of the bytes written.
+   * `exclusive`: nothing else touches these pages while the call runs (memory being restored, no VM's
+   * yet), so fresh anonymous pages are filled without being zeroed and faulted in first (userfaultfd).
+   */
+  writePages(offset: number, pages: number, bitmap: Buffer, data: Buffer | Buffer[], exclusive?: boolean): Promise<number>;
   /** MAP_PRIVATE | MAP_FIXED of the file over [offset, +length): all page-aligned. */
   mapFile(offset: number, length: number, fd: number, fileOffset: number): void;
   /** pread of the file into [offset, +length). */

@@ -468,9 +468,10 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
               }
             } else {
               if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
-              // The bytes as they arrived (no joining), copied into the pages on the libuv pool.
+              // The bytes as they arrived (no joining), copied into the pages on the libuv pool; this
+              // memory is no VM's yet and its chunks are disjoint, so each copy has its pages to itself.
               const data = await source.readPieces(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));
-              await checked(h, memory.writePages(map.gpa, map.pages, map.bitmap, data));
+              await checked(h, memory.writePages(map.gpa, map.pages, map.bitmap, data, true));
               copiedBytes += h.payloadLength;
             }
           } else if (h.payloadCrc !== 0) {

@@ -4,6 +4,7 @@
  * own decoding), and the bulk heap setting's nesting.
  */
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import { bulkStreams, withBulkHeap } from '../../src/bulk-heap';
 import { native } from '../../src/ffi/native';
 import { BYTES_FIELD_HEADROOM, bytesFieldMessage, passPreserialized, Preserialized } from '../../src/api/preserialized';
@@ -51,6 +52,39 @@ describe('GuestMemory page copies to and from Buffer lists', () => {
     expect(await src.copyPages(8 * PAGE, 2, Buffer.from([3]), one)).toBe(crc32c(content.subarray(8 * PAGE, 10 * PAGE)));
     src.release();
     dst.release();
+  });
+
+  it('writePages with `exclusive` fills fresh anonymous pages without a fault each, the same bytes and CRC-32C as without', async () => {
+    // The process's minor faults: a copy into fresh memory faults each page in (MADV_POPULATE_WRITE
+    // counts them too); UFFDIO_COPY allocates them with their data and counts none.
+    const minorFaults = () => Number(fs.readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ')[7]);
+    const many = 4096; // 16 MiB: far more faults than the rest of this process makes meanwhile
+    const manyBitmap = Buffer.alloc(many / 8, 0xff);
+    manyBitmap[3] = 0x5a; // holes: several runs
+    const picked = [...Array(many).keys()].filter((i) => manyBitmap[i >> 3] & (1 << (i & 7)));
+    const content = crypto.randomBytes(picked.length * PAGE);
+    // 1 MiB messages less a record header: pages cut across pieces, as a stream restore receives them
+    const pieces: Buffer[] = [];
+    for (let at = 0; at < content.length; at += 1048570) pieces.push(content.subarray(at, at + 1048570));
+    const filled = async (exclusive: boolean) => {
+      const mem = new native.GuestMemory(many * PAGE);
+      mem.write(PAGE, Buffer.alloc(8, 7)); // one selected page already present: written in place
+      const before = minorFaults();
+      const crc = await mem.writePages(0, many, manyBitmap, pieces, exclusive);
+      const faults = minorFaults() - before;
+      const back = Buffer.alloc(many * PAGE);
+      mem.read(0, back);
+      mem.release();
+      const packed = Buffer.concat(picked.map((i) => back.subarray(i * PAGE, (i + 1) * PAGE)));
+      const holesZero = [...Array(many).keys()].filter((i) => !picked.includes(i)).every((i) => back.subarray(i * PAGE, (i + 1) * PAGE).every((b) => b === 0));
+      return { crc, faults, same: packed.equals(content), holesZero };
+    };
+    const plain = await filled(false);
+    const exclusive = await filled(true);
+    expect(plain).toMatchObject({ crc: crc32c(content), same: true, holesZero: true });
+    expect(exclusive).toMatchObject({ crc: crc32c(content), same: true, holesZero: true });
+    expect(plain.faults).toBeGreaterThanOrEqual(picked.length - 1);
+    expect(exclusive.faults).toBeLessThan(picked.length / 4);
   });
 
   it('refuses pieces that do not add up to the pages, and elements that are not Buffers', () => {
