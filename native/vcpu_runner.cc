@@ -91,6 +91,7 @@ void VcpuRunner::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("pause", &VcpuRunner::Pause),
                                   InstanceMethod("drain", &VcpuRunner::Drain),
                                   InstanceMethod("status", &VcpuRunner::Status),
+                                  InstanceMethod("state", &VcpuRunner::State),
                                   InstanceMethod("exitCounts", &VcpuRunner::ExitCounts),
                                   InstanceMethod("destroy", &VcpuRunner::Destroy),
                                   InstanceMethod("markPaused", &VcpuRunner::MarkPaused),
@@ -406,6 +407,11 @@ Napi::Value VcpuRunner::Status(const Napi::CallbackInfo& info) {
   o.Set("throttle", Napi::Number::New(env, throttle_));
   o.Set("throttledMs", Napi::Number::New(env, throttledMs_));
   return o;
+}
+
+Napi::Value VcpuRunner::State(const Napi::CallbackInfo& info) {
+  std::unique_lock<std::mutex> lk(mu_);
+  return Napi::String::New(info.Env(), StateName(state_));
 }
 
 Napi::Value VcpuRunner::ExitCounts(const Napi::CallbackInfo& info) {

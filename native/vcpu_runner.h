@@ -48,6 +48,8 @@ class VcpuRunner : public Napi::ObjectWrap<VcpuRunner> {
   Napi::Value Pause(const Napi::CallbackInfo& info);  // Promise<void>
   Napi::Value Drain(const Napi::CallbackInfo& info);
   Napi::Value Status(const Napi::CallbackInfo& info);
+  // The run state's name alone: what a state access checks on every call, without Status's object.
+  Napi::Value State(const Napi::CallbackInfo& info);
   Napi::Value ExitCounts(const Napi::CallbackInfo& info);
   Napi::Value Destroy(const Napi::CallbackInfo& info);
   // CREATED -> PAUSED without running: a restored vCPU is a paused one, not a new one.

@@ -170,6 +170,8 @@ export interface NativeVcpuRunner {
   drain(): { console: Buffer; events: RunnerEvent[] };
   /** throttle: the percent set by setThrottle (0 = off); throttledMs: time slept for it so far. */
   status(): { state: RunStateName; reason?: string; details: Record<string, number>; throttle: number; throttledMs: number };
+  /** status().state alone (no object built): for checks made on every state access. */
+  state(): RunStateName;
   /**
    * Throttles the vCPU: of each `sliceMs` (default 10) it runs (100 - percent)% and sleeps the
    * rest, kicked out of KVM_RUN like a pause. percent 0..99; 0 turns it off. Takes effect from the

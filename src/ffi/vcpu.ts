@@ -212,31 +212,32 @@ export class Vcpu {
    * How `section` is read in a batch (readBatch): its ioctl, buffer, and how the result becomes the
    * value getSectionBytes (struct sections, cpuid2) or the typed getter (mp_state, xsave, lapic,
    * tsc_khz) returns; msrs yield getMsrs' MsrResult. Capabilities are checked here, before any ioctl.
+   * The buffers come from `alloc` (a batch's reads share a few allocations: batchAllocator).
    */
-  planRead(section: SectionName, msrIndices: number[]): PlannedRead {
+  planRead(section: SectionName, msrIndices: number[], alloc: ZeroedAlloc = zeroed): PlannedRead {
     if (section !== 'msrs') this.requireSection(section, 'read');
     switch (section) {
       case 'mp_state': {
-        const buf = Buffer.alloc(native.sizes.kvm_mp_state);
+        const buf = alloc(native.sizes.kvm_mp_state);
         return { ioctl: 'KVM_GET_MP_STATE', buf, done: () => SECTIONS.mp_state.decode(buf) };
       }
       case 'lapic':
-        return fillRead('KVM_GET_LAPIC', LAPIC_SIZE);
+        return fillRead('KVM_GET_LAPIC', alloc(LAPIC_SIZE));
       case 'xsave':
-        return this.vm.checkExtension('XSAVE2') > 0 ? fillRead('KVM_GET_XSAVE2', this.xsaveSize()) : fillRead('KVM_GET_XSAVE', LEGACY_XSAVE_SIZE);
+        return this.vm.checkExtension('XSAVE2') > 0 ? fillRead('KVM_GET_XSAVE2', alloc(this.xsaveSize())) : fillRead('KVM_GET_XSAVE', alloc(LEGACY_XSAVE_SIZE));
       case 'msrs': {
         const buf = msrRequest(msrIndices);
         return { ioctl: 'KVM_GET_MSRS', buf, done: (processed) => msrResult(SECTIONS.msrs.decode(buf), processed, msrIndices) };
       }
       case 'cpuid2': {
-        const buf = cpuid2Buffer(256);
+        const buf = cpuid2Buffer(256, alloc);
         return { ioctl: 'KVM_GET_CPUID2', buf, done: () => trimCpuid2(buf) };
       }
       case 'tsc_khz':
         return { ioctl: 'KVM_GET_TSC_KHZ', done: (khz) => khz };
       default: {
         const r = STRUCT_READS[section];
-        return fillRead(r.ioctl, native.sizes[r.size]);
+        return fillRead(r.ioctl, alloc(native.sizes[r.size]));
       }
     }
   }
@@ -376,9 +377,40 @@ export interface PlannedRead {
 }
 
 /** A read whose value is the buffer the kernel filled. */
-function fillRead(ioctl: string, size: number): PlannedRead {
-  const buf = Buffer.alloc(size);
+function fillRead(ioctl: string, buf: Buffer): PlannedRead {
   return { ioctl, buf, done: () => buf };
+}
+
+/** Where planRead takes its zero-filled buffers from. */
+export type ZeroedAlloc = (size: number) => Buffer;
+const zeroed: ZeroedAlloc = (size) => Buffer.alloc(size);
+
+/**
+ * Bytes of one shared allocation of batchAllocator: a GetState of every section needs ~17.5 KiB (cpuid2's
+ * 10), with room for alignment. Not more: the allocation is external memory V8 counts towards its GC
+ * triggers, and a 32 KiB chunk per call showed more full collections under load.
+ */
+const BATCH_CHUNK = 20 * 1024;
+
+/**
+ * Zero-filled buffers for the reads of one batch, carved (8-byte aligned) from a few shared allocations.
+ * Why: every Buffer.alloc is an ArrayBuffer of its own (a calloc, a backing store, external-memory
+ * accounting, later a finalization), and a GetState of every section took 12 of them. The buffers are
+ * views that live as long as the read's values; a request larger than a chunk gets its own allocation.
+ */
+export function batchAllocator(): ZeroedAlloc {
+  let chunk: Buffer | undefined;
+  let used = 0;
+  return (size) => {
+    if (size > BATCH_CHUNK) return Buffer.alloc(size);
+    if (chunk === undefined || used + size > chunk.length) {
+      chunk = Buffer.alloc(BATCH_CHUNK);
+      used = 0;
+    }
+    const buf = chunk.subarray(used, used + size);
+    used += (size + 7) & ~7;
+    return buf;
+  };
 }
 
 /** The addon's index of a GET ioctl in its batch table (native.batchOps). */
@@ -389,8 +421,8 @@ function batchOp(ioctl: string): number {
   return op;
 }
 
-function cpuid2Buffer(capacity: number): Buffer {
-  return Buffer.alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
+function cpuid2Buffer(capacity: number, alloc: ZeroedAlloc = zeroed): Buffer {
+  return alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
 }
 
 /** Trims a KVM_GET_CPUID2 result's nent to its last non-blank entry (getCpuid2 says why). */

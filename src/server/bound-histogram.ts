@@ -16,7 +16,7 @@ import type { Counter, Histogram, LabelValues } from 'prom-client';
 
 interface Series {
   labels: LabelValues<string>;
-  bucketValues: Record<number, number>;
+  bucketValues: Record<string, number>;
   sum: number;
   count: number;
 }
@@ -44,6 +44,8 @@ export type Observe = (value: number) => void;
 export function boundObserver<T extends string>(histogram: Histogram<T>, labels: LabelValues<T>): Observe {
   const h = histogram as unknown as Histogram<string>;
   const bounds = internals(h).upperBounds;
+  // bucketValues is keyed by the bounds as property names: converted once, not on every observation.
+  const keys = bounds.map(String);
   let series: Series | undefined;
   let key = '';
   return (value) => {
@@ -54,7 +56,7 @@ export function boundObserver<T extends string>(histogram: Histogram<T>, labels:
       // The first bound at or above the value, as prom-client's findBound; above them all only +Inf counts it.
       for (let i = 0; i < bounds.length; i++) {
         if (value <= bounds[i]) {
-          series.bucketValues[bounds[i]] += 1;
+          series.bucketValues[keys[i]] += 1;
           break;
         }
       }

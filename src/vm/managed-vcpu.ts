@@ -32,6 +32,9 @@ export interface ManagedVcpuEvents {
   state: [VcpuStatus];
 }
 
+const NOT_PAUSED = Object.freeze({ implicitlyPaused: false });
+const PAUSED = Object.freeze({ implicitlyPaused: true });
+
 export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
   private readonly runner: NativeVcpuRunner;
   private readonly mutex = new Mutex();
@@ -121,23 +124,26 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
    * vCPU's lock, so it is what happened, not what a status read just before suggested).
    */
   withState<T>(fn: (access: { implicitlyPaused: boolean }) => T | Promise<T>, opts: StateAccessOptions = {}): Promise<T> {
-    return this.mutex.run(async () => {
+    return this.mutex.run(() => {
       this.assertAlive();
-      const wasRunning = this.runner.status().state === 'running';
-      if (wasRunning && opts.noImplicitPause)
-        throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`, 'VCPU_RUNNING');
-      if (wasRunning) {
-        await this.runner.pause();
-        // Its VM may have been deleted while the vCPU paused: `fn` must not reach its fds, whose
-        // numbers the kernel may already have given to another VM.
-        this.assertAlive();
-      }
-      try {
-        return await fn({ implicitlyPaused: wasRunning });
-      } finally {
-        if (wasRunning && !this.destroyed) this.runner.resume();
-      }
+      // A vCPU already out of KVM_RUN (the common case: checkpoint loops read paused vCPUs) has nothing to
+      // undo after `fn`: no async frame of its own for it.
+      if (this.runner.state() !== 'running') return fn(NOT_PAUSED);
+      if (opts.noImplicitPause) throw failedPrecondition(`vCPU ${this.id} is running and no_implicit_pause was requested: pause it first`, 'VCPU_RUNNING');
+      return this.withImplicitPause(fn);
     });
+  }
+
+  private async withImplicitPause<T>(fn: (access: { implicitlyPaused: boolean }) => T | Promise<T>): Promise<T> {
+    await this.runner.pause();
+    // Its VM may have been deleted while the vCPU paused: `fn` must not reach its fds, whose
+    // numbers the kernel may already have given to another VM.
+    this.assertAlive();
+    try {
+      return await fn(PAUSED);
+    } finally {
+      if (!this.destroyed) this.runner.resume();
+    }
   }
 
   /**

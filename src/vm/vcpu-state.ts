@@ -30,7 +30,7 @@ import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState, validateNestedStructure } from '../ffi/nested';
 import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
-import { BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
+import { batchAllocator, BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
 export type StateValues = Partial<SectionValues>;
@@ -199,7 +199,8 @@ export function readStateBytes(vcpu: Vcpu, ctx: StateContext, sections: SectionN
   const indices = msrIndices ?? ctx.caps.msrIndexList;
   // One native call for every section's ioctl, in save order (Vcpu.readBatch); an empty MSR list needs no ioctl.
   const batched = order.filter((s) => s !== 'msrs' || indices.length > 0);
-  const results = new Map(vcpu.readBatch(batched.map((s) => vcpu.planRead(s, indices))).map((v, i) => [batched[i], v]));
+  const alloc = batchAllocator();
+  const results = new Map(vcpu.readBatch(batched.map((s) => vcpu.planRead(s, indices, alloc))).map((v, i) => [batched[i], v]));
   const values: Record<string, unknown> = {};
   const msrsUnreadable: number[] = [];
   for (const s of order) values[s] = s === 'msrs' ? readMsrsSkipping(vcpu, indices, msrsUnreadable, results.get(s) as MsrResult | undefined) : results.get(s);

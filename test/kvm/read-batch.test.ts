@@ -71,6 +71,13 @@ describeKvm('GetState reads: one batched native call', () => {
     expect((batched.values.regs as Buffer).readBigUInt64LE(0)).toBe(0x1122334455667788n);
   });
 
+  it("takes the sections' buffers from shared allocations, not one ArrayBuffer each", () => {
+    const buffers = Object.values(readStateBytes(vcpu, ctx, []).values).filter((v): v is Buffer => Buffer.isBuffer(v));
+    expect(buffers.length).toBeGreaterThanOrEqual(8);
+    // ~18 KiB of sections fit one 32 KiB chunk; a host with a larger XSAVE2 area may need a second.
+    expect(new Set(buffers.map((b) => b.buffer)).size).toBeLessThanOrEqual(2);
+  });
+
   it('skips refused MSRs the same way', () => {
     const indices = [0x174, 0xdeadbeef, 0x175];
     const batched = readStateBytes(vcpu, ctx, ['msrs', 'regs'], indices);

@@ -100,6 +100,23 @@ describe('GetState response from kernel bytes', () => {
     expect(fromBytes(decoded, {}, false).equals(expected)).toBe(true);
   });
 
+  test('msrs (written from their entries): every named MSR, unnamed ones, u64 boundaries, with and without unreadable indices', () => {
+    const DATA = [0n, 1n, 0x7fn, 0x80n, 0xffff_ffffn, 0x1_0000_0000n, 0x7fff_ffff_ffff_ffffn, 0x8000_0000_0000_0000n, 0xffff_ffff_ffff_ffffn];
+    const named = [...S.MSR_NAMES.keys()];
+    const unnamed = [0, 0x7f, 0x80, 0xffffffff, ...Array.from({ length: 8 }, () => randomInt(2 ** 32 - 1))].filter((i) => !S.MSR_NAMES.has(i));
+    const indices = [...named, ...unnamed];
+    const random64 = () => randomBytes(8).readBigUInt64LE(0);
+    for (let round = 0; round < 40; round++) {
+      const msrs = indices.map((index, i) => ({ index, reserved: 0, data: round % 2 ? DATA[(i + round) % DATA.length] : random64() }));
+      for (const extras of [{}, { msrsUnreadable: [] }, { msrsUnreadable: [0x10, 0, 0xffffffff] }]) {
+        const expected = general({ state: stateToProto({ msrs }, extras), implicitlyPaused: false });
+        const actual = fromBytes({ msrs }, extras, false);
+        expect(actual.equals(expected)).toBe(true);
+      }
+    }
+    expect(fromBytes({ msrs: [] }, {}, false).equals(general({ state: stateToProto({ msrs: [] }, {}), implicitlyPaused: false }))).toBe(true);
+  });
+
   test('bytes that do not hold what they describe are refused, not misread', () => {
     expect(() => fromBytes({ regs: Buffer.alloc(S.SECTIONS.regs.size - 8) }, {}, false)).toThrow(/regs is 136 bytes/);
     const cpuid = Buffer.alloc(S.cpuid2Size(3));

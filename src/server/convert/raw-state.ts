@@ -9,8 +9,9 @@
  * converters' field tables (convert/state.ts: which field goes to which proto key, as which kind) and the
  * proto descriptors (wire-encoder.ts: field numbers, order). The bytes are those the general path writes
  * (test/unit/raw-state.test.ts compares both over fuzzed kernel bytes). cpuid2's list is written from its
- * kvm_cpuid2 the same way, and xsave (its value is its bytes) with its header fields. The other sections
- * (msrs, lapic, mp_state, tsc_khz) keep their converters and object encoders.
+ * kvm_cpuid2 the same way, and xsave (its value is its bytes) with its header fields; msrs from their
+ * decoded entries (msrsEncoder). The other sections (lapic, mp_state, tsc_khz) keep their converters and
+ * object encoders.
  */
 import type { PackageDefinition } from '@grpc/proto-loader';
 import { snakeCase } from '../../case';
@@ -22,6 +23,7 @@ import {
   FPU_LAYOUT,
   isSectionName,
   KVM_MAX_XCRS,
+  MSR_NAMES,
   CPUID2,
   CPUID2_HEADER_LAYOUT,
   CPUID_ENTRY2_LAYOUT,
@@ -37,6 +39,7 @@ import {
   type Field,
   type FieldType,
   type Layout,
+  type MsrEntry,
   type SectionName,
 } from '../../ffi/sections';
 import type { BytesReadResult } from '../../vm/vcpu-state';
@@ -241,11 +244,65 @@ function compileSection(section: EncodedSection, plan: MessagePlan): BytesEncode
   return compileFunction<BytesEncode>(`encode_${section}`, ['w', 'b'], c.lines.join('\n'));
 }
 
+/** A section written from its decoded value without building its proto object first (msrs). */
+type ValueEncode = (w: Writer, v: never, extras: StateExtras) => void;
+
 interface SectionPlan {
   name: SectionName;
   tag: number;
   object: Encode;
   bytes?: BytesEncode;
+  value?: ValueEncode;
+}
+
+function planField(plan: MessagePlan, key: string, kind: FieldPlan['kind'], repeated: boolean, where: string): FieldPlan {
+  const f = plan.find((x) => x.key === key);
+  if (!f || f.kind !== kind || f.repeated !== repeated) mismatch(where, `no ${repeated ? 'repeated ' : ''}${kind} field ${key}`);
+  return f;
+}
+
+/**
+ * Msrs from the entries KVM_GET_MSRS decoded to, written as the converter's objects (index, data, name;
+ * then unreadable_indices) would be, without them: ~40 entries each made an object, a decimal string of
+ * its u64 and a name string to encode (a third of the response's encoding time). Names are encoded once.
+ */
+function msrsEncoder(plan: MessagePlan): ValueEncode {
+  const entries = planField(plan, 'entries', 'message', true, 'msrs');
+  const unreadable = planField(plan, 'unreadableIndices', 'uint32', true, 'msrs');
+  if (plan.length !== 2) mismatch('msrs', 'fields other than entries and unreadableIndices');
+  const entry = entries.message!;
+  const [index, data, name] = [
+    ['index', 'uint32'],
+    ['data', 'uint64'],
+    ['name', 'string'],
+  ].map(([k, kind]) => planField(entry, k, kind as FieldPlan['kind'], false, 'msrs.entries'));
+  if (entry.length !== 3) mismatch('msrs.entries', 'fields other than index, data and name');
+  const [entriesTag, indexTag, dataTag, nameTag, unreadableTag] = [entries, index, data, name, unreadable].map(fieldTag);
+  // Each field in field-number order, as the object encoder writes them.
+  const order = [index, data, name].map((f) => f.number);
+  if (order.some((n, i) => i > 0 && n < order[i - 1])) mismatch('msrs.entries', 'fields not in index, data, name order');
+  const names = new Map([...MSR_NAMES].map(([i, n]) => [i, Buffer.from(n)]));
+  const noName = Buffer.alloc(0);
+  return (w, v, extras) => {
+    for (const e of v as MsrEntry[]) {
+      w.varint32(entriesTag);
+      const at = w.begin();
+      w.varint32(indexTag);
+      w.varint32(e.index);
+      w.varint32(dataTag);
+      w.varint64(Number(e.data & 0xffffffffn), Number((e.data >> 32n) & 0xffffffffn));
+      w.varint32(nameTag);
+      w.bytes(names.get(e.index) ?? noName);
+      w.end(at);
+    }
+    const list = extras.msrsUnreadable;
+    if (list?.length) {
+      w.varint32(unreadableTag);
+      const at = w.begin();
+      for (const i of list) w.varint32(i);
+      w.end(at);
+    }
+  };
 }
 
 /**
@@ -284,7 +341,7 @@ export function getStateResponseEncoder(
         encode(w, b);
       };
     }
-    return { name, tag: fieldTag(f), object: enc.encoder(f.typeName), bytes };
+    return { name, tag: fieldTag(f), object: enc.encoder(f.typeName), bytes, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
   });
   const stateTag = fieldTag(stateField);
   const w = new Writer(16 * 1024);
@@ -298,6 +355,7 @@ export function getStateResponseEncoder(
       w.varint32(s.tag);
       const at = w.begin();
       if (s.bytes && Buffer.isBuffer(v)) s.bytes(w, v);
+      else if (s.value) s.value(w, v as never, extras);
       else s.object(w, sectionMessage(s.name, v as never, extras));
       w.end(at);
     }

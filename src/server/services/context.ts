@@ -25,16 +25,20 @@ export function unary<Req, Res>(
   ctx: ServiceContext,
   fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res,
 ): grpc.handleUnaryCall<Req, Res> {
-  return (call, callback) => {
-    Promise.resolve()
-      .then(() => {
-        checkOpen(ctx);
-        return fn(call.request, call);
-      })
-      .then(
-        (res) => callback(null, res),
-        (e) => callback(toServiceError(e)),
-      );
+  return (call, cb) => {
+    // Started right away (not from a microtask): one promise hop less per call.
+    let result: Promise<Res> | Res;
+    try {
+      checkOpen(ctx);
+      result = fn(call.request, call);
+    } catch (e) {
+      cb(toServiceError(e));
+      return;
+    }
+    Promise.resolve(result).then(
+      (res) => cb(null, res),
+      (e) => cb(toServiceError(e)),
+    );
   };
 }
 

@@ -45,7 +45,7 @@ export class VcpuStateService {
 
   private recordBytes(values: Record<string, unknown>): void {
     if (!this.ctx.recordStateBytes) return;
-    for (const [section, v] of Object.entries(values)) this.ctx.recordStateBytes(section, kernelBytes(section as SectionName, v));
+    for (const section in values) this.ctx.recordStateBytes(section, kernelBytes(section as SectionName, values[section]));
   }
 
   handlers(): AnsweringPreserialized<VcpuStateServiceHandlers, 'GetState'> {
