@@ -10,6 +10,7 @@ export type ErrorKind =
   | 'unsupported' // the host lacks a capability the operation needs
   | 'resource_exhausted' // a configured limit or a size bound
   | 'unavailable' // shutting down, or a peer (migration destination) cannot be reached
+  | 'cancelled' // the caller cancelled the call (or its deadline passed) while it worked; what it held was freed
   | 'data_loss' // a snapshot whose bytes are corrupt or truncated (a chunk checksum fails)
   | 'kernel' // an ioctl failed with an errno
   | 'internal'; // should never happen

@@ -20,6 +20,7 @@ const CODES: Record<ErrorKind, grpc.status> = {
   unsupported: grpc.status.FAILED_PRECONDITION,
   resource_exhausted: grpc.status.RESOURCE_EXHAUSTED,
   unavailable: grpc.status.UNAVAILABLE,
+  cancelled: grpc.status.CANCELLED,
   data_loss: grpc.status.DATA_LOSS,
   kernel: grpc.status.INTERNAL,
   internal: grpc.status.INTERNAL,
@@ -33,6 +34,8 @@ const DEFAULT_REASONS: Record<ErrorKind, string> = {
   unsupported: 'CAPABILITY_MISSING',
   resource_exhausted: 'LIMIT_EXCEEDED',
   unavailable: 'SHUTTING_DOWN',
+  // So far only PrepareIncomingMigration answers it (the incoming migration discarded).
+  cancelled: 'MIGRATION_FAILED',
   data_loss: 'SNAPSHOT_CORRUPT',
   kernel: 'INTERNAL_ERROR',
   internal: 'INTERNAL_ERROR',

@@ -11,13 +11,9 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
-import { probeCapabilities } from '../../src/ffi/capabilities';
-import { Kvm } from '../../src/ffi/kvm';
 import { isMemoryFile } from '../../src/vm/guest-memory';
-import { VmRegistry } from '../../src/vm/registry';
-import { snapshotHeader } from '../../src/vm/snapshot-writer';
 import { DIRTY64, dirty64Control, GUESTS, GUEST_ABI } from '../guests/guests';
-import { testMemorySource } from '../support/kvm';
+import { migrationHeaderJson } from '../support/migration-header';
 import { rssBytes, scrapeClosing } from '../support/proc-resources';
 import { samples } from '../support/prom';
 import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
@@ -29,20 +25,6 @@ const GUEST = 256 * MiB;
 /** Larger than the tmpfs the small destination keeps guest memory in. */
 const TOO_BIG = 64 * MiB;
 const TMPFS = '32m';
-
-/** A snapshot-format header of a `bytes` VM of this host, as a source sends it to PrepareIncomingMigration. */
-function headerJson(bytes: number): Buffer {
-  const kvm = Kvm.open();
-  const registry = new VmRegistry(kvm, undefined, testMemorySource());
-  try {
-    const vm = registry.create({ memoryBytes: bytes, vcpuCount: 1 });
-    const vcpus = vm.vcpus.map((v) => ({ id: v.id, runState: 'paused' as const, sections: [], nestedSize: 0, msrsUnreadable: [] }));
-    return Buffer.from(JSON.stringify(snapshotHeader(vm, probeCapabilities(kvm), vcpus, [])));
-  } finally {
-    registry.destroyAll();
-    kvm.close();
-  }
-}
 
 describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs) => {
   let src: VcpudProcess;
@@ -61,7 +43,7 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
   });
 
   it("with preallocate_memory the destination's RSS has grown by the guest's size when prepare answers; without it, not", async () => {
-    const header = headerJson(GUEST);
+    const header = migrationHeaderJson(GUEST);
     const pid = dst.proc.pid as number;
     const prepare = async (preallocateMemory: boolean) => {
       const before = rssBytes(pid);
@@ -87,7 +69,7 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
   });
 
   it('a destination that cannot commit the memory answers RESOURCE_EXHAUSTED naming size and errno, with nothing left of it', async () => {
-    const err = await callError(smallMigrations, 'PrepareIncomingMigration', { headerJson: headerJson(TOO_BIG), preallocateMemory: true });
+    const err = await callError(smallMigrations, 'PrepareIncomingMigration', { headerJson: migrationHeaderJson(TOO_BIG), preallocateMemory: true });
     expect(err.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
     expect(decodeStatusDetails(err.metadata)?.errorInfo?.reason).toBe('HOST_RESOURCES_EXHAUSTED');
     expect(err.details).toMatch(/could not commit the guest's 64 MiB of memory \(preallocate_memory\): EFAULT beyond the first \d+(\.\d+)? MiB/);
@@ -95,7 +77,7 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
     await waitFor(async () => fs.readdirSync(tmpfs().dir).filter(isMemoryFile).length === 0, 'the memory file to be removed');
     expect(fs.statfsSync(tmpfs().dir).bfree).toBe(fs.statfsSync(tmpfs().dir).blocks);
     // Without the flag the same prepare succeeds (memory is committed as pages arrive).
-    const { migrationId } = await call<{ migrationId: string }>(smallMigrations, 'PrepareIncomingMigration', { headerJson: headerJson(TOO_BIG) });
+    const { migrationId } = await call<{ migrationId: string }>(smallMigrations, 'PrepareIncomingMigration', { headerJson: migrationHeaderJson(TOO_BIG) });
     await call(smallMigrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
   });
 

@@ -36,7 +36,8 @@ import type { MigrateVmRequest__Output } from '../../api/generated/vcpud/v1/Migr
 import type { MigrateVmResponse } from '../../api/generated/vcpud/v1/MigrateVmResponse';
 import type { MigrationServiceClient } from '../../api/generated/vcpud/v1/MigrationService';
 import type { MigrationMode as ProtoMode } from '../../api/generated/vcpud/v1/MigrationMode';
-import type { PrepareIncomingMigrationResponse__Output } from '../../api/generated/vcpud/v1/PrepareIncomingMigrationResponse';
+import type { PrepareIncomingMigrationRequest__Output } from '../../api/generated/vcpud/v1/PrepareIncomingMigrationRequest';
+import type { PrepareIncomingMigrationResponse, PrepareIncomingMigrationResponse__Output } from '../../api/generated/vcpud/v1/PrepareIncomingMigrationResponse';
 import type { SnapshotPhase } from '../../api/generated/vcpud/v1/SnapshotPhase';
 import { listen } from '../connections';
 import { authorizeClient } from '../interceptors';
@@ -99,6 +100,23 @@ export function describedVm(vm: unknown): Vm__Output | undefined {
   }
 }
 
+type PrepareRequest = PrepareIncomingMigrationRequest__Output;
+
+/**
+ * An AbortSignal that aborts with `reason` when the call is cancelled: by its client, its deadline or
+ * a lost connection (grpc-js emits 'cancelled' for each). `dispose` stops listening.
+ */
+function cancellationSignal(
+  call: { cancelled: boolean; on(e: 'cancelled', f: () => void): unknown; off(e: 'cancelled', f: () => void): unknown },
+  reason: VcpudError,
+) {
+  const abort = new AbortController();
+  const onCancel = () => abort.abort(reason);
+  if (call.cancelled) onCancel();
+  else call.on('cancelled', onCancel);
+  return { signal: abort.signal, dispose: () => call.off('cancelled', onCancel) };
+}
+
 export class MigrationService {
   private readonly incoming = new Map<string, IncomingMigration>();
   private api?: BoundAddress;
@@ -126,52 +144,18 @@ export class MigrationService {
   handlers() {
     const ctx = this.ctx;
     return {
-      PrepareIncomingMigration: unary(ctx, async (req: { headerJson: Buffer; vmName: string; sourceInstanceId: string; preallocateMemory: boolean }) => {
-        if (req.sourceInstanceId === INSTANCE_ID)
-          throw new VcpudError(
-            'failed_precondition',
-            'the migration destination is this same vcpud (the source): a VM cannot migrate to the server it runs on; name another destination',
-            {
-              reason: 'MIGRATION_TO_SELF',
-              field: 'destination',
-            },
-          );
-        let header: SnapshotHeader;
+      PrepareIncomingMigration: unary(ctx, async (req: PrepareRequest, call) => {
+        // The caller gone (cancelled, deadline passed, disconnected) before the answer: nobody can
+        // use the migration, so it is discarded at once instead of after the stall timeout.
+        const cancelled = cancellationSignal(
+          call,
+          new VcpudError('cancelled', 'PrepareIncomingMigration was cancelled by the caller (or its deadline passed)', { reason: 'MIGRATION_FAILED' }),
+        );
         try {
-          header = JSON.parse(req.headerJson.toString('utf8')) as SnapshotHeader;
-          if (!header?.vm || !Array.isArray(header.vcpus) || !header.source) throw new Error('missing vm, vcpus or source');
-        } catch (e) {
-          throw new VcpudError('invalid_argument', `header_json is not a VM header: ${(e as Error).message}`, {
-            violations: [{ rule: 'header', field: 'header_json', message: 'a snapshot-format header' }],
-          });
+          return await this.prepare(req, cancelled.signal);
+        } finally {
+          cancelled.dispose();
         }
-        const m = await IncomingMigration.prepare(ctx.registry, ctx.caps, header, {
-          name: req.vmName || undefined,
-          stallMs: this.opts.stallMs,
-          preallocate: req.preallocateMemory,
-          describe: (vm) => vmToProto(vm),
-          checkLimits: (spec) => {
-            // Incoming VMs not committed yet count against the limits too.
-            const usage = ctx.registry.usage();
-            for (const other of this.incoming.values())
-              if (other.state === 'waiting' || other.state === 'receiving') {
-                usage.vms++;
-                usage.vcpus += other.header.vm.vcpuCount;
-                usage.memoryBytes += other.memoryBytes;
-              }
-            checkCreate(ctx.registry.limits, usage, spec.vcpuCount, spec.memoryBytes);
-          },
-        });
-        this.incoming.set(m.id, m);
-        void m.done().then(() => setTimeout(() => this.incoming.delete(m.id), FORGET_AFTER_MS).unref());
-        let endpoint: string;
-        try {
-          endpoint = await this.openEndpoint(m);
-        } catch (e) {
-          m.discard(`the data endpoint could not be opened: ${(e as Error).message}`);
-          throw e;
-        }
-        return { migrationId: m.id, dataEndpoint: endpoint, token: m.token, stallTimeout: msToDuration(this.opts.stallMs) };
       }),
 
       GetIncomingMigration: unary(ctx, (req: { migrationId: string }) => {
@@ -191,6 +175,61 @@ export class MigrationService {
         return { state: STATE_NAMES[m.discard(`aborted by the source: ${req.reason || 'no reason given'}`)] };
       }),
     };
+  }
+
+  /** PrepareIncomingMigration: an incoming migration and its data endpoint, discarded if `signal` aborts first. */
+  private async prepare(req: PrepareRequest, signal: AbortSignal): Promise<PrepareIncomingMigrationResponse> {
+    if (req.sourceInstanceId === INSTANCE_ID)
+      throw new VcpudError(
+        'failed_precondition',
+        'the migration destination is this same vcpud (the source): a VM cannot migrate to the server it runs on; name another destination',
+        {
+          reason: 'MIGRATION_TO_SELF',
+          field: 'destination',
+        },
+      );
+    let header: SnapshotHeader;
+    try {
+      header = JSON.parse(req.headerJson.toString('utf8')) as SnapshotHeader;
+      if (!header?.vm || !Array.isArray(header.vcpus) || !header.source) throw new Error('missing vm, vcpus or source');
+    } catch (e) {
+      throw new VcpudError('invalid_argument', `header_json is not a VM header: ${(e as Error).message}`, {
+        violations: [{ rule: 'header', field: 'header_json', message: 'a snapshot-format header' }],
+      });
+    }
+    const m = await IncomingMigration.prepare(this.ctx.registry, this.ctx.caps, header, {
+      name: req.vmName || undefined,
+      stallMs: this.opts.stallMs,
+      preallocate: req.preallocateMemory,
+      signal,
+      describe: (vm) => vmToProto(vm),
+      checkLimits: (spec) => {
+        // Incoming VMs not committed yet count against the limits too.
+        const usage = this.ctx.registry.usage();
+        for (const other of this.incoming.values())
+          if (other.state === 'waiting' || other.state === 'receiving') {
+            usage.vms++;
+            usage.vcpus += other.header.vm.vcpuCount;
+            usage.memoryBytes += other.memoryBytes;
+          }
+        checkCreate(this.ctx.registry.limits, usage, spec.vcpuCount, spec.memoryBytes);
+      },
+    });
+    this.incoming.set(m.id, m);
+    void m.done().then(() => setTimeout(() => this.incoming.delete(m.id), FORGET_AFTER_MS).unref());
+    let endpoint: string;
+    try {
+      endpoint = await this.openEndpoint(m);
+    } catch (e) {
+      m.discard(`the data endpoint could not be opened: ${(e as Error).message}`);
+      throw e;
+    }
+    if (signal.aborted) {
+      const message = `${(signal.reason as Error).message} before it answered: the incoming migration was discarded`;
+      m.discard(message);
+      throw new VcpudError('cancelled', message, { reason: 'MIGRATION_FAILED' });
+    }
+    return { migrationId: m.id, dataEndpoint: endpoint, token: m.token, stallTimeout: msToDuration(this.opts.stallMs) };
   }
 
   /** Opens the one-time data endpoint of `m`; it closes when `m` is committed or discarded. */
@@ -250,9 +289,7 @@ export class MigrationService {
       'grpc.keepalive_timeout_ms': this.opts.stallMs,
     });
     const vms = new v1.VmService(dest.target, dest.creds, { ...dest.options, channelOverride: migrations.getChannel() });
-    const abort = new AbortController();
-    const onCancel = () => abort.abort(new VcpudError('unavailable', 'the migration was cancelled by the caller'));
-    call.on('cancelled', onCancel);
+    const cancelled = cancellationSignal(call, new VcpudError('unavailable', 'the migration was cancelled by the caller'));
     const stallMs = this.opts.stallMs;
     const control = destinationControl(dest, migrations, stallMs);
     const send = progressSender((m) => call.write(m));
@@ -271,7 +308,7 @@ export class MigrationService {
         leavePaused: req.leavePaused,
         destinationVmName: req.destinationVmName || vm.name || undefined,
         stallMs,
-        signal: abort.signal,
+        signal: cancelled.signal,
         onProgress: (p) => {
           send(p);
           this.opts.metrics?.recordMigrationProgress(p);
@@ -279,11 +316,11 @@ export class MigrationService {
         destroySource: () => this.ctx.registry.destroy(vm.id),
       });
     } catch (e) {
-      this.opts.metrics?.recordMigration({ result: (e as VcpudError).kind === 'unavailable' && abort.signal.aborted ? 'cancelled' : 'failed' });
+      this.opts.metrics?.recordMigration({ result: (e as VcpudError).kind === 'unavailable' && cancelled.signal.aborted ? 'cancelled' : 'failed' });
       migrations.close();
       throw migrationError(e, dest.target, vm.id);
     } finally {
-      call.off('cancelled', onCancel);
+      cancelled.dispose();
     }
     this.opts.metrics?.recordMigration({ result: 'succeeded', report });
     // The destination describes the VM in its COMMITTED message; an older one is asked.
@@ -336,14 +373,26 @@ export function serveDataConnection(socket: net.Socket, m: IncomingMigration, st
 
 /**
  * One unary call with a deadline: `start` calls a generated client's method with the metadata, options
- * and callback given, so the request and reply types are the method's own.
+ * and callback given, so the request and reply types are the method's own. `signal` cancels it
+ * (rejecting with the signal's reason).
  */
 function callUnary<Res>(
   timeoutMs: number,
   start: (metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<Res>) => grpc.ClientUnaryCall,
+  signal?: AbortSignal,
 ): Promise<Res> {
   return new Promise((resolve, reject) => {
-    start(new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res as Res)));
+    const onAbort = () => {
+      reject(signal?.reason);
+      call.cancel();
+    };
+    const call = start(new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => {
+      signal?.removeEventListener('abort', onAbort);
+      if (err) reject(err);
+      else resolve(res as Res);
+    });
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener('abort', onAbort, { once: true });
   });
 }
 
@@ -354,17 +403,20 @@ const PREALLOCATE_MS_PER_GIB = 10_000;
 function destinationControl(dest: DestinationTarget, client: MigrationServiceClient, stallMs: number): DestinationControl {
   return {
     name: dest.target,
-    prepare: async (header, vmName, preallocateMemory) => {
+    prepare: async (header, vmName, preallocateMemory, signal) => {
       // Allocating a large VM's memory takes a moment; committing it, up to 2.9 s per GiB here (BENCHMARKS.md).
       const timeoutMs = Math.max(stallMs, 15_000) + (preallocateMemory ? (PREALLOCATE_MS_PER_GIB * header.vm.memoryBytes) / 1024 ** 3 : 0);
       try {
-        const r = await callUnary<PrepareIncomingMigrationResponse__Output>(timeoutMs, (md, o, cb) =>
-          client.prepareIncomingMigration(
-            { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID, preallocateMemory },
-            md,
-            o,
-            cb,
-          ),
+        const r = await callUnary<PrepareIncomingMigrationResponse__Output>(
+          timeoutMs,
+          (md, o, cb) =>
+            client.prepareIncomingMigration(
+              { headerJson: Buffer.from(JSON.stringify(header)), vmName: vmName ?? '', sourceInstanceId: INSTANCE_ID, preallocateMemory },
+              md,
+              o,
+              cb,
+            ),
+          signal,
         );
         return { migrationId: r.migrationId, endpoint: r.dataEndpoint, token: r.token };
       } catch (e) {

@@ -40,18 +40,32 @@ const MiB = 1024 * 1024;
 /**
  * Faults in all of a prepared VM's memory (preallocate_memory). The host's refusal is answered
  * with the guest's size and the errno: ENOMEM (or EFAULT: a full tmpfs behind --state-dir memory)
- * is RESOURCE_EXHAUSTED, EINVAL a kernel without MADV_POPULATE_WRITE (before 5.14).
+ * is RESOURCE_EXHAUSTED, EINVAL a kernel without MADV_POPULATE_WRITE (before 5.14). `signal`
+ * stops it between chunks (the prepare's caller gave up): CANCELLED, naming how far it got.
  */
-async function commitMemory(memory: NativeGuestMemory, bytes: number): Promise<void> {
+async function commitMemory(memory: NativeGuestMemory, bytes: number, signal?: AbortSignal): Promise<void> {
+  const cancel = Buffer.alloc(1);
+  const onAbort = () => void (cancel[0] = 1);
+  if (signal?.aborted) onAbort();
+  signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    await populateMemory(memory, 0, bytes);
+    await populateMemory(memory, 0, bytes, cancel);
   } catch (e) {
     if (!(e instanceof PopulateError)) throw e;
+    if (e.code === 'ECANCELED')
+      throw new VcpudError(
+        'cancelled',
+        `${(signal?.reason as Error | undefined)?.message ?? 'cancelled'} while committing guest memory, ${e.committedBytes / MiB} of ${bytes / MiB} MiB: the incoming migration was discarded`,
+        { reason: 'MIGRATION_FAILED', field: 'preallocate_memory' },
+        { cause: e },
+      );
     const message =
       `the destination could not commit the guest's ${bytes / MiB} MiB of memory (preallocate_memory): ` +
       `${e.code} beyond the first ${e.committedBytes / MiB} MiB (${e.message})`;
     if (e.code === 'EINVAL') throw new VcpudError('unsupported', message, { capability: 'MADV_POPULATE_WRITE', errno: e.code }, { cause: e });
     throw new VcpudError('resource_exhausted', message, { reason: 'HOST_RESOURCES_EXHAUSTED', errno: e.code, field: 'preallocate_memory' }, { cause: e });
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
   }
 }
 
@@ -90,7 +104,8 @@ export class IncomingMigration {
    * memory and starts making its KVM VM (slot 0), which the commit awaits: the source connects and
    * sends pages meanwhile (making the KVM VM took 5-14 ms here, 75 ms on a loaded host). Waits
    * `stallMs` for the data connection before discarding itself. With `preallocate` it first commits
-   * all of the memory (commitMemory): a host that cannot hold it fails here, everything freed.
+   * all of the memory (commitMemory): a host that cannot hold it, or a `signal` aborted meanwhile
+   * (the caller gone), fails here, everything freed.
    */
   static async prepare(
     registry: VmRegistry,
@@ -102,6 +117,7 @@ export class IncomingMigration {
       checkLimits(spec: ReturnType<typeof restoreSpec>): void;
       describe?: DescribeVm;
       preallocate?: boolean;
+      signal?: AbortSignal;
     },
   ): Promise<IncomingMigration> {
     assertCompatible(header, caps, registry.supportedCpuid());
@@ -115,7 +131,7 @@ export class IncomingMigration {
     m.makeKvmVm(ManagedVm.prepareKvmVm(registry.kvm, spec, memory));
     if (opts.preallocate) {
       try {
-        await commitMemory(memory, header.vm.memoryBytes);
+        await commitMemory(memory, header.vm.memoryBytes, opts.signal);
       } catch (e) {
         m.discard((e as Error).message); // frees the memory (with the KVM VM, once made)
         throw e;

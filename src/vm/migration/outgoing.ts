@@ -39,8 +39,16 @@ export type MigrationMode = 'auto' | 'pre-copy' | 'stop-and-copy';
 export interface DestinationControl {
   /** Names the destination in messages. */
   readonly name: string;
-  /** `preallocateMemory`: the destination commits the guest's memory before it answers. */
-  prepare(header: SnapshotHeader, vmName?: string, preallocateMemory?: boolean): Promise<{ migrationId: string; endpoint: string; token: Buffer }>;
+  /**
+   * `preallocateMemory`: the destination commits the guest's memory before it answers. `signal`
+   * cancels the call (the destination then discards what it prepared).
+   */
+  prepare(
+    header: SnapshotHeader,
+    vmName: string | undefined,
+    preallocateMemory: boolean | undefined,
+    signal: AbortSignal,
+  ): Promise<{ migrationId: string; endpoint: string; token: Buffer }>;
   /** Opens the data connection to a prepared endpoint. */
   connect(endpoint: string, signal: AbortSignal): Promise<net.Socket>;
   /** Discards the incoming migration unless committed; its state, or 'unknown' when it cannot be asked. */
@@ -186,7 +194,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
   try {
     stage.phase = 'prepare';
     const placeholder = vm.vcpus.map((v) => ({ id: v.id, runState: 'paused' as const, sections: [], nestedSize: 0, msrsUnreadable: [] }));
-    const preparing = dest.prepare(snapshotHeader(vm, opts.caps, placeholder, []), opts.destinationVmName, opts.preallocateDestinationMemory);
+    const preparing = dest.prepare(snapshotHeader(vm, opts.caps, placeholder, []), opts.destinationVmName, opts.preallocateDestinationMemory, opts.signal);
     // Dirty logging starts while the destination prepares (it write-protects every page: 1-3 ms for 1-4 GiB here).
     if (tracker) tracker.start();
     const prepared = await preparing;
