@@ -439,8 +439,10 @@ function destinationControl(dest: DestinationTarget, client: MigrationServiceCli
 }
 
 /** Connects the data plane: a unix socket, or TLS to the destination's host (never plaintext off the API's own terms). */
-function connectData(endpoint: string, dest: DestinationTarget, stallMs: number, signal: AbortSignal): Promise<net.Socket> {
+export function connectData(endpoint: string, dest: DestinationTarget, stallMs: number, signal: AbortSignal): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
+    // The abort listener below sees only aborts to come: a migration cancelled already connects nothing.
+    if (signal.aborted) return reject(signal.reason as Error);
     let socket: net.Socket;
     const ready = dest.tls ? 'secureConnect' : 'connect';
     if (endpoint.startsWith('unix:')) {
