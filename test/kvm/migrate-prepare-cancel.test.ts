@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { decodeStatusDetails } from '../../src/api/status-details';
 import { VcpudError } from '../../src/errors';
 import { probeCapabilities } from '../../src/ffi/capabilities';
 import { Kvm } from '../../src/ffi/kvm';
@@ -115,6 +116,27 @@ describeKvm('PrepareIncomingMigration cancelled while committing guest memory (r
     );
     expect(ended?.code).toBe(grpc.status.CANCELLED);
     await expectNewPrepareWorks(rssBefore);
+  });
+
+  it('a prepare still committing its memory holds the limits: a second one at the same time is refused', async () => {
+    const rssBefore = rssBytes(dst.proc.pid as number);
+    const prepare = () =>
+      call<{ migrationId: string }>(migrations, 'PrepareIncomingMigration', { headerJson: header, preallocateMemory: true }).then(
+        (r) => ({ ok: r.migrationId }),
+        (e: grpc.ServiceError) => ({ err: e }),
+      );
+    // The second arrives while the first commits 2 GiB (seconds); the total limit holds one guest, not two.
+    const first = prepare();
+    await waitFor(() => committedBytes() > 0, 'the destination to start committing the first guest');
+    const results = await Promise.all([first, prepare()]);
+    const refused = results.flatMap((r) => ('err' in r ? [r.err] : []));
+    const prepared = results.flatMap((r) => ('ok' in r ? [r.ok] : []));
+    for (const migrationId of prepared) await call(migrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
+    expect(prepared).toHaveLength(1);
+    expect(refused.map((e) => [e.code, decodeStatusDetails(e.metadata)?.errorInfo?.metadata?.limit])).toEqual([
+      [grpc.status.RESOURCE_EXHAUSTED, 'max_memory_total_bytes'],
+    ]);
+    await expectFreed(rssBefore, 'the aborted migration to free its memory');
   });
 
   it('MigrateVm cancelled by its caller while the destination commits: the source cancels the prepare, the destination frees it at once', async () => {

@@ -119,6 +119,8 @@ function cancellationSignal(
 
 export class MigrationService {
   private readonly incoming = new Map<string, IncomingMigration>();
+  /** What prepares still under way (committing memory) hold against the limits before they join `incoming`. */
+  private readonly preparing = new Set<{ vcpuCount: number; memoryBytes: number }>();
   private api?: BoundAddress;
 
   constructor(
@@ -197,24 +199,37 @@ export class MigrationService {
         violations: [{ rule: 'header', field: 'header_json', message: 'a snapshot-format header' }],
       });
     }
-    const m = await IncomingMigration.prepare(this.ctx.registry, this.ctx.caps, header, {
-      name: req.vmName || undefined,
-      stallMs: this.opts.stallMs,
-      preallocate: req.preallocateMemory,
-      signal,
-      describe: (vm) => vmToProto(vm),
-      checkLimits: (spec) => {
-        // Incoming VMs not committed yet count against the limits too.
-        const usage = this.ctx.registry.usage();
-        for (const other of this.incoming.values())
-          if (other.state === 'waiting' || other.state === 'receiving') {
+    let held: { vcpuCount: number; memoryBytes: number } | undefined;
+    let m: IncomingMigration;
+    try {
+      m = await IncomingMigration.prepare(this.ctx.registry, this.ctx.caps, header, {
+        name: req.vmName || undefined,
+        stallMs: this.opts.stallMs,
+        preallocate: req.preallocateMemory,
+        signal,
+        describe: (vm) => vmToProto(vm),
+        checkLimits: (spec) => {
+          // Incoming VMs not committed yet count against the limits too, and so do prepares still
+          // committing their memory (a preallocating one takes seconds per GiB).
+          const usage = this.ctx.registry.usage();
+          const holding = [...this.preparing];
+          for (const other of this.incoming.values())
+            if (other.state === 'waiting' || other.state === 'receiving')
+              holding.push({ vcpuCount: other.header.vm.vcpuCount, memoryBytes: other.memoryBytes });
+          for (const h of holding) {
             usage.vms++;
-            usage.vcpus += other.header.vm.vcpuCount;
-            usage.memoryBytes += other.memoryBytes;
+            usage.vcpus += h.vcpuCount;
+            usage.memoryBytes += h.memoryBytes;
           }
-        checkCreate(this.ctx.registry.limits, usage, spec.vcpuCount, spec.memoryBytes);
-      },
-    });
+          checkCreate(this.ctx.registry.limits, usage, spec.vcpuCount, spec.memoryBytes);
+          held = { vcpuCount: spec.vcpuCount, memoryBytes: spec.memoryBytes };
+          this.preparing.add(held);
+        },
+      });
+    } finally {
+      if (held) this.preparing.delete(held);
+    }
+    // Synchronously after the hold is released: no other prepare's check runs in between.
     this.incoming.set(m.id, m);
     void m.done().then(() => setTimeout(() => this.incoming.delete(m.id), FORGET_AFTER_MS).unref());
     let endpoint: string;
