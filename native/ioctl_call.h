@@ -29,13 +29,20 @@ struct Call {
   long (*required)(const void* arg) = nullptr;
   Napi::Value holder;  // the JS buffer, kept alive while an async call runs
   Napi::Value keep;    // a second buffer the struct points into (a dirty bitmap), kept alive too
+  // Made again when a signal interrupted it before it did anything (KVM_CREATE_VM: registering its
+  // MMU notifier gives up with EINTR whenever a signal is pending, e.g. a profiler's SIGPROF), at
+  // most this many times; 0 for every other ioctl.
+  int eintrRetries = 0;
 
   SysResult Run() const {
     SysResult r;
-    errno = 0;
-    r.ret = ioctl(fd, request, arg);
-    if (r.ret < 0) r.err = errno;
-    return r;
+    for (int attempt = 0;; attempt++) {
+      errno = 0;
+      r.ret = ioctl(fd, request, arg);
+      if (r.ret >= 0) return r;
+      r.err = errno;
+      if (r.err != EINTR || attempt >= eintrRetries) return r;
+    }
   }
 
   long RequiredSize() const { return required ? required(arg) : -1; }

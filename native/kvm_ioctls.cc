@@ -135,7 +135,9 @@ Call GetSupportedCpuid(const Napi::CallbackInfo& i) {
                     KSIZE(kvm_cpuid_entry2), false);
 }
 Call CreateVm(const Napi::CallbackInfo& i) {
-  return ByValue(i, "KVM_CREATE_VM", KREQ(CREATE_VM), Returns::kNumber, true);
+  Call c = ByValue(i, "KVM_CREATE_VM", KREQ(CREATE_VM), Returns::kNumber, true);
+  c.eintrRetries = 100;  // nothing is created when it fails so (QEMU retries it too); bounded against a signal storm
+  return c;
 }
 
 // ---- VM ----
