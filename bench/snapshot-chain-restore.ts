@@ -10,13 +10,14 @@
  *
  *   VCPUD_BEFORE=DIR/dist/src/server/main.js node dist/bench/snapshot-chain-restore.js
  */
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { call, startVcpud, VCPUD_MAIN, type VcpudProcess } from '../test/support/vcpud-process';
 import { fatal, guestBin, knob, median, MiB, table } from './floors';
-import { stream } from './snapshot';
-import { dirtyMemory, randomCounterVm, restoreToFirstOutput } from './snapshot-incremental';
+import { randomCounterVm, stream } from './snapshot';
+import { dirtyMemory, restoreToFirstOutput } from './snapshot-incremental';
 
 export const SIZE = Number(knob('BENCH_INC_SIZE', '1024', 'incremental snapshot: guest size in MiB')) * MiB;
 export const ROUNDS = Number(knob('BENCH_CHAIN_ROUNDS', '7', 'snapshot-chain-restore: rounds of the three restores per build'));
@@ -32,13 +33,13 @@ const RESTORES: [string, string][] = [
 /** The chain restored: `full` (1 GiB of random memory, counter64), then c1..c8, each after 16 MiB written; the VM is deleted after. */
 export async function writeChain(d: VcpudProcess): Promise<void> {
   const [vms, snaps] = [d.client('VmService'), d.client('SnapshotService')];
-  const vm = await randomCounterVm(vms, SIZE);
-  await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: 'full', trackDirty: true });
+  const vmId = await randomCounterVm(vms, SIZE, crypto.randomBytes(32 * MiB), 'bench-chain');
+  await stream(snaps, 'CreateSnapshot', { vmId, name: 'full', trackDirty: true });
   for (let depth = 1; depth <= DEPTH; depth++) {
-    await dirtyMemory(vms, vm.id, SIZE);
-    await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name: `c${depth}`, parent: depth === 1 ? 'full' : `c${depth - 1}` });
+    await dirtyMemory(vms, vmId, SIZE);
+    await stream(snaps, 'CreateSnapshot', { vmId, name: `c${depth}`, parent: depth === 1 ? 'full' : `c${depth - 1}` });
   }
-  await call(vms, 'DeleteVm', { vmId: vm.id });
+  await call(vms, 'DeleteVm', { vmId });
 }
 
 const loadAverage = () =>

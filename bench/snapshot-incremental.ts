@@ -15,8 +15,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { call, startVcpud } from '../test/support/vcpud-process';
 import { decodePreamble, decodeRecordHeader, nextRecordOffset, PREAMBLE_SIZE, RECORD_HEADER_SIZE, RecordKind } from '../src/vm/snapshot-format';
-import { MiB, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
-import { firstOutput, now, stream } from './snapshot';
+import { MiB, fatal, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
+import { firstOutput, now, randomCounterVm, stream } from './snapshot';
 
 const SIZE = Number(knob('BENCH_INC_SIZE', '1024', 'incremental snapshot: guest size in MiB')) * MiB;
 const RUNS = Number(knob('BENCH_INC_RUNS', '3', 'incremental snapshot: runs (the figures are medians)'));
@@ -37,17 +37,6 @@ function stateBytes(file: string): number {
 }
 
 type Client = grpc.Client & Record<string, Function>;
-
-/** A running counter64 VM of `size` bytes whose memory above 2 MiB is random. */
-export async function randomCounterVm(vms: Client, size: number): Promise<{ id: string }> {
-  const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(size), vcpuCount: 1, name: 'bench-inc' });
-  const fill = crypto.randomBytes(32 * MiB);
-  for (let gpa = 2 * MiB; gpa < size; gpa += fill.length)
-    await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: fill.subarray(0, Math.min(fill.length, size - gpa)) });
-  await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(guestBin('counter64')), loadAddress: '4096' });
-  await call(vms, 'RunVm', { vmId: vm.id });
-  return vm;
-}
 
 /** 16 MiB of random bytes written at random 64 KiB-aligned places above 2 MiB (distinct). */
 export async function dirtyMemory(vms: Client, vmId: string, size: number): Promise<void> {
@@ -79,12 +68,12 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
   try {
     const vms = d.client('VmService');
     const snaps = d.client('SnapshotService');
-    const vm = await randomCounterVm(vms, SIZE);
-    const dirty = () => dirtyMemory(vms, vm.id, SIZE);
+    const vmId = await randomCounterVm(vms, SIZE, crypto.randomBytes(32 * MiB), 'bench-inc');
+    const dirty = () => dirtyMemory(vms, vmId, SIZE);
     const snapshot = async (name: string, extra: object = {}) => {
       execFileSync('sync'); // no writeback pending from the one before
       const t = now();
-      const msgs = await stream(snaps, 'CreateSnapshot', { vmId: vm.id, name, ...extra });
+      const msgs = await stream(snaps, 'CreateSnapshot', { vmId, name, ...extra });
       const ms = now() - t;
       return { ms, done: msgs.find((m) => m.done)?.done as Record<string, any> };
     };
@@ -108,14 +97,14 @@ export async function measureIncrementalSnapshot(): Promise<BenchResult> {
         parent = name;
       }
       // The source's busy vCPU is paused while restores are timed (a core on a small host).
-      await call(vms, 'PauseVm', { vmId: vm.id });
+      await call(vms, 'PauseVm', { vmId });
       // In an order rotated per run: the first restore after the writes meets the busiest page cache.
       const restores: [string, string][] = [['full', base], ...DEPTHS.map((k): [string, string] => [`depth ${k}`, `run${run}/c${k}`])];
       for (let i = 0; i < restores.length; i++) {
         const [key, name] = restores[(i + run) % restores.length];
         restoreOut[key].push(await restoreToOutput(name));
       }
-      await call(vms, 'ResumeVm', { vmId: vm.id });
+      await call(vms, 'ResumeVm', { vmId });
       fs.rmSync(path.join(snapDir, `run${run}`), { recursive: true, force: true });
     }
   } finally {

@@ -20,7 +20,8 @@ import { vcpudProto } from '../src/api/proto';
 import { call, startVcpud } from '../test/support/vcpud-process';
 import { BYTES_FIELD_HEADROOM, bytesFieldMessage } from '../src/api/preserialized';
 import { startBulkFloor } from './grpc-bulk-floor';
-import { MiB, ROOT, cpuSeconds, fatal, guestBin, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
+import { randomCounterVm } from './snapshot';
+import { MiB, ROOT, cpuSeconds, fatal, knob, median, ratioRow, table, type BenchResult, type BenchRow } from './floors';
 
 type Client = grpc.Client & Record<string, Function>;
 const MEMORY = Number(knob('BENCH_STREAM_MIB', '1024', 'snapshot-stream: guest memory in MiB')) * MiB;
@@ -109,15 +110,10 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
   ) as Client;
   try {
     const vms = d.client('VmService');
-    const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(MEMORY), vcpuCount: 1, name: 'bench-stream' });
-    const fill = crypto.randomBytes(32 * MiB);
-    for (let gpa = 2 * MiB; gpa < MEMORY; gpa += fill.length)
-      await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: fill.subarray(0, Math.min(fill.length, MEMORY - gpa)) });
-    await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(guestBin('counter64')), loadAddress: '4096' });
-    await call(vms, 'RunVm', { vmId: vm.id });
+    const vmId = await randomCounterVm(vms, MEMORY, crypto.randomBytes(32 * MiB), 'bench-stream');
 
     // Warm-up (also the bytes every upload sends): one snapshot kept whole.
-    const first = await createToStream(snaps, vm.id, true);
+    const first = await createToStream(snaps, vmId, true);
     const snapshot = Buffer.concat(first.chunks);
     size = snapshot.length;
     const count = Math.ceil(size / CHUNK);
@@ -128,7 +124,7 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
       upMessages.push(bytesFieldMessage(2, framed, BYTES_FIELD_HEADROOM).bytes); // RestoreSnapshotStreamRequest.data
     }
     // The snapshot's source vCPU (a busy thread) is paused so it does not take a core from the copies.
-    await call(vms, 'PauseVm', { vmId: vm.id });
+    await call(vms, 'PauseVm', { vmId });
     const vcpudCpu = () => cpuSeconds(d.proc.pid!);
     const floorCpu = () => cpuSeconds(floor.pid);
     const ownCpu = () => {
@@ -147,7 +143,7 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
 
     for (let round = 0; round < RUNS; round++) {
       const floorDown = () => timed('down', floorCpu, () => floor.down(count, CHUNK));
-      const create = () => timed('create', vcpudCpu, () => createToStream(snaps, vm.id, false));
+      const create = () => timed('create', vcpudCpu, () => createToStream(snaps, vmId, false));
       const floorUp = () => timed('up', floorCpu, () => floor.up(upMessages));
       const restore = async () => {
         const id = await timed('restore', vcpudCpu, () => restoreFromStream(snaps, upMessages));
@@ -171,7 +167,7 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
         const server = ['--server', d.serving.api, '--json', '--timeout', '0'];
         fs.rmSync(shmFile, { force: true });
         let t0 = now();
-        await run(process.execPath, [ctl, ...server, 'snapshot', 'create', vm.id, '--out', shmFile]);
+        await run(process.execPath, [ctl, ...server, 'snapshot', 'create', vmId, '--out', shmFile]);
         t.ctlCreate.push(now() - t0);
         t0 = now();
         const out = JSON.parse(await run(process.execPath, [ctl, ...server, 'snapshot', 'restore', '--in', shmFile])) as { vm: { id: string } };
@@ -184,7 +180,7 @@ export async function measureSnapshotStream(): Promise<BenchResult> {
           ' ms',
       );
     }
-    await call(vms, 'DeleteVm', { vmId: vm.id });
+    await call(vms, 'DeleteVm', { vmId });
   } finally {
     fs.rmSync(shmFile, { force: true });
     snaps.close();
