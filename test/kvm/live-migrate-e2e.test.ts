@@ -37,6 +37,14 @@ interface DirtyGuest {
 }
 const FILL_FROM = 32 * MiB;
 
+/** Waits until dirty64 in `vmId` has written more than `laps` times its range's pages (RANGE_PAGES). */
+async function untilLapped(vms: Client, vmId: string, laps: number): Promise<void> {
+  await waitFor(
+    async () => (await readMemory(vms, vmId, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(laps * RANGE_PAGES),
+    `dirty64 to lap its range ${laps} times`,
+  );
+}
+
 /** A VM running dirty64 (unpaced) over `rangePages` pages, its memory above FILL_FROM random. */
 async function dirtyGuest(vms: Client, memory: number, rangePages = RANGE_PAGES): Promise<DirtyGuest> {
   const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(memory), vcpuCount: 1, name: 'dirty' });
@@ -129,10 +137,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('a running dirty64 guest moves live: every page holds what its counter says, the random memory is intact, one copy is left', async () => {
     const memory = 64 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
-    await waitFor(
-      async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES),
-      'dirty64 to lap its range',
-    );
+    await untilLapped(srcVms, guest.id, 4);
     const progress: Record<string, any>[] = [];
     const getVmCallsBefore = getVmCalls(await dst.scrape());
     const r = await runStream(
@@ -193,10 +198,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('vcpuctl migrate --preallocate: the destination commits the memory before the copy; the guest moves live, no value lost or repeated', async () => {
     const memory = 64 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
-    await waitFor(
-      async () => (await readMemory(srcVms, guest.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(4 * RANGE_PAGES),
-      'dirty64 to lap its range',
-    );
+    await untilLapped(srcVms, guest.id, 4);
     let out = '';
     const io = { stdout: { write: (t: string | Uint8Array) => ((out += t.toString()), true) }, stderr: { write: () => true, isTTY: false }, cwd: dir };
     const code = await run(['--server', src.serving.api, '--json', 'migrate', guest.id, '--to', dst.serving.api, '--preallocate'], io as never);
@@ -233,10 +235,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
       await call(srcVms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: chunk });
     }
     await call(srcVms, 'RunVm', { vmId: vm.id });
-    await waitFor(
-      async () => (await readMemory(srcVms, vm.id, DIRTY64.control + DIRTY64.lastValue, 8)).readBigUInt64LE(0) > BigInt(2 * RANGE_PAGES),
-      'dirty64 to lap its range twice',
-    );
+    await untilLapped(srcVms, vm.id, 2);
     // Pass 1 takes about a second at this bandwidth: many pages are written after they were sent.
     const r = await runStream(srcSnap.MigrateVm({ vmId: vm.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(48 * MiB) }));
     expect(r.error).toBeUndefined();
