@@ -24,8 +24,6 @@ namespace vcpud {
 namespace {
 
 constexpr size_t kPage = kPageSize;
-// MADV_POPULATE_WRITE (Linux 5.14); older libc headers lack the name.
-constexpr int kMadvPopulateWrite = 23;
 
 struct Run {
   size_t offset;  // into the guest memory

@@ -29,6 +29,9 @@ namespace vcpud {
 
 constexpr size_t kPageSize = 4096;
 
+// MADV_POPULATE_WRITE (Linux 5.14); older libc headers lack the name.
+constexpr int kMadvPopulateWrite = 23;
+
 // True when the 4 KiB page holds only zero bytes.
 bool PageIsZero(const uint8_t* page);
 

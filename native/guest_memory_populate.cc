@@ -17,7 +17,6 @@ namespace vcpud {
 
 namespace {
 
-constexpr int kMadvPopulateWrite = 23;  // older libc headers lack the name
 // 64 MiB: 20-170 ms of faulting here (0.3-2.6 s per GiB), the latency of a cancel.
 constexpr size_t kPopulateChunk = 64u << 20;
 

@@ -9,11 +9,9 @@
 #include <cerrno>
 #include <cstring>
 
-namespace vcpud {
+#include "guest_memory.h"
 
-namespace {
-constexpr size_t kPage = 4096;
-}  // namespace
+namespace vcpud {
 
 bool MissingPageFill::Begin(uint8_t* p, size_t len) {
   End();
@@ -54,10 +52,10 @@ void MissingPageFill::Copy(uint8_t* dst, const uint8_t* src, size_t len) {
       break;
     }
     // The page at dst is present (written before, e.g. by an ancestor snapshot): written in place.
-    memcpy(dst, src, kPage);
-    dst += kPage;
-    src += kPage;
-    len -= kPage;
+    memcpy(dst, src, kPageSize);
+    dst += kPageSize;
+    src += kPageSize;
+    len -= kPageSize;
   }
   if (len) memcpy(dst, src, len);
 }

@@ -33,9 +33,6 @@ namespace vcpud {
 
 namespace {
 
-// MADV_POPULATE_WRITE (Linux 5.14); older libc headers lack the name.
-constexpr int kMadvPopulateWrite = 23;
-
 template <typename T>
 T Load(const uint8_t* p) {
   T v;
