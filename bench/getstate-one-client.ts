@@ -3,7 +3,8 @@
  * so the other threads and the client are left out) and p50, for this build, optionally another build
  * (VCPUD_BEFORE, built as bench/compare-builds.ts says), and the trivial grpc-js handler answering the
  * same bytes, measured alternately for BENCH_ROUNDS rounds. One client shows a call's own cost, without
- * the queueing and batching of the 64-client load.
+ * the queueing and batching of the 64-client load. The trivial handler making the same ioctls on a vCPU
+ * of its own (bench/ioctl-handler-server.ts) is measured beside them.
  *
  *   [VCPUD_BEFORE=DIR/dist/src/server/main.js] node dist/bench/getstate-one-client.js
  */
@@ -16,6 +17,8 @@ import { startVcpud, VCPUD_MAIN, type VcpudProcess } from '../test/support/vcpud
 const BEFORE = knob('VCPUD_BEFORE', '', 'getstate-one-client: main.js of a build to compare this one with (optional)');
 const ROUNDS = Number(knob('BENCH_ROUNDS', '4', 'getstate-one-client: rounds, the servers measured alternately'));
 const CALLS = Number(knob('BENCH_CALLS', '3000', 'getstate-one-client: calls per measure, after 300 of warm-up'));
+/** Node flags for the vcpuds, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" (then bench/cpuprofile-shares.ts). */
+const NODE_ARGS = knob('BENCH_NODE_ARGS', '', 'getstate-one-client: node flags for the vcpuds').split(' ').filter(Boolean);
 
 /** CPU time the process's main thread has run, in ns (/proc/PID/task/PID/schedstat). */
 const mainThreadNs = (pid: number) => Number(fs.readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[0]);
@@ -56,10 +59,14 @@ async function vcpudTarget(name: string, p: VcpudProcess): Promise<Target> {
 }
 
 async function main(): Promise<void> {
-  const builds = [await startVcpud([], {}, [], { main: VCPUD_MAIN }), ...(BEFORE ? [await startVcpud([], {}, [], { main: BEFORE })] : [])];
+  const builds = [await startVcpud([], {}, NODE_ARGS, { main: VCPUD_MAIN }), ...(BEFORE ? [await startVcpud([], {}, NODE_ARGS, { main: BEFORE })] : [])];
   const targets = [await vcpudTarget('this build', builds[0]), ...(builds[1] ? [await vcpudTarget('before', builds[1])] : [])];
-  const trivial = await startEmptyServer(await rawGetState(targets[0].address, targets[0].vmId!));
+  const reply = await rawGetState(targets[0].address, targets[0].vmId!);
+  const trivial = await startEmptyServer(reply);
+  // The trivial handler that also makes the 13 GET ioctls on a paused vCPU of its own (ioctl-handler-server.ts).
+  const withIoctls = await startEmptyServer(reply, { ioctls: true });
   targets.push({ name: 'trivial', pid: trivial.pid, address: trivial.target, method: EMPTY_METHOD, request: Buffer.alloc(0) });
+  targets.push({ name: 'trivial+ioctls', pid: withIoctls.pid, address: withIoctls.target, method: EMPTY_METHOD, request: Buffer.alloc(0) });
   try {
     console.log(`GetState (all sections, one paused vCPU), one sequential client: ${CALLS} calls per measure, ${ROUNDS} rounds`);
     console.log('main-thread CPU per call (us) and p50 (us) per server\n');
@@ -74,6 +81,7 @@ async function main(): Promise<void> {
     }
   } finally {
     await trivial.stop();
+    await withIoctls.stop();
     for (const b of builds) await b.stop();
   }
 }

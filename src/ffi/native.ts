@@ -12,6 +12,9 @@ type Fd = number;
 type BufferIoctl = (fd: Fd, buf: Buffer) => void;
 type CountIoctl = (fd: Fd, buf: Buffer) => number;
 
+/** native/wire_program.h's ops. */
+export type WireOp = 'LIT' | 'U8' | 'U16' | 'U32' | 'BOOL' | 'U64' | 'BYTES' | 'REST' | 'BEGIN' | 'END' | 'LOOP' | 'INPUT';
+
 export interface NativeGuestMemory {
   readonly size: number;
   read(offset: number, buf: Buffer): void;
@@ -277,6 +280,14 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   getBatch(fd: Fd, ops: Uint8Array, args: (Buffer | undefined)[], out: Float64Array, xsaveSize: number): (Error & { batchIndex: number }) | undefined;
   /** The ioctl names getBatch can run, by op index. */
   batchOps: string[];
+  /**
+   * Runs a protobuf wire program (native/wire_program.h) over `inputs`, writing into `out` from `pos`: the
+   * position after the bytes written, or -1 when `out` is too small. Throws RangeError for a read past
+   * the input's end or a malformed program.
+   */
+  encodeWire(program: Uint32Array, inputs: Buffer[], out: Buffer, pos: number): number;
+  /** The op codes of encodeWire's programs. */
+  wireOps: Record<WireOp, number>;
 }
 
 // A .node addon loads only through require (there is no ES import for it).

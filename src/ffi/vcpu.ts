@@ -250,24 +250,40 @@ export class Vcpu {
    * its callers read a vCPU that src/vm has paused.
    */
   readBatch(plans: PlannedRead[]): unknown[] {
+    return this.prepareBatch(plans)();
+  }
+
+  /**
+   * The reads of `sections` prepared to run again and again (GetState reads the same sections each
+   * call): plans, ops, buffers and the results array are built once, the buffers zeroed before each run
+   * as fresh ones would be. The values a run returns are views of those buffers, valid until the next run.
+   */
+  repeatedRead(sections: readonly SectionName[], msrIndices: number[]): () => unknown[] {
+    const buffers = new BatchBuffers();
+    const run = this.prepareBatch(sections.map((s) => this.planRead(s, msrIndices, buffers.alloc)));
+    return () => {
+      buffers.zero();
+      return run();
+    };
+  }
+
+  private prepareBatch(plans: PlannedRead[]): () => unknown[] {
     const n = plans.length;
+    const ops = Uint8Array.from(plans, (p) => batchOp(p.ioctl));
+    const bufs = plans.map((p) => p.buf);
     const out = new Float64Array(2 * n);
     const xsave = plans.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
-    const failure = native.getBatch(
-      this.fd,
-      Uint8Array.from(plans, (p) => batchOp(p.ioctl)),
-      plans.map((p) => p.buf),
-      out,
-      xsave,
-    );
-    const failedAt = failure ? failure.batchIndex : n;
-    const error = failure && toKvmError(failure);
-    const obs = currentObserver();
-    if (obs)
-      for (let i = 0; i < Math.min(failedAt + 1, n); i++)
-        obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
-    if (failure) throw error;
-    return plans.map((p, i) => p.done(out[2 * i]));
+    return () => {
+      const failure = native.getBatch(this.fd, ops, bufs, out, xsave);
+      const failedAt = failure ? failure.batchIndex : n;
+      const error = failure && toKvmError(failure);
+      const obs = currentObserver();
+      if (obs)
+        for (let i = 0; i < Math.min(failedAt + 1, n); i++)
+          obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
+      if (failure) throw error;
+      return plans.map((p, i) => p.done(out[2 * i]));
+    };
   }
 
   // ---- nested state ----
@@ -397,20 +413,36 @@ const BATCH_CHUNK = 20 * 1024;
  * Why: every Buffer.alloc is an ArrayBuffer of its own (a calloc, a backing store, external-memory
  * accounting, later a finalization), and a GetState of every section took 12 of them. The buffers are
  * views that live as long as the read's values; a request larger than a chunk gets its own allocation.
+ * zero() clears them all for another run of the same reads (Vcpu.repeatedRead).
  */
-export function batchAllocator(): ZeroedAlloc {
-  let chunk: Buffer | undefined;
-  let used = 0;
-  return (size) => {
-    if (size > BATCH_CHUNK) return Buffer.alloc(size);
-    if (chunk === undefined || used + size > chunk.length) {
-      chunk = Buffer.alloc(BATCH_CHUNK);
-      used = 0;
+class BatchBuffers {
+  private readonly allocations: Buffer[] = [];
+  private chunk: Buffer | undefined;
+  private used = 0;
+
+  readonly alloc: ZeroedAlloc = (size) => {
+    if (size > BATCH_CHUNK) return this.own(Buffer.alloc(size));
+    if (this.chunk === undefined || this.used + size > this.chunk.length) {
+      this.chunk = this.own(Buffer.alloc(BATCH_CHUNK));
+      this.used = 0;
     }
-    const buf = chunk.subarray(used, used + size);
-    used += (size + 7) & ~7;
+    const buf = this.chunk.subarray(this.used, this.used + size);
+    this.used += (size + 7) & ~7;
     return buf;
   };
+
+  zero(): void {
+    for (const a of this.allocations) a.fill(0);
+  }
+
+  private own(b: Buffer): Buffer {
+    this.allocations.push(b);
+    return b;
+  }
+}
+
+export function batchAllocator(): ZeroedAlloc {
+  return new BatchBuffers().alloc;
 }
 
 /** The addon's index of a GET ioctl in its batch table (native.batchOps). */

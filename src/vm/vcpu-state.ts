@@ -194,17 +194,61 @@ export interface BytesReadResult {
  * the kernel wrote: GetState encodes its response from them without decoding (src/server/convert/raw-state.ts).
  */
 export function readStateBytes(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+  const read = planBytesRead(vcpu, ctx, sections, msrIndices ?? ctx.caps.msrIndexList);
+  const alloc = batchAllocator();
+  return read.values(vcpu.readBatch(read.batched.map((s) => vcpu.planRead(s, read.indices, alloc))));
+}
+
+/** The sections a bytes read covers, in save order, and how a batch's results become its values. */
+interface BytesReadPlan {
+  indices: number[];
+  /** The sections read in the batch (an empty MSR list needs no ioctl). */
+  batched: SectionName[];
+  values(results: unknown[]): BytesReadResult;
+}
+
+function planBytesRead(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], indices: number[]): BytesReadPlan {
   const wanted = wantedForRead(ctx, sections);
   const order = SAVE_ORDER.filter((s) => wanted.includes(s));
-  const indices = msrIndices ?? ctx.caps.msrIndexList;
-  // One native call for every section's ioctl, in save order (Vcpu.readBatch); an empty MSR list needs no ioctl.
   const batched = order.filter((s) => s !== 'msrs' || indices.length > 0);
-  const alloc = batchAllocator();
-  const results = new Map(vcpu.readBatch(batched.map((s) => vcpu.planRead(s, indices, alloc))).map((v, i) => [batched[i], v]));
-  const values: Record<string, unknown> = {};
-  const msrsUnreadable: number[] = [];
-  for (const s of order) values[s] = s === 'msrs' ? readMsrsSkipping(vcpu, indices, msrsUnreadable, results.get(s) as MsrResult | undefined) : results.get(s);
-  return { values, msrsUnreadable };
+  const msrsAt = batched.indexOf('msrs');
+  return {
+    indices,
+    batched,
+    values(results) {
+      const values: Record<string, unknown> = {};
+      const msrsUnreadable: number[] = [];
+      let i = 0;
+      for (const s of order) {
+        const r = s === 'msrs' && msrsAt < 0 ? undefined : results[i++];
+        values[s] = s === 'msrs' ? readMsrsSkipping(vcpu, indices, msrsUnreadable, r as MsrResult | undefined) : r;
+      }
+      return { values, msrsUnreadable };
+    },
+  };
+}
+
+/** Distinct (sections, MSR list) reads kept per vCPU by readStateBytesReused; GetState callers ask for a few. */
+const MAX_REUSED_READS = 16;
+const reusedReads = new WeakMap<Vcpu, Map<string, { plan: BytesReadPlan; run: () => unknown[] }>>();
+
+/**
+ * readStateBytes on buffers kept per vCPU and (sections, MSR list): GetState's hot path, where building
+ * the plans and buffers of 13 reads cost more than reading them. The values are views of those buffers,
+ * valid until the next read of the same vCPU: the caller uses them before it lets go of the vCPU's lock.
+ */
+export function readStateBytesReused(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+  const key = `${sections.join(',')}|${msrIndices ? msrIndices.join(',') : 'host'}`;
+  let reads = reusedReads.get(vcpu);
+  if (!reads) reusedReads.set(vcpu, (reads = new Map()));
+  let read = reads.get(key);
+  if (!read) {
+    if (reads.size >= MAX_REUSED_READS) return readStateBytes(vcpu, ctx, sections, msrIndices);
+    const plan = planBytesRead(vcpu, ctx, sections, msrIndices ?? ctx.caps.msrIndexList);
+    read = { plan, run: vcpu.repeatedRead(plan.batched, plan.indices) };
+    reads.set(key, read);
+  }
+  return read.plan.values(read.run());
 }
 
 /** The sections a read asks for (all readable ones when empty), each checked as supported. */

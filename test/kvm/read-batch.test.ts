@@ -9,7 +9,7 @@ import { Kvm } from '../../src/ffi/kvm';
 import { setIoctlObserver } from '../../src/ffi/observe';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
-import { readStateBytes, readStateBytesPerSection, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
+import { readStateBytes, readStateBytesPerSection, readStateBytesReused, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
 import { describeKvm, KVM_PATH } from '../support/kvm';
 import { thrownBy as caught } from '../support/thrown';
 
@@ -109,5 +109,32 @@ describeKvm('GetState reads: one batched native call', () => {
     expect((batchedError as KvmError).ioctl).toBe('KVM_GET_MSRS');
     expect(batchedSeen).toEqual(singleSeen);
     expect(batchedSeen).toContain(`KVM_GET_MSRS:${(batchedError as KvmError).code}`);
+  });
+
+  it("GetState's reused buffers: each read gives what a fresh read gives, and follows the vCPU's changes between reads", () => {
+    const first = readStateBytesReused(vcpu, ctx, []);
+    expect(withoutTsc(first)).toEqual(withoutTsc(readStateBytes(vcpu, ctx, [])));
+    const firstRegs = Buffer.from(first.values.regs as Buffer);
+    const regs = vcpu.getRegs();
+    regs.rax = 0x0102030405060708n;
+    vcpu.setRegs(regs);
+    const second = readStateBytesReused(vcpu, ctx, []);
+    // The same buffers, read again: the second read's values replace the first's.
+    expect((second.values.regs as Buffer).buffer).toBe((first.values.regs as Buffer).buffer);
+    expect((second.values.regs as Buffer).readBigUInt64LE(0)).toBe(0x0102030405060708n);
+    expect(firstRegs.readBigUInt64LE(0)).toBe(0x1122334455667788n);
+    expect(withoutTsc(second)).toEqual(withoutTsc(readStateBytes(vcpu, ctx, [])));
+  });
+
+  it('reused reads skip refused MSRs as fresh ones do, every time, and keep one set of buffers per section list', () => {
+    const indices = [0x174, 0xdeadbeef, 0x175];
+    for (let i = 0; i < 3; i++) {
+      const r = readStateBytesReused(vcpu, ctx, ['msrs', 'regs'], indices);
+      expect(r).toEqual(readStateBytes(vcpu, ctx, ['msrs', 'regs'], indices));
+      expect(r.msrsUnreadable).toEqual([0xdeadbeef]);
+    }
+    const regsOnly = readStateBytesReused(vcpu, ctx, ['regs']);
+    const all = readStateBytesReused(vcpu, ctx, []);
+    expect((regsOnly.values.regs as Buffer).buffer).not.toBe((all.values.regs as Buffer).buffer);
   });
 });

@@ -3,19 +3,18 @@
  *
  * Why: the general path decodes each struct into a JS object (a bigint per u64), converts that into a
  * proto-loader object (a Long per u64) and walks it again to encode: ~1,000 fields and ~2,000 short-lived
- * objects per GetState, more server CPU than the 13 ioctls. Here the fixed-size struct sections are encoded
- * field by field from their buffers (u64s as two u32 reads), by code generated once per section from the
- * same tables the general path uses: the ffi layouts (src/ffi/sections: offsets, C types) joined with the
- * converters' field tables (convert/state.ts: which field goes to which proto key, as which kind) and the
- * proto descriptors (wire-encoder.ts: field numbers, order). The bytes are those the general path writes
- * (test/unit/raw-state.test.ts compares both over fuzzed kernel bytes). cpuid2's list is written from its
- * kvm_cpuid2 the same way, and xsave (its value is its bytes) with its header fields; msrs from their
- * decoded entries (msrsEncoder). The other sections (lapic, mp_state, tsc_khz) keep their converters and
- * object encoders.
+ * objects per GetState, more server CPU than the 13 ioctls. Here the sections read as bytes (the structs,
+ * cpuid2's list, xsave and lapic with their inspected fields) are written by a wire program
+ * (src/ffi/wire-program.ts, run by native/wire_program.cc) compiled once per section from the same tables
+ * the general path uses: the ffi layouts (src/ffi/sections: offsets, C types) joined with the converters'
+ * field tables (convert/state.ts: which field goes to which proto key, as which kind) and the proto
+ * descriptors (wire-encoder.ts: field numbers, order). The whole state message is one native run over the
+ * sections' buffers; the few sections read as values (msrs, mp_state, tsc_khz) are encoded here first
+ * (msrs by msrsEncoder) and copied in. The bytes are those the general path writes
+ * (test/unit/raw-state.test.ts compares both over fuzzed kernel bytes).
  */
 import type { PackageDefinition } from '@grpc/proto-loader';
 import { snakeCase } from '../../case';
-import { compileFunction } from '../../codegen';
 import {
   DEBUGREGS_LAYOUT,
   EVENTS_EXCEPTION_LAYOUT,
@@ -23,11 +22,12 @@ import {
   FPU_LAYOUT,
   isSectionName,
   KVM_MAX_XCRS,
+  LAPIC_REGISTERS_LAYOUT,
+  u8,
   MSR_NAMES,
   CPUID2,
   CPUID2_HEADER_LAYOUT,
   CPUID_ENTRY2_LAYOUT,
-  readExpr,
   REGS_LAYOUT,
   SECTIONS,
   SREGS2_LAYOUT,
@@ -43,6 +43,7 @@ import {
   type SectionName,
 } from '../../ffi/sections';
 import type { BytesReadResult } from '../../vm/vcpu-state';
+import { runWireProgram, WireProgramBuilder } from '../../ffi/wire-program';
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
 import { fieldTag, isPacked, messageEncoders, Writer, type Encode, type FieldPlan, type MessagePlan } from '../wire-encoder';
 import type { Fields, Kind } from './schema';
@@ -87,8 +88,25 @@ const offsetOf = (layout: Layout<unknown>, name: string) => layoutField(layout.f
  * The sections encoded from bytes: those GetState reads as bytes, and xsave, whose value is its bytes
  * anyway (lapic too, but its apic_id is computed by inspectLapic rather than read at an offset).
  */
-type EncodedSection = ByteSection | 'xsave';
-const ENCODED_SECTIONS: readonly EncodedSection[] = [...BYTE_SECTIONS, 'xsave'];
+type EncodedSection = ByteSection | 'xsave' | 'lapic';
+const ENCODED_SECTIONS: readonly EncodedSection[] = [...BYTE_SECTIONS, 'xsave', 'lapic'];
+
+/**
+ * Lapic: its page as raw, and the registers inspectLapic reads at their offsets; apic_id is bits 31:24 of
+ * the ID register, which is that register's last byte (little-endian).
+ */
+function lapicSources(): Source[] {
+  const isApicId = (f: Fields[number]) => f.ffi === 'apicId';
+  const apicId = T.LAPIC_INFO.find(isApicId) ?? mismatch('lapic', 'no apicId in the field table');
+  return [
+    { key: 'raw', t: 'whole' },
+    ...join(
+      T.LAPIC_INFO.filter((f) => !isApicId(f)),
+      LAPIC_REGISTERS_LAYOUT.fields,
+    ),
+    { key: apicId.proto, t: 'value', kind: apicId.kind, off: offsetOf(LAPIC_REGISTERS_LAYOUT, 'idRegister') + 3, type: u8 },
+  ];
+}
 
 const SOURCES: { readonly [S in EncodedSection]: readonly Source[] } = {
   regs: join(T.REGS, REGS_LAYOUT.fields),
@@ -109,6 +127,7 @@ const SOURCES: { readonly [S in EncodedSection]: readonly Source[] } = {
     },
   ],
   xsave: [{ key: 'raw', t: 'whole' }, ...join(T.XSAVE_INFO, XSAVE_HEADER_LAYOUT.fields)],
+  lapic: lapicSources(),
   cpuid2: [
     {
       key: 'entries',
@@ -134,114 +153,110 @@ const SOURCES: { readonly [S in EncodedSection]: readonly Source[] } = {
   ],
 };
 
-/** Generated code: statements writing into `w` from buffer `b`. */
-class Code {
-  readonly lines: string[] = [];
-  private n = 0;
-
-  name(prefix: string): string {
-    return `${prefix}${this.n++}`;
-  }
-
-  /** A length-delimited field: tag, then `body` between begin() and end(). */
-  sub(tag: number, body: () => void): void {
-    const s = this.name('s');
-    this.lines.push(`w.varint32(${tag}); { const ${s} = w.begin();`);
-    body();
-    this.lines.push(`w.end(${s}); }`);
-  }
-}
-
 function mismatch(where: string, what: string): never {
   throw new Error(`raw state encoder: ${where}: ${what}`);
 }
 
-/** The expression writing one scalar (no tag) of ffi type `type` at `off` as proto field `f`. */
-function scalar(k: Kind, type: FieldType, off: string, f: FieldPlan, where: string): string {
-  const read = (): string =>
-    type.kind === 'u8' || type.kind === 'u16' || type.kind === 'u32' ? readExpr(type, off) : mismatch(where, `a ${type.kind} cannot be a ${k.t}`);
+/** A field's tag as the literal bytes a program writes. */
+function tag(p: WireProgramBuilder, f: FieldPlan): void {
+  const bytes: number[] = [];
+  let v = fieldTag(f);
+  for (; v > 0x7f; v >>>= 7) bytes.push((v & 0x7f) | 0x80);
+  bytes.push(v);
+  p.literal(Uint8Array.from(bytes));
+}
+
+const UINT_OPS = { u8: 'U8', u16: 'U16', u32: 'U32' } as const;
+
+/** The op writing one scalar (no tag) of ffi type `type` at `off` as proto field `f`. */
+function scalar(p: WireProgramBuilder, k: Kind, type: FieldType, off: number, f: FieldPlan, where: string): void {
   switch (k.t) {
     case 'u64':
       if (type.kind !== 'u64' || f.kind !== 'uint64') mismatch(where, `u64 from ${type.kind} into ${f.kind}`);
-      return `w.varint64(b.readUInt32LE(${off}), b.readUInt32LE(${off} + 4));`;
+      return p.value('U64', off);
     case 'uint':
       if (f.kind !== 'uint32') mismatch(where, `uint into ${f.kind}`);
-      return `w.varint32(${read()});`;
+      if (type.kind !== 'u8' && type.kind !== 'u16' && type.kind !== 'u32') mismatch(where, `a ${type.kind} cannot be a ${k.t}`);
+      return p.value(UINT_OPS[type.kind], off);
     case 'bool':
       if (f.kind !== 'bool' || type.kind !== 'u8') mismatch(where, `bool from ${type.kind} into ${f.kind}`);
-      return `w.varint32(b[${off}] !== 0 ? 1 : 0);`;
+      return p.value('BOOL', off);
     case 'bytes':
       if (f.kind !== 'bytes' || type.kind !== 'bytes' || type.size !== k.size) mismatch(where, `bytes(${k.size}) from ${type.kind} into ${f.kind}`);
-      return `w.bytesFrom(b, ${off}, ${k.size});`;
+      return p.bytes(off, k.size);
     default:
       return mismatch(where, `${k.t} is not a scalar`);
   }
 }
 
 /** One element of a field: a message of its struct, or a scalar preceded by its tag. */
-function element(c: Code, f: FieldPlan, k: Kind, type: FieldType, off: string, where: string): void {
+function element(p: WireProgramBuilder, f: FieldPlan, k: Kind, type: FieldType, off: number, where: string): void {
+  tag(p, f);
   if (k.t === 'struct') {
     if (type.kind !== 'struct' || f.kind !== 'message') mismatch(where, `struct from ${type.kind} into ${f.kind}`);
-    c.sub(fieldTag(f), () => message(c, f.message!, join(k.fields, type.layout.fields), off, where));
+    p.delimited(() => message(p, f.message!, join(k.fields, type.layout.fields, off), where));
     return;
   }
-  c.lines.push(`w.varint32(${fieldTag(f)}); ${scalar(k, type, off, f, where)}`);
+  scalar(p, k, type, off, f, where);
 }
 
-function field(c: Code, f: FieldPlan, s: Source, base: string, where: string): void {
+function field(p: WireProgramBuilder, f: FieldPlan, s: Source, where: string): void {
   if (s.t === 'message') {
     if (f.kind !== 'message' || f.repeated) mismatch(where, 'not a singular message');
-    c.sub(fieldTag(f), () => message(c, f.message!, s.children, base, where));
+    tag(p, f);
+    p.delimited(() => message(p, f.message!, s.children, where));
     return;
   }
   if (s.t === 'whole') {
     if (f.kind !== 'bytes' || f.repeated) mismatch(where, 'not a bytes field');
-    c.lines.push(`w.varint32(${fieldTag(f)}); w.bytesFrom(b, ${base}, b.length - ${base});`);
+    tag(p, f);
+    p.bytes(0);
     return;
   }
   if (s.t === 'list') {
     if (f.kind !== 'message' || !f.repeated) mismatch(where, 'not a repeated message');
-    const [i, n, e] = [c.name('i'), c.name('n'), c.name('e')];
-    c.lines.push(
-      `for (let ${i} = 0, ${n} = Math.min(b.readUInt32LE(${base} + ${s.countOff}), ${s.max}); ${i} < ${n}; ${i}++) { const ${e} = ${base} + ${s.off} + ${i} * ${s.stride};`,
-    );
-    c.sub(fieldTag(f), () => message(c, f.message!, s.children, e, where));
-    c.lines.push('}');
+    // Inside the loop, offsets are from the element's start.
+    p.loop(s.countOff, s.max, s.off, s.stride, () => {
+      tag(p, f);
+      p.delimited(() => message(p, f.message!, s.children, where));
+    });
     return;
   }
-  const off = `${base} + ${s.off}`;
   if (s.kind.t !== 'array') {
     if (f.repeated) mismatch(where, 'repeated in the proto, one value in the struct');
-    element(c, f, s.kind, s.type, off, where);
+    element(p, f, s.kind, s.type, s.off, where);
     return;
   }
   const { of, count } = s.kind;
   if (s.type.kind !== 'array' || s.type.count !== count || !f.repeated) mismatch(where, `array of ${count} against ${s.type.kind}`);
   const t = s.type.of;
-  const at = (i: number) => `${off} + ${i * t.size}`;
-  if (isPacked(f)) c.sub(fieldTag(f), () => Array.from({ length: count }, (_, i) => c.lines.push(scalar(of, t, at(i), f, where))));
-  else for (let i = 0; i < count; i++) element(c, f, of, t, at(i), where);
+  const at = (i: number) => s.off + i * t.size;
+  if (isPacked(f)) {
+    tag(p, f);
+    p.delimited(() => {
+      for (let i = 0; i < count; i++) scalar(p, of, t, at(i), f, where);
+    });
+  } else for (let i = 0; i < count; i++) element(p, f, of, t, at(i), where);
 }
 
 /** A message's fields in the proto's order (the order the object encoder writes them in). */
-function message(c: Code, plan: MessagePlan, sources: readonly Source[], base: string, where: string): void {
+function message(p: WireProgramBuilder, plan: MessagePlan, sources: readonly Source[], where: string): void {
   const used = new Set<Source>();
   for (const f of plan) {
     const s = sources.find((x) => x.key === f.key);
     if (!s) continue;
     used.add(s);
-    field(c, f, s, base, `${where}.${f.key}`);
+    field(p, f, s, `${where}.${f.key}`);
   }
   const missing = sources.filter((s) => !used.has(s)).map((s) => s.key);
   if (missing.length) mismatch(where, `no proto field for ${missing.join(', ')}`);
 }
 
-type BytesEncode = (w: Writer, b: Buffer) => void;
-
-function compileSection(section: EncodedSection, plan: MessagePlan): BytesEncode {
-  const c = new Code();
-  message(c, plan, SOURCES[section], '0', section);
-  return compileFunction<BytesEncode>(`encode_${section}`, ['w', 'b'], c.lines.join('\n'));
+/** A section's wire program, compiled once: its message body from the kernel's bytes. */
+function compileSection(section: EncodedSection, plan: MessagePlan): Uint32Array {
+  const p = new WireProgramBuilder();
+  message(p, plan, SOURCES[section], section);
+  return p.build();
 }
 
 /** A section written from its decoded value without building its proto object first (msrs). */
@@ -249,9 +264,10 @@ type ValueEncode = (w: Writer, v: never, extras: StateExtras) => void;
 
 interface SectionPlan {
   name: SectionName;
-  tag: number;
+  tag: FieldPlan;
   object: Encode;
-  bytes?: BytesEncode;
+  /** The body's program, for sections encoded from the kernel's bytes. */
+  program?: Uint32Array;
   value?: ValueEncode;
 }
 
@@ -317,8 +333,13 @@ function checkLength(section: EncodedSection, b: Buffer): void {
 
 const GET_STATE_RESPONSE = 'vcpud.v1.GetStateResponse';
 
+/** Distinct section sets a response program is kept for (GetState callers ask for a few). */
+const MAX_CACHED_PROGRAMS = 64;
+
 /**
- * GetStateResponse's serializer for section values with the struct sections as kernel bytes. Like
+ * GetStateResponse's serializer for section values with the struct sections as kernel bytes. The state
+ * message is one native run of a program over the sections' buffers: the byte sections' programs, and
+ * for the others (decoded values) their bodies encoded here first, copied in as they are. Like
  * wireSerializer it writes into one reused buffer and returns a copy of the bytes.
  */
 export function getStateResponseEncoder(
@@ -332,34 +353,72 @@ export function getStateResponseEncoder(
   const sections: SectionPlan[] = stateField.message!.map((f) => {
     const name = snakeCase(f.key);
     if (!isSectionName(name) || f.kind !== 'message') throw new Error(`raw state encoder: VcpuState.${f.key} is not a section`);
-    const byteSection = (ENCODED_SECTIONS as readonly string[]).includes(name) ? (name as EncodedSection) : undefined;
-    let bytes: BytesEncode | undefined;
-    if (byteSection) {
-      const encode = compileSection(byteSection, f.message!);
-      bytes = (w, b) => {
-        checkLength(byteSection, b);
-        encode(w, b);
-      };
-    }
-    return { name, tag: fieldTag(f), object: enc.encoder(f.typeName), bytes, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
+    const encoded = (ENCODED_SECTIONS as readonly string[]).includes(name) ? (name as EncodedSection) : undefined;
+    return {
+      name,
+      tag: f,
+      object: enc.encoder(f.typeName),
+      program: encoded && compileSection(encoded, f.message!),
+      value: name === 'msrs' ? msrsEncoder(f.message!) : undefined,
+    };
   });
-  const stateTag = fieldTag(stateField);
+
+  /** The state field's program for one shape: per present section, 'p' (its program) or 'j' (a body encoded in JS). */
+  const compose = (shape: string): Uint32Array => {
+    const p = new WireProgramBuilder();
+    tag(p, stateField);
+    p.delimited(() => {
+      let input = 0;
+      sections.forEach((s, i) => {
+        if (shape[i] === '-') return;
+        tag(p, s.tag);
+        p.input(input++);
+        if (shape[i] === 'p') p.delimited(() => p.splice(s.program!));
+        else p.bytes(0);
+      });
+    });
+    return p.build();
+  };
+  const programs = new Map<string, Uint32Array>();
+  const programFor = (shape: string): Uint32Array => {
+    let program = programs.get(shape);
+    if (!program) {
+      program = compose(shape);
+      if (programs.size < MAX_CACHED_PROGRAMS) programs.set(shape, program);
+    }
+    return program;
+  };
+
   const w = new Writer(16 * 1024);
+  const bodies = new Writer(4 * 1024);
   return (values, extras, implicitlyPaused) => {
-    w.pos = 0;
-    w.varint32(stateTag);
-    const state = w.begin();
+    const inputs: Buffer[] = [];
+    let shape = '';
+    bodies.pos = 0;
     for (const s of sections) {
       const v = values[s.name];
-      if (v === undefined) continue;
-      w.varint32(s.tag);
-      const at = w.begin();
-      if (s.bytes && Buffer.isBuffer(v)) s.bytes(w, v);
-      else if (s.value) s.value(w, v as never, extras);
-      else s.object(w, sectionMessage(s.name, v as never, extras));
-      w.end(at);
+      if (v === undefined) {
+        shape += '-';
+        continue;
+      }
+      if (s.program && Buffer.isBuffer(v)) {
+        checkLength(s.name as EncodedSection, v);
+        inputs.push(v);
+        shape += 'p';
+        continue;
+      }
+      // A view of the bodies' buffer: when it grows, earlier views keep the buffer they were cut from.
+      const start = bodies.pos;
+      if (s.value) s.value(bodies, v as never, extras);
+      else s.object(bodies, sectionMessage(s.name, v as never, extras));
+      inputs.push(bodies.buf.subarray(start, bodies.pos));
+      shape += 'j';
     }
-    w.end(state);
+    const program = programFor(shape);
+    let end: number;
+    w.pos = 0;
+    while ((end = runWireProgram(program, inputs, w.buf, 0)) < 0) w.reserve(w.buf.length + 1); // grows, then runs again
+    w.pos = end;
     rest(w, { implicitlyPaused });
     return Buffer.from(w.buf.subarray(0, w.pos));
   };

@@ -186,6 +186,7 @@ export const FIELD_TABLES = {
   XCRS,
   CPUID_ENTRY,
   XSAVE_INFO,
+  LAPIC_INFO,
 } as const;
 
 // ---- per-section converters ----

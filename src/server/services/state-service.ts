@@ -3,7 +3,7 @@
  * A small class that registers itself on a server, like grpc-node's health service.
  */
 import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
-import { readNested, readState, readStateBytes, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
+import { readNested, readState, readStateBytesReused, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
 import { getStateResponseEncoder } from '../convert/raw-state';
 import { Preserialized, type AnsweringPreserialized } from '../../api/preserialized';
@@ -57,16 +57,17 @@ export class VcpuStateService {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
-        const { read: r, implicitlyPaused } = await vcpu.withState(
-          (access) => ({
-            read: readStateBytes(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined),
-            implicitlyPaused: access.implicitlyPaused,
-          }),
+        // Read into buffers kept for this vCPU (readStateBytesReused) and encoded before the lock is let go,
+        // in one pass from the kernel's bytes, handed to grpc-js as they are (service-definitions.ts).
+        const response = await vcpu.withState(
+          (access) => {
+            const r = readStateBytesReused(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined);
+            this.recordBytes(r.values);
+            return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, access.implicitlyPaused);
+          },
           { noImplicitPause: req.noImplicitPause },
         );
-        this.recordBytes(r.values);
-        // Written from the kernel's bytes in one pass, handed to grpc-js as they are (service-definitions.ts).
-        return new Preserialized(this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused));
+        return new Preserialized(response);
       }),
 
       SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
