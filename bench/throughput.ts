@@ -34,6 +34,8 @@ import { startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
 const SECONDS = Number(knob('BENCH_SECONDS', '5', 'throughput: seconds per measurement, after 1 s of warm-up'));
 const CLIENTS = Number(knob('BENCH_CLIENTS', '64', 'throughput: concurrent clients (one connection, one call in flight each)'));
 const ROUNDS = Number(knob('BENCH_ROUNDS', '2', 'throughput: rounds of the trivial handler and vcpud, alternating'));
+/** Node flags for vcpud, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" (then bench/cpuprofile-shares.ts). */
+const NODE_ARGS = knob('BENCH_NODE_ARGS', '', 'throughput: node flags for vcpud').split(' ').filter(Boolean);
 const TARGET = { op: '>=', ratio: 0.6 } as const;
 const CPU_TARGET = { op: '<=', ratio: 1.3 } as const;
 const RSS_TARGET = { op: '<=', ratio: 1.1 } as const;
@@ -95,7 +97,7 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
   }
 
   const rawIoctlUs = rawIoctlSumUs();
-  const d = await startVcpud();
+  const d = await startVcpud([], {}, NODE_ARGS);
   try {
     const pid = d.proc.pid!;
     const vm = await pausedCounterVm(d.client('VmService'));

@@ -34,6 +34,8 @@ export interface MsrResult {
   processed: number;
   /** Index of the first MSR the kernel refused, when processed < requested. */
   firstRefused?: number;
+  /** A batch read's kvm_msrs as the kernel filled it (planRead): the first `processed` entries hold values. */
+  bytes?: Buffer;
 }
 
 export const NESTED_HEADER_SIZE = 128;
@@ -227,7 +229,7 @@ export class Vcpu {
         return this.vm.checkExtension('XSAVE2') > 0 ? fillRead('KVM_GET_XSAVE2', alloc(this.xsaveSize())) : fillRead('KVM_GET_XSAVE', alloc(LEGACY_XSAVE_SIZE));
       case 'msrs': {
         const buf = msrRequest(msrIndices);
-        return { ioctl: 'KVM_GET_MSRS', buf, done: (processed) => msrResult(SECTIONS.msrs.decode(buf), processed, msrIndices) };
+        return { ioctl: 'KVM_GET_MSRS', buf, done: (processed) => new BatchMsrResult(buf, processed, msrIndices) };
       }
       case 'cpuid2': {
         const buf = cpuid2Buffer(256, alloc);
@@ -502,6 +504,25 @@ function describes(request: Buffer, indices: readonly number[]): boolean {
   if (request.readUInt32LE(0) !== indices.length) return false;
   for (let i = 0; i < indices.length; i++) if (request.readUInt32LE(8 + i * entry) !== indices[i]) return false;
   return true;
+}
+
+/** A batch's KVM_GET_MSRS: its bytes, decoded into entries only when they are asked for (GetState encodes the bytes). */
+class BatchMsrResult implements MsrResult {
+  readonly firstRefused?: number;
+  private decoded?: MsrEntry[];
+
+  constructor(
+    readonly bytes: Buffer,
+    readonly processed: number,
+    indices: number[],
+  ) {
+    if (processed < indices.length) this.firstRefused = indices[processed];
+  }
+
+  get entries(): MsrEntry[] {
+    this.decoded ??= SECTIONS.msrs.decode(this.bytes).slice(0, this.processed);
+    return this.decoded;
+  }
 }
 
 function msrResult(entries: MsrEntry[], processed: number, indices: number[]): MsrResult {

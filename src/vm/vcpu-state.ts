@@ -183,9 +183,12 @@ export function readState(vcpu: Vcpu, ctx: StateContext, sections: SectionName[]
   return readStateAs(vcpu, ctx, sections, msrIndices, false) as ReadResult;
 }
 
-/** A read whose fixed-size struct sections are the kernel's bytes, undecoded (Buffers). */
+/**
+ * A read whose fixed-size struct sections are the kernel's bytes, undecoded (Buffers); msrs too (its
+ * kvm_msrs) when the kernel read every MSR asked for, else its entries.
+ */
 export interface BytesReadResult {
-  values: { [N in SectionName]?: SectionValues[N] | (N extends ByteSection ? Buffer : never) };
+  values: { [N in SectionName]?: SectionValues[N] | (N extends ByteSection | 'msrs' ? Buffer : never) };
   msrsUnreadable: number[];
 }
 
@@ -221,11 +224,17 @@ function planBytesRead(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], i
       let i = 0;
       for (const s of order) {
         const r = s === 'msrs' && msrsAt < 0 ? undefined : results[i++];
-        values[s] = s === 'msrs' ? readMsrsSkipping(vcpu, indices, msrsUnreadable, r as MsrResult | undefined) : r;
+        values[s] = s === 'msrs' ? msrsValue(vcpu, indices, msrsUnreadable, r as MsrResult | undefined) : r;
       }
       return { values, msrsUnreadable };
     },
   };
+}
+
+/** Every MSR read in the batch: the kernel's kvm_msrs bytes (GetState encodes them as they are); else the entries read, skipping refused ones. */
+function msrsValue(vcpu: Vcpu, indices: number[], unreadable: number[], first: MsrResult | undefined): MsrEntry[] | Buffer {
+  if (first?.bytes && first.firstRefused === undefined) return first.bytes;
+  return readMsrsSkipping(vcpu, indices, unreadable, first);
 }
 
 /** Distinct (sections, MSR list) reads kept per vCPU by readStateBytesReused; GetState callers ask for a few. */

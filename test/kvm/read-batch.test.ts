@@ -6,6 +6,7 @@
 import { KvmError } from '../../src/errors';
 import { probeCapabilities, type HostCapabilities } from '../../src/ffi/capabilities';
 import { Kvm } from '../../src/ffi/kvm';
+import { SECTIONS } from '../../src/ffi/sections';
 import { setIoctlObserver } from '../../src/ffi/observe';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
@@ -28,9 +29,14 @@ function observedIoctls(fn: () => void): string[] {
   return seen.sort();
 }
 
-/** The TSC MSR (0x10) moves between two reads: its value is left out of comparisons. */
+/**
+ * The MSRs as entries (a batch read gives the kernel's kvm_msrs bytes when it read every MSR), the TSC MSR
+ * (0x10), which moves between two reads, with its value left out.
+ */
 function withoutTsc(r: BytesReadResult): BytesReadResult {
-  const msrs = r.values.msrs?.map((e) => (e.index === 0x10 ? { ...e, data: 0n } : e));
+  const m = r.values.msrs;
+  const entries = Buffer.isBuffer(m) ? SECTIONS.msrs.decode(m) : m;
+  const msrs = entries?.map((e) => (e.index === 0x10 ? { ...e, data: 0n } : e));
   return { ...r, values: { ...r.values, msrs } };
 }
 

@@ -3,7 +3,7 @@
  * byte for byte and decoded field for field, as the general path writes (decode the structs, stateToProto,
  * the wire encoder), over fuzzed kernel bytes of every section: random bytes, and bytes drawn from boundary
  * values (0, 1, 0x7f, 0x80, 0xff) so every u64 crosses the varint length steps and every flag byte is
- * 0, 1 and neither.
+ * 0, 1 and neither. msrs come both as kvm_msrs bytes and as decoded entries.
  */
 import { randomBytes, randomInt } from 'node:crypto';
 import type * as protoLoader from '@grpc/proto-loader';
@@ -62,7 +62,9 @@ function fuzzedState(round: number, sections: readonly S.SectionName[]) {
           : s === 'tsc_khz'
             ? [0, 1, 0xffffffff, randomInt(2 ** 32 - 1)][round % 4]
             : randomValue(s);
-      bytes[s] = v;
+      // msrs as a read of every MSR gives them: the kernel's kvm_msrs (in 3 of 4 rounds; with unreadable
+      // indices, odd rounds, the encoder writes them from their entries).
+      bytes[s] = s === 'msrs' && round % 4 !== 3 ? S.SECTIONS.msrs.encode(v as S.MsrEntry[]) : v;
       decoded[s] = v;
     }
   }
@@ -100,7 +102,7 @@ describe('GetState response from kernel bytes', () => {
     expect(fromBytes(decoded, {}, false).equals(expected)).toBe(true);
   });
 
-  test('msrs (written from their entries): every named MSR, unnamed ones, u64 boundaries, with and without unreadable indices', () => {
+  test('msrs, from their entries and from kvm_msrs bytes: every named MSR, unnamed ones, u64 boundaries, with and without unreadable indices', () => {
     const DATA = [0n, 1n, 0x7fn, 0x80n, 0xffff_ffffn, 0x1_0000_0000n, 0x7fff_ffff_ffff_ffffn, 0x8000_0000_0000_0000n, 0xffff_ffff_ffff_ffffn];
     const named = [...S.MSR_NAMES.keys()];
     const unnamed = [0, 0x7f, 0x80, 0xffffffff, ...Array.from({ length: 8 }, () => randomInt(2 ** 32 - 1))].filter((i) => !S.MSR_NAMES.has(i));
@@ -110,11 +112,13 @@ describe('GetState response from kernel bytes', () => {
       const msrs = indices.map((index, i) => ({ index, reserved: 0, data: round % 2 ? DATA[(i + round) % DATA.length] : random64() }));
       for (const extras of [{}, { msrsUnreadable: [] }, { msrsUnreadable: [0x10, 0, 0xffffffff] }]) {
         const expected = general({ state: stateToProto({ msrs }, extras), implicitlyPaused: false });
-        const actual = fromBytes({ msrs }, extras, false);
-        expect(actual.equals(expected)).toBe(true);
+        expect(fromBytes({ msrs }, extras, false).equals(expected)).toBe(true);
+        expect(fromBytes({ msrs: S.SECTIONS.msrs.encode(msrs) }, extras, false).equals(expected)).toBe(true);
       }
     }
-    expect(fromBytes({ msrs: [] }, {}, false).equals(general({ state: stateToProto({ msrs: [] }, {}), implicitlyPaused: false }))).toBe(true);
+    const none = general({ state: stateToProto({ msrs: [] }, {}), implicitlyPaused: false });
+    expect(fromBytes({ msrs: [] }, {}, false).equals(none)).toBe(true);
+    expect(fromBytes({ msrs: S.SECTIONS.msrs.encode([]) }, {}, false).equals(none)).toBe(true);
   });
 
   test('bytes that do not hold what they describe are refused, not misread', () => {
@@ -123,5 +127,8 @@ describe('GetState response from kernel bytes', () => {
     cpuid.writeUInt32LE(4, 0);
     expect(() => fromBytes({ cpuid2: cpuid }, {}, false)).toThrow(/cpuid2 is 128 bytes/);
     expect(() => fromBytes({ xsave: Buffer.alloc(S.SECTIONS.xsave.size - 1) }, {}, false)).toThrow(/xsave is 4095 bytes/);
+    const msrs = S.SECTIONS.msrs.encode([{ index: 0x10, data: 1n }]);
+    msrs.writeUInt32LE(2, 0);
+    expect(() => fromBytes({ msrs }, {}, false)).toThrow(/msrs is 24 bytes/);
   });
 });

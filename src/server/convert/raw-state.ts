@@ -25,6 +25,10 @@ import {
   LAPIC_REGISTERS_LAYOUT,
   u8,
   MSR_NAMES,
+  MSR_ENTRY_LAYOUT,
+  MSR_ENTRY_SIZE,
+  MSRS_HEADER_SIZE,
+  msrsSize,
   CPUID2,
   CPUID2_HEADER_LAYOUT,
   CPUID_ENTRY2_LAYOUT,
@@ -157,13 +161,16 @@ function mismatch(where: string, what: string): never {
   throw new Error(`raw state encoder: ${where}: ${what}`);
 }
 
-/** A field's tag as the literal bytes a program writes. */
-function tag(p: WireProgramBuilder, f: FieldPlan): void {
+function varintBytes(v: number): Uint8Array {
   const bytes: number[] = [];
-  let v = fieldTag(f);
   for (; v > 0x7f; v >>>= 7) bytes.push((v & 0x7f) | 0x80);
   bytes.push(v);
-  p.literal(Uint8Array.from(bytes));
+  return Uint8Array.from(bytes);
+}
+
+/** A field's tag as the literal bytes a program writes. */
+function tag(p: WireProgramBuilder, f: FieldPlan): void {
+  p.literal(varintBytes(fieldTag(f)));
 }
 
 const UINT_OPS = { u8: 'U8', u16: 'U16', u32: 'U32' } as const;
@@ -266,8 +273,8 @@ interface SectionPlan {
   name: SectionName;
   tag: FieldPlan;
   object: Encode;
-  /** The body's program, for sections encoded from the kernel's bytes. */
-  program?: Uint32Array;
+  /** The body's program for a section's bytes (checked to hold what they describe). */
+  program?: (b: Buffer) => Uint32Array;
   value?: ValueEncode;
 }
 
@@ -277,12 +284,8 @@ function planField(plan: MessagePlan, key: string, kind: FieldPlan['kind'], repe
   return f;
 }
 
-/**
- * Msrs from the entries KVM_GET_MSRS decoded to, written as the converter's objects (index, data, name;
- * then unreadable_indices) would be, without them: ~40 entries each made an object, a decimal string of
- * its u64 and a name string to encode (a third of the response's encoding time). Names are encoded once.
- */
-function msrsEncoder(plan: MessagePlan): ValueEncode {
+/** Msrs' proto fields, checked to be what msrsEncoder and msrsProgram write. */
+function msrsFields(plan: MessagePlan) {
   const entries = planField(plan, 'entries', 'message', true, 'msrs');
   const unreadable = planField(plan, 'unreadableIndices', 'uint32', true, 'msrs');
   if (plan.length !== 2) mismatch('msrs', 'fields other than entries and unreadableIndices');
@@ -293,12 +296,23 @@ function msrsEncoder(plan: MessagePlan): ValueEncode {
     ['name', 'string'],
   ].map(([k, kind]) => planField(entry, k, kind as FieldPlan['kind'], false, 'msrs.entries'));
   if (entry.length !== 3) mismatch('msrs.entries', 'fields other than index, data and name');
-  const [entriesTag, indexTag, dataTag, nameTag, unreadableTag] = [entries, index, data, name, unreadable].map(fieldTag);
   // Each field in field-number order, as the object encoder writes them.
   const order = [index, data, name].map((f) => f.number);
   if (order.some((n, i) => i > 0 && n < order[i - 1])) mismatch('msrs.entries', 'fields not in index, data, name order');
-  const names = new Map([...MSR_NAMES].map(([i, n]) => [i, Buffer.from(n)]));
-  const noName = Buffer.alloc(0);
+  return { entries, unreadable, index, data, name };
+}
+
+/** Each named MSR's name, encoded once. */
+const MSR_NAME_BYTES = new Map([...MSR_NAMES].map(([i, n]) => [i, Buffer.from(n)]));
+const NO_NAME = Buffer.alloc(0);
+
+/**
+ * Msrs from the entries KVM_GET_MSRS decoded to (a read that skipped refused MSRs), written as the
+ * converter's objects (index, data, name; then unreadable_indices) would be, without them.
+ */
+function msrsEncoder(plan: MessagePlan): ValueEncode {
+  const f = msrsFields(plan);
+  const [entriesTag, indexTag, dataTag, nameTag, unreadableTag] = [f.entries, f.index, f.data, f.name, f.unreadable].map(fieldTag);
   return (w, v, extras) => {
     for (const e of v as MsrEntry[]) {
       w.varint32(entriesTag);
@@ -308,7 +322,7 @@ function msrsEncoder(plan: MessagePlan): ValueEncode {
       w.varint32(dataTag);
       w.varint64(Number(e.data & 0xffffffffn), Number((e.data >> 32n) & 0xffffffffn));
       w.varint32(nameTag);
-      w.bytes(names.get(e.index) ?? noName);
+      w.bytes(MSR_NAME_BYTES.get(e.index) ?? NO_NAME);
       w.end(at);
     }
     const list = extras.msrsUnreadable;
@@ -318,6 +332,42 @@ function msrsEncoder(plan: MessagePlan): ValueEncode {
       for (const i of list) w.varint32(i);
       w.end(at);
     }
+  };
+}
+
+/**
+ * Msrs from the kvm_msrs bytes of a read that got every MSR asked for (so no unreadable_indices): a
+ * program per buffer, each entry's index and data read at their offsets and its name a literal (the
+ * indices are in the buffer before the read). Kept per buffer: GetState's reused read hands over the
+ * same buffer, holding the same indices, each call.
+ */
+function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
+  const f = msrsFields(plan);
+  const indexOff = offsetOf(MSR_ENTRY_LAYOUT, 'index');
+  const dataOff = offsetOf(MSR_ENTRY_LAYOUT, 'data');
+  const programs = new WeakMap<Buffer, Uint32Array>();
+  return (b) => {
+    const cached = programs.get(b);
+    if (cached) return cached;
+    const n = b.length >= MSRS_HEADER_SIZE ? b.readUInt32LE(0) : -1;
+    if (n < 0 || b.length < msrsSize(n)) throw new Error(`raw state encoder: msrs is ${b.length} bytes, which does not hold what it describes`);
+    const p = new WireProgramBuilder();
+    for (let i = 0; i < n; i++) {
+      const at = MSRS_HEADER_SIZE + i * MSR_ENTRY_SIZE;
+      const name = MSR_NAME_BYTES.get(b.readUInt32LE(at + indexOff)) ?? NO_NAME;
+      tag(p, f.entries);
+      p.delimited(() => {
+        tag(p, f.index);
+        p.value('U32', at + indexOff);
+        tag(p, f.data);
+        p.value('U64', at + dataOff);
+        tag(p, f.name);
+        p.literal(Buffer.concat([varintBytes(name.length), name]));
+      });
+    }
+    const program = p.build();
+    programs.set(b, program);
+    return program;
   };
 }
 
@@ -354,57 +404,59 @@ export function getStateResponseEncoder(
     const name = snakeCase(f.key);
     if (!isSectionName(name) || f.kind !== 'message') throw new Error(`raw state encoder: VcpuState.${f.key} is not a section`);
     const encoded = (ENCODED_SECTIONS as readonly string[]).includes(name) ? (name as EncodedSection) : undefined;
-    return {
-      name,
-      tag: f,
-      object: enc.encoder(f.typeName),
-      program: encoded && compileSection(encoded, f.message!),
-      value: name === 'msrs' ? msrsEncoder(f.message!) : undefined,
-    };
+    let program: SectionPlan['program'];
+    if (encoded) {
+      const compiled = compileSection(encoded, f.message!);
+      program = (b) => {
+        checkLength(encoded, b);
+        return compiled;
+      };
+    } else if (name === 'msrs') program = msrsProgramCompiler(f.message!);
+    return { name, tag: f, object: enc.encoder(f.typeName), program, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
   });
 
-  /** The state field's program for one shape: per present section, 'p' (its program) or 'j' (a body encoded in JS). */
-  const compose = (shape: string): Uint32Array => {
+  /** The state field's program over one call's inputs: per present section its body's program, or (null) its body as encoded here. */
+  const compose = (parts: (readonly [SectionPlan, Uint32Array | null])[]): Uint32Array => {
     const p = new WireProgramBuilder();
     tag(p, stateField);
-    p.delimited(() => {
-      let input = 0;
-      sections.forEach((s, i) => {
-        if (shape[i] === '-') return;
+    p.delimited(() =>
+      parts.forEach(([s, body], input) => {
         tag(p, s.tag);
-        p.input(input++);
-        if (shape[i] === 'p') p.delimited(() => p.splice(s.program!));
+        p.input(input);
+        if (body) p.delimited(() => p.splice(body));
         else p.bytes(0);
-      });
-    });
+      }),
+    );
     return p.build();
   };
+  // Composed programs, by the sections present and their bodies' programs (numbered as first seen).
   const programs = new Map<string, Uint32Array>();
-  const programFor = (shape: string): Uint32Array => {
-    let program = programs.get(shape);
-    if (!program) {
-      program = compose(shape);
-      if (programs.size < MAX_CACHED_PROGRAMS) programs.set(shape, program);
-    }
-    return program;
+  const numbers = new WeakMap<Uint32Array, number>();
+  let numbered = 0;
+  const numberOf = (body: Uint32Array) => {
+    let n = numbers.get(body);
+    if (n === undefined) numbers.set(body, (n = numbered++));
+    return n;
   };
 
   const w = new Writer(16 * 1024);
   const bodies = new Writer(4 * 1024);
   return (values, extras, implicitlyPaused) => {
     const inputs: Buffer[] = [];
-    let shape = '';
+    const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
+    let key = '';
     bodies.pos = 0;
-    for (const s of sections) {
-      const v = values[s.name];
-      if (v === undefined) {
-        shape += '-';
-        continue;
-      }
+    for (let i = 0; i < sections.length; i++) {
+      const s = sections[i];
+      let v = values[s.name];
+      if (v === undefined) continue;
+      // msrs as bytes carry no unreadable indices: with some listed, they are written from their entries.
+      if (s.name === 'msrs' && Buffer.isBuffer(v) && extras.msrsUnreadable?.length) v = SECTIONS.msrs.decode(v);
       if (s.program && Buffer.isBuffer(v)) {
-        checkLength(s.name as EncodedSection, v);
+        const body = s.program(v);
         inputs.push(v);
-        shape += 'p';
+        parts.push([s, body]);
+        key += `${i}:${numberOf(body)},`;
         continue;
       }
       // A view of the bodies' buffer: when it grows, earlier views keep the buffer they were cut from.
@@ -412,9 +464,14 @@ export function getStateResponseEncoder(
       if (s.value) s.value(bodies, v as never, extras);
       else s.object(bodies, sectionMessage(s.name, v as never, extras));
       inputs.push(bodies.buf.subarray(start, bodies.pos));
-      shape += 'j';
+      parts.push([s, null]);
+      key += `${i},`;
     }
-    const program = programFor(shape);
+    let program = programs.get(key);
+    if (!program) {
+      program = compose(parts);
+      if (programs.size < MAX_CACHED_PROGRAMS) programs.set(key, program);
+    }
     let end: number;
     w.pos = 0;
     while ((end = runWireProgram(program, inputs, w.buf, 0)) < 0) w.reserve(w.buf.length + 1); // grows, then runs again
