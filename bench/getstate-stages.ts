@@ -18,7 +18,7 @@ import { Metrics } from '../src/server/metrics';
 import { vcpudPackageDefinition } from '../src/api/proto';
 import { wireSerializer } from '../src/server/wire-encoder';
 import { VmRegistry } from '../src/vm/registry';
-import { readState, readStateBytes, readStateBytesPerSection, readableSections } from '../src/vm/vcpu-state';
+import { readState, readStateBytes, readStateBytesPerSection, readStateBytesReused, readableSections } from '../src/vm/vcpu-state';
 import { cFloor, fatal, guestBin, knob, median, table } from './floors';
 
 const N = Number(knob('BENCH_N', '2000', 'getstate-stages: calls per batch (5 batches per stage)'));
@@ -76,7 +76,7 @@ export async function measureStages(): Promise<Stage[]> {
     const defs = vcpudPackageDefinition();
     const encodeBytes = getStateResponseEncoder(defs);
     const encodeObjects = wireSerializer(defs, 'vcpud.v1.GetStateResponse');
-    const bytesRead = readStateBytes(v, sctx, []);
+    const bytesRead = readStateBytesReused(v, sctx, []);
     const decodedRead = readState(v, sctx, []);
     const extras = { msrsUnreadable: bytesRead.msrsUnreadable };
 
@@ -89,8 +89,13 @@ export async function measureStages(): Promise<Stage[]> {
       { name: 'raw ioctls (C, 13 GET ioctls summed)', us: rawUs, note: 'bench/c/ioctl_floor, this run' },
       {
         name: 'read sections through the ffi, as kernel bytes',
+        us: cpuUsPerCall(() => readStateBytesReused(v, sctx, [])),
+        note: 'readStateBytesReused (GetState): one native call, buffers kept',
+      },
+      {
+        name: 'the same, plans and buffers made per call',
         us: cpuUsPerCall(() => readStateBytes(v, sctx, [])),
-        note: 'readStateBytes (GetState): one native call',
+        note: 'readStateBytes',
       },
       {
         name: 'the same, one native call per ioctl',
@@ -101,7 +106,7 @@ export async function measureStages(): Promise<Stage[]> {
       {
         name: 'encode the response from kernel bytes',
         us: cpuUsPerCall(() => encodeBytes(bytesRead.values, extras, false)),
-        note: 'convert/raw-state.ts (GetState)',
+        note: 'convert/raw-state.ts (GetState): one native run of a wire program',
       },
       {
         name: 'stateToProto + object wire encoder',
@@ -130,7 +135,7 @@ export async function measureStages(): Promise<Stage[]> {
     ];
     setIoctlObserver(observer);
     try {
-      const withObserver = cpuUsPerCall(() => readStateBytes(v, sctx, []));
+      const withObserver = cpuUsPerCall(() => readStateBytesReused(v, sctx, []));
       stages.push({ name: 'read as kernel bytes, ioctl observer installed', us: withObserver, note: 'as vcpud runs it' });
       const perCallWithObserver = cpuUsPerCall(() => readStateBytesPerSection(v, sctx, []));
       stages.push({ name: 'the same, one native call per ioctl', us: perCallWithObserver, note: 'before the batch' });
