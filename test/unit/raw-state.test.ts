@@ -116,6 +116,12 @@ describe('GetState response from kernel bytes', () => {
         expect(fromBytes({ msrs: S.SECTIONS.msrs.encode(msrs) }, extras, false).equals(expected)).toBe(true);
       }
     }
+    // One buffer refilled with other MSRs (as a caller reusing it might): written from what it now lists.
+    const reused = S.SECTIONS.msrs.encode(indices.map((index) => ({ index, data: 5n })));
+    fromBytes({ msrs: reused }, {}, false);
+    const other = indices.map((index, i) => ({ index: (index ^ (i % 2)) >>> 0, reserved: 0, data: BigInt(i) }));
+    S.SECTIONS.msrs.encode(other).copy(reused);
+    expect(fromBytes({ msrs: reused }, {}, false).equals(general({ state: stateToProto({ msrs: other }, {}), implicitlyPaused: false }))).toBe(true);
     const none = general({ state: stateToProto({ msrs: [] }, {}), implicitlyPaused: false });
     expect(fromBytes({ msrs: [] }, {}, false).equals(none)).toBe(true);
     expect(fromBytes({ msrs: S.SECTIONS.msrs.encode([]) }, {}, false).equals(none)).toBe(true);

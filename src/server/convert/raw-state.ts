@@ -338,23 +338,27 @@ function msrsEncoder(plan: MessagePlan): ValueEncode {
 /**
  * Msrs from the kvm_msrs bytes of a read that got every MSR asked for (so no unreadable_indices): a
  * program per buffer, each entry's index and data read at their offsets and its name a literal (the
- * indices are in the buffer before the read). Kept per buffer: GetState's reused read hands over the
- * same buffer, holding the same indices, each call.
+ * indices are in the buffer before the read). Kept per buffer, and used again while the buffer lists
+ * the same indices: GetState's reused read hands over the same buffer, holding the same indices, each call.
  */
 function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
   const f = msrsFields(plan);
   const indexOff = offsetOf(MSR_ENTRY_LAYOUT, 'index');
   const dataOff = offsetOf(MSR_ENTRY_LAYOUT, 'data');
-  const programs = new WeakMap<Buffer, Uint32Array>();
+  const indexAt = (i: number) => MSRS_HEADER_SIZE + i * MSR_ENTRY_SIZE + indexOff;
+  const programs = new WeakMap<Buffer, { program: Uint32Array; indices: number[] }>();
+  /** The buffer still lists the indices its program was written for (a caller may refill it). */
+  const lists = (b: Buffer, indices: number[]) => b.readUInt32LE(0) === indices.length && indices.every((x, i) => b.readUInt32LE(indexAt(i)) === x);
   return (b) => {
-    const cached = programs.get(b);
-    if (cached) return cached;
     const n = b.length >= MSRS_HEADER_SIZE ? b.readUInt32LE(0) : -1;
     if (n < 0 || b.length < msrsSize(n)) throw new Error(`raw state encoder: msrs is ${b.length} bytes, which does not hold what it describes`);
+    const cached = programs.get(b);
+    if (cached && lists(b, cached.indices)) return cached.program;
+    const indices = Array.from({ length: n }, (_, i) => b.readUInt32LE(indexAt(i)));
     const p = new WireProgramBuilder();
-    for (let i = 0; i < n; i++) {
+    indices.forEach((index, i) => {
       const at = MSRS_HEADER_SIZE + i * MSR_ENTRY_SIZE;
-      const name = MSR_NAME_BYTES.get(b.readUInt32LE(at + indexOff)) ?? NO_NAME;
+      const name = MSR_NAME_BYTES.get(index) ?? NO_NAME;
       tag(p, f.entries);
       p.delimited(() => {
         tag(p, f.index);
@@ -364,9 +368,9 @@ function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
         tag(p, f.name);
         p.literal(Buffer.concat([varintBytes(name.length), name]));
       });
-    }
+    });
     const program = p.build();
-    programs.set(b, program);
+    programs.set(b, { program, indices });
     return program;
   };
 }
