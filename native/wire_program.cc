@@ -44,7 +44,7 @@ class Runner {
   }
 
  private:
-  [[noreturn]] void Fault(const std::string& what, size_t at) { throw ProgramFault{what + " (program word " + std::to_string(at) + ")"}; }
+  [[noreturn]] __attribute__((noinline, cold)) void Fault(const std::string& what, size_t at) { throw ProgramFault{what + " (program word " + std::to_string(at) + ")"}; }
 
   void Select(uint32_t k, size_t at) {
     if (k >= inputs_.size()) Fault("INPUT " + std::to_string(k) + " of " + std::to_string(inputs_.size()) + " inputs", at);
@@ -57,7 +57,7 @@ class Runner {
     return prog_[pc];
   }
 
-  const uint8_t* In(size_t base, uint32_t off, size_t len, size_t pc) {
+  __attribute__((always_inline)) const uint8_t* In(size_t base, uint32_t off, size_t len, size_t pc) {
     size_t at = base + off;
     if (at < base || at > in_len_ || len > in_len_ - at)
       Fault("read of " + std::to_string(len) + " bytes at input offset " + std::to_string(at) + " past its " + std::to_string(in_len_) + " bytes", pc);
@@ -108,13 +108,21 @@ class Runner {
   void Block(size_t pc, size_t end, size_t base, int depth0, bool in_loop) {
     while (pc < end) {
       size_t at = pc;
-      switch (prog_[pc++]) {
+      uint32_t word = prog_[pc++];
+      uint32_t op = word & kOpMask;
+      // A field's tag folded into the op that writes its value (or begins its body): one dispatch per field.
+      if (uint32_t tag = word >> kTagShift) {
+        if (op == kLIT || op == kEND || op == kLOOP || op == kINPUT) Fault("op " + std::to_string(op) + " takes no tag", at);
+        Varint(tag);
+      }
+      switch (op) {
         case kLIT: {
           uint32_t n = Word(pc++, end);
           size_t w = (static_cast<size_t>(n) + 3) / 4;
           if (w > end - pc) Fault("LIT longer than the program", at);
           Room(n);
-          memcpy(out_ + pos_, prog_ + pc, n);
+          const uint8_t* lit = reinterpret_cast<const uint8_t*>(prog_ + pc);
+          for (uint32_t i = 0; i < n; i++) out_[pos_ + i] = lit[i];  // a few bytes: no memcpy call
           pos_ += n;
           pc += w;
           break;
@@ -178,7 +186,7 @@ class Runner {
           break;
         }
         default:
-          Fault("unknown op " + std::to_string(prog_[at]), at);
+          Fault("unknown op " + std::to_string(op), at);
       }
     }
     if (depth_ != depth0) Fault("BEGIN without END", end);
@@ -230,6 +238,7 @@ Napi::Object Ops(Napi::Env env) {
 #define VCPUD_WIRE_EXPORT(name, code) o.Set(#name, Napi::Number::New(env, code));
   VCPUD_WIRE_OPS(VCPUD_WIRE_EXPORT)
 #undef VCPUD_WIRE_EXPORT
+  o.Set("TAG_SHIFT", Napi::Number::New(env, kTagShift));
   return o;
 }
 

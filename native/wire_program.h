@@ -5,10 +5,15 @@
 #pragma once
 #include <napi.h>
 
+#include <cstdint>
+
 namespace vcpud {
 
-// Op codes, exported to JS as `wireOps` so the compiler and this interpreter share one table. Offsets are
-// bytes from the current base (the input's start, or the element a loop is at); every read is bounds-checked.
+// Op codes, exported to JS as `wireOps` so the compiler and this interpreter share one table. An op word
+// holds its code in the low 8 bits and, for the ops that write a value or begin a body, may hold a field
+// tag above them (kTagShift, exported as wireOps.TAG_SHIFT) that is written first; 0 means none. Offsets
+// are bytes from the current base (the input's start, or the element a loop is at); every read is
+// bounds-checked.
 //   LIT n, ceil(n/4) words        n literal bytes (tags, constant strings), packed little-endian
 //   U8/U16/U32 off                 the unsigned integer at off, as a varint
 //   BOOL off                       1 when the byte at off is non-zero, else 0
@@ -38,6 +43,9 @@ namespace vcpud {
 //   Runs `program` over `inputs` (input 0 first), writing from out[pos]; returns the position after the last byte written,
 //   or -1 when `out` is too small (the caller grows it and runs the program again). A malformed program or
 //   a read past the input's end throws RangeError naming the op and the offset.
+constexpr uint32_t kTagShift = 8;
+constexpr uint32_t kOpMask = (1u << kTagShift) - 1;
+
 void RegisterWireProgram(Napi::Env env, Napi::Object exports);
 
 }  // namespace vcpud

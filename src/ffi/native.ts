@@ -286,8 +286,8 @@ export interface Native extends SyncAndAsync, AsyncTwins {
    * the input's end or a malformed program.
    */
   encodeWire(program: Uint32Array, inputs: Buffer[], out: Buffer, pos: number): number;
-  /** The op codes of encodeWire's programs. */
-  wireOps: Record<WireOp, number>;
+  /** The op codes of encodeWire's programs, and where a folded field tag starts in an op word. */
+  wireOps: Record<WireOp | 'TAG_SHIFT', number>;
 }
 
 // A .node addon loads only through require (there is no ES import for it).

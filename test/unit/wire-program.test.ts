@@ -66,6 +66,33 @@ describe('wire programs (native encodeWire)', () => {
     expect(run(p, [input])).toEqual(expected);
   });
 
+  it('writes a field tag folded into the op after it, and a tag no op can take as a literal', () => {
+    const input = Buffer.from([5, 0, 0, 0]);
+    const p = new WireProgramBuilder();
+    p.tag(0x08);
+    p.value('U32', 0);
+    p.tag(0x0100_0012); // above what an op word holds
+    p.bytes(0, 2);
+    p.tag(0x1a);
+    p.delimited(() => p.value('U8', 0));
+    p.tag(0x20); // followed by no value: written as it is
+    const program = p.build();
+    expect(program[0] >>> native.wireOps.TAG_SHIFT).toBe(0x08);
+    const expected = written((w) => {
+      w.varint32(0x08);
+      w.varint32(5);
+      w.varint32(0x0100_0012);
+      w.bytesFrom(input, 0, 2);
+      w.varint32(0x1a);
+      const at = w.begin();
+      w.varint32(5);
+      w.end(at);
+      w.varint32(0x20);
+    });
+    const out = Buffer.alloc(64);
+    expect(out.subarray(0, runWireProgram(program, [input], out, 0))).toEqual(expected);
+  });
+
   it('loops over a counted array, capped at its maximum, and switches inputs', () => {
     // A count of 5 at offset 0, elements of 4 bytes from offset 4; the second input is one u32.
     const a = Buffer.alloc(4 + 5 * 4);
@@ -120,7 +147,8 @@ describe('wire programs (native encodeWire)', () => {
     expect(raw([ops.U32])).toThrow(/op truncated/);
     expect(raw([ops.LIT, 100])).toThrow(/LIT longer than the program/);
     expect(raw([ops.LOOP, 0, 1, 0, 0, 50])).toThrow(/LOOP body longer than the program/);
-    expect(raw([999])).toThrow(/unknown op 999/);
+    expect(raw([999 & 0xff])).toThrow(/unknown op 231/);
+    expect(raw([ops.LIT | (0x08 << ops.TAG_SHIFT), 0])).toThrow(/takes no tag/);
     expect(raw(Array.from({ length: 17 }, () => ops.BEGIN))).toThrow(/nested deeper than 16/);
   });
 });

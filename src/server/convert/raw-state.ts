@@ -47,7 +47,7 @@ import {
   type SectionName,
 } from '../../ffi/sections';
 import type { BytesReadResult } from '../../vm/vcpu-state';
-import { runWireProgram, WireProgramBuilder } from '../../ffi/wire-program';
+import { runWireProgram, varintBytes, WireProgramBuilder } from '../../ffi/wire-program';
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
 import { fieldTag, isPacked, messageEncoders, Writer, type Encode, type FieldPlan, type MessagePlan } from '../wire-encoder';
 import type { Fields, Kind } from './schema';
@@ -161,16 +161,9 @@ function mismatch(where: string, what: string): never {
   throw new Error(`raw state encoder: ${where}: ${what}`);
 }
 
-function varintBytes(v: number): Uint8Array {
-  const bytes: number[] = [];
-  for (; v > 0x7f; v >>>= 7) bytes.push((v & 0x7f) | 0x80);
-  bytes.push(v);
-  return Uint8Array.from(bytes);
-}
-
-/** A field's tag as the literal bytes a program writes. */
+/** A field's tag, written before its value or body. */
 function tag(p: WireProgramBuilder, f: FieldPlan): void {
-  p.literal(varintBytes(fieldTag(f)));
+  p.tag(fieldTag(f));
 }
 
 const UINT_OPS = { u8: 'U8', u16: 'U16', u32: 'U32' } as const;
@@ -365,8 +358,7 @@ function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
         p.value('U32', at + indexOff);
         tag(p, f.data);
         p.value('U64', at + dataOff);
-        tag(p, f.name);
-        p.literal(Buffer.concat([varintBytes(name.length), name]));
+        p.literal(Buffer.concat([varintBytes(fieldTag(f.name)), varintBytes(name.length), name]));
       });
     });
     const program = p.build();
@@ -425,8 +417,8 @@ export function getStateResponseEncoder(
     tag(p, stateField);
     p.delimited(() =>
       parts.forEach(([s, body], input) => {
-        tag(p, s.tag);
         p.input(input);
+        tag(p, s.tag);
         if (body) p.delimited(() => p.splice(body));
         else p.bytes(0);
       }),
