@@ -168,6 +168,15 @@ class Runner {
           if (in_loop) Fault("INPUT inside a loop", at);
           Select(Word(pc++, end), at);
           break;
+        case kMAP: {
+          uint32_t v = Load<uint32_t>(base, Word(pc++, end), at);
+          uint32_t n = Word(pc++, end);
+          uint32_t fallback = Word(pc++, end);
+          if (n > end - pc) Fault("MAP table longer than the program", at);
+          Varint(v < n ? prog_[pc + v] : fallback);
+          pc += n;
+          break;
+        }
         case kLOOP: {
           uint32_t count_off = Word(pc++, end);
           uint32_t max = Word(pc++, end);

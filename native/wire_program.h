@@ -21,6 +21,8 @@ namespace vcpud {
 //   BYTES off len                  len, then len bytes from off (a bytes field's length and contents)
 //   REST off                       the same for every byte from off to the input's end
 //   BEGIN / END                    a length-delimited body between them (nested messages, packed lists)
+//   MAP off n default t0..tn-1     the u32 v at off mapped: t[v] when v < n, else default, as a varint
+//                                  (a proto enum's number from a kernel value)
 //   INPUT k                        reads from input k from here on, its base at its start
 //   LOOP count_off max off stride body_words
 //                                  the next body_words words, once per element: min(u32 at count_off, max)
@@ -37,7 +39,8 @@ namespace vcpud {
   X(BEGIN, 9)             \
   X(END, 10)              \
   X(LOOP, 11)             \
-  X(INPUT, 12)
+  X(INPUT, 12)            \
+  X(MAP, 13)
 
 // encodeWire(program: Uint32Array, inputs: Buffer[], out: Buffer, pos: number) -> number
 //   Runs `program` over `inputs` (input 0 first), writing from out[pos]; returns the position after the last byte written,

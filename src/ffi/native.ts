@@ -13,7 +13,7 @@ type BufferIoctl = (fd: Fd, buf: Buffer) => void;
 type CountIoctl = (fd: Fd, buf: Buffer) => number;
 
 /** native/wire_program.h's ops. */
-export type WireOp = 'LIT' | 'U8' | 'U16' | 'U32' | 'BOOL' | 'U64' | 'BYTES' | 'REST' | 'BEGIN' | 'END' | 'LOOP' | 'INPUT';
+export type WireOp = 'LIT' | 'U8' | 'U16' | 'U32' | 'BOOL' | 'U64' | 'BYTES' | 'REST' | 'BEGIN' | 'END' | 'LOOP' | 'INPUT' | 'MAP';
 
 export interface NativeGuestMemory {
   readonly size: number;

@@ -41,6 +41,12 @@ export class WireProgramBuilder {
     this.op(OPS[op], off);
   }
 
+  /** A varint of table[v] for the u32 v at `off`, `fallback` when v is past the table (a proto enum from a kernel value). */
+  mapped(off: number, table: readonly number[], fallback: number): void {
+    if ([...table, fallback].some((x) => !Number.isInteger(x) || x < 0 || x > 0xffffffff)) throw new RangeError('wire program: MAP values must be u32');
+    this.op(OPS.MAP, off, table.length, fallback, ...table);
+  }
+
   /** A bytes field's length and contents: `len` bytes at `off`, or (len undefined) every byte from `off` on. */
   bytes(off: number, len?: number): void {
     if (len === undefined) this.op(OPS.REST, off);

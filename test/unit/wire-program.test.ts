@@ -93,6 +93,19 @@ describe('wire programs (native encodeWire)', () => {
     expect(out.subarray(0, runWireProgram(program, [input], out, 0))).toEqual(expected);
   });
 
+  it('maps a u32 through a table, past its end to the fallback', () => {
+    const input = Buffer.alloc(12);
+    for (const [i, v] of [1, 3, 200].entries()) input.writeUInt32LE(v, 4 * i);
+    const p = new WireProgramBuilder();
+    for (const off of [0, 4, 8]) p.mapped(off, [7, 8, 300], 0);
+    expect(run(p, [input])).toEqual(
+      written((w) => {
+        for (const v of [8, 0, 0]) w.varint32(v);
+      }),
+    );
+    expect(() => new WireProgramBuilder().mapped(0, [-1], 0)).toThrow(/MAP values must be u32/);
+  });
+
   it('loops over a counted array, capped at its maximum, and switches inputs', () => {
     // A count of 5 at offset 0, elements of 4 bytes from offset 4; the second input is one u32.
     const a = Buffer.alloc(4 + 5 * 4);
@@ -147,6 +160,7 @@ describe('wire programs (native encodeWire)', () => {
     expect(raw([ops.U32])).toThrow(/op truncated/);
     expect(raw([ops.LIT, 100])).toThrow(/LIT longer than the program/);
     expect(raw([ops.LOOP, 0, 1, 0, 0, 50])).toThrow(/LOOP body longer than the program/);
+    expect(raw([ops.MAP, 0, 5, 0, 1])).toThrow(/MAP table longer than the program/);
     expect(raw([999 & 0xff])).toThrow(/unknown op 231/);
     expect(raw([ops.LIT | (0x08 << ops.TAG_SHIFT), 0])).toThrow(/takes no tag/);
     expect(raw(Array.from({ length: 17 }, () => ops.BEGIN))).toThrow(/nested deeper than 16/);

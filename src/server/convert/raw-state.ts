@@ -8,9 +8,10 @@
  * (src/ffi/wire-program.ts, run by native/wire_program.cc) compiled once per section from the same tables
  * the general path uses: the ffi layouts (src/ffi/sections: offsets, C types) joined with the converters'
  * field tables (convert/state.ts: which field goes to which proto key, as which kind) and the proto
- * descriptors (wire-encoder.ts: field numbers, order). The whole state message is one native run over the
- * sections' buffers; the few sections read as values (msrs, mp_state, tsc_khz) are encoded here first
- * (msrs by msrsEncoder) and copied in. The bytes are those the general path writes
+ * descriptors (wire-encoder.ts: field numbers, order). msrs come as the kernel's kvm_msrs, and mp_state
+ * and tsc_khz, read as numbers, as a 4-byte input each. The whole state message is one native run over
+ * the sections' inputs; a section given as decoded values (msrs with refused indices, callers without
+ * bytes) is encoded here first and copied in. The bytes are those the general path writes
  * (test/unit/raw-state.test.ts compares both over fuzzed kernel bytes).
  */
 import type { PackageDefinition } from '@grpc/proto-loader';
@@ -51,7 +52,7 @@ import { runWireProgram, varintBytes, WireProgramBuilder } from '../../ffi/wire-
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
 import { fieldTag, isPacked, messageEncoders, Writer, type Encode, type FieldPlan, type MessagePlan } from '../wire-encoder';
 import type { Fields, Kind } from './schema';
-import { FIELD_TABLES as T, sectionMessage, type StateExtras } from './state';
+import { FIELD_TABLES as T, MP_STATE_NAMES, MP_STATE_PREFIX, sectionMessage, type StateExtras } from './state';
 
 /** Where a proto field's value lies in a section's bytes. Offsets are from the start of the enclosing message's struct. */
 type Source =
@@ -268,6 +269,9 @@ interface SectionPlan {
   object: Encode;
   /** The body's program for a section's bytes (checked to hold what they describe). */
   program?: (b: Buffer) => Uint32Array;
+  /** A number section's program, and the number of its value (undefined for a value of another shape). */
+  numberProgram?: Uint32Array;
+  numberOf?: (v: unknown) => number | undefined;
   value?: ValueEncode;
 }
 
@@ -368,6 +372,41 @@ function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
 }
 
 /**
+ * mp_state and tsc_khz, which reads give as numbers: a program over a 4-byte input holding the number,
+ * writing what their converters' objects give (mp_state: the MpState named like the KVM value, UNSPECIFIED
+ * for a value without a name, then the value itself; tsc_khz: the kHz).
+ */
+type NumberSection = 'mp_state' | 'tsc_khz';
+const NUMBER_SECTIONS: { readonly [S in NumberSection]: (v: unknown) => number | undefined } = {
+  mp_state: (v) =>
+    typeof v === 'object' && v !== null && typeof (v as { mpState?: unknown }).mpState === 'number' ? (v as { mpState: number }).mpState : undefined,
+  tsc_khz: (v) => (typeof v === 'number' ? v : undefined),
+};
+const isNumberSection = (s: SectionName): s is NumberSection => s in NUMBER_SECTIONS;
+
+function numberSectionProgram(section: NumberSection, plan: MessagePlan): Uint32Array {
+  const p = new WireProgramBuilder();
+  for (const f of plan) {
+    tag(p, f);
+    if (f.kind === 'uint32' && (f.key === 'khz' || f.key === 'kvmValue')) p.value('U32', 0);
+    else if (section === 'mp_state' && f.key === 'value' && f.kind === 'enum') p.mapped(0, ...mpStateTable(f));
+    else mismatch(section, `no source for ${f.key}`);
+  }
+  return p.build();
+}
+
+/** MpState's number for each KVM value up to the largest named one, and UNSPECIFIED's for the rest. */
+function mpStateTable(f: FieldPlan): [number[], number] {
+  const number = (name: string) => f.enumValues?.get(MP_STATE_PREFIX + name) ?? mismatch('mp_state', `MpState has no ${MP_STATE_PREFIX}${name}`);
+  const unspecified = number('UNSPECIFIED');
+  const table = Array.from({ length: Math.max(...MP_STATE_NAMES.keys()) + 1 }, (_, k) => {
+    const name = MP_STATE_NAMES.get(k);
+    return name === undefined ? unspecified : number(name);
+  });
+  return [table, unspecified];
+}
+
+/**
  * The bytes a section's buffer must hold: its struct's size exactly, or for a list (cpuid2) at least its
  * header and the entries its count names. A buffer that does not fit is refused, not misread.
  */
@@ -408,7 +447,8 @@ export function getStateResponseEncoder(
         return compiled;
       };
     } else if (name === 'msrs') program = msrsProgramCompiler(f.message!);
-    return { name, tag: f, object: enc.encoder(f.typeName), program, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
+    const numbers = isNumberSection(name) ? { numberProgram: numberSectionProgram(name, f.message!), numberOf: NUMBER_SECTIONS[name] } : {};
+    return { name, tag: f, object: enc.encoder(f.typeName), program, ...numbers, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
   });
 
   /** The state field's program over one call's inputs: per present section its body's program, or (null) its body as encoded here. */
@@ -437,6 +477,8 @@ export function getStateResponseEncoder(
 
   const w = new Writer(16 * 1024);
   const bodies = new Writer(4 * 1024);
+  // A number section's input, one per section (reused: a program has run before the next call writes it).
+  const numberInputs = sections.map(() => Buffer.alloc(4));
   return (values, extras, implicitlyPaused) => {
     const inputs: Buffer[] = [];
     const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
@@ -453,6 +495,15 @@ export function getStateResponseEncoder(
         inputs.push(v);
         parts.push([s, body]);
         key += `${i}:${numberOf(body)},`;
+        continue;
+      }
+      const n = s.numberOf?.(v);
+      if (n !== undefined && Number.isInteger(n) && n >= 0 && n <= 0xffffffff) {
+        const input = numberInputs[i];
+        input.writeUInt32LE(n, 0);
+        inputs.push(input);
+        parts.push([s, s.numberProgram!]);
+        key += `${i}#,`;
         continue;
       }
       // A view of the bodies' buffer: when it grows, earlier views keep the buffer they were cut from.

@@ -227,8 +227,9 @@ function rawSection(name: 'xsave' | 'lapic', info: Fields, inspect: (buf: Buffer
   };
 }
 
-const MP_STATE_PREFIX = 'MP_STATE_';
-const MP_STATE_NAMES = new Map(Object.entries(KVM_MP_STATE).map(([name, value]) => [value as number, name]));
+/** MpState's names are KVM_MP_STATE_*'s with this prefix; NAMES: the name of each KVM value. */
+export const MP_STATE_PREFIX = 'MP_STATE_';
+export const MP_STATE_NAMES = new Map(Object.entries(KVM_MP_STATE).map(([name, value]) => [value as number, name]));
 
 /** The KVM value of a named MpState; undefined for MP_STATE_UNSPECIFIED. Enum number n is KVM value n - 1. */
 function mpStateValue(value: unknown, c: Checker, field: string): number | undefined {
