@@ -50,7 +50,7 @@ const CHUNK = 8 * MiB;
 const VCPUD_NODE_ARGS = (process.env.BENCH_MIGRATION_NODE_ARGS ?? '').split(' ').filter(Boolean);
 
 const now = () => Number(process.hrtime.bigint()) / 1e6;
-const ms = (d: { seconds: string; nanos: number } | undefined) => (d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : 0);
+export const ms = (d: { seconds: string; nanos: number } | undefined) => (d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : 0);
 
 // ---------------------------------------------------------------------------------------------
 // Floors: the same bytes between two Node processes
@@ -143,7 +143,7 @@ const modeCpu = (m: IntoMemoryMode): SideCpu => ({ sendMs: m.sendMsPerGiB, recei
 // ---------------------------------------------------------------------------------------------
 // Migrations
 
-async function randomVm(vms: Client, size: number): Promise<string> {
+export async function randomVm(vms: Client, size: number): Promise<string> {
   const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(size), vcpuCount: 1, name: 'bench' });
   const chunk = crypto.randomBytes(16 * MiB);
   for (let gpa = FILL_FROM; gpa < size; gpa += chunk.length)
@@ -170,7 +170,7 @@ async function migrateMeasured(from: VcpudProcess, to: VcpudProcess, req: object
   return { ...moved, cpu: { sendMs, receiveMs } };
 }
 
-function migrate(snap: Client, req: object): Promise<Moved> {
+export function migrate(snap: Client, req: object): Promise<Moved> {
   return new Promise((resolve, reject) => {
     let pass1 = 0;
     let done: Record<string, any> | undefined;
@@ -192,7 +192,7 @@ async function tscKhz(state: Client, vmId: string): Promise<number> {
 }
 
 /** Loads dirty64 into the VM, sets it to dirty DIRTY_RATE, runs it, and lets it settle 500 ms. */
-async function runDirty64(d: VcpudProcess, vmId: string): Promise<void> {
+export async function runDirty64(d: VcpudProcess, vmId: string): Promise<void> {
   const vms = d.client('VmService');
   await call(vms, 'LoadProgram', { vmId, image: fs.readFileSync(guestBin('dirty64')), loadAddress: String(GUEST_ABI.loadAddress) });
   const khz = await tscKhz(d.client('VcpuStateService'), vmId);
@@ -216,7 +216,7 @@ function phases(d: Record<string, any>): string {
 }
 
 /** "N passes, downtime X ms = last pass + state + restore + resume". */
-function downtimeParts(d: Record<string, any>): string {
+export function downtimeParts(d: Record<string, any>): string {
   return `${d.passes} passes, downtime ${ms(d.downtime).toFixed(1)} ms = last pass ${ms(d.downtimeLastPass).toFixed(1)} + state ${ms(d.downtimeState).toFixed(1)} + restore ${ms(d.downtimeRestore).toFixed(1)} + resume ${ms(d.downtimeResume).toFixed(1)}`;
 }
 

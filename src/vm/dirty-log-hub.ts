@@ -10,6 +10,7 @@
  */
 import { dirtyBitmapBytes } from '../ffi/dirty-log';
 import type { Vm } from '../ffi/vm';
+import { bitmapWords } from './snapshot-format';
 
 const hubs = new WeakMap<Vm, DirtyLogHub>();
 
@@ -17,6 +18,12 @@ export class DirtyLogHub {
   private readonly consumers = new Set<DirtyConsumer>();
   /** Harvests run one at a time (KVM_GET_DIRTY_LOG per slot, then the written pages). */
   private harvesting: Promise<void> = Promise.resolve();
+  /**
+   * Per region, the buffer each harvest reads KVM's log into (harvests run one at a time): a fresh
+   * one per harvest cost up to 0.5 ms at 4 GiB inside the migration's paused window (a 128 KiB
+   * buffer is mapped anew and faulted in page by page).
+   */
+  private scratch?: Buffer[];
 
   private constructor(private readonly vm: Vm) {}
 
@@ -56,7 +63,8 @@ export class DirtyLogHub {
       if (!this.consumers.size) return;
       for (let i = 0; i < this.vm.regions.length; i++) {
         const region = this.vm.regions[i];
-        const bits = Buffer.alloc(dirtyBitmapBytes(region.size));
+        this.scratch ??= this.vm.regions.map((r) => Buffer.alloc(dirtyBitmapBytes(r.size)));
+        const bits = this.scratch[i].fill(0);
         await this.vm.harvestDirtyLog(region.slot, bits);
         region.memory.takeWrittenPages(bits); // ORs vcpud's own writes in
         for (const c of this.consumers) orInto(c.pending[i], bits);
@@ -91,10 +99,12 @@ export class DirtyConsumer {
   /** Pages dirtied since the previous take (plus merged-back bits), one fresh bitmap per region. */
   async take(): Promise<Buffer[]> {
     await this.hub.harvest();
-    return this.pending.map((p) => {
-      const out = Buffer.from(p);
-      p.fill(0);
-      return out;
+    // Handed over whole, a zeroed buffer in its place: copying a 4 GiB guest's 128 KiB bitmap into
+    // a fresh buffer faults all of it in (0.1-0.5 ms while the migration is paused); a fresh zeroed
+    // one is only faulted in where later harvests set bits.
+    return this.pending.map((p, i) => {
+      this.pending[i] = Buffer.alloc(p.length);
+      return p;
     });
   }
 
@@ -108,7 +118,15 @@ export class DirtyConsumer {
   }
 }
 
+/** ORs `from` into `into` (their common length); zero words of `from` are skipped, so only words with bits are written. */
 export function orInto(into: Buffer, from: Buffer): void {
   const n = Math.min(into.length, from.length);
-  for (let i = 0; i < n; i++) into[i] |= from[i];
+  let i = 0;
+  const a = bitmapWords(into.subarray(0, n));
+  const b = bitmapWords(from.subarray(0, n));
+  if (a && b) {
+    for (let w = 0; w < b.length; w++) if (b[w]) a[w] |= b[w];
+    i = b.length * 4;
+  }
+  for (; i < n; i++) into[i] |= from[i];
 }

@@ -326,11 +326,33 @@ export function decodeNamed(payload: Buffer): { name: string; data: Buffer } {
 
 export const bitmapBytes = (pages: number): number => Math.ceil(pages / 8);
 
-/** Set bits among the first `pages` of a bitmap (bit i = page i); a byte at a time, a set bit at a time. */
+/**
+ * A bitmap's whole 32-bit words as a view (bitmaps from Buffer.alloc start aligned), or undefined
+ * when it does not start on a 4-byte boundary. Dirty bitmaps of big guests are scanned a word at a
+ * time, skipping zero words: a byte loop over a 4 GiB guest's 128 KiB bitmap took 0.2-0.4 ms
+ * warm (and milliseconds cold) inside the migration's paused window.
+ */
+export function bitmapWords(bitmap: Buffer): Uint32Array | undefined {
+  return bitmap.byteOffset % 4 ? undefined : new Uint32Array(bitmap.buffer, bitmap.byteOffset, bitmap.length >> 2);
+}
+
+function popcount32(x: number): number {
+  x -= (x >>> 1) & 0x55555555;
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  return Math.imul((x + (x >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24;
+}
+
+/** Set bits among the first `pages` of a bitmap (bit i = page i); zero words skipped. */
 export function countBits(bitmap: Buffer, pages: number): number {
   let n = 0;
+  let i = 0;
   const whole = pages >> 3;
-  for (let i = 0; i < whole; i++) for (let x = bitmap[i]; x; x &= x - 1) n++;
+  const words = bitmapWords(bitmap.subarray(0, whole));
+  if (words) {
+    for (let w = 0; w < words.length; w++) if (words[w]) n += popcount32(words[w]);
+    i = words.length * 4;
+  }
+  for (; i < whole; i++) for (let x = bitmap[i]; x; x &= x - 1) n++;
   if (pages & 7) for (let x = bitmap[whole] & ((1 << (pages & 7)) - 1); x; x &= x - 1) n++;
   return n;
 }
