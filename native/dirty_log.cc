@@ -11,8 +11,6 @@ namespace vcpud {
 
 namespace {
 
-constexpr uint64_t kPage = 4096;
-
 // Bytes of a bitmap covering `pages` pages as the kernel accesses it (whole u64 words).
 uint64_t KernelBitmapBytes(uint64_t pages) { return (pages + 63) / 64 * 8; }
 
@@ -44,7 +42,7 @@ Call GetDirtyLog(const Napi::CallbackInfo& info) {
   int fd = FdArg(info, 0, name);
   uint32_t slot = static_cast<uint32_t>(U64Arg(info, 1, name, "slot"));
   GuestMemory* mem = GuestMemory::FromArg(info, 2, name);
-  Napi::Buffer<uint8_t> bitmap = SlotBitmapArg(info, 3, name, mem->Size() / kPage);
+  Napi::Buffer<uint8_t> bitmap = SlotBitmapArg(info, 3, name, mem->Size() / kPageSize);
   Napi::Buffer<uint8_t> st = Napi::Buffer<uint8_t>::New(info.Env(), KSIZE(kvm_dirty_log));
   auto* log = reinterpret_cast<kvm_dirty_log*>(st.Data());
   *log = {};
@@ -60,7 +58,7 @@ Call ClearDirtyLog(const Napi::CallbackInfo& info) {
   GuestMemory* mem = GuestMemory::FromArg(info, 2, name);
   uint64_t first = U64Arg(info, 3, name, "firstPage");
   uint64_t num = U64Arg(info, 4, name, "numPages");
-  uint64_t pages = mem->Size() / kPage;
+  uint64_t pages = mem->Size() / kPageSize;
   if (first > pages || num > pages - first || num > UINT32_MAX)
     throw Napi::RangeError::New(info.Env(), std::string(name) + ": pages [" + std::to_string(first) + ", +" +
                                                 std::to_string(num) + ") are outside the slot's " +
