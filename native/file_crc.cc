@@ -13,13 +13,13 @@
 #include <vector>
 
 #include "errors.h"
+#include "guest_memory.h"
 #include "ioctl_call.h"
 #include "memory_guard.h"
 
 namespace vcpud {
 namespace {
 
-constexpr uint64_t kPageBytes = 4096;
 constexpr uint64_t kMaxThreads = 8;
 
 class FileCrcTask : public Napi::AsyncWorker {
@@ -41,7 +41,7 @@ class FileCrcTask : public Napi::AsyncWorker {
       hi = std::max(hi, ranges_[2 * i] + ranges_[2 * i + 1]);
       total += ranges_[2 * i + 1];
     }
-    lo -= lo % kPageBytes;
+    lo -= lo % kPageSize;  // mmap's offset is page-aligned
     size_t span = hi - lo;
     void* p = mmap(nullptr, span, PROT_READ, MAP_SHARED, fd_, static_cast<off_t>(lo));
     if (p == MAP_FAILED) {
