@@ -6,21 +6,16 @@
  * the destination registry is empty; after a cut right behind the COMMIT, the destination has the VM
  * (the engine asks it) and the source copy is gone.
  */
-import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { probeCapabilities, type HostCapabilities } from '../../src/ffi/capabilities';
-import { Kvm } from '../../src/ffi/kvm';
 import { PAGE_FRAME_FORMAT } from '../../src/ffi/page-frames';
-import { serveDataConnection } from '../../src/server/services/migration-service';
 import type { ManagedVm } from '../../src/vm/managed-vm';
-import { IncomingMigration } from '../../src/vm/migration/incoming';
+import type { IncomingMigration } from '../../src/vm/migration/incoming';
 import { migrateVm, type DestinationControl } from '../../src/vm/migration/outgoing';
 import { EnvelopeType } from '../../src/vm/migration/protocol';
-import { VmRegistry } from '../../src/vm/registry';
 import { DIRTY64, dirty64Control } from '../guests/guests';
-import { describeKvm, testMemorySource } from '../support/kvm';
+import { inProcessMigration, type InProcessMigration } from '../support/in-process-migration';
+import { describeKvm } from '../support/kvm';
 import { loadGuest, waitUntil } from '../support/runtime';
 
 const MiB = 1 << 20;
@@ -36,11 +31,9 @@ type Fault = { kind: 'none' } | { kind: 'flip'; atByte: number } | { kind: 'cut'
  * bare page frames up to the end frame) and cuts both
  * directions right after forwarding COMMIT, so the destination commits and its answer is lost.
  */
-const sockets = new Set<net.Socket>();
-const servers = new Set<net.Server>();
-
-async function faultyProxy(dir: string, target: string, fault: Fault): Promise<{ path: string; close(): void }> {
-  const at = path.join(dir, `proxy-${Math.random().toString(16).slice(2)}.sock`);
+async function faultyProxy(m: InProcessMigration, target: string, fault: Fault): Promise<{ path: string; close(): void }> {
+  const { sockets, servers } = m;
+  const at = path.join(m.dir, `proxy-${Math.random().toString(16).slice(2)}.sock`);
   const server = net.createServer((client) => {
     const upstream = net.connect({ path: target });
     sockets.add(client).add(upstream);
@@ -107,33 +100,10 @@ async function faultyProxy(dir: string, target: string, fault: Fault): Promise<{
 }
 
 describeKvm('live migration faults on the data plane (real KVM, in process)', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-mig-faults-'));
-  let kvm: Kvm;
-  let caps: HostCapabilities;
-  let source: VmRegistry;
-  let dest: VmRegistry;
-  const memorySource = testMemorySource();
-
-  beforeAll(() => {
-    kvm = Kvm.open();
-    caps = probeCapabilities(kvm);
-    const limits = { maxVms: 2, maxVcpusPerVm: 1, maxMemoryPerVmBytes: MEMORY, maxMemoryTotalBytes: 2 * MEMORY };
-    source = new VmRegistry(kvm, limits, memorySource);
-    dest = new VmRegistry(kvm, limits, memorySource);
-  });
-  afterEach(() => {
-    source.destroyAll();
-    dest.destroyAll();
-    for (const s of sockets) s.destroy();
-    for (const s of servers) s.close();
-  });
-  afterAll(() => {
-    kvm.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const m = inProcessMigration(MEMORY, STALL_MS);
 
   async function runningGuest(): Promise<ManagedVm> {
-    const vm = source.create({ memoryBytes: MEMORY, vcpuCount: 1 });
+    const vm = m.source.create({ memoryBytes: MEMORY, vcpuCount: 1 });
     // Random memory so that pass 1 carries data the proxy can damage.
     for (let gpa = 8 * MiB; gpa < MEMORY; gpa += MiB) vm.writeMemory(gpa, Buffer.alloc(MiB, gpa / MiB));
     await loadGuest(vm, 'dirty64');
@@ -149,24 +119,13 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
     const control: DestinationControl & { incoming?: IncomingMigration } = {
       name: 'the in-process destination',
       async prepare(header) {
-        const m = await IncomingMigration.prepare(dest, caps, header, { stallMs: STALL_MS, checkLimits: () => {} });
-        control.incoming = m;
-        const sock = path.join(dir, `dst-${m.id}.sock`);
-        const server = net.createServer((s) => serveDataConnection(s, m, STALL_MS, () => server.close()));
-        servers.add(server);
-        await new Promise<void>((r) => server.listen(sock, r));
-        void m.done().then(() => server.close());
-        const p = await faultyProxy(dir, sock, fault);
+        const { incoming, socket } = await m.prepare(header);
+        control.incoming = incoming;
+        const p = await faultyProxy(m, socket, fault);
         proxy = p;
-        return { migrationId: m.id, endpoint: `unix:${p.path}`, token: m.token };
+        return { migrationId: incoming.id, endpoint: `unix:${p.path}`, token: incoming.token };
       },
-      connect: (endpoint) =>
-        new Promise((resolve, reject) => {
-          const s = net.connect({ path: endpoint.slice(5) });
-          sockets.add(s);
-          s.once('connect', () => resolve(s));
-          s.once('error', reject);
-        }),
+      connect: m.connect,
       async abort(_id, reason) {
         proxy?.close();
         // As a remote destination would: the abort arrives after whatever the destination was doing
@@ -180,27 +139,14 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
     return control;
   }
 
-  const migrate = (vm: ManagedVm, d: DestinationControl) =>
-    migrateVm(vm, d, {
-      caps,
-      mode: 'pre-copy',
-      maxDowntimeMs: 50,
-      bandwidth: 0,
-      completionTimeoutPerGiBMs: 150_000,
-      abortOnNoProgress: false,
-      leavePaused: false,
-      stallMs: STALL_MS,
-      signal: new AbortController().signal,
-      onProgress: () => {},
-      destroySource: () => source.destroy(vm.id),
-    });
+  const migrate = (vm: ManagedVm, d: DestinationControl) => migrateVm(vm, d, m.options(vm, {}));
 
   async function expectOnlyTheSource(vm: ManagedVm, d: { incoming?: IncomingMigration }): Promise<void> {
-    expect(source.list().map((v) => v.id)).toEqual([vm.id]);
+    expect(m.source.list().map((v) => v.id)).toEqual([vm.id]);
     expect(vm.statuses()[0].state).toBe('running');
     expect(vm.heldBy()).toBeUndefined();
     await waitUntil(() => d.incoming?.state === 'aborted', 'the destination to discard its copy');
-    expect(dest.list()).toEqual([]);
+    expect(m.dest.list()).toEqual([]);
     // And it keeps writing.
     const at = vm.readMemory(DIRTY64.control + DIRTY64.lastValue, 8).readBigUInt64LE(0);
     await waitUntil(() => vm.readMemory(DIRTY64.control + DIRTY64.lastValue, 8).readBigUInt64LE(0) > at + 1000n, 'dirty64 to go on here');
@@ -235,7 +181,7 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
     const d = destination({ kind: 'none' });
     // The source's VM exists already: only the destination's KVM VM fails, once pass 1 is under way.
     const made = jest
-      .spyOn(kvm, 'createVmAsync')
+      .spyOn(m.kvm, 'createVmAsync')
       .mockImplementationOnce(() => new Promise((_, reject) => setTimeout(() => reject(new Error('KVM_CREATE_VM failed: EMFILE (injected)')), 20)));
     const err = await migrate(vm, d).then(
       () => undefined,
@@ -255,9 +201,9 @@ describeKvm('live migration faults on the data plane (real KVM, in process)', ()
       (e: Error) => e,
     );
     expect(err?.message).toMatch(/the destination committed but its acknowledgement was lost/);
-    expect(source.list()).toEqual([]);
-    expect(dest.list()).toHaveLength(1);
-    const moved = dest.list()[0];
+    expect(m.source.list()).toEqual([]);
+    expect(m.dest.list()).toHaveLength(1);
+    const moved = m.dest.list()[0];
     expect(moved.statuses()[0].state).toBe('running');
     const at = moved.readMemory(DIRTY64.control + DIRTY64.lastValue, 8).readBigUInt64LE(0);
     await waitUntil(() => moved.readMemory(DIRTY64.control + DIRTY64.lastValue, 8).readBigUInt64LE(0) > at + 1000n, 'dirty64 to go on there');
