@@ -271,7 +271,7 @@ interface SectionPlan {
   program?: (b: Buffer) => Uint32Array;
   /** A number section's program, and the number of its value (undefined for a value of another shape). */
   numberProgram?: Uint32Array;
-  numberOf?: (v: unknown) => number | undefined;
+  numberIn?: (v: unknown) => number | undefined;
   value?: ValueEncode;
 }
 
@@ -377,10 +377,11 @@ function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
  * for a value without a name, then the value itself; tsc_khz: the kHz).
  */
 type NumberSection = 'mp_state' | 'tsc_khz';
+const u32 = (n: unknown): number | undefined => (typeof n === 'number' && Number.isInteger(n) && n >= 0 && n <= 0xffffffff ? n : undefined);
+/** A number section's u32, or undefined for a value of another shape (written by its converter then). */
 const NUMBER_SECTIONS: { readonly [S in NumberSection]: (v: unknown) => number | undefined } = {
-  mp_state: (v) =>
-    typeof v === 'object' && v !== null && typeof (v as { mpState?: unknown }).mpState === 'number' ? (v as { mpState: number }).mpState : undefined,
-  tsc_khz: (v) => (typeof v === 'number' ? v : undefined),
+  mp_state: (v) => (typeof v === 'object' && v !== null ? u32((v as { mpState?: unknown }).mpState) : undefined),
+  tsc_khz: u32,
 };
 const isNumberSection = (s: SectionName): s is NumberSection => s in NUMBER_SECTIONS;
 
@@ -447,7 +448,7 @@ export function getStateResponseEncoder(
         return compiled;
       };
     } else if (name === 'msrs') program = msrsProgramCompiler(f.message!);
-    const numbers = isNumberSection(name) ? { numberProgram: numberSectionProgram(name, f.message!), numberOf: NUMBER_SECTIONS[name] } : {};
+    const numbers = isNumberSection(name) ? { numberProgram: numberSectionProgram(name, f.message!), numberIn: NUMBER_SECTIONS[name] } : {};
     return { name, tag: f, object: enc.encoder(f.typeName), program, ...numbers, value: name === 'msrs' ? msrsEncoder(f.message!) : undefined };
   });
 
@@ -467,12 +468,12 @@ export function getStateResponseEncoder(
   };
   // Composed programs, by the sections present and their bodies' programs (numbered as first seen).
   const programs = new Map<string, Uint32Array>();
-  const numbers = new WeakMap<Uint32Array, number>();
-  let numbered = 0;
-  const numberOf = (body: Uint32Array) => {
-    let n = numbers.get(body);
-    if (n === undefined) numbers.set(body, (n = numbered++));
-    return n;
+  const ids = new WeakMap<Uint32Array, number>();
+  let nextId = 0;
+  const programId = (body: Uint32Array) => {
+    let id = ids.get(body);
+    if (id === undefined) ids.set(body, (id = nextId++));
+    return id;
   };
 
   const w = new Writer(16 * 1024);
@@ -483,6 +484,11 @@ export function getStateResponseEncoder(
     const inputs: Buffer[] = [];
     const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
     let key = '';
+    const part = (i: number, input: Buffer, body: Uint32Array | null) => {
+      inputs.push(input);
+      parts.push([sections[i], body]);
+      key += body ? `${i}:${programId(body)},` : `${i},`;
+    };
     bodies.pos = 0;
     for (let i = 0; i < sections.length; i++) {
       const s = sections[i];
@@ -491,28 +497,20 @@ export function getStateResponseEncoder(
       // msrs as bytes carry no unreadable indices: with some listed, they are written from their entries.
       if (s.name === 'msrs' && Buffer.isBuffer(v) && extras.msrsUnreadable?.length) v = SECTIONS.msrs.decode(v);
       if (s.program && Buffer.isBuffer(v)) {
-        const body = s.program(v);
-        inputs.push(v);
-        parts.push([s, body]);
-        key += `${i}:${numberOf(body)},`;
+        part(i, v, s.program(v));
         continue;
       }
-      const n = s.numberOf?.(v);
-      if (n !== undefined && Number.isInteger(n) && n >= 0 && n <= 0xffffffff) {
-        const input = numberInputs[i];
-        input.writeUInt32LE(n, 0);
-        inputs.push(input);
-        parts.push([s, s.numberProgram!]);
-        key += `${i}#,`;
+      const n = s.numberIn?.(v);
+      if (n !== undefined) {
+        numberInputs[i].writeUInt32LE(n, 0);
+        part(i, numberInputs[i], s.numberProgram!);
         continue;
       }
       // A view of the bodies' buffer: when it grows, earlier views keep the buffer they were cut from.
       const start = bodies.pos;
       if (s.value) s.value(bodies, v as never, extras);
       else s.object(bodies, sectionMessage(s.name, v as never, extras));
-      inputs.push(bodies.buf.subarray(start, bodies.pos));
-      parts.push([s, null]);
-      key += `${i},`;
+      part(i, bodies.buf.subarray(start, bodies.pos), null);
     }
     let program = programs.get(key);
     if (!program) {
