@@ -7,6 +7,7 @@
  * buildInterceptors() returns them in that order: [metrics and logging (one layer), authz].
  */
 import { randomUUID } from 'node:crypto';
+import { type OutgoingHttpHeaders, sensitiveHeaders } from 'node:http2';
 import type { PeerCertificate } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from './logging';
@@ -17,6 +18,15 @@ export type AuthContext = ReturnType<grpc.ServerInterceptingCallInterface['getAu
 
 export const HEALTH_SERVICE = 'grpc.health.v1.Health';
 export const REQUEST_ID_HEADER = 'x-request-id';
+
+/**
+ * The response's headers with the request id marked never-indexed. An id is new on every call: HPACK
+ * (nghttp2's default) put each one in the connection's header table, evicting an older entry, for
+ * ~8 us of a GetState's server CPU (BENCHMARKS.md); as a literal it costs its bytes only.
+ */
+function headersWithRequestIdNeverIndexed(this: grpc.Metadata): OutgoingHttpHeaders {
+  return Object.assign(grpc.Metadata.prototype.toHttp2Headers.call(this), { [sensitiveHeaders]: [REQUEST_ID_HEADER] });
+}
 
 /** A client's id is echoed into logs and headers: keep it short and free of control characters. */
 const CLIENT_REQUEST_ID = /^[A-Za-z0-9._:/+=-]{1,128}$/;
@@ -102,6 +112,9 @@ class CallRecord {
   sendMetadata(metadata: grpc.Metadata): void {
     this.headersSent = true;
     metadata.set(REQUEST_ID_HEADER, this.id());
+    // grpc-js copies toHttp2Headers()'s result, symbol keys included, into the headers http2 sends.
+    // (A trailers-only error's metadata is cloned on the way, without this: errors are not the hot path.)
+    metadata.toHttp2Headers = headersWithRequestIdNeverIndexed;
   }
 
   sendMessage(): void {

@@ -5,6 +5,8 @@
  * handlers, to check the real protos load and reflect).
  */
 import fs from 'node:fs';
+import http2 from 'node:http2';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -233,6 +235,29 @@ describe('reflection', () => {
 });
 
 describe('request ids and logs', () => {
+  // An id is unique per call: HPACK-indexing each one churned the connection's header table (BENCHMARKS.md).
+  test('request ids go out in response headers as never-indexed literals', async () => {
+    const { running } = await setup();
+    const session = http2.connect('http://localhost', { createConnection: () => net.connect(running.addresses.api.address.replace(/^unix:/, '')) });
+    const say = (req: Buffer) =>
+      new Promise<{ headers: http2.IncomingHttpHeaders }>((resolve, reject) => {
+        const stream = session.request({ ':method': 'POST', ':path': '/vcpudtest.Echo/Say', 'content-type': 'application/grpc', te: 'trailers' });
+        const prefix = Buffer.alloc(5);
+        prefix.writeUInt32BE(req.length, 1);
+        stream.end(Buffer.concat([prefix, req]));
+        stream.on('response', (headers) => resolve({ headers }));
+        stream.on('error', reject);
+        stream.resume();
+      });
+    try {
+      const ok = await say(Buffer.from([0x0a, 0x02, 0x68, 0x69])); // text: "hi"
+      expect(ok.headers[REQUEST_ID_HEADER]).toMatch(/^[0-9a-f-]{36}$/);
+      expect((ok.headers as Record<symbol, unknown>)[http2.sensitiveHeaders]).toEqual([REQUEST_ID_HEADER]);
+    } finally {
+      session.close();
+    }
+  });
+
   test('the client x-request-id comes back in headers and in the log line; errors carry it in trailers', async () => {
     const { running, logs } = await setup();
     const c = client(EchoCtor, running.addresses.api.address);
