@@ -21,9 +21,9 @@ const CALLS = Number(knob('BENCH_CALLS', '3000', 'getstate-one-client: calls per
 const NODE_ARGS = knob('BENCH_NODE_ARGS', '', 'getstate-one-client: node flags for the vcpuds').split(' ').filter(Boolean);
 
 /** CPU time the process's main thread has run, in ns (/proc/PID/task/PID/schedstat). */
-const mainThreadNs = (pid: number) => Number(fs.readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[0]);
+export const mainThreadNs = (pid: number) => Number(fs.readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[0]);
 
-interface Target {
+export interface Target {
   name: string;
   pid: number;
   address: string;
@@ -33,7 +33,8 @@ interface Target {
   vmId?: string;
 }
 
-async function measure(t: Target): Promise<{ cpuUs: number; p50Us: number }> {
+/** Main-thread CPU per call and p50 of `t` served CALLS times (after 300 of warm-up) to one sequential client. */
+export async function measure(t: Target): Promise<{ cpuUs: number; p50Us: number }> {
   const id = (b: Buffer) => b;
   const client = new grpc.Client(t.address, grpc.credentials.createInsecure());
   const one = () => new Promise<void>((resolve, reject) => client.makeUnaryRequest(t.method, id, id, t.request, (e) => (e ? reject(e) : resolve())));
@@ -58,6 +59,23 @@ async function vcpudTarget(name: string, p: VcpudProcess): Promise<Target> {
   return { name, pid: p.proc.pid!, address: p.serving.api, method: GET_STATE_PATH, request: getStateRequest(vm.id, 0), vmId: vm.id };
 }
 
+/**
+ * Measures every target in each of `rounds` rounds and prints a line per round, with this build / before
+ * when a before build is among them. The order alternates, so no server always runs on the host as
+ * another left it.
+ */
+export async function printRounds(targets: Target[], rounds: number): Promise<void> {
+  for (let r = 0; r < rounds; r++) {
+    const order = r % 2 ? [...targets].reverse() : targets;
+    const figures = new Map<string, { cpuUs: number; p50Us: number }>();
+    for (const t of order) figures.set(t.name, await measure(t));
+    const cells = targets.map((t) => `${t.name} ${figures.get(t.name)!.cpuUs.toFixed(0)} us (p50 ${figures.get(t.name)!.p50Us.toFixed(0)})`);
+    const before = figures.get('before');
+    const ratio = before ? `; this build / before ${(figures.get('this build')!.cpuUs / before.cpuUs).toFixed(2)}` : '';
+    console.log(`round ${r + 1}: ${cells.join(', ')}${ratio}`);
+  }
+}
+
 async function main(): Promise<void> {
   const builds = [await startVcpud([], {}, NODE_ARGS, { main: VCPUD_MAIN }), ...(BEFORE ? [await startVcpud([], {}, NODE_ARGS, { main: BEFORE })] : [])];
   const targets = [await vcpudTarget('this build', builds[0]), ...(builds[1] ? [await vcpudTarget('before', builds[1])] : [])];
@@ -70,15 +88,7 @@ async function main(): Promise<void> {
   try {
     console.log(`GetState (all sections, one paused vCPU), one sequential client: ${CALLS} calls per measure, ${ROUNDS} rounds`);
     console.log('main-thread CPU per call (us) and p50 (us) per server\n');
-    for (let r = 0; r < ROUNDS; r++) {
-      // The order alternates, so no server always runs on the host as another left it.
-      const order = r % 2 ? [...targets].reverse() : targets;
-      const figures = new Map<string, { cpuUs: number; p50Us: number }>();
-      for (const t of order) figures.set(t.name, await measure(t));
-      const cells = targets.map((t) => `${t.name} ${figures.get(t.name)!.cpuUs.toFixed(0)} us (p50 ${figures.get(t.name)!.p50Us.toFixed(0)})`);
-      const ratio = BEFORE ? `; this build / before ${(figures.get('this build')!.cpuUs / figures.get('before')!.cpuUs).toFixed(2)}` : '';
-      console.log(`round ${r + 1}: ${cells.join(', ')}${ratio}`);
-    }
+    await printRounds(targets, ROUNDS);
   } finally {
     await trivial.stop();
     await withIoctls.stop();
@@ -86,4 +96,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch(fatal);
+if (require.main === module) main().catch(fatal);

@@ -17,14 +17,18 @@ import { getStateResponseEncoder } from '../src/server/convert/raw-state';
 import { Metrics } from '../src/server/metrics';
 import { vcpudPackageDefinition } from '../src/api/proto';
 import { wireSerializer } from '../src/server/wire-encoder';
+import type { Vcpu } from '../src/ffi/vcpu';
+import type { ManagedVcpu } from '../src/vm/managed-vcpu';
+import type { ManagedVm } from '../src/vm/managed-vm';
 import { VmRegistry } from '../src/vm/registry';
 import { readState, readStateBytes, readStateBytesPerSection, readStateBytesReused, readableSections } from '../src/vm/vcpu-state';
+import type { StateContext } from '../src/vm/vcpu-state';
 import { cFloor, fatal, guestBin, knob, median, table } from './floors';
 
 const N = Number(knob('BENCH_N', '2000', 'getstate-stages: calls per batch (5 batches per stage)'));
 
 /** CPU microseconds per call of `fn`: median of 5 batches of `n`. */
-function cpuUsPerCall(fn: () => unknown, n = N): number {
+export function cpuUsPerCall(fn: () => unknown, n = N): number {
   const per: number[] = [];
   for (let b = 0; b < 5; b++) {
     const t = process.cpuUsage();
@@ -52,7 +56,11 @@ export interface Stage {
   note: string;
 }
 
-export async function measureStages(): Promise<Stage[]> {
+/**
+ * Runs `measure` on a vCPU of this process that ran counter64 for 50 ms and was paused (as vcpud's
+ * bench VMs are), then frees the VM and KVM.
+ */
+export async function withPausedCounterVcpu<T>(measure: (p: { vm: ManagedVm; managed: ManagedVcpu; v: Vcpu; sctx: StateContext }) => Promise<T>): Promise<T> {
   const kvm = Kvm.open();
   const caps = probeCapabilities(kvm);
   const registry = new VmRegistry(kvm);
@@ -63,8 +71,15 @@ export async function measureStages(): Promise<Stage[]> {
     await new Promise((r) => setTimeout(r, 50));
     const managed = vm.vcpu(0);
     await managed.pause();
-    const v = managed.vcpu;
-    const sctx = { caps, irqchip: vm.vm.hasIrqchip };
+    return await measure({ vm, managed, v: managed.vcpu, sctx: { caps, irqchip: vm.vm.hasIrqchip } });
+  } finally {
+    registry.destroyAll();
+    kvm.close();
+  }
+}
+
+export function measureStages(): Promise<Stage[]> {
+  return withPausedCounterVcpu(async ({ managed, v, sctx }) => {
     const sections = readableSections(sctx);
 
     const floor = cFloor('ioctl_floor', ['20000', guestBin('counter64')]) as Record<string, number>;
@@ -143,21 +158,22 @@ export async function measureStages(): Promise<Stage[]> {
       setIoctlObserver(undefined);
     }
     return stages;
-  } finally {
-    registry.destroyAll();
-    kvm.close();
-  }
+  });
 }
 
-export async function main(): Promise<void> {
-  const stages = await measureStages();
-  console.log(`GetState, all sections of one paused vCPU: server CPU per call by stage, in process (us, median of 5 x ${N})\n`);
+/** A stages table under its title: `what` names the call measured, `n` the calls per batch. */
+export function printStages(what: string, stages: Stage[], n: number): void {
+  console.log(`${what}, all sections of one paused vCPU: server CPU per call by stage, in process (us, median of 5 x ${n})\n`);
   console.log(
     table(
       ['stage', 'us/call', 'what'],
       stages.map((s) => [s.name, s.us.toFixed(1), s.note]),
     ),
   );
+}
+
+export async function main(): Promise<void> {
+  printStages('GetState', await measureStages(), N);
 }
 
 if (require.main === module) main().catch(fatal);

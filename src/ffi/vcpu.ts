@@ -74,56 +74,67 @@ export class Vcpu {
    * these bytes; the typed getters below decode them).
    */
   getStructBytes(section: StructSection): Buffer {
-    const r = STRUCT_READS[section];
+    const r = STRUCT_IOCTLS[section];
     this.requireSection(section, 'read');
     return this.getRaw(r.ioctl, r.get, native.sizes[r.size]);
+  }
+  /**
+   * A fixed-size section's struct written as given, with the typed setter's ioctl and gate (the typed
+   * setters encode into it; SetState builds the bytes straight from its request: convert/state-bytes.ts).
+   */
+  setStructBytes(section: StructSection, bytes: Buffer): void {
+    const w = STRUCT_IOCTLS[section];
+    if (w.gatedWrite) this.requireSection(section, 'write');
+    this.setRaw(w.setIoctl, w.set, bytes, native.sizes[w.size]);
+  }
+  /** A section written from its kernel bytes (kvm_cpuid2 for cpuid2: a header and `nent` entries). */
+  setSectionBytes(section: ByteSection, bytes: Buffer): void {
+    if (section !== 'cpuid2') return this.setStructBytes(section, bytes);
+    this.requireSection('cpuid2', 'write');
+    kvmCall('KVM_SET_CPUID2', () => native.setCpuid2(this.fd, bytes));
   }
   getRegs(): Regs {
     return SECTIONS.regs.decode(this.getStructBytes('regs'));
   }
   setRegs(value: Regs): void {
-    this.setEncoded('KVM_SET_REGS', native.setRegs, SECTIONS.regs, value);
+    this.setStructBytes('regs', SECTIONS.regs.encode(value));
   }
   getSregs(): Sregs {
     return SECTIONS.sregs.decode(this.getStructBytes('sregs'));
   }
   setSregs(value: Sregs): void {
-    this.setEncoded('KVM_SET_SREGS', native.setSregs, SECTIONS.sregs, value);
+    this.setStructBytes('sregs', SECTIONS.sregs.encode(value));
   }
   /** KVM_GET_SREGS2 (KVM_CAP_SREGS2): adds the PDPTRs PAE guests need restored exactly. */
   getSregs2(): Sregs2 {
     return SECTIONS.sregs2.decode(this.getStructBytes('sregs2'));
   }
   setSregs2(value: Sregs2): void {
-    this.requireSection('sregs2', 'write');
-    this.setEncoded('KVM_SET_SREGS2', native.setSregs2, SECTIONS.sregs2, value);
+    this.setStructBytes('sregs2', SECTIONS.sregs2.encode(value));
   }
   getFpu(): Fpu {
     return SECTIONS.fpu.decode(this.getStructBytes('fpu'));
   }
   setFpu(value: Fpu): void {
-    this.setEncoded('KVM_SET_FPU', native.setFpu, SECTIONS.fpu, value);
+    this.setStructBytes('fpu', SECTIONS.fpu.encode(value));
   }
   getXcrs(): Xcrs {
     return SECTIONS.xcrs.decode(this.getStructBytes('xcrs'));
   }
   setXcrs(value: Xcrs): void {
-    this.requireSection('xcrs', 'write');
-    this.setEncoded('KVM_SET_XCRS', native.setXcrs, SECTIONS.xcrs, value);
+    this.setStructBytes('xcrs', SECTIONS.xcrs.encode(value));
   }
   getVcpuEvents(): VcpuEvents {
     return SECTIONS.vcpu_events.decode(this.getStructBytes('vcpu_events'));
   }
   setVcpuEvents(value: VcpuEvents): void {
-    this.requireSection('vcpu_events', 'write');
-    this.setEncoded('KVM_SET_VCPU_EVENTS', native.setVcpuEvents, SECTIONS.vcpu_events, value);
+    this.setStructBytes('vcpu_events', SECTIONS.vcpu_events.encode(value));
   }
   getDebugregs(): Debugregs {
     return SECTIONS.debugregs.decode(this.getStructBytes('debugregs'));
   }
   setDebugregs(value: Debugregs): void {
-    this.requireSection('debugregs', 'write');
-    this.setEncoded('KVM_SET_DEBUGREGS', native.setDebugregs, SECTIONS.debugregs, value);
+    this.setStructBytes('debugregs', SECTIONS.debugregs.encode(value));
   }
   getMpState(): number {
     this.requireSection('mp_state', 'read');
@@ -195,9 +206,7 @@ export class Vcpu {
     return trimCpuid2(buf);
   }
   setCpuid2(entries: CpuidEntry2[]): void {
-    this.requireSection('cpuid2', 'write');
-    const buf = SECTIONS.cpuid2.encode(entries);
-    kvmCall('KVM_SET_CPUID2', () => native.setCpuid2(this.fd, buf));
+    this.setSectionBytes('cpuid2', SECTIONS.cpuid2.encode(entries));
   }
   getTscKhz(): number {
     this.requireSection('tsc_khz', 'read');
@@ -238,7 +247,7 @@ export class Vcpu {
       case 'tsc_khz':
         return { ioctl: 'KVM_GET_TSC_KHZ', done: (khz) => khz };
       default: {
-        const r = STRUCT_READS[section];
+        const r = STRUCT_IOCTLS[section];
         return fillRead(r.ioctl, alloc(native.sizes[r.size]));
       }
     }
@@ -473,15 +482,71 @@ function trimCpuid2(buf: Buffer): Buffer {
 /** kvm_cpuid_entry2's function, index, flags, eax, ebx, ecx and edx: what a blank entry has all zero. */
 const CPUID_ENTRY_VALUE_BYTES = 28;
 
-/** How each struct section is read: its ioctl and its struct's size (the capability gate is sectionGate's). */
-const STRUCT_READS: { readonly [S in StructSection]: { ioctl: string; get: (fd: number, b: Buffer) => void; size: keyof typeof native.sizes } } = {
-  regs: { ioctl: 'KVM_GET_REGS', get: (fd, b) => native.getRegs(fd, b), size: 'kvm_regs' },
-  sregs: { ioctl: 'KVM_GET_SREGS', get: (fd, b) => native.getSregs(fd, b), size: 'kvm_sregs' },
-  sregs2: { ioctl: 'KVM_GET_SREGS2', get: (fd, b) => native.getSregs2(fd, b), size: 'kvm_sregs2' },
-  fpu: { ioctl: 'KVM_GET_FPU', get: (fd, b) => native.getFpu(fd, b), size: 'kvm_fpu' },
-  xcrs: { ioctl: 'KVM_GET_XCRS', get: (fd, b) => native.getXcrs(fd, b), size: 'kvm_xcrs' },
-  vcpu_events: { ioctl: 'KVM_GET_VCPU_EVENTS', get: (fd, b) => native.getVcpuEvents(fd, b), size: 'kvm_vcpu_events' },
-  debugregs: { ioctl: 'KVM_GET_DEBUGREGS', get: (fd, b) => native.getDebugregs(fd, b), size: 'kvm_debugregs' },
+type StructIoctl = (fd: number, b: Buffer) => void;
+
+/**
+ * How each struct section is read and written: its ioctls and its struct's size (the capability gate is
+ * sectionGate's). `gatedWrite`: the setter asks the gate itself (the ones with a capability of their own).
+ */
+const STRUCT_IOCTLS: {
+  readonly [S in StructSection]: { ioctl: string; get: StructIoctl; setIoctl: string; set: StructIoctl; gatedWrite: boolean; size: keyof typeof native.sizes };
+} = {
+  regs: {
+    ioctl: 'KVM_GET_REGS',
+    get: (fd, b) => native.getRegs(fd, b),
+    setIoctl: 'KVM_SET_REGS',
+    set: (fd, b) => native.setRegs(fd, b),
+    gatedWrite: false,
+    size: 'kvm_regs',
+  },
+  sregs: {
+    ioctl: 'KVM_GET_SREGS',
+    get: (fd, b) => native.getSregs(fd, b),
+    setIoctl: 'KVM_SET_SREGS',
+    set: (fd, b) => native.setSregs(fd, b),
+    gatedWrite: false,
+    size: 'kvm_sregs',
+  },
+  sregs2: {
+    ioctl: 'KVM_GET_SREGS2',
+    get: (fd, b) => native.getSregs2(fd, b),
+    setIoctl: 'KVM_SET_SREGS2',
+    set: (fd, b) => native.setSregs2(fd, b),
+    gatedWrite: true,
+    size: 'kvm_sregs2',
+  },
+  fpu: {
+    ioctl: 'KVM_GET_FPU',
+    get: (fd, b) => native.getFpu(fd, b),
+    setIoctl: 'KVM_SET_FPU',
+    set: (fd, b) => native.setFpu(fd, b),
+    gatedWrite: false,
+    size: 'kvm_fpu',
+  },
+  xcrs: {
+    ioctl: 'KVM_GET_XCRS',
+    get: (fd, b) => native.getXcrs(fd, b),
+    setIoctl: 'KVM_SET_XCRS',
+    set: (fd, b) => native.setXcrs(fd, b),
+    gatedWrite: true,
+    size: 'kvm_xcrs',
+  },
+  vcpu_events: {
+    ioctl: 'KVM_GET_VCPU_EVENTS',
+    get: (fd, b) => native.getVcpuEvents(fd, b),
+    setIoctl: 'KVM_SET_VCPU_EVENTS',
+    set: (fd, b) => native.setVcpuEvents(fd, b),
+    gatedWrite: true,
+    size: 'kvm_vcpu_events',
+  },
+  debugregs: {
+    ioctl: 'KVM_GET_DEBUGREGS',
+    get: (fd, b) => native.getDebugregs(fd, b),
+    setIoctl: 'KVM_SET_DEBUGREGS',
+    set: (fd, b) => native.setDebugregs(fd, b),
+    gatedWrite: true,
+    size: 'kvm_debugregs',
+  },
 };
 
 /**

@@ -29,11 +29,17 @@ import { probedCaps, type HostCapabilities } from '../ffi/capabilities';
 import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState, validateNestedStructure } from '../ffi/nested';
-import { msrName, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
+import { msrName, SECTIONS, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
 import { batchAllocator, BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
 export type StateValues = Partial<SectionValues>;
+
+/**
+ * Sections to write: decoded values, or for the struct sections and cpuid2 (BYTE_SECTIONS) also the
+ * bytes their SET ioctl takes (SetState builds those from its request: convert/state-bytes.ts).
+ */
+export type StateInput = { [N in SectionName]?: SectionValues[N] | (N extends ByteSection ? Buffer : never) };
 
 export const SAVE_ORDER: readonly SectionName[] = [
   'mp_state',
@@ -143,6 +149,7 @@ function readMsrsSkipping(vcpu: Vcpu, indices: number[], unreadable: number[], f
 }
 
 function writeSection(vcpu: Vcpu, s: SectionName, value: unknown): void {
+  if (Buffer.isBuffer(value) && isByteSection(s)) return vcpu.setSectionBytes(s, value);
   switch (s) {
     case 'regs':
       return vcpu.setRegs(value as SectionValues['regs']);
@@ -263,8 +270,13 @@ export function readStateBytesReused(vcpu: Vcpu, ctx: StateContext, sections: Se
 /** The sections a read asks for (all readable ones when empty), each checked as supported. */
 function wantedForRead(ctx: StateContext, sections: SectionName[]): SectionName[] {
   const wanted = sections.length ? sections : readableSections(ctx);
-  for (const s of wanted) checkSupported(ctx, s, 'read');
+  checkReadable(ctx, wanted);
   return wanted;
+}
+
+/** The read gate of a read of `sections` (the error the read would throw), without reading. */
+export function checkReadable(ctx: StateContext, sections: readonly SectionName[]): void {
+  for (const s of sections) checkSupported(ctx, s, 'read');
 }
 
 /**
@@ -295,7 +307,7 @@ const isByteSection = (s: SectionName): s is ByteSection => BYTE_SECTION_SET.has
  * failing one, which the kernel may have half-applied) is put back, newest first. The error names the
  * section.
  */
-export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): SectionName[] {
+export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateInput, asRequested: AsRequested = decoded): SectionName[] {
   // A section this host cannot write (e.g. tsc_khz without KVM_CAP_TSC_CONTROL) is accepted when it
   // asks for the value the vCPU already has, so GetState's output can always be sent back.
   const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
@@ -304,15 +316,27 @@ export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateValues): 
   const previous: [SectionName, unknown][] = [];
   for (const s of sections) {
     const msrIndices = s === 'msrs' ? (values.msrs ?? []).map((e) => e.index) : [];
-    previous.push([s, readSection(vcpu, s, msrIndices, [])]);
+    // The byte sections' previous values stay the kernel's bytes: decoded only if a rollback needs them.
+    previous.push([s, isByteSection(s) ? vcpu.getSectionBytes(s) : readSection(vcpu, s, msrIndices, [])]);
     try {
       writeSection(vcpu, s, values[s]);
     } catch (e) {
       const rollback = restore(vcpu, previous);
-      throw sectionFailure(s, e, previous[previous.length - 1][1], values[s], rollback);
+      throw sectionFailure(s, e, decoded(s, previous[previous.length - 1][1]), asRequested(s, values[s]), rollback);
     }
   }
   return sections;
+}
+
+/**
+ * A section's value as its request spelled it, for the error naming a refused write's changed fields (in
+ * the order of its keys): SetState passes convert/state-bytes.ts's, whose keys are in the converters' order.
+ */
+export type AsRequested = (s: SectionName, value: unknown) => unknown;
+
+/** A section's value decoded when it is given as kernel bytes (a byte section), else as it is. */
+function decoded(s: SectionName, value: unknown): unknown {
+  return Buffer.isBuffer(value) && isByteSection(s) ? SECTIONS[s].decode(value) : value;
 }
 
 // ---- the rollback model: what each section writes besides its own fields, and the undo that follows ----
@@ -358,12 +382,14 @@ export const ALSO_WRITES: Readonly<Partial<Record<SectionName, readonly SharedSt
 const MSR_IN_SREGS: ReadonlyMap<number, SharedState> = new Map(SREGS_SHARED.map((f) => [f.msr, f]));
 
 /** Shared MSRs in a request's msrs must repeat the sregs value (the request's, else the vCPU's). */
-function checkSharedMsrs(vcpu: Vcpu, values: StateValues): void {
+function checkSharedMsrs(vcpu: Vcpu, values: StateInput): void {
   const violations: Violation[] = [];
+  let sregs: SregsLike | undefined;
   (values.msrs ?? []).forEach((e, i) => {
     const shared = MSR_IN_SREGS.get(e.index);
     if (!shared) return;
-    const current = shared.get(values.sregs ?? values.sregs2 ?? vcpu.getSregs());
+    sregs ??= values.sregs ? (decoded('sregs', values.sregs) as SregsLike) : values.sregs2 ? (decoded('sregs2', values.sregs2) as SregsLike) : vcpu.getSregs();
+    const current = shared.get(sregs);
     if (current !== e.data)
       violations.push({
         rule: 'msrs.sregs_field',
@@ -376,7 +402,7 @@ function checkSharedMsrs(vcpu: Vcpu, values: StateValues): void {
 
 function unchangedButUnwritable(vcpu: Vcpu, ctx: StateContext, s: SectionName, value: unknown): boolean {
   if (ctx.caps.sections[s].writable || !ctx.caps.sections[s].readable) return false;
-  return isDeepStrictEqual(readSection(vcpu, s, [], []), value);
+  return isDeepStrictEqual(readSection(vcpu, s, [], []), decoded(s, value));
 }
 
 /**
@@ -390,7 +416,8 @@ function restore(vcpu: Vcpu, previous: [SectionName, unknown][]): string[] {
   for (const [s, v] of [...previous].reverse()) {
     try {
       if (s === 'msrs') restoreMsrs(vcpu, v as MsrEntry[]);
-      else writeSection(vcpu, s, v);
+      // Written from its decoded value, as the section's typed setter encodes it (reserved bytes zero).
+      else writeSection(vcpu, s, decoded(s, v));
     } catch (e) {
       failures.push(`${s}: ${(e as Error).message}`);
     }

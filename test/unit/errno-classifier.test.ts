@@ -8,7 +8,7 @@ import os from 'node:os';
 import * as grpc from '@grpc/grpc-js';
 import { KvmError } from '../../src/errors';
 import type { HostCapabilities } from '../../src/ffi/capabilities';
-import { SECTION_NAMES } from '../../src/ffi/sections';
+import { SECTION_NAMES, SECTIONS } from '../../src/ffi/sections';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import { decodeStatusDetails } from '../../src/api/status-details';
 import { toServiceError } from '../../src/server/errors';
@@ -53,6 +53,8 @@ function fakeVcpu(failing: 'getRegs' | 'setRegs' | 'getNestedState' | 'setNested
     };
   return {
     getRegs: once('getRegs', { rax: 0n }),
+    // writeState reads a struct section's previous value as its kernel bytes (KVM_GET_REGS as getRegs does).
+    getSectionBytes: (section: string) => (section === 'regs' ? once('getRegs', Buffer.alloc(SECTIONS.regs.size))() : undefined),
     setRegs: once('setRegs', undefined),
     getNestedState: once('getNestedState', Buffer.alloc(128)),
     setNestedState: once('setNestedState', undefined),

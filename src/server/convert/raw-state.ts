@@ -72,7 +72,8 @@ type Source =
       readonly children: readonly Source[];
     };
 
-function layoutField(fields: readonly Field[], name: string): Field {
+/** The layout field `name` (the ffi key of a converter field table entry); shared with convert/state-bytes.ts. */
+export function layoutField(fields: readonly Field[], name: string): Field {
   const f = fields.find((x) => x.name === name);
   if (!f) throw new Error(`raw state encoder: no field ${name} in the layout`);
   return f;
@@ -86,7 +87,7 @@ function join(table: Fields, layout: readonly Field[], base = 0): Source[] {
   });
 }
 
-const offsetOf = (layout: Layout<unknown>, name: string) => layoutField(layout.fields, name).offset;
+export const offsetOf = (layout: Layout<unknown>, name: string) => layoutField(layout.fields, name).offset;
 
 /** Each byte section's message, as the converters in convert/state.ts build it. */
 /**

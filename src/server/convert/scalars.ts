@@ -53,7 +53,7 @@ const show = (v: unknown): string => {
 const uintRule = (bits: number): string => ([8, 16, 32].includes(bits) ? `uint${bits}` : 'range');
 
 /** Parses a u64 or explains why not (a message without the field). */
-function parseU64(v: unknown): bigint | string {
+export function parseU64(v: unknown): bigint | string {
   if (typeof v === 'string') {
     if (!/^[0-9]+$/.test(v)) return `expected a decimal integer in [0, 2^64), got ${show(v)}`;
     const n = BigInt(v);

@@ -304,7 +304,7 @@ const CONVERTERS: { readonly [N in SectionName]: Converter<SectionValues[N]> } =
 
 /** The VcpuState field (proto-loader key) of a section. */
 const PROTO_KEYS = new Map(SECTION_NAMES.map((n) => [n, camelCase(n) as keyof VcpuState__Output]));
-const protoKey = (name: SectionName): keyof VcpuState__Output => PROTO_KEYS.get(name)!;
+export const protoKey = (name: SectionName): keyof VcpuState__Output => PROTO_KEYS.get(name)!;
 
 /** One section's VcpuState message, as a proto-loader object. */
 export function sectionMessage<N extends SectionName>(name: N, v: SectionValues[N], extras: StateExtras): Obj {
@@ -322,7 +322,12 @@ export function stateToProto(values: Partial<SectionValues>, extras: StateExtras
 }
 
 function parse<N extends SectionName>(name: N, p: Obj, base: Partial<SectionValues> | undefined, c: Checker): SectionValues[N] {
-  return CONVERTERS[name].fromProto(p, base?.[name], c, `state.${name}`);
+  return parseSection(name, p, base?.[name], c);
+}
+
+/** One section of a request's VcpuState, checked into `c`, its uncarried bytes from `base` (its current value). */
+export function parseSection<N extends SectionName>(name: N, p: Obj, base: SectionValues[N] | undefined, c: Checker): SectionValues[N] {
+  return CONVERTERS[name].fromProto(p, base, c, `state.${name}`);
 }
 
 /**

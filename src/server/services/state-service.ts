@@ -3,8 +3,10 @@
  * A small class that registers itself on a server, like grpc-node's health service.
  */
 import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
-import { readNested, readState, readStateBytesReused, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
-import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto, stateFromProto } from '../convert';
+import type { Vcpu } from '../../ffi/vcpu';
+import { checkReadable, readableSections, readNested, readStateBytesReused, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
+import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto } from '../convert';
+import { asRequested, BASE_UNUSED, stateBytesFromProto, type BaseBytes } from '../convert/state-bytes';
 import { getStateResponseEncoder } from '../convert/raw-state';
 import { Preserialized, type AnsweringPreserialized } from '../../api/preserialized';
 import type { GetCapabilitiesRequest__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesRequest';
@@ -75,17 +77,11 @@ export class VcpuStateService {
         if (!req.state) throw invalidArgument('state is required', [{ rule: 'required', field: 'state', message: 'state is required' }]);
         const applied = await vcpu.withState(
           () => {
-            // Fields the proto does not carry (reserved bytes) come from the vCPU's current values.
-            const present = presentSections(req.state!);
-            const base = readState(
-              vcpu.vcpu,
-              sctx,
-              present.filter((s) => s !== 'msrs'),
-            ).values;
-            const values = stateFromProto(req.state!, base);
+            const base = readBase(vcpu.vcpu, sctx, presentSections(req.state!));
+            const values = stateBytesFromProto(req.state!, base);
             if (Object.keys(values).length === 0)
               throw invalidArgument('state has no sections to apply', [{ rule: 'non_empty', field: 'state', message: 'set at least one section' }]);
-            return writeState(vcpu.vcpu, sctx, values);
+            return writeState(vcpu.vcpu, sctx, values, asRequested);
           },
           { noImplicitPause: req.noImplicitPause },
         );
@@ -118,6 +114,20 @@ function checkMsrIndices(indices: number[], hostMsrs: number): void {
     throw invalidArgument(`msr_indices lists ${indices.length} MSRs, over the limit of ${hostMsrs} (the length of this host's KVM_GET_MSR_INDEX_LIST)`, [
       { rule: 'msr_indices.max_count', field: 'msr_indices', message: `at most ${hostMsrs} indices (this host's MSR index list)` },
     ]);
+}
+
+/**
+ * The current values the request's structs are written over, for the fields the proto does not carry
+ * (reserved bytes): the kernel's bytes, in one native call on kept buffers. Some GETs change the vCPU
+ * (KVM_GET_MP_STATE takes pending INIT/SIPI, KVM_GET_VCPU_EVENTS pending NMIs), so the GETs made are
+ * exactly those SetState always made (every present section but msrs, all of them when that leaves
+ * none), less those of sections whose base is never consulted (BASE_UNUSED), which only copy state out.
+ */
+export function readBase(vcpu: Vcpu, sctx: StateContext, present: SectionName[]): BaseBytes {
+  const before = present.filter((s) => s !== 'msrs');
+  checkReadable(sctx, before);
+  const sections = before.length ? before.filter((s) => !BASE_UNUSED.has(s)) : readableSections(sctx).filter((s) => !BASE_UNUSED.has(s));
+  return sections.length ? readStateBytesReused(vcpu, sctx, sections).values : {};
 }
 
 /** Section names present in a proto VcpuState (its fields are the sections' camelCase names). */
