@@ -68,7 +68,7 @@ process.on('message', (m) => {
 `;
 
 /** CPU ms per GiB moved of each side of a transfer: where a migration's per-byte cost sits beside the floor's. */
-interface SideCpu {
+export interface SideCpu {
   sendMs: number;
   receiveMs: number;
 }
@@ -88,7 +88,7 @@ const floorTableRow = (label: string, rate: number, cpu: SideCpu) => [
  * MiB/s of `bytes` written in CHUNK buffers to a receiver in another process (unix socket, or mTLS over
  * TCP), and the CPU each side spent (the sender is this process, otherwise idle meanwhile).
  */
-async function floorRate(bytes: number, dir: string, pki?: Pki, how: { keep?: boolean } = {}): Promise<{ rate: number; cpu: SideCpu }> {
+export async function floorRate(bytes: number, dir: string, pki?: Pki, how: { keep?: boolean } = {}): Promise<{ rate: number; cpu: SideCpu }> {
   const script = path.join(dir, 'receiver.js');
   fs.writeFileSync(script, RECEIVER);
   const child = fork(script, [], { stdio: 'inherit' });
@@ -162,7 +162,7 @@ interface Moved {
  * `migrate` from `from` to `to`, with the CPU both vcpuds spent per GiB of guest memory (the whole
  * migration: pass 1 is most of it for an idle guest; 10 ms clock ticks).
  */
-async function migrateMeasured(from: VcpudProcess, to: VcpudProcess, req: object, bytes: number): Promise<Moved & { cpu: SideCpu }> {
+export async function migrateMeasured(from: VcpudProcess, to: VcpudProcess, req: object, bytes: number): Promise<Moved & { cpu: SideCpu }> {
   const pids = [from.proc.pid as number, to.proc.pid as number];
   const before = pids.map(cpuSeconds);
   const moved = await migrate(from.client('SnapshotService'), req);

@@ -7,30 +7,50 @@
  */
 import type net from 'node:net';
 import { VcpudError } from '../../errors';
+import { Inbox } from './inbox';
 import {
   decodeEnvelopeHeader,
   decodeJson,
   ENVELOPE_HEADER_SIZE,
   EnvelopeType,
   envelopeHeader,
+  writeEnvelopeHeader,
   jsonEnvelope,
   type EnvelopeHead,
   type WireError,
 } from './protocol';
+import { readIntoBuffers } from './socket-reads';
 
-/** Received bytes buffered before the socket is paused (bounds the receiver's memory). */
-const MAX_BUFFERED = 64 * 1024 * 1024;
+/** The inbox's first size, and the least free space a read into it is given. */
+const INBOX_BYTES = 256 * 1024;
+/**
+ * Received bytes buffered (not read yet) before reads stop until a read needs more: the rest waits
+ * in the kernel, uncopied, for a read that takes it in place (while the destination waits for an
+ * apply slot, everything read went through the inbox, one copy more per byte).
+ */
+const MAX_BUFFERED = INBOX_BYTES;
+const MIN_READ_SPACE = 64 * 1024;
 
 export interface Envelope {
   head: EnvelopeHead;
   payload: Buffer;
 }
 
+/** A read gathering into the caller's buffer: bytes go straight there as they arrive. */
+interface Target {
+  buf: Buffer;
+  filled: number;
+}
+
 export class Channel {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
-  /** A read waiting for `need` buffered bytes; `progress` re-arms its stall timer when data comes. */
-  private waiter?: { need: number; resolve: () => void; progress: () => void };
+  /** Bytes received while no read was waiting for them. */
+  private readonly inbox = new Inbox(INBOX_BYTES);
+  private target?: Target;
+  /** Reads land in buffers handed out (socket-reads.ts), not in 'data' chunks; `handedOut` says whose. */
+  private readonly inPlace: boolean;
+  private handedOut?: Target;
+  /** The gathering read's wait; `progress` re-arms its stall timer when data comes. */
+  private waiter?: { resolve: () => void; progress: () => void };
   private closedWith?: Error;
   private readonly closeListeners = new Set<(e: Error) => void>();
   /** Bytes sent and received so far. */
@@ -48,14 +68,13 @@ export class Channel {
   ) {
     socket.setNoDelay?.(true);
     signal?.addEventListener('abort', () => (this.cancelFlag[0] = 1), { once: true });
-    socket.on('data', (c: Buffer) => {
-      this.chunks.push(c);
-      this.buffered += c.length;
-      this.bytesIn += c.length;
-      if (this.buffered > MAX_BUFFERED) socket.pause();
-      if (this.waiter && this.buffered < this.waiter.need) this.waiter.progress();
-      else this.wake();
-    });
+    // TLS: Node decrypts into the buffers handed out (the waiting read's own, or the inbox). A
+    // plain socket keeps 'data' chunks: receiveStream hands its fd to a pool thread.
+    const tls = (socket as net.Socket & { encrypted?: boolean }).encrypted === true;
+    // Bytes Node decrypted before the hook (with the handshake) wait in the socket's own buffer.
+    if (tls) for (let c: Buffer | null; (c = socket.read() as Buffer | null); ) this.onData(c);
+    this.inPlace = tls && readIntoBuffers(socket, { next: () => this.readBuffer(), received: (n) => this.readInPlace(n) });
+    if (!this.inPlace) socket.on('data', (c: Buffer) => this.onData(c));
     const closed = (e?: Error) => {
       // The peer's own account of why it closed (an ERROR envelope not read yet) beats the bare close.
       this.closedWith ??= this.unreadPeerError() ?? new VcpudError('unavailable', `the connection to ${peer} ${e ? `failed: ${e.message}` : 'was closed'}`);
@@ -67,9 +86,81 @@ export class Channel {
     socket.on('end', () => closed());
   }
 
+  /** Where the socket's next read lands: the waiting read's free part when it gathers, otherwise the inbox's free space. */
+  private readBuffer(): Buffer {
+    const t = this.target;
+    this.handedOut = t;
+    return t ? t.buf.subarray(t.filled) : this.inbox.space(MIN_READ_SPACE);
+  }
+
+  /** `n` bytes landed in what readBuffer() handed out. */
+  private readInPlace(n: number): boolean {
+    try {
+      return this.landed(n);
+    } catch (e) {
+      // Called from Node's read callback: a bug here must fail this connection, not the process.
+      this.socket.destroy(e as Error);
+      return false;
+    }
+  }
+
+  private landed(n: number): boolean {
+    this.bytesIn += n;
+    const t = this.handedOut;
+    if (!t) {
+      this.inbox.commit(n);
+      // A read that started gathering since this buffer was handed out takes its bytes from the inbox.
+      const g = this.target;
+      if (g) {
+        const k = Math.min(this.inbox.length, g.buf.length - g.filled);
+        this.inbox.take(g.buf.subarray(g.filled), k);
+        g.filled += k;
+      }
+    } else if (t === this.target) t.filled += n;
+    else {
+      // The read gave up meanwhile (its channel is failing): these bytes belong to nobody.
+      this.socket.destroy();
+      return false;
+    }
+    this.arrived();
+    return true;
+  }
+
+  /** A 'data' chunk (a socket this channel does not read in place). */
+  private onData(c: Buffer): void {
+    this.bytesIn += c.length;
+    const t = this.target;
+    let used = 0;
+    if (t) {
+      used = Math.min(c.length, t.buf.length - t.filled);
+      c.copy(t.buf, t.filled, 0, used);
+      t.filled += used;
+    }
+    if (used < c.length) this.inbox.append(used ? c.subarray(used) : c);
+    this.arrived();
+  }
+
+  /** Wakes the waiting read once it has its bytes (a read waits only while it gathers); pauses the socket while the inbox is full. */
+  private arrived(): void {
+    const t = this.target;
+    if (t) {
+      if (t.filled < t.buf.length) this.waiter?.progress();
+      else {
+        this.target = undefined; // complete: what comes next is the inbox's
+        this.wake();
+      }
+    }
+    // Paused, a socket read in place stops its reads too (net.Socket.pause).
+    if (this.inbox.length > MAX_BUFFERED && !this.socket.isPaused()) this.socket.pause();
+  }
+
+  private resumeReads(): void {
+    if (this.socket.isPaused()) this.socket.resume();
+  }
+
   /** An ERROR envelope among the bytes received but not read yet, as the error it carries. */
   private unreadPeerError(): VcpudError | undefined {
-    const buf = Buffer.concat(this.chunks);
+    const buf = this.inbox.peek();
     for (let off = 0; off + ENVELOPE_HEADER_SIZE <= buf.length; ) {
       let head: EnvelopeHead;
       try {
@@ -146,11 +237,13 @@ export class Channel {
   }
 
   /**
-   * Sends an envelope whose payload buffer the caller reuses: resolves once the socket has handed
-   * the payload to the kernel (the buffer is free again), within the stall timeout. Writes queue in
-   * order, so several may be outstanding; the caller bounds how many by its buffers.
+   * Sends an envelope in a buffer the caller reuses: `envelope` is ENVELOPE_HEADER_SIZE bytes of
+   * room for the header (written here) and the payload, so the socket gets one write (two made TLS
+   * copy both into one buffer, and sent a 16-byte record per envelope). Resolves once the socket
+   * has handed it to the kernel (the buffer is free again), within the stall timeout. Writes queue
+   * in order, so several may be outstanding; the caller bounds how many by its buffers.
    */
-  sendReusable(type: EnvelopeType, payload: Buffer, checksum = true): Promise<void> {
+  sendReusable(type: EnvelopeType, envelope: Buffer, checksum = true): Promise<void> {
     if (this.closedWith) return Promise.reject(this.closedWith);
     if (this.signal?.aborted) return Promise.reject(abortError(this.signal));
     let onWritten = () => {};
@@ -158,9 +251,9 @@ export class Channel {
       onWritten = () => resolve();
       return () => {};
     });
-    this.socket.write(envelopeHeader(type, payload, checksum));
-    this.socket.write(payload, () => onWritten()); // an error here also closes: the close rejects first
-    this.bytesOut += ENVELOPE_HEADER_SIZE + payload.length;
+    writeEnvelopeHeader(envelope, type, envelope.subarray(ENVELOPE_HEADER_SIZE), checksum);
+    this.socket.write(envelope, () => onWritten()); // an error here also closes: the close rejects first
+    this.bytesOut += envelope.length;
     return written;
   }
 
@@ -168,47 +261,40 @@ export class Channel {
     return this.send(jsonEnvelope(type, body));
   }
 
-  /** `into`: where to gather bytes that span socket chunks (a reused buffer of at least n bytes). */
+  /**
+   * The next `n` bytes, in `into` when it is given and large enough (a reused buffer), otherwise in
+   * a new buffer: first what the inbox holds, then the rest straight from the socket as it arrives.
+   */
   private async readExact(n: number, what: string, into?: Buffer): Promise<Buffer> {
-    if (this.buffered < n) {
+    const out = into && into.length >= n ? into.subarray(0, n) : Buffer.allocUnsafe(n);
+    const ready = Math.min(n, this.inbox.length);
+    this.inbox.take(out, ready);
+    if (ready < n) {
       if (this.closedWith) throw this.closedWith;
-      if (this.socket.isPaused()) this.socket.resume();
-      // One wait for the whole read, its stall timer re-armed by every chunk that arrives.
-      await this.bounded<void>(what, (resolve, progress) => {
-        const waiter = { need: n, resolve: () => resolve(), progress };
-        this.waiter = waiter;
-        return () => {
-          if (this.waiter === waiter) this.waiter = undefined;
-        };
-      });
-      if (this.buffered < n) throw this.closedWith ?? new VcpudError('internal', 'a read ended without its bytes');
-    }
-    let out: Buffer;
-    if (this.chunks[0].length >= n) {
-      out = this.chunks[0].subarray(0, n);
-      this.chunks[0] = this.chunks[0].subarray(n);
-      if (!this.chunks[0].length) this.chunks.shift();
-    } else {
-      out = into && into.length >= n ? into.subarray(0, n) : Buffer.allocUnsafe(n);
-      let off = 0;
-      while (off < n) {
-        const c = this.chunks[0];
-        const take = Math.min(c.length, n - off);
-        c.copy(out, off, 0, take);
-        off += take;
-        if (take === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(take);
+      const t: Target = { buf: out, filled: ready };
+      this.target = t;
+      this.resumeReads();
+      try {
+        // One wait for the whole read, its stall timer re-armed by every chunk that arrives.
+        await this.bounded<void>(what, (resolve, progress) => {
+          const waiter = { resolve: () => resolve(), progress };
+          this.waiter = waiter;
+          return () => {
+            if (this.waiter === waiter) this.waiter = undefined;
+          };
+        });
+      } finally {
+        if (this.target === t) this.target = undefined;
       }
+      if (t.filled < n) throw this.closedWith ?? new VcpudError('internal', 'a read ended without its bytes');
     }
-    this.buffered -= n;
-    if (this.buffered <= MAX_BUFFERED / 2 && this.socket.isPaused()) this.socket.resume();
     return out;
   }
 
   /**
    * The next envelope from the peer, within the stall timeout. An ERROR envelope is thrown as the
-   * peer's error. `into` lends a buffer for a payload that spans socket chunks (the payload is then
-   * a view of it); without it such a payload is copied into a new buffer.
+   * peer's error. `into` lends a buffer for the payload (the payload is then a view of it); without
+   * it the payload is a new buffer.
    */
   async next(what: string, into?: (head: EnvelopeHead) => Buffer | undefined): Promise<Envelope> {
     const head = decodeEnvelopeHeader(await this.readExact(ENVELOPE_HEADER_SIZE, what));
@@ -260,9 +346,8 @@ export class Channel {
     // `reading` stays true for Node, so nothing restarts the reads meanwhile (net.Socket._read).
     handle.readStop();
     while (this.socket.readableLength > 0) this.socket.read(); // emitted as 'data' into chunks
-    const prefix = Buffer.concat(this.chunks);
-    this.chunks = [];
-    this.buffered = 0;
+    const prefix = Buffer.from(this.inbox.peek());
+    this.inbox.clear();
     let r: T;
     try {
       r = await read(this.rawFd as number, prefix, this.cancelFlag);
@@ -270,11 +355,7 @@ export class Channel {
       return this.streamError(e, what);
     }
     this.bytesIn += r.bytes;
-    const rest = prefix.subarray(r.prefixUsed);
-    if (rest.length) {
-      this.chunks.push(rest);
-      this.buffered = rest.length;
-    }
+    this.inbox.append(prefix.subarray(r.prefixUsed));
     handle.readStart();
     return r;
   }

@@ -31,7 +31,7 @@ import { warmStateCodecs } from '../../ffi/sections/warm-up';
 import { Channel } from './channel';
 import { collectGarbage } from './collect-garbage';
 import { DirtyTracker } from './dirty-tracker';
-import { EnvelopeType, PROTOCOL_VERSION, type Committed, type PassAck } from './protocol';
+import { ENVELOPE_HEADER_SIZE, EnvelopeType, PROTOCOL_VERSION, type Committed, type PassAck } from './protocol';
 import { encodeState } from './state-records';
 
 export type MigrationMode = 'auto' | 'pre-copy' | 'stop-and-copy';
@@ -126,6 +126,8 @@ const FRAME_PAGES = 16;
  * envelopes a 256 MiB move took 1.1-1.9x as long here).
  */
 const ENVELOPE_FRAMES_BYTES = 16 * (PAGE_FRAME_FORMAT.headerBytes + FRAME_PAGES * (8 + PAGE_SIZE));
+/** Where a PAGES envelope's frames start: after its header and [u32 region index][u32 0]. */
+const PAGES_AT = ENVELOPE_HEADER_SIZE + 8;
 /** Envelope buffers in rotation: one being packed while the others are written. */
 const ENVELOPE_BUFFERS = 3;
 /**
@@ -222,7 +224,11 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
     // Envelope buffers are reused, each only once the socket has written it out (fresh 1 MiB
     // buffers cost a page fault per 4 KiB: packing into them ran at half the speed, BENCHMARKS.md).
     // The next envelopes are packed while earlier ones are still being written.
-    const envelopes = Array.from({ length: ENVELOPE_BUFFERS }, () => ({ buf: Buffer.allocUnsafe(8 + ENVELOPE_FRAMES_BYTES), written: Promise.resolve() }));
+    // Each holds the envelope's header, [u32 region][u32 0] and the frames: one socket write.
+    const envelopes = Array.from({ length: ENVELOPE_BUFFERS }, () => ({
+      buf: Buffer.allocUnsafe(PAGES_AT + ENVELOPE_FRAMES_BYTES),
+      written: Promise.resolve(),
+    }));
     let nextEnvelope = 0;
     const fd = regions.length === 1 ? ch.rawFd : undefined;
     const staging = fd !== undefined ? Buffer.allocUnsafe(STREAM.stagingBytes) : undefined;
@@ -231,7 +237,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
     const streamPass = async (bitmap: Buffer, onChunk: (doneBytes: number) => void) => {
       const memory = regions[0].memory;
       const total = regions[0].size / PAGE_SIZE;
-      await ch.sendReusable(EnvelopeType.PagesStream, Buffer.alloc(0)); // written: the socket is ours
+      await ch.sendReusable(EnvelopeType.PagesStream, Buffer.alloc(ENVELOPE_HEADER_SIZE)); // written: the socket is ours
       for (let page = 0; page < total; ) {
         if (vm.isDestroyed) throw new VcpudError('failed_precondition', `VM ${vm.id} was deleted during the migration`, { reason: 'WRONG_RUN_STATE' });
         const from = page;
@@ -267,15 +273,15 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
           const envelope = envelopes[nextEnvelope];
           await envelope.written;
           const out = envelope.buf;
-          const r = await regions[i].memory.packPages(bitmaps[i], page, out.subarray(8), { seq, framePages: FRAME_PAGES });
+          const r = await regions[i].memory.packPages(bitmaps[i], page, out.subarray(PAGES_AT), { seq, framePages: FRAME_PAGES });
           if (r.nextPage <= page) throw new VcpudError('internal', `packPages made no progress at page ${page}`);
           seq += r.frames;
           done += (r.nextPage - page) * PAGE_SIZE;
           page = r.nextPage;
           if (!r.bytes) continue;
-          out.writeUInt32LE(i, 0);
-          out.writeUInt32LE(0, 4);
-          envelope.written = ch.sendReusable(EnvelopeType.Pages, out.subarray(0, 8 + r.bytes), false);
+          out.writeUInt32LE(i, ENVELOPE_HEADER_SIZE);
+          out.writeUInt32LE(0, ENVELOPE_HEADER_SIZE + 4);
+          envelope.written = ch.sendReusable(EnvelopeType.Pages, out.subarray(0, PAGES_AT + r.bytes), false);
           envelope.written.catch(() => {}); // awaited before the buffer's reuse or at the pass's end
           nextEnvelope = (nextEnvelope + 1) % envelopes.length;
           await rateLimit(opts.bandwidth, started, ch.bytesOut, opts.signal);

@@ -64,7 +64,11 @@ export interface WireError {
 }
 
 export function envelopeHeader(type: EnvelopeType, payload: Buffer, checksum = true): Buffer {
-  const h = Buffer.alloc(ENVELOPE_HEADER_SIZE);
+  return writeEnvelopeHeader(Buffer.alloc(ENVELOPE_HEADER_SIZE), type, payload, checksum);
+}
+
+/** Writes the header of an envelope of `payload` into the first ENVELOPE_HEADER_SIZE bytes of `h`; returns `h`. */
+export function writeEnvelopeHeader(h: Buffer, type: EnvelopeType, payload: Buffer, checksum = true): Buffer {
   h.writeUInt32LE(MAGIC, 0);
   h.writeUInt32LE(type, 4);
   h.writeUInt32LE(payload.length, 8);
