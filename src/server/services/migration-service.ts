@@ -522,12 +522,15 @@ const PHASES: Record<MigrationProgress['phase'], SnapshotPhase> = {
   resume: 'SNAPSHOT_PHASE_RESUME',
 };
 
-/** Progress messages: every phase or pass change, then at most every PROGRESS_INTERVAL_MS. */
+/**
+ * Progress messages: every phase or pass change and each pass's closing report (the one carrying the
+ * rates it measured), otherwise at most every PROGRESS_INTERVAL_MS.
+ */
 function progressSender(write: (m: MigrateVmResponse) => void): (p: MigrationProgress) => void {
   let last = 0;
   let key = '';
   return (p) => {
-    const k = `${p.phase}/${p.pass}/${p.switchingOver}`;
+    const k = `${p.phase}/${p.pass}/${p.switchingOver}/${!!p.passEnd}`;
     const t = Date.now();
     if (k === key && t - last < PROGRESS_INTERVAL_MS) return;
     key = k;

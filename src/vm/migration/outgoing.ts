@@ -89,6 +89,8 @@ export interface MigrationProgress {
   expectedDowntimeMs: number;
   throttlePercent: number;
   switchingOver: boolean;
+  /** The report that closes a pass, with the rates it measured (a client must not miss it). */
+  passEnd?: boolean;
 }
 
 export interface MigrationReport {
@@ -360,7 +362,15 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       dirtyBytes = dirtyPages * PAGE_SIZE;
       const dirtyRate = (dirtyBytes * 1000) / passMs;
       const expectedDowntimeMs = (dirtyBytes * 1000) / bandwidth + fixedCostMs;
-      report({ phase: 'memory', memoryBytesDone: totalBytes, bytesRemaining: dirtyBytes, dirtyRate, transferRate: passRate, expectedDowntimeMs });
+      report({
+        phase: 'memory',
+        memoryBytesDone: totalBytes,
+        bytesRemaining: dirtyBytes,
+        dirtyRate,
+        transferRate: passRate,
+        expectedDowntimeMs,
+        passEnd: true,
+      });
       // While a pass at least halves the dirty set, the next one is at most half as long and so is
       // the paused one after it: keep going (at most log2(pages) passes), whatever the estimate.
       // Switching as soon as the estimate fit let the paused pass carry what pass 2 left, and pass
