@@ -13,6 +13,13 @@ export function packageRoot(from: string = __dirname): string {
   return dir;
 }
 
+let version: string | undefined;
+
+/**
+ * The version of the code running, read once: every snapshot header and a migration's switch-over
+ * (the guest paused) asked for it, and a package.json replaced by an upgrade is not this process's.
+ */
 export function packageVersion(): string {
-  return (JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version?: string }).version ?? 'unknown';
+  version ??= (JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version?: string }).version ?? 'unknown';
+  return version;
 }

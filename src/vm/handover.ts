@@ -260,7 +260,7 @@ async function restoreVm(registry: VmRegistry, caps: HostCapabilities, memory: S
   const mem = memory.open(e.memoryFile, e.memoryBytes);
   let kvmVm: Awaited<ReturnType<typeof ManagedVm.prepareKvmVm>>;
   try {
-    kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, mem);
+    kvmVm = await ManagedVm.prepareKvmVm(registry.kvm, spec, mem, header.vm.cpuid);
   } catch (err) {
     mem.release(); // not owned yet: the file stays for moveAside
     throw err;

@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { failedPrecondition, notFound, VcpudError } from '../errors';
 import type { Kvm } from '../ffi/kvm';
-import type { CpuidEntry2 } from '../ffi/sections';
+import { encodeCpuid2, type CpuidEntry2 } from '../ffi/sections';
 import type { NativeGuestMemory } from '../ffi/native';
 import type { Vm } from '../ffi/vm';
 import { ConsoleBuffer } from './console';
@@ -49,6 +49,9 @@ export interface VmEvents {
 const TSS_ADDR = 0xfffbd000;
 const KVM_MP_STATE_RUNNABLE = 0;
 
+/** The CPUID prepareKvmVm gave the vCPUs it made: ManagedVm.create sets it again only when it is not the one due. */
+const preparedCpuid = new WeakMap<Vm, CpuidEntry2[]>();
+
 export class ManagedVm extends EventEmitter<VmEvents> {
   readonly id: string;
   readonly createdAt: Date;
@@ -79,12 +82,19 @@ export class ManagedVm extends EventEmitter<VmEvents> {
    * for ManagedVm.create's `prepared.vm`: a restore does this while it verifies the snapshot. The
    * caller closes it if it ends up unused.
    */
-  static async prepareKvmVm(kvm: Kvm, spec: VmSpec, memory: NativeGuestMemory): Promise<Vm> {
+  static async prepareKvmVm(kvm: Kvm, spec: VmSpec, memory: NativeGuestMemory, cpuid?: CpuidEntry2[]): Promise<Vm> {
     const vm = await kvm.createVmAsync();
     try {
       if (kvm.checkExtension('SET_TSS_ADDR') > 0) vm.setTssAddr(TSS_ADDR);
       if (!spec.noIrqchip && kvm.checkExtension('IRQCHIP') > 0) vm.createIrqchip();
       await vm.addMemoryAsync(0, memory);
+      // With the CPUID known (a snapshot's or a migration's) the vCPUs are made here too: in a
+      // migration's commit, creating them and setting their CPUID took 0.5-1.9 ms of the guest's
+      // paused window (BENCHMARKS.md, "switch-over fixed costs").
+      if (cpuid) {
+        for (let i = 0; i < spec.vcpuCount; i++) vm.createVcpu(i).setCpuid2(cpuid);
+        preparedCpuid.set(vm, cpuid);
+      }
       return vm;
     } catch (e) {
       vm.close();
@@ -114,9 +124,12 @@ export class ManagedVm extends EventEmitter<VmEvents> {
       } else if (vm.regions.length !== 1 || vm.regions[0].size !== spec.memoryBytes) {
         throw new VcpudError('internal', 'a prepared VM must have exactly its memory as slot 0');
       }
+      const preset = preparedCpuid.get(vm);
+      const cpuidSet = preset !== undefined && encodeCpuid2(preset).equals(encodeCpuid2(m.cpuid));
       for (let i = 0; i < spec.vcpuCount; i++) {
-        const vcpu = vm.createVcpu(i);
-        vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
+        const made = vm.vcpus.get(i); // by prepareKvmVm
+        const vcpu = made ?? vm.createVcpu(i);
+        if (!made || !cpuidSet) vcpu.setCpuid2(m.cpuid); // before the first KVM_RUN: long mode faults without it
         const explain = internalErrorExplainer(vcpu, { size: spec.memoryBytes, read: (gpa, length) => m.readMemory(gpa, length) });
         m.adopt(
           new ManagedVcpu(

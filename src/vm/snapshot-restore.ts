@@ -1,6 +1,6 @@
 /**
  * Restoring a loaded snapshot (snapshot-reader.ts) into a new VM: created with the snapshot's CPUID,
- * memory and vCPU count, VM-wide state (irqchip, clock) applied, then every vCPU through writeState
+ * memory and vCPU count, VM-wide state (irqchip, clock) applied, then every vCPU through writeFreshState
  * in the restore order vcpu-state.ts owns, nested state last (writeNested). MSRs that refuse a
  * write-back of their own value are handled explicitly: a known one is skipped with a note in the
  * result, an unknown one fails the restore. The vCPUs come up PAUSED (those that had run) or
@@ -15,7 +15,7 @@ import type { Reservation, VmRegistry } from './registry';
 import { assertCompatible } from './snapshot-compat';
 import { hex, type SnapshotHeader } from './snapshot-format';
 import { loadSnapshot, type ByteSource, type LoadedSnapshot, type LoadOptions } from './snapshot-reader';
-import { writeNested, writeState, type StateContext, type StateValues } from './vcpu-state';
+import { writeFreshState, writeNested, type StateContext, type StateValues } from './vcpu-state';
 import { checkVmName } from './vm-name';
 
 /** What a restore applies: a loaded snapshot's state and memory (a migration's too, which has no identity). */
@@ -70,9 +70,12 @@ function refusedMsr(e: unknown, entries: MsrEntry[] | undefined): MsrEntry | und
   return msr && entries?.[msr.position];
 }
 
-/** writeState, retrying without a known self-refusing MSR (noted) when KVM_SET_MSRS refuses it. */
+/**
+ * writeFreshState (the vCPU is new: nothing to roll back), retrying without a known self-refusing
+ * MSR (noted) when KVM_SET_MSRS refuses it.
+ */
 export function writeStateWithMsrPolicy(
-  vcpu: Parameters<typeof writeState>[0],
+  vcpu: Parameters<typeof writeFreshState>[0],
   ctx: StateContext,
   values: StateValues,
   notes: string[],
@@ -81,7 +84,7 @@ export function writeStateWithMsrPolicy(
   let v = values;
   for (;;) {
     try {
-      return writeState(vcpu, ctx, v);
+      return writeFreshState(vcpu, ctx, v);
     } catch (e) {
       const refused = refusedMsr(e, v.msrs);
       if (!refused || !(refused.index in SELF_REFUSING_MSRS)) throw e;
@@ -202,7 +205,7 @@ export async function loadAndRestore(
         loadParent: opts.loadParent,
         allocate: (bytes) => registry.memory.allocate(bytes),
         onMemory: (memory, h) => {
-          prepared = ManagedVm.prepareKvmVm(registry.kvm, restoreSpec(h, opts.name), memory);
+          prepared = ManagedVm.prepareKvmVm(registry.kvm, restoreSpec(h, opts.name), memory, h.vm.cpuid);
           prepared.catch((e) => (prepareError ??= e));
         },
       },

@@ -4,7 +4,7 @@
  * the directory) or a stream of byte chunks (CreateSnapshot to the caller, MigrateVm to another vcpud).
  *
  * The VM is held (no resume, no memory writes) and its vCPUs paused for the whole capture, so the
- * snapshot is one consistent point in time. vCPU state is read through readState/readNested, in
+ * snapshot is one consistent point in time. vCPU state is read through readStateBytes/readNested, in
  * the save order vcpu-state.ts owns. Memory goes out in 4 MiB chunks, zero pages skipped, each
  * chunk checksummed on the libuv pool while it is written.
  */
@@ -13,7 +13,7 @@ import os from 'node:os';
 import { notFound, VcpudError } from '../errors';
 import type { HostCapabilities } from '../ffi/capabilities';
 import type { NativeGuestMemory } from '../ffi/native';
-import { SECTIONS, type SectionName } from '../ffi/sections';
+import { cpuid2Size, SECTIONS, type SectionName } from '../ffi/sections';
 import { packageVersion } from '../package';
 import { AtomicFile, type AtomicTarget } from './atomic-file';
 import type { ManagedVm } from './managed-vm';
@@ -41,7 +41,7 @@ import {
   type SnapshotRunState,
   type SnapshotVcpu,
 } from './snapshot-format';
-import { readNested, readState, type StateContext } from './vcpu-state';
+import { readNested, readStateBytes, type StateContext } from './vcpu-state';
 
 // ---------------------------------------------------------------------------------------------
 // Sinks
@@ -366,15 +366,15 @@ export interface CapturedState {
  */
 export async function captureState(vm: ManagedVm, caps: HostCapabilities, runStates: HeldVm['before']): Promise<CapturedState> {
   const ctx: StateContext = { caps, irqchip: vm.vm.hasIrqchip };
-  // vCPU state, in the save order (readState), nested state after the sections.
+  // vCPU state, in the save order (readStateBytes: one native call), nested state after the sections.
   const vcpus: CapturedVcpu[] = [];
   for (const v of vm.vcpus) {
     const captured = await v.withState(() => {
-      const r = readState(v.vcpu, ctx, []);
+      const r = readStateBytes(v.vcpu, ctx, []);
       const records: [string, Buffer][] = [];
       const sections: { name: SectionName; size: number }[] = [];
       for (const [name, value] of Object.entries(r.values) as [SectionName, unknown][]) {
-        const bytes = (SECTIONS[name] as { encode(v: unknown): Buffer }).encode(value);
+        const bytes = sectionRecord(name, value);
         records.push([name, bytes]);
         sections.push({ name, size: bytes.length });
       }
@@ -409,6 +409,17 @@ export async function captureState(vm: ManagedVm, caps: HostCapabilities, runSta
     vmState.map(([name, data]) => ({ name, size: data.length })),
   );
   return { header, vcpus, vmState };
+}
+
+/**
+ * A section's record: the bytes its ioctl exchanges, which is what the section's codec encodes. A
+ * bytes read (readStateBytes) has them already for the structs, xsave, lapic and a complete msrs read
+ * (cpuid2's list up to its nent); the rest are encoded. Decoding and re-encoding them cost a
+ * migration's paused window ~0.3 ms per vCPU, reading section by section another ~0.7 (BENCHMARKS.md).
+ */
+export function sectionRecord(name: SectionName, value: unknown): Buffer {
+  if (!Buffer.isBuffer(value)) return (SECTIONS[name] as { encode(v: unknown): Buffer }).encode(value);
+  return name === 'cpuid2' ? value.subarray(0, cpuid2Size(value.readUInt32LE(0))) : value;
 }
 
 /** One record as the format lays it out: header, payload, zeros to the next 8-byte boundary. */

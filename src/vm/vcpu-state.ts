@@ -308,11 +308,7 @@ const isByteSection = (s: SectionName): s is ByteSection => BYTE_SECTION_SET.has
  * section.
  */
 export function writeState(vcpu: Vcpu, ctx: StateContext, values: StateInput, asRequested: AsRequested = decoded): SectionName[] {
-  // A section this host cannot write (e.g. tsc_khz without KVM_CAP_TSC_CONTROL) is accepted when it
-  // asks for the value the vCPU already has, so GetState's output can always be sent back.
-  const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
-  for (const s of sections) checkSupported(ctx, s, 'write');
-  checkSharedMsrs(vcpu, values);
+  const sections = sectionsToWrite(vcpu, ctx, values);
   const previous: [SectionName, unknown][] = [];
   for (const s of sections) {
     const msrIndices = s === 'msrs' ? (values.msrs ?? []).map((e) => e.index) : [];
@@ -337,6 +333,34 @@ export type AsRequested = (s: SectionName, value: unknown) => unknown;
 /** A section's value decoded when it is given as kernel bytes (a byte section), else as it is. */
 function decoded(s: SectionName, value: unknown): unknown {
   return Buffer.isBuffer(value) && isByteSection(s) ? SECTIONS[s].decode(value) : value;
+}
+
+/** The sections of `values` a write applies, in restore order, each checked (nothing written yet). */
+function sectionsToWrite(vcpu: Vcpu, ctx: StateContext, values: StateInput): SectionName[] {
+  // A section this host cannot write (e.g. tsc_khz without KVM_CAP_TSC_CONTROL) is accepted when it
+  // asks for the value the vCPU already has, so GetState's output can always be sent back.
+  const sections = RESTORE_ORDER.filter((s) => values[s] !== undefined && !unchangedButUnwritable(vcpu, ctx, s, values[s]));
+  for (const s of sections) checkSupported(ctx, s, 'write');
+  checkSharedMsrs(vcpu, values);
+  return sections;
+}
+
+/**
+ * writeState for a vCPU no one has seen yet, in a VM that is destroyed if this fails (a restore or a
+ * migration's commit): the same sections, order and checks, but nothing is read back first, since
+ * there is nothing to roll back to. Those reads were over half of a migration's restore, inside the
+ * guest's paused window (BENCHMARKS.md, "switch-over fixed costs").
+ */
+export function writeFreshState(vcpu: Vcpu, ctx: StateContext, values: StateInput): SectionName[] {
+  const sections = sectionsToWrite(vcpu, ctx, values);
+  for (const s of sections) {
+    try {
+      writeSection(vcpu, s, values[s]);
+    } catch (e) {
+      throw sectionFailure(s, e, undefined, decoded(s, values[s]), [], 'the new vCPU is discarded');
+    }
+  }
+  return sections;
 }
 
 // ---- the rollback model: what each section writes besides its own fields, and the undo that follows ----
@@ -494,8 +518,15 @@ function refusalViolation(section: SectionName, e: KvmError, before: unknown, re
  * KvmError is classified by classifyErrno; KERNEL_REJECTED refusals name the field), or
  * ROLLBACK_FAILED when putting the vCPU back failed too.
  */
-function sectionFailure(section: SectionName, e: unknown, before: unknown, requested: unknown, rollbackFailures: string[]): VcpudError {
-  const restored = rollbackFailures.length ? `; rollback FAILED for ${rollbackFailures.join(', ')}` : '; every section already applied was restored';
+function sectionFailure(
+  section: SectionName,
+  e: unknown,
+  before: unknown,
+  requested: unknown,
+  rollbackFailures: string[],
+  afterwards = 'every section already applied was restored',
+): VcpudError {
+  const restored = rollbackFailures.length ? `; rollback FAILED for ${rollbackFailures.join(', ')}` : `; ${afterwards}`;
   const message = `SetState failed at section ${section}: ${(e as Error).message}${restored}`;
   const details: ErrorDetails = { ...(e instanceof VcpudError ? e.details : {}), section };
   if (e instanceof KvmError && details.reason === 'KERNEL_REJECTED') {

@@ -1,12 +1,14 @@
 /**
  * The switch-over of a pre-copy migration (src/vm/migration/outgoing.ts), in one process on the real
  * kernel: what goes into the paused window. Pages dirtied once go in a pass while the guest runs
- * (a pass that halved the dirty set is followed by another, not by the pause), and the heap is
- * collected before the pause, not inside it.
+ * (a pass that halved the dirty set is followed by another, not by the pause), the heap is
+ * collected before the pause, not inside it, and the window's progress is written after the commit.
  */
 import { constants, performance, PerformanceObserver, type PerformanceEntry } from 'node:perf_hooks';
 import type { ManagedVm } from '../../src/vm/managed-vm';
 import { migrateVm, type DestinationControl, type MigrationProgress } from '../../src/vm/migration/outgoing';
+import { EnvelopeType } from '../../src/vm/migration/protocol';
+import { native } from '../../src/ffi/native';
 import { inProcessMigration } from '../support/in-process-migration';
 import { describeKvm } from '../support/kvm';
 
@@ -18,6 +20,7 @@ const DIRTIED = { at: 16 * MiB, pages: 256 };
 
 describeKvm('live migration switch-over: what the paused window holds (real KVM, in process)', () => {
   const m = inProcessMigration(MEMORY, STALL_MS);
+  afterEach(() => jest.restoreAllMocks());
 
   const destination: DestinationControl = {
     name: 'the in-process destination',
@@ -67,6 +70,92 @@ describeKvm('live migration switch-over: what the paused window holds (real KVM,
     expect(paused?.bytesRemaining).toBe(0);
     expect(paused!.pass).toBeGreaterThan(2);
     expect(moved.readMemory(DIRTIED.at, DIRTIED.pages * 4096).equals(Buffer.alloc(DIRTIED.pages * 4096, 0xa5))).toBe(true);
+  });
+
+  /** The destination, recording in `events` the type of every envelope the source writes to it. */
+  const recordingDestination = (events: string[]): DestinationControl => ({
+    ...destination,
+    async connect(endpoint) {
+      const socket = await m.connect(endpoint);
+      const write = socket.write.bind(socket) as (b: Buffer, ...rest: unknown[]) => boolean;
+      // Every envelope's header starts a write: "VMIG", then its type.
+      socket.write = ((b: Buffer, ...rest: unknown[]) => {
+        if (Buffer.isBuffer(b) && b.length >= 16 && b.readUInt32LE(0) === 0x47494d56) events.push(EnvelopeType[b.readUInt32LE(4)]);
+        return write(b, ...rest);
+      }) as typeof socket.write;
+      return socket;
+    },
+  });
+
+  it("the paused window's progress (last pass, state, commit) is written once the destination has committed, not inside the downtime", async () => {
+    // What the source does, in order: the envelopes it writes on the data connection and its progress reports.
+    const events: string[] = [];
+    const spied = recordingDestination(events);
+    const committedWhenReported: boolean[] = [];
+    const vm = m.source.create({ memoryBytes: MEMORY, vcpuCount: 1 });
+    vm.writeMemory(4 * MiB, Buffer.alloc(MiB, 1));
+    const report = await migrateVm(
+      vm,
+      spied,
+      m.options(vm, {
+        onProgress: (p) => {
+          events.push(p.switchingOver ? `progress ${p.phase} (switching over)` : `progress ${p.phase}`);
+          // The destination's registry has the VM once it committed.
+          if (p.switchingOver) committedWhenReported.push(m.dest.list().length === 1);
+        },
+      }),
+    );
+    expect(
+      m.dest
+        .get(report.destinationVmId)
+        .readMemory(4 * MiB, MiB)
+        .equals(Buffer.alloc(MiB, 1)),
+    ).toBe(true);
+    const fromPause = events.slice(events.findIndex((e) => e.endsWith('(switching over)')) - 1);
+    console.log(`the switch-over as the source made it: ${fromPause.join(', ')}`);
+    const commit = events.indexOf('Commit');
+    expect(events.indexOf('State')).toBeLessThan(commit);
+    const windowProgress = events.filter((e) => e.endsWith('(switching over)'));
+    expect(windowProgress).toEqual([
+      'progress memory (switching over)',
+      'progress state (switching over)',
+      'progress sync (switching over)',
+      'progress resume (switching over)',
+    ]);
+    expect(events.findIndex((e) => e.endsWith('(switching over)'))).toBeGreaterThan(commit);
+    expect(committedWhenReported).toEqual([true, true, true, true]);
+  });
+
+  it("the vCPUs' state is read while the paused pass's pages are sent, before that pass ends", async () => {
+    const events: string[] = [];
+    const vm = m.source.create({ memoryBytes: MEMORY, vcpuCount: 1 });
+    const batchRead = native.getBatch.bind(native);
+    jest.spyOn(native, 'getBatch').mockImplementation((...args) => {
+      events.push('state read'); // captureState reads each vCPU's sections in one batch
+      return batchRead(...args);
+    });
+    const dirtied = Buffer.alloc(16 * 4096, 0x5a);
+    let pausedPassBytes = 0;
+    const report = await migrateVm(
+      vm,
+      recordingDestination(events),
+      m.options(vm, {
+        onProgress: (p) => {
+          events.push(p.switchingOver ? `progress ${p.phase} (switching over)` : `progress ${p.phase}`);
+          if (p.switchingOver && p.phase === 'memory') pausedPassBytes = p.bytesRemaining;
+          // Written after every harvest, the last one's pages go in the paused pass.
+          if (!p.switchingOver && p.expectedDowntimeMs > 0) vm.vm.regions[0].memory.write(DIRTIED.at, dirtied);
+        },
+      }),
+    );
+    expect(m.dest.get(report.destinationVmId).readMemory(DIRTIED.at, dirtied.length).equals(dirtied)).toBe(true);
+    const paused = events.slice(events.lastIndexOf('PagesStream'));
+    console.log(`the paused pass and the state as the source made them: ${paused.join(', ')}`);
+    expect(events.filter((e) => e === 'state read')).toEqual(['state read']);
+    // The paused pass had pages, and the state was read before that pass's end was written.
+    expect(pausedPassBytes).toBe(dirtied.length);
+    expect(paused.indexOf('state read')).toBeGreaterThan(0);
+    expect(paused.indexOf('state read')).toBeLessThan(paused.indexOf('PassEnd'));
   });
 
   it('the heap is collected between the pre-copy passes, before the pause: a major collection ends before the last pre-copy report', async () => {

@@ -128,7 +128,7 @@ export class IncomingMigration {
       throw new VcpudError('invalid_argument', 'a migrating VM must have its memory as one slot at guest physical address 0');
     const memory = registry.memory.allocate(header.vm.memoryBytes);
     const m = new IncomingMigration(registry, caps, header, opts.name, opts.stallMs, memory, opts.describe);
-    m.makeKvmVm(ManagedVm.prepareKvmVm(registry.kvm, spec, memory));
+    m.makeKvmVm(ManagedVm.prepareKvmVm(registry.kvm, spec, memory, header.vm.cpuid));
     if (opts.preallocate) {
       try {
         await commitMemory(memory, header.vm.memoryBytes, opts.signal);

@@ -298,28 +298,26 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       if (ack.pass !== pass) throw new VcpudError('internal', `the destination acknowledged pass ${ack.pass} where ${pass} was due`);
       unacked = undefined;
     };
-    const report = (p: Partial<MigrationProgress> & Pick<MigrationProgress, 'phase'>) =>
-      opts.onProgress({
-        pass: stage.pass,
-        bytesTotal: totalBytes,
-        bytesSent: ch.bytesOut,
-        bytesRemaining: 0,
-        memoryBytesDone: 0,
-        dirtyRate: 0,
-        transferRate: 0,
-        expectedDowntimeMs: 0,
-        throttlePercent: throttle,
-        switchingOver: !!paused,
-        ...p,
-      });
-
-    // In the paused window a progress message is written while something else is on its way (the
-    // pages, the state, the commit): each costs this thread 0.1-0.9 ms (traced at 1 and 4 GiB).
-    const reportWhile = async (pending: Promise<void> | undefined, p: Parameters<typeof report>[0]) => {
-      pending?.catch(() => {}); // its failure is thrown by the await below
-      report(p);
-      await pending;
-    };
+    const progress = (p: Partial<MigrationProgress> & Pick<MigrationProgress, 'phase'>): MigrationProgress => ({
+      pass: stage.pass,
+      bytesTotal: totalBytes,
+      bytesSent: ch.bytesOut,
+      bytesRemaining: 0,
+      memoryBytesDone: 0,
+      dirtyRate: 0,
+      transferRate: 0,
+      expectedDowntimeMs: 0,
+      throttlePercent: throttle,
+      switchingOver: !!paused,
+      ...p,
+    });
+    const report = (p: Parameters<typeof progress>[0]) => opts.onProgress(progress(p));
+    // The paused window's progress (the last pass, the state, the commit) is written once the
+    // destination has acknowledged the commit, outside the downtime: each message cost this thread
+    // 0.1-1.3 ms (traced), and written during the destination's restore it competes with it for the
+    // host's cores (a same-node migration, the client). A failure names its phase in the error.
+    const windowProgress: MigrationProgress[] = [];
+    const reportOnceCommitted = (p: Parameters<typeof progress>[0]) => void windowProgress.push(progress(p));
 
     if (!tracker) paused = await pause(); // stop-and-copy: paused for the whole copy
     const pausedAt = paused ? now() : 0;
@@ -415,7 +413,8 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
     stage.phase = 'switch-over';
     const switchAt = paused ? pausedAt : now();
     paused ??= await pause();
-    let lastPassAcked: Promise<void> = Promise.resolve();
+    let lastPassDone = now();
+    let lastPass: Promise<void> | undefined;
     if (tracker) {
       stage.pass++;
       // The last pre-copy harvest was never sent: its pages go now, with what was dirtied since.
@@ -423,28 +422,46 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       bitmaps = await tracker.harvest();
       unacked = bitmaps;
       const lastPages = bitmaps.reduce((n, b) => n + countBits(b, b.length * 8), 0);
-      // Nothing dirty (an idle guest): no frames, only the pass's end (a pool thread on each side less).
-      await reportWhile(lastPages ? sendPass(bitmaps, () => {}) : undefined, { phase: 'memory', bytesRemaining: lastPages * PAGE_SIZE });
-      // The state is read and sent while the destination applies the last pass and acknowledges
-      // it (one round trip less in the downtime); the commit still waits for that acknowledgement.
+      reportOnceCommitted({ phase: 'memory', bytesRemaining: lastPages * PAGE_SIZE });
+      // The pages go (a pool thread) while this thread reads the state: the vCPUs are paused, so
+      // neither changes what the other reads. Nothing dirty (an idle guest): no frames, only the
+      // pass's end (a pool thread on each side less).
+      lastPass = (lastPages ? sendPass(bitmaps, () => {}) : Promise.resolve()).then(() => void (lastPassDone = now()));
+      lastPass.catch(() => {}); // awaited below
+    }
+    stage.phase = 'state';
+    let stateRecords: Buffer;
+    try {
+      stateRecords = encodeState(await captureState(vm, opts.caps, paused.before));
+    } catch (e) {
+      await lastPass?.catch(() => {}); // the pages' sender is done with the connection before it goes
+      throw e;
+    }
+    let lastPassAcked: Promise<void> = Promise.resolve();
+    if (lastPass) {
+      stage.phase = 'switch-over'; // its errors are the last pass's
+      await lastPass;
+      // The state is sent while the destination applies the last pass and acknowledges it (one
+      // round trip less in the downtime); the commit still waits for that acknowledgement.
       lastPassAcked = endPass(stage.pass).catch((e) => {
         stage.phase = 'switch-over'; // the error is the last pass's, whatever runs meanwhile
         throw e;
       });
       lastPassAcked.catch(() => {}); // awaited below
+      stage.phase = 'state';
     }
-    const lastPassDone = now();
-    stage.phase = 'state';
-    const state = await captureState(vm, opts.caps, paused.before);
-    await reportWhile(ch.sendEnvelope(EnvelopeType.State, encodeState(state)), { phase: 'state', memoryBytesDone: totalBytes });
+    reportOnceCommitted({ phase: 'state', memoryBytesDone: totalBytes });
+    await ch.sendEnvelope(EnvelopeType.State, stateRecords);
     await lastPassAcked;
     const stateDone = now();
 
     stage.phase = 'commit';
     commitSent = true;
-    await reportWhile(ch.sendJson(EnvelopeType.Commit, { run: !opts.leavePaused }), { phase: 'sync', memoryBytesDone: totalBytes });
+    reportOnceCommitted({ phase: 'sync', memoryBytesDone: totalBytes });
+    await ch.sendJson(EnvelopeType.Commit, { run: !opts.leavePaused });
     const committed = await ch.expectJson<Committed>(EnvelopeType.Committed, 'waiting for the destination to commit');
     const committedAt = now();
+    for (const p of windowProgress.splice(0)) opts.onProgress(p);
     report({ phase: 'resume', memoryBytesDone: totalBytes });
     tracker?.stop();
     ch.close();
