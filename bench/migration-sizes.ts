@@ -13,9 +13,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { call, startVcpud } from '../test/support/vcpud-process';
+import { startVcpud } from '../test/support/vcpud-process';
 import { MiB, fatal, knob, median } from './floors';
-import { downtimeParts, migrate, ms, randomVm, runDirty64 } from './migration';
+import { downtimeParts, downtimeSamples } from './migration';
 
 const SIZES = knob('BENCH_SIZES_MIB', '1024,4096', 'migration-sizes: guest sizes in MiB, comma-separated')
   .split(',')
@@ -27,21 +27,11 @@ async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-bench-sizes-'));
   const limit = ['--max-memory-per-vm', `${Math.max(...SIZES) / MiB}Mi`];
   const daemons = await Promise.all(['a', 'b'].map((side) => startVcpud(['--snapshot-dir', path.join(dir, side), ...limit])));
-  const downtimes = new Map<number, number[]>(SIZES.map((s) => [s, []]));
+  let downtimes: Map<number, number[]>;
   try {
-    for (let round = 1; round <= ROUNDS; round++)
-      for (const size of SIZES) {
-        let id = await randomVm(daemons[0].client('VmService'), size);
-        await runDirty64(daemons[0], id);
-        for (let hop = 0; hop < HOPS; hop++) {
-          const [from, to] = hop % 2 ? [daemons[1], daemons[0]] : [daemons[0], daemons[1]];
-          const moved = await migrate(from.client('SnapshotService'), { vmId: id, destination: to.serving.api });
-          id = moved.id;
-          downtimes.get(size)!.push(ms(moved.done.downtime));
-          console.log(`round ${round}, ${size / MiB} MiB, migration ${hop + 1}: ${downtimeParts(moved.done)}; load ${os.loadavg()[0].toFixed(2)}`);
-        }
-        await call(daemons[HOPS % 2].client('VmService'), 'DeleteVm', { vmId: id });
-      }
+    downtimes = await downtimeSamples([daemons[0], daemons[1]], SIZES, ROUNDS, HOPS, ({ round, size, hop, moved }) =>
+      console.log(`round ${round}, ${size / MiB} MiB, migration ${hop + 1}: ${downtimeParts(moved.done)}; load ${os.loadavg()[0].toFixed(2)}`),
+    );
   } finally {
     await Promise.all(daemons.map((d) => d.stop()));
     fs.rmSync(dir, { recursive: true, force: true });

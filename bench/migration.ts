@@ -18,7 +18,8 @@
  * floors receive into a reused buffer; these say what fresh memory costs on this host.
  *
  * BENCH_MIGRATION_MIB (default 1024) sets the guest size; BENCH_MIGRATION_DIRTY_MIBS the dirty rate;
- * BENCH_MIGRATION_LARGE_MIB (default 4096, 0 skips) the larger guest; BENCH_MIGRATION_SIZE_ROUNDS its rounds.
+ * BENCH_MIGRATION_LARGE_MIB (default 4096, 0 skips) the larger guest; BENCH_MIGRATION_SIZE_ROUNDS its rounds
+ * (a guest of each size filled per round) and BENCH_MIGRATION_SIZE_HOPS the migrations of each guest.
  */
 import { fork } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -38,7 +39,10 @@ type Client = grpc.Client & Record<string, Function>;
 const SIZE = Number(knob('BENCH_MIGRATION_MIB', '1024', 'migration: guest size in MiB')) * MiB;
 const DIRTY_RATE = Number(knob('BENCH_MIGRATION_DIRTY_MIBS', '64', 'migration: dirty64 rate in MiB/s for the downtime figure')) * MiB;
 const LARGE = Number(knob('BENCH_MIGRATION_LARGE_MIB', '4096', 'migration: larger guest in MiB for the downtime-vs-size figure, 0 skips')) * MiB;
-const SIZE_ROUNDS = Number(knob('BENCH_MIGRATION_SIZE_ROUNDS', '2', 'migration: rounds of each size for the downtime-vs-size figure'));
+const SIZE_ROUNDS = Number(
+  knob('BENCH_MIGRATION_SIZE_ROUNDS', '2', 'migration: rounds of each size for the downtime-vs-size figure (a guest filled per round)'),
+);
+const SIZE_HOPS = Number(knob('BENCH_MIGRATION_SIZE_HOPS', '3', 'migration: migrations of each guest of the downtime-vs-size figure, back and forth'));
 const SIZE_TARGET = { op: '<=', ratio: 1.2 } as const;
 const THROUGHPUT_TARGET = { op: '>=', ratio: 0.8 } as const;
 const IDLE_TARGET = { op: '<=', ratio: 1.3 } as const;
@@ -151,7 +155,7 @@ export async function randomVm(vms: Client, size: number): Promise<string> {
   return vm.id;
 }
 
-interface Moved {
+export interface Moved {
   id: string;
   done: Record<string, any>;
   /** Pass 1's transfer rate as the engine measured it, MiB/s. */
@@ -224,28 +228,46 @@ export function downtimeParts(d: Record<string, any>): string {
  * Downtime of dirty64 at DIRTY_RATE on a guest of SIZE and of LARGE with random memory, moved from
  * `from` to `to`, rounds alternating so both sizes see the same host load; medians compared.
  */
-async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string[][]): Promise<BenchRow[]> {
-  const downtimes = new Map<number, number[]>([
-    [SIZE, []],
-    [LARGE, []],
-  ]);
-  for (let round = 1; round <= SIZE_ROUNDS; round++)
-    for (const size of [SIZE, LARGE]) {
-      const id = await randomVm(from.client('VmService'), size);
-      await runDirty64(from, id);
-      const moved = await migrate(from.client('SnapshotService'), { vmId: id, destination: to.serving.api });
-      await call(to.client('VmService'), 'DeleteVm', { vmId: moved.id });
-      const d = moved.done;
-      downtimes.get(size)!.push(ms(d.downtime));
-      rows.push([
-        `round ${round}: ${size / MiB} MiB guest, dirty64 at ${DIRTY_RATE / MiB} MiB/s`,
-        ms(d.duration).toFixed(0),
-        moved.pass1MiBs.toFixed(0),
-        downtimeParts(d),
-      ]);
+/**
+ * Downtime samples at each size: per round a guest of each size with random memory running dirty64,
+ * migrated back and forth `hops` times between the two vcpuds (sizes alternating round by round, so
+ * both see the same host load), then deleted. `onMigration` sees each migration's report.
+ */
+export async function downtimeSamples(
+  daemons: [VcpudProcess, VcpudProcess],
+  sizes: number[],
+  rounds: number,
+  hops: number,
+  onMigration: (m: { round: number; size: number; hop: number; moved: Moved }) => void,
+): Promise<Map<number, number[]>> {
+  const downtimes = new Map<number, number[]>(sizes.map((s) => [s, []]));
+  for (let round = 1; round <= rounds; round++)
+    for (const size of sizes) {
+      let id = await randomVm(daemons[0].client('VmService'), size);
+      await runDirty64(daemons[0], id);
+      for (let hop = 0; hop < hops; hop++) {
+        const [from, to] = hop % 2 ? [daemons[1], daemons[0]] : [daemons[0], daemons[1]];
+        const moved = await migrate(from.client('SnapshotService'), { vmId: id, destination: to.serving.api });
+        id = moved.id;
+        downtimes.get(size)!.push(ms(moved.done.downtime));
+        onMigration({ round, size, hop, moved });
+      }
+      await call(daemons[hops % 2].client('VmService'), 'DeleteVm', { vmId: id });
     }
+  return downtimes;
+}
+
+async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string[][]): Promise<BenchRow[]> {
+  const downtimes = await downtimeSamples([from, to], [SIZE, LARGE], SIZE_ROUNDS, SIZE_HOPS, ({ round, size, hop, moved }) =>
+    rows.push([
+      `round ${round}, migration ${hop + 1}: ${size / MiB} MiB guest, dirty64 at ${DIRTY_RATE / MiB} MiB/s`,
+      ms(moved.done.duration).toFixed(0),
+      moved.pass1MiBs.toFixed(0),
+      downtimeParts(moved.done),
+    ]),
+  );
   const [base, large] = [median(downtimes.get(SIZE)!), median(downtimes.get(LARGE)!)];
-  const what = `downtime, dirty64 at ${DIRTY_RATE / MiB} MiB/s, median of ${SIZE_ROUNDS}`;
+  const what = `downtime, dirty64 at ${DIRTY_RATE / MiB} MiB/s, median of ${SIZE_ROUNDS * SIZE_HOPS}`;
   return [
     downtimeRow(`${SIZE / MiB} MiB: ${what}`, base),
     downtimeRow(`${LARGE / MiB} MiB: ${what}`, large),
