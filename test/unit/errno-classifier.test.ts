@@ -64,17 +64,30 @@ function fakeVcpu(failing: 'getRegs' | 'setRegs' | 'getNestedState' | 'setNested
 
 const IOCTL_OF = { getRegs: 'KVM_GET_REGS', setRegs: 'KVM_SET_REGS', getNestedState: 'KVM_GET_NESTED_STATE', setNestedState: 'KVM_SET_NESTED_STATE' } as const;
 
-const PATHS: { name: string; failing: keyof typeof IOCTL_OF; run(v: Vcpu): void; section?: string }[] = [
-  { name: 'SetState section write', failing: 'setRegs', run: (v) => writeState(v, ctx, { regs: REGS as never }), section: 'STATE_SECTION_REGS' },
-  { name: 'SetState read before write', failing: 'getRegs', run: (v) => writeState(v, ctx, { regs: REGS as never }) },
+/** `refused`: the field a KERNEL_REJECTED refusal names (the changed one against the vCPU's own value; a restore into a new vCPU reads none, so it names the section). */
+const PATHS: { name: string; failing: keyof typeof IOCTL_OF; run(v: Vcpu): void; section?: string; refused: string }[] = [
+  {
+    name: 'SetState section write',
+    failing: 'setRegs',
+    run: (v) => writeState(v, ctx, { regs: REGS as never }),
+    section: 'STATE_SECTION_REGS',
+    refused: 'state.regs.rax',
+  },
+  { name: 'SetState read before write', failing: 'getRegs', run: (v) => writeState(v, ctx, { regs: REGS as never }), refused: 'raw' },
   {
     name: 'snapshot restore',
     failing: 'setRegs',
     run: (v) => writeStateWithMsrPolicy(v, ctx, { regs: REGS as never }, [], 'vCPU 0'),
     section: 'STATE_SECTION_REGS',
+    refused: 'state.regs',
   },
-  { name: 'SetNestedState', failing: 'setNestedState', run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }) },
-  { name: 'SetNestedState read before write', failing: 'getNestedState', run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }) },
+  { name: 'SetNestedState', failing: 'setNestedState', run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }), refused: 'raw' },
+  {
+    name: 'SetNestedState read before write',
+    failing: 'getNestedState',
+    run: (v) => writeNested(v, ctx, Buffer.alloc(128), { skipValidation: true }),
+    refused: 'raw',
+  },
 ];
 
 function statusOf(run: () => void) {
@@ -104,7 +117,7 @@ describe('errno classification', () => {
       expect({ path: p.name, code: s.code, reason: info?.reason }).toEqual({ path: p.name, ...expected(ioctl, errno) });
       expect(info?.metadata).toMatchObject({ ioctl, errno, ...(p.section ? { section: p.section } : {}) });
       // A refusal names what was refused: the field (or the blob) in BadRequest.
-      if (info?.reason === 'KERNEL_REJECTED') expect(s.details?.badRequest?.[0]?.field).toBe(p.failing === 'setRegs' ? 'state.regs.rax' : 'raw');
+      if (info?.reason === 'KERNEL_REJECTED') expect({ path: p.name, field: s.details?.badRequest?.[0]?.field }).toEqual({ path: p.name, field: p.refused });
     }
   });
 

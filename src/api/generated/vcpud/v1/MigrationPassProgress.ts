@@ -41,7 +41,8 @@ export interface MigrationPassProgress {
    */
   'throttlePercent'?: (number);
   /**
-   * True once the VM is paused for the switch-over.
+   * True once the VM is paused for the switch-over. Those messages (the paused pass, the state, the
+   * commit) are sent once the destination has committed: writing them inside the downtime cost it.
    */
   'switchingOver'?: (boolean);
 }
@@ -83,7 +84,8 @@ export interface MigrationPassProgress__Output {
    */
   'throttlePercent': (number);
   /**
-   * True once the VM is paused for the switch-over.
+   * True once the VM is paused for the switch-over. Those messages (the paused pass, the state, the
+   * commit) are sent once the destination has committed: writing them inside the downtime cost it.
    */
   'switchingOver': (boolean);
 }
