@@ -76,6 +76,8 @@ const BAD_BOOL = [0, 1, 'true', null];
 
 /** One random edit somewhere in `o` (a request section), recursing into messages and lists. */
 function edit(o: Obj, depth = 0): void {
+  // An earlier edit may have put a string or bytes where a message or list element was.
+  if (o === null || typeof o !== 'object' || o instanceof Uint8Array) return;
   const keys = Object.keys(o);
   if (!keys.length) return;
   const k = keys[randomInt(keys.length)];
