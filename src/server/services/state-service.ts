@@ -126,7 +126,7 @@ function checkMsrIndices(indices: number[], hostMsrs: number): void {
 export function readBase(vcpu: Vcpu, sctx: StateContext, present: SectionName[]): BaseBytes {
   const before = present.filter((s) => s !== 'msrs');
   checkReadable(sctx, before);
-  const sections = before.length ? before.filter((s) => !BASE_UNUSED.has(s)) : readableSections(sctx).filter((s) => !BASE_UNUSED.has(s));
+  const sections = (before.length ? before : readableSections(sctx)).filter((s) => !BASE_UNUSED.has(s));
   return sections.length ? readStateBytesReused(vcpu, sctx, sections).values : {};
 }
 
