@@ -92,9 +92,11 @@ export function fatal(e: unknown): never {
   process.exit(1);
 }
 
+/** The median: the middle value, or the mean of the two middle values of an even count. */
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
 /** The p-th percentile (0..100, nearest rank) of values already sorted ascending. */
