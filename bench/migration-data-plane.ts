@@ -5,7 +5,8 @@
  * bytes between two Node processes (the floor of bench/migration.ts). No vcpud, gRPC, KVM or
  * switch-over: what a change to native/page_frames.cc does to the per-byte cost, in CPU ms per GiB
  * of each side (steady on a shared host, where the MiB/s follow the scheduler). Rounds alternate
- * floor and frames. Standalone (not in `npm run bench`):
+ * the floor, frames with the kernel's default send buffer (as the floor has), and frames with the
+ * send buffer the migration engine asks for. Standalone (not in `npm run bench`):
  *
  *   npx tsc -p tsconfig.json && node dist/bench/migration-data-plane.js
  *
@@ -19,16 +20,17 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { native, type NativeGuestMemory } from '../src/ffi/native';
+import { widenSendBuffer } from '../src/ffi/page-frames';
 import { MiB, fatal, knob, table } from './floors';
 
 const SIZE = Number(knob('BENCH_DATA_PLANE_MIB', '1024', 'migration-data-plane: bytes moved per transfer, in MiB')) * MiB;
 const ROUNDS = Number(knob('BENCH_DATA_PLANE_ROUNDS', '3', 'migration-data-plane: rounds of floor and frames, alternating'));
 /** What bench/migration.ts's floor writes per call, and what the engine sends per sendFrames call and frame. */
 const FLOOR_CHUNK = 8 * MiB;
-const STREAM = { framePages: 64, stagingBytes: MiB, callBytes: 64 * MiB, stallMs: 10_000 };
+const STREAM = { framePages: 64, stagingBytes: MiB, callBytes: 64 * MiB, stallMs: 10_000, sendBufferBytes: MiB };
 const GiB = 1024 * MiB;
 
-type Mode = 'floor' | 'frames';
+type Mode = 'floor' | 'frames, default send buffer' | 'frames';
 interface ChildDone {
   cpuMs: number;
   bytes: number;
@@ -81,6 +83,7 @@ async function transfer(mode: Mode, dir: string, memory: NativeGuestMemory, rand
       s.end();
     } else {
       handleOf(s).readStop();
+      if (mode === 'frames') widenSendBuffer(handleOf(s).fd, STREAM.sendBufferBytes);
       const bitmap = Buffer.alloc(SIZE / 4096 / 8, 0xff);
       const staging = Buffer.alloc(STREAM.stagingBytes);
       const cancel = Buffer.alloc(1);
@@ -121,7 +124,8 @@ async function main(): Promise<void> {
     const random = crypto.randomBytes(FLOOR_CHUNK);
     for (let off = 0; off < SIZE; off += random.length) memory.write(off, random.subarray(0, Math.min(random.length, SIZE - off)));
     const rows: string[][] = [];
-    for (let round = 0; round < ROUNDS; round++) for (const mode of ['floor', 'frames'] as const) rows.push(await transfer(mode, dir, memory, random));
+    const modes = ['floor', 'frames, default send buffer', 'frames'] as const;
+    for (let round = 0; round < ROUNDS; round++) for (const mode of modes) rows.push(await transfer(mode, dir, memory, random));
     console.log(`unix socket data plane, ${SIZE / MiB} MiB of random pages into fresh memory, ${ROUNDS} rounds alternating\n`);
     console.log(table(['transfer', 'ms', 'MiB/s', 'sender CPU ms/GiB', 'receiver CPU ms/GiB', 'notes'], rows));
   } finally {

@@ -14,6 +14,7 @@
 #include "kvm_ioctls.h"
 #include "page_frames.h"
 #include "vcpu_runner.h"
+#include "socket_options.h"
 #include "wire_program.h"
 
 namespace vcpud {
@@ -84,6 +85,7 @@ static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   RegisterFsAt(env, exports);
   RegisterFileCrc(env, exports);
   RegisterWireProgram(env, exports);
+  RegisterSocketOptions(env, exports);
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
   exports.Set("caps", Caps(env));
   // The memory-slot flag and KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's bits.

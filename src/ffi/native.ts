@@ -258,6 +258,8 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
   /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
   crc32c(buf: Buffer, seed?: number, software?: boolean): number;
+  /** SO_SNDBUF on the socket `fd` (capped by net.core.wmem_max); returns the size in effect (the kernel doubles what it grants). */
+  setSendBuffer(fd: number, bytes: number): number;
   /**
    * CRC-32C of each (offset, length) range of the file, read through a read-only mapping on the
    * pool, by `threads` threads (default 1, at most 8); rejects with code MEMORY_FAULT when a range

@@ -19,6 +19,16 @@ interface FrameErrorShape {
 }
 
 /**
+ * Asks for a send buffer of `bytes` on the socket frames are written to (sendFrames); returns the
+ * size in effect. Node leaves stream sockets at the kernel's default (208 KiB here): on a unix
+ * socket the sender then fills it in a moment and waits for the receiver, which takes turns with
+ * it instead of running beside it (BENCHMARKS.md, "Live migration over a Unix socket: the send buffer").
+ */
+export function widenSendBuffer(fd: number, bytes: number): number {
+  return native.setSendBuffer(fd, bytes);
+}
+
+/**
  * Verifies and applies the whole frames at the start of `buf`; stops at an incomplete trailing
  * frame (result.consumed). A corrupt frame rejects with a data_loss VcpudError naming the check
  * (magic, version, header_crc, flags, page_count, crc, page_number), the frame's seq and its

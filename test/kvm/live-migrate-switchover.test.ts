@@ -4,6 +4,7 @@
  * (a pass that halved the dirty set is followed by another, not by the pause), the heap is
  * collected before the pause, not inside it, and the window's progress is written after the commit.
  */
+import fs from 'node:fs';
 import { constants, performance, PerformanceObserver, type PerformanceEntry } from 'node:perf_hooks';
 import type { ManagedVm } from '../../src/vm/managed-vm';
 import { migrateVm, type DestinationControl, type MigrationProgress } from '../../src/vm/migration/outgoing';
@@ -70,6 +71,15 @@ describeKvm('live migration switch-over: what the paused window holds (real KVM,
     expect(paused?.bytesRemaining).toBe(0);
     expect(paused!.pass).toBeGreaterThan(2);
     expect(moved.readMemory(DIRTIED.at, DIRTIED.pages * 4096).equals(Buffer.alloc(DIRTIED.pages * 4096, 0xa5))).toBe(true);
+  });
+
+  it("the data connection's send buffer is widened before the pages go (the kernel's default made the two sides take turns)", async () => {
+    const widen = jest.spyOn(native, 'setSendBuffer');
+    await migrateDirtiedOnce();
+    expect(widen).toHaveBeenCalledTimes(1);
+    expect(widen.mock.calls[0][1]).toBe(1024 * 1024);
+    const wmemMax = Number(fs.readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+    expect(widen.mock.results[0].value).toBe(2 * Math.min(1024 * 1024, wmemMax)); // what the kernel granted, doubled
   });
 
   /** The destination, recording in `events` the type of every envelope the source writes to it. */

@@ -11,7 +11,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { native, type NativeGuestMemory } from '../../src/ffi/native';
-import { receiveFrames } from '../../src/ffi/page-frames';
+import { receiveFrames, widenSendBuffer } from '../../src/ffi/page-frames';
 
 const PAGE = 4096;
 const PAGES = 1024; // 4 MiB
@@ -167,6 +167,15 @@ describe('page frames on a stream (unix socket)', () => {
     });
     expect(rest.toString()).toBe(trailer.toString());
     expectSame(src, dst2);
+  });
+
+  it('widenSendBuffer: the kernel grants the size asked (up to net.core.wmem_max), doubled; bad arguments throw', async () => {
+    const { writer } = await pair();
+    const wmemMax = Number(fs.readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+    expect(widenSendBuffer(fdOf(writer), 512 * 1024)).toBe(2 * Math.min(512 * 1024, wmemMax));
+    expect(() => widenSendBuffer(fdOf(writer), 0)).toThrow(/bytes 1\.\.2\^31-1/);
+    expect(() => widenSendBuffer(-1, 4096)).toThrow(/fd >= 0/);
+    expect(() => widenSendBuffer(fs.openSync('/dev/null', 'r'), 4096)).toThrow(/setsockopt\(SO_SNDBUF\).*ENOTSOCK/);
   });
 
   it('a flipped payload byte fails the CRC (data_loss, check crc)', async () => {
