@@ -5,8 +5,9 @@
  * bytes between two Node processes (the floor of bench/migration.ts). No vcpud, gRPC, KVM or
  * switch-over: what a change to native/page_frames.cc does to the per-byte cost, in CPU ms per GiB
  * of each side (steady on a shared host, where the MiB/s follow the scheduler). Rounds alternate
- * the floor, frames with the kernel's default send buffer (as the floor has), and frames with the
- * send buffer the migration engine asks for. Standalone (not in `npm run bench`):
+ * the floor, frames copied through staging with the kernel's default send buffer (as the floor
+ * has), the same with the send buffer the migration engine asks for, and frames sent zero-copy with
+ * that buffer (what the engine does). Standalone (not in `npm run bench`):
  *
  *   npx tsc -p tsconfig.json && node dist/bench/migration-data-plane.js
  *
@@ -30,7 +31,7 @@ const FLOOR_CHUNK = 8 * MiB;
 const STREAM = { framePages: 64, stagingBytes: MiB, callBytes: 64 * MiB, stallMs: 10_000, sendBufferBytes: MiB };
 const GiB = 1024 * MiB;
 
-type Mode = 'floor' | 'frames, default send buffer' | 'frames';
+type Mode = 'floor' | 'copy, default send buffer' | 'copy' | 'zero-copy';
 interface ChildDone {
   cpuMs: number;
   bytes: number;
@@ -83,7 +84,7 @@ async function transfer(mode: Mode, dir: string, memory: NativeGuestMemory, rand
       s.end();
     } else {
       handleOf(s).readStop();
-      if (mode === 'frames') widenSendBuffer(handleOf(s).fd, STREAM.sendBufferBytes);
+      if (mode !== 'copy, default send buffer') widenSendBuffer(handleOf(s).fd, STREAM.sendBufferBytes);
       const bitmap = Buffer.alloc(SIZE / 4096 / 8, 0xff);
       const staging = Buffer.alloc(STREAM.stagingBytes);
       const cancel = Buffer.alloc(1);
@@ -93,6 +94,7 @@ async function transfer(mode: Mode, dir: string, memory: NativeGuestMemory, rand
           framePages: STREAM.framePages,
           maxBytes: STREAM.callBytes,
           end: true,
+          zeroCopy: mode === 'zero-copy',
           stallMs: STREAM.stallMs,
           cancel,
         });
@@ -124,7 +126,7 @@ async function main(): Promise<void> {
     const random = crypto.randomBytes(FLOOR_CHUNK);
     for (let off = 0; off < SIZE; off += random.length) memory.write(off, random.subarray(0, Math.min(random.length, SIZE - off)));
     const rows: string[][] = [];
-    const modes = ['floor', 'frames, default send buffer', 'frames'] as const;
+    const modes = ['floor', 'copy, default send buffer', 'copy', 'zero-copy'] as const;
     for (let round = 0; round < ROUNDS; round++) for (const mode of modes) rows.push(await transfer(mode, dir, memory, random));
     console.log(`unix socket data plane, ${SIZE / MiB} MiB of random pages into fresh memory, ${ROUNDS} rounds alternating\n`);
     console.log(table(['transfer', 'ms', 'MiB/s', 'sender CPU ms/GiB', 'receiver CPU ms/GiB', 'notes'], rows));

@@ -272,6 +272,8 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("backingFiles", &GuestMemory::BackingFiles),
                                   InstanceMethod("trackWrites", &GuestMemory::TrackWrites),
                                   InstanceMethod("takeWrittenPages", &GuestMemory::TakeWrittenPages),
+                                  InstanceMethod("tornPages", &GuestMemory::TornPages),
+                                  InstanceMethod("closeTornPass", &GuestMemory::CloseTornPass),
                                   InstanceMethod("packPages", &GuestMemory::PackPages),
                                   InstanceMethod("applyFrames", &GuestMemory::ApplyFrames),
                                   InstanceMethod("sendFrames", &GuestMemory::SendFrames),
@@ -640,6 +642,56 @@ Napi::Value GuestMemory::TrackWrites(const Napi::CallbackInfo& info) {
   CheckRange(info.Env(), "GuestMemory.trackWrites", 0, 0);
   written_.Track(info[0].As<Napi::Boolean>().Value(), size_ / kPage);
   return info.Env().Undefined();
+}
+
+void GuestMemory::PageSet::Set(uint64_t p, size_t pages) {
+  if (words.empty()) words.assign((pages + 63) / 64, 0);
+  uint64_t bit = 1ull << (p % 64);
+  if (words[p / 64] & bit) return;
+  words[p / 64] |= bit;
+  count++;
+}
+
+void GuestMemory::PageSet::Clear(uint64_t p) {
+  if (!Has(p)) return;
+  words[p / 64] &= ~(1ull << (p % 64));
+  count--;
+}
+
+Napi::Object GuestMemory::PageSet::Describe(Napi::Env env) const {
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("count", Napi::Number::New(env, static_cast<double>(count)));
+  for (size_t w = 0; count && w < words.size(); w++) {
+    if (!words[w]) continue;
+    r.Set("first", Napi::Number::New(env, static_cast<double>(w * 64 + __builtin_ctzll(words[w]))));
+    break;
+  }
+  return r;
+}
+
+void GuestMemory::MarkTorn(uint64_t page) {
+  tornOld_.Clear(page);  // carried again (and torn again): the current pass's now
+  torn_.Set(page, size_ / kPageSize);
+}
+
+void GuestMemory::ClearTornMarks(uint64_t page) {
+  torn_.Clear(page);
+  tornOld_.Clear(page);
+}
+
+Napi::Value GuestMemory::TornPages(const Napi::CallbackInfo& info) {
+  PageSet all = tornOld_;
+  for (size_t w = 0; w < torn_.words.size(); w++)
+    for (uint64_t bits = torn_.words[w]; bits; bits &= bits - 1) all.Set(w * 64 + __builtin_ctzll(bits), size_ / kPageSize);
+  return all.Describe(info.Env());
+}
+
+Napi::Value GuestMemory::CloseTornPass(const Napi::CallbackInfo& info) {
+  Napi::Object stale = tornOld_.Describe(info.Env());
+  for (size_t w = 0; w < torn_.words.size(); w++)
+    for (uint64_t bits = torn_.words[w]; bits; bits &= bits - 1) tornOld_.Set(w * 64 + __builtin_ctzll(bits), size_ / kPageSize);
+  torn_ = PageSet();
+  return stale;
 }
 
 Napi::Value GuestMemory::TakeWrittenPages(const Napi::CallbackInfo& info) {

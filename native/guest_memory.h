@@ -57,6 +57,16 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // Every write vcpud makes into guest memory reports its range here (see written_pages.h).
   void MarkWritten(uint64_t offset, uint64_t len) { written_.Mark(offset, len); }
 
+  // Pages whose latest copy failed its CRC in a tearable page frame (page_frames.h): they must
+  // arrive again, intact, before the memory is used. Marks are kept per pass: those of the current
+  // one, and older ones (closeTornPass ages them), which the pass after the one that tore them must
+  // have cleared. Changed by frame tasks on the pool while the memory is busy with them, read by JS
+  // between them.
+  void MarkTorn(uint64_t page);
+  void ClearTorn(uint64_t page) {
+    if (torn_.count + tornOld_.count) ClearTornMarks(page);
+  }
+
  private:
   Napi::Value Read(const Napi::CallbackInfo& info);   // (offset, buffer): fills buffer
   Napi::Value Write(const Napi::CallbackInfo& info);  // (offset, buffer)
@@ -111,6 +121,23 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // (defined in guest_memory_populate.cc); resolves to the bytes populated, rejects with the errno and
   // `offset` (where it stopped), ECANCELED once cancel[0] is set (seen between 64 MiB chunks).
   Napi::Value Populate(const Napi::CallbackInfo& info);
+  // () -> {count, first?}: the pages marked torn (MarkTorn), of any pass, and the lowest of them.
+  Napi::Value TornPages(const Napi::CallbackInfo& info);
+  // () -> {count, first?}: the marks older than the current pass (still torn: the pass that just
+  // ended did not carry them again), then ages the current pass's marks.
+  Napi::Value CloseTornPass(const Napi::CallbackInfo& info);
+  void ClearTornMarks(uint64_t page);
+
+  // A set of pages as a bitmap, allocated by its first Set.
+  struct PageSet {
+    std::vector<uint64_t> words;
+    uint64_t count = 0;
+    bool Has(uint64_t p) const { return count && (words[p / 64] >> (p % 64)) & 1; }
+    void Set(uint64_t p, size_t pages);
+    void Clear(uint64_t p);
+    // {count, first?} as a JS object.
+    Napi::Object Describe(Napi::Env env) const;
+  };
   // Page frames (page_frames.h; defined in page_frames.cc).
   // (bitmap, fromPage, out, {seq, framePages?}) -> Promise<{nextPage, bytes, pages, zeroPages, frames}>
   Napi::Value PackPages(const Napi::CallbackInfo& info);
@@ -139,6 +166,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   std::vector<std::pair<uint64_t, uint64_t>> privateRanges_;  // (offset, length) MapFile replaced
   std::vector<BackingFile> backing_;
   WrittenPages written_;
+  PageSet torn_;     // torn in the current pass
+  PageSet tornOld_;  // torn in an earlier pass, not carried again since
 };
 
 }  // namespace vcpud

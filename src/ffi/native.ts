@@ -52,6 +52,16 @@ export interface NativeGuestMemory {
   /** ORs the pages written since the last take into `out` (bit i = page i, >= pages/8 bytes) and clears them; atomic against concurrent writers. */
   takeWrittenPages(out: Buffer): void;
   /**
+   * The pages whose latest copy arrived torn (a tearable page frame whose payload failed its CRC,
+   * native/page_frames.h) and the lowest of them: they must arrive again before the memory is used.
+   */
+  tornPages(): { count: number; first?: number };
+  /**
+   * Ends a pass for the torn marks: answers the marks older than this pass (pages torn in an
+   * earlier pass that this one did not carry again), then ages this pass's marks.
+   */
+  closeTornPass(): { count: number; first?: number };
+  /**
    * Packs the pages set in `bitmap` (bit i = page i), from `fromPage` on, into page frames
    * (native/page_frames.h) filling `out` as far as whole frames fit; zero pages go as flags
    * without payload. libuv pool.
@@ -109,6 +119,13 @@ export interface SendFramesOptions extends PackOptions, StreamOptions {
   maxBytes?: number;
   /** Writes the end frame once toPage is reached. */
   end?: boolean;
+  /**
+   * Hands the guest's pages to the socket by reference (vmsplice and splice through a pipe) instead
+   * of copying them through `staging` (which then holds only frame headers and tables).
+   */
+  zeroCopy?: boolean;
+  /** With zeroCopy, while the guest runs: the frames are marked tearable (native/page_frames.h). */
+  tearable?: boolean;
 }
 
 /** What one receiveFrames call applied. */
@@ -139,6 +156,8 @@ export interface ApplyResult {
   frames: number;
   /** seq of the last frame applied (absent when none was). */
   lastSeq?: bigint;
+  /** Data pages of tearable frames whose payload failed its CRC: applied, and marked torn (tornPages). */
+  tornPages: number;
 }
 
 /**

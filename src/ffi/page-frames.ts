@@ -9,6 +9,10 @@ import { native, type ApplyResult, type NativeGuestMemory, type ReceiveResult, t
 export const PAGE_FRAME_FORMAT = native.pageFrameFormat;
 /** The frame format version this build writes and reads. */
 export const PAGE_FRAME_VERSION: number = PAGE_FRAME_FORMAT.version;
+/** Bytes a frame of `pages` data pages takes: header, page table (8 per page), page CRCs (4 per data page), payload. */
+export const frameBytes = (pages: number): number => PAGE_FRAME_FORMAT.headerBytes + pages * (8 + 4 + 4096);
+/** The staging sendFrames needs with zeroCopy: a frame's header, page table and page CRCs (its pages stay where they are). */
+export const zeroCopyStagingBytes = (framePages: number): number => PAGE_FRAME_FORMAT.headerBytes + framePages * (8 + 4);
 
 interface FrameErrorShape {
   code?: string;

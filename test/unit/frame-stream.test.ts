@@ -3,7 +3,8 @@
  * real unix socket between two GuestMemory objects, no KVM needed: the pages land as they left,
  * the reader takes the bytes it was handed first and never reads past the end frame, and every
  * failure (a flipped byte, a page beyond the memory, the peer closing, a silent peer, a cancel)
- * rejects with what it was.
+ * rejects with what it was. The zero-copy sender hands over the pages themselves: a page rewritten
+ * in flight arrives rewritten, marked torn in a tearable frame, refused in any other.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -65,9 +66,10 @@ describe('page frames on a stream (unix socket)', () => {
 
   /**
    * The whole stream of `src` (every page, then the end frame) as bytes: sendFrames into a socket
-   * read here, in calls of `pagesPerCall` pages through a `stagingBytes` buffer.
+   * read here, in calls of `pagesPerCall` pages through a `stagingBytes` buffer (`extra`: more
+   * sendFrames options).
    */
-  async function streamBytes(src: NativeGuestMemory, pagesPerCall = PAGES, stagingBytes = 256 * 1024): Promise<Buffer> {
+  async function streamBytes(src: NativeGuestMemory, pagesPerCall = PAGES, stagingBytes = 256 * 1024, extra: object = {}): Promise<Buffer> {
     const { writer, reader } = await pair();
     const chunks: Buffer[] = [];
     reader.on('data', (c: Buffer) => chunks.push(c));
@@ -81,7 +83,7 @@ describe('page frames on a stream (unix socket)', () => {
         framePages: FRAME_PAGES,
         toPage,
         end: toPage === PAGES,
-        ...opts(),
+        ...opts(extra),
       });
       expect(r.nextPage).toBe(toPage);
       sent += r.bytes;
@@ -167,6 +169,68 @@ describe('page frames on a stream (unix socket)', () => {
     });
     expect(rest.toString()).toBe(trailer.toString());
     expectSame(src, dst2);
+  });
+
+  it('zero-copy: sent in several calls, the pages land as they left, none torn', async () => {
+    const src = source();
+    cleanups.push(() => src.release());
+    const whole = await streamBytes(src, 300, 32 + 12 * FRAME_PAGES, { zeroCopy: true, tearable: true });
+    const dst = mem();
+    const { writer, reader } = await pair();
+    writer.write(whole);
+    const r = await receiveFrames(dst, fdOf(reader), Buffer.alloc(0), opts());
+    expect(r).toMatchObject({ bytes: whole.length, pages: PAGES, zeroPages: PAGES / 4, tornPages: 0 });
+    expect(dst.tornPages()).toEqual({ count: 0 });
+    expectSame(src, dst);
+  });
+
+  /** Sends pages 0, 2 and 4 (random) zero-copy into a socket nobody reads yet, then rewrites page 2. */
+  async function rewrittenInFlight(tearable: boolean) {
+    const src = source();
+    cleanups.push(() => src.release());
+    const { writer, reader } = await pair();
+    const bitmap = Buffer.alloc(PAGES / 8);
+    bitmap[0] = 0b10101;
+    const r = await src.sendFrames(fdOf(writer), bitmap, 0, Buffer.alloc(4096), { seq: 0, end: true, zeroCopy: true, tearable, ...opts() });
+    expect(r).toMatchObject({ pages: 3, frames: 1 });
+    const rewritten = crypto.randomBytes(PAGE);
+    src.write(2 * PAGE, rewritten);
+    return { src, reader, writer, bitmap, rewritten };
+  }
+
+  it('zero-copy hands over the pages themselves: a page rewritten in flight arrives rewritten; in a tearable frame that page alone is marked torn until it comes again', async () => {
+    const { src, reader, writer, bitmap, rewritten } = await rewrittenInFlight(true);
+    const dst = mem();
+    const r = await receiveFrames(dst, fdOf(reader), Buffer.alloc(0), opts());
+    expect(r).toMatchObject({ pages: 3, tornPages: 1 });
+    expect(dst.tornPages()).toEqual({ count: 1, first: 2 });
+    const got = Buffer.alloc(PAGE);
+    dst.read(2 * PAGE, got);
+    expect(got.equals(rewritten)).toBe(true); // the receiver read the source's page, not a copy
+    // The pages again, the guest not writing (tearable: false, as in the paused last pass): marks cleared.
+    await src.sendFrames(fdOf(writer), bitmap, 0, Buffer.alloc(4096), { seq: 1, end: true, zeroCopy: true, ...opts() });
+    expect(await receiveFrames(dst, fdOf(reader), Buffer.alloc(0), opts())).toMatchObject({ pages: 3, tornPages: 0 });
+    expect(dst.tornPages()).toEqual({ count: 0 });
+    const want = Buffer.alloc(PAGE);
+    for (const p of [0, 2, 4]) {
+      src.read(p * PAGE, want);
+      dst.read(p * PAGE, got);
+      expect(got.equals(want)).toBe(true);
+    }
+  });
+
+  it('zero-copy, not tearable (the guest paused): a page rewritten in flight fails the CRC', async () => {
+    const { reader } = await rewrittenInFlight(false);
+    await expect(receiveFrames(mem(), fdOf(reader), Buffer.alloc(0), opts())).rejects.toMatchObject({ kind: 'data_loss', details: { field: 'crc' } });
+  });
+
+  it('zero-copy arguments: tearable needs zeroCopy; the staging buffer must hold a frame header and table', async () => {
+    const src = mem();
+    const { writer } = await pair();
+    expect(() => src.sendFrames(fdOf(writer), all(), 0, Buffer.alloc(1 << 16), { seq: 0, tearable: true, ...opts() })).toThrow(/tearable needs opts.zeroCopy/);
+    expect(() => src.sendFrames(fdOf(writer), all(), 0, Buffer.alloc(5000), { seq: 0, framePages: 1024, zeroCopy: true, ...opts() })).toThrow(
+      /zero-copy frame's header, table and page CRCs need 12320/,
+    );
   });
 
   it('widenSendBuffer: the kernel grants the size asked (up to net.core.wmem_max), doubled; bad arguments throw', async () => {

@@ -68,13 +68,13 @@ describe('page frames', () => {
   });
 
   it('states its version once, from native', () => {
-    expect(PAGE_FRAME_VERSION).toBe(1);
-    expect(PAGE_FRAME_FORMAT.maxFrameBytes).toBe(H + PAGE_FRAME_FORMAT.maxFramePages * (8 + PAGE));
+    expect(PAGE_FRAME_VERSION).toBe(2);
+    expect(PAGE_FRAME_FORMAT.maxFrameBytes).toBe(H + PAGE_FRAME_FORMAT.maxFramePages * (8 + 4 + PAGE));
   });
 
   it.each([
     ['every page, a 1 MiB buffer', () => Array.from({ length: PAGES }, (_, i) => i), 1 << 20, undefined],
-    ['every page, a buffer of one page frame', () => Array.from({ length: PAGES }, (_, i) => i), H + 8 + PAGE, undefined],
+    ['every page, a buffer of one page frame', () => Array.from({ length: PAGES }, (_, i) => i), H + 8 + 4 + PAGE, undefined],
     [
       'sparse pages, odd buffer and frame sizes',
       () => Array.from({ length: PAGES }, (_, i) => i).filter((i) => i % 7 === 3 || i % 64 === 63),
@@ -125,27 +125,35 @@ describe('page frames', () => {
     const frames = out.subarray(0, r.bytes);
     const ends: number[] = [];
     for (let off = 0; off < frames.length; ) {
-      off += H + 8 * frames.readUInt32LE(off + 16) + PAGE * frames.readUInt32LE(off + 20);
+      off += H + 8 * frames.readUInt32LE(off + 16) + (4 + PAGE) * frames.readUInt32LE(off + 20);
       ends.push(off);
     }
     return { src, frames: Buffer.from(frames), ends };
   }
 
-  /** Recomputes both CRCs of the frame at `off` after a deliberate edit, so a later check is reached. */
+  /** Recomputes the CRCs of the frame at `off` after a deliberate edit, so a later check is reached. */
   function reseal(buf: Buffer, off: number) {
-    const len = H + 8 * buf.readUInt32LE(off + 16) + PAGE * buf.readUInt32LE(off + 20);
-    const crc = native.crc32c(buf.subarray(off + H, off + len), native.crc32c(buf.subarray(off, off + 24)));
-    buf.writeUInt32LE(crc, off + 24);
+    const tableEnd = off + H + 8 * buf.readUInt32LE(off + 16) + 4 * buf.readUInt32LE(off + 20);
+    buf.writeUInt32LE(native.crc32c(buf.subarray(off + H, tableEnd), native.crc32c(buf.subarray(off, off + 24))), off + 24);
     buf.writeUInt32LE(native.crc32c(buf.subarray(off, off + 28)), off + 28);
   }
 
+  /** Marks the frame at `off` tearable (native/page_frames.h), its CRCs resealed. */
+  function tearable(buf: Buffer, off: number) {
+    buf.writeUInt16LE(2, off + 6);
+    reseal(buf, off);
+  }
+
   it.each([
-    ['a flipped payload bit', 'crc', (b: Buffer, o: number) => (b[o + H + 4 * 8 + 100] ^= 0x10)],
-    ['a flipped page-table bit', 'crc', (b: Buffer, o: number) => (b[o + H + 1] ^= 0x01)],
+    ['a flipped payload bit', 'crc', (b: Buffer, o: number) => (b[o + H + 4 * 8 + 3 * 4 + 100] ^= 0x10)],
+    ['a flipped page CRC bit', 'table_crc', (b: Buffer, o: number) => (b[o + H + 4 * 8 + 1] ^= 0x10)],
+    ['a flipped page-table bit', 'table_crc', (b: Buffer, o: number) => (b[o + H + 1] ^= 0x01)],
+    ['a flipped page-table bit in a tearable frame', 'table_crc', (b: Buffer, o: number) => (tearable(b, o), (b[o + H + 1] ^= 0x01))],
     ['a flipped header bit', 'header_crc', (b: Buffer, o: number) => (b[o + 9] ^= 0x80)],
     ['a bad magic', 'magic', (b: Buffer, o: number) => b.writeUInt32LE(0x12345678, o)],
-    ['another version', 'version', (b: Buffer, o: number) => (b.writeUInt16LE(2, o + 4), reseal(b, o))],
-    ['an unknown flag', 'flags', (b: Buffer, o: number) => (b.writeUInt16LE(1, o + 6), reseal(b, o))],
+    ['another version', 'version', (b: Buffer, o: number) => (b.writeUInt16LE(1, o + 4), reseal(b, o))],
+    ['an unknown flag', 'flags', (b: Buffer, o: number) => (b.writeUInt16LE(4, o + 6), reseal(b, o))],
+    ['the end flag in a buffer', 'flags', (b: Buffer, o: number) => (b.writeUInt16LE(1, o + 6), reseal(b, o))],
     ['a page number beyond the memory', 'page_number', (b: Buffer, o: number) => (b.writeUInt32LE(PAGES, o + H + 8), reseal(b, o))],
     ['a zero flag the header does not count', 'page_count', (b: Buffer, o: number) => ((b[o + H + 7] ^= 0x80), reseal(b, o))],
     ['a page count of 0', 'page_count', (b: Buffer, o: number) => (b.writeUInt32LE(0, o + 16), reseal(b, o))],
@@ -163,6 +171,28 @@ describe('page frames', () => {
       dst.read(p * PAGE, z); // random pages of the rejected frame: not written
       expect(z.every((b) => b === 0)).toBe(true);
     }
+  });
+
+  it('a tearable frame: a page that fails its CRC is applied and marked torn, the others as usual; an intact copy clears the mark', async () => {
+    const { src, frames, ends } = await threeFrames();
+    const intact = Buffer.from(frames);
+    tearable(frames, ends[0]);
+    // Pages 12..15: 12 and 14 random, 13 zero, 15 one byte: three carry data. Page 14 (the second) as a rewrite in flight would leave it:
+    frames[ends[0] + H + 4 * 8 + 3 * 4 + PAGE + 100] ^= 0x10;
+    const dst = mem(new native.GuestMemory(PAGES * PAGE));
+    const r = await applyFrames(dst, frames);
+    expect(r).toMatchObject({ consumed: frames.length, frames: 3, tornPages: 1 });
+    expect(dst.tornPages()).toEqual({ count: 1, first: 14 });
+    expectSamePages(src, dst, [8, 9, 10, 11, 12, 13, 15, 16, 17, 18, 19]);
+    // A frame carrying a page again without the tear clears its mark; the others stay.
+    const again = await applyFrames(dst, intact.subarray(ends[0], ends[1]));
+    expect(again.tornPages).toBe(0);
+    expect(dst.tornPages()).toEqual({ count: 0 });
+    expectSamePages(
+      src,
+      dst,
+      Array.from({ length: 12 }, (_, i) => 8 + i),
+    );
   });
 
   it('a truncated buffer applies the whole frames and reports where the incomplete one starts', async () => {

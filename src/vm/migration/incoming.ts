@@ -21,7 +21,7 @@ import { assertCompatible } from '../snapshot-compat';
 import type { SnapshotHeader } from '../snapshot-format';
 import { restoreIntoNewVm, restoreSpec } from '../snapshot-restore';
 import type { Channel } from './channel';
-import { EnvelopeType, type Commit, type Committed, type EnvelopeHead, type PassEnd } from './protocol';
+import { EnvelopeType, type Commit, type Committed, type EnvelopeHead, type PassAck, type PassEnd } from './protocol';
 import { decodeState, type DecodedState } from './state-records';
 
 export type IncomingState = 'waiting' | 'receiving' | 'committed' | 'aborted';
@@ -251,9 +251,12 @@ export class IncomingMigration {
           await barrier();
           const { pass } = JSON.parse(payload.toString()) as PassEnd;
           this.passes = pass;
-          await channel.sendJson(EnvelopeType.PassAck, { pass, pagesApplied: this.pagesReceived });
+          this.checkTornCarried(pass);
+          const ack: PassAck = { pass, pagesApplied: this.pagesReceived, tornPages: this.memory.tornPages().count };
+          await channel.sendJson(EnvelopeType.PassAck, ack);
         } else if (head.type === EnvelopeType.State) {
           await barrier();
+          this.checkNoTornPages();
           state = decodeState(payload, { memoryBytes: this.memoryBytes, vcpuCount: this.header.vm.vcpuCount });
         } else if (head.type === EnvelopeType.Commit) {
           if (!state) throw new VcpudError('internal', 'COMMIT before the state');
@@ -271,6 +274,32 @@ export class IncomingMigration {
         this.discard((e as Error).message, { keepChannel: true });
       }
     }
+  }
+
+  /**
+   * A page that arrives torn (its CRC failed in a tearable frame, native/page_frames.h) was
+   * rewritten by the guest after the harvest that selected it, so the next pass carries it again.
+   * One that the next pass did not carry was not rewritten: it was damaged in transit.
+   */
+  private checkTornCarried(pass: number): void {
+    const stale = this.memory.closeTornPass();
+    if (!stale.count) return;
+    throw new VcpudError(
+      'data_loss',
+      `${stale.count} page(s) failed their CRC in pass ${pass - 1} and pass ${pass} did not carry them again (the lowest: page ${stale.first}): damaged in transit, not rewritten by the guest`,
+      { reason: 'MIGRATION_FAILED' },
+    );
+  }
+
+  /** Once the last pass is in: no page may still be torn (the paused last pass cannot tear). */
+  private checkNoTornPages(): void {
+    const torn = this.memory.tornPages();
+    if (!torn.count) return;
+    throw new VcpudError(
+      'data_loss',
+      `${torn.count} page(s) failed their CRC in the last pass (the lowest: page ${torn.first}), which the paused guest could not have rewritten: damaged in transit`,
+      { reason: 'MIGRATION_FAILED' },
+    );
   }
 
   private async commit(state: DecodedState, run: boolean): Promise<void> {

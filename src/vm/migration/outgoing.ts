@@ -23,7 +23,7 @@ import type net from 'node:net';
 import { VcpudError } from '../../errors';
 import type { HostCapabilities } from '../../ffi/capabilities';
 import { dirtyBitmapBytes } from '../../ffi/dirty-log';
-import { PAGE_FRAME_FORMAT, widenSendBuffer } from '../../ffi/page-frames';
+import { frameBytes, widenSendBuffer, zeroCopyStagingBytes } from '../../ffi/page-frames';
 import type { ManagedVm } from '../managed-vm';
 import { countBits, PAGE_SIZE, type SnapshotHeader, type SnapshotRunState } from '../snapshot-format';
 import { captureState, snapshotHeader } from '../snapshot-writer';
@@ -127,20 +127,21 @@ const FRAME_PAGES = 16;
  * source's packing, the kernel and the destination's applying overlapped (with 2, 8 and 32 MiB
  * envelopes a 256 MiB move took 1.1-1.9x as long here).
  */
-const ENVELOPE_FRAMES_BYTES = 16 * (PAGE_FRAME_FORMAT.headerBytes + FRAME_PAGES * (8 + PAGE_SIZE));
+const ENVELOPE_FRAMES_BYTES = 16 * frameBytes(FRAME_PAGES);
 /** Where a PAGES envelope's frames start: after its header and [u32 region index][u32 0]. */
 const PAGES_AT = ENVELOPE_HEADER_SIZE + 8;
 /** Envelope buffers in rotation: one being packed while the others are written. */
 const ENVELOPE_BUFFERS = 3;
 /**
- * On a unix socket the frames go natively (GuestMemory.sendFrames): pages per frame (the
- * destination makes three reads per frame), bytes packed per socket write, the socket's send
- * buffer (the kernel's 208 KiB default made the two sides take turns: 1.1 GiB/s into fresh memory
- * against 2.0-2.3 GiB/s with 1 MiB asked, 2 MiB in effect, bench/migration-data-plane.ts), and bytes written per
- * call (progress, the bandwidth limit and the VM's deletion are looked at between calls; a sparse
- * pass is one call: a page count per call made a 4 GiB guest's last pass 64 calls, 54 ms).
+ * On a unix socket the frames go natively and zero-copy (GuestMemory.sendFrames): pages per frame
+ * (the destination makes three reads per frame), the least bytes per call under a bandwidth limit,
+ * the socket's send buffer (the kernel's 208 KiB default made the two sides take turns: 1.1 GiB/s
+ * into fresh memory against 2.0-2.2 GiB/s with 1 MiB asked, 2 MiB in effect,
+ * bench/migration-data-plane.ts), and bytes written per call (progress, the bandwidth limit and
+ * the VM's deletion are looked at between calls; a sparse pass is one call: a page count per call
+ * made a 4 GiB guest's last pass 64 calls, 54 ms).
  */
-const STREAM = { framePages: 64, stagingBytes: 1024 * 1024, callBytes: 64 * 1024 * 1024, sendBufferBytes: 1024 * 1024 };
+const STREAM = { framePages: 64, minCallBytes: 1024 * 1024, callBytes: 64 * 1024 * 1024, sendBufferBytes: 1024 * 1024 };
 /** A pass counts as progress when it leaves less than this share of the previous pass's dirty bytes. */
 const PROGRESS_RATIO = 0.9;
 /** A pass that leaves at most this share of the previous pass's dirty bytes is followed by another, never by the switch. */
@@ -195,6 +196,8 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
   let commitSent = false;
   let throttle = 0;
   let maxThrottle = 0;
+  /** Pages that arrived torn (rewritten by the guest in flight), summed over the passes' acknowledgements. */
+  let tornPages = 0;
 
   const pause = async (): Promise<Paused> => {
     const before = vm.statuses().map((s) => ({ id: s.id, state: s.state as SnapshotRunState, reason: s.reason }));
@@ -236,9 +239,10 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
     let nextEnvelope = 0;
     const fd = regions.length === 1 ? ch.rawFd : undefined;
     if (fd !== undefined) widenSendBuffer(fd, STREAM.sendBufferBytes);
-    const staging = fd !== undefined ? Buffer.allocUnsafe(STREAM.stagingBytes) : undefined;
+    // Zero-copy: the staging buffer holds a frame's header and page table, not its pages.
+    const staging = fd !== undefined ? Buffer.allocUnsafe(zeroCopyStagingBytes(STREAM.framePages)) : undefined;
     // The bandwidth limit is kept per call: a call sends about 100 ms of it.
-    const callBytes = opts.bandwidth ? Math.max(STREAM.stagingBytes, Math.floor(opts.bandwidth / 10)) : STREAM.callBytes;
+    const callBytes = opts.bandwidth ? Math.max(STREAM.minCallBytes, Math.floor(opts.bandwidth / 10)) : STREAM.callBytes;
     const streamPass = async (bitmap: Buffer, onChunk: (doneBytes: number) => void) => {
       const memory = regions[0].memory;
       const total = regions[0].size / PAGE_SIZE;
@@ -252,6 +256,12 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
             framePages: STREAM.framePages,
             maxBytes: callBytes,
             end: true,
+            // The guest's pages go by reference (no copy on this side: copying into the socket's
+            // buffers made the source 2-5x slower in some runs, BENCHMARKS.md); while the guest runs
+            // a page may change on its way, which the destination then knows (tearable frames) and
+            // the next pass mends: the page was dirtied after this pass's harvest.
+            zeroCopy: true,
+            tearable: !paused,
             stallMs: opts.stallMs,
             cancel,
           }),
@@ -299,6 +309,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       await ch.sendJson(EnvelopeType.PassEnd, { pass });
       const ack = await ch.expectJson<PassAck>(EnvelopeType.PassAck, `waiting for the destination to apply pass ${pass}`);
       if (ack.pass !== pass) throw new VcpudError('internal', `the destination acknowledged pass ${ack.pass} where ${pass} was due`);
+      tornPages += ack.tornPages;
       unacked = undefined;
     };
     const progress = (p: Partial<MigrationProgress> & Pick<MigrationProgress, 'phase'>): MigrationProgress => ({
@@ -490,7 +501,9 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       deleteSourceMs,
       destinationVm: committed.vm,
       maxThrottlePercent: maxThrottle,
-      notes: committed.notes,
+      notes: tornPages
+        ? [...committed.notes, `${tornPages} page copies changed in flight (the guest rewrote them) and went again in a later pass`]
+        : committed.notes,
     };
   } catch (e) {
     if (unacked && tracker) tracker.mergeBack(unacked);

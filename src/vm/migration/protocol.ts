@@ -12,8 +12,8 @@
  */
 import { crc32c } from '../snapshot-format';
 
-/** 2: PAGES_STREAM. */
-export const PROTOCOL_VERSION = 2;
+/** 2: PAGES_STREAM. 3: page frames version 2 (tearable frames, torn pages in PASS_ACK). */
+export const PROTOCOL_VERSION = 3;
 export const ENVELOPE_HEADER_SIZE = 16;
 const MAGIC = 0x47494d56; // "VMIG" little endian
 /** Largest payload either side accepts (page envelopes are at most a few MiB). */
@@ -44,6 +44,11 @@ export interface PassEnd {
 export interface PassAck {
   pass: number;
   pagesApplied: number;
+  /**
+   * Pages torn in flight so far and not yet sent again (native/page_frames.h): the guest rewrote
+   * them after the harvest that selected them, so the next pass carries them anyway.
+   */
+  tornPages: number;
 }
 export interface Commit {
   /** Resume the vCPUs that were running at the switch-over. */
