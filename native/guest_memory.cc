@@ -652,10 +652,11 @@ void GuestMemory::PageSet::Set(uint64_t p, size_t pages) {
   count++;
 }
 
-void GuestMemory::PageSet::Clear(uint64_t p) {
-  if (!Has(p)) return;
-  words[p / 64] &= ~(1ull << (p % 64));
-  count--;
+void GuestMemory::PageSet::Add(const PageSet& other) {
+  if (!other.count) return;
+  if (words.empty()) words.assign(other.words.size(), 0);
+  count = 0;
+  for (size_t w = 0; w < words.size(); w++) count += __builtin_popcountll(words[w] |= other.words[w]);
 }
 
 Napi::Object GuestMemory::PageSet::Describe(Napi::Env env) const {
@@ -674,22 +675,15 @@ void GuestMemory::MarkTorn(uint64_t page) {
   torn_.Set(page, size_ / kPageSize);
 }
 
-void GuestMemory::ClearTornMarks(uint64_t page) {
-  torn_.Clear(page);
-  tornOld_.Clear(page);
-}
-
 Napi::Value GuestMemory::TornPages(const Napi::CallbackInfo& info) {
   PageSet all = tornOld_;
-  for (size_t w = 0; w < torn_.words.size(); w++)
-    for (uint64_t bits = torn_.words[w]; bits; bits &= bits - 1) all.Set(w * 64 + __builtin_ctzll(bits), size_ / kPageSize);
+  all.Add(torn_);
   return all.Describe(info.Env());
 }
 
 Napi::Value GuestMemory::CloseTornPass(const Napi::CallbackInfo& info) {
   Napi::Object stale = tornOld_.Describe(info.Env());
-  for (size_t w = 0; w < torn_.words.size(); w++)
-    for (uint64_t bits = torn_.words[w]; bits; bits &= bits - 1) tornOld_.Set(w * 64 + __builtin_ctzll(bits), size_ / kPageSize);
+  tornOld_.Add(torn_);
   torn_ = PageSet();
   return stale;
 }

@@ -64,7 +64,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // between them.
   void MarkTorn(uint64_t page);
   void ClearTorn(uint64_t page) {
-    if (torn_.count + tornOld_.count) ClearTornMarks(page);
+    torn_.Clear(page);
+    tornOld_.Clear(page);
   }
 
  private:
@@ -126,15 +127,20 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // () -> {count, first?}: the marks older than the current pass (still torn: the pass that just
   // ended did not carry them again), then ages the current pass's marks.
   Napi::Value CloseTornPass(const Napi::CallbackInfo& info);
-  void ClearTornMarks(uint64_t page);
 
-  // A set of pages as a bitmap, allocated by its first Set.
+  // A set of pages as a bitmap, allocated by its first Set (or Add).
   struct PageSet {
     std::vector<uint64_t> words;
     uint64_t count = 0;
     bool Has(uint64_t p) const { return count && (words[p / 64] >> (p % 64)) & 1; }
     void Set(uint64_t p, size_t pages);
-    void Clear(uint64_t p);
+    void Clear(uint64_t p) {
+      if (!Has(p)) return;
+      words[p / 64] &= ~(1ull << (p % 64));
+      count--;
+    }
+    // Adds every page of `other` (a set over the same pages).
+    void Add(const PageSet& other);
     // {count, first?} as a JS object.
     Napi::Object Describe(Napi::Env env) const;
   };

@@ -79,6 +79,34 @@ void StoreHeader(uint8_t* f, uint16_t flags, uint64_t seq, uint32_t count, uint3
 // Bytes of a frame's page table and page CRCs.
 size_t TableBytes(uint32_t count, uint32_t data) { return 8 * size_t{count} + 4 * size_t{data}; }
 
+// The data pages of a page table (`count` u64 entries) as iovecs into guest memory at `base`, in
+// table order, consecutive pages merged; returns how many (out holds at least `count`).
+int DataPageIovecs(uint8_t* base, const uint8_t* table, uint32_t count, iovec* out) {
+  int n = 0;
+  for (uint32_t i = 0; i < count; i++) {
+    uint64_t e = Load<uint64_t>(table + 8 * i);
+    if (e & kFrameZeroPage) continue;
+    uint8_t* page = base + e * kPageSize;
+    if (n && static_cast<uint8_t*>(out[n - 1].iov_base) + out[n - 1].iov_len == page)
+      out[n - 1].iov_len += kPageSize;
+    else
+      out[n++] = {page, kPageSize};
+  }
+  return n;
+}
+
+// Moves `n` bytes into the iovecs from iov[*i] on (a readv or vmsplice that moved them): each
+// iovec advanced, *i past the ones filled.
+void ConsumeIovecs(iovec* iov, int* i, size_t n) {
+  while (n) {
+    size_t take = std::min(n, iov[*i].iov_len);
+    iov[*i].iov_base = static_cast<uint8_t*>(iov[*i].iov_base) + take;
+    iov[*i].iov_len -= take;
+    n -= take;
+    if (!iov[*i].iov_len) ++*i;
+  }
+}
+
 // Why a socket operation of a frame stream stopped: the call and its errno, or the peer's end.
 struct IoError {
   const char* op = nullptr;
@@ -142,19 +170,14 @@ class StreamReader {
       if (prefixUsed_ < prefixLen_) {
         size_t take = std::min(iov[i].iov_len, prefixLen_ - prefixUsed_);
         memcpy(iov[i].iov_base, prefix_ + prefixUsed_, take);
-        Advance(&iov[i], take);
+        ConsumeIovecs(iov, &i, take);
         prefixUsed_ += take;
         continue;
       }
       ssize_t r = readv(fd_, iov + i, std::min(cnt - i, IOV_MAX));
       if (r > 0) {
         fromFd_ += static_cast<size_t>(r);
-        for (size_t left = static_cast<size_t>(r); left;) {
-          size_t take = std::min(left, iov[i].iov_len);
-          Advance(&iov[i], take);
-          left -= take;
-          if (!iov[i].iov_len) i++;
-        }
+        ConsumeIovecs(iov, &i, static_cast<size_t>(r));
         continue;
       }
       if (r == 0) {
@@ -185,11 +208,6 @@ class StreamReader {
   size_t Consumed() const { return prefixUsed_ + fromFd_; }
 
  private:
-  static void Advance(iovec* v, size_t n) {
-    v->iov_base = static_cast<uint8_t*>(v->iov_base) + n;
-    v->iov_len -= n;
-  }
-
   int fd_;
   const uint8_t* prefix_;
   size_t prefixLen_;
@@ -467,17 +485,12 @@ class ZeroCopySendTask : public PackTask {
     const uint32_t count = static_cast<uint32_t>(table_.size());
     memcpy(out_ + kFrameHeaderBytes, table_.data(), 8 * size_t{count});
     uint8_t* crcs = out_ + kFrameHeaderBytes + 8 * size_t{count};
-    int n = 0;  // the data pages as iovecs, consecutive pages merged
     for (uint64_t e : table_) {
       if (e & kFrameZeroPage) continue;
-      uint8_t* page = const_cast<uint8_t*>(base) + e * kPageSize;
-      Store<uint32_t>(crcs, Crc32c(0, page, kPageSize));
+      Store<uint32_t>(crcs, Crc32c(0, base + e * kPageSize, kPageSize));
       crcs += 4;
-      if (n && static_cast<uint8_t*>(iov_[n - 1].iov_base) + iov_[n - 1].iov_len == page)
-        iov_[n - 1].iov_len += kPageSize;
-      else
-        iov_[n++] = {page, kPageSize};
     }
+    int n = DataPageIovecs(const_cast<uint8_t*>(base), out_ + kFrameHeaderBytes, count, iov_.data());
     StoreHeader(out_, tearable_ ? kFrameFlagTearable : 0, seq_ + frames_, count, data);
     if (!PushCopy(out_, kFrameHeaderBytes + TableBytes(count, data)) || !PushPages(iov_.data(), n)) return false;
     Count(data);
@@ -505,13 +518,7 @@ class ZeroCopySendTask : public PackTask {
       ssize_t w = vmsplice(pipeW_, iov + i, std::min(cnt - i, IOV_MAX), SPLICE_F_NONBLOCK);
       if (w > 0) {
         Pushed(static_cast<size_t>(w));
-        for (size_t left = static_cast<size_t>(w); left;) {
-          size_t take = std::min(left, iov[i].iov_len);
-          iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + take;
-          iov[i].iov_len -= take;
-          left -= take;
-          if (!iov[i].iov_len) i++;
-        }
+        ConsumeIovecs(iov, &i, static_cast<size_t>(w));
       } else if (!Retry(w, "vmsplice")) {
         return false;
       }
@@ -781,10 +788,10 @@ class ApplyTask : public FrameTask {
 
 // applyFrames on a stream: frames read from the socket (after the bytes JS already holds, buf_)
 // straight into guest memory, up to the end frame. Each frame's header and page table are checked
-// before any of its pages is read (every page number inside the memory); its payload CRC after,
-// over the pages where they landed. A mismatch fails the call (or, in a tearable frame, marks the
-// pages torn), and the caller the migration: the destination VM has not run and never runs on
-// that memory.
+// before any of its pages is read (every page number inside the memory); each page's CRC after,
+// where the page landed. A mismatch fails the call (or, in a tearable frame, marks that page
+// torn), and the caller the migration: the destination VM has not run and never runs on that
+// memory.
 class ReceiveTask : public ApplyTask {
  public:
   ReceiveTask(Napi::Env env, GuestMemory* mem, Napi::Object self, int fd, const uint8_t* prefix, size_t prefixLen,
@@ -809,16 +816,7 @@ class ReceiveTask : public ApplyTask {
       uint32_t count = Load<uint32_t>(f + 16), data = Load<uint32_t>(f + 20);
       if (!in_.Read(f + kFrameHeaderBytes, TableBytes(count, data), &io_) || !VerifyTable(f, count, data)) return;
       PopulateDataRuns(base, table, count);
-      int n = 0;  // the data pages as iovecs, consecutive pages merged
-      for (uint32_t i = 0; i < count; i++) {
-        uint64_t e = Load<uint64_t>(table + 8 * i);
-        if (e & kFrameZeroPage) continue;
-        uint8_t* page = base + e * kPageSize;
-        if (n && static_cast<uint8_t*>(iov_[n - 1].iov_base) + iov_[n - 1].iov_len == page)
-          iov_[n - 1].iov_len += kPageSize;
-        else
-          iov_[n++] = {page, kPageSize};
-      }
+      int n = DataPageIovecs(base, table, count, iov_.data());
       if (!in_.ReadIov(iov_.data(), n, &io_) || !CheckPages(f, nullptr)) return;
       ApplyTable(f, nullptr);
     }
