@@ -105,7 +105,7 @@ Napi::Error MakeMemoryFaultError(Napi::Env env, const char* op, uint64_t offset)
   char hex[32];
   snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(offset));
   Napi::Error e = Napi::Error::New(env, std::string(op) + ": SIGBUS at guest memory offset " + hex +
-                                            ": the file mapped there was truncated or changed");
+                                            ": its backing could not provide the page (a file truncated under it, or a full filesystem under a file it writes)");
   e.Set("code", Napi::String::New(env, "MEMORY_FAULT"));
   e.Set("syscall", Napi::String::New(env, op));
   e.Set("offset", Napi::Number::New(env, static_cast<double>(offset)));

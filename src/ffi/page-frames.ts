@@ -52,6 +52,15 @@ export function receiveFrames(memory: NativeGuestMemory, fd: number, prefix: Buf
 
 function frameError(e: unknown): never {
   const f = e as FrameErrorShape;
+  // Writing a page into guest memory faulted (SIGBUS, or EFAULT from the socket read into it): memory
+  // kept in a file (--state-dir) whose filesystem is full; anonymous memory is OOM-killed instead.
+  if (f?.code === 'MEMORY_FAULT' || f?.code === 'EFAULT')
+    throw new VcpudError(
+      'resource_exhausted',
+      `guest memory could not take the incoming pages (${f.message}): the filesystem holding the guest memory file is probably full`,
+      { reason: 'HOST_RESOURCES_EXHAUSTED', errno: f.code === 'EFAULT' ? 'EFAULT' : 'SIGBUS' },
+      { cause: e },
+    );
   if (f?.code !== 'EFRAME') throw e;
   throw new VcpudError('data_loss', f.message, { chunk: String(f.seq), offset: String(f.offset), field: f.check });
 }

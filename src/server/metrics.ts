@@ -92,6 +92,18 @@ const IOCTL_SECONDS_BUCKETS = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5
 /** Section sizes: 16-byte TSC up to multi-KiB xsave, cpuid and nested state. */
 const STATE_BYTES_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576];
 
+const MIGRATION_DIRECTIONS = ['outgoing', 'incoming'] as const;
+export type MigrationDirection = (typeof MIGRATION_DIRECTIONS)[number];
+const INCOMING_MIGRATION_RESULTS = ['succeeded', 'failed', 'abandoned'] as const;
+export type IncomingMigrationResult = (typeof INCOMING_MIGRATION_RESULTS)[number];
+
+/** A counter by `result`, every result present from the start (a rate over a series that appears late misses its first increase). */
+function resultCounter(name: string, help: string, results: readonly string[], registers: Registry[]): Counter<'result'> {
+  const c = new Counter({ name, help, labelNames: ['result'], registers });
+  for (const result of results) c.inc({ result }, 0);
+  return c;
+}
+
 export class Metrics {
   readonly registry = new Registry();
   private sources?: MetricSources;
@@ -117,6 +129,9 @@ export class Metrics {
   private readonly migrationDirtyRate: Gauge;
   private readonly migrationTransferRate: Gauge;
   private readonly migrationRemaining: Gauge;
+  private readonly migrationTornPages: Counter;
+  private readonly migrationsInProgress: Gauge<'direction'>;
+  private readonly incomingMigrations: Counter<'result'>;
   // Per-call observations through bound observers (bound-histogram.ts): the labels are fixed per ioctl, section, method.
   private readonly ioctlDuration: (ioctl: string) => Observe;
   private readonly sectionBytes: (section: string) => Observe;
@@ -211,13 +226,12 @@ export class Metrics {
       registers,
     });
     // Live migration, modelled on KubeVirt's kubevirt_vmi_migration_* (source side).
-    this.migrations = new Counter({
-      name: 'vcpud_migrations_total',
-      help: 'Outgoing migrations by result (succeeded, failed, cancelled).',
-      labelNames: ['result'],
+    this.migrations = resultCounter(
+      'vcpud_migrations_total',
+      'Outgoing migrations by result (succeeded, failed, cancelled).',
+      ['succeeded', 'failed', 'cancelled'],
       registers,
-    });
-    for (const result of ['succeeded', 'failed', 'cancelled']) this.migrations.inc({ result }, 0);
+    );
     this.migrationBytes = new Counter({
       name: 'vcpud_migration_data_bytes_total',
       help: 'Data-plane bytes sent by outgoing migrations (pages, state, control).',
@@ -250,15 +264,33 @@ export class Metrics {
       help: 'Bytes the latest migration still had to send at its last progress report.',
       registers,
     });
-
-    // The restart handover (--state-dir), as this process's start found it.
-    this.handoverVms = new Counter({
-      name: 'vcpud_handover_vms_total',
-      help: 'VMs found at start in the state directory, by result: restored, failed (files kept aside), lost (memory files without a manifest: the previous process was killed).',
-      labelNames: ['result'],
+    this.migrationTornPages = new Counter({
+      name: 'vcpud_migration_torn_pages_total',
+      help: 'Page copies of successful outgoing migrations that the guest rewrote while they were on their way, sent again in a later pass.',
       registers,
     });
-    for (const result of ['restored', 'failed', 'lost']) this.handoverVms.inc({ result }, 0);
+    // Both sides: an operator of the destination node sees what arrives, and what failed there.
+    this.migrationsInProgress = new Gauge({
+      name: 'vcpud_migrations_in_progress',
+      help: 'Migrations under way: outgoing (MigrateVm calls) and incoming (prepared, not yet committed or discarded).',
+      labelNames: ['direction'],
+      registers,
+    });
+    for (const direction of MIGRATION_DIRECTIONS) this.migrationsInProgress.set({ direction }, 0);
+    this.incomingMigrations = resultCounter(
+      'vcpud_incoming_migrations_total',
+      'Incoming migrations by result: succeeded (committed here), failed (refused here: bad data, resources, a failed commit), abandoned (the source aborted, went away or stopped sending).',
+      INCOMING_MIGRATION_RESULTS,
+      registers,
+    );
+
+    // The restart handover (--state-dir), as this process's start found it.
+    this.handoverVms = resultCounter(
+      'vcpud_handover_vms_total',
+      'VMs found at start in the state directory, by result: restored, failed (files kept aside), lost (memory files without a manifest: the previous process was killed).',
+      ['restored', 'failed', 'lost'],
+      registers,
+    );
     this.handoverRestoreSeconds = new Gauge({
       name: 'vcpud_handover_restore_seconds',
       help: 'How long the start took to restore the handed-over VMs.',
@@ -386,12 +418,26 @@ export class Metrics {
   }
 
   /** One outgoing migration ended; a successful one brings its report. */
-  recordMigration(m: { result: 'succeeded' | 'failed' | 'cancelled'; report?: { bytesSent: number; passes: number; downtimeMs: number } }): void {
+  recordMigration(m: {
+    result: 'succeeded' | 'failed' | 'cancelled';
+    report?: { bytesSent: number; passes: number; downtimeMs: number; tornPages: number };
+  }): void {
     this.migrations.inc({ result: m.result });
     if (!m.report) return;
     this.migrationBytes.inc(m.report.bytesSent);
     this.migrationPasses.observe(m.report.passes);
     this.migrationDowntime.observe(m.report.downtimeMs / 1000);
+    this.migrationTornPages.inc(m.report.tornPages);
+  }
+
+  /** A migration began (+1) or ended (-1), whatever its result. */
+  migrationInProgress(direction: MigrationDirection, delta: 1 | -1): void {
+    this.migrationsInProgress.inc({ direction }, delta);
+  }
+
+  /** One incoming migration ended. */
+  recordIncomingMigration(result: IncomingMigrationResult): void {
+    this.incomingMigrations.inc({ result });
   }
 
   /** Replaces the capability gauge with `caps` (capability name → KVM_CHECK_EXTENSION value). */

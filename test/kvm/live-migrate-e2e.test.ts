@@ -20,6 +20,7 @@ import { DIRTY64, dirty64Control, dirty64Expected, GUESTS, GUEST_ABI } from '../
 import { describeKvm } from '../support/kvm';
 import { issueClients, localhostTarget, MIGRATOR, ORCHESTRATOR, startMigrationDestination, startMigrationSource } from '../support/mtls';
 import { makePki, type Pki } from '../support/pki';
+import { sample } from '../support/prom';
 import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
 import { call, callError, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
@@ -91,6 +92,17 @@ async function expectIntact(vms: Client, state: Client, guest: DirtyGuest, vmId:
 const listVms = async (vms: Client) => (await call<{ vms: { id: string; vcpus: { runState: string }[] }[] }>(vms, 'ListVms', {})).vms;
 
 /** RPCs GetVm started on a server, from its metrics. */
+/** vcpud_incoming_migrations_total by result. */
+function incomingResults(metrics: string): Record<string, number> {
+  return Object.fromEntries(
+    ['succeeded', 'failed', 'abandoned'].map((result) => [result, sample(metrics, 'vcpud_incoming_migrations_total', { result }) ?? NaN]),
+  );
+}
+
+function delta(before: Record<string, number>, after: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.keys(after).map((k) => [k, after[k] - before[k]]));
+}
+
 function getVmCalls(metrics: string): number {
   const line = metrics.split('\n').find((l) => l.startsWith('grpc_server_started_total{') && l.includes('grpc_method="GetVm"'));
   return line ? Number(line.split(' ').pop()) : 0;
@@ -139,11 +151,18 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     const guest = await dirtyGuest(srcVms, memory);
     await untilLapped(srcVms, guest.id, 4);
     const progress: Record<string, any>[] = [];
+    let during: Promise<[string, string]> | undefined;
+    const tornBefore = sample(await src.scrape(), 'vcpud_migration_torn_pages_total', {}) ?? NaN;
     const getVmCallsBefore = getVmCalls(await dst.scrape());
-    const r = await runStream(
-      srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }),
-      (m) => m.progress?.migration && progress.push(m.progress.migration),
-    );
+    const incomingBefore = incomingResults(await dst.scrape());
+    const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api }), (m) => {
+      if (m.progress?.migration) progress.push(m.progress.migration);
+      // Under way: both sides count it, each in its direction.
+      if (m.progress?.migration && progress.length === 1) during = Promise.all([src.scrape(), dst.scrape()]);
+    });
+    const [srcDuring, dstDuring] = await during!;
+    expect(sample(srcDuring, 'vcpud_migrations_in_progress', { direction: 'outgoing' })).toBe(1);
+    expect(sample(dstDuring, 'vcpud_migrations_in_progress', { direction: 'incoming' })).toBe(1);
     expect(r.error).toBeUndefined();
     // The destination described the VM in its COMMITTED message: the source did not ask for it again.
     expect(getVmCalls(await dst.scrape())).toBe(getVmCallsBefore);
@@ -177,6 +196,14 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     await expectIntact(dstVms, dstState, guest, moved, memory);
     const metrics = await src.scrape();
     expect(metrics).toMatch(/^vcpud_migrations_total\{result="succeeded"\} [1-9]/m);
+    // Page copies the guest rewrote in flight: the report's note says how many, the counter adds them.
+    const torn = Number((done.notes as string[]).join('\n').match(/(\d+) page copies changed in flight/)?.[1] ?? 0);
+    expect(sample(metrics, 'vcpud_migration_torn_pages_total', {})! - tornBefore).toBe(torn);
+    expect(sample(metrics, 'vcpud_migrations_in_progress', { direction: 'outgoing' })).toBe(0);
+    // The destination counts what it committed; nothing is under way on either side any more.
+    const dstMetrics = await dst.scrape();
+    expect(delta(incomingBefore, incomingResults(dstMetrics))).toEqual({ succeeded: 1, failed: 0, abandoned: 0 });
+    expect(sample(dstMetrics, 'vcpud_migrations_in_progress', { direction: 'incoming' })).toBe(0);
     expect(metrics).toMatch(/^vcpud_migration_downtime_seconds_count [1-9]/m);
     expect(metrics).toMatch(/^vcpud_migration_passes_sum [2-9]|^vcpud_migration_passes_sum \d\d/m);
     expect(metrics).toMatch(/^vcpud_migration_data_bytes_total [1-9]/m);
@@ -287,6 +314,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('the destination stopped (SIGSTOP) mid-pass: the VM is back running here within the stall timeout, nothing is left there', async () => {
     const memory = 96 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
+    const incomingBefore = incomingResults(await dst.scrape());
     let stoppedAt = 0;
     const r = await runStream(srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }), (m) => {
       if (!stoppedAt && Number(m.progress?.memoryBytesDone) > 8 * MiB) {
@@ -302,8 +330,11 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(r.error!.details).toMatch(/pre-copy, pass 1: .*made no progress for 2000 ms.*stalled.*kept running here as it was/);
     console.log(`SIGSTOP'd destination: MigrateVm failed ${failedAfterMs} ms after the stop (stall timeout ${STALL}); ${r.error!.details}`);
     await expectRunningHere(srcVms, guest.id);
-    // The destination, woken up, finds its source gone and discards the incoming VM.
+    // The destination, woken up, finds its source gone and discards the incoming VM: abandoned, not failed here.
     await waitFor(async () => (await listVms(dstVms)).length === 0, 'the destination to hold no VM');
+    await waitFor(async () => delta(incomingBefore, incomingResults(await dst.scrape())).abandoned === 1, 'the destination to count it abandoned');
+    expect(delta(incomingBefore, incomingResults(await dst.scrape()))).toEqual({ succeeded: 0, failed: 0, abandoned: 1 });
+    expect(sample(await dst.scrape(), 'vcpud_migrations_in_progress', { direction: 'incoming' })).toBe(0);
     await expectIntact(srcVms, srcState, guest, guest.id, memory);
   });
 

@@ -15,7 +15,7 @@ import { isMemoryFile } from '../../src/vm/guest-memory';
 import { DIRTY64, dirty64Control, GUESTS, GUEST_ABI } from '../guests/guests';
 import { migrationHeaderJson } from '../support/migration-header';
 import { rssBytes, scrapeClosing } from '../support/proc-resources';
-import { samples } from '../support/prom';
+import { sample, samples } from '../support/prom';
 import { MiB, runStream, waitFor, type Client } from '../support/snapshot';
 import { describeKvmWithTmpfs } from '../support/tmpfs';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
@@ -82,8 +82,8 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
     await call(smallMigrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
   });
 
-  it('MigrateVm with preallocate_destination_memory to such a destination fails before any page is sent; the VM runs on at the source', async () => {
-    const vms = src.client('VmService');
+  /** A running dirty64 guest too big for the small destination's tmpfs. */
+  async function tooBigGuest(vms: Client): Promise<string> {
     const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(TOO_BIG), vcpuCount: 1 });
     await call(vms, 'WriteMemory', {
       vmId: vm.id,
@@ -92,6 +92,12 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
     });
     await call(vms, 'LoadProgram', { vmId: vm.id, image: fs.readFileSync(GUESTS.dirty64.file), loadAddress: String(GUEST_ABI.loadAddress) });
     await call(vms, 'RunVm', { vmId: vm.id });
+    return vm.id;
+  }
+
+  it('MigrateVm with preallocate_destination_memory to such a destination fails before any page is sent; the VM runs on at the source', async () => {
+    const vms = src.client('VmService');
+    const vm = { id: await tooBigGuest(vms) };
     const dataBytes = async () => samples(await scrapeClosing(src.serving.metrics), 'vcpud_migration_data_bytes_total').reduce((a, s) => a + s.value, 0);
     const sentBefore = await dataBytes();
     const r = await runStream(
@@ -105,5 +111,30 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
     expect(after.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
     expect((await call<{ vms: unknown[] }>(small.client('VmService'), 'ListVms', {})).vms).toEqual([]);
     await call(vms, 'DeleteVm', { vmId: vm.id });
+  });
+
+  it('without it the pages meet the full tmpfs there: the destination counts the migration failed (its own failure), the VM runs on at the source', async () => {
+    const vms = src.client('VmService');
+    const vmId = await tooBigGuest(vms);
+    const results = async () => {
+      const text = await scrapeClosing(small.serving.metrics);
+      return ['succeeded', 'failed', 'abandoned'].map((result) => sample(text, 'vcpud_incoming_migrations_total', { result }));
+    };
+    const before = await results();
+    const r = await runStream(src.client('SnapshotService').MigrateVm({ vmId, destination: small.serving.api }), () => {});
+    expect(r.error?.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    console.log(`migration into a full tmpfs: ${grpc.status[r.error!.code]}: ${r.error!.details}`);
+    // Named for what it is: the destination's memory, not the connection.
+    expect(r.error!.details).toMatch(
+      /pre-copy, pass 1: .*reported: guest memory could not take the incoming pages \(.*(SIGBUS|EFAULT).*filesystem .* full.*kept running here/,
+    );
+    expect(r.error!.details).not.toMatch(/connection/);
+    await waitFor(async () => (await results())[1] === before[1]! + 1, 'the destination to count the migration failed');
+    expect(await results()).toEqual([before[0], before[1]! + 1, before[2]]);
+    expect(sample(await scrapeClosing(small.serving.metrics), 'vcpud_migrations_in_progress', { direction: 'incoming' })).toBe(0);
+    const after = (await call<{ vm: { vcpus: { runState: string }[] } }>(vms, 'GetVm', { vmId })).vm;
+    expect(after.vcpus[0].runState).toBe('VCPU_RUN_STATE_RUNNING');
+    expect((await call<{ vms: unknown[] }>(small.client('VmService'), 'ListVms', {})).vms).toEqual([]);
+    await call(vms, 'DeleteVm', { vmId });
   });
 });

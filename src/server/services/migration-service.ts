@@ -174,7 +174,7 @@ export class MigrationService {
 
       AbortIncomingMigration: unary(ctx, (req: { migrationId: string; reason: string }) => {
         const m = this.find(req.migrationId);
-        return { state: STATE_NAMES[m.discard(`aborted by the source: ${req.reason || 'no reason given'}`)] };
+        return { state: STATE_NAMES[m.discard(`aborted by the source: ${req.reason || 'no reason given'}`, { abandoned: true })] };
       }),
     };
   }
@@ -231,7 +231,13 @@ export class MigrationService {
     }
     // Synchronously after the hold is released: no other prepare's check runs in between.
     this.incoming.set(m.id, m);
-    void m.done().then(() => setTimeout(() => this.incoming.delete(m.id), FORGET_AFTER_MS).unref());
+    const metrics = this.opts.metrics;
+    metrics?.migrationInProgress('incoming', 1);
+    void m.done().then(() => {
+      metrics?.migrationInProgress('incoming', -1);
+      metrics?.recordIncomingMigration(m.state === 'committed' ? 'succeeded' : m.abandoned ? 'abandoned' : 'failed');
+      setTimeout(() => this.incoming.delete(m.id), FORGET_AFTER_MS).unref();
+    });
     let endpoint: string;
     try {
       endpoint = await this.openEndpoint(m);
@@ -241,7 +247,7 @@ export class MigrationService {
     }
     if (signal.aborted) {
       const message = `${(signal.reason as Error).message} before it answered: the incoming migration was discarded`;
-      m.discard(message);
+      m.discard(message, { abandoned: true });
       throw new VcpudError('cancelled', message, { reason: 'MIGRATION_FAILED' });
     }
     return { migrationId: m.id, dataEndpoint: endpoint, token: m.token, stallTimeout: msToDuration(this.opts.stallMs) };
@@ -311,6 +317,7 @@ export class MigrationService {
     const mode: MigrationMode =
       ({ MIGRATION_MODE_PRE_COPY: 'pre-copy', MIGRATION_MODE_STOP_AND_COPY: 'stop-and-copy' } as Record<string, MigrationMode>)[req.mode] ?? 'auto';
     let report: MigrationReport;
+    this.opts.metrics?.migrationInProgress('outgoing', 1);
     try {
       report = await migrateVm(vm, control, {
         caps: this.ctx.caps,
@@ -336,6 +343,7 @@ export class MigrationService {
       throw migrationError(e, dest.target, vm.id);
     } finally {
       cancelled.dispose();
+      this.opts.metrics?.migrationInProgress('outgoing', -1);
     }
     this.opts.metrics?.recordMigration({ result: 'succeeded', report });
     // The destination describes the VM in its COMMITTED message; an older one is asked.

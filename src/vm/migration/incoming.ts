@@ -69,11 +69,21 @@ async function commitMemory(memory: NativeGuestMemory, bytes: number, signal?: A
   }
 }
 
+/** A receive that ended because the source closed its connection, stopped sending or reported giving up. */
+function sourceGone(e: unknown): boolean {
+  return e instanceof VcpudError && (e.kind === 'unavailable' || e.kind === 'cancelled');
+}
+
 export class IncomingMigration {
   readonly id = randomUUID();
   readonly token = randomBytes(32);
   state: IncomingState = 'waiting';
   error = '';
+  /**
+   * Discarded because the source went away or gave up (its abort, its prepare call gone, its
+   * connection closed or silent beyond the stall timeout), not for a failure here.
+   */
+  abandoned = false;
   pagesReceived = 0;
   bytesReceived = 0;
   passes = 0;
@@ -176,7 +186,7 @@ export class IncomingMigration {
 
   private armTimer(): void {
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.discard(`no data from the source for ${this.stallMs} ms`), this.stallMs);
+    this.timer = setTimeout(() => this.discard(`no data from the source for ${this.stallMs} ms`, { abandoned: true }), this.stallMs);
     this.timer.unref();
   }
 
@@ -271,7 +281,7 @@ export class IncomingMigration {
       await Promise.all(applying); // no apply may still write into memory being freed
       if ((this.state as IncomingState) !== 'committed') {
         channel.fail(e as Error); // tells the source why, then closes
-        this.discard((e as Error).message, { keepChannel: true });
+        this.discard((e as Error).message, { keepChannel: true, abandoned: sourceGone(e) });
       }
     }
   }
@@ -338,11 +348,12 @@ export class IncomingMigration {
     channel.close();
   }
 
-  /** Discards the migration unless committed; answers the resulting state. Idempotent. */
-  discard(reason: string, opts: { keepChannel?: boolean } = {}): IncomingState {
+  /** Discards the migration unless committed (`abandoned`: see the field); answers the resulting state. Idempotent. */
+  discard(reason: string, opts: { keepChannel?: boolean; abandoned?: boolean } = {}): IncomingState {
     if (this.state === 'committed' || this.state === 'aborted') return this.state;
     this.state = 'aborted';
     this.error = reason;
+    this.abandoned = !!opts.abandoned;
     clearTimeout(this.timer);
     if (!opts.keepChannel) this.channel?.destroy();
     this.kvmVm?.close(); // frees the memory too (a KVM VM still being made is closed once made)

@@ -113,6 +113,8 @@ export interface MigrationReport {
   /** The committed VM as the destination described it, when it did. */
   destinationVm?: unknown;
   maxThrottlePercent: number;
+  /** Page copies that arrived changed (the guest rewrote them on their way) and went again in a later pass. */
+  tornPages: number;
   notes: string[];
 }
 
@@ -501,6 +503,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
       deleteSourceMs,
       destinationVm: committed.vm,
       maxThrottlePercent: maxThrottle,
+      tornPages,
       notes: tornPages
         ? [...committed.notes, `${tornPages} page copies changed in flight (the guest rewrote them) and went again in a later pass`]
         : committed.notes,
