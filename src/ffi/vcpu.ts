@@ -26,6 +26,7 @@ import {
   type VcpuEvents,
   type Xcrs,
 } from './sections';
+import { sregsAnsweredBySregs2 } from './sregs-from-sregs2';
 import type { Vm } from './vm';
 
 /** Outcome of KVM_GET/SET_MSRS: the kernel stops at the first MSR it refuses. */
@@ -279,11 +280,14 @@ export class Vcpu {
   }
 
   private prepareBatch(plans: PlannedRead[]): () => unknown[] {
-    const n = plans.length;
-    const ops = Uint8Array.from(plans, (p) => batchOp(p.ioctl));
-    const bufs = plans.map((p) => p.buf);
+    // A KVM_GET_SREGS the batch's KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS answer is not issued (sregs-from-sregs2.ts).
+    const derived = sregsAnsweredBySregs2(plans);
+    const issued = derived ? plans.filter((_, i) => i !== derived.index) : plans;
+    const n = issued.length;
+    const ops = Uint8Array.from(issued, (p) => batchOp(p.ioctl));
+    const bufs = issued.map((p) => p.buf);
     const out = new Float64Array(2 * n);
-    const xsave = plans.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
+    const xsave = issued.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
     return () => {
       const failure = native.getBatch(this.fd, ops, bufs, out, xsave);
       const failedAt = failure ? failure.batchIndex : n;
@@ -291,9 +295,14 @@ export class Vcpu {
       const obs = currentObserver();
       if (obs)
         for (let i = 0; i < Math.min(failedAt + 1, n); i++)
-          obs.onIoctl(plans[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
+          obs.onIoctl(issued[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
       if (failure) throw error;
-      return plans.map((p, i) => p.done(out[2 * i]));
+      const values = issued.map((p, i) => p.done(out[2 * i]));
+      if (derived) {
+        derived.fill();
+        values.splice(derived.index, 0, plans[derived.index].done(0));
+      }
+      return values;
     };
   }
 

@@ -107,6 +107,16 @@ export function field<N extends string, T extends FieldType>(name: N, offset: nu
   return { name, cName, offset, type };
 }
 
+/** The field `name` of a field table (throws at module load when a caller names a field the table lacks). */
+export function layoutField(fields: readonly Field[], name: string): Field {
+  const f = fields.find((x) => x.name === name);
+  if (!f) throw new Error(`no field ${name} in the layout`);
+  return f;
+}
+
+/** The byte offset of field `name` of a struct layout. */
+export const offsetOf = (layout: Layout<unknown>, name: string) => layoutField(layout.fields, name).offset;
+
 const LIMIT = { u8: 2 ** 8, u16: 2 ** 16, u32: 2 ** 32 } as const;
 const U64_MAX = (1n << 64n) - 1n;
 

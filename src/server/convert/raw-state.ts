@@ -22,6 +22,8 @@ import {
   EVENTS_TRIPLE_FAULT_LAYOUT,
   FPU_LAYOUT,
   isSectionName,
+  layoutField,
+  offsetOf,
   KVM_MAX_XCRS,
   LAPIC_REGISTERS_LAYOUT,
   u8,
@@ -43,7 +45,6 @@ import {
   XCRS_LAYOUT,
   type Field,
   type FieldType,
-  type Layout,
   type MsrEntry,
   type SectionName,
 } from '../../ffi/sections';
@@ -72,12 +73,8 @@ type Source =
       readonly children: readonly Source[];
     };
 
-/** The layout field `name` (the ffi key of a converter field table entry); shared with convert/state-bytes.ts. */
-export function layoutField(fields: readonly Field[], name: string): Field {
-  const f = fields.find((x) => x.name === name);
-  if (!f) throw new Error(`raw state encoder: no field ${name} in the layout`);
-  return f;
-}
+// The layout field of a converter field table entry (its ffi key); convert/state-bytes.ts takes them from here too.
+export { layoutField, offsetOf };
 
 /** A converter field table over a struct layout whose fields start at `base`. */
 function join(table: Fields, layout: readonly Field[], base = 0): Source[] {
@@ -86,8 +83,6 @@ function join(table: Fields, layout: readonly Field[], base = 0): Source[] {
     return { key: f.proto, t: 'value', kind: f.kind, off: base + lf.offset, type: lf.type };
   });
 }
-
-export const offsetOf = (layout: Layout<unknown>, name: string) => layoutField(layout.fields, name).offset;
 
 /** Each byte section's message, as the converters in convert/state.ts build it. */
 /**
