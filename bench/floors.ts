@@ -201,7 +201,7 @@ export interface EmptyServer {
 export async function startEmptyServer(reply?: Buffer, how: { ioctls?: boolean } = {}): Promise<EmptyServer> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-empty-'));
   const sock = path.join(dir, 'e.sock');
-  // how.ioctls: the handler also makes GetState's 13 GET ioctls per call on a vCPU of its own (ioctl-handler-server.ts).
+  // how.ioctls: the handler also makes GetState's 12 GET ioctls per call on a vCPU of its own (ioctl-handler-server.ts).
   const args = how.ioctls ? [path.join(__dirname, 'ioctl-handler-server.js'), sock] : ['-e', EMPTY_SERVER, sock];
   if (how.ioctls && !reply) throw new Error('startEmptyServer: the ioctl handler answers GetState bytes: pass them');
   if (reply) {

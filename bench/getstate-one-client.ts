@@ -81,7 +81,7 @@ async function main(): Promise<void> {
   const targets = [await vcpudTarget('this build', builds[0]), ...(builds[1] ? [await vcpudTarget('before', builds[1])] : [])];
   const reply = await rawGetState(targets[0].address, targets[0].vmId!);
   const trivial = await startEmptyServer(reply);
-  // The trivial handler that also makes the 13 GET ioctls on a paused vCPU of its own (ioctl-handler-server.ts).
+  // The trivial handler that also makes the 12 GET ioctls on a paused vCPU of its own (ioctl-handler-server.ts).
   const withIoctls = await startEmptyServer(reply, { ioctls: true });
   targets.push({ name: 'trivial', pid: trivial.pid, address: trivial.target, method: EMPTY_METHOD, request: Buffer.alloc(0) });
   targets.push({ name: 'trivial+ioctls', pid: withIoctls.pid, address: withIoctls.target, method: EMPTY_METHOD, request: Buffer.alloc(0) });

@@ -1,6 +1,6 @@
 /**
  * Where one GetState's server CPU goes, stage by stage, in this process (no gRPC): the raw ioctls (the C
- * floor of bench/c, same run), reading the 13 sections through the ffi, encoding the response, the
+ * floor of bench/c, same run), reading the 13 sections (12 ioctls) through the ffi, encoding the response, the
  * metrics recorded per call, and taking the vCPU's lock. Each stage is timed alone, as CPU time per call
  * (process.cpuUsage, median of 5 batches: CPU time, not wall time, so other processes on the host
  * inflate it less). The old path (decoded sections, stateToProto, the object wire encoder) is timed
@@ -102,7 +102,7 @@ export function measureStages(): Promise<Stage[]> {
     const ioctlNames = Object.keys(floor).filter((k) => k.startsWith('KVM_GET_'));
 
     const stages: Stage[] = [
-      { name: 'raw ioctls (C, 13 GET ioctls summed)', us: rawUs, note: 'bench/c/ioctl_floor, this run' },
+      { name: 'raw ioctls (C, 12 GET ioctls summed)', us: rawUs, note: 'bench/c/ioctl_floor, this run' },
       {
         name: 'read sections through the ffi, as kernel bytes',
         us: cpuUsPerCall(() => readStateBytesReused(v, sctx, [])),
@@ -130,7 +130,7 @@ export function measureStages(): Promise<Stage[]> {
         note: 'the old path',
       },
       {
-        name: 'metrics: 13 ioctl durations + 13 section sizes',
+        name: 'metrics: 12 ioctl durations + 13 section sizes',
         us: cpuUsPerCall(() => {
           for (const name of ioctlNames) observer.onIoctl(name, 1e-5);
           for (const s of sections) metrics.recordStateBytes(s, 512);

@@ -45,7 +45,7 @@ const RSS_ALLOWANCE = 80 * MiB;
 export interface Measured {
   load: LoadResult;
   serverCpuSeconds: number;
-  /** vcpud only: the wall time of its 13 ioctls per GetState under this load, by its own histogram. */
+  /** vcpud only: the wall time of its 12 ioctls per GetState under this load, by its own histogram. */
   ioctlUsPerCall?: number;
 }
 
@@ -54,7 +54,7 @@ export interface ThroughputFigures extends BenchResult {
   /** A trivial handler sending GetState's own response bytes: the floor for a response that size (rounds summed). */
   sameBytes: Measured & { bytes: number; peakRss: number };
   getState: Measured;
-  /** The trivial same-bytes handler that first makes GetState's 13 GET ioctls on its own vCPU (rounds summed; information). */
+  /** The trivial same-bytes handler that first makes GetState's 12 GET ioctls on its own vCPU (rounds summed; information). */
   withIoctls: Measured;
   /** Each round's trivial, trivial-with-ioctls and GetState measures, in order. */
   rounds: { sameBytes: Measured; withIoctls: Measured; getState: Measured }[];
@@ -174,14 +174,14 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
         g.callsPerSecond,
         withIoctls.load.callsPerSecond,
         'calls/s',
-        'trivial same-bytes handler that first makes the 13 GET ioctls on its own paused vCPU',
+        'trivial same-bytes handler that first makes the 12 GET ioctls on its own paused vCPU',
       ),
       ratioRow(
         `server CPU per GetState against that handler's (information)`,
         cpuPerCallUs(getState),
         cpuPerCallUs(withIoctls),
         'us',
-        'CPU per call of the trivial same-bytes handler making the 13 GET ioctls',
+        'CPU per call of the trivial same-bytes handler making the 12 GET ioctls',
       ),
       ratioRow(
         `vcpud RSS under that load (peak) against the trivial handler's`,
@@ -204,7 +204,7 @@ export async function measureThroughput(opts: ThroughputOptions = {}): Promise<T
 /**
  * vcpud's own account of its ioctls (vcpud_ioctl_duration_seconds): the seconds of every ioctl summed,
  * and the GetStates that made them (each reads KVM_GET_REGS once). Their difference over a load gives
- * what the 13 ioctls cost under that load, which the raw C sum (measured alone, in a tight loop) does not show.
+ * what the 12 ioctls cost under that load, which the raw C sum (measured alone, in a tight loop) does not show.
  */
 async function ioctlTotals(d: VcpudProcess): Promise<{ seconds: number; getStates: number }> {
   const text = await d.scrape();
@@ -276,7 +276,7 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
     const underLoad =
       io === undefined
         ? ''
-        : `; the 13 ioctls took ${io.toFixed(0)} us per GetState under this load (vcpud_ioctl_duration_seconds), CPU ${(cpu.getStateUs / (cpu.floorUs - f.rawIoctlUs + io)).toFixed(2)}x the trivial handler + that`;
+        : `; the 12 ioctls took ${io.toFixed(0)} us per GetState under this load (vcpud_ioctl_duration_seconds), CPU ${(cpu.getStateUs / (cpu.floorUs - f.rawIoctlUs + io)).toFixed(2)}x the trivial handler + that`;
     const inContext = `; against the trivial handler making the ioctls: throughput ${(r.getState.load.callsPerSecond / r.withIoctls.load.callsPerSecond).toFixed(2)}x, CPU ${(cpu.getStateUs / cpuPerCallUs(r.withIoctls)).toFixed(2)}x`;
     return `round ${i + 1}: throughput ${(r.getState.load.callsPerSecond / r.sameBytes.load.callsPerSecond).toFixed(2)}x the trivial handler, server CPU ${(cpu.getStateUs / cpu.floorUs).toFixed(2)}x its floor${underLoad}${inContext}`;
   });
@@ -288,7 +288,7 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
         loadRow('empty grpc-js handler', f.empty),
         ...f.rounds.flatMap((r, i) => [
           loadRow(`round ${i + 1}: trivial handler sending GetState's ${f.sameBytes.bytes} bytes`, r.sameBytes),
-          loadRow(`round ${i + 1}: the same, making the 13 GET ioctls first`, r.withIoctls),
+          loadRow(`round ${i + 1}: the same, making the 12 GET ioctls first`, r.withIoctls),
           loadRow(`round ${i + 1}: GetState, all sections, 1 paused vCPU`, r.getState),
         ]),
       ],
@@ -297,7 +297,7 @@ function throughputDetail(f: Omit<ThroughputFigures, keyof BenchResult>): string
       ? [`\nserver grpc_server_handled_total delta: ${g.server.calls} (${g.server.match ? 'agrees with the client' : 'MISMATCH with the client'})`]
       : []),
     "(CPU per call from /proc/PID/stat at 10 ms resolution; the client and the server share the machine's cores)",
-    `raw ioctl sum (C, 13 GET ioctls): ${f.rawIoctlUs.toFixed(0)} us`,
+    `raw ioctl sum (C, 12 GET ioctls): ${f.rawIoctlUs.toFixed(0)} us`,
     ...roundRatios,
     `vcpud RSS: idle ${mib(f.rss.idle)}, peak under load ${mib(f.rss.peak)}, at the end of load ${mib(f.rss.end)} (guest memory ${mib(f.rss.guestMemory)}); the trivial handler's peak under the same load ${mib(f.sameBytes.peakRss)}`,
   ].join('\n');

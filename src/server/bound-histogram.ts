@@ -2,7 +2,7 @@
  * Histogram observations for one fixed label set without prom-client's per-call work.
  *
  * Why: prom-client's observe() validates the labels, hashes them into a string and looks the series up on
- * every call; a GetState makes 26 of them (13 ioctl durations, 13 section sizes) plus the RPC's own, a
+ * every call; a GetState makes 25 of them (12 ioctl durations, 13 section sizes) plus the RPC's own, a
  * few percent of its server CPU. A bound observer makes its first observation through prom-client (which
  * creates the series), keeps that series object, and adds later observations to its bucket counts, sum and
  * count directly, for as long as prom-client still holds the same object (a reset() replaces it: the next
