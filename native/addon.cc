@@ -95,6 +95,9 @@ static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) {
   exports.Set("pageFrameFormat", Numbers(env, {{"magic", kFrameMagic},
                                                {"version", kFrameVersion},
                                                {"headerBytes", kFrameHeaderBytes},
+                                               {"tableEntryBytes", kFrameTableEntryBytes},
+                                               {"pageCrcBytes", kFramePageCrcBytes},
+                                               {"pageBytes", kFramePageBytes},
                                                {"maxFramePages", kMaxFramePages},
                                                {"defaultFramePages", kDefaultFramePages},
                                                {"maxFrameBytes", static_cast<double>(kMaxFrameBytes)}}));

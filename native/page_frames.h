@@ -57,8 +57,13 @@ constexpr uint32_t kDefaultFramePages = 256;
 constexpr uint64_t kFrameZeroPage = 1ull << 63;
 constexpr uint16_t kFrameFlagEnd = 1;
 constexpr uint16_t kFrameFlagTearable = 2;
+// Per page of a frame: its table entry (u64: page number, kFrameZeroPage), its CRC (u32, data pages
+// only) and its payload (data pages only).
+constexpr size_t kFrameTableEntryBytes = 8;
+constexpr size_t kFramePageCrcBytes = 4;
+constexpr size_t kFramePageBytes = 4096;
 // Bytes a frame's table and page CRCs take at most (what precedes its payload, the header aside).
-constexpr size_t kMaxFrameTableBytes = (8 + 4) * size_t{kMaxFramePages};
-constexpr size_t kMaxFrameBytes = kFrameHeaderBytes + kMaxFrameTableBytes + 4096 * size_t{kMaxFramePages};
+constexpr size_t kMaxFrameTableBytes = (kFrameTableEntryBytes + kFramePageCrcBytes) * size_t{kMaxFramePages};
+constexpr size_t kMaxFrameBytes = kFrameHeaderBytes + kMaxFrameTableBytes + kFramePageBytes * size_t{kMaxFramePages};
 
 }  // namespace vcpud

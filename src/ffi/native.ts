@@ -287,7 +287,18 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   crc32cFileRanges(fd: number, ranges: Float64Array, threads?: number): Promise<Uint32Array>;
   caps: Record<string, number>;
   /** native/page_frames.h's constants. */
-  pageFrameFormat: { magic: number; version: number; headerBytes: number; maxFramePages: number; defaultFramePages: number; maxFrameBytes: number };
+  pageFrameFormat: {
+    magic: number;
+    version: number;
+    headerBytes: number;
+    /** Per page: its table entry, its CRC (data pages), its payload (data pages). */
+    tableEntryBytes: number;
+    pageCrcBytes: number;
+    pageBytes: number;
+    maxFramePages: number;
+    defaultFramePages: number;
+    maxFrameBytes: number;
+  };
   /** KVM_MEM_LOG_DIRTY_PAGES and the KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits. */
   dirtyLogFlags: { memLogDirtyPages: number; manualProtectEnable: number; initiallySet: number };
   apiVersion: number;

@@ -9,10 +9,11 @@ import { native, type ApplyResult, type NativeGuestMemory, type ReceiveResult, t
 export const PAGE_FRAME_FORMAT = native.pageFrameFormat;
 /** The frame format version this build writes and reads. */
 export const PAGE_FRAME_VERSION: number = PAGE_FRAME_FORMAT.version;
-/** Bytes a frame of `pages` data pages takes: header, page table (8 per page), page CRCs (4 per data page), payload. */
-export const frameBytes = (pages: number): number => PAGE_FRAME_FORMAT.headerBytes + pages * (8 + 4 + 4096);
+const { headerBytes, tableEntryBytes, pageCrcBytes, pageBytes } = PAGE_FRAME_FORMAT;
+/** Bytes a frame of `pages` data pages takes: header, page table, page CRCs, payload. */
+export const frameBytes = (pages: number): number => headerBytes + pages * (tableEntryBytes + pageCrcBytes + pageBytes);
 /** The staging sendFrames needs with zeroCopy: a frame's header, page table and page CRCs (its pages stay where they are). */
-export const zeroCopyStagingBytes = (framePages: number): number => PAGE_FRAME_FORMAT.headerBytes + framePages * (8 + 4);
+export const zeroCopyStagingBytes = (framePages: number): number => headerBytes + framePages * (tableEntryBytes + pageCrcBytes);
 
 interface FrameErrorShape {
   code?: string;
