@@ -185,6 +185,56 @@ describeKvm('snapshot files changed under a lazily restored VM (real vcpud)', ()
     await expectBystanderUnharmed();
   });
 
+  describe('migrating such a VM (to a second vcpud)', () => {
+    let dst: VcpudProcess;
+    beforeAll(async () => {
+      dst = await startVcpud([]);
+    });
+    afterAll(async () => {
+      await dst?.stop();
+    });
+
+    /** A 64 MiB VM of random-looking pages, snapshotted, deleted and restored lazily: its memory maps the file. */
+    async function bigRestored(name: string): Promise<{ id: string; file: string }> {
+      const source = await counterVm(vms, { name: 'big', memory: 64 * MiB, fill: true });
+      expect((await runStream(snaps.CreateSnapshot({ vmId: source, name }))).error).toBeUndefined();
+      await call(vms, 'DeleteVm', { vmId: source });
+      const restored = await call<Record<string, any>>(snaps, 'RestoreSnapshot', { name });
+      return { id: restored.vm.id, file: path.join(snapDir, name) };
+    }
+
+    async function expectNothingMoved(id: string) {
+      expect((await call<{ vms: unknown[] }>(dst.client('VmService'), 'ListVms', {})).vms).toEqual([]);
+      expect((await call<{ vm: { id: string } }>(vms, 'GetVm', { vmId: id })).vm.id).toBe(id);
+      await expectBystanderUnharmed();
+    }
+
+    it('truncated before MigrateVm: DATA_LOSS MEMORY_BACKING_LOST naming the file, the VM stays here, nothing there', async () => {
+      const { id, file } = await bigRestored('migrate-before.snap');
+      fs.truncateSync(file, 0);
+      const r = await runStream(snaps.MigrateVm({ vmId: id, destination: dst.serving.api }));
+      console.log(`MigrateVm of a VM whose snapshot file was truncated: ${r.error && grpc.status[r.error.code]}: ${r.error?.details}`);
+      expectBackingLost(r.error, file, /truncated/);
+      await expectNothingMoved(id);
+    });
+
+    it('truncated during pass 1: DATA_LOSS MEMORY_BACKING_LOST naming the file, not a lost connection; nothing there', async () => {
+      const { id, file } = await bigRestored('migrate-during.snap');
+      let truncatedAt: number | undefined;
+      const r = await runStream(snaps.MigrateVm({ vmId: id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }), (m) => {
+        if (truncatedAt === undefined && Number(m.progress?.memoryBytesDone) > 0) {
+          truncatedAt = Number(m.progress.memoryBytesDone);
+          fs.truncateSync(file, 0);
+        }
+      });
+      console.log(`MigrateVm, the snapshot file truncated at ${truncatedAt} bytes: ${r.error && grpc.status[r.error.code]}: ${r.error?.details}`);
+      expect(truncatedAt).toBeDefined();
+      expectBackingLost(r.error, file, /truncated/);
+      expect(r.error!.details).not.toMatch(/connection/);
+      await expectNothingMoved(id);
+    });
+  });
+
   it('a lazily restored VM whose file is intact reads, writes and snapshots as before', async () => {
     const { id } = await lazilyRestored('intact.snap', 'dataMapped');
     const read = await runStream(vms.ReadMemory({ vmId: id, guestPhysicalAddress: String(0x9000), length: String(PAGE) }));

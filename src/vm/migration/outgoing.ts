@@ -25,6 +25,7 @@ import type { HostCapabilities } from '../../ffi/capabilities';
 import { dirtyBitmapBytes } from '../../ffi/dirty-log';
 import { frameBytes, widenSendBuffer, zeroCopyStagingBytes } from '../../ffi/page-frames';
 import type { ManagedVm } from '../managed-vm';
+import { assertBackingIntact, backingFaultError } from '../memory-backing';
 import { countBits, PAGE_SIZE, type SnapshotHeader, type SnapshotRunState } from '../snapshot-format';
 import { captureState, snapshotHeader } from '../snapshot-writer';
 import { warmStateCodecs } from '../../ffi/sections/warm-up';
@@ -182,6 +183,8 @@ function setThrottle(vm: ManagedVm, percent: number): void {
   for (const v of vm.vcpus) v.setThrottle(percent);
 }
 
+const KEPT_REASONS: ReadonlySet<string> = new Set(['MIGRATION_TO_SELF', 'MEMORY_BACKING_LOST']);
+
 export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: MigrationOptions): Promise<MigrationReport> {
   const started = now();
   const live = opts.mode !== 'stop-and-copy';
@@ -207,8 +210,21 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
     return { before, wasRunning: before.filter((s) => s.state === 'running').map((s) => s.id) };
   };
 
+  // A fault reading guest memory (a VM restored lazily whose snapshot file was truncated or rewritten)
+  // is the memory's loss, not the transport's: MEMORY_BACKING_LOST naming the file. EFAULT is that
+  // fault met by a syscall (vmsplice of a lost page) rather than by vcpud's guarded reads.
+  const READING = 'reading guest memory';
+  const memoryLost =
+    (region: number) =>
+    (e: unknown): never => {
+      if ((e as { code?: unknown })?.code === 'EFAULT') assertBackingIntact(vm.vm.regions, vm.id, READING);
+      throw backingFaultError(e, vm.vm.regions[region], vm.vm.regions, vm.id, READING);
+    };
+
   try {
     stage.phase = 'prepare';
+    // Refused before the destination is asked: the memory to send is already gone.
+    assertBackingIntact(vm.vm.regions, vm.id, READING);
     const placeholder = vm.vcpus.map((v) => ({ id: v.id, runState: 'paused' as const, sections: [], nestedSize: 0, msrsUnreadable: [] }));
     const preparing = dest.prepare(snapshotHeader(vm, opts.caps, placeholder, []), opts.destinationVmName, opts.preallocateDestinationMemory, opts.signal);
     // Dirty logging starts while the destination prepares (it write-protects every page: 1-3 ms for 1-4 GiB here).
@@ -253,20 +269,22 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
         if (vm.isDestroyed) throw new VcpudError('failed_precondition', `VM ${vm.id} was deleted during the migration`, { reason: 'WRONG_RUN_STATE' });
         const from = page;
         const sending = ch.sendStream(`sending to the destination`, (sock, cancel) =>
-          memory.sendFrames(sock, bitmap, from, staging as Buffer, {
-            seq,
-            framePages: STREAM.framePages,
-            maxBytes: callBytes,
-            end: true,
-            // The guest's pages go by reference (no copy on this side: copying into the socket's
-            // buffers made the source 2-5x slower in some runs, BENCHMARKS.md); while the guest runs
-            // a page may change on its way, which the destination then knows (tearable frames) and
-            // the next pass mends: the page was dirtied after this pass's harvest.
-            zeroCopy: true,
-            tearable: !paused,
-            stallMs: opts.stallMs,
-            cancel,
-          }),
+          memory
+            .sendFrames(sock, bitmap, from, staging as Buffer, {
+              seq,
+              framePages: STREAM.framePages,
+              maxBytes: callBytes,
+              end: true,
+              // The guest's pages go by reference (no copy on this side: copying into the socket's
+              // buffers made the source 2-5x slower in some runs, BENCHMARKS.md); while the guest runs
+              // a page may change on its way, which the destination then knows (tearable frames) and
+              // the next pass mends: the page was dirtied after this pass's harvest.
+              zeroCopy: true,
+              tearable: !paused,
+              stallMs: opts.stallMs,
+              cancel,
+            })
+            .catch(memoryLost(0)),
         );
         // The switch-over's state capture uses the section codecs: compiled while a pool thread
         // sends, not while the guest is paused (only a process's first call does work).
@@ -290,7 +308,7 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
           const envelope = envelopes[nextEnvelope];
           await envelope.written;
           const out = envelope.buf;
-          const r = await regions[i].memory.packPages(bitmaps[i], page, out.subarray(PAGES_AT), { seq, framePages: FRAME_PAGES });
+          const r = await regions[i].memory.packPages(bitmaps[i], page, out.subarray(PAGES_AT), { seq, framePages: FRAME_PAGES }).catch(memoryLost(i));
           if (r.nextPage <= page) throw new VcpudError('internal', `packPages made no progress at page ${page}`);
           seq += r.frames;
           done += (r.nextPage - page) * PAGE_SIZE;
@@ -539,8 +557,9 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
         outcome += '; the destination was told to discard its copy';
       }
     }
-    // MIGRATION_TO_SELF (the destination is this server) names the caller's mistake; anything else failed the migration.
-    const reason = err.details?.reason === 'MIGRATION_TO_SELF' ? err.details.reason : 'MIGRATION_FAILED';
+    // Reasons the caller acts on are kept: MIGRATION_TO_SELF (the destination is this server) and
+    // MEMORY_BACKING_LOST (this VM's memory is gone: delete it, restore again); anything else failed the migration.
+    const reason = err.details?.reason && KEPT_REASONS.has(err.details.reason) ? err.details.reason : 'MIGRATION_FAILED';
     throw Object.assign(new VcpudError(err.kind ?? 'internal', `${stage}: ${err.message ?? String(e)}${outcome}`, { ...(err.details ?? {}), reason }), {
       cause: e,
     });

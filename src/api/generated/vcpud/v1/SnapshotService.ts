@@ -141,7 +141,9 @@ export interface SnapshotServiceClient extends grpc.Client {
    * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
    * read at the switch-over). Any failure before the destination acknowledges the commit (including a
    * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
-   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass. A VM restored
+   * lazily whose snapshot file was truncated or rewritten since fails with DATA_LOSS MEMORY_BACKING_LOST
+   * instead (before the destination is asked, or in the pass that met a lost page): its memory is gone here.
    */
   MigrateVm(argument: _vcpud_v1_MigrateVmRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
   MigrateVm(argument: _vcpud_v1_MigrateVmRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
@@ -156,7 +158,9 @@ export interface SnapshotServiceClient extends grpc.Client {
    * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
    * read at the switch-over). Any failure before the destination acknowledges the commit (including a
    * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
-   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass. A VM restored
+   * lazily whose snapshot file was truncated or rewritten since fails with DATA_LOSS MEMORY_BACKING_LOST
+   * instead (before the destination is asked, or in the pass that met a lost page): its memory is gone here.
    */
   migrateVm(argument: _vcpud_v1_MigrateVmRequest, metadata: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
   migrateVm(argument: _vcpud_v1_MigrateVmRequest, options?: grpc.CallOptions): grpc.ClientReadableStream<_vcpud_v1_MigrateVmResponse__Output>;
@@ -277,7 +281,9 @@ export interface SnapshotServiceHandlers extends grpc.UntypedServiceImplementati
    * FAILED_PRECONDITION (WRONG_RUN_STATE) naming the migration; pausing and SetState are allowed (the state is
    * read at the switch-over). Any failure before the destination acknowledges the commit (including a
    * destination that makes no progress for --migration-stall-timeout) discards the destination's copy and
-   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass.
+   * leaves the VM running here as it was: the error (MIGRATION_FAILED) names the phase and pass. A VM restored
+   * lazily whose snapshot file was truncated or rewritten since fails with DATA_LOSS MEMORY_BACKING_LOST
+   * instead (before the destination is asked, or in the pass that met a lost page): its memory is gone here.
    */
   MigrateVm: grpc.handleServerStreamingCall<_vcpud_v1_MigrateVmRequest__Output, _vcpud_v1_MigrateVmResponse>;
   
