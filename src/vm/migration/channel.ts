@@ -6,7 +6,7 @@
  * the stall timeout instead of holding it forever.
  */
 import type net from 'node:net';
-import { VcpudError } from '../../errors';
+import { classifyErrno, VcpudError } from '../../errors';
 import { Inbox } from './inbox';
 import {
   decodeEnvelopeHeader,
@@ -362,8 +362,14 @@ export class Channel {
 
   /** A native stream call's failure as the channel would report it. */
   private async streamError(e: unknown, what: string): Promise<never> {
-    const code = (e as { code?: string }).code;
-    if (e instanceof VcpudError) throw e; // a corrupt frame
+    const { code, syscall } = e as { code?: string; syscall?: string };
+    if (e instanceof VcpudError) throw e; // a corrupt frame, guest memory that failed (typed by the caller)
+    // A failure of this side (an errno that is not the connection's: EIO, ENOMEM, EBADF...) is not the
+    // peer's: named as what it is, by the one errno table, without waiting for the peer's account.
+    if (code && code !== 'ETIMEDOUT' && code !== 'ECANCELED' && !CONNECTION_ERRNOS.has(code) && !this.closedWith) {
+      const c = classifyErrno(syscall, code);
+      throw new VcpudError(c.kind, `${what}: ${(e as Error).message}`, { reason: c.reason, errno: code }, { cause: e });
+    }
     if (code === 'ETIMEDOUT')
       throw new VcpudError('unavailable', `${this.peer} made no progress for ${this.stallMs} ms while ${what} (stalled; --migration-stall-timeout)`);
     if (code === 'ECANCELED' && this.signal?.aborted) throw abortError(this.signal);
@@ -402,6 +408,20 @@ export class Channel {
     this.socket.destroy();
   }
 }
+
+/** How the connection itself fails (EOF: the peer closed it, as the native stream calls report it). */
+const CONNECTION_ERRNOS: ReadonlySet<string> = new Set([
+  'EOF',
+  'EPIPE',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'ENOTCONN',
+  'ESHUTDOWN',
+  'ENETDOWN',
+  'ENETUNREACH',
+  'EHOSTDOWN',
+  'EHOSTUNREACH',
+]);
 
 function peerError(peer: string, head: EnvelopeHead, payload: Buffer): VcpudError {
   const e = decodeJson<WireError>(head, payload);
