@@ -28,6 +28,7 @@ import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
 import { Certificate } from '@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate';
 import { PodMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor';
 import { ServiceMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor';
+import { PrometheusRule } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule';
 import { NetworkPolicy } from 'kubernetes-models/networking.k8s.io/v1/NetworkPolicy';
 import { ConfigError, defaultConfig, loadConfig, type Config } from '../../src/server/config';
 
@@ -54,6 +55,7 @@ const MODELS: Record<string, new (data: any) => { validate(): void }> = {
   'cert-manager.io/v1/Certificate': Certificate,
   'monitoring.coreos.com/v1/PodMonitor': PodMonitor,
   'monitoring.coreos.com/v1/ServiceMonitor': ServiceMonitor,
+  'monitoring.coreos.com/v1/PrometheusRule': PrometheusRule,
 };
 
 const CI_FILES = fs
@@ -258,6 +260,13 @@ describe('helm chart helm/vcpud', () => {
           expect(problems.filter((p) => !/cannot read \/etc\/vcpud\/(migration-)?tls\/(tls\.crt|tls\.key|ca\.crt)/.test(p))).toEqual([]);
         }
       }
+    });
+
+    test("a PrometheusRule, when enabled, holds files/alerts.yaml's groups as they are", () => {
+      const rules = objects().filter((o) => o.kind === 'PrometheusRule');
+      expect(rules.length).toBe(/prometheusRule:\s*\n\s*enabled:\s*true/.test(values) ? 1 : 0);
+      const file = parseAllDocuments(fs.readFileSync(path.join(CHART, 'files/alerts.yaml'), 'utf8'))[0].toJS() as { groups: unknown[] };
+      for (const r of rules) expect(r.spec).toEqual({ groups: file.groups });
     });
 
     test('monitor port names match a container or Service port name', () => {
