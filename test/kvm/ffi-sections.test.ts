@@ -10,7 +10,7 @@ import { native } from '../../src/ffi/native';
 import { setIoctlObserver } from '../../src/ffi/observe';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
-import { describeKvm, KVM_PATH } from '../support/kvm';
+import { describeKvm, KVM_PATH, stateTestVcpu } from '../support/kvm';
 
 const MSR_IA32_SYSENTER_CS = 0x174;
 const MSR_IA32_SYSENTER_ESP = 0x175;
@@ -27,11 +27,7 @@ describeKvm('ffi: vCPU state sections on real KVM', () => {
   afterAll(() => kvm.close());
 
   beforeEach(() => {
-    vm = kvm.createVm();
-    vm.createIrqchip();
-    vm.addMemory(0, 2 * 1024 * 1024);
-    vcpu = vm.createVcpu(0);
-    vcpu.setCpuid2(kvm.supportedCpuid());
+    ({ vm, vcpu } = stateTestVcpu(kvm));
   });
   afterEach(() => vm.close());
 

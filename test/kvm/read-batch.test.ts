@@ -11,7 +11,7 @@ import { setIoctlObserver } from '../../src/ffi/observe';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
 import { readStateBytes, readStateBytesPerSection, readStateBytesReused, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
-import { describeKvm, KVM_PATH } from '../support/kvm';
+import { describeKvm, KVM_PATH, stateTestVcpu } from '../support/kvm';
 import { thrownBy as caught } from '../support/thrown';
 
 /**
@@ -64,11 +64,7 @@ describeKvm('GetState reads: one batched native call', () => {
   afterAll(() => kvm.close());
 
   beforeEach(() => {
-    vm = kvm.createVm();
-    vm.createIrqchip();
-    vm.addMemory(0, 2 * 1024 * 1024);
-    vcpu = vm.createVcpu(0);
-    vcpu.setCpuid2(kvm.supportedCpuid());
+    ({ vm, vcpu } = stateTestVcpu(kvm));
     ctx = { caps, irqchip: true };
     // Distinct values, so equal bytes are not just two fresh vCPUs' zeros.
     const regs = vcpu.getRegs();

@@ -18,7 +18,7 @@ import { vcpudServiceDefinitions } from '../../src/server/service-definitions';
 import { readBase } from '../../src/server/services/state-service';
 import { readableSections, readState, readStateBytes, writeState, type StateContext } from '../../src/vm/vcpu-state';
 import { mutateState, Rng } from '../support/fuzz';
-import { describeKvm, KVM_PATH } from '../support/kvm';
+import { describeKvm, KVM_PATH, stateTestVcpu } from '../support/kvm';
 
 const setState = vcpudServiceDefinitions().VcpuStateService.SetState;
 const overTheWire = (state: object) =>
@@ -54,9 +54,7 @@ describeKvm('SetState over kernel bytes against the path over objects', () => {
   beforeAll(() => {
     kvm = Kvm.open(KVM_PATH);
     ctx = { caps: probeCapabilities(kvm), irqchip: true };
-    vm = kvm.createVm();
-    vm.createIrqchip();
-    vcpu = vm.createVcpu(0);
+    ({ vm, vcpu } = stateTestVcpu(kvm, { bare: true }));
   });
   afterAll(() => {
     vm.close();

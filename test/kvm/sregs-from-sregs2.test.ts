@@ -12,7 +12,7 @@ import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
 import { VmRegistry } from '../../src/vm/registry';
 import { readStateBytes, readStateBytesReused, type StateContext } from '../../src/vm/vcpu-state';
-import { describeKvm, testMemorySource } from '../support/kvm';
+import { describeKvm, stateTestVcpu, testMemorySource } from '../support/kvm';
 import { loadGuest, waitUntil } from '../support/runtime';
 
 const DERIVABLE: SectionName[] = ['sregs', 'sregs2', 'vcpu_events'];
@@ -96,11 +96,7 @@ describeKvm('KVM_GET_SREGS answered from KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS 
     const ctx = (): StateContext => ({ caps, irqchip: true });
 
     beforeEach(() => {
-      vm = kvm.createVm();
-      vm.createIrqchip();
-      vm.addMemory(0, 2 * 1024 * 1024);
-      vcpu = vm.createVcpu(0);
-      vcpu.setCpuid2(kvm.supportedCpuid());
+      ({ vm, vcpu } = stateTestVcpu(kvm));
     });
     afterEach(() => vm.close());
 

@@ -8,7 +8,7 @@ import { Kvm } from '../../src/ffi/kvm';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
 import { ALSO_WRITES, writeState, type StateContext } from '../../src/vm/vcpu-state';
-import { describeKvm, KVM_PATH } from '../support/kvm';
+import { describeKvm, KVM_PATH, stateTestVcpu } from '../support/kvm';
 
 const MSR_IA32_SYSENTER_CS = 0x174;
 const UNKNOWN_MSR = 0xdeadbeef; // KVM_SET_MSRS refuses it (no ignore_msrs)
@@ -32,9 +32,7 @@ describeKvm('rollback model: sections that write the same state', () => {
   });
   afterAll(() => kvm.close());
   beforeEach(() => {
-    vm = kvm.createVm();
-    vm.createIrqchip();
-    vcpu = vm.createVcpu(0);
+    ({ vm, vcpu } = stateTestVcpu(kvm, { bare: true }));
   });
   afterEach(() => vm.close());
 

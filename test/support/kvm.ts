@@ -3,6 +3,9 @@
  * and fail instead when CI demands it (VCPUD_REQUIRE_KVM=1).
  */
 import fs from 'node:fs';
+import type { Kvm } from '../../src/ffi/kvm';
+import type { Vcpu } from '../../src/ffi/vcpu';
+import type { Vm } from '../../src/ffi/vm';
 import { anonymousMemory, StateDirMemory, type GuestMemorySource } from '../../src/vm/guest-memory';
 
 export const KVM_PATH = process.env.VCPUD_KVM_PATH ?? '/dev/kvm';
@@ -42,4 +45,17 @@ export function testMemorySource(): GuestMemorySource {
   const dir = fs.mkdtempSync('/dev/shm/vcpud-test-state-');
   afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
   return new StateDirMemory(dir);
+}
+
+/**
+ * A VM for tests of vCPU state: an in-kernel irqchip, 2 MiB of memory at 0 and vCPU 0 given the
+ * host's supported CPUID (`bare`: neither, the vCPU as KVM creates it). The caller closes the VM.
+ */
+export function stateTestVcpu(kvm: Kvm, opts: { bare?: boolean } = {}): { vm: Vm; vcpu: Vcpu } {
+  const vm = kvm.createVm();
+  vm.createIrqchip();
+  if (!opts.bare) vm.addMemory(0, 2 * 1024 * 1024);
+  const vcpu = vm.createVcpu(0);
+  if (!opts.bare) vcpu.setCpuid2(kvm.supportedCpuid());
+  return { vm, vcpu };
 }
