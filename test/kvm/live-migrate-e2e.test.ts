@@ -341,6 +341,7 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
   it('the caller cancels mid-pass: nothing is left there; meanwhile writes and resume are refused naming the migration, pause is allowed', async () => {
     const memory = 96 * MiB;
     const guest = await dirtyGuest(srcVms, memory);
+    const incomingBefore = incomingResults(await dst.scrape());
     const stream = srcSnap.MigrateVm({ vmId: guest.id, destination: dst.serving.api, bandwidthBytesPerSecond: String(32 * MiB) }) as grpc.ClientReadableStream<
       Record<string, any>
     >;
@@ -364,6 +365,9 @@ describeKvm('live migration (pre-copy) between two vcpud processes (real KVM)', 
     expect(refusals.map((e) => e.code)).toEqual([grpc.status.FAILED_PRECONDITION, grpc.status.FAILED_PRECONDITION]);
     for (const e of refusals) expect(e.details).toMatch(/pre-copy migration to unix:.* in progress/);
     await waitFor(async () => (await listVms(dstVms)).length === 0, 'the destination to hold no VM');
+    // The source gave it up: the destination counts it abandoned, not failed here.
+    await waitFor(async () => delta(incomingBefore, incomingResults(await dst.scrape())).abandoned === 1, 'the destination to count it abandoned');
+    expect(delta(incomingBefore, incomingResults(await dst.scrape()))).toEqual({ succeeded: 0, failed: 0, abandoned: 1 });
     // The hold is gone: the VM stays as the caller left it (paused), and run control and writes work again.
     expect((await call<{ vm: { vcpus: { runState: string }[] } }>(srcVms, 'GetVm', { vmId: guest.id })).vm.vcpus[0].runState).toBe('VCPU_RUN_STATE_PAUSED');
     // (The client sees CANCELLED at once; the server lets go of the VM a moment later.)
