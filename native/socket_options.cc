@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "errors.h"
+#include "ioctl_call.h"
 
 namespace vcpud {
 
@@ -12,10 +13,10 @@ namespace {
 
 Napi::Value SetSendBuffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber() || !info[1].IsNumber()) throw Napi::TypeError::New(env, "setSendBuffer(fd, bytes): two numbers");
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int64_t bytes = info[1].As<Napi::Number>().Int64Value();
-  if (fd < 0 || bytes < 1 || bytes > INT_MAX) throw Napi::RangeError::New(env, "setSendBuffer: fd >= 0, bytes 1..2^31-1");
+  const char* op = "setSendBuffer";
+  int fd = FdArg(info, 0, op);
+  uint64_t bytes = U64Arg(info, 1, op, "bytes");
+  if (bytes < 1 || bytes > INT_MAX) throw Napi::RangeError::New(env, "setSendBuffer: bytes 1..2^31-1");
   int v = static_cast<int>(bytes);
   if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) != 0) throw MakeSysError(env, "setsockopt(SO_SNDBUF)", errno);
   socklen_t len = sizeof v;

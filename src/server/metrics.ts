@@ -94,6 +94,8 @@ const STATE_BYTES_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 
 const MIGRATION_DIRECTIONS = ['outgoing', 'incoming'] as const;
 export type MigrationDirection = (typeof MIGRATION_DIRECTIONS)[number];
+const OUTGOING_MIGRATION_RESULTS = ['succeeded', 'failed', 'cancelled'] as const;
+export type OutgoingMigrationResult = (typeof OUTGOING_MIGRATION_RESULTS)[number];
 const INCOMING_MIGRATION_RESULTS = ['succeeded', 'failed', 'abandoned'] as const;
 export type IncomingMigrationResult = (typeof INCOMING_MIGRATION_RESULTS)[number];
 
@@ -229,7 +231,7 @@ export class Metrics {
     this.migrations = resultCounter(
       'vcpud_migrations_total',
       'Outgoing migrations by result (succeeded, failed, cancelled).',
-      ['succeeded', 'failed', 'cancelled'],
+      OUTGOING_MIGRATION_RESULTS,
       registers,
     );
     this.migrationBytes = new Counter({
@@ -418,10 +420,7 @@ export class Metrics {
   }
 
   /** One outgoing migration ended; a successful one brings its report. */
-  recordMigration(m: {
-    result: 'succeeded' | 'failed' | 'cancelled';
-    report?: { bytesSent: number; passes: number; downtimeMs: number; tornPages: number };
-  }): void {
+  recordMigration(m: { result: OutgoingMigrationResult; report?: { bytesSent: number; passes: number; downtimeMs: number; tornPages: number } }): void {
     this.migrations.inc({ result: m.result });
     if (!m.report) return;
     this.migrationBytes.inc(m.report.bytesSent);

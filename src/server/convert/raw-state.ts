@@ -73,9 +73,6 @@ type Source =
       readonly children: readonly Source[];
     };
 
-// The layout field of a converter field table entry (its ffi key); convert/state-bytes.ts takes them from here too.
-export { layoutField, offsetOf };
-
 /** A converter field table over a struct layout whose fields start at `base`. */
 function join(table: Fields, layout: readonly Field[], base = 0): Source[] {
   return table.map((f) => {

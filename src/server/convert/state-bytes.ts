@@ -26,6 +26,8 @@ import {
   EVENTS_TRIPLE_FAULT_LAYOUT,
   FPU_LAYOUT,
   KVM_MAX_XCRS,
+  layoutField,
+  offsetOf,
   REGS_LAYOUT,
   SECTION_NAMES,
   SECTIONS,
@@ -41,7 +43,6 @@ import {
   type SectionValues,
 } from '../../ffi/sections';
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
-import { layoutField, offsetOf } from './raw-state';
 import { parseU64, RULES, checked, type Checker } from './scalars';
 import type { Fields, Kind } from './schema';
 import { FIELD_TABLES as T, MAX_CPUID_ENTRIES, parseSection, protoKey, stateFromProto, stateToProto } from './state';
