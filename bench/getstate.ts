@@ -8,12 +8,18 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ServiceDefinition } from '@grpc/proto-loader';
 import { vcpudPackageDefinition } from '../src/api/proto';
-import { call, startVcpud } from '../test/support/vcpud-process';
-import { rawGetState } from './loadgen';
+import { startVcpud } from '../test/support/vcpud-process';
+import { GET_STATE_PATH, getStateRequest, rawGetState } from './loadgen';
 import { EMPTY_METHOD, cFloor, fatal, guestBin, knob, pausedCounterVm, percentile, ratioRow, startEmptyServer, table, type BenchResult } from './floors';
 
 const N = Number(knob('BENCH_CALLS', '2000', 'getstate: sequential calls timed (GetState and the empty call each)'));
 const ROUNDS = Number(knob('BENCH_ROUNDS_GETSTATE', '4', 'getstate: blocks the calls of each measure are split into, alternating'));
+/**
+ * Untimed calls to each server first. V8 compiles a call path's functions with its optimizing tiers only
+ * after thousands of calls, and vcpud's path is longer than a trivial handler's: after 200 calls vcpud's
+ * p50 was still 15-20% above its own steady state (624 against 505 us), the handlers' 5-15%.
+ */
+const WARMUP = Number(knob('BENCH_WARMUP_GETSTATE', '3000', 'getstate: untimed calls to each server before the timed ones'));
 const TARGET = { op: '<=', ratio: 1.15 } as const;
 /**
  * The GET ioctls a full GetState makes: every section's, less KVM_GET_SREGS, which a batch with
@@ -52,7 +58,7 @@ interface Timed {
  * the load other processes put on a shared host falls on every measure alike.
  */
 async function timeAlternating(fns: (() => Promise<unknown>)[], n: number): Promise<Timed[]> {
-  for (const fn of fns) for (let i = 0; i < Math.min(200, n); i++) await fn(); // warm-up
+  for (const fn of fns) for (let i = 0; i < WARMUP; i++) await fn();
   const lat = fns.map(() => [] as number[]);
   const seconds = fns.map(() => 0);
   for (let r = 0; r < ROUNDS; r++) {
@@ -69,24 +75,38 @@ async function timeAlternating(fns: (() => Promise<unknown>)[], n: number): Prom
   return lat.map((l, f) => ({ p50: percentile(l, 50), p99: percentile(l, 99), perSecond: l.length / seconds[f] }));
 }
 
+/** One sequential caller of `method` on `target`: every server measured here is called the same way. */
+interface Caller {
+  once: () => Promise<unknown>;
+  close: () => Promise<void>;
+}
+
 /**
- * A client of a trivial handler: an empty reply, or `reply` (GetState's own response bytes) decoded by
- * the client exactly as vcpud's answer is, so the difference to GetState is what vcpud itself spends.
+ * A grpc-js client making the same unary call again and again, with no deadline and no metadata, the
+ * response decoded by `decode`: vcpud and the trivial handlers get the same client, so a difference in
+ * p50 is the servers' (a stub with a deadline per call costs the client timers and the server a
+ * deadline timer and a grpc-timeout header of its own, 20-60 us of p50 here).
  */
-async function trivialClient(reply?: Buffer, how: { ioctls?: boolean } = {}): Promise<{ once: () => Promise<unknown>; close: () => Promise<void> }> {
-  const server = await startEmptyServer(reply, how);
+function rawCaller(target: string, method: string, request: Buffer, decode: (b: Buffer) => unknown, stop: () => Promise<void> = async () => {}): Caller {
   const id = (x: Buffer) => x;
-  const decode = reply ? getStateMethod().responseDeserialize : id;
-  const client = new grpc.Client(server.target, grpc.credentials.createInsecure());
-  const once = () =>
-    new Promise((resolve, reject) => client.makeUnaryRequest(EMPTY_METHOD, id, decode, Buffer.alloc(0), (e, r) => (e ? reject(e) : resolve(r))));
+  const client = new grpc.Client(target, grpc.credentials.createInsecure());
+  const once = () => new Promise((resolve, reject) => client.makeUnaryRequest(method, id, decode, request, (e, r) => (e ? reject(e) : resolve(r))));
   return {
     once,
     async close() {
       client.close();
-      await server.stop();
+      await stop();
     },
   };
+}
+
+/**
+ * A caller of a trivial handler: an empty reply, or `reply` (GetState's own response bytes) decoded by
+ * the client exactly as vcpud's answer is, so the difference to GetState is what vcpud itself spends.
+ */
+async function trivialCaller(reply?: Buffer, how: { ioctls?: boolean } = {}): Promise<Caller> {
+  const server = await startEmptyServer(reply, how);
+  return rawCaller(server.target, EMPTY_METHOD, Buffer.alloc(0), reply ? getStateMethod().responseDeserialize : (x: Buffer) => x, () => server.stop());
 }
 
 const getStateMethod = () => (vcpudPackageDefinition()['vcpud.v1.VcpuStateService'] as ServiceDefinition).GetState;
@@ -96,17 +116,22 @@ export async function measureGetState(): Promise<BenchResult> {
   const rawSumUs = rawIoctlSumUs();
   const d = await startVcpud();
   try {
-    const vms = d.client('VmService');
-    const state = d.client('VcpuStateService');
-    const vm = await pausedCounterVm(vms);
+    const vm = await pausedCounterVm(d.client('VmService'));
     const reply = await rawGetState(d.serving.api, vm.id);
-    const trivial = [await trivialClient(), await trivialClient(reply), await trivialClient(reply, { ioctls: true })];
-    const req = { vmId: vm.id, vcpuId: 0 };
+    const callers = [
+      await trivialCaller(),
+      await trivialCaller(reply),
+      await trivialCaller(reply, { ioctls: true }),
+      rawCaller(d.serving.api, GET_STATE_PATH, getStateRequest(vm.id, 0), getStateMethod().responseDeserialize),
+    ];
     let empty: Timed, same: Timed, withIoctls: Timed, get: Timed;
     try {
-      [empty, same, withIoctls, get] = await timeAlternating([...trivial.map((t) => t.once), () => call(state, 'GetState', req)], N);
+      [empty, same, withIoctls, get] = await timeAlternating(
+        callers.map((c) => c.once),
+        N,
+      );
     } finally {
-      for (const t of trivial) await t.close();
+      for (const c of callers) await c.close();
     }
     const emptyRow = ratioRow(
       'GetState p50 against an empty call (information)',
