@@ -70,6 +70,26 @@ const REFUSAL_ERRNOS: ReadonlySet<string> = new Set(['EINVAL', 'E2BIG', 'ERANGE'
 /** Errnos of opening /dev/kvm that mean "this host gives vcpud no KVM" (absent, no module, no access). */
 const NO_KVM_ERRNOS: ReadonlySet<string> = new Set(['ENOENT', 'ENXIO', 'ENODEV', 'EACCES', 'EPERM']);
 
+/**
+ * Errnos with which a connection itself fails (EOF: the peer closed it, as the native stream calls
+ * report it). The caller's account is the peer's: a migration channel waits for the peer's ERROR
+ * envelope before naming the failure, where any other errno is this side's and classified below.
+ */
+const CONNECTION_ERRNOS: ReadonlySet<string> = new Set([
+  'EOF',
+  'EPIPE',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'ENOTCONN',
+  'ESHUTDOWN',
+  'ENETDOWN',
+  'ENETUNREACH',
+  'EHOSTDOWN',
+  'EHOSTUNREACH',
+]);
+
+export const isConnectionErrno = (errno: string): boolean => CONNECTION_ERRNOS.has(errno);
+
 /** Ioctls that write values the caller chose: a refusal there is the caller's value, not our bug. */
 const WRITES_CALLER_VALUES = /^KVM_(SET|CREATE|ENABLE|CLEAR)_/;
 

@@ -21,8 +21,8 @@ import {
   RecordKind,
 } from '../../src/vm/snapshot-format';
 import { describeKvm } from '../support/kvm';
-import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
-import { call, callError, collect, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, snapshotPair, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
+import { call, callError, collect, startVcpud } from '../support/vcpud-process';
 
 const COUNTER_MIRROR = 0x9000; // counter64 mirrors RBX here (vCPU 0)
 const MARKER_BASE = 0x100000; // WriteMemory markers, one page each: vcpud's own writes (below the random fill at 2 MiB)
@@ -51,28 +51,13 @@ function expectStatus(err: grpc.ServiceError, code: grpc.status, reason: string,
 jest.setTimeout(180_000);
 
 describeKvm('incremental snapshots (real KVM)', () => {
-  const snapDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-chain-'));
-  let a: VcpudProcess;
-  let b: VcpudProcess;
+  const pair = snapshotPair('vcpud-chain-');
+  const { snapDir } = pair;
   let aVms: Client;
   let aSnap: Client;
   let bVms: Client;
   let bSnap: Client;
-
-  beforeAll(async () => {
-    [a, b] = await Promise.all([startVcpud(['--snapshot-dir', snapDir]), startVcpud(['--snapshot-dir', snapDir])]);
-    [aVms, aSnap, bVms, bSnap] = [a.client('VmService'), a.client('SnapshotService'), b.client('VmService'), b.client('SnapshotService')];
-  });
-  afterAll(async () => {
-    await Promise.all([a?.stop(), b?.stop()]);
-    fs.rmSync(snapDir, { recursive: true, force: true });
-  });
-  afterEach(async () => {
-    for (const vms of [aVms, bVms]) {
-      const { vms: left } = await call<{ vms: { id: string }[] }>(vms, 'ListVms', {});
-      for (const vm of left) await call(vms, 'DeleteVm', { vmId: vm.id });
-    }
-  });
+  beforeAll(() => void ({ aVms, aSnap, bVms, bSnap } = pair));
 
   const readU64 = async (vms: Client, vmId: string, gpa: number) => (await readMem(vms, vmId, gpa, 8)).readBigUInt64LE(0);
   const marker = (i: number) => Buffer.from(`marker ${i}`.padEnd(16, '.'));

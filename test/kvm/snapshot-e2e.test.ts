@@ -21,11 +21,12 @@ import {
   MiB,
   runStream,
   sha256,
+  snapshotPair,
   uploadSnapshot,
   waitFor,
   type Client,
 } from '../support/snapshot';
-import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
+import { call, callError, startVcpud } from '../support/vcpud-process';
 
 /** Rewrites the header record of a snapshot file (same length: the JSON is padded with spaces). */
 export function rewriteHeader(file: string, edit: (h: Record<string, any>) => void): void {
@@ -51,31 +52,13 @@ function expectStatus(err: grpc.ServiceError, code: grpc.status, reason: string)
 }
 
 describeKvm('snapshots between two vcpud processes (real KVM)', () => {
-  const snapDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-snapshots-'));
-  let a: VcpudProcess;
-  let b: VcpudProcess;
+  const pair = snapshotPair('vcpud-snapshots-');
+  const { snapDir } = pair;
   let aVms: Client;
   let aSnap: Client;
   let bVms: Client;
   let bSnap: Client;
-
-  beforeAll(async () => {
-    [a, b] = await Promise.all([startVcpud(['--snapshot-dir', snapDir]), startVcpud(['--snapshot-dir', snapDir])]);
-    aVms = a.client('VmService');
-    aSnap = a.client('SnapshotService');
-    bVms = b.client('VmService');
-    bSnap = b.client('SnapshotService');
-  });
-  afterAll(async () => {
-    await Promise.all([a?.stop(), b?.stop()]);
-    fs.rmSync(snapDir, { recursive: true, force: true });
-  });
-  afterEach(async () => {
-    for (const vms of [aVms, bVms]) {
-      const { vms: left } = await call<{ vms: { id: string }[] }>(vms, 'ListVms', {});
-      for (const vm of left) await call(vms, 'DeleteVm', { vmId: vm.id });
-    }
-  });
+  beforeAll(() => void ({ aVms, aSnap, bVms, bSnap } = pair));
 
   const listVms = async (vms: Client) => (await call<{ vms: unknown[] }>(vms, 'ListVms', {})).vms;
 

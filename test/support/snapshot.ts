@@ -1,11 +1,13 @@
 /** Helpers for snapshot and migration tests against real vcpud processes. */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { SECTIONS } from '../../src/ffi/sections';
 import { FileSource, loadSnapshot } from '../../src/vm/snapshot-reader';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
-import { call } from './vcpud-process';
+import { call, startVcpud, type VcpudProcess } from './vcpud-process';
 
 export type Client = grpc.Client & Record<string, Function>;
 export const MiB = 1024 * 1024;
@@ -144,3 +146,43 @@ export function uploadSnapshot(snapshots: Client, bytes: Buffer, options: object
 }
 
 export const sha256 = (file: string) => crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+
+/** Two vcpuds sharing one --snapshot-dir, and the clients the snapshot suites use. */
+export interface SnapshotPair {
+  snapDir: string;
+  a: VcpudProcess;
+  b: VcpudProcess;
+  aVms: Client;
+  aSnap: Client;
+  bVms: Client;
+  bSnap: Client;
+}
+
+/**
+ * Registers, in the calling describe block, hooks that start two vcpuds sharing a new --snapshot-dir
+ * (named from `prefix`) before its tests, delete every VM a test left on either after each, and stop
+ * both and remove the directory after all. The returned object is filled in by the first hook.
+ */
+export function snapshotPair(prefix: string): SnapshotPair {
+  const pair = { snapDir: fs.mkdtempSync(path.join(os.tmpdir(), prefix)) } as SnapshotPair;
+  beforeAll(async () => {
+    [pair.a, pair.b] = await Promise.all([startVcpud(['--snapshot-dir', pair.snapDir]), startVcpud(['--snapshot-dir', pair.snapDir])]);
+    [pair.aVms, pair.aSnap, pair.bVms, pair.bSnap] = [
+      pair.a.client('VmService'),
+      pair.a.client('SnapshotService'),
+      pair.b.client('VmService'),
+      pair.b.client('SnapshotService'),
+    ];
+  });
+  afterAll(async () => {
+    await Promise.all([pair.a?.stop(), pair.b?.stop()]);
+    fs.rmSync(pair.snapDir, { recursive: true, force: true });
+  });
+  afterEach(async () => {
+    for (const vms of [pair.aVms, pair.bVms]) {
+      const { vms: left } = await call<{ vms: { id: string }[] }>(vms, 'ListVms', {});
+      for (const vm of left) await call(vms, 'DeleteVm', { vmId: vm.id });
+    }
+  });
+  return pair;
+}

@@ -6,7 +6,7 @@
  * the stall timeout instead of holding it forever.
  */
 import type net from 'node:net';
-import { classifyErrno, VcpudError } from '../../errors';
+import { classifyErrno, isConnectionErrno, VcpudError } from '../../errors';
 import { Inbox } from './inbox';
 import {
   decodeEnvelopeHeader,
@@ -366,7 +366,7 @@ export class Channel {
     if (e instanceof VcpudError) throw e; // a corrupt frame, guest memory that failed (typed by the caller)
     // A failure of this side (an errno that is not the connection's: EIO, ENOMEM, EBADF...) is not the
     // peer's: named as what it is, by the one errno table, without waiting for the peer's account.
-    if (code && code !== 'ETIMEDOUT' && code !== 'ECANCELED' && !CONNECTION_ERRNOS.has(code) && !this.closedWith) {
+    if (code && code !== 'ETIMEDOUT' && code !== 'ECANCELED' && !isConnectionErrno(code) && !this.closedWith) {
       const c = classifyErrno(syscall, code);
       throw new VcpudError(c.kind, `${what}: ${(e as Error).message}`, { reason: c.reason, errno: code }, { cause: e });
     }
@@ -408,20 +408,6 @@ export class Channel {
     this.socket.destroy();
   }
 }
-
-/** How the connection itself fails (EOF: the peer closed it, as the native stream calls report it). */
-const CONNECTION_ERRNOS: ReadonlySet<string> = new Set([
-  'EOF',
-  'EPIPE',
-  'ECONNRESET',
-  'ECONNABORTED',
-  'ENOTCONN',
-  'ESHUTDOWN',
-  'ENETDOWN',
-  'ENETUNREACH',
-  'EHOSTDOWN',
-  'EHOSTUNREACH',
-]);
 
 function peerError(peer: string, head: EnvelopeHead, payload: Buffer): VcpudError {
   const e = decodeJson<WireError>(head, payload);
