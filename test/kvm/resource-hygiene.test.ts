@@ -1,7 +1,8 @@
-/** Creating and releasing VMs leaks nothing: the process's open fds return to where they were. */
+/** Creating and releasing VMs leaks nothing (open fds return to where they were), and an idle vcpud stays asleep. */
 import fs from 'node:fs';
 import { Kvm } from '../../src/ffi/kvm';
 import { describeKvm, KVM_PATH } from '../support/kvm';
+import { startVcpud } from '../support/vcpud-process';
 
 const openFds = () => fs.readdirSync('/proc/self/fd').length;
 
@@ -21,6 +22,25 @@ describeKvm('ffi: resource hygiene', () => {
       expect(openFds()).toBe(before);
     } finally {
       kvm.close();
+    }
+  });
+});
+
+/** Times the process's main thread went to sleep and woke again (its voluntary context switches). */
+const mainThreadWakeups = (pid: number) => Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8'))![1]);
+
+describeKvm('vcpud: idle', () => {
+  it('an idle vcpud wakes its main thread at most 30 times a second (the event-loop lag sampler at 100 ms, not 10)', async () => {
+    const d = await startVcpud();
+    try {
+      await new Promise((r) => setTimeout(r, 1000)); // start-up's own work settles
+      const before = mainThreadWakeups(d.proc.pid!);
+      await new Promise((r) => setTimeout(r, 3000));
+      const perSecond = (mainThreadWakeups(d.proc.pid!) - before) / 3;
+      // prom-client's default 10 ms sampler alone woke it ~100 times a second.
+      expect(perSecond).toBeLessThan(30);
+    } finally {
+      await d.stop();
     }
   });
 });
