@@ -127,6 +127,31 @@ describe('GetState response from kernel bytes', () => {
     expect(fromBytes({ msrs: S.SECTIONS.msrs.encode([]) }, {}, false).equals(none)).toBe(true);
   });
 
+  test('cpuid2 read again: a kept encoding only for the very same bytes, whatever the buffer held before', () => {
+    const enc = getStateResponseEncoder(definition); // its own kept encodings
+    const expected = (b: Buffer) => general({ state: stateToProto({ cpuid2: S.SECTIONS.cpuid2.decode(Buffer.from(b)) }, {}), implicitlyPaused: false });
+    const vcpus = Array.from({ length: 20 }, (_, i) => {
+      const b = sectionBytes('cpuid2', i);
+      b.writeUInt32LE(Math.max(1, b.readUInt32LE(0)), 0); // at least one entry to change
+      return b;
+    });
+    // One buffer refilled in place, as a vCPU's kept read buffer is: each vCPU's bytes, then again
+    // (kept), then with one bit of the last entry's edx changed, then with only spare capacity changed.
+    const buffer = Buffer.alloc(S.cpuid2Size(70));
+    for (let pass = 0; pass < 2; pass++)
+      for (const b of vcpus) {
+        buffer.fill(0xee);
+        b.copy(buffer);
+        expect(enc({ cpuid2: buffer }, {}, false).equals(expected(buffer))).toBe(true);
+        const lastEdx = S.cpuid2Size(buffer.readUInt32LE(0)) - 16; // the last entry's edx, then its padding
+        buffer[lastEdx] ^= 0x01;
+        expect(enc({ cpuid2: buffer }, {}, false).equals(expected(buffer))).toBe(true);
+        buffer[lastEdx] ^= 0x01;
+        buffer[buffer.length - 1] ^= 0xff;
+        expect(enc({ cpuid2: buffer }, {}, false).equals(expected(buffer))).toBe(true);
+      }
+  });
+
   test('bytes that do not hold what they describe are refused, not misread', () => {
     expect(() => fromBytes({ regs: Buffer.alloc(S.SECTIONS.regs.size - 8) }, {}, false)).toThrow(/regs is 136 bytes/);
     const cpuid = Buffer.alloc(S.cpuid2Size(3));
