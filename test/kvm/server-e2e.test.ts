@@ -154,6 +154,31 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     await call(vms, 'DeleteVm', { vmId: id });
   });
 
+  it('GetState after every SetState answers what was set: a section read as before is answered as kept, one that changed (or changed back) is not', async () => {
+    const id = await counterVm();
+    await call(vms, 'RunVm', { vmId: id });
+    await call(vms, 'PauseVm', { vmId: id });
+    type Full = { state: Record<string, any> };
+    // The guest's TSC (MSR 0x10) counts on while the vCPU is paused: every read sees a new value.
+    const withoutTsc = (st: Record<string, any>): Record<string, any> => ({
+      ...st,
+      msrs: { ...st.msrs, entries: st.msrs.entries.filter((e: { index: number }) => e.index !== 0x10) },
+    });
+    const get = async () => withoutTsc((await call<Full>(state, 'GetState', { vmId: id, vcpuId: 0 })).state);
+    const base = await get();
+    expect(await get()).toEqual(base); // the same read again: every section but msrs kept
+    // regs and debugregs set to A, B, A, A, base: each full read shows exactly what was last set.
+    const a = { regs: { ...base.regs, rbx: '111' }, debugregs: { ...base.debugregs, db: ['4096', '0', '0', '0'] } };
+    const b = { regs: { ...base.regs, rbx: '222' }, debugregs: { ...base.debugregs, db: ['8192', '0', '0', '0'] } };
+    for (const want of [a, b, a, a, { regs: base.regs, debugregs: base.debugregs }]) {
+      await call(state, 'SetState', { vmId: id, vcpuId: 0, state: want });
+      const got = await get();
+      expect({ regs: got.regs, debugregs: got.debugregs }).toEqual(want);
+      expect({ ...got, regs: undefined, debugregs: undefined }).toEqual({ ...base, regs: undefined, debugregs: undefined });
+    }
+    await call(vms, 'DeleteVm', { vmId: id });
+  });
+
   it('SetState is atomic: a later section failing restores the earlier ones and names the section', async () => {
     const id = await counterVm();
     const before = await call<{ state: Record<string, any> }>(state, 'GetState', {

@@ -415,46 +415,66 @@ const GET_STATE_RESPONSE = 'vcpud.v1.GetStateResponse';
 /** Distinct section sets a response program is kept for (GetState callers ask for a few). */
 const MAX_CACHED_PROGRAMS = 64;
 
-/** vCPUs whose cpuid2 encodings are kept (a VM's vCPUs differ in their APIC ids). */
-const MAX_KEPT_CPUID = 16;
-
 /**
- * cpuid2's encoded body, kept with the kernel bytes it came from. A vCPU's CPUID entries change only
- * through KVM_SET_CPUID2 and the few bits KVM keeps in step with the guest (OSXSAVE, the APIC bit), so
- * a GetState nearly always reads the entries its previous one read, and their ~80 entries were the
- * largest part of the response's encoding (4 of 13 us in process). A body is reused only for the very
- * same bytes (the header and every entry the count names), newest first; otherwise it is encoded anew.
+ * A vCPU's sections as its previous GetState read them, and their encoded bodies: a section whose
+ * kernel bytes are the previous read's is not encoded again. On a paused vCPU every section repeats;
+ * on a running one cpuid2 (which changes only through KVM_SET_CPUID2 and a few bits KVM keeps in step),
+ * xcrs, debugregs and often fpu, sregs and sregs2 do, while regs, msrs (the TSC) and lapic mostly do
+ * not. A section is compared with the one read before it, byte for byte, over the bytes its encoding
+ * reads (the header and the entries its count names, for cpuid2 and msrs); its body is encoded alone
+ * the second time the same bytes come, so a section that changes every time costs only that
+ * comparison and a copy into the same buffer.
  */
-class CpuidBodies {
-  private readonly kept: { raw: Buffer; body: Buffer }[] = [];
-  private readonly out = new Writer(16 * 1024);
+export class KeptSections {
+  private readonly seen = new Map<SectionName, { raw: Buffer; body?: Buffer }>();
+  private readonly out = new Writer(4 * 1024);
 
-  body(bytes: Buffer, program: Uint32Array): Buffer {
-    const raw = bytes.subarray(0, CPUID2.sizeFor(bytes.readUInt32LE(0)));
-    const at = this.kept.findIndex((k) => k.raw.equals(raw));
-    if (at >= 0) {
-      const [hit] = this.kept.splice(at, 1);
-      this.kept.unshift(hit);
-      return hit.body;
+  /**
+   * The encoded body of `bytes` if the previous read was the same, else undefined. `program` checks
+   * the bytes hold what they describe (it throws if not) and gives their program: needed only to
+   * encode a body, a list whose count runs past its buffer is never compared.
+   */
+  body(name: SectionName, bytes: Buffer, program: () => Uint32Array): Buffer | undefined {
+    const used = encodedBytes(name, bytes);
+    if (used > bytes.length) return undefined;
+    const raw = bytes.subarray(0, used);
+    const prev = this.seen.get(name);
+    if (prev?.raw.equals(raw)) {
+      if (!prev.body) {
+        const p = program();
+        let end: number;
+        while ((end = runWireProgram(p, [bytes], this.out.buf, 0)) < 0) this.out.reserve(this.out.buf.length + 1);
+        prev.body = Buffer.from(this.out.buf.subarray(0, end));
+      }
+      return prev.body;
     }
-    let end: number;
-    while ((end = runWireProgram(program, [bytes], this.out.buf, 0)) < 0) this.out.reserve(this.out.buf.length + 1);
-    // Copies: the bytes are the vCPU's reused read buffer, the writer is reused by the next miss.
-    this.kept.unshift({ raw: Buffer.from(raw), body: Buffer.from(this.out.buf.subarray(0, end)) });
-    if (this.kept.length > MAX_KEPT_CPUID) this.kept.pop();
-    return this.kept[0].body;
+    // The bytes are the vCPU's reused read buffer: copied, into the kept copy when it fits.
+    if (prev?.raw.length === used) {
+      raw.copy(prev.raw);
+      prev.body = undefined;
+    } else this.seen.set(name, { raw: Buffer.from(raw) });
+    return undefined;
   }
+}
+
+/** The bytes of a section's buffer its encoding reads: a list's header and the entries its count names. */
+function encodedBytes(section: SectionName, b: Buffer): number {
+  if (b.length < 4) return b.length + 1; // holds no count: not compared (the program refuses it)
+  if (section === 'cpuid2') return CPUID2.sizeFor(b.readUInt32LE(0));
+  if (section === 'msrs') return msrsSize(b.readUInt32LE(0));
+  return b.length;
 }
 
 /**
  * GetStateResponse's serializer for section values with the struct sections as kernel bytes. The state
  * message is one native run of a program over the sections' buffers: the byte sections' programs, and
- * for the others (decoded values) their bodies encoded here first, copied in as they are. Like
+ * for the others (decoded values) their bodies encoded here first, copied in as they are; with `kept`
+ * (the vCPU's KeptSections), a section read as it was last time is copied in as it was encoded. Like
  * wireSerializer it writes into one reused buffer and returns a copy of the bytes.
  */
 export function getStateResponseEncoder(
   defs: PackageDefinition,
-): (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean) => Buffer {
+): (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections) => Buffer {
   const enc = messageEncoders(defs, GET_STATE_RESPONSE);
   const [stateField] = enc.plan(GET_STATE_RESPONSE);
   // `state` first: the rest of the response is then the object encoder's output without it.
@@ -502,10 +522,9 @@ export function getStateResponseEncoder(
 
   const w = new Writer(16 * 1024);
   const bodies = new Writer(4 * 1024);
-  const cpuid = new CpuidBodies();
   // A number section's input, one per section (reused: a program has run before the next call writes it).
   const numberInputs = sections.map(() => Buffer.alloc(4));
-  return (values, extras, implicitlyPaused) => {
+  return (values, extras, implicitlyPaused, kept) => {
     const inputs: Buffer[] = [];
     const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
     let key = '';
@@ -522,9 +541,10 @@ export function getStateResponseEncoder(
       // msrs as bytes carry no unreadable indices: with some listed, they are written from their entries.
       if (s.name === 'msrs' && Buffer.isBuffer(v) && extras.msrsUnreadable?.length) v = SECTIONS.msrs.decode(v);
       if (s.program && Buffer.isBuffer(v)) {
-        const program = s.program(v);
-        if (s.name === 'cpuid2') part(i, cpuid.body(v, program), null);
-        else part(i, v, program);
+        const program = s.program;
+        const body = kept?.body(s.name, v, () => program(v));
+        if (body) part(i, body, null);
+        else part(i, v, program(v));
         continue;
       }
       const n = s.numberIn?.(v);

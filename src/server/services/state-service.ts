@@ -7,7 +7,7 @@ import type { Vcpu } from '../../ffi/vcpu';
 import { checkReadable, readableSections, readNested, readStateBytesReused, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto } from '../convert';
 import { asRequested, BASE_UNUSED, stateBytesFromProto, type BaseBytes } from '../convert/state-bytes';
-import { getStateResponseEncoder } from '../convert/raw-state';
+import { getStateResponseEncoder, KeptSections } from '../convert/raw-state';
 import { Preserialized, type AnsweringPreserialized } from '../../api/preserialized';
 import type { GetCapabilitiesRequest__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesRequest';
 import type { GetCapabilitiesResponse } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
@@ -31,6 +31,8 @@ const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
 
 export class VcpuStateService {
   private readonly encodeGetState = getStateResponseEncoder(vcpudPackageDefinition());
+  /** Each vCPU's sections as its last GetState read them, with their encodings (KeptSections). */
+  private readonly kept = new WeakMap<Vcpu, KeptSections>();
 
   constructor(private readonly ctx: ServiceContext) {}
 
@@ -43,6 +45,12 @@ export class VcpuStateService {
     const vcpu = vm.vcpu(vcpuId);
     const sctx: StateContext = { caps: this.ctx.caps, irqchip: vm.vm.hasIrqchip };
     return { vm, vcpu, sctx };
+  }
+
+  private keptFor(vcpu: Vcpu): KeptSections {
+    let kept = this.kept.get(vcpu);
+    if (!kept) this.kept.set(vcpu, (kept = new KeptSections()));
+    return kept;
   }
 
   private recordBytes(values: Record<string, unknown>): void {
@@ -65,7 +73,7 @@ export class VcpuStateService {
           (access) => {
             const r = readStateBytesReused(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined);
             this.recordBytes(r.values);
-            return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, access.implicitlyPaused);
+            return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, access.implicitlyPaused, this.keptFor(vcpu.vcpu));
           },
           { noImplicitPause: req.noImplicitPause },
         );
