@@ -427,7 +427,8 @@ const MAX_CACHED_PROGRAMS = 64;
  */
 export class KeptSections {
   private readonly seen = new Map<SectionName, { raw: Buffer; body?: Buffer }>();
-  private readonly out = new Writer(4 * 1024);
+  /** Where bodies are encoded before they are copied out: one for every vCPU (encoding is synchronous). */
+  private static readonly out = new Writer(8 * 1024);
 
   /**
    * The encoded body of `bytes` if the previous read was the same, else undefined. `program` checks
@@ -442,9 +443,10 @@ export class KeptSections {
     if (prev?.raw.equals(raw)) {
       if (!prev.body) {
         const p = program();
+        const out = KeptSections.out;
         let end: number;
-        while ((end = runWireProgram(p, [bytes], this.out.buf, 0)) < 0) this.out.reserve(this.out.buf.length + 1);
-        prev.body = Buffer.from(this.out.buf.subarray(0, end));
+        while ((end = runWireProgram(p, [bytes], out.buf, 0)) < 0) out.reserve(out.buf.length + 1);
+        prev.body = Buffer.from(out.buf.subarray(0, end));
       }
       return prev.body;
     }
