@@ -340,11 +340,11 @@ function msrsProgramCompiler(plan: MessagePlan): (b: Buffer) => Uint32Array {
   /** The buffer still lists the indices its program was written for (a caller may refill it). */
   const lists = (b: Buffer, indices: number[]) => b.readUInt32LE(0) === indices.length && indices.every((x, i) => b.readUInt32LE(indexAt(i)) === x);
   return (b) => {
-    const n = b.length >= MSRS_HEADER_SIZE ? b.readUInt32LE(0) : -1;
-    if (n < 0 || b.length < msrsSize(n)) throw new Error(`raw state encoder: msrs is ${b.length} bytes, which does not hold what it describes`);
+    if (b.length < MSRS_HEADER_SIZE || b.length < encodedBytes('msrs', b))
+      throw new Error(`raw state encoder: msrs is ${b.length} bytes, which does not hold what it describes`);
     const cached = programs.get(b);
     if (cached && lists(b, cached.indices)) return cached.program;
-    const indices = Array.from({ length: n }, (_, i) => b.readUInt32LE(indexAt(i)));
+    const indices = Array.from({ length: b.readUInt32LE(0) }, (_, i) => b.readUInt32LE(indexAt(i)));
     const p = new WireProgramBuilder();
     indices.forEach((index, i) => {
       const at = MSRS_HEADER_SIZE + i * MSR_ENTRY_SIZE;
@@ -406,7 +406,7 @@ function mpStateTable(f: FieldPlan): [number[], number] {
  */
 function checkLength(section: EncodedSection, b: Buffer): void {
   const codec = SECTIONS[section];
-  const ok = codec.fixedSize ? b.length === codec.size : b.length >= codec.size && (section !== 'cpuid2' || b.length >= CPUID2.sizeFor(b.readUInt32LE(0)));
+  const ok = codec.fixedSize ? b.length === codec.size : b.length >= codec.size && b.length >= encodedBytes(section, b);
   if (!ok) throw new Error(`raw state encoder: ${section} is ${b.length} bytes, which does not hold what it describes`);
 }
 
@@ -435,18 +435,16 @@ export class KeptSections {
    * the bytes hold what they describe (it throws if not) and gives their program: needed only to
    * encode a body, a list whose count runs past its buffer is never compared.
    */
-  body(name: SectionName, bytes: Buffer, program: () => Uint32Array): Buffer | undefined {
+  body(name: SectionName, bytes: Buffer, program: (b: Buffer) => Uint32Array): Buffer | undefined {
     const used = encodedBytes(name, bytes);
     if (used > bytes.length) return undefined;
     const raw = bytes.subarray(0, used);
     const prev = this.seen.get(name);
     if (prev?.raw.equals(raw)) {
       if (!prev.body) {
-        const p = program();
         const out = KeptSections.out;
-        let end: number;
-        while ((end = runWireProgram(p, [bytes], out.buf, 0)) < 0) out.reserve(out.buf.length + 1);
-        prev.body = Buffer.from(out.buf.subarray(0, end));
+        runInto(out, program(bytes), [bytes]);
+        prev.body = Buffer.from(out.buf.subarray(0, out.pos));
       }
       return prev.body;
     }
@@ -457,6 +455,14 @@ export class KeptSections {
     } else this.seen.set(name, { raw: Buffer.from(raw) });
     return undefined;
   }
+}
+
+/** Runs `program` over `inputs` into `w` from its start, growing it until the output fits; w.pos is its end. */
+function runInto(w: Writer, program: Uint32Array, inputs: Buffer[]): void {
+  w.pos = 0;
+  let end: number;
+  while ((end = runWireProgram(program, inputs, w.buf, 0)) < 0) w.reserve(w.buf.length + 1);
+  w.pos = end;
 }
 
 /** The bytes of a section's buffer its encoding reads: a list's header and the entries its count names. */
@@ -543,10 +549,9 @@ export function getStateResponseEncoder(
       // msrs as bytes carry no unreadable indices: with some listed, they are written from their entries.
       if (s.name === 'msrs' && Buffer.isBuffer(v) && extras.msrsUnreadable?.length) v = SECTIONS.msrs.decode(v);
       if (s.program && Buffer.isBuffer(v)) {
-        const program = s.program;
-        const body = kept?.body(s.name, v, () => program(v));
+        const body = kept?.body(s.name, v, s.program);
         if (body) part(i, body, null);
-        else part(i, v, program(v));
+        else part(i, v, s.program(v));
         continue;
       }
       const n = s.numberIn?.(v);
@@ -566,10 +571,7 @@ export function getStateResponseEncoder(
       program = compose(parts);
       if (programs.size < MAX_CACHED_PROGRAMS) programs.set(key, program);
     }
-    let end: number;
-    w.pos = 0;
-    while ((end = runWireProgram(program, inputs, w.buf, 0)) < 0) w.reserve(w.buf.length + 1); // grows, then runs again
-    w.pos = end;
+    runInto(w, program, inputs);
     rest(w, { implicitlyPaused });
     return Buffer.from(w.buf.subarray(0, w.pos));
   };
