@@ -11,17 +11,20 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { decodeStatusDetails } from '../../src/api/status-details';
-import {
-  decodePreamble,
-  decodeRecordHeader,
-  nextRecordOffset,
-  payloadOffset,
-  PREAMBLE_SIZE,
-  RECORD_HEADER_SIZE,
-  RecordKind,
-} from '../../src/vm/snapshot-format';
 import { describeKvm } from '../support/kvm';
-import { consoleCollector, counterLines, counterVm, MiB, runStream, sha256, snapshotPair, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
+import {
+  consoleCollector,
+  counterLines,
+  counterVm,
+  firstMemoryData,
+  MiB,
+  runStream,
+  sha256,
+  snapshotPair,
+  uploadSnapshot,
+  waitFor,
+  type Client,
+} from '../support/snapshot';
 import { call, callError, collect, startVcpud } from '../support/vcpud-process';
 
 const COUNTER_MIRROR = 0x9000; // counter64 mirrors RBX here (vCPU 0)
@@ -31,16 +34,6 @@ const hash = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
 const readMem = async (vms: Client, vmId: string, gpa: number, length: number) =>
   Buffer.concat((await collect<{ data: Buffer }>(vms, 'ReadMemory', { vmId, guestPhysicalAddress: String(gpa), length: String(length) })).map((m) => m.data));
-
-/** Offset of the first memory data payload byte of a snapshot file. */
-function firstMemoryData(file: Buffer): number {
-  decodePreamble(file);
-  for (let at = PREAMBLE_SIZE, seq = 0; ; seq++) {
-    const h = decodeRecordHeader(file.subarray(at, at + RECORD_HEADER_SIZE), at, seq);
-    if (h.kind === RecordKind.MemoryData && h.payloadLength) return payloadOffset(h);
-    at = nextRecordOffset(h);
-  }
-}
 
 function expectStatus(err: grpc.ServiceError, code: grpc.status, reason: string, message?: RegExp) {
   expect({ code: err.code }).toEqual({ code });

@@ -5,6 +5,15 @@ import os from 'node:os';
 import path from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { SECTIONS } from '../../src/ffi/sections';
+import {
+  decodePreamble,
+  decodeRecordHeader,
+  nextRecordOffset,
+  payloadOffset,
+  PREAMBLE_SIZE,
+  RECORD_HEADER_SIZE,
+  RecordKind,
+} from '../../src/vm/snapshot-format';
 import { FileSource, loadSnapshot } from '../../src/vm/snapshot-reader';
 import { GUESTS, GUEST_ABI } from '../guests/guests';
 import { call, startVcpud, type VcpudProcess } from './vcpud-process';
@@ -143,6 +152,16 @@ export function uploadSnapshot(snapshots: Client, bytes: Buffer, options: object
     for (let off = 0; off < bytes.length; off += MiB) up.write({ data: bytes.subarray(off, off + MiB) });
     up.end();
   });
+}
+
+/** Offset of the first memory data payload byte of a snapshot (a byte its checksums cover, unlike alignment padding). */
+export function firstMemoryData(file: Buffer): number {
+  decodePreamble(file);
+  for (let at = PREAMBLE_SIZE, seq = 0; ; seq++) {
+    const h = decodeRecordHeader(file.subarray(at, at + RECORD_HEADER_SIZE), at, seq);
+    if (h.kind === RecordKind.MemoryData && h.payloadLength) return payloadOffset(h);
+    at = nextRecordOffset(h);
+  }
 }
 
 export const sha256 = (file: string) => crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
