@@ -1,10 +1,10 @@
 /** Creating and releasing VMs leaks nothing (open fds return to where they were), and an idle vcpud stays asleep. */
-import fs from 'node:fs';
 import { Kvm } from '../../src/ffi/kvm';
 import { describeKvm, KVM_PATH } from '../support/kvm';
+import { fdCount, mainThreadWakeups } from '../support/proc-resources';
 import { startVcpud } from '../support/vcpud-process';
 
-const openFds = () => fs.readdirSync('/proc/self/fd').length;
+const openFds = () => fdCount(process.pid);
 
 describeKvm('ffi: resource hygiene', () => {
   it('1000 VMs with memory, irqchip and two vCPUs each are created and released without a leaked fd', () => {
@@ -25,9 +25,6 @@ describeKvm('ffi: resource hygiene', () => {
     }
   });
 });
-
-/** Times the process's main thread went to sleep and woke again (its voluntary context switches). */
-const mainThreadWakeups = (pid: number) => Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8'))![1]);
 
 describeKvm('vcpud: idle', () => {
   it('an idle vcpud wakes its main thread at most 30 times a second (the event-loop lag sampler at 100 ms, not 10)', async () => {

@@ -1,6 +1,6 @@
 /**
  * What a process holds, read from /proc, for leak checks against a real vcpud (and the benchmarks):
- * its open fds, its resident memory, and its metrics scraped without keeping a connection (a keep-alive scrape would itself hold an fd in
+ * its open fds, its resident memory, its main thread's wake-ups, and its metrics scraped without keeping a connection (a keep-alive scrape would itself hold an fd in
  * the server for seconds and blur the count).
  */
 import fs from 'node:fs';
@@ -14,6 +14,13 @@ export function rssBytes(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
   return Number(m[1]) * 1024;
+}
+
+/** Times the process's main thread went to sleep and woke again (its voluntary context switches). */
+export function mainThreadWakeups(pid: number): number {
+  const m = /voluntary_ctxt_switches:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no voluntary_ctxt_switches in /proc/${pid}/task/${pid}/status`);
+  return Number(m[1]);
 }
 
 /** fd -> what it points at (socket:[n], /dev/kvm, anon_inode:kvm-vcpu:0, a file...). */
