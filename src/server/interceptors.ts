@@ -64,12 +64,16 @@ function labelsOf(method: grpc.ServerMethodDefinition<unknown, unknown>): RpcLab
 }
 
 /**
- * Gives every call a request id (the client's x-request-id when it sent a sane one, else a fresh UUID),
- * returns it in the response headers (or the trailers of a trailers-only error response), and logs
- * method, code and duration when the call ends: at info when it failed or took longer than
- * SLOW_CALL_MS, otherwise at debug. A checkpoint loop makes thousands of GetState calls a second: an
- * info line for each cost ~5% of the server's CPU and drowned the lines that matter; the metrics count
- * every call. Health checks log at debug whatever their outcome (probes every few seconds).
+ * Logs method, code, duration and a request id when a call ends: at info when it failed or took
+ * longer than SLOW_CALL_MS, otherwise at debug. A checkpoint loop makes thousands of GetState calls a
+ * second: an info line for each cost ~5% of the server's CPU and drowned the lines that matter; the
+ * metrics count every call. Health checks log at debug whatever their outcome (probes every few seconds).
+ *
+ * The request id is the client's x-request-id when it sent a sane one, echoed in the response headers.
+ * Otherwise vcpud makes one (a UUID) for a call it logs, and sends it in the trailers, so a client
+ * can find the line of any call that has one. A call without a client id and without a line gets no
+ * id: sending a fresh one on every successful GetState was 9-21 us of its server CPU under 64
+ * clients (4-9%, BENCHMARKS.md), for an id that named nothing.
  */
 export const SLOW_CALL_MS = 1000;
 
@@ -79,8 +83,10 @@ export const SLOW_CALL_MS = 1000;
  */
 class CallRecord {
   private startedAt = process.hrtime.bigint();
+  /** The client's id, or the one made for the log line. */
   private requestId: string | undefined;
-  private headersSent = false;
+  /** The client's id went out in the headers. */
+  private idSent = false;
   private finished = false;
 
   constructor(
@@ -98,7 +104,7 @@ class CallRecord {
 
   receiveMetadata(metadata: grpc.Metadata): void {
     const given = metadata.get(REQUEST_ID_HEADER)[0];
-    if (this.requestId === undefined) this.requestId = typeof given === 'string' && CLIENT_REQUEST_ID.test(given) ? given : randomUUID();
+    if (typeof given === 'string' && CLIENT_REQUEST_ID.test(given)) this.requestId = given;
   }
 
   receiveMessage(): void {
@@ -110,8 +116,9 @@ class CallRecord {
   }
 
   sendMetadata(metadata: grpc.Metadata): void {
-    this.headersSent = true;
-    metadata.set(REQUEST_ID_HEADER, this.id());
+    if (this.requestId === undefined) return;
+    this.idSent = true;
+    metadata.set(REQUEST_ID_HEADER, this.requestId);
     // grpc-js copies toHttp2Headers()'s result, symbol keys included, into the headers http2 sends.
     // (A trailers-only error's metadata is cloned on the way, without this: errors are not the hot path.)
     metadata.toHttp2Headers = headersWithRequestIdNeverIndexed;
@@ -121,18 +128,13 @@ class CallRecord {
     this.metrics.rpcMessageSent(this.labels);
   }
 
-  /** The status to send on: the same one, or a copy carrying the request id when no headers went out. */
+  /** The status to send on: the same one, or a copy carrying the request id of a logged call in its trailers. */
   sendStatus(status: OutgoingStatus): OutgoingStatus {
     this.finish(status.code, status.details);
-    if (this.headersSent) return status;
+    if (this.idSent || this.requestId === undefined) return status;
     const metadata = status.metadata?.clone() ?? new grpc.Metadata();
-    metadata.set(REQUEST_ID_HEADER, this.id());
+    metadata.set(REQUEST_ID_HEADER, this.requestId);
     return { ...status, metadata };
-  }
-
-  private id(): string {
-    this.requestId ??= randomUUID();
-    return this.requestId;
   }
 
   /** Once per call: grpc-js reports onCancel after every status too. */
@@ -144,8 +146,9 @@ class CallRecord {
     const durationMs = elapsed / 1e6;
     const level = !isHealthMethod(this.method.path) && (code !== grpc.status.OK || durationMs > SLOW_CALL_MS) ? 'info' : 'debug';
     if (!this.logger.enabled(level)) return;
+    this.requestId ??= randomUUID();
     const fields: Record<string, unknown> = {
-      request_id: this.id(),
+      request_id: this.requestId,
       method: this.method.path,
       peer: this.call.getPeer(),
       code: grpcCodeName(code),

@@ -106,10 +106,17 @@ function client<T extends grpc.Client>(Ctor: grpc.ServiceClientConstructor, targ
 }
 
 function unary(c: Record<string, Unary>, method: string, req: object, md = new grpc.Metadata()) {
-  return new Promise<{ err: grpc.ServiceError | null; res?: Record<string, unknown>; headers?: grpc.Metadata }>((resolve) => {
+  return new Promise<{ err: grpc.ServiceError | null; res?: Record<string, unknown>; headers?: grpc.Metadata; trailers?: grpc.Metadata }>((resolve) => {
     let headers: grpc.Metadata | undefined;
-    const call = c[method](req, md, { deadline: Date.now() + 5000 }, (err, res) => resolve({ err, res, headers }));
+    let err: grpc.ServiceError | null = null;
+    let res: Record<string, unknown> | undefined;
+    // The callback runs before 'status' (which carries the trailers): resolve on the latter.
+    const call = c[method](req, md, { deadline: Date.now() + 5000 }, (e, r) => {
+      err = e;
+      res = r;
+    });
     call.on('metadata', (m: grpc.Metadata) => (headers = m));
+    call.on('status', (status: grpc.StatusObject) => resolve({ err, res, headers, trailers: status.metadata }));
   });
 }
 
@@ -236,29 +243,42 @@ describe('reflection', () => {
 
 describe('request ids and logs', () => {
   // An id is unique per call: HPACK-indexing each one churned the connection's header table (BENCHMARKS.md).
-  test('request ids go out in response headers as never-indexed literals', async () => {
-    const { running } = await setup();
+  test("a client's request id goes out in response headers as a never-indexed literal; none is made for a call nobody logs", async () => {
+    const { running } = await setup([], 'info');
     const session = http2.connect('http://localhost', { createConnection: () => net.connect(running.addresses.api.address.replace(/^unix:/, '')) });
-    const say = (req: Buffer) =>
-      new Promise<{ headers: http2.IncomingHttpHeaders }>((resolve, reject) => {
-        const stream = session.request({ ':method': 'POST', ':path': '/vcpudtest.Echo/Say', 'content-type': 'application/grpc', te: 'trailers' });
+    const say = (req: Buffer, id?: string) =>
+      new Promise<{ headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders }>((resolve, reject) => {
+        const stream = session.request({
+          ':method': 'POST',
+          ':path': '/vcpudtest.Echo/Say',
+          'content-type': 'application/grpc',
+          te: 'trailers',
+          ...(id ? { [REQUEST_ID_HEADER]: id } : {}),
+        });
         const prefix = Buffer.alloc(5);
         prefix.writeUInt32BE(req.length, 1);
         stream.end(Buffer.concat([prefix, req]));
-        stream.on('response', (headers) => resolve({ headers }));
+        let headers: http2.IncomingHttpHeaders = {};
+        stream.on('response', (h) => (headers = h));
+        stream.on('trailers', (trailers) => resolve({ headers, trailers }));
         stream.on('error', reject);
         stream.resume();
       });
     try {
-      const ok = await say(Buffer.from([0x0a, 0x02, 0x68, 0x69])); // text: "hi"
-      expect(ok.headers[REQUEST_ID_HEADER]).toMatch(/^[0-9a-f-]{36}$/);
-      expect((ok.headers as Record<symbol, unknown>)[http2.sensitiveHeaders]).toEqual([REQUEST_ID_HEADER]);
+      const hi = Buffer.from([0x0a, 0x02, 0x68, 0x69]); // text: "hi"
+      const echoed = await say(hi, 'req-7');
+      expect(echoed.headers[REQUEST_ID_HEADER]).toBe('req-7');
+      expect((echoed.headers as Record<symbol, unknown>)[http2.sensitiveHeaders]).toEqual([REQUEST_ID_HEADER]);
+      const anonymous = await say(hi);
+      expect(anonymous.trailers['grpc-status']).toBe('0');
+      expect(anonymous.headers[REQUEST_ID_HEADER]).toBeUndefined();
+      expect(anonymous.trailers[REQUEST_ID_HEADER]).toBeUndefined();
     } finally {
       session.close();
     }
   });
 
-  test('the client x-request-id comes back in headers and in the log line; errors carry it in trailers', async () => {
+  test('the client x-request-id comes back in headers and in the log line; a logged call without one gets one in its trailers', async () => {
     const { running, logs } = await setup();
     const c = client(EchoCtor, running.addresses.api.address);
     const md = new grpc.Metadata();
@@ -266,16 +286,20 @@ describe('request ids and logs', () => {
     const ok = await unary(c, 'Say', { text: 'hi' }, md);
     expect(ok.res?.text).toBe('hi');
     expect(ok.headers?.get(REQUEST_ID_HEADER)).toEqual(['req-42']);
+    expect(ok.trailers?.get(REQUEST_ID_HEADER)).toEqual([]);
 
     const failed = await unary(c, 'Say', { failCode: grpc.status.INVALID_ARGUMENT });
     expect(failed.err?.code).toBe(grpc.status.INVALID_ARGUMENT);
     const generated = failed.err?.metadata.get(REQUEST_ID_HEADER)[0] as string;
     expect(generated).toMatch(/^[0-9a-f-]{36}$/);
 
+    // At debug every call is logged: an insane client id is replaced by a made one, in the trailers.
     const bad = new grpc.Metadata();
     bad.set(REQUEST_ID_HEADER, 'has spaces and a "quote"');
     const replaced = await unary(c, 'Say', { text: 'x' }, bad);
-    expect(replaced.headers?.get(REQUEST_ID_HEADER)[0]).toMatch(/^[0-9a-f-]{36}$/);
+    expect(replaced.headers?.get(REQUEST_ID_HEADER)).toEqual([]);
+    const made = replaced.trailers?.get(REQUEST_ID_HEADER)[0] as string;
+    expect(made).toMatch(/^[0-9a-f-]{36}$/);
 
     await new Promise((r) => setImmediate(r));
     const rpcLogs = logs.filter((l) => l.msg === 'rpc finished' && l.method === '/vcpudtest.Echo/Say');
@@ -283,6 +307,7 @@ describe('request ids and logs', () => {
     expect(typeof rpcLogs[0].duration_ms).toBe('number');
     expect(typeof rpcLogs[0].time).toBe('string');
     expect(rpcLogs[1]).toMatchObject({ level: 'info', request_id: generated, code: 'InvalidArgument', details: 'asked to fail' });
+    expect(rpcLogs[2]).toMatchObject({ level: 'debug', request_id: made, code: 'OK' });
     expect(logs.find((l) => l.msg === 'listening')).toMatchObject({ api: running.addresses.api.address, tls: 'none' });
   });
 
