@@ -27,10 +27,12 @@ const V8_GROWTH_FACTOR = 2;
 let capped = false;
 
 /**
- * Lets the young generation grow while it is under the cap and stops it at the cap. Checked after
- * every collection, for as long as the process runs: V8 shrinks the young generation when a
- * collection sees little allocation (an idle vcpud), and with growth stopped for good it stayed at
- * ~1 MiB under the next load, 7x the scavenges and 20-40 us more server CPU per GetState (BENCHMARKS.md).
+ * Lets the young generation grow (doubling, as V8 does) while it is under the cap, and stops it once it
+ * reaches it. From V8's initial size the doublings land on the cap; from a size a shrink left, the
+ * last one may pass it, up to V8's own maximum. Checked after every collection, for as long as the
+ * process runs: V8 shrinks the young generation when a collection sees little allocation (an idle
+ * vcpud), and with growth stopped for good it stayed at 1-2 MiB under the next load, 7x the
+ * scavenges and 20-40 us more server CPU per GetState (BENCHMARKS.md).
  */
 export function holdYoungGenerationAtCap(): void {
   const atCap = youngGenerationSize() >= YOUNG_GENERATION_CAP;
