@@ -10,7 +10,7 @@ import type * as protoLoader from '@grpc/proto-loader';
 import * as S from '../../src/ffi/sections';
 import { BYTE_SECTIONS, type ByteSection } from '../../src/ffi/vcpu';
 import { stateToProto } from '../../src/server/convert';
-import { getStateResponseEncoder, KeptSections } from '../../src/server/convert/raw-state';
+import { getStateResponseEncoder, KeptSections, ResponseSlabs } from '../../src/server/convert/raw-state';
 import { vcpudPackageDefinition } from '../../src/api/proto';
 import { wireSerializer } from '../../src/server/wire-encoder';
 import { randomValue } from '../support/random-state';
@@ -171,5 +171,28 @@ describe('GetState response from kernel bytes', () => {
     const msrs = S.SECTIONS.msrs.encode([{ index: 0x10, data: 1n }]);
     msrs.writeUInt32LE(2, 0);
     expect(() => fromBytes({ msrs }, {}, false)).toThrow(/msrs is 24 bytes/);
+  });
+});
+
+describe('response copies cut from slabs', () => {
+  test('each copy holds its own bytes while later ones are cut, a full slab is left for a new one, large ones get their own', () => {
+    const slabs = new ResponseSlabs(4096);
+    const src = Buffer.alloc(1024);
+    const copies: { copy: Buffer; bytes: Buffer }[] = [];
+    for (let i = 0; i < 16; i++) {
+      const n = 300 + randomInt(200); // at most slabBytes / 8
+      const bytes = randomBytes(n);
+      bytes.copy(src);
+      src.fill(0xee, n); // bytes past n are not copied
+      copies.push({ copy: slabs.copyOf(src, n), bytes });
+    }
+    for (const { copy, bytes } of copies) expect(copy.equals(bytes)).toBe(true);
+    // 16 copies of 300-500 bytes do not fit one 4 KiB slab: at least two slabs were cut.
+    const slabBuffers = new Set(copies.map((c) => c.copy.buffer));
+    expect(slabBuffers.size).toBeGreaterThan(1);
+    const large = slabs.copyOf(Buffer.alloc(1000, 7), 1000);
+    expect(slabBuffers.has(large.buffer)).toBe(false);
+    expect(large.equals(Buffer.alloc(1000, 7))).toBe(true);
+    for (const { copy, bytes } of copies) expect(copy.equals(bytes)).toBe(true);
   });
 });
