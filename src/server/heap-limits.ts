@@ -34,7 +34,7 @@ let capped = false;
  * vcpud), and with growth stopped for good it stayed at 1-2 MiB under the next load, 7x the
  * scavenges and 20-40 us more server CPU per GetState (BENCHMARKS.md).
  */
-export function holdYoungGenerationAtCap(): void {
+function holdYoungGenerationAtCap(): void {
   const atCap = youngGenerationSize() >= YOUNG_GENERATION_CAP;
   if (atCap === capped) return;
   capped = atCap;
