@@ -30,6 +30,7 @@ import path from 'node:path';
 import tls from 'node:tls';
 import type * as grpc from '@grpc/grpc-js';
 import { issueClients, MIGRATOR, localhostTarget, migrationDialArgs, mtlsServeArgs } from '../test/support/mtls';
+import { reserveHugepagePool } from '../test/support/hugepage-pool';
 import { makePki, type Pki } from '../test/support/pki';
 import { call, startVcpud, type VcpudProcess } from '../test/support/vcpud-process';
 import { DIRTY64, dirty64Control, GUEST_ABI } from '../test/guests/guests';
@@ -278,6 +279,125 @@ async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string
   ];
 }
 
+/** IDLE_ROUNDS idle migrations from `a` to `b` and the floor run before each: their medians, and the last copy (left at `b`). */
+interface IdleRuns {
+  /** Names the memory the rows are about ('' for vcpud's default, anonymous memory). */
+  memory: string;
+  udsFloor: number;
+  idleMs: number;
+  pass1MiBs: number;
+  sent: number;
+  last: Moved;
+}
+
+/** Idle guests with random memory moved from `a` to `b` over UDS, each after a floor run of its own; every run's rows go into `rows`. */
+async function idleMigrations(a: VcpudProcess, b: VcpudProcess, dir: string, memory: string, rows: string[][]): Promise<IdleRuns> {
+  const runs: { floor: Awaited<ReturnType<typeof floorRate>>; moved: Awaited<ReturnType<typeof migrateMeasured>>; ms: number }[] = [];
+  const suffix = memory ? `, ${memory}` : '';
+  for (let r = 0; r < IDLE_ROUNDS; r++) {
+    const id = await randomVm(a.client('VmService'), SIZE);
+    const floor = await floorRate(SIZE, dir);
+    const t = now();
+    const moved = await migrateMeasured(a, b, { vmId: id, destination: b.serving.api }, SIZE);
+    runs.push({ floor, moved, ms: now() - t });
+    if (r < IDLE_ROUNDS - 1) await call(b.client('VmService'), 'DeleteVm', { vmId: moved.id });
+    rows.push(floorTableRow(`UDS floor: unix socket between two Node processes (round ${r + 1}${suffix})`, floor.rate, floor.cpu));
+    rows.push([
+      `idle guest, pre-copy over UDS (round ${r + 1}${suffix})`,
+      runs[r].ms.toFixed(0),
+      moved.pass1MiBs.toFixed(0),
+      `${downtimeParts(moved.done)}; ${phases(moved.done)}; ${(Number(moved.done.bytesSent) / MiB).toFixed(0)} MiB sent; ${cpuText(moved.cpu, 'source', 'destination')}`,
+    ]);
+  }
+  return {
+    memory,
+    udsFloor: median(runs.map((r) => r.floor.rate)),
+    idleMs: median(runs.map((r) => r.ms)),
+    pass1MiBs: median(runs.map((r) => r.moved.pass1MiBs)),
+    sent: median(runs.map((r) => Number(r.moved.done.bytesSent))),
+    last: runs[runs.length - 1].moved,
+  };
+}
+
+/** Pass 1 against the UDS floor and the whole idle migration against bytes / floor: the targets for default memory, information otherwise. */
+function idleRatioRows(runs: IdleRuns, label: string, targets: boolean): BenchRow[] {
+  const how = `median of ${IDLE_ROUNDS}, each run after a floor run of its own${runs.memory ? `; ${runs.memory}` : ''}`;
+  const info = targets ? '' : ' (information)';
+  return [
+    ratioRow(
+      `${label}: migration pass-1 throughput, UDS (${how})${info}`,
+      runs.pass1MiBs,
+      runs.udsFloor,
+      'MiB/s',
+      'unix socket between two Node processes',
+      targets ? THROUGHPUT_TARGET : undefined,
+    ),
+    ratioRow(
+      `${label}: idle guest, whole migration time (${how})${info}`,
+      runs.idleMs,
+      (runs.sent / MiB / runs.udsFloor) * 1000,
+      'ms',
+      'bytes sent / UDS floor',
+      targets ? IDLE_TARGET : undefined,
+    ),
+  ];
+}
+
+/**
+ * Section 4 of measureMigration: idle migrations between vcpuds whose guest memory is in a hugetlbfs
+ * state directory over a pool reserved (and first touched, bench/c/hugepage_warm) for them, undone after.
+ */
+async function onHugepages(pki: Pki, dir: string, limit: string[], rows: string[][]): Promise<BenchRow[]> {
+  const label = `${SIZE / MiB} MiB`;
+  const memory = 'guest memory on hugetlbfs (a warm 2 MiB page pool)';
+  // Source and destination copies of one guest at a time, and room for rounding.
+  const pool = reserveHugepagePool(2 * Math.ceil(SIZE / (2 * MiB)) + 16);
+  if ('unavailable' in pool) {
+    rows.push([`${memory}: skipped`, '-', '-', pool.unavailable]);
+    return [];
+  }
+  const daemons: VcpudProcess[] = [];
+  try {
+    const warm = cFloor('hugepage_warm', [String(pool.pages)]) as { ms: number };
+    rows.push([`${memory}: first touch of the ${pool.pages}-page pool`, warm.ms.toFixed(0), '-', 'once, before these rows: the host backs the pages again']);
+    const stateDir = (name: string) => ['--state-dir', fs.mkdtempSync(path.join(pool.mount, `${name}-`))];
+    const start = (name: string, args: string[]) =>
+      startVcpud([...args, '--snapshot-dir', path.join(dir, `huge-${name}`), ...limit, ...stateDir(name)], {}, VCPUD_NODE_ARGS);
+    const [a, b] = await Promise.all([start('a', []), start('b', [])]);
+    daemons.push(a, b);
+    const uds = await idleMigrations(a, b, dir, memory, rows);
+    await call(b.client('VmService'), 'DeleteVm', { vmId: uds.last.id });
+    const dst = await start('mtls-dst', mtlsServeArgs(pki, [MIGRATOR]));
+    daemons.push(dst);
+    const src = await start('mtls-src', migrationDialArgs(pki, MIGRATOR));
+    daemons.push(src);
+    const tlsId = await randomVm(src.client('VmService'), SIZE);
+    const tlsFloor = await floorRate(SIZE, dir, pki);
+    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: localhostTarget(dst) }, SIZE);
+    rows.push(floorTableRow('TLS floor: Node TLS over TCP loopback, two processes (hugetlbfs)', tlsFloor.rate, tlsFloor.cpu));
+    rows.push([
+      'idle guest, pre-copy over mTLS (hugetlbfs)',
+      ms(overTls.done.duration).toFixed(0),
+      overTls.pass1MiBs.toFixed(0),
+      `${downtimeParts(overTls.done)}; ${cpuText(overTls.cpu, 'source', 'destination')}`,
+    ]);
+    return [
+      ...idleRatioRows(uds, label, false),
+      ratioRow(
+        `${label}: migration pass-1 throughput, mTLS, ${memory} (information)`,
+        overTls.pass1MiBs,
+        tlsFloor.rate,
+        'MiB/s',
+        'Node TLS over TCP between two processes',
+      ),
+    ];
+  } finally {
+    // SIGINT destroys the VMs (SIGTERM would save them in their state directories for a restart).
+    await Promise.all(daemons.map((d) => d.stop('SIGINT')));
+    pool.release();
+  }
+}
+
 export async function measureMigration(): Promise<BenchResult> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-bench-migration-'));
   const pki = makePki(path.join(dir, 'pki'));
@@ -298,43 +418,11 @@ export async function measureMigration(): Promise<BenchResult> {
     // 1. An idle guest with random memory, UDS: throughput of pass 1 and the whole time. IDLE_ROUNDS
     // migrations, each after a floor measure of its own; the ratios compare medians (single runs
     // swung 0.68-0.83x against the floor from one full run to the next).
-    const idleRounds: { floor: Awaited<ReturnType<typeof floorRate>>; moved: Awaited<ReturnType<typeof migrateMeasured>>; ms: number }[] = [];
-    for (let r = 0; r < IDLE_ROUNDS; r++) {
-      const id = await randomVm(aVms, SIZE);
-      const floor = await floorRate(SIZE, dir);
-      const t = now();
-      const moved = await migrateMeasured(a, b, { vmId: id, destination: b.serving.api }, SIZE);
-      idleRounds.push({ floor, moved, ms: now() - t });
-      // The last one's copy stays at b: the dirty64 migration back starts from it (step 2).
-      if (r < IDLE_ROUNDS - 1) await call(b.client('VmService'), 'DeleteVm', { vmId: moved.id });
-    }
-    const idle = idleRounds[idleRounds.length - 1].moved;
-    const udsFloor = median(idleRounds.map((r) => r.floor.rate));
-    const idleMs = median(idleRounds.map((r) => r.ms));
-    const pass1MiBs = median(idleRounds.map((r) => r.moved.pass1MiBs));
-    const sent = median(idleRounds.map((r) => Number(r.moved.done.bytesSent)));
-    const idleFloorMs = (sent / MiB / udsFloor) * 1000;
-    for (const [i, r] of idleRounds.entries()) {
-      const bytes = Number(r.moved.done.bytesSent);
-      rows.push(floorTableRow(`UDS floor: unix socket between two Node processes (round ${i + 1})`, r.floor.rate, r.floor.cpu));
-      rows.push([
-        `idle guest, pre-copy over UDS (round ${i + 1})`,
-        r.ms.toFixed(0),
-        r.moved.pass1MiBs.toFixed(0),
-        `${downtimeParts(r.moved.done)}; ${phases(r.moved.done)}; ${(bytes / MiB).toFixed(0)} MiB sent; ${cpuText(r.moved.cpu, 'source', 'destination')}`,
-      ]);
-    }
-    const medians = `median of ${IDLE_ROUNDS}, each run after a floor run of its own`;
-    const thr = ratioRow(
-      `${label}: migration pass-1 throughput, UDS (${medians})`,
-      pass1MiBs,
-      udsFloor,
-      'MiB/s',
-      'unix socket between two Node processes',
-      THROUGHPUT_TARGET,
-    );
-    const idleRow = ratioRow(`${label}: idle guest, whole migration time (${medians})`, idleMs, idleFloorMs, 'ms', 'bytes sent / UDS floor', IDLE_TARGET);
-    benchRows.push(thr, idleRow);
+    const idleRuns = await idleMigrations(a, b, dir, '', rows);
+    // The last one's copy stays at b: the dirty64 migration back starts from it (step 2).
+    const idle = idleRuns.last;
+    const { udsFloor, idleMs, pass1MiBs, sent } = idleRuns;
+    benchRows.push(...idleRatioRows(idleRuns, label, true));
 
     // 1a. The same idle migration with the destination's memory preallocated (committed before
     // prepare answers; information): pass 1 then writes into committed memory, prepare pays for it.
@@ -449,6 +537,11 @@ export async function measureMigration(): Promise<BenchResult> {
         'Node TLS over TCP, the receiver copying into a new buffer of the guest size',
       ),
     );
+
+    // 4. Guest memory from a warm pool of 2 MiB pages (information): both sides' --state-dir on
+    // hugetlbfs, as an operator gives a pod `medium: HugePages-2Mi`. The same idle migrations, over
+    // UDS and mTLS: what the data plane moves when the destination's memory costs only its zeroing.
+    benchRows.push(...(await onHugepages(pki, dir, limit, rows)));
   } finally {
     await Promise.all(daemons.map((d) => d.stop()));
     fs.rmSync(dir, { recursive: true, force: true });

@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -262,6 +264,7 @@ void GuestMemory::Register(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod("write", &GuestMemory::Write),
                                   InstanceMethod("release", &GuestMemory::Release),
                                   InstanceMethod("scanPages", &GuestMemory::ScanPages),
+                                  InstanceMethod("candidatePages", &GuestMemory::CandidatePages),
                                   InstanceMethod("crc32cPages", &GuestMemory::Crc32cPages),
                                   InstanceMethod("writePagesToFd", &GuestMemory::WritePagesToFd),
                                   InstanceMethod("copyPages", &GuestMemory::CopyPages),
@@ -304,6 +307,8 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
     if (fstat(fd, &st) != 0) throw MakeSysError(info.Env(), "fstat", errno);
     if (static_cast<uint64_t>(st.st_size) < size)
       throw Napi::RangeError::New(info.Env(), "GuestMemory: the file is " + std::to_string(st.st_size) + " bytes, the memory " + std::to_string(size));
+    struct statfs fs;
+    hugetlbfs_ = fstatfs(fd, &fs) == 0 && static_cast<unsigned long>(fs.f_type) == HUGETLBFS_MAGIC;
     sharedFd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (sharedFd_ < 0) throw MakeSysError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
   }
@@ -400,34 +405,63 @@ Napi::Value GuestMemory::Release(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// Anonymous pages that were never touched (neither present nor swapped in /proc/self/pagemap) are
-// zero without reading them, which would map the zero page into every hole of a large guest.
+// Pages that may hold data (1) and pages known zero without reading them (0), or empty when unknown.
+// Anonymous pages never touched (neither present nor swapped in /proc/self/pagemap) are zero; reading
+// them would map the zero page into every hole of a large guest. A shared file's pages need not be in
+// this process's page tables (mapped by the process before a restart): the file's own holes say
+// which are zero, and reading one would allocate it (tmpfs and hugetlbfs fill a hole on a read fault).
+std::vector<uint8_t> GuestMemory::MayHoldData(uint64_t off, uint64_t pages) const {
+  if (fileBacked_) return {};
+  if (sharedFd_ >= 0) return hugetlbfs_ ? MappedPages(off, pages) : SharedDataPages(off, pages);
+  std::vector<uint8_t> candidates;
+  int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (pm < 0) return candidates;
+  std::vector<uint64_t> entries(pages);
+  uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
+  if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) == 0) {
+    constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
+    candidates.resize(pages);
+    for (uint64_t i = 0; i < pages; i++) candidates[i] = (entries[i] & (kPresent | kSwapped)) != 0;
+  }
+  close(pm);
+  return candidates;
+}
+
+// hugetlbfs answers SEEK_DATA with "all data"; its pages never swap, so this process's page tables
+// (mincore) say which exist: the memory file is this process's alone.
+std::vector<uint8_t> GuestMemory::MappedPages(uint64_t off, uint64_t pages) const {
+  std::vector<uint8_t> v(pages);
+  if (mincore(base_ + off, pages * kPage, v.data()) != 0) return {};
+  for (auto& b : v) b &= 1;
+  return v;
+}
+
+bool GuestMemory::NeverAllocated(uint64_t page) const {
+  if (fileBacked_ || sharedFd_ < 0) return false;
+  if (hugetlbfs_) {
+    uint8_t v = 1;
+    return mincore(base_ + page * kPage, kPage, &v) == 0 && !(v & 1);
+  }
+  const off_t at = static_cast<off_t>(page * kPage);
+  off_t data = lseek(sharedFd_, at, SEEK_DATA);
+  return (data < 0 && errno == ENXIO) || data >= at + static_cast<off_t>(kPage);
+}
+
+// The (offset, pages) of a call that answers with a bitmap of those pages, checked, and that bitmap, cleared.
+Napi::Buffer<uint8_t> GuestMemory::PageBitmapFor(const Napi::CallbackInfo& info, const char* op, uint64_t* off, uint64_t* pages) const {
+  *off = U64Arg(info, 0, op, "offset");
+  *pages = U64Arg(info, 1, op, "pages");
+  CheckPages(info.Env(), op, *off, *pages, (*pages + 7) / 8);
+  Napi::Buffer<uint8_t> bitmap = Napi::Buffer<uint8_t>::New(info.Env(), (*pages + 7) / 8);
+  memset(bitmap.Data(), 0, bitmap.Length());
+  return bitmap;
+}
+
 Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
   const char* op = "GuestMemory.scanPages";
-  uint64_t off = U64Arg(info, 0, op, "offset");
-  uint64_t pages = U64Arg(info, 1, op, "pages");
-  CheckPages(info.Env(), op, off, pages, (pages + 7) / 8);
-  Napi::Buffer<uint8_t> bitmap = Napi::Buffer<uint8_t>::New(info.Env(), (pages + 7) / 8);
-  memset(bitmap.Data(), 0, bitmap.Length());
-  // Pages that may hold data (1) and holes (0); empty: read every page.
-  std::vector<uint8_t> candidates;
-  if (!fileBacked_ && sharedFd_ >= 0) {
-    // A shared file's pages need not be in this process's page tables (mapped by the process
-    // before a restart): the file's own holes say which are zero.
-    candidates = SharedDataPages(off, pages);
-  } else if (!fileBacked_) {
-    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (pm >= 0) {
-      std::vector<uint64_t> entries(pages);
-      uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
-      if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) == 0) {
-        constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
-        candidates.resize(pages);
-        for (uint64_t i = 0; i < pages; i++) candidates[i] = (entries[i] & (kPresent | kSwapped)) != 0;
-      }
-      close(pm);
-    }
-  }
+  uint64_t off, pages;
+  Napi::Buffer<uint8_t> bitmap = PageBitmapFor(info, op, &off, &pages);
+  std::vector<uint8_t> candidates = MayHoldData(off, pages);
   struct Scan {
     const uint8_t* first;
     uint64_t pages;
@@ -443,6 +477,19 @@ Napi::Value GuestMemory::ScanPages(const Napi::CallbackInfo& info) {
     }
   }, &scan, &fault);
   if (!ok) throw MakeMemoryFaultError(info.Env(), op, fault - reinterpret_cast<uintptr_t>(base_));
+  return bitmap;
+}
+
+Napi::Value GuestMemory::CandidatePages(const Napi::CallbackInfo& info) {
+  uint64_t off, pages;
+  Napi::Buffer<uint8_t> bitmap = PageBitmapFor(info, "GuestMemory.candidatePages", &off, &pages);
+  std::vector<uint8_t> candidates = MayHoldData(off, pages);
+  if (candidates.empty()) {
+    memset(bitmap.Data(), 0xff, bitmap.Length());
+    return bitmap;
+  }
+  for (uint64_t i = 0; i < pages; i++)
+    if (candidates[i]) bitmap.Data()[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
   return bitmap;
 }
 

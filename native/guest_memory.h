@@ -54,6 +54,14 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   void BeginBusy() { busy_++; }
   void EndBusy();
 
+  // Per page of [offset, +pages): 1 when it may hold data, 0 when it is known zero without reading
+  // it (never touched, or a hole of the shared file); empty when that cannot be known.
+  std::vector<uint8_t> MayHoldData(uint64_t offset, uint64_t pages) const;
+  // True when `page` of a shared file was never allocated, so it is zero and reading it would
+  // allocate it (tmpfs, hugetlbfs). False when unknown, and always for anonymous memory (reading an
+  // untouched anonymous page maps the shared zero page, allocating nothing).
+  bool NeverAllocated(uint64_t page) const;
+
   // Every write vcpud makes into guest memory reports its range here (see written_pages.h).
   void MarkWritten(uint64_t offset, uint64_t len) { written_.Mark(offset, len); }
 
@@ -101,6 +109,12 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // The pages of [offset, +pages) the shared file holds data for (SEEK_DATA): the others are holes,
   // zero without reading them. Empty on failure (then every page is read).
   std::vector<uint8_t> SharedDataPages(uint64_t offset, uint64_t pages) const;
+  // The same for a hugetlbfs file (no SEEK_DATA there): the pages this process's mapping has (mincore).
+  std::vector<uint8_t> MappedPages(uint64_t offset, uint64_t pages) const;
+  // (offset, pages) -> Buffer: bit i (LSB first) clear when page i is known zero without reading it
+  // (MayHoldData); every bit set when that cannot be known. Reads no guest memory.
+  Napi::Value CandidatePages(const Napi::CallbackInfo& info);
+  Napi::Buffer<uint8_t> PageBitmapFor(const Napi::CallbackInfo& info, const char* op, uint64_t* off, uint64_t* pages) const;
   // () -> [{path, mappedEnd, sizeAtMap, mtimeNsAtMap, size, mtimeNs, links}]: each file mapped, as
   // fstat sees it now and as it was when first mapped (mtimes as bigint ns). path is /proc's.
   Napi::Value BackingFiles(const Napi::CallbackInfo& info);
@@ -169,6 +183,7 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
   bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
   int sharedFd_ = -1;        // a duplicate of the shared file's descriptor (file-backed memory)
+  bool hugetlbfs_ = false;   // the shared file is on hugetlbfs
   std::vector<std::pair<uint64_t, uint64_t>> privateRanges_;  // (offset, length) MapFile replaced
   std::vector<BackingFile> backing_;
   WrittenPages written_;

@@ -732,7 +732,8 @@ class ApplyTask : public FrameTask {
       if (e & kFrameZeroPage) {
         zeroPages_++;
         mem_->ClearTorn(e & ~kFrameZeroPage);
-        if (PageIsZero(page)) continue;  // an untouched page stays unallocated
+        // An untouched page stays unallocated: a shared file's hole is not even read (that allocates it).
+        if (mem_->NeverAllocated(e & ~kFrameZeroPage) || PageIsZero(page)) continue;
         memset(page, 0, kPageSize);
       } else {
         if (payload) {

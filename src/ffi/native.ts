@@ -23,6 +23,12 @@ export interface NativeGuestMemory {
   release(): void;
   /** Bitmap of the non-zero pages of [offset, +pages*4096): bit i (LSB first) for page i. */
   scanPages(offset: number, pages: number): Buffer;
+  /**
+   * Bitmap of the pages of [offset, +pages*4096) that may hold data: a clear bit is a page known zero
+   * without reading it (never touched; a hole of the shared file), all bits set when that cannot be
+   * known. Reads no guest memory, so it allocates nothing.
+   */
+  candidatePages(offset: number, pages: number): Buffer;
   /** CRC-32C of the pages the bitmap selects, in order (libuv pool). */
   crc32cPages(offset: number, pages: number, bitmap: Buffer): Promise<number>;
   /** pwrite of the selected pages packed from fileOffset on; resolves to their CRC-32C (libuv pool). */

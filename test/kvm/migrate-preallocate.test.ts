@@ -82,9 +82,14 @@ describeKvmWithTmpfs('preallocated destination memory (real KVM)', TMPFS, (tmpfs
     await call(smallMigrations, 'AbortIncomingMigration', { migrationId, reason: 'the test only prepares' });
   });
 
-  /** A running dirty64 guest too big for the small destination's tmpfs. */
+  /**
+   * A running dirty64 guest too big for the small destination's tmpfs: its memory from 8 MiB on holds
+   * data (a migration sends only pages that may, so an untouched guest would fit).
+   */
   async function tooBigGuest(vms: Client): Promise<string> {
     const { vm } = await call<{ vm: { id: string } }>(vms, 'CreateVm', { memoryBytes: String(TOO_BIG), vcpuCount: 1 });
+    for (let gpa = 8 * MiB; gpa < TOO_BIG; gpa += 8 * MiB)
+      await call(vms, 'WriteMemory', { vmId: vm.id, guestPhysicalAddress: String(gpa), data: Buffer.alloc(8 * MiB, 0xa5) });
     await call(vms, 'WriteMemory', {
       vmId: vm.id,
       guestPhysicalAddress: String(DIRTY64.control),

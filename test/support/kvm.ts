@@ -36,6 +36,43 @@ export function describeKvm(name: string, fn: () => void): void {
 }
 
 /**
+ * describeKvm() for a suite that also needs a host resource (a mount, a page pool): `acquire` gets it
+ * or says why not, `fn` gets it, and `release` runs after the suite, from an outer block whose afterAll
+ * follows the suite's own (which stops the vcpuds using it: an unmount would fail with EBUSY before).
+ * Nothing is acquired when the KVM gate already skips the suite. Without the resource the suite skips
+ * with a loud reason, or fails when CI demands KVM tests (VCPUD_REQUIRE_KVM=1: they run as root there).
+ */
+export function describeKvmWith<T>(
+  name: string,
+  what: string,
+  acquire: () => T | { unavailable: string },
+  release: (t: T) => void,
+  fn: (resource: () => T) => void,
+): void {
+  const none = (): T => {
+    throw new Error(`${name}: no ${what}`);
+  };
+  if (kvmUnavailable) return describeKvm(name, () => fn(none));
+  const got = acquire();
+  const problem = typeof got === 'object' && got !== null && 'unavailable' in got ? (got as { unavailable: string }).unavailable : undefined;
+  if (problem === undefined) {
+    return describe(name, () => {
+      afterAll(() => release(got as T));
+      describe(`with ${what}`, () => fn(() => got as T));
+    });
+  }
+  if (process.env.VCPUD_REQUIRE_KVM === '1') {
+    return describe(name, () => {
+      it(`needs ${what} (VCPUD_REQUIRE_KVM=1)`, () => {
+        throw new Error(`VCPUD_REQUIRE_KVM=1 but ${problem}`);
+      });
+    });
+  }
+  console.warn(`\n*** SKIPPING "${name}": ${problem} ***\n`);
+  return describe.skip(name, () => fn(none));
+}
+
+/**
  * The guest memory source in-process registries use: anonymous memory, or with
  * VCPUD_TEST_STATE_DIR=1 files in a state directory on /dev/shm (the --state-dir backing), so the
  * same suites run on both. Call it in a describe block: the directory goes after the block.

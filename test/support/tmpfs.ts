@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describeKvm, kvmUnavailable } from './kvm';
+import { describeKvmWith } from './kvm';
 
 export interface Tmpfs {
   dir: string;
@@ -38,34 +38,16 @@ export function mountTmpfs(size: string, options = ''): Tmpfs | string {
   };
 }
 
-/**
- * describeKvm() for a suite that also needs a tmpfs of `size`: `fn` gets it, and it is unmounted
- * after the suite. Nothing is mounted when the KVM gate already skips the suite.
- */
+/** describeKvmWith() a tmpfs of `size`: `fn` gets it, unmounted after the suite. */
 export function describeKvmWithTmpfs(name: string, size: string, fn: (tmpfs: () => Tmpfs) => void): void {
-  if (kvmUnavailable) return describeKvm(name, () => fn(() => ({ dir: '', unmount() {} })));
-  let mounted: Tmpfs | undefined;
-  const problem = (() => {
-    const r = mountTmpfs(size);
-    if (typeof r === 'string') return r;
-    mounted = r;
-    return undefined;
-  })();
-  if (!problem) {
-    // Unmounted from an outer block: its afterAll runs after the suite's own (which stops vcpud and
-    // with it any mapping of a file there that would make umount fail with EBUSY).
-    return describe(name, () => {
-      afterAll(() => mounted?.unmount());
-      describe('on the tmpfs', () => fn(() => mounted as Tmpfs));
-    });
-  }
-  if (process.env.VCPUD_REQUIRE_KVM === '1') {
-    return describe(name, () => {
-      it('needs a tmpfs mount (VCPUD_REQUIRE_KVM=1)', () => {
-        throw new Error(`VCPUD_REQUIRE_KVM=1 but ${problem}`);
-      });
-    });
-  }
-  console.warn(`\n*** SKIPPING "${name}": ${problem} ***\n`);
-  return describe.skip(name, () => fn(() => mounted as Tmpfs));
+  describeKvmWith(
+    name,
+    `a ${size} tmpfs`,
+    () => {
+      const r = mountTmpfs(size);
+      return typeof r === 'string' ? { unavailable: r } : r;
+    },
+    (t) => t.unmount(),
+    fn,
+  );
 }

@@ -358,8 +358,16 @@ export async function migrateVm(vm: ManagedVm, dest: DestinationControl, opts: M
 
     // Pre-copy passes (a stop-and-copy migration makes one, paused).
     stage.phase = live ? 'pre-copy' : 'stop-and-copy';
-    let bitmaps: Buffer[] = regions.map((r) => Buffer.alloc(dirtyBitmapBytes(r.size), 0xff));
-    // Pass 1 selects every page; zero pages cost 8 bytes of frame table and nothing on the destination.
+    // Pass 1 selects every page that may hold data (zero pages found among them cost 8 bytes of frame
+    // table and nothing on the destination). Pages known zero without reading them (never touched, or
+    // holes of a state directory's file) are left out: the destination's fresh memory is zero there,
+    // and reading them would map or allocate every one on both sides. Dirty logging started before
+    // this reading, so a page the guest writes after it is in the next harvest.
+    let bitmaps: Buffer[] = regions.map((r) => {
+      const b = Buffer.alloc(dirtyBitmapBytes(r.size));
+      r.memory.candidatePages(0, r.size / PAGE_SIZE).copy(b);
+      return b;
+    });
     let bandwidth: number;
     let previousDirty = Infinity;
     let dirtyBytes = totalBytes;
