@@ -307,8 +307,12 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
     if (fstat(fd, &st) != 0) throw MakeSysError(info.Env(), "fstat", errno);
     if (static_cast<uint64_t>(st.st_size) < size)
       throw Napi::RangeError::New(info.Env(), "GuestMemory: the file is " + std::to_string(st.st_size) + " bytes, the memory " + std::to_string(size));
+    // hugetlbfs answers SEEK_DATA with "all data"; a file that has no pages yet gets each one through
+    // this mapping, so its page tables (mincore) say which exist. A file mapped with pages in it (a
+    // restart's handover) has pages this mapping has not touched: then which hold data is unknown.
     struct statfs fs;
     hugetlbfs_ = fstatfs(fd, &fs) == 0 && static_cast<unsigned long>(fs.f_type) == HUGETLBFS_MAGIC;
+    hugetlbfsFresh_ = hugetlbfs_ && st.st_blocks == 0;
     sharedFd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (sharedFd_ < 0) throw MakeSysError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
   }
@@ -412,7 +416,10 @@ Napi::Value GuestMemory::Release(const Napi::CallbackInfo& info) {
 // which are zero, and reading one would allocate it (tmpfs and hugetlbfs fill a hole on a read fault).
 std::vector<uint8_t> GuestMemory::MayHoldData(uint64_t off, uint64_t pages) const {
   if (fileBacked_) return {};
-  if (sharedFd_ >= 0) return hugetlbfs_ ? MappedPages(off, pages) : SharedDataPages(off, pages);
+  if (sharedFd_ >= 0) {
+    if (!hugetlbfs_) return SharedDataPages(off, pages);
+    return hugetlbfsFresh_ ? MappedPages(off, pages) : std::vector<uint8_t>{};
+  }
   std::vector<uint8_t> candidates;
   int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
   if (pm < 0) return candidates;
@@ -427,8 +434,8 @@ std::vector<uint8_t> GuestMemory::MayHoldData(uint64_t off, uint64_t pages) cons
   return candidates;
 }
 
-// hugetlbfs answers SEEK_DATA with "all data"; its pages never swap, so this process's page tables
-// (mincore) say which exist: the memory file is this process's alone.
+// The pages of a hugetlbfs file this mapping has (mincore; hugetlb pages never swap): all the file has
+// while hugetlbfsFresh_.
 std::vector<uint8_t> GuestMemory::MappedPages(uint64_t off, uint64_t pages) const {
   std::vector<uint8_t> v(pages);
   if (mincore(base_ + off, pages * kPage, v.data()) != 0) return {};
@@ -440,7 +447,7 @@ bool GuestMemory::NeverAllocated(uint64_t page) const {
   if (fileBacked_ || sharedFd_ < 0) return false;
   if (hugetlbfs_) {
     uint8_t v = 1;
-    return mincore(base_ + page * kPage, kPage, &v) == 0 && !(v & 1);
+    return hugetlbfsFresh_ && mincore(base_ + page * kPage, kPage, &v) == 0 && !(v & 1);
   }
   const off_t at = static_cast<off_t>(page * kPage);
   off_t data = lseek(sharedFd_, at, SEEK_DATA);

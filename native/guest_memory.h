@@ -183,7 +183,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   bool released_ = false;    // release() was called; the unmap waits for busy_ == 0
   bool fileBacked_ = false;  // some range maps a file: untouched pages are not zero
   int sharedFd_ = -1;        // a duplicate of the shared file's descriptor (file-backed memory)
-  bool hugetlbfs_ = false;   // the shared file is on hugetlbfs
+  bool hugetlbfs_ = false;       // the shared file is on hugetlbfs
+  bool hugetlbfsFresh_ = false;  // ... and had no pages when mapped: every page it has came through this mapping
   std::vector<std::pair<uint64_t, uint64_t>> privateRanges_;  // (offset, length) MapFile replaced
   std::vector<BackingFile> backing_;
   WrittenPages written_;

@@ -10,7 +10,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { native } from '../../src/ffi/native';
 import { isMemoryFile } from '../../src/vm/guest-memory';
+import { countBits } from '../../src/vm/snapshot-format';
 import { DIRTY64 } from '../guests/guests';
 import { dirtyGuest, expectIntact, readMemory, untilLapped } from '../support/dirty-guest';
 import { describeKvmWithHugepages } from '../support/hugepage-pool';
@@ -100,5 +102,26 @@ describeKvmWithHugepages('live migration with guest memory in huge pages (real K
     await call(aVms, 'DeleteVm', { vmId: back.id });
     await waitFor(async () => hugepagesTaken() === taken, 'every huge page to return to the pool');
     expect([memoryFiles('a').length, memoryFiles('b').length]).toEqual([0, 0]);
+  });
+
+  it("a memory file mapped again (a restart's handover) has pages its new mapping has not touched: every page is a candidate", () => {
+    const file = path.join(pool().mount, 'remapped.mem');
+    const pages = (2 * MiB) / 4096;
+    const fd = fs.openSync(file, 'w+');
+    try {
+      fs.ftruncateSync(fd, 4 * MiB);
+      const first = new native.GuestMemory(4 * MiB, fd);
+      first.write(2 * MiB, Buffer.alloc(4096, 1));
+      // Fresh file: the mapping's own pages say which exist (the second huge page, all of its 4 KiB pages).
+      expect(countBits(first.candidatePages(0, 2 * pages), 2 * pages)).toBe(pages);
+      first.release();
+      const again = new native.GuestMemory(4 * MiB, fd);
+      // Not this mapping's pages: which hold data is unknown, so every page is read.
+      expect(countBits(again.candidatePages(0, 2 * pages), 2 * pages)).toBe(2 * pages);
+      again.release();
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(file, { force: true });
+    }
   });
 });
