@@ -75,6 +75,9 @@ export interface ByteSource {
  */
 const READ_AHEAD = 4096;
 
+/** What padding is compared with: a record's padding is shorter than a page. */
+const ZEROS = Buffer.alloc(PAGE_SIZE);
+
 /** A snapshot file, read with positioned reads; memory data can be mapped from its fd. */
 export class FileSource implements ByteSource {
   pos = 0;
@@ -307,16 +310,24 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
   const readPayload = async (h: RecordHeader, max = MAX_METADATA_PAYLOAD): Promise<Buffer> => {
     if (h.payloadLength > max)
       throw snapshotCorrupt(`${describeChunk(h)} declares a ${h.payloadLength}-byte payload, over the ${max}-byte limit of its kind`, h.seq, h.offset);
-    if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
+    await zeroPadding(h, h.pad, 'padding');
     const payload = await source.read(h.payloadLength, truncated(h, 'payload', source, h.payloadLength));
     if (crc32c(payload) !== h.payloadCrc) throw mismatch(h);
     await skipTail(h);
     return payload;
   };
-  const skipTail = async (h: RecordHeader) => {
-    const tail = nextRecordOffset(h) - (payloadOffset(h) + h.payloadLength);
-    if (tail) await source.skip(tail, truncated(h, 'end padding', source, tail));
+  // Padding is outside every checksum, and the format says it is zero: it is read and checked rather
+  // than skipped, so a damaged byte there is refused like one in a payload (a few bytes per record:
+  // the pad before memory data ends the page its header is on, which a file source has read already).
+  const zeroPadding = async (h: RecordHeader, n: number, what: string) => {
+    if (!n) return;
+    const at = source.position;
+    const b = await source.read(n, truncated(h, what, source, n));
+    if (b.equals(ZEROS.subarray(0, n))) return;
+    const i = b.findIndex((x) => x !== 0);
+    throw snapshotCorrupt(`${describeChunk(h)}: its ${what} holds a non-zero byte at offset ${hex(at + i)} (the format's padding is zero)`, h.seq, at + i);
   };
+  const skipTail = (h: RecordHeader) => zeroPadding(h, nextRecordOffset(h) - (payloadOffset(h) + h.payloadLength), 'end padding');
 
   const first = await nextHeader();
   if (first.kind !== RecordKind.Header) throw snapshotCorrupt(`${describeChunk(first)}: the first chunk must be the header`, first.seq, first.offset);
@@ -458,7 +469,8 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
             if (lazy) {
               // Everything that gets mapped must exist: a mapping past the end of the file would
               // fault (SIGBUS) on first touch instead of failing here.
-              await source.skip(h.pad + h.payloadLength, truncated(h, 'memory data', source, h.pad + h.payloadLength));
+              await zeroPadding(h, h.pad, 'padding');
+              await source.skip(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));
               if (payloadOffset(h) % PAGE_SIZE) throw corrupt('memory data is not page-aligned');
               applyChunk(h, map);
               if (!fromFile) await checked(h, memory.crc32cPages(map.gpa, map.pages, map.bitmap));
@@ -467,7 +479,7 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
                 fileBytes += h.payloadLength;
               }
             } else {
-              if (h.pad) await source.skip(h.pad, truncated(h, 'padding', source, h.pad));
+              await zeroPadding(h, h.pad, 'padding');
               // The bytes as they arrived (no joining), copied into the pages on the libuv pool; this
               // memory is no VM's yet and its chunks are disjoint, so each copy has its pages to itself.
               const data = await source.readPieces(h.payloadLength, truncated(h, 'memory data', source, h.payloadLength));

@@ -17,6 +17,7 @@ import {
   counterLines,
   counterSnapshotFacts,
   counterVm,
+  firstMemoryData,
   firstBreak,
   MiB,
   runStream,
@@ -165,6 +166,24 @@ describeKvm('snapshots between two vcpud processes (real KVM)', () => {
     );
     expect({ code: e3?.code, details: e3?.details }).toMatchObject({ code: grpc.status.DATA_LOSS });
     expect(e3?.details).toMatch(/checksum mismatch in chunk \d+ \(memory data/);
+
+    // A byte of the zero padding before the first memory data (outside every checksum): refused too,
+    // from a file and from a stream, naming the byte.
+    const padAt = firstMemoryData(good) - 1;
+    expect(good[padAt]).toBe(0);
+    const bad3 = Buffer.from(good);
+    bad3[padAt] = 0x5a;
+    fs.writeFileSync(path.join(snapDir, 'flip-pad.snap'), bad3);
+    const padding = new RegExp(`chunk \\d+ \\(memory data.*\\): its padding holds a non-zero byte at offset 0x${padAt.toString(16)} `);
+    const e4 = await callError(bSnap, 'RestoreSnapshot', { name: 'flip-pad.snap' });
+    const d4 = expectStatus(e4, grpc.status.DATA_LOSS, 'SNAPSHOT_CORRUPT');
+    expect(e4.details).toMatch(padding);
+    expect(d4.errorInfo?.metadata.offset).toBe(`0x${padAt.toString(16)}`);
+    const e5 = await uploadSnapshot(bSnap, bad3).then(
+      () => undefined,
+      (e) => e as grpc.ServiceError,
+    );
+    expect({ code: e5?.code, details: e5?.details }).toMatchObject({ code: grpc.status.DATA_LOSS, details: expect.stringMatching(padding) });
 
     for (const cut of [10, 200, good.length - 3000, good.length - 1]) {
       fs.writeFileSync(path.join(snapDir, 'cut.snap'), good.subarray(0, cut));
