@@ -420,15 +420,21 @@ std::vector<uint8_t> GuestMemory::MayHoldData(uint64_t off, uint64_t pages) cons
     if (!hugetlbfs_) return SharedDataPages(off, pages);
     return hugetlbfsFresh_ ? MappedPages(off, pages) : std::vector<uint8_t>{};
   }
-  std::vector<uint8_t> candidates;
   int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (pm < 0) return candidates;
-  std::vector<uint64_t> entries(pages);
-  uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
-  if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), pages * 8, vpn * 8) == 0) {
-    constexpr uint64_t kPresent = 1ull << 63, kSwapped = 1ull << 62;
-    candidates.resize(pages);
-    for (uint64_t i = 0; i < pages; i++) candidates[i] = (entries[i] & (kPresent | kSwapped)) != 0;
+  if (pm < 0) return {};
+  // In slices of 64 Ki entries (512 KiB): a 64 GiB guest's pagemap is 128 MiB.
+  constexpr uint64_t kSlice = 64 * 1024, kPresent = 1ull << 63, kSwapped = 1ull << 62;
+  std::vector<uint64_t> entries(std::min(pages, kSlice));
+  std::vector<uint8_t> candidates(pages);
+  const uint64_t vpn = reinterpret_cast<uintptr_t>(base_ + off) / kPage;
+  for (uint64_t done = 0; done < pages;) {
+    const uint64_t n = std::min(pages - done, kSlice);
+    if (ReadAll(pm, reinterpret_cast<uint8_t*>(entries.data()), n * 8, (vpn + done) * 8) != 0) {
+      candidates.clear();
+      break;
+    }
+    for (uint64_t i = 0; i < n; i++) candidates[done + i] = (entries[i] & (kPresent | kSwapped)) != 0;
+    done += n;
   }
   close(pm);
   return candidates;

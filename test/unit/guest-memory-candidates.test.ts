@@ -54,6 +54,17 @@ describe('GuestMemory.candidatePages', () => {
     }
   });
 
+  it('anonymous memory larger than one slice of the page map (64 Ki pages)', () => {
+    const pages = 80 * 1024;
+    const mem = new native.GuestMemory(pages * PAGE);
+    try {
+      for (const p of [1, 65535, 65536, 79999]) mem.write(p * PAGE, Buffer.alloc(8, 1));
+      expect(pagesWith(bitsOf(mem.candidatePages(0, pages), pages))).toEqual([1, 65535, 65536, 79999]);
+    } finally {
+      mem.release();
+    }
+  });
+
   it('a tmpfs file: its data extents, and the holes stay holes (nothing read)', () => {
     const shm = shmMemory('data');
     try {
