@@ -320,7 +320,8 @@ async function idleMigrations(a: VcpudProcess, b: VcpudProcess, dir: string, mem
 }
 
 /** Pass 1 against the UDS floor and the whole idle migration against bytes / floor: the targets for default memory, information otherwise. */
-function idleRatioRows(runs: IdleRuns, label: string, targets: boolean): BenchRow[] {
+function idleRatioRows(runs: IdleRuns, label: string): BenchRow[] {
+  const targets = !runs.memory;
   const how = `median of ${IDLE_ROUNDS}, each run after a floor run of its own${runs.memory ? `; ${runs.memory}` : ''}`;
   const info = targets ? '' : ' (information)';
   return [
@@ -341,6 +342,44 @@ function idleRatioRows(runs: IdleRuns, label: string, targets: boolean): BenchRo
       targets ? IDLE_TARGET : undefined,
     ),
   ];
+}
+
+/** An idle guest with random memory moved over mTLS from `src` to `dst`, after a Node TLS floor run of its own. */
+interface MtlsRun {
+  floor: Awaited<ReturnType<typeof floorRate>>;
+  moved: Awaited<ReturnType<typeof migrateMeasured>>;
+}
+
+async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, pki: Pki): Promise<MtlsRun> {
+  const id = await randomVm(src.client('VmService'), SIZE);
+  const floor = await floorRate(SIZE, dir, pki);
+  return { floor, moved: await migrateMeasured(src, dst, { vmId: id, destination: localhostTarget(dst) }, SIZE) };
+}
+
+/** The run's floor and migration lines of the detail table (`suffix` names the memory). */
+function mtlsTableRows(run: MtlsRun, suffix: string): string[][] {
+  const { floor, moved } = run;
+  return [
+    floorTableRow(`TLS floor: Node TLS over TCP loopback, two processes${suffix}`, floor.rate, floor.cpu),
+    [
+      `idle guest, pre-copy over mTLS${suffix}`,
+      ms(moved.done.duration).toFixed(0),
+      moved.pass1MiBs.toFixed(0),
+      `${downtimeParts(moved.done)}; ${cpuText(moved.cpu, 'source', 'destination')}`,
+    ],
+  ];
+}
+
+/** Pass 1 against Node's TLS: the target for default memory (`memory` ''), information otherwise. */
+function mtlsRatioRow(run: MtlsRun, label: string, memory: string): BenchRow {
+  return ratioRow(
+    `${label}: migration pass-1 throughput, mTLS${memory ? `, ${memory} (information)` : ''}`,
+    run.moved.pass1MiBs,
+    run.floor.rate,
+    'MiB/s',
+    'Node TLS over TCP between two processes',
+    memory ? undefined : THROUGHPUT_TARGET,
+  );
 }
 
 /**
@@ -371,26 +410,9 @@ async function onHugepages(pki: Pki, dir: string, limit: string[], rows: string[
     daemons.push(dst);
     const src = await start('mtls-src', migrationDialArgs(pki, MIGRATOR));
     daemons.push(src);
-    const tlsId = await randomVm(src.client('VmService'), SIZE);
-    const tlsFloor = await floorRate(SIZE, dir, pki);
-    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: localhostTarget(dst) }, SIZE);
-    rows.push(floorTableRow('TLS floor: Node TLS over TCP loopback, two processes (hugetlbfs)', tlsFloor.rate, tlsFloor.cpu));
-    rows.push([
-      'idle guest, pre-copy over mTLS (hugetlbfs)',
-      ms(overTls.done.duration).toFixed(0),
-      overTls.pass1MiBs.toFixed(0),
-      `${downtimeParts(overTls.done)}; ${cpuText(overTls.cpu, 'source', 'destination')}`,
-    ]);
-    return [
-      ...idleRatioRows(uds, label, false),
-      ratioRow(
-        `${label}: migration pass-1 throughput, mTLS, ${memory} (information)`,
-        overTls.pass1MiBs,
-        tlsFloor.rate,
-        'MiB/s',
-        'Node TLS over TCP between two processes',
-      ),
-    ];
+    const overTls = await mtlsMigration(src, dst, dir, pki);
+    rows.push(...mtlsTableRows(overTls, ' (hugetlbfs)'));
+    return [...idleRatioRows(uds, label), mtlsRatioRow(overTls, label, memory)];
   } finally {
     // SIGINT destroys the VMs (SIGTERM would save them in their state directories for a restart).
     await Promise.all(daemons.map((d) => d.stop('SIGINT')));
@@ -422,7 +444,7 @@ export async function measureMigration(): Promise<BenchResult> {
     // The last one's copy stays at b: the dirty64 migration back starts from it (step 2).
     const idle = idleRuns.last;
     const { udsFloor, idleMs, pass1MiBs, sent } = idleRuns;
-    benchRows.push(...idleRatioRows(idleRuns, label, true));
+    benchRows.push(...idleRatioRows(idleRuns, label));
 
     // 1a. The same idle migration with the destination's memory preallocated (committed before
     // prepare answers; information): pass 1 then writes into committed memory, prepare pays for it.
@@ -501,27 +523,13 @@ export async function measureMigration(): Promise<BenchResult> {
     daemons.push(dst);
     const src = await startVcpud(migrationDialArgs(pki, MIGRATOR), {}, VCPUD_NODE_ARGS);
     daemons.push(src);
-    const tlsId = await randomVm(src.client('VmService'), SIZE);
-    const { rate: tlsFloor, cpu: tlsFloorCpu } = await floorRate(SIZE, dir, pki);
-    const overTls = await migrateMeasured(src, dst, { vmId: tlsId, destination: localhostTarget(dst) }, SIZE);
+    const overTls = await mtlsMigration(src, dst, dir, pki);
+    const tlsFloor = overTls.floor.rate;
     const { rate: tlsKeep, cpu: tlsKeepCpu } = await floorRate(SIZE, dir, pki, { keep: true });
-    rows.push(floorTableRow('TLS floor: Node TLS over TCP loopback, two processes', tlsFloor, tlsFloorCpu));
-    rows.push(floorTableRow('the same, the receiver copying into a new buffer of that size', tlsKeep, tlsKeepCpu));
-    rows.push([
-      'idle guest, pre-copy over mTLS',
-      ms(overTls.done.duration).toFixed(0),
-      overTls.pass1MiBs.toFixed(0),
-      `${overTls.done.passes} passes, downtime ${ms(overTls.done.downtime).toFixed(1)} ms; ${cpuText(overTls.cpu, 'source', 'destination')}`,
-    ]);
+    const [tlsFloorRow, tlsMigrationRow] = mtlsTableRows(overTls, '');
+    rows.push(tlsFloorRow, floorTableRow('the same, the receiver copying into a new buffer of that size', tlsKeep, tlsKeepCpu), tlsMigrationRow);
     benchRows.push(
-      ratioRow(
-        `${label}: migration pass-1 throughput, mTLS`,
-        overTls.pass1MiBs,
-        tlsFloor,
-        'MiB/s',
-        'Node TLS over TCP between two processes',
-        THROUGHPUT_TARGET,
-      ),
+      mtlsRatioRow(overTls, label, ''),
       ratioRow(
         `${label}: Node TLS into fresh memory against the TLS floor (information)`,
         tlsKeep,
@@ -531,7 +539,7 @@ export async function measureMigration(): Promise<BenchResult> {
       ),
       ratioRow(
         `${label}: migration pass-1 throughput, mTLS, against TLS into fresh memory (information)`,
-        overTls.pass1MiBs,
+        overTls.moved.pass1MiBs,
         tlsKeep,
         'MiB/s',
         'Node TLS over TCP, the receiver copying into a new buffer of the guest size',

@@ -313,7 +313,7 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
     await zeroPadding(h, h.pad, 'padding');
     const payload = await source.read(h.payloadLength, truncated(h, 'payload', source, h.payloadLength));
     if (crc32c(payload) !== h.payloadCrc) throw mismatch(h);
-    await skipTail(h);
+    await checkTail(h);
     return payload;
   };
   // Padding is outside every checksum, and the format says it is zero: it is read and checked rather
@@ -327,7 +327,7 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
     const i = b.findIndex((x) => x !== 0);
     throw snapshotCorrupt(`${describeChunk(h)}: its ${what} holds a non-zero byte at offset ${hex(at + i)} (the format's padding is zero)`, h.seq, at + i);
   };
-  const skipTail = (h: RecordHeader) => zeroPadding(h, nextRecordOffset(h) - (payloadOffset(h) + h.payloadLength), 'end padding');
+  const checkTail = (h: RecordHeader) => zeroPadding(h, nextRecordOffset(h) - (payloadOffset(h) + h.payloadLength), 'end padding');
 
   const first = await nextHeader();
   if (first.kind !== RecordKind.Header) throw snapshotCorrupt(`${describeChunk(first)}: the first chunk must be the header`, first.seq, first.offset);
@@ -489,7 +489,7 @@ export async function loadLayer(source: ByteSource, opts: LoadOptions, fileFd?: 
           } else if (h.payloadCrc !== 0) {
             throw mismatch(h);
           }
-          await skipTail(h);
+          await checkTail(h);
           pagesStored += stored;
           nextGpa += map.pages * PAGE_SIZE;
           map = undefined;

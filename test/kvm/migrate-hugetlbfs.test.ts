@@ -16,7 +16,7 @@ import { isMemoryFile } from '../../src/vm/guest-memory';
 import { countBits } from '../../src/vm/snapshot-format';
 import { DIRTY64 } from '../guests/guests';
 import { dirtyGuest, expectIntact, readMemory, untilLapped } from '../support/dirty-guest';
-import { describeKvmWithHugepages } from '../support/hugepage-pool';
+import { describeKvmWithHugepages, hugepagesTaken } from '../support/hugepage-pool';
 import { MiB, runStream, uploadSnapshot, waitFor, type Client } from '../support/snapshot';
 import { call, callError, startVcpud, type VcpudProcess } from '../support/vcpud-process';
 
@@ -24,13 +24,6 @@ const MEMORY = 64 * MiB;
 const PAGES_PER_COPY = MEMORY / (2 * MiB);
 /** Written with zeros before the move: allocated on the source, sent as zero pages. */
 const ZEROED = { at: 20 * MiB, bytes: 4 * MiB };
-
-/** Huge pages of the host's pool taken: faulted in, or reserved by a mapping for its later faults. */
-function hugepagesTaken(): number {
-  const info = fs.readFileSync('/proc/meminfo', 'utf8');
-  const n = (key: string) => Number(new RegExp(`^HugePages_${key}:\\s+(\\d+)`, 'm').exec(info)![1]);
-  return n('Total') - n('Free') + n('Rsvd');
-}
 
 describeKvmWithHugepages('live migration with guest memory in huge pages (real KVM)', 2 * PAGES_PER_COPY + 8, (pool) => {
   const daemons: Record<'a' | 'b', VcpudProcess> = {} as never;

@@ -19,22 +19,32 @@ export interface HugepagePool {
   release(): void;
 }
 
-const meminfo = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+/** /proc/meminfo's values of `keys`, from one reading of it (0 for a key it lacks). */
+function meminfo<K extends string>(...keys: K[]): Record<K, number> {
+  const text = fs.readFileSync('/proc/meminfo', 'utf8');
+  return Object.fromEntries(keys.map((k) => [k, Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? 0)])) as Record<K, number>;
+}
+
+/** Huge pages of the host's pool taken: faulted in, or reserved by a mapping for its later faults. */
+export function hugepagesTaken(): number {
+  const m = meminfo('HugePages_Total', 'HugePages_Free', 'HugePages_Rsvd');
+  return m.HugePages_Total - m.HugePages_Free + m.HugePages_Rsvd;
+}
 
 /** Reserves `pages` more 2 MiB pages and mounts hugetlbfs over them, or says why it cannot (not root, no memory, no hugetlbfs). */
 export function reserveHugepagePool(pages: number): HugepagePool | { unavailable: string } {
   if (!fs.existsSync(NR_HUGEPAGES)) return { unavailable: `${NR_HUGEPAGES} is missing: the kernel has no hugetlb support` };
-  if (meminfo('Hugepagesize') !== 2048) return { unavailable: `the default huge page size is ${meminfo('Hugepagesize')} kB, not 2048` };
+  const { Hugepagesize, HugePages_Free: freeBefore } = meminfo('Hugepagesize', 'HugePages_Free');
+  if (Hugepagesize !== 2048) return { unavailable: `the default huge page size is ${Hugepagesize} kB, not 2048` };
   const before = Number(fs.readFileSync(NR_HUGEPAGES, 'utf8'));
-  const freeBefore = meminfo('HugePages_Free');
   try {
     fs.writeFileSync(NR_HUGEPAGES, String(before + pages));
   } catch (e) {
     return { unavailable: `cannot raise ${NR_HUGEPAGES} (${(e as NodeJS.ErrnoException).code}): the pool needs root` };
   }
   const restore = () => fs.writeFileSync(NR_HUGEPAGES, String(before));
-  if (meminfo('HugePages_Free') - freeBefore < pages) {
-    const got = meminfo('HugePages_Free') - freeBefore;
+  const got = meminfo('HugePages_Free').HugePages_Free - freeBefore;
+  if (got < pages) {
     restore();
     return { unavailable: `the kernel found ${got} of ${pages} free 2 MiB pages (memory too fragmented or short)` };
   }
