@@ -65,11 +65,18 @@ Napi::Object Numbers(Napi::Env env, std::initializer_list<std::pair<const char*,
   return o;
 }
 
-// crc32c(buffer, seed = 0, software = false): CRC-32C of the bytes, continuing `seed`.
+// crc32c(buffer, seed = 0, software = false, copyInto?): CRC-32C of the bytes, continuing `seed`;
+// with copyInto (a buffer at least as long), copied into it as they are checksummed (Crc32cCopy).
 Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
   Napi::Buffer<uint8_t> buf = BufferArg(info, 0, "crc32c");
   uint32_t seed = info.Length() > 1 && !info[1].IsUndefined() ? static_cast<uint32_t>(U64Arg(info, 1, "crc32c", "seed")) : 0;
   bool software = info.Length() > 2 && info[2].ToBoolean();
+  if (info.Length() > 3 && !info[3].IsUndefined()) {
+    Napi::Buffer<uint8_t> into = BufferArg(info, 3, "crc32c");
+    if (software || into.Length() < buf.Length())
+      throw Napi::RangeError::New(info.Env(), "crc32c: copyInto must hold the buffer, and takes the hardware path");
+    return Napi::Number::New(info.Env(), Crc32cCopy(seed, into.Data(), buf.Data(), buf.Length()));
+  }
   return Napi::Number::New(info.Env(), software ? Crc32cSoftware(seed, buf.Data(), buf.Length())
                                                  : Crc32c(seed, buf.Data(), buf.Length()));
 }

@@ -94,11 +94,17 @@ uint32_t RawSoftware(uint32_t raw, const uint8_t* p, size_t len) {
 constexpr size_t kCacheLine = 64;
 constexpr size_t kPrefetchUpFront = 4096;
 
-__attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t raw, const uint8_t* p, size_t len) {
+// kCopy: each word is also stored at `out` as it is checksummed, so the CRC describes the copy
+// even if `p` changes meanwhile (a running guest's page), in one pass over `p`.
+template <bool kCopy>
+__attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t raw, const uint8_t* p, size_t len, uint8_t* out) {
   auto word = [](const uint8_t* at) {
     uint64_t w;
     memcpy(&w, at, sizeof w);
     return w;
+  };
+  auto put = [](uint8_t* at, uint64_t w) {
+    if constexpr (kCopy) memcpy(at, &w, sizeof w);
   };
   for (size_t off = 0; off < len && off < kPrefetchUpFront; off += 2 * kCacheLine) __builtin_prefetch(p + off);
   for (int t = 0; t < kTiers; t++) {
@@ -106,20 +112,35 @@ __attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t raw, const uint8
     while (len >= 3 * width) {
       uint64_t a = raw, b = 0, c = 0;
       for (size_t off = 0; off < width; off += 8) {
-        a = _mm_crc32_u64(a, word(p + off));
-        b = _mm_crc32_u64(b, word(p + width + off));
-        c = _mm_crc32_u64(c, word(p + 2 * width + off));
+        const uint64_t wa = word(p + off), wb = word(p + width + off), wc = word(p + 2 * width + off);
+        a = _mm_crc32_u64(a, wa);
+        b = _mm_crc32_u64(b, wb);
+        c = _mm_crc32_u64(c, wc);
+        if constexpr (kCopy) {
+          put(out + off, wa);
+          put(out + width + off, wb);
+          put(out + 2 * width + off, wc);
+        }
       }
       raw = g.append[t].Apply(g.append[t].Apply(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^
             static_cast<uint32_t>(c);
       p += 3 * width;
       len -= 3 * width;
+      if constexpr (kCopy) out += 3 * width;
     }
   }
   uint64_t r = raw;
-  for (; len >= 8; p += 8, len -= 8) r = _mm_crc32_u64(r, word(p));
+  for (; len >= 8; p += 8, len -= 8) {
+    const uint64_t w = word(p);
+    r = _mm_crc32_u64(r, w);
+    if constexpr (kCopy) put(out, w), out += 8;
+  }
   raw = static_cast<uint32_t>(r);
-  for (; len; p++, len--) raw = _mm_crc32_u8(raw, *p);
+  for (; len; p++, len--) {
+    const uint8_t v = *p;
+    raw = _mm_crc32_u8(raw, v);
+    if constexpr (kCopy) *out++ = v;
+  }
   return raw;
 }
 #endif
@@ -130,9 +151,19 @@ uint32_t Crc32c(uint32_t crc, const void* buf, size_t len) {
   std::call_once(g_once, Init);
   const uint8_t* p = static_cast<const uint8_t*>(buf);
 #if defined(__x86_64__)
-  if (g.hardware) return ~RawHardware(~crc, p, len);
+  if (g.hardware) return ~RawHardware<false>(~crc, p, len, nullptr);
 #endif
   return ~RawSoftware(~crc, p, len);
+}
+
+uint32_t Crc32cCopy(uint32_t crc, void* dst, const void* src, size_t len) {
+  std::call_once(g_once, Init);
+  uint8_t* out = static_cast<uint8_t*>(dst);
+#if defined(__x86_64__)
+  if (g.hardware) return ~RawHardware<true>(~crc, static_cast<const uint8_t*>(src), len, out);
+#endif
+  memcpy(out, src, len);
+  return ~RawSoftware(~crc, out, len);
 }
 
 uint32_t Crc32cSoftware(uint32_t crc, const void* buf, size_t len) {

@@ -102,7 +102,7 @@ uint32_t CopyRuns(uint8_t* base, const std::vector<Run>& runs, const std::vector
     if (intoGuest && !filled) madvise(base + r.offset, r.length, kMadvPopulateWrite);
     for (size_t ro = 0; ro < r.length;) {
       const Piece& piece = pieces[pi];
-      // In blocks that stay in cache between the copy and the checksum that reads them back.
+      // In blocks: a filled copy is checksummed by reading it back while it is still in cache.
       size_t n = std::min({r.length - ro, piece.length - po, kCopyBlock});
       uint8_t* guest = base + r.offset + ro;
       uint8_t* buf = piece.data + po;
@@ -128,9 +128,8 @@ uint32_t CopyRuns(uint8_t* base, const std::vector<Run>& runs, const std::vector
         }
         crc = Crc32c(crc, guest, n);
       } else {
-        uint8_t* landed = intoGuest ? guest : buf;
-        memcpy(landed, intoGuest ? buf : guest, n);
-        crc = Crc32c(crc, landed, n);
+        // Checksummed as copied: the CRC describes the bytes that landed.
+        crc = intoGuest ? Crc32cCopy(crc, guest, buf, n) : Crc32cCopy(crc, buf, guest, n);
       }
       ro += n;
       po += n;

@@ -352,12 +352,11 @@ class PackTask : public FrameTask {
     memcpy(f + kFrameHeaderBytes, table.data(), table.size() * 8);  // little-endian host (x86-64)
     uint8_t* crcs = f + kFrameHeaderBytes + table.size() * 8;
     uint8_t* payload = crcs + 4 * size_t{data};
-    // Each CRC runs over the copy, so it describes the bytes that leave even if the guest writes on;
-    // page by page, while the copy is still in L1.
+    // Each CRC describes the copy (checksummed as it is stored), so the bytes that leave even if
+    // the guest writes on.
     for (uint64_t e : table) {
       if (e & kFrameZeroPage) continue;
-      memcpy(payload, base + e * kPageSize, kPageSize);
-      Store<uint32_t>(crcs, Crc32c(0, payload, kPageSize));
+      Store<uint32_t>(crcs, Crc32cCopy(0, payload, base + e * kPageSize, kPageSize));
       crcs += 4;
       payload += kPageSize;
     }

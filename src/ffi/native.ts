@@ -281,8 +281,12 @@ export interface Native extends SyncAndAsync, AsyncTwins {
     fd?: number,
   ) => NativeGuestMemory;
   VcpuRunner: new (vcpuFd: Fd, mmapSize: number, onEvent: () => void) => NativeVcpuRunner;
-  /** CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. */
-  crc32c(buf: Buffer, seed?: number, software?: boolean): number;
+  /**
+   * CRC-32C (Castagnoli) of `buf`, continuing `seed`; `software` forces the table-driven path. With
+   * `copyInto`, the bytes are also copied into it as they are checksummed (the fused pass page frames
+   * and snapshot streams use).
+   */
+  crc32c(buf: Buffer, seed?: number, software?: boolean, copyInto?: Buffer): number;
   /** SO_SNDBUF on the socket `fd` (capped by net.core.wmem_max); returns the size in effect (the kernel doubles what it grants). */
   setSendBuffer(fd: number, bytes: number): number;
   /**

@@ -50,6 +50,18 @@ describe('CRC-32C', () => {
       expect(crc32c(b.subarray(cut), crc32c(b.subarray(0, cut)))).toBe(hw);
     }
   });
+
+  test('the fused copy checksums what it copies, on every length and alignment, continuing a seed', () => {
+    for (const len of [0, 1, 7, 8, 9, 767, 768, 769, 4096, 8191, 24577, 100_003]) {
+      const src = crypto.randomBytes(len + 5).subarray(len % 5, (len % 5) + len);
+      const into = Buffer.alloc(len + 16, 0xa5);
+      const dst = into.subarray(3, 3 + len);
+      expect(native.crc32c(src, 0x1234, false, dst)).toBe(native.crc32c(src, 0x1234));
+      expect(dst.equals(src)).toBe(true);
+      expect(into.subarray(0, 3).every((x) => x === 0xa5) && into.subarray(3 + len).every((x) => x === 0xa5)).toBe(true); // nothing outside
+    }
+    expect(() => native.crc32c(Buffer.alloc(8), 0, false, Buffer.alloc(7))).toThrow(/copyInto must hold the buffer/);
+  });
 });
 
 describe('preamble and record headers', () => {
