@@ -85,7 +85,7 @@ uint32_t RawSoftware(uint32_t raw, const uint8_t* p, size_t len) {
 #if defined(__x86_64__)
 // Memory-level parallelism. The lanes keep few loads in flight, so on memory that is not in the
 // caches (a guest page about to be sent, a snapshot's pages) each line was waited for in turn: 4 KiB
-// pages scattered in DRAM took 157-181 ms per GiB, 59-61 with their lines requested first (46 -> 48
+// pages scattered in DRAM took 157-181 ms per GiB, 59-62 with their lines requested first (46 -> 48
 // in L1; BENCHMARKS.md, session 14). So the first kPrefetchUpFront bytes are requested at once,
 // every other line: the L2's adjacent-line prefetcher fetches the pair, and a request per line cost
 // more in L1 and gained nothing. Longer buffers need no more: past the first lines the hardware's
@@ -103,9 +103,7 @@ __attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t raw, const uint8
     memcpy(&w, at, sizeof w);
     return w;
   };
-  auto put = [](uint8_t* at, uint64_t w) {
-    if constexpr (kCopy) memcpy(at, &w, sizeof w);
-  };
+  auto put = [](uint8_t* at, uint64_t w) { memcpy(at, &w, sizeof w); };
   for (size_t off = 0; off < len && off < kPrefetchUpFront; off += 2 * kCacheLine) __builtin_prefetch(p + off);
   for (int t = 0; t < kTiers; t++) {
     const size_t width = kLaneWidths[t];
