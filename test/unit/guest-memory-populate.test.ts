@@ -1,6 +1,6 @@
 /**
- * GuestMemory.populate through ffi/populate.ts (no KVM needed): it commits the range (this
- * process's RSS grows by it), a range the host cannot back (a mapped file truncated under it: the
+ * GuestMemory.populate through ffi/populate.ts (no KVM needed): it commits the range (its pages
+ * present in the page map), a range the host cannot back (a mapped file truncated under it: the
  * kernel answers EFAULT instead of the SIGBUS a touch would raise) rejects with a PopulateError
  * naming the errno and the bytes committed before it, a cancel rejects ECANCELED, and bad ranges
  * are refused before any work.
@@ -11,17 +11,32 @@ import path from 'node:path';
 import { KvmError } from '../../src/errors';
 import { native } from '../../src/ffi/native';
 import { PopulateError, populateMemory } from '../../src/ffi/populate';
-import { rssBytes } from '../support/proc-resources';
+
+const countBits = (bitmap: Buffer) => bitmap.reduce((n, byte) => n + popcount(byte), 0);
+const popcount = (b: number) => {
+  let n = 0;
+  for (; b; b &= b - 1) n++;
+  return n;
+};
+/** RssAnon of /proc/PID/status, in bytes. */
+const rssAnonBytes = (pid: number) => Number(/RssAnon:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024;
 
 const MiB = 1024 * 1024;
 
 describe('GuestMemory.populate', () => {
-  it('commits the range: RSS grows by its size', async () => {
+  it("commits the range: every page of it is present, and this process's anonymous RSS grows by it", async () => {
     const mem = new native.GuestMemory(128 * MiB);
+    const pages = (128 * MiB) / 4096;
+    // Present pages as /proc/self/pagemap shows them (candidatePages of anonymous memory): exact,
+    // where the process's RSS also moves with the heap a collection returns meanwhile.
+    const present = () => countBits(mem.candidatePages(0, pages));
     try {
-      const before = rssBytes(process.pid);
+      const before = rssAnonBytes(process.pid);
+      expect(present()).toBe(0);
       await populateMemory(mem, 0, 128 * MiB);
-      expect(rssBytes(process.pid) - before).toBeGreaterThanOrEqual(128 * MiB);
+      expect(present()).toBe(pages);
+      // Not to the byte: the JS heap may grow or shrink meanwhile.
+      expect(rssAnonBytes(process.pid) - before).toBeGreaterThanOrEqual(96 * MiB);
     } finally {
       mem.release();
     }
