@@ -15,7 +15,9 @@
  * Information beside the targets: the same transports when the receiver keeps the bytes in memory it
  * has just mapped, as a migration's destination must (bench/c/socket_into_memory for the unix socket,
  * reading in place; the Node TLS receiver copying into a new buffer of the guest's size). The issue's
- * floors receive into a reused buffer; these say what fresh memory costs on this host.
+ * floors receive into a reused buffer; these say what fresh memory costs on this host. And the same
+ * idle migrations, over UDS and mTLS, with the destination's memory committed before pass 1
+ * (preallocateDestinationMemory): what the data plane moves when that cost is not in the pass.
  *
  * BENCH_MIGRATION_MIB (default 1024) sets the guest size; BENCH_MIGRATION_DIRTY_MIBS the dirty rate;
  * BENCH_MIGRATION_LARGE_MIB (default 4096, 0 skips) the larger guest; BENCH_MIGRATION_SIZE_ROUNDS its rounds
@@ -350,10 +352,11 @@ interface MtlsRun {
   moved: Awaited<ReturnType<typeof migrateMeasured>>;
 }
 
-async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, pki: Pki): Promise<MtlsRun> {
+async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, pki: Pki, preallocate = false): Promise<MtlsRun> {
   const id = await randomVm(src.client('VmService'), SIZE);
   const floor = await floorRate(SIZE, dir, pki);
-  return { floor, moved: await migrateMeasured(src, dst, { vmId: id, destination: localhostTarget(dst) }, SIZE) };
+  const moved = await migrateMeasured(src, dst, { vmId: id, destination: localhostTarget(dst), preallocateDestinationMemory: preallocate }, SIZE);
+  return { floor, moved };
 }
 
 /** The run's floor and migration lines of the detail table (`suffix` names the memory). */
@@ -528,8 +531,14 @@ export async function measureMigration(): Promise<BenchResult> {
     const { rate: tlsKeep, cpu: tlsKeepCpu } = await floorRate(SIZE, dir, pki, { keep: true });
     const [tlsFloorRow, tlsMigrationRow] = mtlsTableRows(overTls, '');
     rows.push(tlsFloorRow, floorTableRow('the same, the receiver copying into a new buffer of that size', tlsKeep, tlsKeepCpu), tlsMigrationRow);
+    // 3a. The same with the destination's memory committed before pass 1, as in 1a: what the data
+    // plane moves over TLS when the destination's first touch is not in the pass.
+    await call(dst.client('VmService', pki.clientCreds(MIGRATOR), localhostTarget(dst)), 'DeleteVm', { vmId: overTls.moved.id });
+    const preTls = await mtlsMigration(src, dst, dir, pki, true);
+    rows.push(...mtlsTableRows(preTls, ' (destination memory preallocated)'));
     benchRows.push(
       mtlsRatioRow(overTls, label, ''),
+      mtlsRatioRow(preTls, label, 'destination memory preallocated'),
       ratioRow(
         `${label}: Node TLS into fresh memory against the TLS floor (information)`,
         tlsKeep,
