@@ -281,6 +281,12 @@ async function downtimeBySize(from: VcpudProcess, to: VcpudProcess, rows: string
   ];
 }
 
+/** A migration and the floor run made just before it. */
+interface FloorAndMove {
+  floor: Awaited<ReturnType<typeof floorRate>>;
+  moved: Awaited<ReturnType<typeof migrateMeasured>>;
+}
+
 /** IDLE_ROUNDS idle migrations from `a` to `b` and the floor run before each: their medians, and the last copy (left at `b`). */
 interface IdleRuns {
   /** Names the memory the rows are about ('' for vcpud's default, anonymous memory). */
@@ -294,7 +300,7 @@ interface IdleRuns {
 
 /** Idle guests with random memory moved from `a` to `b` over UDS, each after a floor run of its own; every run's rows go into `rows`. */
 async function idleMigrations(a: VcpudProcess, b: VcpudProcess, dir: string, memory: string, rows: string[][]): Promise<IdleRuns> {
-  const runs: { floor: Awaited<ReturnType<typeof floorRate>>; moved: Awaited<ReturnType<typeof migrateMeasured>>; ms: number }[] = [];
+  const runs: (FloorAndMove & { ms: number })[] = [];
   const suffix = memory ? `, ${memory}` : '';
   for (let r = 0; r < IDLE_ROUNDS; r++) {
     const id = await randomVm(a.client('VmService'), SIZE);
@@ -347,12 +353,7 @@ function idleRatioRows(runs: IdleRuns, label: string): BenchRow[] {
 }
 
 /** An idle guest with random memory moved over mTLS from `src` to `dst`, after a Node TLS floor run of its own. */
-interface MtlsRun {
-  floor: Awaited<ReturnType<typeof floorRate>>;
-  moved: Awaited<ReturnType<typeof migrateMeasured>>;
-}
-
-async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, pki: Pki, preallocate = false): Promise<MtlsRun> {
+async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, pki: Pki, preallocate = false): Promise<FloorAndMove> {
   const id = await randomVm(src.client('VmService'), SIZE);
   const floor = await floorRate(SIZE, dir, pki);
   const moved = await migrateMeasured(src, dst, { vmId: id, destination: localhostTarget(dst), preallocateDestinationMemory: preallocate }, SIZE);
@@ -360,7 +361,7 @@ async function mtlsMigration(src: VcpudProcess, dst: VcpudProcess, dir: string, 
 }
 
 /** The run's floor and migration lines of the detail table (`suffix` names the memory). */
-function mtlsTableRows(run: MtlsRun, suffix: string): string[][] {
+function mtlsTableRows(run: FloorAndMove, suffix: string): string[][] {
   const { floor, moved } = run;
   return [
     floorTableRow(`TLS floor: Node TLS over TCP loopback, two processes${suffix}`, floor.rate, floor.cpu),
@@ -374,7 +375,7 @@ function mtlsTableRows(run: MtlsRun, suffix: string): string[][] {
 }
 
 /** Pass 1 against Node's TLS: the target for default memory (`memory` ''), information otherwise. */
-function mtlsRatioRow(run: MtlsRun, label: string, memory: string): BenchRow {
+function mtlsRatioRow(run: FloorAndMove, label: string, memory: string): BenchRow {
   return ratioRow(
     `${label}: migration pass-1 throughput, mTLS${memory ? `, ${memory} (information)` : ''}`,
     run.moved.pass1MiBs,

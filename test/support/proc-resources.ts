@@ -9,12 +9,18 @@ import { samples } from './prom';
 
 export const fdCount = (pid: number): number => fs.readdirSync(`/proc/${pid}/fd`).length;
 
-/** Resident set size of a process (VmRSS of /proc/PID/status), in bytes. */
-export function rssBytes(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
+/** A size field of /proc/PID/status (given in kB there), in bytes. */
+function statusBytes(pid: number, field: string): number {
+  const m = new RegExp(`${field}:\\s+(\\d+) kB`).exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no ${field} in /proc/${pid}/status`);
   return Number(m[1]) * 1024;
 }
+
+/** Resident set size of a process (VmRSS of /proc/PID/status), in bytes. */
+export const rssBytes = (pid: number): number => statusBytes(pid, 'VmRSS');
+
+/** Its anonymous part (RssAnon): what committing private memory adds, whatever happens to its file pages. */
+export const rssAnonBytes = (pid: number): number => statusBytes(pid, 'RssAnon');
 
 /** Times the process's main thread went to sleep and woke again (its voluntary context switches). */
 export function mainThreadWakeups(pid: number): number {

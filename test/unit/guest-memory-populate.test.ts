@@ -11,15 +11,8 @@ import path from 'node:path';
 import { KvmError } from '../../src/errors';
 import { native } from '../../src/ffi/native';
 import { PopulateError, populateMemory } from '../../src/ffi/populate';
-
-const countBits = (bitmap: Buffer) => bitmap.reduce((n, byte) => n + popcount(byte), 0);
-const popcount = (b: number) => {
-  let n = 0;
-  for (; b; b &= b - 1) n++;
-  return n;
-};
-/** RssAnon of /proc/PID/status, in bytes. */
-const rssAnonBytes = (pid: number) => Number(/RssAnon:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024;
+import { countBits } from '../../src/vm/snapshot-format';
+import { rssAnonBytes } from '../support/proc-resources';
 
 const MiB = 1024 * 1024;
 
@@ -29,7 +22,7 @@ describe('GuestMemory.populate', () => {
     const pages = (128 * MiB) / 4096;
     // Present pages as /proc/self/pagemap shows them (candidatePages of anonymous memory): exact,
     // where the process's RSS also moves with the heap a collection returns meanwhile.
-    const present = () => countBits(mem.candidatePages(0, pages));
+    const present = () => countBits(mem.candidatePages(0, pages), pages);
     try {
       const before = rssAnonBytes(process.pid);
       expect(present()).toBe(0);
