@@ -33,13 +33,18 @@ struct Call {
   // MMU notifier gives up with EINTR whenever a signal is pending, e.g. a profiler's SIGPROF), at
   // most this many times; 0 for every other ioctl.
   int eintrRetries = 0;
+  // Run on the argument after a call that succeeded, on the thread that made it (KVM_GET_CPUID2's count).
+  void (*after)(void* arg) = nullptr;
 
   SysResult Run() const {
     SysResult r;
     for (int attempt = 0;; attempt++) {
       errno = 0;
       r.ret = ioctl(fd, request, arg);
-      if (r.ret >= 0) return r;
+      if (r.ret >= 0) {
+        if (after) after(arg);
+        return r;
+      }
       r.err = errno;
       if (r.err != EINTR || attempt >= eintrRetries) return r;
     }

@@ -11,6 +11,8 @@
 #include <time.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <stdexcept>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -19,6 +21,7 @@
 #include "guest_memory.h"
 #include "ioctl_call.h"
 #include "kvm_abi.h"
+#include "wire_program.h"
 
 namespace vcpud {
 
@@ -232,8 +235,31 @@ Call SetMsrs(const Napi::CallbackInfo& i) {
 Call SetCpuid2(const Napi::CallbackInfo& i) {
   return GivenList(i, "KVM_SET_CPUID2", KREQ(SET_CPUID2), kListHeader, KSIZE(kvm_cpuid_entry2), Returns::kZero);
 }
+// KVM_GET_CPUID2's nent made the count of the entries filled. Older kernels (Debian's 6.1, seen in the
+// nested lab) write nent back only when failing with E2BIG: on success the caller's count stays and the
+// entries past the real ones are the buffer's zeros. Trailing blank entries (function, index, flags and
+// the four registers all zero: a second leaf 0, which no vCPU has) are dropped from the count, or a
+// read-back CPUID would hold 256 entries, and KVM_SET_CPUID2 of it on a vCPU that has run fails with
+// EINVAL (6.1 accepts only the identical CPUID then).
+void TrimCpuid2(void* arg) {
+  auto* list = static_cast<uint8_t*>(arg);
+  constexpr size_t kValueBytes = offsetof(kvm_cpuid_entry2, padding);  // function .. edx
+  uint32_t nent;
+  memcpy(&nent, list, sizeof nent);
+  auto blank = [&](uint32_t i) {
+    const uint8_t* e = list + kListHeader + static_cast<size_t>(i) * KSIZE(kvm_cpuid_entry2);
+    for (size_t b = 0; b < kValueBytes; b++)
+      if (e[b]) return false;
+    return true;
+  };
+  while (nent > 0 && blank(nent - 1)) nent--;
+  memcpy(list, &nent, sizeof nent);
+}
+
 Call GetCpuid2(const Napi::CallbackInfo& i) {
-  return FilledList(i, "KVM_GET_CPUID2", KREQ(GET_CPUID2), kListHeader, KSIZE(kvm_cpuid_entry2), false);
+  Call c = FilledList(i, "KVM_GET_CPUID2", KREQ(GET_CPUID2), kListHeader, KSIZE(kvm_cpuid_entry2), false);
+  c.after = TrimCpuid2;
+  return c;
 }
 Call GetTscKhz(const Napi::CallbackInfo& i) {
   return ByValue(i, "KVM_GET_TSC_KHZ", KREQ(GET_TSC_KHZ), Returns::kNumber, false);
@@ -355,29 +381,55 @@ double MonotonicSeconds() {
   return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) / 1e9;
 }
 
-// getBatch(fd, ops: Uint8Array of kBatchOps indices, args: (Buffer|undefined)[], out: Float64Array(2n),
-//          xsaveSize: the VM's KVM_CAP_XSAVE2 size, for a KVM_GET_XSAVE2 op (0 when there is none))
-// -> undefined when every op succeeded, else the failing op's error (not thrown) with `batchIndex`.
-// out[2i] = the ioctl's return value, out[2i+1] = its duration in seconds, for each op that ran.
-Napi::Value GetBatch(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const char* name = "getBatch";
-  int fd = FdArg(info, 0, name);
-  if (!info[1].IsTypedArray() || !info[2].IsArray() || !info[3].IsTypedArray())
-    throw Napi::TypeError::New(env, "getBatch: expected (fd, Uint8Array, Array, Float64Array)");
-  auto ops = info[1].As<Napi::Uint8Array>();
-  auto args = info[2].As<Napi::Array>();
-  auto out = info[3].As<Napi::Float64Array>();
-  uint64_t xsaveSize = U64Arg(info, 4, name, "xsaveSize");
-  size_t n = ops.ElementLength();
-  if (args.Length() != n || out.ElementLength() < 2 * n) ThrowLength(env, name, "ops, args and out disagree in length");
-  std::vector<Call> calls(n);
-  for (size_t i = 0; i < n; i++) {
-    if (ops[i] >= kBatchOpCount) ThrowLength(env, name, "op " + std::to_string(ops[i]) + " is not a batch op");
-    const BatchOp& op = kBatchOps[ops[i]];
-    calls[i] = Make(op.name, fd, op.request, BatchArg(env, op, args.Get(i), xsaveSize), op.returns);
+// kvm_sregs as KVM_GET_SREGS gives it, from the kvm_sregs2 and kvm_vcpu_events the same batch read:
+// the struct up to apic_base is kvm_sregs2's, and interrupt_bitmap holds the injected interrupt's bit
+// (src/ffi/sregs-from-sregs2.ts says why these are the same bytes).
+void SregsFromSregs2(uint8_t* sregs, const uint8_t* sregs2, const uint8_t* events) {
+  constexpr size_t kCommon = offsetof(kvm_sregs, interrupt_bitmap);
+  static_assert(kCommon == offsetof(kvm_sregs2, flags), "kvm_sregs2 is laid out as kvm_sregs up to apic_base");
+  memcpy(sregs, sregs2, kCommon);
+  memset(sregs + kCommon, 0, KSIZE(kvm_sregs) - kCommon);
+  if (!events[offsetof(kvm_vcpu_events, interrupt.injected)]) return;
+  // The bitmap is little-endian u64 words (set_bit): bit nr is bit nr % 8 of byte nr / 8.
+  uint8_t nr = events[offsetof(kvm_vcpu_events, interrupt.nr)];
+  sregs[kCommon + nr / 8] |= static_cast<uint8_t>(1u << (nr % 8));
+}
+
+// The buffers a batch fills kvm_sregs from (`derive`: [sregs, sregs2, vcpu_events], each its struct's
+// size), or all null when the argument is undefined.
+struct Derive {
+  uint8_t* sregs = nullptr;
+  const uint8_t* sregs2 = nullptr;
+  const uint8_t* events = nullptr;
+  void Run() const {
+    if (sregs) SregsFromSregs2(sregs, sregs2, events);
   }
-  for (size_t i = 0; i < n; i++) {
+};
+
+Derive DeriveArg(Napi::Env env, const char* name, const Napi::Value& v) {
+  Derive d;
+  if (v.IsUndefined()) return d;
+  if (!v.IsArray() || v.As<Napi::Array>().Length() != 3) throw Napi::TypeError::New(env, std::string(name) + ": derive must be [sregs, sregs2, vcpu_events]");
+  auto a = v.As<Napi::Array>();
+  const size_t sizes[] = {KSIZE(kvm_sregs), KSIZE(kvm_sregs2), KSIZE(kvm_vcpu_events)};
+  uint8_t* p[3];
+  for (uint32_t i = 0; i < 3; i++) {
+    Napi::Value b = a.Get(i);
+    if (!b.IsBuffer()) throw Napi::TypeError::New(env, std::string(name) + ": derive[" + std::to_string(i) + "] is not a Buffer");
+    CheckStructLength(env, name, b.As<Napi::Buffer<uint8_t>>().Length(), sizes[i]);
+    p[i] = b.As<Napi::Buffer<uint8_t>>().Data();
+  }
+  d.sregs = p[0];
+  d.sregs2 = p[1];
+  d.events = p[2];
+  return d;
+}
+
+// Runs `calls` in order, recording out[2i] = the return value and out[2i+1] = the duration in seconds of
+// each call that ran; stops at the first failure and returns its error (not thrown) with `batchIndex`,
+// else an empty value.
+Napi::Value RunCalls(Napi::Env env, const std::vector<Call>& calls, double* out) {
+  for (size_t i = 0; i < calls.size(); i++) {
     double start = MonotonicSeconds();
     SysResult r = calls[i].Run();
     out[2 * i] = static_cast<double>(r.ret);
@@ -390,8 +442,170 @@ Napi::Value GetBatch(const Napi::CallbackInfo& info) {
       return err;
     }
   }
+  return Napi::Value();
+}
+
+// The checked calls of a batch: `ops` (kBatchOps indices) with their `args`, `out` long enough for them.
+std::vector<Call> BatchCalls(const Napi::CallbackInfo& info, const char* name, int fd, size_t opsAt, uint64_t xsaveSize) {
+  Napi::Env env = info.Env();
+  if (!info[opsAt].IsTypedArray() || !info[opsAt + 1].IsArray() || !info[opsAt + 2].IsTypedArray() ||
+      info[opsAt + 2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    throw Napi::TypeError::New(env, std::string(name) + ": expected (Uint8Array, Array, Float64Array)");
+  auto ops = info[opsAt].As<Napi::Uint8Array>();
+  auto args = info[opsAt + 1].As<Napi::Array>();
+  size_t n = ops.ElementLength();
+  if (args.Length() != n || info[opsAt + 2].As<Napi::Float64Array>().ElementLength() < 2 * n)
+    ThrowLength(env, name, "ops, args and out disagree in length");
+  std::vector<Call> calls(n);
+  for (size_t i = 0; i < n; i++) {
+    if (ops[i] >= kBatchOpCount) ThrowLength(env, name, "op " + std::to_string(ops[i]) + " is not a batch op");
+    const BatchOp& op = kBatchOps[ops[i]];
+    calls[i] = Make(op.name, fd, op.request, BatchArg(env, op, args.Get(i), xsaveSize), op.returns);
+    if (op.request == KREQ(GET_CPUID2)) calls[i].after = TrimCpuid2;
+  }
+  return calls;
+}
+
+// getBatch(fd, ops: Uint8Array of kBatchOps indices, args: (Buffer|undefined)[], out: Float64Array(2n),
+//          xsaveSize: the VM's KVM_CAP_XSAVE2 size, for a KVM_GET_XSAVE2 op (0 when there is none),
+//          derive?: [sregs, sregs2, vcpu_events]: kvm_sregs filled from the other two after the ioctls)
+// -> undefined when every op succeeded, else the failing op's error (not thrown) with `batchIndex`.
+// out[2i] = the ioctl's return value, out[2i+1] = its duration in seconds, for each op that ran.
+Napi::Value GetBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* name = "getBatch";
+  int fd = FdArg(info, 0, name);
+  uint64_t xsaveSize = U64Arg(info, 4, name, "xsaveSize");
+  std::vector<Call> calls = BatchCalls(info, name, fd, 1, xsaveSize);
+  Derive derive = DeriveArg(env, name, info[5]);
+  Napi::Value failure = RunCalls(env, calls, info[3].As<Napi::Float64Array>().Data());
+  if (!failure.IsEmpty()) return failure;
+  derive.Run();
   return env.Undefined();
 }
+
+// A batch made again and again over the same buffers (GetState of one vCPU): checked once, its buffers
+// and program held, so a run costs the ioctls and no argument conversions. After a complete run it may
+// encode its buffers with a wire program (native/wire_program.h) straight into the caller's buffer.
+//   new PreparedBatch(ops, args, out, xsaveSize, derive?, returnsTo?, program?, inputs?)
+//     returnsTo: per op, a 4-byte Buffer that gets the op's return value (u32, little-endian) or undefined
+//     program, inputs: a wire program and the Buffers it reads (among them the ops' buffers)
+//   run(fd, dest?, pos?) -> the failing op's error (with batchIndex), as getBatch; else, without dest,
+//     undefined; with dest: the position after the program's output, -1 when dest has no room for it
+//     (encode() with a larger one), -2 when a list read stopped short (KVM_GET_MSRS read fewer MSRs than
+//     asked), which the program must not encode.
+//   encode(dest, pos) -> the program again over the last run's buffers: a position, or -1.
+class PreparedBatch : public Napi::ObjectWrap<PreparedBatch> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "PreparedBatch", {InstanceMethod("run", &PreparedBatch::Run), InstanceMethod("encode", &PreparedBatch::Encode)});
+  }
+
+  explicit PreparedBatch(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PreparedBatch>(info) {
+    Napi::Env env = info.Env();
+    const char* name = "PreparedBatch";
+    uint64_t xsaveSize = U64Arg(info, 3, name, "xsaveSize");
+    // fd -1 until a run: each run is given the vCPU's fd as it is then.
+    calls_ = BatchCalls(info, name, -1, 0, xsaveSize);
+    out_ = info[2].As<Napi::Float64Array>().Data();
+    auto ops = info[0].As<Napi::Uint8Array>();
+    for (size_t i = 0; i < calls_.size(); i++) {
+      const BatchOp& op = kBatchOps[ops[i]];
+      if (op.kind == BatchKind::kFilledList || op.kind == BatchKind::kGivenList) {
+        uint8_t* buf = static_cast<uint8_t*>(calls_[i].arg);
+        uint32_t count;
+        memcpy(&count, buf, sizeof count);
+        lists_.push_back({i, buf, count, op.kind == BatchKind::kFilledList});
+      }
+    }
+    derive_ = DeriveArg(env, name, info[4]);
+    returns_.assign(calls_.size(), nullptr);
+    if (!info[5].IsUndefined()) {
+      if (!info[5].IsArray() || info[5].As<Napi::Array>().Length() != calls_.size())
+        throw Napi::TypeError::New(env, "PreparedBatch: returnsTo must be an array with an entry per op");
+      auto r = info[5].As<Napi::Array>();
+      for (uint32_t i = 0; i < r.Length(); i++) {
+        Napi::Value b = r.Get(i);
+        if (b.IsUndefined()) continue;
+        if (!b.IsBuffer() || b.As<Napi::Buffer<uint8_t>>().Length() != 4) throw Napi::TypeError::New(env, "PreparedBatch: returnsTo[" + std::to_string(i) + "] is not a 4-byte Buffer");
+        returns_[i] = b.As<Napi::Buffer<uint8_t>>().Data();
+      }
+    }
+    if (!info[6].IsUndefined()) {
+      if (!info[6].IsTypedArray() || info[6].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array || !info[7].IsArray())
+        throw Napi::TypeError::New(env, "PreparedBatch: expected a Uint32Array program and an array of inputs");
+      auto prog = info[6].As<Napi::Uint32Array>();
+      program_ = prog.Data();
+      words_ = prog.ElementLength();
+      auto list = info[7].As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) {
+        Napi::Value v = list.Get(i);
+        if (!v.IsBuffer()) throw Napi::TypeError::New(env, "PreparedBatch: input " + std::to_string(i) + " is not a Buffer");
+        inputs_.push_back({v.As<Napi::Buffer<uint8_t>>().Data(), v.As<Napi::Buffer<uint8_t>>().Length()});
+      }
+    }
+    // Every buffer and array the pointers above lie in, kept alive as long as this batch.
+    Napi::Array held = Napi::Array::New(env);
+    for (uint32_t i = 0; i < 8 && i < info.Length(); i++) held.Set(i, info[i]);
+    held_ = Napi::Persistent(held);
+  }
+
+ private:
+  struct List {
+    size_t call;
+    uint8_t* buf;
+    uint32_t count;  // the entries asked for (GivenList) or room for (FilledList), from the header when prepared
+    bool filled;
+  };
+
+  Napi::Value Run(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int fd = FdArg(info, 0, "PreparedBatch.run");
+    for (Call& c : calls_) c.fd = fd;
+    // A filled list's header says how many entries fit; the kernel wrote back how many it filled.
+    for (const List& l : lists_)
+      if (l.filled) memcpy(l.buf, &l.count, sizeof l.count);
+    Napi::Value failure = RunCalls(env, calls_, out_);
+    if (!failure.IsEmpty()) return failure;
+    derive_.Run();
+    for (size_t i = 0; i < calls_.size(); i++)
+      if (returns_[i]) {
+        uint32_t v = static_cast<uint32_t>(out_[2 * i]);
+        memcpy(returns_[i], &v, sizeof v);
+      }
+    if (info.Length() < 2 || info[1].IsUndefined() || program_ == nullptr) return env.Undefined();
+    for (const List& l : lists_)
+      if (!l.filled && out_[2 * l.call] < l.count) return Napi::Number::New(env, -2);
+    return Encode(info, 1);
+  }
+
+  Napi::Value Encode(const Napi::CallbackInfo& info) { return Encode(info, 0); }
+
+  Napi::Value Encode(const Napi::CallbackInfo& info, size_t at) {
+    Napi::Env env = info.Env();
+    if (program_ == nullptr) throw Napi::TypeError::New(env, "PreparedBatch: no program to encode with");
+    if (!info[at].IsBuffer()) throw Napi::TypeError::New(env, "PreparedBatch: dest must be a Buffer");
+    auto dest = info[at].As<Napi::Buffer<uint8_t>>();
+    double p = info[at + 1].IsNumber() ? info[at + 1].As<Napi::Number>().DoubleValue() : -1;
+    if (!(p >= 0 && p <= static_cast<double>(dest.Length())) || p != static_cast<double>(static_cast<size_t>(p)))
+      throw Napi::RangeError::New(env, "PreparedBatch: pos is not an offset within dest");
+    try {
+      return Napi::Number::New(env, static_cast<double>(RunWireProgram(program_, words_, inputs_, dest.Data(), dest.Length(), static_cast<size_t>(p))));
+    } catch (const std::range_error& e) {
+      throw Napi::RangeError::New(env, std::string("PreparedBatch: ") + e.what());
+    }
+  }
+
+  std::vector<Call> calls_;
+  double* out_ = nullptr;
+  std::vector<List> lists_;
+  Derive derive_;
+  std::vector<uint8_t*> returns_;
+  const uint32_t* program_ = nullptr;
+  size_t words_ = 0;
+  std::vector<WireInput> inputs_;
+  Napi::Reference<Napi::Array> held_;
+};
 
 Napi::Array BatchOpNames(Napi::Env env) {
   Napi::Array a = Napi::Array::New(env, kBatchOpCount);
@@ -502,6 +716,7 @@ void RegisterIoctls(Napi::Env env, Napi::Object exports) {
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
   exports.Set("sizes", Sizes(env));
   exports.Set("getBatch", Napi::Function::New(env, GetBatch, "getBatch"));
+  exports.Set("PreparedBatch", PreparedBatch::Define(env));
   exports.Set("batchOps", BatchOpNames(env));
 }
 

@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,13 +29,10 @@ struct OutOfRoom {};
 
 class Runner {
  public:
-  struct Input {
-    const uint8_t* data;
-    size_t len;
-  };
+  using Input = WireInput;
 
-  Runner(const uint32_t* prog, size_t words, std::vector<Input> inputs, uint8_t* out, size_t out_len, size_t pos)
-      : prog_(prog), words_(words), inputs_(std::move(inputs)), out_(out), out_len_(out_len), pos_(pos) {
+  Runner(const uint32_t* prog, size_t words, const std::vector<Input>& inputs, uint8_t* out, size_t out_len, size_t pos)
+      : prog_(prog), words_(words), inputs_(inputs), out_(out), out_len_(out_len), pos_(pos) {
     if (!inputs_.empty()) Select(0, 0);
   }
 
@@ -203,7 +201,7 @@ class Runner {
 
   const uint32_t* prog_;
   size_t words_;
-  std::vector<Input> inputs_;
+  const std::vector<Input>& inputs_;
   const uint8_t* in_ = nullptr;
   size_t in_len_ = 0;
   uint8_t* out_;
@@ -232,13 +230,11 @@ Napi::Value EncodeWire(const Napi::CallbackInfo& info) {
   double p = info[3].As<Napi::Number>().DoubleValue();
   if (!(p >= 0 && p <= static_cast<double>(out.Length())) || p != static_cast<double>(static_cast<size_t>(p)))
     throw Napi::RangeError::New(env, "encodeWire: pos is not an offset within out");
-  Runner r(words.Data(), words.ElementLength(), std::move(inputs), out.Data(), out.Length(), static_cast<size_t>(p));
   try {
-    return Napi::Number::New(env, static_cast<double>(r.Run()));
-  } catch (const OutOfRoom&) {
-    return Napi::Number::New(env, -1);
-  } catch (const ProgramFault& f) {
-    throw Napi::RangeError::New(env, "encodeWire: " + f.what);
+    return Napi::Number::New(env, static_cast<double>(RunWireProgram(words.Data(), words.ElementLength(), inputs, out.Data(), out.Length(),
+                                                                     static_cast<size_t>(p))));
+  } catch (const std::range_error& e) {
+    throw Napi::RangeError::New(env, std::string("encodeWire: ") + e.what());
   }
 }
 
@@ -252,6 +248,18 @@ Napi::Object Ops(Napi::Env env) {
 }
 
 }  // namespace
+
+long RunWireProgram(const uint32_t* prog, size_t words, const std::vector<WireInput>& inputs, uint8_t* out, size_t out_len,
+                    size_t pos) {
+  Runner r(prog, words, inputs, out, out_len, pos);
+  try {
+    return static_cast<long>(r.Run());
+  } catch (const OutOfRoom&) {
+    return -1;
+  } catch (const ProgramFault& f) {
+    throw std::range_error(f.what);
+  }
+}
 
 void RegisterWireProgram(Napi::Env env, Napi::Object exports) {
   exports.Set("encodeWire", Napi::Function::New(env, EncodeWire, "encodeWire"));

@@ -6,6 +6,7 @@
 #include <napi.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace vcpud {
 
@@ -48,6 +49,18 @@ namespace vcpud {
 //   a read past the input's end throws RangeError naming the op and the offset.
 constexpr uint32_t kTagShift = 8;
 constexpr uint32_t kOpMask = (1u << kTagShift) - 1;
+
+// One input of a native run: bytes the program reads, owned by the caller.
+struct WireInput {
+  const uint8_t* data;
+  size_t len;
+};
+
+// Runs `prog` over `inputs` into out[pos..out_len) for native callers (a prepared state read encodes
+// its buffers right after its ioctls): the position after the last byte written, or -1 when `out` is
+// too small. A malformed program or an out-of-bounds read throws std::range_error naming the op.
+long RunWireProgram(const uint32_t* prog, size_t words, const std::vector<WireInput>& inputs, uint8_t* out, size_t out_len,
+                    size_t pos);
 
 void RegisterWireProgram(Napi::Env env, Napi::Object exports);
 

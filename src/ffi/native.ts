@@ -272,6 +272,20 @@ type AsyncTwins = {
   [K in IoctlName as `${K}Async`]: (...a: Parameters<SyncAndAsync[K]>) => Promise<ReturnType<SyncAndAsync[K]>>;
 };
 
+/** A batch's failing ioctl: its error, with the op's index in the batch. */
+export type BatchFailure = Error & { batchIndex: number };
+
+/** The buffers a batch fills kvm_sregs from: [sregs, sregs2, vcpu_events]. */
+export type SregsDerivation = [sregs: Buffer, sregs2: Buffer, events: Buffer];
+
+/** PreparedBatch's runs: see native/kvm_ioctls.cc. */
+export interface NativePreparedBatch {
+  /** Without dest: undefined. With it: the encoding's end, -1 (no room: encode again), or -2 (a list read stopped short: not encoded). */
+  run(fd: Fd, dest?: Buffer, pos?: number): BatchFailure | number | undefined;
+  /** The program again over the last run's buffers: the end, or -1. */
+  encode(dest: Buffer, pos: number): number;
+}
+
 export interface Native extends SyncAndAsync, AsyncTwins {
   openKvm(path: string): Fd;
   closeFd(fd: Fd): void;
@@ -317,9 +331,25 @@ export interface Native extends SyncAndAsync, AsyncTwins {
    * Runs the GET ioctls named by `ops` (indices into batchOps) on one vCPU fd in order, stopping at
    * the first failure, whose error (with batchIndex) it returns rather than throws. out[2i] is op i's
    * return value, out[2i+1] its duration in seconds. xsaveSize: the VM's KVM_CAP_XSAVE2 size for a
-   * KVM_GET_XSAVE2 op (0 without one).
+   * KVM_GET_XSAVE2 op (0 without one). derive: [sregs, sregs2, vcpu_events], kvm_sregs filled from the
+   * other two after the ioctls (src/ffi/sregs-from-sregs2.ts).
    */
-  getBatch(fd: Fd, ops: Uint8Array, args: (Buffer | undefined)[], out: Float64Array, xsaveSize: number): (Error & { batchIndex: number }) | undefined;
+  getBatch(fd: Fd, ops: Uint8Array, args: (Buffer | undefined)[], out: Float64Array, xsaveSize: number, derive?: SregsDerivation): BatchFailure | undefined;
+  /**
+   * getBatch checked once for runs over the same buffers, which it holds; after a complete run it can
+   * encode them with a wire program into the caller's buffer (native/kvm_ioctls.cc says what run and
+   * encode return).
+   */
+  PreparedBatch: new (
+    ops: Uint8Array,
+    args: (Buffer | undefined)[],
+    out: Float64Array,
+    xsaveSize: number,
+    derive?: SregsDerivation,
+    returnsTo?: (Buffer | undefined)[],
+    program?: Uint32Array,
+    inputs?: Buffer[],
+  ) => NativePreparedBatch;
   /** The ioctl names getBatch can run, by op index. */
   batchOps: string[];
   /**

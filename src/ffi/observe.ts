@@ -4,6 +4,8 @@
  */
 export interface IoctlObserver {
   onIoctl(ioctl: string, seconds: number, errorCode?: string): void;
+  /** A recorder of `ioctl`'s successful durations, as onIoctl records them: bound once by callers that make the same ioctls again and again (a batch). */
+  durationRecorder?(ioctl: string): (seconds: number) => void;
   onNegotiationRetry(ioctl: string): void;
 }
 

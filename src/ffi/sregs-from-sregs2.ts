@@ -9,24 +9,11 @@
  * kvm_vcpu_ioctl_x86_get_vcpu_events reports as interrupt.injected and interrupt.nr. No GET of a batch
  * changes them (the vCPU is out of KVM_RUN). Guests with protected state (SEV-ES, TDX), whose bitmap
  * __get_sregs leaves empty, are not something vcpud creates.
+ *
+ * The batch fills the bytes itself, after its ioctls (SregsFromSregs2 in native/kvm_ioctls.cc): a
+ * prepared batch encodes its buffers in the same native call.
  */
-import { EVENTS_INTERRUPT_LAYOUT, offsetOf, SREGS_LAYOUT, VCPU_EVENTS_LAYOUT } from './sections';
-
-/** Where kvm_sregs and kvm_sregs2 part: interrupt_bitmap in one, flags in the other. */
-const COMMON_BYTES = offsetOf(SREGS_LAYOUT, 'interruptBitmap');
-const INTERRUPT = offsetOf(VCPU_EVENTS_LAYOUT, 'interrupt');
-const INTERRUPT_INJECTED = INTERRUPT + offsetOf(EVENTS_INTERRUPT_LAYOUT, 'injected');
-const INTERRUPT_VECTOR = INTERRUPT + offsetOf(EVENTS_INTERRUPT_LAYOUT, 'nr');
-
-/** Writes into `sregs` the kvm_sregs KVM_GET_SREGS would give, from the kvm_sregs2 and kvm_vcpu_events read. */
-export function sregsFromSregs2(sregs: Buffer, sregs2: Buffer, events: Buffer): void {
-  sregs2.copy(sregs, 0, 0, COMMON_BYTES);
-  sregs.fill(0, COMMON_BYTES);
-  if (!events[INTERRUPT_INJECTED]) return;
-  // The bitmap is little-endian u64 words (set_bit): bit `nr` is bit nr % 8 of its byte nr / 8.
-  const nr = events[INTERRUPT_VECTOR];
-  sregs[COMMON_BYTES + (nr >> 3)] |= 1 << (nr & 7);
-}
+import type { SregsDerivation } from './native';
 
 interface Read {
   ioctl: string;
@@ -34,14 +21,14 @@ interface Read {
 }
 
 /**
- * In a batch's reads: the KVM_GET_SREGS read to leave out, with what fills its buffer from the
- * KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS reads of the same batch; undefined unless all three are there
- * (a GET_VCPU_EVENTS is never added: it has side effects, process_nmi among them).
+ * In a batch's reads: the KVM_GET_SREGS read to leave out, with the buffers the batch fills it from
+ * (its own, KVM_GET_SREGS2's and KVM_GET_VCPU_EVENTS'); undefined unless all three are there (a
+ * GET_VCPU_EVENTS is never added: it has side effects, process_nmi among them).
  */
-export function sregsAnsweredBySregs2(reads: readonly Read[]): { index: number; fill(): void } | undefined {
+export function sregsAnsweredBySregs2(reads: readonly Read[]): { index: number; from: SregsDerivation } | undefined {
   const find = (ioctl: string) => reads.find((r) => r.ioctl === ioctl)?.buf;
   const index = reads.findIndex((r) => r.ioctl === 'KVM_GET_SREGS');
   const [sregs, sregs2, events] = [reads[index]?.buf, find('KVM_GET_SREGS2'), find('KVM_GET_VCPU_EVENTS')];
   if (!sregs || !sregs2 || !events) return undefined;
-  return { index, fill: () => sregsFromSregs2(sregs, sregs2, events) };
+  return { index, from: [sregs, sregs2, events] };
 }

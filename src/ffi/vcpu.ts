@@ -11,8 +11,8 @@
 import { KvmError, notFound, VcpudError } from '../errors';
 import { LEGACY_XSAVE_SIZE, nestedStateMaxSize, requireNestedState, sectionGate, xsaveSize, type Direction } from './caps';
 import { FdHandle } from './fd-handle';
-import { kvmCall, native, toKvmError, type NativeVcpuRunner } from './native';
-import { currentObserver } from './observe';
+import { kvmCall, native, toKvmError, type BatchFailure, type NativePreparedBatch, type NativeVcpuRunner } from './native';
+import { currentObserver, type IoctlObserver } from './observe';
 import {
   SECTIONS,
   type CpuidEntry2,
@@ -190,21 +190,18 @@ export class Vcpu {
     );
   }
   /**
-   * KVM_GET_CPUID2. Older kernels (Debian's 6.1, seen in the nested lab) write `nent` back only
-   * when failing with E2BIG: on success the caller's count stays and the entries past the real
-   * ones are the buffer's zeros. Those are trimmed (an all-zero entry would be a second leaf 0,
-   * which no vCPU has), or a read-back CPUID would hold 256 entries and KVM_SET_CPUID2 of it on
-   * a vCPU that has run fails with EINVAL (6.1 only accepts the identical CPUID then).
+   * KVM_GET_CPUID2, its nent the entries filled (older kernels leave the caller's count on success:
+   * the addon trims the blank entries, TrimCpuid2 in native/kvm_ioctls.cc says why).
    */
   getCpuid2(capacity = 256): CpuidEntry2[] {
     return SECTIONS.cpuid2.decode(this.getCpuid2Bytes(capacity));
   }
-  /** KVM_GET_CPUID2's kvm_cpuid2, undecoded, its nent trimmed as getCpuid2 describes (spare capacity after the entries). */
+  /** KVM_GET_CPUID2's kvm_cpuid2, undecoded (spare capacity after the entries). */
   getCpuid2Bytes(capacity = 256): Buffer {
     this.requireSection('cpuid2', 'read');
     const buf = cpuid2Buffer(capacity);
     kvmCall('KVM_GET_CPUID2', () => native.getCpuid2(this.fd, buf));
-    return trimCpuid2(buf);
+    return buf;
   }
   setCpuid2(entries: CpuidEntry2[]): void {
     this.setSectionBytes('cpuid2', SECTIONS.cpuid2.encode(entries));
@@ -243,7 +240,7 @@ export class Vcpu {
       }
       case 'cpuid2': {
         const buf = cpuid2Buffer(256, alloc);
-        return { ioctl: 'KVM_GET_CPUID2', buf, done: () => trimCpuid2(buf) };
+        return fillRead('KVM_GET_CPUID2', buf);
       }
       case 'tsc_khz':
         return { ioctl: 'KVM_GET_TSC_KHZ', done: (khz) => khz };
@@ -262,48 +259,20 @@ export class Vcpu {
    * its callers read a vCPU that src/vm has paused.
    */
   readBatch(plans: PlannedRead[]): unknown[] {
-    return this.prepareBatch(plans)();
+    const batch = new BatchShape(plans, () => this.xsaveSize());
+    batch.settle(native.getBatch(this.fd, batch.ops, batch.bufs, batch.out, batch.xsave, batch.derived?.from));
+    return batch.values();
   }
 
   /**
    * The reads of `sections` prepared to run again and again (GetState reads the same sections each
-   * call): plans, ops, buffers and the results array are built once, the buffers zeroed before each run
-   * as fresh ones would be. The values a run returns are views of those buffers, valid until the next run.
+   * call): plans, ops, buffers and results are built and checked once, the buffers zeroed before each
+   * run as fresh ones would be. A run's values are views of those buffers, valid until the next run.
    */
-  repeatedRead(sections: readonly SectionName[], msrIndices: number[]): () => unknown[] {
+  repeatedRead(sections: readonly SectionName[], msrIndices: number[]): RepeatedRead {
     const buffers = new BatchBuffers();
-    const run = this.prepareBatch(sections.map((s) => this.planRead(s, msrIndices, buffers.alloc)));
-    return () => {
-      buffers.zero();
-      return run();
-    };
-  }
-
-  private prepareBatch(plans: PlannedRead[]): () => unknown[] {
-    // A KVM_GET_SREGS the batch's KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS answer is not issued (sregs-from-sregs2.ts).
-    const derived = sregsAnsweredBySregs2(plans);
-    const issued = derived ? plans.filter((_, i) => i !== derived.index) : plans;
-    const n = issued.length;
-    const ops = Uint8Array.from(issued, (p) => batchOp(p.ioctl));
-    const bufs = issued.map((p) => p.buf);
-    const out = new Float64Array(2 * n);
-    const xsave = issued.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? this.xsaveSize() : 0;
-    return () => {
-      const failure = native.getBatch(this.fd, ops, bufs, out, xsave);
-      const failedAt = failure ? failure.batchIndex : n;
-      const error = failure && toKvmError(failure);
-      const obs = currentObserver();
-      if (obs)
-        for (let i = 0; i < Math.min(failedAt + 1, n); i++)
-          obs.onIoctl(issued[i].ioctl, out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
-      if (failure) throw error;
-      const values = issued.map((p, i) => p.done(out[2 * i]));
-      if (derived) {
-        derived.fill();
-        values.splice(derived.index, 0, plans[derived.index].done(0));
-      }
-      return values;
-    };
+    const plans = sections.map((s) => this.planRead(s, msrIndices, buffers.alloc));
+    return new RepeatedRead(() => this.fd, sections, new BatchShape(plans, () => this.xsaveSize()), buffers);
   }
 
   // ---- nested state ----
@@ -422,6 +391,129 @@ export type ZeroedAlloc = (size: number) => Buffer;
 const zeroed: ZeroedAlloc = (size) => Buffer.alloc(size);
 
 /**
+ * A batch's reads as the addon runs them: the issued ones (a KVM_GET_SREGS that KVM_GET_SREGS2 and
+ * KVM_GET_VCPU_EVENTS answer is left out and filled from them: sregs-from-sregs2.ts), their ops,
+ * buffers and results, and what a run's results become.
+ */
+class BatchShape {
+  readonly derived: ReturnType<typeof sregsAnsweredBySregs2>;
+  readonly issued: PlannedRead[];
+  readonly ops: Uint8Array;
+  readonly bufs: (Buffer | undefined)[];
+  /** out[2i]: issued read i's return value; out[2i+1]: its duration in seconds. */
+  readonly out: Float64Array;
+  readonly xsave: number;
+  /** The observer's duration recorders for the issued ioctls, bound once per observer. */
+  private bound: { observer: IoctlObserver; record: ((seconds: number) => void)[] } | undefined;
+
+  constructor(
+    readonly plans: PlannedRead[],
+    xsaveSize: () => number,
+  ) {
+    this.derived = sregsAnsweredBySregs2(plans);
+    const derivedAt = this.derived?.index;
+    this.issued = derivedAt === undefined ? plans : plans.filter((_, i) => i !== derivedAt);
+    this.ops = Uint8Array.from(this.issued, (p) => batchOp(p.ioctl));
+    this.bufs = this.issued.map((p) => p.buf);
+    this.out = new Float64Array(2 * this.issued.length);
+    this.xsave = this.issued.some((p) => p.ioctl === 'KVM_GET_XSAVE2') ? xsaveSize() : 0;
+  }
+
+  /** Reports every ioctl that ran to the metrics observer, and throws the failing one's error. */
+  settle(failure: BatchFailure | undefined): void {
+    const n = this.issued.length;
+    const obs = currentObserver();
+    if (failure === undefined && obs?.durationRecorder) {
+      if (this.bound?.observer !== obs) this.bound = { observer: obs, record: this.issued.map((p) => obs.durationRecorder!(p.ioctl)) };
+      for (let i = 0; i < n; i++) this.bound.record[i](this.out[2 * i + 1]);
+      return;
+    }
+    const failedAt = failure ? failure.batchIndex : n;
+    const error = failure && toKvmError(failure);
+    if (obs)
+      for (let i = 0; i < Math.min(failedAt + 1, n); i++)
+        obs.onIoctl(this.issued[i].ioctl, this.out[2 * i + 1], i === failedAt && error instanceof KvmError ? error.code : undefined);
+    if (error) throw error;
+  }
+
+  /** Each read's value after a complete run, in the plans' order. */
+  values(): unknown[] {
+    const values = this.issued.map((p, i) => p.done(this.out[2 * i]));
+    if (this.derived) values.splice(this.derived.index, 0, this.plans[this.derived.index].done(0));
+    return values;
+  }
+}
+
+/** How a caller encodes a repeated read's sections: a wire program over buffers among RepeatedRead.inputs. */
+export interface BatchEncoding {
+  program: Uint32Array;
+  inputs: Buffer[];
+}
+
+/**
+ * A batch of reads run again and again over the same buffers (Vcpu.repeatedRead), through a native
+ * PreparedBatch that holds them. With a BatchEncoding, a run also writes the sections' message straight
+ * from the kernel's bytes in the same native call (GetState's hot path: no values, no second call).
+ */
+export class RepeatedRead {
+  /**
+   * The bytes each section is encoded from after a run: its read's buffer (kvm_sregs filled from
+   * sregs2 and vcpu_events when derived), and for tsc_khz its return value as a little-endian u32.
+   */
+  readonly inputs: ReadonlyMap<SectionName, Buffer>;
+  private readonly returnsTo: (Buffer | undefined)[];
+  private readonly prepared: NativePreparedBatch;
+  private encoded: { encoding: BatchEncoding; batch: NativePreparedBatch } | undefined;
+
+  constructor(
+    private readonly fd: () => number,
+    sections: readonly SectionName[],
+    private readonly shape: BatchShape,
+    private readonly buffers: BatchBuffers,
+  ) {
+    const inputs = new Map<SectionName, Buffer>();
+    sections.forEach((s, i) => {
+      const buf = shape.plans[i].buf ?? Buffer.alloc(4);
+      inputs.set(s, buf);
+    });
+    this.inputs = inputs;
+    // Reads whose value is their return value (KVM_GET_TSC_KHZ) write it into their input.
+    this.returnsTo = shape.issued.map((p) => (p.buf ? undefined : inputs.get(sections[shape.plans.indexOf(p)])));
+    this.prepared = this.prepare();
+  }
+
+  /** Runs the reads: each section's value, in the order asked. */
+  run(): unknown[] {
+    this.buffers.zero();
+    this.shape.settle(this.prepared.run(this.fd()) as BatchFailure | undefined);
+    return this.shape.values();
+  }
+
+  /**
+   * Runs the reads and writes `encoding`'s output into `dest` from `pos`: its end, or undefined when it
+   * was not written (no room in `dest`, or a list read that stopped short: KVM_GET_MSRS refused an MSR),
+   * and values() then holds the run's values. `encoding` is made once per read by its caller.
+   */
+  runEncoded(encoding: BatchEncoding, dest: Buffer, pos: number): number | undefined {
+    if (this.encoded?.encoding !== encoding) this.encoded = { encoding, batch: this.prepare(encoding) };
+    this.buffers.zero();
+    const r = this.encoded.batch.run(this.fd(), dest, pos);
+    this.shape.settle(typeof r === 'number' ? undefined : r);
+    return typeof r === 'number' && r >= 0 ? r : undefined;
+  }
+
+  /** The last run's values (after a runEncoded that wrote nothing). */
+  values(): unknown[] {
+    return this.shape.values();
+  }
+
+  private prepare(encoding?: BatchEncoding): NativePreparedBatch {
+    const { ops, bufs, out, xsave, derived } = this.shape;
+    return new native.PreparedBatch(ops, bufs, out, xsave, derived?.from, this.returnsTo, encoding?.program, encoding?.inputs);
+  }
+}
+
+/**
  * Bytes of one shared allocation of batchAllocator: a GetState of every section needs ~17.5 KiB (cpuid2's
  * 10), with room for alignment. Not more: the allocation is external memory V8 counts towards its GC
  * triggers, and a 32 KiB chunk per call showed more full collections under load.
@@ -476,20 +568,6 @@ function batchOp(ioctl: string): number {
 function cpuid2Buffer(capacity: number, alloc: ZeroedAlloc = zeroed): Buffer {
   return alloc(8 + capacity * native.sizes.kvm_cpuid_entry2);
 }
-
-/** Trims a KVM_GET_CPUID2 result's nent to its last non-blank entry (getCpuid2 says why). */
-function trimCpuid2(buf: Buffer): Buffer {
-  const entry = native.sizes.kvm_cpuid_entry2;
-  let nent = buf.readUInt32LE(0);
-  // Blank: function, index, flags and the four registers all zero (the 28 bytes before the padding).
-  const blank = (i: number) => buf.subarray(8 + i * entry, 8 + i * entry + CPUID_ENTRY_VALUE_BYTES).every((b) => b === 0);
-  while (nent > 0 && blank(nent - 1)) nent--;
-  buf.writeUInt32LE(nent, 0);
-  return buf;
-}
-
-/** kvm_cpuid_entry2's function, index, flags, eax, ebx, ecx and edx: what a blank entry has all zero. */
-const CPUID_ENTRY_VALUE_BYTES = 28;
 
 type StructIoctl = (fd: number, b: Buffer) => void;
 

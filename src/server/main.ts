@@ -63,7 +63,7 @@ function serviceContext(host: Host | undefined, kvmError: unknown, metrics: Metr
     get caps() {
       return need().caps;
     },
-    recordStateBytes: (section, bytes) => metrics.recordStateBytes(section, bytes),
+    stateBytes: (section) => metrics.stateBytesRecorder(section),
     shuttingDown,
     allowUnvalidatedNested: config.testAllowUnvalidatedNested,
   };

@@ -413,12 +413,18 @@ export class Metrics {
         this.ioctlDuration(ioctl)(seconds);
         if (errorCode) this.ioctlErrors.inc({ ioctl, errno: errorCode });
       },
+      durationRecorder: (ioctl) => this.ioctlDuration(ioctl),
       onNegotiationRetry: (ioctl) => this.negotiationRetries.inc({ ioctl }),
     };
   }
 
   recordStateBytes(section: string, bytes: number): void {
     this.sectionBytes(section)(bytes);
+  }
+
+  /** recordStateBytes for one section, bound: the per-call observation without the lookup. */
+  stateBytesRecorder(section: string): Observe {
+    return this.sectionBytes(section);
   }
 
   recordMigrationProgress(p: { dirtyRate: number; transferRate: number; bytesRemaining: number }): void {

@@ -134,6 +134,16 @@ export class ManagedVcpu extends EventEmitter<ManagedVcpuEvents> {
     });
   }
 
+  /**
+   * withState for a synchronous `fn`, run in the caller's turn when it can be: with the lock free and
+   * the vCPU out of KVM_RUN (a checkpoint loop reading a paused vCPU), `fn`'s value or error comes back
+   * at once, with no promise in between; otherwise withState's promise.
+   */
+  withStateNow<T>(fn: (access: { implicitlyPaused: boolean }) => T, opts: StateAccessOptions = {}): T | Promise<T> {
+    if (this.destroyed || !this.mutex.free || this.runner.state() === 'running') return this.withState(fn, opts);
+    return this.mutex.runNow(() => fn(NOT_PAUSED));
+  }
+
   private async withImplicitPause<T>(fn: (access: { implicitlyPaused: boolean }) => T | Promise<T>): Promise<T> {
     await this.runner.pause();
     // Its VM may have been deleted while the vCPU paused: `fn` must not reach its fds, whose

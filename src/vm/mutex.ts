@@ -8,6 +8,22 @@ export class Mutex {
   private busy = false;
   private readonly waiters: (() => void)[] = [];
 
+  /** Nobody holds the lock or waits for it. */
+  get free(): boolean {
+    return !this.busy;
+  }
+
+  /** Runs a synchronous `fn` with the lock, which must be free (`free`), and lets go of it when `fn` returns or throws. */
+  runNow<T>(fn: () => T): T {
+    if (this.busy) throw new Error('Mutex.runNow: the lock is held');
+    this.busy = true;
+    try {
+      return fn();
+    } finally {
+      this.release();
+    }
+  }
+
   run<T>(fn: () => Promise<T> | T): Promise<T> {
     if (this.busy) return new Promise<void>((r) => this.waiters.push(r)).then(() => this.hold(fn));
     this.busy = true;

@@ -30,7 +30,7 @@ import { sectionGate, type Direction } from '../ffi/caps';
 import { hasBit, maxPhysAddrBits, SVM_BIT, VMX_BIT } from '../ffi/cpuid-facts';
 import { validateNestedState, validateNestedStructure } from '../ffi/nested';
 import { msrName, SECTIONS, type MsrEntry, type SectionName, type SectionValues } from '../ffi/sections';
-import { batchAllocator, BYTE_SECTIONS, type ByteSection, type MsrResult, type Vcpu } from '../ffi/vcpu';
+import { batchAllocator, BYTE_SECTIONS, type BatchEncoding, type ByteSection, type MsrResult, type RepeatedRead, type Vcpu } from '../ffi/vcpu';
 import type { ManagedVcpu, StateAccessOptions } from './managed-vcpu';
 
 export type StateValues = Partial<SectionValues>;
@@ -212,6 +212,8 @@ export function readStateBytes(vcpu: Vcpu, ctx: StateContext, sections: SectionN
 /** The sections a bytes read covers, in save order, and how a batch's results become its values. */
 interface BytesReadPlan {
   indices: number[];
+  /** The sections read, in save order. */
+  order: SectionName[];
   /** The sections read in the batch (an empty MSR list needs no ioctl). */
   batched: SectionName[];
   values(results: unknown[]): BytesReadResult;
@@ -224,6 +226,7 @@ function planBytesRead(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], i
   const msrsAt = batched.indexOf('msrs');
   return {
     indices,
+    order,
     batched,
     values(results) {
       const values: Record<string, unknown> = {};
@@ -244,27 +247,64 @@ function msrsValue(vcpu: Vcpu, indices: number[], unreadable: number[], first: M
   return readMsrsSkipping(vcpu, indices, unreadable, first);
 }
 
-/** Distinct (sections, MSR list) reads kept per vCPU by readStateBytesReused; GetState callers ask for a few. */
+/** Distinct (sections, MSR list) reads kept per vCPU by reusedRead; GetState callers ask for a few. */
 const MAX_REUSED_READS = 16;
-const reusedReads = new WeakMap<Vcpu, Map<string, { plan: BytesReadPlan; run: () => unknown[] }>>();
+const reusedReads = new WeakMap<Vcpu, Map<string, ReusedRead>>();
 
 /**
- * readStateBytes on buffers kept per vCPU and (sections, MSR list): GetState's hot path, where building
- * the plans and buffers of 13 reads cost more than reading them. The values are views of those buffers,
+ * A read of (sections, MSR list) kept per vCPU on reused buffers: GetState's hot path, where building
+ * the plans and buffers of 13 reads cost more than reading them. Its values are views of those buffers,
  * valid until the next read of the same vCPU: the caller uses them before it lets go of the vCPU's lock.
  */
-export function readStateBytesReused(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+export class ReusedRead {
+  constructor(
+    private readonly plan: BytesReadPlan,
+    readonly batch: RepeatedRead,
+  ) {}
+
+  /** The sections read, in save order (an msrs with no MSRs to read is among them, without an input in batch.inputs). */
+  get sections(): readonly SectionName[] {
+    return this.plan.order;
+  }
+
+  /** Reads the sections: readStateBytes' result. */
+  read(): BytesReadResult {
+    return this.plan.values(this.batch.run());
+  }
+
+  /**
+   * Reads the sections and writes `encoding`'s output (a program over batch.inputs, made once per read
+   * by the caller) into `dest` from `pos`: its end; or, when it was not written (no room in `dest`,
+   * or MSRs the kernel refused, which are then read around as readStateBytes does), the read's result.
+   */
+  readEncoded(encoding: BatchEncoding, dest: Buffer, pos: number): number | BytesReadResult {
+    return this.batch.runEncoded(encoding, dest, pos) ?? this.lastRead();
+  }
+
+  /** The last run's result (its buffers as that run left them). */
+  lastRead(): BytesReadResult {
+    return this.plan.values(this.batch.values());
+  }
+}
+
+/** The kept read of `sections` (all readable ones when empty) on `vcpu`, made on first use; undefined when the vCPU keeps too many already. */
+export function reusedRead(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): ReusedRead | undefined {
   const key = `${sections.join(',')}|${msrIndices ? msrIndices.join(',') : 'host'}`;
   let reads = reusedReads.get(vcpu);
   if (!reads) reusedReads.set(vcpu, (reads = new Map()));
   let read = reads.get(key);
   if (!read) {
-    if (reads.size >= MAX_REUSED_READS) return readStateBytes(vcpu, ctx, sections, msrIndices);
+    if (reads.size >= MAX_REUSED_READS) return undefined;
     const plan = planBytesRead(vcpu, ctx, sections, msrIndices ?? ctx.caps.msrIndexList);
-    read = { plan, run: vcpu.repeatedRead(plan.batched, plan.indices) };
+    read = new ReusedRead(plan, vcpu.repeatedRead(plan.batched, plan.indices));
     reads.set(key, read);
   }
-  return read.plan.values(read.run());
+  return read;
+}
+
+/** readStateBytes through the vCPU's kept read (reusedRead), when it has one to spare. */
+export function readStateBytesReused(vcpu: Vcpu, ctx: StateContext, sections: SectionName[], msrIndices?: number[]): BytesReadResult {
+  return reusedRead(vcpu, ctx, sections, msrIndices)?.read() ?? readStateBytes(vcpu, ctx, sections, msrIndices);
 }
 
 /** The sections a read asks for (all readable ones when empty), each checked as supported. */

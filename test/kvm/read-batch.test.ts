@@ -2,15 +2,23 @@
  * GetState reads every section with one native call (Vcpu.readBatch). On a real vCPU it must give
  * the bytes the one-ioctl-per-call path gives, report the same ioctls to the metrics observer, and
  * fail with the same error when an ioctl in the middle of the batch fails.
+ *
+ * GetState's hot path also writes the response in that call (a kept read's PreparedBatch with the
+ * encoder's program: getStateResponseEncoder().readResponse). Its bytes must be those the encoder
+ * writes from the same run's values, for every section list GetState can ask for, implicitly_paused
+ * included; it must follow the vCPU between reads, give the read's values instead where it cannot
+ * encode (MSRs the kernel refuses), and report its ioctls to the metrics observer, bound or not.
  */
 import { KvmError } from '../../src/errors';
 import { probeCapabilities, type HostCapabilities } from '../../src/ffi/capabilities';
 import { Kvm } from '../../src/ffi/kvm';
-import { SECTIONS } from '../../src/ffi/sections';
-import { setIoctlObserver } from '../../src/ffi/observe';
+import { SECTIONS, type SectionName } from '../../src/ffi/sections';
+import { setIoctlObserver, type IoctlObserver } from '../../src/ffi/observe';
 import type { Vcpu } from '../../src/ffi/vcpu';
 import type { Vm } from '../../src/ffi/vm';
-import { readStateBytes, readStateBytesPerSection, readStateBytesReused, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
+import { vcpudPackageDefinition } from '../../src/api/proto';
+import { getStateResponseEncoder } from '../../src/server/convert/raw-state';
+import { readStateBytes, readStateBytesPerSection, readStateBytesReused, reusedRead, type BytesReadResult, type StateContext } from '../../src/vm/vcpu-state';
 import { describeKvm, KVM_PATH, stateTestVcpu } from '../support/kvm';
 import { thrownBy as caught } from '../support/thrown';
 
@@ -49,6 +57,28 @@ function withoutTsc(r: BytesReadResult): BytesReadResult {
   const msrs = entries?.map((e) => (e.index === 0x10 ? { ...e, data: 0n } : e));
   return { ...r, values: { ...r.values, msrs } };
 }
+
+const encoder = getStateResponseEncoder(vcpudPackageDefinition());
+
+/** A u64 as its protobuf varint: how a register's value appears in a response. */
+function varint(v: bigint): Buffer {
+  const bytes: number[] = [];
+  for (; v > 0x7fn; v >>= 7n) bytes.push(Number(v & 0x7fn) | 0x80);
+  bytes.push(Number(v));
+  return Buffer.from(bytes);
+}
+const RAX = varint(0x1122334455667788n);
+
+/** Section lists GetState is asked for: all, single structs, the lists, the numbers, and sregs alone and beside what answers it. */
+const LISTS: { sections: SectionName[]; msrs?: number[] }[] = [
+  { sections: [] },
+  { sections: ['regs'] },
+  { sections: ['sregs'] },
+  { sections: ['sregs', 'sregs2', 'vcpu_events'] },
+  { sections: ['cpuid2', 'tsc_khz', 'mp_state'] },
+  { sections: ['xsave', 'lapic', 'fpu', 'xcrs', 'debugregs'] },
+  { sections: ['msrs', 'regs'], msrs: [0x174, 0x175, 0x10] },
+];
 
 describeKvm('GetState reads: one batched native call', () => {
   let kvm: Kvm;
@@ -148,5 +178,76 @@ describeKvm('GetState reads: one batched native call', () => {
     const regsOnly = readStateBytesReused(vcpu, ctx, ['regs']);
     const all = readStateBytesReused(vcpu, ctx, []);
     expect((regsOnly.values.regs as Buffer).buffer).not.toBe((all.values.regs as Buffer).buffer);
+  });
+
+  /** The response written in the read's native call, beside the encoder's bytes from that same run's values. */
+  function both(sections: SectionName[], msrs: number[] | undefined, implicitlyPaused: boolean): { inOne: Buffer; apart: Buffer } {
+    const read = reusedRead(vcpu, ctx, sections, msrs)!;
+    const inOne = encoder.readResponse(read, implicitlyPaused);
+    if (!Buffer.isBuffer(inOne)) throw new Error(`${sections.join(',') || 'all'}: not written in the read's call`);
+    const r = read.lastRead();
+    return { inOne: Buffer.from(inOne), apart: encoder(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused) };
+  }
+
+  it('writes the bytes the encoder writes from the same read, for every section list and both implicitly_paused values', () => {
+    for (const { sections, msrs } of LISTS)
+      for (const implicitlyPaused of [false, true]) {
+        const { inOne, apart } = both(sections, msrs, implicitlyPaused);
+        expect({ sections, implicitlyPaused, bytes: inOne.toString('hex') }).toEqual({ sections, implicitlyPaused, bytes: apart.toString('hex') });
+      }
+    // Every section of the full read is in it: the response is the whole state, not a prefix.
+    const all = both([], undefined, false).inOne;
+    expect(all.length).toBeGreaterThan(4000);
+    expect(all.includes(RAX)).toBe(true);
+  });
+
+  it('follows the vCPU between reads: each response holds the state as it was when it was read', () => {
+    const first = both(['regs'], undefined, false).inOne;
+    const regs = vcpu.getRegs();
+    regs.rax = 0x0102030405060708n;
+    vcpu.setRegs(regs);
+    const second = both(['regs'], undefined, false);
+    expect(second.inOne.equals(second.apart)).toBe(true);
+    expect(second.inOne.equals(first)).toBe(false);
+    expect(first.includes(RAX)).toBe(true);
+    expect(second.inOne.includes(varint(0x0102030405060708n))).toBe(true);
+  });
+
+  it('gives the read instead where the kernel refuses an MSR, as a read apart gives it', () => {
+    const indices = [0x174, 0xdeadbeef, 0x175];
+    for (let i = 0; i < 2; i++) {
+      const r = encoder.readResponse(reusedRead(vcpu, ctx, ['msrs', 'regs'], indices)!, false);
+      expect(Buffer.isBuffer(r)).toBe(false);
+      expect(r as BytesReadResult).toEqual(readStateBytes(vcpu, ctx, ['msrs', 'regs'], indices));
+      expect((r as BytesReadResult).msrsUnreadable).toEqual([0xdeadbeef]);
+    }
+  });
+
+  it('reports the ioctls it made to the metrics observer, through bound recorders or onIoctl, as a read apart does', () => {
+    const heard = (o: (seen: string[]) => IoctlObserver, fn: () => void): string[] => {
+      const seen: string[] = [];
+      setIoctlObserver(o(seen));
+      try {
+        fn();
+      } finally {
+        setIoctlObserver(undefined);
+      }
+      return seen.sort();
+    };
+    const plain = (seen: string[]): IoctlObserver => ({ onIoctl: (ioctl) => void seen.push(ioctl), onNegotiationRetry: () => {} });
+    const bound = (seen: string[]): IoctlObserver => ({
+      ...plain(seen),
+      durationRecorder: (ioctl) => (seconds) => {
+        expect(seconds).toBeGreaterThan(0);
+        seen.push(ioctl);
+      },
+    });
+    readStateBytes(vcpu, ctx, []); // the VM caches its KVM_CHECK_EXTENSION answers on first use
+    const apart = heard(plain, () => readStateBytes(vcpu, ctx, []));
+    expect(apart.length).toBeGreaterThanOrEqual(10);
+    const read = reusedRead(vcpu, ctx, [])!;
+    expect(heard(plain, () => encoder.readResponse(read, false))).toEqual(apart);
+    expect(heard(bound, () => encoder.readResponse(read, false))).toEqual(apart);
+    expect(heard(bound, () => encoder.readResponse(read, false))).toEqual(apart);
   });
 });

@@ -50,4 +50,24 @@ describe('Mutex', () => {
     await expect(m.run(() => Promise.reject(new Error('async')))).rejects.toThrow('async');
     await expect(m.run(() => 'free again')).resolves.toBe('free again');
   });
+
+  it('runNow runs a synchronous fn at once and lets go of the lock however it ends; it refuses a held lock', async () => {
+    const m = new Mutex();
+    expect(m.free).toBe(true);
+    expect(m.runNow(() => (m.free ? 'wrongly free' : 'held while running'))).toBe('held while running');
+    expect(m.free).toBe(true);
+    expect(() =>
+      m.runNow(() => {
+        throw new Error('sync');
+      }),
+    ).toThrow('sync');
+    expect(m.free).toBe(true);
+    let release!: () => void;
+    const held = m.run(() => new Promise<void>((r) => (release = r)));
+    expect(m.free).toBe(false);
+    expect(() => m.runNow(() => 1)).toThrow('held');
+    release();
+    await held;
+    expect(m.free).toBe(true);
+  });
 });

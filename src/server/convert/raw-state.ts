@@ -48,7 +48,8 @@ import {
   type MsrEntry,
   type SectionName,
 } from '../../ffi/sections';
-import type { BytesReadResult } from '../../vm/vcpu-state';
+import type { BytesReadResult, ReusedRead } from '../../vm/vcpu-state';
+import type { BatchEncoding } from '../../ffi/vcpu';
 import { runWireProgram, varintBytes, WireProgramBuilder } from '../../ffi/wire-program';
 import { BYTE_SECTIONS, type ByteSection } from '../../ffi/vcpu';
 import { fieldTag, isPacked, messageEncoders, Writer, type Encode, type FieldPlan, type MessagePlan } from '../wire-encoder';
@@ -436,6 +437,31 @@ export class ResponseSlabs {
 
   constructor(private readonly slabBytes = 256 * 1024) {}
 
+  /**
+   * The slab to write a response of up to `n` bytes into in place, from `at` (a fresh slab when this
+   * one has less room); undefined for a response too large to share a slab (copyOf gives it its own).
+   */
+  reserve(n: number): Buffer | undefined {
+    if (n > this.slabBytes / 8) return undefined;
+    if (this.pos + n > this.slab.length) {
+      this.slab = Buffer.allocUnsafeSlow(this.slabBytes);
+      this.pos = 0;
+    }
+    return this.slab;
+  }
+
+  /** Where reserve()'s slab is written from. */
+  get at(): number {
+    return this.pos;
+  }
+
+  /** The response written in reserve()'s slab from `at` to `end`, now kept: its view. */
+  commit(end: number): Buffer {
+    const out = this.slab.subarray(this.pos, end);
+    this.pos = (end + 7) & ~7;
+    return out;
+  }
+
   /** A copy of `src`'s first `n` bytes. */
   copyOf(src: Buffer, n: number): Buffer {
     if (n > this.slabBytes / 8) return Buffer.from(src.subarray(0, n));
@@ -510,16 +536,28 @@ function encodedBytes(section: SectionName, b: Buffer): number {
   return b.length;
 }
 
+/** GetStateResponse's serializer (getStateResponseEncoder). */
+export interface GetStateEncoder {
+  /** The response of section values with the struct sections as kernel bytes; `kept`: the vCPU's KeptSections. */
+  (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections): Buffer;
+  /**
+   * The response of a kept read, read and written in one native call: the sections are encoded from
+   * the kernel's bytes right after the ioctls, straight into a response slab. Or, when the read could
+   * not be written so (MSRs the kernel refused, a section without a program over its bytes, no room),
+   * the read's result, for the call above.
+   */
+  readResponse(read: ReusedRead, implicitlyPaused: boolean): Buffer | BytesReadResult;
+}
+
 /**
  * GetStateResponse's serializer for section values with the struct sections as kernel bytes. The state
  * message is one native run of a program over the sections' buffers: the byte sections' programs, and
  * for the others (decoded values) their bodies encoded here first, copied in as they are; with `kept`
  * (the vCPU's KeptSections), a section read as it was last time is copied in as it was encoded. Like
- * wireSerializer it writes into one reused buffer and returns a copy of the bytes.
+ * wireSerializer it writes into one reused buffer and returns a copy of the bytes. readResponse runs
+ * the same programs over a kept read's own buffers, in the read's native call.
  */
-export function getStateResponseEncoder(
-  defs: PackageDefinition,
-): (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections) => Buffer {
+export function getStateResponseEncoder(defs: PackageDefinition): GetStateEncoder {
   const enc = messageEncoders(defs, GET_STATE_RESPONSE);
   const [stateField] = enc.plan(GET_STATE_RESPONSE);
   // `state` first: the rest of the response is then the object encoder's output without it.
@@ -570,7 +608,7 @@ export function getStateResponseEncoder(
   const bodies = new Writer(4 * 1024);
   // A number section's input, one per section (reused: a program has run before the next call writes it).
   const numberInputs = sections.map(() => Buffer.alloc(4));
-  return (values, extras, implicitlyPaused, kept) => {
+  const encode = (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections): Buffer => {
     const inputs: Buffer[] = [];
     const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
     let key = '';
@@ -613,4 +651,44 @@ export function getStateResponseEncoder(
     rest(w, { implicitlyPaused });
     return responses.copyOf(w.buf, w.pos);
   };
+
+  /** The state field's program over a kept read's inputs, in the response's section order; null when a section has no program over bytes. */
+  const readEncoding = (read: ReusedRead): BatchEncoding | null => {
+    const parts: (readonly [SectionPlan, Uint32Array])[] = [];
+    const inputs: Buffer[] = [];
+    const wanted = new Set(read.sections);
+    for (const s of sections) {
+      if (!wanted.has(s.name)) continue;
+      const b = read.batch.inputs.get(s.name);
+      const body = b && (s.program ? s.program(b) : s.numberProgram);
+      if (!b || !body) return null;
+      parts.push([s, body]);
+      inputs.push(b);
+    }
+    return { program: compose(parts), inputs };
+  };
+  const readEncodings = new WeakMap<ReusedRead, BatchEncoding | null>();
+  // What follows the state field: the response's other fields, which depend only on implicitly_paused.
+  const tails = [false, true].map((implicitlyPaused) => {
+    const t = new Writer(16);
+    rest(t, { implicitlyPaused });
+    return Buffer.from(t.buf.subarray(0, t.pos));
+  });
+  /** Room asked of a slab for a response: twice the largest written in place, so that one rarely lacks room. */
+  let room = 16 * 1024;
+  const readResponse = (read: ReusedRead, implicitlyPaused: boolean): Buffer | BytesReadResult => {
+    let encoding = readEncodings.get(read);
+    if (encoding === undefined) readEncodings.set(read, (encoding = readEncoding(read)));
+    const slab = encoding && responses.reserve(room);
+    if (!encoding || !slab) return read.read();
+    const start = responses.at;
+    const r = read.readEncoded(encoding, slab, start);
+    if (typeof r !== 'number') return r;
+    const tail = tails[implicitlyPaused ? 1 : 0];
+    room = Math.max(room, 2 * (r - start + tail.length));
+    if (r + tail.length > slab.length) return Buffer.concat([slab.subarray(start, r), tail]);
+    tail.copy(slab, r);
+    return responses.commit(r + tail.length);
+  };
+  return Object.assign(encode, { readResponse });
 }

@@ -8,8 +8,8 @@ import { toServiceError } from '../errors';
 export interface ServiceContext {
   registry: VmRegistry;
   caps: HostCapabilities;
-  /** Bytes served per state section, for vcpud_state_bytes. */
-  recordStateBytes?(section: string, bytes: number): void;
+  /** The recorder of a state section's bytes served, for vcpud_state_bytes (bound once, used per call). */
+  stateBytes?(section: string): (bytes: number) => void;
   /** True once shutdown began: new calls get UNAVAILABLE. */
   shuttingDown(): boolean;
   /** Test-only: SetNestedState may skip validation when a call carries x-vcpud-skip-validation: 1. */
@@ -26,7 +26,8 @@ export function unary<Req, Res>(
   fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res,
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, cb) => {
-    // Started right away (not from a microtask): one promise hop less per call.
+    // Started right away (not from a microtask), and a result that is not a promise answered in this
+    // turn: a GetState of a paused vCPU goes from request to response without a promise hop.
     let result: Promise<Res> | Res;
     try {
       checkOpen(ctx);
@@ -35,7 +36,11 @@ export function unary<Req, Res>(
       cb(toServiceError(e));
       return;
     }
-    Promise.resolve(result).then(
+    if (!(result instanceof Promise)) {
+      cb(null, result);
+      return;
+    }
+    result.then(
       (res) => cb(null, res),
       (e) => cb(toServiceError(e)),
     );

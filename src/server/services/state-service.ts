@@ -4,7 +4,19 @@
  */
 import { CPUID_ENTRY2_SIZE, cpuid2Size, MSR_ENTRY_SIZE, SECTIONS, type SectionName } from '../../ffi/sections';
 import type { Vcpu } from '../../ffi/vcpu';
-import { checkReadable, readableSections, readNested, readStateBytesReused, writeNested, writeState, type StateContext } from '../../vm/vcpu-state';
+import {
+  checkReadable,
+  readableSections,
+  readNested,
+  readStateBytes,
+  readStateBytesReused,
+  reusedRead,
+  writeNested,
+  writeState,
+  type BytesReadResult,
+  type ReusedRead,
+  type StateContext,
+} from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto } from '../convert';
 import { asRequested, BASE_UNUSED, stateBytesFromProto, type BaseBytes } from '../convert/state-bytes';
 import { getStateResponseEncoder, KeptSections } from '../convert/raw-state';
@@ -33,6 +45,8 @@ export class VcpuStateService {
   private readonly encodeGetState = getStateResponseEncoder(vcpudPackageDefinition());
   /** Each vCPU's sections as its last GetState read them, with their encodings (KeptSections). */
   private readonly kept = new WeakMap<Vcpu, KeptSections>();
+  /** Each kept read's size recorders (recordRead). */
+  private readonly readSizes = new WeakMap<ReusedRead, { record: (bytes: number) => void; section: SectionName; buf: Buffer }[]>();
 
   constructor(private readonly ctx: ServiceContext) {}
 
@@ -54,8 +68,38 @@ export class VcpuStateService {
   }
 
   private recordBytes(values: Record<string, unknown>): void {
-    if (!this.ctx.recordStateBytes) return;
-    for (const section in values) this.ctx.recordStateBytes(section, kernelBytes(section as SectionName, values[section]));
+    if (!this.ctx.stateBytes) return;
+    for (const section in values) this.ctx.stateBytes(section)(kernelBytes(section as SectionName, values[section]));
+  }
+
+  /** Records the sizes of a kept read's sections, from its buffers: the recorders bound once per read. */
+  private recordRead(read: ReusedRead): void {
+    const stateBytes = this.ctx.stateBytes;
+    if (!stateBytes) return;
+    let sizes = this.readSizes.get(read);
+    if (!sizes) {
+      sizes = [...read.batch.inputs].map(([section, buf]) => ({ record: stateBytes(section), section, buf }));
+      this.readSizes.set(read, sizes);
+    }
+    for (const { record, section, buf } of sizes) record(kernelBytes(section, buf));
+  }
+
+  /**
+   * GetState's response: from the vCPU's kept read in one native pass when it can be, else read and
+   * encoded apart. Runs under the vCPU's lock: the read's buffers are the vCPU's, reused by the next read.
+   */
+  private stateResponse(vcpu: Vcpu, sctx: StateContext, sections: SectionName[], msrIndices: number[] | undefined, implicitlyPaused: boolean): Buffer {
+    const read = reusedRead(vcpu, sctx, sections, msrIndices);
+    let r: Buffer | BytesReadResult;
+    if (read) {
+      r = this.encodeGetState.readResponse(read, implicitlyPaused);
+      if (Buffer.isBuffer(r)) {
+        this.recordRead(read);
+        return r;
+      }
+    } else r = readStateBytes(vcpu, sctx, sections, msrIndices);
+    this.recordBytes(r.values);
+    return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused, this.keptFor(vcpu));
   }
 
   handlers(): AnsweringPreserialized<VcpuStateServiceHandlers, 'GetState'> {
@@ -63,21 +107,17 @@ export class VcpuStateService {
     return {
       GetCapabilities: unary<GetCapabilitiesRequest__Output, GetCapabilitiesResponse>(ctx, () => capabilitiesToProto(ctx.caps)),
 
-      GetState: unary<GetStateRequest__Output, GetStateResponse | Preserialized>(ctx, async (req) => {
+      GetState: unary<GetStateRequest__Output, GetStateResponse | Preserialized>(ctx, (req) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         checkMsrIndices(req.msrIndices, ctx.caps.msrIndexList.length);
         const sections: SectionName[] = sectionsFromProto(req.sections as string[]);
-        // Read into buffers kept for this vCPU (readStateBytesReused) and encoded before the lock is let go,
-        // in one pass from the kernel's bytes, handed to grpc-js as they are (service-definitions.ts).
-        const response = await vcpu.withState(
-          (access) => {
-            const r = readStateBytesReused(vcpu.vcpu, sctx, sections, req.msrIndices.length ? req.msrIndices : undefined);
-            this.recordBytes(r.values);
-            return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, access.implicitlyPaused, this.keptFor(vcpu.vcpu));
-          },
-          { noImplicitPause: req.noImplicitPause },
-        );
-        return new Preserialized(response);
+        const msrIndices = req.msrIndices.length ? req.msrIndices : undefined;
+        // A paused vCPU is read and answered in this turn, with no promise in between (withStateNow).
+        // The response is handed to grpc-js as it is (service-definitions.ts).
+        const response = vcpu.withStateNow((access) => this.stateResponse(vcpu.vcpu, sctx, sections, msrIndices, access.implicitlyPaused), {
+          noImplicitPause: req.noImplicitPause,
+        });
+        return response instanceof Promise ? response.then((r) => new Preserialized(r)) : new Preserialized(response);
       }),
 
       SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
@@ -99,7 +139,7 @@ export class VcpuStateService {
       GetNestedState: unary<GetNestedStateRequest__Output, GetNestedStateResponse>(ctx, async (req) => {
         const { vcpu } = this.target(req.vmId, req.vcpuId);
         const raw = await vcpu.withState(() => readNested(vcpu.vcpu), { noImplicitPause: req.noImplicitPause });
-        ctx.recordStateBytes?.('nested', raw.length);
+        ctx.stateBytes?.('nested')(raw.length);
         return { nestedState: nestedToProto(raw) };
       }),
 
