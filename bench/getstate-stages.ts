@@ -21,7 +21,7 @@ import type { Vcpu } from '../src/ffi/vcpu';
 import type { ManagedVcpu } from '../src/vm/managed-vcpu';
 import type { ManagedVm } from '../src/vm/managed-vm';
 import { VmRegistry } from '../src/vm/registry';
-import { readState, readStateBytes, readStateBytesPerSection, readStateBytesReused, readableSections } from '../src/vm/vcpu-state';
+import { readState, readStateBytes, readStateBytesPerSection, readStateBytesReused, readableSections, reusedRead } from '../src/vm/vcpu-state';
 import type { StateContext } from '../src/vm/vcpu-state';
 import { cFloor, fatal, guestBin, knob, median, table } from './floors';
 
@@ -107,6 +107,11 @@ export function measureStages(): Promise<Stage[]> {
         name: 'read sections through the ffi, as kernel bytes',
         us: cpuUsPerCall(() => readStateBytesReused(v, sctx, [])),
         note: 'readStateBytesReused (GetState): one native call, buffers kept',
+      },
+      {
+        name: 'read and encode the response in one native call',
+        us: cpuUsPerCall(() => encodeBytes.readResponse(reusedRead(v, sctx, [])!, false)),
+        note: "GetState's path: a kept read's PreparedBatch runs the ioctls, then the encoder's program",
       },
       {
         name: 'the same, plans and buffers made per call',

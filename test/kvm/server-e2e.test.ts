@@ -154,7 +154,7 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     await call(vms, 'DeleteVm', { vmId: id });
   });
 
-  it('GetState after every SetState answers what was set: a section read as before is answered as kept, one that changed (or changed back) is not', async () => {
+  it('GetState after every SetState answers what was set, on the kept read buffers: a section changed, changed back or left answers as it is now', async () => {
     const id = await counterVm();
     await call(vms, 'RunVm', { vmId: id });
     await call(vms, 'PauseVm', { vmId: id });
@@ -166,7 +166,7 @@ describeKvm('vcpud over its Unix socket (real process, real KVM)', () => {
     });
     const get = async () => withoutTsc((await call<Full>(state, 'GetState', { vmId: id, vcpuId: 0 })).state);
     const base = await get();
-    expect(await get()).toEqual(base); // the same read again: every section but msrs kept
+    expect(await get()).toEqual(base); // the same read again, on the same buffers
     // regs and debugregs set to A, B, A, A, base: each full read shows exactly what was last set.
     const a = { regs: { ...base.regs, rbx: '111' }, debugregs: { ...base.debugregs, db: ['4096', '0', '0', '0'] } };
     const b = { regs: { ...base.regs, rbx: '222' }, debugregs: { ...base.debugregs, db: ['8192', '0', '0', '0'] } };

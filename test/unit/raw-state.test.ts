@@ -10,7 +10,7 @@ import type * as protoLoader from '@grpc/proto-loader';
 import * as S from '../../src/ffi/sections';
 import { BYTE_SECTIONS, type ByteSection } from '../../src/ffi/vcpu';
 import { stateToProto } from '../../src/server/convert';
-import { getStateResponseEncoder, KeptSections, ResponseSlabs } from '../../src/server/convert/raw-state';
+import { getStateResponseEncoder, ResponseSlabs } from '../../src/server/convert/raw-state';
 import { vcpudPackageDefinition } from '../../src/api/proto';
 import { wireSerializer } from '../../src/server/wire-encoder';
 import { randomValue } from '../support/random-state';
@@ -79,9 +79,6 @@ function expectSame(round: number, sections: readonly S.SectionName[]): void {
   const actual = fromBytes(bytes, extras, implicitlyPaused);
   expect(decode(actual)).toEqual(decode(expected));
   expect(actual.equals(expected)).toBe(true);
-  // The same read three times for one vCPU: compared and kept, encoded alone, then copied as kept.
-  const kept = new KeptSections();
-  for (let again = 0; again < 3; again++) expect(fromBytes(bytes, extras, implicitlyPaused, kept).equals(expected)).toBe(true);
 }
 
 describe('GetState response from kernel bytes', () => {
@@ -128,38 +125,6 @@ describe('GetState response from kernel bytes', () => {
     const none = general({ state: stateToProto({ msrs: [] }, {}), implicitlyPaused: false });
     expect(fromBytes({ msrs: [] }, {}, false).equals(none)).toBe(true);
     expect(fromBytes({ msrs: S.SECTIONS.msrs.encode([]) }, {}, false).equals(none)).toBe(true);
-  });
-
-  test('a section read again: its kept encoding is used only for the very same bytes, in a buffer refilled in place', () => {
-    const expected = (section: ByteSection, b: Buffer) =>
-      general({ state: stateToProto({ [section]: S.SECTIONS[section].decode(Buffer.from(b)) } as Partial<S.SectionValues>, {}), implicitlyPaused: false });
-    for (const section of BYTE_SECTIONS) {
-      const kept = new KeptSections();
-      const check = (b: Buffer) => expect(fromBytes({ [section]: b }, {}, false, kept).equals(expected(section, b))).toBe(true);
-      for (let round = 0; round < 12; round++) {
-        const a = sectionBytes(section, round);
-        if (section === 'cpuid2') a.writeUInt32LE(Math.max(1, a.readUInt32LE(0)), 0); // an entry to change
-        // As a vCPU's kept read buffer: one buffer, refilled, with spare capacity after what it lists.
-        const buffer = Buffer.alloc(a.length + (section === 'cpuid2' ? 2 * S.CPUID_ENTRY2_SIZE : 0), 0xee);
-        a.copy(buffer);
-        const b = section === 'cpuid2' ? buffer : buffer.subarray(0, a.length);
-        check(b); // first read: kept
-        check(b); // same bytes: encoded alone and kept
-        check(b); // same bytes: the kept encoding
-        // A field the encoding reads changes, then changes back: neither is the kept encoding.
-        const at = section === 'cpuid2' ? S.cpuid2Size(b.readUInt32LE(0)) - 16 : section === 'vcpu_events' ? 0 : b.length - 8;
-        b[at] ^= 0x01;
-        check(b);
-        check(b);
-        b[at] ^= 0x01;
-        check(b);
-        check(b);
-        if (section === 'cpuid2') {
-          buffer[buffer.length - 1] ^= 0xff; // only spare capacity changed: still the same entries
-          check(b);
-        }
-      }
-    }
   });
 
   test('bytes that do not hold what they describe are refused, not misread', () => {

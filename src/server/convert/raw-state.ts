@@ -476,50 +476,6 @@ export class ResponseSlabs {
   }
 }
 
-/**
- * A vCPU's sections as its previous GetState read them, and their encoded bodies: a section whose
- * kernel bytes are the previous read's is not encoded again. On a paused vCPU every section repeats;
- * on a running one cpuid2 (which changes only through KVM_SET_CPUID2 and a few bits KVM keeps in step),
- * xcrs, debugregs and often fpu, sregs and sregs2 do, while regs, msrs (the TSC) and lapic mostly do
- * not. A section is compared with the one read before it, byte for byte, over the bytes its encoding
- * reads (the header and the entries its count names, for cpuid2 and msrs); its body is encoded alone
- * the second time the same bytes come, so a section that changes every time costs only that
- * comparison and a copy into the same buffer.
- */
-export class KeptSections {
-  private readonly seen = new Map<SectionName, { raw: Buffer; body?: Buffer }>();
-  /** Where bodies are encoded before they are copied out: one for every vCPU (encoding is synchronous). */
-  private static readonly out = new Writer(8 * 1024);
-
-  /**
-   * The encoded body of `bytes` if the previous read was the same, else undefined. `program` checks
-   * the bytes hold what they describe (it throws if not) and gives their program: needed only to
-   * encode a body, a list whose count runs past its buffer is never compared.
-   */
-  body(name: SectionName, bytes: Buffer, program: (b: Buffer) => Uint32Array): Buffer | undefined {
-    const used = encodedBytes(name, bytes);
-    if (used > bytes.length) return undefined;
-    const prev = this.seen.get(name);
-    // The bytes are the vCPU's reused read buffer: kept as a copy. Compared and copied by range: a view
-    // of the bytes per section per call was a fifth of the encoding's time.
-    if (prev?.raw.length !== used) {
-      this.seen.set(name, { raw: Buffer.from(bytes.subarray(0, used)) });
-      return undefined;
-    }
-    if (prev.raw.compare(bytes, 0, used) !== 0) {
-      bytes.copy(prev.raw, 0, 0, used);
-      prev.body = undefined;
-      return undefined;
-    }
-    if (!prev.body) {
-      const out = KeptSections.out;
-      runInto(out, program(bytes), [bytes]);
-      prev.body = Buffer.from(out.buf.subarray(0, out.pos));
-    }
-    return prev.body;
-  }
-}
-
 /** Runs `program` over `inputs` into `w` from its start, growing it until the output fits; w.pos is its end. */
 function runInto(w: Writer, program: Uint32Array, inputs: Buffer[]): void {
   w.pos = 0;
@@ -538,8 +494,8 @@ function encodedBytes(section: SectionName, b: Buffer): number {
 
 /** GetStateResponse's serializer (getStateResponseEncoder). */
 export interface GetStateEncoder {
-  /** The response of section values with the struct sections as kernel bytes; `kept`: the vCPU's KeptSections. */
-  (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections): Buffer;
+  /** The response of section values with the struct sections as kernel bytes. */
+  (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean): Buffer;
   /**
    * The response of a kept read, read and written in one native call: the sections are encoded from
    * the kernel's bytes right after the ioctls, straight into a response slab. Or, when the read could
@@ -552,10 +508,9 @@ export interface GetStateEncoder {
 /**
  * GetStateResponse's serializer for section values with the struct sections as kernel bytes. The state
  * message is one native run of a program over the sections' buffers: the byte sections' programs, and
- * for the others (decoded values) their bodies encoded here first, copied in as they are; with `kept`
- * (the vCPU's KeptSections), a section read as it was last time is copied in as it was encoded. Like
+ * for the others (decoded values) their bodies encoded here first, copied in as they are. Like
  * wireSerializer it writes into one reused buffer and returns a copy of the bytes. readResponse runs
- * the same programs over a kept read's own buffers, in the read's native call.
+ * the same programs over a kept read's own buffers, in the read's native call (GetState's hot path).
  */
 export function getStateResponseEncoder(defs: PackageDefinition): GetStateEncoder {
   const enc = messageEncoders(defs, GET_STATE_RESPONSE);
@@ -608,7 +563,7 @@ export function getStateResponseEncoder(defs: PackageDefinition): GetStateEncode
   const bodies = new Writer(4 * 1024);
   // A number section's input, one per section (reused: a program has run before the next call writes it).
   const numberInputs = sections.map(() => Buffer.alloc(4));
-  const encode = (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean, kept?: KeptSections): Buffer => {
+  const encode = (values: BytesReadResult['values'], extras: StateExtras, implicitlyPaused: boolean): Buffer => {
     const inputs: Buffer[] = [];
     const parts: (readonly [SectionPlan, Uint32Array | null])[] = [];
     let key = '';
@@ -625,9 +580,7 @@ export function getStateResponseEncoder(defs: PackageDefinition): GetStateEncode
       // msrs as bytes carry no unreadable indices: with some listed, they are written from their entries.
       if (s.name === 'msrs' && Buffer.isBuffer(v) && extras.msrsUnreadable?.length) v = SECTIONS.msrs.decode(v);
       if (s.program && Buffer.isBuffer(v)) {
-        const body = kept?.body(s.name, v, s.program);
-        if (body) part(i, body, null);
-        else part(i, v, s.program(v));
+        part(i, v, s.program(v));
         continue;
       }
       const n = s.numberIn?.(v);

@@ -19,7 +19,7 @@ import {
 } from '../../vm/vcpu-state';
 import { capabilitiesToProto, nestedToProto, sectionsFromProto, sectionToProto } from '../convert';
 import { asRequested, BASE_UNUSED, stateBytesFromProto, type BaseBytes } from '../convert/state-bytes';
-import { getStateResponseEncoder, KeptSections } from '../convert/raw-state';
+import { getStateResponseEncoder } from '../convert/raw-state';
 import { Preserialized, type AnsweringPreserialized } from '../../api/preserialized';
 import type { GetCapabilitiesRequest__Output } from '../../api/generated/vcpud/v1/GetCapabilitiesRequest';
 import type { GetCapabilitiesResponse } from '../../api/generated/vcpud/v1/GetCapabilitiesResponse';
@@ -43,8 +43,6 @@ const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
 
 export class VcpuStateService {
   private readonly encodeGetState = getStateResponseEncoder(vcpudPackageDefinition());
-  /** Each vCPU's sections as its last GetState read them, with their encodings (KeptSections). */
-  private readonly kept = new WeakMap<Vcpu, KeptSections>();
   /** Each kept read's size recorders (recordRead). */
   private readonly readSizes = new WeakMap<ReusedRead, { record: (bytes: number) => void; section: SectionName; buf: Buffer }[]>();
 
@@ -59,12 +57,6 @@ export class VcpuStateService {
     const vcpu = vm.vcpu(vcpuId);
     const sctx: StateContext = { caps: this.ctx.caps, irqchip: vm.vm.hasIrqchip };
     return { vm, vcpu, sctx };
-  }
-
-  private keptFor(vcpu: Vcpu): KeptSections {
-    let kept = this.kept.get(vcpu);
-    if (!kept) this.kept.set(vcpu, (kept = new KeptSections()));
-    return kept;
   }
 
   private recordBytes(values: Record<string, unknown>): void {
@@ -99,7 +91,7 @@ export class VcpuStateService {
       }
     } else r = readStateBytes(vcpu, sctx, sections, msrIndices);
     this.recordBytes(r.values);
-    return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused, this.keptFor(vcpu));
+    return this.encodeGetState(r.values, { msrsUnreadable: r.msrsUnreadable }, implicitlyPaused);
   }
 
   handlers(): AnsweringPreserialized<VcpuStateServiceHandlers, 'GetState'> {
