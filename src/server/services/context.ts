@@ -20,7 +20,15 @@ function checkOpen(ctx: ServiceContext): void {
   if (ctx.shuttingDown()) throw new VcpudError('unavailable', 'vcpud is shutting down');
 }
 
-/** A unary handler from an async function: every thrown error goes through the one error table. */
+/**
+ * `f` of a value that may still be coming: at once for a value, after it for a promise. State accesses
+ * of a paused vCPU (withStateNow) give their value in the request's turn, and the answer follows in it.
+ */
+export function thenOrNow<T, R>(v: T | Promise<T>, f: (value: T) => R): R | Promise<R> {
+  return v instanceof Promise ? v.then(f) : f(v);
+}
+
+/** A unary handler from a function giving a value or a promise: every thrown error goes through the one error table. */
 export function unary<Req, Res>(
   ctx: ServiceContext,
   fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res> | Res,

@@ -37,7 +37,7 @@ import { invalidArgument } from '../../errors';
 import { vcpudPackageDefinition } from '../../api/proto';
 import { vcpudServiceDefinitions } from '../service-definitions';
 import type { ServiceSink } from '../server';
-import { unary, type ServiceContext } from './context';
+import { thenOrNow, unary, type ServiceContext } from './context';
 
 const SKIP_VALIDATION_HEADER = 'x-vcpud-skip-validation';
 
@@ -109,13 +109,13 @@ export class VcpuStateService {
         const response = vcpu.withStateNow((access) => this.stateResponse(vcpu.vcpu, sctx, sections, msrIndices, access.implicitlyPaused), {
           noImplicitPause: req.noImplicitPause,
         });
-        return response instanceof Promise ? response.then((r) => new Preserialized(r)) : new Preserialized(response);
+        return thenOrNow(response, (r) => new Preserialized(r));
       }),
 
-      SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, async (req) => {
+      SetState: unary<SetStateRequest__Output, SetStateResponse>(ctx, (req) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         if (!req.state) throw invalidArgument('state is required', [{ rule: 'required', field: 'state', message: 'state is required' }]);
-        const applied = await vcpu.withState(
+        const applied = vcpu.withStateNow(
           () => {
             const base = readBase(vcpu.vcpu, sctx, presentSections(req.state!));
             const values = stateBytesFromProto(req.state!, base);
@@ -125,21 +125,27 @@ export class VcpuStateService {
           },
           { noImplicitPause: req.noImplicitPause },
         );
-        return { applied: applied.map(sectionToProto) };
+        return thenOrNow(applied, (a) => ({ applied: a.map(sectionToProto) }));
       }),
 
-      GetNestedState: unary<GetNestedStateRequest__Output, GetNestedStateResponse>(ctx, async (req) => {
+      GetNestedState: unary<GetNestedStateRequest__Output, GetNestedStateResponse>(ctx, (req) => {
         const { vcpu } = this.target(req.vmId, req.vcpuId);
-        const raw = await vcpu.withState(() => readNested(vcpu.vcpu), { noImplicitPause: req.noImplicitPause });
-        ctx.stateBytes?.('nested')(raw.length);
-        return { nestedState: nestedToProto(raw) };
+        return thenOrNow(
+          vcpu.withStateNow(() => readNested(vcpu.vcpu), { noImplicitPause: req.noImplicitPause }),
+          (raw) => {
+            ctx.stateBytes?.('nested')(raw.length);
+            return { nestedState: nestedToProto(raw) };
+          },
+        );
       }),
 
-      SetNestedState: unary<SetNestedStateRequest__Output, SetNestedStateResponse>(ctx, async (req, call) => {
+      SetNestedState: unary<SetNestedStateRequest__Output, SetNestedStateResponse>(ctx, (req, call) => {
         const { vcpu, sctx } = this.target(req.vmId, req.vcpuId);
         const skipValidation = !!ctx.allowUnvalidatedNested && call.metadata.get(SKIP_VALIDATION_HEADER)[0] === '1';
-        await vcpu.withState(() => writeNested(vcpu.vcpu, sctx, req.raw, { skipValidation }), { noImplicitPause: req.noImplicitPause });
-        return {};
+        return thenOrNow(
+          vcpu.withStateNow(() => writeNested(vcpu.vcpu, sctx, req.raw, { skipValidation }), { noImplicitPause: req.noImplicitPause }),
+          () => ({}),
+        );
       }),
     };
   }
