@@ -138,7 +138,7 @@ export function measureStages(): Promise<Stage[]> {
         name: 'metrics: 12 ioctl durations + 13 section sizes',
         us: cpuUsPerCall(() => {
           for (const name of ioctlNames) observer.onIoctl(name, 1e-5);
-          for (const s of sections) metrics.recordStateBytes(s, 512);
+          for (const s of sections) metrics.stateBytesRecorder(s)(512);
         }),
         note: 'bound observers (src/server/bound-histogram.ts)',
       },

@@ -322,6 +322,7 @@ struct BatchOp {
   BatchKind kind;
   size_t size;  // struct size (kFixed) or list entry size
   Returns returns;
+  void (*after)(void* arg) = nullptr;  // as the single call's (Call::after)
 };
 #define VCPUD_BATCH_FIXED(REQ, TYPE) {"KVM_" #REQ, KREQ(REQ), BatchKind::kFixed, KSIZE(TYPE), Returns::kZero}
 const BatchOp kBatchOps[] = {
@@ -337,7 +338,7 @@ const BatchOp kBatchOps[] = {
     VCPUD_BATCH_FIXED(GET_XSAVE, kvm_xsave),
     {"KVM_GET_XSAVE2", KREQ(GET_XSAVE2), BatchKind::kXsave2, 0, Returns::kZero},
     {"KVM_GET_MSRS", KREQ(GET_MSRS), BatchKind::kGivenList, KSIZE(kvm_msr_entry), Returns::kNumber},
-    {"KVM_GET_CPUID2", KREQ(GET_CPUID2), BatchKind::kFilledList, KSIZE(kvm_cpuid_entry2), Returns::kZero},
+    {"KVM_GET_CPUID2", KREQ(GET_CPUID2), BatchKind::kFilledList, KSIZE(kvm_cpuid_entry2), Returns::kZero, TrimCpuid2},
     {"KVM_GET_TSC_KHZ", KREQ(GET_TSC_KHZ), BatchKind::kNumber, 0, Returns::kNumber},
 };
 #undef VCPUD_BATCH_FIXED
@@ -461,7 +462,7 @@ std::vector<Call> BatchCalls(const Napi::CallbackInfo& info, const char* name, i
     if (ops[i] >= kBatchOpCount) ThrowLength(env, name, "op " + std::to_string(ops[i]) + " is not a batch op");
     const BatchOp& op = kBatchOps[ops[i]];
     calls[i] = Make(op.name, fd, op.request, BatchArg(env, op, args.Get(i), xsaveSize), op.returns);
-    if (op.request == KREQ(GET_CPUID2)) calls[i].after = TrimCpuid2;
+    calls[i].after = op.after;
   }
   return calls;
 }
@@ -491,14 +492,13 @@ Napi::Value GetBatch(const Napi::CallbackInfo& info) {
 //     returnsTo: per op, a 4-byte Buffer that gets the op's return value (u32, little-endian) or undefined
 //     program, inputs: a wire program and the Buffers it reads (among them the ops' buffers)
 //   run(fd, dest?, pos?) -> the failing op's error (with batchIndex), as getBatch; else, without dest,
-//     undefined; with dest: the position after the program's output, -1 when dest has no room for it
-//     (encode() with a larger one), -2 when a list read stopped short (KVM_GET_MSRS read fewer MSRs than
-//     asked), which the program must not encode.
-//   encode(dest, pos) -> the program again over the last run's buffers: a position, or -1.
+//     undefined; with dest: the position after the program's output, -1 when dest has no room for it,
+//     -2 when a list read stopped short (KVM_GET_MSRS read fewer MSRs than asked), which the program
+//     must not encode.
 class PreparedBatch : public Napi::ObjectWrap<PreparedBatch> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "PreparedBatch", {InstanceMethod("run", &PreparedBatch::Run), InstanceMethod("encode", &PreparedBatch::Encode)});
+    return DefineClass(env, "PreparedBatch", {InstanceMethod("run", &PreparedBatch::Run)});
   }
 
   explicit PreparedBatch(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PreparedBatch>(info) {
@@ -573,24 +573,15 @@ class PreparedBatch : public Napi::ObjectWrap<PreparedBatch> {
         uint32_t v = static_cast<uint32_t>(out_[2 * i]);
         memcpy(returns_[i], &v, sizeof v);
       }
-    if (info.Length() < 2 || info[1].IsUndefined() || program_ == nullptr) return env.Undefined();
+    if (info.Length() < 2 || info[1].IsUndefined()) return env.Undefined();
+    if (program_ == nullptr) throw Napi::TypeError::New(env, "PreparedBatch: no program to encode with");
+    if (!info[1].IsBuffer()) throw Napi::TypeError::New(env, "PreparedBatch: dest must be a Buffer");
+    auto dest = info[1].As<Napi::Buffer<uint8_t>>();
+    size_t pos = OutputOffsetArg(env, info[2], dest.Length(), "PreparedBatch: pos is not an offset within dest");
     for (const List& l : lists_)
       if (!l.filled && out_[2 * l.call] < l.count) return Napi::Number::New(env, -2);
-    return Encode(info, 1);
-  }
-
-  Napi::Value Encode(const Napi::CallbackInfo& info) { return Encode(info, 0); }
-
-  Napi::Value Encode(const Napi::CallbackInfo& info, size_t at) {
-    Napi::Env env = info.Env();
-    if (program_ == nullptr) throw Napi::TypeError::New(env, "PreparedBatch: no program to encode with");
-    if (!info[at].IsBuffer()) throw Napi::TypeError::New(env, "PreparedBatch: dest must be a Buffer");
-    auto dest = info[at].As<Napi::Buffer<uint8_t>>();
-    double p = info[at + 1].IsNumber() ? info[at + 1].As<Napi::Number>().DoubleValue() : -1;
-    if (!(p >= 0 && p <= static_cast<double>(dest.Length())) || p != static_cast<double>(static_cast<size_t>(p)))
-      throw Napi::RangeError::New(env, "PreparedBatch: pos is not an offset within dest");
     try {
-      return Napi::Number::New(env, static_cast<double>(RunWireProgram(program_, words_, inputs_, dest.Data(), dest.Length(), static_cast<size_t>(p))));
+      return Napi::Number::New(env, static_cast<double>(RunWireProgram(program_, words_, inputs_, dest.Data(), dest.Length(), pos)));
     } catch (const std::range_error& e) {
       throw Napi::RangeError::New(env, std::string("PreparedBatch: ") + e.what());
     }

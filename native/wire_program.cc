@@ -4,7 +4,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace vcpud {
@@ -227,12 +226,9 @@ Napi::Value EncodeWire(const Napi::CallbackInfo& info) {
     inputs[i] = {b.Data(), b.Length()};
   }
   auto out = info[2].As<Napi::Buffer<uint8_t>>();
-  double p = info[3].As<Napi::Number>().DoubleValue();
-  if (!(p >= 0 && p <= static_cast<double>(out.Length())) || p != static_cast<double>(static_cast<size_t>(p)))
-    throw Napi::RangeError::New(env, "encodeWire: pos is not an offset within out");
+  size_t pos = OutputOffsetArg(env, info[3], out.Length(), "encodeWire: pos is not an offset within out");
   try {
-    return Napi::Number::New(env, static_cast<double>(RunWireProgram(words.Data(), words.ElementLength(), inputs, out.Data(), out.Length(),
-                                                                     static_cast<size_t>(p))));
+    return Napi::Number::New(env, static_cast<double>(RunWireProgram(words.Data(), words.ElementLength(), inputs, out.Data(), out.Length(), pos)));
   } catch (const std::range_error& e) {
     throw Napi::RangeError::New(env, std::string("encodeWire: ") + e.what());
   }
@@ -259,6 +255,12 @@ long RunWireProgram(const uint32_t* prog, size_t words, const std::vector<WireIn
   } catch (const ProgramFault& f) {
     throw std::range_error(f.what);
   }
+}
+
+size_t OutputOffsetArg(Napi::Env env, const Napi::Value& v, size_t len, const char* refusal) {
+  double p = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+  if (!(p >= 0 && p <= static_cast<double>(len)) || p != static_cast<double>(static_cast<size_t>(p))) throw Napi::RangeError::New(env, refusal);
+  return static_cast<size_t>(p);
 }
 
 void RegisterWireProgram(Napi::Env env, Napi::Object exports) {

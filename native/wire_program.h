@@ -62,6 +62,10 @@ struct WireInput {
 long RunWireProgram(const uint32_t* prog, size_t words, const std::vector<WireInput>& inputs, uint8_t* out, size_t out_len,
                     size_t pos);
 
+// The output offset a JS caller gave for a run: a whole number within the output's `len` bytes, else a
+// RangeError with `refusal`.
+size_t OutputOffsetArg(Napi::Env env, const Napi::Value& v, size_t len, const char* refusal);
+
 void RegisterWireProgram(Napi::Env env, Napi::Object exports);
 
 }  // namespace vcpud

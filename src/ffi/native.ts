@@ -280,10 +280,8 @@ export type SregsDerivation = [sregs: Buffer, sregs2: Buffer, events: Buffer];
 
 /** PreparedBatch's runs: see native/kvm_ioctls.cc. */
 export interface NativePreparedBatch {
-  /** Without dest: undefined. With it: the encoding's end, -1 (no room: encode again), or -2 (a list read stopped short: not encoded). */
+  /** Without dest: undefined. With it: the encoding's end, -1 (no room in dest), or -2 (a list read stopped short: not encoded). */
   run(fd: Fd, dest?: Buffer, pos?: number): BatchFailure | number | undefined;
-  /** The program again over the last run's buffers: the end, or -1. */
-  encode(dest: Buffer, pos: number): number;
 }
 
 export interface Native extends SyncAndAsync, AsyncTwins {
@@ -337,8 +335,7 @@ export interface Native extends SyncAndAsync, AsyncTwins {
   getBatch(fd: Fd, ops: Uint8Array, args: (Buffer | undefined)[], out: Float64Array, xsaveSize: number, derive?: SregsDerivation): BatchFailure | undefined;
   /**
    * getBatch checked once for runs over the same buffers, which it holds; after a complete run it can
-   * encode them with a wire program into the caller's buffer (native/kvm_ioctls.cc says what run and
-   * encode return).
+   * encode them with a wire program into the caller's buffer (native/kvm_ioctls.cc says what run returns).
    */
   PreparedBatch: new (
     ops: Uint8Array,

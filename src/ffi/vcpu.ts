@@ -462,8 +462,9 @@ export class RepeatedRead {
    */
   readonly inputs: ReadonlyMap<SectionName, Buffer>;
   private readonly returnsTo: (Buffer | undefined)[];
-  private readonly prepared: NativePreparedBatch;
-  private encoded: { encoding: BatchEncoding; batch: NativePreparedBatch } | undefined;
+  /** The native batch, made again with the program when a caller first encodes with it. */
+  private batch: NativePreparedBatch;
+  private encoding: BatchEncoding | undefined;
 
   constructor(
     private readonly fd: () => number,
@@ -479,13 +480,13 @@ export class RepeatedRead {
     this.inputs = inputs;
     // Reads whose value is their return value (KVM_GET_TSC_KHZ) write it into their input.
     this.returnsTo = shape.issued.map((p) => (p.buf ? undefined : inputs.get(sections[shape.plans.indexOf(p)])));
-    this.prepared = this.prepare();
+    this.batch = this.prepare(undefined);
   }
 
   /** Runs the reads: each section's value, in the order asked. */
   run(): unknown[] {
     this.buffers.zero();
-    this.shape.settle(this.prepared.run(this.fd()) as BatchFailure | undefined);
+    this.shape.settle(this.batch.run(this.fd()) as BatchFailure | undefined);
     return this.shape.values();
   }
 
@@ -495,9 +496,9 @@ export class RepeatedRead {
    * and values() then holds the run's values. `encoding` is made once per read by its caller.
    */
   runEncoded(encoding: BatchEncoding, dest: Buffer, pos: number): number | undefined {
-    if (this.encoded?.encoding !== encoding) this.encoded = { encoding, batch: this.prepare(encoding) };
+    if (this.encoding !== encoding) this.batch = this.prepare(encoding);
     this.buffers.zero();
-    const r = this.encoded.batch.run(this.fd(), dest, pos);
+    const r = this.batch.run(this.fd(), dest, pos);
     this.shape.settle(typeof r === 'number' ? undefined : r);
     return typeof r === 'number' && r >= 0 ? r : undefined;
   }
@@ -507,8 +508,9 @@ export class RepeatedRead {
     return this.shape.values();
   }
 
-  private prepare(encoding?: BatchEncoding): NativePreparedBatch {
+  private prepare(encoding: BatchEncoding | undefined): NativePreparedBatch {
     const { ops, bufs, out, xsave, derived } = this.shape;
+    this.encoding = encoding;
     return new native.PreparedBatch(ops, bufs, out, xsave, derived?.from, this.returnsTo, encoding?.program, encoding?.inputs);
   }
 }

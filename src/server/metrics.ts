@@ -418,11 +418,7 @@ export class Metrics {
     };
   }
 
-  recordStateBytes(section: string, bytes: number): void {
-    this.sectionBytes(section)(bytes);
-  }
-
-  /** recordStateBytes for one section, bound: the per-call observation without the lookup. */
+  /** The observer of one state section's bytes served (vcpud_state_bytes{section}): bound once, called per read. */
   stateBytesRecorder(section: string): Observe {
     return this.sectionBytes(section);
   }

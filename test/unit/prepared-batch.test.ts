@@ -1,8 +1,9 @@
 /**
  * native PreparedBatch (native/kvm_ioctls.cc): its arguments are checked once, when it is made, with the
  * single calls' checks; a run needs a live fd and hands back an ioctl's failure (with its index) as
- * getBatch does; encode() runs its wire program over the buffers it holds. No vCPU needed: a failing
- * run uses /dev/null, and test/kvm/read-encoded.test.ts runs real batches.
+ * getBatch does; a run given a destination then runs its wire program over the buffers it holds. No
+ * vCPU needed: a failing run uses /dev/null, an encoding one has no ioctls, and
+ * test/kvm/read-batch.test.ts runs real batches.
  */
 import fs from 'node:fs';
 import { native } from '../../src/ffi/native';
@@ -47,16 +48,18 @@ describe('PreparedBatch', () => {
     const p = new WireProgramBuilder();
     p.value('U32', 0);
     const b = new native.PreparedBatch(new Uint8Array(0), [], new Float64Array(0), 0, undefined, [], p.build(), [input]);
+    const fd = 0; // a batch without ioctls does not use it
     // The interpreter asks for a varint's largest size (10 bytes) before it writes one.
     const dest = Buffer.alloc(16, 0xee);
-    expect(b.encode(dest, 2)).toBe(3);
+    expect(b.run(fd, dest, 2)).toBe(3);
     expect([...dest.subarray(0, 4)]).toEqual([0xee, 0xee, 7, 0xee]);
     input.writeUInt32LE(300, 0); // the program reads the buffer as it is at each run
-    expect(b.encode(dest, 0)).toBe(2);
+    expect(b.run(fd, dest, 0)).toBe(2);
     expect([...dest.subarray(0, 2)]).toEqual([0xac, 0x02]);
-    expect(b.encode(Buffer.alloc(9), 0)).toBe(-1);
-    expect(() => b.encode(dest, 17)).toThrow(/pos/);
+    expect(b.run(fd, Buffer.alloc(9), 0)).toBe(-1);
+    expect(() => b.run(fd, dest, 17)).toThrow(/pos/);
+    expect(b.run(fd)).toBeUndefined();
     const plain = new native.PreparedBatch(new Uint8Array(0), [], new Float64Array(0), 0);
-    expect(() => plain.encode(dest, 0)).toThrow(/no program/);
+    expect(() => plain.run(fd, dest, 0)).toThrow(/no program/);
   });
 });

@@ -115,9 +115,9 @@ describe('Metrics registry', () => {
     obs.onIoctl('KVM_GET_REGS', 2e-3);
     obs.onIoctl('KVM_SET_MSRS', 1e-5, 'EINVAL');
     obs.onNegotiationRetry('KVM_GET_MSR_INDEX_LIST');
-    metrics.recordStateBytes('xsave', 4096);
-    metrics.recordStateBytes('xsave', 4096);
-    metrics.recordStateBytes('regs', 144);
+    metrics.stateBytesRecorder('xsave')(4096);
+    metrics.stateBytesRecorder('xsave')(4096);
+    metrics.stateBytesRecorder('regs')(144);
     metrics.setCapabilities({ KVM_CAP_NESTED_STATE: 0, KVM_CAP_XSAVE2: 4096 });
     let exits: Record<string, number> = { io: 5, hlt: 1 };
     metrics.setSources({ vms: () => 2, vcpus: () => 3, exitsByReason: () => exits });
@@ -163,7 +163,7 @@ describe('Metrics registry', () => {
   test('registries are private: two Metrics do not collide, the default metrics are on', async () => {
     const a = new Metrics();
     const b = new Metrics();
-    a.recordStateBytes('regs', 1);
+    a.stateBytesRecorder('regs')(1);
     expect(sample(await b.scrape(), 'vcpud_state_bytes_count', { section: 'regs' })).toBeUndefined();
     expect(await a.scrape()).toContain('process_cpu_user_seconds_total');
     expect(await a.scrape()).toMatch(/vcpud_build_info\{version="0\.1\.0"/);

@@ -464,15 +464,10 @@ export class ResponseSlabs {
 
   /** A copy of `src`'s first `n` bytes. */
   copyOf(src: Buffer, n: number): Buffer {
-    if (n > this.slabBytes / 8) return Buffer.from(src.subarray(0, n));
-    if (this.pos + n > this.slab.length) {
-      this.slab = Buffer.allocUnsafeSlow(this.slabBytes);
-      this.pos = 0;
-    }
-    const out = this.slab.subarray(this.pos, this.pos + n);
-    src.copy(out, 0, 0, n);
-    this.pos += (n + 7) & ~7;
-    return out;
+    const slab = this.reserve(n);
+    if (!slab) return Buffer.from(src.subarray(0, n));
+    src.copy(slab, this.pos, 0, n);
+    return this.commit(this.pos + n);
   }
 }
 
