@@ -15,8 +15,21 @@ import { snapshotExists } from '../errors';
 import { closeFd, FS, fsAt, fsyncFd } from '../ffi/fs-at';
 
 const TEMP_SUFFIX = '.vcpud-tmp';
-/** `.NAME.PID.INSTANCE.RANDOM.vcpud-tmp`; files of versions before the instance token lack RANDOM. */
-const TEMP_PATTERN = /^\..+\.(\d+)\.([0-9a-f]{8})(?:\.[0-9a-f]{8})?\.vcpud-tmp$/;
+/**
+ * `.NAME.PID.INSTANCE.RANDOM.vcpud-tmp`, and `.NAME.PID.INSTANCE.vcpud-tmp` from versions before the
+ * random part. Parsed in that order: a current name whose INSTANCE is all decimal digits also fits the
+ * older shape, read with INSTANCE as the pid and RANDOM as the instance (a live writer's file taken
+ * for a dead one's). An older name never fits the current shape: its PID would need 8 digits, and
+ * Linux pids have at most 7 (pid_max <= 4194304).
+ */
+const TEMP_PATTERNS = [/^\..+\.(\d+)\.([0-9a-f]{8})\.[0-9a-f]{8}\.vcpud-tmp$/, /^\..+\.(\d+)\.([0-9a-f]{8})\.vcpud-tmp$/];
+const parseTempName = (name: string): RegExpExecArray | undefined => {
+  for (const pattern of TEMP_PATTERNS) {
+    const m = pattern.exec(name);
+    if (m) return m;
+  }
+  return undefined;
+};
 
 /**
  * This process's incarnation. A pid alone does not tell a crashed vcpud's files from ours: in a
@@ -31,7 +44,7 @@ export function tempNameFor(finalName: string): string {
 }
 
 /** Whether a directory entry's name is one of our temporary files (of any vcpud process). */
-export const isTempName = (name: string): boolean => TEMP_PATTERN.test(name);
+export const isTempName = (name: string): boolean => parseTempName(name) !== undefined;
 
 /**
  * Whether temporary file `name` (last written at `mtimeMs`) was left by a vcpud process that no longer
@@ -39,7 +52,7 @@ export const isTempName = (name: string): boolean => TEMP_PATTERN.test(name);
  * instance token) not written since we started. A live writer elsewhere keeps its file's mtime moving.
  */
 export function isStaleTemp(name: string, mtimeMs: number): boolean {
-  const m = TEMP_PATTERN.exec(name);
+  const m = parseTempName(name);
   if (!m) return false;
   const pid = Number(m[1]);
   return pid === process.pid ? m[2] !== INSTANCE && mtimeMs < STARTED_MS : !processAlive(pid);

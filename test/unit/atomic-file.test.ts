@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AtomicFile, isTempName, writeFileAtomic } from '../../src/vm/atomic-file';
+import { AtomicFile, isStaleTemp, isTempName, writeFileAtomic } from '../../src/vm/atomic-file';
 
 let dir: string;
 beforeEach(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vcpud-atomic-'))));
@@ -55,5 +55,26 @@ describe('AtomicFile', () => {
     } finally {
       fs.closeSync(dirFd);
     }
+  });
+});
+
+describe('isStaleTemp (whose temporary file is it)', () => {
+  // An instance token of decimal digits only (about 1 in 43 draws) also fits the older
+  // `.NAME.PID.INSTANCE.vcpud-tmp` shape; read that way, the live writer's file looks like that of
+  // pid 12345678, which does not exist, and a sweep removed it from under the writer.
+  it('a live writer whose instance token is all digits keeps its file', () => {
+    const live = `.z.snap.${process.ppid}.12345678.9abcdef0.vcpud-tmp`;
+    expect(isTempName(live)).toBe(true);
+    expect(isStaleTemp(live, Date.now())).toBe(false);
+    expect(isStaleTemp('.z.snap.999999999.12345678.9abcdef0.vcpud-tmp', Date.now())).toBe(true);
+  });
+
+  it('names of both shapes, with dotted and digit-ending final names, are read by their last parts', () => {
+    const now = Date.now();
+    expect(isStaleTemp(`.a.12.snap.${process.ppid}.0123abcd.vcpud-tmp`, now)).toBe(false); // older shape, live pid
+    expect(isStaleTemp('.a.12.snap.999999999.0123abcd.vcpud-tmp', now)).toBe(true);
+    expect(isStaleTemp(`.v.1.2.${process.ppid}.00000001.00000002.vcpud-tmp`, now)).toBe(false);
+    for (const name of ['.x.snap.vcpud-tmp', 'x.snap.123.0123abcd.vcpud-tmp', '.x.snap.123.0123ABCD.vcpud-tmp', '.x.snap.12a.0123abcd.vcpud-tmp'])
+      expect(isTempName(name)).toBe(false);
   });
 });
