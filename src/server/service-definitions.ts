@@ -9,6 +9,7 @@ import type { VcpuStateServiceDefinition } from '../api/generated/vcpud/v1/VcpuS
 import type { VmServiceDefinition } from '../api/generated/vcpud/v1/VmService';
 import { passPreserialized } from '../api/preserialized';
 import { vcpudPackageDefinition, vcpudProto } from '../api/proto';
+import { tolerantRequests } from './undecodable-request';
 import { wireSerializer } from './wire-encoder';
 
 export interface VcpudServiceDefinitions {
@@ -24,6 +25,8 @@ let serviceDefinitions: VcpudServiceDefinitions | undefined;
  * The service definitions to pass to server.addService. GetState's response, the hot path of checkpoint
  * loops, arrives already serialized (convert/raw-state.ts) or is written by the wire encoder
  * (src/server/wire-encoder.ts) instead of protobufjs; every other method keeps proto-loader's serializers.
+ * No request deserializer throws: bytes that are not the request's type reach the handler as an
+ * UndecodableRequest, which it answers INVALID_ARGUMENT (src/server/undecodable-request.ts).
  */
 export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
   if (!serviceDefinitions) {
@@ -31,12 +34,13 @@ export function vcpudServiceDefinitions(): VcpudServiceDefinitions {
     const state = v1.VcpuStateService.service;
     // The handler answers with Preserialized bytes (convert/raw-state.ts); anything else goes through the wire encoder.
     const getState = { ...state.GetState, responseSerialize: passPreserialized(wireSerializer(vcpudPackageDefinition(), 'vcpud.v1.GetStateResponse')) };
+    // Every request deserializer hands an undecodable message to the handler (undecodable-request.ts).
     serviceDefinitions = {
-      VcpuStateService: { ...state, GetState: getState },
-      VmService: v1.VmService.service,
+      VcpuStateService: tolerantRequests({ ...state, GetState: getState }),
+      VmService: tolerantRequests(v1.VmService.service),
       // CreateSnapshot's data messages are sent pre-serialized (snapshot-service.ts streamData).
-      SnapshotService: passingPreserialized(v1.SnapshotService.service, 'CreateSnapshot'),
-      MigrationService: v1.MigrationService.service,
+      SnapshotService: tolerantRequests(passingPreserialized(v1.SnapshotService.service, 'CreateSnapshot')),
+      MigrationService: tolerantRequests(v1.MigrationService.service),
     };
   }
   return serviceDefinitions;

@@ -162,7 +162,7 @@ export function mutateState(r: Rng, current: Record<string, any>): Record<string
 
 /**
  * Codes vcpud documents for bad input (README "Errors"): a fuzzed request answered with anything
- * else is a finding. (The host fuzzer also allows grpc-js's INTERNAL for undecodable bytes.)
+ * else is a finding. Undecodable bytes are one of them: INVALID_ARGUMENT (src/server/undecodable-request.ts).
  */
 export const DOCUMENTED_CODES: ReadonlySet<number> = new Set([
   status.INVALID_ARGUMENT,

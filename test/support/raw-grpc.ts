@@ -33,7 +33,16 @@ export function messagePrefix(length: number): Buffer {
 export interface RawCall {
   stream: http2.ClientHttp2Stream;
   /** Resolves with the call's status (grpc-status trailer or trailers-only headers) once it ends. */
-  status: Promise<{ code: number; details: string; reason?: string; limit?: string }>;
+  status: Promise<RawStatus>;
+}
+
+/** A raw call's status, with its ErrorInfo's reason and the metadata tests look at. */
+export interface RawStatus {
+  code: number;
+  details: string;
+  reason?: string;
+  limit?: string;
+  rule?: string;
 }
 
 /**
@@ -54,7 +63,7 @@ export function rawCall(
   if (opts.end ?? true) stream.end();
   if (opts.read === false) stream.pause();
   else stream.resume();
-  const status = new Promise<{ code: number; details: string; reason?: string; limit?: string }>((resolve) => {
+  const status = new Promise<RawStatus>((resolve) => {
     const done = (h: http2.IncomingHttpHeaders) => {
       if (h['grpc-status'] === undefined) return;
       const md = new grpc.Metadata();
@@ -66,6 +75,7 @@ export function rawCall(
         details: decodeURIComponent(String(h['grpc-message'] ?? '')),
         reason: info?.reason,
         limit: info?.metadata?.limit,
+        rule: info?.metadata?.rule,
       });
     };
     stream.on('response', done);

@@ -135,7 +135,16 @@ describe('proto loading', () => {
     expect(vcpudPackageDefinition()).toBe(def); // loaded once
     expect(vcpudServiceDefinitions().VmService.CreateVm.path).toBe('/vcpud.v1.VmService/CreateVm');
     expect(vcpudServiceDefinitions().VcpuStateService.GetState.path).toBe('/vcpud.v1.VcpuStateService/GetState');
-    expect(vcpudProto().vcpud.v1.VmService.service).toBe(vcpudServiceDefinitions().VmService);
+    // proto-loader's own methods, but for the request deserializer (src/server/undecodable-request.ts)
+    const loaded = vcpudProto().vcpud.v1.VmService.service;
+    const served = vcpudServiceDefinitions().VmService;
+    expect(Object.keys(served)).toEqual(Object.keys(loaded));
+    for (const [name, m] of Object.entries(loaded)) {
+      const { requestDeserialize, ...rest } = served[name as keyof typeof served];
+      expect({ name, ...rest }).toEqual({ name, ...m, requestDeserialize: undefined });
+      expect(requestDeserialize).not.toBe(m.requestDeserialize);
+    }
+    expect(vcpudServiceDefinitions()).toBe(vcpudServiceDefinitions()); // made once
   });
 
   test('the package root is found from src/ and from a dist/ layout alike', () => {

@@ -4,6 +4,7 @@ import { VcpudError } from '../../errors';
 import type { HostCapabilities } from '../../ffi/capabilities';
 import type { VmRegistry } from '../../vm/registry';
 import { toServiceError } from '../errors';
+import { decodedRequest } from '../undecodable-request';
 
 export interface ServiceContext {
   registry: VmRegistry;
@@ -39,7 +40,7 @@ export function unary<Req, Res>(
     let result: Promise<Res> | Res;
     try {
       checkOpen(ctx);
-      result = fn(call.request, call);
+      result = fn(decodedRequest(call.request), call);
     } catch (e) {
       cb(toServiceError(e));
       return;
@@ -64,6 +65,7 @@ export function serverStream<Req, Res>(
     Promise.resolve()
       .then(() => {
         checkOpen(ctx);
+        decodedRequest(call.request);
         return fn(call);
       })
       .then(

@@ -42,6 +42,7 @@ import type { SnapshotProgress } from '../../api/generated/vcpud/v1/SnapshotProg
 import type { SnapshotServiceHandlers } from '../../api/generated/vcpud/v1/SnapshotService';
 import { vcpudServiceDefinitions } from '../service-definitions';
 import type { ServiceSink } from '../server';
+import { decodedRequest } from '../undecodable-request';
 import { serverStream, unary, type ServiceContext } from './context';
 import { BYTES_FIELD_HEADROOM, bytesFieldMessage } from '../../api/preserialized';
 import { uploadStalled } from '../request-limits';
@@ -279,7 +280,8 @@ export class SnapshotService {
           uploadStalled(`the RestoreSnapshotStream upload (after ${received} bytes)`, stallMs),
         );
         async function* chunks(): AsyncGenerator<Buffer> {
-          for await (const msg of messages) {
+          for await (const message of messages) {
+            const msg = decodedRequest(message);
             if (msg.message === 'options' && msg.options) {
               if (sawData)
                 throw invalidArgument('options must be the first message', [

@@ -32,7 +32,8 @@ export const ErrorReason = {
   ERROR_REASON_VCPU_NOT_FOUND: 'ERROR_REASON_VCPU_NOT_FOUND',
   /**
    * INVALID_ARGUMENT: a malformed request; google.rpc.BadRequest lists every violation, each with its rule id
-   * as `reason` (metadata: rule and field of the first).
+   * as `reason` (metadata: rule and field of the first). Request bytes that are not the method's message type
+   * at all are one too (rule "request.undecodable", empty field).
    */
   ERROR_REASON_INVALID_REQUEST: 'ERROR_REASON_INVALID_REQUEST',
   /**
@@ -215,7 +216,8 @@ export type ErrorReason =
   | 2
   /**
    * INVALID_ARGUMENT: a malformed request; google.rpc.BadRequest lists every violation, each with its rule id
-   * as `reason` (metadata: rule and field of the first).
+   * as `reason` (metadata: rule and field of the first). Request bytes that are not the method's message type
+   * at all are one too (rule "request.undecodable", empty field).
    */
   | 'ERROR_REASON_INVALID_REQUEST'
   | 3
