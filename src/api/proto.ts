@@ -13,6 +13,7 @@ import { packageRoot } from '../package';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { ProtoGrpcType as MigrationProtoGrpcType } from './generated/migration';
+import { boundStringReads } from './bounded-string-reads';
 import type { ProtoGrpcType as SnapshotProtoGrpcType } from './generated/snapshot';
 import type { ProtoGrpcType as StateProtoGrpcType } from './generated/state';
 import type { ProtoGrpcType as VmProtoGrpcType } from './generated/vm';
@@ -54,6 +55,7 @@ let loaded: { definition: protoLoader.PackageDefinition; grpcObject: VcpudProtoG
 
 function load() {
   if (!loaded) {
+    boundStringReads(); // before anything is decoded with these definitions
     const definition = protoLoader.loadSync(protoFiles(), protoLoaderOptions());
     // loadPackageDefinition returns an untyped GrpcObject; the generated ProtoGrpcType describes it.
     const grpcObject = grpc.loadPackageDefinition(definition) as unknown as VcpudProtoGrpcType;

@@ -61,3 +61,25 @@ describe('decodedRequest', () => {
     expect(decoded?.errorInfo?.metadata?.rule).toBe('request.undecodable');
   });
 });
+
+describe('a string field running past the end of the message (protobufjs alone reads what is there)', () => {
+  const getState = () => vcpudServiceDefinitions().VcpuStateService.GetState;
+
+  it('is refused: field 1 declared 5 bytes long with 1 there', () => {
+    const bad = getState().requestDeserialize(Buffer.from([0x0a, 0x05, 0x61]));
+    expect(bad).toBeInstanceOf(UndecodableRequest);
+    expect((bad as unknown as UndecodableRequest).reason).toBe('index out of range: 2 + 5 > 3');
+  });
+
+  it('a vm_id cut one byte short is refused, not read as the shorter id', () => {
+    const whole = getState().requestSerialize({ vmId: '123e4567-e89b-12d3-a456-426614174000', vcpuId: 0 });
+    expect(getState().requestDeserialize(whole.subarray(0, 2 + 35))).toBeInstanceOf(UndecodableRequest);
+  });
+
+  it('strings that fit decode as before, multi-byte UTF-8 and empty included', () => {
+    for (const vmId of ['', 'vm-1', 'ünïcode vm ✓', 'x'.repeat(300)]) {
+      const bytes = getState().requestSerialize({ vmId, vcpuId: 7 });
+      expect(getState().requestDeserialize(bytes)).toMatchObject({ vmId, vcpuId: 7 });
+    }
+  });
+});
